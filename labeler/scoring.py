@@ -1,0 +1,171 @@
+"""The labeling math, as pure functions.
+
+Labels are strings ("1", "2", ..., "10") that the labeler model may answer with. A label
+is a sequence of tokens, and one label may be a prefix of another: SmolLM2 and Qwen
+tokenize "10" as "1", "0". The probability of a label is therefore defined as
+
+    P(label) = p(label's tokens | prompt) * (1 - sum_t p(t | prompt + label))
+
+where t runs over the distinct next tokens that lead from this label into a longer
+label. So P("1") = p("1") * (1 - p("0" | "1")) when "10" is also a label. The labels'
+probabilities are then normalized to sum to 1 (the mass the model puts outside the
+label set is reported, not kept).
+
+Everything the engine must read is a *query*: a prefix of label tokens (after the
+prompt) and the set of next tokens whose log-probabilities are wanted there. The empty
+prefix is read from the prompt's own last position; every other prefix costs one short
+extra step that reuses the prompt's KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import InvalidInput
+
+TokenIds = tuple[int, ...]
+
+PAIRWISE_LABELS: tuple[str, ...] = ("1", "2")
+SCORE_LABELS: tuple[str, ...] = tuple(str(i) for i in range(1, 11))
+SCORE_MIN, SCORE_MAX = 1, 10
+
+
+@dataclass(frozen=True)
+class LabelQuery:
+    """Read log p(t | prompt + prefix) for every t in `next_tokens`."""
+
+    prefix: TokenIds
+    next_tokens: TokenIds
+
+
+@dataclass(frozen=True)
+class LabelDistribution:
+    """A normalized distribution over labels, with the raw mass it was normalized from."""
+
+    probs: dict[str, float]
+    mass: float  # sum of unnormalized label probabilities, in [0, 1]
+
+
+def label_queries(labels: Mapping[str, Sequence[int]]) -> tuple[LabelQuery, ...]:
+    """The queries needed to compute every label's exact probability.
+
+    For each label of tokens (t1..tk): p(t_i | t1..t_{i-1}) for i = 1..k, and, when a
+    longer label extends it, p(t | t1..tk) for each token t that continues into one.
+    Queries sharing a prefix are merged, so labels "1".."9","10" need two queries: the
+    empty prefix (tokens "1".."9") and the prefix "1" (token "0").
+    """
+    seqs = _validate_labels(labels)
+    wanted: dict[TokenIds, set[int]] = {}
+    for seq in seqs.values():
+        for i, tok in enumerate(seq):
+            wanted.setdefault(seq[:i], set()).add(tok)
+    ordered = sorted(wanted.items(), key=lambda kv: (len(kv[0]), kv[0]))
+    return tuple(LabelQuery(prefix, tuple(sorted(toks))) for prefix, toks in ordered)
+
+
+def label_distribution(
+    labels: Mapping[str, Sequence[int]],
+    logprobs: Mapping[TokenIds, Mapping[int, float]],
+) -> LabelDistribution:
+    """Exact label probabilities from the engine's answers to `label_queries(labels)`.
+
+    `logprobs[prefix][t]` is log p(t | prompt + prefix). Returns the normalized
+    distribution and the unnormalized mass. Raises InvalidInput if the mass is zero
+    (the model put no probability on any label; only possible with -inf log-probs).
+    """
+    seqs = _validate_labels(labels)
+    raw: dict[str, float] = {}
+    for label, seq in seqs.items():
+        lp = 0.0
+        for i, tok in enumerate(seq):
+            lp += _lookup(logprobs, seq[:i], tok)
+        # Probability of going on from this label into a longer one.
+        onward = {other[len(seq)] for other in seqs.values() if len(other) > len(seq) and other[: len(seq)] == seq}
+        cont = sum(math.exp(_lookup(logprobs, seq, t)) for t in onward)
+        raw[label] = math.exp(lp) * max(0.0, 1.0 - cont)
+    mass = sum(raw.values())
+    if not mass > 0.0:
+        raise InvalidInput("the model put zero probability on every label")
+    return LabelDistribution({k: v / mass for k, v in raw.items()}, min(mass, 1.0))
+
+
+def _lookup(logprobs: Mapping[TokenIds, Mapping[int, float]], prefix: TokenIds, tok: int) -> float:
+    try:
+        return float(logprobs[prefix][tok])
+    except KeyError as exc:
+        raise KeyError(f"engine answer lacks log p({tok} | prefix {prefix})") from exc
+
+
+def _validate_labels(labels: Mapping[str, Sequence[int]]) -> dict[str, TokenIds]:
+    if len(labels) < 2:
+        raise InvalidInput("a label set needs at least two labels")
+    seqs = {label: tuple(int(t) for t in seq) for label, seq in labels.items()}
+    seen: dict[TokenIds, str] = {}
+    for label, seq in seqs.items():
+        if not seq:
+            raise InvalidInput(f"label {label!r} tokenizes to no tokens")
+        if seq in seen:
+            raise InvalidInput(f"labels {seen[seq]!r} and {label!r} tokenize identically")
+        seen[seq] = label
+    return seqs
+
+
+def average(dists: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Element-wise mean of distributions over the same labels (self-consistency)."""
+    if not dists:
+        raise InvalidInput("nothing to average")
+    keys = list(dists[0])
+    if any(set(d) != set(keys) for d in dists):
+        raise InvalidInput("distributions over different labels cannot be averaged")
+    return {k: sum(d[k] for d in dists) / len(dists) for k in keys}
+
+
+@dataclass(frozen=True)
+class Preference:
+    """P(response A is preferred), combined over the orders that were read."""
+
+    p_a: float
+    p_b: float
+    p_a_ab: float | None  # read from order (A, B): P(label "1")
+    p_a_ba: float | None  # read from order (B, A): P(label "2")
+    consistent: bool | None  # both orders pick the same winner; None with one order
+
+
+def combine_orders(p_a_ab: float | None, p_a_ba: float | None) -> Preference:
+    """Combine per-order probabilities that A is preferred.
+
+    With both orders, p_a = (p_a_ab + p_a_ba) / 2, which cancels a constant position
+    bias. The orders are `consistent` when both put A on the same side of 1/2 (a tie at
+    exactly 1/2 in either order is not consistent: it picks no winner).
+    """
+    if p_a_ab is None and p_a_ba is None:
+        raise InvalidInput("at least one order is needed")
+    for name, p in (("p_a_ab", p_a_ab), ("p_a_ba", p_a_ba)):
+        if p is not None and not 0.0 <= p <= 1.0:
+            raise InvalidInput(f"{name}={p} is not a probability")
+    if p_a_ab is not None and p_a_ba is not None:
+        p_a = (p_a_ab + p_a_ba) / 2.0
+        consistent = (p_a_ab > 0.5 and p_a_ba > 0.5) or (p_a_ab < 0.5 and p_a_ba < 0.5)
+    else:
+        p_a = p_a_ab if p_a_ab is not None else p_a_ba
+        consistent = None
+    return Preference(p_a=p_a, p_b=1.0 - p_a, p_a_ab=p_a_ab, p_a_ba=p_a_ba, consistent=consistent)
+
+
+def expected_score(dist: Mapping[str, float]) -> float:
+    """Expected score s = sum_k k * P(k) over the labels "1".."10" (in [1, 10])."""
+    if set(dist) != set(SCORE_LABELS):
+        raise InvalidInput(f"a score distribution needs exactly the labels {', '.join(SCORE_LABELS)}")
+    total = sum(dist.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise InvalidInput(f"score distribution sums to {total}, not 1")
+    return sum(int(k) * p for k, p in dist.items())
+
+
+def score_to_reward(s: float) -> float:
+    """Map an expected score s in [1, 10] linearly to a reward in [-1, 1]: (s - 5.5) / 4.5."""
+    if not SCORE_MIN - 1e-9 <= s <= SCORE_MAX + 1e-9:
+        raise InvalidInput(f"expected score {s} is outside [{SCORE_MIN}, {SCORE_MAX}]")
+    return max(-1.0, min(1.0, (s - 5.5) / 4.5))

@@ -1,0 +1,197 @@
+"""Tasks ("constitutions"): versioned, data-file templates for the labeler.
+
+A task is a TOML file: the preamble (the principles the labeler applies), optional
+few-shot examples, and the wording of the pairwise and score questions. Keys missing
+from a task file come from `_defaults.toml` beside this module. Built-in tasks live in
+this folder; users add their own from a directory of `*.toml` files (a user task with a
+built-in's name replaces it).
+
+Every task has a `version`: a hash of its merged content and of the prompt layout
+revision, so any change to wording, examples or layout changes cache keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import TaskFileError, UnknownTask
+
+BUILTIN_DIR = Path(__file__).resolve().parent
+DEFAULTS_FILE = BUILTIN_DIR / "_defaults.toml"
+
+# Bump when labeler/prompts.py changes how a task is laid out into a prompt: it is
+# part of every task version, so stale cache entries stop matching.
+LAYOUT_REVISION = 1
+
+_STR_FIELDS = (
+    "description",
+    "preamble",
+    "context_name",
+    "response_name",
+    "fence_notice",
+    "pairwise_question",
+    "pairwise_cot_question",
+    "pairwise_answer_prefix",
+    "score_question",
+    "score_cot_question",
+    "score_answer_prefix",
+)
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """A few-shot pairwise example: the answer is `preferred` (1 or 2)."""
+
+    context: str
+    response_a: str
+    response_b: str
+    preferred: int
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreExample:
+    """A few-shot score example: the answer is `score` (1..10)."""
+
+    context: str
+    response: str
+    score: int
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One labeling task. Build with `Task.from_mapping` or `load_task_file`."""
+
+    name: str
+    description: str
+    preamble: str
+    context_name: str
+    response_name: str
+    fence_notice: str
+    pairwise_question: str
+    pairwise_cot_question: str
+    pairwise_answer_prefix: str
+    score_question: str
+    score_cot_question: str
+    score_answer_prefix: str
+    examples: tuple[PairExample, ...] = ()
+    score_examples: tuple[ScoreExample, ...] = ()
+    source: str = field(default="", compare=False)
+
+    @property
+    def version(self) -> str:
+        """Stable content hash: 16 hex digits of SHA-256 over the task and layout revision."""
+        content = {k: v for k, v in asdict(self).items() if k != "source"}
+        blob = json.dumps({"layout": LAYOUT_REVISION, "task": content}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    @classmethod
+    def from_mapping(cls, name: str, data: Mapping[str, Any], *, source: str = "") -> Task:
+        """Validate a parsed task file (already merged with the defaults)."""
+        where = source or name
+        unknown = set(data) - set(_STR_FIELDS) - {"name", "examples", "score_examples"}
+        if unknown:
+            raise TaskFileError(f"{where}: unknown keys {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for key in _STR_FIELDS:
+            value = data.get(key)
+            if not isinstance(value, str):
+                raise TaskFileError(f"{where}: {key!r} must be a string")
+            values[key] = value
+        if not values["preamble"].strip():
+            raise TaskFileError(f"{where}: 'preamble' is empty")
+        for key in ("pairwise_answer_prefix", "score_answer_prefix"):
+            if not values[key].strip():
+                raise TaskFileError(f"{where}: {key!r} is empty")
+        try:
+            examples = tuple(PairExample(**ex) for ex in data.get("examples", ()))
+            score_examples = tuple(ScoreExample(**ex) for ex in data.get("score_examples", ()))
+        except TypeError as exc:
+            raise TaskFileError(f"{where}: malformed example: {exc}") from exc
+        for ex in examples:
+            if ex.preferred not in (1, 2):
+                raise TaskFileError(f"{where}: example 'preferred' must be 1 or 2, got {ex.preferred!r}")
+        for sx in score_examples:
+            if not (isinstance(sx.score, int) and 1 <= sx.score <= 10):
+                raise TaskFileError(f"{where}: score example 'score' must be an integer 1..10, got {sx.score!r}")
+        return cls(name=name, examples=examples, score_examples=score_examples, source=source, **values)
+
+    def summary(self) -> dict[str, Any]:
+        """Name, version, description and example counts, for listings."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "examples": len(self.examples),
+            "score_examples": len(self.score_examples),
+            "source": self.source,
+        }
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TaskFileError(f"{path}: {exc}") from exc
+
+
+def load_task_file(path: str | Path) -> Task:
+    """Load one task file, merged over the shipped defaults. Its name is the file stem
+    unless the file sets `name`."""
+    path = Path(path)
+    data = {**_read_toml(DEFAULTS_FILE), **_read_toml(path)}
+    name = data.pop("name", path.stem)
+    if not isinstance(name, str) or not name or not name.replace("-", "_").replace(".", "_").isidentifier():
+        raise TaskFileError(f"{path}: task name {name!r} must be letters, digits, '_', '-' or '.'")
+    return Task.from_mapping(name, data, source=str(path))
+
+
+def _task_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.toml") if not p.name.startswith("_"))
+
+
+class TaskRegistry:
+    """Built-in tasks plus the tasks found in user directories (later ones win)."""
+
+    def __init__(self, tasks: Iterable[Task]) -> None:
+        self._tasks: dict[str, Task] = {}
+        for task in tasks:
+            self._tasks[task.name] = task
+
+    @classmethod
+    def load(cls, user_dirs: Iterable[str | Path] = (), *, builtin: bool = True) -> TaskRegistry:
+        """Read the built-in tasks and every `*.toml` in `user_dirs`."""
+        files: list[Path] = _task_files(BUILTIN_DIR) if builtin else []
+        for d in user_dirs:
+            d = Path(d)
+            if not d.is_dir():
+                raise TaskFileError(f"task directory {d} does not exist")
+            files.extend(_task_files(d))
+        return cls(load_task_file(f) for f in files)
+
+    def get(self, name: str) -> Task:
+        """The task called `name`; raises UnknownTask listing the known names."""
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTask(name, self.names()) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._tasks)
+
+    def __iter__(self):
+        return iter(self._tasks[n] for n in self.names())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
