@@ -118,7 +118,14 @@ class Labeler:
 
     # -- rendering (also what `labeler render` shows) ------------------------------------
     def render_pairwise(
-        self, task: str, context: str, response_a: str, response_b: str, *, order: str = "ab", cot: bool = False
+        self,
+        task: str,
+        context: str,
+        response_a: str,
+        response_b: str,
+        *,
+        order: str = "ab",
+        cot: bool = False,
     ) -> Rendered:
         """Exactly what the engine reads for one order of a pair."""
         return self.prompts.pairwise(self.task(task), context, response_a, response_b, order=order, cot=cot)  # type: ignore[arg-type]

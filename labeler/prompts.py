@@ -141,7 +141,10 @@ class PromptBuilder:
         messages = self._system(task)
         for ex in task.examples:
             user = self._pair_user(task, ex.context, ex.response_a, ex.response_b, cot)
-            messages += [user, self._assistant(task.pairwise_answer_prefix, str(ex.preferred), ex.rationale, cot)]
+            messages += [
+                user,
+                self._assistant(task.pairwise_answer_prefix, str(ex.preferred), ex.rationale, cot),
+            ]
         messages.append(self._pair_user(task, ctx, first, second, cot))
         return self._finish("pairwise", messages, task.pairwise_answer_prefix, cot)
 
@@ -191,7 +194,11 @@ class PromptBuilder:
         tag = fence_tag([context, response])
         question = task.score_cot_question if cot else task.score_question
         body = "\n\n".join(
-            [_fence(task.context_name, context, tag), _fence(task.response_name, response, tag), question.strip()]
+            [
+                _fence(task.context_name, context, tag),
+                _fence(task.response_name, response, tag),
+                question.strip(),
+            ]
         )
         return {"role": "user", "content": body}
 

@@ -23,4 +23,13 @@ def load_engine(name: str = "transformers", model: str | None = None, **options:
     raise InvalidInput(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", field="engine")
 
 
-__all__ = ["ENGINES", "Engine", "EngineStats", "GenerateRequest", "Generation", "Logprobs", "ScoreRequest", "load_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "EngineStats",
+    "GenerateRequest",
+    "Generation",
+    "Logprobs",
+    "ScoreRequest",
+    "load_engine",
+]

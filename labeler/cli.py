@@ -1,0 +1,200 @@
+"""The `labeler` command line.
+
+    labeler tasks                      list tasks with versions
+    labeler prefer --task T --context C --response-a A --response-b B [--order both|ab|ba] [--cot]
+    labeler score  --task T --context C --response R [--cot]
+    labeler render --task T --kind pairwise|score ... [--order ab|ba] [--cot]
+
+More commands are registered by other modules (see COMMAND_MODULES): each exposes
+`register(subparsers)` and sets `func` on its parsers. Every command takes `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import LabelerError
+
+# Modules that add subcommands; imported when the parser is built. `service.cli` is
+# imported by name so that the core package itself never imports the HTTP stack.
+COMMAND_MODULES = ("labeler.commands_batch", "service.cli")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options that choose the model, engine and tasks (shared by every command that labels)."""
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=os.environ.get("LABELER_MODEL"),
+        help="'embedded' (default), a local HF model directory, or a .gguf file [LABELER_MODEL]",
+    )
+    g.add_argument("--engine", default=os.environ.get("LABELER_ENGINE", "transformers"), help="[LABELER_ENGINE]")
+    g.add_argument("--device", default=os.environ.get("LABELER_DEVICE", "cpu"), help="torch device [LABELER_DEVICE]")
+    g.add_argument(
+        "--tasks-dir",
+        action="append",
+        default=[d for d in os.environ.get("LABELER_TASKS_DIR", "").split(os.pathsep) if d],
+        help="a directory of extra task files (repeatable) [LABELER_TASKS_DIR, ':'-separated]",
+    )
+
+
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def load_tasks(args: argparse.Namespace):
+    from .tasks import TaskRegistry
+
+    return TaskRegistry.load(args.tasks_dir)
+
+
+def build_labeler(args: argparse.Namespace):
+    """A Labeler for the model options in `args` (see `add_model_options`)."""
+    from .core import Labeler
+    from .engines import load_engine
+
+    options: dict[str, Any] = {}
+    if args.engine == "transformers":
+        options["device"] = args.device
+    return Labeler(load_engine(args.engine, args.model, **options), load_tasks(args))
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """Print `data` as JSON with --json, else the human-readable `text`."""
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else text)
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    tasks = load_tasks(args)
+    rows = [t.summary() for t in tasks]
+    width = max(len(r["name"]) for r in rows)
+    text = "\n".join(f"{r['name']:<{width}}  {r['version']}  {r['description']}" for r in rows)
+    emit(args, rows, text)
+    return 0
+
+
+def _cmd_prefer(args: argparse.Namespace) -> int:
+    lab = build_labeler(args)
+    r = lab.preference(
+        args.context,
+        args.response_a,
+        args.response_b,
+        args.task,
+        order=args.order,
+        cot=args.cot,
+        samples=args.samples,
+    )
+    data = {
+        "model": lab.model_id,
+        "task": args.task,
+        "task_version": lab.task(args.task).version,
+        **r.to_dict(),
+    }
+    lines = [f"p_a={r.p_a:.4f}  p_b={r.p_b:.4f}"]
+    if r.p_a_ab is not None:
+        lines.append(f"p_a (A shown first)  = {r.p_a_ab:.4f}")
+    if r.p_a_ba is not None:
+        lines.append(f"p_a (B shown first)  = {r.p_a_ba:.4f}")
+    if r.consistent is not None:
+        lines.append(f"orders agree: {'yes' if r.consistent else 'no'}")
+    emit(args, data, "\n".join(lines))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    lab = build_labeler(args)
+    r = lab.score(args.context, args.response, args.task, cot=args.cot, samples=args.samples)
+    data = {
+        "model": lab.model_id,
+        "task": args.task,
+        "task_version": lab.task(args.task).version,
+        **r.to_dict(),
+    }
+    bars = "\n".join(f"{k:>3} {p:6.4f} {'#' * round(p * 40)}" for k, p in enumerate(r.distribution, start=1))
+    emit(args, data, f"{bars}\nexpected={r.expected:.4f}  reward={r.reward:+.4f}")
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    lab = build_labeler(args)
+    if args.kind == "pairwise":
+        if args.response_a is None or args.response_b is None:
+            raise SystemExit("render --kind pairwise needs --response-a and --response-b")
+        r = lab.render_pairwise(
+            args.task, args.context, args.response_a, args.response_b, order=args.order, cot=args.cot
+        )
+    else:
+        if args.response is None:
+            raise SystemExit("render --kind score needs --response")
+        r = lab.render_score(args.task, args.context, args.response, cot=args.cot)
+    data = r.to_dict()
+    cands = ", ".join(f"{c['label']!r}={c['token_ids']}" for c in data["candidates"])
+    emit(args, data, f"{r.prompt}\n\n[{len(r.prompt_token_ids)} prompt tokens; candidates: {cands}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labeler", description="AI preference labeling for RLAIF.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tasks", help="list tasks with their versions")
+    p.add_argument("--tasks-dir", action="append", default=[], help="a directory of extra task files")
+    add_json_option(p)
+    p.set_defaults(func=_cmd_tasks)
+
+    def labeled(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--task", required=True)
+        p.add_argument("--context", default="", help="the prompt/context the response(s) answer")
+        add_model_options(p)
+        add_json_option(p)
+        return p
+
+    p = labeled("prefer", "pairwise preference between two responses (both orders by default)")
+    p.add_argument("--response-a", required=True)
+    p.add_argument("--response-b", required=True)
+    p.add_argument("--order", choices=["both", "ab", "ba"], default="both")
+    p.add_argument("--cot", action="store_true", help="generate a rationale before reading the label")
+    p.add_argument("--samples", type=int, default=1, help="rationales to sample and average (needs --cot)")
+    p.set_defaults(func=_cmd_prefer)
+
+    p = labeled("score", "direct 1-10 score of one response (d-RLAIF reward)")
+    p.add_argument("--response", required=True)
+    p.add_argument("--cot", action="store_true")
+    p.add_argument("--samples", type=int, default=1)
+    p.set_defaults(func=_cmd_score)
+
+    p = labeled("render", "show exactly what the engine is given (prompt, token ids, candidates)")
+    p.add_argument("--kind", choices=["pairwise", "score"], required=True)
+    p.add_argument("--response-a")
+    p.add_argument("--response-b")
+    p.add_argument("--response")
+    p.add_argument("--order", choices=["ab", "ba"], default="ab")
+    p.add_argument("--cot", action="store_true")
+    p.set_defaults(func=_cmd_render)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except LabelerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
