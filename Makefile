@@ -41,7 +41,7 @@ lint: test-deps
 	$(BIN)/ruff format --check labeler service clients tests bench
 
 bench: install
-	$(BIN)/python bench/run.py --out docs/BENCHMARKS.md
+	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,70 @@
+"""Run every benchmark and write docs/BENCHMARKS.md.
+
+Each benchmark module prints one JSON object per figure (see bench/common.py:Result).
+Figures are ratios measured within one run, so they compare like with like on whatever
+machine runs them; absolute speeds are given only as context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = ["bench.bench_core", "bench.bench_http"]
+
+
+def run_module(module: str, extra: list[str]) -> list[dict]:
+    if not (ROOT / (module.replace(".", "/") + ".py")).is_file():
+        return []
+    print(f"running {module} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", module, *extra], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{module} failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def render(results: list[dict]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Ratios measured in one run of `make bench` (`python bench/run.py`), on "
+        f"{platform.processor() or platform.machine()} with {os.cpu_count()} cores, "
+        f"{dt.date.today().isoformat()}. Goals come from the issues; speeds are never asserted in tests.",
+        "",
+        "| id | what | value | goal | met |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        op = "≤" if r["better"] == "lower" else "≥"
+        unit = "" if r["unit"] == "ratio" else f" {r['unit']}"
+        lines.append(
+            f"| {r['name']} | {r['title']} | {r['value']:.3f}{unit} | {op} {r['goal']}{unit} | "
+            f"{'yes' if r['met'] else '**no**'} |"
+        )
+    lines += ["", "## Details", ""]
+    lines += [f"- **{r['name']}**: {r['detail']}" for r in results if r.get("detail")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--only", nargs="*", help="module names to run (default: all)")
+    args = ap.parse_args()
+    results: list[dict] = []
+    for module in args.only or MODULES:
+        results += run_module(module, [])
+    Path(args.out).write_text(render(results))
+    print(Path(args.out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The engine's label probabilities equal an independent computation on the same model.
+
+The reference runs one plain forward of prompt + candidate tokens per candidate (no KV
+cache, no batching, no prefix tree) and sums the candidates' token log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from labeler import scoring
+from labeler.engines.base import ScoreRequest
+from labeler.engines.transformers_engine import build_prefix_tree
+
+pytestmark = pytest.mark.model
+TOL = 1e-4
+
+
+def seq_logprob(engine, prompt_ids, cand_ids) -> list[float]:
+    """log p(c_i | prompt, c_<i) for each candidate token, from one full forward."""
+    ids = torch.tensor([list(prompt_ids) + list(cand_ids)])
+    with torch.inference_mode():
+        logits = engine.model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    n = len(prompt_ids)
+    return [lp[n - 1 + i, t].item() for i, t in enumerate(cand_ids)]
+
+
+def reference_distribution(engine, prompt_ids, labels) -> dict[str, float]:
+    """The definition, computed directly: P(label) = p(label tokens) * (1 - p(onward))."""
+    raw = {}
+    for label, toks in labels.items():
+        p = math.exp(sum(seq_logprob(engine, prompt_ids, toks)))
+        onward = {o[len(toks)] for o in labels.values() if len(o) > len(toks) and o[: len(toks)] == toks}
+        cont = sum(math.exp(seq_logprob(engine, prompt_ids, toks + (t,))[-1]) for t in onward)
+        raw[label] = p * (1 - cont)
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()}
+
+
+def test_score_distribution_with_prefix_label_10(labeler, engine):
+    r = labeler.render_score("tiny", "What is 2+2?", "4")
+    assert r.labels["10"][0] == r.labels["1"][0] and len(r.labels["10"]) == 2  # the prefix case
+    got = labeler.scores([{"context": "What is 2+2?", "response": "4"}], "tiny")[0]
+    ref = reference_distribution(engine, r.prompt_token_ids, r.labels)
+    assert got.distribution == pytest.approx([ref[str(i)] for i in range(1, 11)], abs=TOL)
+    s = sum(i * ref[str(i)] for i in range(1, 11))
+    assert got.expected == pytest.approx(s, abs=1e-3)
+    assert got.reward == pytest.approx((s - 5.5) / 4.5, abs=1e-3)
+
+
+def test_pairwise_both_orders_match_reference(labeler, engine):
+    ctx, a, b = "Name a fruit.", "An apple.", "A chair."
+    got = labeler.preferences([{"context": ctx, "response_a": a, "response_b": b}], "tiny")[0]
+    ab = labeler.render_pairwise("tiny", ctx, a, b, order="ab")
+    ba = labeler.render_pairwise("tiny", ctx, a, b, order="ba")
+    p_ab = reference_distribution(engine, ab.prompt_token_ids, ab.labels)["1"]
+    p_ba = reference_distribution(engine, ba.prompt_token_ids, ba.labels)["2"]
+    assert got.p_a_ab == pytest.approx(p_ab, abs=TOL)
+    assert got.p_a_ba == pytest.approx(p_ba, abs=TOL)
+    assert got.p_a == pytest.approx((p_ab + p_ba) / 2, abs=TOL)
+    assert got.p_a + got.p_b == pytest.approx(1.0, abs=1e-12)
+    assert got.consistent == ((p_ab > 0.5) == (p_ba > 0.5))
+
+
+def test_arbitrary_multi_token_labels_in_a_mixed_batch(engine):
+    """Multi-token labels, a label that prefixes others, and prompts of different lengths
+    that share prefixes, all in one engine call, each equal to its own reference."""
+    tok = engine.tokenizer
+    labels = {
+        w: tuple(tok.encode(w, add_special_tokens=False))
+        for w in ["yes", "no", " maybe", " maybe not", "unsure about it"]
+    }
+    assert max(len(v) for v in labels.values()) >= 3
+    prompts = [
+        "Is the sky blue? Answer:",
+        "Is the sky blue? Answer in one word:",
+        "Is grass red? Answer:",
+        "Q",
+    ]
+    ids = [tuple(tok.encode(p, add_special_tokens=False)) for p in prompts]
+    queries = scoring.label_queries(labels)
+    answers = engine.score_sync([ScoreRequest(i, queries) for i in ids])
+    for pid, ans in zip(ids, answers, strict=True):
+        got = scoring.label_distribution(labels, ans).probs
+        ref = reference_distribution(engine, pid, labels)
+        assert got == pytest.approx(ref, abs=TOL)
+
+
+def test_batched_equals_one_by_one_and_reuses_prefixes(labeler, engine):
+    items = [
+        {"context": "Say hi.", "response_a": "Hi!", "response_b": "Bye."},
+        {"context": "Say hi, but longer this time please.", "response_a": "Hello there!", "response_b": "No."},
+        {"context": "Say hi.", "response_a": "Hello.", "response_b": "Hi!"},
+    ]
+    before = engine.stats.computed_tokens, engine.stats.prompt_tokens
+    batch = labeler.preferences(items, "tiny")
+    computed = engine.stats.computed_tokens - before[0]
+    given = engine.stats.prompt_tokens - before[1]
+    single = [labeler.preferences([it], "tiny")[0] for it in items]
+    for x, y in zip(batch, single, strict=True):
+        assert x.p_a_ab == pytest.approx(y.p_a_ab, abs=TOL) and x.p_a_ba == pytest.approx(y.p_a_ba, abs=TOL)
+    # Every distinct prefix of the batch's prompts is computed exactly once: the shared
+    # preamble once for the batch, each pair's shared context once for both orders.
+    prompts = [
+        labeler.render_pairwise("tiny", it["context"], it["response_a"], it["response_b"], order=o).prompt_token_ids
+        for it in items
+        for o in ("ab", "ba")
+    ]
+    assert given == sum(len(p) for p in prompts)
+    assert computed == len({p[:n] for p in prompts for n in range(1, len(p) + 1)})
+    assert computed < 0.8 * given
+
+
+def test_prefix_tree_shape():
+    root = build_prefix_tree([(1, 2, 3, 4), (1, 2, 3, 5), (1, 2, 3), (1, 9)])
+    assert root.edge == (1,) and not root.ends
+    kids = {c.edge: c for c in root.children}
+    assert set(kids) == {(2, 3), (9,)}
+    assert kids[(2, 3)].ends == [2] and {c.edge for c in kids[(2, 3)].children} == {(4,), (5,)}
+    no_common = build_prefix_tree([(1,), (2, 3)])
+    assert no_common.edge == () and len(no_common.children) == 2

@@ -1,0 +1,97 @@
+"""The Labeler's API on the real model: chain-of-thought, self-consistency, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from labeler import InvalidInput, PairItem, ScoreItem, UnknownTask
+from labeler.prompts import Rendered
+from tests.test_engine_exact import TOL, reference_distribution
+
+pytestmark = pytest.mark.model
+
+
+def greedy_rationale(labeler, engine, rendered: Rendered) -> str:
+    """Independent greedy decode with plain `generate` (no batching, no padding)."""
+    ids = torch.tensor([list(rendered.prompt_token_ids)])
+    with torch.inference_mode():
+        out = engine.model.generate(input_ids=ids, max_new_tokens=labeler.max_rationale_tokens, do_sample=False)
+    text = engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return labeler.prompts.cut_rationale(rendered, text)
+
+
+def test_cot_reads_labels_after_the_greedy_rationale(labeler, engine):
+    item = ScoreItem("What is 2+2?", "4")
+    got = labeler.scores([item], "tiny", cot=True)[0]
+    rendered = labeler.render_score("tiny", item.context, item.response, cot=True)
+    rationale = greedy_rationale(labeler, engine, rendered)
+    assert got.rationales == [rationale]
+    follow = labeler.prompts.after_rationale(rendered, rationale)
+    ref = reference_distribution(engine, follow.prompt_token_ids, follow.labels)
+    assert got.distribution == pytest.approx([ref[str(i)] for i in range(1, 11)], abs=TOL)
+
+
+def test_cot_pairwise_both_orders(labeler, engine):
+    got = labeler.preferences([PairItem("2+2?", "4", "5")], "tiny", cot=True)[0]
+    assert set(got.rationales) == {"ab", "ba"}
+    for order, label in (("ab", "1"), ("ba", "2")):
+        rendered = labeler.render_pairwise("tiny", "2+2?", "4", "5", order=order, cot=True)
+        follow = labeler.prompts.after_rationale(rendered, got.rationales[order][0])
+        ref = reference_distribution(engine, follow.prompt_token_ids, follow.labels)[label]
+        assert getattr(got, f"p_a_{order}") == pytest.approx(ref, abs=TOL)
+
+
+def test_self_consistency_averages_the_sampled_rationales(labeler, engine):
+    item = ScoreItem("Name a color.", "Blue.")
+    got = labeler.scores([item], "tiny", cot=True, samples=2, seed=7)[0]
+    assert len(got.rationales) == 2
+    rendered = labeler.render_score("tiny", item.context, item.response, cot=True)
+    refs = []
+    for rationale in got.rationales:
+        follow = labeler.prompts.after_rationale(rendered, rationale)
+        refs.append(reference_distribution(engine, follow.prompt_token_ids, follow.labels))
+    mean = [(refs[0][str(i)] + refs[1][str(i)]) / 2 for i in range(1, 11)]
+    assert got.distribution == pytest.approx(mean, abs=TOL)
+    # Seeded: the same request draws the same rationales.
+    again = labeler.scores([item], "tiny", cot=True, samples=2, seed=7)[0]
+    assert again.rationales == got.rationales
+
+
+def test_empty_batch_makes_no_engine_call(labeler, engine):
+    calls = engine.stats.score_calls
+    assert labeler.preferences([], "tiny") == [] and labeler.scores([], "tiny") == []
+    assert engine.stats.score_calls == calls
+
+
+def test_one_engine_call_for_many_items(labeler, engine):
+    calls = engine.stats.score_calls
+    items = [ScoreItem("Hi", f"answer {i}") for i in range(5)]
+    assert len(labeler.scores(items, "tiny")) == 5
+    assert engine.stats.score_calls == calls + 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"task": "nope"}, "unknown task 'nope'"),
+        ({"order": "abc"}, "order must be"),
+        ({"samples": 2}, "needs cot=true"),
+        ({"samples": 0, "cot": True}, "samples must be"),
+        ({"items": [{"context": "c", "response_a": "", "response_b": "b"}]}, r"items\[0\]: response_a is empty"),
+        ({"items": [{"context": "c", "response_a": 1, "response_b": "b"}]}, "must be a string"),
+        ({"items": [{"context": "c", "response_a": "a"}]}, "lacks 'response_b'"),
+    ],
+)
+def test_bad_input_raises_typed_errors(labeler, kwargs, match):
+    args = {"items": [PairItem("c", "a", "b")], "task": "tiny"} | kwargs
+    items, task = args.pop("items"), args.pop("task")
+    with pytest.raises((InvalidInput, UnknownTask), match=match):
+        labeler.preferences(items, task, **args)
+
+
+async def test_blocking_api_refuses_to_run_inside_an_event_loop(labeler):
+    with pytest.raises(RuntimeError, match="await the a"):
+        labeler.score("c", "r", "tiny")
+    r = await labeler.ascore("c", "r", "tiny")
+    assert -1.0 <= r.reward <= 1.0 and len(r.distribution) == 10
