@@ -38,6 +38,19 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", default=os.environ.get("LABELER_ENGINE", "transformers"), help="[LABELER_ENGINE]")
     g.add_argument("--device", default=os.environ.get("LABELER_DEVICE", "cpu"), help="torch device [LABELER_DEVICE]")
     g.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[a for a in os.environ.get("LABELER_ENGINE_ARGS", "").split() if a],
+        metavar="KEY=VALUE",
+        help="an engine option, repeatable: gpu_memory_utilization=0.5, max_model_len=4096, dtype=float32 ... "
+        "[LABELER_ENGINE_ARGS, space-separated]",
+    )
+    g.add_argument(
+        "--vllm-urls",
+        default=os.environ.get("LABELER_VLLM_URLS"),
+        help="comma-separated `vllm serve` base URLs, for --engine vllm-remote [LABELER_VLLM_URLS]",
+    )
+    g.add_argument(
         "--tasks-dir",
         action="append",
         default=[d for d in os.environ.get("LABELER_TASKS_DIR", "").split(os.pathsep) if d],
@@ -60,10 +73,19 @@ def build_labeler(args: argparse.Namespace):
     from .core import Labeler
     from .engines import load_engine
 
-    options: dict[str, Any] = {}
+    return Labeler(load_engine(args.engine, args.model, **engine_options(args)), load_tasks(args))
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options given by `add_model_options`' flags."""
+    from .engines import parse_engine_args
+
+    options = parse_engine_args(args.engine_arg)
     if args.engine == "transformers":
-        options["device"] = args.device
-    return Labeler(load_engine(args.engine, args.model, **options), load_tasks(args))
+        options.setdefault("device", args.device)
+    if args.engine == "vllm-remote" and args.vllm_urls:
+        options.setdefault("urls", args.vllm_urls)
+    return options
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -2,25 +2,60 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import InvalidInput
 from .base import Engine, EngineStats, GenerateRequest, Generation, Logprobs, ScoreRequest
 
-ENGINES = ("transformers",)
+ENGINES = ("transformers", "vllm", "vllm-remote")
 
 
 def load_engine(name: str = "transformers", model: str | None = None, **options: Any) -> Engine:
     """Create the engine called `name` for `model` (see `labeler.models.resolve_model`).
 
+    - "transformers": a local PyTorch model (options: device, dtype, max_batch_tokens, threads);
+    - "vllm": vLLM's AsyncLLM in this process (options: any vLLM engine argument, e.g.
+      gpu_memory_utilization, max_model_len, tensor_parallel_size, dtype, load_format, seed);
+    - "vllm-remote": `vllm serve` servers (options: urls (list or comma-separated), served_model,
+      api_key, timeout, retries, cooldown); `model` is a local copy for the tokenizer.
+
     Heavy imports (torch, vLLM) happen here, only for the engine chosen.
     """
+    from ..models import resolve_model
+
     if name == "transformers":
-        from ..models import resolve_model
         from .transformers_engine import TransformersEngine
 
         return TransformersEngine(resolve_model(model), **options)
+    if name == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(resolve_model(model), **options)
+    if name == "vllm-remote":
+        from .vllm_remote import VLLMRemoteEngine
+
+        urls = options.pop("urls", None)
+        if not urls:
+            raise InvalidInput("the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)")
+        return VLLMRemoteEngine(urls, resolve_model(model), **options)
     raise InvalidInput(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", field="engine")
+
+
+def parse_engine_args(pairs: Iterable[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings to engine options; values are read as JSON when they parse
+    (numbers, booleans, lists), else kept as strings: `max_model_len=2048 dtype=float32`."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"engine argument {pair!r} is not KEY=VALUE", field="engine_args")
+        try:
+            out[key.strip().replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip().replace("-", "_")] = value
+    return out
 
 
 __all__ = [
@@ -32,4 +67,5 @@ __all__ = [
     "Logprobs",
     "ScoreRequest",
     "load_engine",
+    "parse_engine_args",
 ]

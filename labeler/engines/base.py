@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import InvalidInput
 from ..scoring import LabelQuery, TokenIds
 
 # For one prompt: prefix (label tokens after the prompt) -> {token id: log-prob}.
@@ -84,3 +85,29 @@ class Engine(Protocol):
     async def aclose(self) -> None:
         """Release the model."""
         ...
+
+
+def check_score_requests(requests: Sequence[ScoreRequest], max_model_len: int) -> None:
+    """Refuse reads that do not fit the model's context (an InvalidInput, not an engine crash)."""
+    for req in requests:
+        longest = len(req.prompt_ids) + max((len(q.prefix) + 1 for q in req.queries), default=0)
+        if longest > max_model_len:
+            raise InvalidInput(
+                f"prompt of {len(req.prompt_ids)} tokens exceeds the model's context of {max_model_len}",
+                field="items",
+            )
+
+
+def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: int) -> None:
+    """Refuse generations that cannot be honoured as asked."""
+    for req in requests:
+        if req.max_tokens < 1:
+            raise InvalidInput("max_tokens must be at least 1", field="max_tokens")
+        if req.temperature <= 0 and req.n != 1:
+            raise InvalidInput("greedy generation gives one continuation; use temperature > 0 for n > 1")
+        if len(req.prompt_ids) + req.max_tokens > max_model_len:
+            raise InvalidInput(
+                f"prompt of {len(req.prompt_ids)} tokens plus {req.max_tokens} new ones exceeds the "
+                f"model's context of {max_model_len}",
+                field="items",
+            )

@@ -21,7 +21,15 @@ from typing import Any
 
 from ..errors import EngineError, InvalidInput, ModelLoadError
 from ..scoring import TokenIds
-from .base import EngineStats, GenerateRequest, Generation, Logprobs, ScoreRequest
+from .base import (
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    Logprobs,
+    ScoreRequest,
+    check_generate_requests,
+    check_score_requests,
+)
 
 
 @dataclass
@@ -107,14 +115,10 @@ class TransformersEngine:
     # -- scoring -------------------------------------------------------------------
     def score_sync(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         """Blocking `score`: every request's queries, via prefix-tree forwards."""
+        check_score_requests(requests, self.max_model_len)
         reads: list[tuple[int, TokenIds, TokenIds]] = []  # (request, prefix, next tokens)
         seqs: list[TokenIds] = []
         for r, req in enumerate(requests):
-            if len(req.prompt_ids) + max((len(q.prefix) for q in req.queries), default=0) > self.max_model_len:
-                raise InvalidInput(
-                    f"prompt of {len(req.prompt_ids)} tokens exceeds the model's context of {self.max_model_len}",
-                    field="items",
-                )
             for q in req.queries:
                 reads.append((r, q.prefix, q.next_tokens))
                 seqs.append(tuple(req.prompt_ids) + tuple(q.prefix))
@@ -210,17 +214,7 @@ class TransformersEngine:
         ones one by one, each seeded by its own `seed`, so a result does not depend on
         what else was in the batch."""
         torch = self._torch
-        for req in requests:
-            if req.max_tokens < 1:
-                raise InvalidInput("max_tokens must be at least 1", field="max_tokens")
-            if req.temperature <= 0 and req.n != 1:
-                raise InvalidInput("greedy generation gives one continuation; use temperature > 0 for n > 1")
-            if len(req.prompt_ids) + req.max_tokens > self.max_model_len:
-                raise InvalidInput(
-                    f"prompt of {len(req.prompt_ids)} tokens plus {req.max_tokens} new ones exceeds the "
-                    f"model's context of {self.max_model_len}",
-                    field="items",
-                )
+        check_generate_requests(requests, self.max_model_len)
         out: list[list[Generation]] = [[] for _ in requests]
         greedy = [i for i, r in enumerate(requests) if r.temperature <= 0]
         sampled = [i for i, r in enumerate(requests) if r.temperature > 0]

