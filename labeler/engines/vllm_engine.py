@@ -80,6 +80,8 @@ class VLLMEngine:
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self.inflight = 0
+        self.peak_inflight = 0  # most requests in the engine at once (continuous batching)
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(self._engine.model_config.hf_config.eos_token_id))
 
     # -- protocol ------------------------------------------------------------------------
@@ -97,9 +99,7 @@ class VLLMEngine:
         async def read(r: int, prefix: tuple[int, ...], tokens: tuple[int, ...]) -> None:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(tokens), detokenize=False)
             prompt = TokensPrompt(prompt_token_ids=list(requests[r].prompt_ids) + list(prefix))
-            final = None
-            async for output in self._engine.generate(prompt, params, self._request_id()):
-                final = output
+            final = await self._run(prompt, params)
             if final is None or not final.outputs or not final.outputs[0].logprobs:
                 raise EngineError("vLLM returned no log-probs")
             lps = final.outputs[0].logprobs[0]
@@ -130,11 +130,7 @@ class VLLMEngine:
                 seed=req.seed if req.temperature > 0 else None,
                 skip_special_tokens=True,
             )
-            final = None
-            async for output in self._engine.generate(
-                TokensPrompt(prompt_token_ids=list(req.prompt_ids)), params, self._request_id()
-            ):
-                final = output
+            final = await self._run(TokensPrompt(prompt_token_ids=list(req.prompt_ids)), params)
             if final is None:
                 raise EngineError("vLLM returned no generation")
             gens = []
@@ -149,7 +145,22 @@ class VLLMEngine:
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
     async def aclose(self) -> None:
-        self._engine.shutdown()
+        if self._engine is not None:
+            self._engine.shutdown()
+            # Dropped now, so AsyncLLM.__del__ does not shut down again at interpreter exit.
+            self._engine = None  # type: ignore[assignment]
+
+    async def _run(self, prompt: Any, params: Any) -> Any:
+        """One vLLM request to completion; returns its final output."""
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        try:
+            final = None
+            async for output in self._engine.generate(prompt, params, self._request_id()):
+                final = output
+            return final
+        finally:
+            self.inflight -= 1
 
     def _request_id(self) -> str:
         return f"labeler-{uuid.uuid4().hex[:8]}-{next(self._ids)}"

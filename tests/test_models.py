@@ -1,0 +1,35 @@
+"""Model resolution: embedded default, GGUF files, local directories; never a download."""
+
+from __future__ import annotations
+
+import pytest
+
+from labeler.errors import ModelLoadError
+from labeler.models import converted_dir, embedded_gguf, resolve_model
+
+
+def test_embedded_model_is_converted_once_to_safetensors(model_dir):
+    gguf = embedded_gguf()
+    assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
+    assert model_dir == converted_dir(gguf)
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
+    mtime = (model_dir / "model.safetensors").stat().st_mtime_ns
+    # Any spelling of the default, and the GGUF path itself, reuse the conversion.
+    for spec in (None, "embedded", "smollm2", str(gguf)):
+        assert resolve_model(spec) == model_dir
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_local_directory_is_used_as_it_is(model_dir):
+    assert resolve_model(str(model_dir)) == model_dir
+
+
+@pytest.mark.parametrize("spec", ["HuggingFaceTB/SmolLM2-135M-Instruct", "/no/such/path", "model.bin"])
+def test_anything_else_is_a_clear_error_not_a_download(spec):
+    with pytest.raises(ModelLoadError, match="never downloaded"):
+        resolve_model(spec)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="without config.json"):
+        resolve_model(str(tmp_path))
