@@ -41,10 +41,14 @@ POSTS = [
     ),
 ]
 SUMMARIES = [
-    ("Roommate's boyfriend is over most nights and raises bills; she won't pay more. Ask again, ask him, or wait?",
-     "Roommate has a boyfriend."),
-    ("Offered a 30% raise at a firm with long hours vs. an unwritten promotion and tuition help at my job. Which?",
-     "I have a job and got an offer."),
+    (
+        "Roommate's boyfriend is over most nights and raises bills; she won't pay more. Ask again, ask him, or wait?",
+        "Roommate has a boyfriend.",
+    ),
+    (
+        "Offered a 30% raise at a firm with long hours vs. an unwritten promotion and tuition help at my job. Which?",
+        "I have a job and got an offer.",
+    ),
 ]
 
 

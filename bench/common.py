@@ -16,13 +16,15 @@ class Result:
     name: str
     title: str
     value: float
-    goal: float
+    goal: float | None  # None: reported for information, no goal
     better: str  # "lower" or "higher"
     unit: str = "ratio"
     detail: str = ""
 
     @property
-    def met(self) -> bool:
+    def met(self) -> bool | None:
+        if self.goal is None:
+            return None
         return self.value <= self.goal if self.better == "lower" else self.value >= self.goal
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["bench.bench_core", "bench.bench_http"]
+MODULES = ["bench.bench_core", "bench.bench_engines", "bench.bench_http"]
 
 
 def run_module(module: str, extra: list[str]) -> list[dict]:
@@ -44,10 +44,9 @@ def render(results: list[dict]) -> str:
     for r in results:
         op = "≤" if r["better"] == "lower" else "≥"
         unit = "" if r["unit"] == "ratio" else f" {r['unit']}"
-        lines.append(
-            f"| {r['name']} | {r['title']} | {r['value']:.3f}{unit} | {op} {r['goal']}{unit} | "
-            f"{'yes' if r['met'] else '**no**'} |"
-        )
+        goal = "—" if r["goal"] is None else f"{op} {r['goal']}{unit}"
+        met = {None: "—", True: "yes", False: "**no**"}[r["met"]]
+        lines.append(f"| {r['name']} | {r['title']} | {r['value']:.3f}{unit} | {goal} | {met} |")
     lines += ["", "## Details", ""]
     lines += [f"- **{r['name']}**: {r['detail']}" for r in results if r.get("detail")]
     return "\n".join(lines) + "\n"

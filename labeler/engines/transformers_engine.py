@@ -84,17 +84,33 @@ class TransformersEngine:
         if threads:
             torch.set_num_threads(threads)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
             ).to(device)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a model from {model_dir}: {exc}") from exc
-        self.model.eval()
+        self._setup(model, tokenizer, model_id or default_model_id(model_dir), max_batch_tokens)
+
+    @classmethod
+    def from_objects(
+        cls, model: Any, tokenizer: Any, *, model_id: str, max_batch_tokens: int = 4096
+    ) -> TransformersEngine:
+        """An engine around an already-built model (e.g. `from_config` with random weights
+        for a throughput benchmark)."""
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, model_id, max_batch_tokens)
+        return engine
+
+    def _setup(self, model: Any, tokenizer: Any, model_id: str, max_batch_tokens: int) -> None:
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
         self._torch = torch
-        self.device = torch.device(device)
-        self.model_id = model_id or default_model_id(model_dir)
-        self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.device = next(model.parameters()).device
+        self.model_id = model_id
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_batch_tokens = max_batch_tokens
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward.
