@@ -12,7 +12,9 @@ Engines work on token ids; the labeler renders and tokenizes with `engine.tokeni
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -111,3 +113,34 @@ def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: 
                 f"model's context of {max_model_len}",
                 field="items",
             )
+
+
+async def chained_reads(
+    requests: Sequence[ScoreRequest],
+    read: Callable[[TokenIds, TokenIds], Awaitable[dict[int, float]]],
+    stats: EngineStats,
+) -> list[Logprobs]:
+    """Answer every query with `read(prompt ids + prefix, next tokens)`, all reads of one
+    prefix length at once, deeper prefixes after the reads they extend (so an engine with
+    a prefix cache finds the prompt's KV there). For engines that take one read per request."""
+    stats.score_calls += 1
+    stats.prompts_scored += len(requests)
+    stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+    out: list[Logprobs] = [{} for _ in requests]
+    reads = [(r, q) for r, req in enumerate(requests) for q in req.queries]
+
+    async def one(r: int, prefix: TokenIds, tokens: TokenIds) -> None:
+        out[r][prefix] = await read(tuple(requests[r].prompt_ids) + tuple(prefix), tokens)
+
+    for depth in sorted({len(q.prefix) for _, q in reads}):
+        await asyncio.gather(*(one(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth))
+    stats.batch_sizes.append(len(reads))
+    return out
+
+
+def finish_generation(token_ids: Iterable[int], eos: set[int], tokenizer: Any, stats: EngineStats) -> Generation:
+    """A generation cut at its first end-of-sequence token and decoded the same way by
+    every engine (so engines agree on rationale text)."""
+    toks = tuple(itertools.takewhile(lambda t: t not in eos, token_ids))
+    stats.generated_tokens += len(toks)
+    return Generation(toks, tokenizer.decode(list(toks), skip_special_tokens=True))

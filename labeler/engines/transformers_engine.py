@@ -29,6 +29,7 @@ from .base import (
     ScoreRequest,
     check_generate_requests,
     check_score_requests,
+    finish_generation,
 )
 
 
@@ -277,17 +278,11 @@ class TransformersEngine:
                 **kwargs,
             )
         eos = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
-        gens: list[list[Generation]] = []
-        for row in range(len(prompts)):
-            gens.append([])
-            for j in range(n):
-                toks = seqs[row * n + j, width:].tolist()
-                cut = next((k for k, t in enumerate(toks) if t in eos), len(toks))
-                toks = toks[:cut]
-                self.stats.generated_tokens += len(toks)
-                gens[-1].append(Generation(tuple(toks), self.tokenizer.decode(toks, skip_special_tokens=True)))
         self.stats.computed_tokens += sum(len(p) for p in prompts)
-        return gens
+        return [
+            [finish_generation(seqs[row * n + j, width:].tolist(), eos, self.tokenizer, self.stats) for j in range(n)]
+            for row in range(len(prompts))
+        ]
 
 
 def _as_list(x: Any) -> list[int]:

@@ -26,8 +26,10 @@ from .base import (
     Generation,
     Logprobs,
     ScoreRequest,
+    chained_reads,
     check_generate_requests,
     check_score_requests,
+    finish_generation,
 )
 from .transformers_engine import _as_list, default_model_id
 
@@ -90,30 +92,19 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         check_score_requests(requests, self.max_model_len)
-        out: list[Logprobs] = [{} for _ in requests]
-        reads = [(r, q) for r, req in enumerate(requests) for q in req.queries]
-        self.stats.score_calls += 1
-        self.stats.prompts_scored += len(requests)
-        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
 
-        async def read(r: int, prefix: tuple[int, ...], tokens: tuple[int, ...]) -> None:
+        async def read(ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(tokens), detokenize=False)
-            prompt = TokensPrompt(prompt_token_ids=list(requests[r].prompt_ids) + list(prefix))
-            final = await self._run(prompt, params)
+            final = await self._run(TokensPrompt(prompt_token_ids=list(ids)), params)
             if final is None or not final.outputs or not final.outputs[0].logprobs:
                 raise EngineError("vLLM returned no log-probs")
             lps = final.outputs[0].logprobs[0]
             try:
-                out[r][prefix] = {t: float(lps[t].logprob) for t in tokens}
+                return {t: float(lps[t].logprob) for t in tokens}
             except KeyError as exc:
                 raise EngineError(f"vLLM did not return the log-prob of token {exc.args[0]}") from exc
 
-        # Chain by prefix length: a prefix's reads go after the reads it extends, so
-        # their KV blocks are in the prefix cache.
-        for depth in sorted({len(q.prefix) for _, q in reads}):
-            await asyncio.gather(*(read(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth))
-        self.stats.batch_sizes.append(len(reads))
-        return out
+        return await chained_reads(requests, read, self.stats)
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
         from vllm import SamplingParams
@@ -133,14 +124,9 @@ class VLLMEngine:
             final = await self._run(TokensPrompt(prompt_token_ids=list(req.prompt_ids)), params)
             if final is None:
                 raise EngineError("vLLM returned no generation")
-            gens = []
-            for o in sorted(final.outputs, key=lambda o: o.index):
-                # vLLM keeps the stop token in token_ids; the transformers engine cuts it.
-                toks = tuple(itertools.takewhile(lambda t: t not in self._eos, o.token_ids))
-                self.stats.generated_tokens += len(toks)
-                # Decode like the transformers engine does, so both give the same text.
-                gens.append(Generation(toks, self.tokenizer.decode(list(toks), skip_special_tokens=True)))
-            return gens
+            # vLLM keeps the stop token in token_ids; finish_generation cuts it like the other engines.
+            outputs = sorted(final.outputs, key=lambda o: o.index)
+            return [finish_generation(o.token_ids, self._eos, self.tokenizer, self.stats) for o in outputs]
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 

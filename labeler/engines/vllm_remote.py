@@ -37,8 +37,10 @@ from .base import (
     Generation,
     Logprobs,
     ScoreRequest,
+    chained_reads,
     check_generate_requests,
     check_score_requests,
+    finish_generation,
 )
 from .transformers_engine import _as_list, default_model_id
 
@@ -168,15 +170,10 @@ class VLLMRemoteEngine:
     # -- protocol ------------------------------------------------------------------------------
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         check_score_requests(requests, self.max_model_len)
-        out: list[Logprobs] = [{} for _ in requests]
-        reads = [(r, q) for r, req in enumerate(requests) for q in req.queries]
-        self.stats.score_calls += 1
-        self.stats.prompts_scored += len(requests)
-        self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
 
-        async def read(r: int, prefix: tuple[int, ...], tokens: tuple[int, ...]) -> None:
+        async def read(ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
             body = {
-                "prompt": list(requests[r].prompt_ids) + list(prefix),
+                "prompt": list(ids),
                 "max_tokens": 1,
                 "temperature": 0.0,
                 "logprobs": 1,
@@ -187,14 +184,11 @@ class VLLMRemoteEngine:
             try:
                 top = data["choices"][0]["logprobs"]["top_logprobs"][0]
                 by_id = {int(k.rsplit(":", 1)[1]): float(v) for k, v in top.items()}
-                out[r][prefix] = {t: by_id[t] for t in tokens}
+                return {t: by_id[t] for t in tokens}
             except (KeyError, IndexError, TypeError, ValueError) as exc:
                 raise EngineError(f"unexpected vLLM completion answer: {str(data)[:300]}") from exc
 
-        for depth in sorted({len(q.prefix) for _, q in reads}):
-            await asyncio.gather(*(read(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth))
-        self.stats.batch_sizes.append(len(reads))
-        return out
+        return await chained_reads(requests, read, self.stats)
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
         check_generate_requests(requests, self.max_model_len)
@@ -212,13 +206,8 @@ class VLLMRemoteEngine:
             if req.temperature > 0:
                 body["seed"] = req.seed
             data = await self._post("/v1/completions", body)
-            gens = []
-            eos = self._eos
-            for choice in sorted(data["choices"], key=lambda c: c["index"]):
-                toks = tuple(itertools.takewhile(lambda t: t not in eos, choice.get("token_ids") or []))
-                self.stats.generated_tokens += len(toks)
-                gens.append(Generation(toks, self.tokenizer.decode(list(toks), skip_special_tokens=True)))
-            return gens
+            choices = sorted(data["choices"], key=lambda c: c["index"])
+            return [finish_generation(c.get("token_ids") or [], self._eos, self.tokenizer, self.stats) for c in choices]
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 
