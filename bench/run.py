@@ -34,7 +34,7 @@ def render(results: list[dict]) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Ratios measured in one run of `make bench` (`python bench/run.py`), on "
+        "Ratios measured in one run of `make bench` (`python -m bench.run`), on "
         f"{platform.processor() or platform.machine()} with {os.cpu_count()} cores, "
         f"{dt.date.today().isoformat()}. Goals come from the issues; speeds are never asserted in tests.",
         "",
@@ -49,6 +49,15 @@ def render(results: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['title']} | {r['value']:.3f}{unit} | {goal} | {met} |")
     lines += ["", "## Details", ""]
     lines += [f"- **{r['name']}**: {r['detail']}" for r in results if r.get("detail")]
+    if not any(r["name"] == "P1" for r in results):
+        lines += [
+            "",
+            "## GPU (P1)",
+            "",
+            "P1 = unique prompt tokens/s ÷ (peak bf16 FLOP/s ÷ (2 × parameters)), goal ≥ 0.6, needs a CUDA "
+            "machine: `python -m bench.bench_gpu` (Llama-3-8B shape, random bf16 weights via `from_config`; "
+            "prints one JSON line). Not measured yet: no GPU was lent to the sessions that wrote this.",
+        ]
     return "\n".join(lines) + "\n"
 
 
