@@ -1,9 +1,103 @@
-"""`labeler serve` (issue 3). Registered by labeler.cli."""
+"""`labeler serve`: run the HTTP service. Flags override the matching `LABELER_*` variables."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import logging.config
+import sys
+from typing import Any
+
+from labeler.cli import add_model_options
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # noqa: ARG001 - filled in by the service
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line. Request headers (and so API keys) are never logged."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("model", "engine", "cache"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def log_config(level: str) -> dict[str, Any]:
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {"default": handler},
+        "root": {"handlers": ["default"], "level": level.upper()},
+        "loggers": {name: {"handlers": ["default"], "level": level.upper(), "propagate": False}
+                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "service", "labeler")},
+    }  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the `labeler` parser."""
+    p = sub.add_parser("serve", help="run the HTTP service (defaults: 127.0.0.1:8000, embedded model)")
+    p.add_argument("--host", help="bind address [LABELER_HOST, default 127.0.0.1]")
+    p.add_argument("--port", type=int, help="[LABELER_PORT, default 8000]")
+    p.add_argument("--redis-url", help="Redis URL; without one the cache is in-process [LABELER_REDIS_URL]")
+    p.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer key, repeatable "
+                   "[LABELER_API_KEYS, comma-separated]")  # fmt: skip
+    p.add_argument("--task", help="default task of /get_reward [LABELER_TASK, default general]")
+    p.add_argument("--cache-ttl", type=int, help="seconds [LABELER_CACHE_TTL]")
+    p.add_argument("--max-items", type=int, help="items per request [LABELER_MAX_ITEMS]")
+    p.add_argument("--max-chars", type=int, help="characters per text [LABELER_MAX_CHARS]")
+    p.add_argument("--max-item-tokens", type=int, help="tokens per item [LABELER_MAX_ITEM_TOKENS]")
+    p.add_argument("--max-body-bytes", type=int, help="[LABELER_MAX_BODY_BYTES]")
+    p.add_argument("--max-queue-items", type=int, help="queued items before 429 [LABELER_MAX_QUEUE_ITEMS]")
+    p.add_argument("--batch-max-items", type=int, help="items per engine call [LABELER_BATCH_MAX_ITEMS]")
+    p.add_argument("--batch-wait-ms", type=float, help="[LABELER_BATCH_WAIT_MS]")
+    p.add_argument("--batch-concurrency", type=int, help="engine calls at once [LABELER_BATCH_CONCURRENCY]")
+    p.add_argument("--log-level", help="[LABELER_LOG_LEVEL, default info]")
+    add_model_options(p)
+    p.set_defaults(func=serve)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Settings from the environment, with every flag given on the command line on top."""
+    from .settings import Settings
+
+    flags = {
+        "host": args.host, "port": args.port, "redis_url": args.redis_url, "api_keys": args.api_keys,
+        "task": args.task, "cache_ttl": args.cache_ttl, "max_items": args.max_items, "max_chars": args.max_chars,
+        "max_item_tokens": args.max_item_tokens, "max_body_bytes": args.max_body_bytes,
+        "max_queue_items": args.max_queue_items, "batch_max_items": args.batch_max_items,
+        "batch_wait_ms": args.batch_wait_ms, "batch_concurrency": args.batch_concurrency,
+        "log_level": args.log_level, "model": args.model, "engine": args.engine, "device": args.device,
+        "engine_args": args.engine_arg or None, "vllm_urls": args.vllm_urls, "tasks_dir": args.tasks_dir or None,
+    }  # fmt: skip
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = settings_from_args(args)
+    logging.config.dictConfig(log_config(settings.log_level))
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=log_config(settings.log_level),
+        timeout_graceful_shutdown=60,
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(0)

@@ -1,0 +1,236 @@
+"""The FastAPI app: `create_app(settings, labeler=None)`.
+
+The lifespan loads the engine (unless a Labeler is injected, as the tests do), opens the
+cache and starts the micro-batcher; on shutdown, in-flight work finishes first. State
+lives on `app.state`, never in module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from labeler import Labeler, TaskRegistry
+
+from . import errors
+from .cache import Cache, MemoryCache, RedisCache
+from .errors import ServiceError
+from .metrics import Metrics
+from .protocol import (
+    ErrorResponse,
+    GetRewardRequest,
+    GetRewardResponse,
+    PreferencesRequest,
+    PreferencesResponse,
+    ScoresRequest,
+    ScoresResponse,
+    TaskInfo,
+    TasksResponse,
+)
+from .serving import LabelService
+from .settings import Settings
+
+log = logging.getLogger("service")
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
+
+
+def build_labeler(settings: Settings) -> Labeler:
+    """Load the engine and tasks the settings name (blocking: run it in a thread)."""
+    from labeler.engines import load_engine, parse_engine_args
+
+    options = parse_engine_args(settings.engine_args)
+    if settings.engine == "transformers":
+        options.setdefault("device", settings.device)
+    if settings.engine == "vllm-remote":
+        options.setdefault("urls", settings.vllm_urls)
+    engine = load_engine(settings.engine, settings.model, **options)
+    return Labeler(engine, TaskRegistry.load(settings.tasks_dir), max_rationale_tokens=settings.max_rationale_tokens)
+
+
+def make_cache(settings: Settings, metrics: Metrics) -> Cache:
+    if settings.redis_url:
+        on_error = lambda op: metrics.cache_errors.labels(op).inc()  # noqa: E731
+        return RedisCache(settings.redis_url, settings.cache_ttl, settings.redis_cooldown, on_error)
+    return MemoryCache(settings.cache_size, settings.cache_ttl)
+
+
+class Observe:
+    """ASGI middleware: request latency by route template and status."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def capture(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.latency.labels(path, str(status)).observe(time.perf_counter() - t0)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over `limit` bytes, declared or streamed."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:  # raised past the app's handlers (body read outside a route)
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send):
+        resp = errors.error_response(413, f"request body over the limit of {self.limit} bytes", "body_too_large")
+        await resp(scope, receive, send)
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, because FastAPI turns other errors raised while it reads the
+    # body into a 400, but re-raises these.
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+async def authorize(request: Request) -> None:
+    """Bearer API keys, when configured: compared with every key, each in constant time."""
+    keys: list[bytes] = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    ok = False
+    if scheme.lower() == "bearer" and given:
+        for k in keys:
+            ok |= hmac.compare_digest(k, given.strip().encode())
+    if not ok:
+        raise ServiceError(401, "missing or invalid API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_service(request: Request) -> LabelService:
+    return request.app.state.service
+
+
+Auth = Annotated[None, Depends(authorize)]
+Service = Annotated[LabelService, Depends(get_service)]
+
+
+def create_app(settings: Settings | None = None, labeler: Labeler | None = None) -> FastAPI:
+    """The app for `settings`; pass `labeler` to reuse an already-loaded model."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lab = labeler or await asyncio.to_thread(build_labeler, settings)
+        app.state.labeler = lab
+        app.state.cache = make_cache(settings, app.state.metrics)
+        app.state.service = LabelService(lab, app.state.cache, settings, app.state.metrics)
+        app.state.service.batcher.start()
+        log.info("ready", extra={"model": lab.model_id, "engine": settings.engine, "cache": app.state.cache.name})
+        try:
+            yield
+        finally:
+            await app.state.service.batcher.stop()
+            await app.state.cache.aclose()
+            if labeler is None:
+                await lab.engine.aclose()
+
+    app = FastAPI(
+        title="RLAIF labeler",
+        version="0.1.0",
+        description="Pairwise preferences and direct scores from an AI labeler, for RLAIF training loops.",
+        lifespan=lifespan,
+        responses={422: {"model": ErrorResponse}},
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.api_keys = [k.encode() for k in settings.api_keys]
+    errors.install(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(Observe, metrics=app.state.metrics)
+
+    @app.post("/v1/preferences", response_model=PreferencesResponse, responses=ERRORS, tags=["labels"])
+    async def preferences(body: PreferencesRequest, svc: Service, _: Auth) -> PreferencesResponse:
+        """Pairwise preferences as distributions (both orders by default), in item order."""
+        return await svc.preferences(body)
+
+    @app.post("/v1/scores", response_model=ScoresResponse, responses=ERRORS, tags=["labels"])
+    async def scores(body: ScoresRequest, svc: Service, _: Auth) -> ScoresResponse:
+        """Direct 1-10 scores: distribution, expected score and reward in [-1, 1]."""
+        return await svc.scores(body)
+
+    @app.post("/get_reward", response_model=GetRewardResponse, responses=ERRORS, tags=["openrlhf"])
+    async def get_reward(
+        body: GetRewardRequest, svc: Service, _: Auth, task: Annotated[str | None, Query()] = None
+    ) -> GetRewardResponse:
+        """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
+        return await svc.get_reward(body, task)
+
+    @app.get("/v1/tasks", response_model=TasksResponse, responses=ERRORS, tags=["meta"])
+    async def tasks(svc: Service, _: Auth) -> TasksResponse:
+        infos = [TaskInfo(**{k: v for k, v in t.summary().items() if k != "source"}) for t in svc.labeler.tasks]
+        return TasksResponse(default_task=settings.task, tasks=infos)
+
+    @app.get("/healthz", tags=["meta"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["meta"])
+    async def readyz(request: Request) -> JSONResponse:
+        """Model loaded; Redis reachable, or bypassed while it is not (labels still work)."""
+        state = request.app.state
+        lab = getattr(state, "labeler", None)
+        if lab is None:
+            return errors.error_response(503, "model not loaded", "not_ready")
+        cache = await state.cache.status()
+        return JSONResponse({"status": "ready", "model": lab.model_id, "engine": settings.engine,
+                             "cache": state.cache.name, "cache_status": cache})  # fmt: skip
+
+    @app.get("/metrics", tags=["meta"])
+    async def metrics() -> Response:
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

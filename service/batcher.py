@@ -1,0 +1,171 @@
+"""Micro-batching with single-flight, in front of the labeler.
+
+Items from concurrent requests are queued; a worker takes up to `max_items` queued items
+of one group (same task, kind and parameters), waiting at most `wait_s` for a batch to
+fill, and runs them as one labeler call. Identical items in flight (same cache key) are
+computed once: later submitters share the first one's future. The queue is bounded:
+`submit` refuses a request whose new items would exceed `max_pending` (QueueFull → 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from labeler.errors import LabelerError
+
+log = logging.getLogger("service.batcher")
+
+RunGroup = Callable[[Hashable, list[Any], list[str]], Awaitable[list[Any]]]
+
+
+class QueueFull(Exception):
+    """The engine queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"the labeling queue is full; retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Job:
+    group: Hashable
+    key: str
+    item: Any
+    future: asyncio.Future[Any]
+
+
+class MicroBatcher:
+    """Collects items into engine batches; see the module docstring."""
+
+    def __init__(
+        self,
+        run_group: RunGroup,
+        *,
+        max_items: int,
+        wait_s: float,
+        max_pending: int,
+        concurrency: int = 1,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.run_group = run_group
+        self.max_items = max_items
+        self.wait_s = wait_s
+        self.max_pending = max_pending
+        self.on_batch = on_batch or (lambda n: None)
+        self.pending = 0  # items queued or computing
+        self.computed = 0  # items computed since start (single-flight counts one)
+        self._queue: deque[_Job] = deque()
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self._rate = 0.0  # items/s, smoothed, for Retry-After
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Finish what is queued and computing, then stop the worker."""
+        while self._queue or self._tasks:
+            await asyncio.sleep(0.01)
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    def submit(self, group: Hashable, entries: Sequence[tuple[str, Any]]) -> tuple[list[asyncio.Future[Any]], int]:
+        """Queue `(key, item)` entries of one group. Returns one future per entry and how
+        many joined a computation already in flight. All or nothing: raises QueueFull
+        before queueing anything."""
+        fresh = {k for k, _ in entries if k not in self._inflight}
+        if self.pending + len(fresh) > self.max_pending:
+            raise QueueFull(self.retry_after())
+        loop = asyncio.get_running_loop()
+        futures, shared = [], 0
+        for key, item in entries:
+            fut = self._inflight.get(key)
+            if fut is not None:
+                shared += 1
+            else:
+                fut = loop.create_future()
+                self._inflight[key] = fut
+                self._queue.append(_Job(group, key, item, fut))
+                self.pending += 1
+            futures.append(fut)
+        self._wake.set()
+        return futures, shared
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has drained at the recent rate (1 s at least)."""
+        rate = self._rate or 1.0
+        return float(max(1, min(60, math.ceil(self.pending / rate))))
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                if len(self._queue) < self.max_items and self.wait_s > 0:
+                    await asyncio.sleep(self.wait_s)
+                await self._slots.acquire()
+                group = self._queue[0].group
+                jobs, rest = [], deque()
+                while self._queue and len(jobs) < self.max_items:
+                    job = self._queue.popleft()
+                    (jobs if job.group == group else rest).append(job)
+                self._queue.extendleft(reversed(rest))
+                task = asyncio.get_running_loop().create_task(self._run(group, jobs))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, group: Hashable, jobs: list[_Job]) -> None:
+        t0 = time.monotonic()
+        try:
+            self.on_batch(len(jobs))
+            try:
+                results = await self.run_group(group, [j.item for j in jobs], [j.key for j in jobs])
+                for job, result in zip(jobs, results, strict=True):
+                    _resolve(job.future, result)
+            except LabelerError as exc:
+                if len(jobs) == 1:
+                    _fail(jobs[0].future, exc)
+                else:
+                    # One bad item must not fail its batch-mates: label them one by one.
+                    log.warning("batch of %d failed (%s); retrying item by item", len(jobs), exc)
+                    for job in jobs:
+                        try:
+                            _resolve(job.future, (await self.run_group(group, [job.item], [job.key]))[0])
+                        except Exception as one_exc:  # noqa: BLE001
+                            _fail(job.future, one_exc)
+            except Exception as exc:  # noqa: BLE001 - delivered to every waiter, never lost
+                log.exception("engine batch failed")
+                for job in jobs:
+                    _fail(job.future, exc)
+        finally:
+            for job in jobs:
+                self._inflight.pop(job.key, None)
+            self.pending -= len(jobs)
+            self.computed += len(jobs)
+            elapsed = max(time.monotonic() - t0, 1e-3)
+            self._rate = 0.7 * self._rate + 0.3 * (len(jobs) / elapsed) if self._rate else len(jobs) / elapsed
+            self._slots.release()
+
+
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()  # marks it retrieved: a waiter that went away must not log "never retrieved"

@@ -1,0 +1,143 @@
+"""Result cache: Redis when a URL is configured, an in-process LRU otherwise.
+
+A Redis failure never fails a label request: on a connection error or timeout the cache
+is bypassed (logged and counted) for `cooldown` seconds, then tried again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+log = logging.getLogger("service.cache")
+
+Value = dict[str, Any]
+
+
+def cache_key(model_id: str, task_version: str, kind: str, params: Mapping[str, Any], item: Mapping[str, str]) -> str:
+    """SHA-256 over everything that changes a result: model, task version, kind, every
+    result-changing parameter and the item's content."""
+    blob = json.dumps(
+        {"model": model_id, "task": task_version, "kind": kind, "params": dict(params), "item": dict(item)},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return "labeler:v1:" + hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Cache(Protocol):
+    name: str
+
+    async def get_many(self, keys: Sequence[str]) -> list[Value | None]: ...
+    async def set_many(self, values: Mapping[str, Value]) -> None: ...
+    async def status(self) -> str: ...
+    async def aclose(self) -> None: ...
+
+
+class MemoryCache:
+    """An LRU of at most `size` entries, each living `ttl` seconds (0: forever)."""
+
+    name = "memory"
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = size
+        self.ttl = ttl
+        self._data: OrderedDict[str, tuple[float, Value]] = OrderedDict()
+
+    async def get_many(self, keys: Sequence[str]) -> list[Value | None]:
+        now = time.monotonic()
+        out: list[Value | None] = []
+        for k in keys:
+            hit = self._data.get(k)
+            if hit is None or (self.ttl and hit[0] < now):
+                self._data.pop(k, None)
+                out.append(None)
+            else:
+                self._data.move_to_end(k)
+                out.append(hit[1])
+        return out
+
+    async def set_many(self, values: Mapping[str, Value]) -> None:
+        if not self.size:
+            return
+        expiry = time.monotonic() + self.ttl
+        for k, v in values.items():
+            self._data[k] = (expiry, v)
+            self._data.move_to_end(k)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    async def status(self) -> str:
+        return "ok"
+
+    async def aclose(self) -> None:
+        self._data.clear()
+
+
+class RedisCache:
+    """Redis with bypass on failure. `on_error(op)` is called for every failure or bypass."""
+
+    name = "redis"
+
+    def __init__(self, url: str, ttl: int, cooldown: float, on_error: Callable[[str], None] | None = None) -> None:
+        import redis.asyncio as aioredis
+
+        self.ttl = ttl
+        self.cooldown = cooldown
+        self.on_error = on_error or (lambda op: None)
+        self._down_until = 0.0
+        self._client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    @property
+    def bypassed(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _fail(self, op: str, exc: Exception) -> None:
+        if not self.bypassed:
+            log.warning("redis %s failed (%s); bypassing the cache for %.0f s", op, type(exc).__name__, self.cooldown)
+        self._down_until = time.monotonic() + self.cooldown
+        self.on_error(op)
+
+    async def get_many(self, keys: Sequence[str]) -> list[Value | None]:
+        if self.bypassed:
+            self.on_error("bypass")
+            return [None] * len(keys)
+        try:
+            raw = await self._client.mget(list(keys))
+        except Exception as exc:  # noqa: BLE001 - any Redis/socket failure means "no cache"
+            self._fail("get", exc)
+            return [None] * len(keys)
+        return [json.loads(v) if v is not None else None for v in raw]
+
+    async def set_many(self, values: Mapping[str, Value]) -> None:
+        if not values:
+            return
+        if self.bypassed:
+            self.on_error("bypass")
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for k, v in values.items():
+                    pipe.set(k, json.dumps(v), ex=self.ttl or None)
+                await pipe.execute()
+        except Exception as exc:  # noqa: BLE001
+            self._fail("set", exc)
+
+    async def status(self) -> str:
+        """'ok' when Redis answers, 'bypassed' otherwise (requests still succeed)."""
+        if self.bypassed:
+            return "bypassed"
+        try:
+            await self._client.ping()
+            return "ok"
+        except Exception as exc:  # noqa: BLE001
+            self._fail("ping", exc)
+            return "bypassed"
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

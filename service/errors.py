@@ -1,0 +1,86 @@
+"""One error shape on the wire for every failure: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from labeler.errors import EngineError, InputTooLong, InvalidInput, LabelerError, UnknownTask
+
+from .batcher import QueueFull
+
+log = logging.getLogger("service.errors")
+
+
+class ServiceError(Exception):
+    """An HTTP-level refusal raised by the service itself (auth, limits)."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, headers=None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _loc(loc: tuple) -> str:
+    parts = [p for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every exception into the error shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        param = _loc(tuple(first.get("loc", ())))
+        return error_response(422, f"{param}: {first.get('msg', 'invalid')}", "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), "http_error", None, getattr(exc, "headers", None))
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        request.app.state.metrics.rejected.inc()
+        headers = {"Retry-After": str(int(exc.retry_after))}
+        return error_response(429, str(exc), "rate_limited", None, headers)
+
+    @app.exception_handler(UnknownTask)
+    async def _unknown_task(_: Request, exc: UnknownTask) -> JSONResponse:
+        return error_response(422, str(exc), "unknown_task", "task")
+
+    @app.exception_handler(InputTooLong)
+    async def _too_long(_: Request, exc: InputTooLong) -> JSONResponse:
+        return error_response(422, str(exc), "input_too_long", exc.field)
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
+        return error_response(422, str(exc), "invalid_input", exc.field)
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return error_response(503, f"the engine failed: {exc}", "engine_error", None, {"Retry-After": "1"})
+
+    @app.exception_handler(LabelerError)
+    async def _labeler(_: Request, exc: LabelerError) -> JSONResponse:
+        return error_response(500, str(exc), "labeler_error")
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal error", "internal_error")

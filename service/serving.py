@@ -1,0 +1,204 @@
+"""The labeling logic behind the routes: limits → cache → micro-batcher → labeler → cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from labeler import InputTooLong, InvalidInput, Labeler, PairItem, ScoreItem
+
+from .batcher import MicroBatcher
+from .cache import Cache, cache_key
+from .metrics import Metrics
+from .protocol import (
+    GetRewardRequest,
+    GetRewardResponse,
+    PreferenceOut,
+    PreferencesRequest,
+    PreferencesResponse,
+    ScoreOut,
+    ScoresRequest,
+    ScoresResponse,
+    Usage,
+)
+from .settings import Settings
+
+# Where a policy's chat template starts the assistant's turn, newest-first formats last:
+# the response is what follows the last marker found. ChatML (Qwen, SmolLM), Llama 3,
+# Mistral/Llama 2, Gemma, Anthropic HH transcripts.
+ASSISTANT_MARKERS = (
+    "<|im_start|>assistant\n",
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "[/INST]",
+    "<start_of_turn>model\n",
+    "\n\nAssistant:",
+)
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<end_of_turn>")
+
+
+def split_query(query: str, prompt: str | None) -> tuple[str, str]:
+    """(context, response) of an OpenRLHF query (prompt + response).
+
+    1. With the request's `prompts[i]` and the query starting with it: the rest is the response.
+    2. Otherwise at the last assistant-turn marker of a known chat template.
+    3. Otherwise the whole query is the response, with an empty context.
+    Trailing end-of-turn tokens are stripped from the response.
+    """
+    if prompt and query.startswith(prompt):
+        context, response = prompt, query[len(prompt) :]
+    else:
+        cut = max(((query.rfind(m), m) for m in ASSISTANT_MARKERS), key=lambda x: x[0])
+        if cut[0] >= 0:
+            context, response = query[: cut[0]], query[cut[0] + len(cut[1]) :]
+        else:
+            context, response = "", query
+    response = response.strip()
+    changed = True
+    while changed:
+        changed = False
+        for end in END_MARKERS:
+            if response.endswith(end):
+                response = response[: -len(end)].rstrip()
+                changed = True
+    return context.strip(), response
+
+
+class LabelService:
+    """Answers the label endpoints for one labeler, cache and batcher."""
+
+    def __init__(self, labeler: Labeler, cache: Cache, settings: Settings, metrics: Metrics) -> None:
+        self.labeler = labeler
+        self.cache = cache
+        self.settings = settings
+        self.metrics = metrics
+        self.batcher = MicroBatcher(
+            self._run_group,
+            max_items=settings.batch_max_items,
+            wait_s=settings.batch_wait_ms / 1000,
+            max_pending=settings.max_queue_items,
+            concurrency=settings.effective_batch_concurrency(),
+            on_batch=metrics.batch_size.observe,
+        )
+
+    # -- endpoints ---------------------------------------------------------------------------
+    async def preferences(self, req: PreferencesRequest) -> PreferencesResponse:
+        items = [it.model_dump() for it in req.items]
+        params = {"order": req.order, "cot": req.cot, "samples": req.samples, "seed": req.seed}
+        results, usage, version = await self._label("pairwise", req.task, params, items, req.cache)
+        out = [PreferenceOut(**r, rationale=_first(r.get("rationales")), cached=c) for r, c in results]
+        return PreferencesResponse(model=self.labeler.model_id, task=req.task, task_version=version, usage=usage,
+                                   results=out)  # fmt: skip
+
+    async def scores(self, req: ScoresRequest) -> ScoresResponse:
+        items = [it.model_dump() for it in req.items]
+        params = {"cot": req.cot, "samples": req.samples, "seed": req.seed}
+        results, usage, version = await self._label("score", req.task, params, items, req.cache)
+        out = [ScoreOut(**r, rationale=_first(r.get("rationales")), cached=c) for r, c in results]
+        return ScoresResponse(model=self.labeler.model_id, task=req.task, task_version=version, usage=usage,
+                              results=out)  # fmt: skip
+
+    async def get_reward(self, req: GetRewardRequest, task: str | None) -> GetRewardResponse:
+        if req.prompts is not None and len(req.prompts) != len(req.query):
+            raise InvalidInput(
+                f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", field="prompts"
+            )
+        prompts = req.prompts or [None] * len(req.query)
+        items = []
+        for i, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
+            context, response = split_query(q, p)
+            if not response:
+                raise InvalidInput(f"query[{i}] has an empty response after splitting off the prompt",
+                                   field=f"query[{i}]")  # fmt: skip
+            items.append({"context": context, "response": response})
+        params = {"cot": False, "samples": 1, "seed": 0}
+        results, _, _ = await self._label("score", task or self.settings.task, params, items, True)
+        rewards = [r["reward"] for r, _ in results]
+        return GetRewardResponse(
+            rewards=rewards,
+            scores=rewards,
+            extra_logs={"expected_score": [r["expected"] for r, _ in results],
+                        "cached": [float(c) for _, c in results]},
+        )  # fmt: skip
+
+    # -- the shared path ------------------------------------------------------------------------
+    async def _label(
+        self, kind: str, task: str, params: dict[str, Any], items: list[dict[str, str]], use_cache: bool
+    ) -> tuple[list[tuple[dict[str, Any], bool]], Usage, str]:
+        t = self.labeler.task(task)
+        self._check_limits(items, params)
+        keys = [cache_key(self.labeler.model_id, t.version, kind, params, it) for it in items]
+        cached: list[dict[str, Any] | None] = await self.cache.get_many(keys) if use_cache else [None] * len(items)
+        hits = sum(c is not None for c in cached)
+        if use_cache:
+            self.metrics.cache_hits.inc(hits)
+            self.metrics.cache_misses.inc(len(items) - hits)
+        misses = [i for i, c in enumerate(cached) if c is None]
+        shared = 0
+        if misses:
+            # cache=false requests neither read nor write: their flights are kept apart.
+            group: Hashable = (kind, task, tuple(sorted(params.items())), use_cache)
+            suffix = "" if use_cache else ":nostore"
+            futures, shared = self.batcher.submit(group, [(keys[i] + suffix, items[i]) for i in misses])
+            self.metrics.inflight.set(self.batcher.pending)
+            # shield: a client that goes away must not cancel a computation others share.
+            values = await asyncio.gather(*(asyncio.shield(f) for f in futures))
+            for i, v in zip(misses, values, strict=True):
+                cached[i] = v
+        self.metrics.items.labels(kind, "cache").inc(hits)
+        self.metrics.items.labels(kind, "engine").inc(len(misses))
+        computed = set(misses)
+        results = [(dict(c), i not in computed) for i, c in enumerate(cached)]  # type: ignore[arg-type]
+        usage = Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
+        return results, usage, t.version
+
+    async def _run_group(self, group: Hashable, items: list[dict[str, str]], keys: Sequence[str]) -> list[dict]:
+        """One labeler call for a batch of one group; writes the results to the cache."""
+        kind, task, params, use_cache = group  # type: ignore[misc]
+        p = dict(params)
+        stats = self.labeler.engine.stats
+        before = (stats.prompt_tokens, stats.computed_tokens)
+        t0 = time.monotonic()
+        if kind == "pairwise":
+            res = await self.labeler.apreferences([PairItem(**it) for it in items], task, **p)
+        else:
+            res = await self.labeler.ascores([ScoreItem(**it) for it in items], task, **p)
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        prompt_tokens = stats.prompt_tokens - before[0]
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.computed_tokens.inc(stats.computed_tokens - before[1])
+        self.metrics.tokens_per_second.set(prompt_tokens / elapsed)
+        values = [asdict(r) for r in res]
+        if use_cache:
+            await self.cache.set_many(dict(zip(keys, values, strict=True)))
+        self.metrics.inflight.set(max(0, self.batcher.pending - len(items)))
+        return values
+
+    def _check_limits(self, items: list[dict[str, str]], params: dict[str, Any]) -> None:
+        s = self.settings
+        if len(items) > s.max_items:
+            raise InputTooLong(f"{len(items)} items, over the limit of {s.max_items} per request",
+                               field="items", limit=s.max_items)  # fmt: skip
+        if params["samples"] > s.max_samples:
+            raise InputTooLong(f"samples={params['samples']} is over the limit of {s.max_samples}",
+                               field="samples", limit=s.max_samples)  # fmt: skip
+        tok = self.labeler.engine.tokenizer
+        for i, it in enumerate(items):
+            for name, text in it.items():
+                if name != "context" and not text.strip():
+                    raise InvalidInput(f"items[{i}].{name} is empty", field=f"items[{i}].{name}")
+                if len(text) > s.max_chars:
+                    raise InputTooLong(f"items[{i}].{name} has {len(text)} characters, over the limit of "
+                                       f"{s.max_chars}", field=f"items[{i}].{name}", limit=s.max_chars)  # fmt: skip
+            n_tokens = sum(len(tok(text, add_special_tokens=False)["input_ids"]) for text in it.values())
+            if n_tokens > s.max_item_tokens:
+                raise InputTooLong(f"items[{i}] has {n_tokens} tokens, over the limit of {s.max_item_tokens}",
+                                   field=f"items[{i}]", limit=s.max_item_tokens)  # fmt: skip
+
+
+def _first(rationales: Any) -> str | None:
+    if isinstance(rationales, dict):
+        rationales = next(iter(rationales.values()), None)
+    return rationales[0] if rationales else None

@@ -1,0 +1,69 @@
+"""Service settings: `LABELER_*` environment variables, overridden by `labeler serve` flags."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split(value: Any) -> Any:
+    """Comma-separated env values as lists (`LABELER_API_KEYS=k1,k2`)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Each field is also `LABELER_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="LABELER_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="bind address; the default keeps the server on loopback")
+    port: int = Field(8000, ge=0, le=65535)
+    # Model and engine.
+    model: str | None = Field(None, description="'embedded' (default), a local HF directory or a .gguf file")
+    engine: str = Field("transformers", description="transformers | vllm | vllm-remote")
+    engine_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="KEY=VALUE engine options (space-separated in the env var)"
+    )
+    vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, description="for vllm-remote")
+    device: str = "cpu"
+    tasks_dir: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    task: str = Field("general", description="default task of /get_reward")
+    max_rationale_tokens: int = Field(128, ge=1, le=4096)
+    # Cache.
+    redis_url: str | None = Field(None, description="Redis URL; without one the cache is in-process")
+    cache_ttl: int = Field(7 * 24 * 3600, ge=0, description="seconds a cached label lives (0: no expiry)")
+    cache_size: int = Field(100_000, ge=0, description="entries of the in-process LRU cache")
+    redis_cooldown: float = Field(5.0, ge=0, description="seconds to bypass Redis after a connection error")
+    # Auth and limits.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_items: int = Field(256, ge=1, description="items per request")
+    max_chars: int = Field(32_000, ge=1, description="characters per text field")
+    max_item_tokens: int = Field(4096, ge=1, description="tokens per item (all its texts)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_samples: int = Field(8, ge=1, le=16)
+    # Batching.
+    max_queue_items: int = Field(4096, ge=1, description="items waiting or computing; beyond it: 429")
+    batch_max_items: int = Field(64, ge=1, description="items per engine call")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    batch_concurrency: int = Field(0, ge=0, description="engine calls at once (0: 1 for transformers, 8 for vLLM)")
+    log_level: str = "info"
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _split_space(cls, value: Any) -> Any:
+        return value.split() if isinstance(value, str) else value
+
+    @field_validator("vllm_urls", "tasks_dir", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_comma(cls, value: Any) -> Any:
+        return _split(value)
+
+    def effective_batch_concurrency(self) -> int:
+        if self.batch_concurrency:
+            return self.batch_concurrency
+        return 1 if self.engine == "transformers" else 8
