@@ -42,7 +42,8 @@ END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<end_of_tur
 def split_query(query: str, prompt: str | None) -> tuple[str, str]:
     """(context, response) of an OpenRLHF query (prompt + response).
 
-    1. With the request's `prompts[i]` and the query starting with it: the rest is the response.
+    1. With the request's `prompts[i]` and the query starting with it: the rest is the response
+       (a trailing assistant-turn marker of the prompt is dropped from the context).
     2. Otherwise at the last assistant-turn marker of a known chat template.
     3. Otherwise the whole query is the response, with an empty context.
     Trailing end-of-turn tokens are stripped from the response.
@@ -55,6 +56,11 @@ def split_query(query: str, prompt: str | None) -> tuple[str, str]:
             context, response = query[: cut[0]], query[cut[0] + len(cut[1]) :]
         else:
             context, response = "", query
+    # A prompt that ends by opening the assistant's turn: the marker is template, not context.
+    context = context.rstrip()
+    for marker in ASSISTANT_MARKERS:
+        if context.endswith(marker.rstrip()):
+            context = context[: -len(marker.rstrip())]
     response = response.strip()
     changed = True
     while changed:

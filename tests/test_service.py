@@ -1,0 +1,230 @@
+"""The HTTP service, run for real: uvicorn on loopback, the real model, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import pytest
+import redis
+
+from labeler import PairItem, ScoreItem
+from service.serving import split_query
+
+pytestmark = pytest.mark.model
+
+PAIR = {"context": "Name a fruit.", "response_a": "An apple.", "response_b": "A chair."}
+
+
+def post(srv, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, timeout=120, **kw)
+
+
+def assert_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status and err["message"]
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+# -- endpoints ----------------------------------------------------------------------------------------
+def test_meta_endpoints(live_server, labeler):
+    assert httpx.get(live_server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(live_server.url + "/readyz").json()
+    assert ready["model"] == labeler.model_id and ready["cache"] == "memory" and ready["cache_status"] == "ok"
+    tasks = httpx.get(live_server.url + "/v1/tasks").json()
+    assert {t["name"]: t["version"] for t in tasks["tasks"]}["tiny"] == labeler.task("tiny").version
+    spec = httpx.get(live_server.url + "/openapi.json").json()
+    assert {"/v1/preferences", "/v1/scores", "/get_reward", "/v1/tasks"} <= set(spec["paths"])
+    assert httpx.get(live_server.url + "/docs").status_code == 200
+
+
+def test_preferences_equal_the_labeler_in_process(live_server, labeler):
+    items = [PAIR, {"context": "2+2?", "response_a": "4", "response_b": "5"}]
+    r = post(live_server, "/v1/preferences", {"task": "tiny", "items": items, "cache": False}).json()
+    ref = labeler.preferences([PairItem(**it) for it in items], "tiny")
+    assert r["model"] == labeler.model_id and r["task_version"] == labeler.task("tiny").version
+    for got, want in zip(r["results"], ref, strict=True):
+        assert got["p_a"] == pytest.approx(want.p_a, abs=1e-9) and got["p_a_ba"] == pytest.approx(want.p_a_ba, abs=1e-9)
+        assert got["consistent"] == want.consistent and got["cached"] is False
+    one = post(live_server, "/v1/preferences", {"task": "tiny", "items": [PAIR], "order": "ab", "cache": False})
+    assert one.json()["results"][0]["p_a_ba"] is None and one.json()["results"][0]["consistent"] is None
+
+
+def test_scores_and_cot(live_server, labeler):
+    r = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": "2+2?", "response": "4"}]}).json()
+    res = r["results"][0]
+    ref = labeler.score("2+2?", "4", "tiny")
+    assert res["distribution"] == pytest.approx(ref.distribution, abs=1e-9) and len(res["distribution"]) == 10
+    assert -1 <= res["reward"] <= 1 and 1 <= res["expected"] <= 10
+    cot = post(
+        live_server, "/v1/scores", {"task": "tiny", "cot": True, "items": [{"context": "2+2?", "response": "4"}]}
+    )
+    body = cot.json()["results"][0]
+    assert body["rationale"] == body["rationales"][0] and isinstance(body["rationale"], str)
+
+
+# -- cache ------------------------------------------------------------------------------------------------
+def test_cache_hit_is_identical_and_partial_batches_compute_only_misses(live_server):
+    items = [{"context": "c1", "response": "r1"}, {"context": "c2", "response": "r2"}]
+    first = post(live_server, "/v1/scores", {"task": "tiny", "items": items}).json()
+    again = post(live_server, "/v1/scores", {"task": "tiny", "items": items}).json()
+    for a, b in zip(first["results"], again["results"], strict=True):
+        assert b["cached"] is True and {**a, "cached": True} == b
+    mixed = post(live_server, "/v1/scores", {"task": "tiny", "items": [*items, {"context": "c3", "response": "r3"}]})
+    body = mixed.json()
+    assert [r["cached"] for r in body["results"]] == [True, True, False]
+    assert body["usage"] == {"items": 3, "cached": 2, "computed": 1, "shared": 0}
+
+
+def test_cache_false_neither_reads_nor_writes(live_server):
+    item = {"context": "nocache", "response": "x"}
+    r1 = post(live_server, "/v1/scores", {"task": "tiny", "items": [item], "cache": False}).json()
+    r2 = post(live_server, "/v1/scores", {"task": "tiny", "items": [item]}).json()
+    assert r1["results"][0]["cached"] is False and r2["results"][0]["cached"] is False
+    assert r2["results"][0]["distribution"] == pytest.approx(r1["results"][0]["distribution"], abs=1e-4)
+
+
+async def test_single_flight_and_cross_request_batching(live_server, engine):
+    batcher = live_server.app.state.service.batcher
+    item = {"context": "single flight", "response_a": "yes", "response_b": "no"}
+    computed, prompts = batcher.computed, engine.stats.prompts_scored
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=120) as client:
+        rs = await asyncio.gather(
+            *(client.post("/v1/preferences", json={"task": "tiny", "items": [item]}) for _ in range(6))
+        )
+    bodies = [r.json() for r in rs]
+    assert len({b["results"][0]["p_a"] for b in bodies}) == 1
+    assert batcher.computed - computed == 1  # one computation for six identical requests
+    assert engine.stats.prompts_scored - prompts == 2  # its two orders, once
+    assert sum(b["usage"]["computed"] for b in bodies) == 1
+    # Different small requests arriving together become one engine batch.
+    calls = engine.stats.score_calls
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=120) as client:
+        rs = await asyncio.gather(
+            *(client.post("/v1/scores", json={"task": "tiny", "items": [{"response": f"batch {i}"}]}) for i in range(6))
+        )
+    assert all(r.status_code == 200 for r in rs)
+    assert engine.stats.score_calls - calls < 6
+
+
+def test_redis_cache_survives_redis_outages(make_server, redis_server):
+    srv = make_server(redis_url=redis_server.url, redis_cooldown=0.3)
+    client = redis.Redis.from_url(redis_server.url)
+    item = {"context": "redis", "response": "kept"}
+    first = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
+    assert first["cached"] is False and len(client.keys("labeler:v1:*")) >= 1
+    assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is True
+    redis_server.stop()
+    try:
+        down = post(srv, "/v1/scores", {"task": "tiny", "items": [item, {"context": "redis", "response": "new"}]})
+        assert down.status_code == 200 and [r["cached"] for r in down.json()["results"]] == [False, False]
+        # Recomputed in another batch: equal up to float rounding (cache hits are exact).
+        assert down.json()["results"][0]["distribution"] == pytest.approx(first["distribution"], abs=1e-4)
+        assert httpx.get(srv.url + "/readyz").json()["cache_status"] == "bypassed"
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert "labeler_cache_errors_total" in metrics and 'op="get"' in metrics
+    finally:
+        redis_server.start()
+    time.sleep(0.5)  # past the cooldown
+    post(srv, "/v1/scores", {"task": "tiny", "items": [item]})  # written again now that Redis is back
+    back = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
+    assert back["cached"] is True and back["distribution"] == pytest.approx(first["distribution"], abs=1e-4)
+    assert httpx.get(srv.url + "/readyz").json()["cache_status"] == "ok"
+
+
+# -- auth and limits ------------------------------------------------------------------------------------
+def test_api_keys(make_server, caplog):
+    caplog.set_level(logging.DEBUG)
+    secret = "sk-test-very-secret-1234"
+    srv = make_server(api_keys=[secret, "other"])
+    body = {"task": "tiny", "items": [{"response": "auth"}]}
+    assert_error(post(srv, "/v1/scores", body), 401)
+    assert_error(post(srv, "/v1/scores", body, headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(post(srv, "/v1/scores", body, headers={"Authorization": f"Basic {secret}"}), 401)
+    assert post(srv, "/v1/scores", body, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    assert httpx.get(srv.url + "/healthz").status_code == 200  # probes need no key
+    assert secret not in caplog.text
+
+
+def test_limits_give_clear_4xx(make_server):
+    srv = make_server(max_items=2, max_chars=50, max_body_bytes=2048, max_item_tokens=30)
+    ok = {"context": "c", "response": "r"}
+    assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [ok] * 3}), 422, "items")
+    err = assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"response": "x" * 51}]}), 422)
+    assert err["param"] == "items[0].response" and "50" in err["message"]
+    err = assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"response": "1 " * 20}]}), 422)
+    assert err["param"] == "items[0]" and "30" in err["message"]
+    assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"response": " "}]}), 422, "items[0].response")
+    assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [ok], "samples": 2}), 422, "samples")
+    assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"respons": "typo"}]}), 422)
+    assert_error(post(srv, "/v1/scores", {"task": "nope", "items": [ok]}), 422, "task")
+    assert_error(post(srv, "/v1/preferences", {"task": "tiny", "items": [PAIR], "order": "ac"}), 422, "order")
+    big = {"task": "tiny", "items": [{"response": "y" * 4000}]}
+    assert_error(post(srv, "/v1/scores", big), 413)
+
+    def chunks():  # no Content-Length: the limit holds for streamed bodies too
+        yield b'{"task": "tiny", "items": [{"response": "'
+        for _ in range(10):
+            yield b"z" * 500
+        yield b'"}]}'
+
+    resp = httpx.post(srv.url + "/v1/scores", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(resp, 413)
+    assert_error(httpx.post(srv.url + "/v1/scores", content=b"{not json", timeout=30), 422)
+    assert_error(httpx.get(srv.url + "/nope"), 404)
+
+
+async def test_full_queue_answers_429_with_retry_after(make_server):
+    srv = make_server(max_queue_items=2, batch_wait_ms=300)
+    async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+        rs = await asyncio.gather(
+            *(client.post("/v1/scores", json={"task": "tiny", "items": [{"response": f"q{i}"}]}) for i in range(6))
+        )
+    codes = sorted(r.status_code for r in rs)
+    assert codes.count(200) >= 2 and 429 in codes and all(c in (200, 429) for c in codes)
+    refused = next(r for r in rs if r.status_code == 429)
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert_error(refused, 429)
+    assert "labeler_rejected_total" in httpx.get(srv.url + "/metrics").text
+
+
+# -- OpenRLHF -----------------------------------------------------------------------------------------
+def test_get_reward_openrlhf_contract(live_server, labeler):
+    prompts = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "Say hi."]
+    queries = [prompts[0] + "4<|im_end|>", prompts[1] + " Hello!"]
+    # The shape OpenRLHF's remote reward client posts, with a plain HTTP client.
+    resp = httpx.post(live_server.url + "/get_reward?task=tiny",
+                      json={"query": queries, "prompts": prompts, "labels": ["4", None]}, timeout=120)  # fmt: skip
+    body = resp.json()
+    assert resp.status_code == 200 and set(body) == {"rewards", "scores", "extra_logs"}
+    ctx = "<|im_start|>user\nWhat is 2+2?<|im_end|>"  # the assistant marker is template, not context
+    ref = labeler.scores([ScoreItem(ctx, "4"), ScoreItem("Say hi.", "Hello!")], "tiny")
+    assert body["rewards"] == pytest.approx([r.reward for r in ref], abs=1e-9)
+    # Without prompts, the split is at the last assistant marker.
+    alone = httpx.post(live_server.url + "/get_reward?task=tiny", json={"query": queries[:1]}, timeout=120).json()
+    assert alone["rewards"] == pytest.approx(body["rewards"][:1], abs=1e-9)
+    assert_error(httpx.post(live_server.url + "/get_reward", json={"query": ["a"], "prompts": ["a", "b"]}), 422)
+
+
+@pytest.mark.parametrize(
+    ("query", "prompt", "expected"),
+    [
+        ("P: hi A: yo", "P: hi", ("P: hi", "A: yo")),
+        ("<|im_start|>assistant\nyo", "<|im_start|>assistant\n", ("", "yo")),
+        ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>", None,
+         ("<|im_start|>user\nhi<|im_end|>", "yo")),
+        ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nyo"
+         "<|eot_id|>", None, ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "yo")),
+        ("\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b", None,
+         ("Human: hi\n\nAssistant: a\n\nHuman: more", "b")),
+        ("just text", None, ("", "just text")),
+        ("mismatch yo", "other", ("", "mismatch yo")),
+    ],
+)  # fmt: skip
+def test_split_query(query, prompt, expected):
+    assert split_query(query, prompt) == expected
