@@ -75,9 +75,10 @@ def test_reward_is_monotone_in_the_score_distribution(dist, k, share):
     higher = dict(dist)
     higher[str(k)] -= moved
     higher[str(k + 1)] += moved
-    assert scoring.score_to_reward(scoring.expected_score(higher)) >= scoring.score_to_reward(
-        scoring.expected_score(dist)
-    ) - 1e-12
+    assert (
+        scoring.score_to_reward(scoring.expected_score(higher))
+        >= scoring.score_to_reward(scoring.expected_score(dist)) - 1e-12
+    )
 
 
 @settings(max_examples=200, deadline=None)
