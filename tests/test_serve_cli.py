@@ -1,0 +1,65 @@
+"""`labeler serve` as a user runs it: settings from LABELER_* env vars and flags, JSON logs
+that never contain an API key, and a graceful exit on SIGTERM."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.fixtures.model import TEST_TASKS
+from tests.fixtures.redis import free_port
+
+pytestmark = pytest.mark.model
+
+
+def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
+    port = free_port()
+    secret = "sk-serve-secret-5678"
+    env = os.environ | {"LABELER_API_KEYS": f"{secret},second", "LABELER_MAX_ITEMS": "3"}
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labeler.cli", "serve", "--port", str(port), "--tasks-dir", str(TEST_TASKS)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("server not ready: " + (tmp_path / "serve.log").read_text())
+        auth = {"Authorization": f"Bearer {secret}"}
+        body = {"task": "tiny", "items": [{"response": "hi"}]}
+        assert httpx.post(url + "/v1/scores", json=body, timeout=60).status_code == 401
+        assert httpx.post(url + "/v1/scores", json=body, headers=auth, timeout=60).status_code == 200
+        too_many = {"task": "tiny", "items": [{"response": "hi"}] * 4}
+        assert httpx.post(url + "/v1/scores", json=too_many, headers=auth, timeout=60).status_code == 422
+        # SIGTERM while a request is in flight: it still gets its answer.
+        slow = {"task": "tiny", "cot": True, "items": [{"response": f"slow {i}"} for i in range(3)]}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, url + "/v1/scores", json=slow, headers=auth, timeout=120)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert pending.result().status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
+    text = (tmp_path / "serve.log").read_text()
+    assert secret not in text
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert any(r["logger"] == "uvicorn.access" and "/v1/scores" in r["message"] for r in lines)
+    assert any(r["message"] == "ready" and r.get("cache") == "memory" for r in lines)
+    assert any("Finished server process" in r["message"] for r in lines)
