@@ -8,6 +8,7 @@ lives on `app.state`, never in module globals.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import time
@@ -25,7 +26,6 @@ from labeler import Labeler, TaskRegistry
 
 from . import errors
 from .cache import Cache, MemoryCache, RedisCache
-from .errors import ServiceError
 from .metrics import Metrics
 from .protocol import (
     ErrorResponse,
@@ -131,25 +131,37 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, "request body too large")
 
 
-async def authorize(request: Request) -> None:
-    """Bearer API keys, when configured: compared with every key, each in constant time."""
-    keys: list[bytes] = request.app.state.api_keys
-    if not keys:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    ok = False
-    if scheme.lower() == "bearer" and given:
-        for k in keys:
-            ok |= hmac.compare_digest(k, given.strip().encode())
-    if not ok:
-        raise ServiceError(401, "missing or invalid API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+class ApiKeys:
+    """ASGI middleware: bearer API keys on the label and task routes, when keys are
+    configured. Each given key is compared with every accepted key in constant time, so
+    timing tells nothing; probes (/healthz, /readyz) and /metrics stay open."""
+
+    PROTECTED = ("/v1/", "/get_reward")
+
+    def __init__(self, app, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.keys and scope["path"].startswith(self.PROTECTED):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            ok = False
+            if scheme.lower() == b"bearer" and given.strip():
+                for k in self.keys:
+                    ok |= hmac.compare_digest(k, given.strip())
+            if not ok:
+                resp = errors.error_response(401, "missing or invalid API key", "unauthorized",
+                                             headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
-def get_service(request: Request) -> LabelService:
+async def get_service(request: Request) -> LabelService:
+    # async on purpose: FastAPI runs sync dependencies in a worker thread (a thread hop per request).
     return request.app.state.service
 
 
-Auth = Annotated[None, Depends(authorize)]
 Service = Annotated[LabelService, Depends(get_service)]
 
 
@@ -164,6 +176,9 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         app.state.cache = make_cache(settings, app.state.metrics)
         app.state.service = LabelService(lab, app.state.cache, settings, app.state.metrics)
         app.state.service.batcher.start()
+        # The model's many long-lived objects need no collecting: keep the GC off them.
+        gc.collect()
+        gc.freeze()
         log.info("ready", extra={"model": lab.model_id, "engine": settings.engine, "cache": app.state.cache.name})
         try:
             yield
@@ -182,34 +197,34 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
-    app.state.api_keys = [k.encode() for k in settings.api_keys]
     errors.install(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
 
+    app.add_middleware(ApiKeys, keys=settings.api_keys)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(Observe, metrics=app.state.metrics)
 
     @app.post("/v1/preferences", response_model=PreferencesResponse, responses=ERRORS, tags=["labels"])
-    async def preferences(body: PreferencesRequest, svc: Service, _: Auth) -> PreferencesResponse:
+    async def preferences(body: PreferencesRequest, svc: Service) -> JSONResponse:
         """Pairwise preferences as distributions (both orders by default), in item order."""
-        return await svc.preferences(body)
+        return JSONResponse(await svc.preferences(body))
 
     @app.post("/v1/scores", response_model=ScoresResponse, responses=ERRORS, tags=["labels"])
-    async def scores(body: ScoresRequest, svc: Service, _: Auth) -> ScoresResponse:
+    async def scores(body: ScoresRequest, svc: Service) -> JSONResponse:
         """Direct 1-10 scores: distribution, expected score and reward in [-1, 1]."""
-        return await svc.scores(body)
+        return JSONResponse(await svc.scores(body))
 
     @app.post("/get_reward", response_model=GetRewardResponse, responses=ERRORS, tags=["openrlhf"])
     async def get_reward(
-        body: GetRewardRequest, svc: Service, _: Auth, task: Annotated[str | None, Query()] = None
+        body: GetRewardRequest, svc: Service, task: Annotated[str | None, Query()] = None
     ) -> GetRewardResponse:
         """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
         return await svc.get_reward(body, task)
 
     @app.get("/v1/tasks", response_model=TasksResponse, responses=ERRORS, tags=["meta"])
-    async def tasks(svc: Service, _: Auth) -> TasksResponse:
+    async def tasks(svc: Service) -> TasksResponse:
         infos = [TaskInfo(**{k: v for k, v in t.summary().items() if k != "source"}) for t in svc.labeler.tasks]
         return TasksResponse(default_task=settings.task, tasks=infos)
 

@@ -19,15 +19,21 @@ log = logging.getLogger("service.cache")
 Value = dict[str, Any]
 
 
-def cache_key(model_id: str, task_version: str, kind: str, params: Mapping[str, Any], item: Mapping[str, str]) -> str:
-    """SHA-256 over everything that changes a result: model, task version, kind, every
-    result-changing parameter and the item's content."""
-    blob = json.dumps(
-        {"model": model_id, "task": task_version, "kind": kind, "params": dict(params), "item": dict(item)},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return "labeler:v1:" + hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+def cache_keys(
+    model_id: str, task_version: str, kind: str, params: Mapping[str, Any], items: Sequence[Mapping[str, str]]
+) -> list[str]:
+    """One key per item: SHA-256 over everything that changes a result — model, task
+    version, kind, every result-changing parameter — and the item's content."""
+    head = json.dumps({"model": model_id, "task": task_version, "kind": kind, "params": dict(params)},
+                      sort_keys=True, ensure_ascii=False)  # fmt: skip
+    prefix = hashlib.sha256(head.encode("utf-8", "surrogatepass")).hexdigest()
+    return [
+        "labeler:v1:"
+        + hashlib.sha256(
+            (prefix + json.dumps(item, sort_keys=True, ensure_ascii=False)).encode("utf-8", "surrogatepass")
+        ).hexdigest()
+        for item in items
+    ]
 
 
 class Cache(Protocol):

@@ -16,14 +16,6 @@ from .batcher import QueueFull
 log = logging.getLogger("service.errors")
 
 
-class ServiceError(Exception):
-    """An HTTP-level refusal raised by the service itself (auth, limits)."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, headers=None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
-
-
 def error_response(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -39,10 +31,6 @@ def _loc(loc: tuple) -> str:
 
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into the error shape."""
-
-    @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

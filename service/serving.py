@@ -11,17 +11,13 @@ from typing import Any
 from labeler import InputTooLong, InvalidInput, Labeler, PairItem, ScoreItem
 
 from .batcher import MicroBatcher
-from .cache import Cache, cache_key
+from .cache import Cache, cache_keys
 from .metrics import Metrics
 from .protocol import (
     GetRewardRequest,
     GetRewardResponse,
-    PreferenceOut,
     PreferencesRequest,
-    PreferencesResponse,
-    ScoreOut,
     ScoresRequest,
-    ScoresResponse,
     Usage,
 )
 from .settings import Settings
@@ -90,21 +86,29 @@ class LabelService:
         )
 
     # -- endpoints ---------------------------------------------------------------------------
-    async def preferences(self, req: PreferencesRequest) -> PreferencesResponse:
+    def _reply(self, task: str, version: str, usage: Usage, results: list[tuple[dict[str, Any], bool]]) -> dict:
+        """The response body as plain data: on cache hits, building a pydantic model per
+        result costs more than the rest of the request (the route's response_model still
+        documents the shape, and tests check it)."""
+        out = []
+        for r, cached in results:
+            r["rationale"] = _first(r.get("rationales"))
+            r["cached"] = cached
+            out.append(r)
+        return {"model": self.labeler.model_id, "task": task, "task_version": version, "usage": usage.model_dump(),
+                "results": out}  # fmt: skip
+
+    async def preferences(self, req: PreferencesRequest) -> dict:
         items = [it.model_dump() for it in req.items]
         params = {"order": req.order, "cot": req.cot, "samples": req.samples, "seed": req.seed}
         results, usage, version = await self._label("pairwise", req.task, params, items, req.cache)
-        out = [PreferenceOut(**r, rationale=_first(r.get("rationales")), cached=c) for r, c in results]
-        return PreferencesResponse(model=self.labeler.model_id, task=req.task, task_version=version, usage=usage,
-                                   results=out)  # fmt: skip
+        return self._reply(req.task, version, usage, results)
 
-    async def scores(self, req: ScoresRequest) -> ScoresResponse:
+    async def scores(self, req: ScoresRequest) -> dict:
         items = [it.model_dump() for it in req.items]
         params = {"cot": req.cot, "samples": req.samples, "seed": req.seed}
         results, usage, version = await self._label("score", req.task, params, items, req.cache)
-        out = [ScoreOut(**r, rationale=_first(r.get("rationales")), cached=c) for r, c in results]
-        return ScoresResponse(model=self.labeler.model_id, task=req.task, task_version=version, usage=usage,
-                              results=out)  # fmt: skip
+        return self._reply(req.task, version, usage, results)
 
     async def get_reward(self, req: GetRewardRequest, task: str | None) -> GetRewardResponse:
         if req.prompts is not None and len(req.prompts) != len(req.query):
@@ -135,7 +139,7 @@ class LabelService:
     ) -> tuple[list[tuple[dict[str, Any], bool]], Usage, str]:
         t = self.labeler.task(task)
         self._check_limits(items, params)
-        keys = [cache_key(self.labeler.model_id, t.version, kind, params, it) for it in items]
+        keys = cache_keys(self.labeler.model_id, t.version, kind, params, items)
         cached: list[dict[str, Any] | None] = await self.cache.get_many(keys) if use_cache else [None] * len(items)
         hits = sum(c is not None for c in cached)
         if use_cache:
@@ -144,6 +148,7 @@ class LabelService:
         misses = [i for i, c in enumerate(cached) if c is None]
         shared = 0
         if misses:
+            self._check_tokens(items, misses)
             # cache=false requests neither read nor write: their flights are kept apart.
             group: Hashable = (kind, task, tuple(sorted(params.items())), use_cache)
             suffix = "" if use_cache else ":nostore"
@@ -190,7 +195,6 @@ class LabelService:
         if params["samples"] > s.max_samples:
             raise InputTooLong(f"samples={params['samples']} is over the limit of {s.max_samples}",
                                field="samples", limit=s.max_samples)  # fmt: skip
-        tok = self.labeler.engine.tokenizer
         for i, it in enumerate(items):
             for name, text in it.items():
                 if name != "context" and not text.strip():
@@ -198,10 +202,17 @@ class LabelService:
                 if len(text) > s.max_chars:
                     raise InputTooLong(f"items[{i}].{name} has {len(text)} characters, over the limit of "
                                        f"{s.max_chars}", field=f"items[{i}].{name}", limit=s.max_chars)  # fmt: skip
-            n_tokens = sum(len(tok(text, add_special_tokens=False)["input_ids"]) for text in it.values())
-            if n_tokens > s.max_item_tokens:
-                raise InputTooLong(f"items[{i}] has {n_tokens} tokens, over the limit of {s.max_item_tokens}",
-                                   field=f"items[{i}]", limit=s.max_item_tokens)  # fmt: skip
+
+    def _check_tokens(self, items: list[dict[str, str]], which: list[int]) -> None:
+        """The per-item token limit, for the items the engine will compute (cache hits
+        cost no engine work, so they skip the tokenizer)."""
+        limit = self.settings.max_item_tokens
+        tok = self.labeler.engine.tokenizer
+        for i in which:
+            n_tokens = sum(len(ids) for ids in tok(list(items[i].values()), add_special_tokens=False)["input_ids"])
+            if n_tokens > limit:
+                raise InputTooLong(f"items[{i}] has {n_tokens} tokens, over the limit of {limit}",
+                                   field=f"items[{i}]", limit=limit)  # fmt: skip
 
 
 def _first(rationales: Any) -> str | None:

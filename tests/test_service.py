@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from labeler import PairItem, ScoreItem
+from service.protocol import PreferencesResponse, ScoresResponse
 from service.serving import split_query
 
 pytestmark = pytest.mark.model
@@ -47,6 +48,7 @@ def test_preferences_equal_the_labeler_in_process(live_server, labeler):
     items = [PAIR, {"context": "2+2?", "response_a": "4", "response_b": "5"}]
     r = post(live_server, "/v1/preferences", {"task": "tiny", "items": items, "cache": False}).json()
     ref = labeler.preferences([PairItem(**it) for it in items], "tiny")
+    PreferencesResponse.model_validate(r)  # the documented response schema holds
     assert r["model"] == labeler.model_id and r["task_version"] == labeler.task("tiny").version
     for got, want in zip(r["results"], ref, strict=True):
         assert got["p_a"] == pytest.approx(want.p_a, abs=1e-9) and got["p_a_ba"] == pytest.approx(want.p_a_ba, abs=1e-9)
@@ -57,6 +59,7 @@ def test_preferences_equal_the_labeler_in_process(live_server, labeler):
 
 def test_scores_and_cot(live_server, labeler):
     r = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": "2+2?", "response": "4"}]}).json()
+    ScoresResponse.model_validate(r)
     res = r["results"][0]
     ref = labeler.score("2+2?", "4", "tiny")
     assert res["distribution"] == pytest.approx(ref.distribution, abs=1e-9) and len(res["distribution"]) == 10

@@ -12,6 +12,7 @@ revision, so any change to wording, examples or layout changes cache keys.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tomllib
@@ -85,7 +86,7 @@ class Task:
     score_examples: tuple[ScoreExample, ...] = ()
     source: str = field(default="", compare=False)
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
         """Stable content hash: 16 hex digits of SHA-256 over the task and layout revision."""
         content = {k: v for k, v in asdict(self).items() if k != "source"}

@@ -1,0 +1,150 @@
+"""P2 and P3: what the HTTP layer costs.
+
+P2 = labels/s through HTTP (`labeler serve`, cache off) ÷ labels/s calling the Labeler in
+     process, same engine and model, same batches (16 score items a call). Goal ≥ 0.95.
+P3 = cache-hit requests/s (1 cached item per POST /v1/scores) ÷ requests/s of a bare FastAPI
+     endpoint returning a constant, both under uvicorn with the same settings and the same
+     load tool (wrk, 32 connections, 1 thread, loopback). Goal ≥ 0.8.
+P3b = cached items/s with 256-item batches. Goal ≥ 20,000.
+
+Servers run as separate processes so the load tool and the server don't share a GIL.
+Needs `wrk` (Debian package) for P3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import Result
+from labeler import Labeler, ScoreItem
+from labeler.engines.transformers_engine import TransformersEngine
+from labeler.models import resolve_model
+from tests.fixtures.redis import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BARE_APP = """
+from fastapi import FastAPI, Request
+app = FastAPI()
+
+@app.post("/const")
+async def const(request: Request) -> dict:
+    await request.body()
+    return {"ok": 1}
+"""
+WRK_POST = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[{body}]]
+"""
+
+
+def start(cmd: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{cmd} did not start")
+
+
+def wrk(url: str, body: str, seconds: int, connections: int = 32) -> float:
+    """Requests/s that wrk reaches POSTing `body` to `url`."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_POST.replace("{body}", body))
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", f.name, url], capture_output=True, text=True
+    ).stdout
+    os.unlink(f.name)
+    if "Non-2xx" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def items(n: int, tag: str) -> list[dict[str, str]]:
+    return [{"context": f"Question {tag}-{i}: what is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(n)]
+
+
+async def p2(base: str, n: int, batch: int) -> tuple[float, float]:
+    engine = TransformersEngine(resolve_model(None))
+    lab = Labeler(engine)
+    data = items(n, "inproc")
+    await lab.ascores([ScoreItem(**it) for it in data[:batch]], "general")  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        await lab.ascores([ScoreItem(**it) for it in data[i : i + batch]], "general")
+    inproc = n / (time.perf_counter() - t0)
+    del engine, lab
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        await client.post("/v1/scores", json={"task": "general", "items": data[:batch], "cache": False})
+        t0 = time.perf_counter()
+        for i in range(0, n, batch):
+            r = await client.post("/v1/scores", json={"task": "general", "items": data[i : i + batch], "cache": False})
+            r.raise_for_status()
+        http = n / (time.perf_counter() - t0)
+    return http, inproc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--items", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seconds", type=int, default=10)
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("P3 needs wrk: apt-get install wrk")
+    port, bare_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = os.environ | {"LABELER_LOG_LEVEL": "warning", "LABELER_BATCH_CONCURRENCY": "1"}
+    server = start([sys.executable, "-m", "labeler.cli", "serve", "--port", str(port)], base + "/readyz", env)
+    bare_dir = Path(tempfile.mkdtemp())
+    (bare_dir / "bare_app.py").write_text(BARE_APP)
+    bare = start(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(bare_dir), "bare_app:app", "--port", str(bare_port),
+         "--log-level", "warning", "--no-access-log"],
+        f"http://127.0.0.1:{bare_port}/docs",
+    )  # fmt: skip
+    try:
+        http, inproc = asyncio.run(p2(base, args.items, args.batch))
+        one = json.dumps({"task": "general", "items": items(1, "hit")})
+        httpx.post(base + "/v1/scores", content=one, headers={"content-type": "application/json"}, timeout=300)
+        hit_rps = wrk(base + "/v1/scores", one, args.seconds)
+        bare_rps = wrk(f"http://127.0.0.1:{bare_port}/const", one, args.seconds)
+        big = json.dumps({"task": "general", "items": items(256, "big")})
+        httpx.post(base + "/v1/scores", content=big, headers={"content-type": "application/json"}, timeout=600)
+        big_rps = wrk(base + "/v1/scores", big, args.seconds, connections=8)
+    finally:
+        for proc in (server, bare):
+            proc.terminate()
+            proc.wait(timeout=60)
+    results = [
+        Result("P2", "labels/s through HTTP ÷ labels/s in process (same engine)", http / inproc, 0.95, "higher",
+               detail=f"{args.items} score items in calls of {args.batch}, cache off: HTTP {http:.2f} items/s, "
+               f"in-process {inproc:.2f} items/s"),
+        Result("P3", "cache-hit requests/s ÷ bare FastAPI constant endpoint requests/s", hit_rps / bare_rps, 0.8,
+               "higher", detail=f"wrk -t1 -c32, {args.seconds} s each: cache hits {hit_rps:,.0f} req/s, bare "
+               f"{bare_rps:,.0f} req/s (one uvicorn worker each, loopback)"),
+        Result("P3b", "cached items/s in 256-item batches", 256 * big_rps, 20000, "higher", unit="items/s",
+               detail=f"wrk -t1 -c8: {big_rps:,.1f} req/s × 256 items"),
+    ]  # fmt: skip
+    for r in results:
+        print(json.dumps(r.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
