@@ -71,3 +71,76 @@ async def test_remote_engine_equals_transformers_and_fails_over(vllm_servers, mo
         assert remote.servers[0].down_until > 0 and remote.servers[0].needs_probe
     finally:
         await remote.aclose()
+
+
+async def test_http_service_on_vllm_through_the_client(vllm_engine, reference, test_tasks):
+    """The app on the in-process vLLM engine, served in this event loop (AsyncLLM is bound
+    to it), answering the async client like the transformers engine does."""
+    import labeler_client as lc
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.fixtures.redis import free_port
+
+    port = free_port()
+    lab = Labeler(vllm_engine, test_tasks, max_rationale_tokens=reference.max_rationale_tokens)
+    app = create_app(Settings(port=port, engine="vllm"), labeler=lab)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        async with lc.AsyncClient(f"http://127.0.0.1:{port}", batch_size=2) as client:
+            assert (await client.health())["engine"] == "vllm"
+            pairs = [{"context": p.context, "response_a": p.response_a, "response_b": p.response_b} for p in PAIRS]
+            got = await client.preferences(pairs, "tiny")
+            rewards = await client.rewards([s.context for s in SCORES], [s.response for s in SCORES], task="tiny")
+        want = await reference.apreferences(PAIRS, "tiny")
+        for g, w in zip(got, want, strict=True):
+            assert g.p_a == pytest.approx(w.p_a, abs=TOL)
+        want_s = await reference.ascores(SCORES, "tiny")
+        assert rewards == pytest.approx([w.reward for w in want_s], abs=TOL)
+    finally:
+        server.should_exit = True
+        await serving
+
+
+def test_labeler_serve_with_the_vllm_engine(vllm_servers, tmp_path):
+    """`labeler serve --engine vllm` as a user runs it on this CPU machine."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from tests.fixtures.model import TEST_TASKS
+    from tests.fixtures.redis import free_port
+
+    for s in vllm_servers:  # let the shared servers finish booting first: CPU is scarce
+        if s.proc is not None:
+            s.wait_ready()
+    port = free_port()
+    args = ["kv_cache_memory_bytes=1073741824", "enforce_eager=true", "dtype=float32", "max_model_len=2048"]
+    cmd = [sys.executable, "-m", "labeler.cli", "serve", "--engine", "vllm", "--port", str(port),
+           "--tasks-dir", str(TEST_TASKS)] + [a for kv in args for a in ("--engine-arg", kv)]  # fmt: skip
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert httpx.get(url + "/readyz").json()["engine"] == "vllm"
+        r = httpx.post(url + "/v1/scores", json={"task": "tiny", "items": [{"response": "hi"}]}, timeout=120)
+        assert r.status_code == 200 and -1 <= r.json()["results"][0]["reward"] <= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
