@@ -13,7 +13,7 @@ import torch
 
 from labeler import scoring
 from labeler.engines.base import ScoreRequest
-from labeler.engines.transformers_engine import build_prefix_tree
+from labeler.engines.transformers_engine import build_prefix_tree, merge_short_edges
 
 pytestmark = pytest.mark.model
 TOL = 1e-4
@@ -123,3 +123,24 @@ def test_prefix_tree_shape():
     assert kids[(2, 3)].ends == [2] and {c.edge for c in kids[(2, 3)].children} == {(4,), (5,)}
     no_common = build_prefix_tree([(1,), (2, 3)])
     assert no_common.edge == () and len(no_common.children) == 2
+
+
+def test_short_shared_edges_are_merged_into_their_children():
+    # "Post 1" / "Post 10" / "Post 12": digit-split numbers share one-token edges.
+    seqs = [(1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 7), (1, 2), (1, 9, 9, 9, 9, 9)]
+    forest = merge_short_edges(build_prefix_tree(seqs), 3)
+
+    def flat(nodes, prefix=()):
+        for n in nodes:
+            yield prefix + n.edge, n.ends
+            yield from flat(n.children, prefix + n.edge)
+
+    got = dict(flat(forest))
+    # Each sequence still ends at a node spelling exactly its tokens, and nothing else ends.
+    assert {seqs[i]: True for ends in got.values() for i in ends} == {s: True for s in seqs}
+    assert all(path == seqs[i] for path, ends in got.items() for i in ends)
+    # The short shared (1,) and (1, 2) edges are gone; the long shared (1, 2, 3, 4, 5) stays.
+    assert [n.edge for n in forest] == [(1, 2), (1, 2, 3, 4, 5), (1, 9, 9, 9, 9, 9)]
+    assert {c.edge for c in forest[1].children} == {(6,), (7,)}
+    # A limit of 1 keeps the exact trie.
+    assert len(merge_short_edges(build_prefix_tree(seqs), 1)) == 1

@@ -7,6 +7,12 @@ its parent's KV cache. So the shared preamble of a batch is computed once, the s
 context of the two orders of a pair once, and a label prefix such as "1" of "10" costs
 one token on top of the prompt's cache. Nodes of one level run as one padded batch;
 padding sits inside the sequence, masked out, with explicit position ids.
+
+A shared edge shorter than `min_shared_tokens` is not given a level of its own: it is
+copied into its children (`merge_short_edges`). Digit-split numbers ("Post 1" / "Post 10")
+otherwise make deep tries of one-token levels, each padded to the level's widest node, which
+cost far more than the few tokens their sharing saves (it halved GPU throughput on the P1
+workload).
 """
 
 from __future__ import annotations
@@ -65,6 +71,21 @@ def build_prefix_tree(seqs: Sequence[TokenIds]) -> _Node:
     return build(list(range(len(seqs))), 0)
 
 
+def merge_short_edges(node: _Node, min_tokens: int) -> list[_Node]:
+    """The nodes that replace `node` once every shared edge shorter than `min_tokens` is
+    pushed down into its children (bottom-up). A merged node's own sequences become a leaf
+    with its edge. The tokens and positions each sequence is computed with are unchanged;
+    only what is shared changes. Leaves are never merged."""
+    node.children = [m for c in node.children for m in merge_short_edges(c, min_tokens)]
+    if len(node.edge) >= min_tokens or not node.children:
+        return [node]
+    out = [_Node(edge=node.edge, ends=node.ends)] if node.ends else []
+    for c in node.children:
+        c.edge = node.edge + c.edge
+        out.append(c)
+    return out
+
+
 class TransformersEngine:
     """Hosts a causal LM from a local HF directory with PyTorch."""
 
@@ -77,6 +98,7 @@ class TransformersEngine:
         dtype: str = "float32",
         max_batch_tokens: int = 4096,
         threads: int | None = None,
+        min_shared_tokens: int = 8,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,19 +113,21 @@ class TransformersEngine:
             ).to(device)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a model from {model_dir}: {exc}") from exc
-        self._setup(model, tokenizer, model_id or default_model_id(model_dir), max_batch_tokens)
+        self._setup(model, tokenizer, model_id or default_model_id(model_dir), max_batch_tokens, min_shared_tokens)
 
     @classmethod
     def from_objects(
-        cls, model: Any, tokenizer: Any, *, model_id: str, max_batch_tokens: int = 4096
+        cls, model: Any, tokenizer: Any, *, model_id: str, max_batch_tokens: int = 4096, min_shared_tokens: int = 8
     ) -> TransformersEngine:
         """An engine around an already-built model (e.g. `from_config` with random weights
         for a throughput benchmark)."""
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, model_id, max_batch_tokens)
+        engine._setup(model, tokenizer, model_id, max_batch_tokens, min_shared_tokens)
         return engine
 
-    def _setup(self, model: Any, tokenizer: Any, model_id: str, max_batch_tokens: int) -> None:
+    def _setup(self, model: Any, tokenizer: Any, model_id: str, max_batch_tokens: int, min_shared_tokens: int) -> None:
+        import inspect
+
         import torch
 
         self.model = model.eval()
@@ -113,6 +137,10 @@ class TransformersEngine:
         self.model_id = model_id
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_batch_tokens = max_batch_tokens
+        self.min_shared_tokens = max(1, int(min_shared_tokens))
+        # Logits only where a label is read, not for every position (a 128k vocabulary makes
+        # the full [rows, width, vocab] tensor gigabytes on a GPU).
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward.
         self._lock = threading.Lock()
@@ -167,11 +195,8 @@ class TransformersEngine:
 
     def _tree_logprobs(self, seqs: list[TokenIds], wanted: list[TokenIds]) -> list[list[float]]:
         torch = self._torch
-        root = build_prefix_tree(seqs)
-        level = [root] if root.edge else list(root.children)
-        if not root.edge and root.ends:  # pragma: no cover - empty sequences are refused above
-            raise InvalidInput("cannot score an empty sequence")
-        results: list[list[float] | None] = [None] * len(seqs)
+        level = merge_short_edges(build_prefix_tree(seqs), self.min_shared_tokens)
+        results: list[list[float]] = [[] for _ in seqs]
         past = None  # (list of (k, v) per layer, attention mask [rows, past_len], real lengths [rows])
         parents: list[int] = [-1] * len(level)
         try:
@@ -189,25 +214,41 @@ class TransformersEngine:
                     else:
                         kv, pmask, plen = past
                         sel = torch.tensor(parents)
-                        cache = self._cache([(k[sel], v[sel]) for k, v in kv])
+                        sel_dev = sel.to(self.device)
+                        cache = self._cache([(k[sel_dev], v[sel_dev]) for k, v in kv])
                         mask = torch.cat([pmask[sel], edge_mask], dim=1)
                         start = plen[sel]
                     positions = start[:, None] + torch.arange(width)[None, :]
+                    # Where labels are read: the last token of every node some sequence ends at.
+                    reads = [(n.row, len(n.edge) - 1, i) for n in level for i in n.ends]
+                    cols = sorted({c for _, c, _ in reads})
+                    extra: dict[str, Any] = {}
+                    if self._keep_logits:
+                        extra["logits_to_keep"] = torch.tensor(cols, device=self.device) if cols else 1
                     outputs = self.model(
                         input_ids=ids.to(self.device),
                         attention_mask=mask.to(self.device),
                         position_ids=positions.to(self.device),
                         past_key_values=cache if cache is not None else self._cache(None),
                         use_cache=True,
+                        **extra,
                     )
                     self.stats.computed_tokens += int(edge_mask.sum())
                     self.stats.batch_sizes.append(len(level))
-                    logits = outputs.logits
-                    for node in level:
-                        if node.ends:
-                            lp = torch.log_softmax(logits[node.row, len(node.edge) - 1].float(), dim=-1)
-                            for i in node.ends:
-                                results[i] = lp[list(wanted[i])].tolist()
+                    if reads:
+                        col_of = {c: j for j, c in enumerate(cols)} if self._keep_logits else {c: c for c in cols}
+                        rows = torch.tensor([r for r, _, _ in reads], device=self.device)
+                        at = torch.tensor([col_of[c] for _, c, _ in reads], device=self.device)
+                        lp = torch.log_softmax(outputs.logits[rows, at].float(), dim=-1)
+                        # One gather and one device→host copy for the whole level.
+                        flat_rows = [j for j, (_, _, i) in enumerate(reads) for _ in wanted[i]]
+                        flat_toks = [t for _, _, i in reads for t in wanted[i]]
+                        vals = lp[torch.tensor(flat_rows, device=self.device),
+                                  torch.tensor(flat_toks, device=self.device)].tolist()  # fmt: skip
+                        pos = 0
+                        for _, _, i in reads:
+                            results[i] = vals[pos : pos + len(wanted[i])]
+                            pos += len(wanted[i])
                     nxt = [c for n in level for c in n.children]
                     if not nxt:
                         break
@@ -217,8 +258,7 @@ class TransformersEngine:
                     level = nxt
         except RuntimeError as exc:
             raise EngineError(f"forward failed: {exc}") from exc
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+        return results
 
     def _cache(self, kv: list[tuple[Any, Any]] | None) -> Any:
         from transformers import DynamicCache
