@@ -10,15 +10,20 @@ computes (shared preambles and contexts counted once). Peak FLOP/s is measured i
 run with a bf16 8192³ matmul, and the spec sheet's dense figure is printed beside it.
 
 Runs unattended: `python -m bench.bench_gpu` on a CUDA machine (torch + transformers only).
+`--tokenizer DIR` names a tokenizer directory where the embedded model is not installed (the
+GPU image has no `gguf` to convert it); `--out FILE` also writes the result where
+`bench.run` picks it up for docs/BENCHMARKS.md (bench/results/gpu.json).
 `--tiny --device cpu` runs the same code path on a small config as a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,9 +65,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small config (smoke test of the code path)")
-    ap.add_argument("--pairs", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=64, help="pairs per engine call")
-    ap.add_argument("--max-batch-tokens", type=int, default=65536)
+    ap.add_argument("--pairs", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=128, help="pairs per engine call")
+    ap.add_argument("--max-batch-tokens", type=int, default=131072)
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: the embedded model's)")
+    ap.add_argument("--out", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +83,7 @@ def main() -> int:
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     params = sum(p.numel() for p in model.parameters())
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or resolve_model(None))
     engine = TransformersEngine.from_objects(model, tokenizer, model_id="llama3-8b-shape-random",
                                              max_batch_tokens=args.max_batch_tokens)  # fmt: skip
     lab = Labeler(engine)
@@ -108,7 +115,11 @@ def main() -> int:
         f"{spec / 1e12:.0f}) → roofline {roofline:,.0f} tokens/s; {args.pairs} pairs, both orders, "
         f"{args.batch} pairs per call",
     )
-    print(json.dumps(r.to_dict()))
+    line = json.dumps(r.to_dict() | {"date": dt.date.today().isoformat()})
+    print(line)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
     return 0
 
 
