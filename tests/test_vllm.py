@@ -92,7 +92,7 @@ async def test_http_service_on_vllm_through_the_client(vllm_engine, reference, t
         while not server.started:
             await asyncio.sleep(0.05)
         async with lc.AsyncClient(f"http://127.0.0.1:{port}", batch_size=2) as client:
-            assert (await client.health())["engine"] == "vllm"
+            assert (await client.health()).engine == "vllm"
             pairs = [{"context": p.context, "response_a": p.response_a, "response_b": p.response_b} for p in PAIRS]
             got = await client.preferences(pairs, "tiny")
             rewards = await client.rewards([s.context for s in SCORES], [s.response for s in SCORES], task="tiny")

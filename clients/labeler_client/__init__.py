@@ -1,12 +1,15 @@
 """Client for the RLAIF labeler service.
 
-from labeler_client import Client
-client = Client("http://127.0.0.1:8000")          # or LABELER_URL / LABELER_API_KEY
-client.rewards(prompts, completions, task="helpful")  # -> list[float] in [-1, 1]
+    from labeler_client import Client
+    client = Client("http://127.0.0.1:8000")              # or LABELER_URL / LABELER_API_KEY
+    client.rewards(prompts, completions, task="helpful")  # -> list[float] in [-1, 1]
+
+Adapters: `labeler_client.trl` (GRPO reward functions, pairwise judge), `labeler_client.verl`
+(`compute_score`); fake server for tests: `labeler_client.testing`.
 """
 
-from ._client import AsyncClient, Client, as_text
-from ._config import Retry, Timeouts
+from ._client import AsyncClient, Client
+from ._config import ENV_API_KEY, ENV_URL, Retry, Timeouts
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
@@ -16,10 +19,12 @@ from ._exceptions import (
     PayloadTooLarge,
     RateLimited,
     RequestError,
+    ResponseError,
     ServerError,
     Timeout,
 )
-from ._models import Preference, Score, TaskInfo
+from ._models import Health, Preference, Score, TaskInfo
+from ._text import as_text
 
 __version__ = "0.1.0"
 
@@ -29,12 +34,16 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "Client",
+    "ENV_API_KEY",
+    "ENV_URL",
+    "Health",
     "InvalidRequest",
     "LabelerError",
     "PayloadTooLarge",
     "Preference",
     "RateLimited",
     "RequestError",
+    "ResponseError",
     "Retry",
     "Score",
     "ServerError",

@@ -1,36 +1,28 @@
-"""`Client` and `AsyncClient`: thin I/O twins over `_BaseClient`, which holds every step
-that is not I/O (building batches, reading answers, deciding on retries)."""
+"""`Client` and `AsyncClient`: thin I/O twins over `_BaseClient`, which holds every step that
+is not I/O (configuration, request bodies, reading answers, deciding on retries and splits)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Literal, TypeVar
 
 import httpx
 
+from . import _batching as batching
 from . import _exceptions as exc
 from ._config import RETRY_STATUSES, Retry, Timeouts, parse_retry_after, resolve_key, resolve_url
-from ._models import Preference, Score, TaskInfo
+from ._models import Health, Preference, Score, TaskInfo
+from ._text import Text, score_items
 
 T = TypeVar("T")
 OnError = Literal["raise", "none"]
-Text = str | list[dict[str, Any]]
+Order = Literal["both", "ab", "ba"]
+Item = Mapping[str, Any]
 
-
-def as_text(value: Text, *, role: str | None = None) -> str:
-    """Plain text from a string or a list of chat messages (TRL's conversational format).
-    With `role`, only messages of that role are kept (a completion's assistant turns)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        msgs = [m for m in value if isinstance(m, dict) and (role is None or m.get("role") == role)]
-        if role is not None:
-            return "\n".join(str(m.get("content", "")) for m in msgs)
-        return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in msgs)
-    raise TypeError(f"expected text or a list of messages, got {type(value).__name__}")
+__all__ = ["AsyncClient", "Client"]
 
 
 class _BaseClient:
@@ -40,72 +32,98 @@ class _BaseClient:
         api_key: str | None = None,
         *,
         timeout: Timeouts | float | None = None,
-        retry: Retry | None = None,
+        retry: Retry | int | None = None,
         batch_size: int = 64,
         max_concurrency: int = 4,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.base_url = resolve_url(base_url)
         self.api_key = resolve_key(api_key)
         if isinstance(timeout, (int, float)):
             timeout = Timeouts(read=float(timeout), connect=min(10.0, float(timeout)))
         self.timeout = timeout or Timeouts()
-        self.retry = retry or Retry()
+        self.retry = Retry(max_retries=retry) if isinstance(retry, int) else (retry or Retry())
         if batch_size < 1 or max_concurrency < 1:
             raise ValueError("batch_size and max_concurrency must be at least 1")
         self.batch_size = batch_size
         self.max_concurrency = max_concurrency
+        self._headers = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_url!r})"
 
     def _http_options(self) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {"User-Agent": "labeler-client/0.1.0", **self._headers}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         return {
             "base_url": self.base_url,
             "headers": headers,
             "timeout": httpx.Timeout(self.timeout.read, connect=self.timeout.connect),
         }
 
-    def _chunks(self, n: int) -> list[range]:
-        return [range(i, min(n, i + self.batch_size)) for i in range(0, n, self.batch_size)]
+    @staticmethod
+    def _answer(response: httpx.Response) -> Any:
+        """The JSON body of a 2xx answer, else the matching exception."""
+        if response.is_success:
+            try:
+                return response.json()
+            except ValueError as e:
+                message = f"invalid JSON in a {response.status_code} answer"
+                raise exc.ResponseError(message, request=response.request) from e
+        raise exc.from_response(response, parse_retry_after(response.headers.get("retry-after")))
 
     @staticmethod
-    def _pair_body(items: Sequence[dict[str, Any]], task: str, opts: dict[str, Any]) -> dict[str, Any]:
-        return {"task": task, "items": [dict(it) for it in items], **opts}
+    def _wrap(error: httpx.HTTPError, request: httpx.Request) -> exc.LabelerError:
+        if isinstance(error, httpx.TimeoutException):
+            return exc.Timeout(f"{request.method} {request.url}: timed out ({type(error).__name__})", request=request)
+        return exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
 
-    def _answer(self, resp: httpx.Response) -> Any:
-        """The JSON body of a 2xx answer, else the matching exception."""
-        if resp.status_code < 400:
-            return resp.json()
-        try:
-            body = resp.json()
-        except ValueError:
-            body = resp.text
-        raise exc.from_response(
-            resp.status_code, body, resp.request, parse_retry_after(resp.headers.get("retry-after"))
-        )
-
-    def _retry_delay(self, error: exc.LabelerError, attempt: int) -> float | None:
+    @staticmethod
+    def _retry_delay(error: exc.LabelerError, attempt: int, retry: Retry) -> float | None:
         """Seconds before the next try, or None when `error` is final."""
-        if attempt >= self.retry.max_retries:
+        if attempt >= retry.max_retries:
             return None
         if isinstance(error, exc.RequestError):
-            return self.retry.delay(attempt)
+            return retry.delay(attempt)
         if isinstance(error, exc.APIStatusError) and error.status in RETRY_STATUSES:
-            return self.retry.delay(attempt, error.retry_after)
+            return retry.delay(attempt, error.retry_after)
         return None
 
     @staticmethod
-    def _wrap(error: httpx.HTTPError, request: Any) -> exc.LabelerError:
-        if isinstance(error, httpx.TimeoutException):
-            return exc.Timeout(f"timed out: {error!r}", request=request)
-        return exc.RequestError(f"request failed: {error!r}", request=request)
+    def _splittable(error: exc.LabelerError, idx: range, on_error: OnError) -> bool:
+        """With on_error="none", a batch refused for its content (413, 422) is split in halves
+        so that only the offending items come back as None."""
+        return on_error == "none" and len(idx) > 1 and isinstance(error, (exc.InvalidRequest, exc.PayloadTooLarge))
+
+    @staticmethod
+    def _options(task: str, **opts: Any) -> dict[str, Any]:
+        if not isinstance(task, str) or not task:
+            raise ValueError("task must be a non-empty string (see tasks())")
+        return {"task": task, **opts}
+
+    @staticmethod
+    def _check_on_error(on_error: str) -> None:
+        if on_error not in ("raise", "none"):
+            raise ValueError(f'on_error must be "raise" or "none", not {on_error!r}')
 
 
 class Client(_BaseClient):
-    """Blocking client. Large inputs are split into `batch_size` items per request and sent
-    `max_concurrency` at a time; results come back in input order."""
+    """Blocking client. Large inputs are split into `batch_size` items per request, sent at
+    most `max_concurrency` at a time; results come back in input order.
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> None:
+        with Client("http://127.0.0.1:8000", api_key="...") as client:
+            client.rewards(prompts, completions, task="helpful")
+
+    `base_url` and `api_key` default to `LABELER_URL` and `LABELER_API_KEY`; `transport`
+    takes any `httpx.BaseTransport` (see `labeler_client.testing` for a fake server).
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 transport: httpx.BaseTransport | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(base_url, api_key, **kwargs)
-        self._http = httpx.Client(**self._http_options())
+        self._http = httpx.Client(transport=transport, **self._http_options())
+        self._sleep: Callable[[float], None] = time.sleep
 
     def close(self) -> None:
         self._http.close()
@@ -116,81 +134,97 @@ class Client(_BaseClient):
     def __exit__(self, *args: Any) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
+    def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Any:
+        retry = retry or self.retry
         attempt = 0
         while True:
+            request = self._http.build_request(method, path, json=body)
             try:
                 try:
-                    resp = self._http.request(method, path, json=body)
+                    response = self._http.send(request)
                 except httpx.HTTPError as e:
-                    raise self._wrap(e, f"{method} {self.base_url}{path}") from e
-                return self._answer(resp)
+                    raise self._wrap(e, request) from e
+                return self._answer(response)
             except exc.LabelerError as error:
-                delay = self._retry_delay(error, attempt)
+                delay = self._retry_delay(error, attempt, retry)
                 if delay is None:
                     raise
-                time.sleep(delay)
+                self._sleep(delay)
                 attempt += 1
 
-    def _batched(self, path: str, body: Callable[[range], dict], n: int, parse: Callable[[dict], T],
+    def _batched(self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T],
                  on_error: OnError) -> list[T | None]:  # fmt: skip
-        out: list[T | None] = [None] * n
+        self._check_on_error(on_error)
+        out: list[T | None] = [None] * len(items)
 
-        def one(idx: range) -> None:
+        def run(idx: range) -> None:
             try:
-                results = self._request("POST", path, body(idx))["results"]
-            except exc.LabelerError:
+                payload = self._send("POST", path, {**opts, "items": batching.select(items, idx)})
+                batching.place(out, idx, payload, parse)
+            except exc.LabelerError as error:
                 if on_error == "raise":
                     raise
-                return
-            for i, r in zip(idx, results, strict=True):
-                out[i] = parse(r)
+                if self._splittable(error, idx, on_error):
+                    for half in batching.halves(idx):
+                        run(half)
 
-        chunks = self._chunks(n)
-        if len(chunks) == 1:
-            one(chunks[0])
-        else:
-            with ThreadPoolExecutor(self.max_concurrency) as pool:
-                for f in [pool.submit(one, c) for c in chunks]:
-                    f.result()
+        chunks = batching.split(len(items), self.batch_size)
+        if len(chunks) <= 1 or self.max_concurrency == 1:
+            for chunk in chunks:
+                run(chunk)
+            return out
+        pool = ThreadPoolExecutor(min(self.max_concurrency, len(chunks)), thread_name_prefix="labeler-client")
+        try:
+            futures = [pool.submit(run, chunk) for chunk in chunks]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                f.result()  # the first failure, once in-flight batches are done (below)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for f in futures:
+            f.result()
         return out
 
-    def preferences(self, items: Sequence[dict[str, Any]], task: str, *, order: str = "both", cot: bool = False,
-                    samples: int = 1, seed: int = 0, cache: bool = True, on_error: OnError = "raise"
-                    ) -> list[Preference | None]:  # fmt: skip
-        """Pairwise preferences for items `{"context", "response_a", "response_b"}`, in order.
-        With on_error="none", items of a failed batch are None instead of raising."""
-        opts = {"order": order, "cot": cot, "samples": samples, "seed": seed, "cache": cache}
-        return self._batched("/v1/preferences", lambda idx: self._pair_body([items[i] for i in idx], task, opts),
-                             len(items), Preference.model_validate, on_error)  # fmt: skip
+    def preferences(self, items: Sequence[Item], task: str, *, order: Order = "both", cot: bool = False,
+                    samples: int = 1, seed: int = 0, cache: bool = True,
+                    on_error: OnError = "raise") -> list[Preference | None]:  # fmt: skip
+        """Pairwise preferences for items `{"context", "response_a", "response_b"}`, in input order.
 
-    def scores(self, items: Sequence[dict[str, Any]], task: str, *, cot: bool = False, samples: int = 1,
-               seed: int = 0, cache: bool = True, on_error: OnError = "raise") -> list[Score | None]:  # fmt: skip
-        """Direct scores for items `{"context", "response"}`, in order."""
-        opts = {"cot": cot, "samples": samples, "seed": seed, "cache": cache}
-        return self._batched("/v1/scores", lambda idx: self._pair_body([items[i] for i in idx], task, opts),
-                             len(items), Score.model_validate, on_error)  # fmt: skip
+        Raises the first `LabelerError` of any batch; with `on_error="none"` the items that
+        failed (after retries) are None instead."""
+        opts = self._options(task, order=order, cot=cot, samples=samples, seed=seed, cache=cache)
+        return self._batched("/v1/preferences", items, opts, Preference.model_validate, on_error)
+
+    def scores(self, items: Sequence[Item], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0,
+               cache: bool = True, on_error: OnError = "raise") -> list[Score | None]:  # fmt: skip
+        """Direct 1..10 scores for items `{"context", "response"}`, in input order."""
+        opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
+        return self._batched("/v1/scores", items, opts, Score.model_validate, on_error)
 
     def rewards(self, prompts: Sequence[Text], completions: Sequence[Text], task: str = "general", *,
-                on_error: OnError = "raise", **kwargs: Any) -> list[float | None]:  # fmt: skip
-        """Rewards in [-1, 1] for (prompt, completion) pairs; text or chat messages."""
-        items = _reward_items(prompts, completions)
-        return [s.reward if s is not None else None for s in self.scores(items, task, on_error=on_error, **kwargs)]
+                on_error: OnError = "raise", **options: Any) -> list[float | None]:  # fmt: skip
+        """Rewards in [-1, 1] for (prompt, completion) pairs, plain text or chat messages:
+        the `reward` of `scores()` (options: cot, samples, seed, cache)."""
+        results = self.scores(score_items(prompts, completions), task, on_error=on_error, **options)
+        return [s.reward if s is not None else None for s in results]
 
     def tasks(self) -> list[TaskInfo]:
-        return [TaskInfo.model_validate(t) for t in self._request("GET", "/v1/tasks")["tasks"]]
+        """The tasks the server knows."""
+        return [TaskInfo.model_validate(t) for t in self._send("GET", "/v1/tasks")["tasks"]]
 
-    def health(self) -> dict[str, Any]:
-        """The server's /readyz answer (model, engine, cache status)."""
-        return self._request("GET", "/readyz")
+    def health(self, *, retry: Retry | None = None) -> Health:
+        """The server's readiness (`GET /readyz`); raises `ServerError` (503) while not ready."""
+        return Health.model_validate(self._send("GET", "/readyz", retry=retry))
 
 
 class AsyncClient(_BaseClient):
-    """The same surface as `Client`, awaitable."""
+    """The same surface as `Client`, awaitable; use `async with` or `await client.aclose()`."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
+                 transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(base_url, api_key, **kwargs)
-        self._http = httpx.AsyncClient(**self._http_options())
+        self._http = httpx.AsyncClient(transport=transport, **self._http_options())
+        self._sleep: Callable[[float], Any] = asyncio.sleep
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -201,71 +235,78 @@ class AsyncClient(_BaseClient):
     async def __aexit__(self, *args: Any) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+    async def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Any:
+        retry = retry or self.retry
         attempt = 0
         while True:
+            request = self._http.build_request(method, path, json=body)
             try:
                 try:
-                    resp = await self._http.request(method, path, json=body)
+                    response = await self._http.send(request)
                 except httpx.HTTPError as e:
-                    raise self._wrap(e, f"{method} {self.base_url}{path}") from e
-                return self._answer(resp)
+                    raise self._wrap(e, request) from e
+                return self._answer(response)
             except exc.LabelerError as error:
-                delay = self._retry_delay(error, attempt)
+                delay = self._retry_delay(error, attempt, retry)
                 if delay is None:
                     raise
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 attempt += 1
 
-    async def _batched(self, path: str, body: Callable[[range], dict], n: int, parse: Callable[[dict], T],
+    async def _batched(self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T],
                        on_error: OnError) -> list[T | None]:  # fmt: skip
-        out: list[T | None] = [None] * n
+        self._check_on_error(on_error)
+        out: list[T | None] = [None] * len(items)
         gate = asyncio.Semaphore(self.max_concurrency)
 
-        async def one(idx: range) -> None:
-            async with gate:
-                try:
-                    results = (await self._request("POST", path, body(idx)))["results"]
-                except exc.LabelerError:
-                    if on_error == "raise":
-                        raise
-                    return
-            for i, r in zip(idx, results, strict=True):
-                out[i] = parse(r)
+        async def run(idx: range) -> None:
+            try:
+                payload = await self._send("POST", path, {**opts, "items": batching.select(items, idx)})
+                batching.place(out, idx, payload, parse)
+            except exc.LabelerError as error:
+                if on_error == "raise":
+                    raise
+                if self._splittable(error, idx, on_error):
+                    for half in batching.halves(idx):
+                        await run(half)
 
-        await asyncio.gather(*(one(c) for c in self._chunks(n)))
+        async def gated(idx: range) -> None:
+            async with gate:
+                await run(idx)
+
+        tasks = [asyncio.ensure_future(gated(chunk)) for chunk in batching.split(len(items), self.batch_size)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:  # fail fast: the other batches' answers would be thrown away
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         return out
 
-    async def preferences(self, items: Sequence[dict[str, Any]], task: str, *, order: str = "both",
-                          cot: bool = False, samples: int = 1, seed: int = 0, cache: bool = True,
+    async def preferences(self, items: Sequence[Item], task: str, *, order: Order = "both", cot: bool = False,
+                          samples: int = 1, seed: int = 0, cache: bool = True,
                           on_error: OnError = "raise") -> list[Preference | None]:  # fmt: skip
-        opts = {"order": order, "cot": cot, "samples": samples, "seed": seed, "cache": cache}
-        return await self._batched("/v1/preferences", lambda idx: self._pair_body([items[i] for i in idx], task, opts),
-                                   len(items), Preference.model_validate, on_error)  # fmt: skip
+        """See `Client.preferences`."""
+        opts = self._options(task, order=order, cot=cot, samples=samples, seed=seed, cache=cache)
+        return await self._batched("/v1/preferences", items, opts, Preference.model_validate, on_error)
 
-    async def scores(self, items: Sequence[dict[str, Any]], task: str, *, cot: bool = False, samples: int = 1,
-                     seed: int = 0, cache: bool = True, on_error: OnError = "raise") -> list[Score | None]:  # fmt: skip
-        opts = {"cot": cot, "samples": samples, "seed": seed, "cache": cache}
-        return await self._batched("/v1/scores", lambda idx: self._pair_body([items[i] for i in idx], task, opts),
-                                   len(items), Score.model_validate, on_error)  # fmt: skip
+    async def scores(self, items: Sequence[Item], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0,
+                     cache: bool = True, on_error: OnError = "raise") -> list[Score | None]:  # fmt: skip
+        """See `Client.scores`."""
+        opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
+        return await self._batched("/v1/scores", items, opts, Score.model_validate, on_error)
 
     async def rewards(self, prompts: Sequence[Text], completions: Sequence[Text], task: str = "general", *,
-                      on_error: OnError = "raise", **kwargs: Any) -> list[float | None]:  # fmt: skip
-        items = _reward_items(prompts, completions)
-        scores = await self.scores(items, task, on_error=on_error, **kwargs)
-        return [s.reward if s is not None else None for s in scores]
+                      on_error: OnError = "raise", **options: Any) -> list[float | None]:  # fmt: skip
+        """See `Client.rewards`."""
+        results = await self.scores(score_items(prompts, completions), task, on_error=on_error, **options)
+        return [s.reward if s is not None else None for s in results]
 
     async def tasks(self) -> list[TaskInfo]:
-        return [TaskInfo.model_validate(t) for t in (await self._request("GET", "/v1/tasks"))["tasks"]]
+        """See `Client.tasks`."""
+        return [TaskInfo.model_validate(t) for t in (await self._send("GET", "/v1/tasks"))["tasks"]]
 
-    async def health(self) -> dict[str, Any]:
-        return await self._request("GET", "/readyz")
-
-
-def _reward_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[dict[str, str]]:
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    return [
-        {"context": as_text(p), "response": as_text(c, role="assistant" if isinstance(c, list) else None)}
-        for p, c in zip(prompts, completions, strict=True)
-    ]
+    async def health(self, *, retry: Retry | None = None) -> Health:
+        """See `Client.health`."""
+        return Health.model_validate(await self._send("GET", "/readyz", retry=retry))

@@ -1,55 +1,92 @@
-"""Client configuration: explicit objects, with defaults from the environment."""
+"""Client configuration: explicit objects, with defaults from the environment:
+`LABELER_URL` (base URL, default http://127.0.0.1:8000) and `LABELER_API_KEY` (bearer key).
+"""
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 ENV_URL = "LABELER_URL"
 ENV_API_KEY = "LABELER_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8000"
 
+# 429: queue full; 503: not ready / engine failed; 408/502/504: a proxy in front of us gave up.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds to wait for a connection and for an answer (labeling a batch takes a while)."""
+    """Seconds to wait for a connection and for an answer (labeling a batch takes a while:
+    the read timeout covers queueing and the engine, so it is generous)."""
 
     read: float = 300.0
     connect: float = 10.0
 
+    def __post_init__(self) -> None:
+        if self.read <= 0 or self.connect <= 0:
+            raise ValueError("timeouts must be positive")
+
 
 @dataclass(frozen=True)
 class Retry:
-    """Retries on connection errors, timeouts, 408, 429 (after Retry-After) and 502/503/504,
-    with exponential backoff (base × 2^attempt, capped) and full jitter. Labeling is
-    idempotent and cached server-side, so a retried request is safe."""
+    """Retries on connection errors, timeouts, 408, 429 and 502/503/504.
+
+    The wait before retry `n` (0-based) is the server's `Retry-After` when it sent one (at
+    most `max_retry_after`), else a full-jitter exponential backoff: uniform in
+    [0, min(max_backoff, backoff * 2**n)]. Labeling is idempotent and cached server-side,
+    so a retried request is safe. `Retry(max_retries=0)` turns retries off.
+    """
 
     max_retries: int = 5
     backoff: float = 0.5
     max_backoff: float = 20.0
+    max_retry_after: float = 60.0
 
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+    def __post_init__(self) -> None:
+        if self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0 or self.max_retry_after < 0:
+            raise ValueError("retry settings must not be negative")
+
+    def cap(self, attempt: int) -> float:
+        """The upper bound of the jittered wait before retry `attempt`."""
+        return min(self.max_backoff, self.backoff * 2 ** min(attempt, 62))
+
+    def delay(self, attempt: int, retry_after: float | None = None, *, rng: random.Random | None = None) -> float:
         """Seconds to sleep before retry number `attempt` (0-based)."""
         if retry_after is not None:
-            return min(retry_after, self.max_backoff * 3)
-        return random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+            return min(retry_after, self.max_retry_after)
+        return (rng or random).uniform(0, self.cap(attempt))
 
 
 def resolve_url(base_url: str | None) -> str:
-    return (base_url or os.environ.get(ENV_URL) or DEFAULT_URL).rstrip("/")
+    url = (base_url or os.environ.get(ENV_URL) or DEFAULT_URL).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url
 
 
 def resolve_key(api_key: str | None) -> str | None:
     return api_key or os.environ.get(ENV_API_KEY) or None
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    if value is None:
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date; None if absent or invalid."""
+    if value is None or not value.strip():
         return None
+    value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
         return None
+    return max(0.0, seconds)

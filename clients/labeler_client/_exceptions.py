@@ -1,32 +1,36 @@
-"""Exceptions. Every one carries the request (method and URL) it belongs to.
+"""Exceptions. Every one carries the `request` (an `httpx.Request`) it belongs to; those with
+an HTTP answer also carry the `response`, its `status` and the server's error fields.
 
 LabelerError
-├── RequestError            the request did not get an HTTP answer
-│   └── Timeout             connect or read timeout
-└── APIStatusError          the server answered with an error status (.status, .type, .param)
-    ├── BadRequestError     4xx the caller must fix (not retried)
-    │   ├── AuthenticationError   401
-    │   ├── PayloadTooLarge       413
-    │   └── InvalidRequest        422 (the message names the field and the limit)
-    ├── RateLimited         429 (retried, honouring Retry-After; raised when retries run out)
-    └── ServerError         5xx (503 is retried)
+├── RequestError            the request did not get an HTTP answer (retried)
+│   └── Timeout             connect or read timeout (retried)
+├── APIStatusError          the server answered with an error status (.status .type .param .code)
+│   ├── BadRequestError     4xx the caller must fix (never retried)
+│   │   ├── AuthenticationError   401
+│   │   ├── PayloadTooLarge       413 (lower batch_size)
+│   │   └── InvalidRequest        422 (.param names the field, the message the limit)
+│   ├── RateLimited         429 (retried after Retry-After; raised once retries run out)
+│   └── ServerError         5xx (502/503/504 retried)
+└── ResponseError           a 2xx answer the client cannot use (wrong shape or result count)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import httpx
+
 
 class LabelerError(Exception):
     """Root of every error the client raises."""
 
-    def __init__(self, message: str, *, request: Any = None) -> None:
+    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
         super().__init__(message)
         self.request = request
 
 
 class RequestError(LabelerError):
-    """No HTTP answer (connection refused, reset, DNS, ...)."""
+    """No HTTP answer (connection refused or reset, DNS, protocol error...)."""
 
 
 class Timeout(RequestError):
@@ -34,14 +38,19 @@ class Timeout(RequestError):
 
 
 class APIStatusError(LabelerError):
-    """The server answered with an error status, in its error shape."""
+    """The server answered with an error status, in its `{"error": {...}}` shape."""
 
-    def __init__(self, message: str, *, request: Any = None, status: int, type: str = "", param: str | None = None,
+    def __init__(self, message: str, *, response: httpx.Response, body: Any = None,
                  retry_after: float | None = None) -> None:  # fmt: skip
-        super().__init__(message, request=request)
-        self.status = status
-        self.type = type
-        self.param = param
+        super().__init__(message, request=response.request)
+        self.response = response
+        self.status: int = response.status_code
+        self.body = body
+        err = body.get("error") if isinstance(body, dict) else None
+        err = err if isinstance(err, dict) else {}
+        self.type: str = str(err.get("type") or "")
+        self.param: str | None = err.get("param")
+        self.code = err.get("code", self.status)
         self.retry_after = retry_after
 
 
@@ -69,13 +78,29 @@ class ServerError(APIStatusError):
     """5xx."""
 
 
-def from_response(status: int, body: Any, request: Any, retry_after: float | None) -> APIStatusError:
+class ResponseError(LabelerError):
+    """A successful status with a body the client cannot use (never a silent placeholder)."""
+
+
+_BY_STATUS: dict[int, type[APIStatusError]] = {
+    401: AuthenticationError,
+    413: PayloadTooLarge,
+    422: InvalidRequest,
+    429: RateLimited,
+}
+
+
+def from_response(response: httpx.Response, retry_after: float | None = None) -> APIStatusError:
     """The exception for an error response."""
-    err = body.get("error", {}) if isinstance(body, dict) else {}
-    message = f"HTTP {status}: {err.get('message') or str(body)[:300]}"
-    kwargs = {"request": request, "status": status, "type": err.get("type", ""), "param": err.get("param"),
-              "retry_after": retry_after}  # fmt: skip
-    cls = {401: AuthenticationError, 413: PayloadTooLarge, 422: InvalidRequest, 429: RateLimited}.get(status)
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    err = body.get("error") if isinstance(body, dict) else None
+    detail = err.get("message") if isinstance(err, dict) else None
+    request = response.request
+    message = f"{request.method} {request.url.path} -> HTTP {response.status_code}: {detail or str(body)[:300]}"
+    cls = _BY_STATUS.get(response.status_code)
     if cls is None:
-        cls = ServerError if status >= 500 else BadRequestError
-    return cls(message, **kwargs)
+        cls = ServerError if response.status_code >= 500 else BadRequestError
+    return cls(message, response=response, body=body, retry_after=retry_after)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Preference(BaseModel):
@@ -11,25 +13,37 @@ class Preference(BaseModel):
     p_a_ab: float | None = Field(None, description="P(A) with A shown first")
     p_a_ba: float | None = Field(None, description="P(A) with B shown first")
     consistent: bool | None = Field(None, description="both orders pick the same winner")
-    label_mass: dict[str, float] = Field(default_factory=dict)
-    rationale: str | None = None
-    rationales: dict[str, list[str]] | None = None
-    cached: bool = False
+    label_mass: dict[str, float] = Field(default_factory=dict, description="per order, probability on the labels")
+    rationale: str | None = Field(None, description="with cot: the first rationale of the first order")
+    rationales: dict[str, list[str]] | None = Field(None, description="with cot: every rationale, per order")
+    cached: bool = Field(False, description="true when this result came from the server's cache")
 
 
 class Score(BaseModel):
     reward: float = Field(..., description="(expected - 5.5) / 4.5, in [-1, 1]")
     expected: float = Field(..., description="expected score in [1, 10]")
     distribution: list[float] = Field(..., description="P(score = 1..10)")
-    label_mass: float = 1.0
-    rationale: str | None = None
-    rationales: list[str] | None = None
-    cached: bool = False
+    label_mass: float = Field(1.0, description="the model's probability on the labels 1..10")
+    rationale: str | None = Field(None, description="with cot: the first rationale")
+    rationales: list[str] | None = Field(None, description="with cot: every rationale")
+    cached: bool = Field(False, description="true when this result came from the server's cache")
 
 
 class TaskInfo(BaseModel):
-    name: str
-    version: str
+    name: str = Field(..., description="task name, as passed in `task=`")
+    version: str = Field(..., description="content hash of the task (part of every cache key)")
     description: str = ""
-    examples: int = 0
-    score_examples: int = 0
+    examples: int = Field(0, description="few-shot examples for preferences")
+    score_examples: int = Field(0, description="few-shot examples for scores")
+
+
+class Health(BaseModel):
+    """The server's readiness answer (`GET /readyz`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(..., description='"ready" once the model is loaded')
+    model: str = Field("", description="model id (part of every cache key)")
+    engine: str = Field("", description="engine name (transformers, vllm, ...)")
+    cache: str = Field("", description="cache backend")
+    cache_status: Any = Field(None, description="cache reachability")

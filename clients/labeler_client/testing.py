@@ -1,0 +1,159 @@
+"""A fake labeling service on an `httpx.MockTransport`, for unit tests of code that uses the
+client (and of the client itself): same routes and wire shapes as the server, deterministic
+labels, and injectable faults. No model, no network.
+
+    fake = FakeLabeler()
+    fake.fail_next(503, times=2)                 # then answers normally
+    client = Client("http://labeler.test", transport=fake.transport())
+    client.rewards(["2+2?"], ["4"], task="general")
+
+Labels are a hash of the text: stable across calls, different across inputs, so a test can
+check that every result landed at its own item's position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import httpx
+
+__all__ = ["FakeLabeler", "fake_reward"]
+
+
+def fake_reward(context: str, response: str) -> float:
+    """The fake service's reward in [-1, 1] for one item (a hash of the text)."""
+    digest = hashlib.sha256(f"{context}\x00{response}".encode()).digest()
+    return round(int.from_bytes(digest[:4], "big") / 2**32 * 2 - 1, 6)
+
+
+def _score(item: dict[str, Any]) -> dict[str, Any]:
+    reward = fake_reward(item.get("context", ""), item["response"])
+    expected = reward * 4.5 + 5.5
+    low = min(9, int(expected) - 1)
+    frac = expected - (low + 1)
+    dist = [0.0] * 10
+    dist[low], dist[low + 1] = 1 - frac, frac
+    return {"reward": reward, "expected": expected, "distribution": dist, "label_mass": 1.0, "cached": False}
+
+
+def _preference(item: dict[str, Any], order: str) -> dict[str, Any]:
+    ctx = item.get("context", "")
+    p_a = 1 / (1 + math.exp(-4 * (fake_reward(ctx, item["response_a"]) - fake_reward(ctx, item["response_b"]))))
+    ab = p_a if order in ("both", "ab") else None
+    ba = p_a if order in ("both", "ba") else None
+    return {"p_a": p_a, "p_b": 1 - p_a, "p_a_ab": ab, "p_a_ba": ba, "consistent": True if order == "both" else None,
+            "label_mass": {}, "cached": False}  # fmt: skip
+
+
+class FakeLabeler:
+    """The service's wire contract in memory. Faults queued with `fail_next` are served
+    first, one per request: an HTTP status (with the service's error shape and, for 429
+    and 503, `Retry-After`) or an `httpx` exception class such as `httpx.ConnectError`.
+
+    `requests` records every request; `max_in_flight` the most requests seen at once.
+    """
+
+    def __init__(self, *, tasks: tuple[str, ...] = ("general", "tiny"), api_key: str | None = None,
+                 max_chars: int | None = None, latency: float = 0.0, model: str = "fake-labeler") -> None:  # fmt: skip
+        self.tasks, self.api_key, self.max_chars = tasks, api_key, max_chars
+        self.latency, self.model = latency, model
+        self.requests: list[httpx.Request] = []
+        self.max_in_flight = 0
+        self._faults: deque[tuple[int | type[Exception], float | None]] = deque()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def fail_next(self, fault: int | type[Exception], *, times: int = 1, retry_after: float | None = None) -> None:
+        """Answer the next `times` requests with `fault` instead of labels."""
+        self._faults.extend([(fault, retry_after)] * times)
+
+    def transport(self) -> httpx.MockTransport:
+        """For `Client(transport=...)`; `latency` is slept in the calling thread."""
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            self._enter()
+            try:
+                time.sleep(self.latency)
+                return self.handle(request)
+            finally:
+                self._leave()
+
+        return httpx.MockTransport(handle)
+
+    def async_transport(self) -> httpx.MockTransport:
+        """For `AsyncClient(transport=...)`; `latency` is awaited."""
+
+        async def handle(request: httpx.Request) -> httpx.Response:
+            self._enter()
+            try:
+                await asyncio.sleep(self.latency)
+                return self.handle(request)
+            finally:
+                self._leave()
+
+        return httpx.MockTransport(handle)
+
+    def _enter(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        """One request to one answer (or a raised transport error)."""
+        with self._lock:
+            self.requests.append(request)
+            fault = self._faults.popleft() if self._faults else None
+        if fault is not None:
+            kind, retry_after = fault
+            if isinstance(kind, int):
+                headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
+                return self._error(kind, f"injected {kind}", "injected", None, headers)
+            raise kind("injected fault", request=request)
+        path = request.url.path
+        key_ok = request.headers.get("authorization") == f"Bearer {self.api_key}"
+        if self.api_key and path.startswith(("/v1/", "/get_reward")) and not key_ok:
+            return self._error(401, "missing or invalid API key", "authentication_error")
+        if request.method == "GET" and path in ("/readyz", "/healthz"):
+            return httpx.Response(200, json={"status": "ready", "model": self.model, "engine": "fake", "cache": "none"})
+        if request.method == "GET" and path == "/v1/tasks":
+            tasks = [{"name": t, "version": hashlib.sha256(t.encode()).hexdigest()[:12], "description": t,
+                      "examples": 0, "score_examples": 0} for t in self.tasks]  # fmt: skip
+            return httpx.Response(200, json={"default_task": self.tasks[0], "tasks": tasks})
+        if request.method == "POST" and path in ("/v1/scores", "/v1/preferences"):
+            return self._label(path, json.loads(request.content))
+        return self._error(404, f"no route {request.method} {path}", "not_found")
+
+    def _label(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        if body.get("task") not in self.tasks:
+            return self._error(422, f"unknown task {body.get('task')!r}", "invalid_request", "task")
+        fields = ("response",) if path == "/v1/scores" else ("response_a", "response_b")
+        for i, item in enumerate(body["items"]):
+            for name in ("context", *fields):
+                if self.max_chars is not None and len(item.get(name, "")) > self.max_chars:
+                    msg = f"items[{i}].{name} is over the limit of {self.max_chars} characters"
+                    return self._error(422, msg, "invalid_request", f"items[{i}].{name}")
+        if path == "/v1/scores":
+            results = [_score(it) for it in body["items"]]
+        else:
+            results = [_preference(it, body.get("order", "both")) for it in body["items"]]
+        n = len(results)
+        usage = {"items": n, "cached": 0, "computed": n, "shared": 0}
+        return httpx.Response(200, json={"model": self.model, "task": body["task"], "task_version": "fake",
+                                         "results": results, "usage": usage})  # fmt: skip
+
+    @staticmethod
+    def _error(status: int, message: str, type_: str, param: str | None = None,
+               headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+        body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
+        return httpx.Response(status, json=body, headers=headers)

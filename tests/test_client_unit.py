@@ -1,0 +1,348 @@
+"""Pure logic of the client on the fake transport (labeler_client.testing): backoff, Retry-After,
+batching and order, exception mapping, on_error, adapters' input handling. No model, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import labeler_client as lc
+import pytest
+from labeler_client import _batching, verl
+from labeler_client._config import parse_retry_after
+from labeler_client.testing import FakeLabeler, fake_reward
+from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
+
+from service.protocol import PreferenceOut, PreferencesResponse, ScoreOut, ScoresResponse, TaskInfo, TasksResponse
+
+URL = "http://labeler.test"
+NO_WAIT = lc.Retry(max_retries=3, backoff=0.0)
+
+
+def client_for(fake: FakeLabeler, **kw) -> lc.Client:
+    client = lc.Client(URL, transport=fake.transport(), **{"retry": NO_WAIT, **kw})
+    client.sleeps = []  # type: ignore[attr-defined]
+    client._sleep = client.sleeps.append  # type: ignore[attr-defined]
+    return client
+
+
+def items(n: int, tag: str = "q") -> list[dict[str, str]]:
+    return [{"context": f"{tag} {i}", "response": f"answer {i}"} for i in range(n)]
+
+
+def expected(its: list[dict[str, str]]) -> list[float]:
+    return [fake_reward(it["context"], it["response"]) for it in its]
+
+
+# -- config: backoff schedule and Retry-After ------------------------------------------------------------
+def test_backoff_is_exponential_capped_and_jittered():
+    retry = lc.Retry(backoff=0.5, max_backoff=4.0)
+    assert [retry.cap(n) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    rng = random.Random(0)
+    delays = [retry.delay(3, rng=rng) for _ in range(500)]
+    assert all(0 <= d <= 4.0 for d in delays) and max(delays) > 3.5 and min(delays) < 0.5  # full jitter
+    assert retry.cap(10_000) == 4.0  # no overflow
+    assert retry.delay(0, retry_after=7) == 7  # the server's word wins over the schedule
+    assert lc.Retry(max_retry_after=5).delay(0, retry_after=3600) == 5
+    with pytest.raises(ValueError):
+        lc.Retry(max_retries=-1)
+
+
+@pytest.mark.parametrize(("header", "want"), [("3", 3.0), ("1.5", 1.5), (" 2 ", 2.0), ("-4", 0.0), ("0", 0.0),
+                                               (None, None), ("", None), ("soon", None), ("nan", None)])  # fmt: skip
+def test_retry_after_seconds(header, want):
+    assert parse_retry_after(header) == want
+
+
+def test_retry_after_http_date():
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    header = format_datetime(now + timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(header, now=now.timestamp()) == pytest.approx(30)
+    assert parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True), now=now.timestamp()) == 0
+
+
+def test_url_and_key_from_arguments_or_environment(monkeypatch):
+    monkeypatch.delenv(lc.ENV_URL, raising=False)
+    monkeypatch.delenv(lc.ENV_API_KEY, raising=False)
+    assert lc.Client().base_url == "http://127.0.0.1:8000" and lc.Client().api_key is None
+    monkeypatch.setenv(lc.ENV_URL, "labeler:9000/")
+    monkeypatch.setenv(lc.ENV_API_KEY, "env-key")
+    assert lc.Client().base_url == "http://labeler:9000"
+    fake = FakeLabeler(api_key="env-key")
+    assert lc.Client(transport=fake.transport()).scores(items(1), "tiny")[0] is not None
+    with pytest.raises(lc.AuthenticationError):
+        lc.Client(URL, api_key="other", transport=fake.transport(), retry=NO_WAIT).tasks()
+    assert len(fake.requests) == 2  # 401 is not retried
+
+
+# -- batching ------------------------------------------------------------------------------------------------
+def test_split_and_halves():
+    assert _batching.split(0, 4) == []
+    assert [list(r) for r in _batching.split(10, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [list(h) for h in _batching.halves(range(4, 9))] == [[4, 5], [6, 7, 8]]
+    with pytest.raises(ValueError):
+        _batching.split(3, 0)
+
+
+def test_place_refuses_a_wrong_result_count():
+    out: list = [None] * 3
+    with pytest.raises(lc.ResponseError, match="expected 2 results, got 1"):
+        _batching.place(out, range(1, 3), {"results": [{}]}, dict)
+    with pytest.raises(lc.ResponseError):
+        _batching.place(out, range(0, 1), {"results": [{"reward": "x"}]}, lc.Score.model_validate)
+    assert out == [None] * 3
+
+
+def test_order_kept_across_concurrent_batches():
+    fake = FakeLabeler(latency=0.02)
+    its = items(23)
+    with client_for(fake, batch_size=4, max_concurrency=3) as client:
+        got = client.scores(its, "tiny")
+    assert [s.reward for s in got] == expected(its)
+    assert len(fake.requests) == 6 and 2 <= fake.max_in_flight <= 3
+
+
+async def test_async_order_kept_and_concurrency_bounded():
+    fake = FakeLabeler(latency=0.02)
+    its = items(23)
+    async with lc.AsyncClient(URL, transport=fake.async_transport(), batch_size=2, max_concurrency=4) as client:
+        got = await client.rewards([it["context"] for it in its], [it["response"] for it in its], task="tiny")
+    assert got == expected(its)
+    assert len(fake.requests) == 12 and fake.max_in_flight == 4
+
+
+def test_a_wrong_result_count_from_the_server_raises():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"results": []})
+
+    with pytest.raises(lc.ResponseError):
+        lc.Client(URL, transport=httpx.MockTransport(handler)).scores(items(2), "tiny")
+
+
+# -- retries and errors ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+def test_retryable_statuses_are_retried(status):
+    fake = FakeLabeler()
+    fake.fail_next(status, times=2)
+    client = client_for(fake)
+    assert [s.reward for s in client.scores(items(2), "tiny")] == expected(items(2))
+    assert len(fake.requests) == 3 and len(client.sleeps) == 2
+
+
+def test_429_honours_retry_after_and_raises_rate_limited_when_retries_run_out():
+    fake = FakeLabeler()
+    fake.fail_next(429, times=2, retry_after=7)
+    client = client_for(fake, retry=lc.Retry(max_retries=1, backoff=0.0))
+    with pytest.raises(lc.RateLimited) as err:
+        client.tasks()
+    assert client.sleeps == [7] and err.value.retry_after == 7 and err.value.status == 429
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError])
+def test_connection_errors_are_retried(error):
+    fake = FakeLabeler()
+    fake.fail_next(error, times=3)
+    assert client_for(fake).scores(items(1), "tiny")[0] is not None
+    assert len(fake.requests) == 4
+
+
+def test_timeouts_are_retried_then_raised_as_timeout():
+    fake = FakeLabeler()
+    fake.fail_next(httpx.ReadTimeout, times=10)
+    client = client_for(fake, retry=lc.Retry(max_retries=2, backoff=1.0, max_backoff=1.5))
+    with pytest.raises(lc.Timeout) as err:
+        client.scores(items(1), "tiny")
+    assert isinstance(err.value, lc.RequestError) and err.value.request.url.path == "/v1/scores"
+    assert len(fake.requests) == 3 and all(0 <= s <= 1.5 for s in client.sleeps) and len(client.sleeps) == 2
+
+
+@pytest.mark.parametrize(("status", "cls"), [(400, lc.BadRequestError), (401, lc.AuthenticationError),
+                                             (404, lc.BadRequestError), (413, lc.PayloadTooLarge),
+                                             (422, lc.InvalidRequest), (500, lc.ServerError)])  # fmt: skip
+def test_other_errors_are_not_retried_and_map_to_types(status, cls):
+    fake = FakeLabeler()
+    fake.fail_next(status, times=5)
+    with pytest.raises(cls) as err:
+        client_for(fake).scores(items(1), "tiny")
+    e = err.value
+    assert isinstance(e, lc.APIStatusError) and isinstance(e, lc.LabelerError)
+    assert e.status == status and e.response.status_code == status and e.request.method == "POST"
+    assert e.type == "injected" and f"HTTP {status}" in str(e)
+    assert len(fake.requests) == 1
+
+
+def test_invalid_request_names_the_field():
+    fake = FakeLabeler(max_chars=5)
+    with pytest.raises(lc.InvalidRequest) as err:
+        client_for(fake).scores([{"response": "ok"}, {"response": "much too long"}], "tiny")
+    assert err.value.param == "items[1].response" and "limit of 5" in str(err.value)
+
+
+def test_exhausted_5xx_is_a_server_error_with_the_error_shape():
+    fake = FakeLabeler()
+    fake.fail_next(503, times=4, retry_after=0)
+    with pytest.raises(lc.ServerError) as err:
+        client_for(fake).health()
+    assert err.value.body["error"]["code"] == 503 and err.value.code == 503
+
+
+# -- on_error: never a silent placeholder ---------------------------------------------------------------
+def test_failed_items_raise_unless_none_is_asked_for():
+    fake = FakeLabeler(max_chars=6)
+    its = [{"response": "ok"}, {"response": "far too long"}, {"response": "fine"}, {"response": "good"}]
+    client = client_for(fake)
+    with pytest.raises(lc.InvalidRequest):
+        client.scores(its, "tiny")
+    got = client.scores(its, "tiny", on_error="none")
+    assert got[1] is None and [g.reward for g in (got[0], got[2], got[3])] == [fake_reward("", r) for r in
+                                                                               ("ok", "fine", "good")]  # fmt: skip
+    with pytest.raises(ValueError):
+        client.scores(its, "tiny", on_error="zero")  # type: ignore[arg-type]
+
+
+def test_a_down_server_gives_none_for_every_item_only_when_asked():
+    fake = FakeLabeler()
+    fake.fail_next(httpx.ConnectError, times=100)
+    client = client_for(fake, batch_size=2, retry=lc.Retry(max_retries=1, backoff=0))
+    assert client.rewards(["a", "b", "c"], ["x", "y", "z"], task="tiny", on_error="none") == [None, None, None]
+    with pytest.raises(lc.RequestError):
+        client.rewards(["a"], ["x"], task="tiny")
+
+
+async def test_async_failure_cancels_the_other_batches():
+    fake = FakeLabeler(latency=0.05)
+    fake.fail_next(422)
+    async with lc.AsyncClient(URL, transport=fake.async_transport(), batch_size=1, max_concurrency=2) as client:
+        with pytest.raises(lc.InvalidRequest):
+            await client.scores(items(20), "tiny")
+    assert len(fake.requests) < 20
+
+
+def test_sync_failure_stops_sending_batches():
+    fake = FakeLabeler(latency=0.02)
+    fake.fail_next(422)
+    with client_for(fake, batch_size=1, max_concurrency=2) as client, pytest.raises(lc.InvalidRequest):
+        client.scores(items(20), "tiny")
+    assert len(fake.requests) < 20
+
+
+# -- typed results and the fake's honesty -----------------------------------------------------------------------
+def test_typed_results_for_every_call():
+    fake = FakeLabeler()
+    client = client_for(fake)
+    pairs = [{"context": "c", "response_a": "a", "response_b": "b"}]
+    (pref,) = client.preferences(pairs, "tiny", order="ab")
+    assert isinstance(pref, lc.Preference) and pref.p_a_ba is None and pref.p_a + pref.p_b == pytest.approx(1)
+    assert isinstance(client.scores(items(1), "tiny")[0], lc.Score)
+    assert {t.name for t in client.tasks()} == {"general", "tiny"}
+    assert isinstance(client.health(), lc.Health) and client.health().model == "fake-labeler"
+    with pytest.raises(ValueError):
+        client.scores(items(1), "")
+
+
+def test_wire_types_match_the_server():
+    for client_model, server_model in ((lc.Preference, PreferenceOut), (lc.Score, ScoreOut), (lc.TaskInfo, TaskInfo)):
+        assert set(client_model.model_fields) == set(server_model.model_fields), client_model.__name__
+
+
+def test_fake_answers_in_the_servers_wire_shapes():
+    fake = FakeLabeler()
+    scores = fake.handle(httpx.Request("POST", URL + "/v1/scores", json={"task": "tiny", "items": items(2)}))
+    ScoresResponse.model_validate(scores.json())
+    body = {"task": "tiny", "items": [{"response_a": "a", "response_b": "b"}]}
+    PreferencesResponse.model_validate(fake.handle(httpx.Request("POST", URL + "/v1/preferences", json=body)).json())
+    TasksResponse.model_validate(fake.handle(httpx.Request("GET", URL + "/v1/tasks")).json())
+
+
+# -- adapters: input normalization -------------------------------------------------------------------------
+def test_as_text_plain_and_conversational():
+    assert lc.as_text("hi") == "hi"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert lc.as_text(msgs) == "system: Be brief.\n\nuser: 2+2?"
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    assert lc.as_text(parts) == "user: What is it?"
+    completion = [{"role": "assistant", "content": "4"}, {"role": "tool", "content": "x"}]
+    assert lc.as_text(completion, role="assistant") == "4"
+    assert lc.as_text([{"content": "no role"}], role="assistant") == "no role"
+    assert lc.as_text({"role": "assistant", "content": None}, role="assistant") == ""
+    with pytest.raises(TypeError):
+        lc.as_text(42)  # type: ignore[arg-type]
+
+
+def test_trl_reward_function_takes_grpo_trainers_keyword_call():
+    fake = FakeLabeler()
+    fn = reward_function(URL, task="tiny", transport=fake.transport())
+    assert fn.__name__ == "labeler_tiny" and not inspect.iscoroutinefunction(fn)
+    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]] * 2
+    completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]
+    got = fn(prompts=prompts, completions=completions, completion_ids=[[1], [2]], answer=["4", "4"], trainer_state=None)
+    assert got == [fake_reward("system: Be brief.\n\nuser: 2+2?", r) for r in ("4", "5")]
+    assert fn(prompts=["2+2?"], completions=["4"]) == [fake_reward("2+2?", "4")]
+    assert fn(completions=["4"]) == [fake_reward("", "4")]
+    with pytest.raises(ValueError):
+        fn(prompts=["a", "b"], completions=["c"])
+
+
+def test_trl_reward_function_none_on_failure_only_when_asked():
+    fake = FakeLabeler(max_chars=5)
+    fn = reward_function(URL, task="tiny", transport=fake.transport(), name="judge", on_error="none")
+    assert fn.__name__ == "judge"
+    assert fn(prompts=["p", "p"], completions=["short", "much too long"]) == [fake_reward("p", "short"), None]
+    strict = reward_function(URL, task="tiny", transport=fake.transport())
+    with pytest.raises(lc.InvalidRequest):
+        strict(prompts=["p"], completions=["much too long"])
+
+
+def test_trl_async_reward_function_across_event_loops():
+    fake = FakeLabeler()
+    fn = async_reward_function(URL, task="tiny", transport=fake.async_transport())
+    assert inspect.iscoroutinefunction(fn) and fn.__name__ == "labeler_tiny"
+    for _ in range(2):  # a fresh loop each time, as asyncio.run makes
+        assert asyncio.run(fn(prompts=["2+2?"], completions=[[{"role": "assistant", "content": "4"}]])) == [
+            fake_reward("2+2?", "4")
+        ]
+
+
+def test_pairwise_judge():
+    fake = FakeLabeler()
+    judge = PairwiseJudge(URL, task="tiny", transport=fake.transport())
+    prompts = ["Name a fruit.", "2+2?", "Hi"]
+    pairs = [("An apple.", "A chair."), ["5", "4"], ["Hello!", "Hello!"]]  # OnlineDPO passes tuples
+    scores = judge.judge(prompts, pairs, return_scores=True)
+    assert all(0 <= s <= 1 for s in scores) and scores[2] == pytest.approx(0.5)
+    assert judge.judge(prompts, pairs, shuffle_order=False) == [0 if s >= 0.5 else 1 for s in scores]
+    with pytest.raises(ValueError):
+        judge.judge(["p"], [["only one"]])
+    failing = FakeLabeler(max_chars=3)
+    soft = PairwiseJudge(URL, task="tiny", on_error="none", transport=failing.transport(), retry=NO_WAIT)
+    assert soft.judge(["p", "p"], [["a", "b"], ["a", "too long"]])[1] == -1
+    assert soft.judge(["p"], [["a", "too long"]], return_scores=True) == [None]
+
+
+def test_verl_compute_score_and_batch(monkeypatch):
+    fake = FakeLabeler()
+    monkeypatch.setattr(verl, "_client", lc.Client(URL, transport=fake.transport()))
+    monkeypatch.setenv("LABELER_TASK", "tiny")
+    assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"question": "2+2?"}) == fake_reward(
+        "2+2?", "It is 4."
+    )
+    assert verl.compute_score(data_source="x", solution_str="s", ground_truth=None) == fake_reward("", "s")
+    extras = [{"prompt": "a"}, {"prompt": "b", "labeler_task": "general"}, None]
+    got = verl.compute_score_batch(["d"] * 3, ["x", "y", "z"], [None] * 3, extras)
+    assert got == [fake_reward("a", "x"), fake_reward("b", "y"), fake_reward("", "z")]
+    bodies = [r.content for r in fake.requests]
+    assert len(bodies) == 4 and sum(b'"task":"general"' in b for b in bodies) == 1  # grouped by task
+
+
+def test_sync_client_works_inside_a_running_event_loop():
+    fake = FakeLabeler()
+
+    async def main() -> list:
+        return lc.Client(URL, transport=fake.transport()).scores(items(3), "tiny", cache=False)
+
+    assert [s.reward for s in asyncio.run(main())] == expected(items(3))
