@@ -1,9 +1,233 @@
-"""Batch labeling, evaluation and win-rate commands (issue 6). Registered by labeler.cli."""
+"""Batch labeling, evaluation and win-rate commands (issue 6). Registered by labeler.cli.
+
+    labeler label IN OUT --task T [--url URL] [--order both|ab|ba] [--cot] [--scores]
+    labeler eval HUMAN_LABELED --task T --out DIR
+    labeler winrate A.jsonl B.jsonl --task T [--out FILE]
+
+Labels come from the in-process model (the model options) or, with --url, from the labeler
+service through `labeler_client`. See docs/cli.md.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import cli
+from .batch import (
+    Backend,
+    HTTPBackend,
+    JsonlSink,
+    LocalBackend,
+    MemorySink,
+    Summary,
+    build_jobs,
+    collect,
+    label_pair_jobs,
+    make_params,
+    run_jobs,
+    score_jobs,
+)
+from .datasets_io import normalize_pair, normalize_single
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # noqa: ARG001 - filled in by the batch commands
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the batch commands to the `labeler` parser."""
+    p = sub.add_parser("label", help="label a file of pairs (or responses, --scores) into a preference dataset")
+    p.add_argument("input", help="JSONL, Parquet, or a `datasets` directory saved with save_to_disk")
+    p.add_argument("output", help="JSONL to append to (re-running resumes: items already in it are skipped)")
+    _common(p)
+    p.add_argument("--order", choices=["both", "ab", "ba"], default="both")
+    p.add_argument("--scores", action="store_true",
+                   help="direct 1-10 scores of single responses (prompt/completion or context/response)")  # fmt: skip
+    p.set_defaults(func=_cmd_label)
+
+    p = sub.add_parser("eval", help="agreement of the AI labeler with human choices; writes DIR/report.md")
+    p.add_argument("input", help="human-labeled pairs: TRL/HH (chosen = human-preferred) or pairs with 'preferred'")
+    p.add_argument("--out", required=True, type=Path, help="directory for labels.jsonl, metrics.json, report.md, PNGs")
+    _common(p)
+    p.add_argument("--position-seed", type=int, default=0, help="seed of the coin that shows the human choice as A/B")
+    _stats(p)
+    p.add_argument("--bins", type=int, default=10, help="calibration bins")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("winrate", help="AI-judged win rate of policy A over policy B on the same prompts")
+    p.add_argument("a", help="policy A outputs: prompt/completion or context/response (optional id)")
+    p.add_argument("b", help="policy B outputs on the same prompts")
+    p.add_argument("--out", type=Path, help="JSONL of per-prompt judgments (resumable)")
+    _common(p)
+    p.add_argument("--order", choices=["both", "ab", "ba"], default="both")
+    _stats(p)
+    p.set_defaults(func=_cmd_winrate)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True)
+    p.add_argument("--url", help="label through the labeler service at this URL instead of in-process")
+    p.add_argument("--api-key", default=None, help="service API key [LABELER_API_KEY]")
+    p.add_argument("--cot", action="store_true", help="generate a rationale before reading the label")
+    p.add_argument("--samples", type=int, default=1, help="rationales to sample and average (needs --cot)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --cot), also the bootstrap seed")
+    p.add_argument("--chunk-size", type=int, default=16, help="items per labeling call (and per write)")
+    p.add_argument("--split", help="split of a saved DatasetDict")
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="report malformed records and go on (default: stop, naming the line, before labeling)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_model_options(p)
+    cli.add_json_option(p)
+
+
+def _stats(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the bootstrap CIs")
+
+
+async def open_backend(args: argparse.Namespace) -> Backend:
+    """The HTTP service for --url, else the in-process Labeler of the model options."""
+    if args.url:
+        return await HTTPBackend.connect(args.url, args.api_key or os.environ.get("LABELER_API_KEY"),
+                                         batch_size=max(64, args.chunk_size))  # fmt: skip
+    return LocalBackend(cli.build_labeler(args))
+
+
+def _run(args: argparse.Namespace, body: Any) -> int:
+    if args.chunk_size < 1:
+        raise SystemExit("--chunk-size must be at least 1")
+
+    async def main() -> Any:
+        backend = await open_backend(args)
+        try:
+            return await body(backend)
+        finally:
+            await backend.aclose()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        print("interrupted: rows written so far are complete; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _loop_opts(args: argparse.Namespace) -> dict[str, Any]:
+    return {"chunk_size": args.chunk_size, "skip_invalid": args.skip_invalid, "progress": not args.no_progress}
+
+
+def _cmd_label(args: argparse.Namespace) -> int:
+    summary = Summary()
+    norm = normalize_single if args.scores else normalize_pair
+    records = collect(args.input, norm, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
+
+    async def body(backend: Backend) -> int:
+        params = make_params(backend, args.task, order="both" if args.scores else args.order, cot=args.cot,
+                             samples=args.samples, seed=args.seed)  # fmt: skip
+        make = score_jobs if args.scores else label_pair_jobs
+        jobs = build_jobs(records, make, params, skip_invalid=args.skip_invalid, summary=summary)
+        sink = JsonlSink(args.output)
+        s = await run_jobs(jobs, backend, sink, "scores" if args.scores else "pairs", params, summary=summary,
+                           **_loop_opts(args))  # fmt: skip
+        data = {"output": str(args.output), "task": args.task, "task_version": params["task_version"],
+                "model": params["model"], **s.to_dict()}  # fmt: skip
+        cli.emit(args, data, f"{args.output}: {s.text()}")
+        return 0
+
+    return _run(args, body)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import ORDERS, eval_jobs, evaluate_rows, write_report
+
+    summary = Summary()
+    pairs = collect(args.input, normalize_pair, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
+
+    async def body(backend: Backend) -> int:
+        params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
+        jobs = build_jobs(pairs, lambda ps, pr: eval_jobs(ps, pr, args.position_seed), params,
+                          skip_invalid=args.skip_invalid, summary=summary)  # fmt: skip
+        if not jobs:
+            raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
+        s = await run_jobs(jobs, backend, JsonlSink(args.out / "labels.jsonl"), "pairs", params, summary=summary,
+                           **_loop_opts(args))  # fmt: skip
+        metrics = evaluate_rows(s.rows, level=args.level, seed=args.seed, bins=args.bins)
+        info = {"task": args.task, "task_version": params["task_version"], "model": params["model"],
+                "input": args.input, "position_seed": args.position_seed, "seed": args.seed}  # fmt: skip
+        report = write_report(metrics, args.out, info)
+        (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
+        pct = round(args.level * 100)
+        lines = [f"{metrics['n']} pairs; {s.text()}"]
+        for order, m in metrics["orders"].items():
+            lines.append(f"{ORDERS[order]:<21} accuracy {m['accuracy']:.3f} [{pct}% CI {m['ci_low']:.3f}, "
+                         f"{m['ci_high']:.3f}]  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}  "
+                         f"prefers longer {_fmt(m['length']['labeler_longer'])} "
+                         f"(humans {_fmt(m['length']['human_longer'])})")  # fmt: skip
+        if "position_consistency" in metrics:
+            lines.append(f"position consistency {metrics['position_consistency']:.3f}")
+        lines.append(f"report: {report}")
+        headline = {k: v for k, v in metrics.items() if k != "orders"} | {
+            "orders": {o: {k: v for k, v in m.items() if k != "bins"} for o, m in metrics["orders"].items()},
+            "report": str(report), "summary": s.to_dict(),
+        }  # fmt: skip
+        cli.emit(args, _clean(headline), "\n".join(lines))
+        return 0
+
+    return _run(args, body)
+
+
+def _cmd_winrate(args: argparse.Namespace) -> int:
+    from .evaluate import match_policies, win_rate, winrate_jobs
+
+    summary = Summary()
+
+    def with_id(where: str, rec: Any) -> tuple[Any, Any]:
+        return (rec.get("id") if isinstance(rec, dict) else None, normalize_single(where, rec))
+
+    a = collect(args.a, with_id, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
+    b = collect(args.b, with_id, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
+    matched, only_a, only_b = match_policies(a, b)
+    if not matched:
+        raise SystemExit(f"{args.a} and {args.b} share no prompts (matched by id, else by prompt text)")
+    if only_a or only_b:
+        print(f"warning: {only_a} prompts only in A and {only_b} only in B are left out", file=sys.stderr)
+
+    async def body(backend: Backend) -> int:
+        params = make_params(backend, args.task, order=args.order, cot=args.cot, samples=args.samples, seed=args.seed)
+        jobs = build_jobs(matched, lambda ms, pr: winrate_jobs(ms, pr), params, skip_invalid=args.skip_invalid,
+                          summary=summary)  # fmt: skip
+        sink = JsonlSink(args.out) if args.out else MemorySink()
+        s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
+        rows = s.rows
+        wr = win_rate([r["p_a_ab"] for r in rows], [r["p_a_ba"] for r in rows], [r["p_a"] for r in rows],
+                      level=args.level, seed=args.seed)  # fmt: skip
+        data = wr | {"task": args.task, "task_version": params["task_version"], "model": params["model"],
+                     "order": args.order, "only_in_a": only_a, "only_in_b": only_b,
+                     "position_inconsistent_share": s.inconsistent_share, "summary": s.to_dict()}  # fmt: skip
+        pct = round(args.level * 100)
+        text = (f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
+                f"on {wr['n']} prompts ({wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses; "
+                f"soft {wr['soft_win_rate']:.3f})\n{s.text()}")  # fmt: skip
+        cli.emit(args, _clean(data), text)
+        return 0
+
+    return _run(args, body)
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: nan becomes null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x

@@ -1,0 +1,443 @@
+"""Batch labeling: backends, the resumable labeling loop, and JSONL output.
+
+    backend = LocalBackend(labeler)                    # or await HTTPBackend.connect(url)
+    jobs = pair_jobs(records, backend, "helpful", params)
+    summary = await run_jobs(jobs, backend, JsonlSink("out.jsonl"), "helpful", params)
+
+Each job has a content key (see `datasets_io.content_key`). The sink reads the keys already
+in its file, so a re-run labels only what is missing. Rows are appended as whole lines, one
+write + flush + fsync per chunk: an interrupted run leaves complete rows, plus at worst one
+torn last line, which the next run cuts off before appending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .core import PairItem, ScoreItem
+from .datasets_io import MalformedRecord, Pair, Single, content_key, read_records
+from .errors import InvalidInput, LabelerError
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(LabelerError):
+    """The labeler service (--url) failed or refused a request."""
+
+
+# -- backends ---------------------------------------------------------------------------------
+class Backend(ABC):
+    """Where labels come from: the in-process Labeler or the HTTP service. Results are dicts
+    with the fields of `PreferenceResult` / `ScoreResult` plus `cached`."""
+
+    model_id: str
+
+    @abstractmethod
+    def task_version(self, task: str) -> str: ...
+
+    @abstractmethod
+    async def preferences(self, items: Sequence[PairItem], task: str, **opts: Any) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    async def scores(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]: ...
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class LocalBackend(Backend):
+    """The in-process `labeler.Labeler`."""
+
+    def __init__(self, labeler: Any) -> None:
+        self.labeler = labeler
+        self.model_id = labeler.model_id
+
+    def task_version(self, task: str) -> str:
+        return self.labeler.task(task).version
+
+    async def preferences(self, items: Sequence[PairItem], task: str, **opts: Any) -> list[dict[str, Any]]:
+        return [r.to_dict() | {"cached": False} for r in await self.labeler.apreferences(items, task, **opts)]
+
+    async def scores(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
+        return [r.to_dict() | {"cached": False} for r in await self.labeler.ascores(items, task, **opts)]
+
+
+class HTTPBackend(Backend):
+    """The labeler service through `labeler_client.AsyncClient` (imported only here)."""
+
+    def __init__(self, client: Any, model_id: str, versions: dict[str, str]) -> None:
+        self.client = client
+        self.model_id = model_id
+        self.versions = versions
+
+    @classmethod
+    async def connect(cls, url: str, api_key: str | None = None, *, batch_size: int = 64) -> HTTPBackend:
+        try:
+            import labeler_client
+        except ImportError:
+            raise LabelerError("--url needs the client package: pip install ./clients (labeler-client)") from None
+        client = labeler_client.AsyncClient(url, api_key=api_key, batch_size=batch_size)
+        try:
+            health = await client.health()
+            versions = {t.name: t.version for t in await client.tasks()}
+        except labeler_client.LabelerError as exc:
+            await client.aclose()
+            raise ServiceError(f"labeler service at {url}: {exc}") from exc
+        return cls(client, health.model, versions)
+
+    def task_version(self, task: str) -> str:
+        if task not in self.versions:
+            from .errors import UnknownTask
+
+            raise UnknownTask(task, sorted(self.versions))
+        return self.versions[task]
+
+    async def _call(self, method: str, items: list[dict[str, str]], task: str, opts: dict[str, Any]) -> list[dict]:
+        import labeler_client
+
+        try:
+            results = await getattr(self.client, method)(items, task, **opts)
+        except labeler_client.APIStatusError as exc:
+            if exc.status in (400, 413, 422) and exc.param:
+                raise InvalidInput(str(exc), field=exc.param) from exc
+            raise ServiceError(f"labeler service: {exc}") from exc
+        except labeler_client.LabelerError as exc:
+            raise ServiceError(f"labeler service: {exc}") from exc
+        return [r.model_dump() for r in results]
+
+    async def preferences(self, items: Sequence[PairItem], task: str, **opts: Any) -> list[dict[str, Any]]:
+        body = [{"context": it.context, "response_a": it.response_a, "response_b": it.response_b} for it in items]
+        return await self._call("preferences", body, task, opts)
+
+    async def scores(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
+        body = [{"context": it.context, "response": it.response} for it in items]
+        return await self._call("scores", body, task, opts)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# -- sinks --------------------------------------------------------------------------------------
+class MemorySink:
+    """Rows kept in memory (for win rates without --out)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        for r in rows:
+            self.rows[r["key"]] = r
+
+
+class JsonlSink:
+    """An append-only JSONL file of rows with a `key`. Opening it reads the keys already there,
+    first cutting off a torn last line (no newline) left by a killed run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.repaired = False
+        if self.path.exists():
+            self._load()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            log.warning("%s: cutting off an incomplete last line (an interrupted run)", self.path)
+            with self.path.open("r+b") as f:
+                f.truncate(keep)
+            data = data[:keep]
+            self.repaired = True
+        for n, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self.rows[row["key"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InvalidInput(f"{self.path}: line {n} is not a row of this tool; not appending to it",
+                                   field="output") from None  # fmt: skip
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        with self.path.open("ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in rows:
+            self.rows[r["key"]] = r
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """One question for the backend and how to turn its answer into an output row."""
+
+    key: str
+    where: str
+    item: PairItem | ScoreItem
+    make_row: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class Summary:
+    items: int = 0  # valid input items
+    labeled: int = 0  # labeled by this run
+    skipped: int = 0  # already in the output (resumed)
+    duplicates: int = 0  # repeated in the input (same key)
+    invalid: list[str] = field(default_factory=list)  # where: message, for skipped malformed records
+    cached: int = 0  # answered from the service's cache (--url)
+    inconsistent: int = 0  # rows whose two orders disagree (over rows read in both orders)
+    both_orders: int = 0
+    seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the rows for this input, in input order
+
+    @property
+    def inconsistent_share(self) -> float | None:
+        return self.inconsistent / self.both_orders if self.both_orders else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "items": self.items,
+            "labeled": self.labeled,
+            "skipped": self.skipped,
+            "duplicates": self.duplicates,
+            "invalid": len(self.invalid),
+            "cached": self.cached,
+            "position_inconsistent_share": self.inconsistent_share,
+            "seconds": round(self.seconds, 3),
+            "items_per_s": round(self.labeled / self.seconds, 3) if self.seconds > 0 else None,
+        }
+
+    def text(self) -> str:
+        share = self.inconsistent_share
+        parts = [f"{self.items} items", f"{self.labeled} labeled", f"{self.skipped} already done (skipped)",
+                 f"{self.cached} cached"]  # fmt: skip
+        if self.duplicates:
+            parts.append(f"{self.duplicates} duplicates")
+        if self.invalid:
+            parts.append(f"{len(self.invalid)} invalid (skipped)")
+        if share is not None:
+            parts.append(f"position-inconsistent {share:.1%} ({self.inconsistent}/{self.both_orders})")
+        rate = f", {self.labeled / self.seconds:.2f} items/s" if self.seconds > 0 and self.labeled else ""
+        return ", ".join(parts) + f" in {self.seconds:.1f}s{rate}"
+
+
+def collect(path: str | Path, normalize: Callable[[str, Any], Any], *, split: str | None = None,
+            skip_invalid: bool = False, summary: Summary | None = None) -> list[Any]:  # fmt: skip
+    """Read and normalize every record before any labeling, so a malformed one stops the run
+    before anything is written (or, with `skip_invalid`, is reported and left out)."""
+    summary = summary if summary is not None else Summary()
+
+    def bad(exc: MalformedRecord) -> None:
+        if not skip_invalid:
+            raise exc
+        summary.invalid.append(str(exc))
+        print(f"skipped invalid input: {exc}", file=sys.stderr)
+
+    out = []
+    for where, rec in read_records(path, split=split, on_bad_line=bad):
+        try:
+            out.append(normalize(where, rec))
+        except MalformedRecord as exc:
+            bad(exc)
+    return out
+
+
+def _check_texts(where: str, **texts: str) -> None:
+    for name, t in texts.items():
+        if not t.strip():
+            raise MalformedRecord(where, f"{name} is empty")
+
+
+def pair_item(p: Pair) -> PairItem:
+    _check_texts(p.where, response_a=p.response_a, response_b=p.response_b)
+    return PairItem(p.context, p.response_a, p.response_b)
+
+
+def pair_key(item: PairItem, params: dict[str, Any]) -> str:
+    return content_key({"kind": "pair", "context": item.context, "a": item.response_a, "b": item.response_b}, params)
+
+
+def label_pair_jobs(pairs: Sequence[Pair], params: dict[str, Any]) -> list[Job]:
+    """Jobs for `labeler label`: TRL rows (prompt, chosen, rejected) in the input's own form,
+    where chosen is the response the labeler prefers (p >= 0.5 for the input's first one)."""
+
+    def job(p: Pair) -> Job:
+        item = pair_item(p)
+        key = pair_key(item, params)
+
+        def make_row(r: dict[str, Any]) -> dict[str, Any]:
+            a_wins = r["p_a"] >= 0.5
+            row = {
+                "prompt": p.prompt,
+                "chosen": p.orig_a if a_wins else p.orig_b,
+                "rejected": p.orig_b if a_wins else p.orig_a,
+                "p_chosen": r["p_a"] if a_wins else r["p_b"],
+                "chosen_is": "a" if a_wins else "b",
+                "p_a": r["p_a"],
+                "p_a_ab": r["p_a_ab"],
+                "p_a_ba": r["p_a_ba"],
+                "consistent": r["consistent"],
+                "label_mass": r["label_mass"],
+            }
+            if r.get("rationales") is not None:
+                row["rationales"] = r["rationales"]
+            return row | _meta(params, key)
+
+        return Job(key, p.where, item, make_row)
+
+    return [job(p) for p in pairs]
+
+
+def score_jobs(singles: Sequence[Single], params: dict[str, Any]) -> list[Job]:
+    """Jobs for `labeler label --scores`: one row per response with its reward."""
+
+    def job(s: Single) -> Job:
+        _check_texts(s.where, response=s.response)
+        item = ScoreItem(s.context, s.response)
+        key = content_key({"kind": "score", "context": s.context, "response": s.response}, params)
+
+        def make_row(r: dict[str, Any]) -> dict[str, Any]:
+            row = {
+                "prompt": s.prompt,
+                "completion": s.completion,
+                "reward": r["reward"],
+                "expected": r["expected"],
+                "distribution": r["distribution"],
+                "label_mass": r["label_mass"],
+            }
+            if r.get("rationales") is not None:
+                row["rationales"] = r["rationales"]
+            return row | _meta(params, key)
+
+        return Job(key, s.where, item, make_row)
+
+    return [job(s) for s in singles]
+
+
+def _meta(params: dict[str, Any], key: str) -> dict[str, Any]:
+    return {"task": params["task"], "task_version": params["task_version"], "model": params["model"], "key": key}
+
+
+def make_params(backend: Backend, task: str, *, order: str = "both", cot: bool = False, samples: int = 1,
+                seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Everything besides the item that the label depends on (part of each content key)."""
+    return {"task": task, "task_version": backend.task_version(task), "model": backend.model_id, "order": order,
+            "cot": cot, "samples": samples, "seed": seed}  # fmt: skip
+
+
+def build_jobs(items: Sequence[Any], make: Callable[[Sequence[Any], dict[str, Any]], list[Job]],
+               params: dict[str, Any], *, skip_invalid: bool, summary: Summary) -> list[Job]:  # fmt: skip
+    """`make(items)` one item at a time, so an empty text is reported like a malformed line."""
+    jobs: list[Job] = []
+    for it in items:
+        try:
+            jobs.extend(make([it], params))
+        except MalformedRecord as exc:
+            if not skip_invalid:
+                raise
+            summary.invalid.append(str(exc))
+            print(f"skipped invalid input: {exc}", file=sys.stderr)
+    return jobs
+
+
+# -- the loop -------------------------------------------------------------------------------------
+async def run_jobs(
+    jobs: Sequence[Job],
+    backend: Backend,
+    sink: JsonlSink | MemorySink,
+    kind: str,
+    params: dict[str, Any],
+    *,
+    summary: Summary | None = None,
+    chunk_size: int = 16,
+    skip_invalid: bool = False,
+    progress: bool = True,
+) -> Summary:
+    """Label the jobs whose keys are not in `sink` yet, `chunk_size` per backend call, appending
+    each chunk's rows as it completes. `kind` is "pairs" or "scores". An invalid item raises
+    MalformedRecord naming its line (earlier chunks stay written), or with `skip_invalid` is
+    reported and left out."""
+    from tqdm.auto import tqdm
+
+    summary = summary or Summary()
+    summary.items = len(jobs)
+    seen: set[str] = set()
+    todo: list[Job] = []
+    for j in jobs:
+        if j.key in seen:
+            summary.duplicates += 1
+            continue
+        seen.add(j.key)
+        if j.key in sink.rows:
+            summary.skipped += 1
+        else:
+            todo.append(j)
+    opts = {"cot": params["cot"], "samples": params["samples"], "seed": params["seed"]}
+    if kind == "pairs":
+        opts["order"] = params["order"]
+    start = time.monotonic()
+    bar = tqdm(total=len(todo), unit="item", desc="labeling", file=sys.stderr, disable=not progress or not todo,
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        for i in range(0, len(todo), chunk_size):
+            chunk = todo[i : i + chunk_size]
+            results, chunk = await _label_chunk(backend, kind, chunk, params["task"], opts, skip_invalid, summary)
+            sink.append([j.make_row(r) for j, r in zip(chunk, results, strict=True)])
+            summary.labeled += len(chunk)
+            summary.cached += sum(1 for r in results if r.get("cached"))
+            bar.update(len(todo[i : i + chunk_size]))
+    finally:
+        bar.close()
+        summary.seconds = time.monotonic() - start
+    summary.rows = [sink.rows[k] for k in dict.fromkeys(j.key for j in jobs) if k in sink.rows]
+    for row in summary.rows:
+        if row.get("consistent") is not None:
+            summary.both_orders += 1
+            summary.inconsistent += not row["consistent"]
+    return summary
+
+
+async def _label_chunk(backend: Backend, kind: str, chunk: list[Job], task: str, opts: dict[str, Any],
+                       skip_invalid: bool, summary: Summary) -> tuple[list[dict[str, Any]], list[Job]]:  # fmt: skip
+    while True:
+        if not chunk:
+            return [], []
+        try:
+            items = [j.item for j in chunk]
+            if kind == "pairs":
+                return await backend.preferences(items, task, **opts), chunk  # type: ignore[arg-type]
+            return await backend.scores(items, task, **opts), chunk  # type: ignore[arg-type]
+        except InvalidInput as exc:
+            k = _item_index(exc.field)
+            if k is None or k >= len(chunk):
+                raise
+            bad = chunk[k]
+            msg = str(exc).split(": ", 1)[-1] if str(exc).startswith("items[") else str(exc)
+            if not skip_invalid:
+                raise MalformedRecord(bad.where, msg) from None
+            summary.invalid.append(f"{bad.where}: {msg}")
+            print(f"skipped invalid input: {bad.where}: {msg}", file=sys.stderr)
+            chunk = chunk[:k] + chunk[k + 1 :]
+
+
+def _item_index(field_: str | None) -> int | None:
+    if not field_ or not field_.startswith("items["):
+        return None
+    try:
+        return int(field_[len("items[") : field_.index("]")])
+    except ValueError:
+        return None

@@ -1,0 +1,270 @@
+"""Reading preference data: files, formats, and the content keys that make labeling resumable.
+
+Files: JSONL (one object a line), Parquet (via pyarrow), and a Hugging Face `datasets`
+dataset saved with `save_to_disk` (a directory; needs `datasets`). The optional libraries
+are imported only when such a file is read.
+
+Pair formats, detected per record:
+
+    trl        {"prompt", "chosen", "rejected"}: text, or conversational lists of
+               {"role", "content"} messages (TRL's explicit-prompt preference format)
+    trl-implicit {"chosen", "rejected"} as message lists that share the prompt turns
+    pairs      {"context", "response_a", "response_b"} (optional "preferred": "a" | "b")
+    hh         {"chosen", "rejected"} as Anthropic HH-RLHF transcripts ("\\n\\nHuman: ...
+               \\n\\nAssistant: ..."): split at the last "\\n\\nAssistant:" into the shared
+               context and the two final assistant responses
+
+In `trl`, `trl-implicit` and `hh` the human-preferred response is `chosen`; it becomes A.
+Single-response formats (scores mode): {"prompt", "completion"} (text or messages) or
+{"context", "response"}.
+
+Conversational text reaches the labeler as the client does it (`labeler_client.as_text`): a
+prompt becomes "role: content" turns joined by blank lines, a response its messages' contents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInput
+
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+
+
+class MalformedRecord(InvalidInput):
+    """A record that cannot be read or normalized; `where` names it ("line 7", "row 3")."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}", field=where)
+        self.where = where
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One pair, normalized. `context`/`response_a`/`response_b` are the texts the labeler
+    reads; `prompt`/`orig_a`/`orig_b` keep the input's own form (text or messages) for the
+    output rows. `human` is the human-preferred side ("a" / "b") when the input says."""
+
+    context: str
+    response_a: str
+    response_b: str
+    prompt: Any
+    orig_a: Any
+    orig_b: Any
+    fmt: str
+    human: str | None
+    where: str
+
+
+@dataclass(frozen=True)
+class Single:
+    """One (prompt, response) for direct scores; `prompt`/`completion` keep the input form."""
+
+    context: str
+    response: str
+    prompt: Any
+    completion: Any
+    where: str
+
+
+# -- files --------------------------------------------------------------------------------
+def read_records(
+    path: str | Path, *, split: str | None = None, on_bad_line: Callable[[MalformedRecord], None] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of a JSONL file, Parquet file or saved dataset.
+
+    `where` is "PATH, line N" (1-based, counting blank lines) for JSONL, "PATH, row N"
+    (1-based) otherwise. A JSONL line that is not JSON raises MalformedRecord naming the line, or is
+    passed to `on_bad_line` and skipped.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InvalidInput(f"{p}: no such file or directory", field="input")
+    if p.is_dir():
+        yield from _rows(p, _load_saved_dataset(p, split))
+    elif p.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise InvalidInput("reading Parquet needs pyarrow: pip install pyarrow", field="input") from None
+        yield from _rows(p, pq.read_table(p).to_pylist())
+    else:
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    bad = MalformedRecord(f"{p}, line {n}", f"not valid JSON ({exc.msg} at column {exc.colno})")
+                    if on_bad_line is None:
+                        raise bad from None
+                    on_bad_line(bad)
+                    continue
+                yield f"{p}, line {n}", rec
+
+
+def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
+    for n, row in enumerate(rows, start=1):
+        yield f"{p}, row {n}", row
+
+
+def _load_saved_dataset(p: Path, split: str | None) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise InvalidInput(
+            f"{p} is a directory: reading a dataset saved with save_to_disk needs `datasets` "
+            "(pip install datasets, or rlaif-labeler[datasets]), or export it to JSONL/Parquet first",
+            field="input",
+        ) from None
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise InvalidInput(f"{p} has splits {sorted(ds)}: choose one with --split", field="split")
+            split = next(iter(ds))
+        if split not in ds:
+            raise InvalidInput(f"{p} has no split {split!r} (splits: {sorted(ds)})", field="split")
+        ds = ds[split]
+    return ds
+
+
+# -- normalization ----------------------------------------------------------------------------
+def prompt_text(value: Any) -> str:
+    """The labeler's context for a prompt: text as is; messages as "role: content" turns."""
+    if isinstance(value, str):
+        return value
+    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in value)
+
+
+def response_text(value: Any) -> str:
+    """The labeler's response text: text as is; messages' contents (assistant turns if any)."""
+    if isinstance(value, str):
+        return value
+    msgs = [m for m in value if m.get("role") == "assistant"] or list(value)
+    return "\n".join(str(m.get("content", "")) for m in msgs)
+
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v)
+
+
+def _text_or_messages(where: str, name: str, v: Any) -> Any:
+    if isinstance(v, str) or _is_messages(v):
+        return v
+    raise MalformedRecord(where, f"{name!r} must be text or a list of {{role, content}} messages")
+
+
+def normalize_pair(where: str, rec: Any) -> Pair:
+    """One record in any pair format (see the module docstring) as a Pair."""
+    if not isinstance(rec, dict):
+        raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
+    if "response_a" in rec or "response_b" in rec:
+        ctx = rec.get("context", rec.get("prompt", ""))
+        for name, v in (("context", ctx), ("response_a", rec.get("response_a")), ("response_b", rec.get("response_b"))):
+            if not isinstance(v, str):
+                raise MalformedRecord(where, f"{name!r} must be text (plain pairs format)")
+        human = rec.get("preferred")
+        if human is not None and human not in ("a", "b"):
+            raise MalformedRecord(where, f'\'preferred\' must be "a" or "b", got {human!r}')
+        return Pair(ctx, rec["response_a"], rec["response_b"], ctx, rec["response_a"], rec["response_b"],
+                    "pairs", human, where)  # fmt: skip
+    if "chosen" in rec and "rejected" in rec:
+        chosen = _text_or_messages(where, "chosen", rec["chosen"])
+        rejected = _text_or_messages(where, "rejected", rec["rejected"])
+        if "prompt" in rec:
+            prompt = _text_or_messages(where, "prompt", rec["prompt"])
+            if len({isinstance(prompt, str), isinstance(chosen, str), isinstance(rejected, str)}) != 1:
+                raise MalformedRecord(where, "'prompt', 'chosen' and 'rejected' must all be text or all be messages")
+            return Pair(prompt_text(prompt), response_text(chosen), response_text(rejected), prompt, chosen, rejected,
+                        "trl", "a", where)  # fmt: skip
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            return _split_hh(where, chosen, rejected)
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            return _split_messages(where, chosen, rejected)
+        raise MalformedRecord(where, "'chosen' and 'rejected' must both be text or both be messages")
+    raise MalformedRecord(
+        where,
+        "not a known pair format: expected prompt/chosen/rejected (TRL), chosen/rejected (HH-RLHF "
+        f"transcripts) or context/response_a/response_b; got keys {sorted(rec)}",
+    )
+
+
+def split_hh(transcript: str) -> tuple[str, str]:
+    """Split an HH-RLHF transcript at its last "\\n\\nAssistant:" into (prompt, response).
+
+    The prompt keeps the marker, so prompt + response is the transcript unchanged (what a
+    reward model trained on TRL's format reads)."""
+    i = transcript.rfind(HH_ASSISTANT)
+    if i < 0:
+        raise ValueError('no "\\n\\nAssistant:" turn')
+    cut = i + len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def _hh_context(prompt: str) -> str:
+    """The labeler's context for an HH prompt: the turns before the final answer, without
+    the trailing "Assistant:" marker, as "Human: ... / Assistant: ..." lines."""
+    return prompt[: -len(HH_ASSISTANT)].strip()
+
+
+def _split_hh(where: str, chosen: str, rejected: str) -> Pair:
+    if HH_HUMAN not in chosen:
+        raise MalformedRecord(where, "'chosen'/'rejected' without a prompt must be HH-RLHF transcripts "
+                                     '("\\n\\nHuman: ..." then "\\n\\nAssistant: ...")')  # fmt: skip
+    try:
+        pc, rc = split_hh(chosen)
+        pr, rr = split_hh(rejected)
+    except ValueError as exc:
+        raise MalformedRecord(where, f"HH transcript has {exc}") from None
+    if pc != pr:
+        raise MalformedRecord(where, "the chosen and rejected transcripts differ before the final Assistant turn")
+    return Pair(_hh_context(pc), rc.strip(), rr.strip(), pc, rc, rr, "hh", "a", where)
+
+
+def _split_messages(where: str, chosen: list, rejected: list) -> Pair:
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or n == len(chosen) or n == len(rejected):
+        raise MalformedRecord(where, "conversational chosen/rejected without a prompt must share the prompt turns "
+                                     "and differ in the final response")  # fmt: skip
+    prompt, a, b = chosen[:n], chosen[n:], rejected[n:]
+    return Pair(prompt_text(prompt), response_text(a), response_text(b), prompt, a, b, "trl-implicit", "a", where)
+
+
+def normalize_single(where: str, rec: Any) -> Single:
+    """One record of {"prompt", "completion"} or {"context", "response"} as a Single."""
+    if not isinstance(rec, dict):
+        raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
+    if "completion" in rec:
+        prompt = _text_or_messages(where, "prompt", rec.get("prompt", ""))
+        completion = _text_or_messages(where, "completion", rec["completion"])
+        return Single(prompt_text(prompt), response_text(completion), prompt, completion, where)
+    if "response" in rec:
+        ctx, resp = rec.get("context", rec.get("prompt", "")), rec["response"]
+        if not isinstance(ctx, str) or not isinstance(resp, str):
+            raise MalformedRecord(where, "'context' and 'response' must be text")
+        return Single(ctx, resp, ctx, resp, where)
+    raise MalformedRecord(where, f"expected prompt/completion or context/response; got keys {sorted(rec)}")
+
+
+# -- content keys -------------------------------------------------------------------------------
+def content_key(item: dict[str, Any], params: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of the normalized item and the labeling parameters
+    (task, task version, model, order, cot, samples, seed): equal keys, equal labels."""
+    blob = json.dumps({"item": item, "params": params}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def swap_for_position(key: str, seed: int) -> bool:
+    """Whether to show the human-preferred response second (a fair coin per item, fixed by
+    `seed` and the item's key, so re-runs and resumes make the same choice)."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1 == 1

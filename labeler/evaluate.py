@@ -1,0 +1,331 @@
+"""Labeler evaluation and win rates: the metrics as pure functions, the jobs that label for
+them, and the report writer.
+
+Notation: for pair i, p_i is the labeler's P(A preferred) (from one order or the mean of
+both), y_i = 1 if the human (or the reference) preferred A, else 0. An item's *outcome* is
+
+    o(p) = 1 if p > 1/2,   0 if p < 1/2,   1/2 if p = 1/2     (a tie counts half)
+
+Human-labeled input names the preferred response ("chosen"); that response is shown as A
+or as B by a fair coin fixed per item (`datasets_io.swap_for_position`, seed `--position-seed`),
+so the labeler's position bias cannot pass for agreement with humans.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .batch import Job, _meta, pair_item, pair_key
+from .core import PairItem
+from .datasets_io import MalformedRecord, Pair, Single, content_key, swap_for_position
+
+log = logging.getLogger(__name__)
+
+ORDERS = {"ab": "one order (A first)", "ba": "one order (B first)", "both": "both orders (mean)"}
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def outcome(p: float) -> float:
+    """o(p): 1 if p > 1/2, 0 if p < 1/2, 1/2 at exactly 1/2."""
+    return 1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def accuracy(p: Sequence[float], y: Sequence[int]) -> float:
+    """Agreement with the human choice: mean_i [ y_i o(p_i) + (1 - y_i)(1 - o(p_i)) ]."""
+    return _mean([o if yi else 1.0 - o for o, yi in zip(map(outcome, p), y, strict=True)])
+
+
+def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap CI of the mean: resample the n values with replacement
+    `n_resamples` times (numpy default_rng(seed)), take the (1-level)/2 and (1+level)/2
+    quantiles of the resampled means. (nan, nan) for no values."""
+    import numpy as np
+
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return (float(lo), float(hi))
+
+
+def position_consistency(p_ab: Sequence[float], p_ba: Sequence[float]) -> float:
+    """Share of pairs whose two orders pick the same winner: both P(A) > 1/2 or both < 1/2
+    (a 1/2 in either order picks no winner and counts as inconsistent)."""
+    return _mean([float((a > 0.5 and b > 0.5) or (a < 0.5 and b < 0.5)) for a, b in zip(p_ab, p_ba, strict=True)])
+
+
+def brier(p: Sequence[float], y: Sequence[int]) -> float:
+    """Brier score: mean_i (p_i - y_i)^2 (0 is perfect; always answering 1/2 scores 0.25)."""
+    return _mean([(pi - yi) ** 2 for pi, yi in zip(p, y, strict=True)])
+
+
+def calibration_bins(p: Sequence[float], y: Sequence[int], bins: int = 10) -> list[dict[str, float]]:
+    """Equal-width bins over [0, 1]: p falls in bin b = min(floor(p * bins), bins - 1).
+    Per bin: its bounds, count n_b, mean prediction conf_b = mean p, observed frequency
+    acc_b = mean y (nan for empty bins)."""
+    out = []
+    for b in range(bins):
+        idx = [i for i, pi in enumerate(p) if min(int(pi * bins), bins - 1) == b]
+        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": len(idx),
+                    "conf": _mean([p[i] for i in idx]), "acc": _mean([y[i] for i in idx])})  # fmt: skip
+    return out
+
+
+def ece(p: Sequence[float], y: Sequence[int], bins: int = 10) -> float:
+    """Expected calibration error of P(A): sum_b (n_b / N) |acc_b - conf_b| over the
+    equal-width bins of `calibration_bins` (empty bins add nothing)."""
+    n = len(p)
+    if n == 0:
+        return math.nan
+    return sum(b["n"] / n * abs(b["acc"] - b["conf"]) for b in calibration_bins(p, y, bins) if b["n"])
+
+
+def length_bias(len_a: Sequence[int], len_b: Sequence[int], p: Sequence[float], y: Sequence[int]) -> dict[str, Any]:
+    """How often the longer response is preferred, over pairs of unequal length (in characters):
+    labeler: mean o_longer where o_longer = o(p) if A is longer else 1 - o(p);
+    humans:  mean y_longer where y_longer = y if A is longer else 1 - y.
+    Returns {"pairs", "labeler_longer", "human_longer"} (shares are nan with no such pairs)."""
+    ai, hu = [], []
+    for la, lb, pi, yi in zip(len_a, len_b, p, y, strict=True):
+        if la == lb:
+            continue
+        o = outcome(pi)
+        ai.append(o if la > lb else 1.0 - o)
+        hu.append(float(yi) if la > lb else 1.0 - yi)
+    return {"pairs": len(ai), "labeler_longer": _mean(ai), "human_longer": _mean(hu)}
+
+
+def win_outcomes(p_ab: Sequence[float | None], p_ba: Sequence[float | None]) -> list[float]:
+    """Per prompt, A's result against B: with both orders, 1 if both orders prefer A
+    (P(A) > 1/2), 0 if both prefer B, 1/2 otherwise (the orders disagree: a tie); with one
+    order, o(p) of that order."""
+    out = []
+    for a, b in zip(p_ab, p_ba, strict=True):
+        if a is not None and b is not None:
+            out.append(1.0 if a > 0.5 and b > 0.5 else 0.0 if a < 0.5 and b < 0.5 else 0.5)
+        else:
+            out.append(outcome(a if a is not None else b))  # type: ignore[arg-type]
+    return out
+
+
+def win_rate(p_ab: Sequence[float | None], p_ba: Sequence[float | None], p: Sequence[float], *,
+             level: float = 0.95, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Win rate of A over B = mean of `win_outcomes` (ties count 1/2), with its bootstrap CI;
+    also wins/ties/losses and the soft win rate mean_i P(A)_i."""
+    w = win_outcomes(p_ab, p_ba)
+    lo, hi = bootstrap_ci(w, level=level, seed=seed)
+    return {"n": len(w), "win_rate": _mean(w), "ci_low": lo, "ci_high": hi, "level": level,
+            "wins": sum(x == 1.0 for x in w), "ties": sum(x == 0.5 for x in w), "losses": sum(x == 0.0 for x in w),
+            "soft_win_rate": _mean(list(p))}  # fmt: skip
+
+
+# -- evaluation over labeled rows ---------------------------------------------------------------
+def evaluate_rows(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: int = 0,
+                  bins: int = 10) -> dict[str, Any]:  # fmt: skip
+    """Every metric, per order ("ab", "ba", "both"), from eval rows (see `eval_jobs`)."""
+    y = [1 if r["human"] == "a" else 0 for r in rows]
+    la = [len(r["response_a"]) for r in rows]
+    lb = [len(r["response_b"]) for r in rows]
+    out: dict[str, Any] = {"n": len(rows), "level": level, "bins": bins, "orders": {}}
+    for order, col in (("ab", "p_a_ab"), ("ba", "p_a_ba"), ("both", "p_a")):
+        if any(r.get(col) is None for r in rows):
+            continue
+        p = [r[col] for r in rows]
+        agree = [o if yi else 1.0 - o for o, yi in zip(map(outcome, p), y, strict=True)]
+        lo, hi = bootstrap_ci(agree, level=level, seed=seed)
+        out["orders"][order] = {
+            "accuracy": accuracy(p, y), "ci_low": lo, "ci_high": hi, "brier": brier(p, y), "ece": ece(p, y, bins),
+            "length": length_bias(la, lb, p, y), "bins": calibration_bins(p, y, bins),
+        }  # fmt: skip
+    if "ab" in out["orders"] and "ba" in out["orders"]:
+        out["position_consistency"] = position_consistency([r["p_a_ab"] for r in rows], [r["p_a_ba"] for r in rows])
+        cons = [(r["p_a"], yi) for r, yi in zip(rows, y, strict=True) if r["consistent"]]
+        out["accuracy_when_consistent"] = accuracy([c[0] for c in cons], [c[1] for c in cons]) if cons else math.nan
+        out["consistent_pairs"] = len(cons)
+    return out
+
+
+def plot_reliability(metrics: dict[str, Any], path: Path) -> None:
+    """Reliability diagram: per bin, mean P(A) against the share of pairs humans gave to A."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    for order, m in metrics["orders"].items():
+        pts = [b for b in m["bins"] if b["n"]]
+        ax.plot([b["conf"] for b in pts], [b["acc"] for b in pts], "o-", label=f"{ORDERS[order]}, ECE {m['ece']:.3f}")
+    ax.set_xlabel("labeler P(A preferred), bin mean")
+    ax.set_ylabel("share of pairs humans preferred A")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability ({metrics['n']} pairs, {metrics['bins']} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_length_bias(metrics: dict[str, Any], path: Path) -> None:
+    """Bars: share of unequal-length pairs where the longer response wins, humans vs labeler."""
+    plt = _pyplot()
+    names = ["humans"] + [ORDERS[o] for o in metrics["orders"]]
+    first = next(iter(metrics["orders"].values()))
+    vals = [first["length"]["human_longer"]] + [m["length"]["labeler_longer"] for m in metrics["orders"].values()]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.bar(range(len(vals)), [0 if math.isnan(v) else v for v in vals], color=["grey"] + ["C0"] * (len(vals) - 1))
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(vals)), names, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share preferring the longer response")
+    ax.set_title(f"Length bias ({first['length']['pairs']} pairs of unequal length)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _f(x: float, nd: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -> Path:
+    """DIR/report.md with the tables, and the plots (reliability.png, length_bias.png) beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        plot_reliability(metrics, out_dir / "reliability.png")
+        plot_length_bias(metrics, out_dir / "length_bias.png")
+        plots = ["![reliability diagram](reliability.png)", "", "![length bias](length_bias.png)", ""]
+    except RuntimeError as exc:  # matplotlib missing: the numbers still matter
+        log.warning("no plots: %s", exc)
+        plots = [f"(no plots: {exc})", ""]
+    pct = round(metrics["level"] * 100)
+    lines = [
+        f"# Labeler evaluation: task `{info['task']}`",
+        "",
+        f"- input: `{info['input']}` ({metrics['n']} human-labeled pairs)",
+        f"- model: `{info['model']}`, task version `{info['task_version']}`",
+        f"- human-preferred response shown as A or B by a fair coin per item (position seed {info['position_seed']})",
+        f"- CIs: {pct}% percentile bootstrap, {2000} resamples, seed {info['seed']}",
+        "",
+        f"| labeling | accuracy vs humans | {pct}% CI | Brier | ECE ({metrics['bins']} bins) | prefers longer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for order, m in metrics["orders"].items():
+        lines.append(f"| {ORDERS[order]} | {_f(m['accuracy'])} | [{_f(m['ci_low'])}, {_f(m['ci_high'])}] | "
+                     f"{_f(m['brier'])} | {_f(m['ece'])} | {_f(m['length']['labeler_longer'])} |")  # fmt: skip
+    first = next(iter(metrics["orders"].values()), None)
+    if first is not None:
+        lines.append(f"| humans | 1.000 | | | | {_f(first['length']['human_longer'])} |")
+    lines.append("")
+    if "position_consistency" in metrics:
+        lines += [
+            f"- position consistency (both orders pick the same winner): **{_f(metrics['position_consistency'])}**",
+            f"- accuracy on the {metrics['consistent_pairs']} position-consistent pairs: "
+            f"{_f(metrics['accuracy_when_consistent'])}",
+        ]
+    if first is not None:
+        lines.append(f"- length bias over {first['length']['pairs']} pairs of unequal length (characters); "
+                     "0.5 = no preference for length")  # fmt: skip
+    lines += [
+        "",
+        "Accuracy counts a pick at exactly P(A) = 0.5 as half right. Brier = mean (P(A) - y)^2; ECE = sum over "
+        "equal-width bins of (n_b/N)|share humans chose A - mean P(A)|.",
+        "",
+        *plots,
+    ]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int = 0) -> list[Job]:
+    """Jobs for `labeler eval`: each pair with its human choice, the human-preferred response
+    shown as A or B by `swap_for_position`; rows record which side the human chose."""
+
+    def job(p: Pair) -> Job:
+        if p.human is None:
+            raise MalformedRecord(p.where, "no human choice: use TRL prompt/chosen/rejected, HH chosen/rejected, "
+                                           'or context/response_a/response_b with "preferred": "a" | "b"')  # fmt: skip
+        item = pair_item(p)
+        swap = swap_for_position(content_key({"context": item.context, "a": item.response_a,
+                                              "b": item.response_b}, {}), position_seed)  # fmt: skip
+        if swap:
+            item = PairItem(item.context, item.response_b, item.response_a)
+        human = p.human if not swap else ("b" if p.human == "a" else "a")
+        key = pair_key(item, params)
+
+        def make_row(r: dict[str, Any]) -> dict[str, Any]:
+            return {"context": item.context, "response_a": item.response_a, "response_b": item.response_b,
+                    "human": human, "swapped": swap, "p_a": r["p_a"], "p_a_ab": r["p_a_ab"], "p_a_ba": r["p_a_ba"],
+                    "consistent": r["consistent"], "label_mass": r["label_mass"]} | _meta(params, key)  # fmt: skip
+
+        return Job(key, p.where, item, make_row)
+
+    return [job(p) for p in pairs]
+
+
+def match_policies(
+    a: Sequence[tuple[Any, Single]], b: Sequence[tuple[Any, Single]]
+) -> tuple[list[tuple[Single, Single]], int, int]:
+    """Pair up two policies' outputs on the same prompts: by `id` when every record has one,
+    else by prompt text (the k-th occurrence of a prompt in A with the k-th in B). Returns
+    (matched pairs in A's order, unmatched in A, unmatched in B)."""
+    use_id = all(i is not None for i, _ in a) and all(i is not None for i, _ in b)
+
+    def keyed(rows: Sequence[tuple[Any, Single]]) -> dict[Any, Single]:
+        seen: dict[str, int] = {}
+        out = {}
+        for i, s in rows:
+            if use_id:
+                k = ("id", i)
+            else:
+                n = seen[s.context] = seen.get(s.context, -1) + 1
+                k = ("prompt", s.context, n)
+            out[k] = s
+        return out
+
+    ka, kb = keyed(a), keyed(b)
+    matched = [(s, kb[k]) for k, s in ka.items() if k in kb]
+    return matched, len(ka) - len(matched), len(kb) - len(matched)
+
+
+def winrate_jobs(matched: Sequence[tuple[Single, Single]], params: dict[str, Any]) -> list[Job]:
+    """Jobs for `labeler winrate`: policy A's response as A, policy B's as B, same prompt."""
+
+    def job(sa: Single, sb: Single) -> Job:
+        item = PairItem(sa.context, sa.response, sb.response)
+        for s in (sa, sb):
+            if not s.response.strip():
+                raise MalformedRecord(s.where, "response is empty")
+        key = pair_key(item, params)
+
+        def make_row(r: dict[str, Any]) -> dict[str, Any]:
+            w = win_outcomes([r["p_a_ab"]], [r["p_a_ba"]])[0]
+            return {"prompt": sa.prompt, "response_a": sa.completion, "response_b": sb.completion, "p_a": r["p_a"],
+                    "p_a_ab": r["p_a_ab"], "p_a_ba": r["p_a_ba"], "consistent": r["consistent"],
+                    "outcome": w} | _meta(params, key)  # fmt: skip
+
+        return Job(key, f"A {sa.where} / B {sb.where}", item, make_row)
+
+    return [job(sa, sb) for sa, sb in matched]

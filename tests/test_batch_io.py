@@ -1,0 +1,147 @@
+"""Reading and normalizing pair files, content keys, and the append-only output (no model)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from labeler import datasets_io as io
+from labeler.batch import JsonlSink, Summary, collect
+from labeler.errors import InvalidInput
+
+USER = [{"role": "user", "content": "Name a fruit."}]
+HH_CTX = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant:"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_hh_transcripts_split_into_shared_context_and_final_responses():
+    p = io.normalize_pair("line 1", {"chosen": HH_CTX + " Apple.", "rejected": HH_CTX + " Chair."})
+    assert p.fmt == "hh" and p.human == "a"
+    assert p.context == "Human: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit."
+    assert (p.response_a, p.response_b) == ("Apple.", "Chair.")
+    # the output keeps TRL's split: prompt + chosen is the original transcript
+    assert p.prompt + p.orig_a == HH_CTX + " Apple." and p.prompt + p.orig_b == HH_CTX + " Chair."
+
+
+def test_hh_with_different_contexts_is_malformed():
+    other = HH_CTX.replace("Hi", "Hey")
+    with pytest.raises(io.MalformedRecord, match="line 4: the chosen and rejected transcripts differ"):
+        io.normalize_pair("line 4", {"chosen": HH_CTX + " A.", "rejected": other + " B."})
+    with pytest.raises(io.MalformedRecord, match="HH-RLHF"):
+        io.normalize_pair("line 2", {"chosen": "just text", "rejected": "more text"})
+
+
+def test_trl_text_and_conversational_formats():
+    p = io.normalize_pair("l", {"prompt": "Q?", "chosen": "yes", "rejected": "no"})
+    assert (p.context, p.response_a, p.response_b, p.fmt, p.human) == ("Q?", "yes", "no", "trl", "a")
+    chosen = [{"role": "assistant", "content": "Apple."}]
+    rejected = [{"role": "assistant", "content": "Chair."}]
+    p = io.normalize_pair("l", {"prompt": USER, "chosen": chosen, "rejected": rejected})
+    assert (p.context, p.response_a, p.response_b) == ("user: Name a fruit.", "Apple.", "Chair.")
+    assert p.prompt == USER and p.orig_a == chosen
+    # implicit prompt: the shared leading turns
+    p = io.normalize_pair("l", {"chosen": USER + chosen, "rejected": USER + rejected})
+    assert (p.fmt, p.prompt, p.orig_a, p.orig_b, p.context) == ("trl-implicit", USER, chosen, rejected,
+                                                                "user: Name a fruit.")  # fmt: skip
+    with pytest.raises(io.MalformedRecord, match="all be text or all be messages"):
+        io.normalize_pair("l", {"prompt": "Q?", "chosen": chosen, "rejected": "no"})
+
+
+def test_plain_pairs_and_their_optional_human_choice():
+    p = io.normalize_pair("l", {"context": "Q?", "response_a": "a1", "response_b": "b1"})
+    assert (p.context, p.response_a, p.response_b, p.human, p.fmt) == ("Q?", "a1", "b1", None, "pairs")
+    assert io.normalize_pair("l", {"context": "", "response_a": "x", "response_b": "y", "preferred": "b"}).human == "b"
+    with pytest.raises(io.MalformedRecord, match="'preferred' must be"):
+        io.normalize_pair("l", {"context": "", "response_a": "x", "response_b": "y", "preferred": 1})
+
+
+def test_single_formats():
+    s = io.normalize_single("l", {"prompt": USER, "completion": [{"role": "assistant", "content": "Apple."}]})
+    assert (s.context, s.response) == ("user: Name a fruit.", "Apple.")
+    s = io.normalize_single("l", {"context": "Q?", "response": "A."})
+    assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
+    with pytest.raises(io.MalformedRecord, match="expected prompt/completion"):
+        io.normalize_single("l", {"text": "x"})
+
+
+def test_malformed_lines_are_named_and_stop_before_anything(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": "Q?", "chosen": "y", "rejected": "n"},
+        "",
+        '{"prompt": "Q?", "chosen": "y"',
+        {"question": "what?"},
+        {"prompt": "Q2?", "chosen": "y", "rejected": "n"},
+    ])  # fmt: skip
+    with pytest.raises(io.MalformedRecord, match=r"in\.jsonl, line 3: not valid JSON"):
+        collect(path, io.normalize_pair)
+    summary = Summary()
+    pairs = collect(path, io.normalize_pair, skip_invalid=True, summary=summary)
+    assert [p.where.rsplit(", ", 1)[1] for p in pairs] == ["line 1", "line 5"]
+    assert len(summary.invalid) == 2 and "line 3" in summary.invalid[0] and "line 4" in summary.invalid[1]
+    assert "not a known pair format" in summary.invalid[1]
+
+
+def test_parquet_input(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q?", "chosen": "y", "rejected": "n"}]), path)
+    pairs = collect(path, io.normalize_pair)
+    assert len(pairs) == 1 and pairs[0].where.endswith("row 1") and pairs[0].response_a == "y"
+
+
+def test_saved_dataset_directory_with_splits(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "Q?", "chosen": "y", "rejected": "n"}, {"prompt": "R?", "chosen": "a", "rejected": "b"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    pairs = collect(tmp_path / "one", io.normalize_pair)
+    assert [(p.context, p.response_a, p.response_b) for p in pairs] == [("Q?", "y", "n"), ("R?", "a", "b")]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(InvalidInput, match="choose one with --split"):
+        list(io.read_records(tmp_path / "dd"))
+    assert len(collect(tmp_path / "dd", io.normalize_pair, split="test")) == 1
+
+
+def test_saved_dataset_directory_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # what `import datasets` sees when it is absent
+    with pytest.raises(InvalidInput, match="needs `datasets`"):
+        list(io.read_records(tmp_path))
+
+
+def test_content_keys_and_the_position_coin():
+    params = {"task": "t", "task_version": "v1", "model": "m", "order": "both", "cot": False, "samples": 1, "seed": 0}
+    item = {"kind": "pair", "context": "c", "a": "x", "b": "y"}
+    k = io.content_key(item, params)
+    assert k == io.content_key(dict(reversed(item.items())), dict(params))  # canonical JSON
+    assert k != io.content_key(item, params | {"task_version": "v2"})
+    assert k != io.content_key(item, params | {"order": "ab"})
+    assert k != io.content_key(item | {"a": "y", "b": "x"}, params)
+    swaps = [io.swap_for_position(f"key{i}", 0) for i in range(400)]
+    assert swaps == [io.swap_for_position(f"key{i}", 0) for i in range(400)]
+    assert 150 < sum(swaps) < 250
+    assert swaps != [io.swap_for_position(f"key{i}", 1) for i in range(400)]
+
+
+def test_sink_cuts_off_a_torn_last_line_and_refuses_a_corrupt_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    sink = JsonlSink(path)
+    sink.append([{"key": "a", "x": 1}, {"key": "b", "x": 2}])
+    whole = path.read_bytes()
+    with path.open("ab") as f:
+        f.write(b'{"key": "c", "x"')  # a run killed mid-write
+    sink = JsonlSink(path)
+    assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == whole
+    sink.append([{"key": "c", "x": 3}])
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(InvalidInput, match="line 2 is not a row"):
+        JsonlSink(path)

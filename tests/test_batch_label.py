@@ -1,0 +1,194 @@
+"""`labeler label` with the real embedded model: formats, scores, resuming a killed run, --url.
+
+In-process runs use the session model (the CLI's `build_labeler` is pointed at the session
+`labeler`); the kill-and-resume test runs the real console script in subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from labeler import PairItem, ScoreItem, cli
+from labeler.batch import (
+    JsonlSink,
+    LocalBackend,
+    Summary,
+    build_jobs,
+    collect,
+    label_pair_jobs,
+    make_params,
+    run_jobs,
+)
+from labeler.datasets_io import normalize_pair
+from tests.fixtures.model import TEST_TASKS
+
+pytestmark = pytest.mark.model
+
+HH = "\n\nHuman: Name a fruit.\n\nAssistant:"
+
+
+@pytest.fixture
+def in_process(labeler, monkeypatch):
+    """Run `labeler ...` in this process on the session model; returns the exit code."""
+    monkeypatch.setattr(cli, "build_labeler", lambda args: labeler)
+
+    def run(*argv):
+        return cli.main([*argv, "--no-progress"])
+
+    return run
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_process, capsys):
+    src = write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": HH + " Apple.", "rejected": HH + " Chair."},
+        {"oops": "not a pair"},
+        {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 5", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 4"},
+    ])  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    assert in_process("label", str(src), str(out), "--task", "tiny", "--skip-invalid", "--json") == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "line 2: not a known pair format" in captured.err
+    assert (summary["items"], summary["labeled"], summary["invalid"], summary["skipped"]) == (2, 2, 1, 0)
+
+    ref = labeler.preferences([PairItem("Human: Name a fruit.", "Apple.", "Chair."), PairItem("Human: 2+2?", "5", "4")],
+                              "tiny")  # fmt: skip
+    got = rows(out)
+    assert len(got) == 2
+    for row, r, (a, b) in zip(got, ref, [(" Apple.", " Chair."), (" 5", " 4")], strict=True):
+        assert row["p_a"] == pytest.approx(r.p_a, abs=1e-5)
+        assert row["p_a_ab"] == pytest.approx(r.p_a_ab, abs=1e-5) and row["p_a_ba"] == pytest.approx(r.p_a_ba, abs=1e-5)
+        assert row["consistent"] == r.consistent
+        # chosen is the labeler's pick, in the input's own (HH) form, so prompt + chosen is a transcript
+        a_wins = r.p_a >= 0.5
+        assert (row["chosen"], row["rejected"]) == ((a, b) if a_wins else (b, a))
+        assert row["p_chosen"] == pytest.approx(max(r.p_a, r.p_b), abs=1e-5) and row["p_chosen"] >= 0.5
+        assert row["prompt"].endswith("\n\nAssistant:")
+        assert row["task"] == "tiny" and row["task_version"] == labeler.task("tiny").version
+        assert row["model"] == labeler.model_id and len(row["key"]) == 64
+    incons = sum(not r.consistent for r in ref) / 2
+    assert summary["position_inconsistent_share"] == pytest.approx(incons)
+
+    # a re-run labels nothing and leaves the file alone
+    before = out.read_bytes()
+    assert in_process("label", str(src), str(out), "--task", "tiny", "--skip-invalid", "--json") == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["labeled"], again["skipped"]) == (0, 2) and out.read_bytes() == before
+
+
+def test_malformed_line_stops_the_run_naming_it_and_writes_nothing(tmp_path, in_process, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q?", "chosen": "y", "rejected": "n"}, '{"prompt": "Q?",'])
+    out = tmp_path / "out.jsonl"
+    assert in_process("label", str(src), str(out), "--task", "tiny") == 2
+    err = capsys.readouterr().err
+    assert "line 2: not valid JSON" in err and "Traceback" not in err
+    assert not out.exists()
+    # an empty response is found before labeling too
+    write_jsonl(src, [{"prompt": "Q?", "chosen": "y", "rejected": "n"}, {"prompt": "Q", "chosen": " ", "rejected": ""}])
+    assert in_process("label", str(src), str(out), "--task", "tiny") == 2
+    assert "line 2: response_a is empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_scores_mode_for_conversational_completions(tmp_path, labeler, in_process, capsys):
+    user = [{"role": "user", "content": "Name a fruit."}]
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt": user, "completion": [{"role": "assistant", "content": "Apple."}]},
+        {"prompt": user, "completion": [{"role": "assistant", "content": "Chair."}]},
+    ])  # fmt: skip
+    out = tmp_path / "scores.jsonl"
+    assert in_process("label", str(src), str(out), "--task", "tiny", "--scores", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["labeled"] == 2
+    ref = labeler.scores([ScoreItem("user: Name a fruit.", "Apple."), ScoreItem("user: Name a fruit.", "Chair.")],
+                         "tiny")  # fmt: skip
+    for row, r in zip(rows(out), ref, strict=True):
+        assert row["prompt"] == user and row["completion"][0]["role"] == "assistant"
+        assert row["reward"] == pytest.approx(r.reward, abs=1e-5)
+        assert row["distribution"] == pytest.approx(r.distribution, abs=1e-5)
+        assert row["expected"] == pytest.approx(r.expected, abs=1e-5)
+
+
+def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(tmp_path, labeler):
+    pairs = [
+        {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Chair."},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": "Sky color?", "chosen": "Blue.", "rejected": "Green."},
+        {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", pairs)
+    out = tmp_path / "out.jsonl"
+    env = os.environ | {"LABELER_TASKS_DIR": str(TEST_TASKS)}
+    cmd = [sys.executable, "-m", "labeler.cli", "label", str(src), str(out), "--task", "tiny", "--order", "ab",
+           "--chunk-size", "1", "--no-progress", "--json"]  # fmt: skip
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_bytes().endswith(b"\n")):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no row written in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    written = out.read_text().splitlines()
+    assert 1 <= len(written) < len(pairs), "the run finished before it could be killed"
+    with out.open("a") as f:
+        f.write('{"prompt": "Say hi.", "cho')  # as if killed in the middle of a write
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["skipped"] == len(written) and summary["labeled"] == len(pairs) - len(written)
+
+    # The same input, uninterrupted, in-process on the session model.
+    ref_out = tmp_path / "ref.jsonl"
+    backend = LocalBackend(labeler)
+    params = make_params(backend, "tiny", order="ab")
+    jobs = build_jobs(collect(src, normalize_pair), label_pair_jobs, params, skip_invalid=False, summary=Summary())
+    asyncio.run(run_jobs(jobs, backend, JsonlSink(ref_out), "pairs", params, progress=False))
+
+    got, ref = rows(out), rows(ref_out)
+    assert [r["key"] for r in got] == [r["key"] for r in ref]
+    for g, r in zip(got, ref, strict=True):
+        assert (g["prompt"], g["chosen"], g["rejected"]) == (r["prompt"], r["chosen"], r["rejected"])
+        assert g["p_a"] == pytest.approx(r["p_a"], abs=1e-4) and g["p_chosen"] == pytest.approx(r["p_chosen"], abs=1e-4)
+        assert g["p_a_ba"] is None and g["consistent"] is None and g["chosen_is"] == r["chosen_is"]
+        assert set(g) == set(r) and all(g[k] == r[k] for k in ("task", "task_version", "model"))
+
+
+def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, capsys):
+    pytest.importorskip("labeler_client")
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"context": "Name a fruit.", "response_a": "Chair.", "response_b": "Apple."},
+        {"context": "2+2?", "response_a": "4", "response_b": "5"},
+    ])  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    argv = ["label", str(src), str(out), "--task", "tiny", "--url", live_server.url, "--no-progress", "--json"]
+    assert cli.main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["labeled"] == 2 and first["model"] == labeler.model_id
+    ref = labeler.preferences([PairItem("Name a fruit.", "Chair.", "Apple."), PairItem("2+2?", "4", "5")], "tiny")
+    for row, r, (a, b) in zip(rows(out), ref, [("Chair.", "Apple."), ("4", "5")], strict=True):
+        assert row["p_a"] == pytest.approx(r.p_a, abs=1e-4)
+        assert row["chosen"] == (a if r.p_a >= 0.5 else b) and row["rejected"] == (b if r.p_a >= 0.5 else a)
+        assert row["task_version"] == labeler.task("tiny").version
+    # same items into a new file: the service answers from its cache
+    argv[2] = str(tmp_path / "again.jsonl")
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["cached"] == 2
+    assert [r["key"] for r in rows(tmp_path / "again.jsonl")] == [r["key"] for r in rows(out)]
