@@ -144,3 +144,15 @@ def test_short_shared_edges_are_merged_into_their_children():
     assert {c.edge for c in forest[1].children} == {(6,), (7,)}
     # A limit of 1 keeps the exact trie.
     assert len(merge_short_edges(build_prefix_tree(seqs), 1)) == 1
+
+
+def test_nodes_are_grouped_by_width_to_bound_padding():
+    from labeler.engines.transformers_engine import _Node, group_by_width
+
+    nodes = [_Node(edge=(0,) * n) for n in (300, 10, 290, 12, 100, 11)]
+    groups = group_by_width(nodes, slack=0.25, min_tokens=16)
+    assert [[len(n.edge) for n in g] for g in groups] == [[300, 290], [100], [12, 11, 10]]
+    for g in groups:  # each group's padding is within the slack
+        assert len(g[0].edge) * len(g) <= 1.25 * sum(len(n.edge) for n in g)
+    # Small groups are not split: below min_tokens everything runs as one forward.
+    assert len(group_by_width(nodes[:2], min_tokens=1000)) == 1

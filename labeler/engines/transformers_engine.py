@@ -5,8 +5,9 @@ prefix) through one *prefix tree* forward: the sequences of a batch are arranged
 compressed trie, and the trie is run level by level, each node's tokens once, on top of
 its parent's KV cache. So the shared preamble of a batch is computed once, the shared
 context of the two orders of a pair once, and a label prefix such as "1" of "10" costs
-one token on top of the prompt's cache. Nodes of one level run as one padded batch;
-padding sits inside the sequence, masked out, with explicit position ids.
+one token on top of the prompt's cache. Nodes of one level run as padded batches, grouped
+by length so that padding stays small (`group_by_width`); padding sits inside the sequence,
+masked out, with explicit position ids.
 
 A shared edge shorter than `min_shared_tokens` is not given a level of its own: it is
 copied into its children (`merge_short_edges`). Digit-split numbers ("Post 1" / "Post 10")
@@ -44,7 +45,6 @@ class _Node:
     edge: TokenIds
     children: list[_Node] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)  # indices of sequences ending here
-    row: int = -1  # row of this node in its level's batch
 
 
 def build_prefix_tree(seqs: Sequence[TokenIds]) -> _Node:
@@ -84,6 +84,24 @@ def merge_short_edges(node: _Node, min_tokens: int) -> list[_Node]:
         c.edge = node.edge + c.edge
         out.append(c)
     return out
+
+
+def group_by_width(nodes: Sequence[_Node], *, slack: float = 0.25, min_tokens: int = 256) -> list[list[_Node]]:
+    """`nodes` in groups that each run as one padded forward: longest edges first, a group
+    closed once padding it to its widest edge would cost more than `slack` × its real tokens
+    (and it holds at least `min_tokens`, so short nodes do not each get a forward)."""
+    groups: list[list[_Node]] = []
+    cur: list[_Node] = []
+    real = 0
+    for n in sorted(nodes, key=lambda n: -len(n.edge)):
+        if cur and real >= min_tokens and len(cur[0].edge) * (len(cur) + 1) > (1 + slack) * (real + len(n.edge)):
+            groups.append(cur)
+            cur, real = [], 0
+        cur.append(n)
+        real += len(n.edge)
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 class TransformersEngine:
@@ -194,71 +212,79 @@ class TransformersEngine:
         return [c for c in chunks if c]
 
     def _tree_logprobs(self, seqs: list[TokenIds], wanted: list[TokenIds]) -> list[list[float]]:
-        torch = self._torch
-        level = merge_short_edges(build_prefix_tree(seqs), self.min_shared_tokens)
         results: list[list[float]] = [[] for _ in seqs]
-        past = None  # (list of (k, v) per layer, attention mask [rows, past_len], real lengths [rows])
-        parents: list[int] = [-1] * len(level)
+        roots = merge_short_edges(build_prefix_tree(seqs), self.min_shared_tokens)
+        # Depth-first over groups of nodes: a group's KV cache lives only until its subtree is done.
+        todo: list[tuple[list[_Node], Any]] = [(roots, None)]
         try:
-            with torch.inference_mode():
-                while level:
-                    width = max(len(n.edge) for n in level)
-                    ids = torch.full((len(level), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                    edge_mask = torch.zeros((len(level), width), dtype=torch.long)
-                    for row, node in enumerate(level):
-                        node.row = row
-                        ids[row, : len(node.edge)] = torch.tensor(node.edge)
-                        edge_mask[row, : len(node.edge)] = 1
-                    if past is None:
-                        cache, mask, start = None, edge_mask, torch.zeros(len(level), dtype=torch.long)
-                    else:
-                        kv, pmask, plen = past
-                        sel = torch.tensor(parents)
-                        sel_dev = sel.to(self.device)
-                        cache = self._cache([(k[sel_dev], v[sel_dev]) for k, v in kv])
-                        mask = torch.cat([pmask[sel], edge_mask], dim=1)
-                        start = plen[sel]
-                    positions = start[:, None] + torch.arange(width)[None, :]
-                    # Where labels are read: the last token of every node some sequence ends at.
-                    reads = [(n.row, len(n.edge) - 1, i) for n in level for i in n.ends]
-                    cols = sorted({c for _, c, _ in reads})
-                    extra: dict[str, Any] = {}
-                    if self._keep_logits:
-                        extra["logits_to_keep"] = torch.tensor(cols, device=self.device) if cols else 1
-                    outputs = self.model(
-                        input_ids=ids.to(self.device),
-                        attention_mask=mask.to(self.device),
-                        position_ids=positions.to(self.device),
-                        past_key_values=cache if cache is not None else self._cache(None),
-                        use_cache=True,
-                        **extra,
-                    )
-                    self.stats.computed_tokens += int(edge_mask.sum())
-                    self.stats.batch_sizes.append(len(level))
-                    if reads:
-                        col_of = {c: j for j, c in enumerate(cols)} if self._keep_logits else {c: c for c in cols}
-                        rows = torch.tensor([r for r, _, _ in reads], device=self.device)
-                        at = torch.tensor([col_of[c] for _, c, _ in reads], device=self.device)
-                        lp = torch.log_softmax(outputs.logits[rows, at].float(), dim=-1)
-                        # One gather and one device→host copy for the whole level.
-                        flat_rows = [j for j, (_, _, i) in enumerate(reads) for _ in wanted[i]]
-                        flat_toks = [t for _, _, i in reads for t in wanted[i]]
-                        vals = lp[torch.tensor(flat_rows, device=self.device),
-                                  torch.tensor(flat_toks, device=self.device)].tolist()  # fmt: skip
-                        pos = 0
-                        for _, _, i in reads:
-                            results[i] = vals[pos : pos + len(wanted[i])]
-                            pos += len(wanted[i])
-                    nxt = [c for n in level for c in n.children]
-                    if not nxt:
-                        break
-                    kv_new = [(k, v) for k, v, *_ in outputs.past_key_values]
-                    past = (kv_new, mask, start + edge_mask.sum(dim=1))
-                    parents = [n.row for n in level for _ in n.children]
-                    level = nxt
+            with self._torch.inference_mode():
+                while todo:
+                    nodes, past = todo.pop()
+                    for group in reversed(group_by_width(nodes)):
+                        kv = self._forward_group(group, past, wanted, results)
+                        kids = [c for n in group for c in n.children]
+                        if kids:
+                            todo.append((kids, kv))
         except RuntimeError as exc:
             raise EngineError(f"forward failed: {exc}") from exc
         return results
+
+    def _forward_group(self, group: list[_Node], past: Any, wanted: list[TokenIds],
+                       results: list[list[float]]) -> Any:  # fmt: skip
+        """Run `group`'s edges on top of their parents' cache `past`; store the label
+        log-probs of the sequences ending in it; return its own cache for its children."""
+        torch = self._torch
+        width = max(len(n.edge) for n in group)
+        ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        edge_mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, node in enumerate(group):
+            ids[row, : len(node.edge)] = torch.tensor(node.edge)
+            edge_mask[row, : len(node.edge)] = 1
+        if past is None:
+            cache, mask, start = self._cache(None), edge_mask, torch.zeros(len(group), dtype=torch.long)
+        else:
+            kv, pmask, plen, rows_of = past
+            sel = torch.tensor([rows_of[id(n)] for n in group])
+            sel_dev = sel.to(self.device)
+            cache = self._cache([(k[sel_dev], v[sel_dev]) for k, v in kv])
+            mask = torch.cat([pmask[sel], edge_mask], dim=1)
+            start = plen[sel]
+        positions = start[:, None] + torch.arange(width)[None, :]
+        # Where labels are read: the last token of every node some sequence ends at.
+        reads = [(row, len(n.edge) - 1, i) for row, n in enumerate(group) for i in n.ends]
+        cols = sorted({c for _, c, _ in reads})
+        extra: dict[str, Any] = {}
+        if self._keep_logits:
+            extra["logits_to_keep"] = torch.tensor(cols, device=self.device) if cols else 1
+        outputs = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+        self.stats.computed_tokens += int(edge_mask.sum())
+        self.stats.batch_sizes.append(len(group))
+        if reads:
+            col_of = {c: j for j, c in enumerate(cols)} if self._keep_logits else {c: c for c in cols}
+            rows = torch.tensor([r for r, _, _ in reads], device=self.device)
+            at = torch.tensor([col_of[c] for _, c, _ in reads], device=self.device)
+            lp = torch.log_softmax(outputs.logits[rows, at].float(), dim=-1)
+            # One gather and one device→host copy for the whole group.
+            flat_rows = [j for j, (_, _, i) in enumerate(reads) for _ in wanted[i]]
+            flat_toks = [t for _, _, i in reads for t in wanted[i]]
+            vals = lp[torch.tensor(flat_rows, device=self.device),
+                      torch.tensor(flat_toks, device=self.device)].tolist()  # fmt: skip
+            pos = 0
+            for _, _, i in reads:
+                results[i] = vals[pos : pos + len(wanted[i])]
+                pos += len(wanted[i])
+        if not any(n.children for n in group):
+            return None
+        rows_of = {id(c): row for row, n in enumerate(group) for c in n.children}
+        kv_new = [(k, v) for k, v, *_ in outputs.past_key_values]
+        return (kv_new, mask, start + edge_mask.sum(dim=1), rows_of)
 
     def _cache(self, kv: list[tuple[Any, Any]] | None) -> Any:
         from transformers import DynamicCache
