@@ -120,30 +120,36 @@ def test_prefix_tree_shape():
     assert root.edge == (1,) and not root.ends
     kids = {c.edge: c for c in root.children}
     assert set(kids) == {(2, 3), (9,)}
-    assert kids[(2, 3)].ends == [2] and {c.edge for c in kids[(2, 3)].children} == {(4,), (5,)}
+    assert kids[(2, 3)].ends == [(2, 1)] and {c.edge for c in kids[(2, 3)].children} == {(4,), (5,)}
     no_common = build_prefix_tree([(1,), (2, 3)])
     assert no_common.edge == () and len(no_common.children) == 2
 
 
-def test_short_shared_edges_are_merged_into_their_children():
-    # "Post 1" / "Post 10" / "Post 12": digit-split numbers share one-token edges.
-    seqs = [(1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 7), (1, 2), (1, 9, 9, 9, 9, 9)]
+def test_short_shared_edges_are_merged_and_prefix_sequences_read_inside_longer_ones():
+    # "Post 1" / "Post 10" / "Post 12": digit-split numbers share one-token edges; (1, 2) is
+    # a prefix of (1, 2, 3, 4, 5, 6) but shares its node with another branch.
+    seqs = [(1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 5, 7), (1, 2), (1, 9, 9, 9, 9, 9), (8, 8, 8, 8), (8, 8, 8, 8, 0)]
     forest = merge_short_edges(build_prefix_tree(seqs), 3)
 
-    def flat(nodes, prefix=()):
+    def reads(nodes, prefix=()):
         for n in nodes:
-            yield prefix + n.edge, n.ends
-            yield from flat(n.children, prefix + n.edge)
+            for i, pos in n.ends:
+                yield i, prefix + n.edge[: pos + 1]
+            yield from reads(n.children, prefix + n.edge)
 
-    got = dict(flat(forest))
-    # Each sequence still ends at a node spelling exactly its tokens, and nothing else ends.
-    assert {seqs[i]: True for ends in got.values() for i in ends} == {s: True for s in seqs}
-    assert all(path == seqs[i] for path, ends in got.items() for i in ends)
-    # The short shared (1,) and (1, 2) edges are gone; the long shared (1, 2, 3, 4, 5) stays.
-    assert [n.edge for n in forest] == [(1, 2), (1, 2, 3, 4, 5), (1, 9, 9, 9, 9, 9)]
-    assert {c.edge for c in forest[1].children} == {(6,), (7,)}
-    # A limit of 1 keeps the exact trie.
-    assert len(merge_short_edges(build_prefix_tree(seqs), 1)) == 1
+    got = sorted(reads(forest))
+    # Every sequence is read exactly once, at the position of its own last token.
+    assert got == [(i, s) for i, s in enumerate(seqs)]
+    # The short shared edge (1,) is gone; the long shared (1, 2, 3, 4, 5) stays, and (1, 2)
+    # is read inside it; (8, 8, 8, 8) is read inside the forward of (8, 8, 8, 8, 0).
+    edges = sorted(n.edge for n in forest)
+    assert edges == [(1, 2, 3, 4, 5), (1, 9, 9, 9, 9, 9), (8, 8, 8, 8, 0)]
+    shared = next(n for n in forest if n.edge == (1, 2, 3, 4, 5))
+    assert shared.ends == [(2, 1)] and {c.edge for c in shared.children} == {(6,), (7,)}
+    folded = next(n for n in forest if n.edge == (8, 8, 8, 8, 0))
+    assert sorted(folded.ends) == [(4, 3), (5, 4)] and not folded.children
+    # A limit of 1 keeps the trie's sharing; only the single-child chain is folded.
+    assert len(merge_short_edges(build_prefix_tree(seqs), 1)) == 2
 
 
 def test_nodes_are_grouped_by_width_to_bound_padding():

@@ -44,11 +44,13 @@ from .base import (
 class _Node:
     edge: TokenIds
     children: list[_Node] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)  # indices of sequences ending here
+    # (sequence index, position in `edge` of its last token) for the sequences read here
+    ends: list[tuple[int, int]] = field(default_factory=list)
 
 
 def build_prefix_tree(seqs: Sequence[TokenIds]) -> _Node:
-    """Compressed trie of `seqs`. The root's edge may be empty (no common prefix)."""
+    """Compressed trie of `seqs`. The root's edge may be empty (no common prefix). A sequence
+    that ends where others go on ends at the last token of a node's edge."""
 
     def build(idx: list[int], offset: int) -> _Node:
         first = seqs[idx[0]]
@@ -60,7 +62,7 @@ def build_prefix_tree(seqs: Sequence[TokenIds]) -> _Node:
         groups: dict[int, list[int]] = {}
         for i in idx:
             if len(seqs[i]) == n:
-                node.ends.append(i)
+                node.ends.append((i, n - offset - 1))
             else:
                 groups.setdefault(seqs[i][n], []).append(i)
         node.children = [build(g, n) for g in groups.values()]
@@ -72,15 +74,29 @@ def build_prefix_tree(seqs: Sequence[TokenIds]) -> _Node:
 
 
 def merge_short_edges(node: _Node, min_tokens: int) -> list[_Node]:
-    """The nodes that replace `node` once every shared edge shorter than `min_tokens` is
-    pushed down into its children (bottom-up). A merged node's own sequences become a leaf
-    with its edge. The tokens and positions each sequence is computed with are unchanged;
-    only what is shared changes. Leaves are never merged."""
+    """The nodes that replace `node` in the forward plan (bottom-up):
+
+    - a node with a single child absorbs it: a causal model's logits at a position do not
+      depend on the tokens after it, so a sequence that is a prefix of another is read inside
+      the longer one's forward ("1" and "1","0" of the label "10": one forward, not two);
+    - a shared edge shorter than `min_tokens` is pushed down into its children; a merged
+      node's own sequences become a leaf with its edge.
+
+    The tokens and positions each sequence is computed with are unchanged; only what is
+    shared, and where it is read, changes.
+    """
     node.children = [m for c in node.children for m in merge_short_edges(c, min_tokens)]
+    if len(node.children) == 1:
+        (child,) = node.children
+        shift = len(node.edge)
+        node.ends += [(i, shift + pos) for i, pos in child.ends]
+        node.edge += child.edge
+        node.children = child.children
     if len(node.edge) >= min_tokens or not node.children:
         return [node]
     out = [_Node(edge=node.edge, ends=node.ends)] if node.ends else []
     for c in node.children:
+        c.ends = [(i, len(node.edge) + pos) for i, pos in c.ends]
         c.edge = node.edge + c.edge
         out.append(c)
     return out
@@ -250,8 +266,8 @@ class TransformersEngine:
             mask = torch.cat([pmask[sel], edge_mask], dim=1)
             start = plen[sel]
         positions = start[:, None] + torch.arange(width)[None, :]
-        # Where labels are read: the last token of every node some sequence ends at.
-        reads = [(row, len(n.edge) - 1, i) for row, n in enumerate(group) for i in n.ends]
+        # Where labels are read: the last token of every sequence that ends in this group.
+        reads = [(row, pos, i) for row, n in enumerate(group) for i, pos in n.ends]
         cols = sorted({c for _, c, _ in reads})
         extra: dict[str, Any] = {}
         if self._keep_logits:
