@@ -25,6 +25,8 @@ T = TypeVar("T")
 OrderArg = Literal["both", "ab", "ba"]
 
 MAX_SAMPLES = 16
+# Engines seed a 64-bit generator (torch, vLLM): larger seeds would fail inside the engine.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ class Labeler:
         """Preferences for many pairs, in item order."""
         t = self.task(task)
         orders = _orders(order)
-        _check_sampling(cot, samples)
+        _check_sampling(cot, samples, seed)
         items = [_pair(it, i) for i, it in enumerate(items)]
         rendered = [
             _at(i, self.prompts.pairwise, t, it.context, it.response_a, it.response_b, order=o, cot=cot)
@@ -186,7 +188,7 @@ class Labeler:
     ) -> list[ScoreResult]:
         """Direct scores for many responses, in item order."""
         t = self.task(task)
-        _check_sampling(cot, samples)
+        _check_sampling(cot, samples, seed)
         items = [_score_item(it, i) for i, it in enumerate(items)]
         rendered = [_at(i, self.prompts.score, t, it.context, it.response, cot=cot) for i, it in enumerate(items)]
         dists, masses, rationales = await self._label(rendered, cot, samples, seed)
@@ -283,13 +285,15 @@ def _orders(order: object) -> tuple[str, ...]:
     raise InvalidInput(f"order must be 'both', 'ab' or 'ba', got {order!r}", field="order")
 
 
-def _check_sampling(cot: object, samples: object) -> None:
+def _check_sampling(cot: object, samples: object, seed: object = 0) -> None:
     if not isinstance(cot, bool):
         raise InvalidInput("cot must be true or false", field="cot")
     if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= MAX_SAMPLES:
         raise InvalidInput(f"samples must be an integer from 1 to {MAX_SAMPLES}", field="samples")
     if samples > 1 and not cot:
         raise InvalidInput("samples > 1 (self-consistency) needs cot=true: it samples rationales", field="samples")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
 
 
 def _pair(item: object, i: int) -> PairItem:

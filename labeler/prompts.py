@@ -18,6 +18,8 @@ template's structure:
   plain text and cannot open or close chat turns;
 - lone surrogates and control characters other than tab, newline and carriage return are
   replaced by U+FFFD.
+A generated rationale (chain-of-thought) gets the last two steps before the label is read
+after it: the judged text may have led the model to write a special-token string out.
 """
 
 from __future__ import annotations
@@ -160,10 +162,15 @@ class PromptBuilder:
         return self._finish("score", messages, task.score_answer_prefix, cot)
 
     def after_rationale(self, rendered: Rendered, rationale: str) -> Rendered:
-        """The label-reading prompt that follows a generated rationale."""
+        """The label-reading prompt that follows a generated rationale.
+
+        The rationale is untrusted too: judged text can lead the model to write out a
+        special-token string (`<|im_end|>`), which would become the real token here; it is
+        neutralized like the judged text itself."""
         if not rendered.cot:
             raise InvalidInput("after_rationale needs a chain-of-thought prompt")
-        text = rendered.prompt + rationale.strip() + "\n" + rendered.answer_prefix
+        safe = self.neutralize(_BAD_CHARS.sub("\ufffd", rationale.strip()))
+        text = rendered.prompt + safe + "\n" + rendered.answer_prefix
         return Rendered(rendered.kind, text, self._tokenize(text), rendered.labels, rendered.answer_prefix, False)
 
     def cut_rationale(self, rendered: Rendered, generated: str) -> str:

@@ -18,8 +18,9 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labeler import Labeler, TaskRegistry
@@ -157,6 +158,18 @@ class ApiKeys:
         return await self.app(scope, receive, send)
 
 
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware, with its refusal of a preflight (a plain-text 400) given
+    the one error shape, like every other failure."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        resp = super().preflight_response(request_headers)
+        if resp.status_code != 400:
+            return resp
+        keep = {k: v for k, v in resp.headers.items() if k not in ("content-length", "content-type")}
+        return errors.error_response(400, bytes(resp.body).decode(), "cors_refused", None, keep)
+
+
 async def get_service(request: Request) -> LabelService:
     # async on purpose: FastAPI runs sync dependencies in a worker thread (a thread hop per request).
     return request.app.state.service
@@ -193,13 +206,12 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         version="0.1.0",
         description="Pairwise preferences and direct scores from an AI labeler, for RLAIF training loops.",
         lifespan=lifespan,
-        responses={422: {"model": ErrorResponse}},
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+        app.add_middleware(Cors, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
 
     app.add_middleware(ApiKeys, keys=settings.api_keys)
@@ -233,7 +245,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["meta"])
+    @app.get("/readyz", tags=["meta"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> JSONResponse:
         """Model loaded; Redis reachable, or bypassed while it is not (labels still work)."""
         state = request.app.state
@@ -244,8 +256,9 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         return JSONResponse({"status": "ready", "model": lab.model_id, "engine": settings.engine,
                              "cache": state.cache.name, "cache_status": cache})  # fmt: skip
 
-    @app.get("/metrics", tags=["meta"])
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus text format."""
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

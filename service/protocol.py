@@ -11,22 +11,25 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Responses may not be empty (whitespace-only ones are refused too, by the service): said in
+# the schema, so that the schema admits no request the server refuses for it (issue 8).
 class PairItemIn(_Body):
     context: str = Field("", description="the prompt / context both responses answer (untrusted)")
-    response_a: str = Field(..., description="first response (untrusted)")
-    response_b: str = Field(..., description="second response (untrusted)")
+    response_a: str = Field(..., min_length=1, description="first response (untrusted)")
+    response_b: str = Field(..., min_length=1, description="second response (untrusted)")
 
 
 class ScoreItemIn(_Body):
     context: str = Field("", description="the prompt / context the response answers (untrusted)")
-    response: str = Field(..., description="the response to score (untrusted)")
+    response: str = Field(..., min_length=1, description="the response to score (untrusted)")
 
 
 class _Options(_Body):
     task: str = Field(..., description="task name (GET /v1/tasks)")
     cot: bool = Field(False, description="generate a rationale before reading the label")
     samples: int = Field(1, ge=1, description="rationales to sample and average (needs cot)")
-    seed: int = Field(0, description="seed of the sampled rationales")
+    # Bounded because engines seed a 64-bit generator: a larger seed used to crash the batch (issue 8).
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the sampled rationales (0 to 2^63 - 1)")
     cache: bool = Field(True, description="false: neither read nor write the cache")
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from labeler import InputTooLong, InvalidInput, Labeler, PairItem, ScoreItem
+from labeler import EngineError, InputTooLong, InvalidInput, Labeler, LabelerError, PairItem, ScoreItem
+from labeler.prompts import clean_text
 
 from .batcher import MicroBatcher
 from .cache import Cache, cache_keys
@@ -21,6 +23,8 @@ from .protocol import (
     Usage,
 )
 from .settings import Settings
+
+log = logging.getLogger("service.serving")
 
 # Where a policy's chat template starts the assistant's turn, newest-first formats last:
 # the response is what follows the last marker found. ChatML (Qwen, SmolLM), Llama 3,
@@ -172,10 +176,18 @@ class LabelService:
         stats = self.labeler.engine.stats
         before = (stats.prompt_tokens, stats.computed_tokens)
         t0 = time.monotonic()
-        if kind == "pairwise":
-            res = await self.labeler.apreferences([PairItem(**it) for it in items], task, **p)
-        else:
-            res = await self.labeler.ascores([ScoreItem(**it) for it in items], task, **p)
+        try:
+            if kind == "pairwise":
+                res = await self.labeler.apreferences([PairItem(**it) for it in items], task, **p)
+            else:
+                res = await self.labeler.ascores([ScoreItem(**it) for it in items], task, **p)
+        except LabelerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an engine bug or crash (e.g. vLLM's), not the caller's input
+            # As an EngineError it gets the batcher's item-by-item retry, so one failing item
+            # does not fail its batch-mates, and its caller a clear 503 instead of a bare 500.
+            log.exception("engine call failed on a batch of %d", len(items))
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
         elapsed = max(time.monotonic() - t0, 1e-6)
         prompt_tokens = stats.prompt_tokens - before[0]
         self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -209,7 +221,9 @@ class LabelService:
         limit = self.settings.max_item_tokens
         tok = self.labeler.engine.tokenizer
         for i in which:
-            n_tokens = sum(len(ids) for ids in tok(list(items[i].values()), add_special_tokens=False)["input_ids"])
+            # Cleaned as the prompt will be: a lone surrogate (JSON "\ud800") crashes the tokenizer (issue 8).
+            texts = [clean_text(t, name, allow_empty=True) for name, t in items[i].items()]
+            n_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
             if n_tokens > limit:
                 raise InputTooLong(f"items[{i}] has {n_tokens} tokens, over the limit of {limit}",
                                    field=f"items[{i}]", limit=limit)  # fmt: skip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -51,12 +51,18 @@ class Settings(BaseSettings):
     batch_max_items: int = Field(64, ge=1, description="items per engine call")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
     batch_concurrency: int = Field(0, ge=0, description="engine calls at once (0: 1 for transformers, 8 for vLLM)")
-    log_level: str = "info"
+    # Checked here: logging.config refuses an unknown level only with a confusing traceback.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("engine_args", mode="before")
     @classmethod
     def _split_space(cls, value: Any) -> Any:
         return value.split() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("vllm_urls", "tasks_dir", "api_keys", "cors_origins", mode="before")
     @classmethod
