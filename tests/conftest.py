@@ -4,4 +4,10 @@ Fixture modules live in tests/fixtures/ and are registered here, so each area of
 suite keeps its fixtures in its own file.
 """
 
-pytest_plugins = ["tests.fixtures.model", "tests.fixtures.redis", "tests.fixtures.server", "tests.fixtures.vllm"]
+pytest_plugins = [
+    "tests.fixtures.model",
+    "tests.fixtures.redis",
+    "tests.fixtures.server",
+    "tests.fixtures.vllm",
+    "tests.fixtures.reliability",
+]
