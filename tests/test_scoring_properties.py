@@ -1,4 +1,7 @@
-"""Property tests of the scoring math (hypothesis): invariants that must hold for any input."""
+"""Property tests of the scoring math (hypothesis): invariants that must hold for any input.
+
+`EXAMPLES` per property: 300 in the default run, 5,000 under LABELER_RELIABILITY=full.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from labeler import scoring
+from labeler.errors import InvalidInput
+from tests.fixtures.reliability import scale
+
+pytestmark = pytest.mark.reliability
 
 probs = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
 logp = st.floats(min_value=-30.0, max_value=0.0, allow_nan=False)
+EXAMPLES = scale(ci=300, full=5000)
 SCORE_TOKENS = {str(i): (32 + i,) for i in range(1, 10)} | {"10": (33, 32)}
 
 
@@ -25,7 +33,7 @@ def score_logprobs(draw):
     return lp
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(score_logprobs())
 def test_label_distribution_sums_to_one_and_mass_is_a_probability(lp):
     d = scoring.label_distribution(SCORE_TOKENS, lp)
@@ -39,7 +47,7 @@ def test_label_distribution_sums_to_one_and_mass_is_a_probability(lp):
     assert d.probs["10"] * d.mass == pytest.approx(p1 * p0, rel=1e-6, abs=1e-12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(probs, probs)
 def test_swap_symmetry(p_ab, p_ba):
     """Swapping A and B maps P_ab(1) -> 1 - P_ba(2)... i.e. (p_ab, p_ba) -> (1 - p_ba, 1 - p_ab)."""
@@ -58,7 +66,7 @@ def score_dists(draw):
     return {str(i + 1): x / sum(w) for i, x in enumerate(w)}
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(score_dists())
 def test_rewards_stay_in_range(dist):
     s = scoring.expected_score(dist)
@@ -67,24 +75,74 @@ def test_rewards_stay_in_range(dist):
     assert -1.0 <= r <= 1.0
 
 
-@settings(max_examples=300, deadline=None)
-@given(score_dists(), st.integers(min_value=1, max_value=9), st.floats(min_value=0.0, max_value=1.0))
-def test_reward_is_monotone_in_the_score_distribution(dist, k, share):
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(score_dists(), st.integers(min_value=1, max_value=9), st.integers(min_value=1, max_value=9),
+       st.floats(min_value=0.0, max_value=1.0))  # fmt: skip
+def test_reward_is_monotone_in_the_score_distribution(dist, k, step, share):
     """Moving probability mass from score k to any higher score never lowers the reward."""
     moved = dist[str(k)] * share
     higher = dict(dist)
     higher[str(k)] -= moved
-    higher[str(k + 1)] += moved
+    higher[str(min(10, k + step))] += moved
     assert (
         scoring.score_to_reward(scoring.expected_score(higher))
         >= scoring.score_to_reward(scoring.expected_score(dist)) - 1e-12
     )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(st.lists(score_dists(), min_size=1, max_size=6))
 def test_self_consistency_mean_is_a_distribution_and_between_extremes(dists):
     avg = scoring.average(dists)
     assert sum(avg.values()) == pytest.approx(1.0, abs=1e-9)
     for k in avg:
         assert min(d[k] for d in dists) - 1e-12 <= avg[k] <= max(d[k] for d in dists) + 1e-12
+
+
+PAIR_TOKENS = {"1": (33,), "2": (34,)}
+
+
+@st.composite
+def pair_logprobs(draw):
+    """One order's engine answer for the labels "1"/"2": any log-probs whose mass is <= 1."""
+    p1, p2 = draw(st.floats(min_value=1e-12, max_value=1.0)), draw(st.floats(min_value=1e-12, max_value=1.0))
+    scale_ = max(1.0, p1 + p2)
+    return {(): {33: math.log(p1 / scale_), 34: math.log(p2 / scale_)}}
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(pair_logprobs(), pair_logprobs())
+def test_swap_symmetry_through_the_whole_pairwise_pipeline(ab, ba):
+    """From the engine's log-probs to p_a: showing B first where A was (the two reads trade
+    places) gives p_a' = 1 - p_a, and each order's distribution sums to 1."""
+    d_ab, d_ba = scoring.label_distribution(PAIR_TOKENS, ab), scoring.label_distribution(PAIR_TOKENS, ba)
+    assert sum(d_ab.probs.values()) == pytest.approx(1.0, abs=1e-12)
+    pref = scoring.combine_orders(d_ab.probs["1"], d_ba.probs["2"])
+    swapped = scoring.combine_orders(d_ba.probs["1"], d_ab.probs["2"])  # A and B exchanged
+    assert swapped.p_a == pytest.approx(1 - pref.p_a, abs=1e-12)
+    assert swapped.consistent == pref.consistent
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.lists(st.floats(min_value=-1e4, max_value=0.0), min_size=10, max_size=10))
+def test_extreme_log_probs_give_a_distribution_or_a_clear_error(lps):
+    """Log-probs down to -1e4 (exp underflows to 0): a distribution summing to 1 with no NaN,
+    or InvalidInput when no label has any mass left; never NaN, never a crash."""
+    lp = {(): {32 + i: lps[i - 1] for i in range(1, 10)}, (33,): {32: lps[9]}}
+    try:
+        d = scoring.label_distribution(SCORE_TOKENS, lp)
+    except InvalidInput:
+        assert all(math.exp(x) == 0.0 for x in lps[:9]) or math.exp(lps[9]) >= 1.0
+        return
+    assert not any(math.isnan(p) for p in d.probs.values()) and 0.0 < d.mass <= 1.0
+    assert sum(d.probs.values()) == pytest.approx(1.0, abs=1e-9)
+    r = scoring.score_to_reward(scoring.expected_score(d.probs))
+    assert -1.0 <= r <= 1.0
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.floats(min_value=1.0, max_value=10.0), st.floats(min_value=1.0, max_value=10.0))
+def test_reward_is_increasing_in_the_expected_score(s1, s2):
+    assume(s1 < s2)
+    r1, r2 = scoring.score_to_reward(s1), scoring.score_to_reward(s2)
+    assert r1 <= r2 and (r1 < r2 or s2 - s1 < 1e-12)  # strictly, up to float rounding
