@@ -1,0 +1,118 @@
+"""Overload: a bounded load far above capacity against `labeler serve` in its own process
+(so its memory is its own), on loopback.
+
+The server may queue 32 items; the driver offers 100 requests/s of 4 uncached items each
+(200/s in the full run, at most 64 or 128 in flight), at least ten times what the engine
+serves. Expected: every request answered 200 or 429 (with Retry-After), no 5xx, none past
+its timeout, no item lost from an accepted request, and the server's memory flat from one
+wave of load to the next. A client under the same load backs off as told and completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import labeler_client as lc
+import pytest
+
+from labeler import ScoreItem
+from tests.fixtures.load import AsyncRecordingTransport, RssSampler, drive
+from tests.fixtures.process import ServeProcess
+from tests.fixtures.reliability import scale
+
+pytestmark = [pytest.mark.model, pytest.mark.reliability]
+
+QUEUE = 32
+CONCURRENCY = scale(ci=64, full=128)
+RATE = scale(ci=100, full=200)  # requests/s offered
+PER_WAVE = scale(ci=400, full=4000)
+TIMEOUT = 30.0
+MAX_WAIT = 3.0  # the client honours Retry-After up to this many seconds
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    srv = ServeProcess(tmp_path_factory.mktemp("overload") / "serve.log", "--max-queue-items", str(QUEUE),
+                       "--batch-max-items", "16", "--log-level", "warning")  # fmt: skip
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def load_body(wave: str):
+    def body(i: int) -> dict:
+        return {"task": "tiny", "cache": False, "items": [{"response": f"load {wave} {i} {j}"} for j in range(4)]}
+
+    return body
+
+
+async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figures):
+    assert httpx.post(server.url + "/v1/scores", json=load_body("warm")(0), timeout=60).status_code == 200
+    baseline = server.rss()
+    reports, peaks, after = [], [], []
+    for wave in ("a", "b"):
+        async with RssSampler(server.proc.pid) as rss:
+            reports.append(await drive(server.url, "/v1/scores", load_body(wave), total=PER_WAVE, rate=RATE,
+                                       concurrency=CONCURRENCY, timeout=TIMEOUT, deadline=scale(90, 300)))  # fmt: skip
+        peaks.append(rss.peak)
+        await asyncio.sleep(0.5)
+        after.append(server.rss())
+    for r in reports:
+        assert r.status_5xx == 0 and set(r.statuses) <= {200, 429}, r.statuses
+        assert r.hung == 0 and not r.errors and max(r.latencies) < TIMEOUT  # nothing hangs
+        assert r.results_missing == 0 and not r.bad_errors  # accepted means answered whole
+        assert r.sent / r.seconds >= 10 * r.statuses[200] / r.seconds  # far above capacity...
+        assert r.statuses[429] > r.statuses[200]  # ...so most are refused...
+        assert "missing" not in r.retry_after and all(int(v) >= 1 for v in r.retry_after)  # ...with Retry-After
+    # Memory: bounded under load (the engine's batch is bounded, refusals hold nothing), and
+    # flat from one wave to the next: no leak per request.
+    assert max(peaks) - baseline < 512 * MiB, (baseline, peaks)
+    assert peaks[1] - peaks[0] < 32 * MiB and after[1] - after[0] < 32 * MiB, (peaks, after)
+    # The server still serves, and counted every refusal it sent.
+    assert httpx.post(server.url + "/v1/scores", json=load_body("after")(0), timeout=60).status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+    rejected = sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("labeler_rejected_total "))
+    n429 = sum(r.statuses[429] for r in reports)
+    assert rejected == n429
+    sent, seconds = sum(r.sent for r in reports), sum(r.seconds for r in reports)
+    n200 = sum(r.statuses[200] for r in reports)
+    figures.record("overload", requests=sent, ok_200=n200, rejected_429=n429, status_5xx=0, hung=0, items_lost=0,
+                   offered_items_per_s=4 * sent / seconds, served_items_per_s=4 * n200 / seconds,
+                   p99_latency_s=max(r.latency(0.99) for r in reports),
+                   max_latency_s=max(max(r.latencies) for r in reports), rss_baseline_mib=baseline // MiB,
+                   rss_peak_waves_mib=f"{peaks[0] // MiB}/{peaks[1] // MiB}",
+                   rss_after_waves_mib=f"{after[0] // MiB}/{after[1] // MiB}")  # fmt: skip
+
+
+async def test_client_backs_off_under_overload_and_completes(server, labeler, figures):
+    items = [{"context": f"backoff {i}", "response": f"reply {i}"} for i in range(12)]
+    stop = asyncio.Event()
+    flood = asyncio.create_task(drive(server.url, "/v1/scores", load_body("flood"), total=scale(3000, 30000),
+                                      rate=RATE, concurrency=CONCURRENCY, timeout=TIMEOUT, deadline=scale(6, 30),
+                                      stop=stop))  # fmt: skip
+    await asyncio.sleep(1.0)  # the flood has filled the queue: the client arrives at a full server
+    transport = AsyncRecordingTransport()
+    retry = lc.Retry(max_retries=100, backoff=0.1, max_backoff=2.0, max_retry_after=MAX_WAIT)
+    try:
+        async with lc.AsyncClient(server.url, batch_size=4, max_concurrency=1, retry=retry, transport=transport) as c:
+            got = await c.scores(items, "tiny", cache=False)
+    finally:
+        stop.set()
+        report = await flood
+    refused = [(t, ra) for t, s, ra in transport.log if s == 429]
+    assert refused, f"the client was never refused: {transport.log}"
+    assert report.status_5xx == 0 and report.hung == 0
+    # It waited as told before each retry (one request at a time: the next start follows).
+    waits = [nxt - t for (t, _, _), nxt in zip(transport.log, transport.starts[1:], strict=False)]
+    told = [min(float(ra), MAX_WAIT) if s == 429 else 0.0 for _, s, ra in transport.log]
+    assert all(w >= t - 0.05 for w, t in zip(waits, told, strict=False)), list(zip(waits, told, strict=False))
+    ref = await labeler.ascores([ScoreItem(**it) for it in items], "tiny")
+    assert len(got) == len(items)
+    for g, want in zip(got, ref, strict=True):
+        assert g is not None and g.distribution == pytest.approx(want.distribution, abs=1e-4)
+    figures.record("client-under-overload", items=len(items), requests_sent=len(transport.starts),
+                   refused_429=len(refused), waited_s=sum(w for w, t in zip(waits, told, strict=False) if t),
+                   completed=len(got), items_lost=0, flood_requests=report.sent, flood_5xx=0)  # fmt: skip
