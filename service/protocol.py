@@ -11,17 +11,17 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# Responses may not be empty (whitespace-only ones are refused too, by the service): said in
-# the schema, so that the schema admits no request the server refuses for it (issue 8).
+# No min_length on responses (the service refuses empty ones itself): with any constraint,
+# pydantic refuses a lone surrogate ("\ud800" in the JSON) that the prompt builder cleans.
 class PairItemIn(_Body):
     context: str = Field("", description="the prompt / context both responses answer (untrusted)")
-    response_a: str = Field(..., min_length=1, description="first response (untrusted)")
-    response_b: str = Field(..., min_length=1, description="second response (untrusted)")
+    response_a: str = Field(..., description="first response, not empty (untrusted)")
+    response_b: str = Field(..., description="second response, not empty (untrusted)")
 
 
 class ScoreItemIn(_Body):
     context: str = Field("", description="the prompt / context the response answers (untrusted)")
-    response: str = Field(..., min_length=1, description="the response to score (untrusted)")
+    response: str = Field(..., description="the response to score, not empty (untrusted)")
 
 
 class _Options(_Body):
