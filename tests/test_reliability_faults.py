@@ -70,8 +70,8 @@ async def test_redis_stopped_and_restarted_under_load(make_server, redis_server,
     report = await load
     assert report.sent > 0 and report.statuses == {200: report.sent}, report  # 0 failed label requests
     assert report.results_missing == 0 and report.hung == 0 and not report.errors
-    # Under load: requests were answered while Redis was down, in every outage.
-    during = [sum(1 for t, _ in report.answered_at if a <= t <= b) for a, b in windows]
+    # Under load: requests were in flight while Redis was down, in every outage.
+    during = [sum(1 for t0, t1, _ in report.spans if t0 <= b and t1 >= a) for a, b in windows]
     assert len(during) == outages and min(during) >= 1, during
     errors = metric(srv.url, "labeler_cache_errors_total")
     assert errors > 0  # the outages were noticed (and bypassed), not missed
@@ -82,7 +82,7 @@ async def test_redis_stopped_and_restarted_under_load(make_server, redis_server,
     assert httpx.post(srv.url + "/v1/scores", json=item, timeout=60).json()["results"][0]["cached"] is False
     assert httpx.post(srv.url + "/v1/scores", json=item, timeout=60).json()["results"][0]["cached"] is True
     assert httpx.get(srv.url + "/readyz").json()["cache_status"] == "ok"
-    figures.record("redis-outages-under-load", outages=outages, requests=report.sent, answered_while_down=sum(during),
+    figures.record("redis-outages-under-load", outages=outages, requests=report.sent, in_flight_while_down=sum(during),
                    failed=0,
                    items_lost=report.results_missing, cache_errors_bypassed=int(errors),
                    cache_hits=int(metric(srv.url, "labeler_cache_hits_total")))  # fmt: skip
@@ -96,7 +96,7 @@ async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, t
     srv.start()
     try:
         cot = stage == "generate"
-        good = [{"context": f"fault {i}", "response": f"answer {i}"} for i in range(3)]
+        good = [{"context": f"fault {i}", "response": f"answer {i}"} for i in range(scale(ci=3, full=12))]
         bodies = [{"task": "tiny", "items": [it], "cot": cot, "cache": False} for it in good]
         poisoned = {"context": "fault", "response": POISON}
         bodies.insert(2, {"task": "tiny", "items": [poisoned], "cot": cot, "cache": False})

@@ -1,7 +1,7 @@
 """Overload: a bounded load far above capacity against `labeler serve` in its own process
 (so its memory is its own), on loopback.
 
-The server may queue 32 items; the driver offers 100 requests/s of 4 uncached items each
+The server may queue 16 items; the driver offers 100 requests/s of 4 uncached items each
 (200/s in the full run, at most 64 or 128 in flight), at least ten times what the engine
 serves. Expected: every request answered 200 or 429 (with Retry-After), no 5xx, none past
 its timeout, no item lost from an accepted request, and the server's memory flat from one
@@ -24,11 +24,11 @@ from tests.fixtures.reliability import scale
 
 pytestmark = [pytest.mark.model, pytest.mark.reliability]
 
-QUEUE = 32
+QUEUE = 16
 CONCURRENCY = scale(ci=64, full=128)
 RATE = scale(ci=100, full=200)  # requests/s offered
 PER_WAVE = scale(ci=400, full=4000)
-TIMEOUT = 30.0
+TIMEOUT = 60.0  # a request not answered by then counts as hung
 MAX_WAIT = 3.0  # the client honours Retry-After up to this many seconds
 MiB = 1 << 20
 
@@ -68,9 +68,10 @@ async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figu
         assert r.statuses[429] > r.statuses[200]  # ...so most are refused...
         assert "missing" not in r.retry_after and all(int(v) >= 1 for v in r.retry_after)  # ...with Retry-After
     # Memory: bounded under load (the engine's batch is bounded, refusals hold nothing), and
-    # flat from one wave to the next: no leak per request.
+    # the high-water mark flat from one wave to the next: no leak per request. (RSS just after
+    # a wave is reported, not checked: it moves by 100+ MiB with what malloc hands back.)
     assert max(peaks) - baseline < 512 * MiB, (baseline, peaks)
-    assert peaks[1] - peaks[0] < 32 * MiB and after[1] - after[0] < 32 * MiB, (peaks, after)
+    assert peaks[1] - peaks[0] < 64 * MiB, (peaks, after)
     # The server still serves, and counted every refusal it sent.
     assert httpx.post(server.url + "/v1/scores", json=load_body("after")(0), timeout=60).status_code == 200
     text = httpx.get(server.url + "/metrics").text

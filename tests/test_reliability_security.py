@@ -75,13 +75,14 @@ def test_keys_never_logged_even_at_debug(debug_server):
     the log (read after a graceful stop, so it is complete)."""
     srv, near_miss = debug_server, SECRET[:-1] + "X"
     body = {"task": "tiny", "items": [{"response": "log me not"}]}
-    for auth, status in ((f"Bearer {SECRET}", 200), (f"Bearer {near_miss}", 401), (f"Basic {SECRET}", 401),
-                         (f"bearer  {SECRET}", 200), (SECRET, 401)):  # fmt: skip
-        assert httpx.post(srv.url + "/v1/scores", json=body, headers={"Authorization": auth}).status_code == status
-    auth = {"Authorization": f"Bearer {SECRET}"}
-    assert httpx.post(srv.url + "/v1/scores", json={"task": "nope", "items": []}, headers=auth).status_code == 422
-    big = {"task": "tiny", "items": [{"response": "x" * 5000}]}
-    assert httpx.post(srv.url + "/v1/scores", json=big, headers=auth).status_code == 413
+    with httpx.Client(base_url=srv.url, timeout=120) as client:
+        for auth, status in ((f"Bearer {SECRET}", 200), (f"Bearer {near_miss}", 401), (f"Basic {SECRET}", 401),
+                             (f"bearer  {SECRET}", 200), (SECRET, 401)):  # fmt: skip
+            assert client.post("/v1/scores", json=body, headers={"Authorization": auth}).status_code == status
+        auth = {"Authorization": f"Bearer {SECRET}"}
+        assert client.post("/v1/scores", json={"task": "nope", "items": []}, headers=auth).status_code == 422
+        big = {"task": "tiny", "items": [{"response": "x" * 5000}]}
+        assert client.post("/v1/scores", json=big, headers=auth).status_code == 413
     srv.stop()
     text = srv.log()
     assert SECRET not in text and near_miss not in text

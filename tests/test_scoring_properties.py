@@ -120,7 +120,8 @@ def test_swap_symmetry_through_the_whole_pairwise_pipeline(ab, ba):
     pref = scoring.combine_orders(d_ab.probs["1"], d_ba.probs["2"])
     swapped = scoring.combine_orders(d_ba.probs["1"], d_ab.probs["2"])  # A and B exchanged
     assert swapped.p_a == pytest.approx(1 - pref.p_a, abs=1e-12)
-    assert swapped.consistent == pref.consistent
+    if min(abs(d_ab.probs["1"] - 0.5), abs(d_ba.probs["2"] - 0.5)) > 1e-9:  # a tie at 1/2 is rounding's call
+        assert swapped.consistent == pref.consistent
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
