@@ -293,9 +293,7 @@ def label_pair_jobs(pairs: Sequence[Pair], params: dict[str, Any]) -> list[Job]:
                 "consistent": r["consistent"],
                 "label_mass": r["label_mass"],
             }
-            if r.get("rationales") is not None:
-                row["rationales"] = r["rationales"]
-            return row | _meta(params, key)
+            return _row(row, r, params, key)
 
         return Job(key, p.where, item, make_row)
 
@@ -319,13 +317,18 @@ def score_jobs(singles: Sequence[Single], params: dict[str, Any]) -> list[Job]:
                 "distribution": r["distribution"],
                 "label_mass": r["label_mass"],
             }
-            if r.get("rationales") is not None:
-                row["rationales"] = r["rationales"]
-            return row | _meta(params, key)
+            return _row(row, r, params, key)
 
         return Job(key, s.where, item, make_row)
 
     return [job(s) for s in singles]
+
+
+def _row(fields: dict[str, Any], result: dict[str, Any], params: dict[str, Any], key: str) -> dict[str, Any]:
+    """An output row: `fields`, the result's rationales when it has them, then the metadata."""
+    if result.get("rationales") is not None:
+        fields["rationales"] = result["rationales"]
+    return fields | _meta(params, key)
 
 
 def _meta(params: dict[str, Any], key: str) -> dict[str, Any]:
