@@ -20,7 +20,6 @@ from .protocol import (
     GetRewardResponse,
     PreferencesRequest,
     ScoresRequest,
-    Usage,
 )
 from .settings import Settings
 
@@ -88,19 +87,19 @@ class LabelService:
             concurrency=settings.effective_batch_concurrency(),
             on_batch=metrics.batch_size.observe,
         )
+        # Children bound once: labels() takes a lock and checks its arguments on every call.
+        self._items_metric = {(k, src): metrics.items.labels(k, src) for k in ("pairwise", "score")
+                              for src in ("cache", "engine")}  # fmt: skip
 
     # -- endpoints ---------------------------------------------------------------------------
-    def _reply(self, task: str, version: str, usage: Usage, results: list[tuple[dict[str, Any], bool]]) -> dict:
-        """The response body as plain data: on cache hits, building a pydantic model per
-        result costs more than the rest of the request (the route's response_model still
-        documents the shape, and tests check it)."""
-        out = []
-        for r, cached in results:
+    def _reply(self, task: str, version: str, usage: dict[str, int], results: list[dict[str, Any]]) -> dict:
+        """The response body as plain data: on cache hits, building pydantic models costs
+        more than the rest of the request (the route's response_model still documents the
+        shape, and tests check it)."""
+        for r in results:
             r["rationale"] = _first(r.get("rationales"))
-            r["cached"] = cached
-            out.append(r)
-        return {"model": self.labeler.model_id, "task": task, "task_version": version, "usage": usage.model_dump(),
-                "results": out}  # fmt: skip
+        return {"model": self.labeler.model_id, "task": task, "task_version": version, "usage": usage,
+                "results": results}  # fmt: skip
 
     async def preferences(self, req: PreferencesRequest) -> dict:
         items = [it.model_dump() for it in req.items]
@@ -129,27 +128,26 @@ class LabelService:
             items.append({"context": context, "response": response})
         params = {"cot": False, "samples": 1, "seed": 0}
         results, _, _ = await self._label("score", task or self.settings.task, params, items, True)
-        rewards = [r["reward"] for r, _ in results]
+        rewards = [r["reward"] for r in results]
         return GetRewardResponse(
             rewards=rewards,
             scores=rewards,
-            extra_logs={"expected_score": [r["expected"] for r, _ in results],
-                        "cached": [float(c) for _, c in results]},
+            extra_logs={"expected_score": [r["expected"] for r in results],
+                        "cached": [float(r["cached"]) for r in results]},
         )  # fmt: skip
 
     # -- the shared path ------------------------------------------------------------------------
     async def _label(
         self, kind: str, task: str, params: dict[str, Any], items: list[dict[str, str]], use_cache: bool
-    ) -> tuple[list[tuple[dict[str, Any], bool]], Usage, str]:
+    ) -> tuple[list[dict[str, Any]], dict[str, int], str]:
+        """(results in item order, each a fresh dict with `cached` set; usage; task version)."""
         t = self.labeler.task(task)
         self._check_limits(items, params)
         keys = cache_keys(self.labeler.model_id, t.version, kind, params, items)
-        cached: list[dict[str, Any] | None] = await self.cache.get_many(keys) if use_cache else [None] * len(items)
-        hits = sum(c is not None for c in cached)
-        if use_cache:
-            self.metrics.cache_hits.inc(hits)
-            self.metrics.cache_misses.inc(len(items) - hits)
-        misses = [i for i, c in enumerate(cached) if c is None]
+        found: list[dict[str, Any] | None] = await self.cache.get_many(keys) if use_cache else [None] * len(items)
+        results = [{**c, "cached": True} if c is not None else {} for c in found]
+        misses = [i for i, c in enumerate(found) if c is None]
+        hits = len(items) - len(misses)
         shared = 0
         if misses:
             self._check_tokens(items, misses)
@@ -161,12 +159,14 @@ class LabelService:
             # shield: a client that goes away must not cancel a computation others share.
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures))
             for i, v in zip(misses, values, strict=True):
-                cached[i] = v
-        self.metrics.items.labels(kind, "cache").inc(hits)
-        self.metrics.items.labels(kind, "engine").inc(len(misses))
-        computed = set(misses)
-        results = [(dict(c), i not in computed) for i, c in enumerate(cached)]  # type: ignore[arg-type]
-        usage = Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
+                results[i] = {**v, "cached": False}
+            self._items_metric[kind, "engine"].inc(len(misses))
+            if use_cache:
+                self.metrics.cache_misses.inc(len(misses))
+        if hits:  # counters only when they move: each inc() takes a lock
+            self._items_metric[kind, "cache"].inc(hits)
+            self.metrics.cache_hits.inc(hits)
+        usage = {"items": len(items), "cached": hits, "computed": len(misses) - shared, "shared": shared}
         return results, usage, t.version
 
     async def _run_group(self, group: Hashable, items: list[dict[str, str]], keys: Sequence[str]) -> list[dict]:
