@@ -14,9 +14,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,6 +39,7 @@ from .protocol import (
     TaskInfo,
     TasksResponse,
 )
+from .routing import DirectRoute, FastJSON, body_schema, document_bodies, read_body
 from .serving import LabelService
 from .settings import Settings
 
@@ -67,11 +68,23 @@ def make_cache(settings: Settings, metrics: Metrics) -> Cache:
     return MemoryCache(settings.cache_size, settings.cache_ttl)
 
 
-class Observe:
-    """ASGI middleware: request latency by route template and status."""
+class Gate:
+    """ASGI middleware, the one layer in front of every route (each layer cost a cache hit
+    about 5 µs, so these share one):
 
-    def __init__(self, app, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    - request latency by route template and status (`labeler_request_seconds`);
+    - 413 for bodies over `limit` bytes, declared or streamed;
+    - bearer API keys on the label and task routes, when keys are configured. Each given key
+      is compared with every accepted key in constant time, so timing tells nothing; probes
+      (/healthz, /readyz) and /metrics stay open.
+    """
+
+    PROTECTED = ("/v1/", "/get_reward")
+
+    def __init__(self, app, metrics: Metrics, limit: int, keys: list[str]) -> None:
+        self.app, self.metrics, self.limit = app, metrics, limit
+        self.keys = [k.encode() for k in keys]
+        self._children: dict[tuple[str, int], Any] = {}  # labels() takes a lock on every call
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -85,25 +98,6 @@ class Observe:
                 status = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, receive, capture)
-        finally:
-            path = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.latency.labels(path, str(status)).observe(time.perf_counter() - t0)
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over `limit` bytes, declared or streamed."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -116,46 +110,46 @@ class BodyLimit:
             return message
 
         try:
-            await self.app(scope, limited, send)
-        except _TooLarge:  # raised past the app's handlers (body read outside a route)
-            await self._refuse(scope, receive, send)
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, capture)
+            else:
+                try:
+                    await self.app(scope, limited, capture)
+                except _TooLarge:  # raised past the app's handlers (body read outside a route)
+                    await self._too_large()(scope, receive, capture)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            child = self._children.get((path, status))
+            if child is None:
+                child = self._children[path, status] = self.metrics.latency.labels(path, str(status))
+            child.observe(time.perf_counter() - t0)
 
-    async def _refuse(self, scope, receive, send):
-        resp = errors.error_response(413, f"request body over the limit of {self.limit} bytes", "body_too_large")
-        await resp(scope, receive, send)
-
-
-class _TooLarge(StarletteHTTPException):
-    # An HTTPException, because FastAPI turns other errors raised while it reads the
-    # body into a 400, but re-raises these.
-    def __init__(self) -> None:
-        super().__init__(413, "request body too large")
-
-
-class ApiKeys:
-    """ASGI middleware: bearer API keys on the label and task routes, when keys are
-    configured. Each given key is compared with every accepted key in constant time, so
-    timing tells nothing; probes (/healthz, /readyz) and /metrics stay open."""
-
-    PROTECTED = ("/v1/", "/get_reward")
-
-    def __init__(self, app, keys: list[str]) -> None:
-        self.app = app
-        self.keys = [k.encode() for k in keys]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.keys and scope["path"].startswith(self.PROTECTED):
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, given = header.partition(b" ")
+    def _refusal(self, scope) -> Response | None:
+        """The 413 or 401 that the request's headers alone call for, if any."""
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return self._too_large()
+        if self.keys and scope["path"].startswith(self.PROTECTED):
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
             ok = False
             if scheme.lower() == b"bearer" and given.strip():
                 for k in self.keys:
                     ok |= hmac.compare_digest(k, given.strip())
             if not ok:
-                resp = errors.error_response(401, "missing or invalid API key", "unauthorized",
+                return errors.error_response(401, "missing or invalid API key", "unauthorized",
                                              headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
-                return await resp(scope, receive, send)
-        return await self.app(scope, receive, send)
+        return None
+
+    def _too_large(self) -> Response:
+        return errors.error_response(413, f"request body over the limit of {self.limit} bytes", "body_too_large")
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so that FastAPI's handlers pass it on instead of making it a 400.
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
 
 
 class Cors(CORSMiddleware):
@@ -214,26 +208,39 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         app.add_middleware(Cors, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
 
-    app.add_middleware(ApiKeys, keys=settings.api_keys)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(Observe, metrics=app.state.metrics)
+    app.add_middleware(Gate, metrics=app.state.metrics, limit=settings.max_body_bytes, keys=settings.api_keys)
 
-    @app.post("/v1/preferences", response_model=PreferencesResponse, responses=ERRORS, tags=["labels"])
-    async def preferences(body: PreferencesRequest, svc: Service) -> JSONResponse:
+    # The label routes are DirectRoutes: each reads its own body and returns its own response.
+    labels = APIRouter(route_class=DirectRoute, responses=ERRORS)
+
+    @labels.post("/v1/preferences", response_model=PreferencesResponse, tags=["labels"],
+                 openapi_extra=body_schema(PreferencesRequest))  # fmt: skip
+    async def preferences(request: Request) -> Response:
         """Pairwise preferences as distributions (both orders by default), in item order."""
-        return JSONResponse(await svc.preferences(body))
+        body = await read_body(request, PreferencesRequest)
+        return FastJSON(await request.app.state.service.preferences(body))
 
-    @app.post("/v1/scores", response_model=ScoresResponse, responses=ERRORS, tags=["labels"])
-    async def scores(body: ScoresRequest, svc: Service) -> JSONResponse:
+    @labels.post("/v1/scores", response_model=ScoresResponse, tags=["labels"], openapi_extra=body_schema(ScoresRequest))
+    async def scores(request: Request) -> Response:
         """Direct 1-10 scores: distribution, expected score and reward in [-1, 1]."""
-        return JSONResponse(await svc.scores(body))
+        body = await read_body(request, ScoresRequest)
+        return FastJSON(await request.app.state.service.scores(body))
 
-    @app.post("/get_reward", response_model=GetRewardResponse, responses=ERRORS, tags=["openrlhf"])
-    async def get_reward(
-        body: GetRewardRequest, svc: Service, task: Annotated[str | None, Query()] = None
-    ) -> GetRewardResponse:
+    task_param = {"name": "task", "in": "query", "required": False, "schema": {"type": "string"},
+                  "description": "task name (default: the server's LABELER_TASK)"}  # fmt: skip
+
+    @labels.post("/get_reward", response_model=GetRewardResponse, tags=["openrlhf"],
+                 openapi_extra=body_schema(GetRewardRequest) | {"parameters": [task_param]})  # fmt: skip
+    async def get_reward(request: Request) -> Response:
         """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
-        return await svc.get_reward(body, task)
+        body = await read_body(request, GetRewardRequest)
+        reply = await request.app.state.service.get_reward(body, request.query_params.get("task"))
+        return FastJSON(reply.model_dump())
+
+    app.include_router(labels)
+    # Requests try the routes in order: the label routes first, ahead of the docs routes
+    # FastAPI adds at construction (which cost each label request about 5 µs otherwise).
+    app.router.routes.sort(key=lambda route: not isinstance(route, DirectRoute))
 
     @app.get("/v1/tasks", response_model=TasksResponse, responses=ERRORS, tags=["meta"])
     async def tasks(svc: Service) -> TasksResponse:
@@ -260,5 +267,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    document_bodies(app, [PreferencesRequest, ScoresRequest, GetRewardRequest])
 
     return app

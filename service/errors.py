@@ -40,12 +40,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.__cause__ is not None:
-            # FastAPI turns a body that json.loads refuses with anything but JSONDecodeError
-            # (not UTF-8, nested too deeply, an integer of 5,000 digits) into a bare 400; it is
-            # invalid JSON like any other, so it gets the documented 422 (found by fuzzing, issue 8).
-            message = f"body: not valid JSON ({type(exc.__cause__).__name__})"
-            return error_response(422, message, "invalid_request", "body")
         return error_response(exc.status_code, str(exc.detail), "http_error", None, getattr(exc, "headers", None))
 
     @app.exception_handler(QueueFull)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -180,6 +181,35 @@ def test_limits_give_clear_4xx(make_server):
     assert_error(resp, 413)
     assert_error(httpx.post(srv.url + "/v1/scores", content=b"{not json", timeout=30), 422)
     assert_error(httpx.get(srv.url + "/nope"), 404)
+
+
+def test_bodies_are_read_like_fastapi_would(live_server):
+    """The label routes read their own bodies (service/routing.py): JSON with or without a
+    charset or a content type, and UTF-16 JSON, are read alike; another content type or
+    broken JSON is a 422 naming the body; the OpenAPI document still describes the body."""
+    body = {"task": "tiny", "items": [{"context": "Say hi.", "response": "Hi."}]}
+    raw = json.dumps(body)
+    answers = [
+        httpx.post(live_server.url + "/v1/scores", content=content, headers=headers, timeout=120)
+        for content, headers in [
+            (raw.encode(), {"content-type": "application/json"}),
+            (raw.encode(), {"content-type": "application/json; charset=utf-8"}),
+            (raw.encode(), {}),
+            (raw.encode("utf-16"), {"content-type": "application/json"}),
+        ]
+    ]
+    assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+    assert len({r.json()["results"][0]["expected"] for r in answers}) == 1
+    err = assert_error(httpx.post(live_server.url + "/v1/scores", content=raw, headers={"content-type": "text/plain"}),
+                       422, "body")  # fmt: skip
+    assert "content-type" in err["message"]
+    err = assert_error(httpx.post(live_server.url + "/get_reward", content=b'{"query": [', timeout=30), 422, "body")
+    assert "not valid JSON" in err["message"]
+    spec = httpx.get(live_server.url + "/openapi.json").json()
+    ref = spec["paths"]["/v1/scores"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    scores = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert set(scores["required"]) == {"task", "items"} and scores["additionalProperties"] is False
+    assert [p["name"] for p in spec["paths"]["/get_reward"]["post"]["parameters"]] == ["task"]
 
 
 async def test_full_queue_answers_429_with_retry_after(make_server):
