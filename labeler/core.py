@@ -152,11 +152,12 @@ class Labeler:
         orders = _orders(order)
         _check_sampling(cot, samples, seed)
         items = [_pair(it, i) for i, it in enumerate(items)]
-        rendered = [
-            _at(i, self.prompts.pairwise, t, it.context, it.response_a, it.response_b, order=o, cot=cot)
+        drafts = [
+            _at(i, self.prompts.pairwise, t, it.context, it.response_a, it.response_b, order=o, cot=cot, tokenize=False)
             for i, it in enumerate(items)
             for o in orders
         ]
+        rendered = await self._tokenize(drafts, [i for i in range(len(items)) for _ in orders])
         dists, masses, rationales = await self._label(rendered, cot, samples, seed)
         results = []
         for i in range(len(items)):
@@ -190,7 +191,11 @@ class Labeler:
         t = self.task(task)
         _check_sampling(cot, samples, seed)
         items = [_score_item(it, i) for i, it in enumerate(items)]
-        rendered = [_at(i, self.prompts.score, t, it.context, it.response, cot=cot) for i, it in enumerate(items)]
+        drafts = [
+            _at(i, self.prompts.score, t, it.context, it.response, cot=cot, tokenize=False)
+            for i, it in enumerate(items)
+        ]
+        rendered = await self._tokenize(drafts, range(len(items)))
         dists, masses, rationales = await self._label(rendered, cot, samples, seed)
         results = []
         for k, dist in enumerate(dists):
@@ -205,6 +210,11 @@ class Labeler:
                 )
             )
         return results
+
+    async def _tokenize(self, drafts: list[Rendered], items: Sequence[int] | None) -> list[Rendered]:
+        """`drafts` tokenized in one batch, off the event loop (a service keeps answering
+        meanwhile); `items[k]` is the item index of draft k, for error messages."""
+        return await asyncio.to_thread(self.prompts.tokenize_many, drafts, items)
 
     async def _label(
         self, rendered: list[Rendered], cot: bool, samples: int, seed: int
@@ -225,12 +235,13 @@ class Labeler:
                     for r in rendered
                 ]
             )
-            reads, groups, rationales = [], [], []
+            drafts, groups, rationales = [], [], []
             for r, draws in zip(rendered, gens, strict=True):
                 texts = [self.prompts.cut_rationale(r, g.text) for g in draws]
-                groups.append(list(range(len(reads), len(reads) + len(texts))))
-                reads.extend(self.prompts.after_rationale(r, text) for text in texts)
+                groups.append(list(range(len(drafts), len(drafts) + len(texts))))
+                drafts.extend(self.prompts.after_rationale(r, text, tokenize=False) for text in texts)
                 rationales.append(texts)
+            reads = await self._tokenize(drafts, None)
         queries = scoring.label_queries(reads[0].labels)
         answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
         per_read = [scoring.label_distribution(r.labels, a) for r, a in zip(reads, answers, strict=True)]

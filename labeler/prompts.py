@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from .errors import InputTooLong, InvalidInput
@@ -132,8 +132,10 @@ class PromptBuilder:
         *,
         order: Order = "ab",
         cot: bool = False,
+        tokenize: bool = True,
     ) -> Rendered:
-        """The pairwise question with the responses shown in `order` ("ba" swaps them)."""
+        """The pairwise question with the responses shown in `order` ("ba" swaps them).
+        `tokenize=False` leaves `prompt_token_ids` empty for `tokenize_many`."""
         if order not in ("ab", "ba"):
             raise InvalidInput(f"order must be 'ab' or 'ba', got {order!r}", field="order")
         ctx = self._untrusted(context, "context", allow_empty=True)
@@ -148,10 +150,12 @@ class PromptBuilder:
                 self._assistant(task.pairwise_answer_prefix, str(ex.preferred), ex.rationale, cot),
             ]
         messages.append(self._pair_user(task, ctx, first, second, cot))
-        return self._finish("pairwise", messages, task.pairwise_answer_prefix, cot)
+        return self._finish("pairwise", messages, task.pairwise_answer_prefix, cot, tokenize)
 
-    def score(self, task: Task, context: object, response: object, *, cot: bool = False) -> Rendered:
-        """The direct-score question (1..10) for one response."""
+    def score(
+        self, task: Task, context: object, response: object, *, cot: bool = False, tokenize: bool = True
+    ) -> Rendered:
+        """The direct-score question (1..10) for one response (`tokenize` as for `pairwise`)."""
         ctx = self._untrusted(context, "context", allow_empty=True)
         resp = self._untrusted(response, "response")
         messages = self._system(task)
@@ -159,19 +163,42 @@ class PromptBuilder:
             user = self._score_user(task, ex.context, ex.response, cot)
             messages += [user, self._assistant(task.score_answer_prefix, str(ex.score), ex.rationale, cot)]
         messages.append(self._score_user(task, ctx, resp, cot))
-        return self._finish("score", messages, task.score_answer_prefix, cot)
+        return self._finish("score", messages, task.score_answer_prefix, cot, tokenize)
 
-    def after_rationale(self, rendered: Rendered, rationale: str) -> Rendered:
+    def after_rationale(self, rendered: Rendered, rationale: str, *, tokenize: bool = True) -> Rendered:
         """The label-reading prompt that follows a generated rationale.
 
         The rationale is untrusted too: judged text can lead the model to write out a
         special-token string (`<|im_end|>`), which would become the real token here; it is
-        neutralized like the judged text itself."""
+        neutralized like the judged text itself. (`tokenize` as for `pairwise`.)"""
         if not rendered.cot:
             raise InvalidInput("after_rationale needs a chain-of-thought prompt")
         safe = self.neutralize(_BAD_CHARS.sub("\ufffd", rationale.strip()))
         text = rendered.prompt + safe + "\n" + rendered.answer_prefix
-        return Rendered(rendered.kind, text, self._tokenize(text), rendered.labels, rendered.answer_prefix, False)
+        out = Rendered(rendered.kind, text, (), rendered.labels, rendered.answer_prefix, False)
+        return self.tokenize_many([out])[0] if tokenize else out
+
+    def tokenize_many(self, rendered: Sequence[Rendered], items: Sequence[int] | None = None) -> list[Rendered]:
+        """`rendered` with their prompt token ids, from one batched tokenizer call (a fast
+        tokenizer spreads it over the cores, and it lets go of the GIL meanwhile: rendering
+        a batch one prompt at a time took longer than some GPUs take to score it).
+
+        A prompt over `max_prompt_tokens` raises InputTooLong, naming `items[i]` when the
+        item index of each prompt is given."""
+        if not rendered:
+            return []
+        # The chat template already holds the special tokens it wants (BOS included).
+        encoded = self.tokenizer([r.prompt for r in rendered], add_special_tokens=not self.has_chat_template)
+        out = []
+        for k, (r, ids) in enumerate(zip(rendered, encoded["input_ids"], strict=True)):
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                limit = self.max_prompt_tokens
+                message = f"the prompt is {len(ids)} tokens, over the limit of {limit}"
+                if items is None:
+                    raise InputTooLong(message, field="items", limit=limit)
+                raise InputTooLong(f"items[{items[k]}]: {message}", field=f"items[{items[k]}]", limit=limit)
+            out.append(replace(r, prompt_token_ids=tuple(ids)))
+        return out
 
     def cut_rationale(self, rendered: Rendered, generated: str) -> str:
         """The rationale part of a generation: up to where the model writes the answer
@@ -216,9 +243,10 @@ class PromptBuilder:
             content = rationale.strip() + "\n" + content
         return {"role": "assistant", "content": content}
 
-    def _finish(self, kind: Kind, messages: list[dict[str, str]], prefix: str, cot: bool) -> Rendered:
+    def _finish(self, kind: Kind, messages: list[dict[str, str]], prefix: str, cot: bool, tokenize: bool) -> Rendered:
         prompt = self._chat(messages) + ("" if cot else prefix)
-        return Rendered(kind, prompt, self._tokenize(prompt), self._label_ids[kind], prefix, cot)
+        out = Rendered(kind, prompt, (), self._label_ids[kind], prefix, cot)
+        return self.tokenize_many([out])[0] if tokenize else out
 
     def _chat(self, messages: list[dict[str, str]]) -> str:
         if self.has_chat_template:
@@ -231,17 +259,6 @@ class PromptBuilder:
                 )
         # No chat template: a plain transcript; the answer prefix starts each answer.
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
-
-    def _tokenize(self, text: str) -> tuple[int, ...]:
-        # The chat template already holds the special tokens it wants (BOS included).
-        ids = tuple(self.tokenizer(text, add_special_tokens=not self.has_chat_template)["input_ids"])
-        if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-            raise InputTooLong(
-                f"the prompt is {len(ids)} tokens, over the limit of {self.max_prompt_tokens}",
-                field="items",
-                limit=self.max_prompt_tokens,
-            )
-        return ids
 
     def _encode_labels(self, labels: Sequence[str]) -> dict[str, tuple[int, ...]]:
         return {label: tuple(self.tokenizer.encode(label, add_special_tokens=False)) for label in labels}

@@ -124,6 +124,23 @@ def test_too_long_prompt_is_refused(model_dir, task):
         small.score(task, "ctx", "word " * 100)
 
 
+def test_tokenize_many_equals_one_by_one_and_names_the_item(builder, model_dir, task):
+    drafts = [builder.pairwise(task, f"Context {i}. " * i, "a", "b", order=o, tokenize=False)
+              for i in range(1, 6) for o in ("ab", "ba")]  # fmt: skip
+    assert all(d.prompt_token_ids == () for d in drafts)
+    one_by_one = [
+        builder.pairwise(task, f"Context {i}. " * i, "a", "b", order=o) for i in range(1, 6) for o in ("ab", "ba")
+    ]
+    assert builder.tokenize_many(drafts) == one_by_one
+    assert builder.tokenize_many([]) == []
+    small = PromptBuilder(
+        AutoTokenizer.from_pretrained(model_dir), max_prompt_tokens=len(one_by_one[4].prompt_token_ids)
+    )
+    with pytest.raises(InvalidInput, match=r"items\[8\]: the prompt is") as err:
+        small.tokenize_many(drafts, [i for i in range(5, 10) for _ in "ab"])  # drafts 6 on are too long: items[8]
+    assert err.value.field == "items[8]"
+
+
 def test_score_prompt_and_cot_prompt(builder, task):
     r = builder.score(task, "2+2?", "4")
     assert r.prompt.endswith(task.score_answer_prefix) and list(r.labels) == [str(i) for i in range(1, 11)]
