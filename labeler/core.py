@@ -157,7 +157,7 @@ class Labeler:
             for i, it in enumerate(items)
             for o in orders
         ]
-        rendered = await self._tokenize(drafts, [i for i in range(len(items)) for _ in orders])
+        rendered = self.prompts.tokenize_many(drafts, [i for i in range(len(items)) for _ in orders])
         dists, masses, rationales = await self._label(rendered, cot, samples, seed)
         results = []
         for i in range(len(items)):
@@ -195,7 +195,7 @@ class Labeler:
             _at(i, self.prompts.score, t, it.context, it.response, cot=cot, tokenize=False)
             for i, it in enumerate(items)
         ]
-        rendered = await self._tokenize(drafts, range(len(items)))
+        rendered = self.prompts.tokenize_many(drafts, range(len(items)))
         dists, masses, rationales = await self._label(rendered, cot, samples, seed)
         results = []
         for k, dist in enumerate(dists):
@@ -210,11 +210,6 @@ class Labeler:
                 )
             )
         return results
-
-    async def _tokenize(self, drafts: list[Rendered], items: Sequence[int] | None) -> list[Rendered]:
-        """`drafts` tokenized in one batch, off the event loop (a service keeps answering
-        meanwhile); `items[k]` is the item index of draft k, for error messages."""
-        return await asyncio.to_thread(self.prompts.tokenize_many, drafts, items)
 
     async def _label(
         self, rendered: list[Rendered], cot: bool, samples: int, seed: int
@@ -241,7 +236,7 @@ class Labeler:
                 groups.append(list(range(len(drafts), len(drafts) + len(texts))))
                 drafts.extend(self.prompts.after_rationale(r, text, tokenize=False) for text in texts)
                 rationales.append(texts)
-            reads = await self._tokenize(drafts, None)
+            reads = self.prompts.tokenize_many(drafts, None)
         queries = scoring.label_queries(reads[0].labels)
         answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
         per_read = [scoring.label_distribution(r.labels, a) for r, a in zip(reads, answers, strict=True)]

@@ -180,8 +180,11 @@ class PromptBuilder:
 
     def tokenize_many(self, rendered: Sequence[Rendered], items: Sequence[int] | None = None) -> list[Rendered]:
         """`rendered` with their prompt token ids, from one batched tokenizer call (a fast
-        tokenizer spreads it over the cores, and it lets go of the GIL meanwhile: rendering
-        a batch one prompt at a time took longer than some GPUs take to score it).
+        tokenizer spreads it over the cores: one prompt at a time, tokenizing a batch took
+        a fifth of the time an H100 took to score it). The labeler calls it on its own
+        thread: from a worker thread (`asyncio.to_thread`) the service's memory grew by
+        80-120 MiB from one overload wave to the next (another thread's malloc arena;
+        tests/test_reliability_overload.py caught it).
 
         A prompt over `max_prompt_tokens` raises InputTooLong, naming `items[i]` when the
         item index of each prompt is given."""

@@ -4,8 +4,8 @@
 The server may queue 16 items; the driver offers 100 requests/s of 4 uncached items each
 (200/s in the full run, at most 64 or 128 in flight), at least ten times what the engine
 serves. Expected: every request answered 200 or 429 (with Retry-After), no 5xx, none past
-its timeout, no item lost from an accepted request, and the server's memory flat from one
-wave of load to the next. A client under the same load backs off as told and completes.
+its timeout, no item lost from an accepted request, and the server's memory not growing from
+wave to wave of load. A client under the same load backs off as told and completes.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figu
     assert httpx.post(server.url + "/v1/scores", json=load_body("warm")(0), timeout=60).status_code == 200
     baseline = server.rss()
     reports, peaks, after = [], [], []
-    for wave in ("a", "b"):
+    for wave in ("a", "b", "c"):
         async with RssSampler(server.proc.pid) as rss:
             reports.append(await drive(server.url, "/v1/scores", load_body(wave), total=PER_WAVE, rate=RATE,
                                        concurrency=CONCURRENCY, timeout=TIMEOUT, deadline=scale(90, 300)))  # fmt: skip
@@ -68,10 +68,12 @@ async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figu
         assert r.statuses[429] > r.statuses[200]  # ...so most are refused...
         assert "missing" not in r.retry_after and all(int(v) >= 1 for v in r.retry_after)  # ...with Retry-After
     # Memory: bounded under load (the engine's batch is bounded, refusals hold nothing), and
-    # the high-water mark flat from one wave to the next: no leak per request. (RSS just after
-    # a wave is reported, not checked: it moves by 100+ MiB with what malloc hands back.)
+    # no leak per request: a leak raises the high-water mark at every wave, while one step up
+    # (a malloc arena of another thread coming into use: up to 60 MiB seen, at either wave)
+    # happens once, so at least one of the two steps must stay small. (RSS just after a wave
+    # is reported, not checked: it moves by 100+ MiB with what malloc hands back.)
     assert max(peaks) - baseline < 512 * MiB, (baseline, peaks)
-    assert peaks[1] - peaks[0] < 64 * MiB, (peaks, after)
+    assert min(peaks[1] - peaks[0], peaks[2] - peaks[1]) < 64 * MiB, (peaks, after)
     # The server still serves, and counted every refusal it sent.
     assert httpx.post(server.url + "/v1/scores", json=load_body("after")(0), timeout=60).status_code == 200
     text = httpx.get(server.url + "/metrics").text
@@ -84,8 +86,8 @@ async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figu
                    offered_items_per_s=4 * sent / seconds, served_items_per_s=4 * n200 / seconds,
                    p99_latency_s=max(r.latency(0.99) for r in reports),
                    max_latency_s=max(max(r.latencies) for r in reports), rss_baseline_mib=baseline // MiB,
-                   rss_peak_waves_mib=f"{peaks[0] // MiB}/{peaks[1] // MiB}",
-                   rss_after_waves_mib=f"{after[0] // MiB}/{after[1] // MiB}")  # fmt: skip
+                   rss_peak_waves_mib="/".join(str(p // MiB) for p in peaks),
+                   rss_after_waves_mib="/".join(str(a // MiB) for a in after))  # fmt: skip
 
 
 async def test_client_backs_off_under_overload_and_completes(server, labeler, figures):
