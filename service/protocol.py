@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from labeler.core import MAX_SEED
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -29,7 +31,7 @@ class _Options(_Body):
     cot: bool = Field(False, description="generate a rationale before reading the label")
     samples: int = Field(1, ge=1, description="rationales to sample and average (needs cot)")
     # Bounded because engines seed a 64-bit generator: a larger seed used to crash the batch (issue 8).
-    seed: int = Field(0, ge=0, lt=2**63, description="seed of the sampled rationales (0 to 2^63 - 1)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the sampled rationales (0 to 2^63 - 1)")
     cache: bool = Field(True, description="false: neither read nor write the cache")
 
 

@@ -219,11 +219,12 @@ class LabelService:
         """The per-item token limit, for the items the engine will compute (cache hits
         cost no engine work, so they skip the tokenizer)."""
         limit = self.settings.max_item_tokens
-        tok = self.labeler.engine.tokenizer
+        # One tokenizer call for all the texts. Cleaned as the prompt will be: a lone
+        # surrogate (JSON "\ud800") crashes the tokenizer (issue 8).
+        texts = [clean_text(t, name, allow_empty=True) for i in which for name, t in items[i].items()]
+        ids = iter(self.labeler.engine.tokenizer(texts, add_special_tokens=False)["input_ids"])
         for i in which:
-            # Cleaned as the prompt will be: a lone surrogate (JSON "\ud800") crashes the tokenizer (issue 8).
-            texts = [clean_text(t, name, allow_empty=True) for name, t in items[i].items()]
-            n_tokens = sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+            n_tokens = sum(len(next(ids)) for _ in items[i])
             if n_tokens > limit:
                 raise InputTooLong(f"items[{i}] has {n_tokens} tokens, over the limit of {limit}",
                                    field=f"items[{i}]", limit=limit)  # fmt: skip

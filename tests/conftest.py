@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.server",
     "tests.fixtures.vllm",
     "tests.fixtures.reliability",
+    "tests.fixtures.prompts",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -11,29 +10,12 @@ from transformers import AutoTokenizer
 from labeler.errors import InvalidInput, TaskFileError, UnknownTask
 from labeler.prompts import PromptBuilder, clean_text, fence_tag
 from labeler.tasks import TaskRegistry, load_task_file
-
-
-@pytest.fixture(scope="module")
-def builder(model_dir: Path) -> PromptBuilder:
-    return PromptBuilder(AutoTokenizer.from_pretrained(model_dir))
+from tests.fixtures.prompts import fences, special_ids
 
 
 @pytest.fixture(scope="module")
 def task(test_tasks: TaskRegistry):
     return test_tasks.get("tiny")
-
-
-def fences(prompt: str) -> list[str]:
-    """The fence lines of the final user turn that carry its real tag (the tag of the turn's
-    first line, which the template writes), in order."""
-    last_user = prompt.rsplit("<|im_start|>user\n", 1)[1]
-    tag = last_user.split("\n", 1)[0].rsplit(" ", 1)[1]
-    return [line for line in last_user.split("\n") if line.startswith("<<<") and line.endswith(f" {tag}")]
-
-
-def special_ids(builder: PromptBuilder, ids) -> list[int]:
-    specials = set(builder.tokenizer.all_special_ids)
-    return [t for t in ids if t in specials]
 
 
 BENIGN = ("What is 2+2?", "4", "5")

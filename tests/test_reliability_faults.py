@@ -18,7 +18,7 @@ import pytest
 
 from labeler import Labeler, ScoreItem
 from tests.fixtures.faults import FaultyEngine
-from tests.fixtures.load import RecordingTransport, drive, error_shape_ok
+from tests.fixtures.load import RecordingTransport, drive, error_shape_ok, metric
 from tests.fixtures.process import ServeProcess
 from tests.fixtures.reliability import scale
 from tests.fixtures.server import LiveServer
@@ -26,12 +26,6 @@ from tests.fixtures.server import LiveServer
 pytestmark = [pytest.mark.model, pytest.mark.reliability]
 
 POISON = "POISON-7f3a"
-
-
-def metric(url: str, name: str) -> float:
-    """Sum of a Prometheus metric's samples (every label set)."""
-    lines = httpx.get(url + "/metrics", timeout=10).text.splitlines()
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith(name + "{") or ln.startswith(name + " "))
 
 
 # -- Redis ---------------------------------------------------------------------------------------

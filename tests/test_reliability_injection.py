@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import httpx
 import pytest
-from transformers import AutoTokenizer
 
 from labeler import ScoreItem
-from labeler.prompts import PromptBuilder, clean_text, fence_tag
+from labeler.prompts import clean_text, fence_tag
 from service.serving import split_query
+from tests.fixtures.prompts import LAST_USER, fences, last_user_tag, special_ids
 from tests.fixtures.reliability import FULL, scale
 
 pytestmark = pytest.mark.reliability
@@ -55,11 +54,6 @@ BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
 @pytest.fixture(scope="module")
-def builder(model_dir: Path) -> PromptBuilder:
-    return PromptBuilder(AutoTokenizer.from_pretrained(model_dir))
-
-
-@pytest.fixture(scope="module")
 def corpus(builder) -> dict[str, str]:
     texts = [BENIGN["context"], BENIGN["response_a"], BENIGN["response_b"]]
     tok = builder.tokenizer
@@ -69,24 +63,16 @@ def corpus(builder) -> dict[str, str]:
 
 
 def parts(prompt: str) -> tuple[str, list[str], str]:
-    """(everything before the last user turn, its fence lines with their tag, what follows
+    """(everything before the last user turn, its fence lines without their tag, what follows
     the last fence): the template's own structure."""
-    head, last_user = prompt.rsplit("<|im_start|>user\n", 1)
-    tag = last_user.split("\n", 1)[0].rsplit(" ", 1)[1]
-    fence_lines = [ln for ln in last_user.split("\n") if ln.startswith("<<<") and ln.endswith(f" {tag}")]
-    tail = last_user.rsplit(fence_lines[-1], 1)[1]
-    return head, [f.removesuffix(f" {tag}") for f in fence_lines], tail
-
-
-def specials(builder: PromptBuilder, ids) -> list[int]:
-    keep = set(builder.tokenizer.all_special_ids)
-    return [t for t in ids if t in keep]
+    tag, lines = last_user_tag(prompt), fences(prompt)
+    return prompt.rsplit(LAST_USER, 1)[0], [f.removesuffix(f" {tag}") for f in lines], prompt.rsplit(lines[-1], 1)[1]
 
 
 def assert_same_structure(builder, got, benign, nasty: str, texts: list[str]) -> None:
     assert parts(got.prompt) == parts(benign.prompt)  # system turn, fences, question, prefix
-    assert specials(builder, got.prompt_token_ids) == specials(builder, benign.prompt_token_ids)
-    tag = got.prompt.rsplit("<|im_start|>user\n", 1)[1].split("\n", 1)[0].rsplit(" ", 1)[1].removesuffix(">>>")
+    assert special_ids(builder, got.prompt_token_ids) == special_ids(builder, benign.prompt_token_ids)
+    tag = last_user_tag(got.prompt).removesuffix(">>>")
     assert not any(tag in t for t in texts)
     assert f"\n{builder.neutralize(clean_text(nasty, 'x', allow_empty=True))}\n" in got.prompt  # whole, in its fence
     assert not BAD.search(got.prompt)
@@ -123,7 +109,7 @@ def test_a_rationale_cannot_break_the_template_either(builder, test_tasks, corpu
     cot = builder.pairwise(test_tasks.get("tiny"), "ctx", "a", "b", cot=True)
     benign = builder.after_rationale(cot, "A is right.")
     got = builder.after_rationale(cot, "A is right. " + corpus[name])
-    assert specials(builder, got.prompt_token_ids) == specials(builder, benign.prompt_token_ids)
+    assert special_ids(builder, got.prompt_token_ids) == special_ids(builder, benign.prompt_token_ids)
     assert got.prompt.startswith(cot.prompt) and got.prompt.endswith("\n" + cot.answer_prefix)
     assert not BAD.search(got.prompt)
 

@@ -18,7 +18,7 @@ import labeler_client as lc
 import pytest
 
 from labeler import ScoreItem
-from tests.fixtures.load import AsyncRecordingTransport, RssSampler, drive
+from tests.fixtures.load import AsyncRecordingTransport, RssSampler, drive, metric
 from tests.fixtures.process import ServeProcess
 from tests.fixtures.reliability import scale
 
@@ -69,17 +69,15 @@ async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figu
         assert "missing" not in r.retry_after and all(int(v) >= 1 for v in r.retry_after)  # ...with Retry-After
     # Memory: bounded under load (the engine's batch is bounded, refusals hold nothing), and
     # no leak per request: a leak raises the high-water mark at every wave, while one step up
-    # (a malloc arena of another thread coming into use: up to 60 MiB seen, at either wave)
+    # (a malloc arena of another thread coming into use: up to 80 MiB seen, at either wave)
     # happens once, so at least one of the two steps must stay small. (RSS just after a wave
     # is reported, not checked: it moves by 100+ MiB with what malloc hands back.)
     assert max(peaks) - baseline < 512 * MiB, (baseline, peaks)
     assert min(peaks[1] - peaks[0], peaks[2] - peaks[1]) < 64 * MiB, (peaks, after)
     # The server still serves, and counted every refusal it sent.
     assert httpx.post(server.url + "/v1/scores", json=load_body("after")(0), timeout=60).status_code == 200
-    text = httpx.get(server.url + "/metrics").text
-    rejected = sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith("labeler_rejected_total "))
     n429 = sum(r.statuses[429] for r in reports)
-    assert rejected == n429
+    assert metric(server.url, "labeler_rejected_total") == n429
     sent, seconds = sum(r.sent for r in reports), sum(r.seconds for r in reports)
     n200 = sum(r.statuses[200] for r in reports)
     figures.record("overload", requests=sent, ok_200=n200, rejected_429=n429, status_5xx=0, hung=0, items_lost=0,

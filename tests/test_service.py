@@ -14,6 +14,7 @@ import redis
 from labeler import PairItem, ScoreItem
 from service.protocol import PreferencesResponse, ScoresResponse
 from service.serving import split_query
+from tests.fixtures.load import error_shape_ok
 
 pytestmark = pytest.mark.model
 
@@ -26,8 +27,8 @@ def post(srv, path: str, body: dict, **kw) -> httpx.Response:
 
 def assert_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
     assert resp.status_code == status, resp.text
+    assert error_shape_ok(resp.json(), status), resp.text
     err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status and err["message"]
     if param is not None:
         assert err["param"] == param
     return err
