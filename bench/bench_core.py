@@ -74,10 +74,16 @@ def main() -> int:
         ratios.append(t_both / t_one)
     p4 = sum(ratios) / len(ratios)
     results.append(
-        Result("P4", "both-orders pair cost / one-order cost (CPU, transformers engine)", p4, 1.3, "lower",
-               detail=f"shared prefix = {100 * sum(shares) / len(shares):.0f}% of one order's tokens; "
-               f"per pair: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 2.0")
-    )  # fmt: skip
+        Result(
+            "P4",
+            "both-orders pair cost / one-order cost (CPU, transformers engine)",
+            p4,
+            1.3,
+            "lower",
+            detail=f"shared prefix = {100 * sum(shares) / len(shares):.0f}% of one order's tokens; "
+            f"per pair: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 2.0",
+        )
+    )
 
     # P5 -----------------------------------------------------------------------------------
     ratios = []
@@ -94,9 +100,15 @@ def main() -> int:
         ratios.append(t_exact / t_plain)
     p5 = sum(ratios) / len(ratios)
     results.append(
-        Result("P5", "exact 1-10 distribution cost / one plain forward of the same prompt", p5, 1.2, "lower",
-               detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 10")
-    )  # fmt: skip
+        Result(
+            "P5",
+            "exact 1-10 distribution cost / one plain forward of the same prompt",
+            p5,
+            1.2,
+            "lower",
+            detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 10",
+        )
+    )
     for r in results:
         print(json.dumps(r.to_dict()))
     return 0

@@ -43,8 +43,13 @@ LLAMA3_8B = {
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
-TINY = LLAMA3_8B | {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": 2}  # fmt: skip
+TINY = LLAMA3_8B | {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 SPEC_BF16_DENSE = {"H100": 989e12, "H200": 989e12}
 
 
@@ -84,8 +89,9 @@ def main() -> int:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     params = sum(p.numel() for p in model.parameters())
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or resolve_model(None))
-    engine = TransformersEngine.from_objects(model, tokenizer, model_id="llama3-8b-shape-random",
-                                             max_batch_tokens=args.max_batch_tokens)  # fmt: skip
+    engine = TransformersEngine.from_objects(
+        model, tokenizer, model_id="llama3-8b-shape-random", max_batch_tokens=args.max_batch_tokens
+    )
     lab = Labeler(engine)
     items = [PairItem(POSTS[i % 2] + f" (Post {i}.)", *SUMMARIES[i % 2]) for i in range(args.pairs)]
     lab.preferences(items[: min(8, args.batch)], "summarize")  # warm-up

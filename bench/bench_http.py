@@ -128,10 +128,20 @@ def main() -> int:
     bare_dir = Path(tempfile.mkdtemp())
     (bare_dir / "bare_app.py").write_text(BARE_APP)
     bare = start(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(bare_dir), "bare_app:app", "--port", str(bare_port),
-         "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(bare_dir),
+            "bare_app:app",
+            "--port",
+            str(bare_port),
+            "--log-level",
+            "warning",
+        ],
         f"http://127.0.0.1:{bare_port}/docs",
-    )  # fmt: skip
+    )
     try:
         p2_rounds = asyncio.run(p2(base, args.items, args.batch, args.rounds))
         p2_ratios = sorted(http / inproc for http, inproc in p2_rounds)
@@ -139,8 +149,12 @@ def main() -> int:
         httpx.post(base + "/v1/scores", content=one, headers={"content-type": "application/json"}, timeout=300)
         rounds = []
         for _ in range(args.rounds):
-            rounds.append((wrk(base + "/v1/scores", one, args.seconds),
-                           wrk(f"http://127.0.0.1:{bare_port}/const", one, args.seconds)))  # fmt: skip
+            rounds.append(
+                (
+                    wrk(base + "/v1/scores", one, args.seconds),
+                    wrk(f"http://127.0.0.1:{bare_port}/const", one, args.seconds),
+                )
+            )
         ratios = sorted(hit / bare for hit, bare in rounds)
         big = json.dumps({"task": "general", "items": items(256, "big")})
         httpx.post(base + "/v1/scores", content=big, headers={"content-type": "application/json"}, timeout=600)
@@ -150,17 +164,38 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=60)
     results = [
-        Result("P2", "labels/s through HTTP ÷ labels/s in process (same engine)", p2_ratios[len(p2_ratios) // 2],
-               0.95, "higher", detail=f"{args.items} score items in calls of {args.batch}, cache off, median of "
-               f"{args.rounds} alternating rounds (HTTP / in-process items/s: "
-               + ", ".join(f"{h:.2f} / {i:.2f}" for h, i in p2_rounds) + ")"),
-        Result("P3", "cache-hit requests/s ÷ bare FastAPI constant endpoint requests/s", ratios[len(ratios) // 2],
-               0.8, "higher", detail=f"wrk -t1 -c32, {args.seconds} s a run, median of {args.rounds} alternating "
-               "rounds (cache hits / bare req/s: " + ", ".join(f"{h:,.0f} / {b:,.0f}" for h, b in rounds)
-               + "; one uvicorn worker each, loopback)"),
-        Result("P3b", "cached items/s in 256-item batches", 256 * big_rps, 20000, "higher", unit="items/s",
-               detail=f"wrk -t1 -c8: {big_rps:,.1f} req/s × 256 items"),
-    ]  # fmt: skip
+        Result(
+            "P2",
+            "labels/s through HTTP ÷ labels/s in process (same engine)",
+            p2_ratios[len(p2_ratios) // 2],
+            0.95,
+            "higher",
+            detail=f"{args.items} score items in calls of {args.batch}, cache off, median of "
+            f"{args.rounds} alternating rounds (HTTP / in-process items/s: "
+            + ", ".join(f"{h:.2f} / {i:.2f}" for h, i in p2_rounds)
+            + ")",
+        ),
+        Result(
+            "P3",
+            "cache-hit requests/s ÷ bare FastAPI constant endpoint requests/s",
+            ratios[len(ratios) // 2],
+            0.8,
+            "higher",
+            detail=f"wrk -t1 -c32, {args.seconds} s a run, median of {args.rounds} alternating "
+            "rounds (cache hits / bare req/s: "
+            + ", ".join(f"{h:,.0f} / {b:,.0f}" for h, b in rounds)
+            + "; one uvicorn worker each, loopback)",
+        ),
+        Result(
+            "P3b",
+            "cached items/s in 256-item batches",
+            256 * big_rps,
+            20000,
+            "higher",
+            unit="items/s",
+            detail=f"wrk -t1 -c8: {big_rps:,.1f} req/s × 256 items",
+        ),
+    ]
     for r in results:
         print(json.dumps(r.to_dict()))
     return 0

@@ -60,11 +60,13 @@ def render(results: list[dict]) -> str:
     lines += ["", "## GPU (P1)", "", GPU_HOW, ""]
     gpu = [json.loads(line) for line in GPU_RESULT.read_text().splitlines()] if GPU_RESULT.is_file() else []
     if not gpu:
-        lines.append("Not measured yet: no GPU was lent to the sessions that wrote this.")
+        lines.append("Not measured yet: run the command above on a CUDA machine.")
     for r in gpu:
         met = {None: "—", True: "yes", False: "**no**"}[r["met"]]
-        lines.append(f"- **{r['name']}** = {r['value']:.3f} (goal ≥ {r['goal']}, met: {met}), {r['title']}, "
-                     f"measured {r.get('date', '?')}: {r['detail']}")  # fmt: skip
+        lines.append(
+            f"- **{r['name']}** = {r['value']:.3f} (goal ≥ {r['goal']}, met: {met}), {r['title']}, "
+            f"measured {r.get('date', '?')}: {r['detail']}"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -167,8 +167,9 @@ class JsonlSink:
                 row = json.loads(line)
                 self.rows[row["key"]] = row
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise InvalidInput(f"{self.path}: line {n} is not a row of this tool; not appending to it",
-                                   field="output") from None  # fmt: skip
+                raise InvalidInput(
+                    f"{self.path}: line {n} is not a row of this tool; not appending to it", field="output"
+                ) from None
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
@@ -223,8 +224,12 @@ class Summary:
 
     def text(self) -> str:
         share = self.inconsistent_share
-        parts = [f"{self.items} items", f"{self.labeled} labeled", f"{self.skipped} already done (skipped)",
-                 f"{self.cached} cached"]  # fmt: skip
+        parts = [
+            f"{self.items} items",
+            f"{self.labeled} labeled",
+            f"{self.skipped} already done (skipped)",
+            f"{self.cached} cached",
+        ]
         if self.duplicates:
             parts.append(f"{self.duplicates} duplicates")
         if self.invalid:
@@ -235,8 +240,14 @@ class Summary:
         return ", ".join(parts) + f" in {self.seconds:.1f}s{rate}"
 
 
-def collect(path: str | Path, normalize: Callable[[str, Any], Any], *, split: str | None = None,
-            skip_invalid: bool = False, summary: Summary | None = None) -> list[Any]:  # fmt: skip
+def collect(
+    path: str | Path,
+    normalize: Callable[[str, Any], Any],
+    *,
+    split: str | None = None,
+    skip_invalid: bool = False,
+    summary: Summary | None = None,
+) -> list[Any]:
     """Read and normalize every record before any labeling, so a malformed one stops the run
     before anything is written (or, with `skip_invalid`, is reported and left out)."""
     summary = summary if summary is not None else Summary()
@@ -335,15 +346,29 @@ def _meta(params: dict[str, Any], key: str) -> dict[str, Any]:
     return {"task": params["task"], "task_version": params["task_version"], "model": params["model"], "key": key}
 
 
-def make_params(backend: Backend, task: str, *, order: str = "both", cot: bool = False, samples: int = 1,
-                seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def make_params(
+    backend: Backend, task: str, *, order: str = "both", cot: bool = False, samples: int = 1, seed: int = 0
+) -> dict[str, Any]:
     """Everything besides the item that the label depends on (part of each content key)."""
-    return {"task": task, "task_version": backend.task_version(task), "model": backend.model_id, "order": order,
-            "cot": cot, "samples": samples, "seed": seed}  # fmt: skip
+    return {
+        "task": task,
+        "task_version": backend.task_version(task),
+        "model": backend.model_id,
+        "order": order,
+        "cot": cot,
+        "samples": samples,
+        "seed": seed,
+    }
 
 
-def build_jobs(items: Sequence[Any], make: Callable[[Sequence[Any], dict[str, Any]], list[Job]],
-               params: dict[str, Any], *, skip_invalid: bool, summary: Summary) -> list[Job]:  # fmt: skip
+def build_jobs(
+    items: Sequence[Any],
+    make: Callable[[Sequence[Any], dict[str, Any]], list[Job]],
+    params: dict[str, Any],
+    *,
+    skip_invalid: bool,
+    summary: Summary,
+) -> list[Job]:
     """`make(items)` one item at a time, so an empty text is reported like a malformed line."""
     jobs: list[Job] = []
     for it in items:
@@ -393,8 +418,14 @@ async def run_jobs(
     if kind == "pairs":
         opts["order"] = params["order"]
     start = time.monotonic()
-    bar = tqdm(total=len(todo), unit="item", desc="labeling", file=sys.stderr, disable=not progress or not todo,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=len(todo),
+        unit="item",
+        desc="labeling",
+        file=sys.stderr,
+        disable=not progress or not todo,
+        dynamic_ncols=True,
+    )
     try:
         for i in range(0, len(todo), chunk_size):
             chunk = todo[i : i + chunk_size]
@@ -414,8 +445,9 @@ async def run_jobs(
     return summary
 
 
-async def _label_chunk(backend: Backend, kind: str, chunk: list[Job], task: str, opts: dict[str, Any],
-                       skip_invalid: bool, summary: Summary) -> tuple[list[dict[str, Any]], list[Job]]:  # fmt: skip
+async def _label_chunk(
+    backend: Backend, kind: str, chunk: list[Job], task: str, opts: dict[str, Any], skip_invalid: bool, summary: Summary
+) -> tuple[list[dict[str, Any]], list[Job]]:
     while True:
         if not chunk:
             return [], []

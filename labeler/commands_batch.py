@@ -1,4 +1,4 @@
-"""Batch labeling, evaluation and win-rate commands (issue 6). Registered by labeler.cli.
+"""Batch labeling, evaluation and win-rate commands. Registered by labeler.cli.
 
     labeler label IN OUT --task T [--url URL] [--order both|ab|ba] [--cot] [--scores]
     labeler eval HUMAN_LABELED --task T --out DIR
@@ -44,8 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="JSONL to append to (re-running resumes: items already in it are skipped)")
     _common(p)
     p.add_argument("--order", choices=["both", "ab", "ba"], default="both")
-    p.add_argument("--scores", action="store_true",
-                   help="direct 1-10 scores of single responses (prompt/completion or context/response)")  # fmt: skip
+    p.add_argument(
+        "--scores",
+        action="store_true",
+        help="direct 1-10 scores of single responses (prompt/completion or context/response)",
+    )
     p.set_defaults(func=_cmd_label)
 
     p = sub.add_parser("eval", help="agreement of the AI labeler with human choices; writes DIR/report.md")
@@ -93,8 +96,9 @@ def _stats(p: argparse.ArgumentParser) -> None:
 async def open_backend(args: argparse.Namespace) -> Backend:
     """The HTTP service for --url, else the in-process Labeler of the model options."""
     if args.url:
-        return await HTTPBackend.connect(args.url, args.api_key or os.environ.get("LABELER_API_KEY"),
-                                         batch_size=max(64, args.chunk_size))  # fmt: skip
+        return await HTTPBackend.connect(
+            args.url, args.api_key or os.environ.get("LABELER_API_KEY"), batch_size=max(64, args.chunk_size)
+        )
     return LocalBackend(cli.build_labeler(args))
 
 
@@ -126,15 +130,27 @@ def _cmd_label(args: argparse.Namespace) -> int:
     records = collect(args.input, norm, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
 
     async def body(backend: Backend) -> int:
-        params = make_params(backend, args.task, order="both" if args.scores else args.order, cot=args.cot,
-                             samples=args.samples, seed=args.seed)  # fmt: skip
+        params = make_params(
+            backend,
+            args.task,
+            order="both" if args.scores else args.order,
+            cot=args.cot,
+            samples=args.samples,
+            seed=args.seed,
+        )
         make = score_jobs if args.scores else label_pair_jobs
         jobs = build_jobs(records, make, params, skip_invalid=args.skip_invalid, summary=summary)
         sink = JsonlSink(args.output)
-        s = await run_jobs(jobs, backend, sink, "scores" if args.scores else "pairs", params, summary=summary,
-                           **_loop_opts(args))  # fmt: skip
-        data = {"output": str(args.output), "task": args.task, "task_version": params["task_version"],
-                "model": params["model"], **s.to_dict()}  # fmt: skip
+        s = await run_jobs(
+            jobs, backend, sink, "scores" if args.scores else "pairs", params, summary=summary, **_loop_opts(args)
+        )
+        data = {
+            "output": str(args.output),
+            "task": args.task,
+            "task_version": params["task_version"],
+            "model": params["model"],
+            **s.to_dict(),
+        }
         cli.emit(args, data, f"{args.output}: {s.text()}")
         return 0
 
@@ -149,31 +165,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
-        jobs = build_jobs(pairs, lambda ps, pr: eval_jobs(ps, pr, args.position_seed), params,
-                          skip_invalid=args.skip_invalid, summary=summary)  # fmt: skip
+        jobs = build_jobs(
+            pairs,
+            lambda ps, pr: eval_jobs(ps, pr, args.position_seed),
+            params,
+            skip_invalid=args.skip_invalid,
+            summary=summary,
+        )
         if not jobs:
             raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
-        s = await run_jobs(jobs, backend, JsonlSink(args.out / "labels.jsonl"), "pairs", params, summary=summary,
-                           **_loop_opts(args))  # fmt: skip
+        s = await run_jobs(
+            jobs, backend, JsonlSink(args.out / "labels.jsonl"), "pairs", params, summary=summary, **_loop_opts(args)
+        )
         metrics = evaluate_rows(s.rows, level=args.level, seed=args.seed, bins=args.bins)
-        info = {"task": args.task, "task_version": params["task_version"], "model": params["model"],
-                "input": args.input, "position_seed": args.position_seed, "seed": args.seed}  # fmt: skip
+        info = {
+            "task": args.task,
+            "task_version": params["task_version"],
+            "model": params["model"],
+            "input": args.input,
+            "position_seed": args.position_seed,
+            "seed": args.seed,
+        }
         report = write_report(metrics, args.out, info)
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
         pct = round(args.level * 100)
         lines = [f"{metrics['n']} pairs; {s.text()}"]
         for order, m in metrics["orders"].items():
-            lines.append(f"{ORDERS[order]:<21} accuracy {m['accuracy']:.3f} [{pct}% CI {m['ci_low']:.3f}, "
-                         f"{m['ci_high']:.3f}]  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}  "
-                         f"prefers longer {_fmt(m['length']['labeler_longer'])} "
-                         f"(humans {_fmt(m['length']['human_longer'])})")  # fmt: skip
+            lines.append(
+                f"{ORDERS[order]:<21} accuracy {m['accuracy']:.3f} [{pct}% CI {m['ci_low']:.3f}, "
+                f"{m['ci_high']:.3f}]  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}  "
+                f"prefers longer {_fmt(m['length']['labeler_longer'])} "
+                f"(humans {_fmt(m['length']['human_longer'])})"
+            )
         if "position_consistency" in metrics:
             lines.append(f"position consistency {metrics['position_consistency']:.3f}")
         lines.append(f"report: {report}")
         headline = {k: v for k, v in metrics.items() if k != "orders"} | {
             "orders": {o: {k: v for k, v in m.items() if k != "bins"} for o, m in metrics["orders"].items()},
-            "report": str(report), "summary": s.to_dict(),
-        }  # fmt: skip
+            "report": str(report),
+            "summary": s.to_dict(),
+        }
         cli.emit(args, _clean(headline), "\n".join(lines))
         return 0
 
@@ -198,20 +229,35 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order=args.order, cot=args.cot, samples=args.samples, seed=args.seed)
-        jobs = build_jobs(matched, lambda ms, pr: winrate_jobs(ms, pr), params, skip_invalid=args.skip_invalid,
-                          summary=summary)  # fmt: skip
+        jobs = build_jobs(
+            matched, lambda ms, pr: winrate_jobs(ms, pr), params, skip_invalid=args.skip_invalid, summary=summary
+        )
         sink = JsonlSink(args.out) if args.out else MemorySink()
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
         rows = s.rows
-        wr = win_rate([r["p_a_ab"] for r in rows], [r["p_a_ba"] for r in rows], [r["p_a"] for r in rows],
-                      level=args.level, seed=args.seed)  # fmt: skip
-        data = wr | {"task": args.task, "task_version": params["task_version"], "model": params["model"],
-                     "order": args.order, "only_in_a": only_a, "only_in_b": only_b,
-                     "position_inconsistent_share": s.inconsistent_share, "summary": s.to_dict()}  # fmt: skip
+        wr = win_rate(
+            [r["p_a_ab"] for r in rows],
+            [r["p_a_ba"] for r in rows],
+            [r["p_a"] for r in rows],
+            level=args.level,
+            seed=args.seed,
+        )
+        data = wr | {
+            "task": args.task,
+            "task_version": params["task_version"],
+            "model": params["model"],
+            "order": args.order,
+            "only_in_a": only_a,
+            "only_in_b": only_b,
+            "position_inconsistent_share": s.inconsistent_share,
+            "summary": s.to_dict(),
+        }
         pct = round(args.level * 100)
-        text = (f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
-                f"on {wr['n']} prompts ({wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses; "
-                f"soft {wr['soft_win_rate']:.3f})\n{s.text()}")  # fmt: skip
+        text = (
+            f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
+            f"on {wr['n']} prompts ({wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses; "
+            f"soft {wr['soft_win_rate']:.3f})\n{s.text()}"
+        )
         cli.emit(args, _clean(data), text)
         return 0
 

@@ -174,8 +174,9 @@ def normalize_pair(where: str, rec: Any) -> Pair:
         human = rec.get("preferred")
         if human is not None and human not in ("a", "b"):
             raise MalformedRecord(where, f'\'preferred\' must be "a" or "b", got {human!r}')
-        return Pair(ctx, rec["response_a"], rec["response_b"], ctx, rec["response_a"], rec["response_b"],
-                    "pairs", human, where)  # fmt: skip
+        return Pair(
+            ctx, rec["response_a"], rec["response_b"], ctx, rec["response_a"], rec["response_b"], "pairs", human, where
+        )
     if "chosen" in rec and "rejected" in rec:
         chosen = _text_or_messages(where, "chosen", rec["chosen"])
         rejected = _text_or_messages(where, "rejected", rec["rejected"])
@@ -183,8 +184,17 @@ def normalize_pair(where: str, rec: Any) -> Pair:
             prompt = _text_or_messages(where, "prompt", rec["prompt"])
             if len({isinstance(prompt, str), isinstance(chosen, str), isinstance(rejected, str)}) != 1:
                 raise MalformedRecord(where, "'prompt', 'chosen' and 'rejected' must all be text or all be messages")
-            return Pair(prompt_text(prompt), response_text(chosen), response_text(rejected), prompt, chosen, rejected,
-                        "trl", "a", where)  # fmt: skip
+            return Pair(
+                prompt_text(prompt),
+                response_text(chosen),
+                response_text(rejected),
+                prompt,
+                chosen,
+                rejected,
+                "trl",
+                "a",
+                where,
+            )
         if isinstance(chosen, str) and isinstance(rejected, str):
             return _split_hh(where, chosen, rejected)
         if isinstance(chosen, list) and isinstance(rejected, list):
@@ -217,8 +227,11 @@ def _hh_context(prompt: str) -> str:
 
 def _split_hh(where: str, chosen: str, rejected: str) -> Pair:
     if HH_HUMAN not in chosen:
-        raise MalformedRecord(where, "'chosen'/'rejected' without a prompt must be HH-RLHF transcripts "
-                                     '("\\n\\nHuman: ..." then "\\n\\nAssistant: ...")')  # fmt: skip
+        raise MalformedRecord(
+            where,
+            "'chosen'/'rejected' without a prompt must be HH-RLHF transcripts "
+            '("\\n\\nHuman: ..." then "\\n\\nAssistant: ...")',
+        )
     try:
         pc, rc = split_hh(chosen)
         pr, rr = split_hh(rejected)
@@ -234,8 +247,11 @@ def _split_messages(where: str, chosen: list, rejected: list) -> Pair:
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == 0 or n == len(chosen) or n == len(rejected):
-        raise MalformedRecord(where, "conversational chosen/rejected without a prompt must share the prompt turns "
-                                     "and differ in the final response")  # fmt: skip
+        raise MalformedRecord(
+            where,
+            "conversational chosen/rejected without a prompt must share the prompt turns "
+            "and differ in the final response",
+        )
     prompt, a, b = chosen[:n], chosen[n:], rejected[n:]
     return Pair(prompt_text(prompt), response_text(a), response_text(b), prompt, a, b, "trl-implicit", "a", where)
 

@@ -43,8 +43,9 @@ def accuracy(p: Sequence[float], y: Sequence[int]) -> float:
     return _mean([o if yi else 1.0 - o for o, yi in zip(map(outcome, p), y, strict=True)])
 
 
-def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n_resamples: int = 2000,
-                 seed: int = 0) -> tuple[float, float]:  # fmt: skip
+def bootstrap_ci(
+    values: Sequence[float], *, level: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean: resample the n values with replacement
     `n_resamples` times (numpy default_rng(seed)), take the (1-level)/2 and (1+level)/2
     quantiles of the resampled means. (nan, nan) for no values."""
@@ -77,8 +78,15 @@ def calibration_bins(p: Sequence[float], y: Sequence[int], bins: int = 10) -> li
     out = []
     for b in range(bins):
         idx = [i for i, pi in enumerate(p) if min(int(pi * bins), bins - 1) == b]
-        out.append({"lo": b / bins, "hi": (b + 1) / bins, "n": len(idx),
-                    "conf": _mean([p[i] for i in idx]), "acc": _mean([y[i] for i in idx])})  # fmt: skip
+        out.append(
+            {
+                "lo": b / bins,
+                "hi": (b + 1) / bins,
+                "n": len(idx),
+                "conf": _mean([p[i] for i in idx]),
+                "acc": _mean([y[i] for i in idx]),
+            }
+        )
     return out
 
 
@@ -119,20 +127,35 @@ def win_outcomes(p_ab: Sequence[float | None], p_ba: Sequence[float | None]) -> 
     return out
 
 
-def win_rate(p_ab: Sequence[float | None], p_ba: Sequence[float | None], p: Sequence[float], *,
-             level: float = 0.95, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def win_rate(
+    p_ab: Sequence[float | None],
+    p_ba: Sequence[float | None],
+    p: Sequence[float],
+    *,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Win rate of A over B = mean of `win_outcomes` (ties count 1/2), with its bootstrap CI;
     also wins/ties/losses and the soft win rate mean_i P(A)_i."""
     w = win_outcomes(p_ab, p_ba)
     lo, hi = bootstrap_ci(w, level=level, seed=seed)
-    return {"n": len(w), "win_rate": _mean(w), "ci_low": lo, "ci_high": hi, "level": level,
-            "wins": sum(x == 1.0 for x in w), "ties": sum(x == 0.5 for x in w), "losses": sum(x == 0.0 for x in w),
-            "soft_win_rate": _mean(list(p))}  # fmt: skip
+    return {
+        "n": len(w),
+        "win_rate": _mean(w),
+        "ci_low": lo,
+        "ci_high": hi,
+        "level": level,
+        "wins": sum(x == 1.0 for x in w),
+        "ties": sum(x == 0.5 for x in w),
+        "losses": sum(x == 0.0 for x in w),
+        "soft_win_rate": _mean(list(p)),
+    }
 
 
 # -- evaluation over labeled rows ---------------------------------------------------------------
-def evaluate_rows(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: int = 0,
-                  bins: int = 10) -> dict[str, Any]:  # fmt: skip
+def evaluate_rows(
+    rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: int = 0, bins: int = 10
+) -> dict[str, Any]:
     """Every metric, per order ("ab", "ba", "both"), from eval rows (see `eval_jobs`)."""
     y = [1 if r["human"] == "a" else 0 for r in rows]
     la = [len(r["response_a"]) for r in rows]
@@ -145,9 +168,14 @@ def evaluate_rows(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: 
         agree = [o if yi else 1.0 - o for o, yi in zip(map(outcome, p), y, strict=True)]
         lo, hi = bootstrap_ci(agree, level=level, seed=seed)
         out["orders"][order] = {
-            "accuracy": accuracy(p, y), "ci_low": lo, "ci_high": hi, "brier": brier(p, y), "ece": ece(p, y, bins),
-            "length": length_bias(la, lb, p, y), "bins": calibration_bins(p, y, bins),
-        }  # fmt: skip
+            "accuracy": accuracy(p, y),
+            "ci_low": lo,
+            "ci_high": hi,
+            "brier": brier(p, y),
+            "ece": ece(p, y, bins),
+            "length": length_bias(la, lb, p, y),
+            "bins": calibration_bins(p, y, bins),
+        }
     if "ab" in out["orders"] and "ba" in out["orders"]:
         out["position_consistency"] = position_consistency([r["p_a_ab"] for r in rows], [r["p_a_ba"] for r in rows])
         cons = [(r["p_a"], yi) for r, yi in zip(rows, y, strict=True) if r["consistent"]]
@@ -231,8 +259,10 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
         "|---|---|---|---|---|---|",
     ]
     for order, m in metrics["orders"].items():
-        lines.append(f"| {ORDERS[order]} | {_f(m['accuracy'])} | [{_f(m['ci_low'])}, {_f(m['ci_high'])}] | "
-                     f"{_f(m['brier'])} | {_f(m['ece'])} | {_f(m['length']['labeler_longer'])} |")  # fmt: skip
+        lines.append(
+            f"| {ORDERS[order]} | {_f(m['accuracy'])} | [{_f(m['ci_low'])}, {_f(m['ci_high'])}] | "
+            f"{_f(m['brier'])} | {_f(m['ece'])} | {_f(m['length']['labeler_longer'])} |"
+        )
     first = next(iter(metrics["orders"].values()), None)
     if first is not None:
         lines.append(f"| humans | 1.000 | | | | {_f(first['length']['human_longer'])} |")
@@ -244,8 +274,10 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
             f"{_f(metrics['accuracy_when_consistent'])}",
         ]
     if first is not None:
-        lines.append(f"- length bias over {first['length']['pairs']} pairs of unequal length (characters); "
-                     "0.5 = no preference for length")  # fmt: skip
+        lines.append(
+            f"- length bias over {first['length']['pairs']} pairs of unequal length (characters); "
+            "0.5 = no preference for length"
+        )
     lines += [
         "",
         "Accuracy counts a pick at exactly P(A) = 0.5 as half right. Brier = mean (P(A) - y)^2; ECE = sum over "
@@ -265,20 +297,33 @@ def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int 
 
     def job(p: Pair) -> Job:
         if p.human is None:
-            raise MalformedRecord(p.where, "no human choice: use TRL prompt/chosen/rejected, HH chosen/rejected, "
-                                           'or context/response_a/response_b with "preferred": "a" | "b"')  # fmt: skip
+            raise MalformedRecord(
+                p.where,
+                "no human choice: use TRL prompt/chosen/rejected, HH chosen/rejected, "
+                'or context/response_a/response_b with "preferred": "a" | "b"',
+            )
         item = pair_item(p)
-        swap = swap_for_position(content_key({"context": item.context, "a": item.response_a,
-                                              "b": item.response_b}, {}), position_seed)  # fmt: skip
+        swap = swap_for_position(
+            content_key({"context": item.context, "a": item.response_a, "b": item.response_b}, {}), position_seed
+        )
         if swap:
             item = PairItem(item.context, item.response_b, item.response_a)
         human = p.human if not swap else ("b" if p.human == "a" else "a")
         key = pair_key(item, params)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:
-            return {"context": item.context, "response_a": item.response_a, "response_b": item.response_b,
-                    "human": human, "swapped": swap, "p_a": r["p_a"], "p_a_ab": r["p_a_ab"], "p_a_ba": r["p_a_ba"],
-                    "consistent": r["consistent"], "label_mass": r["label_mass"]} | _meta(params, key)  # fmt: skip
+            return {
+                "context": item.context,
+                "response_a": item.response_a,
+                "response_b": item.response_b,
+                "human": human,
+                "swapped": swap,
+                "p_a": r["p_a"],
+                "p_a_ab": r["p_a_ab"],
+                "p_a_ba": r["p_a_ba"],
+                "consistent": r["consistent"],
+                "label_mass": r["label_mass"],
+            } | _meta(params, key)
 
         return Job(key, p.where, item, make_row)
 
@@ -322,9 +367,16 @@ def winrate_jobs(matched: Sequence[tuple[Single, Single]], params: dict[str, Any
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:
             w = win_outcomes([r["p_a_ab"]], [r["p_a_ba"]])[0]
-            return {"prompt": sa.prompt, "response_a": sa.completion, "response_b": sb.completion, "p_a": r["p_a"],
-                    "p_a_ab": r["p_a_ab"], "p_a_ba": r["p_a_ba"], "consistent": r["consistent"],
-                    "outcome": w} | _meta(params, key)  # fmt: skip
+            return {
+                "prompt": sa.prompt,
+                "response_a": sa.completion,
+                "response_b": sb.completion,
+                "p_a": r["p_a"],
+                "p_a_ab": r["p_a_ab"],
+                "p_a_ba": r["p_a_ba"],
+                "consistent": r["consistent"],
+                "outcome": w,
+            } | _meta(params, key)
 
         return Job(key, f"A {sa.where} / B {sb.where}", item, make_row)
 

@@ -138,8 +138,9 @@ class Gate:
                 for k in self.keys:
                     ok |= hmac.compare_digest(k, given.strip())
             if not ok:
-                return errors.error_response(401, "missing or invalid API key", "unauthorized",
-                                             headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+                return errors.error_response(
+                    401, "missing or invalid API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"}
+                )
         return None
 
     def _too_large(self) -> Response:
@@ -205,16 +206,24 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     app.state.metrics = Metrics()
     errors.install(app)
     if settings.cors_origins:
-        app.add_middleware(Cors, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])  # fmt: skip
+        app.add_middleware(
+            Cors,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
     app.add_middleware(Gate, metrics=app.state.metrics, limit=settings.max_body_bytes, keys=settings.api_keys)
 
     # The label routes are DirectRoutes: each reads its own body and returns its own response.
     labels = APIRouter(route_class=DirectRoute, responses=ERRORS)
 
-    @labels.post("/v1/preferences", response_model=PreferencesResponse, tags=["labels"],
-                 openapi_extra=body_schema(PreferencesRequest))  # fmt: skip
+    @labels.post(
+        "/v1/preferences",
+        response_model=PreferencesResponse,
+        tags=["labels"],
+        openapi_extra=body_schema(PreferencesRequest),
+    )
     async def preferences(request: Request) -> Response:
         """Pairwise preferences as distributions (both orders by default), in item order."""
         body = await read_body(request, PreferencesRequest)
@@ -226,11 +235,20 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         body = await read_body(request, ScoresRequest)
         return FastJSON(await request.app.state.service.scores(body))
 
-    task_param = {"name": "task", "in": "query", "required": False, "schema": {"type": "string"},
-                  "description": "task name (default: the server's LABELER_TASK)"}  # fmt: skip
+    task_param = {
+        "name": "task",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "task name (default: the server's LABELER_TASK)",
+    }
 
-    @labels.post("/get_reward", response_model=GetRewardResponse, tags=["openrlhf"],
-                 openapi_extra=body_schema(GetRewardRequest) | {"parameters": [task_param]})  # fmt: skip
+    @labels.post(
+        "/get_reward",
+        response_model=GetRewardResponse,
+        tags=["openrlhf"],
+        openapi_extra=body_schema(GetRewardRequest) | {"parameters": [task_param]},
+    )
     async def get_reward(request: Request) -> Response:
         """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
         body = await read_body(request, GetRewardRequest)
@@ -260,8 +278,15 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         if lab is None:
             return errors.error_response(503, "model not loaded", "not_ready")
         cache = await state.cache.status()
-        return JSONResponse({"status": "ready", "model": lab.model_id, "engine": settings.engine,
-                             "cache": state.cache.name, "cache_status": cache})  # fmt: skip
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": lab.model_id,
+                "engine": settings.engine,
+                "cache": state.cache.name,
+                "cache_status": cache,
+            }
+        )
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
     async def metrics() -> Response:

@@ -38,9 +38,11 @@ def log_config(level: str) -> dict[str, Any]:
         "formatters": {"json": {"()": JsonFormatter}},
         "handlers": {"default": handler},
         "root": {"handlers": ["default"], "level": level.upper()},
-        "loggers": {name: {"handlers": ["default"], "level": level.upper(), "propagate": False}
-                    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "service", "labeler")},
-    }  # fmt: skip
+        "loggers": {
+            name: {"handlers": ["default"], "level": level.upper(), "propagate": False}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "service", "labeler")
+        },
+    }
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,8 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="bind address [LABELER_HOST, default 127.0.0.1]")
     p.add_argument("--port", type=int, help="[LABELER_PORT, default 8000]")
     p.add_argument("--redis-url", help="Redis URL; without one the cache is in-process [LABELER_REDIS_URL]")
-    p.add_argument("--api-key", action="append", dest="api_keys", help="accepted bearer key, repeatable "
-                   "[LABELER_API_KEYS, comma-separated]")  # fmt: skip
+    p.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        help="accepted bearer key, repeatable [LABELER_API_KEYS, comma-separated]",
+    )
     p.add_argument("--task", help="default task of /get_reward [LABELER_TASK, default general]")
     p.add_argument("--cache-ttl", type=int, help="seconds [LABELER_CACHE_TTL]")
     p.add_argument("--max-items", type=int, help="items per request [LABELER_MAX_ITEMS]")
@@ -71,14 +77,28 @@ def settings_from_args(args: argparse.Namespace):
     from .settings import Settings
 
     flags = {
-        "host": args.host, "port": args.port, "redis_url": args.redis_url, "api_keys": args.api_keys,
-        "task": args.task, "cache_ttl": args.cache_ttl, "max_items": args.max_items, "max_chars": args.max_chars,
-        "max_item_tokens": args.max_item_tokens, "max_body_bytes": args.max_body_bytes,
-        "max_queue_items": args.max_queue_items, "batch_max_items": args.batch_max_items,
-        "batch_wait_ms": args.batch_wait_ms, "batch_concurrency": args.batch_concurrency,
-        "log_level": args.log_level, "model": args.model, "engine": args.engine, "device": args.device,
-        "engine_args": args.engine_arg or None, "vllm_urls": args.vllm_urls, "tasks_dir": args.tasks_dir or None,
-    }  # fmt: skip
+        "host": args.host,
+        "port": args.port,
+        "redis_url": args.redis_url,
+        "api_keys": args.api_keys,
+        "task": args.task,
+        "cache_ttl": args.cache_ttl,
+        "max_items": args.max_items,
+        "max_chars": args.max_chars,
+        "max_item_tokens": args.max_item_tokens,
+        "max_body_bytes": args.max_body_bytes,
+        "max_queue_items": args.max_queue_items,
+        "batch_max_items": args.batch_max_items,
+        "batch_wait_ms": args.batch_wait_ms,
+        "batch_concurrency": args.batch_concurrency,
+        "log_level": args.log_level,
+        "model": args.model,
+        "engine": args.engine,
+        "device": args.device,
+        "engine_args": args.engine_arg or None,
+        "vllm_urls": args.vllm_urls,
+        "tasks_dir": args.tasks_dir or None,
+    }
     return Settings(**{k: v for k, v in flags.items() if v is not None})
 
 

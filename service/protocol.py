@@ -30,7 +30,7 @@ class _Options(_Body):
     task: str = Field(..., description="task name (GET /v1/tasks)")
     cot: bool = Field(False, description="generate a rationale before reading the label")
     samples: int = Field(1, ge=1, description="rationales to sample and average (needs cot)")
-    # Bounded because engines seed a 64-bit generator: a larger seed used to crash the batch (issue 8).
+    # Bounded because engines seed a 64-bit generator: a larger seed used to crash the batch.
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the sampled rationales (0 to 2^63 - 1)")
     cache: bool = Field(True, description="false: neither read nor write the cache")
 

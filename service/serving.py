@@ -88,8 +88,9 @@ class LabelService:
             on_batch=metrics.batch_size.observe,
         )
         # Children bound once: labels() takes a lock and checks its arguments on every call.
-        self._items_metric = {(k, src): metrics.items.labels(k, src) for k in ("pairwise", "score")
-                              for src in ("cache", "engine")}  # fmt: skip
+        self._items_metric = {
+            (k, src): metrics.items.labels(k, src) for k in ("pairwise", "score") for src in ("cache", "engine")
+        }
 
     # -- endpoints ---------------------------------------------------------------------------
     def _reply(self, task: str, version: str, usage: dict[str, int], results: list[dict[str, Any]]) -> dict:
@@ -98,8 +99,13 @@ class LabelService:
         shape, and tests check it)."""
         for r in results:
             r["rationale"] = _first(r.get("rationales"))
-        return {"model": self.labeler.model_id, "task": task, "task_version": version, "usage": usage,
-                "results": results}  # fmt: skip
+        return {
+            "model": self.labeler.model_id,
+            "task": task,
+            "task_version": version,
+            "usage": usage,
+            "results": results,
+        }
 
     async def preferences(self, req: PreferencesRequest) -> dict:
         items = [it.model_dump() for it in req.items]
@@ -123,8 +129,9 @@ class LabelService:
         for i, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
             context, response = split_query(q, p)
             if not response:
-                raise InvalidInput(f"query[{i}] has an empty response after splitting off the prompt",
-                                   field=f"query[{i}]")  # fmt: skip
+                raise InvalidInput(
+                    f"query[{i}] has an empty response after splitting off the prompt", field=f"query[{i}]"
+                )
             items.append({"context": context, "response": response})
         params = {"cot": False, "samples": 1, "seed": 0}
         results, _, _ = await self._label("score", task or self.settings.task, params, items, True)
@@ -132,9 +139,11 @@ class LabelService:
         return GetRewardResponse(
             rewards=rewards,
             scores=rewards,
-            extra_logs={"expected_score": [r["expected"] for r in results],
-                        "cached": [float(r["cached"]) for r in results]},
-        )  # fmt: skip
+            extra_logs={
+                "expected_score": [r["expected"] for r in results],
+                "cached": [float(r["cached"]) for r in results],
+            },
+        )
 
     # -- the shared path ------------------------------------------------------------------------
     async def _label(
@@ -202,32 +211,40 @@ class LabelService:
     def _check_limits(self, items: list[dict[str, str]], params: dict[str, Any]) -> None:
         s = self.settings
         if len(items) > s.max_items:
-            raise InputTooLong(f"{len(items)} items, over the limit of {s.max_items} per request",
-                               field="items", limit=s.max_items)  # fmt: skip
+            raise InputTooLong(
+                f"{len(items)} items, over the limit of {s.max_items} per request", field="items", limit=s.max_items
+            )
         if params["samples"] > s.max_samples:
-            raise InputTooLong(f"samples={params['samples']} is over the limit of {s.max_samples}",
-                               field="samples", limit=s.max_samples)  # fmt: skip
+            raise InputTooLong(
+                f"samples={params['samples']} is over the limit of {s.max_samples}",
+                field="samples",
+                limit=s.max_samples,
+            )
         for i, it in enumerate(items):
             for name, text in it.items():
                 if name != "context" and not text.strip():
                     raise InvalidInput(f"items[{i}].{name} is empty", field=f"items[{i}].{name}")
                 if len(text) > s.max_chars:
-                    raise InputTooLong(f"items[{i}].{name} has {len(text)} characters, over the limit of "
-                                       f"{s.max_chars}", field=f"items[{i}].{name}", limit=s.max_chars)  # fmt: skip
+                    raise InputTooLong(
+                        f"items[{i}].{name} has {len(text)} characters, over the limit of {s.max_chars}",
+                        field=f"items[{i}].{name}",
+                        limit=s.max_chars,
+                    )
 
     def _check_tokens(self, items: list[dict[str, str]], which: list[int]) -> None:
         """The per-item token limit, for the items the engine will compute (cache hits
         cost no engine work, so they skip the tokenizer)."""
         limit = self.settings.max_item_tokens
         # One tokenizer call for all the texts. Cleaned as the prompt will be: a lone
-        # surrogate (JSON "\ud800") crashes the tokenizer (issue 8).
+        # surrogate (JSON "\ud800") crashes the tokenizer.
         texts = [clean_text(t, name, allow_empty=True) for i in which for name, t in items[i].items()]
         ids = iter(self.labeler.engine.tokenizer(texts, add_special_tokens=False)["input_ids"])
         for i in which:
             n_tokens = sum(len(next(ids)) for _ in items[i])
             if n_tokens > limit:
-                raise InputTooLong(f"items[{i}] has {n_tokens} tokens, over the limit of {limit}",
-                                   field=f"items[{i}]", limit=limit)  # fmt: skip
+                raise InputTooLong(
+                    f"items[{i}] has {n_tokens} tokens, over the limit of {limit}", field=f"items[{i}]", limit=limit
+                )
 
 
 def _first(rationales: Any) -> str | None:

@@ -47,8 +47,13 @@ def test_trl_text_and_conversational_formats():
     assert p.prompt == USER and p.orig_a == chosen
     # implicit prompt: the shared leading turns
     p = io.normalize_pair("l", {"chosen": USER + chosen, "rejected": USER + rejected})
-    assert (p.fmt, p.prompt, p.orig_a, p.orig_b, p.context) == ("trl-implicit", USER, chosen, rejected,
-                                                                "user: Name a fruit.")  # fmt: skip
+    assert (p.fmt, p.prompt, p.orig_a, p.orig_b, p.context) == (
+        "trl-implicit",
+        USER,
+        chosen,
+        rejected,
+        "user: Name a fruit.",
+    )
     with pytest.raises(io.MalformedRecord, match="all be text or all be messages"):
         io.normalize_pair("l", {"prompt": "Q?", "chosen": chosen, "rejected": "no"})
 
@@ -71,13 +76,16 @@ def test_single_formats():
 
 
 def test_malformed_lines_are_named_and_stop_before_anything(tmp_path):
-    path = write_jsonl(tmp_path / "in.jsonl", [
-        {"prompt": "Q?", "chosen": "y", "rejected": "n"},
-        "",
-        '{"prompt": "Q?", "chosen": "y"',
-        {"question": "what?"},
-        {"prompt": "Q2?", "chosen": "y", "rejected": "n"},
-    ])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"prompt": "Q?", "chosen": "y", "rejected": "n"},
+            "",
+            '{"prompt": "Q?", "chosen": "y"',
+            {"question": "what?"},
+            {"prompt": "Q2?", "chosen": "y", "rejected": "n"},
+        ],
+    )
     with pytest.raises(io.MalformedRecord, match=r"in\.jsonl, line 3: not valid JSON"):
         collect(path, io.normalize_pair)
     summary = Summary()

@@ -56,11 +56,14 @@ def write_jsonl(path, records):
 
 
 def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_process, capsys):
-    src = write_jsonl(tmp_path / "hh.jsonl", [
-        {"chosen": HH + " Apple.", "rejected": HH + " Chair."},
-        {"oops": "not a pair"},
-        {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 5", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 4"},
-    ])  # fmt: skip
+    src = write_jsonl(
+        tmp_path / "hh.jsonl",
+        [
+            {"chosen": HH + " Apple.", "rejected": HH + " Chair."},
+            {"oops": "not a pair"},
+            {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 5", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 4"},
+        ],
+    )
     out = tmp_path / "out.jsonl"
     assert in_process("label", str(src), str(out), "--task", "tiny", "--skip-invalid", "--json") == 0
     captured = capsys.readouterr()
@@ -68,8 +71,9 @@ def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_p
     assert "line 2: not a known pair format" in captured.err
     assert (summary["items"], summary["labeled"], summary["invalid"], summary["skipped"]) == (2, 2, 1, 0)
 
-    ref = labeler.preferences([PairItem("Human: Name a fruit.", "Apple.", "Chair."), PairItem("Human: 2+2?", "5", "4")],
-                              "tiny")  # fmt: skip
+    ref = labeler.preferences(
+        [PairItem("Human: Name a fruit.", "Apple.", "Chair."), PairItem("Human: 2+2?", "5", "4")], "tiny"
+    )
     got = rows(out)
     assert len(got) == 2
     for row, r, (a, b) in zip(got, ref, [(" Apple.", " Chair."), (" 5", " 4")], strict=True):
@@ -108,15 +112,19 @@ def test_malformed_line_stops_the_run_naming_it_and_writes_nothing(tmp_path, in_
 
 def test_scores_mode_for_conversational_completions(tmp_path, labeler, in_process, capsys):
     user = [{"role": "user", "content": "Name a fruit."}]
-    src = write_jsonl(tmp_path / "in.jsonl", [
-        {"prompt": user, "completion": [{"role": "assistant", "content": "Apple."}]},
-        {"prompt": user, "completion": [{"role": "assistant", "content": "Chair."}]},
-    ])  # fmt: skip
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"prompt": user, "completion": [{"role": "assistant", "content": "Apple."}]},
+            {"prompt": user, "completion": [{"role": "assistant", "content": "Chair."}]},
+        ],
+    )
     out = tmp_path / "scores.jsonl"
     assert in_process("label", str(src), str(out), "--task", "tiny", "--scores", "--json") == 0
     assert json.loads(capsys.readouterr().out)["labeled"] == 2
-    ref = labeler.scores([ScoreItem("user: Name a fruit.", "Apple."), ScoreItem("user: Name a fruit.", "Chair.")],
-                         "tiny")  # fmt: skip
+    ref = labeler.scores(
+        [ScoreItem("user: Name a fruit.", "Apple."), ScoreItem("user: Name a fruit.", "Chair.")], "tiny"
+    )
     for row, r in zip(rows(out), ref, strict=True):
         assert row["prompt"] == user and row["completion"][0]["role"] == "assistant"
         assert row["reward"] == pytest.approx(r.reward, abs=1e-5)
@@ -134,8 +142,22 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(tmp_path,
     src = write_jsonl(tmp_path / "in.jsonl", pairs)
     out = tmp_path / "out.jsonl"
     env = os.environ | {"LABELER_TASKS_DIR": str(TEST_TASKS)}
-    cmd = [sys.executable, "-m", "labeler.cli", "label", str(src), str(out), "--task", "tiny", "--order", "ab",
-           "--chunk-size", "1", "--no-progress", "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "labeler.cli",
+        "label",
+        str(src),
+        str(out),
+        "--task",
+        "tiny",
+        "--order",
+        "ab",
+        "--chunk-size",
+        "1",
+        "--no-progress",
+        "--json",
+    ]
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -173,10 +195,13 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(tmp_path,
 
 def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, capsys):
     pytest.importorskip("labeler_client")
-    src = write_jsonl(tmp_path / "in.jsonl", [
-        {"context": "Name a fruit.", "response_a": "Chair.", "response_b": "Apple."},
-        {"context": "2+2?", "response_a": "4", "response_b": "5"},
-    ])  # fmt: skip
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"context": "Name a fruit.", "response_a": "Chair.", "response_b": "Apple."},
+            {"context": "2+2?", "response_a": "4", "response_b": "5"},
+        ],
+    )
     out = tmp_path / "out.jsonl"
     argv = ["label", str(src), str(out), "--task", "tiny", "--url", live_server.url, "--no-progress", "--json"]
     assert cli.main(argv) == 0

@@ -32,8 +32,9 @@ def test_tasks_lists_versions(test_tasks):
 
 
 def test_render_gives_exactly_what_the_engine_reads(labeler, engine):
-    out = json.loads(run("render", "--task", "tiny", "--kind", "score", "--context", "2+2?", "--response", "4",
-                         "--json").stdout)  # fmt: skip
+    out = json.loads(
+        run("render", "--task", "tiny", "--kind", "score", "--context", "2+2?", "--response", "4", "--json").stdout
+    )
     r = labeler.render_score("tiny", "2+2?", "4")
     assert out["prompt"] == r.prompt and out["prompt_token_ids"] == list(r.prompt_token_ids)
     assert out["prompt_token_ids"] == engine.tokenizer(out["prompt"], add_special_tokens=False)["input_ids"]
@@ -41,8 +42,20 @@ def test_render_gives_exactly_what_the_engine_reads(labeler, engine):
 
 
 def test_prefer_and_score_match_the_library(labeler):
-    out = json.loads(run("prefer", "--task", "tiny", "--context", "Name a fruit.", "--response-a", "Apple.",
-                         "--response-b", "Chair.", "--json").stdout)  # fmt: skip
+    out = json.loads(
+        run(
+            "prefer",
+            "--task",
+            "tiny",
+            "--context",
+            "Name a fruit.",
+            "--response-a",
+            "Apple.",
+            "--response-b",
+            "Chair.",
+            "--json",
+        ).stdout
+    )
     ref = labeler.preference("Name a fruit.", "Apple.", "Chair.", "tiny")
     assert out["p_a"] == pytest.approx(ref.p_a, abs=1e-5) and out["p_a_ba"] == pytest.approx(ref.p_a_ba, abs=1e-5)
     assert out["task_version"] == labeler.task("tiny").version and out["model"] == labeler.model_id

@@ -32,8 +32,9 @@ def test_every_call_and_order_across_batches(live_server, labeler):
         pairs = [{"context": "2+2?", "response_a": "4", "response_b": "5"}, {"response_a": "x", "response_b": "y"}]
         prefs = client.preferences(pairs, "tiny")
         assert all(isinstance(p, lc.Preference) and p.p_a + p.p_b == pytest.approx(1) for p in prefs)
-        swapped = client.preferences([{**p, "response_a": p["response_b"], "response_b": p["response_a"]}
-                                      for p in pairs], "tiny")  # fmt: skip
+        swapped = client.preferences(
+            [{**p, "response_a": p["response_b"], "response_b": p["response_a"]} for p in pairs], "tiny"
+        )
         for p, q in zip(prefs, swapped, strict=True):  # each answer belongs to its own item
             assert p.p_a == pytest.approx(q.p_b, abs=1e-4) and p.p_a_ab == pytest.approx(1 - q.p_a_ba, abs=1e-4)
         rewards = client.rewards(["2+2?"], ["4"], task="tiny")

@@ -1,5 +1,5 @@
 """`pip install ./clients` into a fresh venv pulls httpx and pydantic, never torch, transformers
-or vLLM (issue 4). Needs the package index; about 10-30 s."""
+or vLLM. Needs the package index; about 10-30 s."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def test_client_installs_without_torch(tmp_path):
     names = {line.split("==")[0].lower() for line in listed.splitlines()}
     assert {"labeler-client", "httpx", "pydantic"} <= names
     assert not names & HEAVY, names & HEAVY
-    code = "import labeler_client, labeler_client.trl, labeler_client.verl, labeler_client.testing, sys; " \
-           "assert 'torch' not in sys.modules"  # fmt: skip
+    code = (
+        "import labeler_client, labeler_client.trl, labeler_client.verl, labeler_client.testing, sys; "
+        "assert 'torch' not in sys.modules"
+    )
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr

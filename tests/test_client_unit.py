@@ -52,8 +52,20 @@ def test_backoff_is_exponential_capped_and_jittered():
         lc.Retry(max_retries=-1)
 
 
-@pytest.mark.parametrize(("header", "want"), [("3", 3.0), ("1.5", 1.5), (" 2 ", 2.0), ("-4", 0.0), ("0", 0.0),
-                                               (None, None), ("", None), ("soon", None), ("nan", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("header", "want"),
+    [
+        ("3", 3.0),
+        ("1.5", 1.5),
+        (" 2 ", 2.0),
+        ("-4", 0.0),
+        ("0", 0.0),
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("nan", None),
+    ],
+)
 def test_retry_after_seconds(header, want):
     assert parse_retry_after(header) == want
 
@@ -161,9 +173,17 @@ def test_timeouts_are_retried_then_raised_as_timeout():
     assert len(fake.requests) == 3 and all(0 <= s <= 1.5 for s in client.sleeps) and len(client.sleeps) == 2
 
 
-@pytest.mark.parametrize(("status", "cls"), [(400, lc.BadRequestError), (401, lc.AuthenticationError),
-                                             (404, lc.BadRequestError), (413, lc.PayloadTooLarge),
-                                             (422, lc.InvalidRequest), (500, lc.ServerError)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, lc.BadRequestError),
+        (401, lc.AuthenticationError),
+        (404, lc.BadRequestError),
+        (413, lc.PayloadTooLarge),
+        (422, lc.InvalidRequest),
+        (500, lc.ServerError),
+    ],
+)
 def test_other_errors_are_not_retried_and_map_to_types(status, cls):
     fake = FakeLabeler()
     fake.fail_next(status, times=5)
@@ -199,8 +219,9 @@ def test_failed_items_raise_unless_none_is_asked_for():
     with pytest.raises(lc.InvalidRequest):
         client.scores(its, "tiny")
     got = client.scores(its, "tiny", on_error="none")
-    assert got[1] is None and [g.reward for g in (got[0], got[2], got[3])] == [fake_reward("", r) for r in
-                                                                               ("ok", "fine", "good")]  # fmt: skip
+    assert got[1] is None and [g.reward for g in (got[0], got[2], got[3])] == [
+        fake_reward("", r) for r in ("ok", "fine", "good")
+    ]
     with pytest.raises(ValueError):
         client.scores(its, "tiny", on_error="zero")  # type: ignore[arg-type]
 

@@ -64,8 +64,12 @@ def test_compose_files_validate(file, services):
 
 
 def test_dockerfiles_lint_clean():
-    out = subprocess.run([tool("hadolint"), "--no-color", "docker/Dockerfile", "docker/Dockerfile.vllm"],
-                         cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    out = subprocess.run(
+        [tool("hadolint"), "--no-color", "docker/Dockerfile", "docker/Dockerfile.vllm"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     text = (DOCKER / "Dockerfile").read_text()
     assert "HEALTHCHECK" in text and re.search(r"^USER \d+$", text, re.M)
@@ -93,8 +97,12 @@ def test_labeler_service_command_runs_on_the_host(redis_server, tmp_path):
     port = free_port()
     env = os.environ | env_file_values(env_file) | {k: str(v) for k, v in cfg["environment"].items()}
     assert env["LABELER_REDIS_URL"] == "redis://redis:6379/0"
-    env |= {"LABELER_REDIS_URL": redis_server.url, "LABELER_HOST": "127.0.0.1", "LABELER_PORT": str(port),
-            "LABELER_TASKS_DIR": str(ROOT / "tests" / "data" / "tasks")}  # fmt: skip
+    env |= {
+        "LABELER_REDIS_URL": redis_server.url,
+        "LABELER_HOST": "127.0.0.1",
+        "LABELER_PORT": str(port),
+        "LABELER_TASKS_DIR": str(ROOT / "tests" / "data" / "tasks"),
+    }
     exe = shutil.which(entrypoint, path=str(Path(sys.executable).parent))
     log = (tmp_path / "labeler.log").open("w")
     proc = subprocess.Popen([exe, *cfg["command"]], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -111,8 +119,9 @@ def test_labeler_service_command_runs_on_the_host(redis_server, tmp_path):
         else:
             raise AssertionError((tmp_path / "labeler.log").read_text())
         assert ready.json()["cache"] == "redis" and ready.json()["cache_status"] == "ok"
-        r = httpx.post(url + "/v1/scores", json={"task": "tiny", "items": [{"context": "2+2?", "response": "4"}]},
-                       timeout=120)  # fmt: skip
+        r = httpx.post(
+            url + "/v1/scores", json={"task": "tiny", "items": [{"context": "2+2?", "response": "4"}]}, timeout=120
+        )
         assert r.status_code == 200 and -1 <= r.json()["results"][0]["reward"] <= 1
     finally:
         proc.send_signal(signal.SIGTERM)

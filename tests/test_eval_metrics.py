@@ -81,12 +81,15 @@ def test_bootstrap_ci_is_seeded_and_matches_the_normal_approximation():
 def test_evaluate_rows_per_order():
     # Human choice on A for rows 0-1, on B for rows 2-3.
     cols = ("human", "p_a_ab", "p_a_ba", "p_a", "consistent", "response_a", "response_b")
-    rows = [dict(zip(cols, r, strict=True)) for r in [
-        ("a", 0.8, 0.6, 0.7, True, "xx", "x"),
-        ("a", 0.7, 0.3, 0.5, False, "x", "xx"),
-        ("b", 0.6, 0.2, 0.4, False, "x", "x"),
-        ("b", 0.9, 0.7, 0.8, True, "xx", "x"),
-    ]]  # fmt: skip
+    rows = [
+        dict(zip(cols, r, strict=True))
+        for r in [
+            ("a", 0.8, 0.6, 0.7, True, "xx", "x"),
+            ("a", 0.7, 0.3, 0.5, False, "x", "xx"),
+            ("b", 0.6, 0.2, 0.4, False, "x", "x"),
+            ("b", 0.9, 0.7, 0.8, True, "xx", "x"),
+        ]
+    ]
     m = ev.evaluate_rows(rows, bins=10)
     # A first: picks A always -> right on rows 0, 1 -> 2/4. B first: A, B, B, A -> right on 0, 2 -> 2/4.
     # Both: .7 (right), .5 (half), .4 (right), .8 (wrong) -> 2.5/4

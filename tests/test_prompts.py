@@ -26,8 +26,13 @@ def test_layout_uses_chat_template_and_ends_with_answer_prefix(builder, task):
     assert r.prompt.startswith("<|im_start|>system\n" + task.preamble)
     assert r.prompt.endswith("<|im_start|>assistant\n" + task.pairwise_answer_prefix)
     assert [f.split(" #")[0] for f in fences(r.prompt)] == [
-        "<<<CONTEXT", "<<<END CONTEXT", "<<<RESPONSE 1", "<<<END RESPONSE 1", "<<<RESPONSE 2", "<<<END RESPONSE 2",
-    ]  # fmt: skip
+        "<<<CONTEXT",
+        "<<<END CONTEXT",
+        "<<<RESPONSE 1",
+        "<<<END RESPONSE 1",
+        "<<<RESPONSE 2",
+        "<<<END RESPONSE 2",
+    ]
     assert r.labels == {"1": (33,), "2": (34,)}
     assert r.prompt_token_ids == tuple(builder.tokenizer(r.prompt, add_special_tokens=False)["input_ids"])
 
@@ -91,9 +96,13 @@ def test_control_characters_and_lone_surrogates_are_replaced():
 
 @pytest.mark.parametrize(
     ("args", "field"),
-    [(("ctx", "", "b"), "response_a"), (("ctx", "a", "   "), "response_b"), ((3, "a", "b"), "context"),
-     (("ctx", None, "b"), "response_a")],
-)  # fmt: skip
+    [
+        (("ctx", "", "b"), "response_a"),
+        (("ctx", "a", "   "), "response_b"),
+        ((3, "a", "b"), "context"),
+        (("ctx", None, "b"), "response_a"),
+    ],
+)
 def test_bad_items_raise_invalid_input_naming_the_field(builder, task, args, field):
     with pytest.raises(InvalidInput) as err:
         builder.pairwise(task, *args)
@@ -107,8 +116,11 @@ def test_too_long_prompt_is_refused(model_dir, task):
 
 
 def test_tokenize_many_equals_one_by_one_and_names_the_item(builder, model_dir, task):
-    drafts = [builder.pairwise(task, f"Context {i}. " * i, "a", "b", order=o, tokenize=False)
-              for i in range(1, 6) for o in ("ab", "ba")]  # fmt: skip
+    drafts = [
+        builder.pairwise(task, f"Context {i}. " * i, "a", "b", order=o, tokenize=False)
+        for i in range(1, 6)
+        for o in ("ab", "ba")
+    ]
     assert all(d.prompt_token_ids == () for d in drafts)
     one_by_one = [
         builder.pairwise(task, f"Context {i}. " * i, "a", "b", order=o) for i in range(1, 6) for o in ("ab", "ba")
@@ -168,9 +180,14 @@ def test_user_tasks_extend_and_override_builtins(tmp_path):
 
 @pytest.mark.parametrize(
     "content",
-    ['preamble = "x"\nbogus = 1\n', 'preamble = ""\n', "preamble = [1]\n", "not toml ===",
-     'preamble = "x"\n[[examples]]\ncontext = "c"\nresponse_a = "a"\nresponse_b = "b"\npreferred = 3\n'],
-)  # fmt: skip
+    [
+        'preamble = "x"\nbogus = 1\n',
+        'preamble = ""\n',
+        "preamble = [1]\n",
+        "not toml ===",
+        'preamble = "x"\n[[examples]]\ncontext = "c"\nresponse_a = "a"\nresponse_b = "b"\npreferred = 3\n',
+    ],
+)
 def test_malformed_task_files_are_refused(tmp_path, content):
     (tmp_path / "bad.toml").write_text(content)
     with pytest.raises(TaskFileError, match="bad.toml"):

@@ -58,8 +58,18 @@ async def test_redis_stopped_and_restarted_under_load(make_server, redis_server,
         finally:
             stop.set()
 
-    load = asyncio.create_task(drive(srv.url, "/v1/scores", body, total=scale(2000, 20000), concurrency=8,
-                                     timeout=60, deadline=scale(120, 600), stop=stop))  # fmt: skip
+    load = asyncio.create_task(
+        drive(
+            srv.url,
+            "/v1/scores",
+            body,
+            total=scale(2000, 20000),
+            concurrency=8,
+            timeout=60,
+            deadline=scale(120, 600),
+            stop=stop,
+        )
+    )
     await bounce_redis()
     report = await load
     assert report.sent > 0 and report.statuses == {200: report.sent}, report  # 0 failed label requests
@@ -76,10 +86,16 @@ async def test_redis_stopped_and_restarted_under_load(make_server, redis_server,
     assert httpx.post(srv.url + "/v1/scores", json=item, timeout=60).json()["results"][0]["cached"] is False
     assert httpx.post(srv.url + "/v1/scores", json=item, timeout=60).json()["results"][0]["cached"] is True
     assert httpx.get(srv.url + "/readyz").json()["cache_status"] == "ok"
-    figures.record("redis-outages-under-load", outages=outages, requests=report.sent, in_flight_while_down=sum(during),
-                   failed=0,
-                   items_lost=report.results_missing, cache_errors_bypassed=int(errors),
-                   cache_hits=int(metric(srv.url, "labeler_cache_hits_total")))  # fmt: skip
+    figures.record(
+        "redis-outages-under-load",
+        outages=outages,
+        requests=report.sent,
+        in_flight_while_down=sum(during),
+        failed=0,
+        items_lost=report.results_missing,
+        cache_errors_bypassed=int(errors),
+        cache_hits=int(metric(srv.url, "labeler_cache_hits_total")),
+    )
 
 
 # -- the engine raising mid-batch -------------------------------------------------------------------
@@ -114,25 +130,36 @@ async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, t
         assert httpx.get(srv.url + "/readyz").status_code == 200
     finally:
         srv.stop()
-    figures.record(f"engine-fault-{exc_type}-{stage}", faults_injected=faulty.raised,
-                   failed_batch=faulty.failed_batches[0], poisoned_503=1, others_200=len(rs) + len(after),
-                   items_lost=0)  # fmt: skip
+    figures.record(
+        f"engine-fault-{exc_type}-{stage}",
+        faults_injected=faulty.raised,
+        failed_batch=faulty.failed_batches[0],
+        poisoned_503=1,
+        others_200=len(rs) + len(after),
+        items_lost=0,
+    )
 
 
 # -- the server killed during a client batch ------------------------------------------------------------
 def test_server_killed_and_restarted_during_a_client_batch(labeler, tmp_path, figures):
     kills = scale(ci=1, full=3)
     n = scale(ci=24, full=128)
-    items = [{"context": f"Question {i}: what is {i} times 3?", "response": f"It is {3 * i + i % 2}."}
-             for i in range(n)]  # fmt: skip
+    items = [
+        {"context": f"Question {i}: what is {i} times 3?", "response": f"It is {3 * i + i % 2}."} for i in range(n)
+    ]
     ref = labeler.scores([ScoreItem(**it) for it in items], "tiny")
     # Items whose answers differ, so that a result given to the wrong item would show.
     assert len({tuple(round(p, 4) for p in r.distribution) for r in ref}) == n
     srv = ServeProcess(tmp_path / "serve.log", "--log-level", "warning")
     srv.start()
     transport = RecordingTransport()
-    client = lc.Client(srv.url, batch_size=4, max_concurrency=2, transport=transport,
-                       retry=lc.Retry(max_retries=200, backoff=0.2, max_backoff=1.0))  # fmt: skip
+    client = lc.Client(
+        srv.url,
+        batch_size=4,
+        max_concurrency=2,
+        transport=transport,
+        retry=lc.Retry(max_retries=200, backoff=0.2, max_backoff=1.0),
+    )
     done = threading.Event()
     killed_mid_batch: list[bool] = []
 
@@ -159,5 +186,12 @@ def test_server_killed_and_restarted_during_a_client_batch(labeler, tmp_path, fi
     assert len(got) == n and all(g is not None for g in got)
     for g, want in zip(got, ref, strict=True):
         assert g.distribution == pytest.approx(want.distribution, abs=1e-4)
-    figures.record("server-killed-during-client-batch", kills=kills, items=n, connection_errors_retried=len(errors),
-                   results=len(got), items_lost=0, duplicates=0)  # fmt: skip
+    figures.record(
+        "server-killed-during-client-batch",
+        kills=kills,
+        items=n,
+        connection_errors_retried=len(errors),
+        results=len(got),
+        items_lost=0,
+        duplicates=0,
+    )

@@ -34,15 +34,28 @@ from tests.fixtures.server import LiveServer
 
 pytestmark = [pytest.mark.model, pytest.mark.reliability]
 
-OPERATIONS = ["POST /v1/preferences", "POST /v1/scores", "POST /get_reward", "GET /v1/tasks", "GET /healthz",
-              "GET /readyz", "GET /metrics"]  # fmt: skip
+OPERATIONS = [
+    "POST /v1/preferences",
+    "POST /v1/scores",
+    "POST /get_reward",
+    "GET /v1/tasks",
+    "GET /healthz",
+    "GET /readyz",
+    "GET /metrics",
+]
 # Operations that take input: fuzzed in both modes, N_CASES each. The others take none, so
 # one case says all there is to say (hypothesis stops once it has tried every input).
 WITH_INPUT = OPERATIONS[:3]
 N_CASES = scale(ci=50, full=200)
 RUNS = [(op, mode) for op in OPERATIONS for mode in ("positive", "negative") if op in WITH_INPUT or mode == "positive"]
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance, negative_data_rejection]  # fmt: skip
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+]
 # Small limits keep engine work per case small; they are exercised (422) as well.
 LIMITS = {"max_items": 3, "max_chars": 1000, "max_item_tokens": 128, "max_samples": 2}
 KNOWN_TASKS = ["tiny", "tiny", "tiny_fewshot", "general"]
@@ -66,10 +79,14 @@ def totals(figures) -> Iterator[dict[tuple[str, str], Counter]]:
     allc = sum(runs.values(), Counter())
     if allc:
         by_op = {op: sum(sum(c.values()) for (o, _), c in runs.items() if o == op) for op in OPERATIONS}
-        figures.record("fuzz", cases=sum(allc.values()), status_5xx=sum(n for s, n in allc.items() if s >= 500),
-                       status_2xx=sum(n for s, n in allc.items() if s < 300),
-                       status_4xx=sum(n for s, n in allc.items() if 400 <= s < 500),
-                       per_operation="/".join(str(by_op[op]) for op in OPERATIONS))  # fmt: skip
+        figures.record(
+            "fuzz",
+            cases=sum(allc.values()),
+            status_5xx=sum(n for s, n in allc.items() if s >= 500),
+            status_2xx=sum(n for s, n in allc.items() if s < 300),
+            status_4xx=sum(n for s, n in allc.items() if 400 <= s < 500),
+            per_operation="/".join(str(by_op[op]) for op in OPERATIONS),
+        )
 
 
 def with_known_task(case: Case, task: str | None) -> Case:
@@ -99,8 +116,14 @@ def test_fuzz(target, totals, operation: str, mode: str):
     session = requests.Session()
 
     # No shrinking: each step re-runs the model; the failure message carries the curl command.
-    @settings(max_examples=N_CASES, deadline=None, database=None, derandomize=not FULL,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=N_CASES,
+        deadline=None,
+        database=None,
+        derandomize=not FULL,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def run(case: Case) -> None:
         response = case.call(base_url=srv.url, session=session, timeout=120)

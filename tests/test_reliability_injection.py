@@ -57,8 +57,10 @@ BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 def corpus(builder) -> dict[str, str]:
     texts = [BENIGN["context"], BENIGN["response_a"], BENIGN["response_b"]]
     tok = builder.tokenizer
-    fill = {"benign_tag": fence_tag(texts), "all_specials": "".join(sorted(set(tok.get_added_vocab()) |
-                                                                             set(tok.all_special_tokens)))}  # fmt: skip
+    fill = {
+        "benign_tag": fence_tag(texts),
+        "all_specials": "".join(sorted(set(tok.get_added_vocab()) | set(tok.all_special_tokens))),
+    }
     return {name: text.format(**fill) if "{" in text else text for name, text in CORPUS.items()}
 
 
@@ -87,9 +89,13 @@ def test_pairwise_structure_holds(builder, test_tasks, corpus, name, field):
     benign = builder.pairwise(task, **texts)
     texts[field] = corpus[name]
     for order in ("ab", "ba"):
-        assert_same_structure(builder, builder.pairwise(task, **texts, order=order),
-                              builder.pairwise(task, **{k: BENIGN[k] for k in texts}, order=order),
-                              corpus[name], list(texts.values()))  # fmt: skip
+        assert_same_structure(
+            builder,
+            builder.pairwise(task, **texts, order=order),
+            builder.pairwise(task, **{k: BENIGN[k] for k in texts}, order=order),
+            corpus[name],
+            list(texts.values()),
+        )
     assert benign.prompt.endswith(task.pairwise_answer_prefix)
 
 
@@ -125,8 +131,17 @@ async def post_raw(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Re
 
 # Through the API, the reduced run sends the strings whose trip over the wire matters most
 # (JSON escapes, control characters) and one of each spoof; the full run sends them all.
-WIRE = ["lone-high-surrogate", "lone-low-surrogate", "reversed-pair", "control-chars", "nul-in-fence",
-        "bidi-and-invisibles", "chatml-turns", "fence-end-guess", "llama3"]  # fmt: skip
+WIRE = [
+    "lone-high-surrogate",
+    "lone-low-surrogate",
+    "reversed-pair",
+    "control-chars",
+    "nul-in-fence",
+    "bidi-and-invisibles",
+    "chatml-turns",
+    "fence-end-guess",
+    "llama3",
+]
 
 
 @pytest.mark.model

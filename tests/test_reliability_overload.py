@@ -35,8 +35,15 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    srv = ServeProcess(tmp_path_factory.mktemp("overload") / "serve.log", "--max-queue-items", str(QUEUE),
-                       "--batch-max-items", "16", "--log-level", "warning")  # fmt: skip
+    srv = ServeProcess(
+        tmp_path_factory.mktemp("overload") / "serve.log",
+        "--max-queue-items",
+        str(QUEUE),
+        "--batch-max-items",
+        "16",
+        "--log-level",
+        "warning",
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -55,8 +62,18 @@ async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figu
     reports, peaks, after = [], [], []
     for wave in ("a", "b", "c"):
         async with RssSampler(server.proc.pid) as rss:
-            reports.append(await drive(server.url, "/v1/scores", load_body(wave), total=PER_WAVE, rate=RATE,
-                                       concurrency=CONCURRENCY, timeout=TIMEOUT, deadline=scale(90, 300)))  # fmt: skip
+            reports.append(
+                await drive(
+                    server.url,
+                    "/v1/scores",
+                    load_body(wave),
+                    total=PER_WAVE,
+                    rate=RATE,
+                    concurrency=CONCURRENCY,
+                    timeout=TIMEOUT,
+                    deadline=scale(90, 300),
+                )
+            )
         peaks.append(rss.peak)
         await asyncio.sleep(0.5)
         after.append(server.rss())
@@ -80,20 +97,40 @@ async def test_far_above_capacity_429_no_5xx_no_hang_bounded_memory(server, figu
     assert metric(server.url, "labeler_rejected_total") == n429
     sent, seconds = sum(r.sent for r in reports), sum(r.seconds for r in reports)
     n200 = sum(r.statuses[200] for r in reports)
-    figures.record("overload", requests=sent, ok_200=n200, rejected_429=n429, status_5xx=0, hung=0, items_lost=0,
-                   offered_items_per_s=4 * sent / seconds, served_items_per_s=4 * n200 / seconds,
-                   p99_latency_s=max(r.latency(0.99) for r in reports),
-                   max_latency_s=max(max(r.latencies) for r in reports), rss_baseline_mib=baseline // MiB,
-                   rss_peak_waves_mib="/".join(str(p // MiB) for p in peaks),
-                   rss_after_waves_mib="/".join(str(a // MiB) for a in after))  # fmt: skip
+    figures.record(
+        "overload",
+        requests=sent,
+        ok_200=n200,
+        rejected_429=n429,
+        status_5xx=0,
+        hung=0,
+        items_lost=0,
+        offered_items_per_s=4 * sent / seconds,
+        served_items_per_s=4 * n200 / seconds,
+        p99_latency_s=max(r.latency(0.99) for r in reports),
+        max_latency_s=max(max(r.latencies) for r in reports),
+        rss_baseline_mib=baseline // MiB,
+        rss_peak_waves_mib="/".join(str(p // MiB) for p in peaks),
+        rss_after_waves_mib="/".join(str(a // MiB) for a in after),
+    )
 
 
 async def test_client_backs_off_under_overload_and_completes(server, labeler, figures):
     items = [{"context": f"backoff {i}", "response": f"reply {i}"} for i in range(12)]
     stop = asyncio.Event()
-    flood = asyncio.create_task(drive(server.url, "/v1/scores", load_body("flood"), total=scale(3000, 30000),
-                                      rate=RATE, concurrency=CONCURRENCY, timeout=TIMEOUT, deadline=scale(6, 30),
-                                      stop=stop))  # fmt: skip
+    flood = asyncio.create_task(
+        drive(
+            server.url,
+            "/v1/scores",
+            load_body("flood"),
+            total=scale(3000, 30000),
+            rate=RATE,
+            concurrency=CONCURRENCY,
+            timeout=TIMEOUT,
+            deadline=scale(6, 30),
+            stop=stop,
+        )
+    )
     await asyncio.sleep(1.0)  # the flood has filled the queue: the client arrives at a full server
     transport = AsyncRecordingTransport()
     retry = lc.Retry(max_retries=100, backoff=0.1, max_backoff=2.0, max_retry_after=MAX_WAIT)
@@ -114,6 +151,14 @@ async def test_client_backs_off_under_overload_and_completes(server, labeler, fi
     assert len(got) == len(items)
     for g, want in zip(got, ref, strict=True):
         assert g is not None and g.distribution == pytest.approx(want.distribution, abs=1e-4)
-    figures.record("client-under-overload", items=len(items), requests_sent=len(transport.starts),
-                   refused_429=len(refused), waited_s=sum(w for w, t in zip(waits, told, strict=False) if t),
-                   completed=len(got), items_lost=0, flood_requests=report.sent, flood_5xx=0)  # fmt: skip
+    figures.record(
+        "client-under-overload",
+        items=len(items),
+        requests_sent=len(transport.starts),
+        refused_429=len(refused),
+        waited_s=sum(w for w, t in zip(waits, told, strict=False) if t),
+        completed=len(got),
+        items_lost=0,
+        flood_requests=report.sent,
+        flood_5xx=0,
+    )

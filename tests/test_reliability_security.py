@@ -54,8 +54,15 @@ def test_every_key_is_compared_in_constant_time(make_server, monkeypatch):
 def debug_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """`labeler serve` as a user starts it: no --host, keys from the environment, and its
     most verbose log level."""
-    srv = ServeProcess(tmp_path_factory.mktemp("security") / "serve.log", "--log-level", "debug",
-                       "--max-body-bytes", "4096", env={"LABELER_API_KEYS": f"{SECRET},other"}, host=None)  # fmt: skip
+    srv = ServeProcess(
+        tmp_path_factory.mktemp("security") / "serve.log",
+        "--log-level",
+        "debug",
+        "--max-body-bytes",
+        "4096",
+        env={"LABELER_API_KEYS": f"{SECRET},other"},
+        host=None,
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -76,8 +83,13 @@ def test_keys_never_logged_even_at_debug(debug_server):
     srv, near_miss = debug_server, SECRET[:-1] + "X"
     body = {"task": "tiny", "items": [{"response": "log me not"}]}
     with httpx.Client(base_url=srv.url, timeout=120) as client:
-        for auth, status in ((f"Bearer {SECRET}", 200), (f"Bearer {near_miss}", 401), (f"Basic {SECRET}", 401),
-                             (f"bearer  {SECRET}", 200), (SECRET, 401)):  # fmt: skip
+        for auth, status in (
+            (f"Bearer {SECRET}", 200),
+            (f"Bearer {near_miss}", 401),
+            (f"Basic {SECRET}", 401),
+            (f"bearer  {SECRET}", 200),
+            (SECRET, 401),
+        ):
             assert client.post("/v1/scores", json=body, headers={"Authorization": auth}).status_code == status
         auth = {"Authorization": f"Bearer {SECRET}"}
         assert client.post("/v1/scores", json={"task": "nope", "items": []}, headers=auth).status_code == 422
@@ -115,16 +127,21 @@ def test_a_huge_declared_body_is_refused_before_it_is_sent(make_server):
     srv = make_server(max_body_bytes=2048)
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
         t0 = time.monotonic()
-        s.sendall(b"POST /v1/scores HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 1000000000\r\n\r\n")  # fmt: skip
+        s.sendall(
+            b"POST /v1/scores HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413") and time.monotonic() - t0 < 5
     assert error_shape_ok(json.loads(head.split("\r\n\r\n", 1)[1]), 413)
 
 
 def test_cors_off_unless_configured(make_server, monkeypatch):
-    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}  # fmt: skip
+    preflight = {
+        "Origin": "https://ui.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     off = make_server()
     r = httpx.options(off.url + "/v1/scores", headers=preflight)
     assert r.status_code == 405 and "access-control-allow-origin" not in r.headers and error_shape_ok(r.json(), 405)

@@ -76,8 +76,12 @@ def test_rewards_stay_in_range(dist):
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
-@given(score_dists(), st.integers(min_value=1, max_value=9), st.integers(min_value=1, max_value=9),
-       st.floats(min_value=0.0, max_value=1.0))  # fmt: skip
+@given(
+    score_dists(),
+    st.integers(min_value=1, max_value=9),
+    st.integers(min_value=1, max_value=9),
+    st.floats(min_value=0.0, max_value=1.0),
+)
 def test_reward_is_monotone_in_the_score_distribution(dist, k, step, share):
     """Moving probability mass from score k to any higher score never lowers the reward."""
     moved = dist[str(k)] * share

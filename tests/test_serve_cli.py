@@ -27,8 +27,10 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "labeler.cli", "serve", "--port", str(port), "--tasks-dir", str(TEST_TASKS)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

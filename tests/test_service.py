@@ -201,8 +201,9 @@ def test_bodies_are_read_like_fastapi_would(live_server):
     ]
     assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
     assert len({r.json()["results"][0]["expected"] for r in answers}) == 1
-    err = assert_error(httpx.post(live_server.url + "/v1/scores", content=raw, headers={"content-type": "text/plain"}),
-                       422, "body")  # fmt: skip
+    err = assert_error(
+        httpx.post(live_server.url + "/v1/scores", content=raw, headers={"content-type": "text/plain"}), 422, "body"
+    )
     assert "content-type" in err["message"]
     err = assert_error(httpx.post(live_server.url + "/get_reward", content=b'{"query": [', timeout=30), 422, "body")
     assert "not valid JSON" in err["message"]
@@ -232,8 +233,11 @@ def test_get_reward_openrlhf_contract(live_server, labeler):
     prompts = ["<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n", "Say hi."]
     queries = [prompts[0] + "4<|im_end|>", prompts[1] + " Hello!"]
     # The shape OpenRLHF's remote reward client posts, with a plain HTTP client.
-    resp = httpx.post(live_server.url + "/get_reward?task=tiny",
-                      json={"query": queries, "prompts": prompts, "labels": ["4", None]}, timeout=120)  # fmt: skip
+    resp = httpx.post(
+        live_server.url + "/get_reward?task=tiny",
+        json={"query": queries, "prompts": prompts, "labels": ["4", None]},
+        timeout=120,
+    )
     body = resp.json()
     assert resp.status_code == 200 and set(body) == {"rewards", "scores", "extra_logs"}
     ctx = "<|im_start|>user\nWhat is 2+2?<|im_end|>"  # the assistant marker is template, not context
@@ -250,15 +254,25 @@ def test_get_reward_openrlhf_contract(live_server, labeler):
     [
         ("P: hi A: yo", "P: hi", ("P: hi", "A: yo")),
         ("<|im_start|>assistant\nyo", "<|im_start|>assistant\n", ("", "yo")),
-        ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>", None,
-         ("<|im_start|>user\nhi<|im_end|>", "yo")),
-        ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nyo"
-         "<|eot_id|>", None, ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "yo")),
-        ("\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b", None,
-         ("Human: hi\n\nAssistant: a\n\nHuman: more", "b")),
+        (
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>",
+            None,
+            ("<|im_start|>user\nhi<|im_end|>", "yo"),
+        ),
+        (
+            "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nyo"
+            "<|eot_id|>",
+            None,
+            ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "yo"),
+        ),
+        (
+            "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b",
+            None,
+            ("Human: hi\n\nAssistant: a\n\nHuman: more", "b"),
+        ),
         ("just text", None, ("", "just text")),
         ("mismatch yo", "other", ("", "mismatch yo")),
     ],
-)  # fmt: skip
+)
 def test_split_query(query, prompt, expected):
     assert split_query(query, prompt) == expected

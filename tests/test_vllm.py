@@ -124,8 +124,18 @@ def test_labeler_serve_with_the_vllm_engine(vllm_servers, tmp_path):
             s.wait_ready()
     port = free_port()
     args = ["kv_cache_memory_bytes=1073741824", "enforce_eager=true", "dtype=float32", "max_model_len=2048"]
-    cmd = [sys.executable, "-m", "labeler.cli", "serve", "--engine", "vllm", "--port", str(port),
-           "--tasks-dir", str(TEST_TASKS)] + [a for kv in args for a in ("--engine-arg", kv)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "labeler.cli",
+        "serve",
+        "--engine",
+        "vllm",
+        "--port",
+        str(port),
+        "--tasks-dir",
+        str(TEST_TASKS),
+    ] + [a for kv in args for a in ("--engine-arg", kv)]
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"

@@ -119,8 +119,14 @@ class Client(_BaseClient):
     takes any `httpx.BaseTransport` (see `labeler_client.testing` for a fake server).
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 transport: httpx.BaseTransport | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(base_url, api_key, **kwargs)
         self._http = httpx.Client(transport=transport, **self._http_options())
         self._sleep: Callable[[float], None] = time.sleep
@@ -152,8 +158,9 @@ class Client(_BaseClient):
                 self._sleep(delay)
                 attempt += 1
 
-    def _batched(self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T],
-                 on_error: OnError) -> list[T | None]:  # fmt: skip
+    def _batched(
+        self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T], on_error: OnError
+    ) -> list[T | None]:
         self._check_on_error(on_error)
         out: list[T | None] = [None] * len(items)
 
@@ -185,9 +192,18 @@ class Client(_BaseClient):
             f.result()
         return out
 
-    def preferences(self, items: Sequence[Item], task: str, *, order: Order = "both", cot: bool = False,
-                    samples: int = 1, seed: int = 0, cache: bool = True,
-                    on_error: OnError = "raise") -> list[Preference | None]:  # fmt: skip
+    def preferences(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        order: Order = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[Preference | None]:
         """Pairwise preferences for items `{"context", "response_a", "response_b"}`, in input order.
 
         Raises the first `LabelerError` of any batch; with `on_error="none"` the items that
@@ -195,14 +211,30 @@ class Client(_BaseClient):
         opts = self._options(task, order=order, cot=cot, samples=samples, seed=seed, cache=cache)
         return self._batched("/v1/preferences", items, opts, Preference.model_validate, on_error)
 
-    def scores(self, items: Sequence[Item], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0,
-               cache: bool = True, on_error: OnError = "raise") -> list[Score | None]:  # fmt: skip
+    def scores(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[Score | None]:
         """Direct 1..10 scores for items `{"context", "response"}`, in input order."""
         opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
         return self._batched("/v1/scores", items, opts, Score.model_validate, on_error)
 
-    def rewards(self, prompts: Sequence[Text], completions: Sequence[Text], task: str = "general", *,
-                on_error: OnError = "raise", **options: Any) -> list[float | None]:  # fmt: skip
+    def rewards(
+        self,
+        prompts: Sequence[Text],
+        completions: Sequence[Text],
+        task: str = "general",
+        *,
+        on_error: OnError = "raise",
+        **options: Any,
+    ) -> list[float | None]:
         """Rewards in [-1, 1] for (prompt, completion) pairs, plain text or chat messages:
         the `reward` of `scores()` (options: cot, samples, seed, cache)."""
         results = self.scores(score_items(prompts, completions), task, on_error=on_error, **options)
@@ -220,8 +252,14 @@ class Client(_BaseClient):
 class AsyncClient(_BaseClient):
     """The same surface as `Client`, awaitable; use `async with` or `await client.aclose()`."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 transport: httpx.AsyncBaseTransport | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(base_url, api_key, **kwargs)
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
         self._sleep: Callable[[float], Any] = asyncio.sleep
@@ -253,8 +291,9 @@ class AsyncClient(_BaseClient):
                 await self._sleep(delay)
                 attempt += 1
 
-    async def _batched(self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T],
-                       on_error: OnError) -> list[T | None]:  # fmt: skip
+    async def _batched(
+        self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T], on_error: OnError
+    ) -> list[T | None]:
         self._check_on_error(on_error)
         out: list[T | None] = [None] * len(items)
         gate = asyncio.Semaphore(self.max_concurrency)
@@ -284,21 +323,46 @@ class AsyncClient(_BaseClient):
             raise
         return out
 
-    async def preferences(self, items: Sequence[Item], task: str, *, order: Order = "both", cot: bool = False,
-                          samples: int = 1, seed: int = 0, cache: bool = True,
-                          on_error: OnError = "raise") -> list[Preference | None]:  # fmt: skip
+    async def preferences(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        order: Order = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[Preference | None]:
         """See `Client.preferences`."""
         opts = self._options(task, order=order, cot=cot, samples=samples, seed=seed, cache=cache)
         return await self._batched("/v1/preferences", items, opts, Preference.model_validate, on_error)
 
-    async def scores(self, items: Sequence[Item], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0,
-                     cache: bool = True, on_error: OnError = "raise") -> list[Score | None]:  # fmt: skip
+    async def scores(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[Score | None]:
         """See `Client.scores`."""
         opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
         return await self._batched("/v1/scores", items, opts, Score.model_validate, on_error)
 
-    async def rewards(self, prompts: Sequence[Text], completions: Sequence[Text], task: str = "general", *,
-                      on_error: OnError = "raise", **options: Any) -> list[float | None]:  # fmt: skip
+    async def rewards(
+        self,
+        prompts: Sequence[Text],
+        completions: Sequence[Text],
+        task: str = "general",
+        *,
+        on_error: OnError = "raise",
+        **options: Any,
+    ) -> list[float | None]:
         """See `Client.rewards`."""
         results = await self.scores(score_items(prompts, completions), task, on_error=on_error, **options)
         return [s.reward if s is not None else None for s in results]

@@ -40,8 +40,9 @@ class Timeout(RequestError):
 class APIStatusError(LabelerError):
     """The server answered with an error status, in its `{"error": {...}}` shape."""
 
-    def __init__(self, message: str, *, response: httpx.Response, body: Any = None,
-                 retry_after: float | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, *, response: httpx.Response, body: Any = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message, request=response.request)
         self.response = response
         self.status: int = response.status_code

@@ -70,6 +70,7 @@ def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list
     for p, pair in zip(prompts, pairs, strict=True):
         if isinstance(pair, str) or len(pair) != 2:
             raise ValueError("each entry of completions must hold exactly two completions")
-        items.append({"context": as_text(p), "response_a": completion_text(pair[0]),
-                      "response_b": completion_text(pair[1])})  # fmt: skip
+        items.append(
+            {"context": as_text(p), "response_a": completion_text(pair[0]), "response_b": completion_text(pair[1])}
+        )
     return items

@@ -48,8 +48,15 @@ def _preference(item: dict[str, Any], order: str) -> dict[str, Any]:
     p_a = 1 / (1 + math.exp(-4 * (fake_reward(ctx, item["response_a"]) - fake_reward(ctx, item["response_b"]))))
     ab = p_a if order in ("both", "ab") else None
     ba = p_a if order in ("both", "ba") else None
-    return {"p_a": p_a, "p_b": 1 - p_a, "p_a_ab": ab, "p_a_ba": ba, "consistent": True if order == "both" else None,
-            "label_mass": {}, "cached": False}  # fmt: skip
+    return {
+        "p_a": p_a,
+        "p_b": 1 - p_a,
+        "p_a_ab": ab,
+        "p_a_ba": ba,
+        "consistent": True if order == "both" else None,
+        "label_mass": {},
+        "cached": False,
+    }
 
 
 class FakeLabeler:
@@ -60,8 +67,15 @@ class FakeLabeler:
     `requests` records every request; `max_in_flight` the most requests seen at once.
     """
 
-    def __init__(self, *, tasks: tuple[str, ...] = ("general", "tiny"), api_key: str | None = None,
-                 max_chars: int | None = None, latency: float = 0.0, model: str = "fake-labeler") -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        tasks: tuple[str, ...] = ("general", "tiny"),
+        api_key: str | None = None,
+        max_chars: int | None = None,
+        latency: float = 0.0,
+        model: str = "fake-labeler",
+    ) -> None:
         self.tasks, self.api_key, self.max_chars = tasks, api_key, max_chars
         self.latency, self.model = latency, model
         self.requests: list[httpx.Request] = []
@@ -127,8 +141,16 @@ class FakeLabeler:
         if request.method == "GET" and path in ("/readyz", "/healthz"):
             return httpx.Response(200, json={"status": "ready", "model": self.model, "engine": "fake", "cache": "none"})
         if request.method == "GET" and path == "/v1/tasks":
-            tasks = [{"name": t, "version": hashlib.sha256(t.encode()).hexdigest()[:12], "description": t,
-                      "examples": 0, "score_examples": 0} for t in self.tasks]  # fmt: skip
+            tasks = [
+                {
+                    "name": t,
+                    "version": hashlib.sha256(t.encode()).hexdigest()[:12],
+                    "description": t,
+                    "examples": 0,
+                    "score_examples": 0,
+                }
+                for t in self.tasks
+            ]
             return httpx.Response(200, json={"default_task": self.tasks[0], "tasks": tasks})
         if request.method == "POST" and path in ("/v1/scores", "/v1/preferences"):
             return self._label(path, json.loads(request.content))
@@ -149,11 +171,20 @@ class FakeLabeler:
             results = [_preference(it, body.get("order", "both")) for it in body["items"]]
         n = len(results)
         usage = {"items": n, "cached": 0, "computed": n, "shared": 0}
-        return httpx.Response(200, json={"model": self.model, "task": body["task"], "task_version": "fake",
-                                         "results": results, "usage": usage})  # fmt: skip
+        return httpx.Response(
+            200,
+            json={
+                "model": self.model,
+                "task": body["task"],
+                "task_version": "fake",
+                "results": results,
+                "usage": usage,
+            },
+        )
 
     @staticmethod
-    def _error(status: int, message: str, type_: str, param: str | None = None,
-               headers: dict[str, str] | None = None) -> httpx.Response:  # fmt: skip
+    def _error(
+        status: int, message: str, type_: str, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
         body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
         return httpx.Response(status, json=body, headers=headers)

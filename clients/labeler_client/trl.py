@@ -31,9 +31,15 @@ def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text]) ->
     return [""] * len(completions) if prompts is None else prompts
 
 
-def reward_function(base_url: str | None = None, task: str = "general", *, name: str | None = None,
-                    on_error: OnError = "raise", client: Client | None = None,
-                    **client_opts: Any) -> RewardFn:  # fmt: skip
+def reward_function(
+    base_url: str | None = None,
+    task: str = "general",
+    *,
+    name: str | None = None,
+    on_error: OnError = "raise",
+    client: Client | None = None,
+    **client_opts: Any,
+) -> RewardFn:
     """A callable for `GRPOTrainer(reward_funcs=[...])`: the labeler's direct-score reward in
     [-1, 1] for each (prompt, completion), named `name` or `labeler_<task>`.
 
@@ -43,8 +49,9 @@ def reward_function(base_url: str | None = None, task: str = "general", *, name:
     """
     client = client or Client(base_url, **client_opts)
 
-    def reward(prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None,
-               **_columns: Any) -> list[float | None]:  # fmt: skip
+    def reward(
+        prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
+    ) -> list[float | None]:
         return client.rewards(_prompts_for(prompts, completions), completions, task, on_error=on_error)
 
     reward.__name__ = reward.__qualname__ = name or f"labeler_{task}"
@@ -52,8 +59,14 @@ def reward_function(base_url: str | None = None, task: str = "general", *, name:
     return reward
 
 
-def async_reward_function(base_url: str | None = None, task: str = "general", *, name: str | None = None,
-                          on_error: OnError = "raise", **client_opts: Any) -> Callable[..., Any]:  # fmt: skip
+def async_reward_function(
+    base_url: str | None = None,
+    task: str = "general",
+    *,
+    name: str | None = None,
+    on_error: OnError = "raise",
+    **client_opts: Any,
+) -> Callable[..., Any]:
     """The `async def` variant, for TRL versions that await coroutine reward functions (they
     run them concurrently with the other reward functions). One `AsyncClient` per event loop,
     so calling it from `asyncio.run` more than once is fine too."""
@@ -68,8 +81,9 @@ def async_reward_function(base_url: str | None = None, task: str = "general", *,
             clients[id(loop)] = (loop, AsyncClient(base_url, **client_opts))
         return clients[id(loop)][1]
 
-    async def reward(prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None,
-                     **_columns: Any) -> list[float | None]:  # fmt: skip
+    async def reward(
+        prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
+    ) -> list[float | None]:
         client = client_for_loop()
         return await client.rewards(_prompts_for(prompts, completions), completions, task, on_error=on_error)
 
@@ -89,16 +103,29 @@ class PairwiseJudge:
     whose request failed gives -1 (TRL's "the judge failed" value), or None as a score.
     """
 
-    def __init__(self, base_url: str | None = None, task: str = "general", *, on_error: OnError = "raise",
-                 client: Client | None = None, **client_opts: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str | None = None,
+        task: str = "general",
+        *,
+        on_error: OnError = "raise",
+        client: Client | None = None,
+        **client_opts: Any,
+    ) -> None:
         self.task = task
         self.on_error: OnError = on_error
         self.client = client or Client(base_url, **client_opts)
 
-    def judge(self, prompts: Sequence[Text], completions: Sequence[Sequence[Text]], shuffle_order: bool = True,
-              return_scores: bool = False) -> list[int] | list[float | None]:  # fmt: skip
-        prefs = self.client.preferences(pair_items(prompts, completions), self.task, order="both",
-                                        on_error=self.on_error)  # fmt: skip
+    def judge(
+        self,
+        prompts: Sequence[Text],
+        completions: Sequence[Sequence[Text]],
+        shuffle_order: bool = True,
+        return_scores: bool = False,
+    ) -> list[int] | list[float | None]:
+        prefs = self.client.preferences(
+            pair_items(prompts, completions), self.task, order="both", on_error=self.on_error
+        )
         if return_scores:
             return [p.p_a if p is not None else None for p in prefs]
         return [-1 if p is None else (0 if p.p_a >= 0.5 else 1) for p in prefs]

@@ -42,8 +42,9 @@ def _prompt(extra: dict) -> Any:
     return extra.get("prompt", extra.get("question", ""))
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: Any = None, extra_info: dict | None = None,
-                  **kwargs: Any) -> float:  # fmt: skip
+def compute_score(
+    data_source: str, solution_str: str, ground_truth: Any = None, extra_info: dict | None = None, **kwargs: Any
+) -> float:
     """The labeler's direct-score reward in [-1, 1] for `solution_str`. `data_source` and
     `ground_truth` are accepted as verl passes them; an AI labeler needs no reference.
     Raises `LabelerError` when the service fails after retries (never a made-up score)."""
@@ -53,8 +54,13 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any = None,
     return reward
 
 
-def compute_score_batch(data_sources: Sequence[str], solution_strs: Sequence[str], ground_truths: Sequence[Any],
-                        extra_infos: Sequence[dict | None], **kwargs: Any) -> list[float]:  # fmt: skip
+def compute_score_batch(
+    data_sources: Sequence[str],
+    solution_strs: Sequence[str],
+    ground_truths: Sequence[Any],
+    extra_infos: Sequence[dict | None],
+    **kwargs: Any,
+) -> list[float]:
     """The batch form, for verl's `reward_manager: batch`: one batched, concurrent call per
     task instead of one request per sample; rewards in input order."""
     extras = [dict(e or {}) for e in (extra_infos if extra_infos is not None else [None] * len(solution_strs))]

@@ -245,8 +245,7 @@ class TransformersEngine:
             raise EngineError(f"forward failed: {exc}") from exc
         return results
 
-    def _forward_group(self, group: list[_Node], past: Any, wanted: list[TokenIds],
-                       results: list[list[float]]) -> Any:  # fmt: skip
+    def _forward_group(self, group: list[_Node], past: Any, wanted: list[TokenIds], results: list[list[float]]) -> Any:
         """Run `group`'s edges on top of their parents' cache `past`; store the label
         log-probs of the sequences ending in it; return its own cache for its children."""
         torch = self._torch
@@ -290,8 +289,7 @@ class TransformersEngine:
             # One gather and one device→host copy for the whole group.
             flat_rows = [j for j, (_, _, i) in enumerate(reads) for _ in wanted[i]]
             flat_toks = [t for _, _, i in reads for t in wanted[i]]
-            vals = lp[torch.tensor(flat_rows, device=self.device),
-                      torch.tensor(flat_toks, device=self.device)].tolist()  # fmt: skip
+            vals = lp[torch.tensor(flat_rows, device=self.device), torch.tensor(flat_toks, device=self.device)].tolist()
             pos = 0
             for _, _, i in reads:
                 results[i] = vals[pos : pos + len(wanted[i])]
