@@ -1,6 +1,17 @@
 """The labeler core: tasks, prompts, scoring math and engines (no HTTP)."""
 
-from .core import Labeler, PairItem, PreferenceResult, ScoreItem, ScoreResult
+from .core import (
+    GroupItem,
+    GroupRewards,
+    JudgmentResult,
+    Labeler,
+    PairItem,
+    PreferenceResult,
+    ReferenceItem,
+    ReferenceReward,
+    ScoreItem,
+    ScoreResult,
+)
 from .engines import load_engine
 from .errors import (
     EngineError,
@@ -17,13 +28,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EngineError",
+    "GroupItem",
+    "GroupRewards",
     "InputTooLong",
     "InvalidInput",
+    "JudgmentResult",
     "Labeler",
     "LabelerError",
     "ModelLoadError",
     "PairItem",
     "PreferenceResult",
+    "ReferenceItem",
+    "ReferenceReward",
     "ScoreItem",
     "ScoreResult",
     "Task",

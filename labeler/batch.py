@@ -50,6 +50,10 @@ class Backend(ABC):
     @abstractmethod
     async def scores(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]: ...
 
+    async def judgments(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
+        """Yes/no judgments (fields of `JudgmentResult`); the in-process labeler only, for now."""
+        raise LabelerError("yes/no judgments run on the in-process labeler only (no --url)")
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -69,6 +73,9 @@ class LocalBackend(Backend):
 
     async def scores(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
         return [r.to_dict() | {"cached": False} for r in await self.labeler.ascores(items, task, **opts)]
+
+    async def judgments(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
+        return [r.to_dict() | {"cached": False} for r in await self.labeler.ajudgments(items, task, **opts)]
 
 
 class HTTPBackend(Backend):
@@ -396,7 +403,7 @@ async def run_jobs(
     progress: bool = True,
 ) -> Summary:
     """Label the jobs whose keys are not in `sink` yet, `chunk_size` per backend call, appending
-    each chunk's rows as it completes. `kind` is "pairs" or "scores". An invalid item raises
+    each chunk's rows as it completes. `kind` is "pairs", "scores" or "judgments". An invalid item raises
     MalformedRecord naming its line (earlier chunks stay written), or with `skip_invalid` is
     reported and left out."""
     from tqdm.auto import tqdm
@@ -455,6 +462,8 @@ async def _label_chunk(
             items = [j.item for j in chunk]
             if kind == "pairs":
                 return await backend.preferences(items, task, **opts), chunk  # type: ignore[arg-type]
+            if kind == "judgments":
+                return await backend.judgments(items, task, **opts), chunk  # type: ignore[arg-type]
             return await backend.scores(items, task, **opts), chunk  # type: ignore[arg-type]
         except InvalidInput as exc:
             k = _item_index(exc.field)

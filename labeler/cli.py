@@ -3,7 +3,8 @@
     labeler tasks                      list tasks with versions
     labeler prefer --task T --context C --response-a A --response-b B [--order both|ab|ba] [--cot]
     labeler score  --task T --context C --response R [--cot]
-    labeler render --task T --kind pairwise|score ... [--order ab|ba] [--cot]
+    labeler judge  --task T --context C --response R [--cot]   (the task's yes/no question)
+    labeler render --task T --kind pairwise|score|judgment ... [--order ab|ba] [--cot]
 
 More commands are registered by other modules (see COMMAND_MODULES): each exposes
 `register(subparsers)` and sets `func` on its parsers. Every command takes `--json`.
@@ -144,6 +145,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge(args: argparse.Namespace) -> int:
+    lab = build_labeler(args)
+    r = lab.judgment(args.context, args.response, args.task, cot=args.cot, samples=args.samples)
+    task = lab.task(args.task)
+    data = {"model": lab.model_id, "task": args.task, "task_version": task.version, **r.to_dict()}
+    text = f"{task.judgment_question.strip()}\np_yes={r.p_yes:.4f}  p_no={r.p_no:.4f}  (label mass {r.label_mass:.4f})"
+    emit(args, data, text)
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     lab = build_labeler(args)
     if args.kind == "pairwise":
@@ -154,8 +165,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
         )
     else:
         if args.response is None:
-            raise SystemExit("render --kind score needs --response")
-        r = lab.render_score(args.task, args.context, args.response, cot=args.cot)
+            raise SystemExit(f"render --kind {args.kind} needs --response")
+        render = lab.render_score if args.kind == "score" else lab.render_judgment
+        r = render(args.task, args.context, args.response, cot=args.cot)
     data = r.to_dict()
     cands = ", ".join(f"{c['label']!r}={c['token_ids']}" for c in data["candidates"])
     emit(args, data, f"{r.prompt}\n\n[{len(r.prompt_token_ids)} prompt tokens; candidates: {cands}]")
@@ -194,8 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1)
     p.set_defaults(func=_cmd_score)
 
+    p = labeled("judge", "the task's yes/no question about one response (e.g. harmless), as P(yes)")
+    p.add_argument("--response", required=True)
+    p.add_argument("--cot", action="store_true")
+    p.add_argument("--samples", type=int, default=1)
+    p.set_defaults(func=_cmd_judge)
+
     p = labeled("render", "show exactly what the engine is given (prompt, token ids, candidates)")
-    p.add_argument("--kind", choices=["pairwise", "score"], required=True)
+    p.add_argument("--kind", choices=["pairwise", "score", "judgment"], required=True)
     p.add_argument("--response-a")
     p.add_argument("--response-b")
     p.add_argument("--response")

@@ -1,8 +1,9 @@
-"""Batch labeling, evaluation and win-rate commands. Registered by labeler.cli.
+"""Batch labeling, evaluation, win-rate and harmless-rate commands. Registered by labeler.cli.
 
     labeler label IN OUT --task T [--url URL] [--order both|ab|ba] [--cot] [--scores]
     labeler eval HUMAN_LABELED --task T --out DIR
     labeler winrate A.jsonl B.jsonl --task T [--out FILE]
+    labeler harmless A.jsonl [B.jsonl] --out DIR [--task harmless]
 
 Labels come from the in-process model (the model options) or, with --url, from the labeler
 service through `labeler_client`. See docs/cli.md.
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_cmd_label)
 
-    p = sub.add_parser("eval", help="agreement of the AI labeler with human choices; writes DIR/report.md")
+    p = sub.add_parser("eval", help="AI labeler alignment with human choices; writes DIR/report.md")
     p.add_argument("input", help="human-labeled pairs: TRL/HH (chosen = human-preferred) or pairs with 'preferred'")
     p.add_argument("--out", required=True, type=Path, help="directory for labels.jsonl, metrics.json, report.md, PNGs")
     _common(p)
@@ -69,11 +70,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     _stats(p)
     p.set_defaults(func=_cmd_winrate)
 
+    p = sub.add_parser("harmless", help="share of a policy's responses judged harmless (one policy, or two compared)")
+    p.add_argument("a", help="policy A outputs: prompt/completion or context/response (optional id)")
+    p.add_argument("b", nargs="?", help="policy B outputs, to compare with A")
+    p.add_argument(
+        "--out", required=True, type=Path, help="directory for judgments.jsonl, metrics.json, report.md, PNG"
+    )
+    _common(p, task="harmless", url=False)
+    _stats(p)
+    p.set_defaults(func=_cmd_harmless)
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True)
-    p.add_argument("--url", help="label through the labeler service at this URL instead of in-process")
-    p.add_argument("--api-key", default=None, help="service API key [LABELER_API_KEY]")
+
+def _common(p: argparse.ArgumentParser, *, task: str | None = None, url: bool = True) -> None:
+    if task is None:
+        p.add_argument("--task", required=True)
+    else:
+        p.add_argument("--task", default=task, help=f"(default: {task})")
+    if url:
+        p.add_argument("--url", help="label through the labeler service at this URL instead of in-process")
+        p.add_argument("--api-key", default=None, help="service API key [LABELER_API_KEY]")
     p.add_argument("--cot", action="store_true", help="generate a rationale before reading the label")
     p.add_argument("--samples", type=int, default=1, help="rationales to sample and average (needs --cot)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --cot), also the bootstrap seed")
@@ -95,7 +110,7 @@ def _stats(p: argparse.ArgumentParser) -> None:
 
 async def open_backend(args: argparse.Namespace) -> Backend:
     """The HTTP service for --url, else the in-process Labeler of the model options."""
-    if args.url:
+    if getattr(args, "url", None):
         return await HTTPBackend.connect(
             args.url, args.api_key or os.environ.get("LABELER_API_KEY"), batch_size=max(64, args.chunk_size)
         )
@@ -174,10 +189,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         )
         if not jobs:
             raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
-        s = await run_jobs(
-            jobs, backend, JsonlSink(args.out / "labels.jsonl"), "pairs", params, summary=summary, **_loop_opts(args)
-        )
-        metrics = evaluate_rows(s.rows, level=args.level, seed=args.seed, bins=args.bins)
+        sink = JsonlSink(args.out / "labels.jsonl")
+        s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
+        # One row per human label: a pair several humans labeled is read once, counted per label.
+        rows = [j.make_row(sink.rows[j.key]) for j in jobs if j.key in sink.rows]
+        metrics = evaluate_rows(rows, level=args.level, seed=args.seed, bins=args.bins)
         info = {
             "task": args.task,
             "task_version": params["task_version"],
@@ -189,16 +205,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report = write_report(metrics, args.out, info)
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
         pct = round(args.level * 100)
-        lines = [f"{metrics['n']} pairs; {s.text()}"]
+        lines = [f"{metrics['n']} human labels; {s.text()}", "AI labeler alignment (accuracy vs human labels):"]
         for order, m in metrics["orders"].items():
             lines.append(
-                f"{ORDERS[order]:<21} accuracy {m['accuracy']:.3f} [{pct}% CI {m['ci_low']:.3f}, "
+                f"{ORDERS[order]:<21} alignment {m['alignment']:.3f} [{pct}% CI {m['ci_low']:.3f}, "
                 f"{m['ci_high']:.3f}]  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}  "
                 f"prefers longer {_fmt(m['length']['labeler_longer'])} "
                 f"(humans {_fmt(m['length']['human_longer'])})"
             )
         if "position_consistency" in metrics:
             lines.append(f"position consistency {metrics['position_consistency']:.3f}")
+        h = metrics.get("human_agreement")
+        if h and h["pairs"]:
+            lines.append(
+                f"on {h['pairs']} pairs labeled by several humans: human-human agreement {h['human_human']:.3f}, "
+                f"AI-human {h['ai_human']:.3f}"
+            )
+        else:
+            lines.append("human-human agreement: no pair has more than one human label")
         lines.append(f"report: {report}")
         headline = {k: v for k, v in metrics.items() if k != "orders"} | {
             "orders": {o: {k: v for k, v in m.items() if k != "bins"} for o, m in metrics["orders"].items()},
@@ -212,7 +236,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_winrate(args: argparse.Namespace) -> int:
-    from .evaluate import match_policies, win_rate, winrate_jobs
+    from .datasets_io import response_text
+    from .evaluate import length_controlled_win_rate, match_policies, win_rate, winrate_jobs
 
     summary = Summary()
 
@@ -242,7 +267,16 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
             level=args.level,
             seed=args.seed,
         )
+        lc = length_controlled_win_rate(
+            [r["outcome"] for r in rows],
+            [len(response_text(r["response_a"])) for r in rows],
+            [len(response_text(r["response_b"])) for r in rows],
+            level=args.level,
+            seed=args.seed,
+        )
+        lc["gap"] = wr["win_rate"] - lc["win_rate"]
         data = wr | {
+            "length_controlled": lc,
             "task": args.task,
             "task_version": params["task_version"],
             "model": params["model"],
@@ -256,9 +290,88 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         text = (
             f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
             f"on {wr['n']} prompts ({wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses; "
-            f"soft {wr['soft_win_rate']:.3f})\n{s.text()}"
+            f"soft {wr['soft_win_rate']:.3f})\n"
+            f"length-controlled:  {lc['win_rate']:.3f} [{pct}% CI {lc['ci_low']:.3f}, {lc['ci_high']:.3f}]; "
+            f"raw - controlled = {lc['gap']:+.3f} (A longer by {lc['mean_length_diff']:+.0f} characters on average; "
+            f"length coefficient {lc['length_coef']:+.3f})\n{s.text()}"
         )
         cli.emit(args, _clean(data), text)
+        return 0
+
+    return _run(args, body)
+
+
+def _cmd_harmless(args: argparse.Namespace) -> int:
+    from .evaluate import match_policies
+    from .harmless import harmless_difference, harmless_rate, judgment_jobs, judgment_key, write_harmless_report
+
+    summary = Summary()
+
+    def with_id(where: str, rec: Any) -> tuple[Any, Any]:
+        return (rec.get("id") if isinstance(rec, dict) else None, normalize_single(where, rec))
+
+    inputs = [args.a] + ([args.b] if args.b else [])
+    policies = [collect(f, with_id, split=args.split, skip_invalid=args.skip_invalid, summary=summary) for f in inputs]
+
+    async def body(backend: Backend) -> int:
+        params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
+        question = backend.labeler.task(args.task).judgment_question.strip()
+        if not question:
+            raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")
+        jobs = [
+            build_jobs([s for _, s in pol], judgment_jobs, params, skip_invalid=args.skip_invalid, summary=summary)
+            for pol in policies
+        ]
+        sink = JsonlSink(args.out / "judgments.jsonl")
+        s = await run_jobs(
+            [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
+        )
+        p_yes = [[sink.rows[j.key]["p_yes"] for j in js if j.key in sink.rows] for js in jobs]
+        per = []
+        for name, path, ps in zip("AB", inputs, p_yes, strict=False):
+            per.append({"name": name, "input": str(path)} | harmless_rate(ps, level=args.level, seed=args.seed))
+        metrics: dict[str, Any] = {"level": args.level, "policies": per}
+        if len(policies) == 2:
+            matched, only_a, only_b = match_policies(*policies)
+            keyed = {j.key for js in jobs for j in js if j.key in sink.rows}
+            pairs = [(judgment_key(sa, params), judgment_key(sb, params)) for sa, sb in matched]
+            paired = not only_a and not only_b and all(ka in keyed and kb in keyed for ka, kb in pairs)
+            if paired:
+                a_vals = [sink.rows[ka]["p_yes"] for ka, _ in pairs]
+                b_vals = [sink.rows[kb]["p_yes"] for _, kb in pairs]
+            else:
+                a_vals, b_vals = p_yes
+            metrics["difference"] = harmless_difference(a_vals, b_vals, paired=paired, level=args.level, seed=args.seed)
+        info = {
+            "task": args.task,
+            "task_version": params["task_version"],
+            "model": params["model"],
+            "question": question,
+            "seed": args.seed,
+        }
+        report = write_harmless_report(
+            metrics | {"policies": [p | {"p_yes": v} for p, v in zip(per, p_yes, strict=True)]}, args.out, info
+        )
+        (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
+        pct = round(args.level * 100)
+        lines = []
+        for p in per:
+            (s_lo, s_hi), (m_lo, m_hi) = p["share_harmless_ci"], p["mean_p_yes_ci"]
+            lines.append(
+                f"policy {p['name']} ({p['input']}): {p['n']} responses, judged harmless {_fmt(p['share_harmless'])} "
+                f"[{pct}% CI {_fmt(s_lo)}, {_fmt(s_hi)}], mean P(yes) {_fmt(p['mean_p_yes'])} "
+                f"[{_fmt(m_lo)}, {_fmt(m_hi)}]"
+            )
+        d = metrics.get("difference")
+        if d is not None:
+            (s_lo, s_hi), (m_lo, m_hi) = d["share_harmless_ci"], d["mean_p_yes_ci"]
+            lines.append(
+                f"A - B: judged harmless {d['share_harmless']:+.3f} [{pct}% CI {s_lo:+.3f}, {s_hi:+.3f}], "
+                f"mean P(yes) {d['mean_p_yes']:+.3f} [{m_lo:+.3f}, {m_hi:+.3f}] "
+                f"({'paired' if d['paired'] else 'independent'})"
+            )
+        lines += [s.text(), f"report: {report}"]
+        cli.emit(args, _clean(metrics | {"report": str(report), "summary": s.to_dict()}), "\n".join(lines))
         return 0
 
     return _run(args, body)

@@ -1,6 +1,10 @@
 """Labeler evaluation and win rates: the metrics as pure functions, the jobs that label for
 them, and the report writer.
 
+AI labeler alignment (Lee et al. 2023, "RLAIF"): the share of human-labeled pairs on which
+the AI labeler prefers the response the human preferred, i.e. its accuracy against human
+labels.
+
 Notation: for pair i, p_i is the labeler's P(A preferred) (from one order or the mean of
 both), y_i = 1 if the human (or the reference) preferred A, else 0. An item's *outcome* is
 
@@ -38,9 +42,14 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def accuracy(p: Sequence[float], y: Sequence[int]) -> float:
-    """Agreement with the human choice: mean_i [ y_i o(p_i) + (1 - y_i)(1 - o(p_i)) ]."""
-    return _mean([o if yi else 1.0 - o for o, yi in zip(map(outcome, p), y, strict=True)])
+def agreement(p: Sequence[float], y: Sequence[int]) -> list[float]:
+    """Per pair, agreement of the labeler's pick with the human choice: y o(p) + (1 - y)(1 - o(p))."""
+    return [o if yi else 1.0 - o for o, yi in zip(map(outcome, p), y, strict=True)]
+
+
+def alignment(p: Sequence[float], y: Sequence[int]) -> float:
+    """AI labeler alignment = accuracy vs human labels: mean_i [ y_i o(p_i) + (1 - y_i)(1 - o(p_i)) ]."""
+    return _mean(agreement(p, y))
 
 
 def bootstrap_ci(
@@ -152,6 +161,109 @@ def win_rate(
     }
 
 
+# Weak Gaussian prior on the GLM's two coefficients: keeps the fit finite when one policy wins
+# every prompt (or every long answer wins), and moves it by O(1/n) otherwise.
+LC_RIDGE = 0.01
+
+
+def length_controlled_win_rate(
+    outcomes: Sequence[float],
+    len_a: Sequence[int],
+    len_b: Sequence[int],
+    *,
+    level: float = 0.95,
+    seed: int = 0,
+    n_resamples: int = 2000,
+) -> dict[str, Any]:
+    """Length-controlled win rate of A over B, after AlpacaEval 2 (Dubois et al. 2024).
+
+    A logistic model of the judged outcome y_i (1 win, 1/2 tie, 0 loss; fit as a soft
+    target) on the length difference:
+
+        logit P(A beats B on prompt i) = theta + phi * tanh((len_a_i - len_b_i) / sd),
+
+    sd = the sample standard deviation of the length differences (characters). The
+    length-controlled win rate is the model's prediction at zero length difference,
+    sigmoid(theta): what the judge would say if both answers had the same length. Fit by
+    maximum likelihood (Newton's method) with the weak ridge `LC_RIDGE` on (theta, phi).
+    AlpacaEval's GLM also has an instruction-difficulty term, estimated from many models'
+    outputs on its fixed prompt set, and an L1 penalty chosen by cross-validation; with two
+    policies and one judgment per prompt those are not identifiable, so they are left out.
+
+    The CI is a percentile bootstrap over prompts that refits the whole model (sd included)
+    on each resample. Returns {"n", "win_rate", "ci_low", "ci_high", "level", "intercept"
+    (theta), "length_coef" (phi), "sd_length_diff", "mean_length_diff"}; with no variation in
+    length differences the length term is dropped (phi = 0)."""
+    import numpy as np
+
+    y = np.asarray(outcomes, dtype=float)
+    d = np.asarray(len_a, dtype=float) - np.asarray(len_b, dtype=float)
+    n = len(y)
+    if n == 0:
+        return {"n": 0, "win_rate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "level": level}
+    theta, phi = _fit_length_glm(y, d, np.ones((1, n)))
+    rng = np.random.default_rng(seed)
+    lcs = []
+    block = max(1, 2_000_000 // n)  # resamples per vectorized fit, to bound memory
+    for start in range(0, n_resamples, block):
+        b = min(block, n_resamples - start)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(float)
+        th, _ = _fit_length_glm(y, d, counts)
+        lcs.append(_sigmoid(th))
+    lo, hi = np.quantile(np.concatenate(lcs), [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "n": n,
+        "win_rate": float(_sigmoid(theta[0])),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "level": level,
+        "intercept": float(theta[0]),
+        "length_coef": float(phi[0]),
+        "sd_length_diff": float(d.std(ddof=1)) if n > 1 else 0.0,
+        "mean_length_diff": float(d.mean()),
+    }
+
+
+def _sigmoid(x: Any) -> Any:
+    import numpy as np
+
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def _fit_length_glm(y: Any, d: Any, w: Any, *, iters: int = 100, tol: float = 1e-10) -> tuple[Any, Any]:
+    """Maximum-likelihood (theta, phi), one fit per row of the case weights `w` (B x n: the
+    bootstrap counts, or ones), of logit p = theta + phi tanh(d / sd_w) to soft targets y,
+    with the ridge LC_RIDGE; sd_w is the weighted sample standard deviation of d."""
+    import numpy as np
+
+    total = w.sum(axis=1)
+    mean = (w * d).sum(axis=1) / total
+    var = (w * (d - mean[:, None]) ** 2).sum(axis=1) / np.maximum(total - 1.0, 1.0)
+    sd = np.sqrt(var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(sd[:, None] > 0, np.tanh(d / sd[:, None]), 0.0)
+    theta = np.zeros(len(w))
+    phi = np.zeros(len(w))
+    for _ in range(iters):
+        p = _sigmoid(theta[:, None] + phi[:, None] * x)
+        r = w * (y - p)
+        g0 = r.sum(axis=1) - LC_RIDGE * theta
+        g1 = (r * x).sum(axis=1) - LC_RIDGE * phi
+        h = w * p * (1.0 - p)
+        h00 = h.sum(axis=1) + LC_RIDGE
+        h01 = (h * x).sum(axis=1)
+        h11 = (h * x * x).sum(axis=1) + LC_RIDGE
+        det = h00 * h11 - h01 * h01
+        # Newton step: (theta, phi) += H^-1 g, H the negative Hessian (positive definite).
+        step0 = (h11 * g0 - h01 * g1) / det
+        step1 = (h00 * g1 - h01 * g0) / det
+        theta += step0
+        phi += step1
+        if max(np.abs(step0).max(), np.abs(step1).max()) < tol:
+            break
+    return theta, phi
+
+
 # -- evaluation over labeled rows ---------------------------------------------------------------
 def evaluate_rows(
     rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: int = 0, bins: int = 10
@@ -165,10 +277,9 @@ def evaluate_rows(
         if any(r.get(col) is None for r in rows):
             continue
         p = [r[col] for r in rows]
-        agree = [o if yi else 1.0 - o for o, yi in zip(map(outcome, p), y, strict=True)]
-        lo, hi = bootstrap_ci(agree, level=level, seed=seed)
+        lo, hi = bootstrap_ci(agreement(p, y), level=level, seed=seed)
         out["orders"][order] = {
-            "accuracy": accuracy(p, y),
+            "alignment": alignment(p, y),
             "ci_low": lo,
             "ci_high": hi,
             "brier": brier(p, y),
@@ -179,9 +290,48 @@ def evaluate_rows(
     if "ab" in out["orders"] and "ba" in out["orders"]:
         out["position_consistency"] = position_consistency([r["p_a_ab"] for r in rows], [r["p_a_ba"] for r in rows])
         cons = [(r["p_a"], yi) for r, yi in zip(rows, y, strict=True) if r["consistent"]]
-        out["accuracy_when_consistent"] = accuracy([c[0] for c in cons], [c[1] for c in cons]) if cons else math.nan
+        out["alignment_when_consistent"] = alignment([c[0] for c in cons], [c[1] for c in cons]) if cons else math.nan
         out["consistent_pairs"] = len(cons)
+    if "both" in out["orders"]:
+        out["human_agreement"] = human_agreement(rows, level=level, seed=seed)
     return out
+
+
+def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Human-human agreement next to AI-human agreement, on the pairs that more than one
+    human labeled (the same context and two responses in several rows, in either order).
+
+    For such a pair g with k_g >= 2 human labels, c of them for one response and k_g - c for
+    the other:
+        human-human h_g = [C(c, 2) + C(k_g - c, 2)] / C(k_g, 2)   (two of its annotators agree)
+        AI-human    a_g = mean over its k_g labels of the labeler's agreement with the label
+                          (from P(A), both orders; a pick at exactly 1/2 counts half)
+    Each is averaged over the pairs (every multiply-labeled pair weighs the same), with
+    percentile bootstrap CIs over pairs. Returns {"pairs", "labels", "human_human",
+    "human_human_ci", "ai_human", "ai_human_ci"}; pairs = 0 when no pair has two labels."""
+    groups: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
+    for r in rows:
+        a, b = r["response_a"], r["response_b"]
+        preferred = a if r["human"] == "a" else b
+        agree = agreement([r["p_a"]], [1 if r["human"] == "a" else 0])[0]
+        groups.setdefault((r["context"], min(a, b), max(a, b)), []).append((preferred, agree))
+    hh, ah, labels = [], [], 0
+    for votes in groups.values():
+        k = len(votes)
+        if k < 2:
+            continue
+        c = sum(1 for v, _ in votes if v == votes[0][0])
+        hh.append((math.comb(c, 2) + math.comb(k - c, 2)) / math.comb(k, 2))
+        ah.append(_mean([agree for _, agree in votes]))
+        labels += k
+    return {
+        "pairs": len(hh),
+        "labels": labels,
+        "human_human": _mean(hh),
+        "human_human_ci": bootstrap_ci(hh, level=level, seed=seed),
+        "ai_human": _mean(ah),
+        "ai_human_ci": bootstrap_ci(ah, level=level, seed=seed),
+    }
 
 
 def plot_reliability(metrics: dict[str, Any], path: Path) -> None:
@@ -255,39 +405,69 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
         f"- human-preferred response shown as A or B by a fair coin per item (position seed {info['position_seed']})",
         f"- CIs: {pct}% percentile bootstrap, {2000} resamples, seed {info['seed']}",
         "",
-        f"| labeling | accuracy vs humans | {pct}% CI | Brier | ECE ({metrics['bins']} bins) | prefers longer |",
+        "## AI labeler alignment",
+        "",
+        "**AI labeler alignment** is the share of human-labeled pairs on which the AI labeler prefers the response "
+        "the human preferred: its accuracy against human labels. Every labeled row counts (a pair labeled by three "
+        "humans counts three times); a pick at exactly P(A) = 0.5 counts half.",
+        "",
+        f"| labeling | AI labeler alignment | {pct}% CI | Brier | ECE ({metrics['bins']} bins) | prefers longer |",
         "|---|---|---|---|---|---|",
     ]
     for order, m in metrics["orders"].items():
         lines.append(
-            f"| {ORDERS[order]} | {_f(m['accuracy'])} | [{_f(m['ci_low'])}, {_f(m['ci_high'])}] | "
+            f"| {ORDERS[order]} | {_f(m['alignment'])} | [{_f(m['ci_low'])}, {_f(m['ci_high'])}] | "
             f"{_f(m['brier'])} | {_f(m['ece'])} | {_f(m['length']['labeler_longer'])} |"
         )
     first = next(iter(metrics["orders"].values()), None)
     if first is not None:
-        lines.append(f"| humans | 1.000 | | | | {_f(first['length']['human_longer'])} |")
+        lines.append(f"| humans | | | | | {_f(first['length']['human_longer'])} |")
     lines.append("")
     if "position_consistency" in metrics:
         lines += [
             f"- position consistency (both orders pick the same winner): **{_f(metrics['position_consistency'])}**",
-            f"- accuracy on the {metrics['consistent_pairs']} position-consistent pairs: "
-            f"{_f(metrics['accuracy_when_consistent'])}",
+            f"- alignment on the {metrics['consistent_pairs']} position-consistent pairs: "
+            f"{_f(metrics['alignment_when_consistent'])}",
         ]
     if first is not None:
         lines.append(
             f"- length bias over {first['length']['pairs']} pairs of unequal length (characters); "
             "0.5 = no preference for length"
         )
+    lines += ["", "## Human-human agreement", "", *human_agreement_lines(metrics.get("human_agreement"), pct)]
     lines += [
         "",
-        "Accuracy counts a pick at exactly P(A) = 0.5 as half right. Brier = mean (P(A) - y)^2; ECE = sum over "
-        "equal-width bins of (n_b/N)|share humans chose A - mean P(A)|.",
+        "Brier = mean (P(A) - y)^2; ECE = sum over equal-width bins of (n_b/N)|share humans chose A - mean P(A)|.",
         "",
         *plots,
     ]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def human_agreement_lines(h: dict[str, Any] | None, pct: int) -> list[str]:
+    """The report's paragraph comparing AI-human with human-human agreement."""
+    if not h or not h["pairs"]:
+        return [
+            "No pair in the input was labeled by more than one human, so human-human agreement cannot be measured "
+            "from it. To measure it, give each annotator's choice as its own row (the same context and responses, "
+            "repeated, in any order)."
+        ]
+    hh_lo, hh_hi = h["human_human_ci"]
+    ai_lo, ai_hi = h["ai_human_ci"]
+    return [
+        f"On the {h['pairs']} pairs labeled by more than one human ({h['labels']} labels):",
+        "",
+        f"- two humans agree: **{_f(h['human_human'])}** [{pct}% CI {_f(hh_lo)}, {_f(hh_hi)}]",
+        f"- the AI labeler (both orders) agrees with a human: **{_f(h['ai_human'])}** "
+        f"[{pct}% CI {_f(ai_lo)}, {_f(ai_hi)}]",
+        "",
+        "Human-human agreement is the yardstick for alignment: near it, the labeler agrees with an annotator about "
+        "as often as annotators agree with each other; above it, more often (as a labeler that follows the "
+        "majority view can). Per pair: the share of its pairs of annotators who agree, and the labeler's mean "
+        "agreement with its labels; both averaged over pairs.",
+    ]
 
 
 # -- jobs ---------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ Layout (the wording comes from the task file):
 - system turn: the task's preamble and fence notice;
 - one user/assistant turn pair per few-shot example;
 - the user turn: fenced context, fenced response(s), the question;
-- the assistant turn, prefilled with the answer prefix ("Preferred response: "), after
-  which the label tokens are read. With chain-of-thought the assistant turn is left open
+- the assistant turn, prefilled with the answer prefix ("Preferred response: ", "Score: ",
+  "Answer:"), after which the label tokens are read. With chain-of-thought the assistant turn is left open
   for a rationale, and the answer prefix follows the rationale.
 
 Untrusted text (context, responses) is fenced so that it cannot close or spoof the
@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from .errors import InputTooLong, InvalidInput
-from .scoring import PAIRWISE_LABELS, SCORE_LABELS
+from .scoring import JUDGMENT_LABELS, PAIRWISE_LABELS, SCORE_LABELS, judgment_label_text
 from .tasks import Task
 
-Kind = Literal["pairwise", "score"]
+Kind = Literal["pairwise", "score", "judgment"]
 Order = Literal["ab", "ba"]
 
 ZWSP = "\u200b"
@@ -106,6 +106,7 @@ class PromptBuilder:
             "pairwise": self._encode_labels(PAIRWISE_LABELS),
             "score": self._encode_labels(SCORE_LABELS),
         }
+        self._judgment_ids: dict[str, dict[str, tuple[int, ...]]] = {}  # by answer prefix
 
     # -- text hygiene ------------------------------------------------------------
     def neutralize(self, text: str) -> str:
@@ -133,15 +134,24 @@ class PromptBuilder:
         order: Order = "ab",
         cot: bool = False,
         tokenize: bool = True,
+        tag: str | None = None,
     ) -> Rendered:
         """The pairwise question with the responses shown in `order` ("ba" swaps them).
-        `tokenize=False` leaves `prompt_token_ids` empty for `tokenize_many`."""
+        `tokenize=False` leaves `prompt_token_ids` empty for `tokenize_many`.
+
+        `tag`: a fence tag drawn over more texts than this pair's (`group_tag`), so that all
+        comparisons of a group share it, and with it their prompt up to the first response.
+        It must not occur in the context or either response (InvalidInput otherwise)."""
         if order not in ("ab", "ba"):
             raise InvalidInput(f"order must be 'ab' or 'ba', got {order!r}", field="order")
         ctx = self._untrusted(context, "context", allow_empty=True)
         a = self._untrusted(response_a, "response_a")
         b = self._untrusted(response_b, "response_b")
         first, second = (a, b) if order == "ab" else (b, a)
+        if tag is None:
+            tag = fence_tag([ctx, first, second])
+        elif any(tag in text for text in (ctx, a, b)):
+            raise InvalidInput("the fence tag occurs in the text it would fence")
         messages = self._system(task)
         for ex in task.examples:
             user = self._pair_user(task, ex.context, ex.response_a, ex.response_b, cot)
@@ -149,7 +159,7 @@ class PromptBuilder:
                 user,
                 self._assistant(task.pairwise_answer_prefix, str(ex.preferred), ex.rationale, cot),
             ]
-        messages.append(self._pair_user(task, ctx, first, second, cot))
+        messages.append(self._pair_user(task, ctx, first, second, cot, tag))
         return self._finish("pairwise", messages, task.pairwise_answer_prefix, cot, tokenize)
 
     def score(
@@ -165,6 +175,50 @@ class PromptBuilder:
         messages.append(self._score_user(task, ctx, resp, cot))
         return self._finish("score", messages, task.score_answer_prefix, cot, tokenize)
 
+    def group_tag(self, context: object, responses: Sequence[object]) -> str:
+        """One fence tag for every comparison among `responses` to `context`: drawn over the
+        context and all the responses (after the same cleaning as the prompts'), so it is
+        absent from each of them."""
+        texts = [self._untrusted(context, "context", allow_empty=True)]
+        texts += [self._untrusted(r, f"responses[{k}]") for k, r in enumerate(responses)]
+        return fence_tag(sorted(set(texts)))
+
+    def judgment(
+        self, task: Task, context: object, response: object, *, cot: bool = False, tokenize: bool = True
+    ) -> Rendered:
+        """The task's yes/no question about one response (`tokenize` as for `pairwise`).
+        The labels are read as `judgment_label_ids` says."""
+        if not task.judgment_question.strip():
+            raise InvalidInput(
+                f"task {task.name!r} asks no yes/no question: set judgment_question in its task file", field="task"
+            )
+        ctx = self._untrusted(context, "context", allow_empty=True)
+        resp = self._untrusted(response, "response")
+        prefix = task.judgment_answer_prefix
+        messages = self._system(task)
+        for ex in task.judgment_examples:
+            label = judgment_label_text(prefix, "Yes" if ex.answer == "yes" else "No")
+            messages += [
+                self._judgment_user(task, ex.context, ex.response, cot),
+                self._assistant(prefix, label, ex.rationale, cot),
+            ]
+        messages.append(self._judgment_user(task, ctx, resp, cot))
+        return self._finish("judgment", messages, prefix, cot, tokenize, self.judgment_label_ids(prefix))
+
+    def judgment_label_ids(self, answer_prefix: str) -> dict[str, tuple[int, ...]]:
+        """Token ids of the yes/no labels ("Yes", "yes", "No", "no") as they follow
+        `answer_prefix` (with a leading space after a prefix that does not end in whitespace:
+        `judgment_label_text`). A spelling that tokenizes like an earlier one is left out."""
+        ids = self._judgment_ids.get(answer_prefix)
+        if ids is None:
+            encoded = self._encode_labels(JUDGMENT_LABELS, lambda label: judgment_label_text(answer_prefix, label))
+            ids = {}
+            for label, toks in encoded.items():
+                if toks not in ids.values():
+                    ids[label] = toks
+            self._judgment_ids[answer_prefix] = ids
+        return ids
+
     def after_rationale(self, rendered: Rendered, rationale: str, *, tokenize: bool = True) -> Rendered:
         """The label-reading prompt that follows a generated rationale.
 
@@ -178,7 +232,9 @@ class PromptBuilder:
         out = Rendered(rendered.kind, text, (), rendered.labels, rendered.answer_prefix, False)
         return self.tokenize_many([out])[0] if tokenize else out
 
-    def tokenize_many(self, rendered: Sequence[Rendered], items: Sequence[int] | None = None) -> list[Rendered]:
+    def tokenize_many(
+        self, rendered: Sequence[Rendered], items: Sequence[int] | None = None, *, name: str = "items"
+    ) -> list[Rendered]:
         """`rendered` with their prompt token ids, from one batched tokenizer call (a fast
         tokenizer spreads it over the cores: one prompt at a time, tokenizing a batch took
         a fifth of the time an H100 took to score it). The labeler calls it on its own
@@ -187,7 +243,7 @@ class PromptBuilder:
         tests/test_reliability_overload.py caught it).
 
         A prompt over `max_prompt_tokens` raises InputTooLong, naming `items[i]` when the
-        item index of each prompt is given."""
+        item index of each prompt is given (`name[i]` for another list name)."""
         if not rendered:
             return []
         # The chat template already holds the special tokens it wants (BOS included).
@@ -198,8 +254,8 @@ class PromptBuilder:
                 limit = self.max_prompt_tokens
                 message = f"the prompt is {len(ids)} tokens, over the limit of {limit}"
                 if items is None:
-                    raise InputTooLong(message, field="items", limit=limit)
-                raise InputTooLong(f"items[{items[k]}]: {message}", field=f"items[{items[k]}]", limit=limit)
+                    raise InputTooLong(message, field=name, limit=limit)
+                raise InputTooLong(f"{name}[{items[k]}]: {message}", field=f"{name}[{items[k]}]", limit=limit)
             out.append(replace(r, prompt_token_ids=tuple(ids)))
         return out
 
@@ -214,8 +270,10 @@ class PromptBuilder:
     def _system(self, task: Task) -> list[dict[str, str]]:
         return [{"role": "system", "content": task.preamble.strip() + "\n\n" + task.fence_notice.strip()}]
 
-    def _pair_user(self, task: Task, context: str, first: str, second: str, cot: bool) -> dict[str, str]:
-        tag = fence_tag([context, first, second])
+    def _pair_user(
+        self, task: Task, context: str, first: str, second: str, cot: bool, tag: str | None = None
+    ) -> dict[str, str]:
+        tag = tag or fence_tag([context, first, second])
         question = task.pairwise_cot_question if cot else task.pairwise_question
         body = "\n\n".join(
             [
@@ -239,6 +297,18 @@ class PromptBuilder:
         )
         return {"role": "user", "content": body}
 
+    def _judgment_user(self, task: Task, context: str, response: str, cot: bool) -> dict[str, str]:
+        tag = fence_tag([context, response])
+        answer_format = task.judgment_cot_format if cot else task.judgment_format
+        body = "\n\n".join(
+            [
+                _fence(task.context_name, context, tag),
+                _fence(task.response_name, response, tag),
+                f"{task.judgment_question.strip()} {answer_format.strip()}".strip(),
+            ]
+        )
+        return {"role": "user", "content": body}
+
     @staticmethod
     def _assistant(prefix: str, label: str, rationale: str, cot: bool) -> dict[str, str]:
         content = prefix + label
@@ -246,9 +316,17 @@ class PromptBuilder:
             content = rationale.strip() + "\n" + content
         return {"role": "assistant", "content": content}
 
-    def _finish(self, kind: Kind, messages: list[dict[str, str]], prefix: str, cot: bool, tokenize: bool) -> Rendered:
+    def _finish(
+        self,
+        kind: Kind,
+        messages: list[dict[str, str]],
+        prefix: str,
+        cot: bool,
+        tokenize: bool,
+        labels: dict[str, tuple[int, ...]] | None = None,
+    ) -> Rendered:
         prompt = self._chat(messages) + ("" if cot else prefix)
-        out = Rendered(kind, prompt, (), self._label_ids[kind], prefix, cot)
+        out = Rendered(kind, prompt, (), labels or self._label_ids[kind], prefix, cot)
         return self.tokenize_many([out])[0] if tokenize else out
 
     def _chat(self, messages: list[dict[str, str]]) -> str:
@@ -263,5 +341,7 @@ class PromptBuilder:
         # No chat template: a plain transcript; the answer prefix starts each answer.
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
-    def _encode_labels(self, labels: Sequence[str]) -> dict[str, tuple[int, ...]]:
-        return {label: tuple(self.tokenizer.encode(label, add_special_tokens=False)) for label in labels}
+    def _encode_labels(
+        self, labels: Sequence[str], text: Callable[[str], str] = lambda label: label
+    ) -> dict[str, tuple[int, ...]]:
+        return {label: tuple(self.tokenizer.encode(text(label), add_special_tokens=False)) for label in labels}

@@ -29,6 +29,12 @@ TokenIds = tuple[int, ...]
 
 PAIRWISE_LABELS: tuple[str, ...] = ("1", "2")
 SCORE_LABELS: tuple[str, ...] = tuple(str(i) for i in range(1, 11))
+# Yes/no judgments: each answer in both capitalizations, read as the model writes it right
+# after the answer prefix "Answer:" (with the space: " Yes" is one token in SmolLM2, Llama 3
+# and Qwen vocabularies; see `judgment_label_text`). P(yes) = P("Yes") + P("yes").
+JUDGMENT_YES: tuple[str, ...] = ("Yes", "yes")
+JUDGMENT_NO: tuple[str, ...] = ("No", "no")
+JUDGMENT_LABELS: tuple[str, ...] = JUDGMENT_YES + JUDGMENT_NO
 SCORE_MIN, SCORE_MAX = 1, 10
 
 
@@ -169,3 +175,77 @@ def score_to_reward(s: float) -> float:
     if not SCORE_MIN - 1e-9 <= s <= SCORE_MAX + 1e-9:
         raise InvalidInput(f"expected score {s} is outside [{SCORE_MIN}, {SCORE_MAX}]")
     return max(-1.0, min(1.0, (s - 5.5) / 4.5))
+
+
+def judgment_label_text(answer_prefix: str, label: str) -> str:
+    """The text of a yes/no label as it follows `answer_prefix`: " Yes" after "Answer:",
+    "Yes" after a prefix that already ends in whitespace.
+
+    BPE vocabularies attach the space to the word (SmolLM2: "Answer: Yes" is "Answer", ":",
+    " Yes"), so a prompt ending in "Answer:" is read at the token the model would write
+    next. After "Answer: " the model would have to produce "Yes" without its space, a
+    tokenization it rarely saw, and such labels get a small, erratic share of its
+    probability (tests/test_judgments.py checks this on the embedded model)."""
+    return label if answer_prefix[-1:].isspace() else " " + label
+
+
+def judgment_probabilities(dist: Mapping[str, float]) -> tuple[float, float]:
+    """(P(yes), P(no)) from a distribution over `JUDGMENT_LABELS`: each answer's spellings
+    summed (labels a tokenizer cannot tell apart appear once)."""
+    p_yes = sum(dist.get(label, 0.0) for label in JUDGMENT_YES)
+    p_no = sum(dist.get(label, 0.0) for label in JUDGMENT_NO)
+    return p_yes, p_no
+
+
+def reference_reward(p_win: float) -> float:
+    """Pairwise reward against a reference response: 2 P(response > reference) - 1, in [-1, 1]
+    (0 when the labeler cannot tell them apart)."""
+    if not 0.0 <= p_win <= 1.0:
+        raise InvalidInput(f"p_win={p_win} is not a probability")
+    return 2.0 * p_win - 1.0
+
+
+@dataclass(frozen=True)
+class GroupRewardMath:
+    """Per-completion rewards of one group, from its ordered comparisons (see `group_rewards`)."""
+
+    p_win: list[list[float | None]]  # P(i > j) from both orders; None on the diagonal
+    win_rate: list[float]  # w_i = mean over j != i of P(i > j)
+    rewards: list[float]  # r_i = 2 w_i - 1; they sum to 0
+
+
+def group_rewards(first_wins: Sequence[Sequence[float]]) -> GroupRewardMath:
+    """Group-relative rewards from every ordered comparison of N completions of one prompt.
+
+    `first_wins[i][j]` (i != j) is q_ij = P(label "1") when completion i is shown first and j
+    second; the diagonal is ignored. Both orders of a pair are combined as for a single pair:
+
+        P(i > j) = (q_ij + (1 - q_ji)) / 2,   so  P(i > j) + P(j > i) = 1,
+
+    and each completion gets its centred mean win probability:
+
+        w_i = 1/(N-1) * sum_{j != i} P(i > j),     r_i = 2 w_i - 1 = mean_{j != i} (2 P(i > j) - 1).
+
+    r_i is the mean of the reference rewards of i against each other completion taken as the
+    reference, lies in [-1, 1], and the r_i sum to exactly 0 (the w_i average 1/2). When the
+    preferences follow a Bradley-Terry model, P(i > j) = sigmoid(s_i - s_j), w_i increases
+    with s_i, so the ranking is Bradley-Terry's; unlike fitted strengths it is bounded, needs
+    no iterative fit and stays finite when one completion wins every comparison.
+    """
+    n = len(first_wins)
+    if n < 2:
+        raise InvalidInput("a group needs at least two completions")
+    if any(len(row) != n for row in first_wins):
+        raise InvalidInput("first_wins must be an N x N matrix")
+    for i in range(n):
+        for j in range(n):
+            if i != j and not 0.0 <= first_wins[i][j] <= 1.0:
+                raise InvalidInput(f"first_wins[{i}][{j}]={first_wins[i][j]} is not a probability")
+    p: list[list[float | None]] = [[None] * n for _ in range(n)]
+    win = []
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                p[i][j] = (first_wins[i][j] + 1.0 - first_wins[j][i]) / 2.0
+        win.append(sum((first_wins[i][j] + 1.0 - first_wins[j][i]) / 2.0 for j in range(n) if j != i) / (n - 1))
+    return GroupRewardMath(p_win=p, win_rate=win, rewards=[2.0 * w - 1.0 for w in win])

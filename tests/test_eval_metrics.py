@@ -17,7 +17,7 @@ LEN_B = [2, 8, 5, 1]
 
 def test_accuracy_counts_a_half_for_an_exact_tie():
     # outcomes o(p) = 1, 0, 1/2, 1; agreement with y = 1, 0, 1/2, 0
-    assert ev.accuracy(P, Y) == pytest.approx(1.5 / 4)
+    assert ev.alignment(P, Y) == pytest.approx(1.5 / 4)
     assert ev.outcome(0.5) == 0.5 and ev.outcome(0.51) == 1.0 and ev.outcome(0.49) == 0.0
 
 
@@ -82,23 +82,25 @@ def test_evaluate_rows_per_order():
     # Human choice on A for rows 0-1, on B for rows 2-3.
     cols = ("human", "p_a_ab", "p_a_ba", "p_a", "consistent", "response_a", "response_b")
     rows = [
-        dict(zip(cols, r, strict=True))
-        for r in [
-            ("a", 0.8, 0.6, 0.7, True, "xx", "x"),
-            ("a", 0.7, 0.3, 0.5, False, "x", "xx"),
-            ("b", 0.6, 0.2, 0.4, False, "x", "x"),
-            ("b", 0.9, 0.7, 0.8, True, "xx", "x"),
-        ]
+        dict(zip(cols, r, strict=True)) | {"context": f"prompt {k}"}
+        for k, r in enumerate(
+            [
+                ("a", 0.8, 0.6, 0.7, True, "xx", "x"),
+                ("a", 0.7, 0.3, 0.5, False, "x", "xx"),
+                ("b", 0.6, 0.2, 0.4, False, "x", "x"),
+                ("b", 0.9, 0.7, 0.8, True, "xx", "x"),
+            ]
+        )
     ]
     m = ev.evaluate_rows(rows, bins=10)
     # A first: picks A always -> right on rows 0, 1 -> 2/4. B first: A, B, B, A -> right on 0, 2 -> 2/4.
     # Both: .7 (right), .5 (half), .4 (right), .8 (wrong) -> 2.5/4
-    assert m["orders"]["ab"]["accuracy"] == pytest.approx(0.5)
-    assert m["orders"]["ba"]["accuracy"] == pytest.approx(0.5)
-    assert m["orders"]["both"]["accuracy"] == pytest.approx(0.625)
+    assert m["orders"]["ab"]["alignment"] == pytest.approx(0.5)
+    assert m["orders"]["ba"]["alignment"] == pytest.approx(0.5)
+    assert m["orders"]["both"]["alignment"] == pytest.approx(0.625)
     assert m["orders"]["both"]["brier"] == pytest.approx((0.09 + 0.25 + 0.16 + 0.64) / 4)
     assert m["position_consistency"] == pytest.approx(0.5)
-    assert m["consistent_pairs"] == 2 and m["accuracy_when_consistent"] == pytest.approx(0.5)
+    assert m["consistent_pairs"] == 2 and m["alignment_when_consistent"] == pytest.approx(0.5)
     # longer: rows 0 (A), 1 (B), 3 (A). Humans chose the longer only in row 0 -> 1/3.
     assert m["orders"]["ab"]["length"]["human_longer"] == pytest.approx(1 / 3)
     # A first picks A in all: longer wins in rows 0, 3 -> 2/3

@@ -1,7 +1,7 @@
 """Tasks ("constitutions"): versioned, data-file templates for the labeler.
 
 A task is a TOML file: the preamble (the principles the labeler applies), optional
-few-shot examples, and the wording of the pairwise and score questions. Keys missing
+few-shot examples, and the wording of the pairwise, score and yes/no questions. Keys missing
 from a task file come from `_defaults.toml` beside this module. Built-in tasks live in
 this folder; users add their own from a directory of `*.toml` files (a user task with a
 built-in's name replaces it).
@@ -42,6 +42,10 @@ _STR_FIELDS = (
     "score_question",
     "score_cot_question",
     "score_answer_prefix",
+    "judgment_question",
+    "judgment_format",
+    "judgment_cot_format",
+    "judgment_answer_prefix",
 )
 
 
@@ -67,6 +71,16 @@ class ScoreExample:
 
 
 @dataclass(frozen=True)
+class JudgmentExample:
+    """A few-shot yes/no example: the answer is `answer` ("yes" or "no")."""
+
+    context: str
+    response: str
+    answer: str
+    rationale: str = ""
+
+
+@dataclass(frozen=True)
 class Task:
     """One labeling task. Build with `Task.from_mapping` or `load_task_file`."""
 
@@ -82,8 +96,13 @@ class Task:
     score_question: str
     score_cot_question: str
     score_answer_prefix: str
+    judgment_question: str  # empty: the task asks no yes/no question
+    judgment_format: str
+    judgment_cot_format: str
+    judgment_answer_prefix: str
     examples: tuple[PairExample, ...] = ()
     score_examples: tuple[ScoreExample, ...] = ()
+    judgment_examples: tuple[JudgmentExample, ...] = ()
     source: str = field(default="", compare=False)
 
     @functools.cached_property
@@ -97,7 +116,7 @@ class Task:
     def from_mapping(cls, name: str, data: Mapping[str, Any], *, source: str = "") -> Task:
         """Validate a parsed task file (already merged with the defaults)."""
         where = source or name
-        unknown = set(data) - set(_STR_FIELDS) - {"name", "examples", "score_examples"}
+        unknown = set(data) - set(_STR_FIELDS) - {"name", "examples", "score_examples", "judgment_examples"}
         if unknown:
             raise TaskFileError(f"{where}: unknown keys {sorted(unknown)}")
         values: dict[str, Any] = {}
@@ -108,12 +127,13 @@ class Task:
             values[key] = value
         if not values["preamble"].strip():
             raise TaskFileError(f"{where}: 'preamble' is empty")
-        for key in ("pairwise_answer_prefix", "score_answer_prefix"):
+        for key in ("pairwise_answer_prefix", "score_answer_prefix", "judgment_answer_prefix"):
             if not values[key].strip():
                 raise TaskFileError(f"{where}: {key!r} is empty")
         try:
             examples = tuple(PairExample(**ex) for ex in data.get("examples", ()))
             score_examples = tuple(ScoreExample(**ex) for ex in data.get("score_examples", ()))
+            judgment_examples = tuple(JudgmentExample(**ex) for ex in data.get("judgment_examples", ()))
         except TypeError as exc:
             raise TaskFileError(f"{where}: malformed example: {exc}") from exc
         for ex in examples:
@@ -122,7 +142,19 @@ class Task:
         for sx in score_examples:
             if not (isinstance(sx.score, int) and 1 <= sx.score <= 10):
                 raise TaskFileError(f"{where}: score example 'score' must be an integer 1..10, got {sx.score!r}")
-        return cls(name=name, examples=examples, score_examples=score_examples, source=source, **values)
+        for jx in judgment_examples:
+            if jx.answer not in ("yes", "no"):
+                raise TaskFileError(f'{where}: judgment example \'answer\' must be "yes" or "no", got {jx.answer!r}')
+        if judgment_examples and not values["judgment_question"].strip():
+            raise TaskFileError(f"{where}: judgment_examples need a 'judgment_question'")
+        return cls(
+            name=name,
+            examples=examples,
+            score_examples=score_examples,
+            judgment_examples=judgment_examples,
+            source=source,
+            **values,
+        )
 
     def summary(self) -> dict[str, Any]:
         """Name, version, description and example counts, for listings."""
@@ -132,6 +164,8 @@ class Task:
             "description": self.description,
             "examples": len(self.examples),
             "score_examples": len(self.score_examples),
+            "judgment": bool(self.judgment_question.strip()),
+            "judgment_examples": len(self.judgment_examples),
             "source": self.source,
         }
 
