@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import statistics
 
+import numpy as np
 import pytest
 
 from labeler import evaluate as ev
+from labeler import harmless as hl
 
 # Four pairs: labeler P(A), human y (1 = human chose A), lengths of A and B in characters.
 P = [0.9, 0.2, 0.5, 0.6]
@@ -105,3 +108,124 @@ def test_evaluate_rows_per_order():
     assert m["orders"]["ab"]["length"]["human_longer"] == pytest.approx(1 / 3)
     # A first picks A in all: longer wins in rows 0, 3 -> 2/3
     assert m["orders"]["ab"]["length"]["labeler_longer"] == pytest.approx(2 / 3)
+
+
+# -- length-controlled win rate -----------------------------------------------------------------
+def _logit(q: float) -> float:
+    return math.log(q / (1 - q))
+
+
+def test_length_controlled_win_rate_by_hand():
+    # Two groups of 50 prompts: A longer by 10 (wins 40/50) and B longer by 10 (A wins 20/50).
+    # tanh(+-10/sd) = +-t, so the fit is exact per group: theta + phi t = logit(.8),
+    # theta - phi t = logit(.4) -> theta = (logit .8 + logit .4) / 2 (up to the weak ridge).
+    len_a = [10] * 50 + [0] * 50
+    len_b = [0] * 50 + [10] * 50
+    y = [1] * 40 + [0] * 10 + [1] * 20 + [0] * 30
+    got = ev.length_controlled_win_rate(y, len_a, len_b)
+    theta = (_logit(0.8) + _logit(0.4)) / 2
+    sd = statistics.stdev([10] * 50 + [-10] * 50)
+    phi = (_logit(0.8) - _logit(0.4)) / 2 / math.tanh(10 / sd)
+    assert got["intercept"] == pytest.approx(theta, abs=1e-3)
+    assert got["length_coef"] == pytest.approx(phi, rel=2e-3)  # the ridge weighs more on phi
+    assert got["win_rate"] == pytest.approx(1 / (1 + math.exp(-theta)), abs=1e-3)  # 0.620, raw 0.6
+    assert got["sd_length_diff"] == pytest.approx(sd)
+    assert got["ci_low"] < got["win_rate"] < got["ci_high"]
+    assert got == ev.length_controlled_win_rate(y, len_a, len_b)  # seeded
+
+
+def test_length_controlled_win_rate_without_length_variation_is_the_raw_rate():
+    y = [1, 0, 0.5, 1, 1, 0, 1, 0.5]
+    got = ev.length_controlled_win_rate(y, [5] * 8, [3] * 8)
+    assert got["length_coef"] == 0.0
+    assert got["win_rate"] == pytest.approx(sum(y) / len(y), abs=2e-3)  # only the ridge moves it
+
+
+def _synthetic(theta: float, phi: float, mean_diff: float, n: int = 3000, seed: int = 1):
+    """Outcomes drawn from the model itself: quality theta, length effect phi."""
+    rng = np.random.default_rng(seed)
+    len_b = rng.integers(100, 900, n)
+    diff = rng.normal(mean_diff, 250, n).round().astype(int)
+    len_a = len_b + diff
+    x = np.tanh(diff / diff.std(ddof=1))
+    p = 1 / (1 + np.exp(-(theta + phi * x)))
+    y = (rng.random(n) < p).astype(float)
+    return y.tolist(), len_a.tolist(), len_b.tolist()
+
+
+def test_length_controlled_win_rate_recovers_the_quality_effect():
+    # A is better (theta = .4, true controlled win rate sigmoid(.4) = .599) and longer, and the
+    # judge likes length (phi = 1.5): the raw win rate overstates A; the controlled one does not.
+    y, la, lb = _synthetic(0.4, 1.5, mean_diff=200)
+    got = ev.length_controlled_win_rate(y, la, lb)
+    truth = 1 / (1 + math.exp(-0.4))
+    raw = sum(y) / len(y)
+    se = (got["ci_high"] - got["ci_low"]) / 3.92
+    assert raw - truth > 0.1
+    assert abs(got["win_rate"] - truth) < 4 * se < 0.08
+    assert got["length_coef"] == pytest.approx(1.5, abs=0.4)
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_bias():
+    # Equal quality (theta = 0), A longer, length-loving judge: raw win rate well above 1/2.
+    y, la, lb = _synthetic(0.0, 2.0, mean_diff=250, seed=2)
+    got = ev.length_controlled_win_rate(y, la, lb)
+    se = (got["ci_high"] - got["ci_low"]) / 3.92
+    assert sum(y) / len(y) > 0.65
+    assert abs(got["win_rate"] - 0.5) < 4 * se < 0.08
+
+
+def test_length_controlled_win_rate_finite_when_one_side_always_wins():
+    got = ev.length_controlled_win_rate([1.0] * 20, list(range(20)), [10] * 20)
+    assert 0.95 < got["win_rate"] <= 1.0 and math.isfinite(got["intercept"])
+
+
+# -- human-human agreement ----------------------------------------------------------------------
+def test_human_agreement_by_hand():
+    def row(ctx, a, b, human, p_a):
+        return {"context": ctx, "response_a": a, "response_b": b, "human": human, "p_a": p_a}
+
+    rows = [
+        # pair 1, three humans: x, x, y (one shown the other way round). AI prefers x.
+        row("c1", "x", "y", "a", 0.8),
+        row("c1", "y", "x", "b", 0.3),
+        row("c1", "x", "y", "b", 0.8),
+        # pair 2, two humans who disagree; the AI is exactly undecided.
+        row("c2", "u", "v", "a", 0.5),
+        row("c2", "u", "v", "b", 0.5),
+        # pair 3, one human: not counted.
+        row("c3", "s", "t", "a", 0.9),
+    ]
+    got = ev.human_agreement(rows)
+    # pair 1: C(2,2)+C(1,2) / C(3,2) = 1/3 ; AI agrees with 2 of 3 labels -> 2/3
+    # pair 2: 0 / 1 = 0 ; AI at 1/2 counts half for each -> 1/2
+    assert (got["pairs"], got["labels"]) == (2, 5)
+    assert got["human_human"] == pytest.approx((1 / 3 + 0) / 2)
+    assert got["ai_human"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert ev.human_agreement(rows[-1:])["pairs"] == 0
+
+
+# -- harmless rate ------------------------------------------------------------------------------
+def test_harmless_rate_by_hand():
+    got = hl.harmless_rate([0.9, 0.6, 0.5, 0.2])
+    assert got["n"] == 4
+    assert got["mean_p_yes"] == pytest.approx(0.55)
+    assert got["share_harmless"] == pytest.approx(0.5)  # 0.5 itself is not > 1/2
+    lo, hi = got["share_harmless_ci"]
+    assert 0.0 <= lo <= 0.5 <= hi <= 1.0
+
+
+def test_harmless_difference_paired_and_independent():
+    a = [0.9, 0.8, 0.7, 0.6] * 25
+    b = [0.8, 0.7, 0.6, 0.5] * 25  # every prompt 0.1 lower
+    paired = hl.harmless_difference(a, b, paired=True)
+    assert paired["mean_p_yes"] == pytest.approx(0.1)
+    # Paired differences are all 0.1: no sampling spread at all.
+    assert paired["mean_p_yes_ci"] == pytest.approx((0.1, 0.1))
+    assert paired["share_harmless"] == pytest.approx(0.25)  # 0.5 is not > 1/2
+    ind = hl.harmless_difference(a, b, paired=False)
+    assert ind["mean_p_yes"] == pytest.approx(0.1)
+    lo, hi = ind["mean_p_yes_ci"]
+    assert lo < 0.1 < hi and hi - lo > 0.02
+    with pytest.raises(ValueError):
+        hl.harmless_difference(a, b[:3], paired=True)
