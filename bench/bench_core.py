@@ -1,10 +1,16 @@
-"""P4 and P5: the cost of both orders and of the exact 1-10 distribution, on the CPU engine.
+"""P4-P7: what the exact labels and the shared prefixes cost, on the CPU engine.
 
 P4 = time(one pair, both orders) / time(the same pair, one order), on a workload shaped
      like the summarization task: the summarize preamble and a post make ~80% of one
      order's tokens, the two summaries the rest. Naive (two independent forwards): 2.0.
 P5 = time(exact 1-10 distribution) / time(one plain forward of the same prompt).
      Naive (one forward per label): 10.
+P6 = time(group-relative rewards of one group of 8 completions: 56 ordered comparisons in
+     one labeler call) / time(the same 56 prompts as plain padded batches, no prefix
+     sharing, logits at the last position only), with a ~300-token context and ~100-token
+     completions. Also reported: the group's time / time(8 direct scores of the same
+     completions, one labeler call).
+P7 = time(yes/no judgment, exact P(yes)) / time(one plain forward of the same prompt).
 
 Each figure is a ratio of medians measured in one run on one machine.
 """
@@ -18,7 +24,7 @@ import sys
 import torch
 
 from bench.common import Result, median_time
-from labeler import Labeler, PairItem, ScoreItem
+from labeler import GroupItem, Labeler, PairItem, ScoreItem
 from labeler.engines.transformers_engine import TransformersEngine
 from labeler.models import resolve_model
 
@@ -109,9 +115,129 @@ def main() -> int:
             detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 10",
         )
     )
+    results += bench_group(lab, engine, args.repeats)
+    results.append(bench_judgment(lab, engine, args.repeats))
     for r in results:
         print(json.dumps(r.to_dict()))
     return 0
+
+
+# Openings that differ from the first token, so the completions of a group share nothing
+# beyond the prompt (the realistic worst case for sharing among completions).
+OPENINGS = [
+    "Honestly, I would",
+    "My advice is to",
+    "You should probably",
+    "I think the fair thing is to",
+    "Before anything else,",
+    "In your position I would",
+    "The simplest option is to",
+    "It depends, but I would",
+]
+FILLER = " ".join(POSTS) + " " + " ".join(s for pair in SUMMARIES for s in pair)
+
+
+def truncate(tokenizer, text: str, n: int) -> str:
+    """`text` cut to its first `n` tokens."""
+    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:n])
+
+
+def group_workload(tokenizer, context_tokens: int = 300, completion_tokens: int = 100) -> GroupItem:
+    """One prompt of ~`context_tokens` and 8 completions of ~`completion_tokens` each."""
+    words = FILLER.split()
+    context = truncate(tokenizer, " ".join(words * 3), context_tokens)
+    completions = []
+    for k, opening in enumerate(OPENINGS):
+        rotated = words[k * 17 :] + words[: k * 17]
+        completions.append(truncate(tokenizer, opening + " " + " ".join(rotated), completion_tokens))
+    return GroupItem(context, completions)
+
+
+def bench_group(lab: Labeler, engine: TransformersEngine, repeats: int) -> list[Result]:
+    """P6 and the group-vs-direct-scores ratio."""
+    tok = engine.tokenizer
+    group = group_workload(tok)
+    n = len(group.responses)
+    task = lab.task("helpful")
+    tag = lab.prompts.group_tag(group.context, group.responses)
+    prompts = [
+        lab.prompts.pairwise(task, group.context, group.responses[i], group.responses[j], tag=tag).prompt_token_ids
+        for i in range(n)
+        for j in range(n)
+        if i != j
+    ]
+    before = engine.stats.computed_tokens
+    lab.group_rewards([group], "helpful")
+    computed = engine.stats.computed_tokens - before
+    given = sum(len(p) for p in prompts)
+
+    batch = max(1, engine.max_batch_tokens // max(len(p) for p in prompts))
+    pad = tok.pad_token_id
+
+    def plain_batches() -> None:
+        with torch.inference_mode():
+            for k in range(0, len(prompts), batch):
+                chunk = prompts[k : k + batch]
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, p in enumerate(chunk):  # left padding: every prompt ends at the last column
+                    ids[row, width - len(p) :] = torch.tensor(p)
+                    mask[row, width - len(p) :] = 1
+                engine.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+
+    items = [ScoreItem(group.context, r) for r in group.responses]
+    t_group = median_time(lambda: lab.group_rewards([group], "helpful"), repeats)
+    t_plain = median_time(plain_batches, repeats)
+    t_scores = median_time(lambda: lab.scores(items, "helpful"), repeats)
+    mean_ctx = len(tok.encode(group.context, add_special_tokens=False))
+    mean_resp = sum(len(tok.encode(r, add_special_tokens=False)) for r in group.responses) / n
+    return [
+        Result(
+            "P6",
+            f"group-relative rewards, {n} completions ({n * (n - 1)} ordered comparisons) / the same prompts as "
+            "plain padded batches",
+            t_group / t_plain,
+            0.4,
+            "lower",
+            detail=f"context {mean_ctx} tokens, completions {mean_resp:.0f} tokens on average, task helpful; "
+            f"{len(prompts)} prompts of {given / len(prompts):.0f} tokens on average; tokens computed by the prefix "
+            f"tree {computed:,} of {given:,} ({computed / given:.3f}); plain batches of {batch} prompts "
+            f"(max_batch_tokens {engine.max_batch_tokens}); times: group {t_group:.2f} s, plain {t_plain:.2f} s",
+        ),
+        Result(
+            "P6b",
+            f"group-relative rewards of {n} completions / {n} direct 1-10 scores of the same completions",
+            t_group / t_scores,
+            None,
+            "lower",
+            detail=f"group {t_group:.2f} s, {n} direct scores {t_scores:.2f} s (one call each); information, no goal",
+        ),
+    ]
+
+
+def bench_judgment(lab: Labeler, engine: TransformersEngine, repeats: int) -> Result:
+    """P7: the exact yes/no probability against one plain forward of the same prompt."""
+    ratios = []
+    for post, (good, _) in zip(POSTS, SUMMARIES, strict=True):
+        item = ScoreItem(post, good)
+        ids = torch.tensor([list(lab.render_judgment("summarize", post, good).prompt_token_ids)])
+
+        def plain_forward(ids=ids):
+            with torch.inference_mode():
+                engine.model(input_ids=ids)
+
+        t_plain = median_time(plain_forward, repeats)
+        t_judge = median_time(lambda item=item: lab.judgments([item], "summarize"), repeats)
+        ratios.append(t_judge / t_plain)
+    return Result(
+        "P7",
+        "exact yes/no judgment cost / one plain forward of the same prompt",
+        sum(ratios) / len(ratios),
+        1.1,
+        "lower",
+        detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; labels Yes/yes/No/no, one token each",
+    )
 
 
 if __name__ == "__main__":
