@@ -5,8 +5,8 @@ Layout (the wording comes from the task file):
 - one user/assistant turn pair per few-shot example;
 - the user turn: fenced context, fenced response(s), the question;
 - the assistant turn, prefilled with the answer prefix ("Preferred response: ", "Score: ",
-  "Answer:"), after which the label tokens are read. With chain-of-thought the assistant turn is left open
-  for a rationale, and the answer prefix follows the rationale.
+  "Answer:"), after which the label tokens are read. With chain-of-thought the assistant
+  turn is left open for a rationale, and the answer prefix follows the rationale.
 
 Untrusted text (context, responses) is fenced so that it cannot close or spoof the
 template's structure:
