@@ -148,6 +148,48 @@ def test_a_group_prompt_differs_from_a_pair_prompt_only_in_its_tag(builder, test
 
 
 @pytest_model
+def test_chunks_of_one_group_compute_its_shared_prefix_once(labeler, engine):
+    """A call split into chunks (max_batch_tokens) computes the prefix consecutive chunks
+    share once, and gives the numbers of one unsplit call."""
+    from labeler.engines.base import ScoreRequest
+    from labeler.engines.transformers_engine import TransformersEngine
+
+    ctx, responses = "Name a fruit.", ["An apple.", "A chair.", "Banana, the yellow fruit."]
+    task, tag = labeler.task("tiny"), labeler.prompts.group_tag(ctx, responses)
+    rendered = [
+        labeler.prompts.pairwise(task, ctx, responses[i], responses[j], tag=tag)
+        for i in range(3)
+        for j in range(3)
+        if i != j
+    ]
+    queries = scoring.label_queries(rendered[0].labels)
+    requests = [ScoreRequest(r.prompt_token_ids, queries) for r in rendered]
+    prompts = [r.prompt_token_ids for r in rendered]
+    # Two prompts a chunk: the two comparisons that show the same response first.
+    budget = 2 * max(len(p) for p in prompts)
+    assert 3 * min(len(p) for p in prompts) > budget
+    chunked = TransformersEngine.from_objects(
+        engine.model, engine.tokenizer, model_id="chunked", max_batch_tokens=budget, min_shared_tokens=1
+    )
+    got = chunked.score_sync(requests)
+    ref = engine.score_sync(requests)
+    for g, r in zip(got, ref, strict=True):
+        assert g[()] == pytest.approx(r[()], abs=TOL)
+
+    def common(seqs):
+        return next(n for n in range(min(map(len, seqs))) if len({s[n] for s in seqs}) > 1)
+
+    def unique(seqs):
+        return len({s[:n] for s in seqs for n in range(1, len(s) + 1)})
+
+    shared = common(prompts)  # the preamble and context, up to the first response
+    chunks = [prompts[k : k + 2] for k in range(0, 6, 2)]
+    expected = shared + sum(unique([p[shared:] for p in c]) for c in chunks)
+    assert chunked.stats.computed_tokens == expected
+    assert expected < sum(unique(c) for c in chunks)  # what three separate trees would compute
+
+
+@pytest_model
 def test_group_errors_name_the_group_and_response(labeler):
     with pytest.raises(InvalidInput) as exc:
         labeler.group_rewards([GroupItem("c", ["a", "b"]), GroupItem("c", ["only one"])], "tiny")

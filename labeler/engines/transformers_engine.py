@@ -9,6 +9,10 @@ one token on top of the prompt's cache. Nodes of one level run as padded batches
 by length so that padding stays small (`group_by_width`); padding sits inside the sequence,
 masked out, with explicit position ids.
 
+A call larger than `max_batch_tokens` runs as consecutive chunks, each its own tree; the
+prefix that consecutive chunks share (the preamble and context of one prompt's many
+comparisons) is computed once and its KV cache reused by each of them (`_shared_bases`).
+
 A shared edge shorter than `min_shared_tokens` is not given a level of its own: it is
 copied into its children (`merge_short_edges`). Digit-split numbers ("Post 1" / "Post 10")
 otherwise make deep tries of one-token levels, each padded to the level's widest node, which
@@ -206,9 +210,15 @@ class TransformersEngine:
             self.stats.score_calls += 1
             self.stats.prompts_scored += len(requests)
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-            for chunk in self._chunks(seqs):
+            chunks = self._chunks(seqs)
+            base: tuple[TokenIds, Any] | None = None
+            for chunk, shared in zip(chunks, self._shared_bases([[seqs[i] for i in c] for c in chunks]), strict=True):
                 wanted = [reads[i][2] for i in chunk]
-                values = self._tree_logprobs([seqs[i] for i in chunk], wanted)
+                if not shared:
+                    base = None
+                elif base is None or base[0] != shared:
+                    base = (shared, self._prefix_past(shared))
+                values = self._tree_logprobs([seqs[i] for i in chunk], wanted, base)
                 for i, vals in zip(chunk, values, strict=True):
                     r, prefix, toks = reads[i]
                     out[r][prefix] = dict(zip(toks, vals, strict=True))
@@ -227,11 +237,48 @@ class TransformersEngine:
             used += len(s)
         return [c for c in chunks if c]
 
-    def _tree_logprobs(self, seqs: list[TokenIds], wanted: list[TokenIds]) -> list[list[float]]:
+    def _shared_bases(self, chunks: Sequence[Sequence[TokenIds]]) -> list[TokenIds]:
+        """Per chunk, a prefix of all its sequences whose KV cache it shares with a
+        neighbouring chunk (empty: none). The previous chunk's base is kept while it still
+        prefixes the chunk; otherwise the longest prefix common to the chunk and its
+        previous or next one, if at least `min_shared_tokens` long. Every sequence keeps a
+        token beyond its base, to read its labels at. A single chunk gets none."""
+        if len(chunks) < 2:
+            return [()] * len(chunks)
+        lcps = [_common_prefix(c, spare=1) for c in chunks]
+        bases: list[TokenIds] = []
+        for k, lcp in enumerate(lcps):
+            last = bases[-1] if bases else ()
+            if last and lcp[: len(last)] == last:
+                bases.append(last)
+                continue
+            near = [_common_prefix([lcp, lcps[o]]) for o in (k - 1, k + 1) if 0 <= o < len(lcps)]
+            best = max(near, key=len)
+            bases.append(best if len(best) >= self.min_shared_tokens else ())
+        return bases
+
+    def _prefix_past(self, prefix: TokenIds) -> Any:
+        """The KV cache of `prefix` alone (one row), as `_forward_group` passes a cache on."""
+        node = _Node(edge=prefix)
+        with self._torch.inference_mode():
+            kv, mask, plen, _ = self._forward_group([node], None, [], [], keep=True)
+        return kv, mask, plen
+
+    def _tree_logprobs(
+        self, seqs: list[TokenIds], wanted: list[TokenIds], base: tuple[TokenIds, Any] | None = None
+    ) -> list[list[float]]:
+        """Label log-probs of `seqs`, on top of `base` = (a prefix of every sequence, its
+        cache from `_prefix_past`) when given."""
         results: list[list[float]] = [[] for _ in seqs]
+        past = None
+        if base is not None:
+            prefix, (kv, mask, plen) = base
+            seqs = [s[len(prefix) :] for s in seqs]
         roots = merge_short_edges(build_prefix_tree(seqs), self.min_shared_tokens)
+        if base is not None:
+            past = (kv, mask, plen, {id(r): 0 for r in roots})
         # Depth-first over groups of nodes: a group's KV cache lives only until its subtree is done.
-        todo: list[tuple[list[_Node], Any]] = [(roots, None)]
+        todo: list[tuple[list[_Node], Any]] = [(roots, past)]
         try:
             with self._torch.inference_mode():
                 while todo:
@@ -245,9 +292,12 @@ class TransformersEngine:
             raise EngineError(f"forward failed: {exc}") from exc
         return results
 
-    def _forward_group(self, group: list[_Node], past: Any, wanted: list[TokenIds], results: list[list[float]]) -> Any:
+    def _forward_group(
+        self, group: list[_Node], past: Any, wanted: list[TokenIds], results: list[list[float]], *, keep: bool = False
+    ) -> Any:
         """Run `group`'s edges on top of their parents' cache `past`; store the label
-        log-probs of the sequences ending in it; return its own cache for its children."""
+        log-probs of the sequences ending in it; return its own cache for its children
+        (also without children with `keep`)."""
         torch = self._torch
         width = max(len(n.edge) for n in group)
         ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -294,7 +344,7 @@ class TransformersEngine:
             for _, _, i in reads:
                 results[i] = vals[pos : pos + len(wanted[i])]
                 pos += len(wanted[i])
-        if not any(n.children for n in group):
+        if not keep and not any(n.children for n in group):
             return None
         rows_of = {id(c): row for row, n in enumerate(group) for c in n.children}
         kv_new = [(k, v) for k, v, *_ in outputs.past_key_values]
@@ -363,6 +413,15 @@ class TransformersEngine:
             [finish_generation(seqs[row * n + j, width:].tolist(), eos, self.tokenizer, self.stats) for j in range(n)]
             for row in range(len(prompts))
         ]
+
+
+def _common_prefix(seqs: Sequence[TokenIds], *, spare: int = 0) -> TokenIds:
+    """The longest common prefix of `seqs`, leaving at least `spare` tokens of each beyond it."""
+    shortest = min(len(s) for s in seqs)
+    n = 0
+    while n < shortest - spare and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return tuple(seqs[0][:n])
 
 
 def _as_list(x: Any) -> list[int]:
