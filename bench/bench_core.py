@@ -8,8 +8,9 @@ P5 = time(exact 1-10 distribution) / time(one plain forward of the same prompt).
 P6 = time(group-relative rewards of one group of 8 completions: 56 ordered comparisons in
      one labeler call) / time(the same 56 prompts as plain padded batches, no prefix
      sharing, logits at the last position only), with a ~300-token context and ~100-token
-     completions. Also reported: the group's time / time(8 direct scores of the same
-     completions, one labeler call).
+     completions; the median of per-round ratios over alternating rounds (one call of each
+     a round: a plain pass takes minutes on a CPU). P6b: the group's time / time(8 direct
+     scores of the same completions, one labeler call), same rounds.
 P7 = time(yes/no judgment, exact P(yes)) / time(one plain forward of the same prompt).
 
 Each figure is a ratio of medians measured in one run on one machine.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 
 import torch
@@ -61,13 +63,29 @@ SUMMARIES = [
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds for P6")
+    ap.add_argument("--only", nargs="*", default=["P4", "P5", "P6", "P7"], help="figures to measure")
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
     engine = TransformersEngine(resolve_model(args.model))
     lab = Labeler(engine)
     results: list[Result] = []
 
-    # P4 -----------------------------------------------------------------------------------
+    if "P4" in args.only:
+        results.append(bench_orders(lab, args.repeats))
+    if "P5" in args.only:
+        results.append(bench_scores(lab, engine, args.repeats))
+    if "P6" in args.only:
+        results += bench_group(lab, engine, args.rounds)
+    if "P7" in args.only:
+        results.append(bench_judgment(lab, engine, args.repeats))
+    for r in results:
+        print(json.dumps(r.to_dict()))
+    return 0
+
+
+def bench_orders(lab: Labeler, repeats: int) -> Result:
+    """P4: both orders against one order of the same pair."""
     ratios, shares = [], []
     for post, (good, bad) in zip(POSTS, SUMMARIES, strict=True):
         item = PairItem(post, good, bad)
@@ -75,23 +93,22 @@ def main() -> int:
         ba = lab.render_pairwise("summarize", post, good, bad, order="ba").prompt_token_ids
         common = next(i for i, (x, y) in enumerate(zip(ab, ba, strict=False)) if x != y)
         shares.append(common / len(ab))
-        t_one = median_time(lambda item=item: lab.preferences([item], "summarize", order="ab"), args.repeats)
-        t_both = median_time(lambda item=item: lab.preferences([item], "summarize", order="both"), args.repeats)
+        t_one = median_time(lambda item=item: lab.preferences([item], "summarize", order="ab"), repeats)
+        t_both = median_time(lambda item=item: lab.preferences([item], "summarize", order="both"), repeats)
         ratios.append(t_both / t_one)
-    p4 = sum(ratios) / len(ratios)
-    results.append(
-        Result(
-            "P4",
-            "both-orders pair cost / one-order cost (CPU, transformers engine)",
-            p4,
-            1.3,
-            "lower",
-            detail=f"shared prefix = {100 * sum(shares) / len(shares):.0f}% of one order's tokens; "
-            f"per pair: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 2.0",
-        )
+    return Result(
+        "P4",
+        "both-orders pair cost / one-order cost (CPU, transformers engine)",
+        sum(ratios) / len(ratios),
+        1.3,
+        "lower",
+        detail=f"shared prefix = {100 * sum(shares) / len(shares):.0f}% of one order's tokens; "
+        f"per pair: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 2.0",
     )
 
-    # P5 -----------------------------------------------------------------------------------
+
+def bench_scores(lab: Labeler, engine: TransformersEngine, repeats: int) -> Result:
+    """P5: the exact 1-10 distribution against one plain forward of the same prompt."""
     ratios = []
     for post, (good, _) in zip(POSTS, SUMMARIES, strict=True):
         item = ScoreItem(post, good)
@@ -101,25 +118,17 @@ def main() -> int:
             with torch.inference_mode():
                 engine.model(input_ids=ids)
 
-        t_plain = median_time(plain_forward, args.repeats)
-        t_exact = median_time(lambda item=item: lab.scores([item], "summarize"), args.repeats)
+        t_plain = median_time(plain_forward, repeats)
+        t_exact = median_time(lambda item=item: lab.scores([item], "summarize"), repeats)
         ratios.append(t_exact / t_plain)
-    p5 = sum(ratios) / len(ratios)
-    results.append(
-        Result(
-            "P5",
-            "exact 1-10 distribution cost / one plain forward of the same prompt",
-            p5,
-            1.2,
-            "lower",
-            detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 10",
-        )
+    return Result(
+        "P5",
+        "exact 1-10 distribution cost / one plain forward of the same prompt",
+        sum(ratios) / len(ratios),
+        1.2,
+        "lower",
+        detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 10",
     )
-    results += bench_group(lab, engine, args.repeats)
-    results.append(bench_judgment(lab, engine, args.repeats))
-    for r in results:
-        print(json.dumps(r.to_dict()))
-    return 0
 
 
 # Openings that differ from the first token, so the completions of a group share nothing
@@ -153,8 +162,8 @@ def group_workload(tokenizer, context_tokens: int = 300, completion_tokens: int 
     return GroupItem(context, completions)
 
 
-def bench_group(lab: Labeler, engine: TransformersEngine, repeats: int) -> list[Result]:
-    """P6 and the group-vs-direct-scores ratio."""
+def bench_group(lab: Labeler, engine: TransformersEngine, rounds: int) -> list[Result]:
+    """P6 and P6b, as medians of per-round ratios over alternating rounds."""
     tok = engine.tokenizer
     group = group_workload(tok)
     n = len(group.responses)
@@ -167,10 +176,9 @@ def bench_group(lab: Labeler, engine: TransformersEngine, repeats: int) -> list[
         if i != j
     ]
     before = engine.stats.computed_tokens
-    lab.group_rewards([group], "helpful")
+    lab.group_rewards([group], "helpful")  # also the warm-up
     computed = engine.stats.computed_tokens - before
     given = sum(len(p) for p in prompts)
-
     batch = max(1, engine.max_batch_tokens // max(len(p) for p in prompts))
     pad = tok.pad_token_id
 
@@ -187,9 +195,15 @@ def bench_group(lab: Labeler, engine: TransformersEngine, repeats: int) -> list[
                 engine.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
 
     items = [ScoreItem(group.context, r) for r in group.responses]
-    t_group = median_time(lambda: lab.group_rewards([group], "helpful"), repeats)
-    t_plain = median_time(plain_batches, repeats)
-    t_scores = median_time(lambda: lab.scores(items, "helpful"), repeats)
+    times: list[tuple[float, float, float]] = []
+    for _ in range(rounds):
+        t_group = median_time(lambda: lab.group_rewards([group], "helpful"), 1, warmup=0)
+        t_plain = median_time(plain_batches, 1, warmup=0)
+        t_scores = median_time(lambda: lab.scores(items, "helpful"), 1, warmup=0)
+        times.append((t_group, t_plain, t_scores))
+    p6 = statistics.median(g / p for g, p, _ in times)
+    p6b = statistics.median(g / s for g, _, s in times)
+    per_round = "; ".join(f"{g:.1f} / {p:.1f} / {s:.1f} s" for g, p, s in times)
     mean_ctx = len(tok.encode(group.context, add_special_tokens=False))
     mean_resp = sum(len(tok.encode(r, add_special_tokens=False)) for r in group.responses) / n
     return [
@@ -197,21 +211,22 @@ def bench_group(lab: Labeler, engine: TransformersEngine, repeats: int) -> list[
             "P6",
             f"group-relative rewards, {n} completions ({n * (n - 1)} ordered comparisons) / the same prompts as "
             "plain padded batches",
-            t_group / t_plain,
+            p6,
             0.4,
             "lower",
             detail=f"context {mean_ctx} tokens, completions {mean_resp:.0f} tokens on average, task helpful; "
             f"{len(prompts)} prompts of {given / len(prompts):.0f} tokens on average; tokens computed by the prefix "
             f"tree {computed:,} of {given:,} ({computed / given:.3f}); plain batches of {batch} prompts "
-            f"(max_batch_tokens {engine.max_batch_tokens}); times: group {t_group:.2f} s, plain {t_plain:.2f} s",
+            f"(max_batch_tokens {engine.max_batch_tokens}); median of {rounds} alternating rounds "
+            f"(group / plain / {n} direct scores: {per_round})",
         ),
         Result(
             "P6b",
             f"group-relative rewards of {n} completions / {n} direct 1-10 scores of the same completions",
-            t_group / t_scores,
+            p6b,
             None,
             "lower",
-            detail=f"group {t_group:.2f} s, {n} direct scores {t_scores:.2f} s (one call each); information, no goal",
+            detail=f"same rounds as P6; {n} direct scores in one call; information, no goal",
         ),
     ]
 
