@@ -4,24 +4,30 @@ from .core import Labeler, PairItem, PreferenceResult, ScoreItem, ScoreResult
 from .engines import load_engine
 from .errors import (
     EngineError,
+    EngineUnavailable,
     InputTooLong,
     InvalidInput,
     LabelerError,
     ModelLoadError,
+    ModelOutputError,
     TaskFileError,
     UnknownTask,
 )
+from .spec import LabelSpec
 from .tasks import Task, TaskRegistry
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EngineError",
+    "EngineUnavailable",
     "InputTooLong",
     "InvalidInput",
+    "LabelSpec",
     "Labeler",
     "LabelerError",
     "ModelLoadError",
+    "ModelOutputError",
     "PairItem",
     "PreferenceResult",
     "ScoreItem",

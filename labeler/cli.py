@@ -71,21 +71,10 @@ def load_tasks(args: argparse.Namespace):
 def build_labeler(args: argparse.Namespace):
     """A Labeler for the model options in `args` (see `add_model_options`)."""
     from .core import Labeler
-    from .engines import load_engine
+    from .engines import engine_options, load_engine
 
-    return Labeler(load_engine(args.engine, args.model, **engine_options(args)), load_tasks(args))
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine options given by `add_model_options`' flags."""
-    from .engines import parse_engine_args
-
-    options = parse_engine_args(args.engine_arg)
-    if args.engine == "transformers":
-        options.setdefault("device", args.device)
-    if args.engine == "vllm-remote" and args.vllm_urls:
-        options.setdefault("urls", args.vllm_urls)
-    return options
+    options = engine_options(args.engine, device=args.device, engine_args=args.engine_arg, vllm_urls=args.vllm_urls)
+    return Labeler(load_engine(args.engine, args.model, **options), load_tasks(args))
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -133,6 +133,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         params = make_params(
             backend,
             args.task,
+            kind="score" if args.scores else "pairwise",
             order="both" if args.scores else args.order,
             cot=args.cot,
             samples=args.samples,

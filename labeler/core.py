@@ -11,22 +11,25 @@ Every batch method makes one batched engine call per stage (one `score` call, pl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypeVar
+from dataclasses import fields as _fields
+from typing import Any, TypeVar
 
 from . import scoring
 from .engines.base import Engine, GenerateRequest, ScoreRequest
 from .errors import InputTooLong, InvalidInput
-from .prompts import PromptBuilder, Rendered
+from .prompts import PromptBuilder, Rendered, clean_text
+from .spec import KINDS, MAX_SAMPLES, MAX_SEED, LabelSpec, OrderArg
 from .tasks import Task, TaskRegistry
 
 T = TypeVar("T")
-OrderArg = Literal["both", "ab", "ba"]
+# One prepared question per order read: (ab,) / (ba,) / (ab, ba) for a pair, (q,) for a score.
+Prepared = tuple[Rendered, ...]
+LABELS = {"pairwise": scoring.PAIRWISE_LABELS, "score": scoring.SCORE_LABELS}
 
-MAX_SAMPLES = 16
-# Engines seed a 64-bit generator (torch, vLLM): larger seeds would fail inside the engine.
-MAX_SEED = 2**63 - 1
+__all__ = ["MAX_SAMPLES", "MAX_SEED", "Labeler", "PairItem", "Prepared", "PreferenceResult", "ScoreItem", "ScoreResult"]
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,14 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class Labeler:
-    """Renders tasks, asks the engine, and turns log-probs into labels."""
+    """Renders tasks, asks the engine, and turns log-probs into labels.
+
+    Rendering and tokenizing run on one thread of the labeler's own (`prepare`), never on
+    the caller's event loop: a server's cache hits must not wait behind the rendering of a
+    large miss batch. One long-lived thread, not a pool: every extra thread that tokenizes
+    gets its own malloc arena, and a server's memory grew by ~100 MiB per busy wave with a
+    pool (tests/test_reliability_overload.py watches this).
+    """
 
     def __init__(
         self,
@@ -107,6 +117,7 @@ class Labeler:
         self.prompts = PromptBuilder(engine.tokenizer, max_prompt_tokens=engine.max_model_len)
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
+        self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labeler-render")
 
     @property
     def model_id(self) -> str:
@@ -117,6 +128,34 @@ class Labeler:
         if not isinstance(name, str):
             raise InvalidInput(f"task must be a string, got {type(name).__name__}", field="task")
         return self.tasks.get(name)
+
+    def spec(
+        self,
+        kind: str,
+        task: str,
+        *,
+        order: OrderArg = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+    ) -> LabelSpec:
+        """The validated `LabelSpec` of a question of `kind` on `task` with these parameters
+        (this labeler's model, task version, sampling temperature and rationale length)."""
+        if kind not in KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, got {kind!r}", field="kind")
+        return LabelSpec.build(
+            kind,
+            task=task,
+            task_version=self.task(task).version,
+            model=self.model_id,
+            labels=LABELS[kind],
+            order=order,
+            cot=cot,
+            samples=samples,
+            seed=seed,
+            temperature=self.temperature,
+            max_rationale_tokens=self.max_rationale_tokens,
+        )
 
     # -- rendering (also what `labeler render` shows) ------------------------------------
     def render_pairwise(
@@ -136,31 +175,102 @@ class Labeler:
         """Exactly what the engine reads for a direct score."""
         return self.prompts.score(self.task(task), context, response, cot=cot)
 
-    # -- batch API ---------------------------------------------------------------------------
-    async def apreferences(
+    # -- the two stages: prepare (render, tokenize, check) and run (engine, math) ------------
+    async def in_render_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the labeler's rendering thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._render, fn, *args)
+
+    async def aprepare(
         self,
-        items: Sequence[PairItem],
-        task: str,
+        spec: LabelSpec,
+        items: Sequence[Any],
         *,
-        order: OrderArg = "both",
-        cot: bool = False,
-        samples: int = 1,
-        seed: int = 0,
-    ) -> list[PreferenceResult]:
-        """Preferences for many pairs, in item order."""
-        t = self.task(task)
-        orders = _orders(order)
-        _check_sampling(cot, samples, seed)
-        items = [_pair(it, i) for i, it in enumerate(items)]
-        drafts = [
-            _at(i, self.prompts.pairwise, t, it.context, it.response_a, it.response_b, order=o, cot=cot, tokenize=False)
-            for i, it in enumerate(items)
-            for o in orders
+        where: Sequence[int] | None = None,
+        max_item_tokens: int | None = None,
+        name: str = "items",
+    ) -> list[Prepared]:
+        """Render and tokenize every item's prompts on the rendering thread, checking every
+        limit: after this, an item can only fail in the engine. Errors name item `i` as
+        `<name>[where[i]]` (`items[7].response_a`); `max_item_tokens` caps the tokens of an
+        item's own texts."""
+        return await self.in_render_thread(self.prepare, spec, items, where, max_item_tokens, name)
+
+    def prepare(
+        self,
+        spec: LabelSpec,
+        items: Sequence[Any],
+        where: Sequence[int] | None = None,
+        max_item_tokens: int | None = None,
+        name: str = "items",
+    ) -> list[Prepared]:
+        """Blocking `aprepare` (on the caller's thread)."""
+        t = self.task(spec.task)
+        if t.version != spec.task_version or spec.model != self.model_id:
+            raise InvalidInput(f"the spec was built for {spec.model} / task version {spec.task_version}", field="task")
+        where = list(range(len(items))) if where is None else list(where)
+        if spec.kind == "pairwise":
+            items = [_pair(it, f"{name}[{where[i]}]") for i, it in enumerate(items)]
+        else:
+            items = [_score_item(it, f"{name}[{where[i]}]") for i, it in enumerate(items)]
+        if max_item_tokens is not None:
+            self._check_item_tokens(items, [f"{name}[{w}]" for w in where], max_item_tokens)
+        orders = _orders(spec.order) if spec.kind == "pairwise" else ("",)
+        drafts = []
+        for i, it in enumerate(items):
+            for o in orders:
+                if spec.kind == "pairwise":
+                    args = (t, it.context, it.response_a, it.response_b)
+                    at = f"{name}[{where[i]}]"
+                    drafts.append(_at(at, self.prompts.pairwise, *args, order=o, cot=spec.cot, tokenize=False))
+                else:
+                    args = (t, it.context, it.response)
+                    drafts.append(_at(f"{name}[{where[i]}]", self.prompts.score, *args, cot=spec.cot, tokenize=False))
+        rendered = self.prompts.tokenize_many(
+            drafts, [f"{name}[{where[i]}]" for i in range(len(items)) for _ in orders]
+        )
+        n = len(orders)
+        return [tuple(rendered[k : k + n]) for k in range(0, len(rendered), n)]
+
+    def _check_item_tokens(self, items: Sequence[Any], where: Sequence[str], limit: int) -> None:
+        """The per-item token limit, over the item's own texts (one tokenizer call for all)."""
+        names = [[f.name for f in _fields(it)] for it in items]
+        texts = [
+            clean_text(getattr(it, n), n, allow_empty=True) for it, ns in zip(items, names, strict=True) for n in ns
         ]
-        rendered = self.prompts.tokenize_many(drafts, [i for i in range(len(items)) for _ in orders])
-        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
+        ids = iter(self.engine.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        for i, ns in enumerate(names):
+            n_tokens = sum(len(next(ids)) for _ in ns)
+            if n_tokens > limit:
+                raise InputTooLong(
+                    f"{where[i]} has {n_tokens} tokens, over the limit of {limit}", field=where[i], limit=limit
+                )
+
+    async def arun(self, spec: LabelSpec, prepared: Sequence[Prepared]) -> list[Any]:
+        """Results for prepared items, in order: one batched engine call per stage (one
+        `score` call, after one `generate` call with chain-of-thought)."""
+        flat = [r for p in prepared for r in p]
+        dists, masses, rationales = await self._label(flat, spec)
+        if spec.kind == "pairwise":
+            return self._preferences(spec, len(prepared), dists, masses, rationales)
+        return [
+            _score_result(d, masses[k], rationales[k] if rationales is not None else None) for k, d in enumerate(dists)
+        ]
+
+    async def alabel(self, spec: LabelSpec, items: Sequence[Any]) -> list[Any]:
+        """Results for `items` under `spec`, in order (`aprepare`, then `arun`)."""
+        return await self.arun(spec, await self.aprepare(spec, items))
+
+    def _preferences(
+        self,
+        spec: LabelSpec,
+        n: int,
+        dists: list[dict[str, float]],
+        masses: list[float],
+        rationales: list[list[str]] | None,
+    ) -> list[PreferenceResult]:
+        orders = _orders(spec.order)
         results = []
-        for i in range(len(items)):
+        for i in range(n):
             per: dict[str, float] = {}
             mass: dict[str, float] = {}
             rats: dict[str, list[str]] = {}
@@ -179,54 +289,49 @@ class Labeler:
                     p_a_ba=pref.p_a_ba,
                     consistent=pref.consistent,
                     label_mass=mass,
-                    rationales=rats if cot else None,
+                    rationales=rats if spec.cot else None,
                 )
             )
         return results
+
+    # -- batch API ---------------------------------------------------------------------------
+    async def apreferences(
+        self,
+        items: Sequence[PairItem],
+        task: str,
+        *,
+        order: OrderArg = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+    ) -> list[PreferenceResult]:
+        """Preferences for many pairs, in item order."""
+        return await self.alabel(self.spec("pairwise", task, order=order, cot=cot, samples=samples, seed=seed), items)
 
     async def ascores(
         self, items: Sequence[ScoreItem], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0
     ) -> list[ScoreResult]:
         """Direct scores for many responses, in item order."""
-        t = self.task(task)
-        _check_sampling(cot, samples, seed)
-        items = [_score_item(it, i) for i, it in enumerate(items)]
-        drafts = [
-            _at(i, self.prompts.score, t, it.context, it.response, cot=cot, tokenize=False)
-            for i, it in enumerate(items)
-        ]
-        rendered = self.prompts.tokenize_many(drafts, range(len(items)))
-        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
-        results = []
-        for k, dist in enumerate(dists):
-            s = scoring.expected_score(dist)
-            results.append(
-                ScoreResult(
-                    distribution=[dist[label] for label in scoring.SCORE_LABELS],
-                    expected=s,
-                    reward=scoring.score_to_reward(s),
-                    label_mass=masses[k],
-                    rationales=rationales[k] if rationales is not None else None,
-                )
-            )
-        return results
+        return await self.alabel(self.spec("score", task, cot=cot, samples=samples, seed=seed), items)
 
     async def _label(
-        self, rendered: list[Rendered], cot: bool, samples: int, seed: int
+        self, rendered: list[Rendered], spec: LabelSpec
     ) -> tuple[list[dict[str, float]], list[float], list[list[str]] | None]:
         """Label distributions for rendered questions: one score call, after one
         generate call with chain-of-thought. Returns (distributions, masses, rationales)."""
         if not rendered:
             return [], [], None
-        if not cot:
+        if not spec.cot:
             reads = rendered
             groups = [[k] for k in range(len(rendered))]
             rationales = None
         else:
-            temperature = self.temperature if samples > 1 else 0.0
+            samples = spec.samples
+            temperature = spec.temperature if samples > 1 else 0.0
+            max_tokens = spec.max_rationale_tokens or self.max_rationale_tokens
             gens = await self.engine.generate(
                 [
-                    GenerateRequest(r.prompt_token_ids, self.max_rationale_tokens, temperature, samples, seed)
+                    GenerateRequest(r.prompt_token_ids, max_tokens, temperature or 0.0, samples, spec.seed or 0)
                     for r in rendered
                 ]
             )
@@ -236,7 +341,7 @@ class Labeler:
                 groups.append(list(range(len(drafts), len(drafts) + len(texts))))
                 drafts.extend(self.prompts.after_rationale(r, text, tokenize=False) for text in texts)
                 rationales.append(texts)
-            reads = self.prompts.tokenize_many(drafts, None)
+            reads = await self.in_render_thread(self.prompts.tokenize_many, drafts, None)
         queries = scoring.label_queries(reads[0].labels)
         answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
         per_read = [scoring.label_distribution(r.labels, a) for r, a in zip(reads, answers, strict=True)]
@@ -272,15 +377,15 @@ class Labeler:
         return _run(self.ascores(items, task, **kwargs))
 
 
-def _at(i: int, fn: Any, *args: Any, **kwargs: Any) -> Rendered:
-    """Render item `i`, naming it in any input error (`items[3].response_a`)."""
+def _at(where: str, fn: Any, *args: Any, **kwargs: Any) -> Rendered:
+    """Render one item, naming it in any input error as `where` (`items[3].response_a`)."""
     try:
         return fn(*args, **kwargs)
     except InputTooLong as exc:
-        raise InputTooLong(f"items[{i}]: {exc}", field=f"items[{i}]", limit=exc.limit) from None
+        raise InputTooLong(f"{where}: {exc}", field=where, limit=exc.limit) from None
     except InvalidInput as exc:
-        field = f"items[{i}].{exc.field}" if exc.field else f"items[{i}]"
-        raise InvalidInput(f"items[{i}]: {exc}", field=field) from None
+        field = f"{where}.{exc.field}" if exc.field else where
+        raise InvalidInput(f"{where}: {exc}", field=field) from None
 
 
 def _orders(order: object) -> tuple[str, ...]:
@@ -291,34 +396,34 @@ def _orders(order: object) -> tuple[str, ...]:
     raise InvalidInput(f"order must be 'both', 'ab' or 'ba', got {order!r}", field="order")
 
 
-def _check_sampling(cot: object, samples: object, seed: object = 0) -> None:
-    if not isinstance(cot, bool):
-        raise InvalidInput("cot must be true or false", field="cot")
-    if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= MAX_SAMPLES:
-        raise InvalidInput(f"samples must be an integer from 1 to {MAX_SAMPLES}", field="samples")
-    if samples > 1 and not cot:
-        raise InvalidInput("samples > 1 (self-consistency) needs cot=true: it samples rationales", field="samples")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
+def _score_result(dist: dict[str, float], mass: float, rationales: list[str] | None) -> ScoreResult:
+    s = scoring.expected_score(dist)
+    return ScoreResult(
+        distribution=[dist[label] for label in scoring.SCORE_LABELS],
+        expected=s,
+        reward=scoring.score_to_reward(s),
+        label_mass=mass,
+        rationales=rationales,
+    )
 
 
-def _pair(item: object, i: int) -> PairItem:
+def _pair(item: object, where: str) -> PairItem:
     if isinstance(item, PairItem):
         return item
     if isinstance(item, dict):
         try:
             return PairItem(item["context"], item["response_a"], item["response_b"])
         except KeyError as exc:
-            raise InvalidInput(f"items[{i}] lacks {exc.args[0]!r}", field=f"items[{i}].{exc.args[0]}") from None
-    raise InvalidInput(f"items[{i}] must be a PairItem or a mapping", field=f"items[{i}]")
+            raise InvalidInput(f"{where} lacks {exc.args[0]!r}", field=f"{where}.{exc.args[0]}") from None
+    raise InvalidInput(f"{where} must be a PairItem or a mapping", field=where)
 
 
-def _score_item(item: object, i: int) -> ScoreItem:
+def _score_item(item: object, where: str) -> ScoreItem:
     if isinstance(item, ScoreItem):
         return item
     if isinstance(item, dict):
         try:
             return ScoreItem(item["context"], item["response"])
         except KeyError as exc:
-            raise InvalidInput(f"items[{i}] lacks {exc.args[0]!r}", field=f"items[{i}].{exc.args[0]}") from None
-    raise InvalidInput(f"items[{i}] must be a ScoreItem or a mapping", field=f"items[{i}]")
+            raise InvalidInput(f"{where} lacks {exc.args[0]!r}", field=f"{where}.{exc.args[0]}") from None
+    raise InvalidInput(f"{where} must be a ScoreItem or a mapping", field=where)

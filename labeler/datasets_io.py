@@ -272,14 +272,7 @@ def normalize_single(where: str, rec: Any) -> Single:
     raise MalformedRecord(where, f"expected prompt/completion or context/response; got keys {sorted(rec)}")
 
 
-# -- content keys -------------------------------------------------------------------------------
-def content_key(item: dict[str, Any], params: dict[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of the normalized item and the labeling parameters
-    (task, task version, model, order, cot, samples, seed): equal keys, equal labels."""
-    blob = json.dumps({"item": item, "params": params}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
+# -- the position coin ------------------------------------------------------------------------
 def swap_for_position(key: str, seed: int) -> bool:
     """Whether to show the human-preferred response second (a fair coin per item, fixed by
     `seed` and the item's key, so re-runs and resumes make the same choice)."""

@@ -178,7 +178,7 @@ class PromptBuilder:
         out = Rendered(rendered.kind, text, (), rendered.labels, rendered.answer_prefix, False)
         return self.tokenize_many([out])[0] if tokenize else out
 
-    def tokenize_many(self, rendered: Sequence[Rendered], items: Sequence[int] | None = None) -> list[Rendered]:
+    def tokenize_many(self, rendered: Sequence[Rendered], items: Sequence[str] | None = None) -> list[Rendered]:
         """`rendered` with their prompt token ids, from one batched tokenizer call (a fast
         tokenizer spreads it over the cores: one prompt at a time, tokenizing a batch took
         a fifth of the time an H100 took to score it). The labeler calls it on its own
@@ -186,8 +186,8 @@ class PromptBuilder:
         80-120 MiB from one overload wave to the next (another thread's malloc arena;
         tests/test_reliability_overload.py caught it).
 
-        A prompt over `max_prompt_tokens` raises InputTooLong, naming `items[i]` when the
-        item index of each prompt is given."""
+        A prompt over `max_prompt_tokens` raises InputTooLong, naming the item (`items[3]`)
+        when the name of each prompt's item is given."""
         if not rendered:
             return []
         # The chat template already holds the special tokens it wants (BOS included).
@@ -199,7 +199,7 @@ class PromptBuilder:
                 message = f"the prompt is {len(ids)} tokens, over the limit of {limit}"
                 if items is None:
                     raise InputTooLong(message, field="items", limit=limit)
-                raise InputTooLong(f"items[{items[k]}]: {message}", field=f"items[{items[k]}]", limit=limit)
+                raise InputTooLong(f"{items[k]}: {message}", field=items[k], limit=limit)
             out.append(replace(r, prompt_token_ids=tuple(ids)))
         return out
 

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     device: str = "cpu"
     tasks_dir: Annotated[list[str], NoDecode] = Field(default_factory=list)
     task: str = Field("general", description="default task of /get_reward")
-    max_rationale_tokens: int = Field(128, ge=1, le=4096)
+    max_rationale_tokens: int = Field(128, ge=1, le=4096, description="tokens of a chain-of-thought rationale")
+    temperature: float = Field(0.7, gt=0, le=10, description="sampling temperature of self-consistency rationales")
     # Cache.
     redis_url: str | None = Field(None, description="Redis URL; without one the cache is in-process")
     cache_ttl: int = Field(7 * 24 * 3600, ge=0, description="seconds a cached label lives (0: no expiry)")

@@ -102,8 +102,8 @@ def test_timeouts_and_unreachable_servers():
 
 
 def test_read_timeout_raises_timeout(live_server):
-    client = lc.Client(live_server.url, timeout=lc.Timeouts(read=0.001, connect=1), retry=lc.Retry(max_retries=0))
-    with pytest.raises(lc.Timeout):
+    client = lc.Client(live_server.url, timeout=lc.Timeout(read=0.001, connect=1), retry=lc.Retry(max_retries=0))
+    with pytest.raises(lc.TimeoutException):
         client.scores([{"response": "slow enough"}], "tiny", cot=True, cache=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -102,10 +103,12 @@ def test_split_and_halves():
 
 def test_place_refuses_a_wrong_result_count():
     out: list = [None] * 3
-    with pytest.raises(lc.ResponseError, match="expected 2 results, got 1"):
-        _batching.place(out, range(1, 3), {"results": [{}]}, dict)
+    request = httpx.Request("POST", URL + "/v1/scores")
+    with pytest.raises(lc.ResponseError, match="expected 2 results, got 1") as err:
+        _batching.place(out, range(1, 3), {"results": [{}]}, dict, request)
+    assert err.value.request is request
     with pytest.raises(lc.ResponseError):
-        _batching.place(out, range(0, 1), {"results": [{"reward": "x"}]}, lc.Score.model_validate)
+        _batching.place(out, range(0, 1), {"results": [{"reward": "x"}]}, lc.Score.model_validate, request)
     assert out == [None] * 3
 
 
@@ -167,7 +170,7 @@ def test_timeouts_are_retried_then_raised_as_timeout():
     fake = FakeLabeler()
     fake.fail_next(httpx.ReadTimeout, times=10)
     client = client_for(fake, retry=lc.Retry(max_retries=2, backoff=1.0, max_backoff=1.5))
-    with pytest.raises(lc.Timeout) as err:
+    with pytest.raises(lc.TimeoutException) as err:
         client.scores(items(1), "tiny")
     assert isinstance(err.value, lc.RequestError) and err.value.request.url.path == "/v1/scores"
     assert len(fake.requests) == 3 and all(0 <= s <= 1.5 for s in client.sleeps) and len(client.sleeps) == 2
@@ -190,9 +193,17 @@ def test_other_errors_are_not_retried_and_map_to_types(status, cls):
     with pytest.raises(cls) as err:
         client_for(fake).scores(items(1), "tiny")
     e = err.value
-    assert isinstance(e, lc.APIStatusError) and isinstance(e, lc.LabelerError)
+    assert isinstance(e, lc.APIStatusError) and isinstance(e, lc.LabelerClientError)
     assert e.status == status and e.response.status_code == status and e.request.method == "POST"
-    assert e.type == "injected" and f"HTTP {status}" in str(e)
+    types = {
+        400: "http_error",
+        401: "unauthorized",
+        404: "http_error",
+        413: "body_too_large",
+        422: "invalid_request",
+        500: "internal_error",
+    }
+    assert e.type == types[status] and f"HTTP {status}" in str(e)  # the server's own error types
     assert len(fake.requests) == 1
 
 
@@ -201,6 +212,47 @@ def test_invalid_request_names_the_field():
     with pytest.raises(lc.InvalidRequest) as err:
         client_for(fake).scores([{"response": "ok"}, {"response": "much too long"}], "tiny")
     assert err.value.param == "items[1].response" and "limit of 5" in str(err.value)
+    assert err.value.item == 1 and err.value.type == "input_too_long"
+
+
+async def test_an_item_error_names_the_item_in_the_callers_list():
+    """Sent as 2-item requests, the 6th item (index 5) is the 2nd of the 3rd request; the error
+    names it by the caller's index, in .param, .item and the message, sync and async."""
+    fake = FakeLabeler(max_chars=5)
+    its = [{"response": "ok"}] * 5 + [{"response": "much too long"}, {"response": "ok"}]
+    with pytest.raises(lc.InvalidRequest) as err:
+        client_for(fake, batch_size=2, max_concurrency=1).scores(its, "tiny")
+    assert err.value.param == "items[5].response" and err.value.item == 5 and "items[5].response" in str(err.value)
+    assert json.loads(err.value.request.content)["items"][1] == its[5]  # the request that carried it
+    async with lc.AsyncClient("http://labeler.test", transport=fake.async_transport(), batch_size=2) as client:
+        with pytest.raises(lc.InvalidRequest) as aerr:
+            await client.scores(its, "tiny")
+    assert aerr.value.param == "items[5].response" and aerr.value.item == 5
+
+
+def test_every_error_carries_its_request():
+    """ResponseError (a 2xx the client cannot use) as well as the status and transport errors."""
+    fake = FakeLabeler()
+    client = lc.Client("http://labeler.test", transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})))
+    with pytest.raises(lc.ResponseError) as err:
+        client.scores(items(2), "tiny")
+    assert err.value.request.url.path == "/v1/scores"
+    fake.fail_next(httpx.ConnectError, times=9)
+    with pytest.raises(lc.RequestError) as rerr:
+        client_for(fake, retry=lc.Retry(max_retries=0)).scores(items(1), "tiny")
+    assert rerr.value.request.method == "POST"
+
+
+def test_the_fake_answers_get_reward_like_the_server():
+    fake = FakeLabeler()
+    with httpx.Client(transport=fake.transport(), base_url="http://labeler.test") as http:
+        ok = http.post("/get_reward", params={"task": "tiny"}, json={"query": ["p r"], "prompts": ["p "]}).json()
+        bad = http.post("/get_reward", params={"task": "nope"}, json={"query": ["x"]}).json()
+    assert ok["rewards"] == ok["scores"] == [fake_reward("p ", "r")] and set(ok["extra_logs"]) == {
+        "expected_score",
+        "cached",
+    }
+    assert bad["error"]["type"] == "unknown_task" and bad["error"]["param"] == "task"
 
 
 def test_exhausted_5xx_is_a_server_error_with_the_error_shape():

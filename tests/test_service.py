@@ -122,7 +122,7 @@ def test_redis_cache_survives_redis_outages(make_server, redis_server):
     client = redis.Redis.from_url(redis_server.url)
     item = {"context": "redis", "response": "kept"}
     first = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
-    assert first["cached"] is False and len(client.keys("labeler:v1:*")) >= 1
+    assert first["cached"] is False and len(client.keys("labeler:v2:*")) >= 1
     assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is True
     redis_server.stop()
     try:
@@ -184,10 +184,10 @@ def test_limits_give_clear_4xx(make_server):
     assert_error(httpx.get(srv.url + "/nope"), 404)
 
 
-def test_bodies_are_read_like_fastapi_would(live_server):
-    """The label routes read their own bodies (service/routing.py): JSON with or without a
-    charset or a content type, and UTF-16 JSON, are read alike; another content type or
-    broken JSON is a 422 naming the body; the OpenAPI document still describes the body."""
+def test_request_bodies(live_server):
+    """JSON with or without a charset or a content type, and UTF-16 JSON, are read alike;
+    another content type or broken JSON is a 422 naming the body; the OpenAPI document
+    describes the body."""
     body = {"task": "tiny", "items": [{"context": "Say hi.", "response": "Hi."}]}
     raw = json.dumps(body)
     answers = [

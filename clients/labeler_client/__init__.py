@@ -9,19 +9,19 @@ Adapters: `labeler_client.trl` (GRPO reward functions, pairwise judge), `labeler
 """
 
 from ._client import AsyncClient, Client
-from ._config import ENV_API_KEY, ENV_URL, Retry, Timeouts
+from ._config import ENV_API_KEY, ENV_URL, Retry, Timeout
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
     BadRequestError,
     InvalidRequest,
-    LabelerError,
+    LabelerClientError,
     PayloadTooLarge,
     RateLimited,
     RequestError,
     ResponseError,
     ServerError,
-    Timeout,
+    TimeoutException,
 )
 from ._models import Health, Preference, Score, TaskInfo
 from ._text import as_text
@@ -38,7 +38,7 @@ __all__ = [
     "ENV_URL",
     "Health",
     "InvalidRequest",
-    "LabelerError",
+    "LabelerClientError",
     "PayloadTooLarge",
     "Preference",
     "RateLimited",
@@ -49,6 +49,6 @@ __all__ = [
     "ServerError",
     "TaskInfo",
     "Timeout",
-    "Timeouts",
+    "TimeoutException",
     "as_text",
 ]

@@ -47,7 +47,7 @@ def compute_score(
 ) -> float:
     """The labeler's direct-score reward in [-1, 1] for `solution_str`. `data_source` and
     `ground_truth` are accepted as verl passes them; an AI labeler needs no reference.
-    Raises `LabelerError` when the service fails after retries (never a made-up score)."""
+    Raises `LabelerClientError` when the service fails after retries (never a made-up score)."""
     extra = dict(extra_info or {})
     reward = _shared_client().rewards([_prompt(extra)], [solution_str], _task(extra, kwargs))[0]
     assert reward is not None  # on_error="raise": a failure has raised
