@@ -28,9 +28,10 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
-from .errors import InputTooLong, InvalidInput
+from .errors import InputTooLong, InvalidInput, ModelLoadError
 from .scoring import PAIRWISE_LABELS, SCORE_LABELS
 from .tasks import Task
 
@@ -90,6 +91,21 @@ def fence_tag(texts: Sequence[str]) -> str:
 
 def _fence(name: str, text: str, tag: str) -> str:
     return f"<<<{name} {tag}>>>\n{text}\n<<<END {name} {tag}>>>"
+
+
+def prompt_builder(model_dir: str | Path) -> PromptBuilder:
+    """A PromptBuilder from a model directory's tokenizer and config alone (no weights): what
+    `labeler render` shows, without loading the model."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the tokenizer of {model_dir}: {exc}") from exc
+    return PromptBuilder(tokenizer, max_prompt_tokens=config.get("max_position_embeddings"))
 
 
 class PromptBuilder:

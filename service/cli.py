@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import logging.config
-import sys
 from typing import Any
 
 from labeler.cli import add_model_options
@@ -117,7 +116,3 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=60,
     )
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(0)
