@@ -13,17 +13,33 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# No min_length on responses (the service refuses empty ones itself): with any constraint,
-# pydantic refuses a lone surrogate ("\ud800" in the JSON) that the prompt builder cleans.
+class ChatMessageIn(BaseModel):
+    """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
+    content: str = Field("", description="the turn's text (untrusted)")
+
+
+Context = str | list[ChatMessageIn]
+_CONTEXT = (
+    "the prompt / context (untrusted): text, or chat messages; text that a known chat template laid out "
+    "(ChatML, Llama 3, ...) is parsed into messages; either way the labeler reads the canonical transcript"
+)
+_RESPONSE = "(untrusted); trailing end-of-turn markers are stripped; may be empty (judged as an empty response)"
+
+
+# No constraints on the texts: with any, pydantic refuses a lone surrogate ("\ud800" in the
+# JSON) that the prompt builder cleans.
 class PairItemIn(_Body):
-    context: str = Field("", description="the prompt / context both responses answer (untrusted)")
-    response_a: str = Field(..., description="first response, not empty (untrusted)")
-    response_b: str = Field(..., description="second response, not empty (untrusted)")
+    context: Context = Field("", description=_CONTEXT)
+    response_a: str = Field(..., description="first response " + _RESPONSE)
+    response_b: str = Field(..., description="second response " + _RESPONSE)
 
 
 class ScoreItemIn(_Body):
-    context: str = Field("", description="the prompt / context the response answers (untrusted)")
-    response: str = Field(..., description="the response to score, not empty (untrusted)")
+    context: Context = Field("", description=_CONTEXT)
+    response: str = Field(..., description="the response to score " + _RESPONSE)
 
 
 class _Options(_Body):

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from labeler import EngineError, InputTooLong, InvalidInput, Labeler, LabelerError, PairItem, ScoreItem
+from labeler.chat import normalize_item, split_query
 from labeler.prompts import clean_text
 
 from .batcher import MicroBatcher
@@ -25,51 +26,6 @@ from .settings import Settings
 
 log = logging.getLogger("service.serving")
 
-# Where a policy's chat template starts the assistant's turn, newest-first formats last:
-# the response is what follows the last marker found. ChatML (Qwen, SmolLM), Llama 3,
-# Mistral/Llama 2, Gemma, Anthropic HH transcripts.
-ASSISTANT_MARKERS = (
-    "<|im_start|>assistant\n",
-    "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "[/INST]",
-    "<start_of_turn>model\n",
-    "\n\nAssistant:",
-)
-END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<end_of_turn>")
-
-
-def split_query(query: str, prompt: str | None) -> tuple[str, str]:
-    """(context, response) of an OpenRLHF query (prompt + response).
-
-    1. With the request's `prompts[i]` and the query starting with it: the rest is the response
-       (a trailing assistant-turn marker of the prompt is dropped from the context).
-    2. Otherwise at the last assistant-turn marker of a known chat template.
-    3. Otherwise the whole query is the response, with an empty context.
-    Trailing end-of-turn tokens are stripped from the response.
-    """
-    if prompt and query.startswith(prompt):
-        context, response = prompt, query[len(prompt) :]
-    else:
-        cut = max(((query.rfind(m), m) for m in ASSISTANT_MARKERS), key=lambda x: x[0])
-        if cut[0] >= 0:
-            context, response = query[: cut[0]], query[cut[0] + len(cut[1]) :]
-        else:
-            context, response = "", query
-    # A prompt that ends by opening the assistant's turn: the marker is template, not context.
-    context = context.rstrip()
-    for marker in ASSISTANT_MARKERS:
-        if context.endswith(marker.rstrip()):
-            context = context[: -len(marker.rstrip())]
-    response = response.strip()
-    changed = True
-    while changed:
-        changed = False
-        for end in END_MARKERS:
-            if response.endswith(end):
-                response = response[: -len(end)].rstrip()
-                changed = True
-    return context.strip(), response
-
 
 class LabelService:
     """Answers the label endpoints for one labeler, cache and batcher."""
@@ -79,6 +35,7 @@ class LabelService:
         self.cache = cache
         self.settings = settings
         self.metrics = metrics
+        self.end_markers = tuple(settings.end_markers)
         self.batcher = MicroBatcher(
             self._run_group,
             max_items=settings.batch_max_items,
@@ -126,12 +83,9 @@ class LabelService:
             )
         prompts = req.prompts or [None] * len(req.query)
         items = []
-        for i, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
-            context, response = split_query(q, p)
-            if not response:
-                raise InvalidInput(
-                    f"query[{i}] has an empty response after splitting off the prompt", field=f"query[{i}]"
-                )
+        for q, p in zip(req.query, prompts, strict=True):
+            # An empty response (the policy emitted only its end-of-turn token) is judged too.
+            context, response = split_query(q, p, self.end_markers)
             items.append({"context": context, "response": response})
         params = {"cot": False, "samples": 1, "seed": 0}
         results, _, _ = await self._label("score", task or self.settings.task, params, items, True)
@@ -151,6 +105,9 @@ class LabelService:
     ) -> tuple[list[dict[str, Any]], dict[str, int], str]:
         """(results in item order, each a fresh dict with `cached` set; usage; task version)."""
         t = self.labeler.task(task)
+        # One canonical transcript per context, responses without end-of-turn markers: the
+        # same dialogue gets the same prompt and cache key whichever framework sent it.
+        items = [normalize_item(it, self.end_markers) for it in items]
         self._check_limits(items, params)
         keys = cache_keys(self.labeler.model_id, t.version, kind, params, items)
         found: list[dict[str, Any] | None] = await self.cache.get_many(keys) if use_cache else [None] * len(items)
@@ -222,8 +179,6 @@ class LabelService:
             )
         for i, it in enumerate(items):
             for name, text in it.items():
-                if name != "context" and not text.strip():
-                    raise InvalidInput(f"items[{i}].{name} is empty", field=f"items[{i}].{name}")
                 if len(text) > s.max_chars:
                     raise InputTooLong(
                         f"items[{i}].{name} has {len(text)} characters, over the limit of {s.max_chars}",

@@ -13,7 +13,6 @@ import redis
 
 from labeler import PairItem, ScoreItem
 from service.protocol import PreferencesResponse, ScoresResponse
-from service.serving import split_query
 from tests.fixtures.load import error_shape_ok
 
 pytestmark = pytest.mark.model
@@ -164,7 +163,6 @@ def test_limits_give_clear_4xx(make_server):
     assert err["param"] == "items[0].response" and "50" in err["message"]
     err = assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"response": "1 " * 20}]}), 422)
     assert err["param"] == "items[0]" and "30" in err["message"]
-    assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"response": " "}]}), 422, "items[0].response")
     assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [ok], "samples": 2}), 422, "samples")
     assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"respons": "typo"}]}), 422)
     assert_error(post(srv, "/v1/scores", {"task": "nope", "items": [ok]}), 422, "task")
@@ -240,39 +238,10 @@ def test_get_reward_openrlhf_contract(live_server, labeler):
     )
     body = resp.json()
     assert resp.status_code == 200 and set(body) == {"rewards", "scores", "extra_logs"}
-    ctx = "<|im_start|>user\nWhat is 2+2?<|im_end|>"  # the assistant marker is template, not context
-    ref = labeler.scores([ScoreItem(ctx, "4"), ScoreItem("Say hi.", "Hello!")], "tiny")
+    # The ChatML prompt is read as its canonical transcript (labeler.chat): one user turn.
+    ref = labeler.scores([ScoreItem("What is 2+2?", "4"), ScoreItem("Say hi.", "Hello!")], "tiny")
     assert body["rewards"] == pytest.approx([r.reward for r in ref], abs=1e-9)
     # Without prompts, the split is at the last assistant marker.
     alone = httpx.post(live_server.url + "/get_reward?task=tiny", json={"query": queries[:1]}, timeout=120).json()
     assert alone["rewards"] == pytest.approx(body["rewards"][:1], abs=1e-9)
     assert_error(httpx.post(live_server.url + "/get_reward", json={"query": ["a"], "prompts": ["a", "b"]}), 422)
-
-
-@pytest.mark.parametrize(
-    ("query", "prompt", "expected"),
-    [
-        ("P: hi A: yo", "P: hi", ("P: hi", "A: yo")),
-        ("<|im_start|>assistant\nyo", "<|im_start|>assistant\n", ("", "yo")),
-        (
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>",
-            None,
-            ("<|im_start|>user\nhi<|im_end|>", "yo"),
-        ),
-        (
-            "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nyo"
-            "<|eot_id|>",
-            None,
-            ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "yo"),
-        ),
-        (
-            "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b",
-            None,
-            ("Human: hi\n\nAssistant: a\n\nHuman: more", "b"),
-        ),
-        ("just text", None, ("", "just text")),
-        ("mismatch yo", "other", ("", "mismatch yo")),
-    ],
-)
-def test_split_query(query, prompt, expected):
-    assert split_query(query, prompt) == expected
