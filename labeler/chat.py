@@ -126,30 +126,32 @@ _LLAMA2_SYS = re.compile(r"\A\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.DOTALL)
 _MISTRAL_SYS = re.compile(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", re.DOTALL)
 
 
+def _markers(end_markers: Iterable[str]) -> tuple[str, ...]:
+    if type(end_markers) is tuple and "" not in end_markers:
+        return end_markers
+    return tuple(m for m in end_markers if m)
+
+
 def _strip_bos(text: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        stripped = text.lstrip()
-        for bos in _BOS:
-            if stripped.startswith(bos):
-                text = stripped[len(bos) :]
-                changed = True
+    stripped = text.lstrip()
+    while stripped.startswith(_BOS):
+        bos = next(b for b in _BOS if stripped.startswith(b))
+        text = stripped = stripped[len(bos) :].lstrip()
     return text
 
 
 def clean_content(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
     """`text` without surrounding whitespace, sequence-start tokens in front, or end-of-turn
-    markers at its end (repeatedly: "Paris.<|im_end|>\\n<|endoftext|>" gives "Paris.")."""
-    markers = tuple(m for m in end_markers if m)
-    text = _strip_bos(text).strip()
-    changed = True
-    while changed:
-        changed = False
-        for marker in markers:
-            if text.endswith(marker):
-                text = text[: -len(marker)].rstrip()
-                changed = True
+    markers at its end (repeatedly: "Paris.<|im_end|>\n<|endoftext|>" gives "Paris.")."""
+    # Runs on every item of every request, cache hits included: the common case (no marker)
+    # costs one tuple-startswith and one tuple-endswith.
+    markers = _markers(end_markers)
+    text = text.strip()
+    if text.startswith(_BOS):
+        text = _strip_bos(text).strip()
+    while markers and text.endswith(markers):
+        marker = next(m for m in markers if text.endswith(m))
+        text = text[: -len(marker)].rstrip()
     return text
 
 
@@ -158,7 +160,7 @@ def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
     markers removed, and an empty reasoning block in front (a template's) dropped. May be
     empty."""
     text = clean_content(text, end_markers)
-    return _EMPTY_THINK.sub("", text, count=1)
+    return _EMPTY_THINK.sub("", text, count=1) if text.startswith("<think>") else text
 
 
 def _role(role: Any) -> str:
@@ -229,7 +231,7 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
     if found is None:
         return None
     turns, ends = found
-    markers = (*ends, *end_markers)
+    markers = (*ends, *_markers(end_markers))
     out = []
     for m in turns:
         role = _CANONICAL_ROLES.get(_role(m["role"]), m["role"].strip().lower())
@@ -242,7 +244,7 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
 
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
     """The canonical transcript of `messages` (see the module docstring)."""
-    markers = tuple(end_markers)
+    markers = _markers(end_markers)
     kept = []
     for m in messages:
         content = m.get("content")
@@ -290,7 +292,7 @@ def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MAR
     """A label item as the labeler reads it: the context as its canonical transcript, each
     response (`response`, `response_a`, `response_b`) cleaned. Values that are neither text
     nor messages are left for the prompt builder to refuse by name."""
-    markers = tuple(end_markers)
+    markers = _markers(end_markers)
     out: dict[str, Any] = {}
     for name, value in item.items():
         if name == "context":

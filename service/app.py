@@ -250,7 +250,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         openapi_extra=body_schema(GetRewardRequest) | {"parameters": [task_param]},
     )
     async def get_reward(request: Request) -> Response:
-        """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
+        """OpenRLHF's remote reward model (`--reward.remote_url`, `--remote_rm_url` up to 0.10.1)."""
         body = await read_body(request, GetRewardRequest)
         reply = await request.app.state.service.get_reward(body, request.query_params.get("task"))
         return FastJSON(reply.model_dump())
