@@ -10,9 +10,11 @@ TRL calls a reward function with keyword arguments: `prompts`, `completions`,
 lists of `{"role", "content"}` messages. It logs rewards under the function's `__name__`,
 turns `None` into NaN ("no reward for this sample"), and awaits `async def` reward
 functions (also a callable object whose `__call__` is a coroutine) on a loop of its own.
-`AsyncGRPOTrainer` computes rewards in a spawned child process, so reward functions must
-pickle: these are callable objects, not closures, and leave their HTTP clients behind when
-pickled (a copy opens its own on first use).
+(TRL up to 1.9 detects coroutine functions with `inspect.iscoroutinefunction`, which sees the
+async callable object only on Python 3.12+.) `AsyncGRPOTrainer` computes rewards in a
+spawned child process, so reward functions must pickle: these are callable objects, not
+closures, and leave their HTTP clients behind when pickled (a copy opens its own on first
+use).
 
 Judges: TRL 0.10 to 1.0 (online DPO, XPO, Nash-MD, `WinRateCallback`) take a `judge=`;
 TRL 1.1 removed judges, and its online DPO takes `reward_funcs` like GRPO.
@@ -21,6 +23,7 @@ TRL 1.1 removed judges, and its online DPO takes `reward_funcs` like GRPO.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 from collections.abc import Sequence
@@ -130,7 +133,7 @@ class AsyncRewardFunction(_Picklable):
     reward functions). One `AsyncClient` per event loop, so it may be awaited from several
     `asyncio.run` calls. Build it with `async_reward_function(...)`."""
 
-    _transient = ("_clients",)
+    _transient = ("_clients", "_is_coroutine_marker")
 
     def __init__(
         self,
@@ -150,6 +153,10 @@ class AsyncRewardFunction(_Picklable):
     def _reset(self) -> None:
         super()._reset()
         self._clients: dict[int, tuple[asyncio.AbstractEventLoop, AsyncClient]] = {}
+        # TRL up to 1.9 asks inspect.iscoroutinefunction(reward_func), which sees a coroutine
+        # callable object only through this mark (Python 3.12+); later TRL checks __call__.
+        if hasattr(inspect, "markcoroutinefunction"):
+            inspect.markcoroutinefunction(self)
 
     def _client_for_loop(self) -> AsyncClient:
         loop = asyncio.get_running_loop()
