@@ -49,6 +49,10 @@ def test_grpo_trains_on_labeler_rewards_with_an_empty_completion(
     checks = out["checks"]  # TRL's own helpers on our callables; they survive pickling
     assert checks["names"] == ["labeler_tiny", "labeler_tiny"] and checks["async"] == [False, True]
     assert checks["pickled"] == ["RewardFunction", "AsyncRewardFunction", "PairwiseJudge"]
-    # The same dialogues as strings with template markup and as messages: the same contexts.
+    # The same dialogues as strings with template markup and as messages: the same token ids
+    # for the policy (same seed, same completions), the same contexts, the same rewards.
+    texts = {m: [[completion_text(c) for c in call["completions"]] for call in out[m]["calls"]] for m in contexts}
+    assert texts["plain"] == texts["conversational"]
+    assert out["plain"]["logged"] == pytest.approx(out["conversational"]["logged"], abs=TOL)
     assert contexts["plain"] == contexts["conversational"]
     assert "System: Answer in one word.\n\nUser: What is the capital of France?" in contexts["plain"]
