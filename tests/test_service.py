@@ -52,7 +52,8 @@ def test_preferences_equal_the_labeler_in_process(live_server, labeler):
     PreferencesResponse.model_validate(r)  # the documented response schema holds
     assert r["model"] == labeler.model_id and r["task_version"] == labeler.task("tiny").version
     for got, want in zip(r["results"], ref, strict=True):
-        assert got["p_a"] == pytest.approx(want.p_a, abs=1e-9) and got["p_a_ba"] == pytest.approx(want.p_a_ba, abs=1e-9)
+        # 1e-5: a result moves with its engine batch-mates by up to ~3e-6 (fp32 padding)
+        assert got["p_a"] == pytest.approx(want.p_a, abs=1e-5) and got["p_a_ba"] == pytest.approx(want.p_a_ba, abs=1e-5)
         assert got["consistent"] == want.consistent and got["cached"] is False
     one = post(live_server, "/v1/preferences", {"task": "tiny", "items": [PAIR], "order": "ab", "cache": False})
     assert one.json()["results"][0]["p_a_ba"] is None and one.json()["results"][0]["consistent"] is None
@@ -63,7 +64,7 @@ def test_scores_and_cot(live_server, labeler):
     ScoresResponse.model_validate(r)
     res = r["results"][0]
     ref = labeler.score("2+2?", "4", "tiny")
-    assert res["distribution"] == pytest.approx(ref.distribution, abs=1e-9) and len(res["distribution"]) == 10
+    assert res["distribution"] == pytest.approx(ref.distribution, abs=1e-5) and len(res["distribution"]) == 10
     assert -1 <= res["reward"] <= 1 and 1 <= res["expected"] <= 10
     cot = post(
         live_server, "/v1/scores", {"task": "tiny", "cot": True, "items": [{"context": "2+2?", "response": "4"}]}
@@ -240,7 +241,7 @@ def test_get_reward_openrlhf_contract(live_server, labeler):
     assert resp.status_code == 200 and set(body) == {"rewards", "scores", "extra_logs"}
     # The ChatML prompt is read as its canonical transcript (labeler.chat): one user turn.
     ref = labeler.scores([ScoreItem("What is 2+2?", "4"), ScoreItem("Say hi.", "Hello!")], "tiny")
-    assert body["rewards"] == pytest.approx([r.reward for r in ref], abs=1e-9)
+    assert body["rewards"] == pytest.approx([r.reward for r in ref], abs=1e-5)
     # Without prompts, the split is at the last assistant marker.
     alone = httpx.post(live_server.url + "/get_reward?task=tiny", json={"query": queries[:1]}, timeout=120).json()
     assert alone["rewards"] == pytest.approx(body["rewards"][:1], abs=1e-9)
