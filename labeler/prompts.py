@@ -18,6 +18,7 @@ template's structure:
   plain text and cannot open or close chat turns;
 - lone surrogates and control characters other than tab, newline and carriage return are
   replaced by U+FFFD.
+An empty response is judged like any other: its block is shown with nothing inside.
 A generated rationale (chain-of-thought) gets the last two steps before the label is read
 after it: the judged text may have led the model to write a special-token string out.
 """
@@ -155,8 +156,9 @@ class PromptBuilder:
         if order not in ("ab", "ba"):
             raise InvalidInput(f"order must be 'ab' or 'ba', got {order!r}", field="order")
         ctx = self._untrusted(context, "context", allow_empty=True)
-        a = self._untrusted(response_a, "response_a")
-        b = self._untrusted(response_b, "response_b")
+        # An empty response is a normal policy output: judged like any other.
+        a = self._untrusted(response_a, "response_a", allow_empty=True)
+        b = self._untrusted(response_b, "response_b", allow_empty=True)
         first, second = (a, b) if order == "ab" else (b, a)
         messages = self._system(task)
         for ex in task.examples:
@@ -173,7 +175,7 @@ class PromptBuilder:
     ) -> Rendered:
         """The direct-score question (1..10) for one response (`tokenize` as for `pairwise`)."""
         ctx = self._untrusted(context, "context", allow_empty=True)
-        resp = self._untrusted(response, "response")
+        resp = self._untrusted(response, "response", allow_empty=True)
         messages = self._system(task)
         for ex in task.score_examples:
             user = self._score_user(task, ex.context, ex.response, cot)

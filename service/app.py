@@ -246,7 +246,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
             Query(description="task name (default: the server's LABELER_TASK)", json_schema_extra=task_names),
         ] = None,
     ) -> GetRewardResponse:
-        """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
+        """OpenRLHF's remote reward model (`--reward.remote_url`, `--remote_rm_url` up to 0.10.1)."""
         return await svc.get_reward(body, task)
 
     @labels.get("/v1/tasks", tags=["meta"])

@@ -30,7 +30,9 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 
 def _loc(loc: tuple) -> str:
-    parts = [p for p in loc if p not in ("body", "query", "path")]
+    """`items[3].response_a` from pydantic's ("body", "items", 3, "response_a"), without the
+    tags pydantic puts in for the branches of a union ("constrained-str", "list[...]")."""
+    parts = [p for p in loc if p not in ("body", "query", "path") and (isinstance(p, int) or p.isidentifier())]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -50,7 +52,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
+        errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+        # A value that fits no branch of a union gets one error per branch; the branch of the
+        # value's own type says what is wrong with it, not the "should be a valid string" of another.
+        first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
         kind = first.get("type", "")
         param = _loc(tuple(p for p in first.get("loc", ()) if not (kind == "json_invalid" and isinstance(p, int))))
         message = f"{param}: {first.get('msg', 'invalid')}"

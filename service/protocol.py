@@ -9,7 +9,7 @@ builds the ones an app validates with, from its settings.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -24,16 +24,31 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# An empty response is a response to judge (a policy that answered nothing), not an error.
+class ChatMessageIn(BaseModel):
+    """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
+    content: str = Field("", max_length=_DEFAULTS.max_chars, description="the turn's text (untrusted)")
+
+
+Context = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
+_CONTEXT = (
+    "the prompt / context (untrusted): text, or chat messages; text that a known chat template laid out "
+    "(ChatML, Llama 3, ...) is parsed into messages; either way the labeler reads the canonical transcript"
+)
+_RESPONSE = "(untrusted); trailing end-of-turn markers are stripped; may be empty (judged as an empty response)"
+
+
 class PairItemIn(_Body):
-    context: str = Field("", max_length=_DEFAULTS.max_chars, description="the prompt / context both responses answer")
-    response_a: str = Field(..., max_length=_DEFAULTS.max_chars, description="first response (untrusted)")
-    response_b: str = Field(..., max_length=_DEFAULTS.max_chars, description="second response (untrusted)")
+    context: Context = Field("", description=_CONTEXT)
+    response_a: str = Field(..., max_length=_DEFAULTS.max_chars, description="first response " + _RESPONSE)
+    response_b: str = Field(..., max_length=_DEFAULTS.max_chars, description="second response " + _RESPONSE)
 
 
 class ScoreItemIn(_Body):
-    context: str = Field("", max_length=_DEFAULTS.max_chars, description="the prompt / context the response answers")
-    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score (untrusted)")
+    context: Context = Field("", description=_CONTEXT)
+    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
 
 
 class _Options(_Body):
@@ -76,18 +91,20 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     def text(default: Any, what: str) -> Any:
         return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
 
+    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=text("", "the turn's text (untrusted)"))
+    context = (
+        Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
+        Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),
+    )
     pair = create_model(
         "PairItemIn",
         __base__=PairItemIn,
-        context=text("", "the prompt / context both responses answer (untrusted)"),
-        response_a=text(..., "first response (untrusted)"),
-        response_b=text(..., "second response (untrusted)"),
+        context=context,
+        response_a=text(..., "first response " + _RESPONSE),
+        response_b=text(..., "second response " + _RESPONSE),
     )
     single = create_model(
-        "ScoreItemIn",
-        __base__=ScoreItemIn,
-        context=text("", "the prompt / context the response answers (untrusted)"),
-        response=text(..., "the response to score (untrusted)"),
+        "ScoreItemIn", __base__=ScoreItemIn, context=context, response=text(..., "the response to score " + _RESPONSE)
     )
     options: dict[str, Any] = {
         "task": (str, Field(..., description="task name (GET /v1/tasks)", json_schema_extra={"enum": sorted(tasks)})),

@@ -10,6 +10,7 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from labeler import InputTooLong, InvalidInput, Labeler, LabelSpec, PairItem, ScoreItem
+from labeler.chat import normalize_item, split_query
 from labeler.core import Prepared
 
 from .batcher import MicroBatcher
@@ -30,51 +31,6 @@ from .settings import Settings
 
 log = logging.getLogger("service.serving")
 
-# Where a policy's chat template starts the assistant's turn, newest-first formats last:
-# the response is what follows the last marker found. ChatML (Qwen, SmolLM), Llama 3,
-# Mistral/Llama 2, Gemma, Anthropic HH transcripts.
-ASSISTANT_MARKERS = (
-    "<|im_start|>assistant\n",
-    "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "[/INST]",
-    "<start_of_turn>model\n",
-    "\n\nAssistant:",
-)
-END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<end_of_turn>")
-
-
-def split_query(query: str, prompt: str | None) -> tuple[str, str]:
-    """(context, response) of an OpenRLHF query (prompt + response).
-
-    1. With the request's `prompts[i]` and the query starting with it: the rest is the response
-       (a trailing assistant-turn marker of the prompt is dropped from the context).
-    2. Otherwise at the last assistant-turn marker of a known chat template.
-    3. Otherwise the whole query is the response, with an empty context.
-    Trailing end-of-turn tokens are stripped from the response.
-    """
-    if prompt and query.startswith(prompt):
-        context, response = prompt, query[len(prompt) :]
-    else:
-        cut = max(((query.rfind(m), m) for m in ASSISTANT_MARKERS), key=lambda x: x[0])
-        if cut[0] >= 0:
-            context, response = query[: cut[0]], query[cut[0] + len(cut[1]) :]
-        else:
-            context, response = "", query
-    # A prompt that ends by opening the assistant's turn: the marker is template, not context.
-    context = context.rstrip()
-    for marker in ASSISTANT_MARKERS:
-        if context.endswith(marker.rstrip()):
-            context = context[: -len(marker.rstrip())]
-    response = response.strip()
-    changed = True
-    while changed:
-        changed = False
-        for end in END_MARKERS:
-            if response.endswith(end):
-                response = response[: -len(end)].rstrip()
-                changed = True
-    return context.strip(), response
-
 
 class LabelService:
     """Answers the label endpoints for one labeler, cache and batcher."""
@@ -84,6 +40,7 @@ class LabelService:
         self.cache = cache
         self.settings = settings
         self.metrics = metrics
+        self.end_markers = tuple(settings.end_markers)
         self.batcher = MicroBatcher(
             self._run_group,
             max_items=settings.batch_max_items,
@@ -100,7 +57,7 @@ class LabelService:
     # -- endpoints ---------------------------------------------------------------------------
     async def preferences(self, req: PreferencesRequest) -> PreferencesResponse:
         spec = self._spec("pairwise", req.task, order=req.order, cot=req.cot, samples=req.samples, seed=req.seed)
-        items = [PairItem(it.context, it.response_a, it.response_b) for it in req.items]
+        items = [PairItem(**self._normalize(it.model_dump())) for it in req.items]
         values, usage = await self._label(spec, items, req.cache)
         results = [PreferenceOut(**v, rationale=_first(v["rationales"])) for v in values]
         return PreferencesResponse(
@@ -109,7 +66,7 @@ class LabelService:
 
     async def scores(self, req: ScoresRequest) -> ScoresResponse:
         spec = self._spec("score", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
-        items = [ScoreItem(it.context, it.response) for it in req.items]
+        items = [ScoreItem(**self._normalize(it.model_dump())) for it in req.items]
         values, usage = await self._label(spec, items, req.cache)
         results = [ScoreOut(**v, rationale=_first(v["rationales"])) for v in values]
         return ScoresResponse(
@@ -122,7 +79,8 @@ class LabelService:
                 f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", field="prompts"
             )
         prompts = req.prompts or [None] * len(req.query)
-        items = [ScoreItem(*split_query(q, p)) for q, p in zip(req.query, prompts, strict=True)]
+        # An empty response (the policy emitted only its end-of-turn token) is judged too.
+        items = [ScoreItem(*split_query(q, p, self.end_markers)) for q, p in zip(req.query, prompts, strict=True)]
         spec = self._spec("score", task or self.settings.task)
         values, _ = await self._label(spec, items, True, where="query")
         rewards = [v["reward"] for v in values]
@@ -136,6 +94,11 @@ class LabelService:
         )
 
     # -- the shared path ------------------------------------------------------------------------
+    def _normalize(self, item: dict[str, Any]) -> dict[str, str]:
+        """One canonical transcript per context, responses without end-of-turn markers: the
+        same dialogue gets the same prompt and cache key whichever framework sent it."""
+        return normalize_item(item, self.end_markers)
+
     def _spec(self, kind: str, task: str, **params: Any) -> LabelSpec:
         if params.get("samples", 1) > self.settings.max_samples:  # the request models say so too
             raise InputTooLong(

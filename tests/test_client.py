@@ -122,7 +122,7 @@ def test_trl_reward_function_called_like_grpo_trainer(live_server, labeler):
     completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]
     # GRPOTrainer passes keywords, completion ids and the dataset's other columns.
     rewards = fn(prompts=prompts, completions=completions, completion_ids=[[33], [34]], answer=["4", "4"])
-    context = "system: Be brief.\n\nuser: 2+2?"
+    context = "System: Be brief.\n\nUser: 2+2?"  # the service's canonical transcript
     want = [labeler.score(context, r, "tiny").reward for r in ("4", "5")]
     assert rewards == pytest.approx(want, abs=1e-4)
     plain = fn(prompts=["2+2?"], completions=["4"])
@@ -145,7 +145,7 @@ def test_pairwise_judge(live_server, labeler):
     scores = judge.judge(prompts, completions, return_scores=True)
     want = [labeler.preference(p, a, b, "tiny").p_a for p, (a, b) in zip(prompts, completions, strict=True)]
     assert scores == pytest.approx(want, abs=1e-4)
-    assert judge.judge(prompts, completions) == [0 if s >= 0.5 else 1 for s in scores]
+    assert judge.judge(prompts, completions) == [0 if s > 0.5 else 1 for s in scores]  # TRL's tie rule
 
 
 def test_verl_compute_score(live_server, labeler, monkeypatch):
@@ -153,7 +153,7 @@ def test_verl_compute_score(live_server, labeler, monkeypatch):
 
     monkeypatch.setenv("LABELER_URL", live_server.url)
     monkeypatch.setenv("LABELER_TASK", "tiny")
-    monkeypatch.setattr(verl, "_client", None)
+    monkeypatch.setattr(verl, "_clients", {})
     r = verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"prompt": "2+2?"})
     assert r == pytest.approx(labeler.score("2+2?", "It is 4.", "tiny").reward, abs=1e-4)
     batch = verl.compute_score_batch(["gsm8k"] * 2, ["It is 4.", "4"], ["4", "4"], [{"prompt": "2+2?"}, None])

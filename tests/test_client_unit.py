@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import pickle
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -15,6 +16,7 @@ import labeler_client as lc
 import pytest
 from labeler_client import _batching, verl
 from labeler_client._config import parse_retry_after
+from labeler_client._text import completion_text, context_value
 from labeler_client.testing import FakeLabeler, fake_reward
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
@@ -333,28 +335,33 @@ def test_fake_answers_in_the_servers_wire_shapes():
 
 
 # -- adapters: input normalization -------------------------------------------------------------------------
-def test_as_text_plain_and_conversational():
-    assert lc.as_text("hi") == "hi"
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
-    assert lc.as_text(msgs) == "system: Be brief.\n\nuser: 2+2?"
+def test_contexts_go_on_the_wire_as_text_or_messages():
+    """The client renders no transcript: the service does, in one place (labeler.chat)."""
+    assert context_value("hi") == "hi"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?", "name": "x"}]
+    assert context_value(msgs) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    assert lc.as_text(parts) == "user: What is it?"
+    assert context_value(parts) == [{"role": "user", "content": "What is it?"}]
+    assert context_value(tuple(msgs[:1])) == msgs[:1]  # any iterable of messages (a numpy object array too)
     completion = [{"role": "assistant", "content": "4"}, {"role": "tool", "content": "x"}]
-    assert lc.as_text(completion, role="assistant") == "4"
-    assert lc.as_text([{"content": "no role"}], role="assistant") == "no role"
-    assert lc.as_text({"role": "assistant", "content": None}, role="assistant") == ""
+    assert completion_text(completion) == "4"
+    assert completion_text([{"content": "no role"}]) == "no role"
+    assert completion_text({"role": "assistant", "content": None}) == ""
+    assert completion_text("") == ""  # an empty completion goes out as it is
     with pytest.raises(TypeError):
-        lc.as_text(42)  # type: ignore[arg-type]
+        context_value(42)  # type: ignore[arg-type]
 
 
 def test_trl_reward_function_takes_grpo_trainers_keyword_call():
     fake = FakeLabeler()
     fn = reward_function(URL, task="tiny", transport=fake.transport())
-    assert fn.__name__ == "labeler_tiny" and not inspect.iscoroutinefunction(fn)
-    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]] * 2
-    completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]
-    got = fn(prompts=prompts, completions=completions, completion_ids=[[1], [2]], answer=["4", "4"], trainer_state=None)
-    assert got == [fake_reward("system: Be brief.\n\nuser: 2+2?", r) for r in ("4", "5")]
+    assert fn.__name__ == "labeler_tiny" and not inspect.iscoroutinefunction(fn.__call__)
+    dialogue = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": ""}]]
+    columns = {"completion_ids": [[1], [2]], "answer": ["4", "4"], "trainer_state": None}
+    got = fn(prompts=[dialogue] * 2, completions=completions, **columns)
+    assert got == [fake_reward(json.dumps(dialogue, sort_keys=True), r) for r in ("4", "")]
+    assert json.loads(fake.requests[-1].content)["items"][0]["context"] == dialogue  # messages on the wire
     assert fn(prompts=["2+2?"], completions=["4"]) == [fake_reward("2+2?", "4")]
     assert fn(completions=["4"]) == [fake_reward("", "4")]
     with pytest.raises(ValueError):
@@ -374,11 +381,37 @@ def test_trl_reward_function_none_on_failure_only_when_asked():
 def test_trl_async_reward_function_across_event_loops():
     fake = FakeLabeler()
     fn = async_reward_function(URL, task="tiny", transport=fake.async_transport())
-    assert inspect.iscoroutinefunction(fn) and fn.__name__ == "labeler_tiny"
+    assert inspect.iscoroutinefunction(fn.__call__) and fn.__name__ == "labeler_tiny"
     for _ in range(2):  # a fresh loop each time, as asyncio.run makes
         assert asyncio.run(fn(prompts=["2+2?"], completions=[[{"role": "assistant", "content": "4"}]])) == [
             fake_reward("2+2?", "4")
         ]
+
+
+def test_reward_functions_and_judges_pickle():
+    """TRL's AsyncGRPOTrainer sends reward functions to a spawned process."""
+    fake = FakeLabeler()
+    client = lc.Client("http://labeler.test:9", api_key="k", batch_size=7, transport=fake.transport())
+    for made in (
+        reward_function(URL, task="tiny", name="mine", api_key="k2", batch_size=3),
+        reward_function(task="tiny", client=client),
+        async_reward_function(URL, task="tiny", max_concurrency=2),
+        PairwiseJudge(URL, task="tiny", client=client),
+    ):
+        if hasattr(made, "client"):
+            made.client  # noqa: B018 - open the client: it must stay behind
+        copy = pickle.loads(pickle.dumps(made))
+        assert (
+            type(copy) is type(made)
+            and copy.task == "tiny"
+            and copy._client_opts == {k: v for k, v in made._client_opts.items() if k != "transport"}
+        )
+        assert getattr(copy, "__name__", None) == getattr(made, "__name__", None)
+    copy = pickle.loads(pickle.dumps(reward_function(task="tiny", client=client)))
+    assert (copy.client.base_url, copy.client.api_key, copy.client.batch_size) == ("http://labeler.test:9", "k", 7)
+    fn = reward_function(URL, task="tiny", transport=fake.transport())
+    fn(prompts=["p"], completions=["c"])
+    assert pickle.loads(pickle.dumps(fn))._client is None  # reopened lazily in the copy
 
 
 def test_pairwise_judge():
@@ -388,28 +421,56 @@ def test_pairwise_judge():
     pairs = [("An apple.", "A chair."), ["5", "4"], ["Hello!", "Hello!"]]  # OnlineDPO passes tuples
     scores = judge.judge(prompts, pairs, return_scores=True)
     assert all(0 <= s <= 1 for s in scores) and scores[2] == pytest.approx(0.5)
-    assert judge.judge(prompts, pairs, shuffle_order=False) == [0 if s >= 0.5 else 1 for s in scores]
+    # TRL's soft-judge rule: 0 if score > 0.5 else 1 (a tie goes to the second)
+    assert judge.judge(prompts, pairs, shuffle_order=False) == [0 if s > 0.5 else 1 for s in scores]
+    assert judge.judge(["Hi"], [["Hello!", "Hello!"]]) == [1]
+    assert judge.judge(["Q"], [["", "An answer."]], return_scores=True)[0] != 0.5  # an empty one is judged
     with pytest.raises(ValueError):
         judge.judge(["p"], [["only one"]])
     failing = FakeLabeler(max_chars=3)
     soft = PairwiseJudge(URL, task="tiny", on_error="none", transport=failing.transport(), retry=NO_WAIT)
     assert soft.judge(["p", "p"], [["a", "b"], ["a", "too long"]])[1] == -1
-    assert soft.judge(["p"], [["a", "too long"]], return_scores=True) == [None]
+    assert soft.judge(["p"], [["a", "too long"]], return_scores=True) == [0.5]  # never None
 
 
 def test_verl_compute_score_and_batch(monkeypatch):
     fake = FakeLabeler()
-    monkeypatch.setattr(verl, "_client", lc.Client(URL, transport=fake.transport()))
+    monkeypatch.setitem(verl._clients, (None, None), lc.Client(URL, transport=fake.transport()))
     monkeypatch.setenv("LABELER_TASK", "tiny")
     assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"question": "2+2?"}) == fake_reward(
         "2+2?", "It is 4."
     )
     assert verl.compute_score(data_source="x", solution_str="s", ground_truth=None) == fake_reward("", "s")
+    assert verl.compute_score(data_source="x", solution_str="", ground_truth=None) == fake_reward("", "")
+    messages = [{"role": "user", "content": "2+2?"}]
+    assert verl.compute_score("x", "4", extra_info={"prompt": messages}) == fake_reward(
+        json.dumps(messages, sort_keys=True), "4"
+    )
+    # verl merges reward_kwargs into the call: known keys work, an unknown one is an error
+    assert verl.compute_score("x", "4", task="general", reward_router_address=None) == fake_reward("", "4")
+    assert json.loads(fake.requests[-1].content)["task"] == "general"
+    with pytest.raises(TypeError, match="tsak"):
+        verl.compute_score("x", "4", tsak="helpful")
     extras = [{"prompt": "a"}, {"prompt": "b", "labeler_task": "general"}, None]
+    before = len(fake.requests)
     got = verl.compute_score_batch(["d"] * 3, ["x", "y", "z"], [None] * 3, extras)
     assert got == [fake_reward("a", "x"), fake_reward("b", "y"), fake_reward("", "z")]
-    bodies = [r.content for r in fake.requests]
-    assert len(bodies) == 4 and sum(b'"task":"general"' in b for b in bodies) == 1  # grouped by task
+    bodies = [r.content for r in fake.requests[before:]]
+    assert len(bodies) == 2 and sum(b'"task":"general"' in b for b in bodies) == 1  # grouped by task
+
+
+def test_verl_takes_the_server_from_reward_kwargs():
+    fake = FakeLabeler()
+    verl._clients[("http://from-kwargs.test", "k")] = lc.Client(
+        "http://from-kwargs.test", "k", transport=fake.transport()
+    )
+    try:
+        assert verl.compute_score("x", "4", base_url="http://from-kwargs.test", api_key="k", task="tiny") == (
+            fake_reward("", "4")
+        )
+        assert fake.requests[-1].url.host == "from-kwargs.test"
+    finally:
+        del verl._clients[("http://from-kwargs.test", "k")]
 
 
 def test_sync_client_works_inside_a_running_event_loop():

@@ -4,8 +4,9 @@
     client = Client("http://127.0.0.1:8000")              # or LABELER_URL / LABELER_API_KEY
     client.rewards(prompts, completions, task="helpful")  # -> list[float] in [-1, 1]
 
-Adapters: `labeler_client.trl` (GRPO reward functions, pairwise judge), `labeler_client.verl`
-(`compute_score`); fake server for tests: `labeler_client.testing`.
+Prompts may be text or chat messages: the service renders every context into one canonical
+transcript. Adapters: `labeler_client.trl` (reward functions, pairwise judge),
+`labeler_client.verl` (`compute_score`); fake server for tests: `labeler_client.testing`.
 """
 
 from ._client import AsyncClient, Client
@@ -24,7 +25,6 @@ from ._exceptions import (
     TimeoutException,
 )
 from ._models import Health, Preference, Score, TaskInfo
-from ._text import as_text
 
 __version__ = "0.1.0"
 
@@ -50,5 +50,4 @@ __all__ = [
     "TaskInfo",
     "Timeout",
     "TimeoutException",
-    "as_text",
 ]

@@ -44,8 +44,14 @@ def fake_reward(context: str, response: str) -> float:
     return round(int.from_bytes(digest[:4], "big") / 2**32 * 2 - 1, 6)
 
 
+def _context(item: dict[str, Any]) -> str:
+    """The context as text: chat messages as their JSON (the fake renders no transcript)."""
+    context = item.get("context", "")
+    return context if isinstance(context, str) else json.dumps(context, sort_keys=True)
+
+
 def _score(item: dict[str, Any]) -> dict[str, Any]:
-    reward = fake_reward(item.get("context", ""), item["response"])
+    reward = fake_reward(_context(item), item["response"])
     expected = reward * 4.5 + 5.5
     low = min(9, int(expected) - 1)
     frac = expected - (low + 1)
@@ -55,7 +61,7 @@ def _score(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _preference(item: dict[str, Any], order: str) -> dict[str, Any]:
-    ctx = item.get("context", "")
+    ctx = _context(item)
     p_a = 1 / (1 + math.exp(-4 * (fake_reward(ctx, item["response_a"]) - fake_reward(ctx, item["response_b"]))))
     ab = p_a if order in ("both", "ab") else None
     ba = p_a if order in ("both", "ba") else None
