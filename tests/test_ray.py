@@ -60,6 +60,7 @@ def serve_app(ray_cluster, ray_driver, redis_server, ray_figures) -> ServeApp:
         "ray cluster",
         nodes=ray_cluster.nodes,
         cluster_start_s=ray_cluster.start_s,
+        ray_start_commands=ray_cluster.start_tries,
         deploy_to_2_running_s=time.monotonic() - t0,
         replica_start_s=" ".join(f"{s:.1f}" for s in app.replica_start_s()),
         cluster_rss_gib=ray_cluster.rss() / 1024**3,
@@ -318,7 +319,7 @@ def test_autoscaling_follows_the_load(serve_app, ray_figures):
                 "target_ongoing_requests": 1,
                 "upscale_delay_s": 1,
                 "downscale_delay_s": 5,
-                "look_back_period_s": 3,
+                "look_back_period_s": 12,
             }
         }
     )
