@@ -33,7 +33,8 @@ $(VENV)/.installed: pyproject.toml
 
 test-deps: $(VENV)/.test-installed
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test,datasets]' -e ./clients $(QUIET)
+	# Ray Serve ([ray]) for the Ray cluster tests; `make run` never installs it.
+	$(BIN)/pip install -q -e '.[test,datasets,ray]' -e ./clients $(QUIET)
 	# redis-server for the cache tests, docker-compose (the CLI only) to validate the compose
 	# files, wrk for `make bench` (P3).
 	command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v wrk >/dev/null || \

@@ -134,7 +134,12 @@ class Gate:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return self._too_large()
-        if self.keys and scope["path"].startswith(self.PROTECTED):
+        # The path under the app's mount point: behind a route prefix (Ray Serve's, or a
+        # proxy's root_path) the ASGI path still starts with the prefix.
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        if self.keys and path.startswith(self.PROTECTED):
             scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
             ok = False
             if scheme.lower() == b"bearer" and given.strip():

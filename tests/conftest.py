@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.fixtures.reliability",
     "tests.fixtures.prompts",
     "tests.fixtures.frameworks",
+    "tests.fixtures.ray",
 ]
