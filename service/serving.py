@@ -79,8 +79,11 @@ class LabelService:
                 f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", field="prompts"
             )
         prompts = req.prompts or [None] * len(req.query)
-        # An empty response (the policy emitted only its end-of-turn token) is judged too.
-        items = [ScoreItem(*split_query(q, p, self.end_markers)) for q, p in zip(req.query, prompts, strict=True)]
+        items = []
+        for q, p in zip(req.query, prompts, strict=True):
+            # An empty response (the policy emitted only its end-of-turn token) is judged too.
+            context, response = split_query(q, p, self.end_markers)
+            items.append(ScoreItem(**self._normalize({"context": context, "response": response})))
         spec = self._spec("score", task or self.settings.task)
         values, _ = await self._label(spec, items, True, where="query")
         rewards = [v["reward"] for v in values]
