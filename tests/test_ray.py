@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 import redis
 import yaml
-from labeler_client import Client, LabelerError, Preference, Retry, Score
+from labeler_client import Client, LabelerClientError, Preference, Retry, Score
 
 from labeler import PairItem, ScoreItem
 from service.cache import cache_keys
@@ -166,13 +166,13 @@ def reward_worker(ray_driver):
 
     @ray.remote(num_cpus=0)
     def work(items: list[dict[str, str]], pairs: list[dict[str, str]]) -> dict[str, Any]:
-        from labeler_client import AsyncClient, Client, LabelerError
+        from labeler_client import AsyncClient, Client, LabelerClientError
         from labeler_client.ray import AsyncServeTransport, ServeTransport
 
         def error(call) -> tuple[str, int, str, str | None]:
             try:
                 call()
-            except LabelerError as e:
+            except LabelerClientError as e:
                 return type(e).__name__, e.status, e.type, e.param
             raise AssertionError("no error")
 
@@ -207,10 +207,10 @@ def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
         http_prefs = client.preferences(PAIR_ITEMS, "tiny", cache=False)
         http_errors = []
         for call in (lambda: client.scores(SCORE_ITEMS, "nope"), lambda: client.scores(SCORE_ITEMS * 5, "tiny")):
-            with pytest.raises(LabelerError) as e:
+            with pytest.raises(LabelerClientError) as e:
                 call()
             http_errors.append((type(e.value).__name__, e.value.status, e.value.type, e.value.param))
-    with Client(serve_app.url) as anonymous, pytest.raises(LabelerError) as e:
+    with Client(serve_app.url) as anonymous, pytest.raises(LabelerClientError) as e:
         anonymous.tasks()
     http_errors.append((type(e.value).__name__, e.value.status, e.value.type, e.value.param))
 
@@ -244,7 +244,7 @@ class Load:
                 item = {"context": f"{self.tag} {i}-{n}", "response": "A fairly short answer to judge."}
                 try:
                     result = client.scores([item], "tiny", cache=False)
-                except LabelerError as error:
+                except LabelerClientError as error:
                     with self._lock:
                         self.calls[f"{type(error).__name__} {getattr(error, 'status', '')}".strip()] += 1
                         self.failures.append(str(error))
