@@ -10,8 +10,14 @@ import labeler_client as lc
 import pytest
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
+from labeler import ScoreItem
+from tests.fixtures.load import RecordingTransport
+from tests.fixtures.reliability import Tally, questions
+from tests.fixtures.wait import wait_for
+
 pytestmark = pytest.mark.model
 FAST = lc.Retry(max_retries=8, backoff=0.05, max_backoff=1.0)
+OUTAGE_S = 1.0  # how long the restart test keeps the server down (pacing the scenario)
 
 
 def score_items(n: int, tag: str) -> list[dict[str, str]]:
@@ -50,26 +56,42 @@ async def test_async_client_same_surface(live_server):
         assert len(await client.rewards(["a", "b"], ["c", "d"], task="tiny")) == 2
 
 
-def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server):
+def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server, labeler):
     srv = make_server()
-    items = score_items(8, "restart")
-    client = lc.Client(srv.url, batch_size=1, max_concurrency=1, retry=FAST)
+    items = questions(8, "restart")
+    ref = [r.distribution for r in labeler.scores([ScoreItem(**it) for it in items], "tiny")]
+    transport = RecordingTransport()
+    # Retries enough to outlast a restart on a busy machine.
+    client = lc.Client(
+        srv.url,
+        batch_size=1,
+        max_concurrency=1,
+        transport=transport,
+        retry=lc.Retry(max_retries=60, backoff=0.05, max_backoff=1.0),
+    )
+    cut: list[float] = []  # stopped, ready again (monotonic)
 
     def bounce():
-        time.sleep(0.3)
-        srv.stop()
-        time.sleep(1.0)
+        wait_for(lambda: transport.answered(), 120, "the batch's first answer")
+        cut.append(time.monotonic())
+        srv.stop()  # graceful: the request in flight is answered first
+        time.sleep(OUTAGE_S)
         srv.start()
+        cut.append(time.monotonic())
 
     t = threading.Thread(target=bounce)
     t.start()
     got = client.scores(items, "tiny", cache=False)
     t.join()
-    assert len(got) == 8 and all(s is not None for s in got)
-    # Exactly once each, in order: every result matches its own item's labels.
-    again = client.scores(items, "tiny", cache=False)
-    for g, a in zip(got, again, strict=True):
-        assert g.distribution == pytest.approx(a.distribution, abs=1e-4)
+    client.close()
+    # The restart landed mid-batch: answers before it, refused requests while down, answers after.
+    stopped, ready = cut
+    assert transport.answered(until=stopped) and transport.failed(stopped, ready) and transport.answered(ready)
+    # Exactly once each, in order: every result is its own item's, and one answer per item.
+    tally = Tally()
+    tally.add([g.distribution if g is not None else None for g in got], ref)
+    assert tally.exact, tally
+    assert transport.answered() == len(items)
 
 
 async def test_429_is_retried_after_retry_after(make_server):
