@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from bench.bench_core import POSTS, SUMMARIES
 from bench.common import Result
@@ -93,30 +98,61 @@ def dialogue_pairs(n: int, salt: str) -> list[PairItem]:
 WORKLOADS = {"short": (summarize_pairs, "summarize"), "long": (dialogue_pairs, "helpful")}
 
 
-async def pairs_per_second(lab: Labeler, items: list[PairItem], task: str, batch: int) -> float:
+@dataclass
+class Side:
+    """One side of a comparison: a labeler and, for the CPU account, the processes that do
+    its frontend work (render, send, receive) and its engine work (vLLM's engine core and
+    workers; none for the transformers engine, which computes in this process)."""
+
+    lab: Labeler
+    frontend: list[psutil.Process] = field(default_factory=lambda: [psutil.Process()])
+    engine: list[psutil.Process] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    pairs_per_s: float
+    frontend_cpu: float  # CPU seconds per pair
+    engine_cpu: float
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def measure(side: Side, items: list[PairItem], task: str, batch: int) -> Run:
+    cpu0 = cpu_seconds(side.frontend), cpu_seconds(side.engine)
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
-        await lab.apreferences(items[i : i + batch], task)
-    return len(items) / (time.perf_counter() - t0)
+        await side.lab.apreferences(items[i : i + batch], task)
+    wall = time.perf_counter() - t0
+    n = len(items)
+    return Run(n / wall, (cpu_seconds(side.frontend) - cpu0[0]) / n, (cpu_seconds(side.engine) - cpu0[1]) / n)
 
 
 async def alternate(
-    a: Labeler, b: Labeler, workload: str, rounds: int, n: int, batch: int, tag: str
-) -> list[tuple[float, float]]:
-    """(a pairs/s, b pairs/s) per round; a goes first in odd rounds, b in even ones."""
+    a: Side, b: Side, workload: str, rounds: int, n: int, batch: int, tag: str
+) -> list[tuple[Run, Run]]:
+    """(a's run, b's run) per round on the same fresh pairs; a goes first in even rounds,
+    b in odd ones."""
     make, task = WORKLOADS[workload]
-    await a.apreferences(make(2, f"{tag}-warm"), task)
-    await b.apreferences(make(2, f"{tag}-warm"), task)
+    await a.lab.apreferences(make(2, f"{tag}-warm"), task)
+    await b.lab.apreferences(make(2, f"{tag}-warm"), task)
     out = []
     for r in range(rounds):
         items = make(n, f"{tag}-{r}")
         if r % 2 == 0:
-            sa = await pairs_per_second(a, items, task, batch)
-            sb = await pairs_per_second(b, items, task, batch)
+            ra = await measure(a, items, task, batch)
+            rb = await measure(b, items, task, batch)
         else:
-            sb = await pairs_per_second(b, items, task, batch)
-            sa = await pairs_per_second(a, items, task, batch)
-        out.append((sa, sb))
+            rb = await measure(b, items, task, batch)
+            ra = await measure(a, items, task, batch)
+        out.append((ra, rb))
     return out
 
 
@@ -126,13 +162,24 @@ def prompt_tokens(lab: Labeler, workload: str) -> int:
     return len(lab.render_pairwise(task, item.context, item.response_a, item.response_b).prompt_token_ids)
 
 
-def median_ratio(rounds: list[tuple[float, float]]) -> float:
-    return statistics.median(a / b for a, b in rounds)
+def median_ratio(rounds: list[tuple[Run, Run]]) -> float:
+    return statistics.median(a.pairs_per_s / b.pairs_per_s for a, b in rounds)
 
 
-def describe(rounds: list[tuple[float, float]], a: str, b: str) -> str:
-    per = ", ".join(f"{x:.2f} / {y:.2f}" for x, y in rounds)
+def describe(rounds: list[tuple[Run, Run]], a: str, b: str) -> str:
+    per = ", ".join(f"{x.pairs_per_s:.2f} / {y.pairs_per_s:.2f}" for x, y in rounds)
     return f"median of {len(rounds)} alternating rounds ({a} / {b} pairs/s: {per})"
+
+
+def cpu_account(rounds: list[tuple[Run, Run]], a: str, b: str) -> str:
+    def med(f: Callable[[Run], float], i: int) -> float:
+        return statistics.median(f(r[i]) for r in rounds)
+
+    return (
+        f"CPU seconds per pair, medians ({a} / {b}): frontend {med(lambda r: r.frontend_cpu, 0):.3f} / "
+        f"{med(lambda r: r.frontend_cpu, 1):.3f}, vLLM engine core and worker {med(lambda r: r.engine_cpu, 0):.2f} / "
+        f"{med(lambda r: r.engine_cpu, 1):.2f}"
+    )
 
 
 async def run_e1(args: argparse.Namespace) -> list[Result]:
@@ -141,18 +188,19 @@ async def run_e1(args: argparse.Namespace) -> list[Result]:
     from labeler.engines.vllm_engine import VLLMEngine
 
     model = resolve_model(args.model)
-    tf = Labeler(TransformersEngine(model))
-    tokens = {w: prompt_tokens(tf, w) for w in WORKLOADS}
+    tf = Side(Labeler(TransformersEngine(model)))
+    tokens = {w: prompt_tokens(tf.lab, w) for w in WORKLOADS}
     results = []
     for binding in ("unbound", "bound"):
         env = {THREADS_BIND_ENV: "auto"} if binding == "unbound" else {}
         with scoped_environ(env):
             engine = VLLMEngine(model, kv_cache_memory_bytes=KV_CACHE, max_num_seqs=args.max_num_seqs)
         bind = engine.env.get(THREADS_BIND_ENV, "auto")
+        vllm = Side(Labeler(engine), engine=psutil.Process().children(recursive=True))
         try:
             for workload in ("short", "long"):
                 n = args.pairs if workload == "short" else args.long_pairs
-                rounds = await alternate(Labeler(engine), tf, workload, args.rounds, n, args.batch, f"e1{binding}")
+                rounds = await alternate(vllm, tf, workload, args.rounds, n, args.batch, f"e1{binding}")
                 results.append(
                     Result(
                         f"E1 {workload} {binding}",
@@ -186,9 +234,14 @@ async def run_e2(args: argparse.Namespace) -> list[Result]:
         server.wait_ready(timeout=900)
         remote = VLLMRemoteEngine([server.url], model, timeout=3600)  # a starved CPU is slow, not down
         try:
-            lab_local, lab_remote = Labeler(local), Labeler(remote)
-            tokens = prompt_tokens(lab_local, "long")
-            rounds = await alternate(lab_local, lab_remote, "long", args.rounds, args.long_pairs, args.batch, "e2")
+            assert server.proc is not None
+            api = psutil.Process(server.proc.pid)
+            theirs = {api.pid} | {p.pid for p in api.children(recursive=True)}
+            ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in theirs]
+            in_process = Side(Labeler(local), engine=ours)
+            over_http = Side(Labeler(remote), frontend=[psutil.Process(), api], engine=api.children(recursive=True))
+            tokens = prompt_tokens(in_process.lab, "long")
+            rounds = await alternate(in_process, over_http, "long", args.rounds, args.long_pairs, args.batch, "e2")
         finally:
             await local.aclose()
             await remote.aclose()
@@ -203,7 +256,8 @@ async def run_e2(args: argparse.Namespace) -> list[Result]:
             "higher",
             detail=f"{args.long_pairs} HH-style pairs a round in calls of {args.batch}, ~{tokens} prompt tokens per "
             f"order, against `labeler vllm-server` with the same engine arguments; "
-            f"{describe(rounds, 'in-process', 'remote')}",
+            f"{describe(rounds, 'in-process', 'remote')}; {cpu_account(rounds, 'in-process', 'remote')} (frontend: "
+            "this process, plus the API server for remote)",
         )
     ]
 

@@ -240,10 +240,16 @@ def test_kv_cache_that_cannot_fit_is_refused_before_vllm_starts(model_dir):
         VLLMEngine(model_dir, kv_cache_memory_bytes="1000G")
     with pytest.raises(ModelLoadError, match=r"gpu_memory_utilization=1.0 reserves"):
         VLLMEngine(model_dir, gpu_memory_utilization=1.0)  # more than is ever free
-    cmd = [sys.executable, "-m", "labeler.cli", "vllm-server", "embedded", "--kv-cache-memory-bytes", "1000G"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error: kv_cache_memory_bytes=1073741824000") and "Traceback" not in proc.stderr
+    # The commands say it in one line, exit status 2.
+    for command in (
+        ["vllm-server", "embedded", "--kv-cache-memory-bytes", "1000G"],
+        ["serve", "--engine", "vllm", "--engine-arg", "kv_cache_memory_bytes=1000G"],
+    ):
+        cmd = [sys.executable, "-m", "labeler.cli", *command]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error: kv_cache_memory_bytes=1073741824000 (1000.00 GiB)"), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
 
 
 def test_given_args_reads_vllm_flags():

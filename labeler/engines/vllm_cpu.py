@@ -64,6 +64,16 @@ def on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def check_start(model: str | os.PathLike[str] | None, engine_args: Mapping[str, Any]) -> None:
+    """Raise now what creating the in-process engine with `engine_args` would raise before
+    vLLM starts (no vLLM, a KV cache or memory share that cannot fit), so that a command can
+    report it as one line instead of from inside a server's start-up."""
+    from ..models import resolve_model
+
+    if on_cpu():
+        cpu_defaults(resolve_model(model), {k: parse_size(v) for k, v in engine_args.items()})
+
+
 def cpu_defaults(
     model_dir: str | Path, given: Mapping[str, Any], environ: Mapping[str, str] = os.environ
 ) -> CPUDefaults:
