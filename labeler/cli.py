@@ -25,7 +25,7 @@ from .errors import InvalidInput, LabelerError
 
 # Modules that add subcommands; imported when the parser is built. `service.cli` is
 # imported by name so that the core package itself never imports the HTTP stack.
-COMMAND_MODULES = ("labeler.commands_batch", "service.cli")
+COMMAND_MODULES = ("labeler.commands_batch", "labeler.commands_vllm", "service.cli")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -107,6 +107,12 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = settings_from_args(args)
+    if settings.engine == "vllm":
+        # What vLLM would refuse inside the app's start-up (a traceback), as one line now.
+        from labeler.engines import parse_engine_args
+        from labeler.engines.vllm_cpu import check_start
+
+        check_start(settings.model, parse_engine_args(settings.engine_args))
     logging.config.dictConfig(log_config(settings.log_level))
     uvicorn.run(
         create_app(settings),
