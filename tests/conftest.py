@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.vllm",
     "tests.fixtures.reliability",
     "tests.fixtures.prompts",
+    "tests.fixtures.docker",
 ]
