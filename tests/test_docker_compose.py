@@ -68,7 +68,7 @@ def start_labeler(stack, figures, name: str, up: Callable[[], object]) -> str:
 def box(make_stack, docker_figures):
     """The one-box stack, up and healthy (cold: fresh containers and a fresh Redis volume)."""
     stack = make_stack("docker-compose.yml")
-    start_labeler(stack, docker_figures, "compose up (cold) → labeler healthy", stack.up)
+    start_labeler(stack, docker_figures, "compose up (new containers, empty volume) → labeler healthy", stack.up)
     return stack
 
 
@@ -188,7 +188,7 @@ def test_docker_stop_lets_an_in_flight_request_finish(box, live_server, docker_f
     """SIGTERM while a request computes: uvicorn stops taking connections, finishes the
     request, and exits 0 within the stop grace period. (The last test here: it leaves the
     labeler stopped.)"""
-    items = [{"context": f"Question {i}: what is {i} + {i}?", "response": f"It is {2 * i}."} for i in range(4)]
+    items = [{"context": "Question: what is 7 + 7?", "response": "It is 14."}]
     with lc.Client(live_server.url, timeout=300) as ref:
         want = ref.scores(items, TASK, cache=False)
     [cid] = box.containers("labeler")
