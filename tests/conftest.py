@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.prompts",
     "tests.fixtures.frameworks",
     "tests.fixtures.ray",
+    "tests.fixtures.docker",
 ]
