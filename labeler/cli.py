@@ -4,7 +4,7 @@
     labeler prefer --task T --context C --response-a A --response-b B [--order both|ab|ba] [--cot]
     labeler score  --task T --context C --response R [--cot]
     labeler judge  --task T --context C --response R [--cot]   (the task's yes/no question)
-    labeler render --task T --kind pairwise|score|judgment ... [--order ab|ba] [--cot]
+    labeler render --task T --kind pairwise|score|judgment ... [--order ab|ba] [--cot] [--input items.jsonl]
 
 More commands are registered by other modules (see COMMAND_MODULES): each exposes
 `register(subparsers)` and sets `func` on its parsers. Every command takes `--json`.
@@ -19,13 +19,14 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .errors import LabelerError
+from .errors import InvalidInput, LabelerError
 
 # Modules that add subcommands; imported when the parser is built. `service.cli` is
 # imported by name so that the core package itself never imports the HTTP stack.
-COMMAND_MODULES = ("labeler.commands_batch", "service.cli")
+COMMAND_MODULES = ("labeler.commands_batch", "labeler.commands_vllm", "service.cli")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("LABELER_VLLM_URLS"),
         help="comma-separated `vllm serve` base URLs, for --engine vllm-remote [LABELER_VLLM_URLS]",
     )
-    g.add_argument(
+    add_tasks_option(g)
+
+
+def add_tasks_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--tasks-dir, defaulting to LABELER_TASKS_DIR (as the server reads it)."""
+    p.add_argument(
         "--tasks-dir",
         action="append",
         default=[d for d in os.environ.get("LABELER_TASKS_DIR", "").split(os.pathsep) if d],
@@ -72,21 +78,10 @@ def load_tasks(args: argparse.Namespace):
 def build_labeler(args: argparse.Namespace):
     """A Labeler for the model options in `args` (see `add_model_options`)."""
     from .core import Labeler
-    from .engines import load_engine
+    from .engines import engine_options, load_engine
 
-    return Labeler(load_engine(args.engine, args.model, **engine_options(args)), load_tasks(args))
-
-
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine options given by `add_model_options`' flags."""
-    from .engines import parse_engine_args
-
-    options = parse_engine_args(args.engine_arg)
-    if args.engine == "transformers":
-        options.setdefault("device", args.device)
-    if args.engine == "vllm-remote" and args.vllm_urls:
-        options.setdefault("urls", args.vllm_urls)
-    return options
+    options = engine_options(args.engine, device=args.device, engine_args=args.engine_arg, vllm_urls=args.vllm_urls)
+    return Labeler(load_engine(args.engine, args.model, **options), load_tasks(args))
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -156,22 +151,59 @@ def _cmd_judge(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    lab = build_labeler(args)
-    if args.kind == "pairwise":
-        if args.response_a is None or args.response_b is None:
-            raise SystemExit("render --kind pairwise needs --response-a and --response-b")
-        r = lab.render_pairwise(
-            args.task, args.context, args.response_a, args.response_b, order=args.order, cot=args.cot
-        )
+    from .models import resolve_model
+    from .prompts import prompt_builder
+
+    builder = prompt_builder(resolve_model(args.model))  # the tokenizer and config only, no weights
+    task = load_tasks(args).get(args.task)
+    if args.input:
+        items = [_render_item(args.kind, f"{args.input}:{n}", rec) for n, rec in _jsonl(args.input)]
     else:
-        if args.response is None:
-            raise SystemExit(f"render --kind {args.kind} needs --response")
-        render = lab.render_score if args.kind == "score" else lab.render_judgment
-        r = render(args.task, args.context, args.response, cot=args.cot)
-    data = r.to_dict()
-    cands = ", ".join(f"{c['label']!r}={c['token_ids']}" for c in data["candidates"])
-    emit(args, data, f"{r.prompt}\n\n[{len(r.prompt_token_ids)} prompt tokens; candidates: {cands}]")
+        fields = {"context": args.context, "response_a": args.response_a, "response_b": args.response_b}
+        if args.kind != "pairwise":
+            fields = {"context": args.context, "response": args.response}
+        missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if v is None]
+        if missing:
+            raise SystemExit(f"render --kind {args.kind} needs {' and '.join(missing)} (or --input FILE.jsonl)")
+        items = [fields]
+    for it in items:
+        if args.kind == "pairwise":
+            r = builder.pairwise(
+                task, it["context"], it["response_a"], it["response_b"], order=args.order, cot=args.cot
+            )
+        else:
+            render = builder.score if args.kind == "score" else builder.judgment
+            r = render(task, it["context"], it["response"], cot=args.cot)
+        data = r.to_dict()
+        if args.json:
+            # One JSON object per line, so a file of items renders to a JSONL file.
+            print(json.dumps(data, ensure_ascii=False))
+        else:
+            cands = ", ".join(f"{c['label']!r}={c['token_ids']}" for c in data["candidates"])
+            print(f"{r.prompt}\n\n[{len(r.prompt_token_ids)} prompt tokens; candidates: {cands}]\n")
     return 0
+
+
+def _jsonl(path: str) -> list[tuple[int, Any]]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc}", field="input") from None
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise InvalidInput(f"{path}:{n}: not JSON ({exc.msg})", field="input") from None
+    return out
+
+
+def _render_item(kind: str, where: str, rec: Any) -> dict[str, str]:
+    need = ("response_a", "response_b") if kind == "pairwise" else ("response",)
+    if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in need):
+        raise InvalidInput(f"{where}: a {kind} item needs the text fields {', '.join(need)} (and optionally context)")
+    return {"context": rec.get("context", ""), **{k: rec[k] for k in need}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tasks", help="list tasks with their versions")
-    p.add_argument("--tasks-dir", action="append", default=[], help="a directory of extra task files")
+    add_tasks_option(p)
     add_json_option(p)
     p.set_defaults(func=_cmd_tasks)
 
@@ -212,11 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1)
     p.set_defaults(func=_cmd_judge)
 
-    p = labeled("render", "show exactly what the engine is given (prompt, token ids, candidates)")
+    p = labeled("render", "show exactly what the engine is given (prompt, token ids, candidates); reads no weights")
     p.add_argument("--kind", choices=["pairwise", "score", "judgment"], required=True)
     p.add_argument("--response-a")
     p.add_argument("--response-b")
     p.add_argument("--response")
+    p.add_argument("--input", help="a JSONL file of items to render, one JSON object per line (--json: JSONL out)")
     p.add_argument("--order", choices=["ab", "ba"], default="ab")
     p.add_argument("--cot", action="store_true")
     p.set_defaults(func=_cmd_render)

@@ -148,6 +148,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
         params = make_params(
             backend,
             args.task,
+            kind="score" if args.scores else "pairwise",
             order="both" if args.scores else args.order,
             cot=args.cot,
             samples=args.samples,
@@ -314,7 +315,7 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
     policies = [collect(f, with_id, split=args.split, skip_invalid=args.skip_invalid, summary=summary) for f in inputs]
 
     async def body(backend: Backend) -> int:
-        params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
+        params = make_params(backend, args.task, kind="judgment", cot=args.cot, samples=args.samples, seed=args.seed)
         question = backend.labeler.task(args.task).judgment_question.strip()
         if not question:
             raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")

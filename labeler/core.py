@@ -12,24 +12,48 @@ Every batch method makes one batched engine call per stage (one `score` call, pl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+import math
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypeVar
+from dataclasses import fields as _fields
+from typing import Any, TypeVar
 
 from . import scoring
 from .engines.base import Engine, GenerateRequest, ScoreRequest
 from .errors import InputTooLong, InvalidInput
-from .prompts import PromptBuilder, Rendered
+from .prompts import PromptBuilder, Rendered, clean_text
+from .spec import KINDS, MAX_GROUP_SIZE, MAX_SAMPLES, MAX_SEED, LabelSpec, OrderArg
 from .tasks import Task, TaskRegistry
 
 T = TypeVar("T")
-OrderArg = Literal["both", "ab", "ba"]
+# One prepared question per read: (ab,) / (ba,) / (ab, ba) for a pair or a reference reward,
+# (q,) for a score or a judgment, the N (N - 1) ordered comparisons of a group.
+Prepared = tuple[Rendered, ...]
+LABELS = {
+    "pairwise": scoring.PAIRWISE_LABELS,
+    "score": scoring.SCORE_LABELS,
+    "judgment": scoring.JUDGMENT_LABELS,
+    "reference": scoring.PAIRWISE_LABELS,
+    "group": scoring.PAIRWISE_LABELS,
+}
 
-MAX_SAMPLES = 16
-# Group-relative rewards compare every ordered pair: N (N - 1) prompts for a group of N.
-MAX_GROUP_SIZE = 32
-# Engines seed a 64-bit generator (torch, vLLM): larger seeds would fail inside the engine.
-MAX_SEED = 2**63 - 1
+__all__ = [
+    "MAX_GROUP_SIZE",
+    "MAX_SAMPLES",
+    "MAX_SEED",
+    "GroupItem",
+    "GroupRewards",
+    "JudgmentResult",
+    "Labeler",
+    "PairItem",
+    "Prepared",
+    "PreferenceResult",
+    "ReferenceItem",
+    "ReferenceReward",
+    "ScoreItem",
+    "ScoreResult",
+]
 
 
 @dataclass(frozen=True)
@@ -135,7 +159,7 @@ class GroupItem:
     """The N completions of one prompt (a GRPO group), to be rewarded relative to each other."""
 
     context: str
-    responses: Sequence[str]
+    responses: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -169,7 +193,14 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class Labeler:
-    """Renders tasks, asks the engine, and turns log-probs into labels."""
+    """Renders tasks, asks the engine, and turns log-probs into labels.
+
+    Rendering and tokenizing run on one thread of the labeler's own (`prepare`), never on
+    the caller's event loop: a server's cache hits must not wait behind the rendering of a
+    large miss batch. One long-lived thread, not a pool: every extra thread that tokenizes
+    gets its own malloc arena, and a server's memory grew by ~100 MiB per busy wave with a
+    pool (tests/test_reliability_overload.py watches this).
+    """
 
     def __init__(
         self,
@@ -184,6 +215,7 @@ class Labeler:
         self.prompts = PromptBuilder(engine.tokenizer, max_prompt_tokens=engine.max_model_len)
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
+        self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labeler-render")
 
     @property
     def model_id(self) -> str:
@@ -194,6 +226,34 @@ class Labeler:
         if not isinstance(name, str):
             raise InvalidInput(f"task must be a string, got {type(name).__name__}", field="task")
         return self.tasks.get(name)
+
+    def spec(
+        self,
+        kind: str,
+        task: str,
+        *,
+        order: OrderArg = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+    ) -> LabelSpec:
+        """The validated `LabelSpec` of a question of `kind` on `task` with these parameters
+        (this labeler's model, task version, sampling temperature and rationale length)."""
+        if kind not in KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, got {kind!r}", field="kind")
+        return LabelSpec.build(
+            kind,
+            task=task,
+            task_version=self.task(task).version,
+            model=self.model_id,
+            labels=LABELS[kind],
+            order=order,
+            cot=cot,
+            samples=samples,
+            seed=seed,
+            temperature=self.temperature,
+            max_rationale_tokens=self.max_rationale_tokens,
+        )
 
     # -- rendering (also what `labeler render` shows) ------------------------------------
     def render_pairwise(
@@ -217,31 +277,127 @@ class Labeler:
         """Exactly what the engine reads for a yes/no judgment."""
         return self.prompts.judgment(self.task(task), context, response, cot=cot)
 
-    # -- batch API ---------------------------------------------------------------------------
-    async def apreferences(
+    # -- the two stages: prepare (render, tokenize, check) and run (engine, math) ------------
+    async def in_render_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the labeler's rendering thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._render, fn, *args)
+
+    async def aprepare(
         self,
-        items: Sequence[PairItem],
-        task: str,
+        spec: LabelSpec,
+        items: Sequence[Any],
         *,
-        order: OrderArg = "both",
-        cot: bool = False,
-        samples: int = 1,
-        seed: int = 0,
+        where: Sequence[int] | None = None,
+        max_item_tokens: int | None = None,
+        name: str = "items",
+    ) -> list[Prepared]:
+        """Render and tokenize every item's prompts on the rendering thread, checking every
+        limit: after this, an item can only fail in the engine. Errors name item `i` as
+        `<name>[where[i]]` (`items[7].response_a`); `max_item_tokens` caps the tokens of an
+        item's own texts."""
+        return await self.in_render_thread(self.prepare, spec, items, where, max_item_tokens, name)
+
+    def prepare(
+        self,
+        spec: LabelSpec,
+        items: Sequence[Any],
+        where: Sequence[int] | None = None,
+        max_item_tokens: int | None = None,
+        name: str = "items",
+    ) -> list[Prepared]:
+        """Blocking `aprepare` (on the caller's thread)."""
+        t = self.task(spec.task)
+        if t.version != spec.task_version or spec.model != self.model_id:
+            raise InvalidInput(f"the spec was built for {spec.model} / task version {spec.task_version}", field="task")
+        where = list(range(len(items))) if where is None else list(where)
+        at = [f"{name}[{w}]" for w in where]
+        coerce = _COERCE[spec.kind]
+        items = [coerce(it, at[i]) for i, it in enumerate(items)]
+        if max_item_tokens is not None:
+            self._check_item_tokens(items, at, max_item_tokens)
+        drafts: list[Rendered] = []
+        owners: list[str] = []
+        sizes: list[int] = []
+        for i, it in enumerate(items):
+            mine = self._drafts(spec, t, it, at[i])
+            drafts += mine
+            owners += [at[i]] * len(mine)
+            sizes.append(len(mine))
+        rendered = iter(self.prompts.tokenize_many(drafts, owners))
+        return [tuple(next(rendered) for _ in range(n)) for n in sizes]
+
+    def _drafts(self, spec: LabelSpec, t: Task, it: Any, at: str) -> list[Rendered]:
+        """The untokenized prompts of one item under `spec`, in the order `arun` reads them."""
+        cot = spec.cot
+        if spec.kind == "pairwise":
+            args = (t, it.context, it.response_a, it.response_b)
+            orders = _orders(spec.order)
+            return [_at(at, self.prompts.pairwise, *args, order=o, cot=cot, tokenize=False) for o in orders]
+        if spec.kind == "reference":
+            # The response is shown as A, the reference as B: errors name the caller's fields.
+            args = (t, it.context, it.response, it.reference)
+            names = {"response_a": "response", "response_b": "reference"}
+            return [
+                _at(at, self.prompts.pairwise, *args, order=o, cot=cot, tokenize=False, names=names)
+                for o in _orders(spec.order)
+            ]
+        if spec.kind == "group":
+            # All comparisons of a group share one fence tag (drawn over the whole group), so their
+            # prompts agree up to the first response, and they are listed first-response-major,
+            # so each first response heads N - 1 consecutive prompts: the engine's prefix tree
+            # computes the preamble and context once per group, each first response once.
+            tag = _at(at, self.prompts.group_tag, it.context, it.responses)
+            out = []
+            for i, j in _ordered_pairs(len(it.responses)):
+                names = {"response_a": f"responses[{i}]", "response_b": f"responses[{j}]"}
+                args = (t, it.context, it.responses[i], it.responses[j])
+                out.append(_at(at, self.prompts.pairwise, *args, cot=cot, tokenize=False, tag=tag, names=names))
+            return out
+        if spec.kind == "judgment":
+            return [_at(at, self.prompts.judgment, t, it.context, it.response, cot=cot, tokenize=False)]
+        return [_at(at, self.prompts.score, t, it.context, it.response, cot=cot, tokenize=False)]
+
+    def _check_item_tokens(self, items: Sequence[Any], where: Sequence[str], limit: int) -> None:
+        """The per-item token limit, over the item's own texts (one tokenizer call for all)."""
+        per_item = [_texts(it) for it in items]
+        texts = [clean_text(text, n, allow_empty=True) for named in per_item for n, text in named]
+        ids = iter(self.engine.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        for i, named in enumerate(per_item):
+            n_tokens = sum(len(next(ids)) for _ in named)
+            if n_tokens > limit:
+                raise InputTooLong(
+                    f"{where[i]} has {n_tokens} tokens, over the limit of {limit}", field=where[i], limit=limit
+                )
+
+    async def arun(self, spec: LabelSpec, prepared: Sequence[Prepared]) -> list[Any]:
+        """Results for prepared items, in order: one batched engine call per stage (one
+        `score` call, after one `generate` call with chain-of-thought)."""
+        flat = [r for p in prepared for r in p]
+        dists, masses, rationales = await self._label(flat, spec)
+        if spec.kind == "pairwise":
+            return self._preferences(spec, len(prepared), dists, masses, rationales)
+        if spec.kind == "reference":
+            return [_reference_reward(p) for p in self._preferences(spec, len(prepared), dists, masses, rationales)]
+        if spec.kind == "group":
+            return _group_results(spec, prepared, dists, masses, rationales)
+        result = _judgment_result if spec.kind == "judgment" else _score_result
+        return [result(d, masses[k], rationales[k] if rationales is not None else None) for k, d in enumerate(dists)]
+
+    async def alabel(self, spec: LabelSpec, items: Sequence[Any]) -> list[Any]:
+        """Results for `items` under `spec`, in order (`aprepare`, then `arun`)."""
+        return await self.arun(spec, await self.aprepare(spec, items))
+
+    def _preferences(
+        self,
+        spec: LabelSpec,
+        n: int,
+        dists: list[dict[str, float]],
+        masses: list[float],
+        rationales: list[list[str]] | None,
     ) -> list[PreferenceResult]:
-        """Preferences for many pairs, in item order."""
-        t = self.task(task)
-        orders = _orders(order)
-        _check_sampling(cot, samples, seed)
-        items = [_pair(it, i) for i, it in enumerate(items)]
-        drafts = [
-            _at(i, self.prompts.pairwise, t, it.context, it.response_a, it.response_b, order=o, cot=cot, tokenize=False)
-            for i, it in enumerate(items)
-            for o in orders
-        ]
-        rendered = self.prompts.tokenize_many(drafts, [i for i in range(len(items)) for _ in orders])
-        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
+        orders = _orders(spec.order)
         results = []
-        for i in range(len(items)):
+        for i in range(n):
             per: dict[str, float] = {}
             mass: dict[str, float] = {}
             rats: dict[str, list[str]] = {}
@@ -260,63 +416,36 @@ class Labeler:
                     p_a_ba=pref.p_a_ba,
                     consistent=pref.consistent,
                     label_mass=mass,
-                    rationales=rats if cot else None,
+                    rationales=rats if spec.cot else None,
                 )
             )
         return results
+
+    # -- batch API ---------------------------------------------------------------------------
+    async def apreferences(
+        self,
+        items: Sequence[PairItem],
+        task: str,
+        *,
+        order: OrderArg = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+    ) -> list[PreferenceResult]:
+        """Preferences for many pairs, in item order."""
+        return await self.alabel(self.spec("pairwise", task, order=order, cot=cot, samples=samples, seed=seed), items)
 
     async def ascores(
         self, items: Sequence[ScoreItem], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0
     ) -> list[ScoreResult]:
         """Direct scores for many responses, in item order."""
-        t = self.task(task)
-        _check_sampling(cot, samples, seed)
-        items = [_score_item(it, i) for i, it in enumerate(items)]
-        drafts = [
-            _at(i, self.prompts.score, t, it.context, it.response, cot=cot, tokenize=False)
-            for i, it in enumerate(items)
-        ]
-        rendered = self.prompts.tokenize_many(drafts, range(len(items)))
-        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
-        results = []
-        for k, dist in enumerate(dists):
-            s = scoring.expected_score(dist)
-            results.append(
-                ScoreResult(
-                    distribution=[dist[label] for label in scoring.SCORE_LABELS],
-                    expected=s,
-                    reward=scoring.score_to_reward(s),
-                    label_mass=masses[k],
-                    rationales=rationales[k] if rationales is not None else None,
-                )
-            )
-        return results
+        return await self.alabel(self.spec("score", task, cot=cot, samples=samples, seed=seed), items)
 
     async def ajudgments(
         self, items: Sequence[ScoreItem], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0
     ) -> list[JudgmentResult]:
         """Yes/no judgments (the task's `judgment_question`) of many responses, in item order."""
-        t = self.task(task)
-        _check_sampling(cot, samples, seed)
-        items = [_score_item(it, i) for i, it in enumerate(items)]
-        drafts = [
-            _at(i, self.prompts.judgment, t, it.context, it.response, cot=cot, tokenize=False)
-            for i, it in enumerate(items)
-        ]
-        rendered = self.prompts.tokenize_many(drafts, range(len(items)))
-        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
-        results = []
-        for k, dist in enumerate(dists):
-            p_yes, p_no = scoring.judgment_probabilities(dist)
-            results.append(
-                JudgmentResult(
-                    p_yes=p_yes,
-                    p_no=p_no,
-                    label_mass=masses[k],
-                    rationales=rationales[k] if rationales is not None else None,
-                )
-            )
-        return results
+        return await self.alabel(self.spec("judgment", task, cot=cot, samples=samples, seed=seed), items)
 
     async def areference_rewards(
         self,
@@ -330,104 +459,37 @@ class Labeler:
     ) -> list[ReferenceReward]:
         """Pairwise rewards against a reference: 2 P(response preferred over reference) - 1,
         read in both orders by default, in item order (one engine call per stage)."""
-        refs = [_reference_item(it, i) for i, it in enumerate(items)]
-        try:
-            prefs = await self.apreferences(
-                [PairItem(r.context, r.response, r.reference) for r in refs],
-                task,
-                order=order,
-                cot=cot,
-                samples=samples,
-                seed=seed,
-            )
-        except InvalidInput as exc:
-            # Name the caller's fields, not the pair's.
-            field = (exc.field or "").replace(".response_a", ".response").replace(".response_b", ".reference")
-            message = str(exc).replace("response_a", "response").replace("response_b", "reference")
-            raise type(exc)(message, field=field or None, **_limit(exc)) from None
-        return [
-            ReferenceReward(
-                reward=scoring.reference_reward(p.p_a),
-                p_win=p.p_a,
-                p_win_ab=p.p_a_ab,
-                p_win_ba=p.p_a_ba,
-                consistent=p.consistent,
-                label_mass=p.label_mass,
-                rationales=p.rationales,
-            )
-            for p in prefs
-        ]
+        spec = self.spec("reference", task, order=order, cot=cot, samples=samples, seed=seed)
+        return await self.alabel(spec, items)
 
     async def agroup_rewards(
         self, groups: Sequence[GroupItem], task: str, *, cot: bool = False, samples: int = 1, seed: int = 0
     ) -> list[GroupRewards]:
         """Group-relative rewards: within each group, every completion is compared with every
         other in both orders (N (N - 1) reads), and gets its centred mean win probability
-        (`scoring.group_rewards`). All groups go to the engine in one call per stage.
-
-        Layout for prefix sharing: the comparisons of a group share one fence tag (drawn over
-        the whole group), so their prompts agree up to the first response, and they are
-        listed first-response-major, so each first response heads N - 1 consecutive prompts:
-        the engine's prefix tree computes the preamble and context once per group and each
-        first response once per group."""
-        t = self.task(task)
-        _check_sampling(cot, samples, seed)
-        groups = [_group_item(g, i) for i, g in enumerate(groups)]
-        drafts: list[Rendered] = []
-        where: list[int] = []
-        for gi, g in enumerate(groups):
-            tag = _at_group(gi, 0, 0, self.prompts.group_tag, g.context, g.responses)
-            n = len(g.responses)
-            for i, j in _ordered_pairs(n):
-                r_i, r_j = g.responses[i], g.responses[j]
-                drafts.append(
-                    _at_group(gi, i, j, self.prompts.pairwise, t, g.context, r_i, r_j, cot=cot, tokenize=False, tag=tag)
-                )
-                where.append(gi)
-        rendered = self.prompts.tokenize_many(drafts, where, name="groups")
-        dists, masses, rationales = await self._label(rendered, cot, samples, seed)
-        results = []
-        k = 0
-        for g in groups:
-            n = len(g.responses)
-            q = [[0.5] * n for _ in range(n)]
-            rats: list[list[list[str] | None]] = [[None] * n for _ in range(n)]
-            for i, j in _ordered_pairs(n):
-                q[i][j] = dists[k]["1"]
-                if rationales is not None:
-                    rats[i][j] = rationales[k]
-                k += 1
-            rw = scoring.group_rewards(q)
-            m = n * (n - 1)
-            agree = [(q[i][j] - 0.5) * (q[j][i] - 0.5) < 0 for i in range(n) for j in range(i + 1, n)]
-            results.append(
-                GroupRewards(
-                    rewards=rw.rewards,
-                    win_rate=rw.win_rate,
-                    p_win=rw.p_win,
-                    label_mass=sum(masses[k - m : k]) / m,
-                    consistency=sum(agree) / len(agree),
-                    rationales=rats if cot else None,
-                )
-            )
-        return results
+        (`scoring.group_rewards`). All groups go to the engine in one call per stage, laid out
+        so that the engine shares each group's prompt prefix. Errors name `groups[i]`."""
+        spec = self.spec("group", task, cot=cot, samples=samples, seed=seed)
+        return await self.arun(spec, await self.aprepare(spec, groups, name="groups"))
 
     async def _label(
-        self, rendered: list[Rendered], cot: bool, samples: int, seed: int
+        self, rendered: list[Rendered], spec: LabelSpec
     ) -> tuple[list[dict[str, float]], list[float], list[list[str]] | None]:
         """Label distributions for rendered questions: one score call, after one
         generate call with chain-of-thought. Returns (distributions, masses, rationales)."""
         if not rendered:
             return [], [], None
-        if not cot:
+        if not spec.cot:
             reads = rendered
             groups = [[k] for k in range(len(rendered))]
             rationales = None
         else:
-            temperature = self.temperature if samples > 1 else 0.0
+            samples = spec.samples
+            temperature = spec.temperature if samples > 1 else 0.0
+            max_tokens = spec.max_rationale_tokens or self.max_rationale_tokens
             gens = await self.engine.generate(
                 [
-                    GenerateRequest(r.prompt_token_ids, self.max_rationale_tokens, temperature, samples, seed)
+                    GenerateRequest(r.prompt_token_ids, max_tokens, temperature or 0.0, samples, spec.seed or 0)
                     for r in rendered
                 ]
             )
@@ -437,7 +499,7 @@ class Labeler:
                 groups.append(list(range(len(drafts), len(drafts) + len(texts))))
                 drafts.extend(self.prompts.after_rationale(r, text, tokenize=False) for text in texts)
                 rationales.append(texts)
-            reads = self.prompts.tokenize_many(drafts, None)
+            reads = await self.in_render_thread(self.prompts.tokenize_many, drafts, None)
         queries = scoring.label_queries(reads[0].labels)
         answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
         per_read = [scoring.label_distribution(r.labels, a) for r, a in zip(reads, answers, strict=True)]
@@ -493,15 +555,20 @@ class Labeler:
         return _run(self.agroup_rewards(groups, task, **kwargs))
 
 
-def _at(i: int, fn: Any, *args: Any, **kwargs: Any) -> Rendered:
-    """Render item `i`, naming it in any input error (`items[3].response_a`)."""
+def _at(where: str, fn: Any, *args: Any, names: dict[str, str] | None = None, **kwargs: Any) -> Any:
+    """Render one item, naming it in any input error as `where` (`items[3].response_a`);
+    `names` renames the renderer's fields to the item's (`response_b` -> `reference`)."""
     try:
         return fn(*args, **kwargs)
     except InputTooLong as exc:
-        raise InputTooLong(f"items[{i}]: {exc}", field=f"items[{i}]", limit=exc.limit) from None
+        raise InputTooLong(f"{where}: {exc}", field=where, limit=exc.limit) from None
     except InvalidInput as exc:
-        field = f"items[{i}].{exc.field}" if exc.field else f"items[{i}]"
-        raise InvalidInput(f"items[{i}]: {exc}", field=field) from None
+        message, sub = str(exc), exc.field
+        for old, new in (names or {}).items():
+            message = message.replace(old, new)
+            sub = new if sub == old else sub
+        field = f"{where}.{sub}" if sub else where
+        raise InvalidInput(f"{where}: {message}", field=field) from None
 
 
 def _orders(order: object) -> tuple[str, ...]:
@@ -512,37 +579,67 @@ def _orders(order: object) -> tuple[str, ...]:
     raise InvalidInput(f"order must be 'both', 'ab' or 'ba', got {order!r}", field="order")
 
 
-def _check_sampling(cot: object, samples: object, seed: object = 0) -> None:
-    if not isinstance(cot, bool):
-        raise InvalidInput("cot must be true or false", field="cot")
-    if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= MAX_SAMPLES:
-        raise InvalidInput(f"samples must be an integer from 1 to {MAX_SAMPLES}", field="samples")
-    if samples > 1 and not cot:
-        raise InvalidInput("samples > 1 (self-consistency) needs cot=true: it samples rationales", field="samples")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
+def _score_result(dist: dict[str, float], mass: float, rationales: list[str] | None) -> ScoreResult:
+    s = scoring.expected_score(dist)
+    return ScoreResult(
+        distribution=[dist[label] for label in scoring.SCORE_LABELS],
+        expected=s,
+        reward=scoring.score_to_reward(s),
+        label_mass=mass,
+        rationales=rationales,
+    )
 
 
-def _pair(item: object, i: int) -> PairItem:
-    if isinstance(item, PairItem):
-        return item
-    if isinstance(item, dict):
-        try:
-            return PairItem(item["context"], item["response_a"], item["response_b"])
-        except KeyError as exc:
-            raise InvalidInput(f"items[{i}] lacks {exc.args[0]!r}", field=f"items[{i}].{exc.args[0]}") from None
-    raise InvalidInput(f"items[{i}] must be a PairItem or a mapping", field=f"items[{i}]")
+def _judgment_result(dist: dict[str, float], mass: float, rationales: list[str] | None) -> JudgmentResult:
+    p_yes, p_no = scoring.judgment_probabilities(dist)
+    return JudgmentResult(p_yes=p_yes, p_no=p_no, label_mass=mass, rationales=rationales)
 
 
-def _score_item(item: object, i: int) -> ScoreItem:
-    if isinstance(item, ScoreItem):
-        return item
-    if isinstance(item, dict):
-        try:
-            return ScoreItem(item["context"], item["response"])
-        except KeyError as exc:
-            raise InvalidInput(f"items[{i}] lacks {exc.args[0]!r}", field=f"items[{i}].{exc.args[0]}") from None
-    raise InvalidInput(f"items[{i}] must be a ScoreItem or a mapping", field=f"items[{i}]")
+def _reference_reward(p: PreferenceResult) -> ReferenceReward:
+    """The response was shown as A and the reference as B: P(A preferred) is its win probability."""
+    return ReferenceReward(
+        reward=scoring.reference_reward(p.p_a),
+        p_win=p.p_a,
+        p_win_ab=p.p_a_ab,
+        p_win_ba=p.p_a_ba,
+        consistent=p.consistent,
+        label_mass=p.label_mass,
+        rationales=p.rationales,
+    )
+
+
+def _group_results(
+    spec: LabelSpec,
+    prepared: Sequence[Prepared],
+    dists: list[dict[str, float]],
+    masses: list[float],
+    rationales: list[list[str]] | None,
+) -> list[GroupRewards]:
+    results = []
+    k = 0
+    for p in prepared:
+        n = (1 + math.isqrt(1 + 4 * len(p))) // 2  # a group of N has N (N - 1) comparisons
+        q = [[0.5] * n for _ in range(n)]
+        rats: list[list[list[str] | None]] = [[None] * n for _ in range(n)]
+        for i, j in _ordered_pairs(n):
+            q[i][j] = dists[k]["1"]
+            if rationales is not None:
+                rats[i][j] = rationales[k]
+            k += 1
+        rw = scoring.group_rewards(q)
+        m = len(p)
+        agree = [(q[i][j] - 0.5) * (q[j][i] - 0.5) < 0 for i in range(n) for j in range(i + 1, n)]
+        results.append(
+            GroupRewards(
+                rewards=rw.rewards,
+                win_rate=rw.win_rate,
+                p_win=rw.p_win,
+                label_mass=sum(masses[k - m : k]) / m,
+                consistency=sum(agree) / len(agree),
+                rationales=rats if spec.cot else None,
+            )
+        )
+    return results
 
 
 def _ordered_pairs(n: int) -> list[tuple[int, int]]:
@@ -551,50 +648,75 @@ def _ordered_pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(n) if i != j]
 
 
-def _at_group(g: int, i: int, j: int, fn: Any, *args: Any, **kwargs: Any) -> Rendered:
-    """Render comparison (i, j) of group `g`, naming the group's fields in any input error
-    (`groups[2].responses[1]`)."""
-    try:
-        return fn(*args, **kwargs)
-    except InputTooLong as exc:
-        raise InputTooLong(f"groups[{g}]: {exc}", field=f"groups[{g}]", limit=exc.limit) from None
-    except InvalidInput as exc:
-        names = {"response_a": f"responses[{i}]", "response_b": f"responses[{j}]"}
-        sub = names.get(exc.field or "", exc.field)
-        field = f"groups[{g}].{sub}" if sub else f"groups[{g}]"
-        message = str(exc).replace("response_a", names["response_a"]).replace("response_b", names["response_b"])
-        raise InvalidInput(f"groups[{g}]: {message}", field=field) from None
+def _texts(item: Any) -> list[tuple[str, object]]:
+    """(field name, text) of an item's texts, a group's responses one by one."""
+    out: list[tuple[str, object]] = []
+    for f in _fields(item):
+        value = getattr(item, f.name)
+        if isinstance(value, tuple):
+            out += [(f"{f.name}[{k}]", v) for k, v in enumerate(value)]
+        else:
+            out.append((f.name, value))
+    return out
 
 
-def _limit(exc: InvalidInput) -> dict[str, Any]:
-    return {"limit": exc.limit} if isinstance(exc, InputTooLong) else {}
+def _pair(item: object, where: str) -> PairItem:
+    if isinstance(item, PairItem):
+        return item
+    if isinstance(item, dict):
+        try:
+            return PairItem(item["context"], item["response_a"], item["response_b"])
+        except KeyError as exc:
+            raise InvalidInput(f"{where} lacks {exc.args[0]!r}", field=f"{where}.{exc.args[0]}") from None
+    raise InvalidInput(f"{where} must be a PairItem or a mapping", field=where)
 
 
-def _reference_item(item: object, i: int) -> ReferenceItem:
+def _score_item(item: object, where: str) -> ScoreItem:
+    if isinstance(item, ScoreItem):
+        return item
+    if isinstance(item, dict):
+        try:
+            return ScoreItem(item["context"], item["response"])
+        except KeyError as exc:
+            raise InvalidInput(f"{where} lacks {exc.args[0]!r}", field=f"{where}.{exc.args[0]}") from None
+    raise InvalidInput(f"{where} must be a ScoreItem or a mapping", field=where)
+
+
+def _reference_item(item: object, where: str) -> ReferenceItem:
     if isinstance(item, ReferenceItem):
         return item
     if isinstance(item, dict):
         try:
             return ReferenceItem(item["context"], item["response"], item["reference"])
         except KeyError as exc:
-            raise InvalidInput(f"items[{i}] lacks {exc.args[0]!r}", field=f"items[{i}].{exc.args[0]}") from None
-    raise InvalidInput(f"items[{i}] must be a ReferenceItem or a mapping", field=f"items[{i}]")
+            raise InvalidInput(f"{where} lacks {exc.args[0]!r}", field=f"{where}.{exc.args[0]}") from None
+    raise InvalidInput(f"{where} must be a ReferenceItem or a mapping", field=where)
 
 
-def _group_item(item: object, g: int) -> GroupItem:
+def _group_item(item: object, where: str) -> GroupItem:
     if isinstance(item, dict):
         try:
             item = GroupItem(item["context"], item["responses"])
         except KeyError as exc:
-            raise InvalidInput(f"groups[{g}] lacks {exc.args[0]!r}", field=f"groups[{g}].{exc.args[0]}") from None
+            raise InvalidInput(f"{where} lacks {exc.args[0]!r}", field=f"{where}.{exc.args[0]}") from None
     if not isinstance(item, GroupItem):
-        raise InvalidInput(f"groups[{g}] must be a GroupItem or a mapping", field=f"groups[{g}]")
+        raise InvalidInput(f"{where} must be a GroupItem or a mapping", field=where)
     responses = item.responses
     if isinstance(responses, str) or not isinstance(responses, Sequence):
-        raise InvalidInput(f"groups[{g}].responses must be a list of strings", field=f"groups[{g}].responses")
+        raise InvalidInput(f"{where}.responses must be a list of strings", field=f"{where}.responses")
     if not 2 <= len(responses) <= MAX_GROUP_SIZE:
         raise InvalidInput(
-            f"groups[{g}] has {len(responses)} responses; a group needs 2 to {MAX_GROUP_SIZE}",
-            field=f"groups[{g}].responses",
+            f"{where} has {len(responses)} responses; a group needs 2 to {MAX_GROUP_SIZE}",
+            field=f"{where}.responses",
         )
-    return GroupItem(item.context, tuple(responses))
+    # A tuple: the group's key and its prompts do not depend on the sequence type it came in.
+    return item if type(responses) is tuple else GroupItem(item.context, tuple(responses))
+
+
+_COERCE: dict[str, Callable[[object, str], Any]] = {
+    "pairwise": _pair,
+    "score": _score_item,
+    "judgment": _score_item,
+    "reference": _reference_item,
+    "group": _group_item,
+}

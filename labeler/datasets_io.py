@@ -18,8 +18,8 @@ In `trl`, `trl-implicit` and `hh` the human-preferred response is `chosen`; it b
 Single-response formats (scores mode): {"prompt", "completion"} (text or messages) or
 {"context", "response"}.
 
-Conversational text reaches the labeler as the client does it (`labeler_client.as_text`): a
-prompt becomes "role: content" turns joined by blank lines, a response its messages' contents.
+A prompt reaches the labeler as the service shows every context: its canonical transcript
+(`labeler.chat`); a response is its messages' contents, without end-of-turn markers.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .chat import clean_response, context_text
 from .errors import InvalidInput
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -138,18 +139,16 @@ def _load_saved_dataset(p: Path, split: str | None) -> Any:
 
 # -- normalization ----------------------------------------------------------------------------
 def prompt_text(value: Any) -> str:
-    """The labeler's context for a prompt: text as is; messages as "role: content" turns."""
-    if isinstance(value, str):
-        return value
-    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in value)
+    """The labeler's context for a prompt, text or messages: its canonical transcript."""
+    return context_text(value)
 
 
 def response_text(value: Any) -> str:
     """The labeler's response text: text as is; messages' contents (assistant turns if any)."""
     if isinstance(value, str):
-        return value
+        return clean_response(value)
     msgs = [m for m in value if m.get("role") == "assistant"] or list(value)
-    return "\n".join(str(m.get("content", "")) for m in msgs)
+    return clean_response("\n".join(str(m.get("content", "")) for m in msgs))
 
 
 def _is_messages(v: Any) -> bool:
@@ -220,9 +219,9 @@ def split_hh(transcript: str) -> tuple[str, str]:
 
 
 def _hh_context(prompt: str) -> str:
-    """The labeler's context for an HH prompt: the turns before the final answer, without
-    the trailing "Assistant:" marker, as "Human: ... / Assistant: ..." lines."""
-    return prompt[: -len(HH_ASSISTANT)].strip()
+    """The labeler's context for an HH prompt: the turns before the final answer, as their
+    canonical transcript."""
+    return context_text(prompt)
 
 
 def _split_hh(where: str, chosen: str, rejected: str) -> Pair:
@@ -239,7 +238,7 @@ def _split_hh(where: str, chosen: str, rejected: str) -> Pair:
         raise MalformedRecord(where, f"HH transcript has {exc}") from None
     if pc != pr:
         raise MalformedRecord(where, "the chosen and rejected transcripts differ before the final Assistant turn")
-    return Pair(_hh_context(pc), rc.strip(), rr.strip(), pc, rc, rr, "hh", "a", where)
+    return Pair(_hh_context(pc), clean_response(rc), clean_response(rr), pc, rc, rr, "hh", "a", where)
 
 
 def _split_messages(where: str, chosen: list, rejected: list) -> Pair:
@@ -272,14 +271,7 @@ def normalize_single(where: str, rec: Any) -> Single:
     raise MalformedRecord(where, f"expected prompt/completion or context/response; got keys {sorted(rec)}")
 
 
-# -- content keys -------------------------------------------------------------------------------
-def content_key(item: dict[str, Any], params: dict[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of the normalized item and the labeling parameters
-    (task, task version, model, order, cot, samples, seed): equal keys, equal labels."""
-    blob = json.dumps({"item": item, "params": params}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
+# -- the position coin ------------------------------------------------------------------------
 def swap_for_position(key: str, seed: int) -> bool:
     """Whether to show the human-preferred response second (a fair coin per item, fixed by
     `seed` and the item's key, so re-runs and resumes make the same choice)."""

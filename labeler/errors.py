@@ -6,7 +6,10 @@
     ├── UnknownTask        no task of that name
     ├── TaskFileError      a task file that does not parse or misses fields
     ├── ModelLoadError     a model path or file that cannot be loaded
-    └── EngineError        the engine failed while computing
+    ├── ModelOutputError   the model's answer cannot be turned into a label (no mass on any label)
+    └── EngineError        the engine failed while computing (a batch that fails is split to
+        │                  find the items that fail it)
+        └── EngineUnavailable  the engine as a whole is down (every batch fails; retry later)
 
 `service/` maps these to HTTP statuses; nothing here knows about HTTP.
 """
@@ -54,5 +57,14 @@ class ModelLoadError(LabelerError):
     """A model could not be located, converted or loaded."""
 
 
+class ModelOutputError(LabelerError):
+    """The model answered, but not in a way a label can be read from (e.g. -inf log-probs on
+    every label). Neither the caller's fault nor transient: retrying gives the same answer."""
+
+
 class EngineError(LabelerError):
     """The engine failed while scoring or generating."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot compute anything right now (its process died, no server answers)."""

@@ -25,7 +25,8 @@ from typing import Any
 
 from .batch import Job, _meta, pair_item, pair_key
 from .core import PairItem
-from .datasets_io import MalformedRecord, Pair, Single, content_key, swap_for_position
+from .datasets_io import MalformedRecord, Pair, Single, swap_for_position
+from .spec import item_digest
 
 log = logging.getLogger(__name__)
 
@@ -483,9 +484,7 @@ def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int 
                 'or context/response_a/response_b with "preferred": "a" | "b"',
             )
         item = pair_item(p)
-        swap = swap_for_position(
-            content_key({"context": item.context, "a": item.response_a, "b": item.response_b}, {}), position_seed
-        )
+        swap = swap_for_position(item_digest(item), position_seed)
         if swap:
             item = PairItem(item.context, item.response_b, item.response_a)
         human = p.human if not swap else ("b" if p.human == "a" else "a")

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .batch import Job, _row
+from .batch import Job, _check_texts, _row
 from .core import ScoreItem
-from .datasets_io import MalformedRecord, Single, content_key
+from .datasets_io import Single
 from .evaluate import _f, _mean, _pyplot, bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,15 @@ N_RESAMPLES = 2000
 
 
 def judgment_key(s: Single, params: dict[str, Any]) -> str:
-    """The resume key of one (prompt, response) judgment under `params`."""
-    return content_key({"kind": "judgment", "context": s.context, "response": s.response}, params)
+    """The resume key of one (prompt, response) judgment under `params` (its spec's key)."""
+    return params["spec"].key(ScoreItem(s.context, s.response))
 
 
 def judgment_jobs(singles: Sequence[Single], params: dict[str, Any]) -> list[Job]:
     """Jobs for `labeler harmless`: one row per response with P(yes)."""
 
     def job(s: Single) -> Job:
-        if not s.response.strip():
-            raise MalformedRecord(s.where, "response is empty")
+        _check_texts(s.where, response=s.response)
         key = judgment_key(s, params)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:

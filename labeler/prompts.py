@@ -18,6 +18,7 @@ template's structure:
   plain text and cannot open or close chat turns;
 - lone surrogates and control characters other than tab, newline and carriage return are
   replaced by U+FFFD.
+An empty response is judged like any other: its block is shown with nothing inside.
 A generated rationale (chain-of-thought) gets the last two steps before the label is read
 after it: the judged text may have led the model to write a special-token string out.
 """
@@ -28,9 +29,10 @@ import hashlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
-from .errors import InputTooLong, InvalidInput
+from .errors import InputTooLong, InvalidInput, ModelLoadError
 from .scoring import JUDGMENT_LABELS, PAIRWISE_LABELS, SCORE_LABELS, judgment_label_text
 from .tasks import Task
 
@@ -92,6 +94,21 @@ def _fence(name: str, text: str, tag: str) -> str:
     return f"<<<{name} {tag}>>>\n{text}\n<<<END {name} {tag}>>>"
 
 
+def prompt_builder(model_dir: str | Path) -> PromptBuilder:
+    """A PromptBuilder from a model directory's tokenizer and config alone (no weights): what
+    `labeler render` shows, without loading the model."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the tokenizer of {model_dir}: {exc}") from exc
+    return PromptBuilder(tokenizer, max_prompt_tokens=config.get("max_position_embeddings"))
+
+
 class PromptBuilder:
     """Renders tasks and items into prompts for one tokenizer (and its chat template)."""
 
@@ -145,8 +162,9 @@ class PromptBuilder:
         if order not in ("ab", "ba"):
             raise InvalidInput(f"order must be 'ab' or 'ba', got {order!r}", field="order")
         ctx = self._untrusted(context, "context", allow_empty=True)
-        a = self._untrusted(response_a, "response_a")
-        b = self._untrusted(response_b, "response_b")
+        # An empty response is a normal policy output: judged like any other.
+        a = self._untrusted(response_a, "response_a", allow_empty=True)
+        b = self._untrusted(response_b, "response_b", allow_empty=True)
         first, second = (a, b) if order == "ab" else (b, a)
         if tag is None:
             tag = fence_tag([ctx, first, second])
@@ -167,7 +185,7 @@ class PromptBuilder:
     ) -> Rendered:
         """The direct-score question (1..10) for one response (`tokenize` as for `pairwise`)."""
         ctx = self._untrusted(context, "context", allow_empty=True)
-        resp = self._untrusted(response, "response")
+        resp = self._untrusted(response, "response", allow_empty=True)
         messages = self._system(task)
         for ex in task.score_examples:
             user = self._score_user(task, ex.context, ex.response, cot)
@@ -180,7 +198,7 @@ class PromptBuilder:
         context and all the responses (after the same cleaning as the prompts'), so it is
         absent from each of them."""
         texts = [self._untrusted(context, "context", allow_empty=True)]
-        texts += [self._untrusted(r, f"responses[{k}]") for k, r in enumerate(responses)]
+        texts += [self._untrusted(r, f"responses[{k}]", allow_empty=True) for k, r in enumerate(responses)]
         return fence_tag(sorted(set(texts)))
 
     def judgment(
@@ -193,7 +211,7 @@ class PromptBuilder:
                 f"task {task.name!r} asks no yes/no question: set judgment_question in its task file", field="task"
             )
         ctx = self._untrusted(context, "context", allow_empty=True)
-        resp = self._untrusted(response, "response")
+        resp = self._untrusted(response, "response", allow_empty=True)
         prefix = task.judgment_answer_prefix
         messages = self._system(task)
         for ex in task.judgment_examples:
@@ -232,9 +250,7 @@ class PromptBuilder:
         out = Rendered(rendered.kind, text, (), rendered.labels, rendered.answer_prefix, False)
         return self.tokenize_many([out])[0] if tokenize else out
 
-    def tokenize_many(
-        self, rendered: Sequence[Rendered], items: Sequence[int] | None = None, *, name: str = "items"
-    ) -> list[Rendered]:
+    def tokenize_many(self, rendered: Sequence[Rendered], items: Sequence[str] | None = None) -> list[Rendered]:
         """`rendered` with their prompt token ids, from one batched tokenizer call (a fast
         tokenizer spreads it over the cores: one prompt at a time, tokenizing a batch took
         a fifth of the time an H100 took to score it). The labeler calls it on its own
@@ -242,8 +258,8 @@ class PromptBuilder:
         80-120 MiB from one overload wave to the next (another thread's malloc arena;
         tests/test_reliability_overload.py caught it).
 
-        A prompt over `max_prompt_tokens` raises InputTooLong, naming `items[i]` when the
-        item index of each prompt is given (`name[i]` for another list name)."""
+        A prompt over `max_prompt_tokens` raises InputTooLong, naming the item (`items[3]`)
+        when the name of each prompt's item is given."""
         if not rendered:
             return []
         # The chat template already holds the special tokens it wants (BOS included).
@@ -254,8 +270,8 @@ class PromptBuilder:
                 limit = self.max_prompt_tokens
                 message = f"the prompt is {len(ids)} tokens, over the limit of {limit}"
                 if items is None:
-                    raise InputTooLong(message, field=name, limit=limit)
-                raise InputTooLong(f"{name}[{items[k]}]: {message}", field=f"{name}[{items[k]}]", limit=limit)
+                    raise InputTooLong(message, field="items", limit=limit)
+                raise InputTooLong(f"{items[k]}: {message}", field=items[k], limit=limit)
             out.append(replace(r, prompt_token_ids=tuple(ids)))
         return out
 

@@ -23,7 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidInput
+from .errors import EngineError, InvalidInput, ModelOutputError
 
 TokenIds = tuple[int, ...]
 
@@ -78,8 +78,9 @@ def label_distribution(
     """Exact label probabilities from the engine's answers to `label_queries(labels)`.
 
     `logprobs[prefix][t]` is log p(t | prompt + prefix). Returns the normalized
-    distribution and the unnormalized mass. Raises InvalidInput if the mass is zero
-    (the model put no probability on any label; only possible with -inf log-probs).
+    distribution and the unnormalized mass. Raises ModelOutputError if the mass is zero
+    (the model put no probability on any label; only possible with -inf log-probs) and
+    EngineError if the answer lacks a log-prob that the queries asked for.
     """
     seqs = _validate_labels(labels)
     raw: dict[str, float] = {}
@@ -93,15 +94,15 @@ def label_distribution(
         raw[label] = math.exp(lp) * max(0.0, 1.0 - cont)
     mass = sum(raw.values())
     if not mass > 0.0:
-        raise InvalidInput("the model put zero probability on every label")
+        raise ModelOutputError("the model put zero probability on every label")
     return LabelDistribution({k: v / mass for k, v in raw.items()}, min(mass, 1.0))
 
 
 def _lookup(logprobs: Mapping[TokenIds, Mapping[int, float]], prefix: TokenIds, tok: int) -> float:
     try:
         return float(logprobs[prefix][tok])
-    except KeyError as exc:
-        raise KeyError(f"engine answer lacks log p({tok} | prefix {prefix})") from exc
+    except (KeyError, TypeError) as exc:
+        raise EngineError(f"the engine's answer lacks log p({tok} | prefix {prefix})") from exc
 
 
 def _validate_labels(labels: Mapping[str, Sequence[int]]) -> dict[str, TokenIds]:

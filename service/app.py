@@ -5,7 +5,8 @@ cache and starts the micro-batcher; on shutdown, in-flight work finishes first. 
 lives on `app.state`, never in module globals.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: the label routes are annotated with the
+# request models that `create_app` builds from its settings, which FastAPI must see as objects.
 
 import asyncio
 import gc
@@ -16,9 +17,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,16 +31,16 @@ from .cache import Cache, MemoryCache, RedisCache
 from .metrics import Metrics
 from .protocol import (
     ErrorResponse,
-    GetRewardRequest,
     GetRewardResponse,
-    PreferencesRequest,
+    HealthResponse,
+    LabelDefaults,
     PreferencesResponse,
-    ScoresRequest,
+    ReadyResponse,
     ScoresResponse,
     TaskInfo,
     TasksResponse,
+    request_models,
 )
-from .routing import DirectRoute, FastJSON, body_schema, document_bodies, read_body
 from .serving import LabelService
 from .settings import Settings
 
@@ -48,17 +49,19 @@ log = logging.getLogger("service")
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
 
 
-def build_labeler(settings: Settings) -> Labeler:
+def build_labeler(settings: Settings, tasks: TaskRegistry | None = None) -> Labeler:
     """Load the engine and tasks the settings name (blocking: run it in a thread)."""
-    from labeler.engines import load_engine, parse_engine_args
+    from labeler.engines import engine_options, load_engine
 
-    options = parse_engine_args(settings.engine_args)
-    if settings.engine == "transformers":
-        options.setdefault("device", settings.device)
-    if settings.engine == "vllm-remote":
-        options.setdefault("urls", settings.vllm_urls)
-    engine = load_engine(settings.engine, settings.model, **options)
-    return Labeler(engine, TaskRegistry.load(settings.tasks_dir), max_rationale_tokens=settings.max_rationale_tokens)
+    options = engine_options(
+        settings.engine, device=settings.device, engine_args=settings.engine_args, vllm_urls=settings.vllm_urls
+    )
+    return Labeler(
+        load_engine(settings.engine, settings.model, **options),
+        tasks if tasks is not None else TaskRegistry.load(settings.tasks_dir),
+        max_rationale_tokens=settings.max_rationale_tokens,
+        temperature=settings.temperature,
+    )
 
 
 def make_cache(settings: Settings, metrics: Metrics) -> Cache:
@@ -131,7 +134,12 @@ class Gate:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return self._too_large()
-        if self.keys and scope["path"].startswith(self.PROTECTED):
+        # The path under the app's mount point: behind a route prefix (Ray Serve's, or a
+        # proxy's root_path) the ASGI path still starts with the prefix.
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        if self.keys and path.startswith(self.PROTECTED):
             scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
             ok = False
             if scheme.lower() == b"bearer" and given.strip():
@@ -176,10 +184,12 @@ Service = Annotated[LabelService, Depends(get_service)]
 def create_app(settings: Settings | None = None, labeler: Labeler | None = None) -> FastAPI:
     """The app for `settings`; pass `labeler` to reuse an already-loaded model."""
     settings = settings or Settings()
+    tasks = labeler.tasks if labeler is not None else TaskRegistry.load(settings.tasks_dir)
+    bodies = request_models(settings, tasks.names())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        lab = labeler or await asyncio.to_thread(build_labeler, settings)
+        lab = labeler or await asyncio.to_thread(build_labeler, settings, tasks)
         app.state.labeler = lab
         app.state.cache = make_cache(settings, app.state.metrics)
         app.state.service = LabelService(lab, app.state.cache, settings, app.state.metrics)
@@ -201,6 +211,9 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         version="0.1.0",
         description="Pairwise preferences and direct scores from an AI labeler, for RLAIF training loops.",
         lifespan=lifespan,
+        # A body without a content type is read as JSON (curl -d sends form encoding's type,
+        # a bare client none at all); any other declared type is refused with a 422.
+        strict_content_type=False,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -215,84 +228,64 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
 
     app.add_middleware(Gate, metrics=app.state.metrics, limit=settings.max_body_bytes, keys=settings.api_keys)
 
-    # The label routes are DirectRoutes: each reads its own body and returns its own response.
-    labels = APIRouter(route_class=DirectRoute, responses=ERRORS)
+    labels = APIRouter(responses=ERRORS)
 
-    @labels.post(
-        "/v1/preferences",
-        response_model=PreferencesResponse,
-        tags=["labels"],
-        openapi_extra=body_schema(PreferencesRequest),
-    )
-    async def preferences(request: Request) -> Response:
+    @labels.post("/v1/preferences", tags=["labels"])
+    async def preferences(body: bodies.preferences, svc: Service) -> PreferencesResponse:
         """Pairwise preferences as distributions (both orders by default), in item order."""
-        body = await read_body(request, PreferencesRequest)
-        return FastJSON(await request.app.state.service.preferences(body))
+        return await svc.preferences(body)
 
-    @labels.post("/v1/scores", response_model=ScoresResponse, tags=["labels"], openapi_extra=body_schema(ScoresRequest))
-    async def scores(request: Request) -> Response:
+    @labels.post("/v1/scores", tags=["labels"])
+    async def scores(body: bodies.scores, svc: Service) -> ScoresResponse:
         """Direct 1-10 scores: distribution, expected score and reward in [-1, 1]."""
-        body = await read_body(request, ScoresRequest)
-        return FastJSON(await request.app.state.service.scores(body))
+        return await svc.scores(body)
 
-    task_param = {
-        "name": "task",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "string"},
-        "description": "task name (default: the server's LABELER_TASK)",
-    }
+    task_names = {"enum": tasks.names()}
 
-    @labels.post(
-        "/get_reward",
-        response_model=GetRewardResponse,
-        tags=["openrlhf"],
-        openapi_extra=body_schema(GetRewardRequest) | {"parameters": [task_param]},
-    )
-    async def get_reward(request: Request) -> Response:
-        """OpenRLHF's remote reward model (`--remote_rm_url http://host:port/get_reward`)."""
-        body = await read_body(request, GetRewardRequest)
-        reply = await request.app.state.service.get_reward(body, request.query_params.get("task"))
-        return FastJSON(reply.model_dump())
+    @labels.post("/get_reward", tags=["openrlhf"])
+    async def get_reward(
+        body: bodies.get_reward,
+        svc: Service,
+        task: Annotated[
+            str | None,
+            Query(description="task name (default: the server's LABELER_TASK)", json_schema_extra=task_names),
+        ] = None,
+    ) -> GetRewardResponse:
+        """OpenRLHF's remote reward model (`--reward.remote_url`, `--remote_rm_url` up to 0.10.1)."""
+        return await svc.get_reward(body, task)
 
-    app.include_router(labels)
-    # Requests try the routes in order: the label routes first, ahead of the docs routes
-    # FastAPI adds at construction (which cost each label request about 5 µs otherwise).
-    app.router.routes.sort(key=lambda route: not isinstance(route, DirectRoute))
-
-    @app.get("/v1/tasks", response_model=TasksResponse, responses=ERRORS, tags=["meta"])
-    async def tasks(svc: Service) -> TasksResponse:
+    @labels.get("/v1/tasks", tags=["meta"])
+    async def list_tasks(svc: Service) -> TasksResponse:
+        """The tasks this server knows, with their content versions."""
         infos = [TaskInfo(**{k: v for k, v in t.summary().items() if k != "source"}) for t in svc.labeler.tasks]
         return TasksResponse(default_task=settings.task, tasks=infos)
 
+    app.include_router(labels)
+
     @app.get("/healthz", tags=["meta"])
-    async def healthz() -> dict[str, str]:
+    async def healthz() -> HealthResponse:
         """The process is up."""
-        return {"status": "ok"}
+        return HealthResponse(status="ok")
 
     @app.get("/readyz", tags=["meta"], responses={503: {"model": ErrorResponse}})
-    async def readyz(request: Request) -> JSONResponse:
+    async def readyz(request: Request) -> ReadyResponse:
         """Model loaded; Redis reachable, or bypassed while it is not (labels still work)."""
         state = request.app.state
         lab = getattr(state, "labeler", None)
         if lab is None:
             return errors.error_response(503, "model not loaded", "not_ready")
-        cache = await state.cache.status()
-        return JSONResponse(
-            {
-                "status": "ready",
-                "model": lab.model_id,
-                "engine": settings.engine,
-                "cache": state.cache.name,
-                "cache_status": cache,
-            }
+        return ReadyResponse(
+            status="ready",
+            model=lab.model_id,
+            engine=settings.engine,
+            cache=state.cache.name,
+            cache_status=await state.cache.status(),
+            labeler=LabelDefaults(temperature=lab.temperature, max_rationale_tokens=lab.max_rationale_tokens),
         )
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus text format."""
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    document_bodies(app, [PreferencesRequest, ScoresRequest, GetRewardRequest])
 
     return app

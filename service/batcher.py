@@ -5,6 +5,13 @@ of one group (same task, kind and parameters), waiting at most `wait_s` for a ba
 fill, and runs them as one labeler call. Identical items in flight (same cache key) are
 computed once: later submitters share the first one's future. The queue is bounded:
 `submit` refuses a request whose new items would exceed `max_pending` (QueueFull → 429).
+
+Failure policy, all of it here. Items are validated before they are queued, so a batch
+can only fail in the engine. Any exception is turned into a `LabelerError` in one place
+(`as_labeler_error`): an `EngineUnavailable` (the engine is down) fails the whole batch at
+once; any other failure splits the batch in halves, recursively, so the items that fail it
+get the error and their batch-mates their results (log2(n) extra calls for one bad item,
+not n).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from labeler.errors import LabelerError
+from labeler.errors import EngineError, EngineUnavailable, LabelerError
 
 log = logging.getLogger("service.batcher")
 
@@ -62,6 +69,7 @@ class MicroBatcher:
         self.on_batch = on_batch or (lambda n: None)
         self.pending = 0  # items queued or computing
         self.computed = 0  # items computed since start (single-flight counts one)
+        self.splits = 0  # failed batches split in halves
         self._queue: deque[_Job] = deque()
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._wake = asyncio.Event()
@@ -131,25 +139,11 @@ class MicroBatcher:
         t0 = time.monotonic()
         try:
             self.on_batch(len(jobs))
-            try:
-                results = await self.run_group(group, [j.item for j in jobs], [j.key for j in jobs])
-                for job, result in zip(jobs, results, strict=True):
-                    _resolve(job.future, result)
-            except LabelerError as exc:
-                if len(jobs) == 1:
-                    _fail(jobs[0].future, exc)
-                else:
-                    # One bad item must not fail its batch-mates: label them one by one.
-                    log.warning("batch of %d failed (%s); retrying item by item", len(jobs), exc)
-                    for job in jobs:
-                        try:
-                            _resolve(job.future, (await self.run_group(group, [job.item], [job.key]))[0])
-                        except Exception as one_exc:  # noqa: BLE001
-                            _fail(job.future, one_exc)
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiter, never lost
-                log.exception("engine batch failed")
-                for job in jobs:
-                    _fail(job.future, exc)
+            await self._attempt(group, jobs)
+        except BaseException as exc:  # cancelled (shutdown): no waiter is left hanging
+            for job in jobs:
+                _fail(job.future, EngineUnavailable(f"the labeling batch was stopped ({type(exc).__name__})"))
+            raise
         finally:
             for job in jobs:
                 self._inflight.pop(job.key, None)
@@ -158,6 +152,38 @@ class MicroBatcher:
             elapsed = max(time.monotonic() - t0, 1e-3)
             self._rate = 0.7 * self._rate + 0.3 * (len(jobs) / elapsed) if self._rate else len(jobs) / elapsed
             self._slots.release()
+
+    async def _attempt(self, group: Hashable, jobs: list[_Job]) -> None:
+        """Run `jobs` as one call; on failure fail them all or bisect (module docstring)."""
+        try:
+            results = await self.run_group(group, [j.item for j in jobs], [j.key for j in jobs])
+        except Exception as exc:  # noqa: BLE001 - every failure is delivered to its waiters
+            error = as_labeler_error(exc)
+            if len(jobs) == 1 or isinstance(error, EngineUnavailable):
+                for job in jobs:
+                    _fail(job.future, error)
+                return
+            log.warning("batch of %d failed (%s); splitting it to find the failing items", len(jobs), error)
+            self.splits += 1
+            half = len(jobs) // 2
+            await self._attempt(group, jobs[:half])
+            await self._attempt(group, jobs[half:])
+            return
+        for job, result in zip(jobs, results, strict=True):
+            _resolve(job.future, result)
+
+
+def as_labeler_error(exc: BaseException) -> LabelerError:
+    """The one translation of a failure into the labeler's errors: its own errors stay as they
+    are; an engine process that died is `EngineUnavailable`; anything else (a bug or crash in
+    the engine) is an `EngineError`, logged with its traceback."""
+    if isinstance(exc, LabelerError):
+        return exc
+    # vLLM's AsyncLLM raises EngineDeadError once its engine-core process is gone.
+    if type(exc).__name__ == "EngineDeadError":
+        return EngineUnavailable(f"the engine process died: {exc}")
+    log.error("engine failure", exc_info=exc)
+    return EngineError(f"{type(exc).__name__}: {exc}")
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any) -> None:

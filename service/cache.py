@@ -6,8 +6,6 @@ is bypassed (logged and counted) for `cooldown` seconds, then tried again.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import time
@@ -15,31 +13,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from labeler.spec import KEY_VERSION
+
 log = logging.getLogger("service.cache")
 
 Value = dict[str, Any]
 
 
-def cache_keys(
-    model_id: str, task_version: str, kind: str, params: Mapping[str, Any], items: Sequence[Mapping[str, str]]
-) -> list[str]:
-    """One key per item: SHA-256 over everything that changes a result — model, task
-    version, kind, every result-changing parameter — and the item's content."""
-    prefix = _key_prefix(model_id, task_version, kind, tuple(sorted(params.items())))
-    return [
-        "labeler:v1:" + hashlib.sha256((prefix + _canonical(item)).encode("utf-8", "surrogatepass")).hexdigest()
-        for item in items
-    ]
-
-
-# Built once: json.dumps with options builds a new encoder per call, a third of a cache hit's cost.
-_canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False).encode
-
-
-@functools.lru_cache(maxsize=256)
-def _key_prefix(model_id: str, task_version: str, kind: str, params: tuple[tuple[str, Any], ...]) -> str:
-    head = _canonical({"model": model_id, "task": task_version, "kind": kind, "params": dict(params)})
-    return hashlib.sha256(head.encode("utf-8", "surrogatepass")).hexdigest()
+# Cache key of an item: this prefix and its `LabelSpec.key` (model fingerprint, task version,
+# kind, every result-changing parameter, the item's content).
+CACHE_PREFIX = f"labeler:v{KEY_VERSION}:"
 
 
 class Cache(Protocol):

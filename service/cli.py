@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import logging.config
-import sys
 from typing import Any
 
 from labeler.cli import add_model_options
@@ -108,6 +107,12 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
 
     settings = settings_from_args(args)
+    if settings.engine == "vllm":
+        # What vLLM would refuse inside the app's start-up (a traceback), as one line now.
+        from labeler.engines import parse_engine_args
+        from labeler.engines.vllm_cpu import check_start
+
+        check_start(settings.model, parse_engine_args(settings.engine_args))
     logging.config.dictConfig(log_config(settings.log_level))
     uvicorn.run(
         create_app(settings),
@@ -117,7 +122,3 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=60,
     )
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(0)

@@ -9,7 +9,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from labeler.errors import EngineError, InputTooLong, InvalidInput, LabelerError, UnknownTask
+from labeler.errors import (
+    EngineError,
+    EngineUnavailable,
+    InputTooLong,
+    InvalidInput,
+    LabelerError,
+    ModelOutputError,
+    UnknownTask,
+)
 
 from .batcher import QueueFull
 
@@ -22,21 +30,42 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 
 def _loc(loc: tuple) -> str:
-    parts = [p for p in loc if p not in ("body", "query", "path")]
+    """`items[3].response_a` from pydantic's ("body", "items", 3, "response_a"), without the
+    tags pydantic puts in for the branches of a union ("constrained-str", "list[...]")."""
+    parts = [p for p in loc if p not in ("body", "query", "path") and (isinstance(p, int) or p.isidentifier())]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "body"
 
 
+def _json_content(request: Request) -> bool:
+    ctype = request.headers.get("content-type")
+    if ctype is None:
+        return True
+    mime = ctype.partition(";")[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every exception into the error shape."""
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
-        param = _loc(tuple(first.get("loc", ())))
-        return error_response(422, f"{param}: {first.get('msg', 'invalid')}", "invalid_request", param)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+        # A value that fits no branch of a union gets one error per branch; the branch of the
+        # value's own type says what is wrong with it, not the "should be a valid string" of another.
+        first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+        kind = first.get("type", "")
+        param = _loc(tuple(p for p in first.get("loc", ()) if not (kind == "json_invalid" and isinstance(p, int))))
+        message = f"{param}: {first.get('msg', 'invalid')}"
+        if kind == "json_invalid":
+            message = f"body: not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
+        elif param == "body" and not _json_content(request):
+            message = f"body: content-type must be application/json, not {request.headers.get('content-type')!r}"
+        # A count or length over a limit reads the same as the server's other limits.
+        type_ = "input_too_long" if kind in ("too_long", "string_too_long", "less_than_equal") else "invalid_request"
+        return error_response(422, message, type_, param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -60,9 +89,19 @@ def install(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
         return error_response(422, str(exc), "invalid_input", exc.field)
 
+    @app.exception_handler(EngineUnavailable)
+    async def _engine_down(_: Request, exc: EngineUnavailable) -> JSONResponse:
+        return error_response(
+            503, f"the engine is unavailable: {exc}", "engine_unavailable", None, {"Retry-After": "5"}
+        )
+
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
         return error_response(503, f"the engine failed: {exc}", "engine_error", None, {"Retry-After": "1"})
+
+    @app.exception_handler(ModelOutputError)
+    async def _model_output(_: Request, exc: ModelOutputError) -> JSONResponse:
+        return error_response(500, f"the model's answer gives no label: {exc}", "model_output_error")
 
     @app.exception_handler(LabelerError)
     async def _labeler(_: Request, exc: LabelerError) -> JSONResponse:

@@ -1,47 +1,134 @@
-"""Wire types: the request and response bodies of every endpoint."""
+"""Wire types: the request and response bodies of every endpoint.
+
+The request models carry the server's own limits — items per request, characters per text,
+samples — and the names of the tasks it loaded, so /openapi.json says exactly what the server
+accepts. The classes below document the default limits; `request_models(settings, tasks)`
+builds the ones an app validates with, from its settings.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from labeler.core import MAX_SEED
+from labeler.spec import MAX_SEED
+
+from .settings import Settings
+
+_DEFAULTS = Settings.model_construct()
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# No min_length on responses (the service refuses empty ones itself): with any constraint,
-# pydantic refuses a lone surrogate ("\ud800" in the JSON) that the prompt builder cleans.
+class ChatMessageIn(BaseModel):
+    """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
+    content: str = Field("", max_length=_DEFAULTS.max_chars, description="the turn's text (untrusted)")
+
+
+Context = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
+_CONTEXT = (
+    "the prompt / context (untrusted): text, or chat messages; text that a known chat template laid out "
+    "(ChatML, Llama 3, ...) is parsed into messages; either way the labeler reads the canonical transcript"
+)
+_RESPONSE = "(untrusted); trailing end-of-turn markers are stripped; may be empty (judged as an empty response)"
+
+
 class PairItemIn(_Body):
-    context: str = Field("", description="the prompt / context both responses answer (untrusted)")
-    response_a: str = Field(..., description="first response, not empty (untrusted)")
-    response_b: str = Field(..., description="second response, not empty (untrusted)")
+    context: Context = Field("", description=_CONTEXT)
+    response_a: str = Field(..., max_length=_DEFAULTS.max_chars, description="first response " + _RESPONSE)
+    response_b: str = Field(..., max_length=_DEFAULTS.max_chars, description="second response " + _RESPONSE)
 
 
 class ScoreItemIn(_Body):
-    context: str = Field("", description="the prompt / context the response answers (untrusted)")
-    response: str = Field(..., description="the response to score, not empty (untrusted)")
+    context: Context = Field("", description=_CONTEXT)
+    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
 
 
 class _Options(_Body):
     task: str = Field(..., description="task name (GET /v1/tasks)")
     cot: bool = Field(False, description="generate a rationale before reading the label")
-    samples: int = Field(1, ge=1, description="rationales to sample and average (needs cot)")
-    # Bounded because engines seed a 64-bit generator: a larger seed used to crash the batch.
+    samples: int = Field(1, ge=1, le=_DEFAULTS.max_samples, description="rationales to sample and average (needs cot)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the sampled rationales (0 to 2^63 - 1)")
     cache: bool = Field(True, description="false: neither read nor write the cache")
 
 
 class PreferencesRequest(_Options):
-    items: list[PairItemIn] = Field(..., min_length=1)
+    items: list[PairItemIn] = Field(..., min_length=1, max_length=_DEFAULTS.max_items)
     order: Literal["both", "ab", "ba"] = Field("both", description="both orders (default) or one")
 
 
 class ScoresRequest(_Options):
-    items: list[ScoreItemIn] = Field(..., min_length=1)
+    items: list[ScoreItemIn] = Field(..., min_length=1, max_length=_DEFAULTS.max_items)
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward-model request."""
+
+    model_config = ConfigDict(extra="allow")
+    query: list[str] = Field(..., min_length=1, max_length=_DEFAULTS.max_items, description="prompt + response each")
+    prompts: list[str] | None = Field(None, description="the prompts, one per query, to split each query exactly")
+    labels: list[Any] | None = Field(None, description="accepted and ignored (reference answers)")
+
+
+class RequestModels(NamedTuple):
+    preferences: type[PreferencesRequest]
+    scores: type[ScoresRequest]
+    get_reward: type[GetRewardRequest]
+
+
+def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
+    """The request models with `settings`' limits and the loaded task names (an enum in the
+    schema; an unknown name still gets the 422 that lists the known ones)."""
+    chars, most = settings.max_chars, settings.max_items
+
+    def text(default: Any, what: str) -> Any:
+        return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
+
+    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=text("", "the turn's text (untrusted)"))
+    context = (
+        Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
+        Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),
+    )
+    pair = create_model(
+        "PairItemIn",
+        __base__=PairItemIn,
+        context=context,
+        response_a=text(..., "first response " + _RESPONSE),
+        response_b=text(..., "second response " + _RESPONSE),
+    )
+    single = create_model(
+        "ScoreItemIn", __base__=ScoreItemIn, context=context, response=text(..., "the response to score " + _RESPONSE)
+    )
+    options: dict[str, Any] = {
+        "task": (str, Field(..., description="task name (GET /v1/tasks)", json_schema_extra={"enum": sorted(tasks)})),
+        "samples": (int, Field(1, ge=1, le=settings.max_samples, description="rationales to sample (needs cot)")),
+    }
+    return RequestModels(
+        create_model(
+            "PreferencesRequest",
+            __base__=PreferencesRequest,
+            items=(list[pair], Field(..., min_length=1, max_length=most)),  # type: ignore[valid-type]
+            **options,
+        ),
+        create_model(
+            "ScoresRequest",
+            __base__=ScoresRequest,
+            items=(list[single], Field(..., min_length=1, max_length=most)),  # type: ignore[valid-type]
+            **options,
+        ),
+        create_model(
+            "GetRewardRequest",
+            __base__=GetRewardRequest,
+            query=(list[str], Field(..., min_length=1, max_length=most, description="prompt + response each")),
+        ),
+    )
 
 
 class Usage(BaseModel):
@@ -68,13 +155,13 @@ class ScoreOut(BaseModel):
     expected: float = Field(..., description="expected score, in [1, 10]")
     distribution: list[float] = Field(..., description="P(score = 1..10)")
     label_mass: float = Field(..., description="the model's probability on the labels 1..10")
-    rationale: str | None = None
-    rationales: list[str] | None = None
-    cached: bool
+    rationale: str | None = Field(None, description="with cot: the first rationale")
+    rationales: list[str] | None = Field(None, description="with cot: every rationale")
+    cached: bool = Field(..., description="true when this result came from the cache")
 
 
 class _Reply(BaseModel):
-    model: str = Field(..., description="model id (part of every cache key)")
+    model: str = Field(..., description="model id: directory name @ content fingerprint (part of every cache key)")
     task: str
     task_version: str = Field(..., description="content hash of the task (part of every cache key)")
     usage: Usage
@@ -86,15 +173,6 @@ class PreferencesResponse(_Reply):
 
 class ScoresResponse(_Reply):
     results: list[ScoreOut]
-
-
-class GetRewardRequest(BaseModel):
-    """OpenRLHF's remote reward-model request."""
-
-    model_config = ConfigDict(extra="allow")
-    query: list[str] = Field(..., min_length=1, description="prompt + response, one per sample")
-    prompts: list[str] | None = Field(None, description="the prompts, to split each query exactly")
-    labels: list[Any] | None = Field(None, description="accepted and ignored (reference answers)")
 
 
 class GetRewardResponse(BaseModel):
@@ -114,6 +192,26 @@ class TaskInfo(BaseModel):
 class TasksResponse(BaseModel):
     default_task: str
     tasks: list[TaskInfo]
+
+
+class LabelDefaults(BaseModel):
+    """The server's own parameters that are part of every label's identity."""
+
+    temperature: float = Field(..., description="sampling temperature of self-consistency rationales")
+    max_rationale_tokens: int = Field(..., description="tokens of a chain-of-thought rationale at most")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    model: str = Field(..., description="model id (part of every cache key)")
+    engine: str
+    cache: str = Field(..., description="memory or redis")
+    cache_status: str = Field(..., description="ok, or bypassed while Redis does not answer (labels still work)")
+    labeler: LabelDefaults
 
 
 class ErrorDetail(BaseModel):

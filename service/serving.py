@@ -6,69 +6,30 @@ import asyncio
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
-from labeler import EngineError, InputTooLong, InvalidInput, Labeler, LabelerError, PairItem, ScoreItem
-from labeler.prompts import clean_text
+from labeler import InputTooLong, InvalidInput, Labeler, LabelSpec, PairItem, ScoreItem
+from labeler.chat import normalize_item, split_query
+from labeler.core import Prepared
 
 from .batcher import MicroBatcher
-from .cache import Cache, cache_keys
+from .cache import CACHE_PREFIX, Cache
 from .metrics import Metrics
 from .protocol import (
     GetRewardRequest,
     GetRewardResponse,
+    PreferenceOut,
     PreferencesRequest,
+    PreferencesResponse,
+    ScoreOut,
     ScoresRequest,
+    ScoresResponse,
+    Usage,
 )
 from .settings import Settings
 
 log = logging.getLogger("service.serving")
-
-# Where a policy's chat template starts the assistant's turn, newest-first formats last:
-# the response is what follows the last marker found. ChatML (Qwen, SmolLM), Llama 3,
-# Mistral/Llama 2, Gemma, Anthropic HH transcripts.
-ASSISTANT_MARKERS = (
-    "<|im_start|>assistant\n",
-    "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    "[/INST]",
-    "<start_of_turn>model\n",
-    "\n\nAssistant:",
-)
-END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<end_of_turn>")
-
-
-def split_query(query: str, prompt: str | None) -> tuple[str, str]:
-    """(context, response) of an OpenRLHF query (prompt + response).
-
-    1. With the request's `prompts[i]` and the query starting with it: the rest is the response
-       (a trailing assistant-turn marker of the prompt is dropped from the context).
-    2. Otherwise at the last assistant-turn marker of a known chat template.
-    3. Otherwise the whole query is the response, with an empty context.
-    Trailing end-of-turn tokens are stripped from the response.
-    """
-    if prompt and query.startswith(prompt):
-        context, response = prompt, query[len(prompt) :]
-    else:
-        cut = max(((query.rfind(m), m) for m in ASSISTANT_MARKERS), key=lambda x: x[0])
-        if cut[0] >= 0:
-            context, response = query[: cut[0]], query[cut[0] + len(cut[1]) :]
-        else:
-            context, response = "", query
-    # A prompt that ends by opening the assistant's turn: the marker is template, not context.
-    context = context.rstrip()
-    for marker in ASSISTANT_MARKERS:
-        if context.endswith(marker.rstrip()):
-            context = context[: -len(marker.rstrip())]
-    response = response.strip()
-    changed = True
-    while changed:
-        changed = False
-        for end in END_MARKERS:
-            if response.endswith(end):
-                response = response[: -len(end)].rstrip()
-                changed = True
-    return context.strip(), response
 
 
 class LabelService:
@@ -79,6 +40,7 @@ class LabelService:
         self.cache = cache
         self.settings = settings
         self.metrics = metrics
+        self.end_markers = tuple(settings.end_markers)
         self.batcher = MicroBatcher(
             self._run_group,
             max_items=settings.batch_max_items,
@@ -93,31 +55,23 @@ class LabelService:
         }
 
     # -- endpoints ---------------------------------------------------------------------------
-    def _reply(self, task: str, version: str, usage: dict[str, int], results: list[dict[str, Any]]) -> dict:
-        """The response body as plain data: on cache hits, building pydantic models costs
-        more than the rest of the request (the route's response_model still documents the
-        shape, and tests check it)."""
-        for r in results:
-            r["rationale"] = _first(r.get("rationales"))
-        return {
-            "model": self.labeler.model_id,
-            "task": task,
-            "task_version": version,
-            "usage": usage,
-            "results": results,
-        }
+    async def preferences(self, req: PreferencesRequest) -> PreferencesResponse:
+        spec = self._spec("pairwise", req.task, order=req.order, cot=req.cot, samples=req.samples, seed=req.seed)
+        items = [PairItem(**self._normalize(it.model_dump())) for it in req.items]
+        values, usage = await self._label(spec, items, req.cache)
+        results = [PreferenceOut(**v, rationale=_first(v["rationales"])) for v in values]
+        return PreferencesResponse(
+            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
+        )
 
-    async def preferences(self, req: PreferencesRequest) -> dict:
-        items = [it.model_dump() for it in req.items]
-        params = {"order": req.order, "cot": req.cot, "samples": req.samples, "seed": req.seed}
-        results, usage, version = await self._label("pairwise", req.task, params, items, req.cache)
-        return self._reply(req.task, version, usage, results)
-
-    async def scores(self, req: ScoresRequest) -> dict:
-        items = [it.model_dump() for it in req.items]
-        params = {"cot": req.cot, "samples": req.samples, "seed": req.seed}
-        results, usage, version = await self._label("score", req.task, params, items, req.cache)
-        return self._reply(req.task, version, usage, results)
+    async def scores(self, req: ScoresRequest) -> ScoresResponse:
+        spec = self._spec("score", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
+        items = [ScoreItem(**self._normalize(it.model_dump())) for it in req.items]
+        values, usage = await self._label(spec, items, req.cache)
+        results = [ScoreOut(**v, rationale=_first(v["rationales"])) for v in values]
+        return ScoresResponse(
+            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
+        )
 
     async def get_reward(self, req: GetRewardRequest, task: str | None) -> GetRewardResponse:
         if req.prompts is not None and len(req.prompts) != len(req.query):
@@ -126,77 +80,103 @@ class LabelService:
             )
         prompts = req.prompts or [None] * len(req.query)
         items = []
-        for i, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
-            context, response = split_query(q, p)
-            if not response:
-                raise InvalidInput(
-                    f"query[{i}] has an empty response after splitting off the prompt", field=f"query[{i}]"
-                )
-            items.append({"context": context, "response": response})
-        params = {"cot": False, "samples": 1, "seed": 0}
-        results, _, _ = await self._label("score", task or self.settings.task, params, items, True)
-        rewards = [r["reward"] for r in results]
+        for q, p in zip(req.query, prompts, strict=True):
+            # An empty response (the policy emitted only its end-of-turn token) is judged too.
+            context, response = split_query(q, p, self.end_markers)
+            items.append(ScoreItem(**self._normalize({"context": context, "response": response})))
+        spec = self._spec("score", task or self.settings.task)
+        values, _ = await self._label(spec, items, True, where="query")
+        rewards = [v["reward"] for v in values]
         return GetRewardResponse(
             rewards=rewards,
             scores=rewards,
             extra_logs={
-                "expected_score": [r["expected"] for r in results],
-                "cached": [float(r["cached"]) for r in results],
+                "expected_score": [v["expected"] for v in values],
+                "cached": [float(v["cached"]) for v in values],
             },
         )
 
     # -- the shared path ------------------------------------------------------------------------
+    def _normalize(self, item: dict[str, Any]) -> dict[str, str]:
+        """One canonical transcript per context, responses without end-of-turn markers: the
+        same dialogue gets the same prompt and cache key whichever framework sent it."""
+        return normalize_item(item, self.end_markers)
+
+    def _spec(self, kind: str, task: str, **params: Any) -> LabelSpec:
+        if params.get("samples", 1) > self.settings.max_samples:  # the request models say so too
+            raise InputTooLong(
+                f"samples={params['samples']} is over the limit of {self.settings.max_samples}",
+                field="samples",
+                limit=self.settings.max_samples,
+            )
+        return self.labeler.spec(kind, task, **params)
+
     async def _label(
-        self, kind: str, task: str, params: dict[str, Any], items: list[dict[str, str]], use_cache: bool
-    ) -> tuple[list[dict[str, Any]], dict[str, int], str]:
-        """(results in item order, each a fresh dict with `cached` set; usage; task version)."""
-        t = self.labeler.task(task)
-        self._check_limits(items, params)
-        keys = cache_keys(self.labeler.model_id, t.version, kind, params, items)
-        found: list[dict[str, Any] | None] = await self.cache.get_many(keys) if use_cache else [None] * len(items)
-        results = [{**c, "cached": True} if c is not None else {} for c in found]
+        self, spec: LabelSpec, items: list[Any], use_cache: bool, *, where: str = "items"
+    ) -> tuple[list[dict[str, Any]], Usage]:
+        """(one result dict per item, in item order, with `cached` set; usage). Every item the
+        engine will compute is prepared — rendered, tokenized and checked against every limit —
+        before any is queued, so invalid input fails the request and nothing else."""
+        if len(items) > self.settings.max_items:
+            raise InputTooLong(
+                f"{len(items)} {where}, over the limit of {self.settings.max_items} per request",
+                field=where,
+                limit=self.settings.max_items,
+            )
+        keys = [CACHE_PREFIX + k for k in spec.keys(items)]
+        found = await self.cache.get_many(keys) if use_cache else [None] * len(items)
+        results: list[dict[str, Any]] = [{**c, "cached": True} if c is not None else {} for c in found]
         misses = [i for i, c in enumerate(found) if c is None]
         hits = len(items) - len(misses)
         shared = 0
         if misses:
-            self._check_tokens(items, misses)
+            self._check_chars(items, misses, where)
+            prepared = await self.labeler.aprepare(
+                spec,
+                [items[i] for i in misses],
+                where=misses,
+                max_item_tokens=self.settings.max_item_tokens,
+                name=where,
+            )
             # cache=false requests neither read nor write: their flights are kept apart.
-            group: Hashable = (kind, task, tuple(sorted(params.items())), use_cache)
             suffix = "" if use_cache else ":nostore"
-            futures, shared = self.batcher.submit(group, [(keys[i] + suffix, items[i]) for i in misses])
+            futures, shared = self.batcher.submit(
+                (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
+            )
             self.metrics.inflight.set(self.batcher.pending)
             # shield: a client that goes away must not cancel a computation others share.
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures))
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
-            self._items_metric[kind, "engine"].inc(len(misses))
+            self._items_metric[spec.kind, "engine"].inc(len(misses))
             if use_cache:
                 self.metrics.cache_misses.inc(len(misses))
         if hits:  # counters only when they move: each inc() takes a lock
-            self._items_metric[kind, "cache"].inc(hits)
+            self._items_metric[spec.kind, "cache"].inc(hits)
             self.metrics.cache_hits.inc(hits)
-        usage = {"items": len(items), "cached": hits, "computed": len(misses) - shared, "shared": shared}
-        return results, usage, t.version
+        return results, Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
 
-    async def _run_group(self, group: Hashable, items: list[dict[str, str]], keys: Sequence[str]) -> list[dict]:
+    def _check_chars(self, items: list[Any], which: list[int], where: str) -> None:
+        """The per-text character limit (the request models enforce it for the label routes;
+        this covers texts split out of /get_reward queries)."""
+        limit = self.settings.max_chars
+        for i in which:
+            for f in fields(items[i]):
+                n = len(getattr(items[i], f.name))
+                if n > limit:
+                    raise InputTooLong(
+                        f"{where}[{i}].{f.name} has {n} characters, over the limit of {limit}",
+                        field=f"{where}[{i}].{f.name}",
+                        limit=limit,
+                    )
+
+    async def _run_group(self, group: Hashable, prepared: list[Prepared], keys: Sequence[str]) -> list[dict]:
         """One labeler call for a batch of one group; writes the results to the cache."""
-        kind, task, params, use_cache = group  # type: ignore[misc]
-        p = dict(params)
+        spec, use_cache = group  # type: ignore[misc]
         stats = self.labeler.engine.stats
         before = (stats.prompt_tokens, stats.computed_tokens)
         t0 = time.monotonic()
-        try:
-            if kind == "pairwise":
-                res = await self.labeler.apreferences([PairItem(**it) for it in items], task, **p)
-            else:
-                res = await self.labeler.ascores([ScoreItem(**it) for it in items], task, **p)
-        except LabelerError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an engine bug or crash (e.g. vLLM's), not the caller's input
-            # As an EngineError it gets the batcher's item-by-item retry, so one failing item
-            # does not fail its batch-mates, and its caller a clear 503 instead of a bare 500.
-            log.exception("engine call failed on a batch of %d", len(items))
-            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        res = await self.labeler.arun(spec, prepared)
         elapsed = max(time.monotonic() - t0, 1e-6)
         prompt_tokens = stats.prompt_tokens - before[0]
         self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -205,46 +185,8 @@ class LabelService:
         values = [asdict(r) for r in res]
         if use_cache:
             await self.cache.set_many(dict(zip(keys, values, strict=True)))
-        self.metrics.inflight.set(max(0, self.batcher.pending - len(items)))
+        self.metrics.inflight.set(max(0, self.batcher.pending - len(prepared)))
         return values
-
-    def _check_limits(self, items: list[dict[str, str]], params: dict[str, Any]) -> None:
-        s = self.settings
-        if len(items) > s.max_items:
-            raise InputTooLong(
-                f"{len(items)} items, over the limit of {s.max_items} per request", field="items", limit=s.max_items
-            )
-        if params["samples"] > s.max_samples:
-            raise InputTooLong(
-                f"samples={params['samples']} is over the limit of {s.max_samples}",
-                field="samples",
-                limit=s.max_samples,
-            )
-        for i, it in enumerate(items):
-            for name, text in it.items():
-                if name != "context" and not text.strip():
-                    raise InvalidInput(f"items[{i}].{name} is empty", field=f"items[{i}].{name}")
-                if len(text) > s.max_chars:
-                    raise InputTooLong(
-                        f"items[{i}].{name} has {len(text)} characters, over the limit of {s.max_chars}",
-                        field=f"items[{i}].{name}",
-                        limit=s.max_chars,
-                    )
-
-    def _check_tokens(self, items: list[dict[str, str]], which: list[int]) -> None:
-        """The per-item token limit, for the items the engine will compute (cache hits
-        cost no engine work, so they skip the tokenizer)."""
-        limit = self.settings.max_item_tokens
-        # One tokenizer call for all the texts. Cleaned as the prompt will be: a lone
-        # surrogate (JSON "\ud800") crashes the tokenizer.
-        texts = [clean_text(t, name, allow_empty=True) for i in which for name, t in items[i].items()]
-        ids = iter(self.labeler.engine.tokenizer(texts, add_special_tokens=False)["input_ids"])
-        for i in which:
-            n_tokens = sum(len(next(ids)) for _ in items[i])
-            if n_tokens > limit:
-                raise InputTooLong(
-                    f"items[{i}] has {n_tokens} tokens, over the limit of {limit}", field=f"items[{i}]", limit=limit
-                )
 
 
 def _first(rationales: Any) -> str | None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from labeler.chat import END_MARKERS
 
 
 def _split(value: Any) -> Any:
@@ -30,9 +33,16 @@ class Settings(BaseSettings):
     )
     vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, description="for vllm-remote")
     device: str = "cpu"
-    tasks_dir: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    tasks_dir: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="directories of extra task files (':'-separated in the env var, like PATH)"
+    )
     task: str = Field("general", description="default task of /get_reward")
-    max_rationale_tokens: int = Field(128, ge=1, le=4096)
+    max_rationale_tokens: int = Field(128, ge=1, le=4096, description="tokens of a chain-of-thought rationale")
+    temperature: float = Field(0.7, gt=0, le=10, description="sampling temperature of self-consistency rationales")
+    end_markers: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(END_MARKERS),
+        description="end-of-turn markers stripped from responses and chat turns (comma-separated in the env var)",
+    )
     # Cache.
     redis_url: str | None = Field(None, description="Redis URL; without one the cache is in-process")
     cache_ttl: int = Field(7 * 24 * 3600, ge=0, description="seconds a cached label lives (0: no expiry)")
@@ -64,7 +74,12 @@ class Settings(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("vllm_urls", "tasks_dir", "api_keys", "cors_origins", mode="before")
+    @field_validator("tasks_dir", mode="before")
+    @classmethod
+    def _split_paths(cls, value: Any) -> Any:
+        return [d for d in value.split(os.pathsep) if d.strip()] if isinstance(value, str) else value
+
+    @field_validator("vllm_urls", "api_keys", "cors_origins", "end_markers", mode="before")
     @classmethod
     def _split_comma(cls, value: Any) -> Any:
         return _split(value)

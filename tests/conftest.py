@@ -11,4 +11,7 @@ pytest_plugins = [
     "tests.fixtures.vllm",
     "tests.fixtures.reliability",
     "tests.fixtures.prompts",
+    "tests.fixtures.frameworks",
+    "tests.fixtures.ray",
+    "tests.fixtures.docker",
 ]

@@ -23,7 +23,7 @@ def write_jsonl(path, rows):
 def test_hh_transcripts_split_into_shared_context_and_final_responses():
     p = io.normalize_pair("line 1", {"chosen": HH_CTX + " Apple.", "rejected": HH_CTX + " Chair."})
     assert p.fmt == "hh" and p.human == "a"
-    assert p.context == "Human: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit."
+    assert p.context == "User: Hi\n\nAssistant: Hello!\n\nUser: Name a fruit."  # the canonical transcript
     assert (p.response_a, p.response_b) == ("Apple.", "Chair.")
     # the output keeps TRL's split: prompt + chosen is the original transcript
     assert p.prompt + p.orig_a == HH_CTX + " Apple." and p.prompt + p.orig_b == HH_CTX + " Chair."
@@ -43,7 +43,7 @@ def test_trl_text_and_conversational_formats():
     chosen = [{"role": "assistant", "content": "Apple."}]
     rejected = [{"role": "assistant", "content": "Chair."}]
     p = io.normalize_pair("l", {"prompt": USER, "chosen": chosen, "rejected": rejected})
-    assert (p.context, p.response_a, p.response_b) == ("user: Name a fruit.", "Apple.", "Chair.")
+    assert (p.context, p.response_a, p.response_b) == ("Name a fruit.", "Apple.", "Chair.")
     assert p.prompt == USER and p.orig_a == chosen
     # implicit prompt: the shared leading turns
     p = io.normalize_pair("l", {"chosen": USER + chosen, "rejected": USER + rejected})
@@ -52,7 +52,7 @@ def test_trl_text_and_conversational_formats():
         USER,
         chosen,
         rejected,
-        "user: Name a fruit.",
+        "Name a fruit.",
     )
     with pytest.raises(io.MalformedRecord, match="all be text or all be messages"):
         io.normalize_pair("l", {"prompt": "Q?", "chosen": chosen, "rejected": "no"})
@@ -68,7 +68,7 @@ def test_plain_pairs_and_their_optional_human_choice():
 
 def test_single_formats():
     s = io.normalize_single("l", {"prompt": USER, "completion": [{"role": "assistant", "content": "Apple."}]})
-    assert (s.context, s.response) == ("user: Name a fruit.", "Apple.")
+    assert (s.context, s.response) == ("Name a fruit.", "Apple.")
     s = io.normalize_single("l", {"context": "Q?", "response": "A."})
     assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
     with pytest.raises(io.MalformedRecord, match="expected prompt/completion"):
@@ -125,14 +125,7 @@ def test_saved_dataset_directory_without_datasets_is_a_clear_error(tmp_path, mon
         list(io.read_records(tmp_path))
 
 
-def test_content_keys_and_the_position_coin():
-    params = {"task": "t", "task_version": "v1", "model": "m", "order": "both", "cot": False, "samples": 1, "seed": 0}
-    item = {"kind": "pair", "context": "c", "a": "x", "b": "y"}
-    k = io.content_key(item, params)
-    assert k == io.content_key(dict(reversed(item.items())), dict(params))  # canonical JSON
-    assert k != io.content_key(item, params | {"task_version": "v2"})
-    assert k != io.content_key(item, params | {"order": "ab"})
-    assert k != io.content_key(item | {"a": "y", "b": "x"}, params)
+def test_the_position_coin():
     swaps = [io.swap_for_position(f"key{i}", 0) for i in range(400)]
     assert swaps == [io.swap_for_position(f"key{i}", 0) for i in range(400)]
     assert 150 < sum(swaps) < 250

@@ -71,9 +71,7 @@ def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_p
     assert "line 2: not a known pair format" in captured.err
     assert (summary["items"], summary["labeled"], summary["invalid"], summary["skipped"]) == (2, 2, 1, 0)
 
-    ref = labeler.preferences(
-        [PairItem("Human: Name a fruit.", "Apple.", "Chair."), PairItem("Human: 2+2?", "5", "4")], "tiny"
-    )
+    ref = labeler.preferences([PairItem("Name a fruit.", "Apple.", "Chair."), PairItem("2+2?", "5", "4")], "tiny")
     got = rows(out)
     assert len(got) == 2
     for row, r, (a, b) in zip(got, ref, [(" Apple.", " Chair."), (" 5", " 4")], strict=True):
@@ -122,9 +120,7 @@ def test_scores_mode_for_conversational_completions(tmp_path, labeler, in_proces
     out = tmp_path / "scores.jsonl"
     assert in_process("label", str(src), str(out), "--task", "tiny", "--scores", "--json") == 0
     assert json.loads(capsys.readouterr().out)["labeled"] == 2
-    ref = labeler.scores(
-        [ScoreItem("user: Name a fruit.", "Apple."), ScoreItem("user: Name a fruit.", "Chair.")], "tiny"
-    )
+    ref = labeler.scores([ScoreItem("Name a fruit.", "Apple."), ScoreItem("Name a fruit.", "Chair.")], "tiny")
     for row, r in zip(rows(out), ref, strict=True):
         assert row["prompt"] == user and row["completion"][0]["role"] == "assistant"
         assert row["reward"] == pytest.approx(r.reward, abs=1e-5)

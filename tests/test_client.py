@@ -10,8 +10,14 @@ import labeler_client as lc
 import pytest
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
+from labeler import ScoreItem
+from tests.fixtures.load import RecordingTransport
+from tests.fixtures.reliability import Tally, questions
+from tests.fixtures.wait import wait_for
+
 pytestmark = pytest.mark.model
 FAST = lc.Retry(max_retries=8, backoff=0.05, max_backoff=1.0)
+OUTAGE_S = 1.0  # how long the restart test keeps the server down (pacing the scenario)
 
 
 def score_items(n: int, tag: str) -> list[dict[str, str]]:
@@ -50,26 +56,42 @@ async def test_async_client_same_surface(live_server):
         assert len(await client.rewards(["a", "b"], ["c", "d"], task="tiny")) == 2
 
 
-def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server):
+def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server, labeler):
     srv = make_server()
-    items = score_items(8, "restart")
-    client = lc.Client(srv.url, batch_size=1, max_concurrency=1, retry=FAST)
+    items = questions(8, "restart")
+    ref = [r.distribution for r in labeler.scores([ScoreItem(**it) for it in items], "tiny")]
+    transport = RecordingTransport()
+    # Retries enough to outlast a restart on a busy machine.
+    client = lc.Client(
+        srv.url,
+        batch_size=1,
+        max_concurrency=1,
+        transport=transport,
+        retry=lc.Retry(max_retries=60, backoff=0.05, max_backoff=1.0),
+    )
+    cut: list[float] = []  # stopped, ready again (monotonic)
 
     def bounce():
-        time.sleep(0.3)
-        srv.stop()
-        time.sleep(1.0)
+        wait_for(lambda: transport.answered(), 120, "the batch's first answer")
+        cut.append(time.monotonic())
+        srv.stop()  # graceful: the request in flight is answered first
+        time.sleep(OUTAGE_S)
         srv.start()
+        cut.append(time.monotonic())
 
     t = threading.Thread(target=bounce)
     t.start()
     got = client.scores(items, "tiny", cache=False)
     t.join()
-    assert len(got) == 8 and all(s is not None for s in got)
-    # Exactly once each, in order: every result matches its own item's labels.
-    again = client.scores(items, "tiny", cache=False)
-    for g, a in zip(got, again, strict=True):
-        assert g.distribution == pytest.approx(a.distribution, abs=1e-4)
+    client.close()
+    # The restart landed mid-batch: answers before it, refused requests while down, answers after.
+    stopped, ready = cut
+    assert transport.answered(until=stopped) and transport.failed(stopped, ready) and transport.answered(ready)
+    # Exactly once each, in order: every result is its own item's, and one answer per item.
+    tally = Tally()
+    tally.add([g.distribution if g is not None else None for g in got], ref)
+    assert tally.exact, tally
+    assert transport.answered() == len(items)
 
 
 async def test_429_is_retried_after_retry_after(make_server):
@@ -102,8 +124,8 @@ def test_timeouts_and_unreachable_servers():
 
 
 def test_read_timeout_raises_timeout(live_server):
-    client = lc.Client(live_server.url, timeout=lc.Timeouts(read=0.001, connect=1), retry=lc.Retry(max_retries=0))
-    with pytest.raises(lc.Timeout):
+    client = lc.Client(live_server.url, timeout=lc.Timeout(read=0.001, connect=1), retry=lc.Retry(max_retries=0))
+    with pytest.raises(lc.TimeoutException):
         client.scores([{"response": "slow enough"}], "tiny", cot=True, cache=False)
 
 
@@ -122,7 +144,7 @@ def test_trl_reward_function_called_like_grpo_trainer(live_server, labeler):
     completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]
     # GRPOTrainer passes keywords, completion ids and the dataset's other columns.
     rewards = fn(prompts=prompts, completions=completions, completion_ids=[[33], [34]], answer=["4", "4"])
-    context = "system: Be brief.\n\nuser: 2+2?"
+    context = "System: Be brief.\n\nUser: 2+2?"  # the service's canonical transcript
     want = [labeler.score(context, r, "tiny").reward for r in ("4", "5")]
     assert rewards == pytest.approx(want, abs=1e-4)
     plain = fn(prompts=["2+2?"], completions=["4"])
@@ -145,7 +167,7 @@ def test_pairwise_judge(live_server, labeler):
     scores = judge.judge(prompts, completions, return_scores=True)
     want = [labeler.preference(p, a, b, "tiny").p_a for p, (a, b) in zip(prompts, completions, strict=True)]
     assert scores == pytest.approx(want, abs=1e-4)
-    assert judge.judge(prompts, completions) == [0 if s >= 0.5 else 1 for s in scores]
+    assert judge.judge(prompts, completions) == [0 if s > 0.5 else 1 for s in scores]  # TRL's tie rule
 
 
 def test_verl_compute_score(live_server, labeler, monkeypatch):
@@ -153,7 +175,7 @@ def test_verl_compute_score(live_server, labeler, monkeypatch):
 
     monkeypatch.setenv("LABELER_URL", live_server.url)
     monkeypatch.setenv("LABELER_TASK", "tiny")
-    monkeypatch.setattr(verl, "_client", None)
+    monkeypatch.setattr(verl, "_clients", {})
     r = verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"prompt": "2+2?"})
     assert r == pytest.approx(labeler.score("2+2?", "It is 4.", "tiny").reward, abs=1e-4)
     batch = verl.compute_score_batch(["gsm8k"] * 2, ["It is 4.", "4"], ["4", "4"], [{"prompt": "2+2?"}, None])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import pickle
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -14,6 +16,7 @@ import labeler_client as lc
 import pytest
 from labeler_client import _batching, verl
 from labeler_client._config import parse_retry_after
+from labeler_client._text import completion_text, context_value
 from labeler_client.testing import FakeLabeler, fake_reward
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
@@ -102,10 +105,12 @@ def test_split_and_halves():
 
 def test_place_refuses_a_wrong_result_count():
     out: list = [None] * 3
-    with pytest.raises(lc.ResponseError, match="expected 2 results, got 1"):
-        _batching.place(out, range(1, 3), {"results": [{}]}, dict)
+    request = httpx.Request("POST", URL + "/v1/scores")
+    with pytest.raises(lc.ResponseError, match="expected 2 results, got 1") as err:
+        _batching.place(out, range(1, 3), {"results": [{}]}, dict, request)
+    assert err.value.request is request
     with pytest.raises(lc.ResponseError):
-        _batching.place(out, range(0, 1), {"results": [{"reward": "x"}]}, lc.Score.model_validate)
+        _batching.place(out, range(0, 1), {"results": [{"reward": "x"}]}, lc.Score.model_validate, request)
     assert out == [None] * 3
 
 
@@ -167,7 +172,7 @@ def test_timeouts_are_retried_then_raised_as_timeout():
     fake = FakeLabeler()
     fake.fail_next(httpx.ReadTimeout, times=10)
     client = client_for(fake, retry=lc.Retry(max_retries=2, backoff=1.0, max_backoff=1.5))
-    with pytest.raises(lc.Timeout) as err:
+    with pytest.raises(lc.TimeoutException) as err:
         client.scores(items(1), "tiny")
     assert isinstance(err.value, lc.RequestError) and err.value.request.url.path == "/v1/scores"
     assert len(fake.requests) == 3 and all(0 <= s <= 1.5 for s in client.sleeps) and len(client.sleeps) == 2
@@ -190,9 +195,17 @@ def test_other_errors_are_not_retried_and_map_to_types(status, cls):
     with pytest.raises(cls) as err:
         client_for(fake).scores(items(1), "tiny")
     e = err.value
-    assert isinstance(e, lc.APIStatusError) and isinstance(e, lc.LabelerError)
+    assert isinstance(e, lc.APIStatusError) and isinstance(e, lc.LabelerClientError)
     assert e.status == status and e.response.status_code == status and e.request.method == "POST"
-    assert e.type == "injected" and f"HTTP {status}" in str(e)
+    types = {
+        400: "http_error",
+        401: "unauthorized",
+        404: "http_error",
+        413: "body_too_large",
+        422: "invalid_request",
+        500: "internal_error",
+    }
+    assert e.type == types[status] and f"HTTP {status}" in str(e)  # the server's own error types
     assert len(fake.requests) == 1
 
 
@@ -201,6 +214,47 @@ def test_invalid_request_names_the_field():
     with pytest.raises(lc.InvalidRequest) as err:
         client_for(fake).scores([{"response": "ok"}, {"response": "much too long"}], "tiny")
     assert err.value.param == "items[1].response" and "limit of 5" in str(err.value)
+    assert err.value.item == 1 and err.value.type == "input_too_long"
+
+
+async def test_an_item_error_names_the_item_in_the_callers_list():
+    """Sent as 2-item requests, the 6th item (index 5) is the 2nd of the 3rd request; the error
+    names it by the caller's index, in .param, .item and the message, sync and async."""
+    fake = FakeLabeler(max_chars=5)
+    its = [{"response": "ok"}] * 5 + [{"response": "much too long"}, {"response": "ok"}]
+    with pytest.raises(lc.InvalidRequest) as err:
+        client_for(fake, batch_size=2, max_concurrency=1).scores(its, "tiny")
+    assert err.value.param == "items[5].response" and err.value.item == 5 and "items[5].response" in str(err.value)
+    assert json.loads(err.value.request.content)["items"][1] == its[5]  # the request that carried it
+    async with lc.AsyncClient("http://labeler.test", transport=fake.async_transport(), batch_size=2) as client:
+        with pytest.raises(lc.InvalidRequest) as aerr:
+            await client.scores(its, "tiny")
+    assert aerr.value.param == "items[5].response" and aerr.value.item == 5
+
+
+def test_every_error_carries_its_request():
+    """ResponseError (a 2xx the client cannot use) as well as the status and transport errors."""
+    fake = FakeLabeler()
+    client = lc.Client("http://labeler.test", transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})))
+    with pytest.raises(lc.ResponseError) as err:
+        client.scores(items(2), "tiny")
+    assert err.value.request.url.path == "/v1/scores"
+    fake.fail_next(httpx.ConnectError, times=9)
+    with pytest.raises(lc.RequestError) as rerr:
+        client_for(fake, retry=lc.Retry(max_retries=0)).scores(items(1), "tiny")
+    assert rerr.value.request.method == "POST"
+
+
+def test_the_fake_answers_get_reward_like_the_server():
+    fake = FakeLabeler()
+    with httpx.Client(transport=fake.transport(), base_url="http://labeler.test") as http:
+        ok = http.post("/get_reward", params={"task": "tiny"}, json={"query": ["p r"], "prompts": ["p "]}).json()
+        bad = http.post("/get_reward", params={"task": "nope"}, json={"query": ["x"]}).json()
+    assert ok["rewards"] == ok["scores"] == [fake_reward("p ", "r")] and set(ok["extra_logs"]) == {
+        "expected_score",
+        "cached",
+    }
+    assert bad["error"]["type"] == "unknown_task" and bad["error"]["param"] == "task"
 
 
 def test_exhausted_5xx_is_a_server_error_with_the_error_shape():
@@ -281,28 +335,33 @@ def test_fake_answers_in_the_servers_wire_shapes():
 
 
 # -- adapters: input normalization -------------------------------------------------------------------------
-def test_as_text_plain_and_conversational():
-    assert lc.as_text("hi") == "hi"
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
-    assert lc.as_text(msgs) == "system: Be brief.\n\nuser: 2+2?"
+def test_contexts_go_on_the_wire_as_text_or_messages():
+    """The client renders no transcript: the service does, in one place (labeler.chat)."""
+    assert context_value("hi") == "hi"
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?", "name": "x"}]
+    assert context_value(msgs) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-    assert lc.as_text(parts) == "user: What is it?"
+    assert context_value(parts) == [{"role": "user", "content": "What is it?"}]
+    assert context_value(tuple(msgs[:1])) == msgs[:1]  # any iterable of messages (a numpy object array too)
     completion = [{"role": "assistant", "content": "4"}, {"role": "tool", "content": "x"}]
-    assert lc.as_text(completion, role="assistant") == "4"
-    assert lc.as_text([{"content": "no role"}], role="assistant") == "no role"
-    assert lc.as_text({"role": "assistant", "content": None}, role="assistant") == ""
+    assert completion_text(completion) == "4"
+    assert completion_text([{"content": "no role"}]) == "no role"
+    assert completion_text({"role": "assistant", "content": None}) == ""
+    assert completion_text("") == ""  # an empty completion goes out as it is
     with pytest.raises(TypeError):
-        lc.as_text(42)  # type: ignore[arg-type]
+        context_value(42)  # type: ignore[arg-type]
 
 
 def test_trl_reward_function_takes_grpo_trainers_keyword_call():
     fake = FakeLabeler()
     fn = reward_function(URL, task="tiny", transport=fake.transport())
-    assert fn.__name__ == "labeler_tiny" and not inspect.iscoroutinefunction(fn)
-    prompts = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]] * 2
-    completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]]
-    got = fn(prompts=prompts, completions=completions, completion_ids=[[1], [2]], answer=["4", "4"], trainer_state=None)
-    assert got == [fake_reward("system: Be brief.\n\nuser: 2+2?", r) for r in ("4", "5")]
+    assert fn.__name__ == "labeler_tiny" and not inspect.iscoroutinefunction(fn.__call__)
+    dialogue = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": ""}]]
+    columns = {"completion_ids": [[1], [2]], "answer": ["4", "4"], "trainer_state": None}
+    got = fn(prompts=[dialogue] * 2, completions=completions, **columns)
+    assert got == [fake_reward(json.dumps(dialogue, sort_keys=True), r) for r in ("4", "")]
+    assert json.loads(fake.requests[-1].content)["items"][0]["context"] == dialogue  # messages on the wire
     assert fn(prompts=["2+2?"], completions=["4"]) == [fake_reward("2+2?", "4")]
     assert fn(completions=["4"]) == [fake_reward("", "4")]
     with pytest.raises(ValueError):
@@ -322,11 +381,37 @@ def test_trl_reward_function_none_on_failure_only_when_asked():
 def test_trl_async_reward_function_across_event_loops():
     fake = FakeLabeler()
     fn = async_reward_function(URL, task="tiny", transport=fake.async_transport())
-    assert inspect.iscoroutinefunction(fn) and fn.__name__ == "labeler_tiny"
+    assert inspect.iscoroutinefunction(fn.__call__) and fn.__name__ == "labeler_tiny"
     for _ in range(2):  # a fresh loop each time, as asyncio.run makes
         assert asyncio.run(fn(prompts=["2+2?"], completions=[[{"role": "assistant", "content": "4"}]])) == [
             fake_reward("2+2?", "4")
         ]
+
+
+def test_reward_functions_and_judges_pickle():
+    """TRL's AsyncGRPOTrainer sends reward functions to a spawned process."""
+    fake = FakeLabeler()
+    client = lc.Client("http://labeler.test:9", api_key="k", batch_size=7, transport=fake.transport())
+    for made in (
+        reward_function(URL, task="tiny", name="mine", api_key="k2", batch_size=3),
+        reward_function(task="tiny", client=client),
+        async_reward_function(URL, task="tiny", max_concurrency=2),
+        PairwiseJudge(URL, task="tiny", client=client),
+    ):
+        if hasattr(made, "client"):
+            made.client  # noqa: B018 - open the client: it must stay behind
+        copy = pickle.loads(pickle.dumps(made))
+        assert (
+            type(copy) is type(made)
+            and copy.task == "tiny"
+            and copy._client_opts == {k: v for k, v in made._client_opts.items() if k != "transport"}
+        )
+        assert getattr(copy, "__name__", None) == getattr(made, "__name__", None)
+    copy = pickle.loads(pickle.dumps(reward_function(task="tiny", client=client)))
+    assert (copy.client.base_url, copy.client.api_key, copy.client.batch_size) == ("http://labeler.test:9", "k", 7)
+    fn = reward_function(URL, task="tiny", transport=fake.transport())
+    fn(prompts=["p"], completions=["c"])
+    assert pickle.loads(pickle.dumps(fn))._client is None  # reopened lazily in the copy
 
 
 def test_pairwise_judge():
@@ -336,28 +421,56 @@ def test_pairwise_judge():
     pairs = [("An apple.", "A chair."), ["5", "4"], ["Hello!", "Hello!"]]  # OnlineDPO passes tuples
     scores = judge.judge(prompts, pairs, return_scores=True)
     assert all(0 <= s <= 1 for s in scores) and scores[2] == pytest.approx(0.5)
-    assert judge.judge(prompts, pairs, shuffle_order=False) == [0 if s >= 0.5 else 1 for s in scores]
+    # TRL's soft-judge rule: 0 if score > 0.5 else 1 (a tie goes to the second)
+    assert judge.judge(prompts, pairs, shuffle_order=False) == [0 if s > 0.5 else 1 for s in scores]
+    assert judge.judge(["Hi"], [["Hello!", "Hello!"]]) == [1]
+    assert judge.judge(["Q"], [["", "An answer."]], return_scores=True)[0] != 0.5  # an empty one is judged
     with pytest.raises(ValueError):
         judge.judge(["p"], [["only one"]])
     failing = FakeLabeler(max_chars=3)
     soft = PairwiseJudge(URL, task="tiny", on_error="none", transport=failing.transport(), retry=NO_WAIT)
     assert soft.judge(["p", "p"], [["a", "b"], ["a", "too long"]])[1] == -1
-    assert soft.judge(["p"], [["a", "too long"]], return_scores=True) == [None]
+    assert soft.judge(["p"], [["a", "too long"]], return_scores=True) == [0.5]  # never None
 
 
 def test_verl_compute_score_and_batch(monkeypatch):
     fake = FakeLabeler()
-    monkeypatch.setattr(verl, "_client", lc.Client(URL, transport=fake.transport()))
+    monkeypatch.setitem(verl._clients, (None, None), lc.Client(URL, transport=fake.transport()))
     monkeypatch.setenv("LABELER_TASK", "tiny")
     assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"question": "2+2?"}) == fake_reward(
         "2+2?", "It is 4."
     )
     assert verl.compute_score(data_source="x", solution_str="s", ground_truth=None) == fake_reward("", "s")
+    assert verl.compute_score(data_source="x", solution_str="", ground_truth=None) == fake_reward("", "")
+    messages = [{"role": "user", "content": "2+2?"}]
+    assert verl.compute_score("x", "4", extra_info={"prompt": messages}) == fake_reward(
+        json.dumps(messages, sort_keys=True), "4"
+    )
+    # verl merges reward_kwargs into the call: known keys work, an unknown one is an error
+    assert verl.compute_score("x", "4", task="general", reward_router_address=None) == fake_reward("", "4")
+    assert json.loads(fake.requests[-1].content)["task"] == "general"
+    with pytest.raises(TypeError, match="tsak"):
+        verl.compute_score("x", "4", tsak="helpful")
     extras = [{"prompt": "a"}, {"prompt": "b", "labeler_task": "general"}, None]
+    before = len(fake.requests)
     got = verl.compute_score_batch(["d"] * 3, ["x", "y", "z"], [None] * 3, extras)
     assert got == [fake_reward("a", "x"), fake_reward("b", "y"), fake_reward("", "z")]
-    bodies = [r.content for r in fake.requests]
-    assert len(bodies) == 4 and sum(b'"task":"general"' in b for b in bodies) == 1  # grouped by task
+    bodies = [r.content for r in fake.requests[before:]]
+    assert len(bodies) == 2 and sum(b'"task":"general"' in b for b in bodies) == 1  # grouped by task
+
+
+def test_verl_takes_the_server_from_reward_kwargs():
+    fake = FakeLabeler()
+    verl._clients[("http://from-kwargs.test", "k")] = lc.Client(
+        "http://from-kwargs.test", "k", transport=fake.transport()
+    )
+    try:
+        assert verl.compute_score("x", "4", base_url="http://from-kwargs.test", api_key="k", task="tiny") == (
+            fake_reward("", "4")
+        )
+        assert fake.requests[-1].url.host == "from-kwargs.test"
+    finally:
+        del verl._clients[("http://from-kwargs.test", "k")]
 
 
 def test_sync_client_works_inside_a_running_event_loop():

@@ -1,5 +1,7 @@
-"""Deployment files, checked for real without a Docker engine: compose validation, Dockerfile
-lint, and the `labeler` compose service's exact command and environment run on the host."""
+"""Deployment files, checked without a Docker engine: compose validation (the vLLM services
+cannot run on CPU machines), Dockerfile lint and build arguments, and the `labeler` compose
+service's exact command and environment run on the host. The images and stacks themselves
+are built and run by tests/test_docker_*.py."""
 
 from __future__ import annotations
 
@@ -35,22 +37,24 @@ def compose(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(
-    ("file", "services"),
+    ("files", "services"),
     [
-        ("docker-compose.yml", {"redis", "labeler", "labeler-gpu"}),
-        ("docker-compose.scale.yml", {"redis", "vllm-0", "vllm-1", "api", "nginx"}),
+        (["docker-compose.yml"], {"redis", "labeler", "labeler-gpu"}),
+        (["docker-compose.scale.yml"], {"redis", "api", "nginx"}),
+        (["docker-compose.scale.yml", "docker-compose.scale-vllm.yml"], {"redis", "vllm-0", "vllm-1", "api", "nginx"}),
     ],
 )
-def test_compose_files_validate(file, services):
-    check = compose("-f", file, "--profile", "gpu", "config", "-q")
+def test_compose_files_validate(files, services):
+    args = [a for f in files for a in ("-f", f)]
+    check = compose(*args, "--profile", "gpu", "config", "-q")
     assert check.returncode == 0, check.stderr
-    cfg = yaml.safe_load(compose("-f", file, "--profile", "gpu", "config").stdout)
+    cfg = yaml.safe_load(compose(*args, "--profile", "gpu", "config").stdout)
     assert set(cfg["services"]) == services
     for name, svc in cfg["services"].items():
         assert "healthcheck" in svc, f"{name} has no healthcheck"
         for dep in (svc.get("depends_on") or {}).values():
             assert dep["condition"] == "service_healthy"
-    if file == "docker-compose.yml":
+    if files == ["docker-compose.yml"]:
         # The vLLM variant only runs with --profile gpu; the CPU default always does.
         assert cfg["services"]["labeler-gpu"]["profiles"] == ["gpu"]
         assert "profiles" not in cfg["services"]["labeler"]
@@ -58,9 +62,19 @@ def test_compose_files_validate(file, services):
         assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
         assert any(str(v).endswith(":/models:ro") for v in gpu["volumes"])
         assert "redis-data" in cfg["volumes"]
+        return
+    api = cfg["services"]["api"]
+    assert api["deploy"]["replicas"] == 3
+    if len(files) == 1:
+        # CPU scale-out: the embedded model, one torch thread per replica by default.
+        assert api["environment"]["LABELER_ENGINE"] == "transformers"
+        assert api["environment"]["LABELER_ENGINE_ARGS"] == "threads=1"
+        assert set(api["depends_on"]) == {"redis"}
     else:
-        urls = cfg["services"]["api"]["environment"]["LABELER_VLLM_URLS"].split(",")
-        assert urls == ["http://vllm-0:8000", "http://vllm-1:8000"]
+        assert api["environment"]["LABELER_ENGINE"] == "vllm-remote"
+        assert api["environment"]["LABELER_ENGINE_ARGS"] == ""
+        assert api["environment"]["LABELER_VLLM_URLS"].split(",") == ["http://vllm-0:8000", "http://vllm-1:8000"]
+        assert set(api["depends_on"]) == {"redis", "vllm-0", "vllm-1"}
 
 
 def test_dockerfiles_lint_clean():
@@ -75,6 +89,26 @@ def test_dockerfiles_lint_clean():
     assert "HEALTHCHECK" in text and re.search(r"^USER \d+$", text, re.M)
     # Dependency layer before the source layer.
     assert text.index("pip install .") < text.index("COPY labeler ./labeler")
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "base"), [("Dockerfile", "python:3.11-slim"), ("Dockerfile.vllm", "vllm/vllm-openai:v0.32.0")]
+)
+def test_dockerfiles_take_their_sources_as_build_arguments(dockerfile, base):
+    """Official bases and public indexes by default, nothing of one machine; every pip step
+    mounts the optional CA-bundle secret, and no step copies a certificate in."""
+    text = (DOCKER / dockerfile).read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(.*)$", text, re.M))
+    assert args["BASE_IMAGE"] == base and re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    for value in args.values():
+        assert not re.search(r"127\.0\.0\.1|localhost|file:|/opt/|/etc/ssl|\.crt", value), value
+    if dockerfile == "Dockerfile":
+        assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu" and args["TORCH_FIND_LINKS"] == ""
+        assert args["TORCH_VERSION"].endswith("+cpu")
+    steps = re.split(r"\n(?=[A-Z]+ )", re.sub(r"\\\n", " ", re.sub(r"^#.*\n", "", text, flags=re.M)))
+    pip_steps = [s for s in steps if s.startswith("RUN") and "pip install" in s]
+    assert pip_steps and all(s.startswith("RUN --mount=type=secret,id=ca_bundle ") for s in pip_steps)
+    assert not [s for s in steps if s.startswith(("COPY", "ADD")) and re.search(r"\.(crt|pem)\b|cert", s)]
 
 
 def env_file_values(path: Path) -> dict[str, str]:

@@ -180,7 +180,7 @@ def test_one_engine_call_and_errors_name_the_item(labeler, engine):
     assert engine.stats.score_calls == calls + 1 and len(out) == 2
     assert all(0.0 <= r.p_yes <= 1.0 and math.isclose(r.p_yes + r.p_no, 1.0) for r in out)
     with pytest.raises(InvalidInput) as exc:
-        labeler.judgments([ScoreItem("a?", "b"), ScoreItem("c?", "  ")], "tiny")
+        labeler.judgments([ScoreItem("a?", "b"), ScoreItem("c?", 7)], "tiny")  # type: ignore[arg-type]
     assert exc.value.field == "items[1].response"
     with pytest.raises(InvalidInput, match="samples"):
         labeler.judgments([ScoreItem("a?", "b")], "tiny", samples=2)

@@ -1,5 +1,10 @@
 """Faults, survived for real: Redis stopped and restarted under load, the engine raising
-mid-batch, the server killed (SIGKILL) and restarted during a client batch.
+mid-batch (one bad item) or going down (the whole batch), the server killed (SIGKILL) and
+restarted during a client batch.
+
+Every figure is counted: results are matched to the items they were for (`Tally`), and a
+kill "during a batch" is checked to have landed there (answers before it and after the
+restart, on the wire).
 
 Companions elsewhere, counted in docs/RELIABILITY.md: test_service.py's Redis outage
 between requests and test_client.py's graceful restart during a client batch.
@@ -8,9 +13,11 @@ between requests and test_client.py's graceful restart during a client batch.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 import uuid
+from collections import Counter
 
 import httpx
 import labeler_client as lc
@@ -18,43 +25,55 @@ import pytest
 
 from labeler import Labeler, ScoreItem
 from tests.fixtures.faults import FaultyEngine
-from tests.fixtures.load import RecordingTransport, drive, error_shape_ok, metric
+from tests.fixtures.load import LoadReport, RecordingTransport, drive, error_shape_ok, metric
 from tests.fixtures.process import ServeProcess
-from tests.fixtures.reliability import scale
+from tests.fixtures.reliability import Tally, questions, scale, score_tally
 from tests.fixtures.server import LiveServer
+from tests.fixtures.wait import async_wait_for, wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.reliability]
 
 POISON = "POISON-7f3a"
+UP_S = 2.0  # Redis serves this long between outages (pacing the scenario)
+DOWN_S = 2.0  # each Redis outage lasts this long (pacing the scenario)
+
+
+def score_items(items: list[dict[str, str]]) -> list[ScoreItem]:
+    return [ScoreItem(it.get("context", ""), it["response"]) for it in items]
 
 
 # -- Redis ---------------------------------------------------------------------------------------
-async def test_redis_stopped_and_restarted_under_load(make_server, redis_server, figures):
+async def test_redis_stopped_and_restarted_under_load(make_server, redis_server, labeler, figures):
     outages = scale(ci=2, full=6)
     srv = make_server(redis_url=redis_server.url, redis_cooldown=0.3, batch_wait_ms=2)
     tag = uuid.uuid4().hex[:8]
+    repeat = [{"context": "redis under load", "response": f"repeat {k}"} for k in range(16)]
 
     def body(i: int) -> dict:
         # Mostly items the cache answers while Redis is up (and the engine while it is down),
         # and every 4th request one that only the engine can answer.
-        items = [{"context": "redis under load", "response": f"repeat {i % 16}"}]
-        return {"task": "tiny", "items": items + ([{"response": f"fresh {tag} {i}"}] if i % 4 == 0 else [])}
+        fresh = [{"context": f"fresh {tag}", "response": f"new answer {i}"}] if i % 4 == 0 else []
+        return {"task": "tiny", "items": [repeat[i % 16], *fresh]}
 
-    warm = {"task": "tiny", "items": [{"context": "redis under load", "response": f"repeat {i}"} for i in range(16)]}
-    assert httpx.post(srv.url + "/v1/scores", json=warm, timeout=120).status_code == 200
+    assert httpx.post(srv.url + "/v1/scores", json={"task": "tiny", "items": repeat}, timeout=300).status_code == 200
     stop = asyncio.Event()
+    report = LoadReport()
     windows: list[tuple[float, float]] = []  # while Redis was down
 
     async def bounce_redis() -> None:
         try:
             for _ in range(outages):
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(UP_S)
+                await async_wait_for(lambda: report.in_flight > 0, 300, "a request in flight before Redis stops")
                 await asyncio.to_thread(redis_server.stop)
                 down = time.monotonic()
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(DOWN_S)
                 await asyncio.to_thread(redis_server.start)
                 windows.append((down, time.monotonic()))
-            await asyncio.sleep(1.0)
+            back = windows[-1][1]
+            await async_wait_for(
+                lambda: any(t0 >= back for t0, _, _ in report.spans), 300, "a request sent after the last outage"
+            )
         finally:
             stop.set()
 
@@ -65,78 +84,142 @@ async def test_redis_stopped_and_restarted_under_load(make_server, redis_server,
             body,
             total=scale(2000, 20000),
             concurrency=8,
-            timeout=60,
-            deadline=scale(120, 600),
+            timeout=120,
+            deadline=scale(300, 900),
             stop=stop,
+            report=report,
+            keep_answers=True,
         )
     )
     await bounce_redis()
-    report = await load
-    assert report.sent > 0 and report.statuses == {200: report.sent}, report  # 0 failed label requests
-    assert report.results_missing == 0 and report.hung == 0 and not report.errors
+    await load
+    assert report.sent > 0 and report.statuses == {200: report.sent}, report  # every label request answered
+    assert report.hung == 0 and not report.errors
+    # Each result is its own item's: checked against the labeler's results in process.
+    tally = await score_tally(labeler, "tiny", report.answers)
+    assert tally.exact and tally.expected == report.results_expected, tally
     # Under load: requests were in flight while Redis was down, in every outage.
     during = [sum(1 for t0, t1, _ in report.spans if t0 <= b and t1 >= a) for a, b in windows]
     assert len(during) == outages and min(during) >= 1, during
     errors = metric(srv.url, "labeler_cache_errors_total")
     assert errors > 0  # the outages were noticed (and bypassed), not missed
 
-    # Redis is back and used again: a new item is written, then read back from it.
-    time.sleep(0.5)  # past the cooldown
+    # Redis is back and used again: once past the cooldown, a new item is written, then read back.
+    wait_for(
+        lambda: httpx.get(srv.url + "/readyz", timeout=30).json()["cache_status"] == "ok", 60, "Redis in use again"
+    )
     item = {"task": "tiny", "items": [{"response": f"after {tag}"}]}
-    assert httpx.post(srv.url + "/v1/scores", json=item, timeout=60).json()["results"][0]["cached"] is False
-    assert httpx.post(srv.url + "/v1/scores", json=item, timeout=60).json()["results"][0]["cached"] is True
-    assert httpx.get(srv.url + "/readyz").json()["cache_status"] == "ok"
+    assert httpx.post(srv.url + "/v1/scores", json=item, timeout=120).json()["results"][0]["cached"] is False
+    assert httpx.post(srv.url + "/v1/scores", json=item, timeout=120).json()["results"][0]["cached"] is True
     figures.record(
         "redis-outages-under-load",
-        outages=outages,
+        outages=len(windows),
         requests=report.sent,
+        answered_200=report.statuses[200],
+        failed=report.sent - report.statuses[200],
+        status_5xx=report.status_5xx,
+        hung=report.hung,
         in_flight_while_down=sum(during),
-        failed=0,
-        items_lost=report.results_missing,
+        **tally.figures(),
         cache_errors_bypassed=int(errors),
         cache_hits=int(metric(srv.url, "labeler_cache_hits_total")),
     )
 
 
 # -- the engine raising mid-batch -------------------------------------------------------------------
+def bisected(failed: list[int]) -> bool:
+    """Failed calls of a batch split in halves down to one item: each at most half (rounded
+    up) of the one before, ending at 1, and no more of them than halvings allow."""
+    halving = all(b <= (a + 1) // 2 for a, b in zip(failed, failed[1:], strict=False))
+    return halving and failed[-1] == 1 and len(failed) <= 1 + math.ceil(math.log2(failed[0]))
+
+
 @pytest.mark.parametrize(("exc_type", "stage"), [("engine", "score"), ("runtime", "score"), ("runtime", "generate")])
 async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, test_tasks, figures, exc_type, stage):
     faulty = FaultyEngine(labeler.engine, poison=POISON, stage=stage, exc_type=exc_type)
-    srv = LiveServer(Labeler(faulty, test_tasks, max_rationale_tokens=16), batch_wait_ms=300)
+    # A long batch wait, so that concurrent requests share a batch even on a busy machine.
+    srv = LiveServer(Labeler(faulty, test_tasks, max_rationale_tokens=16), batch_wait_ms=1000)
+    cot = stage == "generate"
+    good = questions(scale(ci=3, full=12), f"fault {stage}")
+    ref = [r.distribution for r in await labeler.ascores(score_items(good), "tiny", cot=cot)]
+    bodies = [{"task": "tiny", "items": [it], "cot": cot, "cache": False} for it in good]
+    bodies.insert(2, {"task": "tiny", "items": [{"context": "fault", "response": POISON}], "cot": cot, "cache": False})
     srv.start()
     try:
-        cot = stage == "generate"
-        good = [{"context": f"fault {i}", "response": f"answer {i}"} for i in range(scale(ci=3, full=12))]
-        bodies = [{"task": "tiny", "items": [it], "cot": cot, "cache": False} for it in good]
-        poisoned = {"context": "fault", "response": POISON}
-        bodies.insert(2, {"task": "tiny", "items": [poisoned], "cot": cot, "cache": False})
-        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
             rs = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies))
-        bad = rs.pop(2)
-        assert bad.status_code == 503 and bad.headers["retry-after"] == "1"
-        err = bad.json()
-        assert error_shape_ok(err, 503) and err["error"]["type"] == "engine_error"
-        assert "injected fault" in err["error"]["message"]  # says what failed
-        assert faulty.failed_batches[0] > 1  # it failed a batch shared with good items...
-        ref = await labeler.ascores([ScoreItem(**it) for it in good], "tiny", cot=cot)
-        for r, want in zip(rs, ref, strict=True):  # ...and those still answered, correctly
-            assert r.status_code == 200, r.text
-            assert r.json()["results"][0]["distribution"] == pytest.approx(want.distribution, abs=1e-4)
-        # The server keeps serving, and a transient fault (one failed call) costs nobody an answer.
-        faulty.fail_next = 1
-        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+            poison_faults = list(faulty.failed_batches)
+            # A transient fault (the next engine call fails, once) must cost nobody an answer.
+            faulty.fail_next = 1
             after = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies[:2] + bodies[3:]))
-        assert [r.status_code for r in after] == [200] * len(after)
-        assert httpx.get(srv.url + "/readyz").status_code == 200
+        transient_faults = faulty.failed_batches[len(poison_faults) :]
+        ready = httpx.get(srv.url + "/readyz").status_code
     finally:
         srv.stop()
+    bad = rs.pop(2)
+    assert bad.status_code == 503 and bad.headers["retry-after"] == "1"
+    err = bad.json()
+    assert error_shape_ok(err, 503) and err["error"]["type"] == "engine_error"
+    assert "injected fault" in err["error"]["message"]  # says what failed
+    # The poisoned item failed a batch shared with good items, which was split in halves
+    # (log2 of the batch in failed calls, not one per item) until it stood alone...
+    assert poison_faults[0] > 1 and bisected(poison_faults), poison_faults
+    # ...and its batch-mates, and every request after the transient fault, got their own results.
+    statuses = Counter(r.status_code for r in rs + after)
+    assert statuses == {200: len(rs) + len(after)}, statuses
+    tally = Tally()
+    for round_ in (rs, after):
+        tally.add([d for r in round_ for d in (x["distribution"] for x in r.json()["results"])], ref)
+    assert tally.exact, tally
+    assert len(transient_faults) == 1 and ready == 200  # one fault, and the server kept serving
     figures.record(
         f"engine-fault-{exc_type}-{stage}",
         faults_injected=faulty.raised,
-        failed_batch=faulty.failed_batches[0],
-        poisoned_503=1,
-        others_200=len(rs) + len(after),
-        items_lost=0,
+        failed_calls="/".join(map(str, poison_faults + transient_faults)),
+        poisoned_503=int(bad.status_code == 503),
+        others_200=statuses[200],
+        others_5xx=sum(n for code, n in statuses.items() if code >= 500),
+        **tally.figures(),
+    )
+
+
+async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_tasks, figures):
+    """An engine that is down (EngineUnavailable) fails every waiter of the batch with one
+    call: no bisection, no retry per item. Once it is back, the same requests are answered."""
+    faulty = FaultyEngine(labeler.engine, exc_type="unavailable")
+    srv = LiveServer(Labeler(faulty, test_tasks), batch_wait_ms=1000)
+    items = questions(scale(ci=6, full=16), "outage")
+    ref = [r.distribution for r in await labeler.ascores(score_items(items), "tiny")]
+    bodies = [{"task": "tiny", "items": [it], "cache": False} for it in items]
+    srv.start()
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
+            calls_before = faulty.calls
+            faulty.fail_next = len(items)  # enough for a call per item, which a per-item retry would make
+            down = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies))
+            calls = faulty.batches[calls_before:]
+            faulty.fail_next = 0  # the engine is back
+            back = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies))
+    finally:
+        srv.stop()
+    for r in down:
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert error_shape_ok(r.json(), 503) and r.json()["error"]["type"] == "engine_unavailable"
+    # One engine call per batch, each failed, every item in exactly one of them; and the
+    # batcher did put several requests' items in one batch, so per-item calls would show.
+    assert faulty.failed_batches == calls and sum(calls) == len(items) and max(calls) > 1, calls
+    assert [r.status_code for r in back] == [200] * len(back)
+    tally = Tally()
+    tally.add([r.json()["results"][0]["distribution"] for r in back], ref)
+    assert tally.exact, tally
+    figures.record(
+        "engine-unavailable",
+        requests=len(down),
+        unavailable_503=sum(r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable" for r in down),
+        engine_calls=len(calls),
+        items_per_call="/".join(map(str, calls)),
+        after_200=sum(r.status_code == 200 for r in back),
+        **tally.figures(),
     )
 
 
@@ -144,12 +227,8 @@ async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, t
 def test_server_killed_and_restarted_during_a_client_batch(labeler, tmp_path, figures):
     kills = scale(ci=1, full=3)
     n = scale(ci=24, full=128)
-    items = [
-        {"context": f"Question {i}: what is {i} times 3?", "response": f"It is {3 * i + i % 2}."} for i in range(n)
-    ]
-    ref = labeler.scores([ScoreItem(**it) for it in items], "tiny")
-    # Items whose answers differ, so that a result given to the wrong item would show.
-    assert len({tuple(round(p, 4) for p in r.distribution) for r in ref}) == n
+    items = questions(n, "kill")
+    ref = [r.distribution for r in labeler.scores(score_items(items), "tiny")]
     srv = ServeProcess(tmp_path / "serve.log", "--log-level", "warning")
     srv.start()
     transport = RecordingTransport()
@@ -158,17 +237,23 @@ def test_server_killed_and_restarted_during_a_client_batch(labeler, tmp_path, fi
         batch_size=4,
         max_concurrency=2,
         transport=transport,
-        retry=lc.Retry(max_retries=200, backoff=0.2, max_backoff=1.0),
+        # Retries that outlast any restart ServeProcess.start allows (180 s).
+        retry=lc.Retry(max_retries=600, backoff=0.2, max_backoff=1.0),
     )
     done = threading.Event()
-    killed_mid_batch: list[bool] = []
+    cuts: list[tuple[float, float]] = []  # (killed, ready again), monotonic
 
     def crash_and_restart() -> None:
         for _ in range(kills):
-            time.sleep(1.0)
-            killed_mid_batch.append(not done.is_set())
+            since = cuts[-1][1] if cuts else 0.0
+            # Part of the batch answered since the last start: the kill lands mid-batch.
+            wait_for(lambda s=since: transport.answered(s) or done.is_set(), 600, "an answer since the server started")
+            if done.is_set():
+                return
+            killed = time.monotonic()
             srv.kill()
             srv.start()
+            cuts.append((killed, time.monotonic()))
 
     killer = threading.Thread(target=crash_and_restart)
     try:
@@ -179,19 +264,27 @@ def test_server_killed_and_restarted_during_a_client_batch(labeler, tmp_path, fi
     finally:
         client.close()
         srv.stop()
-    assert killed_mid_batch == [True] * kills  # every kill landed while the batch was running
-    errors = [s for _, s, _ in transport.log if isinstance(s, str)]
-    assert errors  # the client did see the crash, and went on
-    # Exactly once, in order: one result per item, each the item's own.
-    assert len(got) == n and all(g is not None for g in got)
-    for g, want in zip(got, ref, strict=True):
-        assert g.distribution == pytest.approx(want.distribution, abs=1e-4)
+    # Every kill landed mid-batch, as seen on the wire: answers came since the previous start
+    # and before the kill, the client met the outage, and answers came after the restart.
+    starts = [0.0] + [ready for _, ready in cuts]
+    ends = [killed for killed, _ in cuts[1:]] + [math.inf]
+    before = [transport.answered(s, k) for s, (k, _) in zip(starts, cuts, strict=False)]
+    cut = [transport.failed(k, r) for k, r in cuts]
+    after = [transport.answered(r, e) for (_, r), e in zip(cuts, ends, strict=True)]
+    assert len(cuts) == kills and min(before) > 0 and min(cut) > 0 and min(after) > 0, (before, cut, after)
+    # Exactly once, in order: one result per item, each the item's own; one answer per request.
+    tally = Tally()
+    tally.add([g.distribution if g is not None else None for g in got], ref)
+    assert tally.exact, tally
+    assert transport.answered() == math.ceil(n / 4)
     figures.record(
         "server-killed-during-client-batch",
-        kills=kills,
+        kills=len(cuts),
+        mid_batch_kills=sum(b > 0 and c > 0 and a > 0 for b, c, a in zip(before, cut, after, strict=True)),
         items=n,
-        connection_errors_retried=len(errors),
-        results=len(got),
-        items_lost=0,
-        duplicates=0,
+        answered_before_kills=sum(before),
+        answered_after_restarts=sum(after),
+        connection_errors_retried=transport.failed(),
+        requests_200=transport.answered(),
+        **tally.figures(),
     )

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from labeler import ScoreItem
+from labeler.chat import normalize_item
 from labeler.prompts import clean_text, fence_tag
-from service.serving import split_query
 from tests.fixtures.prompts import LAST_USER, fences, last_user_tag, special_ids
 from tests.fixtures.reliability import FULL, scale
 
@@ -149,8 +149,7 @@ async def test_the_corpus_through_the_api(live_server, labeler, corpus):
     short = [v for k, v in corpus.items() if len(v) < 1000 and (FULL or k in WIRE)]
     assert b"\\ud800" in raw_json({"x": corpus["lone-high-surrogate"]})
     # OpenRLHF queries are split at the template's markers first: a query that is nothing
-    # but a marker has no response left, and is refused by name.
-    splits = {q: split_query(q, None)[1] for q in short}
+    # but markup leaves an empty response, judged like any other.
     async with httpx.AsyncClient(base_url=live_server.url, timeout=300) as client:
         scores = await post_raw(
             client,
@@ -167,15 +166,15 @@ async def test_the_corpus_through_the_api(live_server, labeler, corpus):
                 "items": [{"context": v, "response_a": v, "response_b": v} for v in short],
             },
         )
-        reward = await post_raw(client, "/get_reward?task=tiny", {"query": [q for q, r in splits.items() if r]})
-        empty = [await post_raw(client, "/get_reward", {"query": [q]}) for q, r in splits.items() if not r]
+        reward = await post_raw(client, "/get_reward?task=tiny", {"query": short})
     assert scores.status_code == 200 and prefs.status_code == 200, (scores.text, prefs.text)
-    want = await labeler.ascores([ScoreItem(v, v) for v in short], "tiny")
+    # The service reads contexts as their canonical transcript and responses without
+    # end-of-turn markers (labeler.chat): the same normalization, then the labeler in process.
+    want = await labeler.ascores([ScoreItem(**normalize_item({"context": v, "response": v})) for v in short], "tiny")
     for got, ref in zip(scores.json()["results"], want, strict=True):
         assert got["distribution"] == pytest.approx(ref.distribution, abs=1e-4)
     assert all(r["p_a"] + r["p_b"] == pytest.approx(1.0) for r in prefs.json()["results"])
-    assert reward.status_code == 200 and len(reward.json()["rewards"]) == sum(map(bool, splits.values()))
-    assert all(r.status_code == 422 and r.json()["error"]["param"] == "query[0]" for r in empty)
+    assert reward.status_code == 200 and len(reward.json()["rewards"]) == len(short)
 
 
 @pytest.mark.model

@@ -78,7 +78,7 @@ def test_reference_rewards_equal_direct_forwards(labeler, engine):
     assert got.consistent == ((p_ab > 0.5) == (p_ba > 0.5))
     with pytest.raises(InvalidInput) as exc:
         labeler.reference_rewards(
-            [ReferenceItem(ctx, resp, ref), {"context": ctx, "response": resp, "reference": ""}], "tiny"
+            [ReferenceItem(ctx, resp, ref), {"context": ctx, "response": resp, "reference": None}], "tiny"
         )
     assert exc.value.field == "items[1].reference"
 
@@ -195,7 +195,7 @@ def test_group_errors_name_the_group_and_response(labeler):
         labeler.group_rewards([GroupItem("c", ["a", "b"]), GroupItem("c", ["only one"])], "tiny")
     assert exc.value.field == "groups[1].responses"
     with pytest.raises(InvalidInput) as exc:
-        labeler.group_rewards([{"context": "c", "responses": ["a", " ", "b"]}], "tiny")
+        labeler.group_rewards([{"context": "c", "responses": ["a", 3, "b"]}], "tiny")
     assert exc.value.field == "groups[0].responses[1]"
     with pytest.raises(InvalidInput) as exc:
         labeler.group_rewards([GroupItem("c", "ab")], "tiny")

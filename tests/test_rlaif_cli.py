@@ -11,6 +11,7 @@ import pytest
 from labeler import PairItem, ScoreItem, cli
 from labeler import evaluate as ev
 from labeler import harmless as hl
+from tests.fixtures.model import TEST_TASKS
 from tests.test_batch_label import in_process, rows, write_jsonl  # noqa: F401 - in_process is a fixture
 
 pytestmark = pytest.mark.model
@@ -33,11 +34,16 @@ def test_judge_and_render_judgment(labeler, in_process, capsys):  # noqa: F811 -
     ref = labeler.judgment("2+2?", "4", "tiny")
     assert out["p_yes"] == pytest.approx(ref.p_yes, abs=1e-6) and out["task_version"] == labeler.task("tiny").version
     argv = ["render", "--task", "tiny", "--kind", "judgment", "--context", "2+2?", "--response", "4", "--json"]
+    argv += ["--tasks-dir", str(TEST_TASKS)]
     assert cli.main(argv) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["prompt"] == labeler.render_judgment("tiny", "2+2?", "4").prompt
     assert {c["label"] for c in shown["candidates"]} == {"Yes", "yes", "No", "no"}
-    assert cli.main(["judge", "--task", "general", "--context", "c", "--response", " "]) == 2
+    # An empty answer is a policy's output like any other: judged, not refused.
+    assert cli.main(["judge", "--task", "tiny", "--context", "c", "--response", " ", "--json"]) == 0
+    empty = json.loads(capsys.readouterr().out)
+    assert empty["p_yes"] == pytest.approx(labeler.judgment("c", " ", "tiny").p_yes, abs=1e-6)
+    assert cli.main(["judge", "--task", "no-such-task", "--context", "c", "--response", "r"]) == 2
 
 
 def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, capsys):  # noqa: F811

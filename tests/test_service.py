@@ -13,7 +13,6 @@ import redis
 
 from labeler import PairItem, ScoreItem
 from service.protocol import PreferencesResponse, ScoresResponse
-from service.serving import split_query
 from tests.fixtures.load import error_shape_ok
 
 pytestmark = pytest.mark.model
@@ -53,7 +52,8 @@ def test_preferences_equal_the_labeler_in_process(live_server, labeler):
     PreferencesResponse.model_validate(r)  # the documented response schema holds
     assert r["model"] == labeler.model_id and r["task_version"] == labeler.task("tiny").version
     for got, want in zip(r["results"], ref, strict=True):
-        assert got["p_a"] == pytest.approx(want.p_a, abs=1e-9) and got["p_a_ba"] == pytest.approx(want.p_a_ba, abs=1e-9)
+        # 1e-5: a result moves with its engine batch-mates by up to ~3e-6 (fp32 padding)
+        assert got["p_a"] == pytest.approx(want.p_a, abs=1e-5) and got["p_a_ba"] == pytest.approx(want.p_a_ba, abs=1e-5)
         assert got["consistent"] == want.consistent and got["cached"] is False
     one = post(live_server, "/v1/preferences", {"task": "tiny", "items": [PAIR], "order": "ab", "cache": False})
     assert one.json()["results"][0]["p_a_ba"] is None and one.json()["results"][0]["consistent"] is None
@@ -64,7 +64,7 @@ def test_scores_and_cot(live_server, labeler):
     ScoresResponse.model_validate(r)
     res = r["results"][0]
     ref = labeler.score("2+2?", "4", "tiny")
-    assert res["distribution"] == pytest.approx(ref.distribution, abs=1e-9) and len(res["distribution"]) == 10
+    assert res["distribution"] == pytest.approx(ref.distribution, abs=1e-5) and len(res["distribution"]) == 10
     assert -1 <= res["reward"] <= 1 and 1 <= res["expected"] <= 10
     cot = post(
         live_server, "/v1/scores", {"task": "tiny", "cot": True, "items": [{"context": "2+2?", "response": "4"}]}
@@ -122,7 +122,7 @@ def test_redis_cache_survives_redis_outages(make_server, redis_server):
     client = redis.Redis.from_url(redis_server.url)
     item = {"context": "redis", "response": "kept"}
     first = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
-    assert first["cached"] is False and len(client.keys("labeler:v1:*")) >= 1
+    assert first["cached"] is False and len(client.keys("labeler:v2:*")) >= 1
     assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is True
     redis_server.stop()
     try:
@@ -164,7 +164,6 @@ def test_limits_give_clear_4xx(make_server):
     assert err["param"] == "items[0].response" and "50" in err["message"]
     err = assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"response": "1 " * 20}]}), 422)
     assert err["param"] == "items[0]" and "30" in err["message"]
-    assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"response": " "}]}), 422, "items[0].response")
     assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [ok], "samples": 2}), 422, "samples")
     assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [{"respons": "typo"}]}), 422)
     assert_error(post(srv, "/v1/scores", {"task": "nope", "items": [ok]}), 422, "task")
@@ -184,10 +183,10 @@ def test_limits_give_clear_4xx(make_server):
     assert_error(httpx.get(srv.url + "/nope"), 404)
 
 
-def test_bodies_are_read_like_fastapi_would(live_server):
-    """The label routes read their own bodies (service/routing.py): JSON with or without a
-    charset or a content type, and UTF-16 JSON, are read alike; another content type or
-    broken JSON is a 422 naming the body; the OpenAPI document still describes the body."""
+def test_request_bodies(live_server):
+    """JSON with or without a charset or a content type, and UTF-16 JSON, are read alike;
+    another content type or broken JSON is a 422 naming the body; the OpenAPI document
+    describes the body."""
     body = {"task": "tiny", "items": [{"context": "Say hi.", "response": "Hi."}]}
     raw = json.dumps(body)
     answers = [
@@ -240,39 +239,10 @@ def test_get_reward_openrlhf_contract(live_server, labeler):
     )
     body = resp.json()
     assert resp.status_code == 200 and set(body) == {"rewards", "scores", "extra_logs"}
-    ctx = "<|im_start|>user\nWhat is 2+2?<|im_end|>"  # the assistant marker is template, not context
-    ref = labeler.scores([ScoreItem(ctx, "4"), ScoreItem("Say hi.", "Hello!")], "tiny")
-    assert body["rewards"] == pytest.approx([r.reward for r in ref], abs=1e-9)
+    # The ChatML prompt is read as its canonical transcript (labeler.chat): one user turn.
+    ref = labeler.scores([ScoreItem("What is 2+2?", "4"), ScoreItem("Say hi.", "Hello!")], "tiny")
+    assert body["rewards"] == pytest.approx([r.reward for r in ref], abs=1e-5)
     # Without prompts, the split is at the last assistant marker.
     alone = httpx.post(live_server.url + "/get_reward?task=tiny", json={"query": queries[:1]}, timeout=120).json()
     assert alone["rewards"] == pytest.approx(body["rewards"][:1], abs=1e-9)
     assert_error(httpx.post(live_server.url + "/get_reward", json={"query": ["a"], "prompts": ["a", "b"]}), 422)
-
-
-@pytest.mark.parametrize(
-    ("query", "prompt", "expected"),
-    [
-        ("P: hi A: yo", "P: hi", ("P: hi", "A: yo")),
-        ("<|im_start|>assistant\nyo", "<|im_start|>assistant\n", ("", "yo")),
-        (
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>",
-            None,
-            ("<|im_start|>user\nhi<|im_end|>", "yo"),
-        ),
-        (
-            "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nyo"
-            "<|eot_id|>",
-            None,
-            ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", "yo"),
-        ),
-        (
-            "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b",
-            None,
-            ("Human: hi\n\nAssistant: a\n\nHuman: more", "b"),
-        ),
-        ("just text", None, ("", "just text")),
-        ("mismatch yo", "other", ("", "mismatch yo")),
-    ],
-)
-def test_split_query(query, prompt, expected):
-    assert split_query(query, prompt) == expected

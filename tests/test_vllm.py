@@ -1,14 +1,35 @@
-"""vLLM engines on this CPU: in-process AsyncLLM and remote `vllm serve`, both equal to
-the transformers engine on the same weights (within 1e-4), CoT with greedy decoding too."""
+"""vLLM engines on this CPU: in-process AsyncLLM and remote `labeler vllm-server`, both
+equal to the transformers engine on the same weights (within 1e-4), CoT with greedy
+decoding too; the CPU defaults both get (fp32, eager, a KV cache that fits, thread
+binding) and the clear errors when a KV cache cannot fit."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
 from labeler import Labeler, PairItem, ScoreItem
+from labeler.commands_vllm import given_args, server_command
+from labeler.engines.vllm_cpu import (
+    CPU_KV_CACHE_MAX,
+    THREADS_BIND_ENV,
+    GiB,
+    cpu_defaults,
+    default_kv_cache_bytes,
+    kv_bytes_per_token,
+    threads_bind,
+    weights_bytes,
+)
+from labeler.engines.vllm_engine import VLLMEngine
 from labeler.engines.vllm_remote import VLLMRemoteEngine
+from labeler.errors import ModelLoadError
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
 TOL = 1e-4
@@ -123,7 +144,7 @@ def test_labeler_serve_with_the_vllm_engine(vllm_servers, tmp_path):
         if s.proc is not None:
             s.wait_ready()
     port = free_port()
-    args = ["kv_cache_memory_bytes=1073741824", "enforce_eager=true", "dtype=float32", "max_model_len=2048"]
+    args = ["kv_cache_memory_bytes=512M"]  # every other vLLM setting is the engine's CPU default
     cmd = [
         sys.executable,
         "-m",
@@ -154,3 +175,122 @@ def test_labeler_serve_with_the_vllm_engine(vllm_servers, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+
+
+# -- CPU defaults ------------------------------------------------------------------------------
+
+
+def embedded_kv_bytes_per_token(model_dir) -> int:
+    """Independently: K and V, per layer, per KV head, head_dim floats of 4 bytes."""
+    c = json.loads((model_dir / "config.json").read_text())
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 4
+
+
+def test_kv_and_weight_sizes_from_the_model_files(model_dir):
+    assert kv_bytes_per_token(model_dir, "float32") == embedded_kv_bytes_per_token(model_dir)
+    assert kv_bytes_per_token(model_dir, "bfloat16") * 2 == embedded_kv_bytes_per_token(model_dir)
+    files = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    assert weights_bytes(model_dir, "float32") == files  # stored as fp32
+    assert weights_bytes(model_dir, "bfloat16") == files // 2
+
+
+def test_default_kv_cache_size(model_dir):
+    weights = weights_bytes(model_dir, "float32")
+    one_sequence = embedded_kv_bytes_per_token(model_dir) * 8192  # the model's context
+
+    def size(available: int, max_model_len: int | None = None) -> int:
+        return default_kv_cache_bytes(model_dir, dtype="float32", max_model_len=max_model_len, available=available)
+
+    assert size(64 * GiB) == CPU_KV_CACHE_MAX  # a big machine: the cap
+    assert size(4 * GiB) == ((4 * GiB - weights) // 4) >> 20 << 20  # a quarter of what is left, whole MiB
+    # Little memory: still one full-length sequence, or a clear refusal that names the fix.
+    little = weights + one_sequence + (64 << 20)
+    assert size(little) >= one_sequence
+    with pytest.raises(ModelLoadError, match="max_model_len") as err:
+        size(weights + one_sequence // 2)
+    assert "8192 tokens" in str(err.value)
+    assert size(weights + one_sequence // 2, max_model_len=2048) >= one_sequence // 4
+
+
+def test_cpu_defaults_fill_in_only_what_is_not_given(model_dir):
+    d = cpu_defaults(model_dir, {}, environ={})
+    assert d.args["dtype"] == "float32" and d.args["enforce_eager"] is True
+    assert 0 < d.args["kv_cache_memory_bytes"] <= CPU_KV_CACHE_MAX
+    assert d.env == {THREADS_BIND_ENV: threads_bind()}
+    given = {"dtype": "bfloat16", "enforce_eager": False, "kv_cache_memory_bytes": 1 << 28}
+    assert cpu_defaults(model_dir, given, environ={}).args == {}
+    assert "kv_cache_memory_bytes" not in cpu_defaults(model_dir, {"gpu_memory_utilization": 0.01}, environ={}).args
+    assert "kv_cache_memory_bytes" not in cpu_defaults(model_dir, {}, environ={"VLLM_CPU_KVCACHE_SPACE": "1"}).args
+    # A binding of the user's own, or an engine over several ranks, keeps vLLM's handling.
+    assert cpu_defaults(model_dir, {}, environ={THREADS_BIND_ENV: "0"}).env == {}
+    assert cpu_defaults(model_dir, {"tensor_parallel_size": 2}, environ={}).env == {}
+
+
+def test_threads_bind_is_every_cpu_of_this_process():
+    cores = {}
+    for cpu in psutil.Process().cpu_affinity():
+        core = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id").read_text().strip()
+        cores.setdefault(core, cpu)
+    # One NUMA node here: one CPU per physical core, all of them.
+    assert threads_bind() == ",".join(str(c) for c in sorted(cores.values()))
+
+
+def test_kv_cache_that_cannot_fit_is_refused_before_vllm_starts(model_dir):
+    with pytest.raises(ModelLoadError, match=r"kv_cache_memory_bytes=.*does not fit.*pass a smaller"):
+        VLLMEngine(model_dir, kv_cache_memory_bytes="1000G")
+    with pytest.raises(ModelLoadError, match=r"gpu_memory_utilization=1.0 reserves"):
+        VLLMEngine(model_dir, gpu_memory_utilization=1.0)  # more than is ever free
+    # The commands say it in one line, exit status 2.
+    for command in (
+        ["vllm-server", "embedded", "--kv-cache-memory-bytes", "1000G"],
+        ["serve", "--engine", "vllm", "--engine-arg", "kv_cache_memory_bytes=1000G"],
+    ):
+        cmd = [sys.executable, "-m", "labeler.cli", *command]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error: kv_cache_memory_bytes=1073741824000 (1000.00 GiB)"), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_given_args_reads_vllm_flags():
+    argv = ["--port", "8001", "--max-model-len=2048", "--enforce-eager", "--no-enable-prefix-caching"]
+    argv += ["-tp", "2", "--kv_cache_memory_bytes", "1G"]
+    assert given_args(argv) == {
+        "port": "8001",
+        "max_model_len": "2048",
+        "enforce_eager": True,
+        "enable_prefix_caching": False,
+        "tensor_parallel_size": "2",
+        "kv_cache_memory_bytes": "1G",
+    }
+
+
+def test_vllm_server_command_adds_the_cpu_defaults_the_user_did_not_give(model_dir):
+    cmd, env = server_command("embedded", ["--port", "8001", "--dtype", "bfloat16"])
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    assert cmd.count("--dtype") == 1 and cmd[-4:] == ["--port", "8001", "--dtype", "bfloat16"]
+    assert "--enforce-eager" in cmd
+    assert int(cmd[cmd.index("--kv-cache-memory-bytes") + 1]) <= CPU_KV_CACHE_MAX
+    assert env == {THREADS_BIND_ENV: threads_bind()}
+    cmd, _ = server_command("embedded", ["--kv-cache-memory-bytes", "512M", "--no-enforce-eager"])
+    assert cmd.count("--kv-cache-memory-bytes") == 1 and "--enforce-eager" not in cmd
+
+
+def test_engines_run_with_the_cpu_defaults(vllm_engine, vllm_servers):
+    """The in-process engine and `labeler vllm-server` as started: fp32, eager, and vLLM's
+    processes (not this one) bound to every CPU of the process."""
+    import torch
+
+    config = vllm_engine._engine.vllm_config
+    assert config.model_config.dtype == torch.float32 and config.model_config.enforce_eager
+    assert config.cache_config.kv_cache_memory_bytes == 512 << 20
+    assert THREADS_BIND_ENV not in os.environ  # set only while vLLM started its processes
+    children = psutil.Process().children(recursive=True)
+    bound = [p for p in children if p.environ().get(THREADS_BIND_ENV) == threads_bind()]
+    assert bound, "no vLLM process of the in-process engine got the thread binding"
+    server = vllm_servers[1]
+    server.wait_ready()
+    assert psutil.Process(server.proc.pid).environ()[THREADS_BIND_ENV] == threads_bind()
+    log = server.log_path.read_text()
+    assert "dtype=torch.float32" in log and "enforce_eager=True" in log
+    assert f"VLLM_CPU_OMP_THREADS_BIND='{threads_bind()}'" in log  # vLLM's own account of the binding

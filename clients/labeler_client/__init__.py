@@ -4,27 +4,27 @@
     client = Client("http://127.0.0.1:8000")              # or LABELER_URL / LABELER_API_KEY
     client.rewards(prompts, completions, task="helpful")  # -> list[float] in [-1, 1]
 
-Adapters: `labeler_client.trl` (GRPO reward functions, pairwise judge), `labeler_client.verl`
-(`compute_score`); fake server for tests: `labeler_client.testing`.
+Prompts may be text or chat messages: the service renders every context into one canonical
+transcript. Adapters: `labeler_client.trl` (reward functions, pairwise judge),
+`labeler_client.verl` (`compute_score`); fake server for tests: `labeler_client.testing`.
 """
 
 from ._client import AsyncClient, Client
-from ._config import ENV_API_KEY, ENV_URL, Retry, Timeouts
+from ._config import ENV_API_KEY, ENV_URL, Retry, Timeout
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
     BadRequestError,
     InvalidRequest,
-    LabelerError,
+    LabelerClientError,
     PayloadTooLarge,
     RateLimited,
     RequestError,
     ResponseError,
     ServerError,
-    Timeout,
+    TimeoutException,
 )
 from ._models import Health, Preference, Score, TaskInfo
-from ._text import as_text
 
 __version__ = "0.1.0"
 
@@ -38,7 +38,7 @@ __all__ = [
     "ENV_URL",
     "Health",
     "InvalidRequest",
-    "LabelerError",
+    "LabelerClientError",
     "PayloadTooLarge",
     "Preference",
     "RateLimited",
@@ -49,6 +49,5 @@ __all__ = [
     "ServerError",
     "TaskInfo",
     "Timeout",
-    "Timeouts",
-    "as_text",
+    "TimeoutException",
 ]

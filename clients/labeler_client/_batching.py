@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import httpx
+
 from . import _exceptions as exc
 
 T = TypeVar("T")
@@ -23,7 +25,7 @@ def halves(idx: range) -> tuple[range, range]:
     return idx[:mid], idx[mid:]
 
 
-def place(out: list[Any], idx: range, payload: Any, parse: Callable[[Any], T], request: Any = None) -> None:
+def place(out: list[Any], idx: range, payload: Any, parse: Callable[[Any], T], request: httpx.Request) -> None:
     """Write the parsed results of one batch into `out` at the batch's positions. A reply
     that is not one result per item raises: a missing result is never papered over."""
     results = payload.get("results") if isinstance(payload, dict) else None

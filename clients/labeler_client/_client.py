@@ -7,13 +7,13 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import httpx
 
 from . import _batching as batching
 from . import _exceptions as exc
-from ._config import RETRY_STATUSES, Retry, Timeouts, parse_retry_after, resolve_key, resolve_url
+from ._config import RETRY_STATUSES, Retry, Timeout, parse_retry_after, resolve_key, resolve_url
 from ._models import Health, Preference, Score, TaskInfo
 from ._text import Text, score_items
 
@@ -25,13 +25,20 @@ Item = Mapping[str, Any]
 __all__ = ["AsyncClient", "Client"]
 
 
+class Answer(NamedTuple):
+    """A 2xx answer's JSON body and the request it answered."""
+
+    data: Any
+    request: httpx.Request
+
+
 class _BaseClient:
     def __init__(
         self,
         base_url: str | None = None,
         api_key: str | None = None,
         *,
-        timeout: Timeouts | float | None = None,
+        timeout: Timeout | float | None = None,
         retry: Retry | int | None = None,
         batch_size: int = 64,
         max_concurrency: int = 4,
@@ -40,8 +47,8 @@ class _BaseClient:
         self.base_url = resolve_url(base_url)
         self.api_key = resolve_key(api_key)
         if isinstance(timeout, (int, float)):
-            timeout = Timeouts(read=float(timeout), connect=min(10.0, float(timeout)))
-        self.timeout = timeout or Timeouts()
+            timeout = Timeout(read=float(timeout), connect=min(10.0, float(timeout)))
+        self.timeout = timeout or Timeout()
         self.retry = Retry(max_retries=retry) if isinstance(retry, int) else (retry or Retry())
         if batch_size < 1 or max_concurrency < 1:
             raise ValueError("batch_size and max_concurrency must be at least 1")
@@ -74,13 +81,15 @@ class _BaseClient:
         raise exc.from_response(response, parse_retry_after(response.headers.get("retry-after")))
 
     @staticmethod
-    def _wrap(error: httpx.HTTPError, request: httpx.Request) -> exc.LabelerError:
+    def _wrap(error: httpx.HTTPError, request: httpx.Request) -> exc.LabelerClientError:
         if isinstance(error, httpx.TimeoutException):
-            return exc.Timeout(f"{request.method} {request.url}: timed out ({type(error).__name__})", request=request)
+            return exc.TimeoutException(
+                f"{request.method} {request.url}: timed out ({type(error).__name__})", request=request
+            )
         return exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
 
     @staticmethod
-    def _retry_delay(error: exc.LabelerError, attempt: int, retry: Retry) -> float | None:
+    def _retry_delay(error: exc.LabelerClientError, attempt: int, retry: Retry) -> float | None:
         """Seconds before the next try, or None when `error` is final."""
         if attempt >= retry.max_retries:
             return None
@@ -91,7 +100,7 @@ class _BaseClient:
         return None
 
     @staticmethod
-    def _splittable(error: exc.LabelerError, idx: range, on_error: OnError) -> bool:
+    def _splittable(error: exc.LabelerClientError, idx: range, on_error: OnError) -> bool:
         """With on_error="none", a batch refused for its content (413, 422) is split in halves
         so that only the offending items come back as None."""
         return on_error == "none" and len(idx) > 1 and isinstance(error, (exc.InvalidRequest, exc.PayloadTooLarge))
@@ -140,7 +149,7 @@ class Client(_BaseClient):
     def __exit__(self, *args: Any) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Any:
+    def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Answer:
         retry = retry or self.retry
         attempt = 0
         while True:
@@ -150,8 +159,8 @@ class Client(_BaseClient):
                     response = self._http.send(request)
                 except httpx.HTTPError as e:
                     raise self._wrap(e, request) from e
-                return self._answer(response)
-            except exc.LabelerError as error:
+                return Answer(self._answer(response), request)
+            except exc.LabelerClientError as error:
                 delay = self._retry_delay(error, attempt, retry)
                 if delay is None:
                     raise
@@ -166,9 +175,11 @@ class Client(_BaseClient):
 
         def run(idx: range) -> None:
             try:
-                payload = self._send("POST", path, {**opts, "items": batching.select(items, idx)})
-                batching.place(out, idx, payload, parse)
-            except exc.LabelerError as error:
+                answer = self._send("POST", path, {**opts, "items": batching.select(items, idx)})
+                batching.place(out, idx, answer.data, parse, answer.request)
+            except exc.LabelerClientError as error:
+                if isinstance(error, exc.APIStatusError):
+                    error._about_item(idx.start)
                 if on_error == "raise":
                     raise
                 if self._splittable(error, idx, on_error):
@@ -206,7 +217,7 @@ class Client(_BaseClient):
     ) -> list[Preference | None]:
         """Pairwise preferences for items `{"context", "response_a", "response_b"}`, in input order.
 
-        Raises the first `LabelerError` of any batch; with `on_error="none"` the items that
+        Raises the first `LabelerClientError` of any batch; with `on_error="none"` the items that
         failed (after retries) are None instead."""
         opts = self._options(task, order=order, cot=cot, samples=samples, seed=seed, cache=cache)
         return self._batched("/v1/preferences", items, opts, Preference.model_validate, on_error)
@@ -242,11 +253,11 @@ class Client(_BaseClient):
 
     def tasks(self) -> list[TaskInfo]:
         """The tasks the server knows."""
-        return [TaskInfo.model_validate(t) for t in self._send("GET", "/v1/tasks")["tasks"]]
+        return [TaskInfo.model_validate(t) for t in self._send("GET", "/v1/tasks").data["tasks"]]
 
     def health(self, *, retry: Retry | None = None) -> Health:
         """The server's readiness (`GET /readyz`); raises `ServerError` (503) while not ready."""
-        return Health.model_validate(self._send("GET", "/readyz", retry=retry))
+        return Health.model_validate(self._send("GET", "/readyz", retry=retry).data)
 
 
 class AsyncClient(_BaseClient):
@@ -273,7 +284,7 @@ class AsyncClient(_BaseClient):
     async def __aexit__(self, *args: Any) -> None:
         await self.aclose()
 
-    async def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Any:
+    async def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Answer:
         retry = retry or self.retry
         attempt = 0
         while True:
@@ -283,8 +294,8 @@ class AsyncClient(_BaseClient):
                     response = await self._http.send(request)
                 except httpx.HTTPError as e:
                     raise self._wrap(e, request) from e
-                return self._answer(response)
-            except exc.LabelerError as error:
+                return Answer(self._answer(response), request)
+            except exc.LabelerClientError as error:
                 delay = self._retry_delay(error, attempt, retry)
                 if delay is None:
                     raise
@@ -300,9 +311,11 @@ class AsyncClient(_BaseClient):
 
         async def run(idx: range) -> None:
             try:
-                payload = await self._send("POST", path, {**opts, "items": batching.select(items, idx)})
-                batching.place(out, idx, payload, parse)
-            except exc.LabelerError as error:
+                answer = await self._send("POST", path, {**opts, "items": batching.select(items, idx)})
+                batching.place(out, idx, answer.data, parse, answer.request)
+            except exc.LabelerClientError as error:
+                if isinstance(error, exc.APIStatusError):
+                    error._about_item(idx.start)
                 if on_error == "raise":
                     raise
                 if self._splittable(error, idx, on_error):
@@ -369,8 +382,8 @@ class AsyncClient(_BaseClient):
 
     async def tasks(self) -> list[TaskInfo]:
         """See `Client.tasks`."""
-        return [TaskInfo.model_validate(t) for t in (await self._send("GET", "/v1/tasks"))["tasks"]]
+        return [TaskInfo.model_validate(t) for t in (await self._send("GET", "/v1/tasks")).data["tasks"]]
 
     async def health(self, *, retry: Retry | None = None) -> Health:
         """See `Client.health`."""
-        return Health.model_validate(await self._send("GET", "/readyz", retry=retry))
+        return Health.model_validate((await self._send("GET", "/readyz", retry=retry)).data)

@@ -19,9 +19,10 @@ RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
 
 @dataclass(frozen=True)
-class Timeouts:
+class Timeout:
     """Seconds to wait for a connection and for an answer (labeling a batch takes a while:
-    the read timeout covers queueing and the engine, so it is generous)."""
+    the read timeout covers queueing and the engine, so it is generous). Like `httpx.Timeout`,
+    this is the configuration; running out of it raises `TimeoutException`."""
 
     read: float = 300.0
     connect: float = 10.0

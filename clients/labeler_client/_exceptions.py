@@ -1,9 +1,9 @@
 """Exceptions. Every one carries the `request` (an `httpx.Request`) it belongs to; those with
 an HTTP answer also carry the `response`, its `status` and the server's error fields.
 
-LabelerError
+LabelerClientError
 ├── RequestError            the request did not get an HTTP answer (retried)
-│   └── Timeout             connect or read timeout (retried)
+│   └── TimeoutException    connect or read timeout (retried)
 ├── APIStatusError          the server answered with an error status (.status .type .param .code)
 │   ├── BadRequestError     4xx the caller must fix (never retried)
 │   │   ├── AuthenticationError   401
@@ -12,32 +12,39 @@ LabelerError
 │   ├── RateLimited         429 (retried after Retry-After; raised once retries run out)
 │   └── ServerError         5xx (502/503/504 retried)
 └── ResponseError           a 2xx answer the client cannot use (wrong shape or result count)
+
+When a call's items are sent in several requests, `.param` and `.item` of an error about one
+item name it by its position in the caller's list (`items[70].response` for the 7th item of
+the second 64-item request), not in the request that carried it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
 
+_INDEX = re.compile(r"\b(items|query)\[(\d+)\]")
 
-class LabelerError(Exception):
+
+class LabelerClientError(Exception):
     """Root of every error the client raises."""
 
-    def __init__(self, message: str, *, request: httpx.Request | None = None) -> None:
+    def __init__(self, message: str, *, request: httpx.Request) -> None:
         super().__init__(message)
         self.request = request
 
 
-class RequestError(LabelerError):
+class RequestError(LabelerClientError):
     """No HTTP answer (connection refused or reset, DNS, protocol error...)."""
 
 
-class Timeout(RequestError):
+class TimeoutException(RequestError):
     """The connect or read timeout passed."""
 
 
-class APIStatusError(LabelerError):
+class APIStatusError(LabelerClientError):
     """The server answered with an error status, in its `{"error": {...}}` shape."""
 
     def __init__(
@@ -53,6 +60,23 @@ class APIStatusError(LabelerError):
         self.param: str | None = err.get("param")
         self.code = err.get("code", self.status)
         self.retry_after = retry_after
+        self.item: int | None = None  # the caller's index of the item the error is about, if one
+
+    def _about_item(self, offset: int) -> None:
+        """Name the item by its position in the caller's list: this error's request carried
+        the caller's items from `offset` on."""
+        match = _INDEX.match(self.param or "")
+        if match is None or not offset:
+            if match is not None:
+                self.item = int(match.group(2))
+            return
+        self.item = offset + int(match.group(2))
+
+        def shift(m: re.Match[str]) -> str:
+            return f"{m.group(1)}[{offset + int(m.group(2))}]"
+
+        self.param = _INDEX.sub(shift, self.param, count=1)
+        self.args = (_INDEX.sub(shift, str(self), count=1),)
 
 
 class BadRequestError(APIStatusError):
@@ -79,7 +103,7 @@ class ServerError(APIStatusError):
     """5xx."""
 
 
-class ResponseError(LabelerError):
+class ResponseError(LabelerClientError):
     """A successful status with a body the client cannot use (never a silent placeholder)."""
 
 

@@ -47,3 +47,6 @@ class Health(BaseModel):
     engine: str = Field("", description="engine name (transformers, vllm, ...)")
     cache: str = Field("", description="cache backend")
     cache_status: Any = Field(None, description="cache reachability")
+    labeler: dict[str, Any] | None = Field(
+        None, description="the server's label parameters (temperature, max_rationale_tokens), part of each label's key"
+    )

@@ -1,13 +1,21 @@
-"""Input normalization: plain text or chat messages (TRL's conversational format) to the
-strings the service labels."""
+"""Inputs on the wire: plain text, or chat messages (TRL's conversational format) passed on as
+messages.
+
+The client renders no transcript of its own: the service brings every context, text or
+messages, to one canonical transcript (parsing known chat templates in text) and strips
+end-of-turn markers from responses, so the same dialogue gets the same reward whichever
+framework sent it. Here a message list is only reduced to `{"role", "content"}` strings
+(the text parts of multimodal content), and a completion to its assistant turns' text.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 Message = Mapping[str, Any]
 Text = str | Sequence[Message] | Message
+Context = str | list[dict[str, str]]
 
 
 def _content(message: Message) -> str:
@@ -17,7 +25,7 @@ def _content(message: Message) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, Sequence):
+    if isinstance(content, Iterable):
         parts = []
         for part in content:
             if isinstance(part, str):
@@ -28,41 +36,47 @@ def _content(message: Message) -> str:
     return str(content)
 
 
-def as_text(value: Text, *, role: str | None = None) -> str:
-    """Plain text from a string or from chat messages.
+def _messages(value: Any) -> list[Message]:
+    """`value` as a list of messages: one message, or any iterable of them (a list, or the
+    numpy object array a dataframe column gives)."""
+    if isinstance(value, Mapping):
+        return [value]
+    if not isinstance(value, (str, bytes)) and isinstance(value, Iterable):
+        messages = list(value)
+        if all(isinstance(m, Mapping) for m in messages):
+            return messages
+    raise TypeError(f"expected text or a list of {{'role', 'content'}} messages, got {type(value).__name__}")
 
-    Without `role`, messages become a transcript (`system: ...`, blank line, `user: ...`):
-    the context for a conversational prompt. With `role`, only the content of that role's
-    messages is kept (a completion's assistant turns); if none has that role, every
-    message's content is.
-    """
+
+def context_value(value: Text) -> Context:
+    """A context for the wire: text as is; messages as `{"role", "content"}` strings."""
     if isinstance(value, str):
         return value
-    if isinstance(value, Mapping):
-        value = [value]
-    if not isinstance(value, Sequence) or not all(isinstance(m, Mapping) for m in value):
-        raise TypeError(f"expected text or a list of {{'role', 'content'}} messages, got {type(value).__name__}")
-    if role is not None:
-        picked = [m for m in value if m.get("role") == role] or list(value)
-        return "\n".join(_content(m) for m in picked)
-    return "\n\n".join(f"{m.get('role', 'user')}: {_content(m)}" for m in value)
+    return [{"role": str(m.get("role") or "user"), "content": _content(m)} for m in _messages(value)]
 
 
 def completion_text(value: Text) -> str:
-    """A completion's text: the string itself, or its assistant messages' content."""
-    return as_text(value, role="assistant")
+    """A completion's text: the string itself, or its assistant messages' content (every
+    message's, when none is the assistant's)."""
+    if isinstance(value, str):
+        return value
+    messages = _messages(value)
+    picked = [m for m in messages if m.get("role") == "assistant"] or messages
+    return "\n".join(_content(m) for m in picked)
 
 
-def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[dict[str, str]]:
+def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[dict[str, Any]]:
     """`/v1/scores` items for (prompt, completion) pairs."""
     if isinstance(prompts, str) or isinstance(completions, str):
         raise TypeError("prompts and completions must be lists, not a single string")
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    return [{"context": as_text(p), "response": completion_text(c)} for p, c in zip(prompts, completions, strict=True)]
+    return [
+        {"context": context_value(p), "response": completion_text(c)} for p, c in zip(prompts, completions, strict=True)
+    ]
 
 
-def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list[dict[str, str]]:
+def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list[dict[str, Any]]:
     """`/v1/preferences` items for prompts and their (first, second) completion pairs."""
     if len(prompts) != len(pairs):
         raise ValueError(f"{len(prompts)} prompts but {len(pairs)} completion pairs")
@@ -71,6 +85,10 @@ def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list
         if isinstance(pair, str) or len(pair) != 2:
             raise ValueError("each entry of completions must hold exactly two completions")
         items.append(
-            {"context": as_text(p), "response_a": completion_text(pair[0]), "response_b": completion_text(pair[1])}
+            {
+                "context": context_value(p),
+                "response_a": completion_text(pair[0]),
+                "response_b": completion_text(pair[1]),
+            }
         )
     return items

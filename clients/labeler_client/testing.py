@@ -26,6 +26,17 @@ import httpx
 
 __all__ = ["FakeLabeler", "fake_reward"]
 
+# The server's error `type` for each status a fault can inject.
+_TYPES = {
+    400: "http_error",
+    401: "unauthorized",
+    413: "body_too_large",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "engine_error",
+}
+
 
 def fake_reward(context: str, response: str) -> float:
     """The fake service's reward in [-1, 1] for one item (a hash of the text)."""
@@ -33,8 +44,14 @@ def fake_reward(context: str, response: str) -> float:
     return round(int.from_bytes(digest[:4], "big") / 2**32 * 2 - 1, 6)
 
 
+def _context(item: dict[str, Any]) -> str:
+    """The context as text: chat messages as their JSON (the fake renders no transcript)."""
+    context = item.get("context", "")
+    return context if isinstance(context, str) else json.dumps(context, sort_keys=True)
+
+
 def _score(item: dict[str, Any]) -> dict[str, Any]:
-    reward = fake_reward(item.get("context", ""), item["response"])
+    reward = fake_reward(_context(item), item["response"])
     expected = reward * 4.5 + 5.5
     low = min(9, int(expected) - 1)
     frac = expected - (low + 1)
@@ -44,7 +61,7 @@ def _score(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _preference(item: dict[str, Any], order: str) -> dict[str, Any]:
-    ctx = item.get("context", "")
+    ctx = _context(item)
     p_a = 1 / (1 + math.exp(-4 * (fake_reward(ctx, item["response_a"]) - fake_reward(ctx, item["response_b"]))))
     ab = p_a if order in ("both", "ab") else None
     ba = p_a if order in ("both", "ba") else None
@@ -132,14 +149,24 @@ class FakeLabeler:
             kind, retry_after = fault
             if isinstance(kind, int):
                 headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
-                return self._error(kind, f"injected {kind}", "injected", None, headers)
+                return self._error(kind, f"injected {kind}", _TYPES.get(kind, "http_error"), None, headers)
             raise kind("injected fault", request=request)
         path = request.url.path
         key_ok = request.headers.get("authorization") == f"Bearer {self.api_key}"
         if self.api_key and path.startswith(("/v1/", "/get_reward")) and not key_ok:
-            return self._error(401, "missing or invalid API key", "authentication_error")
-        if request.method == "GET" and path in ("/readyz", "/healthz"):
-            return httpx.Response(200, json={"status": "ready", "model": self.model, "engine": "fake", "cache": "none"})
+            return self._error(401, "missing or invalid API key", "unauthorized")
+        if request.method == "GET" and path == "/healthz":
+            return httpx.Response(200, json={"status": "ok"})
+        if request.method == "GET" and path == "/readyz":
+            ready = {
+                "status": "ready",
+                "model": self.model,
+                "engine": "fake",
+                "cache": "memory",
+                "cache_status": "ok",
+                "labeler": {"temperature": 0.7, "max_rationale_tokens": 128},
+            }
+            return httpx.Response(200, json=ready)
         if request.method == "GET" and path == "/v1/tasks":
             tasks = [
                 {
@@ -154,17 +181,48 @@ class FakeLabeler:
             return httpx.Response(200, json={"default_task": self.tasks[0], "tasks": tasks})
         if request.method == "POST" and path in ("/v1/scores", "/v1/preferences"):
             return self._label(path, json.loads(request.content))
-        return self._error(404, f"no route {request.method} {path}", "not_found")
+        if request.method == "POST" and path == "/get_reward":
+            return self._get_reward(json.loads(request.content), request.url.params.get("task", self.tasks[0]))
+        return self._error(404, "Not Found", "http_error")
+
+    def _unknown_task(self, task: Any) -> httpx.Response | None:
+        if task in self.tasks:
+            return None
+        msg = f"unknown task {task!r}; known tasks: {', '.join(sorted(self.tasks))}"
+        return self._error(422, msg, "unknown_task", "task")
+
+    def _too_long(self, where: str, text: str) -> httpx.Response | None:
+        if self.max_chars is None or len(text) <= self.max_chars:
+            return None
+        msg = f"{where}: String should have at most {self.max_chars} characters (the limit of {self.max_chars})"
+        return self._error(422, msg, "input_too_long", where)
+
+    def _get_reward(self, body: dict[str, Any], task: str) -> httpx.Response:
+        """OpenRLHF's /get_reward: each query scored whole (the fake splits no prompt off)."""
+        refused = self._unknown_task(task)
+        for i, query in enumerate(body.get("query", [])):
+            refused = refused or self._too_long(f"query[{i}]", query)
+        if refused is not None:
+            return refused
+        prompts = body.get("prompts") or [""] * len(body["query"])
+        scores = [
+            _score({"context": p, "response": q[len(p) :] if q.startswith(p) else q})
+            for q, p in zip(body["query"], prompts, strict=True)
+        ]
+        rewards = [s["reward"] for s in scores]
+        logs = {"expected_score": [s["expected"] for s in scores], "cached": [0.0] * len(scores)}
+        return httpx.Response(200, json={"rewards": rewards, "scores": rewards, "extra_logs": logs})
 
     def _label(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        if body.get("task") not in self.tasks:
-            return self._error(422, f"unknown task {body.get('task')!r}", "invalid_request", "task")
+        refused = self._unknown_task(body.get("task"))
+        if refused is not None:
+            return refused
         fields = ("response",) if path == "/v1/scores" else ("response_a", "response_b")
         for i, item in enumerate(body["items"]):
             for name in ("context", *fields):
-                if self.max_chars is not None and len(item.get(name, "")) > self.max_chars:
-                    msg = f"items[{i}].{name} is over the limit of {self.max_chars} characters"
-                    return self._error(422, msg, "invalid_request", f"items[{i}].{name}")
+                refused = self._too_long(f"items[{i}].{name}", item.get(name, ""))
+                if refused is not None:
+                    return refused
         if path == "/v1/scores":
             results = [_score(it) for it in body["items"]]
         else:

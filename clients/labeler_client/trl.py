@@ -1,34 +1,181 @@
-"""TRL adapters: GRPO reward functions and a pairwise judge.
+"""TRL adapters: reward functions for GRPO (and every trainer that takes `reward_funcs`), and a
+pairwise judge for the TRL releases that call judges.
 
     from labeler_client.trl import reward_function
     trainer = GRPOTrainer(model=..., reward_funcs=[reward_function(task="helpful")], ...)
 
-GRPOTrainer calls a reward function with keyword arguments: `prompts`, `completions`,
-`completion_ids` and every other dataset column (newer versions add more, such as
-`trainer_state`); prompts and completions are strings or, for conversational datasets,
+TRL calls a reward function with keyword arguments: `prompts`, `completions`,
+`completion_ids` and every other dataset column (1.x adds `trainer_state`, `log_extra`,
+`log_metric`, ...); prompts and completions are strings or, for conversational datasets,
 lists of `{"role", "content"}` messages. It logs rewards under the function's `__name__`,
-treats `None` as "no reward for this sample", and awaits `async def` reward functions on
-an event loop of its own.
+turns `None` into NaN ("no reward for this sample"), and awaits `async def` reward
+functions (also a callable object whose `__call__` is a coroutine) on a loop of its own.
+(TRL up to 1.9 detects coroutine functions with `inspect.iscoroutinefunction`, which sees the
+async callable object only on Python 3.12+.) `AsyncGRPOTrainer` computes rewards in a
+spawned child process, so reward functions must pickle: these are callable objects, not
+closures, and leave their HTTP clients behind when pickled (a copy opens its own on first
+use).
+
+Judges: TRL 0.10 to 1.0 (online DPO, XPO, Nash-MD, `WinRateCallback`) take a `judge=`;
+TRL 1.1 removed judges, and its online DPO takes `reward_funcs` like GRPO.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import inspect
+import logging
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 from ._client import AsyncClient, Client, OnError
 from ._text import Text, pair_items
 
-__all__ = ["PairwiseJudge", "async_reward_function", "reward_function"]
+__all__ = ["AsyncRewardFunction", "PairwiseJudge", "RewardFunction", "async_reward_function", "reward_function"]
 
-RewardFn = Callable[..., list[float | None]]
+log = logging.getLogger("labeler_client.trl")
+
+# A pair's soft score when its request failed and on_error="none": "no preference", the
+# value whose term is zero in Nash-MD's REINFORCE update (probability - 0.5).
+NO_PREFERENCE = 0.5
 
 
-def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text]) -> Sequence[Text]:
+def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text] | None) -> Sequence[Text]:
     if completions is None:
         raise TypeError("the reward function needs completions=")
     return [""] * len(completions) if prompts is None else prompts
+
+
+def _client_options(client: Client | AsyncClient | None, base_url: str | None, opts: dict[str, Any]) -> dict:
+    """Everything needed to open the same client again (in a copy made by pickling)."""
+    if client is None:
+        return {"base_url": base_url, **opts}
+    return {
+        "base_url": client.base_url,
+        "api_key": client.api_key,
+        "timeout": client.timeout,
+        "retry": client.retry,
+        "batch_size": client.batch_size,
+        "max_concurrency": client.max_concurrency,
+        "headers": dict(client._headers),
+    }
+
+
+class _Picklable:
+    """Holds client options; its clients and lock are rebuilt after unpickling."""
+
+    _transient: tuple[str, ...] = ()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in ("_lock", *self._transient):
+            state.pop(name, None)
+        # A custom transport (a test's fake server) stays behind: a copy talks HTTP.
+        state["_client_opts"] = {k: v for k, v in state["_client_opts"].items() if k != "transport"}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+
+class RewardFunction(_Picklable):
+    """A callable for `reward_funcs=[...]`: the labeler's direct-score reward in [-1, 1] for
+    each (prompt, completion), named `name` or `labeler_<task>`. Build it with
+    `reward_function(...)`."""
+
+    _transient = ("_client",)
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        task: str = "general",
+        *,
+        name: str | None = None,
+        on_error: OnError = "raise",
+        client: Client | None = None,
+        **client_opts: Any,
+    ) -> None:
+        self.task = task
+        self.on_error: OnError = on_error
+        self.__name__ = name or f"labeler_{task}"
+        self._client_opts = _client_options(client, base_url, client_opts)
+        self._reset()
+        self._client = client
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._client = None
+
+    @property
+    def client(self) -> Client:
+        """The client, opened on first use (a pickled copy opens its own)."""
+        with self._lock:
+            if self._client is None:
+                self._client = Client(**self._client_opts)
+            return self._client
+
+    def __call__(
+        self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
+    ) -> list[float | None]:
+        return self.client.rewards(_prompts_for(prompts, completions), completions, self.task, on_error=self.on_error)
+
+    def __repr__(self) -> str:
+        return f"RewardFunction({self._client_opts.get('base_url')!r}, task={self.task!r}, name={self.__name__!r})"
+
+
+class AsyncRewardFunction(_Picklable):
+    """The coroutine variant of `RewardFunction` (TRL awaits it, concurrently with the other
+    reward functions). One `AsyncClient` per event loop, so it may be awaited from several
+    `asyncio.run` calls. Build it with `async_reward_function(...)`."""
+
+    _transient = ("_clients", "_is_coroutine_marker")
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        task: str = "general",
+        *,
+        name: str | None = None,
+        on_error: OnError = "raise",
+        **client_opts: Any,
+    ) -> None:
+        self.task = task
+        self.on_error: OnError = on_error
+        self.__name__ = name or f"labeler_{task}"
+        self._client_opts = _client_options(None, base_url, client_opts)
+        self._reset()
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._clients: dict[int, tuple[asyncio.AbstractEventLoop, AsyncClient]] = {}
+        # TRL up to 1.9 asks inspect.iscoroutinefunction(reward_func), which sees a coroutine
+        # callable object only through this mark (Python 3.12+); later TRL checks __call__.
+        if hasattr(inspect, "markcoroutinefunction"):
+            inspect.markcoroutinefunction(self)
+
+    def _client_for_loop(self) -> AsyncClient:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            for key, (known, _) in list(self._clients.items()):
+                if known.is_closed():
+                    del self._clients[key]
+            if id(loop) not in self._clients:
+                self._clients[id(loop)] = (loop, AsyncClient(**self._client_opts))
+            return self._clients[id(loop)][1]
+
+    async def __call__(
+        self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
+    ) -> list[float | None]:
+        client = self._client_for_loop()
+        return await client.rewards(_prompts_for(prompts, completions), completions, self.task, on_error=self.on_error)
+
+    def __repr__(self) -> str:
+        return f"AsyncRewardFunction({self._client_opts.get('base_url')!r}, task={self.task!r})"
 
 
 def reward_function(
@@ -39,24 +186,17 @@ def reward_function(
     on_error: OnError = "raise",
     client: Client | None = None,
     **client_opts: Any,
-) -> RewardFn:
-    """A callable for `GRPOTrainer(reward_funcs=[...])`: the labeler's direct-score reward in
-    [-1, 1] for each (prompt, completion), named `name` or `labeler_<task>`.
+) -> RewardFunction:
+    """A reward function for `GRPOTrainer(reward_funcs=[...])` (and TRL 1.x's online DPO, RLOO):
+    the labeler's direct-score reward in [-1, 1] for each (prompt, completion), named `name`
+    or `labeler_<task>`. Picklable.
 
     `client_opts` go to `Client` (api_key, timeout, retry, batch_size, max_concurrency), or
-    pass a `client`. A failed request raises after retries; with `on_error="none"` the
-    samples it covered get None (TRL then leaves them out) instead.
-    """
-    client = client or Client(base_url, **client_opts)
-
-    def reward(
-        prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
-    ) -> list[float | None]:
-        return client.rewards(_prompts_for(prompts, completions), completions, task, on_error=on_error)
-
-    reward.__name__ = reward.__qualname__ = name or f"labeler_{task}"
-    reward.client = client  # type: ignore[attr-defined]
-    return reward
+    pass a `client` (a pickled copy opens a client with the same settings, without a custom
+    transport). A failed request raises after retries; with `on_error="none"` the samples it
+    covered get None (TRL then leaves them out) instead. An empty completion gets a reward
+    like any other."""
+    return RewardFunction(base_url, task, name=name, on_error=on_error, client=client, **client_opts)
 
 
 def async_reward_function(
@@ -66,42 +206,30 @@ def async_reward_function(
     name: str | None = None,
     on_error: OnError = "raise",
     **client_opts: Any,
-) -> Callable[..., Any]:
-    """The `async def` variant, for TRL versions that await coroutine reward functions (they
-    run them concurrently with the other reward functions). One `AsyncClient` per event loop,
-    so calling it from `asyncio.run` more than once is fine too."""
-    clients: dict[int, tuple[asyncio.AbstractEventLoop, AsyncClient]] = {}
-
-    def client_for_loop() -> AsyncClient:
-        loop = asyncio.get_running_loop()
-        for key, (known, _) in list(clients.items()):
-            if known.is_closed():
-                del clients[key]
-        if id(loop) not in clients:
-            clients[id(loop)] = (loop, AsyncClient(base_url, **client_opts))
-        return clients[id(loop)][1]
-
-    async def reward(
-        prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
-    ) -> list[float | None]:
-        client = client_for_loop()
-        return await client.rewards(_prompts_for(prompts, completions), completions, task, on_error=on_error)
-
-    reward.__name__ = reward.__qualname__ = name or f"labeler_{task}"
-    return reward
+) -> AsyncRewardFunction:
+    """The `async` variant of `reward_function`, for TRL versions that await coroutine reward
+    functions (they run them concurrently with the other reward functions). Picklable."""
+    return AsyncRewardFunction(base_url, task, name=name, on_error=on_error, **client_opts)
 
 
-class PairwiseJudge:
+class PairwiseJudge(_Picklable):
     """TRL's pairwise-judge interface (`BasePairwiseJudge.judge`) over the labeler's
-    preferences, for trainers that take a `judge=` (online DPO, XPO, Nash-MD).
+    preferences, for the TRL releases that call judges (0.10 to 1.0: online DPO, XPO,
+    Nash-MD, `WinRateCallback`). TRL 1.1 and later take `reward_funcs` instead.
 
     `judge(prompts, completions)` with `completions[i] = [first, second]` returns, per
-    prompt, the index of the preferred completion (0 or 1), or with `return_scores=True`
-    the probability that the first is preferred. The service reads both orders and
-    averages them, which removes position bias more thoroughly than a random shuffle, so
-    `shuffle_order` is accepted and has nothing left to do. With `on_error="none"` a pair
-    whose request failed gives -1 (TRL's "the judge failed" value), or None as a score.
+    prompt, the index of the preferred completion, or with `return_scores=True` the
+    probability that the first is preferred. A tie (exactly 0.5) goes to the second, as
+    TRL's own soft-judge rule (`0 if score > 0.5 else 1`) decides. The service reads both
+    orders and averages them, which removes position bias more thoroughly than a random
+    shuffle, so `shuffle_order` is accepted and has nothing left to do.
+
+    With `on_error="none"` a pair whose request failed gives -1 (TRL's "the judge failed"
+    rank), or as a soft score 0.5 ("no preference": TRL has no failed-score value, and a
+    None would break its update); a warning is logged.
     """
+
+    _transient = ("_client",)
 
     def __init__(
         self,
@@ -114,7 +242,15 @@ class PairwiseJudge:
     ) -> None:
         self.task = task
         self.on_error: OnError = on_error
-        self.client = client or Client(base_url, **client_opts)
+        self._client_opts = _client_options(client, base_url, client_opts)
+        self._reset()
+        self._client = client
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._client = None
+
+    client = RewardFunction.client
 
     def judge(
         self,
@@ -122,10 +258,14 @@ class PairwiseJudge:
         completions: Sequence[Sequence[Text]],
         shuffle_order: bool = True,
         return_scores: bool = False,
-    ) -> list[int] | list[float | None]:
+    ) -> list[int] | list[float]:
         prefs = self.client.preferences(
             pair_items(prompts, completions), self.task, order="both", on_error=self.on_error
         )
+        failed = sum(p is None for p in prefs)
+        if failed:
+            given = NO_PREFERENCE if return_scores else -1
+            log.warning("%d of %d pairs failed; judged as %s", failed, len(prefs), given)
         if return_scores:
-            return [p.p_a if p is not None else None for p in prefs]
-        return [-1 if p is None else (0 if p.p_a >= 0.5 else 1) for p in prefs]
+            return [p.p_a if p is not None else NO_PREFERENCE for p in prefs]
+        return [-1 if p is None else (0 if p.p_a > 0.5 else 1) for p in prefs]

@@ -1,14 +1,24 @@
-"""verl adapter: `compute_score` functions for `custom_reward_function` in verl's config.
+"""verl adapter: `compute_score` for verl's custom reward function.
 
-    custom_reward_function:
-      path: <site-packages>/labeler_client/verl.py
-      name: compute_score            # or compute_score_batch with reward_manager: batch
-      reward_kwargs: {task: helpful}
+verl 0.9 reads it from `reward.custom_reward_function` (the top-level `custom_reward_function`
+key of older releases is ignored by its main trainer), either by package or by file path:
 
-The server comes from LABELER_URL (and LABELER_API_KEY); the task from `task` in
-reward_kwargs, else `extra_info["labeler_task"]`, else LABELER_TASK, else "general". The
-prompt is `extra_info["prompt"]` (or `"question"`): text or chat messages; add it to
-`extra_info` when preparing the data, since verl passes only the response.
+    reward:
+      custom_reward_function:
+        path: pkg://labeler_client.verl      # or the file: <site-packages>/labeler_client/verl.py
+        name: compute_score
+        reward_kwargs: {task: helpful, base_url: "http://labeler:8000"}
+      reward_manager:
+        name: naive                           # or dapo, limited, ... (each calls compute_score)
+
+The server is `base_url` from `reward_kwargs`, else LABELER_URL (and the key `api_key`, else
+LABELER_API_KEY); the task is `task` from `reward_kwargs`, else `extra_info["labeler_task"]`,
+else LABELER_TASK, else "general". An unknown `reward_kwargs` key is an error. verl passes
+only the response, so put the prompt in `extra_info["prompt"]` (or `"question"`) when
+preparing the data: text, or the chat messages of the `prompt` column.
+
+`compute_score_batch` is the batch form, for verl's legacy `BatchRewardManager`
+(`verl.workers.reward_manager`, name `batch`), which the reward loop of verl 0.9 no longer has.
 """
 
 from __future__ import annotations
@@ -18,38 +28,53 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ._client import Client
+# Absolute imports: verl loads this file by path too, as a module outside the package.
+from labeler_client._client import Client
+from labeler_client._text import context_value
 
 __all__ = ["compute_score", "compute_score_batch"]
 
-_client: Client | None = None
+_clients: dict[tuple[str | None, str | None], Client] = {}
 _lock = threading.Lock()
 
 
-def _shared_client() -> Client:
-    global _client
+def _shared_client(base_url: str | None, api_key: str | None) -> Client:
     with _lock:
-        if _client is None:
-            _client = Client()
-        return _client
+        key = (base_url, api_key)
+        if key not in _clients:
+            _clients[key] = Client(base_url, api_key)
+        return _clients[key]
 
 
-def _task(extra: dict, kwargs: dict) -> str:
-    return kwargs.get("task") or extra.get("labeler_task") or os.environ.get("LABELER_TASK") or "general"
+def _task(extra: dict, task: str | None) -> str:
+    return task or extra.get("labeler_task") or os.environ.get("LABELER_TASK") or "general"
 
 
 def _prompt(extra: dict) -> Any:
-    return extra.get("prompt", extra.get("question", ""))
+    prompt = extra.get("prompt", extra.get("question"))
+    return "" if prompt is None else context_value(prompt)
 
 
 def compute_score(
-    data_source: str, solution_str: str, ground_truth: Any = None, extra_info: dict | None = None, **kwargs: Any
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any = None,
+    extra_info: dict | None = None,
+    *,
+    task: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    reward_router_address: str | None = None,
+    reward_model_tokenizer: Any = None,
 ) -> float:
-    """The labeler's direct-score reward in [-1, 1] for `solution_str`. `data_source` and
-    `ground_truth` are accepted as verl passes them; an AI labeler needs no reference.
-    Raises `LabelerError` when the service fails after retries (never a made-up score)."""
+    """The labeler's direct-score reward in [-1, 1] for `solution_str` (an empty one is judged
+    too). `data_source` and `ground_truth` are accepted as verl passes them (an AI labeler
+    needs no reference), and so are `reward_router_address` / `reward_model_tokenizer`, which
+    verl adds when it runs a reward model of its own. Raises `LabelerClientError` when the service
+    fails after retries (never a made-up score)."""
     extra = dict(extra_info or {})
-    reward = _shared_client().rewards([_prompt(extra)], [solution_str], _task(extra, kwargs))[0]
+    client = _shared_client(base_url, api_key)
+    reward = client.rewards([_prompt(extra)], [solution_str], _task(extra, task))[0]
     assert reward is not None  # on_error="raise": a failure has raised
     return reward
 
@@ -57,22 +82,25 @@ def compute_score(
 def compute_score_batch(
     data_sources: Sequence[str],
     solution_strs: Sequence[str],
-    ground_truths: Sequence[Any],
-    extra_infos: Sequence[dict | None],
-    **kwargs: Any,
+    ground_truths: Sequence[Any] | None = None,
+    extra_infos: Sequence[dict | None] | None = None,
+    *,
+    task: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
 ) -> list[float]:
-    """The batch form, for verl's `reward_manager: batch`: one batched, concurrent call per
-    task instead of one request per sample; rewards in input order."""
+    """The batch form (verl's legacy `batch` reward manager): one batched, concurrent call
+    per task instead of one request per sample; rewards in input order."""
     extras = [dict(e or {}) for e in (extra_infos if extra_infos is not None else [None] * len(solution_strs))]
     if len(extras) != len(solution_strs):
         raise ValueError(f"{len(solution_strs)} solutions but {len(extras)} extra_infos")
     by_task: dict[str, list[int]] = {}
     for i, extra in enumerate(extras):
-        by_task.setdefault(_task(extra, kwargs), []).append(i)
+        by_task.setdefault(_task(extra, task), []).append(i)
     out: list[float] = [0.0] * len(solution_strs)
-    client = _shared_client()
-    for task, idx in by_task.items():
-        rewards = client.rewards([_prompt(extras[i]) for i in idx], [solution_strs[i] for i in idx], task)
+    client = _shared_client(base_url, api_key)
+    for name, idx in by_task.items():
+        rewards = client.rewards([_prompt(extras[i]) for i in idx], [solution_strs[i] for i in idx], name)
         for i, r in zip(idx, rewards, strict=True):
             assert r is not None
             out[i] = r

@@ -43,6 +43,19 @@ def load_engine(name: str = "transformers", model: str | None = None, **options:
     raise InvalidInput(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", field="engine")
 
 
+def engine_options(
+    engine: str, *, device: str = "cpu", engine_args: Iterable[str] = (), vllm_urls: str | list[str] | None = None
+) -> dict[str, Any]:
+    """The options for `load_engine(engine, ...)` from the settings every front end has (the
+    `--engine-arg KEY=VALUE` strings, `--device`, `--vllm-urls`); explicit engine arguments win."""
+    options = parse_engine_args(engine_args)
+    if engine == "transformers":
+        options.setdefault("device", device)
+    if engine == "vllm-remote" and vllm_urls:
+        options.setdefault("urls", vllm_urls)
+    return options
+
+
 def parse_engine_args(pairs: Iterable[str]) -> dict[str, Any]:
     """`KEY=VALUE` strings to engine options; values are read as JSON when they parse
     (numbers, booleans, lists), else kept as strings: `max_model_len=2048 dtype=float32`."""
@@ -66,6 +79,7 @@ __all__ = [
     "Generation",
     "Logprobs",
     "ScoreRequest",
+    "engine_options",
     "load_engine",
     "parse_engine_args",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import InvalidInput
@@ -64,7 +64,6 @@ class EngineStats:
     prompt_tokens: int = 0  # tokens in the prompts as given
     computed_tokens: int = 0  # tokens actually run through the model (after prefix reuse)
     generated_tokens: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -134,7 +133,6 @@ async def chained_reads(
 
     for depth in sorted({len(q.prefix) for _, q in reads}):
         await asyncio.gather(*(one(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth))
-    stats.batch_sizes.append(len(reads))
     return out
 
 

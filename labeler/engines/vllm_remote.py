@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from ..errors import EngineError, InvalidInput, ModelLoadError
+from ..errors import EngineError, EngineUnavailable, InvalidInput, ModelLoadError
 from .base import (
     EngineStats,
     GenerateRequest,
@@ -122,7 +122,7 @@ class VLLMRemoteEngine:
                     server.down_until = time.monotonic() + self.cooldown
                     continue
             return server
-        raise EngineError(f"no vLLM server is up (of {', '.join(s.url for s in self.servers)})")
+        raise EngineUnavailable(f"no vLLM server is up (of {', '.join(s.url for s in self.servers)})")
 
     def _mark_down(self, server: _Server, why: str) -> None:
         log.warning("vllm server %s failed (%s); retrying elsewhere for %.0f s", server.url, why, self.cooldown)
@@ -156,7 +156,7 @@ class VLLMRemoteEngine:
                     f"vLLM server {server.url} refused the request: HTTP {resp.status_code} {resp.text[:300]}"
                 )
             return resp.json()
-        raise EngineError(f"every vLLM server failed; last: {last}")
+        raise EngineUnavailable(f"every vLLM server failed; last: {last}")
 
     async def _discover(self, server: _Server) -> None:
         resp = await self._http.get(server.url + "/v1/models")

@@ -1,0 +1,110 @@
+"""Calls from inside a Ray cluster through a Serve deployment handle: no HTTP hop.
+
+    from labeler_client import Client
+    from labeler_client.ray import ServeTransport
+
+    client = Client("http://labeler", transport=ServeTransport())   # the URL's host is not used
+    client.rewards(prompts, completions, task="helpful")
+
+A transport for the usual `Client` (`AsyncServeTransport` for `AsyncClient`): each request
+goes to a replica of the labeler's Serve application through a deployment handle (Ray's
+own routing and autoscaling), and the replica answers it with the same app that serves
+HTTP. Results, errors, retries and batching are the client's own. Works in any process
+connected to the cluster: a driver, a task, an actor (verl and OpenRLHF reward workers).
+Needs `ray[serve]` in the caller's environment, at the cluster's version.
+
+Ray's failures read as the transport failures they are: a replica that died mid-request
+(or a timeout) as a dropped connection (`RequestError`, retried), a deployment with no
+capacity (Serve's back-pressure) as a 503 (`ServerError`, retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+
+__all__ = ["APP_NAME", "DEPLOYMENT_NAME", "AsyncServeTransport", "ServeTransport"]
+
+# The names in the shipped Serve config (docker/ray-serve.yaml).
+APP_NAME = "labeler"
+DEPLOYMENT_NAME = "Labeler"
+
+
+class _HandleTransport:
+    def __init__(self, app_name: str = APP_NAME, deployment: str = DEPLOYMENT_NAME, *, handle: Any = None) -> None:
+        self.app_name = app_name
+        self.deployment = deployment
+        self._handle = handle
+
+    def _method(self) -> Any:
+        if self._handle is None:  # looked up at first use: a transport can be built before ray.init
+            from ray import serve
+
+            self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+        return self._handle.forward
+
+    @staticmethod
+    def _args(request: httpx.Request, body: bytes) -> tuple[str, str, list[tuple[bytes, bytes]], bytes]:
+        return request.method, str(request.url), list(request.headers.raw), body
+
+    @staticmethod
+    def _response(request: httpx.Request, answer: tuple[int, list[tuple[bytes, bytes]], bytes]) -> httpx.Response:
+        status, headers, content = answer
+        return httpx.Response(status, headers=headers, content=content, request=request)
+
+    @staticmethod
+    def _failure(request: httpx.Request, error: BaseException) -> httpx.Response:
+        """The HTTP-side reading of a Ray failure: a response, or an httpx exception raised."""
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+        from ray.serve.exceptions import (
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+            RequestCancelledError,
+        )
+
+        if isinstance(error, RayTaskError) and isinstance(error.cause, RayActorError):
+            error = error.cause
+        if isinstance(error, TimeoutError):
+            raise httpx.ReadTimeout(f"no answer from the deployment: {error}", request=request) from error
+        if isinstance(error, (RayActorError, WorkerCrashedError, ReplicaUnavailableError, RequestCancelledError)):
+            # What a dropped connection is over HTTP: the replica went away mid-request.
+            raise httpx.RemoteProtocolError(f"replica lost: {type(error).__name__}", request=request) from error
+        if isinstance(error, (BackPressureError, DeploymentUnavailableError)):
+            body = {"error": {"message": str(error), "type": "unavailable", "param": None, "code": 503}}
+            return httpx.Response(503, headers={"Retry-After": "1"}, content=json.dumps(body), request=request)
+        raise error
+
+
+class ServeTransport(_HandleTransport, httpx.BaseTransport):
+    """`Client(..., transport=ServeTransport())`: requests through a deployment handle.
+
+    `app_name` and `deployment` name the Serve application and its ingress deployment;
+    `handle` takes an existing `DeploymentHandle` instead."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        call = self._method().remote(*self._args(request, request.read()))
+        try:
+            return self._response(request, call.result(timeout_s=_read_timeout(request)))
+        except Exception as error:  # noqa: BLE001 - sorted by _failure: a response, an httpx error, or re-raised
+            call.cancel()
+            return self._failure(request, error)
+
+
+class AsyncServeTransport(_HandleTransport, httpx.AsyncBaseTransport):
+    """`AsyncClient(..., transport=AsyncServeTransport())`: see `ServeTransport`."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        call = self._method().remote(*self._args(request, await request.aread()))
+        try:
+            return self._response(request, await asyncio.wait_for(call, _read_timeout(request)))
+        except Exception as error:  # noqa: BLE001 - see ServeTransport
+            call.cancel()
+            return self._failure(request, error)
+
+
+def _read_timeout(request: httpx.Request) -> float | None:
+    return request.extensions.get("timeout", {}).get("read")

@@ -1,0 +1,308 @@
+"""Chat transcripts: the chat-template markup training frameworks send, parsed into messages,
+and the one canonical transcript the labeler is shown for every context.
+
+Frameworks hand over the same dialogue in different shapes: TRL as `{"role", "content"}`
+messages (or as a string a chat template already laid out), OpenRLHF as the policy's decoded
+tokens (prompt and response with the template's markup), verl as whatever the data put in
+`extra_info`. Judged as they come, one dialogue got different rewards per framework, and
+end-of-turn markers moved the reward of the response they ended. So every context is brought
+to one canonical transcript, and every response loses its end-of-turn markers, before the
+prompt is built and before the cache key is computed: same dialogue, same reward, same cache
+entry.
+
+Templates recognized, when a string starts with their markup (after a BOS token):
+
+    ChatML (Qwen, SmolLM, ...)  <|im_start|>user\\n...<|im_end|>
+    Llama 3                     <|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|>
+    Llama 2 / Mistral           [INST] <<SYS>>...<</SYS>> ... [/INST] ...</s>
+    Gemma                       <start_of_turn>user\\n...<end_of_turn>   ("model" is the assistant)
+    Phi-3                       <|user|>\\n...<|end|>
+    DeepSeek (V2.5, V3, R1)     system<｜User｜>...<｜Assistant｜>...<｜end▁of▁sentence｜>
+    plain transcripts           Human: / User: / System: / Assistant: / Tool: turns (any case)
+                                separated by blank lines (Anthropic HH, TRL's simple template,
+                                DeepSeek LLM, and the canonical form itself)
+
+The canonical transcript:
+- a lone user message is its content, as is (a plain-text prompt and the same prompt as one
+  user message read the same);
+- otherwise one `Role: content` block per message, joined by blank lines, with the roles
+  System, User, Assistant and Tool;
+- contents are trimmed and lose trailing end-of-turn markers; messages left empty are dropped
+  (a template's open assistant turn, an empty system turn).
+Rendering is a fixed point: the canonical transcript parses back into the same messages.
+
+A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
+the set given). What is left may be empty: an empty response is judged like any other (the
+labeler is shown its response block with nothing inside).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "END_MARKERS",
+    "clean_content",
+    "clean_response",
+    "context_text",
+    "normalize_item",
+    "parse",
+    "render",
+    "split_query",
+]
+
+Message = dict[str, str]
+
+# Tokens that end a turn or a sequence, as decoded text. Stripped from the end of responses
+# and message contents (configurable: the service's `end_markers` setting).
+END_MARKERS: tuple[str, ...] = (
+    "<|im_end|>",  # ChatML
+    "<|endoftext|>",  # GPT-2 family, Qwen, Phi
+    "<|end_of_text|>",  # Llama 3
+    "<|eot_id|>",  # Llama 3
+    "<|eom_id|>",  # Llama 3.1 (end of message, tool call)
+    "<|end|>",  # Phi-3
+    "<end_of_turn>",  # Gemma
+    "<eos>",  # Gemma
+    "</s>",  # Llama 2, Mistral
+    "<｜end▁of▁sentence｜>",  # DeepSeek
+    "<|end▁of▁sentence|>",  # DeepSeek, as some tokenizers spell it in ASCII bars
+)
+
+# Sequence starts, dropped wherever a turn begins.
+_BOS = ("<|begin_of_text|>", "<s>", "<bos>", "<｜begin▁of▁sentence｜>", "<|startoftext|>")
+
+_ROLE_NAMES = {
+    "system": "System",
+    "developer": "System",
+    "user": "User",
+    "human": "User",
+    "assistant": "Assistant",
+    "model": "Assistant",
+    "gpt": "Assistant",
+    "bot": "Assistant",
+    "tool": "Tool",
+    "ipython": "Tool",
+    "function": "Tool",
+}
+_CANONICAL_ROLES = {"System": "system", "User": "user", "Assistant": "assistant", "Tool": "tool"}
+
+# An empty reasoning block that a template puts in front of an answer (Qwen 3 with thinking
+# off, DeepSeek R1's open "<think>" generation prompt): template, not content.
+_EMPTY_THINK = re.compile(r"\A\s*<think>\s*(?:</think>\s*)?\Z|\A\s*<think>\s*</think>\s*")
+
+
+@dataclass(frozen=True)
+class _Template:
+    starts: tuple[str, ...]  # how a string laid out by this template begins (after a BOS)
+    header: re.Pattern[str]  # one turn's opening; group 1 is the role
+    ends: tuple[str, ...] = ()  # the template's own turn ends, stripped from contents
+
+
+_TEMPLATES = (
+    _Template(("<|im_start|>",), re.compile(r"<\|im_start\|>([^\n<]*)\n?"), ("<|im_end|>",)),
+    _Template(
+        ("<|start_header_id|>",),
+        re.compile(r"<\|start_header_id\|>(.*?)<\|end_header_id\|>\n*"),
+        ("<|eot_id|>", "<|eom_id|>"),
+    ),
+    _Template(("<start_of_turn>",), re.compile(r"<start_of_turn>([^\n<]*)\n?"), ("<end_of_turn>",)),
+    _Template(
+        ("<|system|>", "<|user|>", "<|assistant|>"),
+        re.compile(r"<\|(system|user|assistant|tool)\|>\n?"),
+        ("<|end|>",),
+    ),
+)
+# DeepSeek puts the system prompt bare in front of the first turn.
+_DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>"), ("<｜end▁of▁sentence｜>",))
+# Role names in any case: "user: ..." is how older clients wrote transcripts.
+_PLAIN_HEADER = re.compile(r"(?:\A|\n\n)\s*((?i:human|user|system|assistant|tool)):[ \t]?")
+_PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
+_INST = re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL)
+_LLAMA2_SYS = re.compile(r"\A\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.DOTALL)
+_MISTRAL_SYS = re.compile(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", re.DOTALL)
+
+
+def _markers(end_markers: Iterable[str]) -> tuple[str, ...]:
+    if type(end_markers) is tuple and "" not in end_markers:
+        return end_markers
+    return tuple(m for m in end_markers if m)
+
+
+def _strip_bos(text: str) -> str:
+    stripped = text.lstrip()
+    while stripped.startswith(_BOS):
+        bos = next(b for b in _BOS if stripped.startswith(b))
+        text = stripped = stripped[len(bos) :].lstrip()
+    return text
+
+
+def clean_content(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
+    """`text` without surrounding whitespace, sequence-start tokens in front, or end-of-turn
+    markers at its end (repeatedly: "Paris.<|im_end|>\n<|endoftext|>" gives "Paris.")."""
+    # Runs on every item of every request, cache hits included: the common case (no marker)
+    # costs one tuple-startswith and one tuple-endswith.
+    markers = _markers(end_markers)
+    text = text.strip()
+    if text.startswith(_BOS):
+        text = _strip_bos(text).strip()
+    while markers and text.endswith(markers):
+        marker = next(m for m in markers if text.endswith(m))
+        text = text[: -len(marker)].rstrip()
+    return text
+
+
+def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
+    """A response as the labeler judges it: surrounding whitespace and trailing end-of-turn
+    markers removed, and an empty reasoning block in front (a template's) dropped. May be
+    empty."""
+    text = clean_content(text, end_markers)
+    return _EMPTY_THINK.sub("", text, count=1) if text.startswith("<think>") else text
+
+
+def _role(role: Any) -> str:
+    name = str(role or "user").strip()
+    return _ROLE_NAMES.get(name.lower(), name.capitalize() or "User")
+
+
+def _turns(text: str, pattern: re.Pattern[str], lead_role: str | None = None) -> list[Message]:
+    """Split `text` at the turn headers `pattern` finds; text in front of the first header
+    becomes a `lead_role` message (dropped without one)."""
+    matches = list(pattern.finditer(text))
+    messages: list[Message] = []
+    lead = text[: matches[0].start()] if matches else text
+    if lead_role and lead.strip():
+        messages.append({"role": lead_role, "content": lead})
+    for k, m in enumerate(matches):
+        end = matches[k + 1].start() if k + 1 < len(matches) else len(text)
+        messages.append({"role": m.group(1), "content": text[m.end() : end]})
+    return messages
+
+
+def _llama2(text: str) -> list[Message]:
+    messages: list[Message] = []
+    turns = list(_INST.finditer(text))
+    lead = text[: turns[0].start()] if turns else text
+    system = _MISTRAL_SYS.search(lead)
+    if system:
+        messages.append({"role": "system", "content": system.group(1)})
+    for k, m in enumerate(turns):
+        user = m.group(1)
+        sys_block = _LLAMA2_SYS.match(user)
+        if sys_block:
+            messages.append({"role": "system", "content": sys_block.group(1)})
+            user = user[sys_block.end() :]
+        messages.append({"role": "user", "content": user})
+        end = turns[k + 1].start() if k + 1 < len(turns) else len(text)
+        messages.append({"role": "assistant", "content": text[m.end() : end]})
+    return messages
+
+
+def _raw_turns(body: str) -> tuple[list[Message], tuple[str, ...]] | None:
+    """The turns of `body` (a BOS already dropped) and its template's turn ends, or None."""
+    head = body.lstrip()
+    for t in _TEMPLATES:
+        if head.startswith(t.starts):
+            return _turns(body, t.header), t.ends
+    if head.startswith(("[INST]", "[SYSTEM_PROMPT]")):
+        return _llama2(body), ("</s>",)
+    if _DEEPSEEK.starts[0] in body:
+        return _turns(body, _DEEPSEEK.header, "system"), _DEEPSEEK.ends
+    if _PLAIN_START.match(body):
+        # DeepSeek LLM ends each answer with its EOS and starts the next turn right after it.
+        for marker in END_MARKERS:
+            if marker in body:
+                body = body.replace(marker + "User:", marker + "\n\nUser:")
+        return _turns(body, _PLAIN_HEADER), ()
+    return None
+
+
+def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] | None:
+    """The messages of a string laid out by a known chat template (see the module docstring),
+    or None when `text` does not start with one. Roles come out as system / user /
+    assistant / tool; contents are cleaned (`clean_content`); an assistant turn left open
+    at the end (a generation prompt) is kept, with empty content."""
+    if not isinstance(text, str):
+        return None
+    found = _raw_turns(_strip_bos(text))
+    if found is None:
+        return None
+    turns, ends = found
+    markers = (*ends, *_markers(end_markers))
+    out = []
+    for m in turns:
+        role = _CANONICAL_ROLES.get(_role(m["role"]), m["role"].strip().lower())
+        content = clean_content(m["content"], markers)
+        if role == "assistant":
+            content = _EMPTY_THINK.sub("", content, count=1)
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
+    """The canonical transcript of `messages` (see the module docstring)."""
+    markers = _markers(end_markers)
+    kept = []
+    for m in messages:
+        content = m.get("content")
+        content = clean_content(content if isinstance(content, str) else "", markers)
+        if content:
+            kept.append((_role(m.get("role")), content))
+    if len(kept) == 1 and kept[0][0] == "User":
+        return kept[0][1]
+    return "\n\n".join(f"{role}: {content}" for role, content in kept)
+
+
+def context_text(context: str | Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
+    """The canonical transcript of a context given as text (parsed when a chat template laid
+    it out) or as messages."""
+    if isinstance(context, str):
+        messages = parse(context, end_markers)
+        return clean_content(context, end_markers) if messages is None else render(messages, end_markers)
+    return render(context, end_markers)
+
+
+def split_query(
+    query: str, prompt: str | None = None, end_markers: Iterable[str] = END_MARKERS
+) -> tuple[str | list[Message], str]:
+    """(context, response) of an OpenRLHF query (the prompt and the response, decoded).
+
+    1. With the request's `prompts[i]` and the query starting with it: the rest is the response,
+       the prompt the context.
+    2. Otherwise, when a known chat template laid the query out, the response is the content of
+       its last turn if that is the assistant's (else empty: the policy said nothing), the
+       turns before it the context (as messages).
+    3. Otherwise the whole query is the response, with an empty context.
+    The response is cleaned (`clean_response`) and may be empty; `context_text` renders the
+    context."""
+    if prompt and query.startswith(prompt):
+        return prompt, clean_response(query[len(prompt) :], end_markers)
+    messages = parse(query, end_markers)
+    if messages is None:
+        return "", clean_response(query, end_markers)
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], clean_response(messages[-1]["content"], end_markers)
+    return messages, ""
+
+
+def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MARKERS) -> dict[str, str]:
+    """A label item as the labeler reads it: the context as its canonical transcript, each
+    response (`response`, `response_a`, `response_b`) cleaned. Values that are neither text
+    nor messages are left for the prompt builder to refuse by name."""
+    markers = _markers(end_markers)
+    out: dict[str, Any] = {}
+    for name, value in item.items():
+        if name == "context":
+            if isinstance(value, str) or _is_messages(value):
+                value = context_text(value, markers)
+        elif isinstance(value, str):
+            value = clean_response(value, markers)
+        out[name] = value
+    return out
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(m, Mapping) for m in value)

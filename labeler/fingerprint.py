@@ -1,0 +1,102 @@
+"""Model fingerprints: which weights, tokenizer and config a label was computed with.
+
+A label is only as reusable as its model is the same: a fine-tune swapped into the same
+directory, with the same file names and sizes, must not be served the old model's cached
+labels. So the fingerprint is a SHA-256 over the *content* of the files that decide the
+model's answers — weights (`*.safetensors`, `*.bin`, `*.pt`, `*.gguf`), config, tokenizer and
+chat template (`*.json`, `*.jinja`, `*.model`, `*.tiktoken`, `*.txt`) — with their names.
+
+Hashing reads every weight byte (an 8B model in bf16 is 16 GB), so the digest is remembered
+in `<cache dir>/fingerprints.json`, keyed by each file's path, size, mtime, ctime and inode:
+a server restart on unchanged files reads nothing. Any write, copy or rename over a file
+changes its ctime or inode, so the next start hashes it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from .models import cache_dir
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf"})
+CONFIG_SUFFIXES = frozenset({".json", ".jinja", ".model", ".tiktoken", ".txt"})
+_lock = threading.Lock()
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """The files of `model_dir` that decide its answers, in a stable order."""
+    keep = WEIGHT_SUFFIXES | CONFIG_SUFFIXES
+    return sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in keep)
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _index_path() -> Path:
+    return cache_dir() / "fingerprints.json"
+
+
+def _read_index() -> dict[str, dict]:
+    try:
+        return json.loads(_index_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_index(index: dict[str, dict]) -> None:
+    path = _index_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".fingerprints-", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(index, fh)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache only costs a re-hash at the next start
+        log.warning("cannot remember model fingerprints in %s: %s", path, exc)
+
+
+def content_digest(files: list[Path], root: Path) -> str:
+    """SHA-256 over each file's name (relative to `root`), size and bytes."""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\0".encode())
+        with p.open("rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+def fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """The content fingerprint of a model directory (64 hex digits), remembered across
+    restarts while its files are unchanged (see the module docstring)."""
+    root = Path(model_dir).resolve()
+    files = model_files(root)
+    stamps = {p.name: _stamp(p) for p in files}
+    key = str(root)
+    with _lock:
+        known = _read_index().get(key)
+        if known is not None and known.get("files") == stamps:
+            return str(known["digest"])
+        weights = sum(s[0] for name, s in stamps.items() if Path(name).suffix in WEIGHT_SUFFIXES)
+        log.info("fingerprinting %s (%.1f GB of weights; once while the files are unchanged)", root, weights / 1e9)
+        digest = content_digest(files, root)
+        index = _read_index()
+        index[key] = {"files": stamps, "digest": digest}
+        _write_index(index)
+    return digest
+
+
+def model_id(model_dir: str | os.PathLike[str]) -> str:
+    """`<directory name>@<first 16 hex digits of the fingerprint>`: the model's identity in
+    every cache and resume key, and what responses report as `model`."""
+    root = Path(model_dir)
+    return f"{root.resolve().name}@{fingerprint(root)[:16]}"

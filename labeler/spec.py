@@ -1,0 +1,157 @@
+"""What determines a label: `LabelSpec`, and the one key every cache and resume file uses.
+
+A label is a function of the model (its content fingerprint), the task (name and content
+version), the kind of question, every parameter that changes a result, and the item. A
+`LabelSpec` holds everything but the item, validates itself, and gives each item one key:
+
+    spec = labeler.spec("pairwise", "summarize", order="both")
+    spec.key(PairItem("post", "A", "B"))       # 64 hex digits
+
+The service's cache key is `labeler:v2:<key>`; `labeler label` / `eval` / `winrate` store the
+same key in each output row to resume. Parameters that cannot change a result are
+normalized away, so they do not split the cache: the seed and the sampling temperature count
+only when rationales are sampled (`samples > 1`), the rationale length only with
+chain-of-thought, the order only for pairwise questions and reference rewards (a group
+reads both orders of every pair).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from .errors import InvalidInput
+
+Kind = Literal["pairwise", "score", "judgment", "reference", "group"]
+OrderArg = Literal["both", "ab", "ba"]
+# pairwise: which of two responses; score: 1-10; judgment: yes/no about one response;
+# reference: a pairwise reward against a reference response; group: group-relative rewards.
+KINDS: tuple[str, ...] = ("pairwise", "score", "judgment", "reference", "group")
+# The kinds whose reading order is a parameter (a group always reads both orders).
+ORDERED_KINDS: tuple[str, ...] = ("pairwise", "reference")
+ORDERS: tuple[str, ...] = ("both", "ab", "ba")
+
+MAX_SAMPLES = 16
+# Group-relative rewards compare every ordered pair: N (N - 1) prompts for a group of N.
+MAX_GROUP_SIZE = 32
+# Engines seed a 64-bit generator (torch, vLLM): larger seeds would fail inside the engine.
+MAX_SEED = 2**63 - 1
+KEY_VERSION = 2
+
+# One encoder, built once: json.dumps with options builds a new one per call.
+_canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _sha256(text: str) -> str:
+    # surrogatepass: a lone surrogate in untrusted text still gets a key (the prompt cleans it).
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def item_fields(item: Any) -> tuple[str, ...]:
+    """An item's texts in field order (`PairItem`, `ScoreItem`, or any dataclass of strings
+    and sequences of strings, such as `GroupItem`)."""
+    return tuple(getattr(item, f.name) for f in fields(item))
+
+
+def item_digest(item: Any) -> str:
+    """A hash of an item's texts alone, independent of any spec (e.g. to seed a per-item coin)."""
+    return _sha256(_canonical([type(item).__name__, item_fields(item)]))
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """Everything besides the item that a label depends on. Build it with `LabelSpec.build`
+    (or `Labeler.spec`), which validates and normalizes the parameters."""
+
+    kind: Kind
+    task: str
+    task_version: str
+    model: str
+    labels: tuple[str, ...]
+    order: OrderArg | None = None
+    cot: bool = False
+    samples: int = 1
+    seed: int | None = None
+    temperature: float | None = None
+    max_rationale_tokens: int | None = None
+
+    @classmethod
+    def build(
+        cls,
+        kind: str,
+        *,
+        task: str,
+        task_version: str,
+        model: str,
+        labels: tuple[str, ...],
+        order: object = "both",
+        cot: object = False,
+        samples: object = 1,
+        seed: object = 0,
+        temperature: object = 0.7,
+        max_rationale_tokens: object = 128,
+    ) -> LabelSpec:
+        """A validated spec; raises InvalidInput naming the offending parameter."""
+        if kind not in KINDS:
+            raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, got {kind!r}", field="kind")
+        if kind in ORDERED_KINDS and order not in ORDERS:
+            raise InvalidInput(f"order must be 'both', 'ab' or 'ba', got {order!r}", field="order")
+        if not isinstance(cot, bool):
+            raise InvalidInput("cot must be true or false", field="cot")
+        if not _is_int(samples) or not 1 <= samples <= MAX_SAMPLES:
+            raise InvalidInput(f"samples must be an integer from 1 to {MAX_SAMPLES}", field="samples")
+        if samples > 1 and not cot:
+            raise InvalidInput("samples > 1 (self-consistency) needs cot=true: it samples rationales", field="samples")
+        if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+            raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}", field="seed")
+        sampled = samples > 1
+        if sampled and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise InvalidInput(f"temperature must be a positive number, got {temperature!r}", field="temperature")
+        if cot and (not _is_int(max_rationale_tokens) or max_rationale_tokens < 1):
+            raise InvalidInput("max_rationale_tokens must be a positive integer", field="max_rationale_tokens")
+        return cls(
+            kind=kind,  # type: ignore[arg-type]
+            task=task,
+            task_version=task_version,
+            model=model,
+            labels=tuple(labels),
+            order=order if kind in ORDERED_KINDS else None,  # type: ignore[arg-type]
+            cot=cot,
+            samples=samples,  # type: ignore[arg-type]
+            seed=seed if sampled else None,  # type: ignore[arg-type]
+            temperature=float(temperature) if sampled else None,  # type: ignore[arg-type]
+            max_rationale_tokens=max_rationale_tokens if cot else None,  # type: ignore[arg-type]
+        )
+
+    @functools.cached_property
+    def _head(self) -> str:
+        return _canonical({"v": KEY_VERSION, **asdict(self)})
+
+    def key(self, item: Any) -> str:
+        """The item's label key under this spec: SHA-256 (hex) over the spec and the item's texts."""
+        return _sha256(self._head + _canonical(item_fields(item)))
+
+    def keys(self, items: Any) -> list[str]:
+        """`key` of each item, in order."""
+        head = self._head
+        return [_sha256(head + _canonical(item_fields(it))) for it in items]
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as plain data (what output rows record beside their key)."""
+        return asdict(self)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The per-request parameters (order, cot, samples, seed) to pass on to a labeler call."""
+        out: dict[str, Any] = {"cot": self.cot, "samples": self.samples, "seed": self.seed or 0}
+        if self.kind in ORDERED_KINDS:
+            out["order"] = self.order
+        return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,123 @@
+"""A real TRL GRPOTrainer run of a few steps on the embedded model, rewarded by the labeler.
+
+Run by tests/test_frameworks_trl.py with the frameworks venv's Python (TRL pinned there);
+prints one JSON object: per mode, what TRL logged and what each reward call received.
+
+One prompt of each run ends with "###", and the generation config biases the end-of-turn
+token after that ending (`sequence_bias`, TRL's own `generation_kwargs`): its completions
+are empty, as a small policy's often are, while the other prompt's are sampled freely.
+A second reward function with weight 0 records what TRL passed to the reward functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import tempfile
+
+import torch
+from datasets import Dataset
+from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import get_callable_name, is_async_callable
+
+SYSTEM = {"role": "system", "content": "Answer in one word."}
+DIALOGUES = [
+    [SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
+    [SYSTEM, {"role": "user", "content": "Say nothing at all ###"}],
+]
+
+
+class Recorder:
+    """A reward function (weight 0) that keeps what TRL passed."""
+
+    __name__ = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, prompts, completions, **columns):
+        self.calls.append({"prompts": prompts, "completions": completions})
+        return [0.0] * len(completions)
+
+
+def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    templated = [tokenizer.apply_chat_template(d, tokenize=False, add_generation_prompt=True) for d in DIALOGUES]
+    # The end of the second prompt as the policy reads it: " ###", then the template's end of
+    # turn and assistant header (the suffix both prompts share).
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in templated]
+    shared = next(n for n in range(1, len(ids[1])) if ids[0][-n - 1] != ids[1][-n - 1])
+    tail = ids[1][-shared - 1 :]
+    eos = tokenizer.eos_token_id
+    # Conversational: the messages; plain: the same dialogues as strings laid out by the template.
+    prompts = DIALOGUES if mode == "conversational" else templated
+    dataset = Dataset.from_dict({"prompt": prompts})
+    recorder = Recorder()
+    labeler = reward_function(url, task=task)
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=4,
+            num_generations=2,
+            max_completion_length=6,
+            max_steps=steps,
+            learning_rate=1e-6,
+            beta=0.0,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            reward_weights=[1.0, 0.0],
+            generation_kwargs={"sequence_bias": [[[*tail, eos], 100.0]]},
+            dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[labeler, recorder],
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+    key = f"rewards/{labeler.__name__}/mean"
+    return {
+        "reward_func_names": trainer.reward_func_names,
+        "logged": [h[key] for h in trainer.state.log_history if key in h],
+        "calls": recorder.calls,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True, help="where the JSON goes (the trainer prints to stdout)")
+    p.add_argument("--url", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--task", default="tiny")
+    p.add_argument("--steps", type=int, default=2)
+    a = p.parse_args()
+    # One thread: the labeler server shares the machine, and OpenMP threads spinning against
+    # it cost more than they bring for a 135M model.
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    out = {mode: run(mode, a.model_dir, a.url, a.task, a.steps) for mode in ("plain", "conversational")}
+    # How TRL tells reward functions apart, and AsyncGRPOTrainer's pickling into its child.
+    sync_fn, async_fn = reward_function(a.url, task=a.task), async_reward_function(a.url, task=a.task)
+    out["checks"] = {
+        "names": [get_callable_name(sync_fn), get_callable_name(async_fn)],
+        "async": [is_async_callable(sync_fn), is_async_callable(async_fn)],
+        "pickled": [
+            type(pickle.loads(pickle.dumps(f))).__name__ for f in (sync_fn, async_fn, PairwiseJudge(a.url, a.task))
+        ],
+    }
+    with open(a.out, "w") as f:
+        json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main()

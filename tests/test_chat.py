@@ -1,0 +1,166 @@
+"""labeler.chat: chat templates parsed into messages, one canonical transcript, end-of-turn
+markers stripped. Pure functions: no model."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from labeler import chat
+
+S, U, R = "You are terse.", "What is the capital of France?", "Paris."
+DIALOGUE = [{"role": "system", "content": S}, {"role": "user", "content": U}]
+CANONICAL = f"System: {S}\n\nUser: {U}"
+
+# The same dialogue (system, user, assistant "Paris.") as each template lays it out, with
+# the end-of-turn markers it writes after the answer.
+TEMPLATES = {
+    "chatml": (
+        f"<|im_start|>system\n{S}<|im_end|>\n<|im_start|>user\n{U}<|im_end|>\n<|im_start|>assistant\n{R}<|im_end|>\n"
+    ),
+    "qwen3-no-thinking": (
+        f"<|im_start|>system\n{S}<|im_end|>\n<|im_start|>user\n{U}<|im_end|>\n"
+        f"<|im_start|>assistant\n<think>\n\n</think>\n\n{R}<|im_end|><|endoftext|>"
+    ),
+    "llama3": (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{S}<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>\n\n{U}<|eot_id|>"
+        f"<|start_header_id|>assistant<|end_header_id|>\n\n{R}<|eot_id|><|end_of_text|>"
+    ),
+    "llama3.1-tool-eom": (
+        f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{S}<|eot_id|>"
+        f"<|start_header_id|>user<|end_header_id|>\n\n{U}<|eot_id|>"
+        f"<|start_header_id|>assistant<|end_header_id|>\n\n{R}<|eom_id|>"
+    ),
+    "llama2": f"<s>[INST] <<SYS>>\n{S}\n<</SYS>>\n\n{U} [/INST] {R} </s>",
+    "mistral-v7": f"<s>[SYSTEM_PROMPT]{S}[/SYSTEM_PROMPT][INST]{U}[/INST]{R}</s>",
+    "gemma": (
+        f"<bos><start_of_turn>system\n{S}<end_of_turn>\n<start_of_turn>user\n{U}<end_of_turn>\n"
+        f"<start_of_turn>model\n{R}<end_of_turn>\n<eos>"
+    ),
+    "phi3": f"<|system|>\n{S}<|end|>\n<|user|>\n{U}<|end|>\n<|assistant|>\n{R}<|end|>\n<|endoftext|>",
+    "deepseek-v3": f"<｜begin▁of▁sentence｜>{S}<｜User｜>{U}<｜Assistant｜>{R}<｜end▁of▁sentence｜>",
+    "deepseek-r1-open-think": f"<｜begin▁of▁sentence｜>{S}<｜User｜>{U}<｜Assistant｜><think>\n\n</think>{R}",
+    "hh": f"\n\nSystem: {S}\n\nHuman: {U}\n\nAssistant: {R}",
+    "trl-simple-template": f"System: {S}\n\nUser: {U}\n\nAssistant: {R}\n\n",
+    "canonical": f"{CANONICAL}\n\nAssistant: {R}",
+}
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_every_template_gives_the_same_context_and_response(name):
+    context, response = chat.split_query(TEMPLATES[name])
+    assert response == R
+    assert chat.context_text(context) == CANONICAL == chat.render(DIALOGUE)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_a_prompt_with_its_open_assistant_turn_is_the_context(name):
+    """What a framework sends as `prompts[i]`: the template up to the open assistant turn."""
+    query = TEMPLATES[name]
+    cut = query.index(R)
+    prompt = query[:cut]
+    assert chat.context_text(prompt) == CANONICAL
+    assert chat.split_query(query, prompt) == (prompt, R)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_an_empty_answer_is_an_empty_response(name):
+    """The policy emitted only its end-of-turn token: the response is empty, not an error."""
+    query = TEMPLATES[name].replace(R, "", 1)
+    context, response = chat.split_query(query)
+    assert response == "" and chat.context_text(context) == CANONICAL
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [m for m in chat.END_MARKERS],
+)
+def test_each_end_marker_is_stripped_from_a_response(marker):
+    assert chat.clean_response(f"Paris.{marker}") == "Paris."
+    assert chat.clean_response(f"  Paris. {marker}\n{marker}  ") == "Paris."
+    assert chat.clean_response(marker) == ""  # only a marker: the empty response
+    assert chat.clean_response(f"a {marker} b") == f"a {marker} b"  # only trailing ones
+
+
+def test_whitespace_only_and_marker_only_responses_are_empty():
+    for text in ["", " ", "\n\t ", "<|im_end|>", " <|eot_id|>\n<|end_of_text|> ", "<think>\n\n</think>\n\n"]:
+        assert chat.clean_response(text) == ""
+    item = chat.normalize_item({"context": "Q?", "response": "<|im_end|>"})
+    assert item == {"context": "Q?", "response": ""}
+
+
+def test_end_markers_are_configurable():
+    assert chat.clean_response("Paris.<|im_end|>", end_markers=()) == "Paris.<|im_end|>"
+    assert chat.clean_response("Paris.[STOP]", end_markers=["[STOP]"]) == "Paris."
+    item = chat.normalize_item({"context": "Q", "response_a": "a[STOP]", "response_b": "b</s>"}, ["[STOP]"])
+    assert item == {"context": "Q", "response_a": "a", "response_b": "b</s>"}
+
+
+def test_a_lone_user_message_reads_like_the_plain_prompt():
+    assert chat.context_text([{"role": "user", "content": U}]) == U == chat.context_text(U)
+    assert chat.context_text(f"<|im_start|>user\n{U}<|im_end|>\n<|im_start|>assistant\n") == U
+    assert chat.context_text(f"  {U}\n") == U
+
+
+def test_roles_and_multi_turn():
+    messages = [
+        {"role": "developer", "content": "Be kind."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "tool", "content": "42"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": ""},  # the open turn is dropped
+    ]
+    want = "System: Be kind.\n\nUser: hi\n\nAssistant: hello\n\nTool: 42\n\nUser: more"
+    assert chat.render(messages) == want
+    hh = "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b"
+    context, response = chat.split_query(hh)
+    assert (chat.context_text(context), response) == ("User: hi\n\nAssistant: a\n\nUser: more", "b")
+    deepseek_llm = "User: hi\n\nAssistant: a<｜end▁of▁sentence｜>User: more\n\nAssistant: b<｜end▁of▁sentence｜>"
+    context, response = chat.split_query(deepseek_llm)
+    assert (chat.context_text(context), response) == ("User: hi\n\nAssistant: a\n\nUser: more", "b")
+
+
+@pytest.mark.parametrize(
+    ("query", "prompt", "context", "response"),
+    [
+        ("P: hi A: yo", "P: hi", "P: hi", "A: yo"),
+        ("just text", None, "", "just text"),
+        ("mismatch yo", "other", "", "mismatch yo"),
+        ("<|im_start|>user\nhi<|im_end|>", None, "hi", ""),  # no assistant turn: it said nothing
+        ("Explain <|im_start|> tokens.", None, "", "Explain <|im_start|> tokens."),  # not at the start
+        ("Note: User: hi", None, "", "Note: User: hi"),
+    ],
+)
+def test_split_query_without_a_template(query, prompt, context, response):
+    got_context, got_response = chat.split_query(query, prompt)
+    assert (chat.context_text(got_context), got_response) == (context, response)
+
+
+def test_text_that_merely_mentions_markup_is_left_alone():
+    text = "Summarize: the model printed <|im_end|> and stopped."
+    assert chat.parse(text) is None and chat.context_text(text) == text
+    assert chat.normalize_item({"context": 42, "response": 7}) == {"context": 42, "response": 7}
+
+
+_role = st.sampled_from(["system", "user", "assistant", "tool", "human", "model"])
+_content = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"role": _role, "content": _content}), max_size=6))
+def test_the_canonical_transcript_is_a_fixed_point(messages):
+    once = chat.render(messages)
+    assert chat.context_text(once) == once
+    assert chat.context_text(chat.context_text(once)) == once
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_normalizing_any_text_is_idempotent(text):
+    context = chat.context_text(text)
+    assert chat.context_text(context) == context
+    response = chat.clean_response(text)
+    assert chat.clean_response(response) == response

@@ -1,0 +1,163 @@
+"""Through the real server and client: empty responses are labeled on every endpoint and
+adapter, and one dialogue gets one reward (one cache entry) whichever shape it came in.
+
+Tolerances against the in-process labeler are 1e-5: a result depends on its batch-mates by
+up to ~3e-6 (padding in fp32), and the server batches as it likes. Values that must come
+from the same cache entry are compared exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from labeler_client import Client
+from labeler_client import verl as lc_verl
+from labeler_client.trl import PairwiseJudge, reward_function
+
+from labeler import PairItem, ScoreItem
+from labeler.chat import render
+
+pytestmark = pytest.mark.model
+
+TOL = 1e-5  # above the ~3e-6 batch-mate effect
+SYSTEM, QUESTION, ANSWER = "Answer in one word.", "What is the capital of France?", "Paris."
+DIALOGUE = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+CANONICAL = f"System: {SYSTEM}\n\nUser: {QUESTION}"
+
+
+def post(server, path: str, body: dict) -> dict:
+    r = httpx.post(server.url + path, json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_the_labeler_is_shown_an_empty_response_block(labeler):
+    prompt = labeler.render_score("tiny", "Q?", "").prompt
+    assert re.search(r"<<<RESPONSE (#\w+)>>>\n\n<<<END RESPONSE \1>>>", prompt), prompt
+
+
+def test_empty_responses_are_labeled_on_every_endpoint(live_server, labeler):
+    ref = labeler.score("Q?", "", "tiny")
+    first = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": "Q?", "response": ""}]})
+    assert first["results"][0]["reward"] == pytest.approx(ref.reward, abs=TOL)
+    # whitespace only, or only end-of-turn markers: the same empty response, the same cache entry
+    for blank in [" \n\t", "<|im_end|>", "<|eot_id|>\n<|end_of_text|>"]:
+        again = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": "Q?", "response": blank}]})
+        assert again["usage"]["cached"] == 1 and again["results"][0]["reward"] == first["results"][0]["reward"]
+    pair = post(
+        live_server,
+        "/v1/preferences",
+        {"task": "tiny", "order": "both", "items": [{"context": "Q?", "response_a": "", "response_b": "Yes."}]},
+    )["results"][0]
+    want = labeler.preference("Q?", "", "Yes.", "tiny")
+    assert pair["p_a"] == pytest.approx(want.p_a, abs=TOL) and pair["p_a_ba"] == pytest.approx(want.p_a_ba, abs=TOL)
+    # OpenRLHF: the policy emitted only its end-of-turn token
+    got = post(
+        live_server,
+        "/get_reward?task=tiny",
+        {"query": ["<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n<|im_end|>"]},
+    )
+    assert got["rewards"] == [first["results"][0]["reward"]] and got["extra_logs"]["cached"] == [1.0]
+    # the client and the adapters
+    with Client(live_server.url) as client:
+        assert client.rewards(["Q?"], [""], "tiny") == [first["results"][0]["reward"]]
+    fn = reward_function(live_server.url, task="tiny")
+    assert fn(prompts=["Q?"], completions=[[{"role": "assistant", "content": ""}]]) == [first["results"][0]["reward"]]
+    judge = PairwiseJudge(live_server.url, task="tiny")
+    assert judge.judge(["Q?"], [["", "Yes."]], return_scores=True)[0] == pytest.approx(want.p_a, abs=TOL)
+    assert (
+        lc_verl.compute_score("d", "", None, {"prompt": "Q?"}, task="tiny", base_url=live_server.url)
+        == (first["results"][0]["reward"])
+    )
+
+
+def test_one_dialogue_one_reward_whatever_the_shape(live_server, labeler):
+    """TRL conversational, TRL plain text with template markup, OpenRLHF queries (with and
+    without `prompts`), verl's extra_info, and the same dialogue in other templates: one
+    canonical transcript, so one cache entry, so one reward."""
+    tokenizer = labeler.engine.tokenizer
+    chatml_prompt = tokenizer.apply_chat_template(DIALOGUE, tokenize=False, add_generation_prompt=True)
+    assert chatml_prompt.startswith("<|im_start|>system")  # SmolLM2's template: ChatML
+    ref = labeler.score(CANONICAL, ANSWER, "tiny").reward
+    assert render(DIALOGUE) == CANONICAL
+
+    fn = reward_function(live_server.url, task="tiny")
+    first = fn(prompts=[DIALOGUE], completions=[[{"role": "assistant", "content": ANSWER}]])[0]
+    assert first == pytest.approx(ref, abs=TOL)
+    got = {
+        "trl-plain-chatml": fn(prompts=[chatml_prompt], completions=[ANSWER])[0],
+        "openrlhf-with-prompts": post(
+            live_server,
+            "/get_reward?task=tiny",
+            {"query": [chatml_prompt + ANSWER + "<|im_end|>"], "prompts": [chatml_prompt], "labels": [None]},
+        )["rewards"][0],
+        "openrlhf-query-only": post(
+            live_server, "/get_reward?task=tiny", {"query": [chatml_prompt + ANSWER + "<|im_end|>"]}
+        )["rewards"][0],
+        "verl-extra-info": lc_verl.compute_score(
+            "d", ANSWER, None, {"prompt": DIALOGUE}, task="tiny", base_url=live_server.url
+        ),
+        "end-marker-left-in": fn(prompts=[DIALOGUE], completions=[ANSWER + "<|end_of_text|>"])[0],
+    }
+    others = {
+        "llama3": (
+            f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>"
+            f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        "llama2": f"<s>[INST] <<SYS>>\n{SYSTEM}\n<</SYS>>\n\n{QUESTION} [/INST]",
+        "gemma": f"<bos><start_of_turn>system\n{SYSTEM}<end_of_turn>\n<start_of_turn>user\n{QUESTION}<end_of_turn>\n",
+        "phi3": f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n{QUESTION}<|end|>\n<|assistant|>\n",
+        "deepseek": f"<｜begin▁of▁sentence｜>{SYSTEM}<｜User｜>{QUESTION}<｜Assistant｜>",
+        "hh": f"\n\nSystem: {SYSTEM}\n\nHuman: {QUESTION}\n\nAssistant:",
+    }
+    for name, prompt in others.items():
+        body = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": prompt, "response": ANSWER}]})
+        assert body["usage"]["cached"] == 1, name  # the same key as the first request's
+        got[name] = body["results"][0]["reward"]
+    assert got == {name: first for name in got}
+
+
+def test_messages_on_the_wire(live_server, labeler):
+    ok = post(
+        live_server,
+        "/v1/preferences",
+        {
+            "task": "tiny",
+            "order": "ab",
+            "items": [
+                {
+                    "context": [{"role": "user", "content": "Q?", "name": "ignored"}],
+                    "response_a": "a",
+                    "response_b": "b",
+                }
+            ],
+        },
+    )["results"][0]
+    assert ok["p_a"] == pytest.approx(
+        labeler.preferences([PairItem("Q?", "a", "b")], "tiny", order="ab")[0].p_a, abs=TOL
+    )
+    bad = httpx.post(
+        live_server.url + "/v1/scores",
+        json={"task": "tiny", "items": [{"context": [{"content": "no role"}], "response": "r"}]},
+        timeout=60,
+    )
+    assert bad.status_code == 422 and "items" in bad.json()["error"]["param"]
+
+
+def test_end_markers_are_a_setting(make_server, labeler):
+    srv = make_server(end_markers=["[STOP]"])
+    body = post(
+        srv,
+        "/v1/scores",
+        {
+            "task": "tiny",
+            "cache": False,
+            "items": [{"context": "Q?", "response": r} for r in ("Yes.[STOP]", "Yes.<|im_end|>")],
+        },
+    )
+    want = labeler.scores([ScoreItem("Q?", "Yes."), ScoreItem("Q?", "Yes.<|im_end|>")], "tiny")
+    for got, ref in zip(body["results"], want, strict=True):
+        assert got["reward"] == pytest.approx(ref.reward, abs=TOL)

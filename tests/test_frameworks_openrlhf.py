@@ -1,0 +1,50 @@
+"""OpenRLHF 0.11.2's own remote-reward request code against the live /get_reward.
+
+tests/frameworks/openrlhf_remote.py runs `SingleTurnAgentExecutor.execute` (OpenRLHF's rollout
+step: tokenize the prompt with the policy's tokenizer, generate, decode prompt + completion
+with its special tokens, post `{"query", "prompts", "labels"}` to `--reward.remote_url`) and
+its batch request `_fetch_rewards_via_http`, in the frameworks venv; only vLLM is replaced, by
+a scripted engine. The rewards must be the labeler's for the canonical transcript of the
+dialogue, an empty completion included, and equal to what TRL's call gets for it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from labeler_client.trl import reward_function
+
+from labeler import ScoreItem
+from labeler.chat import render
+from tests.fixtures.frameworks import run_driver
+
+pytestmark = pytest.mark.model
+
+TOL = 1e-5  # above the ~3e-6 a reward moves with its batch-mates
+FRANCE = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def test_openrlhf_remote_reward_requests(frameworks_python, live_server, labeler, model_dir, tmp_path):
+    url = live_server.url + "/get_reward?task=tiny"
+    out = run_driver(frameworks_python, "openrlhf_remote", tmp_path, "--url", url, "--model-dir", str(model_dir))
+    single = out["single"]
+    want = labeler.scores([ScoreItem(render(FRANCE), "Paris."), ScoreItem(render(FRANCE), "")], "tiny")
+    # OpenRLHF stores the answer's "rewards" list as the sample's reward
+    assert single["answer"]["reward"] == pytest.approx([want[0].reward], abs=TOL)
+    assert single["answer"]["query"].endswith("<|im_start|>assistant\nParis.<|im_end|>")
+    # the policy's bare end-of-turn token: labeled, not refused (OpenRLHF would log and go on with None)
+    assert single["empty"]["query"].endswith("<|im_start|>assistant\n<|im_end|>")
+    assert single["empty"]["reward"] == pytest.approx([want[1].reward], abs=TOL)
+    assert single["whitespace"]["reward"] == single["empty"]["reward"]  # the same empty response
+    assert set(single["empty"]["extra_logs"]) == {"expected_score", "cached"}
+    batch = out["batch"]
+    assert len(batch) == 1 and batch[0]["rewards"] == [
+        single[k]["reward"][0] for k in ("answer", "empty", "whitespace")
+    ]
+    # the same dialogue through TRL's reward-function call: the same reward
+    fn = reward_function(live_server.url, task="tiny")
+    assert (
+        fn(prompts=[FRANCE], completions=[[{"role": "assistant", "content": "Paris."}]]) == single["answer"]["reward"]
+    )

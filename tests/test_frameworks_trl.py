@@ -1,0 +1,58 @@
+"""TRL 1.16.0's own GRPOTrainer, rewarded by the labeler through the live server.
+
+tests/frameworks/trl_grpo.py runs two training steps on the embedded model in the frameworks
+venv, once with plain-text prompts (strings a chat template laid out) and once with
+conversational ones; one prompt's completions are forced empty (a bare end-of-turn token).
+TRL's logged mean reward of each step must equal the mean of the labeler's rewards for the
+(prompt, completion) pairs TRL passed, computed here in process on the canonical transcripts.
+A NaN, a crash or a refused empty completion fails it. Tolerance 1e-5: above the ~3e-6 a
+reward moves with its batch-mates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from labeler_client._text import completion_text, context_value
+
+from labeler import ScoreItem
+from labeler.chat import normalize_item
+from tests.fixtures.frameworks import run_driver
+
+pytestmark = pytest.mark.model
+
+TOL = 1e-5
+
+
+def test_grpo_trains_on_labeler_rewards_with_an_empty_completion(
+    frameworks_python, live_server, labeler, model_dir, tmp_path
+):
+    out = run_driver(frameworks_python, "trl_grpo", tmp_path, "--url", live_server.url, "--model-dir", str(model_dir))
+    contexts: dict[str, set[str]] = {}
+    for mode in ("plain", "conversational"):
+        run = out[mode]
+        assert run["reward_func_names"] == ["labeler_tiny", "recorder"]  # TRL names it by __name__
+        assert len(run["logged"]) == len(run["calls"]) == 2
+        responses = []
+        for logged, call in zip(run["logged"], run["calls"], strict=True):
+            items = [
+                normalize_item({"context": context_value(p), "response": completion_text(c)})
+                for p, c in zip(call["prompts"], call["completions"], strict=True)
+            ]
+            want = labeler.scores([ScoreItem(**it) for it in items], "tiny")
+            assert math.isfinite(logged)
+            assert logged == pytest.approx(sum(r.reward for r in want) / len(want), abs=TOL)
+            responses += [it["response"] for it in items]
+            contexts.setdefault(mode, set()).update(it["context"] for it in items)
+        assert "" in responses and any(responses), responses  # empty ones, rewarded like the others
+    checks = out["checks"]  # TRL's own helpers on our callables; they survive pickling
+    assert checks["names"] == ["labeler_tiny", "labeler_tiny"] and checks["async"] == [False, True]
+    assert checks["pickled"] == ["RewardFunction", "AsyncRewardFunction", "PairwiseJudge"]
+    # The same dialogues as strings with template markup and as messages: the same token ids
+    # for the policy (same seed, same completions), the same contexts, the same rewards.
+    texts = {m: [[completion_text(c) for c in call["completions"]] for call in out[m]["calls"]] for m in contexts}
+    assert texts["plain"] == texts["conversational"]
+    assert out["plain"]["logged"] == pytest.approx(out["conversational"]["logged"], abs=TOL)
+    assert contexts["plain"] == contexts["conversational"]
+    assert "System: Answer in one word.\n\nUser: What is the capital of France?" in contexts["plain"]

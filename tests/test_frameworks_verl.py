@@ -1,0 +1,38 @@
+"""verl 0.9.1's own custom-reward loader and reward managers calling labeler_client.verl.
+
+tests/frameworks/verl_reward.py composes verl's `ppo_trainer` config with the documented
+overrides, in both forms (`custom_reward_function.path` as the module's file and as
+`pkg://labeler_client.verl`), runs verl's `RewardLoopWorker` (naive reward manager) on a
+`DataProto` batch of rollouts, one of them an empty answer (a bare EOS), and the legacy
+`BatchRewardManager` with `compute_score_batch`. Rewards must be the labeler's for the
+canonical transcript of `extra_info["prompt"]`; an unknown `reward_kwargs` key must fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from labeler import ScoreItem
+from labeler.chat import render
+from tests.fixtures.frameworks import run_driver
+
+pytestmark = pytest.mark.model
+
+TOL = 1e-5  # above the ~3e-6 a reward moves with its batch-mates (and verl's float32 tensor)
+FRANCE = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+def test_verl_loads_and_calls_compute_score(frameworks_python, live_server, labeler, model_dir, tmp_path):
+    out = run_driver(
+        frameworks_python, "verl_reward", tmp_path, "--url", live_server.url, "--model-dir", str(model_dir)
+    )
+    items = [ScoreItem(render(FRANCE), "Paris."), ScoreItem(render(FRANCE), ""), ScoreItem("Name a fruit.", "Apple.")]
+    want = [r.reward for r in labeler.scores(items, "tiny")]
+    for form in ("file", "pkg"):
+        assert out["naive"][form] == pytest.approx(want, abs=TOL), form
+        assert out["legacy_batch"][form] == pytest.approx(want, abs=TOL), form
+    error = out["errors"]["unknown_key"]
+    assert error is not None and "unexpected keyword argument 'tsak'" in error

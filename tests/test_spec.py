@@ -1,0 +1,162 @@
+"""The label spec and the model fingerprint: what identifies a label, in caches and resume files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from labeler import InvalidInput, LabelSpec, PairItem, ScoreItem
+from labeler import fingerprint as fp
+from labeler.spec import MAX_SEED
+
+BASE = dict(task="t", task_version="v1", model="m@1", labels=("1", "2"))
+ITEM = PairItem("ctx", "a", "b")
+
+
+def spec(**kw) -> LabelSpec:
+    return LabelSpec.build(kw.pop("kind", "pairwise"), **{**BASE, **kw})
+
+
+def test_every_input_that_changes_a_label_changes_the_key():
+    sampled = spec(cot=True, samples=4, seed=7, temperature=0.7, max_rationale_tokens=64)
+    variants = [
+        spec(task="u"),
+        spec(task_version="v2"),
+        spec(model="m@2"),
+        spec(labels=("A", "B")),
+        spec(order="ab"),
+        spec(cot=True),
+        replace(sampled, samples=3),
+        replace(sampled, seed=8),
+        replace(sampled, temperature=0.5),
+        replace(sampled, max_rationale_tokens=65),
+        spec(kind="score", labels=("1", "2")),
+    ]
+    keys = {s.key(ITEM) for s in [spec(), sampled, *variants]}
+    assert len(keys) == len(variants) + 2
+    for item in (PairItem("ctx2", "a", "b"), PairItem("ctx", "b", "a"), PairItem("ctx", "a", "b ")):
+        assert spec().key(item) != spec().key(ITEM)
+    # A score item and a pair item of the same texts never share a key.
+    assert spec(kind="score").key(ScoreItem("ctx", "a")) != spec(kind="score").key(PairItem("ctx", "a", ""))
+    assert spec().keys([ITEM, ITEM]) == [spec().key(ITEM)] * 2
+
+
+def test_parameters_that_cannot_change_a_label_do_not_split_the_key():
+    base = spec()
+    # Without sampling (samples = 1) the rationale is greedy: seed and temperature do nothing.
+    assert spec(seed=5, temperature=1.5).key(ITEM) == base.key(ITEM)
+    # Without chain-of-thought no rationale is generated: its length does nothing.
+    assert spec(max_rationale_tokens=7).key(ITEM) == base.key(ITEM)
+    greedy = spec(cot=True, max_rationale_tokens=64)
+    assert spec(cot=True, max_rationale_tokens=64, seed=3, temperature=2.0).key(ITEM) == greedy.key(ITEM)
+    # The order means nothing to a score.
+    assert spec(kind="score", order="ab").key(ITEM) == spec(kind="score").key(ITEM)
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"kind": "rank"}, "kind"),
+        ({"order": "ac"}, "order"),
+        ({"cot": 1}, "cot"),
+        ({"samples": 0}, "samples"),
+        ({"samples": 2}, "samples"),  # self-consistency needs cot
+        ({"samples": True}, "samples"),
+        ({"seed": -1}, "seed"),
+        ({"seed": MAX_SEED + 1}, "seed"),
+        ({"cot": True, "samples": 2, "temperature": 0.0}, "temperature"),
+        ({"cot": True, "samples": 2, "temperature": float("nan")}, "temperature"),
+        ({"cot": True, "max_rationale_tokens": 0}, "max_rationale_tokens"),
+    ],
+)
+def test_the_spec_validates_itself(kw, field):
+    with pytest.raises(InvalidInput) as err:
+        spec(**kw)
+    assert err.value.field == field
+
+
+KEY_SCRIPT = """
+import sys
+from labeler import LabelSpec, PairItem
+spec = LabelSpec.build("pairwise", task="t", task_version="v1", model="m@1", labels=("1", "2"), cot=True,
+                       samples=2, seed=3, temperature=0.7, max_rationale_tokens=9)
+print(spec.key(PairItem("ctx \\u00e9 \\ud800", "a", "b")))
+"""
+
+
+def test_the_same_request_gets_the_same_key_in_another_process():
+    ours = spec(cot=True, samples=2, seed=3, temperature=0.7, max_rationale_tokens=9).key(
+        PairItem("ctx \u00e9 \ud800", "a", "b")
+    )
+    env = os.environ | {"PYTHONHASHSEED": "123"}
+    out = subprocess.run([sys.executable, "-c", KEY_SCRIPT], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == ours
+
+
+# -- the model fingerprint --------------------------------------------------------------------------------
+@pytest.fixture
+def model_copy(tmp_path: Path, monkeypatch) -> Path:
+    """A small model directory (config, tokenizer, weights) and a private fingerprint index."""
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (d / "tokenizer.json").write_text(json.dumps({"vocab": ["a", "b"]}))
+    (d / "model.safetensors").write_bytes(b"\x01" * 4096)
+    (d / "README.md").write_text("not part of the model")
+    return d
+
+
+def test_same_shape_weights_swapped_in_place_change_the_fingerprint(model_copy: Path, tmp_path: Path):
+    first = fp.fingerprint(model_copy)
+    assert fp.fingerprint(model_copy) == first and len(first) == 64
+    # A fine-tune of the same shape: same names, same sizes, other bytes; copied with its
+    # timestamps kept (cp -p), so only the content, ctime and inode tell it apart.
+    tuned = tmp_path / "tuned.safetensors"
+    tuned.write_bytes(b"\x02" * 4096)
+    shutil.copy2(model_copy / "model.safetensors", tmp_path / "orig")
+    os.utime(tuned, ns=(os.stat(model_copy / "model.safetensors").st_atime_ns,) * 2)
+    os.replace(tuned, model_copy / "model.safetensors")
+    assert fp.fingerprint(model_copy) != first
+    (model_copy / "README.md").write_text("edited")  # not a model file
+    second = fp.fingerprint(model_copy)
+    (model_copy / "tokenizer.json").write_text(json.dumps({"vocab": ["a", "c"]}))
+    assert fp.fingerprint(model_copy) != second
+
+
+def test_a_restart_on_unchanged_files_reads_no_weights(model_copy: Path):
+    digest = fp.fingerprint(model_copy)
+    index_path = fp.cache_dir() / "fingerprints.json"
+    index = json.loads(index_path.read_text())
+    # Mark the remembered digest: getting the mark back proves the weights were not hashed again.
+    index[str(model_copy.resolve())]["digest"] = "remembered"
+    index_path.write_text(json.dumps(index))
+    assert fp.fingerprint(model_copy) == "remembered"
+    (model_copy / "model.safetensors").write_bytes(b"\x01" * 4096)  # rewritten: same bytes, new ctime
+    assert fp.fingerprint(model_copy) == digest
+
+
+def test_model_ids_name_the_directory_and_the_content(labeler, model_dir, model_copy: Path):
+    assert fp.model_id(model_copy) == f"model@{fp.fingerprint(model_copy)[:16]}"
+    assert labeler.model_id == fp.model_id(model_dir)
+
+
+def test_the_labeler_builds_specs_with_its_own_parameters(labeler):
+    s = labeler.spec("pairwise", "tiny", cot=True, samples=2, seed=1)
+    assert (s.model, s.task_version) == (labeler.model_id, labeler.task("tiny").version)
+    assert (s.temperature, s.max_rationale_tokens, s.labels) == (
+        labeler.temperature,
+        labeler.max_rationale_tokens,
+        ("1", "2"),
+    )
+    assert labeler.spec("score", "tiny").labels == tuple(str(i) for i in range(1, 11))
+    with pytest.raises(InvalidInput) as err:
+        labeler.spec("pairwise", "tiny", samples=2)
+    assert err.value.field == "samples"
