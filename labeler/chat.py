@@ -290,8 +290,9 @@ def split_query(
 
 def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MARKERS) -> dict[str, str]:
     """A label item as the labeler reads it: the context as its canonical transcript, each
-    response (`response`, `response_a`, `response_b`) cleaned. Values that are neither text
-    nor messages are left for the prompt builder to refuse by name."""
+    response (`response`, `response_a`, `response_b`, `reference`, each of a group's
+    `responses`) cleaned. Values that are neither text nor messages are left for the prompt
+    builder to refuse by name."""
     markers = _markers(end_markers)
     out: dict[str, Any] = {}
     for name, value in item.items():
@@ -300,6 +301,8 @@ def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MAR
                 value = context_text(value, markers)
         elif isinstance(value, str):
             value = clean_response(value, markers)
+        elif name == "responses" and isinstance(value, (list, tuple)):
+            value = [clean_response(v, markers) if isinstance(v, str) else v for v in value]
         out[name] = value
     return out
 

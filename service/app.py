@@ -32,10 +32,13 @@ from .metrics import Metrics
 from .protocol import (
     ErrorResponse,
     GetRewardResponse,
+    GroupRewardsResponse,
     HealthResponse,
+    JudgmentsResponse,
     LabelDefaults,
     PreferencesResponse,
     ReadyResponse,
+    ReferenceRewardsResponse,
     ScoresResponse,
     TaskInfo,
     TasksResponse,
@@ -209,7 +212,10 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     app = FastAPI(
         title="RLAIF labeler",
         version="0.1.0",
-        description="Pairwise preferences and direct scores from an AI labeler, for RLAIF training loops.",
+        description=(
+            "Pairwise preferences, direct scores, yes/no judgments and pairwise rewards from an AI labeler, "
+            "for RLAIF training loops."
+        ),
         lifespan=lifespan,
         # A body without a content type is read as JSON (curl -d sends form encoding's type,
         # a bare client none at all); any other declared type is refused with a 422.
@@ -239,6 +245,22 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     async def scores(body: bodies.scores, svc: Service) -> ScoresResponse:
         """Direct 1-10 scores: distribution, expected score and reward in [-1, 1]."""
         return await svc.scores(body)
+
+    @labels.post("/v1/judgments", tags=["labels"])
+    async def judgments(body: bodies.judgments, svc: Service) -> JudgmentsResponse:
+        """Yes/no judgments: P(yes) to the task's yes/no question about each response."""
+        return await svc.judgments(body)
+
+    @labels.post("/v1/rewards/reference", tags=["rewards"])
+    async def reference_rewards(body: bodies.reference_rewards, svc: Service) -> ReferenceRewardsResponse:
+        """Pairwise rewards against a reference response: 2 P(response preferred) - 1, both orders."""
+        return await svc.reference_rewards(body)
+
+    @labels.post("/v1/rewards/group", tags=["rewards"])
+    async def group_rewards(body: bodies.group_rewards, svc: Service) -> GroupRewardsResponse:
+        """Group-relative rewards: each group's completions compared with each other in both
+        orders; per completion, its centred mean win probability (summing to 0 per group)."""
+        return await svc.group_rewards(body)
 
     task_names = {"enum": tasks.names()}
 

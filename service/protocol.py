@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from labeler.spec import MAX_SEED
+from labeler.spec import MAX_GROUP_SIZE, MAX_SEED
 
 from .settings import Settings
 
@@ -51,6 +51,22 @@ class ScoreItemIn(_Body):
     response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
 
 
+class ReferenceItemIn(_Body):
+    context: Context = Field("", description=_CONTEXT)
+    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the completion to reward " + _RESPONSE)
+    reference: str = Field(..., max_length=_DEFAULTS.max_chars, description="the reference response " + _RESPONSE)
+
+
+_GROUP = f"the completions of one prompt, 2 to {MAX_GROUP_SIZE}, each " + _RESPONSE
+
+
+class GroupItemIn(_Body):
+    context: Context = Field("", description=_CONTEXT)
+    responses: list[Annotated[str, Field(max_length=_DEFAULTS.max_chars)]] = Field(
+        ..., min_length=2, max_length=MAX_GROUP_SIZE, description=_GROUP
+    )
+
+
 class _Options(_Body):
     task: str = Field(..., description="task name (GET /v1/tasks)")
     cot: bool = Field(False, description="generate a rationale before reading the label")
@@ -68,6 +84,21 @@ class ScoresRequest(_Options):
     items: list[ScoreItemIn] = Field(..., min_length=1, max_length=_DEFAULTS.max_items)
 
 
+class JudgmentsRequest(_Options):
+    items: list[ScoreItemIn] = Field(..., min_length=1, max_length=_DEFAULTS.max_items)
+
+
+class ReferenceRewardsRequest(_Options):
+    items: list[ReferenceItemIn] = Field(..., min_length=1, max_length=_DEFAULTS.max_items)
+    order: Literal["both", "ab", "ba"] = Field("both", description="both orders (default) or one")
+
+
+class GroupRewardsRequest(_Options):
+    items: list[GroupItemIn] = Field(
+        ..., min_length=1, max_length=_DEFAULTS.max_items, description="groups; a group of N is N (N - 1) reads"
+    )
+
+
 class GetRewardRequest(BaseModel):
     """OpenRLHF's remote reward-model request."""
 
@@ -81,6 +112,9 @@ class RequestModels(NamedTuple):
     preferences: type[PreferencesRequest]
     scores: type[ScoresRequest]
     get_reward: type[GetRewardRequest]
+    judgments: type[JudgmentsRequest]
+    reference_rewards: type[ReferenceRewardsRequest]
+    group_rewards: type[GroupRewardsRequest]
 
 
 def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
@@ -106,6 +140,22 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     single = create_model(
         "ScoreItemIn", __base__=ScoreItemIn, context=context, response=text(..., "the response to score " + _RESPONSE)
     )
+    reference = create_model(
+        "ReferenceItemIn",
+        __base__=ReferenceItemIn,
+        context=context,
+        response=text(..., "the completion to reward " + _RESPONSE),
+        reference=text(..., "the reference response " + _RESPONSE),
+    )
+    group = create_model(
+        "GroupItemIn",
+        __base__=GroupItemIn,
+        context=context,
+        responses=(
+            list[Annotated[str, Field(max_length=chars)]],
+            Field(..., min_length=2, max_length=MAX_GROUP_SIZE, description=f"{_GROUP}; at most {chars} characters"),
+        ),
+    )
     options: dict[str, Any] = {
         "task": (str, Field(..., description="task name (GET /v1/tasks)", json_schema_extra={"enum": sorted(tasks)})),
         "samples": (int, Field(1, ge=1, le=settings.max_samples, description="rationales to sample (needs cot)")),
@@ -127,6 +177,27 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
             "GetRewardRequest",
             __base__=GetRewardRequest,
             query=(list[str], Field(..., min_length=1, max_length=most, description="prompt + response each")),
+        ),
+        create_model(
+            "JudgmentsRequest",
+            __base__=JudgmentsRequest,
+            items=(list[single], Field(..., min_length=1, max_length=most)),  # type: ignore[valid-type]
+            **options,
+        ),
+        create_model(
+            "ReferenceRewardsRequest",
+            __base__=ReferenceRewardsRequest,
+            items=(list[reference], Field(..., min_length=1, max_length=most)),  # type: ignore[valid-type]
+            **options,
+        ),
+        create_model(
+            "GroupRewardsRequest",
+            __base__=GroupRewardsRequest,
+            items=(
+                list[group],  # type: ignore[valid-type]
+                Field(..., min_length=1, max_length=most, description="groups; a group of N is N (N - 1) reads"),
+            ),
+            **options,
         ),
     )
 
@@ -160,6 +231,39 @@ class ScoreOut(BaseModel):
     cached: bool = Field(..., description="true when this result came from the cache")
 
 
+class JudgmentOut(BaseModel):
+    p_yes: float = Field(..., description="P(yes) to the task's yes/no question (both capitalizations summed)")
+    p_no: float = Field(..., description="1 - p_yes")
+    label_mass: float = Field(..., description="the model's probability on the yes/no labels")
+    rationale: str | None = Field(None, description="with cot: the first rationale")
+    rationales: list[str] | None = Field(None, description="with cot: every rationale")
+    cached: bool = Field(..., description="true when this result came from the cache")
+
+
+class ReferenceRewardOut(BaseModel):
+    reward: float = Field(..., description="2 p_win - 1, in [-1, 1]")
+    p_win: float = Field(..., description="P(response preferred over the reference), averaged over the orders read")
+    p_win_ab: float | None = Field(..., description="with the response shown first; null if not read")
+    p_win_ba: float | None = Field(..., description="with the reference shown first; null if not read")
+    consistent: bool | None = Field(..., description="both orders pick the same winner; null with one order")
+    label_mass: dict[str, float] = Field(..., description="per order, the model's probability on the labels")
+    rationale: str | None = Field(None, description="with cot: the first rationale of the first order")
+    rationales: dict[str, list[str]] | None = Field(None, description="with cot: every rationale, per order")
+    cached: bool = Field(..., description="true when this result came from the cache")
+
+
+class GroupRewardsOut(BaseModel):
+    rewards: list[float] = Field(..., description="per completion, 2 w_i - 1 in [-1, 1]; they sum to 0")
+    win_rate: list[float] = Field(..., description="w_i: completion i's mean probability of beating the others")
+    p_win: list[list[float | None]] = Field(..., description="P(i preferred over j), both orders; null on the diagonal")
+    label_mass: float = Field(..., description="the model's probability on the labels, averaged over the reads")
+    consistency: float = Field(..., description="share of pairs whose two orders pick the same winner")
+    rationales: list[list[list[str] | None]] | None = Field(
+        None, description="with cot: [i][j] the rationales of the read showing i first"
+    )
+    cached: bool = Field(..., description="true when this result came from the cache")
+
+
 class _Reply(BaseModel):
     model: str = Field(..., description="model id: directory name @ content fingerprint (part of every cache key)")
     task: str
@@ -175,6 +279,18 @@ class ScoresResponse(_Reply):
     results: list[ScoreOut]
 
 
+class JudgmentsResponse(_Reply):
+    results: list[JudgmentOut]
+
+
+class ReferenceRewardsResponse(_Reply):
+    results: list[ReferenceRewardOut]
+
+
+class GroupRewardsResponse(_Reply):
+    results: list[GroupRewardsOut]
+
+
 class GetRewardResponse(BaseModel):
     rewards: list[float]
     scores: list[float]
@@ -187,6 +303,8 @@ class TaskInfo(BaseModel):
     description: str
     examples: int
     score_examples: int
+    judgment: bool = Field(False, description="the task asks a yes/no question (POST /v1/judgments)")
+    judgment_examples: int = 0
 
 
 class TasksResponse(BaseModel):

@@ -9,9 +9,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import asdict, fields
 from typing import Any
 
-from labeler import InputTooLong, InvalidInput, Labeler, LabelSpec, PairItem, ScoreItem
+from labeler import GroupItem, InputTooLong, InvalidInput, Labeler, LabelSpec, PairItem, ReferenceItem, ScoreItem
 from labeler.chat import normalize_item, split_query
 from labeler.core import Prepared
+from labeler.spec import KINDS
 
 from .batcher import MicroBatcher
 from .cache import CACHE_PREFIX, Cache
@@ -19,9 +20,18 @@ from .metrics import Metrics
 from .protocol import (
     GetRewardRequest,
     GetRewardResponse,
+    GroupRewardsOut,
+    GroupRewardsRequest,
+    GroupRewardsResponse,
+    JudgmentOut,
+    JudgmentsRequest,
+    JudgmentsResponse,
     PreferenceOut,
     PreferencesRequest,
     PreferencesResponse,
+    ReferenceRewardOut,
+    ReferenceRewardsRequest,
+    ReferenceRewardsResponse,
     ScoreOut,
     ScoresRequest,
     ScoresResponse,
@@ -50,9 +60,7 @@ class LabelService:
             on_batch=metrics.batch_size.observe,
         )
         # Children bound once: labels() takes a lock and checks its arguments on every call.
-        self._items_metric = {
-            (k, src): metrics.items.labels(k, src) for k in ("pairwise", "score") for src in ("cache", "engine")
-        }
+        self._items_metric = {(k, src): metrics.items.labels(k, src) for k in KINDS for src in ("cache", "engine")}
 
     # -- endpoints ---------------------------------------------------------------------------
     async def preferences(self, req: PreferencesRequest) -> PreferencesResponse:
@@ -70,6 +78,36 @@ class LabelService:
         values, usage = await self._label(spec, items, req.cache)
         results = [ScoreOut(**v, rationale=_first(v["rationales"])) for v in values]
         return ScoresResponse(
+            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
+        )
+
+    async def judgments(self, req: JudgmentsRequest) -> JudgmentsResponse:
+        spec = self._spec("judgment", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
+        items = [ScoreItem(**self._normalize(it.model_dump())) for it in req.items]
+        values, usage = await self._label(spec, items, req.cache)
+        results = [JudgmentOut(**v, rationale=_first(v["rationales"])) for v in values]
+        return JudgmentsResponse(
+            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
+        )
+
+    async def reference_rewards(self, req: ReferenceRewardsRequest) -> ReferenceRewardsResponse:
+        spec = self._spec("reference", req.task, order=req.order, cot=req.cot, samples=req.samples, seed=req.seed)
+        items = [ReferenceItem(**self._normalize(it.model_dump())) for it in req.items]
+        values, usage = await self._label(spec, items, req.cache)
+        results = [ReferenceRewardOut(**v, rationale=_first(v["rationales"])) for v in values]
+        return ReferenceRewardsResponse(
+            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
+        )
+
+    async def group_rewards(self, req: GroupRewardsRequest) -> GroupRewardsResponse:
+        spec = self._spec("group", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
+        groups = []
+        for it in req.items:
+            g = self._normalize(it.model_dump())
+            groups.append(GroupItem(g["context"], tuple(g["responses"])))
+        values, usage = await self._label(spec, groups, req.cache)
+        results = [GroupRewardsOut(**v) for v in values]
+        return GroupRewardsResponse(
             model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
         )
 
@@ -162,7 +200,8 @@ class LabelService:
         limit = self.settings.max_chars
         for i in which:
             for f in fields(items[i]):
-                n = len(getattr(items[i], f.name))
+                value = getattr(items[i], f.name)
+                n = max(map(len, value), default=0) if isinstance(value, tuple) else len(value)
                 if n > limit:
                     raise InputTooLong(
                         f"{where}[{i}].{f.name} has {n} characters, over the limit of {limit}",
