@@ -14,8 +14,8 @@ import httpx
 from . import _batching as batching
 from . import _exceptions as exc
 from ._config import RETRY_STATUSES, Retry, Timeout, parse_retry_after, resolve_key, resolve_url
-from ._models import Health, Preference, Score, TaskInfo
-from ._text import Text, score_items
+from ._models import GroupRewards, Health, Judgment, Preference, ReferenceReward, Score, TaskInfo
+from ._text import Text, group_items, reference_items, score_items
 
 T = TypeVar("T")
 OnError = Literal["raise", "none"]
@@ -251,6 +251,85 @@ class Client(_BaseClient):
         results = self.scores(score_items(prompts, completions), task, on_error=on_error, **options)
         return [s.reward if s is not None else None for s in results]
 
+    def judgments(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[Judgment | None]:
+        """Yes/no judgments (P(yes) to the task's question) for items `{"context", "response"}`,
+        in input order."""
+        opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
+        return self._batched("/v1/judgments", items, opts, Judgment.model_validate, on_error)
+
+    def reference_rewards(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        order: Order = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[ReferenceReward | None]:
+        """Pairwise rewards against a reference, 2 P(response preferred) - 1, for items
+        `{"context", "response", "reference"}`, in input order."""
+        opts = self._options(task, order=order, cot=cot, samples=samples, seed=seed, cache=cache)
+        return self._batched("/v1/rewards/reference", items, opts, ReferenceReward.model_validate, on_error)
+
+    def group_rewards(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[GroupRewards | None]:
+        """Group-relative rewards for groups `{"context", "responses": [2 to 32 completions]}`,
+        in input order (`batch_size` counts groups)."""
+        opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
+        return self._batched("/v1/rewards/group", items, opts, GroupRewards.model_validate, on_error)
+
+    def rewards_against(
+        self,
+        prompts: Sequence[Text],
+        completions: Sequence[Text],
+        references: Sequence[Text],
+        task: str = "general",
+        *,
+        on_error: OnError = "raise",
+        **options: Any,
+    ) -> list[float | None]:
+        """Rewards in [-1, 1] of completions against reference responses to the same prompts:
+        the `reward` of `reference_rewards()` (options: order, cot, samples, seed, cache)."""
+        items = reference_items(prompts, completions, references)
+        results = self.reference_rewards(items, task, on_error=on_error, **options)
+        return [r.reward if r is not None else None for r in results]
+
+    def group_relative_rewards(
+        self,
+        prompts: Sequence[Text],
+        groups: Sequence[Sequence[Text]],
+        task: str = "general",
+        *,
+        on_error: OnError = "raise",
+        **options: Any,
+    ) -> list[list[float] | None]:
+        """Per group, the group-relative rewards of its completions (the `rewards` of
+        `group_rewards()`; options: cot, samples, seed, cache)."""
+        results = self.group_rewards(group_items(prompts, groups), task, on_error=on_error, **options)
+        return [r.rewards if r is not None else None for r in results]
+
     def tasks(self) -> list[TaskInfo]:
         """The tasks the server knows."""
         return [TaskInfo.model_validate(t) for t in self._send("GET", "/v1/tasks").data["tasks"]]
@@ -379,6 +458,80 @@ class AsyncClient(_BaseClient):
         """See `Client.rewards`."""
         results = await self.scores(score_items(prompts, completions), task, on_error=on_error, **options)
         return [s.reward if s is not None else None for s in results]
+
+    async def judgments(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[Judgment | None]:
+        """See `Client.judgments`."""
+        opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
+        return await self._batched("/v1/judgments", items, opts, Judgment.model_validate, on_error)
+
+    async def reference_rewards(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        order: Order = "both",
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[ReferenceReward | None]:
+        """See `Client.reference_rewards`."""
+        opts = self._options(task, order=order, cot=cot, samples=samples, seed=seed, cache=cache)
+        return await self._batched("/v1/rewards/reference", items, opts, ReferenceReward.model_validate, on_error)
+
+    async def group_rewards(
+        self,
+        items: Sequence[Item],
+        task: str,
+        *,
+        cot: bool = False,
+        samples: int = 1,
+        seed: int = 0,
+        cache: bool = True,
+        on_error: OnError = "raise",
+    ) -> list[GroupRewards | None]:
+        """See `Client.group_rewards`."""
+        opts = self._options(task, cot=cot, samples=samples, seed=seed, cache=cache)
+        return await self._batched("/v1/rewards/group", items, opts, GroupRewards.model_validate, on_error)
+
+    async def rewards_against(
+        self,
+        prompts: Sequence[Text],
+        completions: Sequence[Text],
+        references: Sequence[Text],
+        task: str = "general",
+        *,
+        on_error: OnError = "raise",
+        **options: Any,
+    ) -> list[float | None]:
+        """See `Client.rewards_against`."""
+        items = reference_items(prompts, completions, references)
+        results = await self.reference_rewards(items, task, on_error=on_error, **options)
+        return [r.reward if r is not None else None for r in results]
+
+    async def group_relative_rewards(
+        self,
+        prompts: Sequence[Text],
+        groups: Sequence[Sequence[Text]],
+        task: str = "general",
+        *,
+        on_error: OnError = "raise",
+        **options: Any,
+    ) -> list[list[float] | None]:
+        """See `Client.group_relative_rewards`."""
+        results = await self.group_rewards(group_items(prompts, groups), task, on_error=on_error, **options)
+        return [r.rewards if r is not None else None for r in results]
 
     async def tasks(self) -> list[TaskInfo]:
         """See `Client.tasks`."""

@@ -92,3 +92,30 @@ def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list
             }
         )
     return items
+
+
+def reference_items(
+    prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Text]
+) -> list[dict[str, Any]]:
+    """`/v1/rewards/reference` items for (prompt, completion, reference) triples."""
+    for name, seq in (("prompts", prompts), ("completions", completions), ("references", references)):
+        if isinstance(seq, str):
+            raise TypeError(f"{name} must be a list, not a single string")
+    if not len(prompts) == len(completions) == len(references):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and {len(references)} references")
+    return [
+        {"context": context_value(p), "response": completion_text(c), "reference": completion_text(r)}
+        for p, c, r in zip(prompts, completions, references, strict=True)
+    ]
+
+
+def group_items(prompts: Sequence[Text], groups: Sequence[Sequence[Text]]) -> list[dict[str, Any]]:
+    """`/v1/rewards/group` items for prompts and each prompt's completions."""
+    if len(prompts) != len(groups):
+        raise ValueError(f"{len(prompts)} prompts but {len(groups)} groups of completions")
+    items = []
+    for p, group in zip(prompts, groups, strict=True):
+        if isinstance(group, str):
+            raise TypeError("each group must be a list of completions, not a single string")
+        items.append({"context": context_value(p), "responses": [completion_text(c) for c in group]})
+    return items

@@ -76,6 +76,57 @@ def _preference(item: dict[str, Any], order: str) -> dict[str, Any]:
     }
 
 
+def _win(ctx: str, first: str, second: str) -> float:
+    """P(first preferred over second) in the fake: a logistic of their fake rewards' gap."""
+    return 1 / (1 + math.exp(-4 * (fake_reward(ctx, first) - fake_reward(ctx, second))))
+
+
+def _judgment(item: dict[str, Any]) -> dict[str, Any]:
+    p_yes = (fake_reward(_context(item), item["response"]) + 1) / 2
+    return {"p_yes": p_yes, "p_no": 1 - p_yes, "label_mass": 1.0, "cached": False}
+
+
+def _reference_reward(item: dict[str, Any], order: str) -> dict[str, Any]:
+    p_win = _win(_context(item), item["response"], item["reference"])
+    return {
+        "reward": 2 * p_win - 1,
+        "p_win": p_win,
+        "p_win_ab": p_win if order in ("both", "ab") else None,
+        "p_win_ba": p_win if order in ("both", "ba") else None,
+        "consistent": True if order == "both" else None,
+        "label_mass": {},
+        "cached": False,
+    }
+
+
+def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
+    ctx, rs = _context(item), item["responses"]
+    n = len(rs)
+    p_win = [[None if i == j else _win(ctx, rs[i], rs[j]) for j in range(n)] for i in range(n)]
+    win_rate = [sum(p for p in row if p is not None) / (n - 1) for row in p_win]
+    return {
+        "rewards": [2 * w - 1 for w in win_rate],
+        "win_rate": win_rate,
+        "p_win": p_win,
+        "label_mass": 1.0,
+        "consistency": 1.0,
+        "cached": False,
+    }
+
+
+# Each label route: the text fields of its items, and the fake result of one item.
+_ROUTES = {
+    "/v1/scores": (("response",), lambda it, body: _score(it)),
+    "/v1/preferences": (("response_a", "response_b"), lambda it, body: _preference(it, body.get("order", "both"))),
+    "/v1/judgments": (("response",), lambda it, body: _judgment(it)),
+    "/v1/rewards/reference": (
+        ("response", "reference"),
+        lambda it, body: _reference_reward(it, body.get("order", "both")),
+    ),
+    "/v1/rewards/group": (("responses",), lambda it, body: _group_rewards(it)),
+}
+
+
 class FakeLabeler:
     """The service's wire contract in memory. Faults queued with `fail_next` are served
     first, one per request: an HTTP status (with the service's error shape and, for 429
@@ -175,11 +226,13 @@ class FakeLabeler:
                     "description": t,
                     "examples": 0,
                     "score_examples": 0,
+                    "judgment": True,
+                    "judgment_examples": 0,
                 }
                 for t in self.tasks
             ]
             return httpx.Response(200, json={"default_task": self.tasks[0], "tasks": tasks})
-        if request.method == "POST" and path in ("/v1/scores", "/v1/preferences"):
+        if request.method == "POST" and path in _ROUTES:
             return self._label(path, json.loads(request.content))
         if request.method == "POST" and path == "/get_reward":
             return self._get_reward(json.loads(request.content), request.url.params.get("task", self.tasks[0]))
@@ -217,16 +270,17 @@ class FakeLabeler:
         refused = self._unknown_task(body.get("task"))
         if refused is not None:
             return refused
-        fields = ("response",) if path == "/v1/scores" else ("response_a", "response_b")
+        fields, result = _ROUTES[path]
         for i, item in enumerate(body["items"]):
             for name in ("context", *fields):
-                refused = self._too_long(f"items[{i}].{name}", item.get(name, ""))
-                if refused is not None:
-                    return refused
-        if path == "/v1/scores":
-            results = [_score(it) for it in body["items"]]
-        else:
-            results = [_preference(it, body.get("order", "both")) for it in body["items"]]
+                value = item.get(name, "")
+                texts = enumerate(value) if name == "responses" else [(None, value)]
+                for k, text in texts:
+                    where = f"items[{i}].{name}" + ("" if k is None else f"[{k}]")
+                    refused = self._too_long(where, text)
+                    if refused is not None:
+                        return refused
+        results = [result(it, body) for it in body["items"]]
         n = len(results)
         usage = {"items": n, "cached": 0, "computed": n, "shared": 0}
         return httpx.Response(

@@ -16,6 +16,11 @@ spawned child process, so reward functions must pickle: these are callable objec
 closures, and leave their HTTP clients behind when pickled (a copy opens its own on first
 use).
 
+Pairwise rewards: `reference_reward_function` rewards each completion against a reference
+response from a dataset column (2 P(completion preferred) - 1); `group_reward_function` compares
+the completions of each prompt with each other (GRPO's groups: TRL repeats every prompt
+`num_generations` times in a row) and gives each its centred mean win probability.
+
 Judges: TRL 0.10 to 1.0 (online DPO, XPO, Nash-MD, `WinRateCallback`) take a `judge=`;
 TRL 1.1 removed judges, and its online DPO takes `reward_funcs` like GRPO.
 """
@@ -32,7 +37,21 @@ from typing import Any
 from ._client import AsyncClient, Client, OnError
 from ._text import Text, pair_items
 
-__all__ = ["AsyncRewardFunction", "PairwiseJudge", "RewardFunction", "async_reward_function", "reward_function"]
+# The service's largest group (labeler.spec.MAX_GROUP_SIZE; the client does not import the labeler).
+MAX_GROUP_SIZE = 32
+
+__all__ = [
+    "AsyncRewardFunction",
+    "GroupRewardFunction",
+    "PairwiseJudge",
+    "ReferenceRewardFunction",
+    "RewardFunction",
+    "async_reward_function",
+    "find_groups",
+    "group_reward_function",
+    "reference_reward_function",
+    "reward_function",
+]
 
 log = logging.getLogger("labeler_client.trl")
 
@@ -125,7 +144,154 @@ class RewardFunction(_Picklable):
         return self.client.rewards(_prompts_for(prompts, completions), completions, self.task, on_error=self.on_error)
 
     def __repr__(self) -> str:
-        return f"RewardFunction({self._client_opts.get('base_url')!r}, task={self.task!r}, name={self.__name__!r})"
+        url = self._client_opts.get("base_url")
+        return f"{type(self).__name__}({url!r}, task={self.task!r}, name={self.__name__!r})"
+
+
+class ReferenceRewardFunction(RewardFunction):
+    """A callable for `reward_funcs=[...]`: each completion's pairwise reward against the
+    reference response in the dataset column `reference_column` (TRL passes every column to
+    reward functions), 2 P(completion preferred) - 1 in [-1, 1], both orders by default.
+    Build it with `reference_reward_function(...)`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        task: str = "general",
+        *,
+        reference_column: str = "reference",
+        order: str = "both",
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(base_url, task, name=name or f"labeler_{task}_vs_{reference_column}", **kwargs)
+        self.reference_column = reference_column
+        self.order = order
+
+    def __call__(  # type: ignore[override]
+        self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **columns: Any
+    ) -> list[float | None]:
+        if self.reference_column not in columns:
+            given = ", ".join(sorted(k for k in columns if not k.startswith(("trainer_", "log_")))) or "none"
+            raise KeyError(
+                f"the reward function reads references from the dataset column {self.reference_column!r}, "
+                f"which this batch lacks (columns: {given}); pass reference_column= to name another"
+            )
+        prompts = _prompts_for(prompts, completions)
+        return self.client.rewards_against(
+            prompts, completions, columns[self.reference_column], self.task, on_error=self.on_error, order=self.order
+        )
+
+
+def find_groups(prompts: Sequence[Text], num_generations: int) -> list[range]:
+    """The groups of a TRL batch: GRPO repeats every prompt `num_generations` times in a row,
+    so completions [k n, (k + 1) n) answer one prompt. Raises ValueError, saying where, when the
+    batch does not have that layout (a batch that is not a whole number of groups, which TRL gives
+    a process when its per-device batch is not a multiple of num_generations, or a group whose
+    prompts differ)."""
+    n = num_generations
+    if len(prompts) % n:
+        raise ValueError(
+            f"group rewards need whole groups: the batch holds {len(prompts)} completions, not a multiple of "
+            f"num_generations={n} (make each process's batch a multiple of num_generations, or pass the "
+            "trainer's num_generations)"
+        )
+    groups = [range(k, k + n) for k in range(0, len(prompts), n)]
+    for g in groups:
+        for i in g:
+            if prompts[i] != prompts[g.start]:
+                raise ValueError(
+                    f"group rewards need each prompt repeated num_generations={n} times in a row (TRL's GRPO "
+                    f"layout), but completion {i} has another prompt than completion {g.start}, the first of its group"
+                )
+    return groups
+
+
+class GroupRewardFunction(RewardFunction):
+    """A callable for `GRPOTrainer(reward_funcs=[...])`: group-relative pairwise rewards. The
+    completions of each prompt (found from TRL's batch layout, `find_groups`) are compared with
+    each other in both orders, in one engine call that shares the prompt, and each gets
+    2 w - 1, w its mean probability of beating the others (rewards sum to 0 per group).
+    Build it with `group_reward_function(...)`."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        task: str = "general",
+        *,
+        num_generations: int,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(num_generations, int) or not 2 <= num_generations <= MAX_GROUP_SIZE:
+            raise ValueError(f"num_generations must be an integer from 2 to {MAX_GROUP_SIZE}, got {num_generations!r}")
+        super().__init__(base_url, task, name=name or f"labeler_{task}_group", **kwargs)
+        self.num_generations = num_generations
+
+    def __call__(
+        self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
+    ) -> list[float | None]:
+        prompts = _prompts_for(prompts, completions)
+        if len(prompts) != len(completions):  # type: ignore[arg-type]
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")  # type: ignore[arg-type]
+        groups = find_groups(prompts, self.num_generations)
+        per_group = self.client.group_relative_rewards(
+            [prompts[g.start] for g in groups],
+            [[completions[i] for i in g] for g in groups],  # type: ignore[index]
+            self.task,
+            on_error=self.on_error,
+        )
+        out: list[float | None] = []
+        for g, rewards in zip(groups, per_group, strict=True):
+            out.extend(rewards if rewards is not None else [None] * len(g))
+        return out
+
+
+def reference_reward_function(
+    base_url: str | None = None,
+    task: str = "general",
+    *,
+    reference_column: str = "reference",
+    order: str = "both",
+    name: str | None = None,
+    on_error: OnError = "raise",
+    client: Client | None = None,
+    **client_opts: Any,
+) -> ReferenceRewardFunction:
+    """A reward function rewarding each completion against the reference response in the
+    dataset column `reference_column` (e.g. the SFT answer): 2 P(completion preferred) - 1,
+    read in both orders. A batch without the column raises KeyError naming it. Picklable;
+    options as for `reward_function`."""
+    return ReferenceRewardFunction(
+        base_url,
+        task,
+        reference_column=reference_column,
+        order=order,
+        name=name,
+        on_error=on_error,
+        client=client,
+        **client_opts,
+    )
+
+
+def group_reward_function(
+    base_url: str | None = None,
+    task: str = "general",
+    *,
+    num_generations: int,
+    name: str | None = None,
+    on_error: OnError = "raise",
+    client: Client | None = None,
+    **client_opts: Any,
+) -> GroupRewardFunction:
+    """A reward function for GRPO giving group-relative pairwise rewards; `num_generations` is
+    the trainer's (`GRPOConfig.num_generations`). A batch that is not whole groups of
+    `num_generations` completions sharing one prompt raises ValueError. With
+    `on_error="none"` a failed group's completions get None. Picklable; options as for
+    `reward_function`."""
+    return GroupRewardFunction(
+        base_url, task, num_generations=num_generations, name=name, on_error=on_error, client=client, **client_opts
+    )
 
 
 class AsyncRewardFunction(_Picklable):

@@ -1,0 +1,182 @@
+"""Yes/no judgments and pairwise rewards (against a reference, group-relative) over HTTP: the real
+app under uvicorn on loopback, the real model, through the real client and the TRL reward
+functions. Results equal the in-process labeler's; a repeat is a cache hit; bad input is a 4xx
+naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import labeler_client as lc
+import pytest
+from labeler_client.trl import group_reward_function, reference_reward_function
+
+from labeler import GroupItem, ReferenceItem, ScoreItem
+from service.protocol import GroupRewardsResponse, JudgmentsResponse, ReferenceRewardsResponse
+from tests.fixtures.load import error_shape_ok, metric
+
+pytestmark = pytest.mark.model
+# A result moves with its engine batch-mates by a few 1e-6 (fp32 padding).
+TOL = 1e-4
+
+
+def post(srv, path: str, body: dict) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, timeout=120)
+
+
+def assert_error(resp: httpx.Response, status: int, param: str) -> dict:
+    assert resp.status_code == status, resp.text
+    assert error_shape_ok(resp.json(), status), resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param, err
+    return err
+
+
+def test_judgments_equal_the_labeler_and_repeat_from_the_cache(live_server, labeler):
+    items = [{"context": "2+2?", "response": "4"}, {"context": "Is the sky green?", "response": ""}]
+    before = metric(live_server.url, "labeler_items_total")
+    with lc.Client(live_server.url) as client:
+        first = client.judgments(items, "tiny")
+        again = client.judgments(items, "tiny")
+    ref = labeler.judgments([ScoreItem(**it) for it in items], "tiny")
+    for got, want in zip(first, ref, strict=True):
+        assert isinstance(got, lc.Judgment) and got.cached is False
+        assert got.p_yes == pytest.approx(want.p_yes, abs=TOL) and got.p_no == pytest.approx(want.p_no, abs=TOL)
+        assert got.label_mass == pytest.approx(want.label_mass, abs=TOL)
+    assert all(a.cached for a in again)
+    assert [a.p_yes for a in again] == [f.p_yes for f in first]  # the cached values, exactly
+    assert metric(live_server.url, "labeler_items_total") == before + 4
+    raw = post(live_server, "/v1/judgments", {"task": "tiny", "items": items[:1]}).json()
+    JudgmentsResponse.model_validate(raw)
+    assert raw["usage"] == {"items": 1, "cached": 1, "computed": 0, "shared": 0}
+
+
+def test_reference_rewards_equal_the_labeler_both_orders_and_one(live_server, labeler):
+    items = [
+        {"context": "Name a fruit.", "response": "A chair.", "reference": "An apple."},
+        {"context": "2+2?", "response": "4", "reference": "5"},
+    ]
+    ref = labeler.reference_rewards([ReferenceItem(**it) for it in items], "tiny")
+    with lc.Client(live_server.url) as client:
+        got = client.reference_rewards(items, "tiny")
+        one = client.reference_rewards(items[:1], "tiny", order="ab")[0]
+        rewards = client.rewards_against(
+            [it["context"] for it in items], [it["response"] for it in items], [it["reference"] for it in items], "tiny"
+        )
+    for g, w, r in zip(got, ref, rewards, strict=True):
+        assert isinstance(g, lc.ReferenceReward) and g.cached is False
+        assert g.p_win_ab == pytest.approx(w.p_win_ab, abs=TOL) and g.p_win_ba == pytest.approx(w.p_win_ba, abs=TOL)
+        assert g.reward == pytest.approx(w.reward, abs=2 * TOL) and g.consistent == w.consistent
+        assert r == g.reward  # the same label, from the cache
+    assert one.p_win_ba is None and one.consistent is None and one.p_win == pytest.approx(ref[0].p_win_ab, abs=TOL)
+    raw = post(live_server, "/v1/rewards/reference", {"task": "tiny", "items": items}).json()
+    ReferenceRewardsResponse.model_validate(raw)
+    assert raw["usage"]["cached"] == 2
+
+
+def test_group_rewards_equal_the_labeler_and_normalize_like_every_response(live_server, labeler):
+    groups = [
+        {"context": "Name a fruit.", "responses": ["An apple.", "A chair.", "Banana."]},
+        {"context": "2+2?", "responses": ["4", "5"]},
+    ]
+    ref = labeler.group_rewards([GroupItem(g["context"], tuple(g["responses"])) for g in groups], "tiny")
+    with lc.Client(live_server.url) as client:
+        got = client.group_rewards(groups, "tiny")
+        # End-of-turn markers and surrounding space are stripped from each response, as for
+        # every response: the same group, the same cache entry.
+        marked = [{"context": "Name a fruit.", "responses": ["An apple.<|im_end|>", " A chair. ", "Banana.</s>"]}]
+        (hit,) = client.group_rewards(marked, "tiny")
+    for g, w in zip(got, ref, strict=True):
+        assert isinstance(g, lc.GroupRewards) and g.cached is False
+        assert g.rewards == pytest.approx(w.rewards, abs=2 * TOL) and g.win_rate == pytest.approx(w.win_rate, abs=TOL)
+        assert sum(g.rewards) == pytest.approx(0.0, abs=1e-9)
+        for row, want in zip(g.p_win, w.p_win, strict=True):
+            assert row == [None if x is None else pytest.approx(x, abs=TOL) for x in want]
+        assert g.consistency == w.consistency
+    assert hit.cached and hit.rewards == got[0].rewards
+    raw = post(live_server, "/v1/rewards/group", {"task": "tiny", "items": groups}).json()
+    GroupRewardsResponse.model_validate(raw)
+    assert raw["usage"] == {"items": 2, "cached": 2, "computed": 0, "shared": 0}
+
+
+def test_async_client_gives_the_same_labels(live_server):
+    items = [{"context": "2+2?", "response": "4"}]
+    refs = [{"context": "2+2?", "response": "4", "reference": "5"}]
+    groups = [{"context": "2+2?", "responses": ["4", "5"]}]
+
+    async def run():
+        async with lc.AsyncClient(live_server.url) as client:
+            return (
+                await client.judgments(items, "tiny"),
+                await client.reference_rewards(refs, "tiny"),
+                await client.group_rewards(groups, "tiny"),
+                await client.rewards_against(["2+2?"], ["4"], ["5"], "tiny"),
+                await client.group_relative_rewards(["2+2?"], [["4", "5"]], "tiny"),
+            )
+
+    a_j, a_r, a_g, a_rw, a_grw = asyncio.run(run())
+    with lc.Client(live_server.url) as client:
+        s_j, s_r = client.judgments(items, "tiny"), client.reference_rewards(refs, "tiny")
+        s_g = client.group_rewards(groups, "tiny")
+    assert a_j[0].p_yes == s_j[0].p_yes and a_r[0].reward == s_r[0].reward == a_rw[0]
+    assert a_g[0].rewards == s_g[0].rewards == a_grw[0]
+
+
+def test_trl_reward_functions_find_references_and_groups(live_server, labeler):
+    prompts = ["Name a fruit."] * 3 + ["2+2?"] * 3
+    completions = ["An apple.", "A chair.", "Banana.", "4", "5", "four"]
+    group_fn = group_reward_function(live_server.url, "tiny", num_generations=3)
+    got = group_fn(prompts=prompts, completions=completions, reference=["x"] * 6, trainer_state=None)
+    ref = labeler.group_rewards(
+        [GroupItem(prompts[0], tuple(completions[:3])), GroupItem("2+2?", ("4", "5", "four"))], "tiny"
+    )
+    assert got == pytest.approx([r for g in ref for r in g.rewards], abs=2 * TOL)
+    with pytest.raises(ValueError, match="completion 4 has another prompt"):
+        group_fn(prompts=prompts[:4] + ["other"] + prompts[5:], completions=completions)
+    ref_fn = reference_reward_function(live_server.url, "tiny", reference_column="sft")
+    sft = ["An apple."] * 3 + ["4"] * 3
+    got = ref_fn(prompts=prompts, completions=completions, sft=sft)
+    want = labeler.reference_rewards(
+        [ReferenceItem(p, c, r) for p, c, r in zip(prompts, completions, sft, strict=True)], "tiny"
+    )
+    assert got == pytest.approx([w.reward for w in want], abs=2 * TOL)
+    assert ref_fn.__name__ == "labeler_tiny_vs_sft" and group_fn.__name__ == "labeler_tiny_group"
+
+
+def test_bad_input_is_a_4xx_naming_the_field(live_server):
+    long = "x" * (live_server.settings.max_chars + 1)
+    cases = [
+        ("/v1/judgments", {"task": "tiny", "items": [{"response": "a"}, {"response": long}]}, "items[1].response"),
+        ("/v1/judgments", {"task": "nope", "items": [{"response": "a"}]}, "task"),
+        ("/v1/rewards/reference", {"task": "tiny", "items": [{"response": "a"}]}, "items[0].reference"),
+        (
+            "/v1/rewards/reference",
+            {"task": "tiny", "order": "x", "items": [{"response": "a", "reference": "b"}]},
+            "order",
+        ),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["only one"]}]}, "items[0].responses"),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a"] * 33}]}, "items[0].responses"),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", long]}]}, "items[0].responses[1]"),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": "ab"}]}, "items[0].responses"),
+    ]
+    for path, body, param in cases:
+        err = assert_error(post(live_server, path, body), 422, param)
+        assert param in err["message"]
+    err = assert_error(post(live_server, "/v1/rewards/group", cases[5][1]), 422, "items[0].responses")
+    assert err["type"] == "input_too_long" and "32" in err["message"]
+    with lc.Client(live_server.url) as client, pytest.raises(lc.InvalidRequest) as exc:
+        client.group_rewards([{"responses": ["a", "b"]}, {"responses": ["c"]}], "tiny")
+    assert exc.value.param == "items[1].responses"
+
+
+def test_openapi_declares_the_routes_and_their_limits(live_server):
+    spec = httpx.get(live_server.url + "/openapi.json").json()
+    assert {"/v1/judgments", "/v1/rewards/reference", "/v1/rewards/group"} <= set(spec["paths"])
+    schemas = spec["components"]["schemas"]
+    group = schemas["GroupItemIn"]["properties"]["responses"]
+    assert (group["minItems"], group["maxItems"]) == (2, 32)
+    assert group["items"]["maxLength"] == live_server.settings.max_chars
+    assert schemas["JudgmentsRequest"]["properties"]["items"]["maxItems"] == live_server.settings.max_items
+    for path in ("/v1/judgments", "/v1/rewards/reference", "/v1/rewards/group"):
+        assert {"422", "413", "429"} <= set(spec["paths"][path]["post"]["responses"])
