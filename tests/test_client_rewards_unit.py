@@ -1,0 +1,141 @@
+"""The client's judgments and pairwise rewards on the fake transport (labeler_client.testing):
+wire types against the server's, batching and order, the TRL reward functions' reading of
+TRL's batch (reference column, groups from repeated prompts). No model, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import pickle
+
+import httpx
+import labeler_client as lc
+import pytest
+from labeler_client.testing import FakeLabeler, fake_reward
+from labeler_client.trl import find_groups, group_reward_function, reference_reward_function
+
+from service.protocol import (
+    GroupRewardsOut,
+    GroupRewardsResponse,
+    JudgmentOut,
+    JudgmentsResponse,
+    ReferenceRewardOut,
+    ReferenceRewardsResponse,
+    TaskInfo,
+)
+
+URL = "http://labeler.test"
+NO_WAIT = lc.Retry(max_retries=3, backoff=0.0)
+
+
+def client_for(fake: FakeLabeler, **kw) -> lc.Client:
+    return lc.Client(URL, transport=fake.transport(), **{"retry": NO_WAIT, **kw})
+
+
+def win(ctx: str, a: str, b: str) -> float:
+    return 1 / (1 + math.exp(-4 * (fake_reward(ctx, a) - fake_reward(ctx, b))))
+
+
+def test_wire_types_match_the_server():
+    pairs = ((lc.Judgment, JudgmentOut), (lc.ReferenceReward, ReferenceRewardOut), (lc.GroupRewards, GroupRewardsOut))
+    for client_model, server_model in (*pairs, (lc.TaskInfo, TaskInfo)):
+        assert set(client_model.model_fields) == set(server_model.model_fields), client_model.__name__
+
+
+def test_fake_answers_the_new_routes_in_the_servers_wire_shapes():
+    fake = FakeLabeler()
+    cases = [
+        ("/v1/judgments", [{"response": "a"}], JudgmentsResponse),
+        ("/v1/rewards/reference", [{"response": "a", "reference": "b"}], ReferenceRewardsResponse),
+        ("/v1/rewards/group", [{"responses": ["a", "b", "c"]}], GroupRewardsResponse),
+    ]
+    for path, items, model in cases:
+        resp = fake.handle(httpx.Request("POST", URL + path, json={"task": "tiny", "items": items}))
+        model.model_validate(resp.json())
+    long = FakeLabeler(max_chars=3).handle(
+        httpx.Request("POST", URL + "/v1/rewards/group", json={"task": "tiny", "items": [{"responses": ["a", "long"]}]})
+    )
+    assert long.status_code == 422 and long.json()["error"]["param"] == "items[0].responses[1]"
+
+
+def test_results_in_input_order_across_batches_sync_and_async():
+    fake = FakeLabeler()
+    client = client_for(fake, batch_size=2)
+    items = [{"context": f"q{i}", "response": f"a{i}", "reference": f"r{i}"} for i in range(5)]
+    refs = client.reference_rewards(items, "tiny")
+    assert len(fake.requests) == 3  # 5 items, 2 per request
+    assert [r.p_win for r in refs] == pytest.approx(
+        [win(it["context"], it["response"], it["reference"]) for it in items]
+    )
+    assert client.rewards_against(
+        [it["context"] for it in items], [it["response"] for it in items], [it["reference"] for it in items], "tiny"
+    ) == [r.reward for r in refs]
+    judged = client.judgments(items, "tiny")
+    assert [j.p_yes for j in judged] == pytest.approx([(fake_reward(f"q{i}", f"a{i}") + 1) / 2 for i in range(5)])
+    groups = [["x", "y"], ["x", "y", "z"], ["u", "v", "w", "t"]]
+    per_group = client.group_relative_rewards(["p0", "p1", "p2"], groups, "tiny")
+    for ctx, g, rewards in zip(["p0", "p1", "p2"], groups, per_group, strict=True):
+        n = len(g)
+        want = [2 * sum(win(ctx, g[i], g[j]) for j in range(n) if j != i) / (n - 1) - 1 for i in range(n)]
+        assert rewards == pytest.approx(want) and sum(rewards) == pytest.approx(0.0)
+
+    async def run():
+        async with lc.AsyncClient(URL, transport=fake.async_transport(), retry=NO_WAIT, batch_size=2) as ac:
+            return (
+                await ac.judgments(items, "tiny"),
+                await ac.rewards_against(["q0"], ["a0"], ["r0"], "tiny"),
+                await ac.group_relative_rewards(["p0", "p1", "p2"], groups, "tiny"),
+            )
+
+    a_judged, a_ref, a_groups = asyncio.run(run())
+    assert [j.p_yes for j in a_judged] == [j.p_yes for j in judged]
+    assert a_ref == [refs[0].reward] and a_groups == per_group
+    with pytest.raises(ValueError, match="3 prompts, 2 completions and 3 references"):
+        client.rewards_against(["a", "b", "c"], ["x", "y"], ["r", "s", "t"], "tiny")
+
+
+def test_on_error_none_leaves_a_failed_group_out():
+    fake = FakeLabeler()
+    client = client_for(fake, batch_size=1)
+    fake.fail_next(422)  # the first group's request is refused for its content: not retried
+    got = client.group_relative_rewards(["p0", "p1"], [["a", "b"], ["c", "d"]], "tiny", on_error="none")
+    assert got[0] is None and got[1] == pytest.approx([2 * win("p1", "c", "d") - 1, 2 * win("p1", "d", "c") - 1])
+
+
+def test_find_groups_reads_trls_layout_and_refuses_others():
+    assert find_groups(["a", "a", "b", "b"], 2) == [range(0, 2), range(2, 4)]
+    msgs = [{"role": "user", "content": "hi"}]
+    assert find_groups([msgs, list(msgs), msgs], 3) == [range(0, 3)]  # conversational prompts compare by value
+    with pytest.raises(ValueError, match="holds 5 completions, not a multiple of num_generations=2"):
+        find_groups(["a"] * 5, 2)
+    with pytest.raises(ValueError, match="completion 3 has another prompt than completion 2"):
+        find_groups(["a", "a", "b", "c"], 2)
+
+
+def test_group_reward_function_on_a_grpo_batch():
+    fake = FakeLabeler()
+    fn = group_reward_function(URL, "tiny", num_generations=3, client=client_for(fake))
+    prompts = ["p"] * 3 + ["q"] * 3
+    completions = ["a", "b", "c", "d", "e", "f"]
+    got = fn(prompts=prompts, completions=completions, completion_ids=[[1]] * 6, trainer_state=None)
+    direct = client_for(FakeLabeler()).group_relative_rewards(["p", "q"], [["a", "b", "c"], ["d", "e", "f"]], "tiny")
+    assert got == direct[0] + direct[1]
+    (request,) = fake.requests
+    assert request.url.path == "/v1/rewards/group"  # both groups in one request
+    with pytest.raises(ValueError, match="not a multiple of num_generations=3"):
+        fn(prompts=prompts[:4], completions=completions[:4])
+    with pytest.raises(ValueError, match="num_generations must be an integer from 2 to 32"):
+        group_reward_function(URL, "tiny", num_generations=1)
+    copy = pickle.loads(pickle.dumps(fn))
+    assert copy.num_generations == 3 and copy.__name__ == "labeler_tiny_group"
+
+
+def test_reference_reward_function_reads_the_column():
+    fake = FakeLabeler()
+    fn = reference_reward_function(URL, "tiny", reference_column="sft", client=client_for(fake))
+    got = fn(prompts=["p", "q"], completions=["a", "b"], sft=["r", "s"])
+    assert got == pytest.approx([2 * win("p", "a", "r") - 1, 2 * win("q", "b", "s") - 1])
+    with pytest.raises(KeyError, match="dataset column 'sft', which this batch lacks \\(columns: reference\\)"):
+        fn(prompts=["p"], completions=["a"], reference=["r"], trainer_state=None)
+    copy = pickle.loads(pickle.dumps(fn))
+    assert copy.reference_column == "sft" and copy.__name__ == "labeler_tiny_vs_sft"
