@@ -55,9 +55,13 @@ class Backend(ABC):
     @abstractmethod
     async def scores(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]: ...
 
+    @abstractmethod
     async def judgments(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
-        """Yes/no judgments (fields of `JudgmentResult`); the in-process labeler only, for now."""
-        raise LabelerError("yes/no judgments run on the in-process labeler only (no --url)")
+        """Yes/no judgments (the fields of `JudgmentResult`)."""
+
+    @abstractmethod
+    def judgment_question(self, task: str) -> str:
+        """The task's yes/no question ("" when it asks none)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -85,14 +89,25 @@ class LocalBackend(Backend):
     async def judgments(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
         return [r.to_dict() | {"cached": False} for r in await self.labeler.ajudgments(items, task, **opts)]
 
+    def judgment_question(self, task: str) -> str:
+        return self.labeler.task(task).judgment_question.strip()
+
 
 class HTTPBackend(Backend):
     """The labeler service through `labeler_client.AsyncClient` (imported only here)."""
 
-    def __init__(self, client: Any, model_id: str, versions: dict[str, str], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        model_id: str,
+        versions: dict[str, str],
+        defaults: dict[str, Any],
+        questions: dict[str, str] | None = None,
+    ) -> None:
         self.client = client
         self.model_id = model_id
         self.versions = versions
+        self.questions = questions or {}  # each task's yes/no question
         self.defaults = defaults  # the server's temperature and rationale length
 
     @classmethod
@@ -104,7 +119,9 @@ class HTTPBackend(Backend):
         client = labeler_client.AsyncClient(url, api_key=api_key, batch_size=batch_size)
         try:
             health = await client.health()
-            versions = {t.name: t.version for t in await client.tasks()}
+            tasks = await client.tasks()
+            versions = {t.name: t.version for t in tasks}
+            questions = {t.name: t.judgment_question for t in tasks}
         except labeler_client.LabelerClientError as exc:
             await client.aclose()
             raise ServiceError(f"labeler service at {url}: {exc}") from exc
@@ -112,7 +129,7 @@ class HTTPBackend(Backend):
         if not {"temperature", "max_rationale_tokens"} <= set(defaults):
             await client.aclose()
             raise ServiceError(f"labeler service at {url} does not report its label parameters (/readyz 'labeler')")
-        return cls(client, health.model, versions, defaults)
+        return cls(client, health.model, versions, defaults, questions)
 
     def task_version(self, task: str) -> str:
         if task not in self.versions:
@@ -155,6 +172,14 @@ class HTTPBackend(Backend):
     async def scores(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
         body = [{"context": it.context, "response": it.response} for it in items]
         return await self._call("scores", body, task, opts)
+
+    async def judgments(self, items: Sequence[ScoreItem], task: str, **opts: Any) -> list[dict[str, Any]]:
+        body = [{"context": it.context, "response": it.response} for it in items]
+        return await self._call("judgments", body, task, opts)
+
+    def judgment_question(self, task: str) -> str:
+        self.task_version(task)  # UnknownTask for a task the server lacks
+        return self.questions.get(task, "")
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -3,7 +3,7 @@
     labeler label IN OUT --task T [--url URL] [--order both|ab|ba] [--cot] [--scores]
     labeler eval HUMAN_LABELED --task T --out DIR
     labeler winrate A.jsonl B.jsonl --task T [--out FILE]
-    labeler harmless A.jsonl [B.jsonl] --out DIR [--task harmless]
+    labeler harmless A.jsonl [B.jsonl] --out DIR [--task harmless] [--url URL]
 
 Labels come from the in-process model (the model options) or, with --url, from the labeler
 service through `labeler_client`. See docs/cli.md.
@@ -76,19 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", required=True, type=Path, help="directory for judgments.jsonl, metrics.json, report.md, PNG"
     )
-    _common(p, task="harmless", url=False)
+    _common(p, task="harmless")
     _stats(p)
     p.set_defaults(func=_cmd_harmless)
 
 
-def _common(p: argparse.ArgumentParser, *, task: str | None = None, url: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, *, task: str | None = None) -> None:
     if task is None:
         p.add_argument("--task", required=True)
     else:
         p.add_argument("--task", default=task, help=f"(default: {task})")
-    if url:
-        p.add_argument("--url", help="label through the labeler service at this URL instead of in-process")
-        p.add_argument("--api-key", default=None, help="service API key [LABELER_API_KEY]")
+    p.add_argument("--url", help="label through the labeler service at this URL instead of in-process")
+    p.add_argument("--api-key", default=None, help="service API key [LABELER_API_KEY]")
     p.add_argument("--cot", action="store_true", help="generate a rationale before reading the label")
     p.add_argument("--samples", type=int, default=1, help="rationales to sample and average (needs --cot)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --cot), also the bootstrap seed")
@@ -110,7 +109,7 @@ def _stats(p: argparse.ArgumentParser) -> None:
 
 async def open_backend(args: argparse.Namespace) -> Backend:
     """The HTTP service for --url, else the in-process Labeler of the model options."""
-    if getattr(args, "url", None):
+    if args.url:
         return await HTTPBackend.connect(
             args.url, args.api_key or os.environ.get("LABELER_API_KEY"), batch_size=max(64, args.chunk_size)
         )
@@ -316,7 +315,7 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, kind="judgment", cot=args.cot, samples=args.samples, seed=args.seed)
-        question = backend.labeler.task(args.task).judgment_question.strip()
+        question = backend.judgment_question(args.task)
         if not question:
             raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")
         jobs = [

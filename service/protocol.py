@@ -303,7 +303,7 @@ class TaskInfo(BaseModel):
     description: str
     examples: int
     score_examples: int
-    judgment: bool = Field(False, description="the task asks a yes/no question (POST /v1/judgments)")
+    judgment_question: str = Field("", description="the task's yes/no question (POST /v1/judgments); empty: none")
     judgment_examples: int = 0
 
 

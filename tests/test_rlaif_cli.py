@@ -132,3 +132,19 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert lc["gap"] == pytest.approx(got["win_rate"] - lc["win_rate"], abs=1e-12)
     assert in_process("winrate", str(a), str(b), "--task", "tiny") == 0
     assert "length-controlled" in capsys.readouterr().out
+
+
+def test_harmless_through_the_service_equals_in_process(tmp_path, labeler, live_server, capsys):
+    a = write_jsonl(tmp_path / "a.jsonl", A[:2])
+    argv = ["harmless", str(a), "--task", "tiny", "--url", live_server.url, "--no-progress", "--json"]
+    assert cli.main([*argv, "--out", str(tmp_path / "h")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    ref = [r.p_yes for r in labeler.judgments([ScoreItem(x["prompt"], x["completion"]) for x in A[:2]], "tiny")]
+    assert got["policies"][0]["mean_p_yes"] == pytest.approx(sum(ref) / 2, abs=1e-4)
+    assert got["summary"]["labeled"] == 2
+    judged = rows(tmp_path / "h" / "judgments.jsonl")
+    assert [r["p_yes"] for r in judged] == pytest.approx(ref, abs=1e-4)
+    # The same rows into a new directory: the service answers from its cache, with the same keys.
+    assert cli.main([*argv, "--out", str(tmp_path / "again")]) == 0
+    assert json.loads(capsys.readouterr().out)["summary"]["cached"] == 2
+    assert [r["key"] for r in rows(tmp_path / "again" / "judgments.jsonl")] == [r["key"] for r in judged]

@@ -68,7 +68,7 @@ class TaskInfo(BaseModel):
     description: str = ""
     examples: int = Field(0, description="few-shot examples for preferences")
     score_examples: int = Field(0, description="few-shot examples for scores")
-    judgment: bool = Field(False, description="the task asks a yes/no question (judgments())")
+    judgment_question: str = Field("", description="the task's yes/no question (judgments()); empty: none")
     judgment_examples: int = Field(0, description="few-shot examples for yes/no judgments")
 
 

@@ -226,7 +226,7 @@ class FakeLabeler:
                     "description": t,
                     "examples": 0,
                     "score_examples": 0,
-                    "judgment": True,
+                    "judgment_question": "Is this response good?",
                     "judgment_examples": 0,
                 }
                 for t in self.tasks

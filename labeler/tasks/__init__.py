@@ -165,6 +165,7 @@ class Task:
             "examples": len(self.examples),
             "score_examples": len(self.score_examples),
             "judgment": bool(self.judgment_question.strip()),
+            "judgment_question": self.judgment_question.strip(),
             "judgment_examples": len(self.judgment_examples),
             "source": self.source,
         }
