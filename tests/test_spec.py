@@ -160,3 +160,26 @@ def test_the_labeler_builds_specs_with_its_own_parameters(labeler):
     with pytest.raises(InvalidInput) as err:
         labeler.spec("pairwise", "tiny", samples=2)
     assert err.value.field == "samples"
+
+
+def test_judgment_reference_and_group_kinds():
+    from labeler import GroupItem, ReferenceItem
+
+    # The order is part of a reference reward's identity; a judgment and a group read no order
+    # (a group always reads both orders of every pair), so it is normalized away.
+    assert spec(kind="reference", order="ab").key(ITEM) != spec(kind="reference").key(ITEM)
+    assert spec(kind="reference").params["order"] == "both"
+    for kind in ("judgment", "group"):
+        assert spec(kind=kind, order="ab") == spec(kind=kind) and "order" not in spec(kind=kind).params
+    # Same texts, different kinds: different keys.
+    keys = {spec(kind=k).key(ScoreItem("ctx", "a")) for k in ("score", "judgment", "reference", "group", "pairwise")}
+    assert len(keys) == 5
+    # A group's key depends on its responses and their order, not on the sequence type.
+    group = spec(kind="group")
+    assert group.key(GroupItem("c", ("a", "b"))) == group.key(GroupItem("c", ["a", "b"]))  # type: ignore[arg-type]
+    assert group.key(GroupItem("c", ("a", "b"))) != group.key(GroupItem("c", ("b", "a")))
+    ref = spec(kind="reference")
+    assert ref.key(ReferenceItem("ctx", "a", "b")) != spec().key(PairItem("ctx", "a", "b"))  # the kind tells them apart
+    with pytest.raises(InvalidInput) as exc:
+        spec(kind="reference", order="sideways")
+    assert exc.value.field == "order"
