@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -272,9 +272,13 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
             str | None,
             Query(description="task name (default: the server's LABELER_TASK)", json_schema_extra=task_names),
         ] = None,
+        reward: Annotated[
+            Literal["score", "reference"],
+            Query(description="score: the direct-score reward; reference: against `labels` as reference responses"),
+        ] = "score",
     ) -> GetRewardResponse:
         """OpenRLHF's remote reward model (`--reward.remote_url`, `--remote_rm_url` up to 0.10.1)."""
-        return await svc.get_reward(body, task)
+        return await svc.get_reward(body, task, reward)
 
     @labels.get("/v1/tasks", tags=["meta"])
     async def list_tasks(svc: Service) -> TasksResponse:

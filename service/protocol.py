@@ -105,7 +105,9 @@ class GetRewardRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     query: list[str] = Field(..., min_length=1, max_length=_DEFAULTS.max_items, description="prompt + response each")
     prompts: list[str] | None = Field(None, description="the prompts, one per query, to split each query exactly")
-    labels: list[Any] | None = Field(None, description="accepted and ignored (reference answers)")
+    labels: list[Any] | None = Field(
+        None, description="reference responses, one per query, for reward=reference; otherwise ignored"
+    )
 
 
 class RequestModels(NamedTuple):

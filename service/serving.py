@@ -111,19 +111,44 @@ class LabelService:
             model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
         )
 
-    async def get_reward(self, req: GetRewardRequest, task: str | None) -> GetRewardResponse:
+    async def get_reward(self, req: GetRewardRequest, task: str | None, reward: str = "score") -> GetRewardResponse:
         if req.prompts is not None and len(req.prompts) != len(req.query):
             raise InvalidInput(
                 f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", field="prompts"
             )
+        references = None
+        if reward == "reference":
+            labels = req.labels or []
+            if len(labels) != len(req.query):
+                raise InvalidInput(
+                    f"reward=reference needs one reference per query in labels: {len(labels)} labels, "
+                    f"{len(req.query)} queries",
+                    field="labels",
+                )
+            for i, label in enumerate(labels):
+                if not isinstance(label, str):
+                    raise InvalidInput(f"labels[{i}] must be a reference response (text)", field=f"labels[{i}]")
+            references = labels
         prompts = req.prompts or [None] * len(req.query)
-        items = []
-        for q, p in zip(req.query, prompts, strict=True):
+        items: list[Any] = []
+        for k, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
             # An empty response (the policy emitted only its end-of-turn token) is judged too.
             context, response = split_query(q, p, self.end_markers)
-            items.append(ScoreItem(**self._normalize({"context": context, "response": response})))
-        spec = self._spec("score", task or self.settings.task)
+            fields = {"context": context, "response": response}
+            if references is None:
+                items.append(ScoreItem(**self._normalize(fields)))
+            else:
+                items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
+        kind = "reference" if references is not None else "score"
+        spec = self._spec(kind, task or self.settings.task)
         values, _ = await self._label(spec, items, True, where="query")
+        if references is not None:
+            rewards = [v["reward"] for v in values]
+            return GetRewardResponse(
+                rewards=rewards,
+                scores=rewards,
+                extra_logs={"p_win": [v["p_win"] for v in values], "cached": [float(v["cached"]) for v in values]},
+            )
         rewards = [v["reward"] for v in values]
         return GetRewardResponse(
             rewards=rewards,

@@ -180,3 +180,38 @@ def test_openapi_declares_the_routes_and_their_limits(live_server):
     assert schemas["JudgmentsRequest"]["properties"]["items"]["maxItems"] == live_server.settings.max_items
     for path in ("/v1/judgments", "/v1/rewards/reference", "/v1/rewards/group"):
         assert {"422", "413", "429"} <= set(spec["paths"][path]["post"]["responses"])
+
+
+def test_openrlhf_get_reward_against_reference_labels(live_server, labeler):
+    prompts = ["Name a fruit.", "2+2?"]
+    responses = ["A chair.", "4"]
+    body = {"query": [p + r for p, r in zip(prompts, responses, strict=True)], "prompts": prompts}
+    body["labels"] = ["An apple.", "5"]
+    got = post(live_server, "/get_reward?task=tiny&reward=reference", body).json()
+    want = labeler.reference_rewards(
+        [ReferenceItem(p, r, ref) for p, r, ref in zip(prompts, responses, body["labels"], strict=True)], "tiny"
+    )
+    assert got["rewards"] == pytest.approx([w.reward for w in want], abs=2 * TOL) and got["scores"] == got["rewards"]
+    assert got["extra_logs"]["p_win"] == pytest.approx([w.p_win for w in want], abs=TOL)
+    assert_error(post(live_server, "/get_reward?task=tiny&reward=reference", {**body, "labels": ["x"]}), 422, "labels")
+    bad = {**body, "labels": ["x", 3]}
+    assert_error(post(live_server, "/get_reward?task=tiny&reward=reference", bad), 422, "labels[1]")
+    assert_error(post(live_server, "/get_reward?task=tiny&reward=other", body), 422, "reward")
+    plain = post(live_server, "/get_reward?task=tiny", body).json()  # labels ignored: the direct score
+    assert plain["rewards"] == pytest.approx(
+        [labeler.score(p, r, "tiny").reward for p, r in zip(prompts, responses, strict=True)], abs=TOL
+    )
+
+
+def test_verl_reference_score(live_server, labeler):
+    from labeler_client import verl
+
+    opts = {"task": "tiny", "base_url": live_server.url}
+    extra = {"prompt": "Name a fruit.", "reference": "An apple."}
+    got = verl.compute_reference_score("data", "A chair.", None, extra, **opts)
+    want = labeler.reference_rewards([ReferenceItem("Name a fruit.", "A chair.", "An apple.")], "tiny")[0].reward
+    assert got == pytest.approx(want, abs=2 * TOL)
+    # Without extra_info["reference"], verl's ground_truth is the reference.
+    assert verl.compute_reference_score("data", "A chair.", "An apple.", {"prompt": "Name a fruit."}, **opts) == got
+    with pytest.raises(ValueError, match="needs a reference response"):
+        verl.compute_reference_score("data", "A chair.", None, {"prompt": "Name a fruit."}, **opts)

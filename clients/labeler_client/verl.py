@@ -17,6 +17,12 @@ else LABELER_TASK, else "general". An unknown `reward_kwargs` key is an error. v
 only the response, so put the prompt in `extra_info["prompt"]` (or `"question"`) when
 preparing the data: text, or the chat messages of the `prompt` column.
 
+`compute_reference_score` (name: compute_reference_score) rewards the response against a
+reference response instead, 2 P(response preferred) - 1: the reference is
+`extra_info["reference"]` when the data has it, else verl's `ground_truth` (the
+`reward_model.ground_truth` column), which must then be text. verl calls reward functions one
+sample at a time, so group-relative rewards have no place in its protocol.
+
 `compute_score_batch` is the batch form, for verl's legacy `BatchRewardManager`
 (`verl.workers.reward_manager`, name `batch`), which the reward loop of verl 0.9 no longer has.
 """
@@ -32,7 +38,7 @@ from typing import Any
 from labeler_client._client import Client
 from labeler_client._text import context_value
 
-__all__ = ["compute_score", "compute_score_batch"]
+__all__ = ["compute_reference_score", "compute_score", "compute_score_batch"]
 
 _clients: dict[tuple[str | None, str | None], Client] = {}
 _lock = threading.Lock()
@@ -75,6 +81,34 @@ def compute_score(
     extra = dict(extra_info or {})
     client = _shared_client(base_url, api_key)
     reward = client.rewards([_prompt(extra)], [solution_str], _task(extra, task))[0]
+    assert reward is not None  # on_error="raise": a failure has raised
+    return reward
+
+
+def compute_reference_score(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any = None,
+    extra_info: dict | None = None,
+    *,
+    task: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    reward_router_address: str | None = None,
+    reward_model_tokenizer: Any = None,
+) -> float:
+    """The labeler's pairwise reward of `solution_str` against a reference response, in
+    [-1, 1] (both orders): the reference is `extra_info["reference"]`, else `ground_truth`.
+    Raises ValueError when neither is text, `LabelerClientError` when the service fails."""
+    extra = dict(extra_info or {})
+    reference = extra.get("reference", ground_truth)
+    if not isinstance(reference, str):
+        raise ValueError(
+            "compute_reference_score needs a reference response: extra_info['reference'] or a text ground_truth, "
+            f"got {type(reference).__name__}"
+        )
+    client = _shared_client(base_url, api_key)
+    reward = client.rewards_against([_prompt(extra)], [solution_str], [reference], _task(extra, task))[0]
     assert reward is not None  # on_error="raise": a failure has raised
     return reward
 
