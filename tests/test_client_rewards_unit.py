@@ -139,3 +139,12 @@ def test_reference_reward_function_reads_the_column():
         fn(prompts=["p"], completions=["a"], reference=["r"], trainer_state=None)
     copy = pickle.loads(pickle.dumps(fn))
     assert copy.reference_column == "sft" and copy.__name__ == "labeler_tiny_vs_sft"
+
+
+def test_fake_get_reward_against_reference_labels():
+    fake = FakeLabeler()
+    body = {"query": ["pa", "qb"], "prompts": ["p", "q"], "labels": ["r", "s"]}
+    got = fake.handle(httpx.Request("POST", URL + "/get_reward?task=tiny&reward=reference", json=body)).json()
+    assert got["rewards"] == pytest.approx([2 * win("p", "a", "r") - 1, 2 * win("q", "b", "s") - 1])
+    short = fake.handle(httpx.Request("POST", URL + "/get_reward?reward=reference", json={**body, "labels": ["r"]}))
+    assert short.status_code == 422 and short.json()["error"]["param"] == "labels"

@@ -235,7 +235,10 @@ class FakeLabeler:
         if request.method == "POST" and path in _ROUTES:
             return self._label(path, json.loads(request.content))
         if request.method == "POST" and path == "/get_reward":
-            return self._get_reward(json.loads(request.content), request.url.params.get("task", self.tasks[0]))
+            params = request.url.params
+            return self._get_reward(
+                json.loads(request.content), params.get("task", self.tasks[0]), params.get("reward")
+            )
         return self._error(404, "Not Found", "http_error")
 
     def _unknown_task(self, task: Any) -> httpx.Response | None:
@@ -250,14 +253,30 @@ class FakeLabeler:
         msg = f"{where}: String should have at most {self.max_chars} characters (the limit of {self.max_chars})"
         return self._error(422, msg, "input_too_long", where)
 
-    def _get_reward(self, body: dict[str, Any], task: str) -> httpx.Response:
-        """OpenRLHF's /get_reward: each query scored whole (the fake splits no prompt off)."""
+    def _get_reward(self, body: dict[str, Any], task: str, reward: str | None = None) -> httpx.Response:
+        """OpenRLHF's /get_reward: each query scored whole (the fake splits no prompt off);
+        with `reward=reference`, each against its `labels` entry."""
         refused = self._unknown_task(task)
         for i, query in enumerate(body.get("query", [])):
             refused = refused or self._too_long(f"query[{i}]", query)
         if refused is not None:
             return refused
         prompts = body.get("prompts") or [""] * len(body["query"])
+        if reward == "reference":
+            labels = body.get("labels") or []
+            if len(labels) != len(body["query"]):
+                return self._error(
+                    422, "reward=reference needs one reference per query in labels", "invalid_input", "labels"
+                )
+            refs = [
+                _reference_reward(
+                    {"context": p, "response": q[len(p) :] if q.startswith(p) else q, "reference": r}, "both"
+                )
+                for q, p, r in zip(body["query"], prompts, labels, strict=True)
+            ]
+            rewards = [r["reward"] for r in refs]
+            logs = {"p_win": [r["p_win"] for r in refs], "cached": [0.0] * len(refs)}
+            return httpx.Response(200, json={"rewards": rewards, "scores": rewards, "extra_logs": logs})
         scores = [
             _score({"context": p, "response": q[len(p) :] if q.startswith(p) else q})
             for q, p in zip(body["query"], prompts, strict=True)
