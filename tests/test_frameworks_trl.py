@@ -12,11 +12,12 @@ reward moves with its batch-mates.
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 from labeler_client._text import completion_text, context_value
 
-from labeler import ScoreItem
+from labeler import GroupItem, ReferenceItem, ScoreItem
 from labeler.chat import normalize_item
 from tests.fixtures.frameworks import run_driver
 
@@ -56,3 +57,35 @@ def test_grpo_trains_on_labeler_rewards_with_an_empty_completion(
     assert out["plain"]["logged"] == pytest.approx(out["conversational"]["logged"], abs=TOL)
     assert contexts["plain"] == contexts["conversational"]
     assert "System: Answer in one word.\n\nUser: What is the capital of France?" in contexts["plain"]
+
+
+def test_grpo_trains_on_group_relative_and_reference_rewards(
+    frameworks_python, live_server, labeler, model_dir, tmp_path
+):
+    """TRL's GRPOTrainer with `group_reward_function` (groups found from TRL's own batch layout)
+    and `reference_reward_function` (the dataset's `reference` column): TRL's logged mean and
+    standard deviation of each equal those of the labeler's rewards for what TRL passed; a
+    `num_generations` that does not match the trainer's fails the run with the layout error."""
+    out = run_driver(
+        frameworks_python, "trl_grpo_pairwise", tmp_path, "--url", live_server.url, "--model-dir", str(model_dir)
+    )
+    assert out["reward_func_names"] == ["labeler_tiny_group", "labeler_tiny_vs_reference", "recorder"]
+    group_log, ref_log = out["logged"]["labeler_tiny_group"], out["logged"]["labeler_tiny_vs_reference"]
+    assert len(out["calls"]) == len(group_log["mean"]) == len(ref_log["mean"]) == 2
+    for k, call in enumerate(out["calls"]):
+        items = [
+            normalize_item({"context": context_value(p), "response": completion_text(c), "reference": r})
+            for p, c, r in zip(call["prompts"], call["completions"], call["reference"], strict=True)
+        ]
+        groups = [items[i : i + 4] for i in range(0, len(items), 4)]
+        assert len(groups) == 2 and all(len({it["context"] for it in g}) == 1 for g in groups)  # TRL's layout
+        want = labeler.group_rewards(
+            [GroupItem(g[0]["context"], tuple(it["response"] for it in g)) for g in groups], "tiny"
+        )
+        rewards = [r for w in want for r in w.rewards]
+        assert group_log["mean"][k] == pytest.approx(0.0, abs=TOL)  # each group's rewards sum to 0
+        assert group_log["std"][k] == pytest.approx(statistics.stdev(rewards), abs=TOL)
+        refs = [r.reward for r in labeler.reference_rewards([ReferenceItem(**it) for it in items], "tiny")]
+        assert ref_log["mean"][k] == pytest.approx(statistics.fmean(refs), abs=TOL)
+        assert ref_log["std"][k] == pytest.approx(statistics.stdev(refs), abs=TOL)
+    assert "not a multiple of num_generations=3" in out["mismatch"]
