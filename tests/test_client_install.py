@@ -26,7 +26,8 @@ def test_client_installs_without_torch(tmp_path):
     assert not names & HEAVY, names & HEAVY
     code = (
         "import labeler_client, labeler_client.trl, labeler_client.verl, labeler_client.testing, sys; "
-        "assert 'torch' not in sys.modules"
+        "import labeler_client.ray; "
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     )
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr

@@ -199,7 +199,7 @@ def test_docker_stop_lets_an_in_flight_request_finish(box, live_server, docker_f
             t0 = time.monotonic()
             try:
                 result["scores"] = c.scores(items, TASK, cache=False)
-            except lc.LabelerError as exc:
+            except lc.LabelerClientError as exc:
                 result["error"] = exc
             result["done"] = time.monotonic()
             result["seconds"] = result["done"] - t0

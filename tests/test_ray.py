@@ -21,7 +21,7 @@ import yaml
 from labeler_client import Client, LabelerClientError, Preference, Retry, Score
 
 from labeler import PairItem, ScoreItem
-from service.cache import cache_keys
+from service.cache import CACHE_PREFIX
 from tests.fixtures.load import error_shape_ok
 from tests.fixtures.ray import API_KEY, NODE_ENV, ROOT, ROUTE_PREFIX, SERVE_CONFIG, TEST_SETTINGS, ServeApp
 
@@ -145,8 +145,7 @@ def test_a_repeat_is_a_cache_hit_on_another_replica(serve_app, labeler, redis_se
     first = httpx.post(serve_app.url + "/v1/scores", json=body, headers=auth, timeout=120)
     assert first.status_code == 200 and first.json()["usage"]["computed"] == 1
     computed_on = serve_app.replica_of(first.headers["x-request-id"])
-    params = {"cot": False, "samples": 1, "seed": 0}
-    keys = cache_keys(labeler.model_id, labeler.task("tiny").version, "score", params, items)
+    keys = [CACHE_PREFIX + k for k in labeler.spec("score", "tiny").keys([ScoreItem(**it) for it in items])]
     assert redis.Redis.from_url(redis_server.url).exists(*keys) == len(keys)
     hits_by_replica: Counter[str] = Counter()
     for _ in range(30):  # the router picks a replica; bounded until the other one answered
