@@ -69,6 +69,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's 400 for a body json.loads could not read (bytes that are not UTF-8, -16
+            # or -32 text, nesting past the recursion limit): invalid JSON, like any other.
+            cause = exc.__cause__
+            why = "not UTF-8, -16 or -32 text" if isinstance(cause, UnicodeError) else type(cause).__name__
+            return error_response(422, f"body: not valid JSON ({why})", "invalid_request", "body")
         return error_response(exc.status_code, str(exc.detail), "http_error", None, getattr(exc, "headers", None))
 
     @app.exception_handler(QueueFull)

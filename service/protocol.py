@@ -8,16 +8,30 @@ builds the ones an app validates with, from its settings.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from labeler.spec import MAX_GROUP_SIZE, MAX_SEED
 
 from .settings import Settings
 
 _DEFAULTS = Settings.model_construct()
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """U+FFFD for each lone surrogate (JSON "\\ud800"), as the prompt builder would: pydantic
+    refuses such a string outright once a length limit applies, yet it is text a policy wrote."""
+    return _LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+
+
+# Untrusted text: any string, lone surrogates included.
+Text = Annotated[str, BeforeValidator(_without_lone_surrogates)]
 
 
 class _Body(BaseModel):
@@ -29,10 +43,10 @@ class ChatMessageIn(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
-    content: str = Field("", max_length=_DEFAULTS.max_chars, description="the turn's text (untrusted)")
+    content: Text = Field("", max_length=_DEFAULTS.max_chars, description="the turn's text (untrusted)")
 
 
-Context = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
+Context = Annotated[Text, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
 _CONTEXT = (
     "the prompt / context (untrusted): text, or chat messages; text that a known chat template laid out "
     "(ChatML, Llama 3, ...) is parsed into messages; either way the labeler reads the canonical transcript"
@@ -42,19 +56,19 @@ _RESPONSE = "(untrusted); trailing end-of-turn markers are stripped; may be empt
 
 class PairItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response_a: str = Field(..., max_length=_DEFAULTS.max_chars, description="first response " + _RESPONSE)
-    response_b: str = Field(..., max_length=_DEFAULTS.max_chars, description="second response " + _RESPONSE)
+    response_a: Text = Field(..., max_length=_DEFAULTS.max_chars, description="first response " + _RESPONSE)
+    response_b: Text = Field(..., max_length=_DEFAULTS.max_chars, description="second response " + _RESPONSE)
 
 
 class ScoreItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
+    response: Text = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
 
 
 class ReferenceItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the completion to reward " + _RESPONSE)
-    reference: str = Field(..., max_length=_DEFAULTS.max_chars, description="the reference response " + _RESPONSE)
+    response: Text = Field(..., max_length=_DEFAULTS.max_chars, description="the completion to reward " + _RESPONSE)
+    reference: Text = Field(..., max_length=_DEFAULTS.max_chars, description="the reference response " + _RESPONSE)
 
 
 _GROUP = f"the completions of one prompt, 2 to {MAX_GROUP_SIZE}, each " + _RESPONSE
@@ -62,7 +76,7 @@ _GROUP = f"the completions of one prompt, 2 to {MAX_GROUP_SIZE}, each " + _RESPO
 
 class GroupItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    responses: list[Annotated[str, Field(max_length=_DEFAULTS.max_chars)]] = Field(
+    responses: list[Annotated[Text, Field(max_length=_DEFAULTS.max_chars)]] = Field(
         ..., min_length=2, max_length=MAX_GROUP_SIZE, description=_GROUP
     )
 
@@ -125,11 +139,11 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     chars, most = settings.max_chars, settings.max_items
 
     def text(default: Any, what: str) -> Any:
-        return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
+        return (Text, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
 
     message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=text("", "the turn's text (untrusted)"))
     context = (
-        Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
+        Annotated[Text, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
         Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),
     )
     pair = create_model(
@@ -154,8 +168,14 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
         __base__=GroupItemIn,
         context=context,
         responses=(
-            list[Annotated[str, Field(max_length=chars)]],
-            Field(..., min_length=2, max_length=MAX_GROUP_SIZE, description=f"{_GROUP}; at most {chars} characters"),
+            list[Annotated[Text, Field(max_length=chars)]],
+            Field(
+                ...,
+                min_length=2,
+                max_length=settings.max_group_size,
+                description=f"the completions of one prompt, 2 to {settings.max_group_size}, each {_RESPONSE}; "
+                f"at most {chars} characters",
+            ),
         ),
     )
     options: dict[str, Any] = {

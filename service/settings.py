@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from labeler.chat import END_MARKERS
+from labeler.spec import MAX_GROUP_SIZE
 
 
 def _split(value: Any) -> Any:
@@ -56,6 +57,9 @@ class Settings(BaseSettings):
     max_item_tokens: int = Field(4096, ge=1, description="tokens per item (all its texts)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_samples: int = Field(8, ge=1, le=16)
+    max_group_size: int = Field(
+        MAX_GROUP_SIZE, ge=2, le=MAX_GROUP_SIZE, description="completions per group (a group of N is N (N - 1) reads)"
+    )
     # Batching.
     max_queue_items: int = Field(4096, ge=1, description="items waiting or computing; beyond it: 429")
     batch_max_items: int = Field(64, ge=1, description="items per engine call")

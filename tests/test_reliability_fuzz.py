@@ -38,6 +38,9 @@ OPERATIONS = [
     "POST /v1/preferences",
     "POST /v1/scores",
     "POST /get_reward",
+    "POST /v1/judgments",
+    "POST /v1/rewards/reference",
+    "POST /v1/rewards/group",
     "GET /v1/tasks",
     "GET /healthz",
     "GET /readyz",
@@ -45,7 +48,7 @@ OPERATIONS = [
 ]
 # Operations that take input: fuzzed in both modes, N_CASES each. The others take none, so
 # one case says all there is to say (hypothesis stops once it has tried every input).
-WITH_INPUT = OPERATIONS[:3]
+WITH_INPUT = OPERATIONS[:6]
 N_CASES = scale(ci=50, full=200)
 RUNS = [(op, mode) for op in OPERATIONS for mode in ("positive", "negative") if op in WITH_INPUT or mode == "positive"]
 CHECKS = [
@@ -57,7 +60,7 @@ CHECKS = [
     negative_data_rejection,
 ]
 # Small limits keep engine work per case small; they are exercised (422) as well.
-LIMITS = {"max_items": 3, "max_chars": 1000, "max_item_tokens": 128, "max_samples": 2}
+LIMITS = {"max_items": 3, "max_chars": 1000, "max_item_tokens": 128, "max_samples": 2, "max_group_size": 3}
 KNOWN_TASKS = ["tiny", "tiny", "tiny_fewshot", "general"]
 
 

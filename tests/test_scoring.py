@@ -7,7 +7,7 @@ import math
 import pytest
 
 from labeler import scoring
-from labeler.errors import InvalidInput
+from labeler.errors import EngineError, InvalidInput, ModelOutputError
 from labeler.scoring import LabelQuery
 
 # Token ids as SmolLM2 has them: "0" is 32, "1" is 33, ..., "9" is 41; "10" is "1","0".
@@ -63,12 +63,12 @@ def test_bad_label_sets_are_refused(labels):
 
 
 def test_zero_mass_is_an_error_not_a_nan():
-    with pytest.raises(InvalidInput):
+    with pytest.raises(ModelOutputError, match="zero probability"):
         scoring.label_distribution({"1": (1,), "2": (2,)}, {(): {1: -math.inf, 2: -math.inf}})
 
 
 def test_missing_engine_answer_is_named():
-    with pytest.raises(KeyError, match="prefix"):
+    with pytest.raises(EngineError, match=r"lacks log p\(2 \| prefix \(\)\)"):
         scoring.label_distribution({"1": (1,), "2": (2,)}, {(): {1: -1.0}})
 
 

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from labeler import scoring
-from labeler.errors import InvalidInput
+from labeler.errors import ModelOutputError
 from tests.fixtures.reliability import scale
 
 pytestmark = pytest.mark.reliability
@@ -132,11 +132,11 @@ def test_swap_symmetry_through_the_whole_pairwise_pipeline(ab, ba):
 @given(st.lists(st.floats(min_value=-1e4, max_value=0.0), min_size=10, max_size=10))
 def test_extreme_log_probs_give_a_distribution_or_a_clear_error(lps):
     """Log-probs down to -1e4 (exp underflows to 0): a distribution summing to 1 with no NaN,
-    or InvalidInput when no label has any mass left; never NaN, never a crash."""
+    or ModelOutputError when no label has any mass left; never NaN, never a crash."""
     lp = {(): {32 + i: lps[i - 1] for i in range(1, 10)}, (33,): {32: lps[9]}}
     try:
         d = scoring.label_distribution(SCORE_TOKENS, lp)
-    except InvalidInput:
+    except ModelOutputError:
         assert all(math.exp(x) == 0.0 for x in lps[:9]) or math.exp(lps[9]) >= 1.0
         return
     assert not any(math.isnan(p) for p in d.probs.values()) and 0.0 < d.mass <= 1.0

@@ -14,8 +14,10 @@ import time
 import httpx
 import pytest
 
+from tests.fixtures.load import metric
 from tests.fixtures.model import TEST_TASKS
 from tests.fixtures.redis import free_port
+from tests.fixtures.wait import wait_for
 
 pytestmark = pytest.mark.model
 
@@ -23,7 +25,13 @@ pytestmark = pytest.mark.model
 def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
     port = free_port()
     secret = "sk-serve-secret-5678"
-    env = os.environ | {"LABELER_API_KEYS": f"{secret},second", "LABELER_MAX_ITEMS": "3"}
+    # Short rationales: the in-flight request below must finish within uvicorn's 60 s of grace
+    # on a loaded machine too.
+    env = os.environ | {
+        "LABELER_API_KEYS": f"{secret},second",
+        "LABELER_MAX_ITEMS": "3",
+        "LABELER_MAX_RATIONALE_TOKENS": "16",
+    }
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "labeler.cli", "serve", "--port", str(port), "--tasks-dir", str(TEST_TASKS)],
@@ -52,12 +60,17 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
         slow = {"task": "tiny", "cot": True, "items": [{"response": f"slow {i}"} for i in range(3)]}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(httpx.post, url + "/v1/scores", json=slow, headers=auth, timeout=120)
-            time.sleep(0.5)
+            wait_for(lambda: metric(url, "labeler_inflight_items") > 0, 60, "the request in flight")
             proc.send_signal(signal.SIGTERM)
             assert pending.result().status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
     assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
     text = (tmp_path / "serve.log").read_text()
     assert secret not in text

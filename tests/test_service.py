@@ -206,6 +206,10 @@ def test_request_bodies(live_server):
     assert "content-type" in err["message"]
     err = assert_error(httpx.post(live_server.url + "/get_reward", content=b'{"query": [', timeout=30), 422, "body")
     assert "not valid JSON" in err["message"]
+    # Bytes that are no Unicode text, and nesting past the parser's recursion limit: the same 422.
+    for content in (b"\xff\xfe\x00\xd8\xff\x0f[", b"[" * 100_000 + b"]" * 100_000):
+        err = assert_error(httpx.post(live_server.url + "/v1/scores", content=content, timeout=30), 422, "body")
+        assert err["message"].startswith("body: not valid JSON"), err
     spec = httpx.get(live_server.url + "/openapi.json").json()
     ref = spec["paths"]["/v1/scores"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     scores = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]

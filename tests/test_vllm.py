@@ -276,6 +276,14 @@ def test_vllm_server_command_adds_the_cpu_defaults_the_user_did_not_give(model_d
     assert cmd.count("--kv-cache-memory-bytes") == 1 and "--enforce-eager" not in cmd
 
 
+def _environ(proc: psutil.Process) -> dict[str, str]:
+    """A child's environment; empty for one that exited meanwhile (another test's server)."""
+    try:
+        return proc.environ()
+    except psutil.NoSuchProcess:  # a zombie too
+        return {}
+
+
 def test_engines_run_with_the_cpu_defaults(vllm_engine, vllm_servers):
     """The in-process engine and `labeler vllm-server` as started: fp32, eager, and vLLM's
     processes (not this one) bound to every CPU of the process."""
@@ -285,8 +293,9 @@ def test_engines_run_with_the_cpu_defaults(vllm_engine, vllm_servers):
     assert config.model_config.dtype == torch.float32 and config.model_config.enforce_eager
     assert config.cache_config.kv_cache_memory_bytes == 512 << 20
     assert THREADS_BIND_ENV not in os.environ  # set only while vLLM started its processes
-    children = psutil.Process().children(recursive=True)
-    bound = [p for p in children if p.environ().get(THREADS_BIND_ENV) == threads_bind()]
+    bound = [
+        p for p in psutil.Process().children(recursive=True) if _environ(p).get(THREADS_BIND_ENV) == threads_bind()
+    ]
     assert bound, "no vLLM process of the in-process engine got the thread binding"
     server = vllm_servers[1]
     server.wait_ready()
