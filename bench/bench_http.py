@@ -5,10 +5,11 @@ P2 = labels/s through HTTP (`labeler serve`, cache off) ÷ labels/s calling the 
      The two alternate in `--rounds` rounds; P2 is the median of the rounds' ratios.
 P3 = cache-hit requests/s (1 cached item per POST /v1/scores) ÷ requests/s of a bare FastAPI
      endpoint returning a constant, both under uvicorn with the same settings (access log on,
-     level warning) and the same load tool (wrk, 32 connections, 1 thread, loopback). Goal ≥ 0.8.
-     The two alternate in `--rounds` rounds (this machine's speed drifts by tens of percent
+     level warning) and the same load tool (wrk, 32 connections, 1 thread, loopback). Goal ≥ 0.6:
+     the label routes go through FastAPI's typed bodies and response models.
+     The two alternate in `--rounds` rounds (a machine's speed can drift by tens of percent
      over a minute); P3 is the median of the rounds' ratios.
-P3b = cached items/s with 256-item batches. Goal ≥ 20,000.
+P3b = cached items/s with 256-item batches (what a training loop sees). Goal ≥ 50,000.
 
 Servers run as separate processes so the load tool and the server don't share a GIL.
 Needs `wrk` (Debian package) for P3.
@@ -179,7 +180,7 @@ def main() -> int:
             "P3",
             "cache-hit requests/s ÷ bare FastAPI constant endpoint requests/s",
             ratios[len(ratios) // 2],
-            0.8,
+            0.6,
             "higher",
             detail=f"wrk -t1 -c32, {args.seconds} s a run, median of {args.rounds} alternating "
             "rounds (cache hits / bare req/s: "
@@ -190,7 +191,7 @@ def main() -> int:
             "P3b",
             "cached items/s in 256-item batches",
             256 * big_rps,
-            20000,
+            50000,
             "higher",
             unit="items/s",
             detail=f"wrk -t1 -c8: {big_rps:,.1f} req/s × 256 items",

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,8 +124,11 @@ def main() -> int:
     ]
     if "baseline" in lat:
         base = lat["baseline"]
+        rev = subprocess.run(
+            ["git", "-C", str(args.baseline), "log", "-1", "--format=%h (%cs)"], capture_output=True, text=True
+        ).stdout.strip()
         results[0].detail += (
-            f"; baseline {args.baseline.name}: {len(base)} hits, p50 {1e3 * pct(base, 0.5):.1f} ms, "
+            f"; baseline revision {rev or args.baseline.name}: {len(base)} hits, p50 {1e3 * pct(base, 0.5):.1f} ms, "
             f"p99 {1e3 * pct(base, 0.99):.1f} ms, max {1e3 * max(base):.1f} ms"
         )
     for res in results:

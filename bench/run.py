@@ -80,10 +80,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     ap.add_argument("--only", nargs="*", help="module names to run (default: all)")
+    ap.add_argument("--baseline", type=Path, help="L1: compare with a checkout of another revision too")
     args = ap.parse_args()
     results: list[dict] = []
     for module in args.only or MODULES:
-        results += run_module(module, [])
+        extra = ["--baseline", str(args.baseline)] if args.baseline and module == "bench.bench_latency" else []
+        results += run_module(module, extra)
     Path(args.out).write_text(render(results))
     print(Path(args.out).read_text())
     return 0
