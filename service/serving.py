@@ -64,40 +64,27 @@ class LabelService:
 
     # -- endpoints ---------------------------------------------------------------------------
     async def preferences(self, req: PreferencesRequest) -> PreferencesResponse:
-        spec = self._spec("pairwise", req.task, order=req.order, cot=req.cot, samples=req.samples, seed=req.seed)
-        items = [PairItem(**self._normalize(it.model_dump())) for it in req.items]
-        values, usage = await self._label(spec, items, req.cache)
-        results = [PreferenceOut(**v, rationale=_first(v["rationales"])) for v in values]
-        return PreferencesResponse(
-            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
-        )
+        return await self._endpoint("pairwise", req, PairItem, PreferenceOut, PreferencesResponse, order=req.order)
 
     async def scores(self, req: ScoresRequest) -> ScoresResponse:
-        spec = self._spec("score", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
-        items = [ScoreItem(**self._normalize(it.model_dump())) for it in req.items]
-        values, usage = await self._label(spec, items, req.cache)
-        results = [ScoreOut(**v, rationale=_first(v["rationales"])) for v in values]
-        return ScoresResponse(
-            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
-        )
+        return await self._endpoint("score", req, ScoreItem, ScoreOut, ScoresResponse)
 
     async def judgments(self, req: JudgmentsRequest) -> JudgmentsResponse:
-        spec = self._spec("judgment", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
-        items = [ScoreItem(**self._normalize(it.model_dump())) for it in req.items]
-        values, usage = await self._label(spec, items, req.cache)
-        results = [JudgmentOut(**v, rationale=_first(v["rationales"])) for v in values]
-        return JudgmentsResponse(
-            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
-        )
+        return await self._endpoint("judgment", req, ScoreItem, JudgmentOut, JudgmentsResponse)
 
     async def reference_rewards(self, req: ReferenceRewardsRequest) -> ReferenceRewardsResponse:
-        spec = self._spec("reference", req.task, order=req.order, cot=req.cot, samples=req.samples, seed=req.seed)
-        items = [ReferenceItem(**self._normalize(it.model_dump())) for it in req.items]
-        values, usage = await self._label(spec, items, req.cache)
-        results = [ReferenceRewardOut(**v, rationale=_first(v["rationales"])) for v in values]
-        return ReferenceRewardsResponse(
-            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
+        return await self._endpoint(
+            "reference", req, ReferenceItem, ReferenceRewardOut, ReferenceRewardsResponse, order=req.order
         )
+
+    async def _endpoint(self, kind: str, req: Any, item_type: type, out: type, response: type, **params: Any) -> Any:
+        """One label route: the spec from the request's options, the items normalized, labeled
+        (cache first), and each result as `out` with its first rationale."""
+        spec = self._spec(kind, req.task, cot=req.cot, samples=req.samples, seed=req.seed, **params)
+        items = [item_type(**self._normalize(it.model_dump())) for it in req.items]
+        values, usage = await self._label(spec, items, req.cache)
+        results = [out(**v, rationale=_first(v["rationales"])) for v in values]
+        return response(model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results)
 
     async def group_rewards(self, req: GroupRewardsRequest) -> GroupRewardsResponse:
         spec = self._spec("group", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
