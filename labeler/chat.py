@@ -121,6 +121,9 @@ _DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>")
 # Role names in any case: "user: ..." is how older clients wrote transcripts.
 _PLAIN_HEADER = re.compile(r"(?:\A|\n\n)\s*((?i:human|user|system|assistant|tool)):[ \t]?")
 _PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
+# What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
+# plain role name), DeepSeek aside.
+_MAYBE_MARKUP = re.compile(r"\s*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
 _INST = re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL)
 _LLAMA2_SYS = re.compile(r"\A\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.DOTALL)
 _MISTRAL_SYS = re.compile(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", re.DOTALL)
@@ -226,6 +229,10 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
     assistant / tool; contents are cleaned (`clean_content`); an assistant turn left open
     at the end (a generation prompt) is kept, with empty content."""
     if not isinstance(text, str):
+        return None
+    # Most contexts are plain text: one match rules out every template (each starts with
+    # "<", "[" or a role name, or has DeepSeek's turn marker somewhere).
+    if not _MAYBE_MARKUP.match(text) and _DEEPSEEK.starts[0] not in text:
         return None
     found = _raw_turns(_strip_bos(text))
     if found is None:

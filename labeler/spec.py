@@ -21,6 +21,8 @@ import functools
 import hashlib
 import json
 import math
+import operator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -44,6 +46,8 @@ KEY_VERSION = 2
 
 # One encoder, built once: json.dumps with options builds a new one per call.
 _canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
+# The string encoder `_canonical` uses (ensure_ascii=False).
+_encode_str = json.encoder.encode_basestring
 
 
 def _sha256(text: str) -> str:
@@ -51,10 +55,29 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+@functools.cache
+def _field_getter(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+    names = [f.name for f in fields(cls)]
+    if len(names) == 1:
+        return lambda item: (getattr(item, names[0]),)
+    return operator.attrgetter(*names)
+
+
 def item_fields(item: Any) -> tuple[str, ...]:
     """An item's texts in field order (`PairItem`, `ScoreItem`, or any dataclass of strings
     and sequences of strings, such as `GroupItem`)."""
-    return tuple(getattr(item, f.name) for f in fields(item))
+    # Runs for every item of every request, cache hits included: the field list is read once
+    # per class.
+    return _field_getter(type(item))(item)
+
+
+def _canonical_fields(texts: tuple[Any, ...]) -> str:
+    """`_canonical(texts)`; for a flat tuple of strings (every item kind but groups) built
+    from the same string encoder without the generic encoder's per-call set-up."""
+    try:
+        return "[" + ",".join(map(_encode_str, texts)) + "]"
+    except TypeError:  # a field that is not a string (a group's responses)
+        return _canonical(texts)
 
 
 def item_digest(item: Any) -> str:
@@ -127,18 +150,14 @@ class LabelSpec:
             max_rationale_tokens=max_rationale_tokens if cot else None,  # type: ignore[arg-type]
         )
 
-    @functools.cached_property
-    def _head(self) -> str:
-        return _canonical({"v": KEY_VERSION, **asdict(self)})
-
     def key(self, item: Any) -> str:
         """The item's label key under this spec: SHA-256 (hex) over the spec and the item's texts."""
-        return _sha256(self._head + _canonical(item_fields(item)))
+        return _item_key(_spec_hash(self), item)
 
     def keys(self, items: Any) -> list[str]:
         """`key` of each item, in order."""
-        head = self._head
-        return [_sha256(head + _canonical(item_fields(it))) for it in items]
+        head = _spec_hash(self)
+        return [_item_key(head, it) for it in items]
 
     def describe(self) -> dict[str, Any]:
         """The spec as plain data (what output rows record beside their key)."""
@@ -155,3 +174,19 @@ class LabelSpec:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+@functools.lru_cache(maxsize=1024)
+def _spec_hash(spec: LabelSpec) -> Any:
+    """SHA-256 state after the spec's part of every key, for each key to continue a copy of:
+    a spec is built per request, and its canonical form is the costliest part of a cached one.
+    Equal specs have equal fields (`build` checks their types), so they share one entry."""
+    head = _canonical({"v": KEY_VERSION, **{f.name: getattr(spec, f.name) for f in fields(spec)}})
+    return hashlib.sha256(head.encode("utf-8", "surrogatepass"))
+
+
+def _item_key(head: Any, item: Any) -> str:
+    h = head.copy()
+    # surrogatepass: a lone surrogate in untrusted text still gets a key (the prompt cleans it).
+    h.update(_canonical_fields(item_fields(item)).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()

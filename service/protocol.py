@@ -27,7 +27,9 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def _without_lone_surrogates(value: Any) -> Any:
     """U+FFFD for each lone surrogate (JSON "\\ud800"), as the prompt builder would: pydantic
     refuses such a string outright once a length limit applies, yet it is text a policy wrote."""
-    return _LONE_SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
+    if isinstance(value, str) and not value.isascii():  # ASCII text (most of it) has none
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    return value
 
 
 # Untrusted text: any string, lone surrogates included.

@@ -3,6 +3,8 @@ markers stripped. Pure functions: no model."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -164,3 +166,42 @@ def test_normalizing_any_text_is_idempotent(text):
     assert chat.context_text(context) == context
     response = chat.clean_response(text)
     assert chat.clean_response(response) == response
+
+
+# Pieces every recognizer looks for, so that generated text often starts or contains a template.
+_markup = st.sampled_from(
+    [
+        "<|im_start|>user\n",
+        "<|start_header_id|>user<|end_header_id|>\n\n",
+        "<start_of_turn>model\n",
+        "<|user|>\n",
+        "[INST] ",
+        "[/INST]",
+        "[SYSTEM_PROMPT]",
+        "<｜User｜>",
+        "<｜Assistant｜>",
+        "<s>",
+        "<|begin_of_text|>",
+        "User:",
+        "human: ",
+        "Assistant:",
+        "\n\n",
+        " ",
+        "\t",
+        "<",
+        "[",
+        "x",
+        "é",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_markup, max_size=6).map("".join))
+def test_the_plain_text_shortcut_never_hides_a_template(text):
+    """`parse` skips its recognizers when one quick match rules every template out; with that
+    match forced, the answer is the same."""
+    quick = chat.parse(text)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(chat, "_MAYBE_MARKUP", re.compile(""))
+        assert chat.parse(text) == quick

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -11,10 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from labeler import InvalidInput, LabelSpec, PairItem, ScoreItem
+from labeler import GroupItem, InvalidInput, LabelSpec, PairItem, ScoreItem
 from labeler import fingerprint as fp
-from labeler.spec import MAX_SEED
+from labeler.spec import KEY_VERSION, MAX_SEED
 
 BASE = dict(task="t", task_version="v1", model="m@1", labels=("1", "2"))
 ITEM = PairItem("ctx", "a", "b")
@@ -98,6 +102,27 @@ def test_the_same_request_gets_the_same_key_in_another_process():
     env = os.environ | {"PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", KEY_SCRIPT], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == ours
+
+
+_text = st.text(max_size=30)  # any code point, lone surrogates, quotes and controls included
+
+
+@settings(max_examples=300, deadline=None)
+@given(_text, _text, _text, st.lists(_text, min_size=2, max_size=4))
+def test_the_key_is_sha256_of_the_canonical_spec_and_item(context, a, b, responses):
+    s = spec(kind="group", order=None)
+    for item, label_spec in (
+        (PairItem(context, a, b), spec()),
+        (ScoreItem(context, a), spec(kind="score")),
+        (GroupItem(context, tuple(responses)), s),
+    ):
+        fields = [getattr(item, f.name) for f in dataclasses.fields(item)]
+        head = {"v": KEY_VERSION, **dataclasses.asdict(label_spec)}
+        canonical = json.dumps(head, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + json.dumps(
+            fields, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        )
+        assert label_spec.key(item) == hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+        assert label_spec.keys([item, item]) == [label_spec.key(item)] * 2
 
 
 # -- the model fingerprint --------------------------------------------------------------------------------
