@@ -146,9 +146,12 @@ def _strip_bos(text: str) -> str:
 def clean_content(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
     """`text` without surrounding whitespace, sequence-start tokens in front, or end-of-turn
     markers at its end (repeatedly: "Paris.<|im_end|>\n<|endoftext|>" gives "Paris.")."""
+    return _clean(text, _markers(end_markers))
+
+
+def _clean(text: str, markers: tuple[str, ...]) -> str:
     # Runs on every item of every request, cache hits included: the common case (no marker)
     # costs one tuple-startswith and one tuple-endswith.
-    markers = _markers(end_markers)
     text = text.strip()
     if text.startswith(_BOS):
         text = _strip_bos(text).strip()
@@ -162,7 +165,11 @@ def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
     """A response as the labeler judges it: surrounding whitespace and trailing end-of-turn
     markers removed, and an empty reasoning block in front (a template's) dropped. May be
     empty."""
-    text = clean_content(text, end_markers)
+    return _clean_response(text, _markers(end_markers))
+
+
+def _clean_response(text: str, markers: tuple[str, ...]) -> str:
+    text = _clean(text, markers)
     return _EMPTY_THINK.sub("", text, count=1) if text.startswith("<think>") else text
 
 
@@ -223,6 +230,12 @@ def _raw_turns(body: str) -> tuple[list[Message], tuple[str, ...]] | None:
     return None
 
 
+def _plain_text(text: str) -> bool:
+    """True when no template laid `text` out. Most contexts are plain text: one match rules
+    out every template (each starts with "<", "[" or a role name), one search DeepSeek's."""
+    return not _MAYBE_MARKUP.match(text) and _DEEPSEEK.starts[0] not in text
+
+
 def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] | None:
     """The messages of a string laid out by a known chat template (see the module docstring),
     or None when `text` does not start with one. Roles come out as system / user /
@@ -230,9 +243,7 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
     at the end (a generation prompt) is kept, with empty content."""
     if not isinstance(text, str):
         return None
-    # Most contexts are plain text: one match rules out every template (each starts with
-    # "<", "[" or a role name, or has DeepSeek's turn marker somewhere).
-    if not _MAYBE_MARKUP.match(text) and _DEEPSEEK.starts[0] not in text:
+    if _plain_text(text):
         return None
     found = _raw_turns(_strip_bos(text))
     if found is None:
@@ -304,12 +315,14 @@ def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MAR
     out: dict[str, Any] = {}
     for name, value in item.items():
         if name == "context":
-            if isinstance(value, str) or _is_messages(value):
+            if isinstance(value, str) and _plain_text(value):
+                value = _clean(value, markers)  # what `context_text` gives, in fewer steps
+            elif isinstance(value, str) or _is_messages(value):
                 value = context_text(value, markers)
         elif isinstance(value, str):
-            value = clean_response(value, markers)
+            value = _clean_response(value, markers)
         elif name == "responses" and isinstance(value, (list, tuple)):
-            value = [clean_response(v, markers) if isinstance(v, str) else v for v in value]
+            value = [_clean_response(v, markers) if isinstance(v, str) else v for v in value]
         out[name] = value
     return out
 

@@ -39,6 +39,9 @@ from .settings import Settings
 
 log = logging.getLogger("service.serving")
 
+# Label specs remembered per option set (kind, task, order, cot, samples, seed).
+MAX_SPECS = 4096
+
 
 class LabelService:
     """Answers the label endpoints for one labeler, cache and batcher."""
@@ -57,6 +60,7 @@ class LabelService:
             concurrency=settings.effective_batch_concurrency(),
             on_batch=metrics.batch_size.observe,
         )
+        self._specs: dict[tuple, LabelSpec] = {}
         # Children bound once: labels() takes a lock and checks its arguments on every call.
         self._items_metric = {(k, src): metrics.items.labels(k, src) for k in KINDS for src in ("cache", "engine")}
 
@@ -153,13 +157,23 @@ class LabelService:
         return normalize_item(item, self.end_markers)
 
     def _spec(self, kind: str, task: str, **params: Any) -> LabelSpec:
+        # Requests repeat a handful of option sets: each spec is built and validated once.
+        # (The request models have checked the options' types, so equal values are equal options.)
+        memo = (kind, task, *params.items())
+        spec = self._specs.get(memo)
+        if spec is not None:
+            return spec
         if params.get("samples", 1) > self.settings.max_samples:  # the request models say so too
             raise InputTooLong(
                 f"samples={params['samples']} is over the limit of {self.settings.max_samples}",
                 field="samples",
                 limit=self.settings.max_samples,
             )
-        return self.labeler.spec(kind, task, **params)
+        spec = self.labeler.spec(kind, task, **params)
+        if len(self._specs) >= MAX_SPECS:  # seeds are many: keep the memo bounded
+            self._specs.clear()
+        self._specs[memo] = spec
+        return spec
 
     async def _label(
         self, spec: LabelSpec, items: list[Any], use_cache: bool, *, where: str = "items"
