@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -107,20 +108,29 @@ def bench_orders(lab: Labeler, repeats: int) -> Result:
     )
 
 
-def bench_scores(lab: Labeler, engine: TransformersEngine, repeats: int) -> Result:
-    """P5: the exact 1-10 distribution against one plain forward of the same prompt."""
+def exact_vs_plain(
+    lab: Labeler, engine: TransformersEngine, repeats: int, render: Callable, label: Callable
+) -> list[float]:
+    """Per summarize post: the time of `label([item], "summarize")` over one plain forward of the
+    prompt `render("summarize", post, summary)` builds."""
     ratios = []
     for post, (good, _) in zip(POSTS, SUMMARIES, strict=True):
         item = ScoreItem(post, good)
-        ids = torch.tensor([list(lab.render_score("summarize", post, good).prompt_token_ids)])
+        ids = torch.tensor([list(render("summarize", post, good).prompt_token_ids)])
 
         def plain_forward(ids=ids):
             with torch.inference_mode():
                 engine.model(input_ids=ids)
 
         t_plain = median_time(plain_forward, repeats)
-        t_exact = median_time(lambda item=item: lab.scores([item], "summarize"), repeats)
-        ratios.append(t_exact / t_plain)
+        t_label = median_time(lambda item=item: label([item], "summarize"), repeats)
+        ratios.append(t_label / t_plain)
+    return ratios
+
+
+def bench_scores(lab: Labeler, engine: TransformersEngine, repeats: int) -> Result:
+    """P5: the exact 1-10 distribution against one plain forward of the same prompt."""
+    ratios = exact_vs_plain(lab, engine, repeats, lab.render_score, lab.scores)
     return Result(
         "P5",
         "exact 1-10 distribution cost / one plain forward of the same prompt",
@@ -233,18 +243,7 @@ def bench_group(lab: Labeler, engine: TransformersEngine, rounds: int) -> list[R
 
 def bench_judgment(lab: Labeler, engine: TransformersEngine, repeats: int) -> Result:
     """P7: the exact yes/no probability against one plain forward of the same prompt."""
-    ratios = []
-    for post, (good, _) in zip(POSTS, SUMMARIES, strict=True):
-        item = ScoreItem(post, good)
-        ids = torch.tensor([list(lab.render_judgment("summarize", post, good).prompt_token_ids)])
-
-        def plain_forward(ids=ids):
-            with torch.inference_mode():
-                engine.model(input_ids=ids)
-
-        t_plain = median_time(plain_forward, repeats)
-        t_judge = median_time(lambda item=item: lab.judgments([item], "summarize"), repeats)
-        ratios.append(t_judge / t_plain)
+    ratios = exact_vs_plain(lab, engine, repeats, lab.render_judgment, lab.judgments)
     return Result(
         "P7",
         "exact yes/no judgment cost / one plain forward of the same prompt",
