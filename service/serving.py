@@ -257,8 +257,8 @@ class LabelService:
 def _plain(item: BaseModel) -> dict[str, Any]:
     """A validated request item as the plain data `normalize_item` reads: its fields as they
     are, chat messages (models) as dicts."""
-    fields = item.__dict__
-    return item.model_dump() if isinstance(fields.get("context"), list) else fields
+    data = item.__dict__
+    return item.model_dump() if isinstance(data.get("context"), list) else data
 
 
 def _first(rationales: Any) -> str | None:
