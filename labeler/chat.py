@@ -277,10 +277,13 @@ def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = E
 def context_text(context: str | Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
     """The canonical transcript of a context given as text (parsed when a chat template laid
     it out) or as messages."""
+    markers = _markers(end_markers)
     if isinstance(context, str):
-        messages = parse(context, end_markers)
-        return clean_content(context, end_markers) if messages is None else render(messages, end_markers)
-    return render(context, end_markers)
+        if _plain_text(context):  # most contexts: no template to look for
+            return _clean(context, markers)
+        messages = parse(context, markers)
+        return _clean(context, markers) if messages is None else render(messages, markers)
+    return render(context, markers)
 
 
 def split_query(
@@ -315,9 +318,7 @@ def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MAR
     out: dict[str, Any] = {}
     for name, value in item.items():
         if name == "context":
-            if isinstance(value, str) and _plain_text(value):
-                value = _clean(value, markers)  # what `context_text` gives, in fewer steps
-            elif isinstance(value, str) or _is_messages(value):
+            if isinstance(value, str) or _is_messages(value):
                 value = context_text(value, markers)
         elif isinstance(value, str):
             value = _clean_response(value, markers)
