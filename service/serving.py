@@ -22,7 +22,6 @@ from .metrics import Metrics
 from .protocol import (
     GetRewardRequest,
     GetRewardResponse,
-    GroupRewardsOut,
     GroupRewardsRequest,
     GroupRewardsResponse,
     JudgmentsRequest,
@@ -85,10 +84,7 @@ class LabelService:
         values, usage = await self._label(spec, items, req.cache)
         for v in values:  # fresh dicts, the request's own
             v["rationale"] = _first(v["rationales"])
-        # One validation of the whole response (not one model per result): the results are
-        # typed by `response`'s own schema at a fraction of the per-item cost.
-        head = {"model": spec.model, "task": spec.task, "task_version": spec.task_version, "usage": usage}
-        return response.model_validate({**head, "results": values})
+        return _response(response, spec, usage, values)
 
     async def group_rewards(self, req: GroupRewardsRequest) -> GroupRewardsResponse:
         spec = self._spec("group", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
@@ -97,10 +93,7 @@ class LabelService:
             g = self._normalize(_plain(it))
             groups.append(GroupItem(g["context"], tuple(g["responses"])))
         values, usage = await self._label(spec, groups, req.cache)
-        results = [GroupRewardsOut(**v) for v in values]
-        return GroupRewardsResponse(
-            model=spec.model, task=spec.task, task_version=spec.task_version, usage=usage, results=results
-        )
+        return _response(GroupRewardsResponse, spec, usage, values)
 
     async def get_reward(self, req: GetRewardRequest, task: str | None, reward: str = "score") -> GetRewardResponse:
         if req.prompts is not None and len(req.prompts) != len(req.query):
@@ -252,6 +245,14 @@ class LabelService:
             await self.cache.set_many(dict(zip(keys, values, strict=True)))
         self.metrics.inflight.set(max(0, self.batcher.pending - len(prepared)))
         return values
+
+
+def _response(response: type[BaseModel], spec: LabelSpec, usage: Usage, results: list[dict[str, Any]]) -> Any:
+    """`response` for `results` (one dict per item): one validation of the whole response, not
+    one model per result, so results are typed by `response`'s own schema at a fraction of the
+    per-item cost."""
+    head = {"model": spec.model, "task": spec.task, "task_version": spec.task_version, "usage": usage}
+    return response.model_validate({**head, "results": results})
 
 
 def _plain(item: BaseModel) -> dict[str, Any]:
