@@ -12,7 +12,15 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from labeler.spec import MAX_GROUP_SIZE, MAX_SEED
 
@@ -24,20 +32,37 @@ _DEFAULTS = Settings.model_construct()
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _without_lone_surrogates(value: Any) -> Any:
-    """U+FFFD for each lone surrogate (JSON "\\ud800"), as the prompt builder would: pydantic
-    refuses such a string outright once a length limit applies, yet it is text a policy wrote."""
-    if isinstance(value, str) and not value.isascii():  # ASCII text (most of it) has none
-        return _LONE_SURROGATE.sub("\ufffd", value)
-    return value
-
-
-# Untrusted text: any string, lone surrogates included.
-Text = Annotated[str, BeforeValidator(_without_lone_surrogates)]
+def _without_lone_surrogates(data: Any) -> Any:
+    """Parsed JSON `data` with U+FFFD for each lone surrogate (JSON "\\ud800") in its strings,
+    as the prompt builder would clean them."""
+    if isinstance(data, str):
+        return _LONE_SURROGATE.sub("\ufffd", data) if not data.isascii() else data
+    if isinstance(data, dict):
+        return {k: _without_lone_surrogates(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_without_lone_surrogates(v) for v in data]
+    return data
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Request(_Body):
+    """A request body. Its texts are untrusted: any string, lone surrogates included."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _lone_surrogates(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        # pydantic refuses a lone surrogate once a length limit applies (string_unicode), yet
+        # it is text a policy wrote: such a request is cleaned and validated again. Checking
+        # every string up front would cost a Python call per text on every request.
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if not any(e["type"] == "string_unicode" for e in exc.errors(include_url=False, include_input=False)):
+                raise
+        return handler(_without_lone_surrogates(data))
 
 
 class ChatMessageIn(BaseModel):
@@ -45,10 +70,10 @@ class ChatMessageIn(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
-    content: Text = Field("", max_length=_DEFAULTS.max_chars, description="the turn's text (untrusted)")
+    content: str = Field("", max_length=_DEFAULTS.max_chars, description="the turn's text (untrusted)")
 
 
-Context = Annotated[Text, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
+Context = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
 _CONTEXT = (
     "the prompt / context (untrusted): text, or chat messages; text that a known chat template laid out "
     "(ChatML, Llama 3, ...) is parsed into messages; either way the labeler reads the canonical transcript"
@@ -58,19 +83,19 @@ _RESPONSE = "(untrusted); trailing end-of-turn markers are stripped; may be empt
 
 class PairItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response_a: Text = Field(..., max_length=_DEFAULTS.max_chars, description="first response " + _RESPONSE)
-    response_b: Text = Field(..., max_length=_DEFAULTS.max_chars, description="second response " + _RESPONSE)
+    response_a: str = Field(..., max_length=_DEFAULTS.max_chars, description="first response " + _RESPONSE)
+    response_b: str = Field(..., max_length=_DEFAULTS.max_chars, description="second response " + _RESPONSE)
 
 
 class ScoreItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response: Text = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
+    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
 
 
 class ReferenceItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response: Text = Field(..., max_length=_DEFAULTS.max_chars, description="the completion to reward " + _RESPONSE)
-    reference: Text = Field(..., max_length=_DEFAULTS.max_chars, description="the reference response " + _RESPONSE)
+    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the completion to reward " + _RESPONSE)
+    reference: str = Field(..., max_length=_DEFAULTS.max_chars, description="the reference response " + _RESPONSE)
 
 
 _GROUP = f"the completions of one prompt, 2 to {MAX_GROUP_SIZE}, each " + _RESPONSE
@@ -78,12 +103,12 @@ _GROUP = f"the completions of one prompt, 2 to {MAX_GROUP_SIZE}, each " + _RESPO
 
 class GroupItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    responses: list[Annotated[Text, Field(max_length=_DEFAULTS.max_chars)]] = Field(
+    responses: list[Annotated[str, Field(max_length=_DEFAULTS.max_chars)]] = Field(
         ..., min_length=2, max_length=MAX_GROUP_SIZE, description=_GROUP
     )
 
 
-class _Options(_Body):
+class _Options(_Request):
     task: str = Field(..., description="task name (GET /v1/tasks)")
     cot: bool = Field(False, description="generate a rationale before reading the label")
     samples: int = Field(1, ge=1, le=_DEFAULTS.max_samples, description="rationales to sample and average (needs cot)")
@@ -141,11 +166,11 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     chars, most = settings.max_chars, settings.max_items
 
     def text(default: Any, what: str) -> Any:
-        return (Text, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
+        return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
 
     message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=text("", "the turn's text (untrusted)"))
     context = (
-        Annotated[Text, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
+        Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
         Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),
     )
     pair = create_model(
@@ -170,7 +195,7 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
         __base__=GroupItemIn,
         context=context,
         responses=(
-            list[Annotated[Text, Field(max_length=chars)]],
+            list[Annotated[str, Field(max_length=chars)]],
             Field(
                 ...,
                 min_length=2,

@@ -1,0 +1,54 @@
+"""The request models: untrusted text with lone surrogates is cleaned, limits still hold."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from service.protocol import request_models
+from service.settings import Settings
+
+MODELS = request_models(Settings(max_chars=8), ["tiny"])
+LONE = "a\ud800b\udfff"  # what JSON "a\ud800b\udfff" parses to
+CLEAN = "a\ufffdb\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("model", "item", "read"),
+    [
+        (MODELS.scores, {"context": LONE, "response": LONE}, lambda it: [it.context, it.response]),
+        (
+            MODELS.judgments,
+            {"context": [{"role": "user", "content": LONE}], "response": "r"},
+            lambda it: [it.context[0].content],
+        ),
+        (MODELS.preferences, {"response_a": LONE, "response_b": LONE}, lambda it: [it.response_a, it.response_b]),
+        (MODELS.reference_rewards, {"response": "r", "reference": LONE}, lambda it: [it.reference]),
+        (MODELS.group_rewards, {"context": LONE, "responses": [LONE, "x"]}, lambda it: [it.context, it.responses[0]]),
+    ],
+)
+def test_lone_surrogates_become_replacement_characters(model, item, read):
+    req = model.model_validate({"task": "tiny", "items": [item]})
+    assert read(req.items[0]) == [CLEAN] * len(read(req.items[0]))
+
+
+def test_texts_without_lone_surrogates_are_kept_as_sent():
+    # JSON's escaped surrogate pair is one character, no lone surrogate.
+    plain = json.loads('{"context": "é ✓ 😀", "response": "\\ud83d\\ude00"}')
+    req = MODELS.scores.model_validate({"task": "tiny", "items": [plain, {"response": LONE}]})
+    assert (req.items[0].context, req.items[0].response, req.items[1].response) == ("é ✓ 😀", "😀", CLEAN)
+
+
+def test_limits_still_hold_for_text_with_lone_surrogates():
+    """A cleaned text is measured like any other: over the limit is the length error, at its field."""
+    with pytest.raises(ValidationError) as exc:
+        MODELS.scores.model_validate({"task": "tiny", "items": [{"response": "ok"}, {"response": "\ud800" * 9}]})
+    errors = exc.value.errors()
+    assert [(e["type"], e["loc"]) for e in errors] == [("string_too_long", ("items", 1, "response"))]
+    assert errors[0]["input"] == "\ufffd" * 9
+    # Other errors of a request are reported with the cleaned texts, not hidden by them.
+    with pytest.raises(ValidationError) as exc:
+        MODELS.scores.model_validate({"task": "tiny", "samples": 0, "items": [{"response": LONE}]})
+    assert [e["loc"] for e in exc.value.errors()] == [("samples",)]
