@@ -1,9 +1,10 @@
 """E1 and E2: the vLLM engines against the transformers engine and against each other (CPU).
 
 E1 = pairs/s of the in-process vLLM engine ÷ pairs/s of the transformers engine, both
-     orders, on short prompts (summarize pairs) and on long ones (HH-style dialogues of
-     ~500 prompt tokens), each with vLLM's CPU threads bound as the engine binds them by
-     default ("bound": every CPU of the process) and as vLLM binds them itself
+     orders, on short prompts (a one-line question under the general task, ~300 prompt
+     tokens) and on long ones (HH-style dialogues, ~700 prompt tokens under the helpful
+     task), each with vLLM's CPU threads bound as the engine binds them by default
+     ("bound": every CPU of the process) and as vLLM binds them itself
      ("unbound": VLLM_CPU_OMP_THREADS_BIND=auto, one core kept back for its scheduler).
 E2 = pairs/s of the in-process vLLM engine ÷ pairs/s of the vllm-remote engine against a
      `labeler vllm-server` of the same model, same engine arguments and thread binding:
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import psutil
 
-from bench.bench_core import POSTS, SUMMARIES
 from bench.common import Result
 from labeler import Labeler, PairItem
 from labeler.models import resolve_model
@@ -58,18 +58,20 @@ FILLER = [
 ]
 
 
-def summarize_pairs(n: int, salt: str) -> list[PairItem]:
-    """Short prompts: the summarize task on ~130-word posts, two summaries."""
+def short_pairs(n: int, salt: str) -> list[PairItem]:
+    """Short prompts: a one-line question and two one-line answers under the general task,
+    whose preamble is most of the prompt."""
     items = []
     for i in range(n):
-        post = POSTS[i % len(POSTS)] + f" (Post {salt}-{i}.)"  # distinct posts: no free cross-item reuse
-        good, bad = SUMMARIES[i % len(SUMMARIES)]
-        items.append(PairItem(post, good, bad))
+        topic, problem = TOPICS[i % len(TOPICS)]
+        question = f"In one sentence: what should I do about {topic} (case {salt}-{i})?"
+        good = f"Look at why {problem.split(' and ')[0]} first, then try the cheapest fix for a week."
+        items.append(PairItem(question, good, "I do not know."))
     return items
 
 
 def dialogue_pairs(n: int, salt: str) -> list[PairItem]:
-    """Long prompts: HH-style multi-turn dialogues (`Human:` / `Assistant:` turns), ~500
+    """Long prompts: HH-style multi-turn dialogues (`Human:` / `Assistant:` turns), ~700
     prompt tokens with the helpful task's preamble, and two candidate final replies."""
     items = []
     for i in range(n):
@@ -95,7 +97,7 @@ def dialogue_pairs(n: int, salt: str) -> list[PairItem]:
     return items
 
 
-WORKLOADS = {"short": (summarize_pairs, "summarize"), "long": (dialogue_pairs, "helpful")}
+WORKLOADS = {"short": (short_pairs, "general"), "long": (dialogue_pairs, "helpful")}
 
 
 @dataclass
