@@ -32,15 +32,22 @@ _DEFAULTS = Settings.model_construct()
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _without_lone_surrogates(data: Any) -> Any:
+# The deepest text of a request: body > items > item > context > message > content.
+_TEXT_DEPTH = 5
+
+
+def _without_lone_surrogates(data: Any, depth: int = 0) -> Any:
     """Parsed JSON `data` with U+FFFD for each lone surrogate (JSON "\\ud800") in its strings,
-    as the prompt builder would clean them."""
+    as the prompt builder would clean them. Values nested deeper than any text of a request
+    are left as they are (the request models refuse them), so no body can exhaust the stack."""
     if isinstance(data, str):
         return _LONE_SURROGATE.sub("\ufffd", data) if not data.isascii() else data
+    if depth >= _TEXT_DEPTH:
+        return data
     if isinstance(data, dict):
-        return {k: _without_lone_surrogates(v) for k, v in data.items()}
+        return {k: _without_lone_surrogates(v, depth + 1) for k, v in data.items()}
     if isinstance(data, list):
-        return [_without_lone_surrogates(v) for v in data]
+        return [_without_lone_surrogates(v, depth + 1) for v in data]
     return data
 
 

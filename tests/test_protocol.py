@@ -52,3 +52,12 @@ def test_limits_still_hold_for_text_with_lone_surrogates():
     with pytest.raises(ValidationError) as exc:
         MODELS.scores.model_validate({"task": "tiny", "samples": 0, "items": [{"response": LONE}]})
     assert [e["loc"] for e in exc.value.errors()] == [("samples",)]
+
+
+def test_deeply_nested_bodies_with_lone_surrogates_are_refused_not_crashed():
+    deep: object = "x"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValidationError) as exc:
+        MODELS.scores.model_validate({"task": "tiny", "items": [{"context": LONE, "response": deep}]})
+    assert [e["loc"] for e in exc.value.errors()] == [("items", 0, "response")]
