@@ -55,23 +55,6 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _Request(_Body):
-    """A request body. Its texts are untrusted: any string, lone surrogates included."""
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _lone_surrogates(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
-        # pydantic refuses a lone surrogate once a length limit applies (string_unicode), yet
-        # it is text a policy wrote: such a request is cleaned and validated again. Checking
-        # every string up front would cost a Python call per text on every request.
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            if not any(e["type"] == "string_unicode" for e in exc.errors(include_url=False, include_input=False)):
-                raise
-        return handler(_without_lone_surrogates(data))
-
-
 class ChatMessageIn(BaseModel):
     """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
 
@@ -115,12 +98,28 @@ class GroupItemIn(_Body):
     )
 
 
-class _Options(_Request):
+class _Options(_Body):
+    """The options every label request shares. A request's texts are untrusted: any string,
+    lone surrogates included."""
+
     task: str = Field(..., description="task name (GET /v1/tasks)")
     cot: bool = Field(False, description="generate a rationale before reading the label")
     samples: int = Field(1, ge=1, le=_DEFAULTS.max_samples, description="rationales to sample and average (needs cot)")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the sampled rationales (0 to 2^63 - 1)")
     cache: bool = Field(True, description="false: neither read nor write the cache")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _lone_surrogates(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        # pydantic refuses a lone surrogate once a length limit applies (string_unicode), yet
+        # it is text a policy wrote: such a request is cleaned and validated again. Checking
+        # every string up front would cost a Python call per text on every request.
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if not any(e["type"] == "string_unicode" for e in exc.errors(include_url=False, include_input=False)):
+                raise
+        return handler(_without_lone_surrogates(data))
 
 
 class PreferencesRequest(_Options):

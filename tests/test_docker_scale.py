@@ -88,8 +88,8 @@ def test_replica_killed_mid_load_no_failed_call_no_lost_result(scaled, reference
 
     def kill_when_busy() -> None:
         # Kill once the victim is computing: it dies with a request in flight, while the load
-        # is on. (Waiting also for a first answer left too short a window: each poll is a
-        # `docker exec`, and the victim gets only a third of 9 requests.)
+        # is on. Each poll is a `docker exec` and the victim gets a third of 9 requests, so a
+        # narrower condition (answered one and computing another) can fall between two polls.
         deadline = time.monotonic() + 300
         while not done.is_set() and time.monotonic() < deadline:
             _, inflight = replica_metrics(scaled, victim)
