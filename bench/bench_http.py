@@ -9,6 +9,11 @@ P3 = cache-hit requests/s (1 cached item per POST /v1/scores) ÷ requests/s of a
      the label routes go through FastAPI's typed bodies and response models.
      The two alternate in `--rounds` rounds (a machine's speed can drift by tens of percent
      over a minute); P3 is the median of the rounds' ratios.
+P3 floor = requests/s of FastAPI's typed path alone ÷ the bare endpoint's, in the same rounds: a
+     route with the service's own request model as its body and its response model as its return
+     type, returning a constant response (the cache hit's own), no middleware and no labeling.
+     No goal: it is the ceiling of P3 on this framework, and hits ÷ floor is the share that
+     the service's own work (gate, options, keys, cache, response) leaves.
 P3b = cached items/s with 256-item batches (what a training loop sees), the median of `--rounds`
       runs. Goal ≥ 50,000.
 
@@ -48,6 +53,22 @@ async def const(request: Request) -> dict:
     await request.body()
     return {"ok": 1}
 """
+TYPED_APP = """
+from pathlib import Path
+from fastapi import FastAPI
+from labeler import TaskRegistry
+from service.protocol import ScoresResponse, request_models
+from service.settings import Settings
+
+settings = Settings()
+bodies = request_models(settings, TaskRegistry.load(settings.tasks_dir).names())
+RESPONSE = ScoresResponse.model_validate_json(Path(__file__).with_name("response.json").read_bytes())
+app = FastAPI()
+
+@app.post("/v1/scores")
+async def scores(body: bodies.scores) -> ScoresResponse:
+    return RESPONSE
+"""
 WRK_POST = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -65,6 +86,12 @@ def start(cmd: list[str], url: str, env: dict | None = None) -> subprocess.Popen
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{cmd} did not start")
+
+
+def uvicorn(app_dir: Path, app: str, port: int) -> list[str]:
+    """The command serving `app` (module:attribute in `app_dir`) as P3 serves its reference apps."""
+    options = ["--app-dir", str(app_dir), "--port", str(port), "--log-level", "warning"]
+    return [sys.executable, "-m", "uvicorn", app, *options]
 
 
 def wrk(url: str, body: str, seconds: int, connections: int = 32) -> float:
@@ -123,48 +150,41 @@ def main() -> int:
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("P3 needs wrk: apt-get install wrk")
-    port, bare_port = free_port(), free_port()
+    port, bare_port, typed_port = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     env = os.environ | {"LABELER_LOG_LEVEL": "warning", "LABELER_BATCH_CONCURRENCY": "1"}
     server = start([sys.executable, "-m", "labeler.cli", "serve", "--port", str(port)], base + "/readyz", env)
-    bare_dir = Path(tempfile.mkdtemp())
-    (bare_dir / "bare_app.py").write_text(BARE_APP)
-    bare = start(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--app-dir",
-            str(bare_dir),
-            "bare_app:app",
-            "--port",
-            str(bare_port),
-            "--log-level",
-            "warning",
-        ],
-        f"http://127.0.0.1:{bare_port}/docs",
-    )
+    apps_dir = Path(tempfile.mkdtemp())
+    (apps_dir / "bare_app.py").write_text(BARE_APP)
+    bare = start(uvicorn(apps_dir, "bare_app:app", bare_port), f"http://127.0.0.1:{bare_port}/docs")
+    typed = None
     try:
         p2_rounds = asyncio.run(p2(base, args.items, args.batch, args.rounds))
         p2_ratios = sorted(http / inproc for http, inproc in p2_rounds)
         one = json.dumps({"task": "general", "items": items(1, "hit")})
-        httpx.post(base + "/v1/scores", content=one, headers={"content-type": "application/json"}, timeout=300)
+        cached = httpx.post(base + "/v1/scores", content=one, headers={"content-type": "application/json"}, timeout=300)
+        (apps_dir / "typed_app.py").write_text(TYPED_APP)
+        (apps_dir / "response.json").write_bytes(cached.raise_for_status().content)
+        typed = start(uvicorn(apps_dir, "typed_app:app", typed_port), f"http://127.0.0.1:{typed_port}/docs", env)
         rounds = []
         for _ in range(args.rounds):
             rounds.append(
                 (
                     wrk(base + "/v1/scores", one, args.seconds),
                     wrk(f"http://127.0.0.1:{bare_port}/const", one, args.seconds),
+                    wrk(f"http://127.0.0.1:{typed_port}/v1/scores", one, args.seconds),
                 )
             )
-        ratios = sorted(hit / bare for hit, bare in rounds)
+        ratios = sorted(hit / bare for hit, bare, _ in rounds)
+        floors = sorted(floor / bare for _, bare, floor in rounds)
         big = json.dumps({"task": "general", "items": items(256, "big")})
         httpx.post(base + "/v1/scores", content=big, headers={"content-type": "application/json"}, timeout=600)
         big_rps = sorted(wrk(base + "/v1/scores", big, args.seconds, connections=8) for _ in range(args.rounds))
     finally:
-        for proc in (server, bare):
-            proc.terminate()
-            proc.wait(timeout=60)
+        for proc in (server, bare, typed):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
     results = [
         Result(
             "P2",
@@ -185,8 +205,21 @@ def main() -> int:
             "higher",
             detail=f"wrk -t1 -c32, {args.seconds} s a run, median of {args.rounds} alternating "
             "rounds (cache hits / bare req/s: "
-            + ", ".join(f"{h:,.0f} / {b:,.0f}" for h, b in rounds)
+            + ", ".join(f"{h:,.0f} / {b:,.0f}" for h, b, _ in rounds)
             + "; one uvicorn worker each, loopback)",
+        ),
+        Result(
+            "P3 floor",
+            "FastAPI typed route returning a constant response requests/s ÷ bare endpoint requests/s",
+            floors[len(floors) // 2],
+            None,
+            "higher",
+            detail="the ceiling of P3 on this framework: the service's request model as the body, its response "
+            "model as the return type, the cache hit's response as a constant; measured in P3's rounds (typed / "
+            "bare req/s: "
+            + ", ".join(f"{f:,.0f} / {b:,.0f}" for _, b, f in rounds)
+            + "); cache hits ÷ typed route, per round: "
+            + ", ".join(f"{h / f:.3f}" for h, _, f in rounds),
         ),
         Result(
             "P3b",
