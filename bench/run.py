@@ -17,12 +17,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# (module, its arguments): E1 and E2 each in a fresh process, so that neither is measured in a
+# process whose engines the other has started and closed.
 MODULES = [
-    "bench.bench_core",
-    "bench.bench_engines",
-    "bench.bench_http",
-    "bench.bench_latency",
-    "bench.bench_fingerprint",
+    ("bench.bench_core", []),
+    ("bench.bench_engines", ["--only", "e1"]),
+    ("bench.bench_engines", ["--only", "e2"]),
+    ("bench.bench_http", []),
+    ("bench.bench_latency", []),
+    ("bench.bench_fingerprint", []),
 ]
 # P1 needs a CUDA machine, which `make bench` does not run on: `bench.bench_gpu --out` writes
 # its JSON line here, and every render of BENCHMARKS.md carries it along.
@@ -37,7 +40,7 @@ GPU_HOW = (
 def run_module(module: str, extra: list[str]) -> list[dict]:
     if not (ROOT / (module.replace(".", "/") + ".py")).is_file():
         return []
-    print(f"running {module} ...", file=sys.stderr, flush=True)
+    print(f"running {' '.join([module, *extra])} ...", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, "-m", module, *extra], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{module} failed:\n{proc.stderr[-4000:]}")
@@ -83,9 +86,11 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, help="L1: compare with a checkout of another revision too")
     args = ap.parse_args()
     results: list[dict] = []
-    for module in args.only or MODULES:
+    for module, own in MODULES:
+        if args.only and module not in args.only:
+            continue
         extra = ["--baseline", str(args.baseline)] if args.baseline and module == "bench.bench_latency" else []
-        results += run_module(module, extra)
+        results += run_module(module, own + extra)
     Path(args.out).write_text(render(results))
     print(Path(args.out).read_text())
     return 0
