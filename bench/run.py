@@ -40,10 +40,11 @@ GPU_HOW = (
 def run_module(module: str, extra: list[str]) -> list[dict]:
     if not (ROOT / (module.replace(".", "/") + ".py")).is_file():
         return []
-    print(f"running {' '.join([module, *extra])} ...", file=sys.stderr, flush=True)
+    command = " ".join([module, *extra])  # the engines module runs twice, with other arguments
+    print(f"running {command} ...", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, "-m", module, *extra], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{module} failed:\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"{command} failed:\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
