@@ -83,7 +83,10 @@ def render(results: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
-    ap.add_argument("--only", nargs="*", help="module names to run (default: all)")
+    names = list(dict.fromkeys(module for module, _ in MODULES))
+    ap.add_argument(
+        "--only", nargs="*", choices=names, metavar="MODULE", help=f"modules to run (default: all): {', '.join(names)}"
+    )
     ap.add_argument("--baseline", type=Path, help="L1: compare with a checkout of another revision too")
     args = ap.parse_args()
     results: list[dict] = []
