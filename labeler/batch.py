@@ -219,7 +219,9 @@ class JsonlSink:
                 f.truncate(keep)
             data = data[:keep]
             self.repaired = True
-        for n, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        # Rows end at "\n" alone: splitlines() would also break at U+2028, U+0085 and the
+        # like, which json.dumps(ensure_ascii=False) leaves unescaped inside a row's texts.
+        for n, line in enumerate(data.decode("utf-8").split("\n"), start=1):
             if not line.strip():
                 continue
             try:

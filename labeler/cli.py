@@ -186,7 +186,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
 def _jsonl(path: str) -> list[tuple[int, Any]]:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not at U+2028 inside a text
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc}", field="input") from None
     out = []

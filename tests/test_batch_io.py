@@ -146,3 +146,13 @@ def test_sink_cuts_off_a_torn_last_line_and_refuses_a_corrupt_file(tmp_path):
     path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(InvalidInput, match="line 2 is not a row"):
         JsonlSink(path)
+
+
+def test_sink_reopens_rows_whose_texts_hold_unicode_line_separators(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 as they are: a row holding
+    # them is still one line, and a second run resumes from it.
+    path = tmp_path / "out.jsonl"
+    texts = ["one\u2028two", "three\u2029four", "five\x85six", "seven\x0beight"]
+    JsonlSink(path).append([{"key": str(i), "text": t} for i, t in enumerate(texts)])
+    sink = JsonlSink(path)
+    assert [sink.rows[str(i)]["text"] for i in range(len(texts))] == texts and not sink.repaired

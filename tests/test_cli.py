@@ -51,12 +51,12 @@ def test_render_reads_no_weights_and_renders_a_file_of_items(labeler, model_dir,
             (light / f.name).write_bytes(f.read_bytes())
     items = [
         {"context": "Name a fruit.", "response_a": "Apple.", "response_b": "Chair."},
-        {"response_a": "x", "response_b": "y"},
+        {"response_a": "x\u2028y", "response_b": "y"},  # a line separator inside a text, written as is
     ]
-    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     args = ["render", "--task", "tiny", "--kind", "pairwise", "--order", "ba", "--model", str(light), "--json"]
     proc = run(*args, "--input", str(tmp_path / "items.jsonl"))
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = [json.loads(line) for line in proc.stdout.split("\n") if line]
     assert len(rows) == 2 and proc.stderr == ""
     for row, it in zip(rows, items, strict=True):
         ref = labeler.render_pairwise("tiny", it.get("context", ""), it["response_a"], it["response_b"], order="ba")
