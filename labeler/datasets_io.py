@@ -173,9 +173,8 @@ def normalize_pair(where: str, rec: Any) -> Pair:
         human = rec.get("preferred")
         if human is not None and human not in ("a", "b"):
             raise MalformedRecord(where, f'\'preferred\' must be "a" or "b", got {human!r}')
-        return Pair(
-            ctx, rec["response_a"], rec["response_b"], ctx, rec["response_a"], rec["response_b"], "pairs", human, where
-        )
+        a, b = rec["response_a"], rec["response_b"]
+        return Pair(prompt_text(ctx), clean_response(a), clean_response(b), ctx, a, b, "pairs", human, where)
     if "chosen" in rec and "rejected" in rec:
         chosen = _text_or_messages(where, "chosen", rec["chosen"])
         rejected = _text_or_messages(where, "rejected", rec["rejected"])
@@ -267,7 +266,7 @@ def normalize_single(where: str, rec: Any) -> Single:
         ctx, resp = rec.get("context", rec.get("prompt", "")), rec["response"]
         if not isinstance(ctx, str) or not isinstance(resp, str):
             raise MalformedRecord(where, "'context' and 'response' must be text")
-        return Single(ctx, resp, ctx, resp, where)
+        return Single(prompt_text(ctx), clean_response(resp), ctx, resp, where)
     raise MalformedRecord(where, f"expected prompt/completion or context/response; got keys {sorted(rec)}")
 
 

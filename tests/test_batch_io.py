@@ -9,6 +9,7 @@ import pytest
 
 from labeler import datasets_io as io
 from labeler.batch import JsonlSink, Summary, collect
+from labeler.chat import normalize_item
 from labeler.errors import InvalidInput
 
 USER = [{"role": "user", "content": "Name a fruit."}]
@@ -64,6 +65,22 @@ def test_plain_pairs_and_their_optional_human_choice():
     assert io.normalize_pair("l", {"context": "", "response_a": "x", "response_b": "y", "preferred": "b"}).human == "b"
     with pytest.raises(io.MalformedRecord, match="'preferred' must be"):
         io.normalize_pair("l", {"context": "", "response_a": "x", "response_b": "y", "preferred": 1})
+
+
+def test_every_format_gives_the_labeler_the_item_the_service_would_read():
+    # A ChatML-laid context and end-of-turn markers: the plain formats are read like the TRL
+    # ones and like the service's items, so the rows' keys are the service's cache keys.
+    chatml = "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
+    raw = {"context": chatml, "response_a": " Apple.<|im_end|>\n", "response_b": "Chair.<|endoftext|>"}
+    want = normalize_item(raw)
+    p = io.normalize_pair("l", raw)
+    assert (p.context, p.response_a, p.response_b) == (want["context"], want["response_a"], want["response_b"])
+    assert (p.context, p.response_a, p.response_b) == ("Name a fruit.", "Apple.", "Chair.")
+    assert (p.prompt, p.orig_a, p.orig_b) == (chatml, raw["response_a"], raw["response_b"])  # rows keep the input
+    trl = io.normalize_pair("l", {"prompt": chatml, "chosen": raw["response_a"], "rejected": raw["response_b"]})
+    assert (trl.context, trl.response_a, trl.response_b) == (p.context, p.response_a, p.response_b)
+    s = io.normalize_single("l", {"context": chatml, "response": raw["response_a"]})
+    assert (s.context, s.response, s.prompt, s.completion) == ("Name a fruit.", "Apple.", chatml, raw["response_a"])
 
 
 def test_single_formats():
