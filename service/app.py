@@ -112,7 +112,7 @@ class Gate:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    raise _TooLarge(self.limit)
             return message
 
         try:
@@ -155,13 +155,13 @@ class Gate:
         return None
 
     def _too_large(self) -> Response:
-        return errors.error_response(413, f"request body over the limit of {self.limit} bytes", "body_too_large")
+        return errors.error_response(413, _TooLarge(self.limit).detail, "body_too_large")
 
 
 class _TooLarge(StarletteHTTPException):
     # An HTTPException, so that FastAPI's handlers pass it on instead of making it a 400.
-    def __init__(self) -> None:
-        super().__init__(413, "request body too large")
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over the limit of {limit} bytes")
 
 
 class Cors(CORSMiddleware):
@@ -216,15 +216,16 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)
+    app.add_middleware(Gate, metrics=app.state.metrics, limit=settings.max_body_bytes, keys=settings.api_keys)
     if settings.cors_origins:
+        # Added last, so it runs first: it answers a browser's preflight (which never carries
+        # the API key) and puts its headers on the gate's 401 and 413 too.
         app.add_middleware(
             Cors,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-
-    app.add_middleware(Gate, metrics=app.state.metrics, limit=settings.max_body_bytes, keys=settings.api_keys)
 
     labels = APIRouter(responses=ERRORS)
     # The routes read the service the lifespan built from `app.state` rather than through a

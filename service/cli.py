@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-chars", type=int, help="characters per text [LABELER_MAX_CHARS]")
     p.add_argument("--max-item-tokens", type=int, help="tokens per item [LABELER_MAX_ITEM_TOKENS]")
     p.add_argument("--max-body-bytes", type=int, help="[LABELER_MAX_BODY_BYTES]")
+    p.add_argument("--max-samples", type=int, help="self-consistency samples per item [LABELER_MAX_SAMPLES]")
+    p.add_argument("--max-group-size", type=int, help="completions per group [LABELER_MAX_GROUP_SIZE]")
     p.add_argument("--max-queue-items", type=int, help="queued items before 429 [LABELER_MAX_QUEUE_ITEMS]")
     p.add_argument("--batch-max-items", type=int, help="items per engine call [LABELER_BATCH_MAX_ITEMS]")
     p.add_argument("--batch-wait-ms", type=float, help="[LABELER_BATCH_WAIT_MS]")
@@ -86,6 +88,8 @@ def settings_from_args(args: argparse.Namespace):
         "max_chars": args.max_chars,
         "max_item_tokens": args.max_item_tokens,
         "max_body_bytes": args.max_body_bytes,
+        "max_samples": args.max_samples,
+        "max_group_size": args.max_group_size,
         "max_queue_items": args.max_queue_items,
         "batch_max_items": args.batch_max_items,
         "batch_wait_ms": args.batch_wait_ms,

@@ -31,8 +31,11 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
 
 def _loc(loc: tuple) -> str:
     """`items[3].response_a` from pydantic's ("body", "items", 3, "response_a"), without the
-    tags pydantic puts in for the branches of a union ("constrained-str", "list[...]")."""
-    parts = [p for p in loc if p not in ("body", "query", "path") and (isinstance(p, int) or p.isidentifier())]
+    tags pydantic puts in for the branches of a union ("constrained-str", "list[...]"). Only
+    the leading part says where the value came from: /get_reward's body field `query` stays."""
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]
+    parts = [p for p in loc if isinstance(p, int) or p.isidentifier()]
     out = ""
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
@@ -75,7 +78,8 @@ def install(app: FastAPI) -> None:
             cause = exc.__cause__
             why = "not UTF-8, -16 or -32 text" if isinstance(cause, UnicodeError) else type(cause).__name__
             return error_response(422, f"body: not valid JSON ({why})", "invalid_request", "body")
-        return error_response(exc.status_code, str(exc.detail), "http_error", None, getattr(exc, "headers", None))
+        type_ = "body_too_large" if exc.status_code == 413 else "http_error"
+        return error_response(exc.status_code, str(exc.detail), type_, None, getattr(exc, "headers", None))
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:

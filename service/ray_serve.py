@@ -57,7 +57,9 @@ class LabelerDeployment:
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve runs the app's lifespan (engine load, cache, batcher) once this returns.
         app = create_app(self.settings)
-        self._transport = httpx.ASGITransport(app=app)
+        # An unhandled error is answered by the app's 500 in the one error shape; the
+        # transport must not raise it again past that answer.
+        self._transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         return app
 
     async def forward(self, method: str, url: str, headers: Headers, body: bytes) -> tuple[int, Headers, bytes]:

@@ -109,9 +109,16 @@ class LabelService:
                     f"{len(req.query)} queries",
                     field="labels",
                 )
+            limit = self.settings.max_chars
             for i, label in enumerate(labels):
                 if not isinstance(label, str):
                     raise InvalidInput(f"labels[{i}] must be a reference response (text)", field=f"labels[{i}]")
+                if len(label) > limit:
+                    raise InputTooLong(
+                        f"labels[{i}] has {len(label)} characters, over the limit of {limit}",
+                        field=f"labels[{i}]",
+                        limit=limit,
+                    )
             references = labels
         prompts = req.prompts or [None] * len(req.query)
         items: list[Any] = []
@@ -234,17 +241,19 @@ class LabelService:
         stats = self.labeler.engine.stats
         before = (stats.prompt_tokens, stats.computed_tokens)
         t0 = time.monotonic()
-        res = await self.labeler.arun(spec, prepared)
-        elapsed = max(time.monotonic() - t0, 1e-6)
-        prompt_tokens = stats.prompt_tokens - before[0]
-        self.metrics.prompt_tokens.inc(prompt_tokens)
-        self.metrics.computed_tokens.inc(stats.computed_tokens - before[1])
-        self.metrics.tokens_per_second.set(prompt_tokens / elapsed)
-        values = [asdict(r) for r in res]
-        if use_cache:
-            await self.cache.set_many(dict(zip(keys, values, strict=True)))
-        self.metrics.inflight.set(max(0, self.batcher.pending - len(prepared)))
-        return values
+        try:
+            res = await self.labeler.arun(spec, prepared)
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            prompt_tokens = stats.prompt_tokens - before[0]
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+            self.metrics.computed_tokens.inc(stats.computed_tokens - before[1])
+            self.metrics.tokens_per_second.set(prompt_tokens / elapsed)
+            values = [asdict(r) for r in res]
+            if use_cache:
+                await self.cache.set_many(dict(zip(keys, values, strict=True)))
+            return values
+        finally:  # a failed batch leaves the queue too
+            self.metrics.inflight.set(max(0, self.batcher.pending - len(prepared)))
 
 
 def _response(response: type[BaseModel], spec: LabelSpec, usage: Usage, results: list[dict[str, Any]]) -> Any:

@@ -198,6 +198,7 @@ async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_ta
             faulty.fail_next = len(items)  # enough for a call per item, which a per-item retry would make
             down = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies))
             calls = faulty.batches[calls_before:]
+            metrics = (await client.get("/metrics")).text.splitlines()
             faulty.fail_next = 0  # the engine is back
             back = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies))
     finally:
@@ -208,6 +209,8 @@ async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_ta
     # One engine call per batch, each failed, every item in exactly one of them; and the
     # batcher did put several requests' items in one batch, so per-item calls would show.
     assert faulty.failed_batches == calls and sum(calls) == len(items) and max(calls) > 1, calls
+    inflight = [float(line.split()[1]) for line in metrics if line.startswith("labeler_inflight_items ")]
+    assert inflight == [0.0]  # the failed batches left the gauge too
     assert [r.status_code for r in back] == [200] * len(back)
     tally = Tally()
     tally.add([r.json()["results"][0]["distribution"] for r in back], ref)

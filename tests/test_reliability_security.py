@@ -160,3 +160,14 @@ def test_cors_off_unless_configured(make_server, monkeypatch):
     assert "access-control-allow-origin" not in r.headers
     r = httpx.options(on.url + "/v1/scores", headers={**preflight, "Origin": "https://evil.example"})
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers and error_shape_ok(r.json(), 400)
+
+    # With API keys: the preflight carries no key and still passes; the browser can read a 401.
+    keyed = make_server(cors_origins=["https://ui.example"], api_keys=["k1"])
+    r = httpx.options(keyed.url + "/v1/scores", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
+    origin = {"Origin": "https://ui.example"}
+    r = httpx.get(keyed.url + "/v1/tasks", headers={**origin, "Authorization": "Bearer k1"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://ui.example"
+    r = httpx.get(keyed.url + "/v1/tasks", headers=origin)
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "https://ui.example"
+    assert error_shape_ok(r.json(), 401)

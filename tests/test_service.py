@@ -169,7 +169,8 @@ def test_limits_give_clear_4xx(make_server):
     assert_error(post(srv, "/v1/scores", {"task": "nope", "items": [ok]}), 422, "task")
     assert_error(post(srv, "/v1/preferences", {"task": "tiny", "items": [PAIR], "order": "ac"}), 422, "order")
     big = {"task": "tiny", "items": [{"response": "y" * 4000}]}
-    assert_error(post(srv, "/v1/scores", big), 413)
+    declared = assert_error(post(srv, "/v1/scores", big), 413)
+    assert declared["type"] == "body_too_large" and "2048" in declared["message"]
 
     def chunks():  # no Content-Length: the limit holds for streamed bodies too
         yield b'{"task": "tiny", "items": [{"response": "'
@@ -178,7 +179,12 @@ def test_limits_give_clear_4xx(make_server):
         yield b'"}]}'
 
     resp = httpx.post(srv.url + "/v1/scores", content=chunks(), headers={"content-type": "application/json"})
-    assert_error(resp, 413)
+    assert assert_error(resp, 413) == declared  # the same answer, declared or streamed
+    # /get_reward's body field `query` is named like any other field
+    assert_error(post(srv, "/get_reward?task=tiny", {"prompts": ["a"]}), 422, "query")
+    assert_error(post(srv, "/get_reward?task=tiny", {"query": ["a", 1]}), 422, "query[1]")
+    assert_error(post(srv, "/get_reward?task=tiny", {"query": ["a"] * 3}), 422, "query")
+    assert_error(post(srv, "/get_reward?task=nope", {"query": ["a"]}), 422, "task")
     assert_error(httpx.post(srv.url + "/v1/scores", content=b"{not json", timeout=30), 422)
     assert_error(httpx.get(srv.url + "/nope"), 404)
 

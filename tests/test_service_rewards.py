@@ -196,6 +196,8 @@ def test_openrlhf_get_reward_against_reference_labels(live_server, labeler):
     assert_error(post(live_server, "/get_reward?task=tiny&reward=reference", {**body, "labels": ["x"]}), 422, "labels")
     bad = {**body, "labels": ["x", 3]}
     assert_error(post(live_server, "/get_reward?task=tiny&reward=reference", bad), 422, "labels[1]")
+    long = {**body, "labels": ["x", "y" * (live_server.settings.max_chars + 1)]}
+    assert_error(post(live_server, "/get_reward?task=tiny&reward=reference", long), 422, "labels[1]")
     assert_error(post(live_server, "/get_reward?task=tiny&reward=other", body), 422, "reward")
     plain = post(live_server, "/get_reward?task=tiny", body).json()  # labels ignored: the direct score
     assert plain["rewards"] == pytest.approx(
