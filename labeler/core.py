@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from . import scoring
 from .engines.base import Engine, GenerateRequest, ScoreRequest
 from .errors import InputTooLong, InvalidInput
-from .prompts import PromptBuilder, Rendered, clean_text
+from .prompts import PromptBuilder, Rendered, clean_text, judgment_question
 from .spec import KINDS, MAX_GROUP_SIZE, MAX_SAMPLES, MAX_SEED, LabelSpec, OrderArg
 from .tasks import Task, TaskRegistry
 
@@ -241,10 +241,13 @@ class Labeler:
         (this labeler's model, task version, sampling temperature and rationale length)."""
         if kind not in KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, got {kind!r}", field="kind")
+        t = self.task(task)
+        if kind == "judgment":
+            judgment_question(t)  # refused here, before any item is read
         return LabelSpec.build(
             kind,
             task=task,
-            task_version=self.task(task).version,
+            task_version=t.version,
             model=self.model_id,
             labels=LABELS[kind],
             order=order,
@@ -323,7 +326,8 @@ class Labeler:
             drafts += mine
             owners += [at[i]] * len(mine)
             sizes.append(len(mine))
-        rendered = iter(self.prompts.tokenize_many(drafts, owners))
+        rationale = (spec.max_rationale_tokens or self.max_rationale_tokens) if spec.cot else 0
+        rendered = iter(self.prompts.tokenize_many(drafts, owners, rationale_tokens=rationale))
         return [tuple(next(rendered) for _ in range(n)) for n in sizes]
 
     def _drafts(self, spec: LabelSpec, t: Task, it: Any, at: str) -> list[Rendered]:

@@ -109,6 +109,16 @@ def prompt_builder(model_dir: str | Path) -> PromptBuilder:
     return PromptBuilder(tokenizer, max_prompt_tokens=config.get("max_position_embeddings"))
 
 
+def judgment_question(task: Task) -> str:
+    """The task's yes/no question; InvalidInput naming `task` when it asks none."""
+    question = task.judgment_question.strip()
+    if not question:
+        raise InvalidInput(
+            f"task {task.name!r} asks no yes/no question: set judgment_question in its task file", field="task"
+        )
+    return question
+
+
 class PromptBuilder:
     """Renders tasks and items into prompts for one tokenizer (and its chat template)."""
 
@@ -206,10 +216,7 @@ class PromptBuilder:
     ) -> Rendered:
         """The task's yes/no question about one response (`tokenize` as for `pairwise`).
         The labels are read as `judgment_label_ids` says."""
-        if not task.judgment_question.strip():
-            raise InvalidInput(
-                f"task {task.name!r} asks no yes/no question: set judgment_question in its task file", field="task"
-            )
+        judgment_question(task)
         ctx = self._untrusted(context, "context", allow_empty=True)
         resp = self._untrusted(response, "response", allow_empty=True)
         prefix = task.judgment_answer_prefix
@@ -250,7 +257,9 @@ class PromptBuilder:
         out = Rendered(rendered.kind, text, (), rendered.labels, rendered.answer_prefix, False)
         return self.tokenize_many([out])[0] if tokenize else out
 
-    def tokenize_many(self, rendered: Sequence[Rendered], items: Sequence[str] | None = None) -> list[Rendered]:
+    def tokenize_many(
+        self, rendered: Sequence[Rendered], items: Sequence[str] | None = None, *, rationale_tokens: int = 0
+    ) -> list[Rendered]:
         """`rendered` with their prompt token ids, from one batched tokenizer call (a fast
         tokenizer spreads it over the cores: one prompt at a time, tokenizing a batch took
         a fifth of the time an H100 took to score it). The labeler calls it on its own
@@ -258,22 +267,37 @@ class PromptBuilder:
         80-120 MiB from one overload wave to the next (another thread's malloc arena;
         tests/test_reliability_overload.py caught it).
 
-        A prompt over `max_prompt_tokens` raises InputTooLong, naming the item (`items[3]`)
-        when the name of each prompt's item is given."""
+        A prompt that leaves no room in `max_prompt_tokens` (the model's context) for what
+        follows it raises InputTooLong, naming the item (`items[3]`) when the name of each
+        prompt's item is given. What follows: the longest label; with chain-of-thought, also
+        a rationale of up to `rationale_tokens` and the answer prefix after it."""
         if not rendered:
             return []
         # The chat template already holds the special tokens it wants (BOS included).
         encoded = self.tokenizer([r.prompt for r in rendered], add_special_tokens=not self.has_chat_template)
         out = []
         for k, (r, ids) in enumerate(zip(rendered, encoded["input_ids"], strict=True)):
-            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
-                limit = self.max_prompt_tokens
-                message = f"the prompt is {len(ids)} tokens, over the limit of {limit}"
-                if items is None:
-                    raise InputTooLong(message, field="items", limit=limit)
-                raise InputTooLong(f"{items[k]}: {message}", field=items[k], limit=limit)
+            if self.max_prompt_tokens is not None:
+                room = self._room(r, rationale_tokens)
+                limit = self.max_prompt_tokens - room
+                if len(ids) > limit:
+                    message = (
+                        f"the prompt is {len(ids)} tokens, over the limit of {limit} "
+                        f"(the model's context of {self.max_prompt_tokens} less {room} for the answer)"
+                    )
+                    if items is None:
+                        raise InputTooLong(message, field="items", limit=limit)
+                    raise InputTooLong(f"{items[k]}: {message}", field=items[k], limit=limit)
             out.append(replace(r, prompt_token_ids=tuple(ids)))
         return out
+
+    def _room(self, rendered: Rendered, rationale_tokens: int) -> int:
+        """Tokens the model's context must keep free after `rendered`'s prompt."""
+        room = max((len(ids) for ids in rendered.labels.values()), default=1)
+        if rendered.cot:  # the rationale, then "\n" and the answer prefix (`after_rationale`)
+            tail = self.tokenizer("\n" + rendered.answer_prefix, add_special_tokens=False)["input_ids"]
+            room += rationale_tokens + len(tail)
+        return room
 
     def cut_rationale(self, rendered: Rendered, generated: str) -> str:
         """The rationale part of a generation: up to where the model writes the answer

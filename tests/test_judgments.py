@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from labeler import InvalidInput, ScoreItem
+from labeler import InvalidInput, Labeler, ScoreItem, TaskRegistry
 from labeler.errors import TaskFileError
 from labeler.scoring import JUDGMENT_LABELS, judgment_label_text, judgment_probabilities
 from labeler.tasks import load_task_file
@@ -97,10 +97,15 @@ def test_few_shot_and_chain_of_thought_layout(builder, test_tasks):
     assert builder.cut_rationale(r, "It adds up.\nAnswer: Yes") == "It adds up."
 
 
-def test_a_task_without_a_question_is_refused(builder, tmp_path):
+def test_a_task_without_a_question_is_refused(builder, labeler, tmp_path):
     (tmp_path / "plain.toml").write_text('preamble = "Judge."\n')
     with pytest.raises(InvalidInput, match="asks no yes/no question") as exc:
         builder.judgment(load_task_file(tmp_path / "plain.toml"), "c", "r")
+    assert exc.value.field == "task"
+    # A request's option, refused as such before any item is read (not as items[0].task).
+    lab = Labeler(labeler.engine, TaskRegistry.load([tmp_path]))
+    with pytest.raises(InvalidInput, match="asks no yes/no question") as exc:
+        lab.spec("judgment", "plain")
     assert exc.value.field == "task"
 
 

@@ -94,3 +94,40 @@ async def test_blocking_api_refuses_to_run_inside_an_event_loop(labeler):
         labeler.score("c", "r", "tiny")
     r = await labeler.ascore("c", "r", "tiny")
     assert -1.0 <= r.reward <= 1.0 and len(r.distribution) == 10
+
+
+def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(labeler, monkeypatch):
+    """The prompt must leave the model's context room for what the engine adds: the longest
+    label ("10" is two tokens), and with chain-of-thought the rationale and the answer prefix
+    after it. An item that leaves less is refused while it is prepared, naming it, not in
+    the engine after it was queued."""
+    from labeler.engines.base import GenerateRequest, ScoreRequest, check_generate_requests, check_score_requests
+    from labeler.errors import InputTooLong
+    from labeler.scoring import label_queries
+
+    item = ScoreItem("2+2?", "4")
+    plain, cot = labeler.spec("score", "tiny"), labeler.spec("score", "tiny", cot=True)
+    (r,) = labeler.prepare(plain, [item])[0]
+    n = len(r.prompt_token_ids)
+    read = [ScoreRequest(r.prompt_token_ids, label_queries(r.labels))]
+    check_score_requests(read, n + 2)  # the engine's own rule: the longest label is 2 tokens
+    with pytest.raises(InvalidInput):
+        check_score_requests(read, n + 1)
+    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", n + 2)
+    assert labeler.prepare(plain, [item])[0][0].prompt_token_ids == r.prompt_token_ids
+    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", n + 1)
+    with pytest.raises(InputTooLong, match=r"items\[0\]: the prompt is \d+ tokens") as exc:
+        labeler.prepare(plain, [item])
+    assert exc.value.field == "items[0]" and exc.value.limit == n - 1
+
+    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", 8192)
+    (c,) = labeler.prepare(cot, [item])[0]
+    tail = len(labeler.engine.tokenizer("\n" + c.answer_prefix, add_special_tokens=False)["input_ids"])
+    room = labeler.max_rationale_tokens + tail + 2
+    m = len(c.prompt_token_ids)
+    check_generate_requests([GenerateRequest(c.prompt_token_ids, labeler.max_rationale_tokens, 0.0, 1, 0)], m + room)
+    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", m + room)
+    assert labeler.prepare(cot, [item])[0][0].prompt_token_ids == c.prompt_token_ids
+    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", m + room - 1)
+    with pytest.raises(InputTooLong, match=r"items\[0\]"):
+        labeler.prepare(cot, [item])

@@ -110,7 +110,8 @@ def test_bad_items_raise_invalid_input_naming_the_field(builder, task, args, fie
 
 def test_too_long_prompt_is_refused(model_dir, task):
     small = PromptBuilder(AutoTokenizer.from_pretrained(model_dir), max_prompt_tokens=50)
-    with pytest.raises(InvalidInput, match="over the limit of 50"):
+    # The context keeps room for the longest label: "10" is two tokens.
+    with pytest.raises(InvalidInput, match=r"over the limit of 48 \(the model's context of 50 less 2 for the answer\)"):
         small.score(task, "ctx", "word " * 100)
 
 
@@ -126,8 +127,9 @@ def test_tokenize_many_equals_one_by_one_and_names_the_item(builder, model_dir, 
     ]
     assert builder.tokenize_many(drafts) == one_by_one
     assert builder.tokenize_many([]) == []
+    # A context that holds draft 4 and its one-token label ("1" or "2"), and no more.
     small = PromptBuilder(
-        AutoTokenizer.from_pretrained(model_dir), max_prompt_tokens=len(one_by_one[4].prompt_token_ids)
+        AutoTokenizer.from_pretrained(model_dir), max_prompt_tokens=len(one_by_one[4].prompt_token_ids) + 1
     )
     with pytest.raises(InvalidInput, match=r"items\[8\]: the prompt is") as err:
         # drafts 6 on are too long: items[8]
