@@ -187,3 +187,55 @@ def _metrics(srv) -> str:
     import httpx
 
     return httpx.get(srv.url + "/metrics").text
+
+
+def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
+    """labeler_client.testing.FakeLabeler answers invalid requests as the server does: the
+    same status, error type and param, with the same limits."""
+    import httpx
+    from labeler_client.testing import FakeLabeler
+
+    srv = make_server(max_items=4, max_chars=50)
+    tasks = tuple(t["name"] for t in httpx.get(srv.url + "/v1/tasks").json()["tasks"])
+    fake = FakeLabeler(tasks=tasks, max_items=4, max_chars=50)
+    ok = {"context": "c", "response": "r"}
+    chat = [{"role": "user", "content": "hi"}] * 3  # short turns: each one's text is within the limit
+    cases = [
+        ("/v1/scores", {"task": "tiny", "items": [ok]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"context": chat, "response": "r"}]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"context": "x"}]}),
+        ("/v1/scores", {"task": "tiny", "items": []}),
+        ("/v1/scores", {"task": "tiny", "items": [ok] * 5}),
+        ("/v1/scores", {"task": "tiny", "items": [{**ok, "extra": 1}]}),
+        ("/v1/scores", {"task": "tiny", "items": [ok], "bogus": 1}),
+        ("/v1/scores", {"task": "tiny", "items": [{"response": 3}]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"response": "y" * 51}]}),
+        (
+            "/v1/scores",
+            {"task": "tiny", "items": [{"context": [{"role": "user", "content": "y" * 51}], "response": "r"}]},
+        ),
+        ("/v1/scores", {"task": "nope", "items": [ok]}),
+        ("/v1/scores", {"task": "tiny", "items": [ok], "samples": 2}),
+        ("/v1/scores", {"task": "tiny", "items": [ok], "samples": 99, "cot": True}),
+        ("/v1/scores", {"task": "tiny", "items": [ok], "seed": -1}),
+        ("/v1/preferences", {"task": "tiny", "items": [{"response_a": "a", "response_b": "b"}], "order": "xx"}),
+        ("/v1/preferences", {"task": "tiny", "items": [{"response_a": "a"}]}),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a"]}]}),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", "b"]}], "order": "ab"}),
+        ("/v1/rewards/reference", {"task": "tiny", "items": [{"response": "a"}]}),
+        ("/get_reward?task=tiny", {"prompts": ["a"]}),
+        ("/get_reward?task=tiny", {"query": ["a", 1]}),
+        ("/get_reward?task=tiny", {"query": ["a"] * 5}),
+        ("/get_reward?task=tiny", {"query": ["ab"], "prompts": ["a", "b"]}),
+        ("/get_reward?task=nope", {"query": ["a"]}),
+    ]
+    fake_http = httpx.Client(base_url="http://fake.test", transport=fake.transport())
+
+    def seen(resp: httpx.Response) -> tuple:
+        err = resp.json().get("error") or {}
+        return resp.status_code, err.get("type"), err.get("param")
+
+    for path, body in cases:
+        real = seen(httpx.post(srv.url + path, json=body, timeout=120))
+        assert seen(fake_http.post(path, json=body)) == real, (path, body)
+    assert sum(seen(httpx.post(srv.url + p, json=b, timeout=120))[0] == 422 for p, b in cases) == len(cases) - 2

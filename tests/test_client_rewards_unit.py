@@ -70,7 +70,8 @@ def test_results_in_input_order_across_batches_sync_and_async():
     assert client.rewards_against(
         [it["context"] for it in items], [it["response"] for it in items], [it["reference"] for it in items], "tiny"
     ) == [r.reward for r in refs]
-    judged = client.judgments(items, "tiny")
+    singles = [{"context": it["context"], "response": it["response"]} for it in items]
+    judged = client.judgments(singles, "tiny")
     assert [j.p_yes for j in judged] == pytest.approx([(fake_reward(f"q{i}", f"a{i}") + 1) / 2 for i in range(5)])
     groups = [["x", "y"], ["x", "y", "z"], ["u", "v", "w", "t"]]
     per_group = client.group_relative_rewards(["p0", "p1", "p2"], groups, "tiny")
@@ -82,7 +83,7 @@ def test_results_in_input_order_across_batches_sync_and_async():
     async def run():
         async with lc.AsyncClient(URL, transport=fake.async_transport(), retry=NO_WAIT, batch_size=2) as ac:
             return (
-                await ac.judgments(items, "tiny"),
+                await ac.judgments(singles, "tiny"),
                 await ac.rewards_against(["q0"], ["a0"], ["r0"], "tiny"),
                 await ac.group_relative_rewards(["p0", "p1", "p2"], groups, "tiny"),
             )

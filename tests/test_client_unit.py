@@ -480,3 +480,30 @@ def test_sync_client_works_inside_a_running_event_loop():
         return lc.Client(URL, transport=fake.transport()).scores(items(3), "tiny", cache=False)
 
     assert [s.reward for s in asyncio.run(main())] == expected(items(3))
+
+
+def test_the_fake_tells_when_to_retry_as_the_server_does():
+    fake = FakeLabeler()
+    for status in (429, 503, 500):
+        fake.fail_next(status)
+    fake.fail_next(503, retry_after=4)
+    http = httpx.Client(base_url=URL, transport=fake.transport())
+    answers = [http.get("/v1/tasks") for _ in range(5)]
+    assert [a.headers.get("retry-after") for a in answers] == ["1", "1", None, "4", None]
+    assert [a.status_code for a in answers] == [429, 503, 500, 503, 200]
+
+
+def test_the_fake_scores_the_top_of_the_scale():
+    # fake_reward("", "r3201574") is 1.0: an expected score of 10, all of the mass on "10"
+    assert fake_reward("", "r3201574") == 1.0
+    (score,) = client_for(FakeLabeler()).scores([{"context": "", "response": "r3201574"}], "tiny")
+    assert score.expected == 10.0 and score.distribution == [0.0] * 9 + [1.0] and score.reward == 1.0
+
+
+def test_the_fake_limits_each_chat_message_not_the_number_of_messages():
+    client = client_for(FakeLabeler(max_chars=5))
+    chat = [{"role": "user", "content": "hi"}] * 6
+    assert client.scores([{"context": chat, "response": "ok"}], "tiny")[0] is not None
+    with pytest.raises(lc.InvalidRequest) as err:
+        client.scores([{"context": [{"role": "user", "content": "x" * 6}], "response": "ok"}], "tiny")
+    assert err.value.param == "items[0].context[0].content" and err.value.type == "input_too_long"

@@ -53,7 +53,7 @@ def _context(item: dict[str, Any]) -> str:
 def _score(item: dict[str, Any]) -> dict[str, Any]:
     reward = fake_reward(_context(item), item["response"])
     expected = reward * 4.5 + 5.5
-    low = min(9, int(expected) - 1)
+    low = min(8, int(expected) - 1)  # expected 10.0: all the mass on the last score
     frac = expected - (low + 1)
     dist = [0.0] * 10
     dist[low], dist[low + 1] = 1 - frac, frac
@@ -114,6 +114,10 @@ def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# The server's defaults for the limits the fake enforces.
+_MAX_ITEMS, _MAX_SAMPLES, _MAX_GROUP_SIZE, _MAX_SEED = 256, 8, 32, 2**63 - 1
+_ORDERED = ("/v1/preferences", "/v1/rewards/reference")
+
 # Each label route: the text fields of its items, and the fake result of one item.
 _ROUTES = {
     "/v1/scores": (("response",), lambda it, body: _score(it)),
@@ -130,7 +134,14 @@ _ROUTES = {
 class FakeLabeler:
     """The service's wire contract in memory. Faults queued with `fail_next` are served
     first, one per request: an HTTP status (with the service's error shape and, for 429
-    and 503, `Retry-After`) or an `httpx` exception class such as `httpx.ConnectError`.
+    and 503, `Retry-After`: 1 s unless `retry_after` says otherwise) or an `httpx`
+    exception class such as `httpx.ConnectError`.
+
+    Requests are checked as the server checks them, with its default limits (`max_items`,
+    and `max_chars` when given): a missing, unknown or mistyped field, an empty or too long
+    list of items, an unknown task or option value is a 422 naming the field. (The server
+    also holds a chat context's whole transcript to `max_chars`; the fake, which renders no
+    transcript, checks each message's text.)
 
     `requests` records every request; `max_in_flight` the most requests seen at once.
     """
@@ -141,10 +152,11 @@ class FakeLabeler:
         tasks: tuple[str, ...] = ("general", "tiny"),
         api_key: str | None = None,
         max_chars: int | None = None,
+        max_items: int = _MAX_ITEMS,
         latency: float = 0.0,
         model: str = "fake-labeler",
     ) -> None:
-        self.tasks, self.api_key, self.max_chars = tasks, api_key, max_chars
+        self.tasks, self.api_key, self.max_chars, self.max_items = tasks, api_key, max_chars, max_items
         self.latency, self.model = latency, model
         self.requests: list[httpx.Request] = []
         self.max_in_flight = 0
@@ -199,6 +211,8 @@ class FakeLabeler:
         if fault is not None:
             kind, retry_after = fault
             if isinstance(kind, int):
+                if retry_after is None and kind in (429, 503):
+                    retry_after = 1  # the server always tells when to come back
                 headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
                 return self._error(kind, f"injected {kind}", _TYPES.get(kind, "http_error"), None, headers)
             raise kind("injected fault", request=request)
@@ -253,15 +267,36 @@ class FakeLabeler:
         msg = f"{where}: String should have at most {self.max_chars} characters (the limit of {self.max_chars})"
         return self._error(422, msg, "input_too_long", where)
 
-    def _get_reward(self, body: dict[str, Any], task: str, reward: str | None = None) -> httpx.Response:
-        """OpenRLHF's /get_reward: each query scored whole (the fake splits no prompt off);
-        with `reward=reference`, each against its `labels` entry."""
-        refused = self._unknown_task(task)
-        for i, query in enumerate(body.get("query", [])):
+    def _invalid(self, where: str, message: str, type_: str = "invalid_request") -> httpx.Response:
+        return self._error(422, f"{where}: {message}", type_, where)
+
+    def _check_texts(self, where: str, value: Any, what: str = "text") -> httpx.Response | None:
+        """A 422 unless `value` is a list of 1 to `max_items` strings."""
+        if not isinstance(value, list) or not value:
+            return self._invalid(where, f"must be a non-empty list of {what}")
+        if len(value) > self.max_items:
+            return self._invalid(where, f"at most {self.max_items} entries", "input_too_long")
+        return None
+
+    def _get_reward(self, body: Any, task: str, reward: str | None = None) -> httpx.Response:
+        """OpenRLHF's /get_reward: with `prompts`, each query's prompt is split off (else the
+        query is scored whole); with `reward=reference`, each against its `labels` entry."""
+        if not isinstance(body, dict):
+            return self._invalid("body", "must be a JSON object")
+        refused = self._check_texts("query", body.get("query"))
+        for i, query in enumerate(body.get("query") or []):
+            if not isinstance(query, str):
+                refused = refused or self._invalid(f"query[{i}]", "must be text")
             refused = refused or self._too_long(f"query[{i}]", query)
+        refused = refused or self._unknown_task(task)
         if refused is not None:
             return refused
-        prompts = body.get("prompts") or [""] * len(body["query"])
+        if reward not in (None, "score", "reference"):
+            return self._invalid("reward", "must be 'score' or 'reference'")
+        prompts = body.get("prompts")
+        if prompts is not None and (not isinstance(prompts, list) or len(prompts) != len(body["query"])):
+            return self._error(422, "prompts must have one entry per query", "invalid_input", "prompts")
+        prompts = prompts or [""] * len(body["query"])
         if reward == "reference":
             labels = body.get("labels") or []
             if len(labels) != len(body["query"]):
@@ -285,20 +320,79 @@ class FakeLabeler:
         logs = {"expected_score": [s["expected"] for s in scores], "cached": [0.0] * len(scores)}
         return httpx.Response(200, json={"rewards": rewards, "scores": rewards, "extra_logs": logs})
 
-    def _label(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        refused = self._unknown_task(body.get("task"))
+    def _check_options(self, path: str, body: dict[str, Any]) -> httpx.Response | None:
+        allowed = {"task", "items", "cot", "samples", "seed", "cache", *(("order",) if path in _ORDERED else ())}
+        extra = sorted(set(body) - allowed)
+        if extra:
+            return self._invalid(extra[0], "Extra inputs are not permitted")
+        if "task" not in body:
+            return self._invalid("task", "Field required")
+        refused = self._check_texts("items", body.get("items"), "items")
+        if refused is not None:
+            return refused
+        for name in ("cot", "cache"):
+            if not isinstance(body.get(name, False), bool):
+                return self._invalid(name, "must be true or false")
+        samples, seed = body.get("samples", 1), body.get("seed", 0)
+        # Over a limit is `input_too_long`, as the server says it; any other bad value is not.
+        for name, value, top in (("samples", samples, _MAX_SAMPLES), ("seed", seed, _MAX_SEED)):
+            low = 1 if name == "samples" else 0
+            if type(value) is not int or not low <= value <= top:
+                over = type(value) is int and value > top
+                return self._invalid(
+                    name, f"must be an integer from {low} to {top}", "input_too_long" if over else "invalid_request"
+                )
+        if body.get("order", "both") not in ("both", "ab", "ba"):
+            return self._invalid("order", "Input should be 'both', 'ab' or 'ba'")
+        refused = self._unknown_task(body["task"])
+        if refused is None and samples > 1 and not body.get("cot", False):
+            return self._error(422, "samples > 1 (self-consistency) needs cot=true", "invalid_input", "samples")
+        return refused
+
+    def _check_item(self, where: str, item: Any, fields: tuple[str, ...]) -> httpx.Response | None:
+        if not isinstance(item, dict):
+            return self._invalid(where, "must be an object")
+        extra = sorted(set(item) - {"context", *fields})
+        if extra:
+            return self._invalid(f"{where}.{extra[0]}", "Extra inputs are not permitted")
+        context = item.get("context", "")
+        if isinstance(context, list):  # chat messages: each one's content is a text
+            texts = []
+            for k, m in enumerate(context):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    return self._invalid(f"{where}.context[{k}]", "must be a {role, content} message")
+                texts.append((f"{where}.context[{k}].content", m.get("content", "")))
+        else:
+            texts = [(f"{where}.context", context)]
+        for name in fields:
+            if name not in item:
+                return self._invalid(f"{where}.{name}", "Field required")
+            value = item[name]
+            if name == "responses":
+                if not isinstance(value, list) or not 2 <= len(value) <= _MAX_GROUP_SIZE:
+                    return self._invalid(f"{where}.responses", f"must list 2 to {_MAX_GROUP_SIZE} completions")
+                texts += [(f"{where}.responses[{k}]", v) for k, v in enumerate(value)]
+            else:
+                texts.append((f"{where}.{name}", value))
+        for at, text in texts:
+            if not isinstance(text, str):
+                return self._invalid(at, "Input should be a valid string")
+            refused = self._too_long(at, text)
+            if refused is not None:
+                return refused
+        return None
+
+    def _label(self, path: str, body: Any) -> httpx.Response:
+        if not isinstance(body, dict):
+            return self._invalid("body", "must be a JSON object")
+        refused = self._check_options(path, body)
         if refused is not None:
             return refused
         fields, result = _ROUTES[path]
         for i, item in enumerate(body["items"]):
-            for name in ("context", *fields):
-                value = item.get(name, "")
-                texts = enumerate(value) if name == "responses" else [(None, value)]
-                for k, text in texts:
-                    where = f"items[{i}].{name}" + ("" if k is None else f"[{k}]")
-                    refused = self._too_long(where, text)
-                    if refused is not None:
-                        return refused
+            refused = self._check_item(f"items[{i}]", item, fields)
+            if refused is not None:
+                return refused
         results = [result(it, body) for it in body["items"]]
         n = len(results)
         usage = {"items": n, "cached": 0, "computed": n, "shared": 0}
