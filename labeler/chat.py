@@ -207,8 +207,17 @@ def _llama2(text: str) -> list[Message]:
             user = user[sys_block.end() :]
         messages.append({"role": "user", "content": user})
         end = turns[k + 1].start() if k + 1 < len(turns) else len(text)
-        messages.append({"role": "assistant", "content": text[m.end() : end]})
+        answer = text[m.end() : end].rstrip()
+        # Llama 2 opens each later turn with a new BOS: "answer </s><s>[INST] ...".
+        if k + 1 < len(turns) and answer.endswith(_BOS):
+            answer = _strip_trailing_bos(answer)
+        messages.append({"role": "assistant", "content": answer})
     return messages
+
+
+def _strip_trailing_bos(text: str) -> str:
+    bos = next(b for b in _BOS if text.endswith(b))
+    return text[: -len(bos)]
 
 
 def _raw_turns(body: str) -> tuple[list[Message], tuple[str, ...]] | None:

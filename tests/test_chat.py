@@ -120,6 +120,9 @@ def test_roles_and_multi_turn():
     hh = "\n\nHuman: hi\n\nAssistant: a\n\nHuman: more\n\nAssistant: b"
     context, response = chat.split_query(hh)
     assert (chat.context_text(context), response) == ("User: hi\n\nAssistant: a\n\nUser: more", "b")
+    llama2 = "<s>[INST] hi [/INST] a </s><s>[INST] more [/INST] b </s>"  # each turn after the first opens a BOS
+    context, response = chat.split_query(llama2)
+    assert (chat.context_text(context), response) == ("User: hi\n\nAssistant: a\n\nUser: more", "b")
     deepseek_llm = "User: hi\n\nAssistant: a<｜end▁of▁sentence｜>User: more\n\nAssistant: b<｜end▁of▁sentence｜>"
     context, response = chat.split_query(deepseek_llm)
     assert (chat.context_text(context), response) == ("User: hi\n\nAssistant: a\n\nUser: more", "b")
