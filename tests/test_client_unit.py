@@ -507,3 +507,17 @@ def test_the_fake_limits_each_chat_message_not_the_number_of_messages():
     with pytest.raises(lc.InvalidRequest) as err:
         client.scores([{"context": [{"role": "user", "content": "x" * 6}], "response": "ok"}], "tiny")
     assert err.value.param == "items[0].context[0].content" and err.value.type == "input_too_long"
+
+
+@pytest.mark.parametrize("options", [{"task": "nope"}, {"task": "tiny", "samples": 2}, {"task": "tiny", "seed": -1}])
+def test_a_refusal_of_the_requests_options_is_raised_even_with_on_error_none(options):
+    """Every batch would get it: no bisection down to single items, no list of Nones."""
+    fake = FakeLabeler()
+    client = client_for(fake, batch_size=2, max_concurrency=1)
+    with pytest.raises(lc.InvalidRequest) as err:
+        client.scores(items(6), on_error="none", **options)
+    assert err.value.param == next(k for k in ("seed", "samples", "task") if k in options) and len(fake.requests) == 1
+    bad = items(6)
+    bad[3] = {"context": "c"}  # an item's own refusal still gives None for it alone
+    got = client.scores(bad, "tiny", on_error="none")
+    assert [g is None for g in got] == [False, False, False, True, False, False]

@@ -106,6 +106,18 @@ class _BaseClient:
         return on_error == "none" and len(idx) > 1 and isinstance(error, (exc.InvalidRequest, exc.PayloadTooLarge))
 
     @staticmethod
+    def _request_wide(error: exc.LabelerClientError) -> bool:
+        """A 422 about the request's own options (`task`, `samples`, ...), not about its items:
+        every batch would get it, so it is raised even with on_error="none"."""
+        param = getattr(error, "param", None)
+        return (
+            isinstance(error, exc.InvalidRequest)
+            and param is not None
+            and param not in ("items", "body")
+            and not param.startswith("items[")
+        )
+
+    @staticmethod
     def _options(task: str, **opts: Any) -> dict[str, Any]:
         if not isinstance(task, str) or not task:
             raise ValueError("task must be a non-empty string (see tasks())")
@@ -180,7 +192,7 @@ class Client(_BaseClient):
             except exc.LabelerClientError as error:
                 if isinstance(error, exc.APIStatusError):
                     error._about_item(idx.start)
-                if on_error == "raise":
+                if on_error == "raise" or self._request_wide(error):
                     raise
                 if self._splittable(error, idx, on_error):
                     for half in batching.halves(idx):
@@ -395,7 +407,7 @@ class AsyncClient(_BaseClient):
             except exc.LabelerClientError as error:
                 if isinstance(error, exc.APIStatusError):
                     error._about_item(idx.start)
-                if on_error == "raise":
+                if on_error == "raise" or self._request_wide(error):
                     raise
                 if self._splittable(error, idx, on_error):
                     for half in batching.halves(idx):
