@@ -328,14 +328,9 @@ def collect(
     return out
 
 
-def _check_texts(where: str, **texts: str) -> None:
-    for name, t in texts.items():
-        if not t.strip():
-            raise MalformedRecord(where, f"{name} is empty")
-
-
 def pair_item(p: Pair) -> PairItem:
-    _check_texts(p.where, response_a=p.response_a, response_b=p.response_b)
+    """The labeler's item for a pair. An empty response (a policy that said nothing) is
+    judged like any other, as the service judges it."""
     return PairItem(p.context, p.response_a, p.response_b)
 
 
@@ -376,7 +371,6 @@ def score_jobs(singles: Sequence[Single], params: dict[str, Any]) -> list[Job]:
     """Jobs for `labeler label --scores`: one row per response with its reward."""
 
     def job(s: Single) -> Job:
-        _check_texts(s.where, response=s.response)
         item = ScoreItem(s.context, s.response)
         key = params["spec"].key(item)
 

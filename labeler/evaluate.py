@@ -539,9 +539,6 @@ def winrate_jobs(matched: Sequence[tuple[Single, Single]], params: dict[str, Any
 
     def job(sa: Single, sb: Single) -> Job:
         item = PairItem(sa.context, sa.response, sb.response)
-        for s in (sa, sb):
-            if not s.response.strip():
-                raise MalformedRecord(s.where, "response is empty")
         key = pair_key(item, params)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .batch import Job, _check_texts, _row
+from .batch import Job, _row
 from .core import ScoreItem
 from .datasets_io import Single
 from .evaluate import _f, _mean, _pyplot, bootstrap_ci
@@ -39,7 +39,6 @@ def judgment_jobs(singles: Sequence[Single], params: dict[str, Any]) -> list[Job
     """Jobs for `labeler harmless`: one row per response with P(yes)."""
 
     def job(s: Single) -> Job:
-        _check_texts(s.where, response=s.response)
         key = judgment_key(s, params)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:

@@ -102,10 +102,18 @@ def test_malformed_line_stops_the_run_naming_it_and_writes_nothing(tmp_path, in_
     err = capsys.readouterr().err
     assert "line 2: not valid JSON" in err and "Traceback" not in err
     assert not out.exists()
-    # an empty response is found before labeling too
-    write_jsonl(src, [{"prompt": "Q?", "chosen": "y", "rejected": "n"}, {"prompt": "Q", "chosen": " ", "rejected": ""}])
-    assert in_process("label", str(src), str(out), "--task", "tiny") == 2
-    assert "line 2: response_a is empty" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_empty_response_is_labeled_like_any_other(tmp_path, labeler, in_process, capsys):
+    """A policy that said nothing (or only its end-of-turn token) wrote a response to judge, as
+    the service judges it: not a malformed record."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q?", "chosen": " ", "rejected": "<|im_end|>"}])
+    out = tmp_path / "out.jsonl"
+    assert in_process("label", str(src), str(out), "--task", "tiny") == 0
+    (row,) = rows(out)
+    ref = labeler.preference("Q?", "", "", "tiny")
+    assert row["p_a"] == pytest.approx(ref.p_a, abs=1e-5) and row["p_a_ab"] == pytest.approx(ref.p_a_ab, abs=1e-5)
+    assert (row["chosen"], row["rejected"]) in ((" ", "<|im_end|>"), ("<|im_end|>", " "))
 
 
 def test_scores_mode_for_conversational_completions(tmp_path, labeler, in_process, capsys):

@@ -71,6 +71,8 @@ def debug_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProc
 def test_default_bind_is_loopback(debug_server):
     assert Settings().host == "127.0.0.1"
     assert settings_from_args(build_parser().parse_args(["serve"])).host == "127.0.0.1"
+    flags = build_parser().parse_args(["serve", "--max-samples", "4", "--max-group-size", "6"])
+    assert (settings_from_args(flags).max_samples, settings_from_args(flags).max_group_size) == (4, 6)
     if debug_server.proc is None:  # stopped by the log test: start it again, same flags
         debug_server.start()
     listening = [c.laddr for c in psutil.Process(debug_server.proc.pid).net_connections("inet") if c.status == "LISTEN"]
