@@ -427,27 +427,6 @@ def make_params(
     }
 
 
-def build_jobs(
-    items: Sequence[Any],
-    make: Callable[[Sequence[Any], dict[str, Any]], list[Job]],
-    params: dict[str, Any],
-    *,
-    skip_invalid: bool,
-    summary: Summary,
-) -> list[Job]:
-    """`make(items)` one item at a time, so an empty text is reported like a malformed line."""
-    jobs: list[Job] = []
-    for it in items:
-        try:
-            jobs.extend(make([it], params))
-        except MalformedRecord as exc:
-            if not skip_invalid:
-                raise
-            summary.invalid.append(str(exc))
-            print(f"skipped invalid input: {exc}", file=sys.stderr)
-    return jobs
-
-
 # -- the loop -------------------------------------------------------------------------------------
 async def run_jobs(
     jobs: Sequence[Job],

@@ -28,7 +28,6 @@ from .batch import (
     LocalBackend,
     MemorySink,
     Summary,
-    build_jobs,
     collect,
     label_pair_jobs,
     make_params,
@@ -154,7 +153,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         make = score_jobs if args.scores else label_pair_jobs
-        jobs = build_jobs(records, make, params, skip_invalid=args.skip_invalid, summary=summary)
+        jobs = make(records, params)
         sink = JsonlSink(args.output)
         s = await run_jobs(
             jobs, backend, sink, "scores" if args.scores else "pairs", params, summary=summary, **_loop_opts(args)
@@ -180,13 +179,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
-        jobs = build_jobs(
-            pairs,
-            lambda ps, pr: eval_jobs(ps, pr, args.position_seed),
-            params,
-            skip_invalid=args.skip_invalid,
-            summary=summary,
-        )
+        jobs = eval_jobs(pairs, params, args.position_seed)
         if not jobs:
             raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
         sink = JsonlSink(args.out / "labels.jsonl")
@@ -254,9 +247,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order=args.order, cot=args.cot, samples=args.samples, seed=args.seed)
-        jobs = build_jobs(
-            matched, lambda ms, pr: winrate_jobs(ms, pr), params, skip_invalid=args.skip_invalid, summary=summary
-        )
+        jobs = winrate_jobs(matched, params)
         sink = JsonlSink(args.out) if args.out else MemorySink()
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
         rows = s.rows
@@ -318,10 +309,7 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         question = backend.judgment_question(args.task)
         if not question:
             raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")
-        jobs = [
-            build_jobs([s for _, s in pol], judgment_jobs, params, skip_invalid=args.skip_invalid, summary=summary)
-            for pol in policies
-        ]
+        jobs = [judgment_jobs([s for _, s in pol], params) for pol in policies]
         sink = JsonlSink(args.out / "judgments.jsonl")
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)

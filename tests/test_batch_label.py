@@ -20,8 +20,6 @@ from labeler import PairItem, ScoreItem, cli
 from labeler.batch import (
     JsonlSink,
     LocalBackend,
-    Summary,
-    build_jobs,
     collect,
     label_pair_jobs,
     make_params,
@@ -185,7 +183,7 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(tmp_path,
     ref_out = tmp_path / "ref.jsonl"
     backend = LocalBackend(labeler)
     params = make_params(backend, "tiny", order="ab")
-    jobs = build_jobs(collect(src, normalize_pair), label_pair_jobs, params, skip_invalid=False, summary=Summary())
+    jobs = label_pair_jobs(collect(src, normalize_pair), params)
     asyncio.run(run_jobs(jobs, backend, JsonlSink(ref_out), "pairs", params, progress=False))
 
     got, ref = rows(out), rows(ref_out)
