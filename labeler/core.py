@@ -326,6 +326,9 @@ class Labeler:
             drafts += mine
             owners += [at[i]] * len(mine)
             sizes.append(len(mine))
+        # The engine may learn its context late (a vLLM server's own max_model_len, read on
+        # its first answer): check against what it holds now.
+        self.prompts.max_prompt_tokens = self.engine.max_model_len
         rationale = (spec.max_rationale_tokens or self.max_rationale_tokens) if spec.cot else 0
         rendered = iter(self.prompts.tokenize_many(drafts, owners, rationale_tokens=rationale))
         return [tuple(next(rendered) for _ in range(n)) for n in sizes]

@@ -106,6 +106,8 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
     from labeler.scoring import label_queries
 
     item = ScoreItem("2+2?", "4")
+    # prepare() reads the engine's context each time; its builder's copy is restored at the end
+    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", labeler.prompts.max_prompt_tokens)
     plain, cot = labeler.spec("score", "tiny"), labeler.spec("score", "tiny", cot=True)
     (r,) = labeler.prepare(plain, [item])[0]
     n = len(r.prompt_token_ids)
@@ -113,21 +115,21 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
     check_score_requests(read, n + 2)  # the engine's own rule: the longest label is 2 tokens
     with pytest.raises(InvalidInput):
         check_score_requests(read, n + 1)
-    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", n + 2)
+    monkeypatch.setattr(labeler.engine, "max_model_len", n + 2)
     assert labeler.prepare(plain, [item])[0][0].prompt_token_ids == r.prompt_token_ids
-    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", n + 1)
+    monkeypatch.setattr(labeler.engine, "max_model_len", n + 1)
     with pytest.raises(InputTooLong, match=r"items\[0\]: the prompt is \d+ tokens") as exc:
         labeler.prepare(plain, [item])
     assert exc.value.field == "items[0]" and exc.value.limit == n - 1
 
-    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", 8192)
+    monkeypatch.setattr(labeler.engine, "max_model_len", 8192)
     (c,) = labeler.prepare(cot, [item])[0]
     tail = len(labeler.engine.tokenizer("\n" + c.answer_prefix, add_special_tokens=False)["input_ids"])
     room = labeler.max_rationale_tokens + tail + 2
     m = len(c.prompt_token_ids)
     check_generate_requests([GenerateRequest(c.prompt_token_ids, labeler.max_rationale_tokens, 0.0, 1, 0)], m + room)
-    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", m + room)
+    monkeypatch.setattr(labeler.engine, "max_model_len", m + room)
     assert labeler.prepare(cot, [item])[0][0].prompt_token_ids == c.prompt_token_ids
-    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", m + room - 1)
+    monkeypatch.setattr(labeler.engine, "max_model_len", m + room - 1)
     with pytest.raises(InputTooLong, match=r"items\[0\]"):
         labeler.prepare(cot, [item])
