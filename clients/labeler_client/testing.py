@@ -3,7 +3,7 @@ client (and of the client itself): same routes and wire shapes as the server, de
 labels, and injectable faults. No model, no network.
 
     fake = FakeLabeler()
-    fake.fail_next(503, times=2)                 # then answers normally
+    fake.fail_next(503, times=2, retry_after=0)  # then answers normally (no wait)
     client = Client("http://labeler.test", transport=fake.transport())
     client.rewards(["2+2?"], ["4"], task="general")
 
@@ -117,6 +117,37 @@ def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
 # The server's defaults for the limits the fake enforces.
 _MAX_ITEMS, _MAX_SAMPLES, _MAX_GROUP_SIZE, _MAX_SEED = 256, 8, 32, 2**63 - 1
 _ORDERED = ("/v1/preferences", "/v1/rewards/reference")
+_TRUE, _FALSE = {"true", "t", "yes", "y", "on", "1"}, {"false", "f", "no", "n", "off", "0"}
+
+
+def _lax_bool(value: Any) -> bool | None:
+    """`value` as the server's request models read a boolean (pydantic's lax mode), or None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    return None
+
+
+def _lax_int(value: Any) -> int | None:
+    """`value` as the server's request models read an integer (pydantic's lax mode), or None."""
+    if isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return None
+            return int(number) if number.is_integer() else None
+    return None
+
 
 # Each label route: the text fields of its items, and the fake result of one item.
 _ROUTES = {
@@ -134,11 +165,12 @@ _ROUTES = {
 class FakeLabeler:
     """The service's wire contract in memory. Faults queued with `fail_next` are served
     first, one per request: an HTTP status (with the service's error shape and, for 429
-    and 503, `Retry-After`: 1 s unless `retry_after` says otherwise) or an `httpx`
-    exception class such as `httpx.ConnectError`.
+    and 503, `Retry-After`: 1 s as the server sends, unless `retry_after` says otherwise;
+    0 for tests that should not wait) or an `httpx` exception class such as
+    `httpx.ConnectError`.
 
     Requests are checked as the server checks them, with its default limits (`max_items`,
-    and `max_chars` when given): a missing, unknown or mistyped field, an empty or too long
+    `max_samples`, and `max_chars` when given): a missing, unknown or mistyped field, an empty or too long
     list of items, an unknown task or option value is a 422 naming the field. (The server
     also holds a chat context's whole transcript to `max_chars`; the fake, which renders no
     transcript, checks each message's text.)
@@ -153,10 +185,12 @@ class FakeLabeler:
         api_key: str | None = None,
         max_chars: int | None = None,
         max_items: int = _MAX_ITEMS,
+        max_samples: int = _MAX_SAMPLES,
         latency: float = 0.0,
         model: str = "fake-labeler",
     ) -> None:
-        self.tasks, self.api_key, self.max_chars, self.max_items = tasks, api_key, max_chars, max_items
+        self.tasks, self.api_key, self.max_chars = tasks, api_key, max_chars
+        self.max_items, self.max_samples = max_items, max_samples
         self.latency, self.model = latency, model
         self.requests: list[httpx.Request] = []
         self.max_in_flight = 0
@@ -330,22 +364,22 @@ class FakeLabeler:
         refused = self._check_texts("items", body.get("items"), "items")
         if refused is not None:
             return refused
-        for name in ("cot", "cache"):
-            if not isinstance(body.get(name, False), bool):
+        cot, cache = _lax_bool(body.get("cot", False)), _lax_bool(body.get("cache", True))
+        for name, value in (("cot", cot), ("cache", cache)):
+            if value is None:
                 return self._invalid(name, "must be true or false")
-        samples, seed = body.get("samples", 1), body.get("seed", 0)
+        samples, seed = _lax_int(body.get("samples", 1)), _lax_int(body.get("seed", 0))
         # Over a limit is `input_too_long`, as the server says it; any other bad value is not.
-        for name, value, top in (("samples", samples, _MAX_SAMPLES), ("seed", seed, _MAX_SEED)):
-            low = 1 if name == "samples" else 0
-            if type(value) is not int or not low <= value <= top:
-                over = type(value) is int and value > top
+        for name, value, low, top in (("samples", samples, 1, self.max_samples), ("seed", seed, 0, _MAX_SEED)):
+            if value is None or not low <= value <= top:
+                over = value is not None and value > top
                 return self._invalid(
                     name, f"must be an integer from {low} to {top}", "input_too_long" if over else "invalid_request"
                 )
         if body.get("order", "both") not in ("both", "ab", "ba"):
             return self._invalid("order", "Input should be 'both', 'ab' or 'ba'")
         refused = self._unknown_task(body["task"])
-        if refused is None and samples > 1 and not body.get("cot", False):
+        if refused is None and samples > 1 and not cot:
             return self._error(422, "samples > 1 (self-consistency) needs cot=true", "invalid_input", "samples")
         return refused
 

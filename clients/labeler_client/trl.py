@@ -360,8 +360,9 @@ def reward_function(
     `client_opts` go to `Client` (api_key, timeout, retry, batch_size, max_concurrency), or
     pass a `client` (a pickled copy opens a client with the same settings, without a custom
     transport). A failed request raises after retries; with `on_error="none"` the samples it
-    covered get None (TRL then leaves them out) instead. An empty completion gets a reward
-    like any other."""
+    covered get None (TRL then leaves them out) instead, though a refusal of the options
+    themselves (an unknown task) is still raised. An empty completion gets a reward like any
+    other."""
     return RewardFunction(base_url, task, name=name, on_error=on_error, client=client, **client_opts)
 
 
@@ -392,7 +393,9 @@ class PairwiseJudge(_Picklable):
 
     With `on_error="none"` a pair whose request failed gives -1 (TRL's "the judge failed"
     rank), or as a soft score 0.5 ("no preference": TRL has no failed-score value, and a
-    None would break its update); a warning is logged.
+    None would break its update); a warning is logged. TRL's online trainers read any rank
+    but 0 as "the second won", so there a -1 trains as a preference: keep `on_error="raise"`
+    for them.
     """
 
     _transient = ("_client",)
