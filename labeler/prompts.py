@@ -134,6 +134,7 @@ class PromptBuilder:
             "score": self._encode_labels(SCORE_LABELS),
         }
         self._judgment_ids: dict[str, dict[str, tuple[int, ...]]] = {}  # by answer prefix
+        self._tail_tokens: dict[str, int] = {}  # by answer prefix: "\n" + prefix after a rationale
 
     # -- text hygiene ------------------------------------------------------------
     def neutralize(self, text: str) -> str:
@@ -295,8 +296,13 @@ class PromptBuilder:
         """Tokens the model's context must keep free after `rendered`'s prompt."""
         room = max((len(ids) for ids in rendered.labels.values()), default=1)
         if rendered.cot:  # the rationale, then "\n" and the answer prefix (`after_rationale`)
-            tail = self.tokenizer("\n" + rendered.answer_prefix, add_special_tokens=False)["input_ids"]
-            room += rationale_tokens + len(tail)
+            prefix = rendered.answer_prefix
+            tail = self._tail_tokens.get(prefix)
+            if tail is None:  # once per task's prefix, not once per prompt
+                tail = self._tail_tokens[prefix] = len(
+                    self.tokenizer("\n" + prefix, add_special_tokens=False)["input_ids"]
+                )
+            room += rationale_tokens + tail
         return room
 
     def cut_rationale(self, rendered: Rendered, generated: str) -> str:

@@ -109,16 +109,10 @@ class LabelService:
                     f"{len(req.query)} queries",
                     field="labels",
                 )
-            limit = self.settings.max_chars
             for i, label in enumerate(labels):
                 if not isinstance(label, str):
                     raise InvalidInput(f"labels[{i}] must be a reference response (text)", field=f"labels[{i}]")
-                if len(label) > limit:
-                    raise InputTooLong(
-                        f"labels[{i}] has {len(label)} characters, over the limit of {limit}",
-                        field=f"labels[{i}]",
-                        limit=limit,
-                    )
+                self._check_length(f"labels[{i}]", len(label))
             references = labels
         prompts = req.prompts or [None] * len(req.query)
         items: list[Any] = []
@@ -223,17 +217,17 @@ class LabelService:
     def _check_chars(self, items: list[Any], which: list[int], where: str) -> None:
         """The per-text character limit (the request models enforce it for the label routes;
         this covers texts split out of /get_reward queries)."""
-        limit = self.settings.max_chars
         for i in which:
             for f in fields(items[i]):
                 value = getattr(items[i], f.name)
                 n = max(map(len, value), default=0) if isinstance(value, tuple) else len(value)
-                if n > limit:
-                    raise InputTooLong(
-                        f"{where}[{i}].{f.name} has {n} characters, over the limit of {limit}",
-                        field=f"{where}[{i}].{f.name}",
-                        limit=limit,
-                    )
+                self._check_length(f"{where}[{i}].{f.name}", n)
+
+    def _check_length(self, name: str, n: int) -> None:
+        """InputTooLong naming `name` when its `n` characters are over the limit."""
+        limit = self.settings.max_chars
+        if n > limit:
+            raise InputTooLong(f"{name} has {n} characters, over the limit of {limit}", field=name, limit=limit)
 
     async def _run_group(self, group: Hashable, prepared: list[Prepared], keys: Sequence[str]) -> list[dict]:
         """One labeler call for a batch of one group; writes the results to the cache."""

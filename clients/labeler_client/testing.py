@@ -170,8 +170,9 @@ class FakeLabeler:
     `httpx.ConnectError`.
 
     Requests are checked as the server checks them, with its default limits (`max_items`,
-    `max_samples`, and `max_chars` when given): a missing, unknown or mistyped field, an empty or too long
-    list of items, an unknown task or option value is a 422 naming the field. (The server
+    `max_samples`, and `max_chars` when given): a missing, unknown or mistyped field, an
+    empty or too long list of items, an unknown task or option value is a 422 naming the
+    field. (The server
     also holds a chat context's whole transcript to `max_chars`; the fake, which renders no
     transcript, checks each message's text.)
 
@@ -304,8 +305,8 @@ class FakeLabeler:
     def _invalid(self, where: str, message: str, type_: str = "invalid_request") -> httpx.Response:
         return self._error(422, f"{where}: {message}", type_, where)
 
-    def _check_texts(self, where: str, value: Any, what: str = "text") -> httpx.Response | None:
-        """A 422 unless `value` is a list of 1 to `max_items` strings."""
+    def _check_list(self, where: str, value: Any, what: str = "text") -> httpx.Response | None:
+        """A 422 unless `value` is a list of 1 to `max_items` entries."""
         if not isinstance(value, list) or not value:
             return self._invalid(where, f"must be a non-empty list of {what}")
         if len(value) > self.max_items:
@@ -317,7 +318,7 @@ class FakeLabeler:
         query is scored whole); with `reward=reference`, each against its `labels` entry."""
         if not isinstance(body, dict):
             return self._invalid("body", "must be a JSON object")
-        refused = self._check_texts("query", body.get("query"))
+        refused = self._check_list("query", body.get("query"))
         for i, query in enumerate(body.get("query") or []):
             if not isinstance(query, str):
                 refused = refused or self._invalid(f"query[{i}]", "must be text")
@@ -361,7 +362,7 @@ class FakeLabeler:
             return self._invalid(extra[0], "Extra inputs are not permitted")
         if "task" not in body:
             return self._invalid("task", "Field required")
-        refused = self._check_texts("items", body.get("items"), "items")
+        refused = self._check_list("items", body.get("items"), "items")
         if refused is not None:
             return refused
         cot, cache = _lax_bool(body.get("cot", False)), _lax_bool(body.get("cache", True))
