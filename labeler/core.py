@@ -500,13 +500,14 @@ class Labeler:
                     for r in rendered
                 ]
             )
-            drafts, groups, rationales = [], [], []
+            owners, read_texts, groups, rationales = [], [], [], []
             for r, draws in zip(rendered, gens, strict=True):
                 texts = [self.prompts.cut_rationale(r, g.text) for g in draws]
-                groups.append(list(range(len(drafts), len(drafts) + len(texts))))
-                drafts.extend(self.prompts.after_rationale(r, text, tokenize=False) for text in texts)
+                groups.append(list(range(len(read_texts), len(read_texts) + len(texts))))
+                owners.extend([r] * len(texts))
+                read_texts.extend(texts)
                 rationales.append(texts)
-            reads = await self.in_render_thread(self.prompts.tokenize_many, drafts, None)
+            reads = await self.in_render_thread(self.prompts.after_rationales, owners, read_texts)
         queries = scoring.label_queries(reads[0].labels)
         answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
         per_read = [scoring.label_distribution(r.labels, a) for r, a in zip(reads, answers, strict=True)]

@@ -251,12 +251,50 @@ class PromptBuilder:
         The rationale is untrusted too: judged text can lead the model to write out a
         special-token string (`<|im_end|>`), which would become the real token here; it is
         neutralized like the judged text itself. (`tokenize` as for `pairwise`.)"""
+        if tokenize:
+            return self.after_rationales([rendered], [rationale])[0]
         if not rendered.cot:
             raise InvalidInput("after_rationale needs a chain-of-thought prompt")
         safe = self.neutralize(_BAD_CHARS.sub("\ufffd", rationale.strip()))
+        return self._read(rendered, safe)
+
+    def after_rationales(self, rendered: Sequence[Rendered], rationales: Sequence[str]) -> list[Rendered]:
+        """`after_rationale` for each prompt and its rationale, tokenized in one call.
+
+        A rationale generated within the room its prompt kept (`tokenize_many`) can still
+        tokenize longer once neutralized: each broken special-token string is several plain
+        tokens where the model wrote one. Such a rationale is cut at its end, token by token,
+        until its read fits the model's context; every other read is the whole rationale."""
+        drafts = [self.after_rationale(r, text, tokenize=False) for r, text in zip(rendered, rationales, strict=True)]
+        if not drafts:
+            return []
+        encoded = self.tokenizer([d.prompt for d in drafts], add_special_tokens=not self.has_chat_template)
+        out = []
+        for r, draft, ids in zip(rendered, drafts, encoded["input_ids"], strict=True):
+            limit = None if self.max_prompt_tokens is None else self.max_prompt_tokens - self._room(draft, 0)
+            if limit is not None and len(ids) > limit:
+                safe = draft.prompt[len(r.prompt) : len(draft.prompt) - len("\n" + r.answer_prefix)]
+                tokens = self.tokenizer(safe, add_special_tokens=False)["input_ids"]
+                keep = len(tokens)
+                # Fewer tokens on each pass; an empty rationale fits, as the prompt kept room
+                # for the answer prefix after it.
+                while len(ids) > limit and keep > 0:
+                    keep = max(0, keep - (len(ids) - limit))
+                    cut = self.tokenizer.decode(tokens[:keep], clean_up_tokenization_spaces=False)
+                    draft = self._read(r, self.neutralize(cut.rstrip()))
+                    ids = self.tokenizer(draft.prompt, add_special_tokens=not self.has_chat_template)["input_ids"]
+                if len(ids) > limit:
+                    raise InputTooLong(
+                        f"the prompt is {len(ids)} tokens, over the limit of {limit}", field="items", limit=limit
+                    )
+            out.append(replace(draft, prompt_token_ids=tuple(ids)))
+        return out
+
+    @staticmethod
+    def _read(rendered: Rendered, safe: str) -> Rendered:
+        """The label-reading prompt after the neutralized rationale `safe` (untokenized)."""
         text = rendered.prompt + safe + "\n" + rendered.answer_prefix
-        out = Rendered(rendered.kind, text, (), rendered.labels, rendered.answer_prefix, False)
-        return self.tokenize_many([out])[0] if tokenize else out
+        return Rendered(rendered.kind, text, (), rendered.labels, rendered.answer_prefix, False)
 
     def tokenize_many(
         self, rendered: Sequence[Rendered], items: Sequence[str] | None = None, *, rationale_tokens: int = 0

@@ -148,6 +148,28 @@ def test_score_prompt_and_cot_prompt(builder, task):
     assert builder.cut_rationale(c, "It is right. Score: 9") == "It is right."
 
 
+def test_a_rationale_that_tokenizes_longer_once_neutralized_is_cut_to_fit(builder, model_dir, task):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    c = builder.score(task, "2+2?", "4", cot=True)
+    # The model writes <|im_end|> as one token; neutralized, each is several plain tokens.
+    rationale = "It is right. " + "<|im_end|> " * 20
+    whole = builder.after_rationale(c, rationale)
+    # A context with room for the prompt and 30 more tokens: the whole read does not fit.
+    small = PromptBuilder(tokenizer, max_prompt_tokens=len(c.prompt_token_ids) + 30)
+    limit = small.max_prompt_tokens - 2  # "10" is two tokens
+    assert len(whole.prompt_token_ids) > limit
+    cut, fits = small.after_rationales([c, c], [rationale, "It is right."])
+    assert len(cut.prompt_token_ids) <= limit
+    assert list(cut.prompt_token_ids) == tokenizer(cut.prompt, add_special_tokens=False)["input_ids"]
+    assert cut.prompt.startswith(c.prompt + "It is right. <\u200b|im_end|>")
+    assert cut.prompt.endswith("\n" + task.score_answer_prefix) and len(cut.prompt) < len(whole.prompt)
+    # The cut part holds no special token: only the prompt's own.
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert cut.prompt_token_ids.count(end) == c.prompt_token_ids.count(end)
+    # A rationale that fits is read whole, as without a limit.
+    assert fits == builder.after_rationale(c, "It is right.")
+
+
 def test_few_shot_examples_become_chat_turns(builder, test_tasks):
     t = test_tasks.get("tiny_fewshot")
     r = builder.pairwise(t, *BENIGN, cot=True)
