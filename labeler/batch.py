@@ -259,6 +259,7 @@ class Summary:
     labeled: int = 0  # labeled by this run
     skipped: int = 0  # already in the output (resumed)
     duplicates: int = 0  # repeated in the input (same key)
+    other_rows: int = 0  # rows already in the output of other items or options (kept as they are)
     invalid: list[str] = field(default_factory=list)  # where: message, for skipped malformed records
     cached: int = 0  # answered from the service's cache (--url)
     inconsistent: int = 0  # rows whose two orders disagree (over rows read in both orders)
@@ -276,6 +277,7 @@ class Summary:
             "labeled": self.labeled,
             "skipped": self.skipped,
             "duplicates": self.duplicates,
+            "other_rows": self.other_rows,
             "invalid": len(self.invalid),
             "cached": self.cached,
             "position_inconsistent_share": self.inconsistent_share,
@@ -295,6 +297,8 @@ class Summary:
             parts.append(f"{self.duplicates} duplicates")
         if self.invalid:
             parts.append(f"{len(self.invalid)} invalid (skipped)")
+        if self.other_rows:
+            parts.append(f"{self.other_rows} other rows in the output (kept)")
         if share is not None:
             parts.append(f"position-inconsistent {share:.1%} ({self.inconsistent}/{self.both_orders})")
         rate = f", {self.labeled / self.seconds:.2f} items/s" if self.seconds > 0 and self.labeled else ""
@@ -459,6 +463,16 @@ async def run_jobs(
             summary.skipped += 1
         else:
             todo.append(j)
+    summary.other_rows = sum(1 for k in sink.rows if k not in seen)
+    if summary.other_rows and isinstance(sink, JsonlSink):
+        # A row's key holds the model, task and options: these rows were written by a run with
+        # another input, task, model or options, and this run's rows go beside them.
+        log.warning(
+            "%s holds %d rows that are not of these items with these options; they stay, and this run's "
+            "rows are appended beside them",
+            sink.path,
+            summary.other_rows,
+        )
     opts = {"cot": params["cot"], "samples": params["samples"], "seed": params["seed"]}
     if kind == "pairs":
         opts["order"] = params["order"]

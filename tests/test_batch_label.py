@@ -53,7 +53,7 @@ def write_jsonl(path, records):
     return path
 
 
-def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_process, capsys):
+def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_process, capsys, caplog):
     src = write_jsonl(
         tmp_path / "hh.jsonl",
         [
@@ -91,6 +91,14 @@ def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_p
     assert in_process("label", str(src), str(out), "--task", "tiny", "--skip-invalid", "--json") == 0
     again = json.loads(capsys.readouterr().out)
     assert (again["labeled"], again["skipped"]) == (0, 2) and out.read_bytes() == before
+    assert again["other_rows"] == 0
+
+    # other options are other labels: they go beside the first run's rows, which are counted
+    assert in_process("label", str(src), str(out), "--task", "tiny", "--order", "ab", "--skip-invalid", "--json") == 0
+    other = json.loads(capsys.readouterr().out)
+    assert (other["labeled"], other["skipped"], other["other_rows"]) == (2, 0, 2)
+    assert f"{out} holds 2 rows that are not of these items with these options" in caplog.text
+    assert rows(out)[:2] == got and len(rows(out)) == 4
 
 
 def test_malformed_line_stops_the_run_naming_it_and_writes_nothing(tmp_path, in_process, capsys):
