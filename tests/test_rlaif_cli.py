@@ -133,6 +133,15 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert in_process("winrate", str(a), str(b), "--task", "tiny") == 0
     assert "length-controlled" in capsys.readouterr().out
 
+    # A prompt that repeats with the same answers is judged once and counted for each of its rows.
+    a2 = write_jsonl(tmp_path / "a2.jsonl", [{"prompt": x["prompt"], "completion": x["completion"]} for x in A + A[:1]])
+    b2 = write_jsonl(tmp_path / "b2.jsonl", [{"prompt": y["prompt"], "completion": y["completion"]} for y in B + B[:1]])
+    assert in_process("winrate", str(a2), str(b2), "--task", "tiny", "--json") == 0
+    twice = json.loads(capsys.readouterr().out)
+    assert (twice["n"], twice["summary"]["duplicates"], twice["summary"]["labeled"]) == (len(A) + 1, 1, len(A))
+    soft = [r.p_a for r in prefs + prefs[:1]]
+    assert twice["soft_win_rate"] == pytest.approx(sum(soft) / len(soft), abs=1e-6)
+
 
 def test_harmless_through_the_service_equals_in_process(tmp_path, labeler, live_server, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", A[:2])
