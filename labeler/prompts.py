@@ -264,7 +264,8 @@ class PromptBuilder:
         A rationale generated within the room its prompt kept (`tokenize_many`) can still
         tokenize longer once neutralized: each broken special-token string is several plain
         tokens where the model wrote one. Such a rationale is cut at its end, token by token,
-        until its read fits the model's context; every other read is the whole rationale."""
+        until its read fits the model's context; every other read is the whole rationale.
+        (The labeler's results keep the rationales as the model wrote them.)"""
         drafts = [self.after_rationale(r, text, tokenize=False) for r, text in zip(rendered, rationales, strict=True)]
         if not drafts:
             return []
