@@ -253,10 +253,7 @@ class PromptBuilder:
         neutralized like the judged text itself. (`tokenize` as for `pairwise`.)"""
         if tokenize:
             return self.after_rationales([rendered], [rationale])[0]
-        if not rendered.cot:
-            raise InvalidInput("after_rationale needs a chain-of-thought prompt")
-        safe = self.neutralize(_BAD_CHARS.sub("\ufffd", rationale.strip()))
-        return self._read(rendered, safe)
+        return self._read(rendered, self._safe_rationale(rendered, rationale))
 
     def after_rationales(self, rendered: Sequence[Rendered], rationales: Sequence[str]) -> list[Rendered]:
         """`after_rationale` for each prompt and its rationale, tokenized in one call.
@@ -266,16 +263,15 @@ class PromptBuilder:
         tokens where the model wrote one. Such a rationale is cut at its end, token by token,
         until its read fits the model's context; every other read is the whole rationale.
         (The labeler's results keep the rationales as the model wrote them.)"""
-        drafts = [self.after_rationale(r, text, tokenize=False) for r, text in zip(rendered, rationales, strict=True)]
-        if not drafts:
+        if not rendered:
             return []
-        encoded = self.tokenizer([d.prompt for d in drafts], add_special_tokens=not self.has_chat_template)
+        safe = [self._safe_rationale(r, text) for r, text in zip(rendered, rationales, strict=True)]
+        drafts = [self._read(r, s) for r, s in zip(rendered, safe, strict=True)]
         out = []
-        for r, draft, ids in zip(rendered, drafts, encoded["input_ids"], strict=True):
+        for r, s, draft, ids in zip(rendered, safe, drafts, self._encode([d.prompt for d in drafts]), strict=True):
             limit = None if self.max_prompt_tokens is None else self.max_prompt_tokens - self._room(draft, 0)
             if limit is not None and len(ids) > limit:
-                safe = draft.prompt[len(r.prompt) : len(draft.prompt) - len("\n" + r.answer_prefix)]
-                tokens = self.tokenizer(safe, add_special_tokens=False)["input_ids"]
+                tokens = self.tokenizer(s, add_special_tokens=False)["input_ids"]
                 keep = len(tokens)
                 # Fewer tokens on each pass; an empty rationale fits, as the prompt kept room
                 # for the answer prefix after it.
@@ -283,13 +279,16 @@ class PromptBuilder:
                     keep = max(0, keep - (len(ids) - limit))
                     cut = self.tokenizer.decode(tokens[:keep], clean_up_tokenization_spaces=False)
                     draft = self._read(r, self.neutralize(cut.rstrip()))
-                    ids = self.tokenizer(draft.prompt, add_special_tokens=not self.has_chat_template)["input_ids"]
-                if len(ids) > limit:
-                    raise InputTooLong(
-                        f"the prompt is {len(ids)} tokens, over the limit of {limit}", field="items", limit=limit
-                    )
-            out.append(replace(draft, prompt_token_ids=tuple(ids)))
+                    (ids,) = self._encode([draft.prompt])
+            out.append(self._fitted(draft, ids, 0))
         return out
+
+    def _safe_rationale(self, rendered: Rendered, rationale: str) -> str:
+        """`rationale` as the read after `rendered` (a chain-of-thought prompt) holds it:
+        stripped, cleaned and neutralized."""
+        if not rendered.cot:
+            raise InvalidInput("after_rationale needs a chain-of-thought prompt")
+        return self.neutralize(_BAD_CHARS.sub("\ufffd", rationale.strip()))
 
     @staticmethod
     def _read(rendered: Rendered, safe: str) -> Rendered:
@@ -313,23 +312,31 @@ class PromptBuilder:
         a rationale of up to `rationale_tokens` and the answer prefix after it."""
         if not rendered:
             return []
+        encoded = self._encode([r.prompt for r in rendered])
+        return [
+            self._fitted(r, ids, rationale_tokens, None if items is None else items[k])
+            for k, (r, ids) in enumerate(zip(rendered, encoded, strict=True))
+        ]
+
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
         # The chat template already holds the special tokens it wants (BOS included).
-        encoded = self.tokenizer([r.prompt for r in rendered], add_special_tokens=not self.has_chat_template)
-        out = []
-        for k, (r, ids) in enumerate(zip(rendered, encoded["input_ids"], strict=True)):
-            if self.max_prompt_tokens is not None:
-                room = self._room(r, rationale_tokens)
-                limit = self.max_prompt_tokens - room
-                if len(ids) > limit:
-                    message = (
-                        f"the prompt is {len(ids)} tokens, over the limit of {limit} "
-                        f"(the model's context of {self.max_prompt_tokens} less {room} for the answer)"
-                    )
-                    if items is None:
-                        raise InputTooLong(message, field="items", limit=limit)
-                    raise InputTooLong(f"{items[k]}: {message}", field=items[k], limit=limit)
-            out.append(replace(r, prompt_token_ids=tuple(ids)))
-        return out
+        return self.tokenizer(prompts, add_special_tokens=not self.has_chat_template)["input_ids"]
+
+    def _fitted(self, rendered: Rendered, ids: list[int], rationale_tokens: int, item: str | None = None) -> Rendered:
+        """`rendered` with its prompt token ids; InputTooLong (naming `item` when given) if they
+        leave the model's context no room for what follows (`tokenize_many`)."""
+        if self.max_prompt_tokens is not None:
+            room = self._room(rendered, rationale_tokens)
+            limit = self.max_prompt_tokens - room
+            if len(ids) > limit:
+                message = (
+                    f"the prompt is {len(ids)} tokens, over the limit of {limit} "
+                    f"(the model's context of {self.max_prompt_tokens} less {room} for the answer)"
+                )
+                if item is None:
+                    raise InputTooLong(message, field="items", limit=limit)
+                raise InputTooLong(f"{item}: {message}", field=item, limit=limit)
+        return replace(rendered, prompt_token_ids=tuple(ids))
 
     def _room(self, rendered: Rendered, rationale_tokens: int) -> int:
         """Tokens the model's context must keep free after `rendered`'s prompt."""

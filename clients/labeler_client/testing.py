@@ -172,9 +172,8 @@ class FakeLabeler:
     Requests are checked as the server checks them, with its default limits (`max_items`,
     `max_samples`, and `max_chars` when given): a missing, unknown or mistyped field, an
     empty or too long list of items, an unknown task or option value is a 422 naming the
-    field. (The server
-    also holds a chat context's whole transcript to `max_chars`; the fake, which renders no
-    transcript, checks each message's text.)
+    field. (The server also holds a chat context's whole transcript to `max_chars`; the fake,
+    which renders no transcript, checks each message's text.)
 
     `requests` records every request; `max_in_flight` the most requests seen at once.
     """
