@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,6 +271,12 @@ class Summary:
     def inconsistent_share(self) -> float | None:
         return self.inconsistent / self.both_orders if self.both_orders else None
 
+    def count_orders(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Position consistency over `rows`: how many were read in both orders, and of those
+        how many have orders that disagree."""
+        both = [row["consistent"] for row in rows if row.get("consistent") is not None]
+        self.both_orders, self.inconsistent = len(both), sum(not c for c in both)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "items": self.items,
@@ -497,10 +503,7 @@ async def run_jobs(
         bar.close()
         summary.seconds = time.monotonic() - start
     summary.rows = [sink.rows[k] for k in dict.fromkeys(j.key for j in jobs) if k in sink.rows]
-    for row in summary.rows:
-        if row.get("consistent") is not None:
-            summary.both_orders += 1
-            summary.inconsistent += not row["consistent"]
+    summary.count_orders(summary.rows)
     return summary
 
 

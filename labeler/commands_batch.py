@@ -250,8 +250,10 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         jobs = winrate_jobs(matched, params)
         sink = JsonlSink(args.out) if args.out else MemorySink()
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
-        # Each matched prompt counts, also one that repeats with the same answers (judged once).
+        # Each matched prompt counts, also one that repeats with the same answers (judged once),
+        # in the win rates and in the position consistency alike.
         rows = [sink.rows[j.key] for j in jobs if j.key in sink.rows]
+        s.count_orders(rows)
         wr = win_rate(
             [r["p_a_ab"] for r in rows],
             [r["p_a_ba"] for r in rows],

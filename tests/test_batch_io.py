@@ -173,3 +173,14 @@ def test_sink_reopens_rows_whose_texts_hold_unicode_line_separators(tmp_path):
     JsonlSink(path).append([{"key": str(i), "text": t} for i, t in enumerate(texts)])
     sink = JsonlSink(path)
     assert [sink.rows[str(i)]["text"] for i in range(len(texts))] == texts and not sink.repaired
+
+
+def test_position_consistency_counts_the_rows_given():
+    summary = Summary()
+    rows = [{"consistent": True}, {"consistent": False}, {"consistent": None}, {}, {"consistent": False}]
+    summary.count_orders(rows)
+    assert (summary.both_orders, summary.inconsistent, summary.inconsistent_share) == (3, 2, 2 / 3)
+    summary.count_orders(rows[:1] * 3)  # a repeated row counts each time; a recount replaces the last
+    assert (summary.both_orders, summary.inconsistent, summary.inconsistent_share) == (3, 0, 0.0)
+    summary.count_orders([])
+    assert summary.inconsistent_share is None and "position-inconsistent" not in summary.text()

@@ -141,6 +141,9 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert (twice["n"], twice["summary"]["duplicates"], twice["summary"]["labeled"]) == (len(A) + 1, 1, len(A))
     soft = [r.p_a for r in prefs + prefs[:1]]
     assert twice["soft_win_rate"] == pytest.approx(sum(soft) / len(soft), abs=1e-6)
+    disagree = [not r.consistent for r in prefs + prefs[:1]]
+    assert twice["position_inconsistent_share"] == pytest.approx(sum(disagree) / len(disagree))
+    assert twice["summary"]["position_inconsistent_share"] == twice["position_inconsistent_share"]
 
 
 def test_harmless_through_the_service_equals_in_process(tmp_path, labeler, live_server, capsys):
