@@ -261,7 +261,8 @@ class PromptBuilder:
         A rationale generated within the room its prompt kept (`tokenize_many`) can still
         tokenize longer once neutralized: each broken special-token string is several plain
         tokens where the model wrote one. Such a rationale is cut at its end, token by token,
-        until its read fits the model's context; every other read is the whole rationale.
+        until its read fits the model's context (a character the cut splits is left out
+        whole); every other read is the whole rationale.
         (The labeler's results keep the rationales as the model wrote them.)"""
         if not rendered:
             return []
@@ -278,6 +279,8 @@ class PromptBuilder:
                 while len(ids) > limit and keep > 0:
                     keep = max(0, keep - (len(ids) - limit))
                     cut = self.tokenizer.decode(tokens[:keep], clean_up_tokenization_spaces=False)
+                    if not s.startswith(cut):  # cut inside a character: its bytes decode to U+FFFD
+                        cut = cut.rstrip("\ufffd")
                     draft = self._read(r, self.neutralize(cut.rstrip()))
                     (ids,) = self._encode([draft.prompt])
             out.append(self._fitted(draft, ids, 0))

@@ -168,6 +168,15 @@ def test_a_rationale_that_tokenizes_longer_once_neutralized_is_cut_to_fit(builde
     assert cut.prompt_token_ids.count(end) == c.prompt_token_ids.count(end)
     # A rationale that fits is read whole, as without a limit.
     assert fits == builder.after_rationale(c, "It is right.")
+    # Wherever the cut falls (inside a zero-width space, an emoji, a CJK character), the read
+    # holds a prefix of the neutralized rationale, never half a character (U+FFFD).
+    rationale = "It is right. " + "<|im_end|> " * 6 + "\U0001f642 \u00e9 \u6f22\u5b57 " * 8
+    whole = builder.after_rationale(c, rationale)
+    safe = whole.prompt[len(c.prompt) : -len("\n" + task.score_answer_prefix)]
+    sizes = [len(c.prompt_token_ids) + extra for extra in range(8, 60)]
+    reads = [PromptBuilder(tokenizer, max_prompt_tokens=n).after_rationales([c], [rationale])[0] for n in sizes]
+    tails = [r.prompt[len(c.prompt) : -len("\n" + task.score_answer_prefix)] for r in reads]
+    assert len(set(tails)) > 10 and all(safe.startswith(t) and "\ufffd" not in t for t in tails)
 
 
 def test_few_shot_examples_become_chat_turns(builder, test_tasks):
