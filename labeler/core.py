@@ -212,7 +212,7 @@ class Labeler:
     ) -> None:
         self.engine = engine
         self.tasks = tasks if tasks is not None else TaskRegistry.load()
-        self.prompts = PromptBuilder(engine.tokenizer, max_prompt_tokens=engine.max_model_len)
+        self._prompts = PromptBuilder(engine.tokenizer, max_prompt_tokens=engine.max_model_len)
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
         self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labeler-render")
@@ -220,6 +220,13 @@ class Labeler:
     @property
     def model_id(self) -> str:
         return self.engine.model_id
+
+    @property
+    def prompts(self) -> PromptBuilder:
+        """The prompt builder, held to the model's context as the engine knows it now: an
+        engine may learn it late (a vLLM server's own max_model_len, read on its first answer)."""
+        self._prompts.max_prompt_tokens = self.engine.max_model_len
+        return self._prompts
 
     def task(self, name: str) -> Task:
         """The task called `name` (UnknownTask otherwise)."""
@@ -326,9 +333,6 @@ class Labeler:
             drafts += mine
             owners += [at[i]] * len(mine)
             sizes.append(len(mine))
-        # The engine may learn its context late (a vLLM server's own max_model_len, read on
-        # its first answer): check against what it holds now.
-        self.prompts.max_prompt_tokens = self.engine.max_model_len
         rationale = (spec.max_rationale_tokens or self.max_rationale_tokens) if spec.cot else 0
         rendered = iter(self.prompts.tokenize_many(drafts, owners, rationale_tokens=rationale))
         return [tuple(next(rendered) for _ in range(n)) for n in sizes]

@@ -106,8 +106,6 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
     from labeler.scoring import label_queries
 
     item = ScoreItem("2+2?", "4")
-    # prepare() reads the engine's context each time; its builder's copy is restored at the end
-    monkeypatch.setattr(labeler.prompts, "max_prompt_tokens", labeler.prompts.max_prompt_tokens)
     plain, cot = labeler.spec("score", "tiny"), labeler.spec("score", "tiny", cot=True)
     (r,) = labeler.prepare(plain, [item])[0]
     n = len(r.prompt_token_ids)
@@ -118,6 +116,9 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
     monkeypatch.setattr(labeler.engine, "max_model_len", n + 2)
     assert labeler.prepare(plain, [item])[0][0].prompt_token_ids == r.prompt_token_ids
     monkeypatch.setattr(labeler.engine, "max_model_len", n + 1)
+    # Rendering holds to the context the engine knows now, as prepare() does.
+    with pytest.raises(InputTooLong, match=r"the prompt is \d+ tokens, over the limit of"):
+        labeler.render_score("tiny", "2+2?", "4")
     with pytest.raises(InputTooLong, match=r"items\[0\]: the prompt is \d+ tokens") as exc:
         labeler.prepare(plain, [item])
     assert exc.value.field == "items[0]" and exc.value.limit == n - 1
