@@ -71,7 +71,7 @@ def make_cache(settings: Settings, metrics: Metrics) -> Cache:
     if settings.redis_url:
         on_error = lambda op: metrics.cache_errors.labels(op).inc()  # noqa: E731
         return RedisCache(settings.redis_url, settings.cache_ttl, settings.redis_cooldown, on_error)
-    return MemoryCache(settings.cache_size, settings.cache_ttl)
+    return MemoryCache(settings.cache_size, settings.cache_ttl, settings.cache_bytes)
 
 
 class Gate:

@@ -35,22 +35,29 @@ class Cache(Protocol):
 
 
 class MemoryCache:
-    """An LRU of at most `size` entries, each living `ttl` seconds (0: forever)."""
+    """An LRU of at most `size` entries and `max_bytes` bytes of results (their JSON size,
+    what Redis would hold), each living `ttl` seconds (0: forever). Chain-of-thought results
+    carry their rationales, so their size, not their count, is what fills memory; a result
+    over `max_bytes` on its own is not kept."""
 
     name = "memory"
 
-    def __init__(self, size: int, ttl: float) -> None:
+    def __init__(self, size: int, ttl: float, max_bytes: int) -> None:
         self.size = size
         self.ttl = ttl
-        self._data: OrderedDict[str, tuple[float, Value]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._data: OrderedDict[str, tuple[float, Value, int]] = OrderedDict()
 
     async def get_many(self, keys: Sequence[str]) -> list[Value | None]:
         now = time.monotonic()
         out: list[Value | None] = []
         for k in keys:
             hit = self._data.get(k)
-            if hit is None or (self.ttl and hit[0] < now):
-                self._data.pop(k, None)
+            if hit is None:
+                out.append(None)
+            elif self.ttl and hit[0] < now:
+                self._drop(k)
                 out.append(None)
             else:
                 self._data.move_to_end(k)
@@ -62,16 +69,26 @@ class MemoryCache:
             return
         expiry = time.monotonic() + self.ttl
         for k, v in values.items():
-            self._data[k] = (expiry, v)
-            self._data.move_to_end(k)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
+            n = len(json.dumps(v))
+            self._drop(k)
+            if n > self.max_bytes:
+                continue
+            self._data[k] = (expiry, v, n)
+            self.bytes += n
+        while len(self._data) > self.size or self.bytes > self.max_bytes:
+            self.bytes -= self._data.popitem(last=False)[1][2]
+
+    def _drop(self, key: str) -> None:
+        entry = self._data.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[2]
 
     async def status(self) -> str:
         return "ok"
 
     async def aclose(self) -> None:
         self._data.clear()
+        self.bytes = 0
 
 
 class RedisCache:

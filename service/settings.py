@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis URL; without one the cache is in-process")
     cache_ttl: int = Field(7 * 24 * 3600, ge=0, description="seconds a cached label lives (0: no expiry)")
     cache_size: int = Field(100_000, ge=0, description="entries of the in-process LRU cache")
+    cache_bytes: int = Field(
+        256 * 1024 * 1024, ge=0, description="bytes of results the in-process cache holds (their JSON size)"
+    )
     redis_cooldown: float = Field(5.0, ge=0, description="seconds to bypass Redis after a connection error")
     # Auth and limits.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)

@@ -86,6 +86,14 @@ def test_cache_hit_is_identical_and_partial_batches_compute_only_misses(live_ser
     assert body["usage"] == {"items": 3, "cached": 2, "computed": 1, "shared": 0}
 
 
+def test_the_cache_byte_budget_holds_on_a_live_server(make_server):
+    # A budget under one result's size: nothing is kept, every repeat is computed.
+    srv = make_server(cache_bytes=16)
+    item = {"context": "budget", "response": "x"}
+    for _ in range(2):
+        assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is False
+
+
 def test_cache_false_neither_reads_nor_writes(live_server):
     item = {"context": "nocache", "response": "x"}
     r1 = post(live_server, "/v1/scores", {"task": "tiny", "items": [item], "cache": False}).json()

@@ -1,0 +1,55 @@
+"""The in-process cache's bounds: entries, bytes of results, time to live. No model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from service.cache import MemoryCache
+
+
+def value(i: int, text: str = "") -> dict:
+    return {"reward": i / 10, "rationales": [text]}
+
+
+def size(v: dict) -> int:
+    return len(json.dumps(v))
+
+
+def test_the_least_recently_used_results_leave_when_their_bytes_are_over_the_budget():
+    small, big = value(1), value(2, "x" * 500)
+    cache = MemoryCache(size=100, ttl=0, max_bytes=2 * size(big))
+
+    async def run() -> None:
+        await cache.set_many({"a": big, "b": small})
+        assert await cache.get_many(["b", "a"]) == [small, big]  # "a" read last: "b" is now the oldest
+        await cache.set_many({"c": big})
+        assert await cache.get_many(["a", "b", "c"]) == [big, None, big]
+        assert cache.bytes == 2 * size(big) == sum(e[2] for e in cache._data.values())
+        # A key written again counts once, with its new size.
+        await cache.set_many({"c": small})
+        assert cache.bytes == size(big) + size(small)
+        # A result over the whole budget is not kept, and evicts nothing.
+        await cache.set_many({"huge": value(3, "y" * 2000)})
+        assert await cache.get_many(["huge", "a", "c"]) == [None, big, small]
+        await cache.aclose()
+        assert cache.bytes == 0 and await cache.get_many(["a"]) == [None]
+
+    asyncio.run(run())
+
+
+def test_the_entry_bound_and_expiry_keep_the_byte_count():
+    async def run() -> None:
+        cache = MemoryCache(size=2, ttl=0, max_bytes=10**6)
+        await cache.set_many({k: value(i) for i, k in enumerate("abc")})
+        assert await cache.get_many(list("abc")) == [None, value(1), value(2)]
+        assert cache.bytes == size(value(1)) + size(value(2))
+        expiring = MemoryCache(size=10, ttl=1e-9, max_bytes=10**6)
+        await expiring.set_many({"a": value(1)})
+        await asyncio.sleep(0.01)
+        assert await expiring.get_many(["a"]) == [None] and expiring.bytes == 0 and not expiring._data
+        off = MemoryCache(size=0, ttl=0, max_bytes=10**6)
+        await off.set_many({"a": value(1)})
+        assert await off.get_many(["a"]) == [None] and off.bytes == 0
+
+    asyncio.run(run())
