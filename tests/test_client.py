@@ -111,10 +111,22 @@ def test_no_retry_on_4xx_and_typed_errors(make_server):
         assert err.value.status == 422 and err.value.param == "items[0].response"
         got = client.scores([{"response": "x" * 11}, {"response": "ok"}], "tiny", on_error="none")
         assert got[0] is None and isinstance(got[1], lc.Score)  # only the refused item is None
-    with lc.Client(srv.url, api_key="wrong", retry=FAST) as client, pytest.raises(lc.AuthenticationError):
-        client.tasks()
+    with lc.Client(srv.url, api_key="wrong", retry=FAST) as client:
+        with pytest.raises(lc.AuthenticationError):
+            client.tasks()
+        # A refused key fails every batch: raised even when failed items may be None.
+        with pytest.raises(lc.AuthenticationError):
+            client.scores([{"response": "ok"}] * 3, "tiny", on_error="none")
     n_401 = [ln for ln in _metrics(srv).splitlines() if "labeler_request_seconds_count" in ln and '"401"' in ln]
-    assert float(n_401[0].split()[-1]) == 1  # not retried
+    assert float(n_401[0].split()[-1]) == 2  # not retried
+
+
+def test_a_lone_surrogate_in_a_completion_is_judged(live_server, labeler):
+    """A completion cut inside a character (a lone surrogate, as JSON data can hold) reaches
+    the server, which judges it with U+FFFD in the character's place."""
+    with lc.Client(live_server.url) as client:
+        (got,) = client.rewards(["2+2?"], ["4 \ud83d"], task="tiny")
+    assert got == pytest.approx(labeler.score("2+2?", "4 \ufffd", "tiny").reward, abs=1e-4)
 
 
 def test_timeouts_and_unreachable_servers():

@@ -441,6 +441,9 @@ def test_verl_compute_score_and_batch(monkeypatch):
         "2+2?", "It is 4."
     )
     assert verl.compute_score(data_source="x", solution_str="s", ground_truth=None) == fake_reward("", "s")
+    # A key present but None (a Parquet column other rows fill) is absent: the question is the prompt.
+    sparse = {"prompt": None, "question": "2+2?"}
+    assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info=sparse) == fake_reward("2+2?", "It is 4.")
     assert verl.compute_score(data_source="x", solution_str="", ground_truth=None) == fake_reward("", "")
     messages = [{"role": "user", "content": "2+2?"}]
     assert verl.compute_score("x", "4", extra_info={"prompt": messages}) == fake_reward(
@@ -521,3 +524,66 @@ def test_a_refusal_of_the_requests_options_is_raised_even_with_on_error_none(opt
     bad[3] = {"context": "c"}  # an item's own refusal still gives None for it alone
     got = client.scores(bad, "tiny", on_error="none")
     assert [g is None for g in got] == [False, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 405])
+def test_a_refused_key_or_a_wrong_url_is_raised_even_with_on_error_none(status):
+    """Every batch would get it: a reward function that answers None for every sample would
+    train on nothing, silently, next to any other reward."""
+    fake = FakeLabeler()
+    fake.fail_next(status, times=10)
+    client = client_for(fake, batch_size=2, max_concurrency=1)
+    with pytest.raises(lc.BadRequestError) as err:
+        client.scores(items(6), "tiny", on_error="none")
+    assert err.value.status == status and len(fake.requests) == 1
+    fn = reward_function(URL, task="tiny", api_key="stale", on_error="none", transport=fake.transport())
+    with pytest.raises(lc.BadRequestError):
+        fn(prompts=["p"], completions=["c"])
+
+
+def test_every_error_crosses_a_process_boundary_whole():
+    """Process pools and Ray pickle a worker's exception to hand it to the caller."""
+    fake = FakeLabeler(max_chars=5)
+    client = client_for(fake, retry=lc.Retry(max_retries=0))
+    errors = []
+    for fault, cls in [(429, lc.RateLimited), (503, lc.ServerError), (401, lc.AuthenticationError)]:
+        fake.fail_next(fault, retry_after=2)
+        with pytest.raises(cls) as err:
+            client.scores(items(1), "tiny")
+        errors.append(err.value)
+    with pytest.raises(lc.InvalidRequest) as err:
+        client_for(fake, batch_size=1).scores([{"response": "ok"}, {"response": "much too long"}], "tiny")
+    errors.append(err.value)
+    fake.fail_next(httpx.ConnectError)
+    with pytest.raises(lc.RequestError) as err:
+        client.scores(items(1), "tiny")
+    errors.append(err.value)
+    for e in errors:
+        back = pickle.loads(pickle.dumps(e))
+        assert type(back) is type(e) and str(back) == str(e) and back.request.url == e.request.url
+        if isinstance(e, lc.APIStatusError):
+            fields = ("status", "type", "param", "code", "retry_after", "item", "body")
+            assert [getattr(back, f) for f in fields] == [getattr(e, f) for f in fields]
+            assert back.response.status_code == e.status
+    assert errors[0].retry_after == 2 and errors[3].param == "items[1].response" and errors[3].item == 1
+
+
+def test_a_lone_surrogate_goes_on_the_wire_as_a_json_escape():
+    """Text cut inside a character (a lone surrogate) has no UTF-8 form; the body carries it as
+    an escape, which the server cleans like any other text. Other text stays UTF-8."""
+    fake = FakeLabeler()
+    client = client_for(fake)
+    assert client.scores([{"context": "caf\u00e9", "response": "ok"}], "tiny")[0] is not None
+    assert "caf\u00e9".encode() in fake.requests[-1].content
+    got = client.scores([{"context": "cut \ud83d", "response": "ok"}], "tiny", on_error="none")
+    assert got[0] is not None and b"cut \\ud83d" in fake.requests[-1].content
+    assert json.loads(fake.requests[-1].content)["items"][0]["context"] == "cut \ud83d"
+
+
+def test_health_takes_a_number_of_retries_for_the_call():
+    fake = FakeLabeler()
+    fake.fail_next(503, times=3, retry_after=0)
+    with pytest.raises(lc.ServerError):
+        client_for(fake).health(retry=0)
+    assert len(fake.requests) == 1
+    assert client_for(fake).health(retry=2).status == "ready" and len(fake.requests) == 4

@@ -215,5 +215,8 @@ def test_verl_reference_score(live_server, labeler):
     assert got == pytest.approx(want, abs=2 * TOL)
     # Without extra_info["reference"], verl's ground_truth is the reference.
     assert verl.compute_reference_score("data", "A chair.", "An apple.", {"prompt": "Name a fruit."}, **opts) == got
+    # A Parquet column that other rows fill reads None here: the same as absent.
+    sparse = {"prompt": "Name a fruit.", "reference": None}
+    assert verl.compute_reference_score("data", "A chair.", "An apple.", sparse, **opts) == got
     with pytest.raises(ValueError, match="needs a reference response"):
         verl.compute_reference_score("data", "A chair.", None, {"prompt": "Name a fruit."}, **opts)

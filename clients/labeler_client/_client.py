@@ -15,7 +15,7 @@ from . import _batching as batching
 from . import _exceptions as exc
 from ._config import RETRY_STATUSES, Retry, Timeout, parse_retry_after, resolve_key, resolve_url
 from ._models import GroupRewards, Health, Judgment, Preference, ReferenceReward, Score, TaskInfo
-from ._text import Text, group_items, reference_items, score_items
+from ._text import Text, group_items, json_body, reference_items, score_items
 
 T = TypeVar("T")
 OnError = Literal["raise", "none"]
@@ -49,7 +49,7 @@ class _BaseClient:
         if isinstance(timeout, (int, float)):
             timeout = Timeout(read=float(timeout), connect=min(10.0, float(timeout)))
         self.timeout = timeout or Timeout()
-        self.retry = Retry(max_retries=retry) if isinstance(retry, int) else (retry or Retry())
+        self.retry = self._as_retry(retry) if retry is not None else Retry()
         if batch_size < 1 or max_concurrency < 1:
             raise ValueError("batch_size and max_concurrency must be at least 1")
         self.batch_size = batch_size
@@ -58,6 +58,17 @@ class _BaseClient:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_url!r})"
+
+    @staticmethod
+    def _as_retry(retry: Retry | int) -> Retry:
+        """A retry policy from a policy or a number of retries (0: none)."""
+        return Retry(max_retries=retry) if isinstance(retry, int) else retry
+
+    def _request(self, method: str, path: str, body: Any) -> httpx.Request:
+        if body is None:
+            return self._http.build_request(method, path)
+        headers = {"Content-Type": "application/json"}
+        return self._http.build_request(method, path, content=json_body(body), headers=headers)
 
     def _http_options(self) -> dict[str, Any]:
         headers = {"User-Agent": "labeler-client/0.1.0", **self._headers}
@@ -107,8 +118,12 @@ class _BaseClient:
 
     @staticmethod
     def _request_wide(error: exc.LabelerClientError) -> bool:
-        """A 422 about the request's own options (`task`, `samples`, ...), not about its items:
-        every batch would get it, so it is raised even with on_error="none"."""
+        """An error every batch of the call would get, so it is raised even with
+        on_error="none": a refused API key (401, 403), a URL that is not the labeler's (404,
+        405), or a 422 about the request's own options (`task`, `samples`, ...), not about its
+        items."""
+        if isinstance(error, exc.APIStatusError) and error.status in (401, 403, 404, 405):
+            return True
         param = getattr(error, "param", None)
         return (
             isinstance(error, exc.InvalidRequest)
@@ -161,11 +176,11 @@ class Client(_BaseClient):
     def __exit__(self, *args: Any) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Answer:
-        retry = retry or self.retry
+    def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None) -> Answer:
+        retry = self.retry if retry is None else self._as_retry(retry)
         attempt = 0
         while True:
-            request = self._http.build_request(method, path, json=body)
+            request = self._request(method, path, body)
             try:
                 try:
                     response = self._http.send(request)
@@ -346,8 +361,9 @@ class Client(_BaseClient):
         """The tasks the server knows."""
         return [TaskInfo.model_validate(t) for t in self._send("GET", "/v1/tasks").data["tasks"]]
 
-    def health(self, *, retry: Retry | None = None) -> Health:
-        """The server's readiness (`GET /readyz`); raises `ServerError` (503) while not ready."""
+    def health(self, *, retry: Retry | int | None = None) -> Health:
+        """The server's readiness (`GET /readyz`); raises `ServerError` (503) while not ready.
+        `retry`: a policy or a number of retries for this call (0: fail at once)."""
         return Health.model_validate(self._send("GET", "/readyz", retry=retry).data)
 
 
@@ -375,11 +391,11 @@ class AsyncClient(_BaseClient):
     async def __aexit__(self, *args: Any) -> None:
         await self.aclose()
 
-    async def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | None = None) -> Answer:
-        retry = retry or self.retry
+    async def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None) -> Answer:
+        retry = self.retry if retry is None else self._as_retry(retry)
         attempt = 0
         while True:
-            request = self._http.build_request(method, path, json=body)
+            request = self._request(method, path, body)
             try:
                 try:
                     response = await self._http.send(request)
@@ -549,6 +565,6 @@ class AsyncClient(_BaseClient):
         """See `Client.tasks`."""
         return [TaskInfo.model_validate(t) for t in (await self._send("GET", "/v1/tasks")).data["tasks"]]
 
-    async def health(self, *, retry: Retry | None = None) -> Health:
+    async def health(self, *, retry: Retry | int | None = None) -> Health:
         """See `Client.health`."""
         return Health.model_validate((await self._send("GET", "/readyz", retry=retry)).data)

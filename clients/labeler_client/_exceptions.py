@@ -35,6 +35,18 @@ class LabelerClientError(Exception):
         super().__init__(message)
         self.request = request
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The constructors take keyword-only arguments, which pickle's default cannot pass:
+        # rebuild from the class, the message and the attributes, so that an error crosses a
+        # process boundary (a process pool's worker, a Ray task) whole.
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+def _rebuild(cls: type[LabelerClientError], args: tuple[Any, ...]) -> LabelerClientError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    return error
+
 
 class RequestError(LabelerClientError):
     """No HTTP answer (connection refused or reset, DNS, protocol error...)."""

@@ -10,6 +10,7 @@ framework sent it. Here a message list is only reduced to `{"role", "content"}` 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -119,3 +120,13 @@ def group_items(prompts: Sequence[Text], groups: Sequence[Sequence[Text]]) -> li
             raise TypeError("each group must be a list of completions, not a single string")
         items.append({"context": context_value(p), "responses": [completion_text(c) for c in group]})
     return items
+
+
+def json_body(data: Any) -> bytes:
+    """`data` as a JSON request body, UTF-8. Text a policy wrote can hold a lone surrogate (a
+    character cut in two), which has no UTF-8 form: such a body goes with JSON escapes, which
+    the server reads back and cleans like any other text."""
+    try:
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False).encode("ascii")

@@ -68,7 +68,7 @@ class _HandleTransport:
 
         if isinstance(error, RayTaskError) and isinstance(error.cause, RayActorError):
             error = error.cause
-        if isinstance(error, TimeoutError):
+        if isinstance(error, (TimeoutError, asyncio.TimeoutError)):  # two classes before Python 3.11
             raise httpx.ReadTimeout(f"no answer from the deployment: {error}", request=request) from error
         if isinstance(error, (RayActorError, WorkerCrashedError, ReplicaUnavailableError, RequestCancelledError)):
             # What a dropped connection is over HTTP: the replica went away mid-request.

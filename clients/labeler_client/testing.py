@@ -40,7 +40,7 @@ _TYPES = {
 
 def fake_reward(context: str, response: str) -> float:
     """The fake service's reward in [-1, 1] for one item (a hash of the text)."""
-    digest = hashlib.sha256(f"{context}\x00{response}".encode()).digest()
+    digest = hashlib.sha256(f"{context}\x00{response}".encode("utf-8", "surrogatepass")).digest()
     return round(int.from_bytes(digest[:4], "big") / 2**32 * 2 - 1, 6)
 
 

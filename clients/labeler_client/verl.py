@@ -57,7 +57,10 @@ def _task(extra: dict, task: str | None) -> str:
 
 
 def _prompt(extra: dict) -> Any:
-    prompt = extra.get("prompt", extra.get("question"))
+    # A key present but None (a Parquet column other rows fill) counts as absent.
+    prompt = extra.get("prompt")
+    if prompt is None:
+        prompt = extra.get("question")
     return "" if prompt is None else context_value(prompt)
 
 
@@ -101,7 +104,9 @@ def compute_reference_score(
     [-1, 1] (both orders): the reference is `extra_info["reference"]`, else `ground_truth`.
     Raises ValueError when neither is text, `LabelerClientError` when the service fails."""
     extra = dict(extra_info or {})
-    reference = extra.get("reference", ground_truth)
+    reference = extra.get("reference")
+    if reference is None:
+        reference = ground_truth
     if not isinstance(reference, str):
         raise ValueError(
             "compute_reference_score needs a reference response: extra_info['reference'] or a text ground_truth, "
