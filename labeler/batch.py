@@ -233,13 +233,23 @@ class JsonlSink:
                 ) from None
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        data = b"".join(_jsonl_line(r) for r in rows)
         with self.path.open("ab") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         for r in rows:
             self.rows[r["key"]] = r
+
+
+def _jsonl_line(row: dict[str, Any]) -> bytes:
+    """`row` as one line of UTF-8 JSON. Input text cut inside a character (a lone surrogate,
+    which JSON data can hold) has no UTF-8 form: such a row is written with JSON escapes, which
+    read back to the same text, and so to the same key on resume."""
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row) + "\n").encode("ascii")
 
 
 # -- jobs -----------------------------------------------------------------------------------------

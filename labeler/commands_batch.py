@@ -172,10 +172,12 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import ORDERS, eval_jobs, evaluate_rows, write_report
+    from .evaluate import ORDERS, eval_jobs, evaluate_rows, normalize_human_labeled, write_report
 
     summary = Summary()
-    pairs = collect(args.input, normalize_pair, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
+    pairs = collect(
+        args.input, normalize_human_labeled, split=args.split, skip_invalid=args.skip_invalid, summary=summary
+    )
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
@@ -184,8 +186,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
         sink = JsonlSink(args.out / "labels.jsonl")
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
-        # One row per human label: a pair several humans labeled is read once, counted per label.
+        # One row per human label: a pair several humans labeled is read once, counted per label,
+        # in the metrics and in the summary's position consistency alike.
         rows = [j.make_row(sink.rows[j.key]) for j in jobs if j.key in sink.rows]
+        s.count_orders(rows)
         metrics = evaluate_rows(rows, level=args.level, seed=args.seed, bins=args.bins)
         info = {
             "task": args.task,
@@ -253,6 +257,8 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         # Each matched prompt counts, also one that repeats with the same answers (judged once),
         # in the win rates and in the position consistency alike.
         rows = [sink.rows[j.key] for j in jobs if j.key in sink.rows]
+        if not rows:
+            raise SystemExit("no matched prompt was labeled: every one was skipped as invalid")
         s.count_orders(rows)
         wr = win_rate(
             [r["p_a_ab"] for r in rows],

@@ -89,7 +89,10 @@ def read_records(
         raise InvalidInput(f"{p}: no such file or directory", field="input")
     if p.is_dir():
         yield from _rows(p, _load_saved_dataset(p, split))
-    elif p.suffix == ".parquet":
+        return
+    if split is not None:
+        raise InvalidInput(f"{p} is a file, with no splits: --split is for a saved DatasetDict", field="split")
+    if p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:  # pragma: no cover - depends on the environment
@@ -134,6 +137,8 @@ def _load_saved_dataset(p: Path, split: str | None) -> Any:
         if split not in ds:
             raise InvalidInput(f"{p} has no split {split!r} (splits: {sorted(ds)})", field="split")
         ds = ds[split]
+    elif split is not None:
+        raise InvalidInput(f"{p} is a dataset saved without splits: leave out --split", field="split")
     return ds
 
 

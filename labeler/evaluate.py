@@ -25,7 +25,7 @@ from typing import Any
 
 from .batch import Job, _meta, pair_item, pair_key
 from .core import PairItem
-from .datasets_io import MalformedRecord, Pair, Single, swap_for_position
+from .datasets_io import MalformedRecord, Pair, Single, normalize_pair, swap_for_position
 from .spec import item_digest
 
 log = logging.getLogger(__name__)
@@ -472,17 +472,24 @@ def human_agreement_lines(h: dict[str, Any] | None, pct: int) -> list[str]:
 
 
 # -- jobs ---------------------------------------------------------------------------------------------
+def normalize_human_labeled(where: str, rec: Any) -> Pair:
+    """`normalize_pair` for `labeler eval`: a pair without a human choice is malformed there."""
+    p = normalize_pair(where, rec)
+    if p.human is None:
+        raise MalformedRecord(
+            where,
+            "no human choice: use TRL prompt/chosen/rejected, HH chosen/rejected, "
+            'or context/response_a/response_b with "preferred": "a" | "b"',
+        )
+    return p
+
+
 def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int = 0) -> list[Job]:
-    """Jobs for `labeler eval`: each pair with its human choice, the human-preferred response
-    shown as A or B by `swap_for_position`; rows record which side the human chose."""
+    """Jobs for `labeler eval`: each pair (`normalize_human_labeled`) with its human choice, the
+    human-preferred response shown as A or B by `swap_for_position`; rows record which side the
+    human chose."""
 
     def job(p: Pair) -> Job:
-        if p.human is None:
-            raise MalformedRecord(
-                p.where,
-                "no human choice: use TRL prompt/chosen/rejected, HH chosen/rejected, "
-                'or context/response_a/response_b with "preferred": "a" | "b"',
-            )
         item = pair_item(p)
         swap = swap_for_position(item_digest(item), position_seed)
         if swap:
@@ -513,20 +520,18 @@ def match_policies(
     a: Sequence[tuple[Any, Single]], b: Sequence[tuple[Any, Single]]
 ) -> tuple[list[tuple[Single, Single]], int, int]:
     """Pair up two policies' outputs on the same prompts: by `id` when every record has one,
-    else by prompt text (the k-th occurrence of a prompt in A with the k-th in B). Returns
-    (matched pairs in A's order, unmatched in A, unmatched in B)."""
+    else by prompt text; the k-th occurrence of an id (several samples per prompt) or of a
+    prompt in A goes with the k-th in B. Returns (matched pairs in A's order, unmatched in A,
+    unmatched in B)."""
     use_id = all(i is not None for i, _ in a) and all(i is not None for i, _ in b)
 
     def keyed(rows: Sequence[tuple[Any, Single]]) -> dict[Any, Single]:
-        seen: dict[str, int] = {}
+        seen: dict[Any, int] = {}
         out = {}
         for i, s in rows:
-            if use_id:
-                k = ("id", i)
-            else:
-                n = seen[s.context] = seen.get(s.context, -1) + 1
-                k = ("prompt", s.context, n)
-            out[k] = s
+            tag = ("id", i) if use_id else ("prompt", s.context)
+            n = seen[tag] = seen.get(tag, -1) + 1
+            out[(*tag, n)] = s
         return out
 
     ka, kb = keyed(a), keyed(b)

@@ -134,6 +134,14 @@ def test_saved_dataset_directory_with_splits(tmp_path):
     with pytest.raises(InvalidInput, match="choose one with --split"):
         list(io.read_records(tmp_path / "dd"))
     assert len(collect(tmp_path / "dd", io.normalize_pair, split="test")) == 1
+    # --split where there are no splits is refused, not silently ignored.
+    with pytest.raises(InvalidInput, match="saved without splits") as err:
+        list(io.read_records(tmp_path / "one", split="test"))
+    assert err.value.field == "split"
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(InvalidInput, match="is a file, with no splits"):
+        list(io.read_records(jsonl, split="test"))
 
 
 def test_saved_dataset_directory_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
@@ -147,6 +155,18 @@ def test_the_position_coin():
     assert swaps == [io.swap_for_position(f"key{i}", 0) for i in range(400)]
     assert 150 < sum(swaps) < 250
     assert swaps != [io.swap_for_position(f"key{i}", 1) for i in range(400)]
+
+
+def test_sink_writes_text_cut_inside_a_character_and_reads_it_back(tmp_path):
+    """A lone surrogate (a truncated escape in JSON input) has no UTF-8 form: that row goes
+    with JSON escapes; the others stay plain UTF-8; every row reads back as written."""
+    path = tmp_path / "out.jsonl"
+    cut = {"key": "a", "prompt": "hi \ud83d", "chosen": "caf\u00e9"}
+    plain = {"key": "b", "prompt": "caf\u00e9"}
+    JsonlSink(path).append([cut, plain])
+    lines = path.read_bytes().splitlines()
+    assert b"\\ud83d" in lines[0] and "caf\u00e9".encode() in lines[1]
+    assert JsonlSink(path).rows == {"a": cut, "b": plain}
 
 
 def test_sink_cuts_off_a_torn_last_line_and_refuses_a_corrupt_file(tmp_path):

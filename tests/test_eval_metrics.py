@@ -229,3 +229,23 @@ def test_harmless_difference_paired_and_independent():
     assert lo < 0.1 < hi and hi - lo > 0.02
     with pytest.raises(ValueError):
         hl.harmless_difference(a, b[:3], paired=True)
+
+
+def test_policies_match_by_id_and_occurrence():
+    """Several samples per prompt share an id: the k-th of an id in A goes with the k-th in B,
+    and what has no partner is counted, never dropped silently."""
+    from labeler.datasets_io import Single
+
+    def single(tag: str, prompt: str) -> Single:
+        return Single(prompt, tag, prompt, tag, tag)
+
+    a = [(1, single("a1", "p")), (1, single("a2", "p")), (2, single("a3", "q")), (3, single("a4", "r"))]
+    b = [(2, single("b3", "q")), (1, single("b1", "p")), (1, single("b2", "p")), (1, single("b9", "p"))]
+    matched, only_a, only_b = ev.match_policies(a, b)
+    assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a2", "b2"), ("a3", "b3")]
+    assert (only_a, only_b) == (1, 1)
+    # Without ids on every record: by prompt text, the same way.
+    untagged = [(None, s) for _, s in a]
+    matched, only_a, only_b = ev.match_policies(untagged, [(None, s) for _, s in b])
+    assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a2", "b2"), ("a3", "b3")]
+    assert (only_a, only_b) == (1, 1)

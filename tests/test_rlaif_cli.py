@@ -93,11 +93,18 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     pair = {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Chair."}
     flipped = {"prompt": "Name a fruit.", "chosen": "Chair.", "rejected": "Apple."}
     single = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
-    src = write_jsonl(tmp_path / "human.jsonl", [pair, pair, flipped, single])
+    unlabeled = {"context": "2+2?", "response_a": "4", "response_b": "5"}  # no human choice
+    src = write_jsonl(tmp_path / "human.jsonl", [pair, pair, flipped, single, unlabeled])
     out = tmp_path / "eval"
-    assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--json") == 0
+    # A pair without a human choice is malformed for eval: refused before any labeling,
+    # or skipped and counted with --skip-invalid.
+    assert in_process("eval", str(src), "--task", "tiny", "--out", str(out)) != 0
+    assert "line 5: no human choice" in capsys.readouterr().err and not (out / "labels.jsonl").exists()
+    assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--json", "--skip-invalid") == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["n"] == 4  # every human label counts
+    assert got["n"] == 4 and got["summary"]["invalid"] == 1  # every human label counts
+    # The summary's position consistency counts the same rows as the metrics: one per label.
+    assert got["summary"]["position_inconsistent_share"] == pytest.approx(1 - got["position_consistency"])
     h = got["human_agreement"]
     # One pair with three labels (2 for Apple, 1 for Chair): C(2,2) / C(3,2) = 1/3.
     assert (h["pairs"], h["labels"]) == (1, 3) and h["human_human"] == pytest.approx(1 / 3)
@@ -141,6 +148,10 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert (twice["n"], twice["summary"]["duplicates"], twice["summary"]["labeled"]) == (len(A) + 1, 1, len(A))
     soft = [r.p_a for r in prefs + prefs[:1]]
     assert twice["soft_win_rate"] == pytest.approx(sum(soft) / len(soft), abs=1e-6)
+    # Every matched prompt refused (over the model's context) and skipped: a clear end, no figures.
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}])
+    with pytest.raises(SystemExit, match="no matched prompt was labeled"):
+        in_process("winrate", str(long), str(long), "--task", "tiny", "--skip-invalid")
     disagree = [not r.consistent for r in prefs + prefs[:1]]
     assert twice["position_inconsistent_share"] == pytest.approx(sum(disagree) / len(disagree))
     assert twice["summary"]["position_inconsistent_share"] == twice["position_inconsistent_share"]
