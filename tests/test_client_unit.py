@@ -239,6 +239,10 @@ def test_every_error_carries_its_request():
     with pytest.raises(lc.ResponseError) as err:
         client.scores(items(2), "tiny")
     assert err.value.request.url.path == "/v1/scores"
+    for call, path in ((client.tasks, "/v1/tasks"), (client.health, "/readyz")):
+        with pytest.raises(lc.ResponseError, match="malformed answer") as err:
+            call()
+        assert err.value.request.url.path == path
     fake.fail_next(httpx.ConnectError, times=9)
     with pytest.raises(lc.RequestError) as rerr:
         client_for(fake, retry=lc.Retry(max_retries=0)).scores(items(1), "tiny")

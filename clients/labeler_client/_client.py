@@ -32,6 +32,10 @@ class Answer(NamedTuple):
     request: httpx.Request
 
 
+def _task_infos(data: Any) -> list[TaskInfo]:
+    return [TaskInfo.model_validate(t) for t in data["tasks"]]
+
+
 class _BaseClient:
     def __init__(
         self,
@@ -63,6 +67,14 @@ class _BaseClient:
     def _as_retry(retry: Retry | int) -> Retry:
         """A retry policy from a policy or a number of retries (0: none)."""
         return Retry(max_retries=retry) if isinstance(retry, int) else retry
+
+    @staticmethod
+    def _typed(answer: Answer, parse: Callable[[Any], T]) -> T:
+        """`parse` of a 2xx answer's body; ResponseError when the body has another shape."""
+        try:
+            return parse(answer.data)
+        except (ValueError, KeyError, TypeError) as e:  # pydantic.ValidationError is a ValueError
+            raise exc.ResponseError(f"malformed answer: {e}", request=answer.request) from e
 
     def _request(self, method: str, path: str, body: Any) -> httpx.Request:
         if body is None:
@@ -359,12 +371,12 @@ class Client(_BaseClient):
 
     def tasks(self) -> list[TaskInfo]:
         """The tasks the server knows."""
-        return [TaskInfo.model_validate(t) for t in self._send("GET", "/v1/tasks").data["tasks"]]
+        return self._typed(self._send("GET", "/v1/tasks"), _task_infos)
 
     def health(self, *, retry: Retry | int | None = None) -> Health:
         """The server's readiness (`GET /readyz`); raises `ServerError` (503) while not ready.
         `retry`: a policy or a number of retries for this call (0: fail at once)."""
-        return Health.model_validate(self._send("GET", "/readyz", retry=retry).data)
+        return self._typed(self._send("GET", "/readyz", retry=retry), Health.model_validate)
 
 
 class AsyncClient(_BaseClient):
@@ -563,8 +575,8 @@ class AsyncClient(_BaseClient):
 
     async def tasks(self) -> list[TaskInfo]:
         """See `Client.tasks`."""
-        return [TaskInfo.model_validate(t) for t in (await self._send("GET", "/v1/tasks")).data["tasks"]]
+        return self._typed(await self._send("GET", "/v1/tasks"), _task_infos)
 
     async def health(self, *, retry: Retry | int | None = None) -> Health:
         """See `Client.health`."""
-        return Health.model_validate((await self._send("GET", "/readyz", retry=retry)).data)
+        return self._typed(await self._send("GET", "/readyz", retry=retry), Health.model_validate)
