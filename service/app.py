@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from labeler import Labeler, TaskRegistry
+from labeler import InvalidInput, Labeler, TaskRegistry
 
 from . import errors
 from .cache import Cache, MemoryCache, RedisCache
@@ -140,7 +140,7 @@ class Gate:
         # The path under the app's mount point: behind a route prefix (Ray Serve's, or a
         # proxy's root_path) the ASGI path still starts with the prefix.
         path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):
+        if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):  # as the router reads it
             path = path[len(root) :]
         if self.keys and path.startswith(self.PROTECTED):
             scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
@@ -180,6 +180,12 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     """The app for `settings`; pass `labeler` to reuse an already-loaded model."""
     settings = settings or Settings()
     tasks = labeler.tasks if labeler is not None else TaskRegistry.load(settings.tasks_dir)
+    if settings.task not in tasks.names():  # /get_reward's default: a client could not fix it
+        raise InvalidInput(
+            f"the default task {settings.task!r} (LABELER_TASK, --task) is not a known task; "
+            f"known: {', '.join(tasks.names())}",
+            field="task",
+        )
     bodies = request_models(settings, tasks.names())
 
     @asynccontextmanager

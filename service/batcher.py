@@ -3,7 +3,8 @@
 Items from concurrent requests are queued; a worker takes up to `max_items` queued items
 of one group (same task, kind and parameters), waiting at most `wait_s` for a batch to
 fill, and runs them as one labeler call. Identical items in flight (same cache key) are
-computed once: later submitters share the first one's future. The queue is bounded:
+computed once: later submitters share the first one's future, until it is settled (a later
+request then computes the item anew, or finds it in the cache). The queue is bounded:
 `submit` refuses a request whose new items would exceed `max_pending` (QueueFull → 429).
 
 Failure policy, all of it here. Items are validated before they are queued, so a batch
@@ -61,12 +62,14 @@ class MicroBatcher:
         max_pending: int,
         concurrency: int = 1,
         on_batch: Callable[[int], None] | None = None,
+        on_pending: Callable[[int], None] | None = None,
     ) -> None:
         self.run_group = run_group
         self.max_items = max_items
         self.wait_s = wait_s
         self.max_pending = max_pending
         self.on_batch = on_batch or (lambda n: None)
+        self.on_pending = on_pending or (lambda n: None)  # told `pending` each time it moves
         self.pending = 0  # items queued or computing
         self.computed = 0  # items computed since start (single-flight counts one)
         self.splits = 0  # failed batches split in halves
@@ -109,6 +112,7 @@ class MicroBatcher:
                 self._queue.append(_Job(group, key, item, fut))
                 self.pending += 1
             futures.append(fut)
+        self.on_pending(self.pending)
         self._wake.set()
         return futures, shared
 
@@ -146,8 +150,9 @@ class MicroBatcher:
             raise
         finally:
             for job in jobs:
-                self._inflight.pop(job.key, None)
+                self._release(job)
             self.pending -= len(jobs)
+            self.on_pending(self.pending)
             self.computed += len(jobs)
             elapsed = max(time.monotonic() - t0, 1e-3)
             self._rate = 0.7 * self._rate + 0.3 * (len(jobs) / elapsed) if self._rate else len(jobs) / elapsed
@@ -162,6 +167,7 @@ class MicroBatcher:
             if len(jobs) == 1 or isinstance(error, EngineUnavailable):
                 for job in jobs:
                     _fail(job.future, error)
+                    self._release(job)
                 return
             log.warning("batch of %d failed (%s); splitting it to find the failing items", len(jobs), error)
             self.splits += 1
@@ -171,6 +177,14 @@ class MicroBatcher:
             return
         for job, result in zip(jobs, results, strict=True):
             _resolve(job.future, result)
+            self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        """Take a settled job's key out of the in-flight map (if a newer flight has not taken
+        it), so that no later request joins a computation that is over: the other half of a
+        split batch can run on for a while after this one's error."""
+        if self._inflight.get(job.key) is job.future:
+            del self._inflight[job.key]
 
 
 def as_labeler_error(exc: BaseException) -> LabelerError:

@@ -102,7 +102,18 @@ def settings_from_args(args: argparse.Namespace):
         "vllm_urls": args.vllm_urls,
         "tasks_dir": args.tasks_dir or None,
     }
-    return Settings(**{k: v for k, v in flags.items() if v is not None})
+    from pydantic import ValidationError
+
+    from labeler.errors import InvalidInput
+
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:  # one line per refused setting, not a traceback
+        lines = [
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False)
+        ]
+        raise InvalidInput("invalid settings: " + "; ".join(lines), field="settings") from None
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -58,6 +58,7 @@ class LabelService:
             max_pending=settings.max_queue_items,
             concurrency=settings.effective_batch_concurrency(),
             on_batch=metrics.batch_size.observe,
+            on_pending=metrics.inflight.set,
         )
         self._specs: dict[tuple, LabelSpec] = {}
         # Children bound once: labels() takes a lock and checks its arguments on every call.
@@ -124,6 +125,7 @@ class LabelService:
                 items.append(ScoreItem(**self._normalize(fields)))
             else:
                 items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
+        self._check_chars(items, "query")
         kind = "reference" if references is not None else "score"
         spec = self._spec(kind, task or self.settings.task)
         values, _ = await self._label(spec, items, True, where="query")
@@ -188,7 +190,6 @@ class LabelService:
         hits = len(items) - len(misses)
         shared = 0
         if misses:
-            self._check_chars(items, misses, where)
             prepared = await self.labeler.aprepare(
                 spec,
                 [items[i] for i in misses],
@@ -201,7 +202,6 @@ class LabelService:
             futures, shared = self.batcher.submit(
                 (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
             )
-            self.metrics.inflight.set(self.batcher.pending)
             # shield: a client that goes away must not cancel a computation others share.
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures))
             for i, v in zip(misses, values, strict=True):
@@ -214,10 +214,11 @@ class LabelService:
             self.metrics.cache_hits.inc(hits)
         return results, Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
 
-    def _check_chars(self, items: list[Any], which: list[int], where: str) -> None:
-        """The per-text character limit (the request models enforce it for the label routes;
-        this covers texts split out of /get_reward queries)."""
-        for i in which:
+    def _check_chars(self, items: list[Any], where: str) -> None:
+        """The per-text character limit on texts split out of /get_reward queries (the request
+        models enforce it on every text of the label routes; a context given as chat messages
+        is limited per message, not as its joined transcript)."""
+        for i in range(len(items)):
             for f in fields(items[i]):
                 value = getattr(items[i], f.name)
                 n = max(map(len, value), default=0) if isinstance(value, tuple) else len(value)
@@ -235,19 +236,16 @@ class LabelService:
         stats = self.labeler.engine.stats
         before = (stats.prompt_tokens, stats.computed_tokens)
         t0 = time.monotonic()
-        try:
-            res = await self.labeler.arun(spec, prepared)
-            elapsed = max(time.monotonic() - t0, 1e-6)
-            prompt_tokens = stats.prompt_tokens - before[0]
-            self.metrics.prompt_tokens.inc(prompt_tokens)
-            self.metrics.computed_tokens.inc(stats.computed_tokens - before[1])
-            self.metrics.tokens_per_second.set(prompt_tokens / elapsed)
-            values = [asdict(r) for r in res]
-            if use_cache:
-                await self.cache.set_many(dict(zip(keys, values, strict=True)))
-            return values
-        finally:  # a failed batch leaves the queue too
-            self.metrics.inflight.set(max(0, self.batcher.pending - len(prepared)))
+        res = await self.labeler.arun(spec, prepared)
+        elapsed = max(time.monotonic() - t0, 1e-6)
+        prompt_tokens = stats.prompt_tokens - before[0]
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.computed_tokens.inc(stats.computed_tokens - before[1])
+        self.metrics.tokens_per_second.set(prompt_tokens / elapsed)
+        values = [asdict(r) for r in res]
+        if use_cache:
+            await self.cache.set_many(dict(zip(keys, values, strict=True)))
+        return values
 
 
 def _response(response: type[BaseModel], spec: LabelSpec, usage: Usage, results: list[dict[str, Any]]) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from labeler.chat import END_MARKERS
@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     @classmethod
     def _split_comma(cls, value: Any) -> Any:
         return _split(value)
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        # Else a full request is refused with 429 however idle the server, and retried forever.
+        if self.max_queue_items < self.max_items:
+            raise ValueError(
+                f"max_queue_items ({self.max_queue_items}) must be at least max_items ({self.max_items}): "
+                "a request of max_items new items could never be queued"
+            )
+        return self
 
     def effective_batch_concurrency(self) -> int:
         if self.batch_concurrency:

@@ -95,7 +95,7 @@ def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server, labe
 
 
 async def test_429_is_retried_after_retry_after(make_server):
-    srv = make_server(max_queue_items=1, batch_wait_ms=200)
+    srv = make_server(max_queue_items=1, max_items=1, batch_wait_ms=200)
     async with lc.AsyncClient(srv.url, batch_size=1, max_concurrency=6, retry=FAST) as client:
         got = await client.scores(score_items(6, "busy"), "tiny")
     assert all(s is not None for s in got)

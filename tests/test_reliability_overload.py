@@ -43,6 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         tmp_path_factory.mktemp("overload") / "serve.log",
         "--max-queue-items",
         str(QUEUE),
+        "--max-items",  # the queue holds at least one full request
+        str(QUEUE),
         "--batch-max-items",
         "16",
         "--log-level",

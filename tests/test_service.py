@@ -197,6 +197,26 @@ def test_limits_give_clear_4xx(make_server):
     assert_error(httpx.get(srv.url + "/nope"), 404)
 
 
+def test_a_chat_context_is_limited_per_message_not_as_its_transcript(make_server):
+    srv = make_server(max_chars=50)
+    chat = [{"role": "user", "content": "u" * 40}, {"role": "assistant", "content": "a" * 40}]
+    chat.append({"role": "user", "content": "q"})
+    assert post(srv, "/v1/scores", {"task": "tiny", "items": [{"context": chat, "response": "r"}]}).status_code == 200
+    too_long = {"context": [{"role": "user", "content": "u" * 51}], "response": "r"}
+    err = assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [too_long]}), 422)
+    assert err["param"] == "items[0].context[0].content"
+
+
+def test_an_unknown_default_task_stops_the_server_from_starting(labeler):
+    from labeler import InvalidInput
+    from service.app import create_app
+    from service.settings import Settings
+
+    with pytest.raises(InvalidInput, match="default task 'nope'") as err:
+        create_app(Settings(task="nope"), labeler=labeler)
+    assert err.value.field == "task" and "tiny" in str(err.value)
+
+
 def test_request_bodies(live_server):
     """JSON with or without a charset or a content type, and UTF-16 JSON, are read alike;
     another content type or broken JSON is a 422 naming the body; the OpenAPI document
@@ -232,7 +252,7 @@ def test_request_bodies(live_server):
 
 
 async def test_full_queue_answers_429_with_retry_after(make_server):
-    srv = make_server(max_queue_items=2, batch_wait_ms=300)
+    srv = make_server(max_queue_items=2, max_items=2, batch_wait_ms=300)
     async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
         rs = await asyncio.gather(
             *(client.post("/v1/scores", json={"task": "tiny", "items": [{"response": f"q{i}"}]}) for i in range(6))

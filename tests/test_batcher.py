@@ -1,0 +1,98 @@
+"""The micro-batcher's logic and the gate's header checks, on scripted engines and ASGI
+scopes (no model, no server): single-flight ends when a job is settled, the in-flight gauge
+follows the queue, and settings that could never queue a full request are refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from labeler.errors import EngineError
+from service.app import Gate
+from service.batcher import MicroBatcher
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+def test_a_settled_item_is_not_joined_while_the_rest_of_its_batch_runs():
+    """[X, Z] fails, is split; X fails alone while Z is still computing. A request for X
+    then computes it anew instead of receiving X's old error."""
+    calls: list[list[str]] = []
+    z_running, z_go = asyncio.Event(), asyncio.Event()
+    failures = {"X": 2}  # X fails in the pair and alone, then works
+
+    async def run_group(group, items, keys):
+        calls.append(list(items))
+        if "X" in items and failures["X"] > 0:
+            failures["X"] -= 1
+            raise RuntimeError("transient")
+        if items == ["Z"]:
+            z_running.set()
+            await z_go.wait()
+        return [f"label of {it}" for it in items]
+
+    async def run() -> None:
+        pending: list[int] = []
+        batcher = MicroBatcher(run_group, max_items=8, wait_s=0.0, max_pending=100, on_pending=pending.append)
+        batcher.start()
+        (fx, fz), _ = batcher.submit("g", [("X", "X"), ("Z", "Z")])
+        await asyncio.wait_for(z_running.wait(), 5)
+        assert isinstance(fx.exception(), EngineError) and not fz.done()
+        (again,), shared = batcher.submit("g", [("X", "X")])
+        assert shared == 0 and again is not fx
+        z_go.set()
+        assert await asyncio.wait_for(again, 5) == "label of X" and await fz == "label of Z"
+        await batcher.stop()
+        assert calls == [["X", "Z"], ["X"], ["Z"], ["X"]] and batcher.splits == 1
+        # The gauge's last word is an empty queue, split batch or not.
+        assert batcher.pending == 0 and pending == [2, 3, 1, 0]
+
+    asyncio.run(run())
+
+
+def test_a_flight_in_progress_is_still_shared():
+    go = asyncio.Event()
+
+    async def run_group(group, items, keys):
+        await go.wait()
+        return [f"label of {it}" for it in items]
+
+    async def run() -> None:
+        batcher = MicroBatcher(run_group, max_items=8, wait_s=0.0, max_pending=100)
+        batcher.start()
+        (first,), _ = batcher.submit("g", [("X", "X")])
+        await asyncio.sleep(0.01)
+        (second,), shared = batcher.submit("g", [("X", "X")])
+        assert shared == 1 and second is first
+        go.set()
+        assert await second == "label of X"
+        await batcher.stop()
+        assert batcher.computed == 1
+
+    asyncio.run(run())
+
+
+def test_a_queue_smaller_than_a_request_is_refused():
+    with pytest.raises(ValueError, match=r"max_queue_items \(100\) must be at least max_items \(256\)"):
+        Settings(max_queue_items=100)
+    assert Settings(max_queue_items=256).max_queue_items == 256
+
+
+@pytest.mark.parametrize(
+    ("root", "path", "protected"),
+    [
+        ("", "/v1/scores", True),
+        ("/api", "/api/v1/scores", True),
+        ("/v", "/v1/scores", True),  # not under the prefix "/v": the router reads /v1/scores
+        ("/api", "/api/healthz", False),
+        ("", "/healthz", False),
+    ],
+)
+def test_the_gate_reads_the_path_under_a_prefix_as_the_router_does(root, path, protected):
+    gate = Gate(None, Metrics(), limit=1024, keys=["key"])
+    scope = {"type": "http", "path": path, "root_path": root, "headers": []}
+    refusal = gate._refusal(scope)
+    assert (refusal is not None and refusal.status_code == 401) is protected
+    scope["headers"] = [(b"authorization", b"Bearer key")]
+    assert gate._refusal(scope) is None
