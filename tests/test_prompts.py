@@ -219,6 +219,9 @@ def test_user_tasks_extend_and_override_builtins(tmp_path):
         "preamble = [1]\n",
         "not toml ===",
         'preamble = "x"\n[[examples]]\ncontext = "c"\nresponse_a = "a"\nresponse_b = "b"\npreferred = 3\n',
+        # A boolean is not a label, though Python counts True as 1.
+        'preamble = "x"\n[[examples]]\ncontext = "c"\nresponse_a = "a"\nresponse_b = "b"\npreferred = true\n',
+        'preamble = "x"\n[[score_examples]]\ncontext = "c"\nresponse = "r"\nscore = true\n',
     ],
 )
 def test_malformed_task_files_are_refused(tmp_path, content):

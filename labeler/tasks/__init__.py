@@ -136,11 +136,12 @@ class Task:
             judgment_examples = tuple(JudgmentExample(**ex) for ex in data.get("judgment_examples", ()))
         except TypeError as exc:
             raise TaskFileError(f"{where}: malformed example: {exc}") from exc
+        # A TOML boolean is a Python int (True == 1): refused by type, not only by value.
         for ex in examples:
-            if ex.preferred not in (1, 2):
+            if isinstance(ex.preferred, bool) or ex.preferred not in (1, 2):
                 raise TaskFileError(f"{where}: example 'preferred' must be 1 or 2, got {ex.preferred!r}")
         for sx in score_examples:
-            if not (isinstance(sx.score, int) and 1 <= sx.score <= 10):
+            if isinstance(sx.score, bool) or not (isinstance(sx.score, int) and 1 <= sx.score <= 10):
                 raise TaskFileError(f"{where}: score example 'score' must be an integer 1..10, got {sx.score!r}")
         for jx in judgment_examples:
             if jx.answer not in ("yes", "no"):
