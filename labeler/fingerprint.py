@@ -79,15 +79,26 @@ def fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """The content fingerprint of a model directory (64 hex digits), remembered across
     restarts while its files are unchanged (see the module docstring)."""
     root = Path(model_dir).resolve()
-    files = model_files(root)
+    return _remembered(str(root), model_files(root), root)
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The content fingerprint of one file (its name, size and bytes), remembered the same
+    way: what names a GGUF file's conversion (`models.converted_dir`)."""
+    p = Path(path).resolve()
+    return _remembered(str(p), [p], p.parent)
+
+
+def _remembered(key: str, files: list[Path], root: Path) -> str:
+    """`content_digest(files, root)`, from the index while every file's stamp is the one it
+    was hashed with."""
     stamps = {p.name: _stamp(p) for p in files}
-    key = str(root)
     with _lock:
         known = _read_index().get(key)
         if known is not None and known.get("files") == stamps:
             return str(known["digest"])
         weights = sum(s[0] for name, s in stamps.items() if Path(name).suffix in WEIGHT_SUFFIXES)
-        log.info("fingerprinting %s (%.1f GB of weights; once while the files are unchanged)", root, weights / 1e9)
+        log.info("fingerprinting %s (%.1f GB of weights; once while the files are unchanged)", key, weights / 1e9)
         digest = content_digest(files, root)
         index = _read_index()
         index[key] = {"files": stamps, "digest": digest}

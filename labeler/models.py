@@ -8,7 +8,6 @@ directory and loaded from there afterwards (< 1 s). Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -71,10 +70,13 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> Path:
 
 
 def converted_dir(gguf: Path) -> Path:
-    """Where the conversion of `gguf` lives: keyed by its name and size, not its path, so
-    the directory name (and the model id derived from it) is the same on every machine."""
-    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    """Where the conversion of `gguf` lives: keyed by its name and content, not its path, so
+    the directory name (and the model id derived from it) is the same on every machine, and
+    a GGUF file replaced in place (a fine-tune of the same shape and size) is converted anew.
+    Its content is hashed once while the file is unchanged (`file_fingerprint`)."""
+    from .fingerprint import file_fingerprint  # fingerprint imports this module
+
+    return cache_dir() / "models" / f"{gguf.stem}-{file_fingerprint(gguf)[:10]}"
 
 
 def convert_gguf(gguf: Path) -> Path:

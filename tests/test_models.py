@@ -33,3 +33,20 @@ def test_anything_else_is_a_clear_error_not_a_download(spec):
 def test_directory_without_config_is_refused(tmp_path):
     with pytest.raises(ModelLoadError, match="without config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_a_gguf_replaced_in_place_gets_its_own_conversion(tmp_path, monkeypatch):
+    """Named by content, not by name and size: a same-size fine-tune swapped in is converted
+    anew (it never runs as the old weights under the old model id), and the same file at
+    another path names the same conversion (the same model id on every machine)."""
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "judge.Q4.gguf"
+    gguf.write_bytes(b"\x01" * 4096)
+    first = converted_dir(gguf)
+    assert first.name.startswith("judge.Q4-") and converted_dir(gguf) == first
+    gguf.write_bytes(b"\x02" * 4096)
+    assert converted_dir(gguf) != first
+    elsewhere = tmp_path / "other" / "judge.Q4.gguf"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"\x01" * 4096)
+    assert converted_dir(elsewhere) == first
