@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import EngineError, InvalidInput, ModelLoadError
 from ..scoring import TokenIds
 from .base import (
+    PLAIN_SAMPLING,
     EngineStats,
     GenerateRequest,
     Generation,
@@ -393,9 +394,11 @@ class TransformersEngine:
         for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
-        kwargs: dict[str, Any] = {"do_sample": False}
+        # transformers fills every option left unset from the model's generation config; greedy
+        # decoding reads only the penalties.
+        kwargs: dict[str, Any] = {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
         if temperature is not None:
-            kwargs = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            kwargs |= {**PLAIN_SAMPLING, "typical_p": 1.0, "do_sample": True, "temperature": temperature}
         with torch.inference_mode():
             seqs = self.model.generate(
                 input_ids=ids.to(self.device),

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..errors import EngineError, ModelLoadError
 from .base import (
+    PLAIN_SAMPLING,
     EngineStats,
     GenerateRequest,
     Generation,
@@ -119,6 +120,7 @@ class VLLMEngine:
 
         async def one(req: GenerateRequest) -> list[Generation]:
             params = SamplingParams(
+                **PLAIN_SAMPLING,
                 max_tokens=req.max_tokens,
                 temperature=req.temperature,
                 n=req.n,

@@ -32,6 +32,7 @@ import httpx
 
 from ..errors import EngineError, EngineUnavailable, InvalidInput, ModelLoadError
 from .base import (
+    PLAIN_SAMPLING,
     EngineStats,
     GenerateRequest,
     Generation,
@@ -195,7 +196,11 @@ class VLLMRemoteEngine:
         self.stats.generate_calls += 1
 
         async def one(req: GenerateRequest) -> list[Generation]:
+            # The server fills every option left out from the model's generation config.
             body: dict[str, Any] = {
+                **PLAIN_SAMPLING,
+                "presence_penalty": 0.0,
+                "frequency_penalty": 0.0,
                 "prompt": list(req.prompt_ids),
                 "max_tokens": req.max_tokens,
                 "temperature": req.temperature,
