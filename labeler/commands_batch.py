@@ -34,7 +34,7 @@ from .batch import (
     run_jobs,
     score_jobs,
 )
-from .datasets_io import normalize_pair, normalize_single
+from .datasets_io import normalize_pair, normalize_single, split_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -189,6 +189,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # One row per human label: a pair several humans labeled is read once, counted per label,
         # in the metrics and in the summary's position consistency alike.
         rows = [j.make_row(sink.rows[j.key]) for j in jobs if j.key in sink.rows]
+        if not rows:
+            raise SystemExit("no human-labeled pair was labeled: every one was skipped as invalid")
         s.count_orders(rows)
         metrics = evaluate_rows(rows, level=args.level, seed=args.seed, bins=args.bins)
         info = {
@@ -241,8 +243,16 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
     def with_id(where: str, rec: Any) -> tuple[Any, Any]:
         return (rec.get("id") if isinstance(rec, dict) else None, normalize_single(where, rec))
 
-    a = collect(args.a, with_id, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
-    b = collect(args.b, with_id, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
+    a, b = (
+        collect(
+            p,
+            with_id,
+            split=split_for(p, args.split, [args.a, args.b]),
+            skip_invalid=args.skip_invalid,
+            summary=summary,
+        )
+        for p in (args.a, args.b)
+    )
     matched, only_a, only_b = match_policies(a, b)
     if not matched:
         raise SystemExit(f"{args.a} and {args.b} share no prompts (matched by id, else by prompt text)")
@@ -311,7 +321,10 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         return (rec.get("id") if isinstance(rec, dict) else None, normalize_single(where, rec))
 
     inputs = [args.a] + ([args.b] if args.b else [])
-    policies = [collect(f, with_id, split=args.split, skip_invalid=args.skip_invalid, summary=summary) for f in inputs]
+    policies = [
+        collect(f, with_id, split=split_for(f, args.split, inputs), skip_invalid=args.skip_invalid, summary=summary)
+        for f in inputs
+    ]
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, kind="judgment", cot=args.cot, samples=args.samples, seed=args.seed)

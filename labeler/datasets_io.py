@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,19 @@ def read_records(
                     on_bad_line(bad)
                     continue
                 yield f"{p}, line {n}", rec
+
+
+def split_for(path: str | Path, split: str | None, inputs: Sequence[str | Path]) -> str | None:
+    """`--split` as it applies to `path`, one of a command's `inputs`: to each input saved
+    with splits (a `DatasetDict` directory); another input beside one is read whole. With no
+    such input, `split` is passed on, and refused there."""
+
+    def has_splits(p: str | Path) -> bool:
+        return (Path(p) / "dataset_dict.json").is_file()
+
+    if split is not None and not has_splits(path) and any(has_splits(i) for i in inputs):
+        return None
+    return split
 
 
 def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:

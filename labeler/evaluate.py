@@ -490,6 +490,7 @@ def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int 
     human chose."""
 
     def job(p: Pair) -> Job:
+        assert p.human is not None, "read with normalize_human_labeled"
         item = pair_item(p)
         swap = swap_for_position(item_digest(item), position_seed)
         if swap:

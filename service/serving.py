@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 from pydantic import BaseModel
@@ -120,12 +120,12 @@ class LabelService:
         for k, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
             # An empty response (the policy emitted only its end-of-turn token) is judged too.
             context, response = split_query(q, p, self.end_markers)
+            self._check_split(k, context, response)
             fields = {"context": context, "response": response}
             if references is None:
                 items.append(ScoreItem(**self._normalize(fields)))
             else:
                 items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
-        self._check_chars(items, "query")
         kind = "reference" if references is not None else "score"
         spec = self._spec(kind, task or self.settings.task)
         values, _ = await self._label(spec, items, True, where="query")
@@ -214,15 +214,15 @@ class LabelService:
             self.metrics.cache_hits.inc(hits)
         return results, Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
 
-    def _check_chars(self, items: list[Any], where: str) -> None:
-        """The per-text character limit on texts split out of /get_reward queries (the request
-        models enforce it on every text of the label routes; a context given as chat messages
-        is limited per message, not as its joined transcript)."""
-        for i in range(len(items)):
-            for f in fields(items[i]):
-                value = getattr(items[i], f.name)
-                n = max(map(len, value), default=0) if isinstance(value, tuple) else len(value)
-                self._check_length(f"{where}[{i}].{f.name}", n)
+    def _check_split(self, k: int, context: Any, response: str) -> None:
+        """The per-text character limit on what a /get_reward query split into, as the request
+        models hold the label routes' texts to it: a context of chat messages per message."""
+        if isinstance(context, str):
+            self._check_length(f"query[{k}].context", len(context))
+        else:
+            for m, message in enumerate(context):
+                self._check_length(f"query[{k}].context[{m}].content", len(message["content"]))
+        self._check_length(f"query[{k}].response", len(response))
 
     def _check_length(self, name: str, n: int) -> None:
         """InputTooLong naming `name` when its `n` characters are over the limit."""

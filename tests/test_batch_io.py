@@ -142,6 +142,11 @@ def test_saved_dataset_directory_with_splits(tmp_path):
     jsonl.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(InvalidInput, match="is a file, with no splits"):
         list(io.read_records(jsonl, split="test"))
+    # Beside an input with splits (winrate's and harmless's two policies), one without is read whole.
+    inputs = [tmp_path / "dd", jsonl]
+    assert [io.split_for(p, "test", inputs) for p in inputs] == ["test", None]
+    assert io.split_for(jsonl, "test", [jsonl, tmp_path / "one"]) == "test"  # refused where it is read
+    assert io.split_for(tmp_path / "dd", None, inputs) is None
 
 
 def test_saved_dataset_directory_without_datasets_is_a_clear_error(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from labeler.errors import ModelLoadError
@@ -44,7 +46,9 @@ def test_a_gguf_replaced_in_place_gets_its_own_conversion(tmp_path, monkeypatch)
     gguf.write_bytes(b"\x01" * 4096)
     first = converted_dir(gguf)
     assert first.name.startswith("judge.Q4-") and converted_dir(gguf) == first
-    gguf.write_bytes(b"\x02" * 4096)
+    tuned = tmp_path / "tuned.gguf"
+    tuned.write_bytes(b"\x02" * 4096)
+    os.replace(tuned, gguf)  # swapped in, as a copy over the old file lands
     assert converted_dir(gguf) != first
     elsewhere = tmp_path / "other" / "judge.Q4.gguf"
     elsewhere.parent.mkdir()

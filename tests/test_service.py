@@ -130,7 +130,7 @@ def test_redis_cache_survives_redis_outages(make_server, redis_server):
     client = redis.Redis.from_url(redis_server.url)
     item = {"context": "redis", "response": "kept"}
     first = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
-    assert first["cached"] is False and len(client.keys("labeler:v2:*")) >= 1
+    assert first["cached"] is False and len(client.keys("labeler:v3:*")) >= 1
     assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is True
     redis_server.stop()
     try:
@@ -205,6 +205,14 @@ def test_a_chat_context_is_limited_per_message_not_as_its_transcript(make_server
     too_long = {"context": [{"role": "user", "content": "u" * 51}], "response": "r"}
     err = assert_error(post(srv, "/v1/scores", {"task": "tiny", "items": [too_long]}), 422)
     assert err["param"] == "items[0].context[0].content"
+    # The same rule for the chat turns a /get_reward query is split into.
+    turn = "<|im_start|>{}\n{}<|im_end|>\n"
+    query = turn.format("user", "u" * 40) + turn.format("assistant", "a" * 40) + turn.format("user", "q")
+    query += "<|im_start|>assistant\nr"
+    assert post(srv, "/get_reward?task=tiny", {"query": [query]}).status_code == 200
+    long_turn = turn.format("user", "u" * 51) + "<|im_start|>assistant\nr"
+    err = assert_error(post(srv, "/get_reward?task=tiny", {"query": [long_turn]}), 422)
+    assert err["param"] == "query[0].context[0].content"
 
 
 def test_an_unknown_default_task_stops_the_server_from_starting(labeler):
