@@ -18,7 +18,10 @@ from __future__ import annotations
 
 
 class LabelerError(Exception):
-    """Root of every error the labeler raises on purpose."""
+    """Root of every error the labeler raises on purpose. `field` names the item or field
+    the error is about, when known."""
+
+    field: str | None = None
 
 
 class InvalidInput(LabelerError, ValueError):
@@ -41,7 +44,7 @@ class UnknownTask(LabelerError, KeyError):
     """No task with the requested name is registered."""
 
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(name)
+        super().__init__(name, known)  # both, so that a copy or a pickle rebuilds it
         self.name = name
         self.known = known
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from collections.abc import Hashable, Sequence
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from labeler import GroupItem, InputTooLong, InvalidInput, Labeler, LabelSpec, PairItem, ReferenceItem, ScoreItem
 from labeler.chat import normalize_item, split_query
 from labeler.core import Prepared
+from labeler.errors import EngineUnavailable, LabelerError
 from labeler.spec import KINDS
 
 from .batcher import MicroBatcher
@@ -203,7 +205,10 @@ class LabelService:
                 (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
             )
             # shield: a client that goes away must not cancel a computation others share.
-            values = await asyncio.gather(*(asyncio.shield(f) for f in futures))
+            try:
+                values = await asyncio.gather(*(asyncio.shield(f) for f in futures))
+            except LabelerError as error:
+                raise _naming_item(error, futures, [f"{where}[{i}]" for i in misses]) from None
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
             self._items_metric[spec.kind, "engine"].inc(len(misses))
@@ -254,6 +259,21 @@ def _response(response: type[BaseModel], spec: LabelSpec, usage: Usage, results:
     per-item cost."""
     head = {"model": spec.model, "task": spec.task, "task_version": spec.task_version, "usage": usage}
     return response.model_validate({**head, "results": results})
+
+
+def _naming_item(error: LabelerError, futures: Sequence[asyncio.Future], names: list[str]) -> LabelerError:
+    """The error of the request's first failed item (in item order), naming it (`names[j]`
+    for `futures[j]`), so that a client can set that item aside and send the rest again.
+    A copy: the same error reaches every request that shared the item. An engine that is
+    down is about no item."""
+    if isinstance(error, EngineUnavailable):
+        return error
+    for future, name in zip(futures, names, strict=True):
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            named = copy.copy(future.exception())
+            named.field = name
+            return named
+    return error
 
 
 def _plain(item: BaseModel) -> dict[str, Any]:

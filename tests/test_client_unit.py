@@ -95,10 +95,14 @@ def test_url_and_key_from_arguments_or_environment(monkeypatch):
 
 
 # -- batching ------------------------------------------------------------------------------------------------
-def test_split_and_halves():
+def test_split_and_parts():
     assert _batching.split(0, 4) == []
     assert [list(r) for r in _batching.split(10, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [list(h) for h in _batching.halves(range(4, 9))] == [[4, 5], [6, 7, 8]]
+    assert [list(h) for h in _batching.parts(range(4, 9))] == [[4, 5], [6, 7, 8]]  # no item named: halves
+    assert [list(p) for p in _batching.parts(range(4, 9), 6)] == [[4, 5], [6], [7, 8]]
+    assert [list(p) for p in _batching.parts(range(4, 9), 4)] == [[4], [5, 6, 7, 8]]
+    assert [list(p) for p in _batching.parts(range(4, 9), 8)] == [[4, 5, 6, 7], [8]]
+    assert [list(p) for p in _batching.parts(range(4, 9), 2)] == [[4, 5], [6, 7, 8]]  # not in the batch
     with pytest.raises(ValueError):
         _batching.split(3, 0)
 
@@ -282,6 +286,38 @@ def test_failed_items_raise_unless_none_is_asked_for():
     ]
     with pytest.raises(ValueError):
         client.scores(its, "tiny", on_error="zero")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_an_item_the_engine_fails_on_is_set_aside_alone(status):
+    """The server names the item it could not label; with on_error="none" the client sends
+    the items around it again (not the whole batch retried, not halves down to it) and only
+    that item is None. With on_error="raise" the error names it in the caller's list."""
+    fake = FakeLabeler()
+    its = items(40)
+    fake.fail_item(its[29]["response"], status, retry_after=0)
+    client = client_for(fake, batch_size=16, max_concurrency=1)
+    got = client.scores(its, "tiny", on_error="none")
+    assert [g is None for g in got] == [i == 29 for i in range(40)]
+    assert [g.reward for g in got if g is not None] == [r for i, r in enumerate(expected(its)) if i != 29]
+    sent = [len(json.loads(r.content)["items"]) for r in fake.requests]
+    # batches of 16, 16 and 8; the second fails once, then 13 before, the item alone (retried
+    # when the engine's failure may pass: 503), and 2 after.
+    assert sent == [16, 16, 13, 1, *([1] * NO_WAIT.max_retries * (status == 503)), 2, 8], sent
+    with pytest.raises(lc.ServerError) as err:
+        client_for(fake, batch_size=16).scores(its, "tiny")
+    assert err.value.status == status and err.value.param == "items[29]" and err.value.item == 29
+    assert str(err.value).count("items[29]") == 1
+
+
+async def test_async_client_sets_an_item_the_engine_fails_on_aside_alone():
+    fake = FakeLabeler()
+    its = items(12)
+    fake.fail_item(its[0]["response"], 503, retry_after=0)
+    async with lc.AsyncClient(URL, transport=fake.async_transport(), retry=NO_WAIT) as client:
+        got = await client.scores(its, "tiny", on_error="none")
+    assert got[0] is None and [g.reward for g in got[1:]] == expected(its)[1:]
+    assert [len(json.loads(r.content)["items"]) for r in fake.requests] == [12, 1, 1, 1, 1, 11]
 
 
 def test_a_down_server_gives_none_for_every_item_only_when_asked():

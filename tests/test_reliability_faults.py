@@ -160,6 +160,7 @@ async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, t
     assert bad.status_code == 503 and bad.headers["retry-after"] == "1"
     err = bad.json()
     assert error_shape_ok(err, 503) and err["error"]["type"] == "engine_error"
+    assert err["error"]["param"] == "items[0]" and err["error"]["message"].startswith("items[0]: ")  # which item
     assert "injected fault" in err["error"]["message"]  # says what failed
     # The poisoned item failed a batch shared with good items, which was split in halves
     # (log2 of the batch in failed calls, not one per item) until it stood alone...
@@ -179,6 +180,45 @@ async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, t
         poisoned_503=int(bad.status_code == 503),
         others_200=statuses[200],
         others_5xx=sum(n for code, n in statuses.items() if code >= 500),
+        **tally.figures(),
+    )
+
+
+def test_the_client_sets_aside_only_the_item_the_engine_fails_on(labeler, test_tasks, figures):
+    """Through the real client, with on_error="none": one request holding an item the engine
+    fails on gives None for that item alone. The server names the item (`items[k]`); the
+    client sends the items around it again (their labels were computed and cached while the
+    batch was split) and retries the item alone, instead of retrying the whole batch."""
+    faulty = FaultyEngine(labeler.engine, poison=POISON)
+    srv = LiveServer(Labeler(faulty, test_tasks))
+    good = questions(scale(ci=7, full=31), "aside")
+    k = len(good) // 2
+    its = [*good[:k], {"context": "fault", "response": POISON}, *good[k:]]
+    ref = [r.distribution for r in labeler.scores(score_items(good), "tiny")]
+    wire = RecordingTransport()
+    srv.start()
+    try:
+        retry = lc.Retry(max_retries=1, max_retry_after=0)
+        with lc.Client(srv.url, transport=wire, retry=retry, batch_size=len(its)) as client:
+            got = client.scores(its, "tiny", on_error="none")
+    finally:
+        srv.stop()
+    assert got[k] is None and all(g is not None for i, g in enumerate(got) if i != k)
+    tally = Tally()
+    tally.add([g.distribution for i, g in enumerate(got) if i != k], ref)
+    assert tally.exact, tally
+    statuses = [status for _, status, _ in wire.log]
+    # The whole batch once (503 naming the item), the items before it, the item alone and
+    # its one retry, the items after it.
+    assert statuses == [503, 200, 503, 503, 200], statuses
+    assert all(g.cached for i, g in enumerate(got) if i != k)  # computed once, in the first request
+    figures.record(
+        "engine-fault-client-set-aside",
+        items=len(its),
+        requests=len(statuses),
+        status_503=statuses.count(503),
+        none_items=sum(g is None for g in got),
+        faults_injected=faulty.raised,
         **tally.figures(),
     )
 

@@ -19,10 +19,15 @@ def split(n: int, size: int) -> list[range]:
     return [range(start, min(n, start + size)) for start in range(0, n, size)]
 
 
-def halves(idx: range) -> tuple[range, range]:
-    """Two halves of a batch (to isolate the item a 4xx is about)."""
-    mid = len(idx) // 2
-    return idx[:mid], idx[mid:]
+def parts(idx: range, item: int | None = None) -> list[range]:
+    """A failed batch cut to isolate the item the error is about: the items before `item`
+    (the caller's index the server named), `item` alone, the items after it; two halves when
+    the server named none."""
+    if item is None or item not in idx:
+        mid = len(idx) // 2
+        return [idx[:mid], idx[mid:]]
+    k = item - idx.start
+    return [part for part in (idx[:k], idx[k : k + 1], idx[k + 1 :]) if part]
 
 
 def place(out: list[Any], idx: range, payload: Any, parse: Callable[[Any], T], request: httpx.Request) -> None:

@@ -112,9 +112,13 @@ class _BaseClient:
         return exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
 
     @staticmethod
-    def _retry_delay(error: exc.LabelerClientError, attempt: int, retry: Retry) -> float | None:
-        """Seconds before the next try, or None when `error` is final."""
+    def _retry_delay(error: exc.LabelerClientError, attempt: int, retry: Retry, isolate: bool) -> float | None:
+        """Seconds before the next try, or None when `error` is final. With `isolate`, an
+        error about one item is final: the batch is cut around that item instead, and the
+        item alone is retried."""
         if attempt >= retry.max_retries:
+            return None
+        if isolate and isinstance(error, exc.APIStatusError) and error._names_item:
             return None
         if isinstance(error, exc.RequestError):
             return retry.delay(attempt)
@@ -123,10 +127,20 @@ class _BaseClient:
         return None
 
     @staticmethod
-    def _splittable(error: exc.LabelerClientError, idx: range, on_error: OnError) -> bool:
-        """With on_error="none", a batch refused for its content (413, 422) is split in halves
-        so that only the offending items come back as None."""
-        return on_error == "none" and len(idx) > 1 and isinstance(error, (exc.InvalidRequest, exc.PayloadTooLarge))
+    def _isolating(idx: range, on_error: OnError) -> bool:
+        """With on_error="none", a batch of several items that fails for some of them is cut
+        (`_splittable`) so that only those items come back as None."""
+        return on_error == "none" and len(idx) > 1
+
+    @classmethod
+    def _splittable(cls, error: exc.LabelerClientError, idx: range, on_error: OnError) -> bool:
+        """A batch refused for its content (413, 422), or one the engine failed on for an item
+        the server names (500, 503), is cut when isolating: around the named item, else in
+        halves."""
+        about_items = isinstance(error, (exc.InvalidRequest, exc.PayloadTooLarge)) or (
+            isinstance(error, exc.ServerError) and error.item is not None
+        )
+        return about_items and cls._isolating(idx, on_error)
 
     @staticmethod
     def _request_wide(error: exc.LabelerClientError) -> bool:
@@ -188,7 +202,9 @@ class Client(_BaseClient):
     def __exit__(self, *args: Any) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None) -> Answer:
+    def _send(
+        self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None, isolate: bool = False
+    ) -> Answer:
         retry = self.retry if retry is None else self._as_retry(retry)
         attempt = 0
         while True:
@@ -200,7 +216,7 @@ class Client(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                delay = self._retry_delay(error, attempt, retry)
+                delay = self._retry_delay(error, attempt, retry, isolate)
                 if delay is None:
                     raise
                 self._sleep(delay)
@@ -214,7 +230,8 @@ class Client(_BaseClient):
 
         def run(idx: range) -> None:
             try:
-                answer = self._send("POST", path, {**opts, "items": batching.select(items, idx)})
+                body = {**opts, "items": batching.select(items, idx)}
+                answer = self._send("POST", path, body, isolate=self._isolating(idx, on_error))
                 batching.place(out, idx, answer.data, parse, answer.request)
             except exc.LabelerClientError as error:
                 if isinstance(error, exc.APIStatusError):
@@ -222,8 +239,8 @@ class Client(_BaseClient):
                 if on_error == "raise" or self._request_wide(error):
                     raise
                 if self._splittable(error, idx, on_error):
-                    for half in batching.halves(idx):
-                        run(half)
+                    for part in batching.parts(idx, getattr(error, "item", None)):
+                        run(part)
 
         chunks = batching.split(len(items), self.batch_size)
         if len(chunks) <= 1 or self.max_concurrency == 1:
@@ -403,7 +420,9 @@ class AsyncClient(_BaseClient):
     async def __aexit__(self, *args: Any) -> None:
         await self.aclose()
 
-    async def _send(self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None) -> Answer:
+    async def _send(
+        self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None, isolate: bool = False
+    ) -> Answer:
         retry = self.retry if retry is None else self._as_retry(retry)
         attempt = 0
         while True:
@@ -415,7 +434,7 @@ class AsyncClient(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                delay = self._retry_delay(error, attempt, retry)
+                delay = self._retry_delay(error, attempt, retry, isolate)
                 if delay is None:
                     raise
                 await self._sleep(delay)
@@ -430,7 +449,8 @@ class AsyncClient(_BaseClient):
 
         async def run(idx: range) -> None:
             try:
-                answer = await self._send("POST", path, {**opts, "items": batching.select(items, idx)})
+                body = {**opts, "items": batching.select(items, idx)}
+                answer = await self._send("POST", path, body, isolate=self._isolating(idx, on_error))
                 batching.place(out, idx, answer.data, parse, answer.request)
             except exc.LabelerClientError as error:
                 if isinstance(error, exc.APIStatusError):
@@ -438,8 +458,8 @@ class AsyncClient(_BaseClient):
                 if on_error == "raise" or self._request_wide(error):
                     raise
                 if self._splittable(error, idx, on_error):
-                    for half in batching.halves(idx):
-                        await run(half)
+                    for part in batching.parts(idx, getattr(error, "item", None)):
+                        await run(part)
 
         async def gated(idx: range) -> None:
             async with gate:

@@ -10,7 +10,8 @@ LabelerClientError
 │   │   ├── PayloadTooLarge       413 (lower batch_size)
 │   │   └── InvalidRequest        422 (.param names the field, the message the limit)
 │   ├── RateLimited         429 (retried after Retry-After; raised once retries run out)
-│   └── ServerError         5xx (502/503/504 retried)
+│   └── ServerError         5xx (502/503/504 retried; .param names the item the engine
+│                           failed on, when one did)
 └── ResponseError           a 2xx answer the client cannot use (wrong shape or result count)
 
 When a call's items are sent in several requests, `.param` and `.item` of an error about one
@@ -73,6 +74,11 @@ class APIStatusError(LabelerClientError):
         self.code = err.get("code", self.status)
         self.retry_after = retry_after
         self.item: int | None = None  # the caller's index of the item the error is about, if one
+
+    @property
+    def _names_item(self) -> bool:
+        """The server said which item of the request this error is about (`items[3]...`)."""
+        return _INDEX.match(self.param or "") is not None
 
     def _about_item(self, offset: int) -> None:
         """Name the item by its position in the caller's list: this error's request carried

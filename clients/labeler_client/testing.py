@@ -4,6 +4,7 @@ labels, and injectable faults. No model, no network.
 
     fake = FakeLabeler()
     fake.fail_next(503, times=2, retry_after=0)  # then answers normally (no wait)
+    fake.fail_item("bad answer", 500)            # any request with this response, naming it
     client = Client("http://labeler.test", transport=fake.transport())
     client.rewards(["2+2?"], ["4"], task="general")
 
@@ -195,12 +196,21 @@ class FakeLabeler:
         self.requests: list[httpx.Request] = []
         self.max_in_flight = 0
         self._faults: deque[tuple[int | type[Exception], float | None]] = deque()
+        self._item_faults: dict[str, tuple[int, float | None]] = {}
         self._lock = threading.Lock()
         self._in_flight = 0
 
     def fail_next(self, fault: int | type[Exception], *, times: int = 1, retry_after: float | None = None) -> None:
         """Answer the next `times` requests with `fault` instead of labels."""
         self._faults.extend([(fault, retry_after)] * times)
+
+    def fail_item(self, response: str, status: int = 500, *, retry_after: float | None = None) -> None:
+        """Fail every label request that carries an item whose `response` is `response`, as
+        the server answers for an item the engine fails on: `status` (500 `model_output_error`
+        or 503 `engine_error`, with `Retry-After`) naming the first such item (`items[3]`)."""
+        if status not in (500, 503):
+            raise ValueError("an item fails with 500 or 503")
+        self._item_faults[response] = (status, retry_after)
 
     def transport(self) -> httpx.MockTransport:
         """For `Client(transport=...)`; `latency` is slept in the calling thread."""
@@ -427,6 +437,13 @@ class FakeLabeler:
             refused = self._check_item(f"items[{i}]", item, fields)
             if refused is not None:
                 return refused
+        for i, item in enumerate(body["items"]):
+            fault = self._item_faults.get(item.get("response"))
+            if fault is not None:
+                status, retry_after = fault
+                headers = {"Retry-After": f"{1 if retry_after is None else retry_after:g}"} if status == 503 else None
+                type_ = "engine_error" if status == 503 else "model_output_error"
+                return self._error(status, f"items[{i}]: injected item failure", type_, f"items[{i}]", headers)
         results = [result(it, body) for it in body["items"]]
         n = len(results)
         usage = {"items": n, "cached": 0, "computed": n, "shared": 0}
