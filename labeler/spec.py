@@ -7,7 +7,7 @@ version), the kind of question, every parameter that changes a result, and the i
     spec = labeler.spec("pairwise", "summarize", order="both")
     spec.key(PairItem("post", "A", "B"))       # 64 hex digits
 
-The service's cache key is `labeler:v3:<key>`; `labeler label` / `eval` / `winrate` store the
+The service's cache key is `labeler:v4:<key>`; `labeler label` / `eval` / `winrate` store the
 same key in each output row to resume. Parameters that cannot change a result are
 normalized away, so they do not split the cache: the seed and the sampling temperature count
 only when rationales are sampled (`samples > 1`), the rationale length only with
@@ -42,7 +42,8 @@ MAX_SAMPLES = 16
 MAX_GROUP_SIZE = 32
 # Engines seed a 64-bit generator (torch, vLLM): larger seeds would fail inside the engine.
 MAX_SEED = 2**63 - 1
-KEY_VERSION = 3
+# Bumped whenever the same spec and item would be computed differently (rationales included).
+KEY_VERSION = 4
 
 # One encoder, built once: json.dumps with options builds a new one per call.
 _canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode

@@ -137,25 +137,31 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
 
 
 async def test_rationales_ignore_the_models_own_generation_defaults(engine, model_dir, tmp_path):
-    """A model whose generation_config.json sets sampling defaults (Qwen2.5 ships a repetition
-    penalty, top-p and top-k) generates the same rationales as without them: the request
-    decides, as it does on the vLLM engines, so one cache key means one rationale."""
+    """A model whose generation_config.json sets generation options (Qwen2.5 ships a repetition
+    penalty, top-p and top-k; others beams, truncations or suppressed tokens) generates the
+    same rationales as without them: the request decides, as it does on the vLLM engines, so
+    one cache key means one rationale."""
     import json
 
     from labeler.engines.base import GenerateRequest
     from labeler.engines.transformers_engine import TransformersEngine
 
+    chat = [{"role": "user", "content": "Why is the sky blue? Explain."}]
+    prompt = engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    requests = {t: [GenerateRequest(tuple(prompt), 24, t, n, seed=5)] for t, n in ((0.0, 1), (0.9, 2))}
+    plain = {t: await engine.generate(r) for t, r in requests.items()}
+    first = engine.tokenizer(plain[0.0][0][0].text, add_special_tokens=False)["input_ids"][0]
     copy = tmp_path / model_dir.name
     copy.mkdir()
     for f in model_dir.iterdir():
         if f.name != "generation_config.json":
             (copy / f.name).symlink_to(f)
+    config = json.loads((model_dir / "generation_config.json").read_text())
     defaults = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "top_k": 3, "top_p": 0.5, "min_p": 0.2}
-    (copy / "generation_config.json").write_text(json.dumps({"do_sample": True, **defaults}))
+    # The greedy rationale's first token suppressed; beam search; sampling truncations.
+    others = {"suppress_tokens": [first], "num_beams": 3, "typical_p": 0.5, "epsilon_cutoff": 0.01}
+    (copy / "generation_config.json").write_text(json.dumps({**config, "do_sample": True, **defaults, **others}))
     tuned = TransformersEngine(copy)
-    chat = [{"role": "user", "content": "Why is the sky blue? Explain."}]
-    prompt = engine.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
-    for temperature, n in ((0.0, 1), (0.9, 2)):
-        request = [GenerateRequest(tuple(prompt), 24, temperature, n, seed=5)]
-        plain, other = await engine.generate(request), await tuned.generate(request)
-        assert [g.text for g in other[0]] == [g.text for g in plain[0]] and plain[0][0].text
+    for t, request in requests.items():
+        other = await tuned.generate(request)
+        assert [g.text for g in other[0]] == [g.text for g in plain[t][0]] and plain[t][0][0].text

@@ -169,6 +169,11 @@ class TransformersEngine:
         import torch
 
         self.model = model.eval()
+        # generate() fills every option a call leaves unset from the model's generation config
+        # (Qwen2.5 ships a repetition penalty, top-p and top-k; others beams or suppressed
+        # tokens), which the vLLM engines do not read: only its special tokens are kept, so
+        # the request alone decides a rationale, as on every engine.
+        model.generation_config = _plain_generation_config(model.generation_config)
         self.tokenizer = tokenizer
         self._torch = torch
         self.device = next(model.parameters()).device
@@ -394,11 +399,10 @@ class TransformersEngine:
         for row, p in enumerate(prompts):  # left padding: every prompt ends at the same column
             ids[row, width - len(p) :] = torch.tensor(p)
             mask[row, width - len(p) :] = 1
-        # transformers fills every option left unset from the model's generation config; greedy
-        # decoding reads only the penalties.
-        kwargs: dict[str, Any] = {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+        # Sampling as every engine samples: transformers' own default top-k is 50.
+        kwargs: dict[str, Any] = {"do_sample": False}
         if temperature is not None:
-            kwargs |= {**PLAIN_SAMPLING, "typical_p": 1.0, "do_sample": True, "temperature": temperature}
+            kwargs |= {**PLAIN_SAMPLING, "do_sample": True, "temperature": temperature}
         with torch.inference_mode():
             seqs = self.model.generate(
                 input_ids=ids.to(self.device),
@@ -414,6 +418,14 @@ class TransformersEngine:
             [finish_generation(seqs[row * n + j, width:].tolist(), eos, self.tokenizer, self.stats) for j in range(n)]
             for row in range(len(prompts))
         ]
+
+
+def _plain_generation_config(config: Any) -> Any:
+    """transformers' defaults with only `config`'s special tokens (end, start, padding)."""
+    from transformers import GenerationConfig
+
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return GenerationConfig(**{k: getattr(config, k) for k in keep if getattr(config, k, None) is not None})
 
 
 def _common_prefix(seqs: Sequence[TokenIds], *, spare: int = 0) -> TokenIds:
