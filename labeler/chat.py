@@ -18,6 +18,8 @@ Templates recognized, when a string starts with their markup (after a BOS token)
     Gemma                       <start_of_turn>user\\n...<end_of_turn>   ("model" is the assistant)
     Phi-3                       <|user|>\\n...<|end|>
     DeepSeek (V2.5, V3, R1)     system<｜User｜>...<｜Assistant｜>...<｜end▁of▁sentence｜>
+                                (its system prompt stands bare in front: a user marker
+                                further in counts when an assistant marker follows it)
     plain transcripts           Human: / User: / System: / Assistant: / Tool: turns (any case)
                                 separated by blank lines (Anthropic HH, TRL's simple template,
                                 DeepSeek LLM, and the canonical form itself)
@@ -27,8 +29,10 @@ The canonical transcript:
   user message read the same);
 - otherwise one `Role: content` block per message, joined by blank lines, with the roles
   System, User, Assistant and Tool;
-- contents are trimmed and lose trailing end-of-turn markers; messages left empty are dropped
-  (a template's open assistant turn, an empty system turn).
+- contents are trimmed and lose trailing end-of-turn markers, an assistant's also the empty
+  reasoning block a template puts in front of its answer (`<think></think>`), whether the
+  dialogue came as text or as messages; messages left empty are dropped (a template's open
+  assistant turn, an empty system turn).
 Rendering is a fixed point: the canonical transcript parses back into the same messages.
 
 A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
@@ -169,8 +173,7 @@ def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
 
 
 def _clean_response(text: str, markers: tuple[str, ...]) -> str:
-    text = _clean(text, markers)
-    return _EMPTY_THINK.sub("", text, count=1) if text.startswith("<think>") else text
+    return _turn_content("Assistant", text, markers)
 
 
 def _role(role: Any) -> str:
@@ -228,7 +231,7 @@ def _raw_turns(body: str) -> tuple[list[Message], tuple[str, ...]] | None:
             return _turns(body, t.header), t.ends
     if head.startswith(("[INST]", "[SYSTEM_PROMPT]")):
         return _llama2(body), ("</s>",)
-    if _DEEPSEEK.starts[0] in body:
+    if _deepseek(head):
         return _turns(body, _DEEPSEEK.header, "system"), _DEEPSEEK.ends
     if _PLAIN_START.match(body):
         # DeepSeek LLM ends each answer with its EOS and starts the next turn right after it.
@@ -237,6 +240,15 @@ def _raw_turns(body: str) -> tuple[list[Message], tuple[str, ...]] | None:
                 body = body.replace(marker + "User:", marker + "\n\nUser:")
         return _turns(body, _PLAIN_HEADER), ()
     return None
+
+
+def _deepseek(head: str) -> bool:
+    """True when DeepSeek's template laid `head` (a BOS already dropped) out. Its system
+    prompt stands bare in front of the first turn, so a user turn marker inside a prompt is
+    taken for the template only when an assistant turn marker follows it (a query or a
+    prompt with its generation prompt), or when it opens the text."""
+    user = head.find(_DEEPSEEK.starts[0])
+    return user == 0 or (user > 0 and "<｜Assistant｜>" in head[user:])
 
 
 def _plain_text(text: str) -> bool:
@@ -261,12 +273,18 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
     markers = (*ends, *_markers(end_markers))
     out = []
     for m in turns:
-        role = _CANONICAL_ROLES.get(_role(m["role"]), m["role"].strip().lower())
-        content = clean_content(m["content"], markers)
-        if role == "assistant":
-            content = _EMPTY_THINK.sub("", content, count=1)
-        out.append({"role": role, "content": content})
+        role = _role(m["role"])
+        content = _turn_content(role, m["content"], markers)
+        out.append({"role": _CANONICAL_ROLES.get(role, m["role"].strip().lower()), "content": content})
     return out
+
+
+def _turn_content(role: str, content: str, markers: tuple[str, ...]) -> str:
+    """A turn's content as cleaned (`clean_content`), an assistant's without the empty
+    reasoning block a template puts in front of its answer: the same whether the turn came
+    laid out as text or as a message."""
+    content = _clean(content, markers)
+    return _EMPTY_THINK.sub("", content, count=1) if role == "Assistant" and content.startswith("<think>") else content
 
 
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
@@ -274,10 +292,10 @@ def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = E
     markers = _markers(end_markers)
     kept = []
     for m in messages:
-        content = m.get("content")
-        content = clean_content(content if isinstance(content, str) else "", markers)
+        role, content = _role(m.get("role")), m.get("content")
+        content = _turn_content(role, content if isinstance(content, str) else "", markers)
         if content:
-            kept.append((_role(m.get("role")), content))
+            kept.append((role, content))
     if len(kept) == 1 and kept[0][0] == "User":
         return kept[0][1]
     return "\n\n".join(f"{role}: {content}" for role, content in kept)

@@ -128,6 +128,36 @@ def test_roles_and_multi_turn():
     assert (chat.context_text(context), response) == ("User: hi\n\nAssistant: a\n\nUser: more", "b")
 
 
+def test_an_empty_reasoning_block_reads_the_same_as_text_or_as_messages():
+    """Qwen 3 (thinking off) puts an empty <think></think> in front of every answer: a
+    dialogue laid out as text and the same dialogue as messages give one transcript."""
+    think = "<think>\n\n</think>\n\n"
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": f"{think}hello"},
+        {"role": "user", "content": "more"},
+    ]
+    laid_out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    want = "User: hi\n\nAssistant: hello\n\nUser: more"
+    assert chat.render(messages) == chat.context_text(laid_out) == chat.context_text(messages) == want
+    assert chat.parse(laid_out)[1]["content"] == "hello"
+    # Only an assistant's, and only an empty block: reasoning is content.
+    assert chat.render([{"role": "user", "content": f"{think}hi"}]) == f"{think}hi".strip()
+    reasoned = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>y"}]
+    assert chat.render(reasoned) == "User: hi\n\nAssistant: <think>x</think>y"
+
+
+def test_a_deepseek_marker_inside_a_plain_prompt_is_text():
+    """DeepSeek's system prompt stands bare in front of its first turn, so its user marker is
+    taken for the template only when it opens the text or an assistant marker follows."""
+    plain = "How do I write <｜User｜> in a DeepSeek prompt?"
+    assert chat.parse(plain) is None and chat.context_text(plain) == plain
+    assert chat.split_query(plain) == ("", plain)
+    assert chat.parse("<｜User｜>hi") == [{"role": "user", "content": "hi"}]
+    context, response = chat.split_query(f"{S}<｜User｜>{U}<｜Assistant｜>{R}")
+    assert (chat.context_text(context), response) == (CANONICAL, R)
+
+
 @pytest.mark.parametrize(
     ("query", "prompt", "context", "response"),
     [
