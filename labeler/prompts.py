@@ -40,6 +40,9 @@ Kind = Literal["pairwise", "score", "judgment"]
 Order = Literal["ab", "ba"]
 
 ZWSP = "\u200b"
+# What stands in front of an answer prefix when label ids are worked out: a line break (not
+# the start of a text, which a SentencePiece tokenizer marks as a word start).
+_ANCHOR = "\n"
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
@@ -127,18 +130,20 @@ class PromptBuilder:
         self.max_prompt_tokens = max_prompt_tokens
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         added = set(getattr(tokenizer, "get_added_vocab", dict)()) | set(tokenizer.all_special_tokens)
-        # Longest first, so a token that contains another is broken as a whole.
-        self._specials = sorted((t for t in added if len(t) > 1), key=len, reverse=True)
-        self._label_ids = {
-            "pairwise": self._encode_labels(PAIRWISE_LABELS),
-            "score": self._encode_labels(SCORE_LABELS),
-        }
+        # Longest first, so a token that contains another is broken as a whole. Runs of
+        # whitespace (Gemma adds tokens for them) are text that no template marks a turn with:
+        # breaking them would put a zero-width space into every paragraph break.
+        self._specials = sorted(
+            (t for t in added if len(t) > 1 and not t.replace("\u2581", " ").isspace()), key=len, reverse=True
+        )
+        self._label_ids: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}  # by kind and answer prefix
         self._judgment_ids: dict[str, dict[str, tuple[int, ...]]] = {}  # by answer prefix
         self._tail_tokens: dict[str, int] = {}  # by answer prefix: "\n" + prefix after a rationale
 
     # -- text hygiene ------------------------------------------------------------
     def neutralize(self, text: str) -> str:
-        """Break every special/added-token string in `text` so it tokenizes as plain text."""
+        """Break every special/added-token string in `text` (whitespace runs aside) so it
+        tokenizes as plain text."""
         changed = True
         while changed:
             changed = False
@@ -237,7 +242,9 @@ class PromptBuilder:
         `judgment_label_text`). A spelling that tokenizes like an earlier one is left out."""
         ids = self._judgment_ids.get(answer_prefix)
         if ids is None:
-            encoded = self._encode_labels(JUDGMENT_LABELS, lambda label: judgment_label_text(answer_prefix, label))
+            encoded = self._encode_labels(
+                answer_prefix, JUDGMENT_LABELS, lambda label: judgment_label_text(answer_prefix, label)
+            )
             ids = {}
             for label, toks in encoded.items():
                 if toks not in ids.values():
@@ -421,7 +428,7 @@ class PromptBuilder:
         labels: dict[str, tuple[int, ...]] | None = None,
     ) -> Rendered:
         prompt = self._chat(messages) + ("" if cot else prefix)
-        out = Rendered(kind, prompt, (), labels or self._label_ids[kind], prefix, cot)
+        out = Rendered(kind, prompt, (), labels or self._labels(kind, prefix), prefix, cot)
         return self.tokenize_many([out])[0] if tokenize else out
 
     def _chat(self, messages: list[dict[str, str]]) -> str:
@@ -436,7 +443,34 @@ class PromptBuilder:
         # No chat template: a plain transcript; the answer prefix starts each answer.
         return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
+    def _labels(self, kind: Kind, prefix: str) -> dict[str, tuple[int, ...]]:
+        """Token ids of the pairwise or score labels as they follow `prefix`."""
+        ids = self._label_ids.get((kind, prefix))
+        if ids is None:
+            ids = self._label_ids[kind, prefix] = self._encode_labels(
+                prefix, PAIRWISE_LABELS if kind == "pairwise" else SCORE_LABELS
+            )
+        return ids
+
     def _encode_labels(
-        self, labels: Sequence[str], text: Callable[[str], str] = lambda label: label
+        self, prefix: str, labels: Sequence[str], text: Callable[[str], str] = lambda label: label
     ) -> dict[str, tuple[int, ...]]:
-        return {label: tuple(self.tokenizer.encode(text(label), add_special_tokens=False)) for label in labels}
+        """Token ids of each label's `text` as it follows `prefix` in a prompt: the tokens that
+        the label adds to the prefix's. Encoded alone, a label can differ: a SentencePiece
+        tokenizer (Llama 2, Mistral) puts a word-start marker in front of a text's first
+        word ("1" is "▁1" or "▁", "1"), so after "Score: " the model would be read at a double
+        space. Where the label merges with the prefix's last token (a vocabulary with "▁1"
+        after a prefix ending in a space), its tokens as they follow a line break: the label
+        with no space in front, which the prompt already ends in."""
+        return {
+            label: self._continuation(_ANCHOR + prefix, text(label))
+            or self._continuation(_ANCHOR, text(label))
+            or tuple(self.tokenizer.encode(text(label), add_special_tokens=False))
+            for label in labels
+        }
+
+    def _continuation(self, before: str, text: str) -> tuple[int, ...]:
+        """The tokens `text` adds after `before`, or () when it changes `before`'s tokens."""
+        head = self.tokenizer.encode(before, add_special_tokens=False)
+        full = self.tokenizer.encode(before + text, add_special_tokens=False)
+        return tuple(full[len(head) :]) if full[: len(head)] == head else ()

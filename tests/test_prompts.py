@@ -8,9 +8,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from labeler.errors import InvalidInput, TaskFileError, UnknownTask
-from labeler.prompts import PromptBuilder, clean_text, fence_tag
+from labeler.prompts import ZWSP, PromptBuilder, clean_text, fence_tag
+from labeler.scoring import judgment_label_text
 from labeler.tasks import TaskRegistry, load_task_file
 from tests.fixtures.prompts import fences, special_ids
+from tests.fixtures.tokenizers import LLAMA2_TEMPLATE, WORD_START, sentencepiece_like
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +230,56 @@ def test_malformed_task_files_are_refused(tmp_path, content):
     (tmp_path / "bad.toml").write_text(content)
     with pytest.raises(TaskFileError, match="bad.toml"):
         load_task_file(tmp_path / "bad.toml")
+
+
+# -- labels on other vocabularies --------------------------------------------------------------
+def _reads(builder: PromptBuilder, task, kind: str, cot: bool) -> list:
+    """The label-reading prompts of `kind`, without and after a rationale."""
+    texts = ("What is 2+2?", "4", "5") if kind == "pairwise" else ("What is 2+2?", "4")
+    r = getattr(builder, kind)(task, *texts, cot=cot)
+    return [builder.after_rationale(r, "It adds up.")] if cot else [r]
+
+
+@pytest.mark.parametrize("template", [None, LLAMA2_TEMPLATE], ids=["plain", "chat"])
+@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+@pytest.mark.parametrize("kind", ["pairwise", "score", "judgment"])
+@pytest.mark.parametrize("cot", [False, True])
+def test_labels_are_read_as_they_follow_the_answer_prefix_on_sentencepiece_vocabularies(
+    task, template, style, kind, cot
+):
+    """Llama 2 and Mistral tokenizers put a word-start marker in front of a text's first word:
+    a label encoded alone ("1" as "▁", "1") would be read after the prefix's own space
+    ("Score:  1"). Each label's ids are the tokens it takes right after the prompt: the
+    prompt's ids and the label's are the prompt and label encoded as one text."""
+    tok = sentencepiece_like(style, word_start_digits=False, chat_template=template)
+    builder = PromptBuilder(tok)
+    for r in _reads(builder, task, kind, cot):
+        for label, ids in r.labels.items():
+            text = judgment_label_text(r.answer_prefix, label) if kind == "judgment" else label
+            whole = tok(r.prompt + text, add_special_tokens=template is None)["input_ids"]
+            assert list(r.prompt_token_ids) + list(ids) == whole, (label, tok.convert_ids_to_tokens(list(ids)))
+
+
+@pytest.mark.parametrize("style", ["legacy", "metaspace"])
+def test_a_label_that_merges_with_the_prefixs_space_is_read_without_a_second_one(task, style):
+    """With "▁1" in the vocabulary, "Score: 1" ends in one token for space and digit, while the
+    prompt already ends in the prefix's space: the label is read as the bare digits."""
+    tok = sentencepiece_like(style, word_start_digits=True)
+    builder = PromptBuilder(tok)
+    r = builder.score(task, "What is 2+2?", "4")
+    assert r.answer_prefix.endswith(" ")
+    for label, ids in r.labels.items():
+        assert tok.convert_ids_to_tokens(list(ids)) == list(label)
+
+
+def test_whitespace_runs_that_a_vocabulary_adds_are_left_in_judged_text(task):
+    """Gemma adds non-special tokens for runs of whitespace: judged text keeps its paragraph
+    breaks and indentation as they are, while special tokens are still broken."""
+    runs = ("\n\n", "\n\n\n", "  ", "    ", "\t\t", WORD_START * 2)
+    tok = sentencepiece_like("metaspace", word_start_digits=False, added=runs)
+    builder = PromptBuilder(tok)
+    text = "First.\n\nSecond  one:\n\n\n- item\t\tx"
+    assert builder.neutralize(text) == text
+    assert builder.neutralize("a</s>b") != "a</s>b"
+    r = builder.score(task, "Q?", text)
+    assert text in r.prompt and ZWSP not in r.prompt
