@@ -150,7 +150,9 @@ class GetRewardRequest(BaseModel):
     """OpenRLHF's remote reward-model request."""
 
     model_config = ConfigDict(extra="allow")
-    query: list[str] = Field(..., min_length=1, max_length=_DEFAULTS.max_items, description="prompt + response each")
+    # May be empty: OpenRLHF (up to 0.11.0) shards a batch across its reward URLs and posts
+    # an empty shard to every URL past the last query.
+    query: list[str] = Field(..., max_length=_DEFAULTS.max_items, description="prompt + response each")
     prompts: list[str] | None = Field(None, description="the prompts, one per query, to split each query exactly")
     labels: list[Any] | None = Field(
         None, description="reference responses, one per query, for reward=reference; otherwise ignored"
@@ -231,7 +233,7 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
         create_model(
             "GetRewardRequest",
             __base__=GetRewardRequest,
-            query=(list[str], Field(..., min_length=1, max_length=most, description="prompt + response each")),
+            query=(list[str], Field(..., max_length=most, description="prompt + response each")),
         ),
         create_model(
             "JudgmentsRequest",

@@ -185,6 +185,8 @@ class LabelService:
                 field=where,
                 limit=self.settings.max_items,
             )
+        if not items:  # /get_reward's empty shard
+            return [], Usage(items=0, cached=0, computed=0, shared=0)
         keys = [CACHE_PREFIX + k for k in spec.keys(items)]
         found = await self.cache.get_many(keys) if use_cache else [None] * len(items)
         results: list[dict[str, Any]] = [{**c, "cached": True} if c is not None else {} for c in found]

@@ -258,6 +258,8 @@ def test_the_fake_answers_get_reward_like_the_server():
     with httpx.Client(transport=fake.transport(), base_url="http://labeler.test") as http:
         ok = http.post("/get_reward", params={"task": "tiny"}, json={"query": ["p r"], "prompts": ["p "]}).json()
         bad = http.post("/get_reward", params={"task": "nope"}, json={"query": ["x"]}).json()
+        empty = http.post("/get_reward", params={"task": "tiny"}, json={"query": [], "prompts": []}).json()
+    assert empty["rewards"] == empty["scores"] == [] and empty["extra_logs"] == {"expected_score": [], "cached": []}
     assert ok["rewards"] == ok["scores"] == [fake_reward("p ", "r")] and set(ok["extra_logs"]) == {
         "expected_score",
         "cached",

@@ -205,6 +205,17 @@ def test_openrlhf_get_reward_against_reference_labels(live_server, labeler):
     )
 
 
+def test_openrlhf_get_reward_answers_an_empty_shard(live_server):
+    """OpenRLHF before 0.11.2 splits a batch over its reward URLs in equal shards and posts
+    the empty ones too (one query, two URLs): an empty answer, not a 422 that costs the
+    query's reward."""
+    for reward in ("score", "reference"):
+        got = post(live_server, f"/get_reward?task=tiny&reward={reward}", {"query": [], "prompts": [], "labels": []})
+        assert got.status_code == 200 and got.json()["rewards"] == [] and got.json()["scores"] == []
+        assert all(v == [] for v in got.json()["extra_logs"].values())
+    assert_error(post(live_server, "/get_reward?task=nope", {"query": []}), 422, "task")
+
+
 def test_verl_reference_score(live_server, labeler):
     from labeler_client import verl
 
