@@ -11,8 +11,14 @@ vLLM servers (data parallel), or to one server with tensor parallelism.
 - Generation: `POST /v1/completions` with `return_token_ids`.
 - Load spreading: round robin over the servers that are up. A server that fails
   (connection error, timeout, 5xx) is marked down for `cooldown` seconds and the request
-  is retried on the next one; after the cooldown a `GET /health` must answer before the
-  server gets traffic again.
+  is retried on the next one (when every server is down, once the first cooldown ends);
+  after the cooldown a `GET /health` must answer before the server gets traffic again.
+  Up to `retries` tries per server, then `EngineUnavailable`. A refused key or an unknown
+  model (401, 403, 404) is `EngineUnavailable` at once: every request would get it.
+- The served model's name and context length come from `GET /v1/models` (at start when a
+  server answers, else before the first request): a server started with a shorter
+  `--max-model-len` than the model's own limits prompts to it, and a prompt over it is an
+  `InputTooLong` before anything is sent.
 
 The tokenizer is read from a local copy of the served model (`model_dir`): the labeler
 renders and tokenizes prompts itself, so the servers only ever see token ids.
@@ -30,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from ..errors import EngineError, EngineUnavailable, InvalidInput, ModelLoadError
+from ..errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput, ModelLoadError
 from .base import (
     PLAIN_SAMPLING,
     EngineStats,
@@ -48,6 +54,7 @@ from .transformers_engine import _as_list, default_model_id
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = {500, 502, 503, 504}
+_CONFIG_STATUS = {401, 403, 404}  # the key or the model name is wrong for every request
 
 
 class _Server:
@@ -103,6 +110,15 @@ class VLLMRemoteEngine:
             headers=headers,
             limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
         )
+        self._discovered = False
+        for server in self.servers:  # the context limit before any prompt is built, when a server is up
+            try:
+                resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=connect_timeout)
+            except httpx.HTTPError:
+                continue
+            if resp.status_code == 200:
+                self._learn(resp.json())
+                break
 
     # -- transport -------------------------------------------------------------------------
     async def _pick(self) -> _Server:
@@ -132,15 +148,21 @@ class VLLMRemoteEngine:
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         last = "no attempt"
-        for attempt in range(self.retries * len(self.servers)):
+        tries = waits = 0
+        while tries < self.retries * len(self.servers):
             try:
                 server = await self._pick()
-            except EngineError:
+            except EngineUnavailable:
+                if waits >= self.retries:
+                    last = f"no server came back within {waits} cooldowns; {last}"
+                    break
                 # Every server is cooling down: wait for the first to come back.
-                await asyncio.sleep(min(self.cooldown, 0.5 * (attempt + 1)))
+                waits += 1
+                await asyncio.sleep(max(0.05, min(s.down_until for s in self.servers) - time.monotonic()))
                 continue
+            tries += 1
             try:
-                if self.served_model is None:
+                if not self._discovered:
                     await self._discover(server)
                 async with self._sem:
                     resp = await self._http.post(server.url + path, json={"model": self.served_model, **body})
@@ -153,23 +175,54 @@ class VLLMRemoteEngine:
                 last = f"{server.url}: HTTP {resp.status_code} {resp.text[:200]}"
                 continue
             if resp.status_code != 200:
-                raise EngineError(
-                    f"vLLM server {server.url} refused the request: HTTP {resp.status_code} {resp.text[:300]}"
-                )
+                raise self._refusal(server, resp)
             return resp.json()
         raise EngineUnavailable(f"every vLLM server failed; last: {last}")
 
+    @staticmethod
+    def _refusal(server: _Server, resp: httpx.Response) -> Exception:
+        message = f"vLLM server {server.url} refused the request: HTTP {resp.status_code} {resp.text[:300]}"
+        if resp.status_code in _CONFIG_STATUS:
+            return EngineUnavailable(message + " (check the API key and the served model's name)")
+        if resp.status_code == 400 and "context length" in resp.text:
+            return InputTooLong(message, field="items")
+        return EngineError(message)
+
     async def _discover(self, server: _Server) -> None:
         resp = await self._http.get(server.url + "/v1/models")
+        if resp.status_code in _CONFIG_STATUS:
+            raise self._refusal(server, resp)
         if resp.status_code != 200:
             raise httpx.TransportError(f"GET /v1/models answered HTTP {resp.status_code}")
-        data = resp.json()["data"][0]
-        self.served_model = data["id"]
-        if data.get("max_model_len"):
+        self._learn(resp.json())
+
+    def _learn(self, models: dict[str, Any]) -> None:
+        """The served model's name (unless given) and its context length, from `/v1/models`."""
+        listed = models.get("data") or []
+        data = next((m for m in listed if m.get("id") == self.served_model), None)
+        if data is None and self.served_model is None and listed:
+            data = listed[0]
+            self.served_model = data["id"]
+        if data is not None and data.get("max_model_len"):
             self.max_model_len = min(self.max_model_len, int(data["max_model_len"]))
+        self._discovered = True
+
+    async def _ready(self) -> None:
+        """Learn the context limit before a request is checked against it. Without a server
+        up, `_post` waits for one and learns it there."""
+        if self._discovered:
+            return
+        try:
+            server = await self._pick()
+            await self._discover(server)
+        except EngineUnavailable:
+            return
+        except httpx.TransportError as exc:
+            self._mark_down(server, type(exc).__name__)
 
     # -- protocol ------------------------------------------------------------------------------
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
+        await self._ready()
         check_score_requests(requests, self.max_model_len)
 
         async def read(ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
@@ -192,6 +245,7 @@ class VLLMRemoteEngine:
         return await chained_reads(requests, read, self.stats)
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
+        await self._ready()
         check_generate_requests(requests, self.max_model_len)
         self.stats.generate_calls += 1
 

@@ -1,0 +1,97 @@
+"""The vllm-remote engine's handling of its servers, on scripted ones (httpx.MockTransport):
+the context length learnt from `/v1/models`, refusals that concern every request, and a
+transient failure outlived. The label reads against real `vllm serve` processes are in
+tests/test_vllm.py."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from labeler.engines.base import LabelQuery, ScoreRequest
+from labeler.engines.vllm_remote import VLLMRemoteEngine
+from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
+
+URL = "http://vllm.test"
+
+
+class Scripted:
+    """A `vllm serve` stand-in: `/v1/models` lists one model with `max_model_len`; label
+    reads answer from `statuses` in turn (200 once they run out)."""
+
+    def __init__(self, max_model_len: int = 64, statuses: tuple[int, ...] = (), body: str = "") -> None:
+        self.max_model_len, self.statuses, self.body = max_model_len, list(statuses), body
+        self.reads: list[float] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "served", "max_model_len": self.max_model_len}]})
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        self.reads.append(time.monotonic())
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status != 200:
+            return httpx.Response(status, text=self.body or "refused")
+        wanted = request.read().decode()
+        assert '"model": "served"' in wanted or '"model":"served"' in wanted
+        top = {f"token_id:{t}": -1.0 for t in (16, 17)}
+        return httpx.Response(200, json={"choices": [{"logprobs": {"top_logprobs": [top]}}]})
+
+
+def engine(model_dir, server: Scripted, **options) -> VLLMRemoteEngine:
+    remote = VLLMRemoteEngine([URL], model_dir, **options)  # nothing answers at URL: learnt later
+    remote._http = httpx.AsyncClient(transport=httpx.MockTransport(server))
+    return remote
+
+
+def read(n_tokens: int) -> list[ScoreRequest]:
+    return [ScoreRequest(tuple(range(1, n_tokens + 1)), (LabelQuery((), (16, 17)),))]
+
+
+@pytest.mark.parametrize("served_model", [None, "served"])
+async def test_the_servers_context_length_limits_prompts_before_anything_is_sent(model_dir, served_model):
+    """A server started with a shorter --max-model-len than the model's config: a prompt over
+    it is refused as too long, not sent for a 400 that would read as an engine failure."""
+    server = Scripted(max_model_len=64)
+    remote = engine(model_dir, server, served_model=served_model)
+    assert remote.max_model_len > 64  # the config's, until a server is asked
+    with pytest.raises(InvalidInput):
+        await remote.score(read(80))
+    assert remote.max_model_len == 64 and remote.served_model == "served" and server.reads == []
+    got = await remote.score(read(10))
+    assert got[0][()] == {16: -1.0, 17: -1.0} and len(server.reads) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_a_refused_key_or_model_is_the_engine_unavailable_at_once(model_dir, status):
+    server = Scripted(statuses=(status,) * 10)
+    remote = engine(model_dir, server, served_model="served")
+    with pytest.raises(EngineUnavailable, match="API key"):
+        await remote.score(read(10))
+    assert len(server.reads) == 1  # not retried on every server, not split item by item
+
+
+async def test_a_context_length_refusal_is_an_input_too_long(model_dir):
+    body = '{"error": {"message": "This model\'s maximum context length is 64 tokens."}}'
+    remote = engine(model_dir, Scripted(max_model_len=4096, statuses=(400,), body=body))
+    with pytest.raises(InputTooLong):
+        await remote.score(read(10))
+    with pytest.raises(EngineError):  # any other 400: the engine's failure, told as it came
+        await engine(model_dir, Scripted(statuses=(400,))).score(read(10))
+
+
+async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
+    """One server, one 502: the server is down for its cooldown, then tried again; the read
+    succeeds instead of failing the batch while every server cools down."""
+    server = Scripted(statuses=(502,))
+    remote = engine(model_dir, server, cooldown=0.3, retries=3)
+    got = await remote.score(read(10))
+    assert got[0][()] == {16: -1.0, 17: -1.0}
+    assert len(server.reads) == 2 and server.reads[1] - server.reads[0] >= 0.25
+    down = Scripted(statuses=(503,) * 10)
+    remote = engine(model_dir, down, cooldown=0.05, retries=3)
+    with pytest.raises(EngineUnavailable, match="every vLLM server failed"):
+        await remote.score(read(10))
+    assert len(down.reads) == 3  # `retries` tries per server, then the batch fails
