@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # pip's find-links mirrors here print one "is ignored" warning per package: noise, not errors.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
-HOST ?= 127.0.0.1
-PORT ?= 8000
+# `make run` binds LABELER_HOST / LABELER_PORT when they are set, like `labeler serve`.
+HOST ?= $(or $(LABELER_HOST),127.0.0.1)
+PORT ?= $(or $(LABELER_PORT),8000)
 
 # The framework releases the integration tests run (tests/test_frameworks_*.py), in a venv of
 # their own: their pins (verl: transformers <5.11, OpenRLHF: ==5.15) clash with ours.
