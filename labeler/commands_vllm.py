@@ -38,7 +38,7 @@ def given_args(argv: Sequence[str]) -> dict[str, Any]:
         name = _ALIASES.get(name, name).replace("_", "-")
         if eq:
             out[name.replace("-", "_")] = value
-        elif i < len(argv) and not argv[i].startswith("-"):
+        elif i < len(argv) and (not argv[i].startswith("-") or _number(argv[i])):
             out[name.replace("-", "_")] = argv[i]
             i += 1
         elif name.startswith("no-"):
@@ -46,6 +46,15 @@ def given_args(argv: Sequence[str]) -> dict[str, Any]:
         else:
             out[name.replace("-", "_")] = True
     return out
+
+
+def _number(text: str) -> bool:
+    """A flag's value that starts with "-" (`--seed -1`), not the next flag."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def server_command(model: str, argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:

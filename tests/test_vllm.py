@@ -263,6 +263,14 @@ def test_given_args_reads_vllm_flags():
         "tensor_parallel_size": "2",
         "kv_cache_memory_bytes": "1G",
     }
+    assert given_args(["--seed", "-1", "--max-model-len", "512"]) == {"seed": "-1", "max_model_len": "512"}
+
+
+def test_a_memory_share_that_cannot_fit_is_refused_by_vllm_server(model_dir):
+    """`--gpu-memory-utilization 1.0` on a CPU reserves the whole memory: refused before the
+    server starts, as the in-process engine refuses it."""
+    with pytest.raises(ModelLoadError, match=r"gpu_memory_utilization=1.0 reserves"):
+        server_command("embedded", ["--gpu-memory-utilization", "1.0"])
 
 
 def test_vllm_server_command_adds_the_cpu_defaults_the_user_did_not_give(model_dir):

@@ -244,10 +244,12 @@ def scoped_environ(updates: Mapping[str, str]) -> Iterator[None]:
 
 def parse_size(value: Any) -> Any:
     """A size as vLLM's command line reads it ("1G" = 2**30, "1g" = 10**9, "512M"), as an
-    int; other values (numbers, vLLM's "auto") as they are."""
+    int; a fraction ("0.9") as a float; other values (vLLM's "auto") as they are."""
     if isinstance(value, str):
         from vllm.utils.argparse_utils import human_readable_int
 
         with contextlib.suppress(ValueError):
             return human_readable_int(value)
+        with contextlib.suppress(ValueError):
+            return float(value)
     return value
