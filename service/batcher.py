@@ -189,13 +189,11 @@ class MicroBatcher:
 
 def as_labeler_error(exc: BaseException) -> LabelerError:
     """The one translation of a failure into the labeler's errors: its own errors stay as they
-    are; an engine process that died is `EngineUnavailable`; anything else (a bug or crash in
-    the engine) is an `EngineError`, logged with its traceback."""
+    are (the engines raise `EngineUnavailable` when their process or servers are gone);
+    anything else (a bug or crash in the engine) is an `EngineError`, logged with its
+    traceback."""
     if isinstance(exc, LabelerError):
         return exc
-    # vLLM's AsyncLLM raises EngineDeadError once its engine-core process is gone.
-    if type(exc).__name__ == "EngineDeadError":
-        return EngineUnavailable(f"the engine process died: {exc}")
     log.error("engine failure", exc_info=exc)
     return EngineError(f"{type(exc).__name__}: {exc}")
 

@@ -311,3 +311,27 @@ def test_engines_run_with_the_cpu_defaults(vllm_engine, vllm_servers):
     log = server.log_path.read_text()
     assert "dtype=torch.float32" in log and "enforce_eager=True" in log
     assert f"VLLM_CPU_OMP_THREADS_BIND='{threads_bind()}'" in log  # vLLM's own account of the binding
+
+
+async def test_a_dead_or_closed_vllm_engine_is_unavailable():
+    """vLLM's AsyncLLM raises EngineDeadError once its engine-core process is gone: every
+    request fails alike, so it is EngineUnavailable (a 503 for the whole batch, not a split
+    down to single items), for the library and the service alike; so is a closed engine."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from labeler.errors import EngineUnavailable
+
+    class Dead:  # stands in for AsyncLLM after its engine core died
+        async def generate(self, *args, **kwargs):
+            raise EngineDeadError()
+            yield
+
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine._engine, engine._prefix, engine._ids = Dead(), "t-", iter(range(10))
+    engine.inflight = engine.peak_inflight = 0
+    with pytest.raises(EngineUnavailable, match="died"):
+        await engine._run((1, 2, 3), None)
+    assert engine.inflight == 0
+    engine._engine = None  # after aclose()
+    with pytest.raises(EngineUnavailable, match="closed"):
+        await engine._run((1, 2, 3), None)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import EngineError, ModelLoadError
+from ..errors import EngineError, EngineUnavailable, ModelLoadError
 from .base import (
     PLAIN_SAMPLING,
     EngineStats,
@@ -145,9 +145,14 @@ class VLLMEngine:
             self._engine = None  # type: ignore[assignment]
 
     async def _run(self, prompt_ids: Sequence[int], params: Any) -> Any:
-        """One vLLM request to completion; returns its final output."""
+        """One vLLM request to completion; returns its final output. A dead or closed engine
+        is `EngineUnavailable` (every request would fail), for the service and the batch
+        commands alike."""
         from vllm.inputs import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError
 
+        if self._engine is None:
+            raise EngineUnavailable("the vLLM engine is closed")
         self.inflight += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
@@ -156,5 +161,7 @@ class VLLMEngine:
             async for output in self._engine.generate(tokens_input(list(prompt_ids)), params, request_id):
                 final = output
             return final
+        except EngineDeadError as exc:
+            raise EngineUnavailable(f"the vLLM engine process died: {exc}") from exc
         finally:
             self.inflight -= 1
