@@ -318,7 +318,8 @@ def split_query(
 ) -> tuple[str | list[Message], str]:
     """(context, response) of an OpenRLHF query (the prompt and the response, decoded).
 
-    1. With the request's `prompts[i]` and the query starting with it: the rest is the response,
+    1. With the request's `prompts[i]` and the query starting with it, or with its end (a
+       prompt the trainer cut from the left to its length limit): the rest is the response,
        the prompt the context.
     2. Otherwise, when a known chat template laid the query out, the response is the content of
        its last turn if that is the assistant's (else empty: the policy said nothing), the
@@ -328,12 +329,37 @@ def split_query(
     context."""
     if prompt and query.startswith(prompt):
         return prompt, clean_response(query[len(prompt) :], end_markers)
+    kept = _kept_tail(prompt, query) if prompt else None
+    if kept is not None:
+        return prompt, clean_response(query[kept:], end_markers)
     messages = parse(query, end_markers)
     if messages is None:
         return "", clean_response(query, end_markers)
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], clean_response(messages[-1]["content"], end_markers)
     return messages, ""
+
+
+# A prompt's kept end must be this long to be recognized at the start of a query.
+_MIN_TAIL = 32
+
+
+def _kept_tail(prompt: str, query: str) -> int | None:
+    """Where the response starts in `query` when the query begins with the end of `prompt`
+    (its start cut off, as OpenRLHF cuts a prompt over its length limit from the left); the
+    longest such end wins. The first few characters of the query may differ from the
+    prompt's: the decoded cut can start inside a character or a word-start marker."""
+    for skip in range(4):
+        head = query[skip : skip + _MIN_TAIL]
+        if len(head) < _MIN_TAIL:
+            return None
+        pos = prompt.find(head)
+        while pos != -1:
+            tail = prompt[pos:]
+            if query.startswith(tail, skip):
+                return skip + len(tail)
+            pos = prompt.find(head, pos + 1)
+    return None
 
 
 def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MARKERS) -> dict[str, str]:

@@ -128,6 +128,19 @@ def test_roles_and_multi_turn():
     assert (chat.context_text(context), response) == ("User: hi\n\nAssistant: a\n\nUser: more", "b")
 
 
+def test_a_prompt_cut_from_the_left_still_splits_the_query():
+    """OpenRLHF cuts a prompt over its length limit from the left and sends the full prompt
+    in `prompts[i]`: the query starts inside the prompt, not with it. The response is still
+    what follows the prompt, not the whole query."""
+    prompt = TEMPLATES["chatml"][: TEMPLATES["chatml"].index(R)]
+    query = prompt[20:] + R + "<|im_end|>"
+    assert chat.split_query(query, prompt) == (prompt, R)
+    garbled = "\ufffd" + prompt[21:] + R + "<|im_end|>"  # the cut split a character
+    assert chat.split_query(garbled, prompt) == (prompt, R)
+    other = "An unrelated query that shares nothing with the prompt at all."
+    assert chat.split_query(other, prompt) == ("", other)
+
+
 def test_an_empty_reasoning_block_reads_the_same_as_text_or_as_messages():
     """Qwen 3 (thinking off) puts an empty <think></think> in front of every answer: a
     dialogue laid out as text and the same dialogue as messages give one transcript."""
