@@ -454,6 +454,12 @@ def test_reward_functions_and_judges_pickle():
     fn = reward_function(URL, task="tiny", transport=fake.transport())
     fn(prompts=["p"], completions=["c"])
     assert pickle.loads(pickle.dumps(fn))._client is None  # reopened lazily in the copy
+    # A Ray Serve transport goes along (by name: the copy looks its deployment handle up).
+    from labeler_client.ray import ServeTransport
+
+    served = reward_function(task="tiny", client=lc.Client("http://labeler", transport=ServeTransport("app", "Dep")))
+    moved = pickle.loads(pickle.dumps(served))._client_opts["transport"]
+    assert type(moved) is ServeTransport and (moved.app_name, moved.deployment, moved._handle) == ("app", "Dep", None)
 
 
 def test_pairwise_judge():

@@ -190,6 +190,7 @@ class Client(_BaseClient):
         **kwargs: Any,
     ) -> None:
         super().__init__(base_url, api_key, **kwargs)
+        self._transport = transport  # for copies of reward functions built on this client
         self._http = httpx.Client(transport=transport, **self._http_options())
         self._sleep: Callable[[float], None] = time.sleep
 
@@ -408,6 +409,7 @@ class AsyncClient(_BaseClient):
         **kwargs: Any,
     ) -> None:
         super().__init__(base_url, api_key, **kwargs)
+        self._transport = transport  # for copies of reward functions built on this client
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
         self._sleep: Callable[[float], Any] = asyncio.sleep
 

@@ -39,6 +39,10 @@ class _HandleTransport:
         self.deployment = deployment
         self._handle = handle
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # By name: a copy (a pickled reward function in a trainer's worker) looks its handle up.
+        return (type(self), (self.app_name, self.deployment))
+
     def _method(self) -> Any:
         if self._handle is None:  # looked up at first use: a transport can be built before ray.init
             from ray import serve

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import pickle
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -78,7 +79,16 @@ def _client_options(client: Client | AsyncClient | None, base_url: str | None, o
         "batch_size": client.batch_size,
         "max_concurrency": client.max_concurrency,
         "headers": dict(client._headers),
+        "transport": client._transport,
     }
+
+
+def _pickles(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - whatever refuses pickling (a local function, a lock)
+        return False
+    return True
 
 
 class _Picklable:
@@ -93,8 +103,11 @@ class _Picklable:
         state = self.__dict__.copy()
         for name in ("_lock", *self._transient):
             state.pop(name, None)
-        # A custom transport (a test's fake server) stays behind: a copy talks HTTP.
-        state["_client_opts"] = {k: v for k, v in state["_client_opts"].items() if k != "transport"}
+        # A transport that pickles (labeler_client.ray's) goes along; another one (a test's
+        # fake server) stays behind, and a copy talks HTTP.
+        opts = state["_client_opts"]
+        if not _pickles(opts.get("transport")):
+            state["_client_opts"] = {k: v for k, v in opts.items() if k != "transport"}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
