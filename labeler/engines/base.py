@@ -16,7 +16,7 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import InvalidInput
 from ..scoring import LabelQuery, TokenIds
@@ -140,8 +140,25 @@ async def chained_reads(
         out[r][prefix] = await read(tuple(requests[r].prompt_ids) + tuple(prefix), tokens)
 
     for depth in sorted({len(q.prefix) for _, q in reads}):
-        await asyncio.gather(*(one(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth))
+        await gather_or_cancel([one(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth])
     return out
+
+
+T = TypeVar("T")
+
+
+async def gather_or_cancel(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """`asyncio.gather` of one batch's engine calls that cancels the others when one fails:
+    the batch fails as a whole, and the halves it is split into must not compete with
+    leftovers of it for the engine."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def finish_generation(token_ids: Iterable[int], eos: set[int], tokenizer: Any, stats: EngineStats) -> Generation:

@@ -17,7 +17,6 @@ On a CPU the engine gets the arguments that make vLLM start and run well there
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import uuid
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from .base import (
     check_generate_requests,
     check_score_requests,
     finish_generation,
+    gather_or_cancel,
 )
 from .transformers_engine import _as_list, default_model_id
 from .vllm_cpu import VLLM_MISSING, cpu_defaults, on_cpu, parse_size, scoped_environ
@@ -103,6 +103,7 @@ class VLLMEngine:
             final = await self._run(ids, params)
             if final is None or not final.outputs or not final.outputs[0].logprobs:
                 raise EngineError("vLLM returned no log-probs")
+            self._count_computed(len(ids), final)
             lps = final.outputs[0].logprobs[0]
             try:
                 return {t: float(lps[t].logprob) for t in tokens}
@@ -132,17 +133,22 @@ class VLLMEngine:
             final = await self._run(req.prompt_ids, params)
             if final is None:
                 raise EngineError("vLLM returned no generation")
+            self._count_computed(len(req.prompt_ids), final)
             # vLLM keeps the stop token in token_ids; finish_generation cuts it like the other engines.
             outputs = sorted(final.outputs, key=lambda o: o.index)
             return [finish_generation(o.token_ids, self._eos, self.tokenizer, self.stats) for o in outputs]
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+        return await gather_or_cancel([one(r) for r in requests])
 
     async def aclose(self) -> None:
         if self._engine is not None:
             self._engine.shutdown()
             # Dropped now, so AsyncLLM.__del__ does not shut down again at interpreter exit.
             self._engine = None  # type: ignore[assignment]
+
+    def _count_computed(self, prompt_tokens: int, final: Any) -> None:
+        """Prompt tokens the engine ran, those its prefix cache held aside."""
+        self.stats.computed_tokens += prompt_tokens - (getattr(final, "num_cached_tokens", None) or 0)
 
     async def _run(self, prompt_ids: Sequence[int], params: Any) -> Any:
         """One vLLM request to completion; returns its final output. A dead or closed engine

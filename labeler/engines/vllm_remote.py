@@ -48,6 +48,7 @@ from .base import (
     check_generate_requests,
     check_score_requests,
     finish_generation,
+    gather_or_cancel,
 )
 from .transformers_engine import _as_list, default_model_id
 
@@ -235,6 +236,7 @@ class VLLMRemoteEngine:
                 "return_tokens_as_token_ids": True,
             }
             data = await self._post("/v1/completions", body)
+            self._count_computed(data)
             try:
                 top = data["choices"][0]["logprobs"]["top_logprobs"][0]
                 by_id = {int(k.rsplit(":", 1)[1]): float(v) for k, v in top.items()}
@@ -265,10 +267,19 @@ class VLLMRemoteEngine:
             if req.temperature > 0:
                 body["seed"] = req.seed
             data = await self._post("/v1/completions", body)
+            self._count_computed(data)
             choices = sorted(data["choices"], key=lambda c: c["index"])
             return [finish_generation(c.get("token_ids") or [], self._eos, self.tokenizer, self.stats) for c in choices]
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+        return await gather_or_cancel([one(r) for r in requests])
+
+    def _count_computed(self, data: dict[str, Any]) -> None:
+        """Prompt tokens a server ran, when it tells which its prefix cache held (a server
+        started with `--enable-prompt-tokens-details`); else none are counted."""
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            self.stats.computed_tokens += int(usage.get("prompt_tokens", 0)) - int(details["cached_tokens"])
 
     async def aclose(self) -> None:
         await self._http.aclose()
