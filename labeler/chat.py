@@ -96,7 +96,7 @@ _CANONICAL_ROLES = {"System": "system", "User": "user", "Assistant": "assistant"
 
 # An empty reasoning block that a template puts in front of an answer (Qwen 3 with thinking
 # off, DeepSeek R1's open "<think>" generation prompt): template, not content.
-_EMPTY_THINK = re.compile(r"\A\s*<think>\s*(?:</think>\s*)?\Z|\A\s*<think>\s*</think>\s*")
+_EMPTY_THINK = re.compile(r"\A\s*<think>\s*(?:</think>\s*)?\Z|\A\s*(?:<think>\s*</think>\s*)+")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,7 @@ _TEMPLATES = (
     ),
 )
 # DeepSeek puts the system prompt bare in front of the first turn.
+_DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
 _DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>"), ("<｜end▁of▁sentence｜>",))
 # Role names in any case: "user: ..." is how older clients wrote transcripts.
 _PLAIN_HEADER = re.compile(r"(?:\A|\n\n)\s*((?i:human|user|system|assistant|tool)):[ \t]?")
@@ -223,15 +224,16 @@ def _strip_trailing_bos(text: str) -> str:
     return text[: -len(bos)]
 
 
-def _raw_turns(body: str) -> tuple[list[Message], tuple[str, ...]] | None:
-    """The turns of `body` (a BOS already dropped) and its template's turn ends, or None."""
+def _raw_turns(body: str, deepseek_bos: bool = False) -> tuple[list[Message], tuple[str, ...]] | None:
+    """The turns of `body` (a BOS already dropped: `deepseek_bos` when it was DeepSeek's) and
+    its template's turn ends, or None."""
     head = body.lstrip()
     for t in _TEMPLATES:
         if head.startswith(t.starts):
             return _turns(body, t.header), t.ends
     if head.startswith(("[INST]", "[SYSTEM_PROMPT]")):
         return _llama2(body), ("</s>",)
-    if _deepseek(head):
+    if _deepseek(head, deepseek_bos):
         return _turns(body, _DEEPSEEK.header, "system"), _DEEPSEEK.ends
     if _PLAIN_START.match(body):
         # DeepSeek LLM ends each answer with its EOS and starts the next turn right after it.
@@ -242,13 +244,13 @@ def _raw_turns(body: str) -> tuple[list[Message], tuple[str, ...]] | None:
     return None
 
 
-def _deepseek(head: str) -> bool:
+def _deepseek(head: str, bos: bool) -> bool:
     """True when DeepSeek's template laid `head` (a BOS already dropped) out. Its system
     prompt stands bare in front of the first turn, so a user turn marker inside a prompt is
-    taken for the template only when an assistant turn marker follows it (a query or a
-    prompt with its generation prompt), or when it opens the text."""
+    taken for the template only when it opens the text, when DeepSeek's BOS opened it, or
+    when an assistant turn marker follows it (a query, a prompt with its generation prompt)."""
     user = head.find(_DEEPSEEK.starts[0])
-    return user == 0 or (user > 0 and "<｜Assistant｜>" in head[user:])
+    return user == 0 or (user > 0 and (bos or "<｜Assistant｜>" in head[user:]))
 
 
 def _plain_text(text: str) -> bool:
@@ -266,7 +268,7 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
         return None
     if _plain_text(text):
         return None
-    found = _raw_turns(_strip_bos(text))
+    found = _raw_turns(_strip_bos(text), text.lstrip().startswith(_DEEPSEEK_BOS))
     if found is None:
         return None
     turns, ends = found
@@ -342,6 +344,7 @@ def split_query(
 
 # A prompt's kept end must be this long to be recognized at the start of a query.
 _MIN_TAIL = 32
+_MAX_CANDIDATES = 8
 
 
 def _kept_tail(prompt: str, query: str) -> int | None:
@@ -353,8 +356,12 @@ def _kept_tail(prompt: str, query: str) -> int | None:
         head = query[skip : skip + _MIN_TAIL]
         if len(head) < _MIN_TAIL:
             return None
-        pos = prompt.find(head)
-        while pos != -1:
+        # An end longer than the rest of the query cannot be at its start; and a text that
+        # repeats the query's head all over is not searched through (a few candidates each).
+        pos = prompt.find(head, max(0, len(prompt) - (len(query) - skip)))
+        for _ in range(_MAX_CANDIDATES):
+            if pos == -1:
+                break
             tail = prompt[pos:]
             if query.startswith(tail, skip):
                 return skip + len(tail)

@@ -42,11 +42,6 @@ def _loc(loc: tuple) -> str:
     return out or "body"
 
 
-def _about(exc: LabelerError, message: str) -> str:
-    """`message` led by the item the error is about (`items[3]: ...`), as the 422s name theirs."""
-    return f"{exc.field}: {message}" if exc.field else message
-
-
 def _json_content(request: Request) -> bool:
     ctype = request.headers.get("content-type")
     if ctype is None:
@@ -112,17 +107,16 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        message = _about(exc, f"the engine failed: {exc}")
+        message = f"the engine failed: {exc}"
         return error_response(503, message, "engine_error", exc.field, {"Retry-After": "1"})
 
     @app.exception_handler(ModelOutputError)
     async def _model_output(_: Request, exc: ModelOutputError) -> JSONResponse:
-        message = _about(exc, f"the model's answer gives no label: {exc}")
-        return error_response(500, message, "model_output_error", exc.field)
+        return error_response(500, f"the model's answer gives no label: {exc}", "model_output_error", exc.field)
 
     @app.exception_handler(LabelerError)
     async def _labeler(_: Request, exc: LabelerError) -> JSONResponse:
-        return error_response(500, _about(exc, str(exc)), "labeler_error", exc.field)
+        return error_response(500, str(exc), "labeler_error", exc.field)
 
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception) -> JSONResponse:

@@ -150,8 +150,8 @@ class GetRewardRequest(BaseModel):
     """OpenRLHF's remote reward-model request."""
 
     model_config = ConfigDict(extra="allow")
-    # May be empty: OpenRLHF (up to 0.11.0) shards a batch across its reward URLs and posts
-    # an empty shard to every URL past the last query.
+    # May be empty: OpenRLHF 0.11.0 (not 0.11.2) shards a batch across its reward URLs and
+    # posts an empty shard to every URL past the last query.
     query: list[str] = Field(..., max_length=_DEFAULTS.max_items, description="prompt + response each")
     prompts: list[str] | None = Field(None, description="the prompts, one per query, to split each query exactly")
     labels: list[Any] | None = Field(

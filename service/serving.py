@@ -207,10 +207,10 @@ class LabelService:
                 (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
             )
             # shield: a client that goes away must not cancel a computation others share.
-            try:
-                values = await asyncio.gather(*(asyncio.shield(f) for f in futures))
-            except LabelerError as error:
-                raise _naming_item(error, futures, [f"{where}[{i}]" for i in misses]) from None
+            values = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
+            failed = [j for j, v in enumerate(values) if isinstance(v, BaseException)]
+            if failed:
+                raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]")
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
             self._items_metric[spec.kind, "engine"].inc(len(misses))
@@ -263,19 +263,20 @@ def _response(response: type[BaseModel], spec: LabelSpec, usage: Usage, results:
     return response.model_validate({**head, "results": results})
 
 
-def _naming_item(error: LabelerError, futures: Sequence[asyncio.Future], names: list[str]) -> LabelerError:
-    """The error of the request's first failed item (in item order), naming it (`names[j]`
-    for `futures[j]`), so that a client can set that item aside and send the rest again.
-    A copy: the same error reaches every request that shared the item. An engine that is
-    down is about no item."""
-    if isinstance(error, EngineUnavailable):
+def _request_error(values: list[Any], failed: list[int], name: str) -> BaseException:
+    """The request's error: that of its first failed item (in item order). It names the item
+    (`name`) when the item failed apart from others the request computed, so that a client
+    can set it aside and send the rest again; a copy, since the same error reaches every
+    request that shared the item. An error every computed item got (the engine failing
+    whatever it is given) or an engine that is down names none."""
+    error = values[failed[0]]
+    alone = len(failed) < len(values) or len(values) == 1
+    if not isinstance(error, LabelerError) or isinstance(error, EngineUnavailable) or not alone:
         return error
-    for future, name in zip(futures, names, strict=True):
-        if future.done() and not future.cancelled() and future.exception() is not None:
-            named = copy.copy(future.exception())
-            named.field = name
-            return named
-    return error
+    named = copy.copy(error)
+    named.field = name
+    named.args = (f"{name}: {error}",)
+    return named
 
 
 def _plain(item: BaseModel) -> dict[str, Any]:

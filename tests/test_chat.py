@@ -139,6 +139,9 @@ def test_a_prompt_cut_from_the_left_still_splits_the_query():
     assert chat.split_query(garbled, prompt) == (prompt, R)
     other = "An unrelated query that shares nothing with the prompt at all."
     assert chat.split_query(other, prompt) == ("", other)
+    # A prompt that repeats the query's head all over is tried at a few places, not searched
+    # through place by place (400,000 of them here).
+    assert chat.split_query("-" * 40 + "\nsomething else", "-" * 400_000 + "\nQ?")[0] == ""
 
 
 def test_an_empty_reasoning_block_reads_the_same_as_text_or_as_messages():
@@ -157,6 +160,8 @@ def test_an_empty_reasoning_block_reads_the_same_as_text_or_as_messages():
     # Only an assistant's, and only an empty block: reasoning is content.
     assert chat.render([{"role": "user", "content": f"{think}hi"}]) == f"{think}hi".strip()
     reasoned = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>y"}]
+    twice = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"{think}{think}hello"}]
+    assert chat.render(twice) == want.rsplit("\n\n", 1)[0] and chat.render(chat.parse(laid_out)) == want
     assert chat.render(reasoned) == "User: hi\n\nAssistant: <think>x</think>y"
 
 
@@ -167,6 +172,9 @@ def test_a_deepseek_marker_inside_a_plain_prompt_is_text():
     assert chat.parse(plain) is None and chat.context_text(plain) == plain
     assert chat.split_query(plain) == ("", plain)
     assert chat.parse("<｜User｜>hi") == [{"role": "user", "content": "hi"}]
+    # The template without its generation prompt, after its BOS: still the template.
+    laid_out = f"<｜begin▁of▁sentence｜>{S}<｜User｜>{U}"
+    assert chat.context_text(laid_out) == CANONICAL == chat.context_text(DIALOGUE)
     context, response = chat.split_query(f"{S}<｜User｜>{U}<｜Assistant｜>{R}")
     assert (chat.context_text(context), response) == (CANONICAL, R)
 

@@ -312,6 +312,26 @@ def test_an_item_the_engine_fails_on_is_set_aside_alone(status):
     assert str(err.value).count("items[29]") == 1
 
 
+def test_many_failed_items_in_one_batch_are_set_aside_without_deep_recursion():
+    """Each cut leaves the items after a failed one to send again: a batch with many failed
+    items is worked through as a list, not by recursion, so it cannot overflow the stack."""
+    import sys
+
+    fake = FakeLabeler(max_items=600)
+    its = items(600)
+    for it in its[1::2]:
+        fake.fail_item(it["response"], 500)
+    client = client_for(fake, batch_size=600)
+    limit = sys.getrecursionlimit()
+    # Room for a request's own call stack, far below a level per failed item (300).
+    sys.setrecursionlimit(len(inspect.stack()) + 150)
+    try:
+        got = client.scores(its, "tiny", on_error="none")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert [g is None for g in got] == [i % 2 == 1 for i in range(600)]
+
+
 async def test_async_client_sets_an_item_the_engine_fails_on_aside_alone():
     fake = FakeLabeler()
     its = items(12)

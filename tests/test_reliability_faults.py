@@ -160,7 +160,7 @@ async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, t
     assert bad.status_code == 503 and bad.headers["retry-after"] == "1"
     err = bad.json()
     assert error_shape_ok(err, 503) and err["error"]["type"] == "engine_error"
-    assert err["error"]["param"] == "items[0]" and err["error"]["message"].startswith("items[0]: ")  # which item
+    assert err["error"]["param"] == "items[0]" and "items[0]: " in err["error"]["message"]  # which item
     assert "injected fault" in err["error"]["message"]  # says what failed
     # The poisoned item failed a batch shared with good items, which was split in halves
     # (log2 of the batch in failed calls, not one per item) until it stood alone...
@@ -188,7 +188,8 @@ def test_the_client_sets_aside_only_the_item_the_engine_fails_on(labeler, test_t
     """Through the real client, with on_error="none": one request holding an item the engine
     fails on gives None for that item alone. The server names the item (`items[k]`); the
     client sends the items around it again (their labels were computed and cached while the
-    batch was split) and retries the item alone, instead of retrying the whole batch."""
+    batch was split) and retries the item alone, instead of retrying the whole batch. An
+    engine failing on every item names none: that batch is retried whole, then None."""
     faulty = FaultyEngine(labeler.engine, poison=POISON)
     srv = LiveServer(Labeler(faulty, test_tasks))
     good = questions(scale(ci=7, full=31), "aside")
@@ -201,13 +202,21 @@ def test_the_client_sets_aside_only_the_item_the_engine_fails_on(labeler, test_t
         retry = lc.Retry(max_retries=1, max_retry_after=0)
         with lc.Client(srv.url, transport=wire, retry=retry, batch_size=len(its)) as client:
             got = client.scores(its, "tiny", on_error="none")
+            # An engine that fails whatever it is given names no item: the batch is retried
+            # whole and then given up, not peeled item by item.
+            faulty.fail_next = 10_000
+            sent = len(wire.log)
+            down = client.scores(questions(4, "all fail"), "tiny", on_error="none")
+            faulty.fail_next = 0
+            whole = [status for _, status, _ in wire.log[sent:]]
     finally:
         srv.stop()
+    assert down == [None] * 4 and whole == [503, 503], whole
     assert got[k] is None and all(g is not None for i, g in enumerate(got) if i != k)
     tally = Tally()
     tally.add([g.distribution for i, g in enumerate(got) if i != k], ref)
     assert tally.exact, tally
-    statuses = [status for _, status, _ in wire.log]
+    statuses = [status for _, status, _ in wire.log[:sent]]
     # The whole batch once (503 naming the item), the items before it, the item alone and
     # its one retry, the items after it.
     assert statuses == [503, 200, 503, 503, 200], statuses

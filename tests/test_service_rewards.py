@@ -206,7 +206,7 @@ def test_openrlhf_get_reward_against_reference_labels(live_server, labeler):
 
 
 def test_openrlhf_get_reward_answers_an_empty_shard(live_server):
-    """OpenRLHF before 0.11.2 splits a batch over its reward URLs in equal shards and posts
+    """OpenRLHF 0.11.0 (not 0.11.2) splits a batch over its reward URLs in equal shards and posts
     the empty ones too (one query, two URLs): an empty answer, not a 422 that costs the
     query's reward."""
     for reward in ("score", "reference"):

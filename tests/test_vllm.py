@@ -70,9 +70,12 @@ async def test_concurrent_requests_reach_vllm_at_once(vllm_engine, test_tasks):
     before = vllm_engine.stats.computed_tokens
     results = await asyncio.gather(*(lab.ascores([ScoreItem("Hi", f"reply {i}")], "tiny") for i in range(8)))
     assert len(results) == 8 and vllm_engine.stats.computed_tokens > before  # the tokens run are counted
-    # Asked again, the prompts are in vLLM's prefix cache: fewer tokens run than they hold.
+    # Prompts of a few cache blocks (vLLM caches whole blocks, 128 tokens on a CPU), asked
+    # again: they are in the prefix cache, and fewer tokens run than they hold.
+    long = [ScoreItem("Tell me why the sky is blue, and why sunsets are red. " * 25, f"reply {i}") for i in range(4)]
+    await lab.ascores(long, "tiny")
     before = vllm_engine.stats.prompt_tokens, vllm_engine.stats.computed_tokens
-    await lab.ascores([ScoreItem("Hi", f"reply {i}") for i in range(8)], "tiny")
+    await lab.ascores(long, "tiny")
     prompt, computed = (vllm_engine.stats.prompt_tokens - before[0], vllm_engine.stats.computed_tokens - before[1])
     assert 0 <= computed < prompt, (computed, prompt)
     # Eight one-item calls, each with a first-token read: all in the engine together,

@@ -14,7 +14,7 @@ from labeler.engines.base import LabelQuery, ScoreRequest
 from labeler.engines.vllm_remote import VLLMRemoteEngine
 from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
 
-URL = "http://vllm.test"
+URL = "http://127.0.0.1:9"  # a closed port: nothing answers the engine's look-up at start
 
 
 class Scripted:

@@ -229,19 +229,21 @@ class Client(_BaseClient):
         self._check_on_error(on_error)
         out: list[T | None] = [None] * len(items)
 
-        def run(idx: range) -> None:
-            try:
-                body = {**opts, "items": batching.select(items, idx)}
-                answer = self._send("POST", path, body, isolate=self._isolating(idx, on_error))
-                batching.place(out, idx, answer.data, parse, answer.request)
-            except exc.LabelerClientError as error:
-                if isinstance(error, exc.APIStatusError):
-                    error._about_item(idx.start)
-                if on_error == "raise" or self._request_wide(error):
-                    raise
-                if self._splittable(error, idx, on_error):
-                    for part in batching.parts(idx, getattr(error, "item", None)):
-                        run(part)
+        def run(batch: range) -> None:
+            todo = [batch]  # a worklist, not recursion: a cut can leave many failing items after it
+            while todo:
+                idx = todo.pop(0)
+                try:
+                    body = {**opts, "items": batching.select(items, idx)}
+                    answer = self._send("POST", path, body, isolate=self._isolating(idx, on_error))
+                    batching.place(out, idx, answer.data, parse, answer.request)
+                except exc.LabelerClientError as error:
+                    if isinstance(error, exc.APIStatusError):
+                        error._about_item(idx.start)
+                    if on_error == "raise" or self._request_wide(error):
+                        raise
+                    if self._splittable(error, idx, on_error):
+                        todo[:0] = batching.parts(idx, getattr(error, "item", None))
 
         chunks = batching.split(len(items), self.batch_size)
         if len(chunks) <= 1 or self.max_concurrency == 1:
@@ -449,19 +451,21 @@ class AsyncClient(_BaseClient):
         out: list[T | None] = [None] * len(items)
         gate = asyncio.Semaphore(self.max_concurrency)
 
-        async def run(idx: range) -> None:
-            try:
-                body = {**opts, "items": batching.select(items, idx)}
-                answer = await self._send("POST", path, body, isolate=self._isolating(idx, on_error))
-                batching.place(out, idx, answer.data, parse, answer.request)
-            except exc.LabelerClientError as error:
-                if isinstance(error, exc.APIStatusError):
-                    error._about_item(idx.start)
-                if on_error == "raise" or self._request_wide(error):
-                    raise
-                if self._splittable(error, idx, on_error):
-                    for part in batching.parts(idx, getattr(error, "item", None)):
-                        await run(part)
+        async def run(batch: range) -> None:
+            todo = [batch]  # a worklist, not recursion: a cut can leave many failing items after it
+            while todo:
+                idx = todo.pop(0)
+                try:
+                    body = {**opts, "items": batching.select(items, idx)}
+                    answer = await self._send("POST", path, body, isolate=self._isolating(idx, on_error))
+                    batching.place(out, idx, answer.data, parse, answer.request)
+                except exc.LabelerClientError as error:
+                    if isinstance(error, exc.APIStatusError):
+                        error._about_item(idx.start)
+                    if on_error == "raise" or self._request_wide(error):
+                        raise
+                    if self._splittable(error, idx, on_error):
+                        todo[:0] = batching.parts(idx, getattr(error, "item", None))
 
         async def gated(idx: range) -> None:
             async with gate:

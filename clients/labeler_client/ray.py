@@ -35,8 +35,9 @@ DEPLOYMENT_NAME = "Labeler"
 
 class _HandleTransport:
     def __init__(self, app_name: str = APP_NAME, deployment: str = DEPLOYMENT_NAME, *, handle: Any = None) -> None:
-        self.app_name = app_name
-        self.deployment = deployment
+        # A given handle's own names, so that a copy (pickled by name) finds the same deployment.
+        self.app_name = getattr(handle, "app_name", None) or app_name
+        self.deployment = getattr(handle, "deployment_name", None) or deployment
         self._handle = handle
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -158,7 +158,8 @@ class TransformersEngine:
         cls, model: Any, tokenizer: Any, *, model_id: str, max_batch_tokens: int = 4096, min_shared_tokens: int = 8
     ) -> TransformersEngine:
         """An engine around an already-built model (e.g. `from_config` with random weights
-        for a throughput benchmark)."""
+        for a throughput benchmark). The engine takes the model over: its generation config
+        is replaced by a plain one, as at load."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, model_id, max_batch_tokens, min_shared_tokens)
         return engine

@@ -115,11 +115,11 @@ class VLLMRemoteEngine:
         for server in self.servers:  # the context limit before any prompt is built, when a server is up
             try:
                 resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=connect_timeout)
-            except httpx.HTTPError:
-                continue
-            if resp.status_code == 200:
-                self._learn(resp.json())
-                break
+                if resp.status_code == 200:
+                    self._learn(resp.json())
+                    break
+            except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError):
+                continue  # not up, or not a vLLM answer: learnt before the first request
 
     # -- transport -------------------------------------------------------------------------
     async def _pick(self) -> _Server:
