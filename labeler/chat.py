@@ -19,7 +19,8 @@ Templates recognized, when a string starts with their markup (after a BOS token)
     Phi-3                       <|user|>\\n...<|end|>
     DeepSeek (V2.5, V3, R1)     system<｜User｜>...<｜Assistant｜>...<｜end▁of▁sentence｜>
                                 (its system prompt stands bare in front: a user marker
-                                further in counts when an assistant marker follows it)
+                                further in counts after DeepSeek's BOS or when an
+                                assistant marker follows it)
     plain transcripts           Human: / User: / System: / Assistant: / Tool: turns (any case)
                                 separated by blank lines (Anthropic HH, TRL's simple template,
                                 DeepSeek LLM, and the canonical form itself)

@@ -462,15 +462,20 @@ class PromptBuilder:
         space. Where the label merges with the prefix's last token (a vocabulary with "▁1"
         after a prefix ending in a space), its tokens as they follow a line break: the label
         with no space in front, which the prompt already ends in."""
+
+        def encode(t: str) -> list[int]:
+            return self.tokenizer.encode(t, add_special_tokens=False)
+
+        def after(before: str, head: list[int], label: str) -> tuple[int, ...]:
+            # The tokens the label adds to `before` (encoded: `head`), or () when it changes them.
+            full = encode(before + label)
+            return tuple(full[len(head) :]) if full[: len(head)] == head else ()
+
+        in_prompt, line = _ANCHOR + prefix, _ANCHOR
+        in_prompt_ids, line_ids = encode(in_prompt), encode(line)
         return {
-            label: self._continuation(_ANCHOR + prefix, text(label))
-            or self._continuation(_ANCHOR, text(label))
-            or tuple(self.tokenizer.encode(text(label), add_special_tokens=False))
+            label: after(in_prompt, in_prompt_ids, text(label))
+            or after(line, line_ids, text(label))
+            or tuple(encode(text(label)))
             for label in labels
         }
-
-    def _continuation(self, before: str, text: str) -> tuple[int, ...]:
-        """The tokens `text` adds after `before`, or () when it changes `before`'s tokens."""
-        head = self.tokenizer.encode(before, add_special_tokens=False)
-        full = self.tokenizer.encode(before + text, add_special_tokens=False)
-        return tuple(full[len(head) :]) if full[: len(head)] == head else ()
