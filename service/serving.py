@@ -129,7 +129,7 @@ class LabelService:
             else:
                 items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
         kind = "reference" if references is not None else "score"
-        spec = self._spec(kind, task or self.settings.task)
+        spec = self._spec(kind, self.settings.task if task is None else task)  # "": an unknown task
         values, _ = await self._label(spec, items, True, where="query")
         if references is not None:
             rewards = [v["reward"] for v in values]

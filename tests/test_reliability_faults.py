@@ -227,6 +227,7 @@ def test_the_client_sets_aside_only_the_item_the_engine_fails_on(labeler, test_t
         requests=len(statuses),
         status_503=statuses.count(503),
         none_items=sum(g is None for g in got),
+        all_failing_requests=len(whole),
         faults_injected=faulty.raised,
         **tally.figures(),
     )

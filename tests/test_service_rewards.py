@@ -214,6 +214,7 @@ def test_openrlhf_get_reward_answers_an_empty_shard(live_server):
         assert got.status_code == 200 and got.json()["rewards"] == [] and got.json()["scores"] == []
         assert all(v == [] for v in got.json()["extra_logs"].values())
     assert_error(post(live_server, "/get_reward?task=nope", {"query": []}), 422, "task")
+    assert_error(post(live_server, "/get_reward?task=", {"query": []}), 422, "task")  # not the default
 
 
 def test_verl_reference_score(live_server, labeler):
