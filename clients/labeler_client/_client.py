@@ -126,6 +126,15 @@ class _BaseClient:
             return retry.delay(attempt, error.retry_after)
         return None
 
+    def _parts_after(self, error: exc.LabelerClientError, idx: range, on_error: OnError) -> list[range]:
+        """What to send again after batch `idx` failed with `error` (nothing: its items stay
+        None), or `error` raised, named by the caller's index of its item."""
+        if isinstance(error, exc.APIStatusError):
+            error._about_item(idx.start)
+        if on_error == "raise" or self._request_wide(error):
+            raise error
+        return batching.parts(idx, getattr(error, "item", None)) if self._splittable(error, idx, on_error) else []
+
     @staticmethod
     def _isolating(idx: range, on_error: OnError) -> bool:
         """With on_error="none", a batch of several items that fails for some of them is cut
@@ -238,12 +247,7 @@ class Client(_BaseClient):
                     answer = self._send("POST", path, body, isolate=self._isolating(idx, on_error))
                     batching.place(out, idx, answer.data, parse, answer.request)
                 except exc.LabelerClientError as error:
-                    if isinstance(error, exc.APIStatusError):
-                        error._about_item(idx.start)
-                    if on_error == "raise" or self._request_wide(error):
-                        raise
-                    if self._splittable(error, idx, on_error):
-                        todo[:0] = batching.parts(idx, getattr(error, "item", None))
+                    todo[:0] = self._parts_after(error, idx, on_error)
 
         chunks = batching.split(len(items), self.batch_size)
         if len(chunks) <= 1 or self.max_concurrency == 1:
@@ -460,12 +464,7 @@ class AsyncClient(_BaseClient):
                     answer = await self._send("POST", path, body, isolate=self._isolating(idx, on_error))
                     batching.place(out, idx, answer.data, parse, answer.request)
                 except exc.LabelerClientError as error:
-                    if isinstance(error, exc.APIStatusError):
-                        error._about_item(idx.start)
-                    if on_error == "raise" or self._request_wide(error):
-                        raise
-                    if self._splittable(error, idx, on_error):
-                        todo[:0] = batching.parts(idx, getattr(error, "item", None))
+                    todo[:0] = self._parts_after(error, idx, on_error)
 
         async def gated(idx: range) -> None:
             async with gate:

@@ -34,10 +34,11 @@ class ScoreRequest:
 
 
 # What every engine samples a rationale with: plain temperature sampling (greedy at
-# temperature 0). The penalties and truncations a model's generation_config.json commonly
-# sets (Qwen2.5 ships repetition_penalty 1.05, top_p 0.8, top_k 20) are set to their neutral
-# values, since transformers' generate() and a vLLM server apply them to any field a request
-# leaves unset: the same request gives the same rationale on every engine.
+# temperature 0). The penalties and truncations are set to their neutral values, since a
+# vLLM server fills any field a request leaves unset from the model's generation_config.json
+# (Qwen2.5 ships repetition_penalty 1.05, top_p 0.8, top_k 20), and transformers from its
+# own defaults (top_k 50; the model's config is replaced at load): the same request gives the
+# same rationale on every engine.
 PLAIN_SAMPLING: dict[str, float | int] = {"repetition_penalty": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
