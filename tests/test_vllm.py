@@ -91,6 +91,17 @@ async def test_remote_engine_equals_transformers_and_fails_over(vllm_servers, mo
         lab = Labeler(remote, test_tasks, max_rationale_tokens=reference.max_rationale_tokens)
         assert remote.served_model == "labeler-test"  # learnt from /v1/models at start
         await assert_same_labels(lab, reference, cot=False)
+        # Scores' "10" is two tokens: a prompt's second read goes to the server that read it
+        # first, where its whole cache blocks (128 tokens on a CPU) are: at most a block and
+        # the label's token run again per prompt, not the prompt again on the other server.
+        # Three prompts: round robin over two servers would send every second read elsewhere.
+        long = [
+            ScoreItem("Tell me why the sea is salty, and why rivers are not. " * 25, f"reply {i}") for i in range(3)
+        ]
+        before = remote.stats.prompt_tokens, remote.stats.computed_tokens
+        await lab.ascores(long, "tiny")
+        prompt, computed = (remote.stats.prompt_tokens - before[0], remote.stats.computed_tokens - before[1])
+        assert prompt > 3 * 300 and 0 < computed <= prompt + 3 * 129, (computed, prompt)
         # Stop one server: every request still succeeds on the other, with the same numbers.
         vllm_servers[0].stop()
         before = await reference.ascores(SCORES, "tiny")

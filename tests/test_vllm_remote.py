@@ -5,6 +5,7 @@ tests/test_vllm.py."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -95,6 +96,51 @@ async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
     with pytest.raises(EngineUnavailable, match="every vLLM server failed"):
         await remote.score(read(10))
     assert len(down.reads) == 3  # `retries` tries per server, then the batch fails
+
+
+def two_servers(model_dir, first: Scripted, second: Scripted) -> tuple[VLLMRemoteEngine, list[tuple[str, tuple]]]:
+    """An engine on two scripted servers (127.0.0.1 and 127.0.0.2), and the (host, prompt)
+    of every label read in the order they were sent."""
+    by_host = {"127.0.0.1": first, "127.0.0.2": second}
+    sent: list[tuple[str, tuple]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/completions":
+            sent.append((request.url.host, tuple(json.loads(request.content)["prompt"])))
+        return by_host[request.url.host](request)
+
+    remote = VLLMRemoteEngine([URL, "http://127.0.0.2:9"], model_dir, cooldown=30)
+    remote._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return remote, sent
+
+
+def two_deep(starts: range) -> list[ScoreRequest]:
+    """Prompts whose label is two tokens (like "10"): a first read, then one after its first token."""
+    return [
+        ScoreRequest(tuple(range(k, k + 10)), (LabelQuery((), (16, 17)), LabelQuery((16,), (16, 17)))) for k in starts
+    ]
+
+
+async def test_a_requests_chained_reads_go_where_its_first_read_went(model_dir):
+    """Three prompts on two servers: first reads are spread round robin, and each prompt's
+    deeper read goes to the server that read the prompt (its KV is in that server's prefix
+    cache), not to the next one in turn."""
+    remote, sent = two_servers(model_dir, Scripted(), Scripted())
+    got = await remote.score(two_deep(range(1, 4)))
+    assert [sorted(g) for g in got] == [[(), (16,)]] * 3
+    first = {prompt: host for host, prompt in sent if len(prompt) == 10}
+    deeper = [(host, prompt) for host, prompt in sent if len(prompt) == 11]
+    assert len(first) == 3 and set(first.values()) == {"127.0.0.1", "127.0.0.2"}
+    assert len(deeper) == 3 and all(host == first[prompt[:-1]] for host, prompt in deeper), sent
+
+
+async def test_a_chained_read_whose_server_failed_goes_to_another(model_dir):
+    remote, sent = two_servers(model_dir, Scripted(statuses=(200, 502)), Scripted(statuses=(200, 502)))
+    got = await remote.score(two_deep(range(1, 2)))
+    assert got[0][(16,)] == {16: -1.0, 17: -1.0}
+    (home, _), (again, _), (other, _) = sent  # first read, deeper read failed there, retried elsewhere
+    assert home == again != other
+    assert [s.needs_probe for s in remote.servers].count(True) == 1
 
 
 async def test_a_failed_call_cancels_the_rest_of_its_batch():

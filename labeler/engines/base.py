@@ -125,12 +125,14 @@ def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: 
 
 async def chained_reads(
     requests: Sequence[ScoreRequest],
-    read: Callable[[TokenIds, TokenIds], Awaitable[dict[int, float]]],
+    read: Callable[[int, TokenIds, TokenIds], Awaitable[dict[int, float]]],
     stats: EngineStats,
 ) -> list[Logprobs]:
-    """Answer every query with `read(prompt ids + prefix, next tokens)`, all reads of one
-    prefix length at once, deeper prefixes after the reads they extend (so an engine with
-    a prefix cache finds the prompt's KV there). For engines that take one read per request."""
+    """Answer every query with `read(r, prompt ids + prefix, next tokens)` (`r`: the index of
+    its request), all reads of one prefix length at once, deeper prefixes after the reads
+    they extend (so an engine with a prefix cache finds the prompt's KV there: one with
+    several servers sends request `r`'s deeper reads where its first one went). For engines
+    that take one read per request."""
     stats.score_calls += 1
     stats.prompts_scored += len(requests)
     stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
@@ -138,7 +140,7 @@ async def chained_reads(
     reads = [(r, q) for r, req in enumerate(requests) for q in req.queries]
 
     async def one(r: int, prefix: TokenIds, tokens: TokenIds) -> None:
-        out[r][prefix] = await read(tuple(requests[r].prompt_ids) + tuple(prefix), tokens)
+        out[r][prefix] = await read(r, tuple(requests[r].prompt_ids) + tuple(prefix), tokens)
 
     for depth in sorted({len(q.prefix) for _, q in reads}):
         await gather_or_cancel([one(r, q.prefix, q.next_tokens) for r, q in reads if len(q.prefix) == depth])

@@ -92,7 +92,7 @@ class VLLMEngine:
 
         check_score_requests(requests, self.max_model_len)
 
-        async def read(ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
+        async def read(_: int, ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
             params = SamplingParams(
                 max_tokens=1,
                 temperature=0.0,

@@ -9,7 +9,9 @@ vLLM servers (data parallel), or to one server with tensor parallelism.
   answer is keyed by token id. Longer label prefixes are chained after the reads they
   extend, like the in-process engine.
 - Generation: `POST /v1/completions` with `return_token_ids`.
-- Load spreading: round robin over the servers that are up. A server that fails
+- Load spreading: round robin over the servers that are up, except that a request's
+  chained reads follow its first read to the same server, where its prompt's KV is in the
+  prefix cache (elsewhere it would be computed again). A server that fails
   (connection error, timeout, 5xx) is marked down for `cooldown` seconds and the request
   is retried on the next one (when every server is down, once the first cooldown ends);
   after the cooldown a `GET /health` must answer before the server gets traffic again.
@@ -122,8 +124,11 @@ class VLLMRemoteEngine:
                 continue  # not up, or not a vLLM answer: learnt before the first request
 
     # -- transport -------------------------------------------------------------------------
-    async def _pick(self) -> _Server:
-        """The next server that is up, round robin; probes a server whose cooldown ended."""
+    async def _pick(self, prefer: _Server | None = None) -> _Server:
+        """`prefer` while it is up, else the next server that is up, round robin; probes a
+        server whose cooldown ended."""
+        if prefer is not None and not prefer.needs_probe and prefer.down_until <= time.monotonic():
+            return prefer
         n = len(self.servers)
         for _ in range(n):
             server = self.servers[next(self._rr) % n]
@@ -147,12 +152,16 @@ class VLLMRemoteEngine:
         server.down_until = time.monotonic() + self.cooldown
         server.needs_probe = True
 
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(
+        self, path: str, body: dict[str, Any], prefer: _Server | None = None
+    ) -> tuple[dict[str, Any], _Server]:
+        """The answer of the first server that gives one (`prefer` first while it is up), and
+        that server."""
         last = "no attempt"
         tries = waits = 0
         while tries < self.retries * len(self.servers):
             try:
-                server = await self._pick()
+                server = await self._pick(prefer)
             except EngineUnavailable:
                 if waits >= self.retries:
                     last = f"no server came back within {waits} cooldowns; {last}"
@@ -177,7 +186,7 @@ class VLLMRemoteEngine:
                 continue
             if resp.status_code != 200:
                 raise self._refusal(server, resp)
-            return resp.json()
+            return resp.json(), server
         raise EngineUnavailable(f"every vLLM server failed; last: {last}")
 
     @staticmethod
@@ -225,8 +234,9 @@ class VLLMRemoteEngine:
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         await self._ready()
         check_score_requests(requests, self.max_model_len)
+        first: dict[int, _Server] = {}  # request -> the server of its first read
 
-        async def read(ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
+        async def read(r: int, ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
             body = {
                 "prompt": list(ids),
                 "max_tokens": 1,
@@ -235,7 +245,8 @@ class VLLMRemoteEngine:
                 "logprob_token_ids": list(tokens),
                 "return_tokens_as_token_ids": True,
             }
-            data = await self._post("/v1/completions", body)
+            data, server = await self._post("/v1/completions", body, first.get(r))
+            first.setdefault(r, server)
             self._count_computed(data)
             try:
                 top = data["choices"][0]["logprobs"]["top_logprobs"][0]
@@ -266,7 +277,7 @@ class VLLMRemoteEngine:
             }
             if req.temperature > 0:
                 body["seed"] = req.seed
-            data = await self._post("/v1/completions", body)
+            data, _ = await self._post("/v1/completions", body)
             self._count_computed(data)
             choices = sorted(data["choices"], key=lambda c: c["index"])
             return [finish_generation(c.get("token_ids") or [], self._eos, self.tokenizer, self.stats) for c in choices]
