@@ -198,8 +198,10 @@ class MemorySink:
 
 
 class JsonlSink:
-    """An append-only JSONL file of rows with a `key`. Opening it reads the keys already there,
-    first cutting off a torn last line (no newline) left by a killed run."""
+    """An append-only JSONL file of rows with a `key`. Opening it reads the keys already there.
+    A file that holds anything but this tool's rows is refused untouched; a last line without
+    its newline is completed when it is a whole row, and cut off when it is a row torn by a
+    killed run."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -212,25 +214,45 @@ class JsonlSink:
 
     def _load(self) -> None:
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
+        keep = data.rfind(b"\n") + 1  # the complete lines; a killed write can cut a character too
+        try:
+            text = data[:keep].decode("utf-8")
+        except UnicodeDecodeError as exc:  # not written by this tool (which writes UTF-8)
+            raise self._foreign_line(data[: exc.start].count(b"\n") + 1) from None
+        # Rows end at "\n" alone: splitlines() would also break at U+2028, U+0085 and the
+        # like, which json.dumps(ensure_ascii=False) leaves unescaped inside a row's texts.
+        lines = text.split("\n")[:-1]
+        for n, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    row = _output_row(json.loads(line))
+                except json.JSONDecodeError:
+                    row = None
+                if row is None:
+                    raise self._foreign_line(n)
+                self.rows[row["key"]] = row
+        tail = data[keep:]
+        if not tail.strip():
+            return
+        try:
+            last: Any = json.loads(tail.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):  # cut inside a character or a value
+            last = None
+        row = _output_row(last)
+        if row is not None:  # a whole row that lacks its newline (a hand edit, a concatenation)
+            with self.path.open("ab") as f:
+                f.write(b"\n")
+            self.rows[row["key"]] = row
+        elif last is None and tail.startswith(b"{"):  # a row torn by a killed write
             log.warning("%s: cutting off an incomplete last line (an interrupted run)", self.path)
             with self.path.open("r+b") as f:
                 f.truncate(keep)
-            data = data[:keep]
-            self.repaired = True
-        # Rows end at "\n" alone: splitlines() would also break at U+2028, U+0085 and the
-        # like, which json.dumps(ensure_ascii=False) leaves unescaped inside a row's texts.
-        for n, line in enumerate(data.decode("utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                self.rows[row["key"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InvalidInput(
-                    f"{self.path}: line {n} is not a row of this tool; not appending to it", field="output"
-                ) from None
+        else:
+            raise self._foreign_line(len(lines) + 1)
+        self.repaired = True
+
+    def _foreign_line(self, n: int) -> InvalidInput:
+        return InvalidInput(f"{self.path}: line {n} is not a row of this tool; not appending to it", field="output")
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         data = b"".join(_jsonl_line(r) for r in rows)
@@ -240,6 +262,11 @@ class JsonlSink:
             os.fsync(f.fileno())
         for r in rows:
             self.rows[r["key"]] = r
+
+
+def _output_row(value: Any) -> dict[str, Any] | None:
+    """`value` (a line's JSON) when it is an output row, else None."""
+    return value if isinstance(value, dict) and isinstance(value.get("key"), str) else None
 
 
 def _jsonl_line(row: dict[str, Any]) -> bytes:

@@ -174,6 +174,33 @@ def test_sink_writes_text_cut_inside_a_character_and_reads_it_back(tmp_path):
     assert JsonlSink(path).rows == {"a": cut, "b": plain}
 
 
+def test_sink_refuses_a_file_of_other_data_without_touching_it(tmp_path):
+    """An OUT that is a dataset (or the input itself), whose last line lacks its newline: it
+    is refused as it is, not cut to its last newline first; so is a file that is not UTF-8."""
+    path = tmp_path / "train.jsonl"
+    for data in (
+        b'{"prompt": "q", "chosen": "a"}\n{"prompt": "r", "chosen": "b"}',
+        b'{"prompt": "only one line"}',
+        b'{"prompt": "caf\xe9"}\n',
+    ):
+        path.write_bytes(data)
+        with pytest.raises(InvalidInput, match="is not a row of this tool"):
+            JsonlSink(path)
+        assert path.read_bytes() == data
+
+
+def test_sink_completes_a_whole_last_row_and_cuts_one_torn_inside_a_character(tmp_path):
+    path = tmp_path / "out.jsonl"
+    JsonlSink(path).append([{"prompt": "a", "key": "a"}, {"prompt": "caf\u00e9", "key": "b"}])
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-1])  # its newline lost (a hand edit, a concatenation): the row is kept
+    sink = JsonlSink(path)
+    assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == whole
+    path.write_bytes(whole + '{"prompt": "caf\u00e9'.encode()[:-1])  # killed inside "é"
+    sink = JsonlSink(path)
+    assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == whole
+
+
 def test_sink_cuts_off_a_torn_last_line_and_refuses_a_corrupt_file(tmp_path):
     path = tmp_path / "out.jsonl"
     sink = JsonlSink(path)
