@@ -16,7 +16,7 @@ Pair formats, detected per record:
 
 In `trl`, `trl-implicit` and `hh` the human-preferred response is `chosen`; it becomes A.
 Single-response formats (scores mode): {"prompt", "completion"} (text or messages) or
-{"context", "response"}.
+{"context", "response"}; the prompt under either name.
 
 A prompt reaches the labeler as the service shows every context: its canonical transcript
 (`labeler.chat`); a response is its messages' contents, without end-of-turn markers.
@@ -273,11 +273,13 @@ def _split_messages(where: str, chosen: list, rejected: list) -> Pair:
 
 
 def normalize_single(where: str, rec: Any) -> Single:
-    """One record of {"prompt", "completion"} or {"context", "response"} as a Single."""
+    """One record of {"prompt", "completion"} or {"context", "response"} as a Single (either
+    name for the prompt)."""
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "completion" in rec:
-        prompt = _text_or_messages(where, "prompt", rec.get("prompt", ""))
+        name = "context" if "context" in rec and "prompt" not in rec else "prompt"  # either name, as with "response"
+        prompt = _text_or_messages(where, name, rec.get(name, ""))
         completion = _text_or_messages(where, "completion", rec["completion"])
         return Single(prompt_text(prompt), response_text(completion), prompt, completion, where)
     if "response" in rec:

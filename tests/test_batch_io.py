@@ -88,6 +88,9 @@ def test_single_formats():
     assert (s.context, s.response) == ("Name a fruit.", "Apple.")
     s = io.normalize_single("l", {"context": "Q?", "response": "A."})
     assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
+    for mixed in ({"context": "Q?", "completion": "A."}, {"prompt": "Q?", "response": "A."}):  # the names mixed
+        s = io.normalize_single("l", mixed)
+        assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
     with pytest.raises(io.MalformedRecord, match="expected prompt/completion"):
         io.normalize_single("l", {"text": "x"})
 
