@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("--position-seed", type=int, default=0, help="seed of the coin that shows the human choice as A/B")
     _stats(p)
-    p.add_argument("--bins", type=int, default=10, help="calibration bins")
+    p.add_argument("--bins", type=_positive, default=10, help="calibration bins")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("winrate", help="AI-judged win rate of policy A over policy B on the same prompts")
@@ -90,7 +90,7 @@ def _common(p: argparse.ArgumentParser, *, task: str | None = None) -> None:
     p.add_argument("--cot", action="store_true", help="generate a rationale before reading the label")
     p.add_argument("--samples", type=int, default=1, help="rationales to sample and average (needs --cot)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --cot), also the bootstrap seed")
-    p.add_argument("--chunk-size", type=int, default=16, help="items per labeling call (and per write)")
+    p.add_argument("--chunk-size", type=_positive, default=16, help="items per labeling call (and per write)")
     p.add_argument("--split", help="split of a saved DatasetDict")
     p.add_argument(
         "--skip-invalid",
@@ -103,7 +103,29 @@ def _common(p: argparse.ArgumentParser, *, task: str | None = None) -> None:
 
 
 def _stats(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--level", type=float, default=0.95, help="confidence level of the bootstrap CIs")
+    p.add_argument("--level", type=_level, default=0.95, help="confidence level of the bootstrap CIs (0.95: 95%%)")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return n
+
+
+def _level(text: str) -> float:
+    """An argparse type: a confidence level strictly between 0 and 1."""
+    try:
+        level = float(text)
+    except ValueError:
+        level = 0.0
+    if not 0 < level < 1:
+        raise argparse.ArgumentTypeError(f"expected a level between 0 and 1 (0.95 for 95%), got {text!r}")
+    return level
 
 
 async def open_backend(args: argparse.Namespace) -> Backend:

@@ -99,19 +99,23 @@ def read_records(
             raise InvalidInput("reading Parquet needs pyarrow: pip install pyarrow", field="input") from None
         yield from _rows(p, pq.read_table(p).to_pylist())
     else:
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    # A byte-order mark (some editors' UTF-8) is not part of the first record.
+                    rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                except UnicodeDecodeError as exc:  # another encoding, or a compressed file
+                    bad = MalformedRecord(f"{p}, line {n}", f"not UTF-8 text (byte {exc.object[exc.start]:#04x})")
                 except json.JSONDecodeError as exc:
                     bad = MalformedRecord(f"{p}, line {n}", f"not valid JSON ({exc.msg} at column {exc.colno})")
-                    if on_bad_line is None:
-                        raise bad from None
-                    on_bad_line(bad)
+                else:
+                    yield f"{p}, line {n}", rec
                     continue
-                yield f"{p}, line {n}", rec
+                if on_bad_line is None:
+                    raise bad from None
+                on_bad_line(bad)
 
 
 def split_for(path: str | Path, split: str | None, inputs: Sequence[str | Path]) -> str | None:

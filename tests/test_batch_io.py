@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 
@@ -113,6 +114,24 @@ def test_malformed_lines_are_named_and_stop_before_anything(tmp_path):
     assert [p.where.rsplit(", ", 1)[1] for p in pairs] == ["line 1", "line 5"]
     assert len(summary.invalid) == 2 and "line 3" in summary.invalid[0] and "line 4" in summary.invalid[1]
     assert "not a known pair format" in summary.invalid[1]
+
+
+def test_lines_that_are_not_utf8_are_malformed_records_and_a_bom_is_skipped(tmp_path):
+    """A Latin-1 line or a compressed file is named like invalid JSON (and skippable), not a
+    decoding traceback; a UTF-8 byte-order mark does not spoil the first record."""
+    path = tmp_path / "in.jsonl"
+    good = '{"prompt": "Caf\u00e9?", "chosen": "y", "rejected": "n"}\n'
+    path.write_bytes("\ufeff".encode() + good.encode() + good.encode("latin-1") + good.encode())
+    with pytest.raises(io.MalformedRecord, match=r"in\.jsonl, line 2: not UTF-8 text \(byte 0xe9\)"):
+        collect(path, io.normalize_pair)
+    summary = Summary()
+    pairs = collect(path, io.normalize_pair, skip_invalid=True, summary=summary)
+    assert [p.where.rsplit(", ", 1)[1] for p in pairs] == ["line 1", "line 3"] and pairs[0].context == "Caf\u00e9?"
+    assert len(summary.invalid) == 1
+    gz = tmp_path / "in.jsonl.gz"
+    gz.write_bytes(gzip.compress(good.encode()))
+    with pytest.raises(io.MalformedRecord, match="line 1: not UTF-8 text"):
+        collect(gz, io.normalize_pair)
 
 
 def test_parquet_input(tmp_path):

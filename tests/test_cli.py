@@ -94,3 +94,22 @@ def test_prefer_and_score_match_the_library(labeler):
 def test_errors_are_clear_and_exit_2():
     proc = run("score", "--task", "nope", "--response", "r", check=False)
     assert proc.returncode == 2 and "unknown task 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "in.jsonl", "--out", "o", "--level", "95"], "between 0 and 1 (0.95 for 95%), got '95'"),
+        (["winrate", "a.jsonl", "b.jsonl", "--level", "1"], "between 0 and 1"),
+        (["eval", "in.jsonl", "--out", "o", "--bins", "0"], "at least 1, got '0'"),
+        (["label", "in.jsonl", "out.jsonl", "--chunk-size", "-4"], "at least 1, got '-4'"),
+    ],
+)
+def test_batch_options_out_of_range_are_refused_before_any_work(argv, message, capsys):
+    """A 95 meant as 95 %, or zero bins: refused by the parser (exit 2), not a traceback after
+    labeling, nor an empty calibration that reads as a perfect one."""
+    from labeler.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
