@@ -182,6 +182,24 @@ def test_timeouts_are_retried_then_raised_as_timeout():
     assert len(fake.requests) == 3 and all(0 <= s <= 1.5 for s in client.sleeps) and len(client.sleeps) == 2
 
 
+@pytest.mark.parametrize("on_error", ["raise", "none"])
+def test_a_batch_refused_for_its_size_is_sent_again_in_halves(on_error):
+    """The client's batch size over the server's limits is not the caller's error: 25 items
+    where the server takes 10 a request (a 422 about `items`) go as 25, then halves of
+    halves, 12 (6 + 6) and 13 (6 + 7); a body over the size limit (413) is halved too. In
+    either mode."""
+    fake = FakeLabeler(max_items=10)
+    its = items(25)
+    got = client_for(fake, batch_size=25).scores(its, "tiny", on_error=on_error)
+    assert [s.reward for s in got] == expected(its)
+    assert [len(json.loads(r.content)["items"]) for r in fake.requests] == [25, 12, 6, 6, 13, 6, 7]
+    fake = FakeLabeler()
+    fake.fail_next(413)
+    got = client_for(fake, batch_size=4).scores(its[:4], "tiny", on_error=on_error)
+    assert [s.reward for s in got] == expected(its[:4])
+    assert [len(json.loads(r.content)["items"]) for r in fake.requests] == [4, 2, 2]
+
+
 @pytest.mark.parametrize(
     ("status", "cls"),
     [

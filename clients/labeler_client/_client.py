@@ -131,9 +131,19 @@ class _BaseClient:
         None), or `error` raised, named by the caller's index of its item."""
         if isinstance(error, exc.APIStatusError):
             error._about_item(idx.start)
+        if self._too_big(error, idx):  # the client's batch size, not the caller's data: in either mode
+            return batching.parts(idx)
         if on_error == "raise" or self._request_wide(error):
             raise error
         return batching.parts(idx, getattr(error, "item", None)) if self._splittable(error, idx, on_error) else []
+
+    @staticmethod
+    def _too_big(error: exc.LabelerClientError, idx: range) -> bool:
+        """A batch of several items refused for its size: a body over the server's limit (413)
+        or more items than it takes (a 422 about `items` as a whole). It is sent again in
+        halves; one item too large on its own is the caller's error."""
+        too_many = isinstance(error, exc.InvalidRequest) and error.param == "items"
+        return len(idx) > 1 and (too_many or isinstance(error, exc.PayloadTooLarge))
 
     @staticmethod
     def _isolating(idx: range, on_error: OnError) -> bool:
@@ -143,10 +153,9 @@ class _BaseClient:
 
     @classmethod
     def _splittable(cls, error: exc.LabelerClientError, idx: range, on_error: OnError) -> bool:
-        """A batch refused for its content (413, 422), or one the engine failed on for an item
-        the server names (500, 503), is cut when isolating: around the named item, else in
-        halves."""
-        about_items = isinstance(error, (exc.InvalidRequest, exc.PayloadTooLarge)) or (
+        """A batch refused for its content (422), or one the engine failed on for an item the
+        server names (500, 503), is cut when isolating: around the named item, else in halves."""
+        about_items = isinstance(error, exc.InvalidRequest) or (
             isinstance(error, exc.ServerError) and error.item is not None
         )
         return about_items and cls._isolating(idx, on_error)
