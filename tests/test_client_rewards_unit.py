@@ -12,7 +12,7 @@ import httpx
 import labeler_client as lc
 import pytest
 from labeler_client.testing import FakeLabeler, fake_reward
-from labeler_client.trl import find_groups, group_reward_function, reference_reward_function
+from labeler_client.trl import find_groups, group_reward_function, reference_reward_function, reward_function
 
 from service.protocol import (
     GroupRewardsOut,
@@ -149,3 +149,17 @@ def test_fake_get_reward_against_reference_labels():
     assert got["rewards"] == pytest.approx([2 * win("p", "a", "r") - 1, 2 * win("q", "b", "s") - 1])
     short = fake.handle(httpx.Request("POST", URL + "/get_reward?reward=reference", json={**body, "labels": ["r"]}))
     assert short.status_code == 422 and short.json()["error"]["param"] == "labels"
+
+
+def test_a_copy_keeps_the_url_and_key_its_original_read_from_the_environment(monkeypatch):
+    """A reward function built where LABELER_URL and LABELER_API_KEY are set, pickled to a
+    process without them (a Ray worker): its copy talks to the same server with the same key."""
+    monkeypatch.setenv("LABELER_URL", "http://labeler.internal:9000")
+    monkeypatch.setenv("LABELER_API_KEY", "key-1")
+    data = pickle.dumps(reward_function(task="tiny"))
+    monkeypatch.delenv("LABELER_URL")
+    monkeypatch.delenv("LABELER_API_KEY")
+    copy = pickle.loads(data)
+    assert (copy.client.base_url, copy.client.api_key) == ("http://labeler.internal:9000", "key-1")
+    explicit = pickle.loads(pickle.dumps(reward_function("http://other:1", "tiny", api_key="key-2")))
+    assert (explicit.client.base_url, explicit.client.api_key) == ("http://other:1", "key-2")

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._client import AsyncClient, Client, OnError
+from ._config import resolve_key, resolve_url
 from ._text import Text, pair_items
 
 # The service's largest group (labeler.spec.MAX_GROUP_SIZE; the client does not import the labeler).
@@ -68,9 +69,11 @@ def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text] | N
 
 
 def _client_options(client: Client | AsyncClient | None, base_url: str | None, opts: dict[str, Any]) -> dict:
-    """Everything needed to open the same client again (in a copy made by pickling)."""
+    """Everything needed to open the same client again (in a copy made by pickling). The URL
+    and key are read from the environment here, not in the copy: a Ray worker or another
+    process may not have LABELER_URL and LABELER_API_KEY."""
     if client is None:
-        return {"base_url": base_url, **opts}
+        return {**opts, "base_url": resolve_url(base_url), "api_key": resolve_key(opts.get("api_key"))}
     return {
         "base_url": client.base_url,
         "api_key": client.api_key,
