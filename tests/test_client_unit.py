@@ -8,6 +8,7 @@ import inspect
 import json
 import pickle
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -180,6 +181,21 @@ def test_timeouts_are_retried_then_raised_as_timeout():
         client.scores(items(1), "tiny")
     assert isinstance(err.value, lc.RequestError) and err.value.request.url.path == "/v1/scores"
     assert len(fake.requests) == 3 and all(0 <= s <= 1.5 for s in client.sleeps) and len(client.sleeps) == 2
+
+
+def test_a_batch_that_fails_stops_the_others_of_its_call():
+    """Batch 1 is refused (422) while batch 0 waits out a 503's Retry-After of 30 s: the
+    call raises the refusal at once, and batch 0 is not sent again."""
+    fake = FakeLabeler(max_chars=50)
+    its = items(2)
+    its[1]["response"] = "y" * 51
+    fake.fail_item(its[0]["response"], 503, retry_after=30)
+    client = client_for(fake, batch_size=1, max_concurrency=2)
+    t0 = time.monotonic()
+    with pytest.raises(lc.InvalidRequest, match=r"items\[1\]\.response"):
+        client.scores(its, "tiny")
+    assert time.monotonic() - t0 < 20 and client.sleeps == []
+    assert sum(its[0]["response"].encode() in r.content for r in fake.requests) == 1
 
 
 @pytest.mark.parametrize("on_error", ["raise", "none"])

@@ -4,6 +4,7 @@ is not I/O (configuration, request bodies, reading answers, deciding on retries 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -222,8 +223,17 @@ class Client(_BaseClient):
         self.close()
 
     def _send(
-        self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None, isolate: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        retry: Retry | int | None = None,
+        isolate: bool = False,
+        stop: threading.Event | None = None,
     ) -> Answer:
+        """One request, retried by the policy. A retry's wait ends early, raising the last
+        error, when `stop` is set (another batch of the same call failed)."""
         retry = self.retry if retry is None else self._as_retry(retry)
         attempt = 0
         while True:
@@ -238,7 +248,10 @@ class Client(_BaseClient):
                 delay = self._retry_delay(error, attempt, retry, isolate)
                 if delay is None:
                     raise
-                self._sleep(delay)
+                if stop is None:
+                    self._sleep(delay)
+                elif stop.wait(delay):
+                    raise
                 attempt += 1
 
     def _batched(
@@ -247,32 +260,43 @@ class Client(_BaseClient):
         self._check_on_error(on_error)
         out: list[T | None] = [None] * len(items)
 
+        stop: threading.Event | None = None  # set when a batch fails: the others stop sending
+        failures: list[BaseException] = []
+
         def run(batch: range) -> None:
             todo = [batch]  # a worklist, not recursion: a cut can leave many failing items after it
-            while todo:
-                idx = todo.pop(0)
-                try:
-                    body = {**opts, "items": batching.select(items, idx)}
-                    answer = self._send("POST", path, body, isolate=self._isolating(idx, on_error))
-                    batching.place(out, idx, answer.data, parse, answer.request)
-                except exc.LabelerClientError as error:
-                    todo[:0] = self._parts_after(error, idx, on_error)
+            try:
+                while todo and not (stop is not None and stop.is_set()):
+                    idx = todo.pop(0)
+                    try:
+                        body = {**opts, "items": batching.select(items, idx)}
+                        answer = self._send("POST", path, body, isolate=self._isolating(idx, on_error), stop=stop)
+                        batching.place(out, idx, answer.data, parse, answer.request)
+                    except exc.LabelerClientError as error:
+                        todo[:0] = self._parts_after(error, idx, on_error)
+            except BaseException as error:
+                failures.append(error)
+                if stop is not None:
+                    stop.set()
+                raise
 
         chunks = batching.split(len(items), self.batch_size)
         if len(chunks) <= 1 or self.max_concurrency == 1:
             for chunk in chunks:
                 run(chunk)
             return out
+        stop = threading.Event()
         pool = ThreadPoolExecutor(min(self.max_concurrency, len(chunks)), thread_name_prefix="labeler-client")
         try:
-            futures = [pool.submit(run, chunk) for chunk in chunks]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in done:
-                f.result()  # the first failure, once in-flight batches are done (below)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        for f in futures:
-            f.result()
+            wait([pool.submit(run, chunk) for chunk in chunks], return_when=FIRST_EXCEPTION)
+        except BaseException:  # an interrupt (Ctrl-C): the batches in flight stop at their next step, unwaited
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        # The batches in flight end at their next step (their current request answered).
+        pool.shutdown(wait=True, cancel_futures=True)
+        if failures:
+            raise failures[0]  # the first batch to fail; the others stopped after it
         return out
 
     def preferences(
