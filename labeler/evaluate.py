@@ -523,7 +523,7 @@ def match_policies(
     """Pair up two policies' outputs on the same prompts: by `id` when every record has one,
     else by prompt text; the k-th occurrence of an id (several samples per prompt) or of a
     prompt in A goes with the k-th in B. Returns (matched pairs in A's order, unmatched in A,
-    unmatched in B)."""
+    unmatched in B); warns when records matched by id have different prompts."""
     use_id = all(i is not None for i, _ in a) and all(i is not None for i, _ in b)
 
     def keyed(rows: Sequence[tuple[Any, Single]]) -> dict[Any, Single]:
@@ -537,6 +537,15 @@ def match_policies(
 
     ka, kb = keyed(a), keyed(b)
     matched = [(s, kb[k]) for k, s in ka.items() if k in kb]
+    differ = [k[1] for k, s in ka.items() if k in kb and s.context != kb[k].context]
+    if differ:  # ids out of step between the files: each pair is judged on A's prompt
+        log.warning(
+            "%d of %d records matched by id have different prompts in A and B (first: id %r); "
+            "each is judged on A's prompt",
+            len(differ),
+            len(matched),
+            differ[0],
+        )
     return matched, len(ka) - len(matched), len(kb) - len(matched)
 
 

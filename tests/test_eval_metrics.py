@@ -249,3 +249,17 @@ def test_policies_match_by_id_and_occurrence():
     matched, only_a, only_b = ev.match_policies(untagged, [(None, s) for _, s in b])
     assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a2", "b2"), ("a3", "b3")]
     assert (only_a, only_b) == (1, 1)
+
+
+def test_records_matched_by_id_with_other_prompts_are_warned_of(caplog):
+    from labeler.datasets_io import Single
+
+    a = [(1, Single("p", "a1", "p", "a1", "a")), (2, Single("q", "a2", "q", "a2", "a"))]
+    shifted = [(1, Single("q", "b1", "q", "b1", "b")), (2, Single("q", "b2", "q", "b2", "b"))]
+    with caplog.at_level("WARNING", logger="labeler.evaluate"):
+        ev.match_policies(a, shifted)
+    assert "1 of 2 records matched by id have different prompts in A and B (first: id 1)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="labeler.evaluate"):
+        ev.match_policies(a, [(i, Single(s.context, "b", s.prompt, "b", "b")) for i, s in a])
+    assert caplog.text == ""
