@@ -11,6 +11,7 @@ import random
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from typing import Any
 
 import httpx
 import labeler_client as lc
@@ -514,6 +515,46 @@ def test_reward_functions_and_judges_pickle():
     served = reward_function(task="tiny", client=lc.Client("http://labeler", transport=ServeTransport("app", "Dep")))
     moved = pickle.loads(pickle.dumps(served))._client_opts["transport"]
     assert type(moved) is ServeTransport and (moved.app_name, moved.deployment, moved._handle) == ("app", "Dep", None)
+
+
+def test_a_ray_failure_the_transport_does_not_know_is_a_failed_request():
+    """Through a ServeTransport, a failure of Ray's or Serve's other than a lost replica or
+    back-pressure (no application by that name, an error around the replica's call) is a
+    `RequestError`: retried, then raised, or None with on_error="none"; never Ray's own type."""
+    from labeler_client.ray import ServeTransport
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import RayServeException
+
+    class Call:
+        def __init__(self, error: Exception) -> None:
+            self.error, self.cancelled = error, False
+
+        def result(self, timeout_s: float | None = None) -> Any:
+            raise self.error
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Handle:  # a DeploymentHandle's surface: .forward.remote(...) -> a call
+        def __init__(self, make: Any) -> None:
+            self.forward = type("Method", (), {"remote": staticmethod(make)})()
+
+    calls: list[Call] = []
+
+    def failing_call(*_: Any) -> Call:
+        calls.append(Call(RayTaskError("forward", "traceback", ValueError("unpicklable answer"))))
+        return calls[-1]
+
+    def no_application(*_: Any) -> Call:
+        raise RayServeException("Application 'labeler' does not exist")
+
+    for make, message in ((failing_call, "RayTaskError"), (no_application, "does not exist")):
+        client = lc.Client("http://labeler", transport=ServeTransport(handle=Handle(make)), retry=NO_WAIT)
+        client._sleep = lambda _: None
+        with pytest.raises(lc.RequestError, match=message):
+            client.scores(items(1), "tiny")
+        assert client.scores(items(2), "tiny", on_error="none") == [None, None]
+    assert calls and all(c.cancelled for c in calls)
 
 
 def test_pairwise_judge():

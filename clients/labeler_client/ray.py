@@ -15,7 +15,9 @@ Needs `ray[serve]` in the caller's environment, at the cluster's version.
 
 Ray's failures read as the transport failures they are: a replica that died mid-request
 (or a timeout) as a dropped connection (`RequestError`, retried), a deployment with no
-capacity (Serve's back-pressure) as a 503 (`ServerError`, retried).
+capacity (Serve's back-pressure) as a 503 (`ServerError`, retried), and any other failure
+of Ray's or Serve's (no Serve application by that name, a system error) as a failed
+transport (`RequestError`, retried, and so subject to `on_error` like any other).
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ class _HandleTransport:
     @staticmethod
     def _failure(request: httpx.Request, error: BaseException) -> httpx.Response:
         """The HTTP-side reading of a Ray failure: a response, or an httpx exception raised."""
-        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+        from ray.exceptions import RayActorError, RayError, RayTaskError, WorkerCrashedError
         from ray.serve.exceptions import (
             BackPressureError,
             DeploymentUnavailableError,
+            RayServeException,
             ReplicaUnavailableError,
             RequestCancelledError,
         )
@@ -81,6 +84,8 @@ class _HandleTransport:
         if isinstance(error, (BackPressureError, DeploymentUnavailableError)):
             body = {"error": {"message": str(error), "type": "unavailable", "param": None, "code": 503}}
             return httpx.Response(503, headers={"Retry-After": "1"}, content=json.dumps(body), request=request)
+        if isinstance(error, (RayError, RayServeException)):
+            raise httpx.TransportError(f"{type(error).__name__}: {error}", request=request) from error
         raise error
 
 
@@ -91,11 +96,13 @@ class ServeTransport(_HandleTransport, httpx.BaseTransport):
     `handle` takes an existing `DeploymentHandle` instead."""
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = self._method().remote(*self._args(request, request.read()))
-        try:
+        call = None
+        try:  # the handle's look-up too: it fails while the application is not deployed
+            call = self._method().remote(*self._args(request, request.read()))
             return self._response(request, call.result(timeout_s=_read_timeout(request)))
         except Exception as error:  # noqa: BLE001 - sorted by _failure: a response, an httpx error, or re-raised
-            call.cancel()
+            if call is not None:
+                call.cancel()
             return self._failure(request, error)
 
 
@@ -103,11 +110,13 @@ class AsyncServeTransport(_HandleTransport, httpx.AsyncBaseTransport):
     """`AsyncClient(..., transport=AsyncServeTransport())`: see `ServeTransport`."""
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = self._method().remote(*self._args(request, await request.aread()))
+        call = None
         try:
+            call = self._method().remote(*self._args(request, await request.aread()))
             return self._response(request, await asyncio.wait_for(call, _read_timeout(request)))
         except Exception as error:  # noqa: BLE001 - see ServeTransport
-            call.cancel()
+            if call is not None:
+                call.cancel()
             return self._failure(request, error)
 
 
