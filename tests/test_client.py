@@ -56,6 +56,19 @@ async def test_async_client_same_surface(live_server):
         assert len(await client.rewards(["a", "b"], ["c", "d"], task="tiny")) == 2
 
 
+def test_async_client_awaited_from_one_event_loop_after_another(live_server):
+    """An `asyncio.run` per training step: each run's loop gets its own connections (those of
+    an ended loop fail with "Event loop is closed"), and each call succeeds."""
+    import asyncio
+
+    client = lc.AsyncClient(live_server.url)
+    items = score_items(2, "loops")
+    for _ in range(3):
+        assert asyncio.run(client.health()).status == "ready"
+        assert all(s is not None for s in asyncio.run(client.scores(items, "tiny")))
+    asyncio.run(client.aclose())
+
+
 def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server, labeler):
     srv = make_server()
     items = questions(8, "restart")

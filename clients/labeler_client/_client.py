@@ -437,7 +437,9 @@ class Client(_BaseClient):
 
 
 class AsyncClient(_BaseClient):
-    """The same surface as `Client`, awaitable; use `async with` or `await client.aclose()`."""
+    """The same surface as `Client`, awaitable; use `async with` or `await client.aclose()`.
+    It may be awaited from one event loop after another (an `asyncio.run` per training step):
+    a new loop gets new connections, since those of an ended loop cannot be used."""
 
     def __init__(
         self,
@@ -450,10 +452,20 @@ class AsyncClient(_BaseClient):
         super().__init__(base_url, api_key, **kwargs)
         self._transport = transport  # for copies of reward functions built on this client
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop self._http's connections belong to
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
+    def _http_here(self) -> httpx.AsyncClient:
+        """The HTTP client for the running loop: a new one when the loop changed."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                self._http = httpx.AsyncClient(transport=self._transport, **self._http_options())
+            self._loop = loop
+        return self._http
+
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._http_here().aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -470,7 +482,7 @@ class AsyncClient(_BaseClient):
             request = self._request(method, path, body)
             try:
                 try:
-                    response = await self._http.send(request)
+                    response = await self._http_here().send(request)
                 except httpx.HTTPError as e:
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
