@@ -76,12 +76,16 @@ def load_tasks(args: argparse.Namespace):
 
 
 def build_labeler(args: argparse.Namespace):
-    """A Labeler for the model options in `args` (see `add_model_options`)."""
+    """A Labeler for the model options in `args` (see `add_model_options`). A `--task` the
+    tasks lack is refused before the model loads (minutes, for a large one)."""
     from .core import Labeler
     from .engines import engine_options, load_engine
 
+    tasks = load_tasks(args)
+    if getattr(args, "task", None) is not None:
+        tasks.get(args.task)  # UnknownTask, naming the known ones
     options = engine_options(args.engine, device=args.device, engine_args=args.engine_arg, vllm_urls=args.vllm_urls)
-    return Labeler(load_engine(args.engine, args.model, **options), load_tasks(args))
+    return Labeler(load_engine(args.engine, args.model, **options), tasks)
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -138,9 +138,6 @@ async def open_backend(args: argparse.Namespace) -> Backend:
 
 
 def _run(args: argparse.Namespace, body: Any) -> int:
-    if args.chunk_size < 1:
-        raise SystemExit("--chunk-size must be at least 1")
-
     async def main() -> Any:
         backend = await open_backend(args)
         try:
@@ -164,6 +161,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
     norm = normalize_single if args.scores else normalize_pair
     records = collect(args.input, norm, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
 
+    sink = JsonlSink(args.output)  # an OUT of other data is refused before the model loads
+
     async def body(backend: Backend) -> int:
         params = make_params(
             backend,
@@ -176,7 +175,6 @@ def _cmd_label(args: argparse.Namespace) -> int:
         )
         make = score_jobs if args.scores else label_pair_jobs
         jobs = make(records, params)
-        sink = JsonlSink(args.output)
         s = await run_jobs(
             jobs, backend, sink, "scores" if args.scores else "pairs", params, summary=summary, **_loop_opts(args)
         )
@@ -201,12 +199,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.input, normalize_human_labeled, split=args.split, skip_invalid=args.skip_invalid, summary=summary
     )
 
+    sink = JsonlSink(args.out / "labels.jsonl")
+
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
         jobs = eval_jobs(pairs, params, args.position_seed)
         if not jobs:
             raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
-        sink = JsonlSink(args.out / "labels.jsonl")
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
         # One row per human label: a pair several humans labeled is read once, counted per label,
         # in the metrics and in the summary's position consistency alike.
@@ -281,10 +280,11 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
     if only_a or only_b:
         print(f"warning: {only_a} prompts only in A and {only_b} only in B are left out", file=sys.stderr)
 
+    sink = JsonlSink(args.out) if args.out else MemorySink()
+
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order=args.order, cot=args.cot, samples=args.samples, seed=args.seed)
         jobs = winrate_jobs(matched, params)
-        sink = JsonlSink(args.out) if args.out else MemorySink()
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
         # Each matched prompt counts, also one that repeats with the same answers (judged once),
         # in the win rates and in the position consistency alike.
@@ -348,13 +348,14 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         for f in inputs
     ]
 
+    sink = JsonlSink(args.out / "judgments.jsonl")
+
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, kind="judgment", cot=args.cot, samples=args.samples, seed=args.seed)
         question = backend.judgment_question(args.task)
         if not question:
             raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")
         jobs = [judgment_jobs([s for _, s in pol], params) for pol in policies]
-        sink = JsonlSink(args.out / "judgments.jsonl")
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
         )

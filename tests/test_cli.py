@@ -113,3 +113,20 @@ def test_batch_options_out_of_range_are_refused_before_any_work(argv, message, c
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unknown_task_is_refused_before_the_model_loads(tmp_path, capsys):
+    """The model named here does not exist: the task's error comes first, as it would before
+    minutes of loading a large model."""
+    from labeler.cli import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"prompt": "Q?", "chosen": "y", "rejected": "n"}) + "\n")
+    missing = str(tmp_path / "no-model")
+    for argv in (
+        ["score", "--task", "nope", "--response", "r", "--model", missing],
+        ["label", str(data), str(tmp_path / "out.jsonl"), "--task", "nope", "--model", missing],
+    ):
+        assert main(argv) == 2
+        assert "unknown task 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
