@@ -204,6 +204,14 @@ def test_version_changes_with_content(tmp_path):
     assert load_task_file(tmp_path / "t.toml").version != v1
 
 
+def test_task_names_may_start_with_a_digit_and_two_files_may_not_share_one(tmp_path):
+    (tmp_path / "2024-summ.toml").write_text('preamble = "Mine."\n')
+    assert "2024-summ" in TaskRegistry.load([tmp_path])
+    (tmp_path / "b.toml").write_text('name = "2024-summ"\npreamble = "Other."\n')
+    with pytest.raises(TaskFileError, match=r"b\.toml: task name '2024-summ' is also the name of .*2024-summ\.toml"):
+        TaskRegistry.load([tmp_path])
+
+
 def test_user_tasks_extend_and_override_builtins(tmp_path):
     (tmp_path / "general.toml").write_text('preamble = "Mine."\ndescription = "override"\n')
     (tmp_path / "mine.toml").write_text('preamble = "Mine."\n')
@@ -224,6 +232,11 @@ def test_user_tasks_extend_and_override_builtins(tmp_path):
         # A boolean is not a label, though Python counts True as 1.
         'preamble = "x"\n[[examples]]\ncontext = "c"\nresponse_a = "a"\nresponse_b = "b"\npreferred = true\n',
         'preamble = "x"\n[[score_examples]]\ncontext = "c"\nresponse = "r"\nscore = true\n',
+        # 1.0 == 1, but "Preferred response: 1.0" would teach an answer that is no label.
+        'preamble = "x"\n[[examples]]\ncontext = "c"\nresponse_a = "a"\nresponse_b = "b"\npreferred = 1.0\n',
+        'preamble = "x"\n[[examples]]\ncontext = 5\nresponse_a = "a"\nresponse_b = "b"\npreferred = 1\n',
+        'preamble = "x"\n[[score_examples]]\ncontext = "c"\nresponse = "r"\nscore = 3\nrationale = 3\n',
+        'name = "-"\npreamble = "x"\n',
     ],
 )
 def test_malformed_task_files_are_refused(tmp_path, content):

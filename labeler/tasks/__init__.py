@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -136,9 +137,18 @@ class Task:
             judgment_examples = tuple(JudgmentExample(**ex) for ex in data.get("judgment_examples", ()))
         except TypeError as exc:
             raise TaskFileError(f"{where}: malformed example: {exc}") from exc
-        # A TOML boolean is a Python int (True == 1): refused by type, not only by value.
+        for kind, exs in (
+            ("examples", examples),
+            ("score_examples", score_examples),
+            ("judgment_examples", judgment_examples),
+        ):
+            for n, ex in enumerate(exs):
+                for key, value in asdict(ex).items():
+                    if key not in ("preferred", "score", "answer") and not isinstance(value, str):
+                        raise TaskFileError(f"{where}: {kind}[{n}].{key} must be text, got {value!r}")
+        # A TOML boolean is a Python int (True == 1), and 1.0 == 1: refused by type, not only by value.
         for ex in examples:
-            if isinstance(ex.preferred, bool) or ex.preferred not in (1, 2):
+            if type(ex.preferred) is not int or ex.preferred not in (1, 2):
                 raise TaskFileError(f"{where}: example 'preferred' must be 1 or 2, got {ex.preferred!r}")
         for sx in score_examples:
             if isinstance(sx.score, bool) or not (isinstance(sx.score, int) and 1 <= sx.score <= 10):
@@ -186,9 +196,14 @@ def load_task_file(path: str | Path) -> Task:
     path = Path(path)
     data = {**_read_toml(DEFAULTS_FILE), **_read_toml(path)}
     name = data.pop("name", path.stem)
-    if not isinstance(name, str) or not name or not name.replace("-", "_").replace(".", "_").isidentifier():
-        raise TaskFileError(f"{path}: task name {name!r} must be letters, digits, '_', '-' or '.'")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise TaskFileError(
+            f"{path}: task name {name!r} must be letters, digits, '_', '-' or '.', from a letter or digit"
+        )
     return Task.from_mapping(name, data, source=str(path))
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _task_files(directory: Path) -> list[Path]:
@@ -196,7 +211,9 @@ def _task_files(directory: Path) -> list[Path]:
 
 
 class TaskRegistry:
-    """Built-in tasks plus the tasks found in user directories (later ones win)."""
+    """Built-in tasks plus the tasks found in user directories: a task named like one before
+    it (a built-in, or one of an earlier directory) replaces it; two files of one directory
+    that name the same task are refused."""
 
     def __init__(self, tasks: Iterable[Task]) -> None:
         self._tasks: dict[str, Task] = {}
@@ -206,13 +223,19 @@ class TaskRegistry:
     @classmethod
     def load(cls, user_dirs: Iterable[str | Path] = (), *, builtin: bool = True) -> TaskRegistry:
         """Read the built-in tasks and every `*.toml` in `user_dirs`."""
-        files: list[Path] = _task_files(BUILTIN_DIR) if builtin else []
+        tasks: list[Task] = [load_task_file(f) for f in _task_files(BUILTIN_DIR)] if builtin else []
         for d in user_dirs:
             d = Path(d)
             if not d.is_dir():
                 raise TaskFileError(f"task directory {d} does not exist")
-            files.extend(_task_files(d))
-        return cls(load_task_file(f) for f in files)
+            here: dict[str, Task] = {}
+            for f in _task_files(d):
+                task = load_task_file(f)
+                if task.name in here:  # which one wins would be an accident of file names
+                    raise TaskFileError(f"{f}: task name {task.name!r} is also the name of {here[task.name].source}")
+                here[task.name] = task
+            tasks.extend(here.values())
+        return cls(tasks)
 
     def get(self, name: str) -> Task:
         """The task called `name`; raises UnknownTask listing the known names."""
