@@ -11,8 +11,9 @@ Failure policy, all of it here. Items are validated before they are queued, so a
 can only fail in the engine. Any exception is turned into a `LabelerError` in one place
 (`as_labeler_error`): an `EngineUnavailable` (the engine is down) fails the whole batch at
 once; any other failure splits the batch in halves, recursively, so the items that fail it
-get the error and their batch-mates their results (log2(n) extra calls for one bad item,
-not n).
+get the error and their batch-mates their results (2 log2(n) extra calls for one bad item,
+not n). An engine error that both halves repeat as the whole batch did (same message) is
+no item's doing: every item of the batch gets it, after two extra calls, not 2n - 1.
 """
 
 from __future__ import annotations
@@ -160,23 +161,45 @@ class MicroBatcher:
 
     async def _attempt(self, group: Hashable, jobs: list[_Job]) -> None:
         """Run `jobs` as one call; on failure fail them all or bisect (module docstring)."""
+        error = await self._call(group, jobs)
+        if error is not None:
+            await self._bisect(group, jobs, error)
+
+    async def _call(self, group: Hashable, jobs: list[_Job]) -> LabelerError | None:
+        """One engine call: its jobs settled with their results, or the error it failed with
+        (nothing settled)."""
         try:
             results = await self.run_group(group, [j.item for j in jobs], [j.key for j in jobs])
         except Exception as exc:  # noqa: BLE001 - every failure is delivered to its waiters
-            error = as_labeler_error(exc)
-            if len(jobs) == 1 or isinstance(error, EngineUnavailable):
-                for job in jobs:
-                    _fail(job.future, error)
-                    self._release(job)
-                return
-            log.warning("batch of %d failed (%s); splitting it to find the failing items", len(jobs), error)
-            self.splits += 1
-            half = len(jobs) // 2
-            await self._attempt(group, jobs[:half])
-            await self._attempt(group, jobs[half:])
-            return
+            return as_labeler_error(exc)
         for job, result in zip(jobs, results, strict=True):
             _resolve(job.future, result)
+            self._release(job)
+        return None
+
+    async def _bisect(self, group: Hashable, jobs: list[_Job], error: LabelerError) -> None:
+        """Settle the jobs of a call that failed with `error`."""
+        if len(jobs) == 1 or isinstance(error, EngineUnavailable):
+            self._fail(jobs, error)
+            return
+        log.warning("batch of %d failed (%s); splitting it to find the failing items", len(jobs), error)
+        self.splits += 1
+        halves = (jobs[: len(jobs) // 2], jobs[len(jobs) // 2 :])
+        errors = []
+        for half in halves:
+            errors.append(await self._call(group, half))
+            if errors[-1] is not None and len(half) == 1:  # settled at once: a request may ask for it again
+                self._fail(half, errors[-1])
+        if type(error) is EngineError and all(_same(e, error) for e in errors):
+            self._fail(jobs, error)
+            return
+        for half, half_error in zip(halves, errors, strict=True):
+            if half_error is not None:
+                await self._bisect(group, half, half_error)
+
+    def _fail(self, jobs: list[_Job], error: LabelerError) -> None:
+        for job in jobs:
+            _fail(job.future, error)
             self._release(job)
 
     def _release(self, job: _Job) -> None:
@@ -196,6 +219,11 @@ def as_labeler_error(exc: BaseException) -> LabelerError:
         return exc
     log.error("engine failure", exc_info=exc)
     return EngineError(f"{type(exc).__name__}: {exc}")
+
+
+def _same(error: LabelerError | None, other: LabelerError) -> bool:
+    """Whether `error` is `other` again: the same class and message."""
+    return type(error) is type(other) and str(error) == str(other)
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any) -> None:

@@ -51,6 +51,38 @@ def test_a_settled_item_is_not_joined_while_the_rest_of_its_batch_runs():
     asyncio.run(run())
 
 
+def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_items():
+    """A failure that does not depend on the items (a device error): the batch of 16 and both
+    its halves fail alike, and every item gets the error after 3 calls, not 31. A failure
+    of one item still splits the batch down to that item."""
+    calls: list[int] = []
+
+    async def broken(group, items, keys):
+        calls.append(len(items))
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    async def one_bad(group, items, keys):
+        calls.append(len(items))
+        if "bad" in items:
+            raise RuntimeError("bad input")
+        return [f"label of {it}" for it in items]
+
+    async def run(run_group, items: list[str]) -> list:
+        calls.clear()
+        batcher = MicroBatcher(run_group, max_items=16, wait_s=0.0, max_pending=100)
+        batcher.start()
+        futures, _ = batcher.submit("g", [(it, it) for it in items])
+        done = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        return done
+
+    got = asyncio.run(run(broken, [f"x{i}" for i in range(16)]))
+    assert calls == [16, 8, 8] and all(isinstance(g, EngineError) and "device-side" in str(g) for g in got)
+    got = asyncio.run(run(one_bad, [f"x{i}" for i in range(15)] + ["bad"]))
+    assert calls == [16, 8, 8, 4, 4, 2, 2, 1, 1]
+    assert [isinstance(g, EngineError) for g in got] == [False] * 15 + [True]
+
+
 def test_a_flight_in_progress_is_still_shared():
     go = asyncio.Event()
 
