@@ -1,7 +1,10 @@
 """Result cache: Redis when a URL is configured, an in-process LRU otherwise.
 
 A Redis failure never fails a label request: on a connection error or timeout the cache
-is bypassed (logged and counted) for `cooldown` seconds, then tried again.
+is bypassed (logged and counted) for `cooldown` seconds, then tried again. A Redis that
+answers but refuses a command (out of memory under `noeviction`, a read-only replica
+after a failover) is not bypassed: the refused operation is skipped (logged and counted),
+and reads go on. A value that is not a result (not JSON) is a miss.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class RedisCache:
         self.cooldown = cooldown
         self.on_error = on_error or (lambda op: None)
         self._down_until = 0.0
+        self._warned_until = 0.0
         self._client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
     @property
@@ -110,10 +114,17 @@ class RedisCache:
         return time.monotonic() < self._down_until
 
     def _fail(self, op: str, exc: Exception) -> None:
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        self.on_error(op)
+        if not isinstance(exc, ConnectionError | TimeoutError | OSError):  # Redis answered: it refused
+            if time.monotonic() >= self._warned_until:  # once a cooldown, not once a request
+                log.warning("redis refused a %s (%s: %s)", op, type(exc).__name__, exc)
+                self._warned_until = time.monotonic() + self.cooldown
+            return
         if not self.bypassed:
             log.warning("redis %s failed (%s); bypassing the cache for %.0f s", op, type(exc).__name__, self.cooldown)
         self._down_until = time.monotonic() + self.cooldown
-        self.on_error(op)
 
     async def get_many(self, keys: Sequence[str]) -> list[Value | None]:
         if self.bypassed:
@@ -124,7 +135,17 @@ class RedisCache:
         except Exception as exc:  # noqa: BLE001 - any Redis/socket failure means "no cache"
             self._fail("get", exc)
             return [None] * len(keys)
-        return [json.loads(v) if v is not None else None for v in raw]
+        return [self._decode(v) for v in raw]
+
+    def _decode(self, raw: bytes | None) -> Value | None:
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:  # not written by this service (JSON decoding and UTF-8 errors alike)
+            self.on_error("decode")
+            return None
+        return value if isinstance(value, dict) else None
 
     async def set_many(self, values: Mapping[str, Value]) -> None:
         if not values:
@@ -146,10 +167,9 @@ class RedisCache:
             return "bypassed"
         try:
             await self._client.ping()
-            return "ok"
         except Exception as exc:  # noqa: BLE001
             self._fail("ping", exc)
-            return "bypassed"
+        return "bypassed" if self.bypassed else "ok"
 
     async def aclose(self) -> None:
         await self._client.aclose()

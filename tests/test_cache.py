@@ -53,3 +53,37 @@ def test_the_entry_bound_and_expiry_keep_the_byte_count():
         assert await off.get_many(["a"]) == [None] and off.bytes == 0
 
     asyncio.run(run())
+
+
+def test_redis_that_refuses_writes_keeps_serving_reads_and_a_foreign_value_is_a_miss(redis_server):
+    """A full Redis under `noeviction` refuses writes (OOM) while it still answers: the write
+    is skipped and counted, the cache is not bypassed, and what is stored is still read. A
+    value under a result's key that is not a result is a miss, not a failed request."""
+    import redis
+
+    from service.cache import RedisCache
+
+    errors: list[str] = []
+    admin = redis.Redis.from_url(redis_server.url)
+    cache = RedisCache(redis_server.url, ttl=60, cooldown=30, on_error=errors.append)
+    kept = value(1)
+    admin.set("labeler:test:foreign", b"\xff not json")
+
+    async def run() -> None:
+        await cache.set_many({"labeler:test:kept": kept})
+        assert await cache.get_many(["labeler:test:kept", "labeler:test:foreign"]) == [kept, None]
+        assert errors == ["decode"]
+        used = int(admin.info("memory")["used_memory"])
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", str(used + 1024))
+        try:
+            await cache.set_many({f"labeler:test:big{i}": value(i, "x" * 100_000) for i in range(4)})
+            assert "set" in errors and not cache.bypassed
+            assert await cache.get_many(["labeler:test:kept"]) == [kept]
+            assert await cache.status() == "ok"
+        finally:
+            admin.config_set("maxmemory", "0")
+            await cache.aclose()
+
+    asyncio.run(run())
+    admin.delete("labeler:test:kept", "labeler:test:foreign")
