@@ -85,14 +85,29 @@ class MicroBatcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
 
-    async def stop(self) -> None:
-        """Finish what is queued and computing, then stop the worker."""
-        while self._queue or self._tasks:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Finish what is queued and computing, for at most `timeout` seconds (by then the
+        server has stopped waiting for its requests: what is left would only fill the cache,
+        past the time a container is given to stop); then fail what is left and stop."""
+        deadline = time.monotonic() + timeout
+        while (self._queue or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._worker is not None:
+        if self._worker is not None:  # first: it would start a batch of what is failed below
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        if self._queue or self._tasks:
+            log.warning("stopping with %d items not labeled", self.pending)
+            stopped = EngineUnavailable("the server is shutting down")
+            while self._queue:
+                job = self._queue.popleft()
+                _fail(job.future, stopped)
+                self._release(job)
+                self.pending -= 1
+            self.on_pending(self.pending)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def submit(self, group: Hashable, entries: Sequence[tuple[str, Any]]) -> tuple[list[asyncio.Future[Any]], int]:
         """Queue `(key, item)` entries of one group. Returns one future per entry and how

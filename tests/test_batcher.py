@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from labeler.errors import EngineError
+from labeler.errors import EngineError, EngineUnavailable
 from service.app import Gate
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
@@ -81,6 +81,26 @@ def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_i
     got = asyncio.run(run(one_bad, [f"x{i}" for i in range(15)] + ["bad"]))
     assert calls == [16, 8, 8, 4, 4, 2, 2, 1, 1]
     assert [isinstance(g, EngineError) for g in got] == [False] * 15 + [True]
+
+
+def test_stopping_fails_what_is_left_after_its_deadline():
+    """An engine call that never ends (or a queue nobody waits for any more): stop() gives up
+    after its timeout, failing the computing and the queued items, instead of hanging."""
+
+    async def stuck(group, items, keys):
+        await asyncio.Event().wait()
+
+    async def run() -> None:
+        batcher = MicroBatcher(stuck, max_items=2, wait_s=0.0, max_pending=100)
+        batcher.start()
+        futures, _ = batcher.submit("g", [(f"x{i}", f"x{i}") for i in range(5)])
+        await asyncio.sleep(0.05)  # the worker has taken its first batch
+        await asyncio.wait_for(batcher.stop(timeout=0.2), 5)
+        got = await asyncio.gather(*futures, return_exceptions=True)
+        assert all(isinstance(g, EngineUnavailable) for g in got), got
+        assert batcher.pending == 0 and not batcher._inflight
+
+    asyncio.run(run())
 
 
 def test_a_flight_in_progress_is_still_shared():
