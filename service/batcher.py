@@ -34,6 +34,8 @@ log = logging.getLogger("service.batcher")
 
 RunGroup = Callable[[Hashable, list[Any], list[str]], Awaitable[list[Any]]]
 
+RATE_WINDOW_S = 30.0  # how far back the drain rate behind Retry-After looks
+
 
 class QueueFull(Exception):
     """The engine queue is full; retry after `retry_after` seconds."""
@@ -80,7 +82,7 @@ class MicroBatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
-        self._rate = 0.0  # items/s, smoothed, for Retry-After
+        self._done: deque[tuple[float, float, int]] = deque()  # (start, end, items) of recent batches
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
@@ -133,8 +135,15 @@ class MicroBatcher:
         return futures, shared
 
     def retry_after(self) -> float:
-        """Seconds until the queue has drained at the recent rate (1 s at least)."""
-        rate = self._rate or 1.0
+        """Seconds until the queue has drained at the recent rate (1 s to 60 s; 1 s before any
+        batch is done). The rate is the server's, not one batch's: the items of the batches
+        done in the last `RATE_WINDOW_S` seconds over the time from the first one's start to
+        the last one's end, however many ran at once."""
+        self._trim_done()
+        if not self._done:
+            return 1.0
+        span = max(t1 for _, t1, _ in self._done) - min(t0 for t0, _, _ in self._done)
+        rate = sum(n for _, _, n in self._done) / max(span, 1e-3)
         return float(max(1, min(60, math.ceil(self.pending / rate))))
 
     async def _loop(self) -> None:
@@ -170,9 +179,15 @@ class MicroBatcher:
             self.pending -= len(jobs)
             self.on_pending(self.pending)
             self.computed += len(jobs)
-            elapsed = max(time.monotonic() - t0, 1e-3)
-            self._rate = 0.7 * self._rate + 0.3 * (len(jobs) / elapsed) if self._rate else len(jobs) / elapsed
+            self._done.append((t0, time.monotonic(), len(jobs)))
+            self._trim_done()
             self._slots.release()
+
+    def _trim_done(self) -> None:
+        """Forget the batches that ended before the rate's window."""
+        since = time.monotonic() - RATE_WINDOW_S
+        while self._done and self._done[0][1] < since:
+            self._done.popleft()
 
     async def _attempt(self, group: Hashable, jobs: list[_Job]) -> None:
         """Run `jobs` as one call; on failure fail them all or bisect (module docstring)."""

@@ -5,6 +5,7 @@ follows the queue, and settings that could never queue a full request are refuse
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -99,6 +100,31 @@ def test_stopping_fails_what_is_left_after_its_deadline():
         got = await asyncio.gather(*futures, return_exceptions=True)
         assert all(isinstance(g, EngineUnavailable) for g in got), got
         assert batcher.pending == 0 and not batcher._inflight
+
+    asyncio.run(run())
+
+
+def test_retry_after_drains_the_queue_at_the_servers_rate_not_one_batchs():
+    """Four batches of 4 run at once, 0.2 s each: the server labels ~80 items/s, one batch
+    ~20/s. A full queue of 400 is told to come back when the server will have drained it."""
+    gate = asyncio.Event()
+
+    async def run_group(group, items, keys):
+        await asyncio.sleep(0.2) if items[0].startswith("warm") else await gate.wait()
+        return list(items)
+
+    async def run() -> None:
+        batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=432, concurrency=4)
+        batcher.start()
+        assert batcher.retry_after() == 1.0  # nothing measured yet
+        t0 = asyncio.get_running_loop().time()
+        warm, _ = batcher.submit("g", [(f"warm{i}", f"warm{i}") for i in range(32)])
+        await asyncio.gather(*warm)
+        per_item = (asyncio.get_running_loop().time() - t0) / 32  # this machine's server rate, as run
+        batcher.submit("g", [(f"q{i}", f"q{i}") for i in range(400)])
+        assert batcher.retry_after() <= math.ceil(400 * per_item) + 1 < 400 * 0.2 / 4
+        gate.set()
+        await batcher.stop()
 
     asyncio.run(run())
 
