@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -29,15 +34,37 @@ class Metrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
-        self.prompt_tokens = Counter(
-            "labeler_engine_prompt_tokens_total", "Prompt tokens given to the engine (rate() = tokens/s)", registry=r
-        )
-        self.computed_tokens = Counter(
-            "labeler_engine_computed_tokens_total",
-            "Tokens the engine actually computed (after prefix reuse)",
+        self.tokens_per_second = Gauge(
+            "labeler_engine_tokens_per_second",
+            "Prompt tokens/s of the engine between the last two ends of engine calls",
             registry=r,
         )
-        self.tokens_per_second = Gauge(
-            "labeler_engine_tokens_per_second", "Prompt tokens/s of the last engine call", registry=r
-        )
         self.rejected = Counter("labeler_rejected_total", "Requests refused with 429 (queue full)", registry=r)
+        self._engine_tokens = _EngineTokens()
+        r.register(self._engine_tokens)
+
+    def watch_engine(self, stats: Any) -> None:
+        """Export the engine's token counters (`EngineStats`) as they stand at each scrape:
+        engine calls run at once, so no call can tell its own share of them."""
+        self._engine_tokens.stats = stats
+
+
+class _EngineTokens(Collector):
+    """The engine's token counters, read at each scrape (none before an engine is watched)."""
+
+    def __init__(self) -> None:
+        self.stats: Any = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        if self.stats is None:
+            return
+        yield CounterMetricFamily(
+            "labeler_engine_prompt_tokens",
+            "Prompt tokens given to the engine (rate() = tokens/s)",
+            value=self.stats.prompt_tokens,
+        )
+        yield CounterMetricFamily(
+            "labeler_engine_computed_tokens",
+            "Tokens the engine actually computed (after prefix reuse)",
+            value=self.stats.computed_tokens,
+        )

@@ -63,8 +63,11 @@ class LabelService:
             on_pending=metrics.inflight.set,
         )
         self._specs: dict[tuple, LabelSpec] = {}
+        metrics.watch_engine(labeler.engine.stats)
+        self._last_call = (time.monotonic(), labeler.engine.stats.prompt_tokens)  # (time, prompt tokens)
         # Children bound once: labels() takes a lock and checks its arguments on every call.
-        self._items_metric = {(k, src): metrics.items.labels(k, src) for k in KINDS for src in ("cache", "engine")}
+        sources = ("cache", "engine", "shared")  # shared: computed once for several requests, counted once as engine
+        self._items_metric = {(k, src): metrics.items.labels(k, src) for k in KINDS for src in sources}
 
     # -- endpoints ---------------------------------------------------------------------------
     async def preferences(self, req: PreferencesRequest) -> PreferencesResponse:
@@ -213,7 +216,9 @@ class LabelService:
                 raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]")
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
-            self._items_metric[spec.kind, "engine"].inc(len(misses))
+            self._items_metric[spec.kind, "engine"].inc(len(misses) - shared)
+            if shared:
+                self._items_metric[spec.kind, "shared"].inc(shared)
             if use_cache:
                 self.metrics.cache_misses.inc(len(misses))
         if hits:  # counters only when they move: each inc() takes a lock
@@ -237,18 +242,20 @@ class LabelService:
         if n > limit:
             raise InputTooLong(f"{name} has {n} characters, over the limit of {limit}", field=name, limit=limit)
 
+    def _tokens_per_second(self) -> None:
+        """The engine's prompt tokens/s since the previous engine call ended: every call that
+        ran in between counts, however many ran at once."""
+        now, tokens = time.monotonic(), self.labeler.engine.stats.prompt_tokens
+        last_time, last_tokens = self._last_call
+        if now > last_time:
+            self.metrics.tokens_per_second.set((tokens - last_tokens) / (now - last_time))
+        self._last_call = (now, tokens)
+
     async def _run_group(self, group: Hashable, prepared: list[Prepared], keys: Sequence[str]) -> list[dict]:
         """One labeler call for a batch of one group; writes the results to the cache."""
         spec, use_cache = group  # type: ignore[misc]
-        stats = self.labeler.engine.stats
-        before = (stats.prompt_tokens, stats.computed_tokens)
-        t0 = time.monotonic()
         res = await self.labeler.arun(spec, prepared)
-        elapsed = max(time.monotonic() - t0, 1e-6)
-        prompt_tokens = stats.prompt_tokens - before[0]
-        self.metrics.prompt_tokens.inc(prompt_tokens)
-        self.metrics.computed_tokens.inc(stats.computed_tokens - before[1])
-        self.metrics.tokens_per_second.set(prompt_tokens / elapsed)
+        self._tokens_per_second()
         values = [asdict(r) for r in res]
         if use_cache:
             await self.cache.set_many(dict(zip(keys, values, strict=True)))

@@ -125,6 +125,36 @@ async def test_single_flight_and_cross_request_batching(live_server, engine):
     assert engine.stats.score_calls - calls < 6
 
 
+async def test_metrics_count_concurrent_engine_calls_and_shared_items_once(make_server, engine):
+    """Engine calls four at a time: the token counters move by what the engine counted, not
+    by each call's view of the others' tokens; six identical requests count one item computed
+    by the engine, the others shared (or cached)."""
+    from tests.fixtures.load import metric
+
+    srv = make_server(batch_concurrency=4, batch_max_items=1, batch_wait_ms=0)
+    names = ("labeler_engine_prompt_tokens_total", "labeler_engine_computed_tokens_total")
+    before = [metric(srv.url, n) for n in names], (engine.stats.prompt_tokens, engine.stats.computed_tokens)
+    item = {"context": "counted once", "response": "yes"}
+    async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+        distinct = [{"task": "tiny", "items": [{"response": f"concurrent {i}"}], "cache": False} for i in range(8)]
+        same = [{"task": "tiny", "items": [item]}] * 6
+        rs = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in distinct + same))
+    assert all(r.status_code == 200 for r in rs)
+    moved = [metric(srv.url, n) - b for n, b in zip(names, before[0], strict=True)]
+    assert moved == [engine.stats.prompt_tokens - before[1][0], engine.stats.computed_tokens - before[1][1]]
+    assert moved[0] > 0
+    text = httpx.get(srv.url + "/metrics").text
+    sources = {s: metric_line(text, f'labeler_items_total{{kind="score",source="{s}"}}') for s in ("engine", "shared")}
+    usage = {k: sum(r.json()["usage"][k] for r in rs) for k in ("computed", "shared", "cached")}
+    assert (sources["engine"], sources["shared"]) == (usage["computed"], usage["shared"]) and usage["computed"] == 9
+    assert usage["shared"] + usage["cached"] == 5  # the identical item: joined while in flight, or found cached
+
+
+def metric_line(text: str, sample: str) -> float:
+    """The value of one sample (`name{labels}`) in Prometheus text."""
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " "))
+
+
 def test_redis_cache_survives_redis_outages(make_server, redis_server):
     srv = make_server(redis_url=redis_server.url, redis_cooldown=0.3)
     client = redis.Redis.from_url(redis_server.url)
