@@ -44,8 +44,12 @@ log = logging.getLogger("service.ray_serve")
 
 # max_ongoing_requests: the app batches concurrent requests itself (micro-batcher) and
 # answers 429 past LABELER_MAX_QUEUE_ITEMS, so a replica takes many at once; Serve's
-# default of 5 would starve the batcher. The config file can set it too.
-@serve.deployment(name=DEPLOYMENT_NAME, max_ongoing_requests=64, graceful_shutdown_timeout_s=60)
+# default of 5 would starve the batcher. max_queued_requests: Serve's default queues
+# without bound in front of busy replicas; past it, Serve refuses (a 503, retried). The
+# config file can set both too.
+@serve.deployment(
+    name=DEPLOYMENT_NAME, max_ongoing_requests=64, max_queued_requests=256, graceful_shutdown_timeout_s=60
+)
 @serve.ingress()
 class LabelerDeployment:
     """One replica: the service's FastAPI app for the replica's `LABELER_*` settings."""
