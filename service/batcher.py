@@ -12,8 +12,9 @@ can only fail in the engine. Any exception is turned into a `LabelerError` in on
 (`as_labeler_error`): an `EngineUnavailable` (the engine is down) fails the whole batch at
 once; any other failure splits the batch in halves, recursively, so the items that fail it
 get the error and their batch-mates their results (2 log2(n) extra calls for one bad item,
-not n). An engine error that both halves repeat as the whole batch did (same message) is
-no item's doing: every item of the batch gets it, after two extra calls, not 2n - 1.
+not n). An engine error that both halves repeat as the whole batch did (same message), and
+then one item of each half alone, is no item's doing: every item of the batch gets it,
+after four extra calls, not 2n - 1.
 """
 
 from __future__ import annotations
@@ -137,13 +138,16 @@ class MicroBatcher:
     def retry_after(self) -> float:
         """Seconds until the queue has drained at the recent rate (1 s to 60 s; 1 s before any
         batch is done). The rate is the server's, not one batch's: the items of the batches
-        done in the last `RATE_WINDOW_S` seconds over the time from the first one's start to
-        the last one's end, however many ran at once."""
+        done in the last `RATE_WINDOW_S` seconds over the time any of them was running
+        (overlapping batches count once, idle time not at all)."""
         self._trim_done()
         if not self._done:
             return 1.0
-        span = max(t1 for _, t1, _ in self._done) - min(t0 for t0, _, _ in self._done)
-        rate = sum(n for _, _, n in self._done) / max(span, 1e-3)
+        busy, reach = 0.0, -math.inf
+        for t0, t1, _ in sorted(self._done):
+            busy += max(0.0, t1 - max(t0, reach))
+            reach = max(reach, t1)
+        rate = sum(n for _, _, n in self._done) / max(busy, 1e-3)
         return float(max(1, min(60, math.ceil(self.pending / rate))))
 
     async def _loop(self) -> None:
@@ -220,12 +224,31 @@ class MicroBatcher:
             errors.append(await self._call(group, half))
             if errors[-1] is not None and len(half) == 1:  # settled at once: a request may ask for it again
                 self._fail(half, errors[-1])
-        if type(error) is EngineError and all(_same(e, error) for e in errors):
+        if (
+            type(error) is EngineError
+            and all(_same(e, error) for e in errors)
+            and await self._alone(group, halves, error)
+        ):
             self._fail(jobs, error)
             return
         for half, half_error in zip(halves, errors, strict=True):
-            if half_error is not None:
-                await self._bisect(group, half, half_error)
+            rest = [j for j in half if not j.future.done()]
+            if half_error is not None and rest:
+                await self._bisect(group, rest, half_error)
+
+    async def _alone(self, group: Hashable, halves: tuple[list[_Job], ...], error: LabelerError) -> bool:
+        """Whether the first item of each half (already tried alone when a half is one item)
+        fails alone with `error` too: then no item of the batch is its cause (two bad items
+        whose errors read alike, one in each half, fail the halves the same way). Each item
+        tried is settled."""
+        alike = True
+        for half in halves:
+            if len(half) > 1:
+                probe_error = await self._call(group, half[:1])
+                if probe_error is not None:
+                    self._fail(half[:1], probe_error)
+                alike = alike and _same(probe_error, error)
+        return alike
 
     def _fail(self, jobs: list[_Job], error: LabelerError) -> None:
         for job in jobs:

@@ -53,19 +53,20 @@ def test_a_settled_item_is_not_joined_while_the_rest_of_its_batch_runs():
 
 
 def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_items():
-    """A failure that does not depend on the items (a device error): the batch of 16 and both
-    its halves fail alike, and every item gets the error after 3 calls, not 31. A failure
-    of one item still splits the batch down to that item."""
+    """A failure that does not depend on the items (a device error): the batch of 16, both
+    its halves and one item of each fail alike, and every item gets the error after 5 calls,
+    not 31. A failure of one item still splits the batch down to that item; so do two bad
+    items whose errors read alike, one in each half."""
     calls: list[int] = []
 
     async def broken(group, items, keys):
         calls.append(len(items))
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    async def one_bad(group, items, keys):
+    async def bad(group, items, keys):
         calls.append(len(items))
-        if "bad" in items:
-            raise RuntimeError("bad input")
+        if any(it.startswith("bad") for it in items):
+            raise RuntimeError("input contains NaN")
         return [f"label of {it}" for it in items]
 
     async def run(run_group, items: list[str]) -> list:
@@ -78,10 +79,15 @@ def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_i
         return done
 
     got = asyncio.run(run(broken, [f"x{i}" for i in range(16)]))
-    assert calls == [16, 8, 8] and all(isinstance(g, EngineError) and "device-side" in str(g) for g in got)
-    got = asyncio.run(run(one_bad, [f"x{i}" for i in range(15)] + ["bad"]))
+    assert calls == [16, 8, 8, 1, 1] and all(isinstance(g, EngineError) and "device-side" in str(g) for g in got)
+    got = asyncio.run(run(bad, [f"x{i}" for i in range(15)] + ["bad"]))
     assert calls == [16, 8, 8, 4, 4, 2, 2, 1, 1]
     assert [isinstance(g, EngineError) for g in got] == [False] * 15 + [True]
+    two = [f"x{i}" for i in range(16)]
+    two[5], two[12] = "bad1", "bad2"
+    got = asyncio.run(run(bad, two))
+    assert [isinstance(g, EngineError) for g in got] == [it.startswith("bad") for it in two]
+    assert calls[:5] == [16, 8, 8, 1, 1]  # the halves fail alike; their first items alone do not
 
 
 def test_stopping_fails_what_is_left_after_its_deadline():
@@ -106,7 +112,8 @@ def test_stopping_fails_what_is_left_after_its_deadline():
 
 def test_retry_after_drains_the_queue_at_the_servers_rate_not_one_batchs():
     """Four batches of 4 run at once, 0.2 s each: the server labels ~80 items/s, one batch
-    ~20/s. A full queue of 400 is told to come back when the server will have drained it."""
+    ~20/s. A full queue of 400 is told to come back when the server will have drained it;
+    idle time between the batches does not count as labeling time."""
     gate = asyncio.Event()
 
     async def run_group(group, items, keys):
@@ -117,12 +124,14 @@ def test_retry_after_drains_the_queue_at_the_servers_rate_not_one_batchs():
         batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=432, concurrency=4)
         batcher.start()
         assert batcher.retry_after() == 1.0  # nothing measured yet
-        t0 = asyncio.get_running_loop().time()
-        warm, _ = batcher.submit("g", [(f"warm{i}", f"warm{i}") for i in range(32)])
-        await asyncio.gather(*warm)
-        per_item = (asyncio.get_running_loop().time() - t0) / 32  # this machine's server rate, as run
+        loop, busy = asyncio.get_running_loop(), 0.0
+        for n in (8, 32):  # two spells of work, idle between them
+            t0 = loop.time()
+            await asyncio.gather(*batcher.submit("g", [(f"warm{n}.{i}", f"warm{n}.{i}") for i in range(n)])[0])
+            busy += loop.time() - t0
+            await asyncio.sleep(0.5)
         batcher.submit("g", [(f"q{i}", f"q{i}") for i in range(400)])
-        assert batcher.retry_after() <= math.ceil(400 * per_item) + 1 < 400 * 0.2 / 4
+        assert batcher.retry_after() <= math.ceil(400 * busy / 40) + 1 < 400 * 0.2 / 4
         gate.set()
         await batcher.stop()
 
