@@ -34,11 +34,6 @@ class Metrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
-        self.tokens_per_second = Gauge(
-            "labeler_engine_tokens_per_second",
-            "Prompt tokens/s of the engine between the last two ends of engine calls",
-            registry=r,
-        )
         self.rejected = Counter("labeler_rejected_total", "Requests refused with 429 (queue full)", registry=r)
         self._engine_tokens = _EngineTokens()
         r.register(self._engine_tokens)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -64,7 +63,6 @@ class LabelService:
         )
         self._specs: dict[tuple, LabelSpec] = {}
         metrics.watch_engine(labeler.engine.stats)
-        self._last_call = (time.monotonic(), labeler.engine.stats.prompt_tokens)  # (time, prompt tokens)
         # Children bound once: labels() takes a lock and checks its arguments on every call.
         sources = ("cache", "engine", "shared")  # shared: computed once for several requests, counted once as engine
         self._items_metric = {(k, src): metrics.items.labels(k, src) for k in KINDS for src in sources}
@@ -242,20 +240,10 @@ class LabelService:
         if n > limit:
             raise InputTooLong(f"{name} has {n} characters, over the limit of {limit}", field=name, limit=limit)
 
-    def _tokens_per_second(self) -> None:
-        """The engine's prompt tokens/s since the previous engine call ended: every call that
-        ran in between counts, however many ran at once."""
-        now, tokens = time.monotonic(), self.labeler.engine.stats.prompt_tokens
-        last_time, last_tokens = self._last_call
-        if now > last_time:
-            self.metrics.tokens_per_second.set((tokens - last_tokens) / (now - last_time))
-        self._last_call = (now, tokens)
-
     async def _run_group(self, group: Hashable, prepared: list[Prepared], keys: Sequence[str]) -> list[dict]:
         """One labeler call for a batch of one group; writes the results to the cache."""
         spec, use_cache = group  # type: ignore[misc]
         res = await self.labeler.arun(spec, prepared)
-        self._tokens_per_second()
         values = [asdict(r) for r in res]
         if use_cache:
             await self.cache.set_many(dict(zip(keys, values, strict=True)))
