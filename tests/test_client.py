@@ -67,6 +67,8 @@ def test_async_client_awaited_from_one_event_loop_after_another(live_server):
         assert asyncio.run(client.health()).status == "ready"
         assert all(s is not None for s in asyncio.run(client.scores(items, "tiny")))
     asyncio.run(client.aclose())
+    with pytest.raises(RuntimeError, match="closed"):  # closed stays closed, in any loop
+        asyncio.run(client.health())
 
 
 def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server, labeler):

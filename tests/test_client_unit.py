@@ -195,8 +195,8 @@ def test_a_batch_that_fails_stops_the_others_of_its_call():
     t0 = time.monotonic()
     with pytest.raises(lc.InvalidRequest, match=r"items\[1\]\.response"):
         client.scores(its, "tiny")
-    assert time.monotonic() - t0 < 20 and client.sleeps == []
-    assert sum(its[0]["response"].encode() in r.content for r in fake.requests) == 1
+    assert time.monotonic() - t0 < 20  # not the 30 s of the Retry-After: the wait ended with the call
+    assert sum(its[0]["response"].encode() in r.content for r in fake.requests) <= 1  # never sent again
 
 
 @pytest.mark.parametrize("on_error", ["raise", "none"])

@@ -439,7 +439,8 @@ class Client(_BaseClient):
 class AsyncClient(_BaseClient):
     """The same surface as `Client`, awaitable; use `async with` or `await client.aclose()`.
     It may be awaited from one event loop after another (an `asyncio.run` per training step):
-    a new loop gets new connections, since those of an ended loop cannot be used."""
+    a new loop gets new connections, since those of an ended loop cannot be used (with a
+    `transport` of the caller's, whose pool is its own, keep to one loop)."""
 
     def __init__(
         self,
@@ -456,11 +457,12 @@ class AsyncClient(_BaseClient):
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
     def _http_here(self) -> httpx.AsyncClient:
-        """The HTTP client for the running loop: a new one when the loop changed."""
+        """The HTTP client for the running loop: a new one when the loop changed (unless the
+        client was closed, or the caller gave a transport, whose own pool stays)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            if self._loop is not None:
-                self._http = httpx.AsyncClient(transport=self._transport, **self._http_options())
+            if self._loop is not None and self._transport is None and not self._http.is_closed:
+                self._http = httpx.AsyncClient(**self._http_options())
             self._loop = loop
         return self._http
 
