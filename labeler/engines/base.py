@@ -98,14 +98,13 @@ class Engine(Protocol):
 
 
 def check_score_requests(requests: Sequence[ScoreRequest], max_model_len: int) -> None:
-    """Refuse reads that do not fit the model's context (an InvalidInput, not an engine crash)."""
+    """Refuse reads that do not fit the model's context (an InvalidInput, not an engine crash).
+    It names no field: the engine does not know which item a prompt is, and "items" would
+    read as the request's item count."""
     for req in requests:
         longest = len(req.prompt_ids) + max((len(q.prefix) + 1 for q in req.queries), default=0)
         if longest > max_model_len:
-            raise InvalidInput(
-                f"prompt of {len(req.prompt_ids)} tokens exceeds the model's context of {max_model_len}",
-                field="items",
-            )
+            raise InvalidInput(f"prompt of {len(req.prompt_ids)} tokens exceeds the model's context of {max_model_len}")
 
 
 def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: int) -> None:
@@ -118,8 +117,7 @@ def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: 
         if len(req.prompt_ids) + req.max_tokens > max_model_len:
             raise InvalidInput(
                 f"prompt of {len(req.prompt_ids)} tokens plus {req.max_tokens} new ones exceeds the "
-                f"model's context of {max_model_len}",
-                field="items",
+                f"model's context of {max_model_len}"
             )
 
 

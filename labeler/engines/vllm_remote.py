@@ -195,7 +195,7 @@ class VLLMRemoteEngine:
         if resp.status_code in _CONFIG_STATUS:
             return EngineUnavailable(message + " (check the API key and the served model's name)")
         if resp.status_code == 400 and "context length" in resp.text:
-            return InputTooLong(message, field="items")
+            return InputTooLong(message)  # the item is the service's to name, not the count's "items"
         return EngineError(message)
 
     async def _discover(self, server: _Server) -> None:
