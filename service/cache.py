@@ -142,10 +142,12 @@ class RedisCache:
             return None
         try:
             value = json.loads(raw)
-        except ValueError:  # not written by this service (JSON decoding and UTF-8 errors alike)
+        except ValueError:  # JSON decoding and UTF-8 errors alike
+            value = None
+        if not isinstance(value, dict):  # not written by this service
             self.on_error("decode")
             return None
-        return value if isinstance(value, dict) else None
+        return value
 
     async def set_many(self, values: Mapping[str, Value]) -> None:
         if not values:
@@ -162,14 +164,16 @@ class RedisCache:
             self._fail("set", exc)
 
     async def status(self) -> str:
-        """'ok' when Redis answers, 'bypassed' otherwise (requests still succeed)."""
+        """'ok' when Redis answers, 'bypassed' while it cannot be reached, 'refused' when it
+        answers with a refusal (requests still succeed either way)."""
         if self.bypassed:
             return "bypassed"
         try:
             await self._client.ping()
         except Exception as exc:  # noqa: BLE001
             self._fail("ping", exc)
-        return "bypassed" if self.bypassed else "ok"
+            return "bypassed" if self.bypassed else "refused"
+        return "ok"
 
     async def aclose(self) -> None:
         await self._client.aclose()

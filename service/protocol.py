@@ -385,7 +385,9 @@ class ReadyResponse(BaseModel):
     model: str = Field(..., description="model id (part of every cache key)")
     engine: str
     cache: str = Field(..., description="memory or redis")
-    cache_status: str = Field(..., description="ok, or bypassed while Redis does not answer (labels still work)")
+    cache_status: str = Field(
+        ..., description="ok; bypassed while Redis does not answer; refused when it refuses a ping (labels still work)"
+    )
     labeler: LabelDefaults
 
 

@@ -203,7 +203,7 @@ def load_task_file(path: str | Path) -> Task:
     return Task.from_mapping(name, data, source=str(path))
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[^\W_][\w.-]*")  # letters and digits of any script, "_", "-", "."
 
 
 def _task_files(directory: Path) -> list[Path]:
