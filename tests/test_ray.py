@@ -180,8 +180,10 @@ def reward_worker(ray_driver):
             prefs = [p.model_dump() for p in client.preferences(pairs, "tiny", cache=False)]
             errors = [
                 error(lambda: client.scores(items, "nope")),
-                error(lambda: client.scores(items * 5, "tiny")),  # over LABELER_MAX_ITEMS
+                error(lambda: client.scores(items, "tiny", samples=2)),  # samples > 1 needs cot
             ]
+            # Over LABELER_MAX_ITEMS in one batch: refused for its size, sent again in halves.
+            over = [s.reward for s in client.scores(items * 5, "tiny")]
         with Client("http://labeler", transport=ServeTransport()) as anonymous:
             errors.append(error(anonymous.tasks))
 
@@ -189,7 +191,13 @@ def reward_worker(ray_driver):
             async with AsyncClient("http://labeler", api_key=API_KEY, transport=AsyncServeTransport()) as aclient:
                 return [s.model_dump() for s in await aclient.scores(items, "tiny", cache=False)]
 
-        return {"scores": scores, "prefs": prefs, "errors": errors, "async_scores": asyncio.run(async_scores())}
+        return {
+            "scores": scores,
+            "prefs": prefs,
+            "errors": errors,
+            "over": over,
+            "async_scores": asyncio.run(async_scores()),
+        }
 
     return work
 
@@ -205,7 +213,8 @@ def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
         http_scores = client.scores(SCORE_ITEMS, "tiny", cache=False)
         http_prefs = client.preferences(PAIR_ITEMS, "tiny", cache=False)
         http_errors = []
-        for call in (lambda: client.scores(SCORE_ITEMS, "nope"), lambda: client.scores(SCORE_ITEMS * 5, "tiny")):
+        http_over = [s.reward for s in client.scores(SCORE_ITEMS * 5, "tiny")]
+        for call in (lambda: client.scores(SCORE_ITEMS, "nope"), lambda: client.scores(SCORE_ITEMS, "tiny", samples=2)):
             with pytest.raises(LabelerClientError) as e:
                 call()
             http_errors.append((type(e.value).__name__, e.value.status, e.value.type, e.value.param))
@@ -218,6 +227,9 @@ def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
     for g, w in zip([Preference(**p) for p in got["prefs"]], http_prefs, strict=True):
         assert close(g.p_a, w.p_a) and close(g.p_a_ba, w.p_a_ba)
     assert [tuple(e) for e in got["errors"]] == http_errors
+    assert len(got["over"]) == len(SCORE_ITEMS) * 5 and all(
+        close(g, w) for g, w in zip(got["over"], http_over, strict=True)
+    )
     expected = [("InvalidRequest", 422), ("InvalidRequest", 422), ("AuthenticationError", 401)]
     assert [e[:2] for e in http_errors] == expected
 
