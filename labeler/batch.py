@@ -224,20 +224,14 @@ class JsonlSink:
         lines = text.split("\n")[:-1]
         for n, line in enumerate(lines, start=1):
             if line.strip():
-                try:
-                    row = _output_row(json.loads(line))
-                except json.JSONDecodeError:
-                    row = None
+                row = _output_row(_parsed(line))
                 if row is None:
                     raise self._foreign_line(n)
                 self.rows[row["key"]] = row
         tail = data[keep:]
         if not tail.strip():
             return
-        try:
-            last: Any = json.loads(tail.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):  # cut inside a character or a value
-            last = None
+        last = _parsed(tail)  # None: cut inside a character or a value
         row = _output_row(last)
         if row is not None:  # a whole row that lacks its newline (a hand edit, a concatenation)
             with self.path.open("ab") as f:
@@ -262,6 +256,14 @@ class JsonlSink:
             os.fsync(f.fileno())
         for r in rows:
             self.rows[r["key"]] = r
+
+
+def _parsed(line: str | bytes) -> Any:
+    """A line's JSON value, or None when it is not JSON (or, as bytes, not UTF-8)."""
+    try:
+        return json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        return None
 
 
 def _output_row(value: Any) -> dict[str, Any] | None:

@@ -101,12 +101,9 @@ class MicroBatcher:
                 await self._worker
         if self._queue or self._tasks:
             log.warning("stopping with %d items not labeled", self.pending)
-            stopped = EngineUnavailable("the server is shutting down")
-            while self._queue:
-                job = self._queue.popleft()
-                _fail(job.future, stopped)
-                self._release(job)
-                self.pending -= 1
+            self._fail(list(self._queue), EngineUnavailable("the server is shutting down"))
+            self.pending -= len(self._queue)
+            self._queue.clear()
             self.on_pending(self.pending)
             for task in list(self._tasks):
                 task.cancel()

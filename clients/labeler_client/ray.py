@@ -63,8 +63,11 @@ class _HandleTransport:
         return httpx.Response(status, headers=headers, content=content, request=request)
 
     @staticmethod
-    def _failure(request: httpx.Request, error: BaseException) -> httpx.Response:
-        """The HTTP-side reading of a Ray failure: a response, or an httpx exception raised."""
+    def _failure(request: httpx.Request, error: BaseException, call: Any) -> httpx.Response:
+        """The HTTP-side reading of a Ray failure: a response, or an httpx exception raised.
+        The call (None when the handle could not even be called) is cancelled first."""
+        if call is not None:
+            call.cancel()
         from ray.exceptions import RayActorError, RayError, RayTaskError, WorkerCrashedError
         from ray.serve.exceptions import (
             BackPressureError,
@@ -101,9 +104,7 @@ class ServeTransport(_HandleTransport, httpx.BaseTransport):
             call = self._method().remote(*self._args(request, request.read()))
             return self._response(request, call.result(timeout_s=_read_timeout(request)))
         except Exception as error:  # noqa: BLE001 - sorted by _failure: a response, an httpx error, or re-raised
-            if call is not None:
-                call.cancel()
-            return self._failure(request, error)
+            return self._failure(request, error, call)
 
 
 class AsyncServeTransport(_HandleTransport, httpx.AsyncBaseTransport):
@@ -115,9 +116,7 @@ class AsyncServeTransport(_HandleTransport, httpx.AsyncBaseTransport):
             call = self._method().remote(*self._args(request, await request.aread()))
             return self._response(request, await asyncio.wait_for(call, _read_timeout(request)))
         except Exception as error:  # noqa: BLE001 - see ServeTransport
-            if call is not None:
-                call.cancel()
-            return self._failure(request, error)
+            return self._failure(request, error, call)
 
 
 def _read_timeout(request: httpx.Request) -> float | None:
