@@ -97,7 +97,7 @@ def test_results_in_input_order_across_batches_sync_and_async():
 
 def test_on_error_none_leaves_a_failed_group_out():
     fake = FakeLabeler()
-    client = client_for(fake, batch_size=1)
+    client = client_for(fake, batch_size=1, max_concurrency=1)  # in order: the first request is the first group's
     fake.fail_next(422)  # the first group's request is refused for its content: not retried
     got = client.group_relative_rewards(["p0", "p1"], [["a", "b"], ["c", "d"]], "tiny", on_error="none")
     assert got[0] is None and got[1] == pytest.approx([2 * win("p1", "c", "d") - 1, 2 * win("p1", "d", "c") - 1])
