@@ -25,7 +25,7 @@ from typing import Any
 
 from .core import PairItem, ScoreItem
 from .datasets_io import MalformedRecord, Pair, Single, read_records
-from .errors import InvalidInput, LabelerError
+from .errors import InvalidInput, LabelerError, ModelOutputError
 from .spec import LabelSpec
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,8 @@ class HTTPBackend(Backend):
         except labeler_client.APIStatusError as exc:
             if exc.status in (400, 413, 422) and exc.param:
                 raise InvalidInput(str(exc), field=exc.param) from exc
+            if exc.type == "model_output_error" and exc.param:
+                raise ModelOutputError(str(exc), field=exc.param) from exc
             raise ServiceError(f"labeler service: {exc}") from exc
         except labeler_client.LabelerClientError as exc:
             raise ServiceError(f"labeler service: {exc}") from exc
@@ -300,6 +302,7 @@ class Summary:
     duplicates: int = 0  # repeated in the input (same key)
     other_rows: int = 0  # rows already in the output of other items or options (kept as they are)
     invalid: list[str] = field(default_factory=list)  # where: message, for skipped malformed records
+    unlabeled: list[str] = field(default_factory=list)  # where: message, for skipped items the model gave no label
     cached: int = 0  # answered from the service's cache (--url)
     inconsistent: int = 0  # rows whose two orders disagree (over rows read in both orders)
     both_orders: int = 0
@@ -324,6 +327,7 @@ class Summary:
             "duplicates": self.duplicates,
             "other_rows": self.other_rows,
             "invalid": len(self.invalid),
+            "unlabeled": len(self.unlabeled),
             "cached": self.cached,
             "position_inconsistent_share": self.inconsistent_share,
             "seconds": round(self.seconds, 3),
@@ -342,6 +346,8 @@ class Summary:
             parts.append(f"{self.duplicates} duplicates")
         if self.invalid:
             parts.append(f"{len(self.invalid)} invalid (skipped)")
+        if self.unlabeled:
+            parts.append(f"{len(self.unlabeled)} without a label from the model (skipped)")
         if self.other_rows:
             parts.append(f"{self.other_rows} other rows in the output (kept)")
         if share is not None:
@@ -491,8 +497,9 @@ async def run_jobs(
 ) -> Summary:
     """Label the jobs whose keys are not in `sink` yet, `chunk_size` per backend call, appending
     each chunk's rows as it completes. `kind` is "pairs", "scores" or "judgments". An invalid item raises
-    MalformedRecord naming its line (earlier chunks stay written), or with `skip_invalid` is
-    reported and left out."""
+    MalformedRecord naming its line (earlier chunks stay written), an item the model gives no
+    label for a ModelOutputError naming its line; with `skip_invalid` either is reported and
+    left out."""
     from tqdm.auto import tqdm
 
     summary = summary or Summary()
@@ -559,16 +566,19 @@ async def _label_chunk(
             if kind == "judgments":
                 return await backend.judgments(items, task, **opts), chunk  # type: ignore[arg-type]
             return await backend.scores(items, task, **opts), chunk  # type: ignore[arg-type]
-        except InvalidInput as exc:
+        except (InvalidInput, ModelOutputError) as exc:
             k = _item_index(exc.field)
             if k is None or k >= len(chunk):
                 raise
             bad = chunk[k]
             msg = str(exc).split(": ", 1)[-1] if str(exc).startswith("items[") else str(exc)
+            unlabeled = isinstance(exc, ModelOutputError)  # the record is fine; the model's answer is not
             if not skip_invalid:
+                if unlabeled:
+                    raise ModelOutputError(f"{bad.where}: {msg}", field=bad.where) from None
                 raise MalformedRecord(bad.where, msg) from None
-            summary.invalid.append(f"{bad.where}: {msg}")
-            print(f"skipped invalid input: {bad.where}: {msg}", file=sys.stderr)
+            (summary.unlabeled if unlabeled else summary.invalid).append(f"{bad.where}: {msg}")
+            print(f"skipped {'unlabeled item' if unlabeled else 'invalid input'}: {bad.where}: {msg}", file=sys.stderr)
             chunk = chunk[:k] + chunk[k + 1 :]
 
 

@@ -95,7 +95,10 @@ def _common(p: argparse.ArgumentParser, *, task: str | None = None) -> None:
     p.add_argument(
         "--skip-invalid",
         action="store_true",
-        help="report malformed records and go on (default: stop, naming the line, before labeling)",
+        help=(
+            "report malformed records, and items the model gives no label for, and go on "
+            "(default: stop, naming the line; malformed records before labeling)"
+        ),
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_model_options(p)

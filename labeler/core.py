@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from . import scoring
 from .engines.base import Engine, GenerateRequest, ScoreRequest
-from .errors import InputTooLong, InvalidInput
+from .errors import InputTooLong, InvalidInput, ModelOutputError
 from .prompts import PromptBuilder, Rendered, clean_text, judgment_question
 from .spec import KINDS, MAX_GROUP_SIZE, MAX_SAMPLES, MAX_SEED, LabelSpec, OrderArg
 from .tasks import Task, TaskRegistry
@@ -384,7 +384,7 @@ class Labeler:
         """Results for prepared items, in order: one batched engine call per stage (one
         `score` call, after one `generate` call with chain-of-thought)."""
         flat = [r for p in prepared for r in p]
-        dists, masses, rationales = await self._label(flat, spec)
+        dists, masses, rationales = await self._label(flat, spec, [i for i, p in enumerate(prepared) for _ in p])
         if spec.kind == "pairwise":
             return self._preferences(spec, len(prepared), dists, masses, rationales)
         if spec.kind == "reference":
@@ -484,10 +484,11 @@ class Labeler:
         return await self.arun(spec, await self.aprepare(spec, groups, name="groups"))
 
     async def _label(
-        self, rendered: list[Rendered], spec: LabelSpec
+        self, rendered: list[Rendered], spec: LabelSpec, item_of: list[int]
     ) -> tuple[list[dict[str, float]], list[float], list[list[str]] | None]:
         """Label distributions for rendered questions: one score call, after one
-        generate call with chain-of-thought. Returns (distributions, masses, rationales)."""
+        generate call with chain-of-thought. Returns (distributions, masses, rationales).
+        `item_of[k]`: the item that question `k` is of, named by a ModelOutputError."""
         if not rendered:
             return [], [], None
         if not spec.cot:
@@ -514,7 +515,13 @@ class Labeler:
             reads = await self.in_render_thread(self.prompts.after_rationales, owners, read_texts)
         queries = scoring.label_queries(reads[0].labels)
         answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
-        per_read = [scoring.label_distribution(r.labels, a) for r, a in zip(reads, answers, strict=True)]
+        per_read = []
+        for r, a, k in zip(reads, answers, (k for k, g in enumerate(groups) for _ in g), strict=True):
+            try:
+                per_read.append(scoring.label_distribution(r.labels, a))
+            except ModelOutputError as exc:  # one item's answer, not the batch's: say which
+                at = f"items[{item_of[k]}]"
+                raise ModelOutputError(f"{at}: {exc}", field=at) from None
         dists = [scoring.average([per_read[k].probs for k in g]) for g in groups]
         masses = [sum(per_read[k].mass for k in g) / len(g) for g in groups]
         return dists, masses, rationales

@@ -61,8 +61,13 @@ class ModelLoadError(LabelerError):
 
 
 class ModelOutputError(LabelerError):
-    """The model answered, but not in a way a label can be read from (e.g. -inf log-probs on
-    every label). Neither the caller's fault nor transient: retrying gives the same answer."""
+    """The model answered, but not in a way a label can be read from (e.g. -inf or NaN
+    log-probs on every label). Neither the caller's fault nor transient: retrying gives the
+    same answer. `field` names the item (`items[3]`) when the labeler knows it."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class EngineError(LabelerError):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from labeler import PairItem, ScoreItem, cli
+from labeler import Labeler, PairItem, ScoreItem, cli
 from labeler.batch import (
     JsonlSink,
     LocalBackend,
@@ -26,7 +26,9 @@ from labeler.batch import (
     run_jobs,
 )
 from labeler.datasets_io import normalize_pair
+from tests.fixtures.faults import FaultyEngine
 from tests.fixtures.model import TEST_TASKS
+from tests.fixtures.server import LiveServer
 
 pytestmark = pytest.mark.model
 
@@ -227,3 +229,43 @@ def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, cap
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["cached"] == 2
     assert [r["key"] for r in rows(tmp_path / "again.jsonl")] == [r["key"] for r in rows(out)]
+
+
+@pytest.mark.parametrize("via", ["in-process", "url"])
+def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skipped(
+    via, tmp_path, labeler, test_tasks, monkeypatch, capsys
+):
+    """NaN label log-probs on one record (a half-precision model that overflowed on it): the
+    run stops at that record's line with the chunks before it written, and `--skip-invalid`
+    leaves it out and labels the rest, in-process and through the service alike."""
+    poison = "POISON-7f3a"
+    faulty = Labeler(FaultyEngine(labeler.engine, poison=poison, exc_type="nan"), test_tasks)
+    answers = ["Apple.", poison, "Pear."]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a fruit.", "completion": a} for a in answers])
+    out = tmp_path / "scores.jsonl"
+    argv = ["label", str(src), str(out), "--task", "tiny", "--scores", "--no-progress", "--json"]
+    srv = None
+    if via == "url":
+        pytest.importorskip("labeler_client")
+        srv = LiveServer(faulty)
+        srv.start()
+        argv += ["--url", srv.url]
+    else:
+        monkeypatch.setattr(cli, "build_labeler", lambda args: faulty)
+    try:
+        stopped = cli.main([*argv, "--chunk-size", "1"])
+        err = capsys.readouterr().err
+        assert stopped == 2 and f"{src}, line 2: " in err and "zero probability on every label" in err, err
+        assert [r["completion"] for r in rows(out)] == ["Apple."]  # the chunk before it stays written
+        assert cli.main([*argv, "--skip-invalid"]) == 0
+        captured = capsys.readouterr()
+    finally:
+        if srv is not None:
+            srv.stop()
+    summary = json.loads(captured.out)
+    assert (summary["skipped"], summary["labeled"], summary["unlabeled"], summary["invalid"]) == (1, 1, 1, 0)
+    assert f"skipped unlabeled item: {src}, line 2: " in captured.err
+    got = rows(out)
+    assert [r["completion"] for r in got] == ["Apple.", "Pear."]
+    ref = labeler.scores([ScoreItem("Name a fruit.", "Apple."), ScoreItem("Name a fruit.", "Pear.")], "tiny")
+    assert [r["reward"] for r in got] == pytest.approx([r.reward for r in ref], abs=1e-5)
