@@ -51,8 +51,12 @@ def test_backoff_is_exponential_capped_and_jittered():
     delays = [retry.delay(3, rng=rng) for _ in range(500)]
     assert all(0 <= d <= 4.0 for d in delays) and max(delays) > 3.5 and min(delays) < 0.5  # full jitter
     assert retry.cap(10_000) == 4.0  # no overflow
-    assert retry.delay(0, retry_after=7) == 7  # the server's word wins over the schedule
-    assert lc.Retry(max_retry_after=5).delay(0, retry_after=3600) == 5
+    # The server's word wins over the schedule; clients refused together spread out after it.
+    waits = [retry.delay(0, retry_after=8, rng=rng) for _ in range(500)]
+    assert all(8 <= w <= 10 for w in waits) and max(waits) > 9.5 and min(waits) < 8.5
+    capped = [lc.Retry(max_retry_after=5).delay(0, retry_after=3600, rng=rng) for _ in range(100)]
+    assert all(5 <= w <= 6.25 for w in capped)
+    assert retry.delay(0, retry_after=0) == 0
     with pytest.raises(ValueError):
         lc.Retry(max_retries=-1)
 
@@ -162,7 +166,8 @@ def test_429_honours_retry_after_and_raises_rate_limited_when_retries_run_out():
     client = client_for(fake, retry=lc.Retry(max_retries=1, backoff=0.0))
     with pytest.raises(lc.RateLimited) as err:
         client.tasks()
-    assert client.sleeps == [7] and err.value.retry_after == 7 and err.value.status == 429
+    (slept,) = client.sleeps
+    assert 7 <= slept <= 8.75 and err.value.retry_after == 7 and err.value.status == 429
     assert len(fake.requests) == 2
 
 

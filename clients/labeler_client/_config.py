@@ -37,9 +37,10 @@ class Retry:
     """Retries on connection errors, timeouts, 408, 429 and 502/503/504.
 
     The wait before retry `n` (0-based) is the server's `Retry-After` when it sent one (at
-    most `max_retry_after`), else a full-jitter exponential backoff: uniform in
-    [0, min(max_backoff, backoff * 2**n)]. Labeling is idempotent and cached server-side,
-    so a retried request is safe. `Retry(max_retries=0)` turns retries off.
+    most `max_retry_after`) plus up to a quarter of it at random, so that the workers of a
+    trainer refused together do not come back together; else a full-jitter exponential
+    backoff: uniform in [0, min(max_backoff, backoff * 2**n)]. Labeling is idempotent and
+    cached server-side, so a retried request is safe. `Retry(max_retries=0)` turns retries off.
     """
 
     max_retries: int = 5
@@ -58,7 +59,8 @@ class Retry:
     def delay(self, attempt: int, retry_after: float | None = None, *, rng: random.Random | None = None) -> float:
         """Seconds to sleep before retry number `attempt` (0-based)."""
         if retry_after is not None:
-            return min(retry_after, self.max_retry_after)
+            wait = min(retry_after, self.max_retry_after)
+            return wait + (rng or random).uniform(0, wait / 4)  # Retry-After is the least to wait
         return (rng or random).uniform(0, self.cap(attempt))
 
 
