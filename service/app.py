@@ -13,7 +13,7 @@ import gc
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
@@ -23,6 +23,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from labeler import InvalidInput, Labeler, TaskRegistry
 
@@ -78,7 +79,8 @@ class Gate:
     """ASGI middleware, the one layer in front of every route (each layer cost a cache hit
     about 5 µs, so these share one):
 
-    - request latency by route template and status (`labeler_request_seconds`);
+    - request latency by route template and status (`labeler_request_seconds`), its 401s
+      and 413s under the route they were for;
     - 413 for bodies over `limit` bytes, declared or streamed;
     - bearer API keys on the label and task routes, when keys are configured. Each given key
       is compared with every accepted key in constant time, so timing tells nothing; probes
@@ -87,8 +89,9 @@ class Gate:
 
     PROTECTED = ("/v1/", "/get_reward")
 
-    def __init__(self, app, metrics: Metrics, limit: int, keys: list[str]) -> None:
+    def __init__(self, app, metrics: Metrics, limit: int, keys: list[str], routes: Sequence[BaseRoute] = ()) -> None:
         self.app, self.metrics, self.limit = app, metrics, limit
+        self.routes = routes  # the app's, to name the route of a request refused before routing
         self.keys = [k.encode() for k in keys]
         self._children: dict[tuple[str, int], Any] = {}  # labels() takes a lock on every call
 
@@ -125,7 +128,7 @@ class Gate:
                 except _TooLarge:  # raised past the app's handlers (body read outside a route)
                     await self._too_large()(scope, receive, capture)
         finally:
-            path = getattr(scope.get("route"), "path", "unmatched")
+            path = getattr(scope.get("route") or self._route(scope), "path", "unmatched")
             child = self._children.get((path, status))
             if child is None:
                 child = self._children[path, status] = self.metrics.latency.labels(path, str(status))
@@ -153,6 +156,11 @@ class Gate:
                     401, "missing or invalid API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"}
                 )
         return None
+
+    def _route(self, scope) -> BaseRoute | None:
+        """The route a request that never reached the router (refused here) was for; None
+        for a path no route has, which stays "unmatched" (any path, one label)."""
+        return next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
 
     def _too_large(self) -> Response:
         return errors.error_response(413, _TooLarge(self.limit).detail, "body_too_large")
@@ -222,7 +230,14 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     errors.install(app)
-    app.add_middleware(Gate, metrics=app.state.metrics, limit=settings.max_body_bytes, keys=settings.api_keys)
+    # `routes`: the router's own list, filled below, before the first request builds the gate.
+    app.add_middleware(
+        Gate,
+        metrics=app.state.metrics,
+        limit=settings.max_body_bytes,
+        keys=settings.api_keys,
+        routes=app.router.routes,
+    )
     if settings.cors_origins:
         # Added last, so it runs first: it answers a browser's preflight (which never carries
         # the API key) and puts its headers on the gate's 401 and 413 too.
