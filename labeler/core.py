@@ -495,6 +495,7 @@ class Labeler:
             reads = rendered
             groups = [[k] for k in range(len(rendered))]
             rationales = None
+            sites = [None] * len(reads)
         else:
             samples = spec.samples
             temperature = spec.temperature if samples > 1 else 0.0
@@ -505,16 +506,19 @@ class Labeler:
                     for r in rendered
                 ]
             )
-            owners, read_texts, groups, rationales = [], [], [], []
+            owners, read_texts, groups, rationales, sites = [], [], [], [], []
             for r, draws in zip(rendered, gens, strict=True):
                 texts = [self.prompts.cut_rationale(r, g.text) for g in draws]
                 groups.append(list(range(len(read_texts), len(read_texts) + len(texts))))
                 owners.extend([r] * len(texts))
                 read_texts.extend(texts)
                 rationales.append(texts)
+                sites.extend(g.site for g in draws)
             reads = await self.in_render_thread(self.prompts.after_rationales, owners, read_texts)
         queries = scoring.label_queries(reads[0].labels)
-        answers = await self.engine.score([ScoreRequest(r.prompt_token_ids, queries) for r in reads])
+        answers = await self.engine.score(
+            [ScoreRequest(r.prompt_token_ids, queries, site) for r, site in zip(reads, sites, strict=True)]
+        )
         per_read = []
         for r, a, k in zip(reads, answers, (k for k, g in enumerate(groups) for _ in g), strict=True):
             try:

@@ -102,6 +102,19 @@ async def test_remote_engine_equals_transformers_and_fails_over(vllm_servers, mo
         await lab.ascores(long, "tiny")
         prompt, computed = (remote.stats.prompt_tokens - before[0], remote.stats.computed_tokens - before[1])
         assert prompt > 3 * 300 and 0 < computed <= prompt + 3 * 129, (computed, prompt)
+        # With chain-of-thought, the label read after a rationale goes to the server that
+        # generated it: each prompt is computed once (for its rationale), then each of its two
+        # reads at most a block and a label token. Round robin would send all three first
+        # reads elsewhere (A B A, then B A B), computing each prompt's own part twice (the
+        # prompts differ from their first line of context on).
+        fresh = [
+            ScoreItem(f"Case {i}. " + "Explain why tides follow the moon, and why some coasts get two. " * 20, "ok")
+            for i in range(3)
+        ]
+        before = remote.stats.prompt_tokens, remote.stats.computed_tokens
+        await lab.ascores(fresh, "tiny", cot=True)
+        prompt, computed = (remote.stats.prompt_tokens - before[0], remote.stats.computed_tokens - before[1])
+        assert prompt > 3 * 300 and 0 < computed <= prompt + 3 * 2 * 129, (computed, prompt)
         # Stop one server: every request still succeeds on the other, with the same numbers.
         vllm_servers[0].stop()
         before = await reference.ascores(SCORES, "tiny")

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from labeler.engines.base import LabelQuery, ScoreRequest
+from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
 from labeler.engines.vllm_remote import VLLMRemoteEngine
 from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
 
@@ -37,6 +37,8 @@ class Scripted:
             return httpx.Response(status, text=self.body or "refused")
         wanted = request.read().decode()
         assert '"model": "served"' in wanted or '"model":"served"' in wanted
+        if json.loads(wanted).get("return_token_ids"):  # a generation
+            return httpx.Response(200, json={"choices": [{"index": 0, "token_ids": [30, 31]}]})
         top = {f"token_id:{t}": -1.0 for t in (16, 17)}
         return httpx.Response(200, json={"choices": [{"logprobs": {"top_logprobs": [top]}}]})
 
@@ -132,6 +134,21 @@ async def test_a_requests_chained_reads_go_where_its_first_read_went(model_dir):
     deeper = [(host, prompt) for host, prompt in sent if len(prompt) == 11]
     assert len(first) == 3 and set(first.values()) == {"127.0.0.1", "127.0.0.2"}
     assert len(deeper) == 3 and all(host == first[prompt[:-1]] for host, prompt in deeper), sent
+
+
+async def test_the_label_read_after_a_rationale_goes_where_the_rationale_was_generated(model_dir):
+    """Three chain-of-thought prompts on two servers: each read after a rationale (the prompt
+    and the rationale's tokens) goes to the server that generated the rationale, where both
+    are in the prefix cache; round robin would send all three elsewhere (A B A, then B A B)."""
+    remote, sent = two_servers(model_dir, Scripted(), Scripted())
+    prompts = [tuple(range(k, k + 10)) for k in range(1, 4)]
+    gens = await remote.generate([GenerateRequest(p, 4) for p in prompts])
+    query = (LabelQuery((), (16, 17)),)
+    reads = [ScoreRequest(p + g.token_ids, query, g.site) for p, (g,) in zip(prompts, gens, strict=True)]
+    await remote.score(reads)
+    host = {prompt: h for h, prompt in sent}
+    assert len(sent) == 6 and {host[p] for p in prompts} == {"127.0.0.1", "127.0.0.2"}
+    assert [host[r.prompt_ids] for r in reads] == [host[p] for p in prompts], sent
 
 
 async def test_a_chained_read_whose_server_failed_goes_to_another(model_dir):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import InvalidInput
@@ -27,10 +27,12 @@ Logprobs = dict[TokenIds, dict[int, float]]
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """Read the log-probs that `queries` ask for, after `prompt_ids`."""
+    """Read the log-probs that `queries` ask for, after `prompt_ids`. `site`: the `site` of
+    the generation this prompt continues (a chain-of-thought rationale), if any."""
 
     prompt_ids: TokenIds
     queries: tuple[LabelQuery, ...]
+    site: Any = field(default=None, compare=False)
 
 
 # What every engine samples a rationale with: plain temperature sampling (greedy at
@@ -59,8 +61,13 @@ class GenerateRequest:
 
 @dataclass(frozen=True)
 class Generation:
+    """A continuation. `site`: where an engine with several servers ran it, so that the
+    label read after it goes there too, where its prompt and its tokens are in the prefix
+    cache (None for an engine with one place)."""
+
     token_ids: TokenIds
     text: str
+    site: Any = field(default=None, compare=False)
 
 
 @dataclass

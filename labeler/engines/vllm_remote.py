@@ -10,8 +10,9 @@ vLLM servers (data parallel), or to one server with tensor parallelism.
   extend, like the in-process engine.
 - Generation: `POST /v1/completions` with `return_token_ids`.
 - Load spreading: round robin over the servers that are up, except that a request's
-  chained reads follow its first read to the same server, where its prompt's KV is in the
-  prefix cache (elsewhere it would be computed again). A server that fails
+  chained reads follow its first read to the same server, and the label read after a
+  chain-of-thought rationale goes to the server that generated the rationale: there its
+  prompt's KV is in the prefix cache (elsewhere it would be computed again). A server that fails
   (connection error, timeout, 5xx) is marked down for `cooldown` seconds and the request
   is retried on the next one (when every server is down, once the first cooldown ends);
   after the cooldown a `GET /health` must answer before the server gets traffic again.
@@ -33,6 +34,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +236,8 @@ class VLLMRemoteEngine:
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         await self._ready()
         check_score_requests(requests, self.max_model_len)
-        first: dict[int, _Server] = {}  # request -> the server of its first read
+        # request -> the server of its first read (or of the rationale it reads after)
+        first: dict[int, _Server] = {r: req.site for r, req in enumerate(requests) if isinstance(req.site, _Server)}
 
         async def read(r: int, ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
             body = {
@@ -277,10 +280,11 @@ class VLLMRemoteEngine:
             }
             if req.temperature > 0:
                 body["seed"] = req.seed
-            data, _ = await self._post("/v1/completions", body)
+            data, server = await self._post("/v1/completions", body)
             self._count_computed(data)
             choices = sorted(data["choices"], key=lambda c: c["index"])
-            return [finish_generation(c.get("token_ids") or [], self._eos, self.tokenizer, self.stats) for c in choices]
+            done = [finish_generation(c.get("token_ids") or [], self._eos, self.tokenizer, self.stats) for c in choices]
+            return [replace(g, site=server) for g in done]
 
         return await gather_or_cancel([one(r) for r in requests])
 
