@@ -160,7 +160,7 @@ class HTTPBackend(Backend):
         except labeler_client.APIStatusError as exc:
             if exc.status in (400, 413, 422) and exc.param:
                 raise InvalidInput(str(exc), field=exc.param) from exc
-            if exc.type == "model_output_error" and exc.param:
+            if exc.type == "model_output_error":  # naming no item when the model labeled none
                 raise ModelOutputError(str(exc), field=exc.param) from exc
             raise ServiceError(f"labeler service: {exc}") from exc
         except labeler_client.LabelerClientError as exc:
@@ -570,16 +570,24 @@ async def _label_chunk(
             k = _item_index(exc.field)
             if k is None or k >= len(chunk):
                 raise
-            bad = chunk[k]
             msg = str(exc).split(": ", 1)[-1] if str(exc).startswith("items[") else str(exc)
             unlabeled = isinstance(exc, ModelOutputError)  # the record is fine; the model's answer is not
             if not skip_invalid:
                 if unlabeled:
-                    raise ModelOutputError(f"{bad.where}: {msg}", field=bad.where) from None
-                raise MalformedRecord(bad.where, msg) from None
-            (summary.unlabeled if unlabeled else summary.invalid).append(f"{bad.where}: {msg}")
-            print(f"skipped {'unlabeled item' if unlabeled else 'invalid input'}: {bad.where}: {msg}", file=sys.stderr)
-            chunk = chunk[:k] + chunk[k + 1 :]
+                    raise ModelOutputError(f"{chunk[k].where}: {msg}", field=chunk[k].where) from None
+                raise MalformedRecord(chunk[k].where, msg) from None
+            # Every item the model gave no label (in-process it says which), else the one named.
+            bad = set(getattr(exc, "items", ()) or (k,))
+            if unlabeled and len(chunk) > 1 and len(bad) == len(chunk):
+                # As the service names no item when it labels none of a request's: the model
+                # fails, not the records.
+                where = f"{chunk[0].where} to {chunk[-1].where}"
+                raise ModelOutputError(f"{where}: the model labeled none of them ({msg})") from None
+            what = "unlabeled item" if unlabeled else "invalid input"
+            for i in sorted(bad):
+                (summary.unlabeled if unlabeled else summary.invalid).append(f"{chunk[i].where}: {msg}")
+                print(f"skipped {what}: {chunk[i].where}: {msg}", file=sys.stderr)
+            chunk = [j for i, j in enumerate(chunk) if i not in bad]
 
 
 def _item_index(field_: str | None) -> int | None:

@@ -380,11 +380,14 @@ class Labeler:
                     f"{where[i]} has {n_tokens} tokens, over the limit of {limit}", field=where[i], limit=limit
                 )
 
-    async def arun(self, spec: LabelSpec, prepared: Sequence[Prepared]) -> list[Any]:
+    async def arun(self, spec: LabelSpec, prepared: Sequence[Prepared], name: str = "items") -> list[Any]:
         """Results for prepared items, in order: one batched engine call per stage (one
-        `score` call, after one `generate` call with chain-of-thought)."""
+        `score` call, after one `generate` call with chain-of-thought). Items the model gives
+        no label for raise a ModelOutputError naming the first as `<name>[i]` (by its place
+        in `prepared`), with every one's place in `.items`."""
         flat = [r for p in prepared for r in p]
-        dists, masses, rationales = await self._label(flat, spec, [i for i, p in enumerate(prepared) for _ in p])
+        item_of = [i for i, p in enumerate(prepared) for _ in p]
+        dists, masses, rationales = await self._label(flat, spec, item_of, name)
         if spec.kind == "pairwise":
             return self._preferences(spec, len(prepared), dists, masses, rationales)
         if spec.kind == "reference":
@@ -481,14 +484,14 @@ class Labeler:
         (`scoring.group_rewards`). All groups go to the engine in one call per stage, laid out
         so that the engine shares each group's prompt prefix. Errors name `groups[i]`."""
         spec = self.spec("group", task, cot=cot, samples=samples, seed=seed)
-        return await self.arun(spec, await self.aprepare(spec, groups, name="groups"))
+        return await self.arun(spec, await self.aprepare(spec, groups, name="groups"), name="groups")
 
     async def _label(
-        self, rendered: list[Rendered], spec: LabelSpec, item_of: list[int]
+        self, rendered: list[Rendered], spec: LabelSpec, item_of: list[int], name: str
     ) -> tuple[list[dict[str, float]], list[float], list[list[str]] | None]:
         """Label distributions for rendered questions: one score call, after one
         generate call with chain-of-thought. Returns (distributions, masses, rationales).
-        `item_of[k]`: the item that question `k` is of, named by a ModelOutputError."""
+        `item_of[k]`: the item that question `k` is of, as a ModelOutputError names it."""
         if not rendered:
             return [], [], None
         if not spec.cot:
@@ -520,12 +523,16 @@ class Labeler:
             [ScoreRequest(r.prompt_token_ids, queries, site) for r, site in zip(reads, sites, strict=True)]
         )
         per_read = []
+        unlabeled: dict[int, ModelOutputError] = {}  # item -> its first read without a label
         for r, a, k in zip(reads, answers, (k for k, g in enumerate(groups) for _ in g), strict=True):
             try:
                 per_read.append(scoring.label_distribution(r.labels, a))
-            except ModelOutputError as exc:  # one item's answer, not the batch's: say which
-                at = f"items[{item_of[k]}]"
-                raise ModelOutputError(f"{at}: {exc}", field=at) from None
+            except ModelOutputError as exc:  # some items' answers, not the batch's: say which
+                unlabeled.setdefault(item_of[k], exc)
+        if unlabeled:
+            first = min(unlabeled)
+            at = f"{name}[{first}]"
+            raise ModelOutputError(f"{at}: {unlabeled[first]}", field=at, items=tuple(sorted(unlabeled)))
         dists = [scoring.average([per_read[k].probs for k in g]) for g in groups]
         masses = [sum(per_read[k].mass for k in g) / len(g) for g in groups]
         return dists, masses, rationales

@@ -63,11 +63,13 @@ class ModelLoadError(LabelerError):
 class ModelOutputError(LabelerError):
     """The model answered, but not in a way a label can be read from (e.g. -inf or NaN
     log-probs on every label). Neither the caller's fault nor transient: retrying gives the
-    same answer. `field` names the item (`items[3]`) when the labeler knows it."""
+    same answer. `field` names the item (`items[3]`) when the labeler knows it, the first of
+    them when several failed; `items` holds the place of each."""
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, items: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.items = items
 
 
 class EngineError(LabelerError):

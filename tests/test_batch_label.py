@@ -237,10 +237,11 @@ def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skippe
 ):
     """NaN label log-probs on one record (a half-precision model that overflowed on it): the
     run stops at that record's line with the chunks before it written, and `--skip-invalid`
-    leaves it out and labels the rest, in-process and through the service alike."""
+    leaves it out and labels the rest, in-process and through the service alike. A chunk the
+    model labels none of stops the run even so: that is the model, not the records."""
     poison = "POISON-7f3a"
     faulty = Labeler(FaultyEngine(labeler.engine, poison=poison, exc_type="nan"), test_tasks)
-    answers = ["Apple.", poison, "Pear."]
+    answers = ["Apple.", "Plum.", "Fig.", poison, "Pear."]
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a fruit.", "completion": a} for a in answers])
     out = tmp_path / "scores.jsonl"
     argv = ["label", str(src), str(out), "--task", "tiny", "--scores", "--no-progress", "--json"]
@@ -253,19 +254,25 @@ def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skippe
     else:
         monkeypatch.setattr(cli, "build_labeler", lambda args: faulty)
     try:
-        stopped = cli.main([*argv, "--chunk-size", "1"])
+        # Chunks of two: lines 1-2 are written, lines 3-4 stop at line 4 (the second of its chunk).
+        stopped = cli.main([*argv, "--chunk-size", "2"])
         err = capsys.readouterr().err
-        assert stopped == 2 and f"{src}, line 2: " in err and "zero probability on every label" in err, err
-        assert [r["completion"] for r in rows(out)] == ["Apple."]  # the chunk before it stays written
-        assert cli.main([*argv, "--skip-invalid"]) == 0
+        assert stopped == 2 and f"{src}, line 4: " in err and "zero probability on every label" in err, err
+        assert [r["completion"] for r in rows(out)] == ["Apple.", "Plum."]
+        assert cli.main([*argv, "--skip-invalid"]) == 0  # one chunk: Fig., the poison, Pear.
         captured = capsys.readouterr()
+        all_bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": f"Q{i}", "completion": poison} for i in range(2)])
+        none_labeled = cli.main(["label", str(all_bad), str(tmp_path / "bad_out.jsonl"), *argv[3:], "--skip-invalid"])
+        none_err = capsys.readouterr().err
     finally:
         if srv is not None:
             srv.stop()
     summary = json.loads(captured.out)
-    assert (summary["skipped"], summary["labeled"], summary["unlabeled"], summary["invalid"]) == (1, 1, 1, 0)
-    assert f"skipped unlabeled item: {src}, line 2: " in captured.err
+    assert (summary["skipped"], summary["labeled"], summary["unlabeled"], summary["invalid"]) == (2, 2, 1, 0)
+    assert f"skipped unlabeled item: {src}, line 4: " in captured.err
     got = rows(out)
-    assert [r["completion"] for r in got] == ["Apple.", "Pear."]
-    ref = labeler.scores([ScoreItem("Name a fruit.", "Apple."), ScoreItem("Name a fruit.", "Pear.")], "tiny")
+    assert [r["completion"] for r in got] == ["Apple.", "Plum.", "Fig.", "Pear."]
+    ref = labeler.scores([ScoreItem("Name a fruit.", a) for a in ("Apple.", "Plum.", "Fig.", "Pear.")], "tiny")
     assert [r["reward"] for r in got] == pytest.approx([r.reward for r in ref], abs=1e-5)
+    assert none_labeled == 2 and "zero probability on every label" in none_err and "skipped" not in none_err
+    assert not (tmp_path / "bad_out.jsonl").exists() or rows(tmp_path / "bad_out.jsonl") == []

@@ -23,7 +23,7 @@ import httpx
 import labeler_client as lc
 import pytest
 
-from labeler import Labeler, ModelOutputError, PairItem, ScoreItem
+from labeler import GroupItem, Labeler, ModelOutputError, PairItem, ScoreItem
 from tests.fixtures.faults import FaultyEngine
 from tests.fixtures.load import LoadReport, RecordingTransport, drive, error_shape_ok, metric
 from tests.fixtures.process import ServeProcess
@@ -185,31 +185,37 @@ async def test_engine_raising_mid_batch_fails_only_the_affected_items(labeler, t
 
 
 async def test_an_item_the_model_gives_no_label_is_named_and_set_apart(labeler, test_tasks):
-    """NaN log-probs on one item's label reads (a half-precision model that overflowed on it)
-    leave no label to read: the error names that item by its place among the caller's items,
-    whichever reads it took (two orders of a pair; a rationale's samples). Through the
-    service, the batch it shared is split and only its request fails, naming it."""
+    """NaN log-probs on some items' label reads (a half-precision model that overflowed on
+    them) leave no label to read: the error names the first such item by its place among the
+    caller's items, whichever reads it took (two orders of a pair, a group's comparisons, a
+    rationale's samples), and lists them all. Through the service, the batch it shared is
+    split and only its request fails, naming it by that request's index; a request whose
+    every item failed names none."""
     faulty = FaultyEngine(labeler.engine, poison=POISON, exc_type="nan")
     lab = Labeler(faulty, test_tasks, max_rationale_tokens=4)
     scores = [ScoreItem("Q?", "Apple."), ScoreItem("fault", POISON), ScoreItem("Q?", "Pear.")]
-    pairs = [PairItem("Q?", "a", "b"), PairItem("Q?", "c", "d"), PairItem("Q?", "e", POISON)]
+    pairs = [PairItem("Q?", "a", "b"), PairItem("Q?", "c", POISON), PairItem("Q?", "e", POISON)]
+    groups = [GroupItem("Q?", ("a", "b")), GroupItem("Q?", ("c", POISON))]
     cases = [
-        (lab.ascores(scores, "tiny"), 1),
-        (lab.apreferences(pairs, "tiny", order="both"), 2),  # reads 4 and 5 are item 2's
-        (lab.ascores(scores, "tiny", cot=True, samples=2, seed=1), 1),  # reads 2 and 3 are item 1's
+        (lambda: lab.ascores(scores, "tiny"), "items", (1,)),
+        (lambda: lab.apreferences(pairs, "tiny", order="both"), "items", (1, 2)),  # reads 2 to 5
+        (lambda: lab.agroup_rewards(groups, "tiny"), "groups", (1,)),  # reads 2 and 3
+        (lambda: lab.ascores(scores, "tiny", cot=True, samples=2, seed=1), "items", (1,)),  # reads 2 and 3
     ]
-    for call, bad in cases:
+    for call, name, bad in cases:
         with pytest.raises(ModelOutputError) as caught:
-            await call
-        assert caught.value.field == f"items[{bad}]", caught.value
-        assert str(caught.value) == f"items[{bad}]: the model put zero probability on every label"
+            await call()
+        assert (caught.value.field, caught.value.items) == (f"{name}[{bad[0]}]", bad), caught.value
+        assert str(caught.value) == f"{name}[{bad[0]}]: the model put zero probability on every label"
 
-    srv = LiveServer(lab, batch_wait_ms=1000)  # one batch for the three requests
+    srv = LiveServer(lab, batch_wait_ms=1000)  # one batch for the requests
     good = [{"context": "Q?", "response": "Apple."}, {"context": "Q?", "response": "Pear."}]
+    poisoned = [{"context": "fault", "response": POISON}, {"context": "fault 2", "response": POISON}]
     bodies = [
         {"task": "tiny", "items": good, "cache": False},
-        {"task": "tiny", "items": [good[0], {"context": "fault", "response": POISON}], "cache": False},
+        {"task": "tiny", "items": [good[0], poisoned[0]], "cache": False},
         {"task": "tiny", "items": [good[1]], "cache": False},
+        {"task": "tiny", "items": poisoned, "cache": False},
     ]
     srv.start()
     try:
@@ -217,11 +223,15 @@ async def test_an_item_the_model_gives_no_label_is_named_and_set_apart(labeler, 
             rs = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies))
     finally:
         srv.stop()
-    assert [r.status_code for r in rs] == [200, 500, 200]
-    err = rs[1].json()["error"]
-    assert error_shape_ok(rs[1].json(), 500) and (err["type"], err["param"]) == ("model_output_error", "items[1]")
-    message = "the model's answer gives no label: items[1]: the model put zero probability on every label"
-    assert err["message"] == message  # the request's own index, once; not the batch's
+    assert [r.status_code for r in rs] == [200, 500, 200, 500]
+    named, unnamed = rs[1].json(), rs[3].json()
+    assert error_shape_ok(named, 500) and error_shape_ok(unnamed, 500)
+    assert (named["error"]["type"], named["error"]["param"]) == ("model_output_error", "items[1]")
+    label = "the model's answer gives no label: "
+    # The request's own index, once; not the batch's.
+    assert named["error"]["message"] == label + "items[1]: the model put zero probability on every label"
+    assert (unnamed["error"]["type"], unnamed["error"]["param"]) == ("model_output_error", None)
+    assert unnamed["error"]["message"] == label + "the model put zero probability on every label"
     ref = await labeler.ascores([ScoreItem("Q?", "Apple."), ScoreItem("Q?", "Pear.")], "tiny")
     got = [r["reward"] for r in rs[0].json()["results"] + rs[2].json()["results"]]
     assert got == pytest.approx([r.reward for r in ref] + [ref[1].reward], abs=1e-5)
