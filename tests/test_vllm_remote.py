@@ -100,10 +100,10 @@ async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
     assert len(down.reads) == 3  # `retries` tries per server, then the batch fails
 
 
-def two_servers(model_dir, first: Scripted, second: Scripted) -> tuple[VLLMRemoteEngine, list[tuple[str, tuple]]]:
-    """An engine on two scripted servers (127.0.0.1 and 127.0.0.2), and the (host, prompt)
-    of every label read in the order they were sent."""
-    by_host = {"127.0.0.1": first, "127.0.0.2": second}
+def servers(model_dir, *scripts: Scripted) -> tuple[VLLMRemoteEngine, list[tuple[str, tuple]]]:
+    """An engine on scripted servers (127.0.0.1, 127.0.0.2, ...), and the (host, prompt) of
+    every completion request (label read or generation) in the order they were sent."""
+    by_host = {f"127.0.0.{i + 1}": script for i, script in enumerate(scripts)}
     sent: list[tuple[str, tuple]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -111,7 +111,7 @@ def two_servers(model_dir, first: Scripted, second: Scripted) -> tuple[VLLMRemot
             sent.append((request.url.host, tuple(json.loads(request.content)["prompt"])))
         return by_host[request.url.host](request)
 
-    remote = VLLMRemoteEngine([URL, "http://127.0.0.2:9"], model_dir, cooldown=30)
+    remote = VLLMRemoteEngine([f"http://{host}:9" for host in by_host], model_dir, cooldown=30)
     remote._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return remote, sent
 
@@ -127,7 +127,7 @@ async def test_a_requests_chained_reads_go_where_its_first_read_went(model_dir):
     """Three prompts on two servers: first reads are spread round robin, and each prompt's
     deeper read goes to the server that read the prompt (its KV is in that server's prefix
     cache), not to the next one in turn."""
-    remote, sent = two_servers(model_dir, Scripted(), Scripted())
+    remote, sent = servers(model_dir, Scripted(), Scripted())
     got = await remote.score(two_deep(range(1, 4)))
     assert [sorted(g) for g in got] == [[(), (16,)]] * 3
     first = {prompt: host for host, prompt in sent if len(prompt) == 10}
@@ -140,7 +140,7 @@ async def test_the_label_read_after_a_rationale_goes_where_the_rationale_was_gen
     """Three chain-of-thought prompts on two servers: each read after a rationale (the prompt
     and the rationale's tokens) goes to the server that generated the rationale, where both
     are in the prefix cache; round robin would send all three elsewhere (A B A, then B A B)."""
-    remote, sent = two_servers(model_dir, Scripted(), Scripted())
+    remote, sent = servers(model_dir, Scripted(), Scripted())
     prompts = [tuple(range(k, k + 10)) for k in range(1, 4)]
     gens = await remote.generate([GenerateRequest(p, 4) for p in prompts])
     query = (LabelQuery((), (16, 17)),)
@@ -151,8 +151,21 @@ async def test_the_label_read_after_a_rationale_goes_where_the_rationale_was_gen
     assert [host[r.prompt_ids] for r in reads] == [host[p] for p in prompts], sent
 
 
+async def test_reads_after_a_rationale_whose_server_failed_stay_together(model_dir):
+    """The rationale's server fails the read after it: that read goes to another server, and
+    the deeper read follows it there (where the prompt now is), not on round robin."""
+    # Round robin: the first server answers the look-up of the model, the second generates.
+    remote, sent = servers(model_dir, Scripted(), Scripted(statuses=(200, 502)), Scripted())
+    prompt = tuple(range(1, 11))
+    ((g,),) = await remote.generate([GenerateRequest(prompt, 4)])
+    query = (LabelQuery((), (16, 17)), LabelQuery((16,), (16, 17)))
+    await remote.score([ScoreRequest(prompt + g.token_ids, query, g.site)])
+    # generation, its read (502), the read elsewhere, the deeper read after it
+    assert [host for host, _ in sent] == ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"], sent
+
+
 async def test_a_chained_read_whose_server_failed_goes_to_another(model_dir):
-    remote, sent = two_servers(model_dir, Scripted(statuses=(200, 502)), Scripted(statuses=(200, 502)))
+    remote, sent = servers(model_dir, Scripted(statuses=(200, 502)), Scripted(statuses=(200, 502)))
     got = await remote.score(two_deep(range(1, 2)))
     assert got[0][(16,)] == {16: -1.0, 17: -1.0}
     (home, _), (again, _), (other, _) = sent  # first read, deeper read failed there, retried elsewhere

@@ -236,8 +236,9 @@ class VLLMRemoteEngine:
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         await self._ready()
         check_score_requests(requests, self.max_model_len)
-        # request -> the server of its first read (or of the rationale it reads after)
-        first: dict[int, _Server] = {r: req.site for r, req in enumerate(requests) if isinstance(req.site, _Server)}
+        # request -> the server that holds its prompt: that of its last read, or before any,
+        # that of the rationale it reads after
+        home: dict[int, _Server] = {r: req.site for r, req in enumerate(requests) if isinstance(req.site, _Server)}
 
         async def read(r: int, ids: tuple[int, ...], tokens: tuple[int, ...]) -> dict[int, float]:
             body = {
@@ -248,8 +249,8 @@ class VLLMRemoteEngine:
                 "logprob_token_ids": list(tokens),
                 "return_tokens_as_token_ids": True,
             }
-            data, server = await self._post("/v1/completions", body, first.get(r))
-            first.setdefault(r, server)
+            data, server = await self._post("/v1/completions", body, home.get(r))
+            home[r] = server  # also when the rationale's server was down and another read it
             self._count_computed(data)
             try:
                 top = data["choices"][0]["logprobs"]["top_logprobs"][0]
