@@ -158,8 +158,9 @@ class Gate:
         return None
 
     def _route(self, scope) -> BaseRoute | None:
-        """The route a request that never reached the router (refused here) was for; None
-        for a path no route has, which stays "unmatched" (any path, one label)."""
+        """The route of a request the router did not name (refused here before routing, or
+        served by one of Starlette's own routes, such as /docs); None for a path no route
+        has, which stays "unmatched" (any path, one label)."""
         return next((r for r in self.routes if r.matches(scope)[0] is Match.FULL), None)
 
     def _too_large(self) -> Response:
