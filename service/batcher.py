@@ -10,11 +10,12 @@ request then computes the item anew, or finds it in the cache). The queue is bou
 Failure policy, all of it here. Items are validated before they are queued, so a batch
 can only fail in the engine. Any exception is turned into a `LabelerError` in one place
 (`as_labeler_error`): an `EngineUnavailable` (the engine is down) fails the whole batch at
-once; any other failure splits the batch in halves, recursively, so the items that fail it
-get the error and their batch-mates their results (2 log2(n) extra calls for one bad item,
-not n). An engine error that both halves repeat as the whole batch did (same message), and
-then one item of each half alone, is no item's doing: every item of the batch gets it,
-after four extra calls, not 2n - 1.
+once; items the labeler names as giving no label (a `ModelOutputError` listing them) get
+that error and the rest of the batch runs again, once; any other failure splits the batch
+in halves, recursively, so the items that fail it get the error and their batch-mates their
+results (2 log2(n) extra calls for one bad item, not n). An engine error that both halves
+repeat as the whole batch did (same message), and then one item of each half alone, is no
+item's doing: every item of the batch gets it, after four extra calls, not 2n - 1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from labeler.errors import EngineError, EngineUnavailable, LabelerError
+from labeler.errors import EngineError, EngineUnavailable, LabelerError, ModelOutputError
 
 log = logging.getLogger("service.batcher")
 
@@ -213,6 +214,9 @@ class MicroBatcher:
         if len(jobs) == 1 or isinstance(error, EngineUnavailable):
             self._fail(jobs, error)
             return
+        if isinstance(error, ModelOutputError) and error.items:
+            await self._set_aside(group, jobs, error)
+            return
         log.warning("batch of %d failed (%s); splitting it to find the failing items", len(jobs), error)
         self.splits += 1
         halves = (jobs[: len(jobs) // 2], jobs[len(jobs) // 2 :])
@@ -232,6 +236,19 @@ class MicroBatcher:
             rest = [j for j in half if not j.future.done()]
             if half_error is not None and rest:
                 await self._bisect(group, rest, half_error)
+
+    async def _set_aside(self, group: Hashable, jobs: list[_Job], error: ModelOutputError) -> None:
+        """Fail the items the labeler found no label for (each with the error, naming no
+        item: the request it came in names it) and run the others again."""
+        message = str(error).removeprefix(f"{error.field}: ") if error.field else str(error)
+        bad = set(error.items)
+        log.warning("batch of %d: %d items without a label (%s); running the rest again", len(jobs), len(bad), message)
+        for i in bad:
+            self._fail([jobs[i]], ModelOutputError(message))
+        rest = [j for i, j in enumerate(jobs) if i not in bad]
+        again = await self._call(group, rest) if rest else None
+        if again is not None:
+            await self._bisect(group, rest, again)
 
     async def _alone(self, group: Hashable, halves: tuple[list[_Job], ...], error: LabelerError) -> bool:
         """Whether the first item of each half (already tried alone when a half is one item)

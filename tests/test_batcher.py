@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from labeler.errors import EngineError, EngineUnavailable
+from labeler.errors import EngineError, EngineUnavailable, ModelOutputError
 from service.app import Gate
 from service.batcher import MicroBatcher
 from service.metrics import Metrics
@@ -88,6 +88,40 @@ def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_i
     got = asyncio.run(run(bad, two))
     assert [isinstance(g, EngineError) for g in got] == [it.startswith("bad") for it in two]
     assert calls[:5] == [16, 8, 8, 1, 1]  # the halves fail alike; their first items alone do not
+
+
+def test_items_the_labeler_names_as_unlabeled_fail_and_the_rest_runs_once_more():
+    """A ModelOutputError that lists its items (the labeler found no label for them): those
+    items get it, naming no batch index, and the rest of the batch runs again in one call,
+    not split in halves down to each bad item."""
+    calls: list[int] = []
+
+    async def nan(group, items, keys):
+        calls.append(len(items))
+        bad = tuple(i for i, it in enumerate(items) if it.startswith("nan"))
+        if bad:
+            at = f"items[{bad[0]}]"
+            raise ModelOutputError(f"{at}: the model put zero probability on every label", field=at, items=bad)
+        return [f"label of {it}" for it in items]
+
+    async def run(items: list[str]) -> list:
+        batcher = MicroBatcher(nan, max_items=16, wait_s=0.0, max_pending=100)
+        batcher.start()
+        futures, _ = batcher.submit("g", [(it, it) for it in items])
+        done = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        return done
+
+    items = [f"x{i}" for i in range(16)]
+    items[3], items[11] = "nan1", "nan2"
+    got = asyncio.run(run(items))
+    assert calls == [16, 14]
+    assert [g for g, it in zip(got, items, strict=True) if not it.startswith("nan")] == [
+        f"label of {it}" for it in items if not it.startswith("nan")
+    ]
+    for g in (got[3], got[11]):
+        assert isinstance(g, ModelOutputError) and g.field is None
+        assert str(g) == "the model put zero probability on every label"
 
 
 def test_stopping_fails_what_is_left_after_its_deadline():
