@@ -570,7 +570,7 @@ async def _label_chunk(
             k = _item_index(exc.field)
             if k is None or k >= len(chunk):
                 raise
-            msg = str(exc).split(": ", 1)[-1] if str(exc).startswith("items[") else str(exc)
+            msg = exc.reason
             unlabeled = isinstance(exc, ModelOutputError)  # the record is fine; the model's answer is not
             if not skip_invalid:
                 if unlabeled:

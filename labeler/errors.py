@@ -23,6 +23,13 @@ class LabelerError(Exception):
 
     field: str | None = None
 
+    @property
+    def reason(self) -> str:
+        """The message without the `<field>: ` it starts with when it names its field (so
+        that whoever names the item anew does not name it twice)."""
+        text = str(self)
+        return text.removeprefix(f"{self.field}: ") if self.field else text
+
 
 class InvalidInput(LabelerError, ValueError):
     """An input the caller can fix. `field` names the offending field when known."""

@@ -240,7 +240,7 @@ class MicroBatcher:
     async def _set_aside(self, group: Hashable, jobs: list[_Job], error: ModelOutputError) -> None:
         """Fail the items the labeler found no label for (each with the error, naming no
         item: the request it came in names it) and run the others again."""
-        message = str(error).removeprefix(f"{error.field}: ") if error.field else str(error)
+        message = error.reason
         bad = set(error.items)
         log.warning("batch of %d: %d items without a label (%s); running the rest again", len(jobs), len(bad), message)
         for i in bad:

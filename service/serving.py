@@ -268,8 +268,7 @@ def _request_error(values: list[Any], failed: list[int], name: str) -> BaseExcep
     if not isinstance(error, LabelerError) or isinstance(error, EngineUnavailable):
         return error
     alone = len(failed) < len(values) or len(values) == 1
-    # An item the labeler named is one of the batch it ran, not of this request.
-    message = str(error).removeprefix(f"{error.field}: ") if error.field else str(error)
+    message = error.reason  # an item the labeler named is one of the batch it ran, not of this request
     named = copy.copy(error)
     named.field = name if alone else None
     named.args = (f"{name}: {message}" if alone else message,)
