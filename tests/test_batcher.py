@@ -52,6 +52,17 @@ def test_a_settled_item_is_not_joined_while_the_rest_of_its_batch_runs():
     asyncio.run(run())
 
 
+async def one_batch(run_group, items: list[str]) -> list:
+    """`items` submitted at once to a batcher of up to 16 items over `run_group`: each
+    item's result or error."""
+    batcher = MicroBatcher(run_group, max_items=16, wait_s=0.0, max_pending=100)
+    batcher.start()
+    futures, _ = batcher.submit("g", [(it, it) for it in items])
+    done = await asyncio.gather(*futures, return_exceptions=True)
+    await batcher.stop()
+    return done
+
+
 def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_items():
     """A failure that does not depend on the items (a device error): the batch of 16, both
     its halves and one item of each fail alike, and every item gets the error after 5 calls,
@@ -69,23 +80,16 @@ def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_i
             raise RuntimeError("input contains NaN")
         return [f"label of {it}" for it in items]
 
-    async def run(run_group, items: list[str]) -> list:
-        calls.clear()
-        batcher = MicroBatcher(run_group, max_items=16, wait_s=0.0, max_pending=100)
-        batcher.start()
-        futures, _ = batcher.submit("g", [(it, it) for it in items])
-        done = await asyncio.gather(*futures, return_exceptions=True)
-        await batcher.stop()
-        return done
-
-    got = asyncio.run(run(broken, [f"x{i}" for i in range(16)]))
+    got = asyncio.run(one_batch(broken, [f"x{i}" for i in range(16)]))
     assert calls == [16, 8, 8, 1, 1] and all(isinstance(g, EngineError) and "device-side" in str(g) for g in got)
-    got = asyncio.run(run(bad, [f"x{i}" for i in range(15)] + ["bad"]))
+    calls.clear()
+    got = asyncio.run(one_batch(bad, [f"x{i}" for i in range(15)] + ["bad"]))
     assert calls == [16, 8, 8, 4, 4, 2, 2, 1, 1]
     assert [isinstance(g, EngineError) for g in got] == [False] * 15 + [True]
     two = [f"x{i}" for i in range(16)]
     two[5], two[12] = "bad1", "bad2"
-    got = asyncio.run(run(bad, two))
+    calls.clear()
+    got = asyncio.run(one_batch(bad, two))
     assert [isinstance(g, EngineError) for g in got] == [it.startswith("bad") for it in two]
     assert calls[:5] == [16, 8, 8, 1, 1]  # the halves fail alike; their first items alone do not
 
@@ -104,17 +108,9 @@ def test_items_the_labeler_names_as_unlabeled_fail_and_the_rest_runs_once_more()
             raise ModelOutputError(f"{at}: the model put zero probability on every label", field=at, items=bad)
         return [f"label of {it}" for it in items]
 
-    async def run(items: list[str]) -> list:
-        batcher = MicroBatcher(nan, max_items=16, wait_s=0.0, max_pending=100)
-        batcher.start()
-        futures, _ = batcher.submit("g", [(it, it) for it in items])
-        done = await asyncio.gather(*futures, return_exceptions=True)
-        await batcher.stop()
-        return done
-
     items = [f"x{i}" for i in range(16)]
     items[3], items[11] = "nan1", "nan2"
-    got = asyncio.run(run(items))
+    got = asyncio.run(one_batch(nan, items))
     assert calls == [16, 14]
     assert [g for g, it in zip(got, items, strict=True) if not it.startswith("nan")] == [
         f"label of {it}" for it in items if not it.startswith("nan")
