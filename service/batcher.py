@@ -211,11 +211,11 @@ class MicroBatcher:
 
     async def _bisect(self, group: Hashable, jobs: list[_Job], error: LabelerError) -> None:
         """Settle the jobs of a call that failed with `error`."""
+        if isinstance(error, ModelOutputError) and error.items:  # a lone item too: its error then names no index
+            await self._set_aside(group, jobs, error)
+            return
         if len(jobs) == 1 or isinstance(error, EngineUnavailable):
             self._fail(jobs, error)
-            return
-        if isinstance(error, ModelOutputError) and error.items:
-            await self._set_aside(group, jobs, error)
             return
         log.warning("batch of %d failed (%s); splitting it to find the failing items", len(jobs), error)
         self.splits += 1
@@ -239,7 +239,8 @@ class MicroBatcher:
 
     async def _set_aside(self, group: Hashable, jobs: list[_Job], error: ModelOutputError) -> None:
         """Fail the items the labeler found no label for (each with the error, naming no
-        item: the request it came in names it) and run the others again."""
+        item: the labeler's index is of this batch, and the request it came in names it) and
+        run the others again."""
         message = error.reason
         bad = set(error.items)
         log.warning("batch of %d: %d items without a label (%s); running the rest again", len(jobs), len(bad), message)

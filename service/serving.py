@@ -265,13 +265,12 @@ def _request_error(values: list[Any], failed: list[int], name: str) -> BaseExcep
     request that shared the item. An error every computed item got (the engine failing
     whatever it is given) or an engine that is down names none."""
     error = values[failed[0]]
-    if not isinstance(error, LabelerError) or isinstance(error, EngineUnavailable):
-        return error
     alone = len(failed) < len(values) or len(values) == 1
-    message = error.reason  # an item the labeler named is one of the batch it ran, not of this request
+    if not isinstance(error, LabelerError) or isinstance(error, EngineUnavailable) or not alone:
+        return error
     named = copy.copy(error)
-    named.field = name if alone else None
-    named.args = (f"{name}: {message}" if alone else message,)
+    named.field = name
+    named.args = (f"{name}: {error}",)
     return named
 
 
