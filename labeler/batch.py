@@ -158,10 +158,11 @@ class HTTPBackend(Backend):
         try:
             results = await getattr(self.client, method)(items, task, **opts)
         except labeler_client.APIStatusError as exc:
+            # The server's own message, as in process: `reason` then strips its `items[i]: `.
             if exc.status in (400, 413, 422) and exc.param:
-                raise InvalidInput(str(exc), field=exc.param) from exc
+                raise InvalidInput(exc.message or str(exc), field=exc.param) from exc
             if exc.type == "model_output_error":  # naming no item when the model labeled none
-                raise ModelOutputError(str(exc), field=exc.param) from exc
+                raise ModelOutputError(exc.message or str(exc), field=exc.param) from exc
             raise ServiceError(f"labeler service: {exc}") from exc
         except labeler_client.LabelerClientError as exc:
             raise ServiceError(f"labeler service: {exc}") from exc

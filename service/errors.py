@@ -42,6 +42,12 @@ def _loc(loc: tuple) -> str:
     return out or "body"
 
 
+def _about(exc: LabelerError, what: str) -> str:
+    """`what` happened, and why: led by the item the error names, as a 422's message is led
+    by its field, so that a client can drop that name as it drops a 422's."""
+    return f"{exc.field}: {what}: {exc.reason}" if exc.field else f"{what}: {exc}"
+
+
 def _json_content(request: Request) -> bool:
     ctype = request.headers.get("content-type")
     if ctype is None:
@@ -107,12 +113,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
-        message = f"the engine failed: {exc}"
+        message = _about(exc, "the engine failed")
         return error_response(503, message, "engine_error", exc.field, {"Retry-After": "1"})
 
     @app.exception_handler(ModelOutputError)
     async def _model_output(_: Request, exc: ModelOutputError) -> JSONResponse:
-        return error_response(500, f"the model's answer gives no label: {exc}", "model_output_error", exc.field)
+        return error_response(500, _about(exc, "the model's answer gives no label"), "model_output_error", exc.field)
 
     @app.exception_handler(LabelerError)
     async def _labeler(_: Request, exc: LabelerError) -> JSONResponse:

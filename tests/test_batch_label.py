@@ -269,7 +269,9 @@ def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skippe
             srv.stop()
     summary = json.loads(captured.out)
     assert (summary["skipped"], summary["labeled"], summary["unlabeled"], summary["invalid"]) == (2, 2, 1, 0)
-    assert f"skipped unlabeled item: {src}, line 4: " in captured.err
+    assert f"skipped unlabeled item: {src}, line 4: " in captured.err, captured.err
+    # The record is named by its line alone, not by its place in a request as well.
+    assert "items[" not in err + captured.err and "HTTP" not in err + captured.err
     got = rows(out)
     assert [r["completion"] for r in got] == ["Apple.", "Plum.", "Fig.", "Pear."]
     ref = labeler.scores([ScoreItem("Name a fruit.", a) for a in ("Apple.", "Plum.", "Fig.", "Pear.")], "tiny")

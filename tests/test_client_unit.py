@@ -263,12 +263,13 @@ def test_invalid_request_names_the_field():
 
 async def test_an_item_error_names_the_item_in_the_callers_list():
     """Sent as 2-item requests, the 6th item (index 5) is the 2nd of the 3rd request; the error
-    names it by the caller's index, in .param, .item and the message, sync and async."""
+    names it by the caller's index, in .param, .item and the messages, sync and async."""
     fake = FakeLabeler(max_chars=5)
     its = [{"response": "ok"}] * 5 + [{"response": "much too long"}, {"response": "ok"}]
     with pytest.raises(lc.InvalidRequest) as err:
         client_for(fake, batch_size=2, max_concurrency=1).scores(its, "tiny")
     assert err.value.param == "items[5].response" and err.value.item == 5 and "items[5].response" in str(err.value)
+    assert err.value.message.startswith("items[5].response: ") and "HTTP 422" in str(err.value)
     assert json.loads(err.value.request.content)["items"][1] == its[5]  # the request that carried it
     async with lc.AsyncClient("http://labeler.test", transport=fake.async_transport(), batch_size=2) as client:
         with pytest.raises(lc.InvalidRequest) as aerr:

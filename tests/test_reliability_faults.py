@@ -229,7 +229,7 @@ async def test_an_item_the_model_gives_no_label_is_named_and_set_apart(labeler, 
     assert (named["error"]["type"], named["error"]["param"]) == ("model_output_error", "items[1]")
     label = "the model's answer gives no label: "
     # The request's own index, once; not the batch's.
-    assert named["error"]["message"] == label + "items[1]: the model put zero probability on every label"
+    assert named["error"]["message"] == "items[1]: " + label + "the model put zero probability on every label"
     assert (unnamed["error"]["type"], unnamed["error"]["param"]) == ("model_output_error", None)
     assert unnamed["error"]["message"] == label + "the model put zero probability on every label"
     ref = await labeler.ascores([ScoreItem("Q?", "Apple."), ScoreItem("Q?", "Pear.")], "tiny")

@@ -4,7 +4,8 @@ an HTTP answer also carry the `response`, its `status` and the server's error fi
 LabelerClientError
 ├── RequestError            the request did not get an HTTP answer (retried)
 │   └── TimeoutException    connect or read timeout (retried)
-├── APIStatusError          the server answered with an error status (.status .type .param .code)
+├── APIStatusError          the server answered with an error status (.status .type .param .code
+│                           .message)
 │   ├── BadRequestError     4xx the caller must fix (never retried)
 │   │   ├── AuthenticationError   401
 │   │   ├── PayloadTooLarge       413 (lower batch_size)
@@ -14,8 +15,8 @@ LabelerClientError
 │                           failed on, when one did)
 └── ResponseError           a 2xx answer the client cannot use (wrong shape or result count)
 
-When a call's items are sent in several requests, `.param` and `.item` of an error about one
-item name it by its position in the caller's list (`items[70].response` for the 7th item of
+When a call's items are sent in several requests, `.param`, `.item` and `.message` of an error
+about one item name it by its position in the caller's list (`items[70].response` for the 7th item of
 the second 64-item request), not in the request that carried it.
 """
 
@@ -71,6 +72,8 @@ class APIStatusError(LabelerClientError):
         err = err if isinstance(err, dict) else {}
         self.type: str = str(err.get("type") or "")
         self.param: str | None = err.get("param")
+        # The server's own message, without the request line and status that str(error) puts first.
+        self.message: str = str(err.get("message") or "")
         self.code = err.get("code", self.status)
         self.retry_after = retry_after
         self.item: int | None = None  # the caller's index of the item the error is about, if one
@@ -94,6 +97,7 @@ class APIStatusError(LabelerClientError):
             return f"{m.group(1)}[{offset + int(m.group(2))}]"
 
         self.param = _INDEX.sub(shift, self.param, count=1)
+        self.message = _INDEX.sub(shift, self.message, count=1)
         self.args = (_INDEX.sub(shift, str(self), count=1),)
 
 
