@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -568,10 +569,11 @@ async def _label_chunk(
                 return await backend.judgments(items, task, **opts), chunk  # type: ignore[arg-type]
             return await backend.scores(items, task, **opts), chunk  # type: ignore[arg-type]
         except (InvalidInput, ModelOutputError) as exc:
-            k = _item_index(exc.field)
-            if k is None or k >= len(chunk):
+            named = _item_of(exc.field)
+            if named is None or named[0] >= len(chunk):
                 raise
-            msg = exc.reason
+            k, part = named
+            msg = f"{part}: {exc.reason}" if part else exc.reason  # the line names the item, not its field
             unlabeled = isinstance(exc, ModelOutputError)  # the record is fine; the model's answer is not
             if not skip_invalid:
                 if unlabeled:
@@ -591,10 +593,7 @@ async def _label_chunk(
             chunk = [j for i, j in enumerate(chunk) if i not in bad]
 
 
-def _item_index(field_: str | None) -> int | None:
-    if not field_ or not field_.startswith("items["):
-        return None
-    try:
-        return int(field_[len("items[") : field_.index("]")])
-    except ValueError:
-        return None
+def _item_of(field_: str | None) -> tuple[int, str] | None:
+    """(i, the item's field named after it) for `items[i]` or `items[i].field`, else None."""
+    match = re.fullmatch(r"items\[(\d+)\](?:\.(.+))?", field_ or "")
+    return None if match is None else (int(match.group(1)), match.group(2) or "")

@@ -231,6 +231,32 @@ def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, cap
     assert [r["key"] for r in rows(tmp_path / "again.jsonl")] == [r["key"] for r in rows(out)]
 
 
+def test_url_mode_names_a_record_the_service_refuses_by_its_line_and_field(tmp_path, labeler, capsys):
+    """A record over the server's `max_chars`: the run stops at its line, naming the field the
+    server named (`response`, without the place in the request the server gives it), and
+    `--skip-invalid` labels the others."""
+    pytest.importorskip("labeler_client")
+    long = "A fruit named at length, " * 3
+    answers = ["Apple.", long, "Pear."]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a fruit.", "completion": a} for a in answers])
+    out = tmp_path / "scores.jsonl"
+    srv = LiveServer(labeler, max_chars=40)
+    srv.start()
+    try:
+        argv = ["label", str(src), str(out), "--task", "tiny", "--scores", "--url", srv.url, "--no-progress", "--json"]
+        stopped = cli.main(argv)
+        err = capsys.readouterr().err
+        assert cli.main([*argv, "--skip-invalid"]) == 0
+        captured = capsys.readouterr()
+    finally:
+        srv.stop()
+    assert stopped == 2 and f"{src}, line 2: response: " in err and "40" in err, err
+    assert f"skipped invalid input: {src}, line 2: response: " in captured.err, captured.err
+    assert "items[" not in err + captured.err and "HTTP" not in err + captured.err
+    assert [r["completion"] for r in rows(out)] == ["Apple.", "Pear."]
+    assert json.loads(captured.out)["invalid"] == 1
+
+
 @pytest.mark.parametrize("via", ["in-process", "url"])
 def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skipped(
     via, tmp_path, labeler, test_tasks, monkeypatch, capsys
