@@ -228,7 +228,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         report = write_report(metrics, args.out, info)
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
         pct = round(args.level * 100)
-        lines = [f"{metrics['n']} human labels; {s.text()}", "AI labeler alignment (accuracy vs human labels):"]
+        lines = [
+            f"{metrics['n']} human labels on {metrics['prompts']} prompts; {s.text()}",
+            f"AI labeler alignment (accuracy vs human labels; CIs resample the {metrics['prompts']} prompts):",
+        ]
         for order, m in metrics["orders"].items():
             lines.append(
                 f"{ORDERS[order]:<21} alignment {m['alignment']:.3f} [{pct}% CI {m['ci_low']:.3f}, "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,18 +54,35 @@ def alignment(p: Sequence[float], y: Sequence[int]) -> float:
 
 
 def bootstrap_ci(
-    values: Sequence[float], *, level: float = 0.95, n_resamples: int = 2000, seed: int = 0
+    values: Sequence[float],
+    *,
+    clusters: Sequence[Hashable] | None = None,
+    level: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean: resample the n values with replacement
     `n_resamples` times (numpy default_rng(seed)), take the (1-level)/2 and (1+level)/2
-    quantiles of the resampled means. (nan, nan) for no values."""
+    quantiles of the resampled means. (nan, nan) for no values.
+
+    `clusters` (one per value) resamples whole clusters instead, the mean of a resample
+    being its values' mean: values that share a cluster (the pairs of one prompt, the labels
+    of one pair) err together, and resampling them one by one would make the CI too narrow.
+    With every value its own cluster, in order, this is the plain bootstrap, draw for draw."""
     import numpy as np
 
     if len(values) == 0:
         return (math.nan, math.nan)
     v = np.asarray(values, dtype=float)
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
+    if clusters is None:
+        means = v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
+    else:
+        ids: dict[Hashable, int] = {}
+        of = np.fromiter((ids.setdefault(c, len(ids)) for c in clusters), dtype=np.int64, count=len(v))
+        sums, counts = np.bincount(of, weights=v), np.bincount(of).astype(float)
+        pick = rng.integers(0, len(ids), size=(n_resamples, len(ids)))
+        means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return (float(lo), float(hi))
 
@@ -273,12 +290,19 @@ def evaluate_rows(
     y = [1 if r["human"] == "a" else 0 for r in rows]
     la = [len(r["response_a"]) for r in rows]
     lb = [len(r["response_b"]) for r in rows]
-    out: dict[str, Any] = {"n": len(rows), "level": level, "bins": bins, "orders": {}}
+    prompts = [r["context"] for r in rows]
+    out: dict[str, Any] = {
+        "n": len(rows),
+        "prompts": len(set(prompts)),
+        "level": level,
+        "bins": bins,
+        "orders": {},
+    }
     for order, col in (("ab", "p_a_ab"), ("ba", "p_a_ba"), ("both", "p_a")):
         if any(r.get(col) is None for r in rows):
             continue
         p = [r[col] for r in rows]
-        lo, hi = bootstrap_ci(agreement(p, y), level=level, seed=seed)
+        lo, hi = bootstrap_ci(agreement(p, y), clusters=prompts, level=level, seed=seed)
         out["orders"][order] = {
             "alignment": alignment(p, y),
             "ci_low": lo,
@@ -308,30 +332,32 @@ def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed
         AI-human    a_g = mean over its k_g labels of the labeler's agreement with the label
                           (from P(A), both orders; a pick at exactly 1/2 counts half)
     Each is averaged over the pairs (every multiply-labeled pair weighs the same), with
-    percentile bootstrap CIs over pairs. Returns {"pairs", "labels", "human_human",
-    "human_human_ci", "ai_human", "ai_human_ci"}; pairs = 0 when no pair has two labels."""
+    percentile bootstrap CIs over prompts (a prompt's pairs resampled together). Returns
+    {"pairs", "labels", "human_human", "human_human_ci", "ai_human", "ai_human_ci"}; pairs = 0
+    when no pair has two labels."""
     groups: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
     for r in rows:
         a, b = r["response_a"], r["response_b"]
         preferred = a if r["human"] == "a" else b
         agree = agreement([r["p_a"]], [1 if r["human"] == "a" else 0])[0]
         groups.setdefault((r["context"], min(a, b), max(a, b)), []).append((preferred, agree))
-    hh, ah, labels = [], [], 0
-    for votes in groups.values():
+    hh, ah, prompts, labels = [], [], [], 0
+    for (context, _, _), votes in groups.items():
         k = len(votes)
         if k < 2:
             continue
         c = sum(1 for v, _ in votes if v == votes[0][0])
         hh.append((math.comb(c, 2) + math.comb(k - c, 2)) / math.comb(k, 2))
         ah.append(_mean([agree for _, agree in votes]))
+        prompts.append(context)
         labels += k
     return {
         "pairs": len(hh),
         "labels": labels,
         "human_human": _mean(hh),
-        "human_human_ci": bootstrap_ci(hh, level=level, seed=seed),
+        "human_human_ci": bootstrap_ci(hh, clusters=prompts, level=level, seed=seed),
         "ai_human": _mean(ah),
-        "ai_human_ci": bootstrap_ci(ah, level=level, seed=seed),
+        "ai_human_ci": bootstrap_ci(ah, clusters=prompts, level=level, seed=seed),
     }
 
 
@@ -404,7 +430,8 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
         f"- input: `{info['input']}` ({metrics['n']} human-labeled pairs)",
         f"- model: `{info['model']}`, task version `{info['task_version']}`",
         f"- human-preferred response shown as A or B by a fair coin per item (position seed {info['position_seed']})",
-        f"- CIs: {pct}% percentile bootstrap, {2000} resamples, seed {info['seed']}",
+        f"- CIs: {pct}% percentile bootstrap over the {metrics['prompts']} prompts (a prompt's pairs and labels "
+        f"resampled together), {2000} resamples, seed {info['seed']}",
         "",
         "## AI labeler alignment",
         "",

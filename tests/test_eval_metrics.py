@@ -81,6 +81,41 @@ def test_bootstrap_ci_is_seeded_and_matches_the_normal_approximation():
     assert lo < lo90 < hi90 < hi
 
 
+def test_cluster_bootstrap_resamples_whole_clusters():
+    """20 prompts of 10 rows each, every prompt's rows alike: the mean's standard error is
+    that of 20 values, sqrt(.25 / 20) = .112, not of 200 (.0354). One row per cluster, in
+    order, gives the plain bootstrap, draw for draw."""
+    values = [float(k % 2) for k in range(20) for _ in range(10)]
+    clusters = [k for k in range(20) for _ in range(10)]
+    lo, hi = ev.bootstrap_ci(values, clusters=clusters, seed=0)
+    assert lo == pytest.approx(0.5 - 1.96 * 0.112, abs=0.04) and hi == pytest.approx(0.5 + 1.96 * 0.112, abs=0.04)
+    plain_lo, plain_hi = ev.bootstrap_ci(values, seed=0)
+    assert (hi - lo) > 2.5 * (plain_hi - plain_lo)
+    # Clusters of unequal sizes: a resample's mean is its rows' mean, so the CI holds the mean.
+    uneven = ev.bootstrap_ci([1.0] * 9 + [0.0] * 3, clusters=[0] * 9 + [1, 2, 3], seed=0)
+    assert uneven[0] < 0.75 < uneven[1]
+    spread = [0.3, 0.9, 0.1, 0.4, 0.8, 0.6, 0.2]
+    assert ev.bootstrap_ci(spread, clusters=["g", "a", "f", "b", "e", "c", "d"], seed=3) == ev.bootstrap_ci(
+        spread, seed=3
+    )
+
+
+def test_evaluate_rows_resamples_prompts():
+    """Three labels of each pair: the alignment CI is that of the 20 pairs, not of 60 rows."""
+    rows = [
+        {"context": f"prompt {k}", "response_a": "x", "response_b": "yy", "human": "a", "p_a": p, "p_a_ab": p}
+        | {"p_a_ba": p, "consistent": True}
+        for k in range(20)
+        for p in [0.8 if k % 2 else 0.2] * 3
+    ]
+    m = ev.evaluate_rows(rows)
+    assert (m["n"], m["prompts"]) == (60, 20)
+    both = m["orders"]["both"]
+    rows_lo, rows_hi = ev.bootstrap_ci(ev.agreement([r["p_a"] for r in rows], [1] * 60), seed=0)
+    assert both["alignment"] == pytest.approx(0.5)
+    assert both["ci_high"] - both["ci_low"] > 1.5 * (rows_hi - rows_lo)
+
+
 def test_evaluate_rows_per_order():
     # Human choice on A for rows 0-1, on B for rows 2-3.
     cols = ("human", "p_a_ab", "p_a_ba", "p_a", "consistent", "response_a", "response_b")

@@ -103,6 +103,7 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--json", "--skip-invalid") == 0
     got = json.loads(capsys.readouterr().out)
     assert got["n"] == 4 and got["summary"]["invalid"] == 1  # every human label counts
+    assert got["prompts"] == 2  # what the CIs resample
     # The summary's position consistency counts the same rows as the metrics: one per label.
     assert got["summary"]["position_inconsistent_share"] == pytest.approx(1 - got["position_consistency"])
     h = got["human_agreement"]
@@ -113,7 +114,7 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     assert h["ai_human"] == pytest.approx((2 * o + (1 - o)) / 3, abs=1e-9)
     report = (out / "report.md").read_text()
     assert "AI labeler alignment" in report and "accuracy against human labels" in report
-    assert "two humans agree" in report
+    assert "two humans agree" in report and "bootstrap over the 2 prompts" in report
 
     # Without repeated pairs the report says human-human agreement cannot be measured.
     src2 = write_jsonl(tmp_path / "h2.jsonl", [single])
