@@ -365,10 +365,16 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
         )
-        p_yes = [[sink.rows[j.key]["p_yes"] for j in js if j.key in sink.rows] for js in jobs]
+        done = [
+            [(j, single) for j, (_, single) in zip(js, pol, strict=True) if j.key in sink.rows]
+            for js, pol in zip(jobs, policies, strict=True)
+        ]
+        p_yes = [[sink.rows[j.key]["p_yes"] for j, _ in d] for d in done]
+        prompts = [[single.context for _, single in d] for d in done]  # what the CIs resample
         per = []
-        for name, path, ps in zip("AB", inputs, p_yes, strict=False):
-            per.append({"name": name, "input": str(path)} | harmless_rate(ps, level=args.level, seed=args.seed))
+        for name, path, ps, pr in zip("AB", inputs, p_yes, prompts, strict=False):
+            rate = harmless_rate(ps, prompts=pr, level=args.level, seed=args.seed)
+            per.append({"name": name, "input": str(path)} | rate)
         metrics: dict[str, Any] = {"level": args.level, "policies": per}
         if len(policies) == 2:
             matched, only_a, only_b = match_policies(*policies)
@@ -378,9 +384,18 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
             if paired:
                 a_vals = [sink.rows[ka]["p_yes"] for ka, _ in pairs]
                 b_vals = [sink.rows[kb]["p_yes"] for _, kb in pairs]
+                a_prompts = b_prompts = [sa.context for sa, _ in matched]
             else:
-                a_vals, b_vals = p_yes
-            metrics["difference"] = harmless_difference(a_vals, b_vals, paired=paired, level=args.level, seed=args.seed)
+                (a_vals, b_vals), (a_prompts, b_prompts) = p_yes, prompts
+            metrics["difference"] = harmless_difference(
+                a_vals,
+                b_vals,
+                paired=paired,
+                prompts_a=a_prompts,
+                prompts_b=b_prompts,
+                level=args.level,
+                seed=args.seed,
+            )
         info = {
             "task": args.task,
             "task_version": params["task_version"],

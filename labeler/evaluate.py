@@ -53,6 +53,27 @@ def alignment(p: Sequence[float], y: Sequence[int]) -> float:
     return _mean(agreement(p, y))
 
 
+def resampled_means(
+    values: Sequence[float], rng: Any, *, clusters: Sequence[Hashable] | None = None, n_resamples: int = 2000
+) -> Any:
+    """The means of `n_resamples` bootstrap resamples of `values` (a numpy array), drawn from
+    `rng` (a numpy Generator): n values with replacement, or with `clusters` (one per value)
+    whole clusters, a resample's mean being its values' mean. Values that share a cluster
+    (the pairs of one prompt, the labels of one pair, the samples of one prompt) err
+    together, and resampling them one by one would make the CI too narrow. With every value
+    its own cluster, in order, the draws are the plain bootstrap's."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if clusters is None:
+        return v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
+    ids: dict[Hashable, int] = {}
+    of = np.fromiter((ids.setdefault(c, len(ids)) for c in clusters), dtype=np.int64, count=len(v))
+    sums, counts = np.bincount(of, weights=v), np.bincount(of).astype(float)
+    pick = rng.integers(0, len(ids), size=(n_resamples, len(ids)))
+    return sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+
+
 def bootstrap_ci(
     values: Sequence[float],
     *,
@@ -61,28 +82,14 @@ def bootstrap_ci(
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean: resample the n values with replacement
-    `n_resamples` times (numpy default_rng(seed)), take the (1-level)/2 and (1+level)/2
-    quantiles of the resampled means. (nan, nan) for no values.
-
-    `clusters` (one per value) resamples whole clusters instead, the mean of a resample
-    being its values' mean: values that share a cluster (the pairs of one prompt, the labels
-    of one pair) err together, and resampling them one by one would make the CI too narrow.
-    With every value its own cluster, in order, this is the plain bootstrap, draw for draw."""
+    """Percentile bootstrap CI of the mean: the (1-level)/2 and (1+level)/2 quantiles of the
+    `resampled_means` (numpy default_rng(seed)), resampling `clusters` whole when given.
+    (nan, nan) for no values."""
     import numpy as np
 
     if len(values) == 0:
         return (math.nan, math.nan)
-    v = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    if clusters is None:
-        means = v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
-    else:
-        ids: dict[Hashable, int] = {}
-        of = np.fromiter((ids.setdefault(c, len(ids)) for c in clusters), dtype=np.int64, count=len(v))
-        sums, counts = np.bincount(of, weights=v), np.bincount(of).astype(float)
-        pick = rng.integers(0, len(ids), size=(n_resamples, len(ids)))
-        means = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+    means = resampled_means(values, np.random.default_rng(seed), clusters=clusters, n_resamples=n_resamples)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return (float(lo), float(hi))
 

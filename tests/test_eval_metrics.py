@@ -266,6 +266,22 @@ def test_harmless_difference_paired_and_independent():
         hl.harmless_difference(a, b[:3], paired=True)
 
 
+def test_harmless_cis_resample_prompts():
+    """Five samples of each of 20 prompts, a prompt's samples alike: the CIs are those of 20
+    values, wider than those of 100; paired differences constant per prompt have none."""
+    p = [0.9 if k % 2 else 0.1 for k in range(20) for _ in range(5)]
+    prompts = [k for k in range(20) for _ in range(5)]
+    by_prompt, by_response = hl.harmless_rate(p, prompts=prompts), hl.harmless_rate(p)
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(by_prompt["share_harmless_ci"]) > 1.8 * width(by_response["share_harmless_ci"])
+    b = [x - 0.05 for x in p]
+    ind = hl.harmless_difference(p, b, paired=False, prompts_a=prompts, prompts_b=prompts)
+    plain = hl.harmless_difference(p, b, paired=False)
+    assert width(ind["mean_p_yes_ci"]) > 1.8 * width(plain["mean_p_yes_ci"])
+    paired = hl.harmless_difference(p, b, paired=True, prompts_a=prompts)
+    assert paired["mean_p_yes_ci"] == pytest.approx((0.05, 0.05))
+
+
 def test_policies_match_by_id_and_occurrence():
     """Several samples per prompt share an id: the k-th of an id in A goes with the k-th in B,
     and what has no partner is counted, never dropped silently."""

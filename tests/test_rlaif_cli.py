@@ -81,6 +81,21 @@ def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, cap
     assert again["policies"] == got["policies"] and again["difference"] == got["difference"]
 
 
+def test_harmless_rate_resamples_a_prompts_samples_together(tmp_path, in_process, capsys):  # noqa: F811
+    """Two sampled completions for each of two prompts: the CIs are those of a bootstrap over
+    the two prompts, computed here from the judged rows."""
+    samples = [("2+2?", "4"), ("2+2?", "Four."), ("Name a fruit.", "Apple."), ("Name a fruit.", "A chair.")]
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": q, "completion": c} for q, c in samples])
+    out = tmp_path / "h"
+    assert in_process("harmless", str(a), "--task", "tiny", "--out", str(out), "--json") == 0
+    got = json.loads(capsys.readouterr().out)["policies"][0]
+    p_yes = {(r["prompt"], r["completion"]): r["p_yes"] for r in rows(out / "judgments.jsonl")}
+    expect = hl.harmless_rate([p_yes[qc] for qc in samples], prompts=[q for q, _ in samples], seed=0)
+    assert got["mean_p_yes_ci"] == pytest.approx(list(expect["mean_p_yes_ci"]), abs=1e-9)
+    assert got["share_harmless_ci"] == pytest.approx(list(expect["share_harmless_ci"]), abs=1e-9)
+    assert "bootstrap over prompts" in (out / "report.md").read_text()
+
+
 def test_harmless_rate_one_policy_text_output(tmp_path, in_process, capsys):  # noqa: F811
     a = write_jsonl(tmp_path / "a.jsonl", A[:2])
     assert in_process("harmless", str(a), "--task", "tiny", "--out", str(tmp_path / "h")) == 0
