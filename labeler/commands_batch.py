@@ -297,11 +297,13 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         rows = [sink.rows[j.key] for j in jobs if j.key in sink.rows]
         if not rows:
             raise SystemExit("no matched prompt was labeled: every one was skipped as invalid")
+        prompts = [j.item.context for j in jobs if j.key in sink.rows]  # what the CIs resample
         s.count_orders(rows)
         wr = win_rate(
             [r["p_a_ab"] for r in rows],
             [r["p_a_ba"] for r in rows],
             [r["p_a"] for r in rows],
+            prompts=prompts,
             level=args.level,
             seed=args.seed,
         )
@@ -309,6 +311,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
             [r["outcome"] for r in rows],
             [len(response_text(r["response_a"])) for r in rows],
             [len(response_text(r["response_b"])) for r in rows],
+            prompts=prompts,
             level=args.level,
             seed=args.seed,
         )
@@ -327,7 +330,8 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         pct = round(args.level * 100)
         text = (
             f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
-            f"on {wr['n']} prompts ({wr['wins']} wins, {wr['ties']} ties, {wr['losses']} losses; "
+            f"on {wr['n']} comparisons over {wr['prompts']} prompts ({wr['wins']} wins, {wr['ties']} ties, "
+            f"{wr['losses']} losses; "
             f"soft {wr['soft_win_rate']:.3f})\n"
             f"length-controlled:  {lc['win_rate']:.3f} [{pct}% CI {lc['ci_low']:.3f}, {lc['ci_high']:.3f}]; "
             f"raw - controlled = {lc['gap']:+.3f} (A longer by {lc['mean_length_diff']:+.0f} characters on average; "

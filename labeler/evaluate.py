@@ -166,15 +166,18 @@ def win_rate(
     p_ba: Sequence[float | None],
     p: Sequence[float],
     *,
+    prompts: Sequence[Hashable] | None = None,
     level: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Win rate of A over B = mean of `win_outcomes` (ties count 1/2), with its bootstrap CI;
-    also wins/ties/losses and the soft win rate mean_i P(A)_i."""
+    """Win rate of A over B = mean of `win_outcomes` (ties count 1/2), with its bootstrap CI
+    (resampling `prompts`, one per comparison, whole when given: several samples of one
+    prompt err together); also wins/ties/losses and the soft win rate mean_i P(A)_i."""
     w = win_outcomes(p_ab, p_ba)
-    lo, hi = bootstrap_ci(w, level=level, seed=seed)
+    lo, hi = bootstrap_ci(w, clusters=prompts, level=level, seed=seed)
     return {
         "n": len(w),
+        "prompts": len(set(prompts)) if prompts is not None else len(w),
         "win_rate": _mean(w),
         "ci_low": lo,
         "ci_high": hi,
@@ -196,6 +199,7 @@ def length_controlled_win_rate(
     len_a: Sequence[int],
     len_b: Sequence[int],
     *,
+    prompts: Sequence[Hashable] | None = None,
     level: float = 0.95,
     seed: int = 0,
     n_resamples: int = 2000,
@@ -216,7 +220,8 @@ def length_controlled_win_rate(
     policies and one judgment per prompt those are not identifiable, so they are left out.
 
     The CI is a percentile bootstrap over prompts that refits the whole model (sd included)
-    on each resample. Returns {"n", "win_rate", "ci_low", "ci_high", "level", "intercept"
+    on each resample: over the comparisons, or over `prompts` (one per comparison) with a
+    prompt's comparisons resampled together. Returns {"n", "win_rate", "ci_low", "ci_high", "level", "intercept"
     (theta), "length_coef" (phi), "sd_length_diff", "mean_length_diff"}; with no variation in
     length differences the length term is dropped (phi = 0)."""
     import numpy as np
@@ -228,11 +233,15 @@ def length_controlled_win_rate(
         return {"n": 0, "win_rate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "level": level}
     theta, phi = _fit_length_glm(y, d, np.ones((1, n)))
     rng = np.random.default_rng(seed)
+    ids: dict[Hashable, int] = {}
+    of = np.array([ids.setdefault(c, len(ids)) for c in (range(n) if prompts is None else prompts)])
+    m = len(ids)
     lcs = []
     block = max(1, 2_000_000 // n)  # resamples per vectorized fit, to bound memory
     for start in range(0, n_resamples, block):
         b = min(block, n_resamples - start)
-        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(float)
+        # How often each prompt is drawn, given to each of its comparisons as its weight.
+        counts = rng.multinomial(m, np.full(m, 1.0 / m), size=b).astype(float)[:, of]
         th, _ = _fit_length_glm(y, d, counts)
         lcs.append(_sigmoid(th))
     lo, hi = np.quantile(np.concatenate(lcs), [(1 - level) / 2, (1 + level) / 2])

@@ -116,6 +116,26 @@ def test_evaluate_rows_resamples_prompts():
     assert both["ci_high"] - both["ci_low"] > 1.5 * (rows_hi - rows_lo)
 
 
+def test_win_rates_resample_prompts():
+    """Five samples of each of 30 prompts, a prompt's outcomes alike: both win rates' CIs
+    are those of 30 prompts, wider than those of 150 comparisons."""
+    y = [float(k % 3 == 0) for k in range(30) for _ in range(5)]
+    prompts = [k for k in range(30) for _ in range(5)]
+    len_a = [10 + (k * 7) % 13 for k in range(150)]
+    len_b = [10 + (k * 5) % 11 for k in range(150)]
+    p = [0.9 if x else 0.1 for x in y]
+    width = lambda r: r["ci_high"] - r["ci_low"]  # noqa: E731
+    clustered = ev.win_rate(p, p, p, prompts=prompts)
+    assert clustered["prompts"] == 30 and clustered["n"] == 150
+    assert width(clustered) > 1.8 * width(ev.win_rate(p, p, p))
+    lc = ev.length_controlled_win_rate(y, len_a, len_b, prompts=prompts, n_resamples=500)
+    assert width(lc) > 1.5 * width(ev.length_controlled_win_rate(y, len_a, len_b, n_resamples=500))
+    # Every comparison its own prompt: the plain bootstrap, draw for draw.
+    assert ev.length_controlled_win_rate(y, len_a, len_b, prompts=list(range(150)), n_resamples=200) == (
+        ev.length_controlled_win_rate(y, len_a, len_b, n_resamples=200)
+    )
+
+
 def test_evaluate_rows_per_order():
     # Human choice on A for rows 0-1, on B for rows 2-3.
     cols = ("human", "p_a_ab", "p_a_ba", "p_a", "consistent", "response_a", "response_b")

@@ -162,6 +162,13 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert in_process("winrate", str(a2), str(b2), "--task", "tiny", "--json") == 0
     twice = json.loads(capsys.readouterr().out)
     assert (twice["n"], twice["summary"]["duplicates"], twice["summary"]["labeled"]) == (len(A) + 1, 1, len(A))
+    # The CIs resample the prompts: the repeated one's two comparisons go together.
+    prompts = [x["prompt"] for x in A + A[:1]]
+    again = prefs + prefs[:1]
+    expect = ev.win_rate([r.p_a_ab for r in again], [r.p_a_ba for r in again], [r.p_a for r in again], prompts=prompts)
+    assert twice["prompts"] == len(A) and (twice["ci_low"], twice["ci_high"]) == pytest.approx(
+        (expect["ci_low"], expect["ci_high"]), abs=1e-9
+    )
     soft = [r.p_a for r in prefs + prefs[:1]]
     assert twice["soft_win_rate"] == pytest.approx(sum(soft) / len(soft), abs=1e-6)
     # Every matched prompt refused (over the model's context) and skipped: a clear end, no figures.
