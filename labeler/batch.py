@@ -569,12 +569,16 @@ async def _label_chunk(
                 return await backend.judgments(items, task, **opts), chunk  # type: ignore[arg-type]
             return await backend.scores(items, task, **opts), chunk  # type: ignore[arg-type]
         except (InvalidInput, ModelOutputError) as exc:
+            unlabeled = isinstance(exc, ModelOutputError)  # the record is fine; the model's answer is not
             named = _item_of(exc.field)
+            if unlabeled and exc.field is None and len(chunk) > 1:  # the service names none then
+                raise _labeled_none(chunk, exc.reason) from None
             if named is None or named[0] >= len(chunk):
                 raise
             k, part = named
-            msg = f"{part}: {exc.reason}" if part else exc.reason  # the line names the item, not its field
-            unlabeled = isinstance(exc, ModelOutputError)  # the record is fine; the model's answer is not
+            msg = exc.reason
+            if part and not msg.startswith(part):  # the line names the item; its field, only the message
+                msg = f"{part}: {msg}"
             if not skip_invalid:
                 if unlabeled:
                     raise ModelOutputError(f"{chunk[k].where}: {msg}", field=chunk[k].where) from None
@@ -584,13 +588,17 @@ async def _label_chunk(
             if unlabeled and len(chunk) > 1 and len(bad) == len(chunk):
                 # As the service names no item when it labels none of a request's: the model
                 # fails, not the records.
-                where = f"{chunk[0].where} to {chunk[-1].where}"
-                raise ModelOutputError(f"{where}: the model labeled none of them ({msg})") from None
+                raise _labeled_none(chunk, msg) from None
             what = "unlabeled item" if unlabeled else "invalid input"
             for i in sorted(bad):
                 (summary.unlabeled if unlabeled else summary.invalid).append(f"{chunk[i].where}: {msg}")
                 print(f"skipped {what}: {chunk[i].where}: {msg}", file=sys.stderr)
             chunk = [j for i, j in enumerate(chunk) if i not in bad]
+
+
+def _labeled_none(chunk: list[Job], why: str) -> ModelOutputError:
+    """The error of a chunk of several records the model gave no label for, naming their lines."""
+    return ModelOutputError(f"{chunk[0].where} to {chunk[-1].where}: the model labeled none of them ({why})")
 
 
 def _item_of(field_: str | None) -> tuple[int, str] | None:

@@ -377,7 +377,9 @@ class Labeler:
             n_tokens = sum(len(next(ids)) for _ in named)
             if n_tokens > limit:
                 raise InputTooLong(
-                    f"{where[i]} has {n_tokens} tokens, over the limit of {limit}", field=where[i], limit=limit
+                    f"{where[i]}: {n_tokens} tokens in its texts, over the limit of {limit}",
+                    field=where[i],
+                    limit=limit,
                 )
 
     async def arun(self, spec: LabelSpec, prepared: Sequence[Prepared], name: str = "items") -> list[Any]:

@@ -25,10 +25,15 @@ class LabelerError(Exception):
 
     @property
     def reason(self) -> str:
-        """The message without the `<field>: ` it starts with when it names its field (so
-        that whoever names the item anew does not name it twice)."""
+        """The message without the `<field>: ` it starts with, or the `<item>: ` of a field
+        within an item (`items[3]` of `items[3].response`), so that whoever names the item
+        anew does not name it twice."""
         text = str(self)
-        return text.removeprefix(f"{self.field}: ") if self.field else text
+        if self.field:
+            for lead in (self.field, self.field.partition(".")[0]):
+                if text.startswith(f"{lead}: "):
+                    return text[len(lead) + 2 :]
+        return text
 
 
 class InvalidInput(LabelerError, ValueError):

@@ -9,9 +9,11 @@ import sys
 import pytest
 
 from labeler import datasets_io as io
-from labeler.batch import JsonlSink, Summary, collect
+from labeler.batch import Job, JsonlSink, Summary, _label_chunk, collect
 from labeler.chat import normalize_item
-from labeler.errors import InvalidInput
+from labeler.core import ScoreItem
+from labeler.datasets_io import MalformedRecord
+from labeler.errors import InvalidInput, ModelOutputError
 
 USER = [{"role": "user", "content": "Name a fruit."}]
 HH_CTX = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant:"
@@ -258,3 +260,36 @@ def test_position_consistency_counts_the_rows_given():
     assert (summary.both_orders, summary.inconsistent, summary.inconsistent_share) == (3, 0, 0.0)
     summary.count_orders([])
     assert summary.inconsistent_share is None and "position-inconsistent" not in summary.text()
+
+
+def test_an_errors_reason_drops_the_name_it_leads_with():
+    """The field, or the item a field is in; a message led by neither stays whole."""
+    assert InvalidInput("items[3].response: too long", field="items[3].response").reason == "too long"
+    assert InvalidInput("items[3]: response must be text", field="items[3].response").reason == "response must be text"
+    assert InvalidInput("3 items, over the limit of 2", field="items").reason == "3 items, over the limit of 2"
+
+
+class _Refusing:
+    """A backend that refuses every call with `error` (pure logic of the chunk loop)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    async def scores(self, items, task, **opts):
+        raise self.error
+
+
+async def test_a_refused_record_is_named_by_its_line_and_field_once():
+    chunk = [Job(f"k{i}", f"in.jsonl, line {i + 1}", ScoreItem("q", "a"), dict) for i in range(2)]
+    cases = [
+        (InvalidInput("items[1].response: too long", field="items[1].response"), "line 2: response: too long"),
+        (InvalidInput("items[1]: response must be text", field="items[1].response"), "line 2: response must be text"),
+    ]
+    for error, says in cases:
+        with pytest.raises(MalformedRecord) as err:
+            await _label_chunk(_Refusing(error), "scores", list(chunk), "t", {}, False, Summary())
+        assert str(err.value).endswith(says), str(err.value)
+    # The service names no item when the model labeled none of a request's: the chunk's lines.
+    none = ModelOutputError("the model's answer gives no label: zero probability")
+    with pytest.raises(ModelOutputError, match=r"line 1 to in.jsonl, line 2: the model labeled none of them"):
+        await _label_chunk(_Refusing(none), "scores", list(chunk), "t", {}, True, Summary())

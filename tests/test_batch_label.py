@@ -231,16 +231,20 @@ def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, cap
     assert [r["key"] for r in rows(tmp_path / "again.jsonl")] == [r["key"] for r in rows(out)]
 
 
-def test_url_mode_names_a_record_the_service_refuses_by_its_line_and_field(tmp_path, labeler, capsys):
-    """A record over the server's `max_chars`: the run stops at its line, naming the field the
-    server named (`response`, without the place in the request the server gives it), and
-    `--skip-invalid` labels the others."""
+@pytest.mark.parametrize(
+    ("limit", "says"),
+    [({"max_chars": 40}, "response: String should have at most 40 characters"), ({"max_item_tokens": 12}, "tokens")],
+)
+def test_url_mode_names_a_record_the_service_refuses_by_its_line_and_field(limit, says, tmp_path, labeler, capsys):
+    """A record over the server's `max_chars` (or `max_item_tokens`): the run stops at its
+    line, naming the field the server named (`response`), without the place in the request
+    the server gives the item, and `--skip-invalid` labels the others."""
     pytest.importorskip("labeler_client")
     long = "A fruit named at length, " * 3
     answers = ["Apple.", long, "Pear."]
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a fruit.", "completion": a} for a in answers])
     out = tmp_path / "scores.jsonl"
-    srv = LiveServer(labeler, max_chars=40)
+    srv = LiveServer(labeler, **limit)
     srv.start()
     try:
         argv = ["label", str(src), str(out), "--task", "tiny", "--scores", "--url", srv.url, "--no-progress", "--json"]
@@ -250,8 +254,8 @@ def test_url_mode_names_a_record_the_service_refuses_by_its_line_and_field(tmp_p
         captured = capsys.readouterr()
     finally:
         srv.stop()
-    assert stopped == 2 and f"{src}, line 2: response: " in err and "40" in err, err
-    assert f"skipped invalid input: {src}, line 2: response: " in captured.err, captured.err
+    assert stopped == 2 and f"{src}, line 2: " in err and says in err, err
+    assert f"skipped invalid input: {src}, line 2: " in captured.err and says in captured.err, captured.err
     assert "items[" not in err + captured.err and "HTTP" not in err + captured.err
     assert [r["completion"] for r in rows(out)] == ["Apple.", "Pear."]
     assert json.loads(captured.out)["invalid"] == 1
