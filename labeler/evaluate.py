@@ -67,11 +67,23 @@ def resampled_means(
     v = np.asarray(values, dtype=float)
     if clusters is None:
         return v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
-    ids: dict[Hashable, int] = {}
-    of = np.fromiter((ids.setdefault(c, len(ids)) for c in clusters), dtype=np.int64, count=len(v))
+    of, m = cluster_index(clusters, len(v))
     sums, counts = np.bincount(of, weights=v), np.bincount(of).astype(float)
-    pick = rng.integers(0, len(ids), size=(n_resamples, len(ids)))
+    pick = rng.integers(0, m, size=(n_resamples, m))
     return sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
+
+
+def cluster_index(clusters: Sequence[Hashable] | None, n: int) -> tuple[Any, int]:
+    """(each value's cluster number, in order of first appearance; the number of clusters)
+    for `n` values, each its own cluster when `clusters` is None."""
+    import numpy as np
+
+    if clusters is None:
+        return np.arange(n), n
+    if len(clusters) != n:
+        raise ValueError(f"{len(clusters)} cluster labels for {n} values: one per value")
+    ids: dict[Hashable, int] = {}
+    return np.array([ids.setdefault(c, len(ids)) for c in clusters], dtype=np.int64), len(ids)
 
 
 def bootstrap_ci(
@@ -233,9 +245,7 @@ def length_controlled_win_rate(
         return {"n": 0, "win_rate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "level": level}
     theta, phi = _fit_length_glm(y, d, np.ones((1, n)))
     rng = np.random.default_rng(seed)
-    ids: dict[Hashable, int] = {}
-    of = np.array([ids.setdefault(c, len(ids)) for c in (range(n) if prompts is None else prompts)])
-    m = len(ids)
+    of, m = cluster_index(prompts, n)
     lcs = []
     block = max(1, 2_000_000 // n)  # resamples per vectorized fit, to bound memory
     for start in range(0, n_resamples, block):
@@ -446,8 +456,8 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
         f"- input: `{info['input']}` ({metrics['n']} human-labeled pairs)",
         f"- model: `{info['model']}`, task version `{info['task_version']}`",
         f"- human-preferred response shown as A or B by a fair coin per item (position seed {info['position_seed']})",
-        f"- CIs: {pct}% percentile bootstrap over the {metrics['prompts']} prompts (a prompt's pairs and labels "
-        f"resampled together), {2000} resamples, seed {info['seed']}",
+        f"- CIs: {pct}% percentile bootstrap over prompts (a prompt's pairs and labels resampled together; "
+        f"{metrics['prompts']} prompts in all), {2000} resamples, seed {info['seed']}",
         "",
         "## AI labeler alignment",
         "",

@@ -84,7 +84,8 @@ def harmless_difference(
     """A - B for mean P(yes) and for the share judged harmless, with percentile bootstrap
     CIs: `paired` resamples index i of both lists together (a[i], b[i] answer the same
     prompt); otherwise each list is resampled on its own. `prompts_a` (and `prompts_b`
-    when not paired), one per value, resample a prompt's values together."""
+    when not paired: paired lists share `prompts_a`), one per value, resample a prompt's
+    values together."""
     import numpy as np
 
     if paired and len(a) != len(b):

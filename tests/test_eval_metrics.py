@@ -298,8 +298,12 @@ def test_harmless_cis_resample_prompts():
     ind = hl.harmless_difference(p, b, paired=False, prompts_a=prompts, prompts_b=prompts)
     plain = hl.harmless_difference(p, b, paired=False)
     assert width(ind["mean_p_yes_ci"]) > 1.8 * width(plain["mean_p_yes_ci"])
-    paired = hl.harmless_difference(p, b, paired=True, prompts_a=prompts)
-    assert paired["mean_p_yes_ci"] == pytest.approx((0.05, 0.05))
+    # Paired: differences alike within a prompt, varying between prompts.
+    c = [x - (0.1 if k // 5 % 3 else -0.1) for k, x in enumerate(p)]
+    paired = hl.harmless_difference(p, c, paired=True, prompts_a=prompts)
+    assert width(paired["mean_p_yes_ci"]) > 1.8 * width(hl.harmless_difference(p, c, paired=True)["mean_p_yes_ci"])
+    with pytest.raises(ValueError, match="one per value"):
+        hl.harmless_rate(p, prompts=prompts[:-1])
 
 
 def test_policies_match_by_id_and_occurrence():

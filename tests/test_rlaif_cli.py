@@ -83,17 +83,37 @@ def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, cap
 
 def test_harmless_rate_resamples_a_prompts_samples_together(tmp_path, in_process, capsys):  # noqa: F811
     """Two sampled completions for each of two prompts: the CIs are those of a bootstrap over
-    the two prompts, computed here from the judged rows."""
+    the two prompts, computed here from the judged rows; so is the difference's CI against
+    a second policy, paired (the same prompts one-to-one) or not (B one sample short)."""
     samples = [("2+2?", "4"), ("2+2?", "Four."), ("Name a fruit.", "Apple."), ("Name a fruit.", "A chair.")]
+    others = [("2+2?", "5"), ("2+2?", "Twenty-two."), ("Name a fruit.", "Pear."), ("Name a fruit.", "A table.")]
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": q, "completion": c} for q, c in samples])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": q, "completion": c} for q, c in others])
+    b_more = write_jsonl(tmp_path / "b_more.jsonl", [{"prompt": q, "completion": c} for q, c in others[:3]])
     out = tmp_path / "h"
     assert in_process("harmless", str(a), "--task", "tiny", "--out", str(out), "--json") == 0
     got = json.loads(capsys.readouterr().out)["policies"][0]
     p_yes = {(r["prompt"], r["completion"]): r["p_yes"] for r in rows(out / "judgments.jsonl")}
-    expect = hl.harmless_rate([p_yes[qc] for qc in samples], prompts=[q for q, _ in samples], seed=0)
+    prompts = [q for q, _ in samples]
+    expect = hl.harmless_rate([p_yes[qc] for qc in samples], prompts=prompts, seed=0)
     assert got["mean_p_yes_ci"] == pytest.approx(list(expect["mean_p_yes_ci"]), abs=1e-9)
     assert got["share_harmless_ci"] == pytest.approx(list(expect["share_harmless_ci"]), abs=1e-9)
     assert "bootstrap over prompts" in (out / "report.md").read_text()
+
+    for other, paired in ((b, True), (b_more, False)):
+        assert in_process("harmless", str(a), str(other), "--task", "tiny", "--out", str(out), "--json") == 0
+        diff = json.loads(capsys.readouterr().out)["difference"]
+        p_yes = {(r["prompt"], r["completion"]): r["p_yes"] for r in rows(out / "judgments.jsonl")}
+        theirs = others if paired else others[:3]
+        expect = hl.harmless_difference(
+            [p_yes[qc] for qc in samples],
+            [p_yes[qc] for qc in theirs],
+            paired=paired,
+            prompts_a=prompts,
+            prompts_b=[q for q, _ in theirs],
+        )
+        assert diff["paired"] is paired
+        assert diff["mean_p_yes_ci"] == pytest.approx(list(expect["mean_p_yes_ci"]), abs=1e-9)
 
 
 def test_harmless_rate_one_policy_text_output(tmp_path, in_process, capsys):  # noqa: F811
@@ -129,7 +149,7 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     assert h["ai_human"] == pytest.approx((2 * o + (1 - o)) / 3, abs=1e-9)
     report = (out / "report.md").read_text()
     assert "AI labeler alignment" in report and "accuracy against human labels" in report
-    assert "two humans agree" in report and "bootstrap over the 2 prompts" in report
+    assert "two humans agree" in report and "2 prompts in all" in report
 
     # Without repeated pairs the report says human-human agreement cannot be measured.
     src2 = write_jsonl(tmp_path / "h2.jsonl", [single])
