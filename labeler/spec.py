@@ -23,7 +23,7 @@ import json
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Literal
 
 from .errors import InvalidInput
@@ -58,6 +58,11 @@ def _sha256(text: str) -> str:
 
 @functools.cache
 def _field_getter(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+    if not is_dataclass(cls):
+        raise TypeError(
+            f"a label key is taken of an item (PairItem, ScoreItem, ReferenceItem, GroupItem), not of a "
+            f"{cls.__name__}: build one from a mapping with e.g. ScoreItem(**mapping)"
+        )
     names = [f.name for f in fields(cls)]
     if len(names) == 1:
         return lambda item: (getattr(item, names[0]),)

@@ -95,6 +95,13 @@ print(spec.key(PairItem("ctx \\u00e9 \\ud800", "a", "b")))
 """
 
 
+def test_a_key_of_a_mapping_says_to_build_the_item():
+    spec = LabelSpec.build("score", task="t", task_version="v", model="m", labels=("1", "2"))
+    with pytest.raises(TypeError, match=r"not of a dict: build one from a mapping with e.g. ScoreItem\(\*\*mapping\)"):
+        spec.key({"context": "q", "response": "a"})
+    assert spec.key(ScoreItem(**{"context": "q", "response": "a"})) == spec.keys([ScoreItem("q", "a")])[0]
+
+
 def test_the_same_request_gets_the_same_key_in_another_process():
     ours = spec(cot=True, samples=2, seed=3, temperature=0.7, max_rationale_tokens=9).key(
         PairItem("ctx \u00e9 \ud800", "a", "b")
