@@ -14,8 +14,11 @@ once; items the labeler names as giving no label (a `ModelOutputError` listing t
 that error and the rest of the batch runs again, once; any other failure splits the batch
 in halves, recursively, so the items that fail it get the error and their batch-mates their
 results (2 log2(n) extra calls for one bad item, not n). An engine error that both halves
-repeat as the whole batch did (same message), and then one item of each half alone, is no
-item's doing: every item of the batch gets it, after four extra calls, not 2n - 1.
+repeat as the whole batch did (same message), and then the first and the last item of each
+half alone, is no item's doing: every item of the batch gets it, after six extra calls, not
+2n - 1; those not tried alone as a `BatchFailure`, which names no item (an item tried alone
+did fail alone). Bad items whose errors read alike fool that only when they stand at all
+four places tried alone.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ log = logging.getLogger("service.batcher")
 RunGroup = Callable[[Hashable, list[Any], list[str]], Awaitable[list[Any]]]
 
 RATE_WINDOW_S = 30.0  # how far back the drain rate behind Retry-After looks
+
+
+class BatchFailure(EngineError):
+    """An engine error that every part of a batch tried repeated: no item's doing."""
 
 
 class QueueFull(Exception):
@@ -230,7 +237,7 @@ class MicroBatcher:
             and all(_same(e, error) for e in errors)
             and await self._alone(group, halves, error)
         ):
-            self._fail(jobs, error)
+            self._fail(jobs, BatchFailure(str(error)))  # the items not tried alone
             return
         for half, half_error in zip(halves, errors, strict=True):
             rest = [j for j in half if not j.future.done()]
@@ -252,18 +259,19 @@ class MicroBatcher:
             await self._bisect(group, rest, again)
 
     async def _alone(self, group: Hashable, halves: tuple[list[_Job], ...], error: LabelerError) -> bool:
-        """Whether the first item of each half (already tried alone when a half is one item)
-        fails alone with `error` too: then no item of the batch is its cause (two bad items
-        whose errors read alike, one in each half, fail the halves the same way). Each item
-        tried is settled."""
-        alike = True
+        """Whether the first and the last item of each half (a half of one item was tried
+        alone already) fail alone with `error` too: then no item of the batch is its cause
+        (two bad items whose errors read alike, one in each half, fail the halves the same
+        way). Stops at the first that does not. Each item tried is settled, with its own
+        result or error."""
         for half in halves:
-            if len(half) > 1:
-                probe_error = await self._call(group, half[:1])
+            for probe in [half[0], half[-1]] if len(half) > 1 else []:
+                probe_error = await self._call(group, [probe])
                 if probe_error is not None:
-                    self._fail(half[:1], probe_error)
-                alike = alike and _same(probe_error, error)
-        return alike
+                    self._fail([probe], probe_error)
+                if not _same(probe_error, error):
+                    return False
+        return True
 
     def _fail(self, jobs: list[_Job], error: LabelerError) -> None:
         for job in jobs:

@@ -17,7 +17,7 @@ from labeler.core import Prepared
 from labeler.errors import EngineUnavailable, LabelerError
 from labeler.spec import KINDS
 
-from .batcher import MicroBatcher
+from .batcher import BatchFailure, MicroBatcher
 from .cache import CACHE_PREFIX, Cache
 from .metrics import Metrics
 from .protocol import (
@@ -262,11 +262,12 @@ def _request_error(values: list[Any], failed: list[int], name: str) -> BaseExcep
     """The request's error: that of its first failed item (in item order). It names the item
     (`name`) when the item failed apart from others the request computed, so that a client
     can set it aside and send the rest again; a copy, since the same error reaches every
-    request that shared the item. An error every computed item got (the engine failing
-    whatever it is given) or an engine that is down names none."""
+    request that shared the item. An error every computed item got, one the batcher found
+    to be no item's (`BatchFailure`: the engine failing whatever it is given) or an engine
+    that is down names none."""
     error = values[failed[0]]
     alone = len(failed) < len(values) or len(values) == 1
-    if not isinstance(error, LabelerError) or isinstance(error, EngineUnavailable) or not alone:
+    if not isinstance(error, LabelerError) or isinstance(error, (EngineUnavailable, BatchFailure)) or not alone:
         return error
     named = copy.copy(error)
     named.field = name

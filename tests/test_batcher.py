@@ -11,7 +11,7 @@ import pytest
 
 from labeler.errors import EngineError, EngineUnavailable, ModelOutputError
 from service.app import Gate
-from service.batcher import MicroBatcher
+from service.batcher import BatchFailure, MicroBatcher
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -65,9 +65,10 @@ async def one_batch(run_group, items: list[str]) -> list:
 
 def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_items():
     """A failure that does not depend on the items (a device error): the batch of 16, both
-    its halves and one item of each fail alike, and every item gets the error after 5 calls,
-    not 31. A failure of one item still splits the batch down to that item; so do two bad
-    items whose errors read alike, one in each half."""
+    its halves and the first and last item of each fail alike, and every item gets the error
+    after 7 calls, not 31 (as a BatchFailure, which names no item, where not tried alone).
+    A failure of one item still splits the batch down to that item; so do two bad items
+    whose errors read alike, one in each half, also where they stand first in their halves."""
     calls: list[int] = []
 
     async def broken(group, items, keys):
@@ -81,17 +82,22 @@ def test_an_engine_error_every_part_of_a_batch_repeats_is_not_bisected_down_to_i
         return [f"label of {it}" for it in items]
 
     got = asyncio.run(one_batch(broken, [f"x{i}" for i in range(16)]))
-    assert calls == [16, 8, 8, 1, 1] and all(isinstance(g, EngineError) and "device-side" in str(g) for g in got)
+    assert calls == [16, 8, 8, 1, 1, 1, 1] and all(isinstance(g, EngineError) and "device-side" in str(g) for g in got)
+    # The four items tried alone failed alone, and keep their own error; the others name none.
+    assert [type(g) is BatchFailure for g in got] == [i not in (0, 7, 8, 15) for i in range(16)]
     calls.clear()
     got = asyncio.run(one_batch(bad, [f"x{i}" for i in range(15)] + ["bad"]))
     assert calls == [16, 8, 8, 4, 4, 2, 2, 1, 1]
     assert [isinstance(g, EngineError) for g in got] == [False] * 15 + [True]
-    two = [f"x{i}" for i in range(16)]
-    two[5], two[12] = "bad1", "bad2"
-    calls.clear()
-    got = asyncio.run(one_batch(bad, two))
-    assert [isinstance(g, EngineError) for g in got] == [it.startswith("bad") for it in two]
-    assert calls[:5] == [16, 8, 8, 1, 1]  # the halves fail alike; their first items alone do not
+    for first, second in ((5, 12), (0, 8)):
+        two = [f"x{i}" for i in range(16)]
+        two[first], two[second] = "bad1", "bad2"
+        calls.clear()
+        got = asyncio.run(one_batch(bad, two))
+        assert [isinstance(g, EngineError) for g in got] == [it.startswith("bad") for it in two], (first, got)
+        assert not any(isinstance(g, BatchFailure) for g in got)
+        # The halves fail alike; an item tried alone does not (x0 at once, else x7 after bad1).
+        assert calls[:4] == [16, 8, 8, 1] if first else calls[:5] == [16, 8, 8, 1, 1]
 
 
 def test_items_the_labeler_names_as_unlabeled_fail_and_the_rest_runs_once_more():
