@@ -401,6 +401,27 @@ async def test_async_failure_cancels_the_other_batches():
     assert len(fake.requests) < 20
 
 
+async def test_async_failure_sends_no_batch_that_waited_for_a_slot():
+    """One request at a time: the batch waiting for the failed one's slot is not sent (the
+    slot's release must not let it start a request that the call's end then cancels)."""
+
+    class Started(httpx.AsyncBaseTransport):  # counts requests begun, answered or not
+        def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+            self.inner, self.begun = inner, 0
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            self.begun += 1
+            return await self.inner.handle_async_request(request)
+
+    fake = FakeLabeler(latency=0.02)
+    fake.fail_next(422)
+    wire = Started(fake.async_transport())
+    async with lc.AsyncClient(URL, transport=wire, batch_size=2, max_concurrency=1) as client:
+        with pytest.raises(lc.InvalidRequest):
+            await client.scores(items(6), "tiny")
+    assert wire.begun == 1 and len(fake.requests) == 1
+
+
 def test_sync_failure_stops_sending_batches():
     fake = FakeLabeler(latency=0.02)
     fake.fail_next(422)
@@ -563,6 +584,34 @@ def test_a_ray_failure_the_transport_does_not_know_is_a_failed_request():
     assert calls and all(c.cancelled for c in calls)
 
 
+async def test_a_cancelled_async_call_cancels_the_replicas_call():
+    """An AsyncClient call cancelled while its request is at a replica (the caller gave up,
+    or another batch failed the call): the transport cancels the deployment call, so the
+    replica stops labeling for nobody."""
+    from labeler_client.ray import AsyncServeTransport
+
+    class Call:  # a DeploymentResponse's surface: awaitable, cancel()
+        def __init__(self) -> None:
+            self.cancelled, self.started = False, asyncio.Event()
+
+        def __await__(self):
+            self.started.set()
+            return asyncio.get_running_loop().create_future().__await__()  # never answers
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    call = Call()
+    handle = type("Handle", (), {"forward": type("Method", (), {"remote": staticmethod(lambda *_: call)})()})()
+    async with lc.AsyncClient("http://labeler", transport=AsyncServeTransport(handle=handle)) as client:
+        task = asyncio.create_task(client.scores(items(1), "tiny"))
+        await asyncio.wait_for(call.started.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert call.cancelled
+
+
 def test_pairwise_judge():
     fake = FakeLabeler()
     judge = PairwiseJudge(URL, task="tiny", transport=fake.transport())
@@ -580,6 +629,24 @@ def test_pairwise_judge():
     soft = PairwiseJudge(URL, task="tiny", on_error="none", transport=failing.transport(), retry=NO_WAIT)
     assert soft.judge(["p", "p"], [["a", "b"], ["a", "too long"]])[1] == -1
     assert soft.judge(["p"], [["a", "too long"]], return_scores=True) == [0.5]  # never None
+
+
+def test_an_injected_item_failure_finds_pairs_references_and_groups():
+    """`fail_item` fails an item whatever field holds the response: a pair's second, a
+    reference, one of a group's; its batch-mates answer (on_error="none")."""
+    fake = FakeLabeler()
+    fake.fail_item("bad", 500)
+    client = client_for(fake, retry=NO_WAIT)
+    pairs = [{"context": "c", "response_a": "a", "response_b": b} for b in ("b", "bad")]
+    assert [p is None for p in client.preferences(pairs, "tiny", on_error="none")] == [False, True]
+    assert (
+        PairwiseJudge(URL, task="tiny", on_error="none", client=client).judge(["p", "p"], [["a", "b"], ["a", "bad"]])[1]
+        == -1
+    )
+    refs = [{"context": "c", "response": "a", "reference": r} for r in ("bad", "r")]
+    assert [r is None for r in client.reference_rewards(refs, "tiny", on_error="none")] == [True, False]
+    groups = [{"context": "c", "responses": ["x", "y"]}, {"context": "c", "responses": ["x", "bad"]}]
+    assert [g is None for g in client.group_rewards(groups, "tiny", on_error="none")] == [False, True]
 
 
 def test_verl_compute_score_and_batch(monkeypatch):

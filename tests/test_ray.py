@@ -191,12 +191,17 @@ def reward_worker(ray_driver):
             async with AsyncClient("http://labeler", api_key=API_KEY, transport=AsyncServeTransport()) as aclient:
                 return [s.model_dump() for s in await aclient.scores(items, "tiny", cache=False)]
 
+        async def sync_scores_in_a_loop() -> list[dict[str, Any]]:  # a notebook cell, an async actor
+            with Client("http://labeler", api_key=API_KEY, transport=ServeTransport()) as client:
+                return [s.model_dump() for s in client.scores(items, "tiny", cache=False)]
+
         return {
             "scores": scores,
             "prefs": prefs,
             "errors": errors,
             "over": over,
             "async_scores": asyncio.run(async_scores()),
+            "sync_in_loop": asyncio.run(sync_scores_in_a_loop()),
         }
 
     return work
@@ -205,7 +210,8 @@ def reward_worker(ray_driver):
 @pytest.mark.model
 def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
     """Through a deployment handle from a task in the cluster: the same values and the
-    same errors as the client over HTTP."""
+    same errors as the client over HTTP; the sync client too from a thread that runs an
+    event loop, where Ray refuses to block."""
     import ray
 
     got = ray.get(reward_worker.remote(SCORE_ITEMS, PAIR_ITEMS), timeout=300)
@@ -224,6 +230,7 @@ def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
 
     assert same_scores([Score(**s) for s in got["scores"]], http_scores)
     assert same_scores([Score(**s) for s in got["async_scores"]], http_scores)
+    assert same_scores([Score(**s) for s in got["sync_in_loop"]], http_scores)
     for g, w in zip([Preference(**p) for p in got["prefs"]], http_prefs, strict=True):
         assert close(g.p_a, w.p_a) and close(g.p_a_ba, w.p_a_ba)
     assert [tuple(e) for e in got["errors"]] == http_errors

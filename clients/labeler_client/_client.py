@@ -513,9 +513,17 @@ class AsyncClient(_BaseClient):
                 except exc.LabelerClientError as error:
                     todo[:0] = self._parts_after(error, idx, on_error)
 
+        failed = asyncio.Event()
+
         async def gated(idx: range) -> None:
             async with gate:
-                await run(idx)
+                if failed.is_set():  # woken by a failed batch's release: the call is over
+                    return
+                try:
+                    await run(idx)
+                except BaseException:
+                    failed.set()  # before the gate lets the next batch in
+                    raise
 
         tasks = [asyncio.ensure_future(gated(chunk)) for chunk in batching.split(len(items), self.batch_size)]
         try:

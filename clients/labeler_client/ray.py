@@ -23,6 +23,7 @@ transport (`RequestError`, retried, and so subject to `on_error` like any other)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 from typing import Any
 
@@ -102,8 +103,8 @@ class ServeTransport(_HandleTransport, httpx.BaseTransport):
         call = None
         try:  # the handle's look-up too: it fails while the application is not deployed
             call = self._method().remote(*self._args(request, request.read()))
-            return self._response(request, call.result(timeout_s=_read_timeout(request)))
-        except Exception as error:  # noqa: BLE001 - sorted by _failure: a response, an httpx error, or re-raised
+            return self._response(request, _result(call, _read_timeout(request)))
+        except BaseException as error:  # an interrupt too: sorted by _failure, the call cancelled first
             return self._failure(request, error, call)
 
 
@@ -115,8 +116,19 @@ class AsyncServeTransport(_HandleTransport, httpx.AsyncBaseTransport):
         try:
             call = self._method().remote(*self._args(request, await request.aread()))
             return self._response(request, await asyncio.wait_for(call, _read_timeout(request)))
-        except Exception as error:  # noqa: BLE001 - see ServeTransport
+        except BaseException as error:  # cancelled too (the client failing fast): see ServeTransport
             return self._failure(request, error, call)
+
+
+def _result(call: Any, timeout: float | None) -> Any:
+    """`call.result()`; from a helper thread when this one runs an event loop (a notebook
+    cell, an async actor), where Ray refuses to block."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return call.result(timeout_s=timeout)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="labeler-serve") as pool:
+        return pool.submit(call.result, timeout_s=timeout).result()
 
 
 def _read_timeout(request: httpx.Request) -> float | None:

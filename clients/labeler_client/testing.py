@@ -205,9 +205,11 @@ class FakeLabeler:
         self._faults.extend([(fault, retry_after)] * times)
 
     def fail_item(self, response: str, status: int = 500, *, retry_after: float | None = None) -> None:
-        """Fail every label request that carries an item whose `response` is `response`, as
-        the server answers for an item the engine fails on: `status` (500 `model_output_error`
-        or 503 `engine_error`, with `Retry-After`) naming the first such item (`items[3]`)."""
+        """Fail every label request that carries an item with `response` among its responses
+        (`response`, `response_a`, `response_b`, `reference`, or one of a group's
+        `responses`), as the server answers for an item the engine fails on: `status` (500
+        `model_output_error` or 503 `engine_error`, with `Retry-After`) naming the first such
+        item (`items[3]`)."""
         if status not in (500, 503):
             raise ValueError("an item fails with 500 or 503")
         self._item_faults[response] = (status, retry_after)
@@ -440,7 +442,7 @@ class FakeLabeler:
             if refused is not None:
                 return refused
         for i, item in enumerate(body["items"]):
-            fault = self._item_faults.get(item.get("response"))
+            fault = next((f for text in _responses(item) if (f := self._item_faults.get(text))), None)
             if fault is not None:
                 status, retry_after = fault
                 headers = {"Retry-After": f"{1 if retry_after is None else retry_after:g}"} if status == 503 else None
@@ -466,3 +468,10 @@ class FakeLabeler:
     ) -> httpx.Response:
         body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
         return httpx.Response(status, json=body, headers=headers)
+
+
+def _responses(item: dict[str, Any]) -> list[str]:
+    """The text responses an item carries, whatever its route."""
+    group = item.get("responses")
+    texts = [item.get(k) for k in ("response", "response_a", "response_b", "reference")]
+    return [t for t in texts + (list(group) if isinstance(group, list) else []) if isinstance(t, str)]
