@@ -8,6 +8,7 @@ import inspect
 import json
 import pickle
 import random
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -544,6 +545,13 @@ def test_reward_functions_and_judges_pickle():
     assert type(moved) is ServeTransport and (moved.app_name, moved.deployment, moved._handle) == ("app", "Dep", None)
 
 
+class _Handle:
+    """A Ray Serve DeploymentHandle's surface: `.forward.remote(...)` gives `make(...)`."""
+
+    def __init__(self, make: Any) -> None:
+        self.forward = type("Method", (), {"remote": staticmethod(make)})()
+
+
 def test_a_ray_failure_the_transport_does_not_know_is_a_failed_request():
     """Through a ServeTransport, a failure of Ray's or Serve's other than a lost replica or
     back-pressure (no application by that name, an error around the replica's call) is a
@@ -562,10 +570,6 @@ def test_a_ray_failure_the_transport_does_not_know_is_a_failed_request():
         def cancel(self) -> None:
             self.cancelled = True
 
-    class Handle:  # a DeploymentHandle's surface: .forward.remote(...) -> a call
-        def __init__(self, make: Any) -> None:
-            self.forward = type("Method", (), {"remote": staticmethod(make)})()
-
     calls: list[Call] = []
 
     def failing_call(*_: Any) -> Call:
@@ -576,12 +580,52 @@ def test_a_ray_failure_the_transport_does_not_know_is_a_failed_request():
         raise RayServeException("Application 'labeler' does not exist")
 
     for make, message in ((failing_call, "RayTaskError"), (no_application, "does not exist")):
-        client = lc.Client("http://labeler", transport=ServeTransport(handle=Handle(make)), retry=NO_WAIT)
+        client = lc.Client("http://labeler", transport=ServeTransport(handle=_Handle(make)), retry=NO_WAIT)
         client._sleep = lambda _: None
         with pytest.raises(lc.RequestError, match=message):
             client.scores(items(1), "tiny")
         assert client.scores(items(2), "tiny", on_error="none") == [None, None]
     assert calls and all(c.cancelled for c in calls)
+
+
+def test_an_interrupted_sync_call_in_a_loop_cancels_the_replicas_call_unwaited(monkeypatch):
+    """A sync call made where an event loop runs waits for the replica in a helper thread;
+    an interrupt of that wait (Ctrl-C, here raised by the wait itself) reaches the caller at
+    once, the replica's call cancelled, not after the call's own answer or timeout."""
+    import concurrent.futures
+
+    from labeler_client.ray import ServeTransport
+
+    events: list[str] = []
+
+    class Call:  # a DeploymentResponse's surface: result(timeout_s=), cancel()
+        def __init__(self) -> None:
+            self.stop = threading.Event()
+
+        def result(self, timeout_s: float | None = None) -> Any:
+            self.stop.wait(10)
+            events.append("answered")
+            raise TimeoutError("no answer")
+
+        def cancel(self) -> None:
+            events.append("cancelled")
+            self.stop.set()
+
+    call = Call()
+
+    def interrupted(self: Any, timeout: float | None = None) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concurrent.futures.Future, "result", interrupted)
+    client = lc.Client("http://labeler", transport=ServeTransport(handle=_Handle(lambda *_: call)), retry=NO_WAIT)
+
+    async def in_a_loop() -> None:
+        client.scores(items(1), "tiny")
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(in_a_loop())
+    assert call.stop.wait(10)
+    assert events[0] == "cancelled"
 
 
 async def test_a_cancelled_async_call_cancels_the_replicas_call():
@@ -602,8 +646,9 @@ async def test_a_cancelled_async_call_cancels_the_replicas_call():
             self.cancelled = True
 
     call = Call()
-    handle = type("Handle", (), {"forward": type("Method", (), {"remote": staticmethod(lambda *_: call)})()})()
-    async with lc.AsyncClient("http://labeler", transport=AsyncServeTransport(handle=handle)) as client:
+    async with lc.AsyncClient(
+        "http://labeler", transport=AsyncServeTransport(handle=_Handle(lambda *_: call))
+    ) as client:
         task = asyncio.create_task(client.scores(items(1), "tiny"))
         await asyncio.wait_for(call.started.wait(), 5)
         task.cancel()

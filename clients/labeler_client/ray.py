@@ -127,8 +127,11 @@ def _result(call: Any, timeout: float | None) -> Any:
         asyncio.get_running_loop()
     except RuntimeError:
         return call.result(timeout_s=timeout)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="labeler-serve") as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="labeler-serve")
+    try:
         return pool.submit(call.result, timeout_s=timeout).result()
+    finally:  # unwaited: an interrupt reaches the caller (who cancels the call) at once
+        pool.shutdown(wait=False)
 
 
 def _read_timeout(request: httpx.Request) -> float | None:
