@@ -230,7 +230,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         pct = round(args.level * 100)
         lines = [
             f"{metrics['n']} human labels on {metrics['prompts']} prompts; {s.text()}",
-            f"AI labeler alignment (accuracy vs human labels; CIs resample the {metrics['prompts']} prompts):",
+            "AI labeler alignment (accuracy vs human labels; CIs resample prompts):",
         ]
         for order, m in metrics["orders"].items():
             lines.append(
@@ -294,10 +294,11 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
         # Each matched prompt counts, also one that repeats with the same answers (judged once),
         # in the win rates and in the position consistency alike.
-        rows = [sink.rows[j.key] for j in jobs if j.key in sink.rows]
-        if not rows:
+        done = [j for j in jobs if j.key in sink.rows]
+        if not done:
             raise SystemExit("no matched prompt was labeled: every one was skipped as invalid")
-        prompts = [j.item.context for j in jobs if j.key in sink.rows]  # what the CIs resample
+        rows = [sink.rows[j.key] for j in done]
+        prompts = [j.item.context for j in done]  # what the CIs resample
         s.count_orders(rows)
         wr = win_rate(
             [r["p_a_ab"] for r in rows],
@@ -369,12 +370,9 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
         )
-        done = [
-            [(j, single) for j, (_, single) in zip(js, pol, strict=True) if j.key in sink.rows]
-            for js, pol in zip(jobs, policies, strict=True)
-        ]
-        p_yes = [[sink.rows[j.key]["p_yes"] for j, _ in d] for d in done]
-        prompts = [[single.context for _, single in d] for d in done]  # what the CIs resample
+        done = [[j for j in js if j.key in sink.rows] for js in jobs]
+        p_yes = [[sink.rows[j.key]["p_yes"] for j in d] for d in done]
+        prompts = [[j.item.context for j in d] for d in done]  # what the CIs resample
         per = []
         for name, path, ps, pr in zip("AB", inputs, p_yes, prompts, strict=False):
             rate = harmless_rate(ps, prompts=pr, level=args.level, seed=args.seed)
@@ -382,7 +380,7 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         metrics: dict[str, Any] = {"level": args.level, "policies": per}
         if len(policies) == 2:
             matched, only_a, only_b = match_policies(*policies)
-            keyed = {j.key for js in jobs for j in js if j.key in sink.rows}
+            keyed = {j.key for d in done for j in d}
             pairs = [(judgment_key(sa, params), judgment_key(sb, params)) for sa, sb in matched]
             paired = not only_a and not only_b and all(ka in keyed and kb in keyed for ka, kb in pairs)
             if paired:

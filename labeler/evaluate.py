@@ -65,8 +65,6 @@ def resampled_means(
     import numpy as np
 
     v = np.asarray(values, dtype=float)
-    if clusters is None:
-        return v[rng.integers(0, len(v), size=(n_resamples, len(v)))].mean(axis=1)
     of, m = cluster_index(clusters, len(v))
     sums, counts = np.bincount(of, weights=v), np.bincount(of).astype(float)
     pick = rng.integers(0, m, size=(n_resamples, m))
@@ -231,11 +229,11 @@ def length_controlled_win_rate(
     outputs on its fixed prompt set, and an L1 penalty chosen by cross-validation; with two
     policies and one judgment per prompt those are not identifiable, so they are left out.
 
-    The CI is a percentile bootstrap over prompts that refits the whole model (sd included)
-    on each resample: over the comparisons, or over `prompts` (one per comparison) with a
-    prompt's comparisons resampled together. Returns {"n", "win_rate", "ci_low", "ci_high", "level", "intercept"
-    (theta), "length_coef" (phi), "sd_length_diff", "mean_length_diff"}; with no variation in
-    length differences the length term is dropped (phi = 0)."""
+    The CI is a percentile bootstrap that refits the whole model (sd included) on each
+    resample: over the comparisons, or over `prompts` (one per comparison) with a prompt's
+    comparisons resampled together. Returns {"n", "win_rate", "ci_low", "ci_high", "level",
+    "intercept" (theta), "length_coef" (phi), "sd_length_diff", "mean_length_diff"}; with no
+    variation in length differences the length term is dropped (phi = 0)."""
     import numpy as np
 
     y = np.asarray(outcomes, dtype=float)

@@ -60,7 +60,7 @@ def _sha256(text: str) -> str:
 def _field_getter(cls: type) -> Callable[[Any], tuple[Any, ...]]:
     if not is_dataclass(cls):
         raise TypeError(
-            f"a label key is taken of an item (PairItem, ScoreItem, ReferenceItem, GroupItem), not of a "
+            f"a label key or digest is taken of an item (PairItem, ScoreItem, ReferenceItem, GroupItem), not of a "
             f"{cls.__name__}: build one from a mapping with e.g. ScoreItem(**mapping)"
         )
     names = [f.name for f in fields(cls)]

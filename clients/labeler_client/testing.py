@@ -442,7 +442,8 @@ class FakeLabeler:
             if refused is not None:
                 return refused
         for i, item in enumerate(body["items"]):
-            fault = next((f for text in _responses(item) if (f := self._item_faults.get(text))), None)
+            texts = [t for name in fields for t in (item[name] if name == "responses" else [item[name]])]
+            fault = next((f for t in texts if (f := self._item_faults.get(t))), None)
             if fault is not None:
                 status, retry_after = fault
                 headers = {"Retry-After": f"{1 if retry_after is None else retry_after:g}"} if status == 503 else None
@@ -468,10 +469,3 @@ class FakeLabeler:
     ) -> httpx.Response:
         body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
         return httpx.Response(status, json=body, headers=headers)
-
-
-def _responses(item: dict[str, Any]) -> list[str]:
-    """The text responses an item carries, whatever its route."""
-    group = item.get("responses")
-    texts = [item.get(k) for k in ("response", "response_a", "response_b", "reference")]
-    return [t for t in texts + (list(group) if isinstance(group, list) else []) if isinstance(t, str)]
