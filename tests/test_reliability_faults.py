@@ -330,6 +330,35 @@ async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_ta
 
 
 # -- the server killed during a client batch ------------------------------------------------------------
+def test_a_200_whose_body_never_arrives_whole_is_no_answer_on_the_wire_log():
+    """What "answered" counts in the kill scenarios below: a server that dies after sending
+    a 200's headers but before its body leaves the request failed, not answered (the client
+    sends it again, and that second answer is the request's one)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_one_cut_answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:  # read the whole request: a close with unread bytes is a reset
+                request += conn.recv(65536)
+            conn.sendall(b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"res')
+
+    server = threading.Thread(target=serve_one_cut_answer)
+    server.start()
+    transport = RecordingTransport()
+    try:
+        with httpx.Client(transport=transport) as client, pytest.raises(httpx.TransportError):
+            client.get(f"http://127.0.0.1:{port}/v1/tasks")
+    finally:
+        server.join(10)
+        listener.close()
+    assert (transport.answered(), transport.failed()) == (0, 1), transport.log
+
+
 def test_server_killed_and_restarted_during_a_client_batch(labeler, tmp_path, figures):
     kills = scale(ci=1, full=3)
     n = scale(ci=24, full=128)
