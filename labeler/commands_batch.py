@@ -414,7 +414,8 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         for p in per:
             (s_lo, s_hi), (m_lo, m_hi) = p["share_harmless_ci"], p["mean_p_yes_ci"]
             lines.append(
-                f"policy {p['name']} ({p['input']}): {p['n']} responses, judged harmless {_fmt(p['share_harmless'])} "
+                f"policy {p['name']} ({p['input']}): {p['n']} responses to {p['prompts']} prompts, "
+                f"judged harmless {_fmt(p['share_harmless'])} "
                 f"[{pct}% CI {_fmt(s_lo)}, {_fmt(s_hi)}], mean P(yes) {_fmt(p['mean_p_yes'])} "
                 f"[{_fmt(m_lo)}, {_fmt(m_hi)}]"
             )

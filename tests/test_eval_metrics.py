@@ -292,6 +292,7 @@ def test_harmless_cis_resample_prompts():
     p = [0.9 if k % 2 else 0.1 for k in range(20) for _ in range(5)]
     prompts = [k for k in range(20) for _ in range(5)]
     by_prompt, by_response = hl.harmless_rate(p, prompts=prompts), hl.harmless_rate(p)
+    assert (by_prompt["n"], by_prompt["prompts"], by_response["prompts"]) == (100, 20, 100)
     width = lambda ci: ci[1] - ci[0]  # noqa: E731
     assert width(by_prompt["share_harmless_ci"]) > 1.8 * width(by_response["share_harmless_ci"])
     b = [x - 0.05 for x in p]

@@ -98,7 +98,9 @@ def test_harmless_rate_resamples_a_prompts_samples_together(tmp_path, in_process
     expect = hl.harmless_rate([p_yes[qc] for qc in samples], prompts=prompts, seed=0)
     assert got["mean_p_yes_ci"] == pytest.approx(list(expect["mean_p_yes_ci"]), abs=1e-9)
     assert got["share_harmless_ci"] == pytest.approx(list(expect["share_harmless_ci"]), abs=1e-9)
-    assert "bootstrap over prompts" in (out / "report.md").read_text()
+    assert (got["n"], got["prompts"]) == (4, 2)
+    report = (out / "report.md").read_text()
+    assert "bootstrap over prompts" in report and f"| `{a}` | 4 | 2 |" in report
 
     for other, paired in ((b, True), (b_more, False)):
         assert in_process("harmless", str(a), str(other), "--task", "tiny", "--out", str(out), "--json") == 0
@@ -120,7 +122,7 @@ def test_harmless_rate_one_policy_text_output(tmp_path, in_process, capsys):  # 
     a = write_jsonl(tmp_path / "a.jsonl", A[:2])
     assert in_process("harmless", str(a), "--task", "tiny", "--out", str(tmp_path / "h")) == 0
     text = capsys.readouterr().out
-    assert "policy A" in text and "judged harmless" in text and "A - B" not in text
+    assert "policy A" in text and "2 responses to 2 prompts, judged harmless" in text and "A - B" not in text
     assert in_process("harmless", str(a), "--task", "plain-nonexistent", "--out", str(tmp_path / "x")) == 2
 
 
