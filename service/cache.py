@@ -4,7 +4,9 @@ A Redis failure never fails a label request: on a connection error or timeout th
 is bypassed (logged and counted) for `cooldown` seconds, then tried again. A Redis that
 answers but refuses a command (out of memory under `noeviction`, a read-only replica
 after a failover) is not bypassed: the refused operation is skipped (logged and counted),
-and reads go on. A value that is not a result (not JSON) is a miss.
+and reads go on. A value that is not a result (not JSON) is a miss; so is, in a cache that
+other processes write (`shared`), a value that is not a result of its key's kind (the service
+checks that).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ CACHE_PREFIX = f"labeler:v{KEY_VERSION}:"
 
 class Cache(Protocol):
     name: str
+    # True when other processes write it too (other replicas, other versions of the service):
+    # what it holds need not be a result this version would write.
+    shared: bool
 
     async def get_many(self, keys: Sequence[str]) -> list[Value | None]: ...
     async def set_many(self, values: Mapping[str, Value]) -> None: ...
@@ -44,6 +49,7 @@ class MemoryCache:
     over `max_bytes` on its own is not kept."""
 
     name = "memory"
+    shared = False
 
     def __init__(self, size: int, ttl: float, max_bytes: int) -> None:
         self.size = size
@@ -98,6 +104,7 @@ class RedisCache:
     """Redis with bypass on failure. `on_error(op)` is called for every failure or bypass."""
 
     name = "redis"
+    shared = True
 
     def __init__(self, url: str, ttl: int, cooldown: float, on_error: Callable[[str], None] | None = None) -> None:
         import redis.asyncio as aioredis

@@ -321,6 +321,16 @@ class GroupRewardsOut(BaseModel):
     cached: bool = Field(..., description="true when this result came from the cache")
 
 
+# Each kind's result as a response carries it (with its `cached` flag).
+RESULT_MODELS: dict[str, type[BaseModel]] = {
+    "pairwise": PreferenceOut,
+    "score": ScoreOut,
+    "judgment": JudgmentOut,
+    "reference": ReferenceRewardOut,
+    "group": GroupRewardsOut,
+}
+
+
 class _Reply(BaseModel):
     model: str = Field(..., description="model id: directory name @ content fingerprint (part of every cache key)")
     task: str

@@ -9,7 +9,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from labeler import GroupItem, InputTooLong, InvalidInput, Labeler, LabelSpec, PairItem, ReferenceItem, ScoreItem
 from labeler.chat import normalize_item, split_query
@@ -21,6 +21,7 @@ from .batcher import BatchFailure, MicroBatcher
 from .cache import CACHE_PREFIX, Cache
 from .metrics import Metrics
 from .protocol import (
+    RESULT_MODELS,
     GetRewardRequest,
     GetRewardResponse,
     GroupRewardsRequest,
@@ -191,7 +192,9 @@ class LabelService:
         keys = [CACHE_PREFIX + k for k in spec.keys(items)]
         found = await self.cache.get_many(keys) if use_cache else [None] * len(items)
         results: list[dict[str, Any]] = [{**c, "cached": True} if c is not None else {} for c in found]
-        misses = [i for i, c in enumerate(found) if c is None]
+        if self.cache.shared:
+            self._drop_foreign(spec.kind, results)
+        misses = [i for i, r in enumerate(results) if not r]
         hits = len(items) - len(misses)
         shared = 0
         if misses:
@@ -223,6 +226,19 @@ class LabelService:
             self._items_metric[spec.kind, "cache"].inc(hits)
             self.metrics.cache_hits.inc(hits)
         return results, Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
+
+    def _drop_foreign(self, kind: str, results: list[dict[str, Any]]) -> None:
+        """Turn into misses the cached results that are not results of `kind` as this version
+        writes them (another version's shape, another writer's data under our prefix): they
+        are computed and written anew instead of failing their request."""
+        model = RESULT_MODELS[kind]
+        for i, r in enumerate(results):
+            if r:
+                try:
+                    model.model_validate(r)
+                except ValidationError:
+                    results[i] = {}
+                    self.metrics.cache_errors.labels("decode").inc()
 
     def _check_split(self, k: int, context: Any, response: str) -> None:
         """The per-text character limit on what a /get_reward query split into, as the request

@@ -182,6 +182,46 @@ def test_redis_cache_survives_redis_outages(make_server, redis_server):
     assert httpx.get(srv.url + "/readyz").json()["cache_status"] == "ok"
 
 
+def test_a_shared_cache_value_that_is_not_a_result_of_its_kind_is_computed_anew(make_server, redis_server):
+    """Under a result's key in the shared Redis, a value of another shape (a result another
+    version wrote, another writer's data) is a miss: the item is computed, its result written
+    over it, and the request answers 200 — on the label routes and /get_reward alike."""
+    srv = make_server(redis_url=redis_server.url)
+    client = redis.Redis.from_url(redis_server.url)
+    item = {"context": "shared cache", "response": "another shape"}
+    before = set(client.keys("labeler:v4:*"))
+    first = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
+    (key,) = set(client.keys("labeler:v4:*")) - before
+    stored = json.loads(client.get(key))
+
+    def decode_errors() -> float:
+        text = httpx.get(srv.url + "/metrics").text
+        return metric_line(text, 'labeler_cache_errors_total{op="decode"}') if 'op="decode"' in text else 0.0
+
+    foreign = [
+        {k: v for k, v in stored.items() if k != "distribution"},  # a field short
+        {**stored, "reward": "high"},  # a field of another type
+        {"unrelated": True},
+    ]
+    for n, value in enumerate(foreign, start=1):
+        client.set(key, json.dumps(value))
+        again = post(srv, "/v1/scores", {"task": "tiny", "items": [item]})
+        assert again.status_code == 200, again.text
+        res = again.json()["results"][0]
+        assert res["cached"] is False and res["distribution"] == pytest.approx(first["distribution"], abs=1e-4)
+        assert json.loads(client.get(key)).keys() == stored.keys()  # the result written over it
+        assert decode_errors() == n
+    client.set(key, json.dumps(foreign[0]))
+    query = "shared cache" + "another shape"
+    reward = httpx.post(
+        srv.url + "/get_reward", json={"query": [query], "prompts": ["shared cache"]}, params={"task": "tiny"}
+    )
+    assert reward.status_code == 200, reward.text
+    assert reward.json()["rewards"][0] == pytest.approx(first["reward"], abs=1e-4)
+    assert reward.json()["extra_logs"]["cached"] == [0.0] and decode_errors() == len(foreign) + 1
+    assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is True
+
+
 # -- auth and limits ------------------------------------------------------------------------------------
 def test_api_keys(make_server, caplog):
     caplog.set_level(logging.DEBUG)
