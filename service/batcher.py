@@ -211,6 +211,8 @@ class MicroBatcher:
             results = await self.run_group(group, [j.item for j in jobs], [j.key for j in jobs])
         except Exception as exc:  # noqa: BLE001 - every failure is delivered to its waiters
             return as_labeler_error(exc)
+        if len(results) != len(jobs):  # a bug below: which result is whose is unknown, so none is given
+            return as_labeler_error(RuntimeError(f"the labeler returned {len(results)} results for {len(jobs)} items"))
         for job, result in zip(jobs, results, strict=True):
             _resolve(job.future, result)
             self._release(job)

@@ -126,6 +126,28 @@ def test_items_the_labeler_names_as_unlabeled_fail_and_the_rest_runs_once_more()
         assert str(g) == "the model put zero probability on every label"
 
 
+def test_a_labeler_that_returns_a_result_too_few_gives_no_item_another_items_result():
+    """A labeler bug that drops one item's result from its list: which result is whose is
+    then unknown, so that call settles nothing. It is an engine error like any other: the
+    batch is split, every other item gets its own result, and the item whose result goes
+    missing gets an EngineError that counts the results. The batcher goes on serving."""
+    calls: list[int] = []
+
+    async def drops_x3(group, items, keys):
+        calls.append(len(items))
+        return [f"label of {it}" for it in items if it != "x3"]
+
+    async def run() -> list:
+        got = await one_batch(drops_x3, [f"x{i}" for i in range(8)])
+        assert await one_batch(drops_x3, ["y"]) == ["label of y"]
+        return got
+
+    got = asyncio.run(run())
+    assert got[:3] + got[4:] == [f"label of x{i}" for i in range(8) if i != 3]
+    assert isinstance(got[3], EngineError) and "returned 0 results for 1 items" in str(got[3])
+    assert calls == [8, 4, 4, 2, 2, 1, 1, 1]
+
+
 def test_stopping_fails_what_is_left_after_its_deadline():
     """An engine call that never ends (or a queue nobody waits for any more): stop() gives up
     after its timeout, failing the computing and the queued items, instead of hanging."""
