@@ -356,9 +356,10 @@ def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed
         AI-human    a_g = mean over its k_g labels of the labeler's agreement with the label
                           (from P(A), both orders; a pick at exactly 1/2 counts half)
     Each is averaged over the pairs (every multiply-labeled pair weighs the same), with
-    percentile bootstrap CIs over prompts (a prompt's pairs resampled together). Returns
-    {"pairs", "labels", "human_human", "human_human_ci", "ai_human", "ai_human_ci"}; pairs = 0
-    when no pair has two labels."""
+    percentile bootstrap CIs over the prompts of those pairs (a prompt's pairs resampled
+    together). Returns {"pairs", "labels", "prompts", "human_human", "human_human_ci",
+    "ai_human", "ai_human_ci"}, prompts counting the prompts the CIs resample; pairs = 0 when no
+    pair has two labels."""
     groups: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
     for r in rows:
         a, b = r["response_a"], r["response_b"]
@@ -378,6 +379,7 @@ def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed
     return {
         "pairs": len(hh),
         "labels": labels,
+        "prompts": len(set(prompts)),
         "human_human": _mean(hh),
         "human_human_ci": bootstrap_ci(hh, clusters=prompts, level=level, seed=seed),
         "ai_human": _mean(ah),
@@ -509,7 +511,8 @@ def human_agreement_lines(h: dict[str, Any] | None, pct: int) -> list[str]:
     hh_lo, hh_hi = h["human_human_ci"]
     ai_lo, ai_hi = h["ai_human_ci"]
     return [
-        f"On the {h['pairs']} pairs labeled by more than one human ({h['labels']} labels):",
+        f"On the {h['pairs']} pairs labeled by more than one human ({h['labels']} labels; "
+        f"prompts the CIs resample: {h['prompts']}):",
         "",
         f"- two humans agree: **{_f(h['human_human'])}** [{pct}% CI {_f(hh_lo)}, {_f(hh_hi)}]",
         f"- the AI labeler (both orders) agrees with a human: **{_f(h['ai_human'])}** "

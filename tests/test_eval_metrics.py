@@ -254,7 +254,7 @@ def test_human_agreement_by_hand():
     got = ev.human_agreement(rows)
     # pair 1: C(2,2)+C(1,2) / C(3,2) = 1/3 ; AI agrees with 2 of 3 labels -> 2/3
     # pair 2: 0 / 1 = 0 ; AI at 1/2 counts half for each -> 1/2
-    assert (got["pairs"], got["labels"]) == (2, 5)
+    assert (got["pairs"], got["labels"], got["prompts"]) == (2, 5, 2)  # c3's lone label is not resampled
     assert got["human_human"] == pytest.approx((1 / 3 + 0) / 2)
     assert got["ai_human"] == pytest.approx((2 / 3 + 1 / 2) / 2)
     assert ev.human_agreement(rows[-1:])["pairs"] == 0

@@ -146,12 +146,14 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     h = got["human_agreement"]
     # One pair with three labels (2 for Apple, 1 for Chair): C(2,2) / C(3,2) = 1/3.
     assert (h["pairs"], h["labels"]) == (1, 3) and h["human_human"] == pytest.approx(1 / 3)
+    assert h["prompts"] == 1  # what its CIs resample: the one prompt with a repeated pair, of 2
     p = labeler.preferences([PairItem("Name a fruit.", "Apple.", "Chair.")], "tiny")[0].p_a
     o = ev.outcome(p)
     assert h["ai_human"] == pytest.approx((2 * o + (1 - o)) / 3, abs=1e-9)
     report = (out / "report.md").read_text()
     assert "AI labeler alignment" in report and "accuracy against human labels" in report
     assert "two humans agree" in report and "2 prompts in all" in report
+    assert "(3 labels; prompts the CIs resample: 1)" in report
 
     # Without repeated pairs the report says human-human agreement cannot be measured.
     src2 = write_jsonl(tmp_path / "h2.jsonl", [single])
