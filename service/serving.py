@@ -87,8 +87,8 @@ class LabelService:
         spec = self._spec(kind, req.task, cot=req.cot, samples=req.samples, seed=req.seed, **params)
         items = [item_type(**self._normalize(_plain(it))) for it in req.items]
         values, usage = await self._label(spec, items, req.cache)
-        for v in values:  # fresh dicts, the request's own
-            v["rationale"] = _first(v["rationales"])
+        for v in values:  # fresh dicts, the request's own; rationales are optional in a result
+            v["rationale"] = _first(v.get("rationales"))
         return _response(response, spec, usage, values)
 
     async def group_rewards(self, req: GroupRewardsRequest) -> GroupRewardsResponse:

@@ -211,6 +211,11 @@ def test_a_shared_cache_value_that_is_not_a_result_of_its_kind_is_computed_anew(
         assert res["cached"] is False and res["distribution"] == pytest.approx(first["distribution"], abs=1e-4)
         assert json.loads(client.get(key)).keys() == stored.keys()  # the result written over it
         assert decode_errors() == n
+    # A result without its optional fields is a result: served as it is.
+    client.set(key, json.dumps({k: v for k, v in stored.items() if k != "rationales"}))
+    short = post(srv, "/v1/scores", {"task": "tiny", "items": [item]})
+    assert short.status_code == 200, short.text
+    assert short.json()["results"][0]["cached"] is True and short.json()["results"][0]["rationale"] is None
     client.set(key, json.dumps(foreign[0]))
     query = "shared cache" + "another shape"
     reward = httpx.post(
