@@ -212,7 +212,9 @@ class MicroBatcher:
         except Exception as exc:  # noqa: BLE001 - every failure is delivered to its waiters
             return as_labeler_error(exc)
         if len(results) != len(jobs):  # a bug below: which result is whose is unknown, so none is given
-            return as_labeler_error(RuntimeError(f"the labeler returned {len(results)} results for {len(jobs)} items"))
+            log.error("the labeler returned %d results for a call of %d items", len(results), len(jobs))
+            # The same words whatever the counts, so that a labeler always off fails its batch alike.
+            return EngineError("the labeler returned another number of results than it was given items")
         for job, result in zip(jobs, results, strict=True):
             _resolve(job.future, result)
             self._release(job)

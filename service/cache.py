@@ -148,8 +148,8 @@ class RedisCache:
         if raw is None:
             return None
         try:
-            value = json.loads(raw)
-        except ValueError:  # JSON decoding and UTF-8 errors alike
+            value = json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # JSON decoding and UTF-8 errors alike; nesting too deep
             value = None
         if not isinstance(value, dict):  # not written by this service
             self.on_error("decode")
@@ -184,3 +184,8 @@ class RedisCache:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity, which json.loads takes by default: no result holds them.
+    raise ValueError(f"{name} in a cached value")

@@ -321,7 +321,8 @@ class GroupRewardsOut(BaseModel):
     cached: bool = Field(..., description="true when this result came from the cache")
 
 
-# Each kind's result as a response carries it (with its `cached` flag).
+# Each kind's result as a response carries it (with its `cached` flag): the `results` items of
+# the responses below.
 RESULT_MODELS: dict[str, type[BaseModel]] = {
     "pairwise": PreferenceOut,
     "score": ScoreOut,

@@ -235,7 +235,7 @@ class LabelService:
         for i, r in enumerate(results):
             if r:
                 try:
-                    model.model_validate(r)
+                    model.model_validate(r, strict=True)  # strict: a text "0.5" is no reward
                 except ValidationError:
                     results[i] = {}
                     self.metrics.cache_errors.labels("decode").inc()
@@ -261,7 +261,7 @@ class LabelService:
         spec, use_cache = group  # type: ignore[misc]
         res = await self.labeler.arun(spec, prepared)
         values = [asdict(r) for r in res]
-        if use_cache:
+        if use_cache and len(values) == len(keys):  # else which is whose is unknown: the batcher fails the call
             await self.cache.set_many(dict(zip(keys, values, strict=True)))
         return values
 

@@ -126,16 +126,22 @@ def test_items_the_labeler_names_as_unlabeled_fail_and_the_rest_runs_once_more()
         assert str(g) == "the model put zero probability on every label"
 
 
-def test_a_labeler_that_returns_a_result_too_few_gives_no_item_another_items_result():
+def test_a_labeler_that_returns_another_number_of_results_gives_no_item_another_items_result():
     """A labeler bug that drops one item's result from its list: which result is whose is
     then unknown, so that call settles nothing. It is an engine error like any other: the
     batch is split, every other item gets its own result, and the item whose result goes
-    missing gets an EngineError that counts the results. The batcher goes on serving."""
+    missing gets an EngineError. A labeler that is always off by one (too many results here)
+    fails every part of a batch alike, so the batch fails as one after the usual probes. The
+    batcher goes on serving."""
     calls: list[int] = []
 
     async def drops_x3(group, items, keys):
         calls.append(len(items))
         return [f"label of {it}" for it in items if it != "x3"]
+
+    async def one_too_many(group, items, keys):
+        calls.append(len(items))
+        return [f"label of {it}" for it in items] + ["label of nothing"]
 
     async def run() -> list:
         got = await one_batch(drops_x3, [f"x{i}" for i in range(8)])
@@ -144,8 +150,13 @@ def test_a_labeler_that_returns_a_result_too_few_gives_no_item_another_items_res
 
     got = asyncio.run(run())
     assert got[:3] + got[4:] == [f"label of x{i}" for i in range(8) if i != 3]
-    assert isinstance(got[3], EngineError) and "returned 0 results for 1 items" in str(got[3])
+    assert isinstance(got[3], EngineError) and "another number of results" in str(got[3])
     assert calls == [8, 4, 4, 2, 2, 1, 1, 1]
+    calls.clear()
+    got = asyncio.run(one_batch(one_too_many, [f"x{i}" for i in range(16)]))
+    assert calls == [16, 8, 8, 1, 1, 1, 1]
+    assert all(isinstance(g, EngineError) and "another number of results" in str(g) for g in got)
+    assert [type(g) is BatchFailure for g in got] == [i not in (0, 7, 8, 15) for i in range(16)]
 
 
 def test_stopping_fails_what_is_left_after_its_deadline():

@@ -58,7 +58,8 @@ def test_the_entry_bound_and_expiry_keep_the_byte_count():
 def test_redis_that_refuses_writes_keeps_serving_reads_and_a_foreign_value_is_a_miss(redis_server):
     """A full Redis under `noeviction` refuses writes (OOM) while it still answers: the write
     is skipped and counted, the cache is not bypassed, and what is stored is still read. A
-    value under a result's key that is not a result is a miss, not a failed request."""
+    value under a result's key that is not a result (not JSON, JSON nested past the parser's
+    depth, NaN) is a miss, not a failed request."""
     import redis
 
     from service.cache import RedisCache
@@ -67,12 +68,15 @@ def test_redis_that_refuses_writes_keeps_serving_reads_and_a_foreign_value_is_a_
     admin = redis.Redis.from_url(redis_server.url)
     cache = RedisCache(redis_server.url, ttl=60, cooldown=30, on_error=errors.append)
     kept = value(1)
-    admin.set("labeler:test:foreign", b"\xff not json")
+    foreign = {"foreign": b"\xff not json", "deep": b"[" * 100_000, "nan": b'{"reward": NaN}'}
+    for name, raw in foreign.items():
+        admin.set(f"labeler:test:{name}", raw)
 
     async def run() -> None:
         await cache.set_many({"labeler:test:kept": kept})
-        assert await cache.get_many(["labeler:test:kept", "labeler:test:foreign"]) == [kept, None]
-        assert errors == ["decode"]
+        got = await cache.get_many(["labeler:test:kept", *(f"labeler:test:{name}" for name in foreign)])
+        assert got == [kept, None, None, None]
+        assert errors == ["decode"] * 3
         used = int(admin.info("memory")["used_memory"])
         admin.config_set("maxmemory-policy", "noeviction")
         admin.config_set("maxmemory", str(used + 1024))
@@ -86,4 +90,4 @@ def test_redis_that_refuses_writes_keeps_serving_reads_and_a_foreign_value_is_a_
             await cache.aclose()
 
     asyncio.run(run())
-    admin.delete("labeler:test:kept", "labeler:test:foreign")
+    admin.delete("labeler:test:kept", *(f"labeler:test:{name}" for name in foreign))

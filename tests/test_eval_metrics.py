@@ -250,13 +250,18 @@ def test_human_agreement_by_hand():
         row("c2", "u", "v", "b", 0.5),
         # pair 3, one human: not counted.
         row("c3", "s", "t", "a", 0.9),
+        # pair 4, under c1 too: two humans agree with each other and with the AI.
+        row("c1", "p", "q", "a", 0.7),
+        row("c1", "q", "p", "b", 0.3),
     ]
     got = ev.human_agreement(rows)
     # pair 1: C(2,2)+C(1,2) / C(3,2) = 1/3 ; AI agrees with 2 of 3 labels -> 2/3
     # pair 2: 0 / 1 = 0 ; AI at 1/2 counts half for each -> 1/2
-    assert (got["pairs"], got["labels"], got["prompts"]) == (2, 5, 2)  # c3's lone label is not resampled
-    assert got["human_human"] == pytest.approx((1 / 3 + 0) / 2)
-    assert got["ai_human"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # pair 4: 1 ; 1
+    # prompts: c1 and c2, what the CIs resample (c3's lone label is not among them)
+    assert (got["pairs"], got["labels"], got["prompts"]) == (3, 7, 2)
+    assert got["human_human"] == pytest.approx((1 / 3 + 0 + 1) / 3)
+    assert got["ai_human"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
     assert ev.human_agreement(rows[-1:])["pairs"] == 0
 
 

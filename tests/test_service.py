@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from labeler import PairItem, ScoreItem
+from service.cache import CACHE_PREFIX
 from service.protocol import PreferencesResponse, ScoresResponse
 from tests.fixtures.load import error_shape_ok
 
@@ -185,46 +186,61 @@ def test_redis_cache_survives_redis_outages(make_server, redis_server):
 def test_a_shared_cache_value_that_is_not_a_result_of_its_kind_is_computed_anew(make_server, redis_server):
     """Under a result's key in the shared Redis, a value of another shape (a result another
     version wrote, another writer's data) is a miss: the item is computed, its result written
-    over it, and the request answers 200 — on the label routes and /get_reward alike."""
+    over it, and the request answers 200 — on the label routes and /get_reward alike. A result
+    without its optional fields is still a result."""
     srv = make_server(redis_url=redis_server.url)
     client = redis.Redis.from_url(redis_server.url)
-    item = {"context": "shared cache", "response": "another shape"}
-    before = set(client.keys("labeler:v4:*"))
-    first = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
-    (key,) = set(client.keys("labeler:v4:*")) - before
-    stored = json.loads(client.get(key))
+
+    def new_key(path: str, body: dict) -> tuple[bytes, dict]:
+        """The one key a first request for `body` writes, and its result."""
+        before = set(client.keys(CACHE_PREFIX + "*"))
+        first = post(srv, path, body).json()["results"][0]
+        (key,) = set(client.keys(CACHE_PREFIX + "*")) - before
+        return key, first
 
     def decode_errors() -> float:
         text = httpx.get(srv.url + "/metrics").text
         return metric_line(text, 'labeler_cache_errors_total{op="decode"}') if 'op="decode"' in text else 0.0
 
+    item = {"context": "shared cache", "response": "another shape"}
+    body = {"task": "tiny", "items": [item]}
+    key, first = new_key("/v1/scores", body)
+    stored = json.loads(client.get(key))
     foreign = [
         {k: v for k, v in stored.items() if k != "distribution"},  # a field short
-        {**stored, "reward": "high"},  # a field of another type
+        {**stored, "reward": "0.5"},  # a field of another type
         {"unrelated": True},
     ]
     for n, value in enumerate(foreign, start=1):
         client.set(key, json.dumps(value))
-        again = post(srv, "/v1/scores", {"task": "tiny", "items": [item]})
+        again = post(srv, "/v1/scores", body)
         assert again.status_code == 200, again.text
         res = again.json()["results"][0]
         assert res["cached"] is False and res["distribution"] == pytest.approx(first["distribution"], abs=1e-4)
         assert json.loads(client.get(key)).keys() == stored.keys()  # the result written over it
         assert decode_errors() == n
-    # A result without its optional fields is a result: served as it is.
     client.set(key, json.dumps({k: v for k, v in stored.items() if k != "rationales"}))
-    short = post(srv, "/v1/scores", {"task": "tiny", "items": [item]})
+    short = post(srv, "/v1/scores", body)
     assert short.status_code == 200, short.text
     assert short.json()["results"][0]["cached"] is True and short.json()["results"][0]["rationale"] is None
-    client.set(key, json.dumps(foreign[0]))
-    query = "shared cache" + "another shape"
+    client.set(key, json.dumps(foreign[1]))
     reward = httpx.post(
-        srv.url + "/get_reward", json={"query": [query], "prompts": ["shared cache"]}, params={"task": "tiny"}
+        srv.url + "/get_reward",
+        json={"query": ["shared cache" + "another shape"], "prompts": ["shared cache"]},
+        params={"task": "tiny"},
     )
     assert reward.status_code == 200, reward.text
     assert reward.json()["rewards"][0] == pytest.approx(first["reward"], abs=1e-4)
     assert reward.json()["extra_logs"]["cached"] == [0.0] and decode_errors() == len(foreign) + 1
-    assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is True
+    assert post(srv, "/v1/scores", body).json()["results"][0]["cached"] is True
+
+    group = {"task": "tiny", "items": [{"context": "shared cache", "responses": ["one", "two"]}]}
+    key, first = new_key("/v1/rewards/group", group)
+    client.set(key, json.dumps({**json.loads(client.get(key)), "p_win": "high"}))
+    again = post(srv, "/v1/rewards/group", group)
+    assert again.status_code == 200, again.text
+    assert again.json()["results"][0]["cached"] is False and decode_errors() == len(foreign) + 2
+    assert again.json()["results"][0]["rewards"] == pytest.approx(first["rewards"], abs=1e-4)
 
 
 # -- auth and limits ------------------------------------------------------------------------------------
