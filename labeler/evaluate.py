@@ -541,14 +541,18 @@ def normalize_human_labeled(where: str, rec: Any) -> Pair:
 def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int = 0) -> list[Job]:
     """Jobs for `labeler eval`: each pair (`normalize_human_labeled`) with its human choice, the
     human-preferred response shown as A or B by `swap_for_position`; rows record which side the
-    human chose."""
+    human chose. A pair is shown one way whichever way round its rows give it (annotators who
+    disagree give it both ways), so it is one item, read once: the coin turns the pair with
+    its responses in sorted order."""
 
     def job(p: Pair) -> Job:
         assert p.human is not None, "read with normalize_human_labeled"
-        item = pair_item(p)
-        swap = swap_for_position(item_digest(item), position_seed)
-        if swap:
-            item = PairItem(item.context, item.response_b, item.response_a)
+        given = pair_item(p)
+        first, second = sorted((given.response_a, given.response_b))
+        item = PairItem(given.context, first, second)
+        if swap_for_position(item_digest(item), position_seed):
+            item = PairItem(given.context, second, first)
+        swap = item.response_a != given.response_a
         human = p.human if not swap else ("b" if p.human == "a" else "a")
         key = pair_key(item, params)
 

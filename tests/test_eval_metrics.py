@@ -235,6 +235,34 @@ def test_length_controlled_win_rate_finite_when_one_side_always_wins():
     assert 0.95 < got["win_rate"] <= 1.0 and math.isfinite(got["intercept"])
 
 
+# -- eval jobs ------------------------------------------------------------------------------------
+def test_eval_shows_a_pair_one_way_whichever_way_its_rows_give_it():
+    """Annotators who disagree give a pair both ways round (chosen X over Y, chosen Y over X):
+    every row of the pair is the same item under the same key, read once, and each row's
+    human side points at the response that row's annotator chose. Over many pairs the
+    human-preferred response is shown first about half the time."""
+    from labeler.spec import LabelSpec
+
+    spec = LabelSpec.build("pairwise", task="t", task_version="v", model="m@1", labels=("1", "2"))
+    params = {"spec": spec, "task": "t", "task_version": "v", "model": "m@1"}
+    rows = []
+    for i in range(40):
+        x, y = f"answer x{i}", f"answer y{i}"
+        for chosen, rejected in ((x, y), (y, x), (x, y)):
+            rows.append({"prompt": f"prompt {i}", "chosen": chosen, "rejected": rejected})
+    pairs = [ev.normalize_human_labeled(f"line {n + 1}", r) for n, r in enumerate(rows)]
+    jobs = ev.eval_jobs(pairs, params)
+    result = {"p_a": 0.5, "p_b": 0.5, "p_a_ab": 0.5, "p_a_ba": 0.5, "consistent": True, "label_mass": {}}
+    for i in range(40):
+        trio = jobs[3 * i : 3 * i + 3]
+        assert len({j.key for j in trio}) == 1 and len({j.item for j in trio}) == 1, i
+        for j, r in zip(trio, rows[3 * i : 3 * i + 3], strict=True):
+            row = j.make_row(result)
+            assert row["response_" + row["human"]] == r["chosen"]
+    shown_first = sum(j.make_row(result)["human"] == "a" for j in jobs[::3])
+    assert 10 <= shown_first <= 30
+
+
 # -- human-human agreement ----------------------------------------------------------------------
 def test_human_agreement_by_hand():
     def row(ctx, a, b, human, p_a):

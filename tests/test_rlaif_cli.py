@@ -140,6 +140,7 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--json", "--skip-invalid") == 0
     got = json.loads(capsys.readouterr().out)
     assert got["n"] == 4 and got["summary"]["invalid"] == 1  # every human label counts
+    assert got["summary"]["duplicates"] == 2  # the fruit pair's three rows, either way round: read once
     assert got["prompts"] == 2  # what the CIs resample
     # The summary's position consistency counts the same rows as the metrics: one per label.
     assert got["summary"]["position_inconsistent_share"] == pytest.approx(1 - got["position_consistency"])
