@@ -214,7 +214,7 @@ class LabelService:
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
             failed = [j for j, v in enumerate(values) if isinstance(v, BaseException)]
             if failed:
-                raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]")
+                raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]", len(items))
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
             self._items_metric[spec.kind, "engine"].inc(len(misses) - shared)
@@ -274,15 +274,16 @@ def _response(response: type[BaseModel], spec: LabelSpec, usage: Usage, results:
     return response.model_validate({**head, "results": results})
 
 
-def _request_error(values: list[Any], failed: list[int], name: str) -> BaseException:
-    """The request's error: that of its first failed item (in item order). It names the item
-    (`name`) when the item failed apart from others the request computed, so that a client
-    can set it aside and send the rest again; a copy, since the same error reaches every
-    request that shared the item. An error every computed item got, one the batcher found
-    to be no item's (`BatchFailure`: the engine failing whatever it is given) or an engine
-    that is down names none."""
+def _request_error(values: list[Any], failed: list[int], name: str, items: int) -> BaseException:
+    """The request's error: that of its first failed item (in item order) of those computed
+    (`values`), of `items` in the request. It names the item (`name`) when the item failed
+    apart from others of the request, computed now or answered from the cache, so that a
+    client can set it aside and send the rest again; a copy, since the same error reaches
+    every request that shared the item. An error every item of the request got, one the
+    batcher found to be no item's (`BatchFailure`: the engine failing whatever it is given)
+    or an engine that is down names none."""
     error = values[failed[0]]
-    alone = len(failed) < len(values) or len(values) == 1
+    alone = len(failed) < items or items == 1
     if not isinstance(error, LabelerError) or isinstance(error, (EngineUnavailable, BatchFailure)) or not alone:
         return error
     named = copy.copy(error)

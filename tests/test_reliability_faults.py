@@ -190,7 +190,7 @@ async def test_an_item_the_model_gives_no_label_is_named_and_set_apart(labeler, 
     caller's items, whichever reads it took (two orders of a pair, a group's comparisons, a
     rationale's samples), and lists them all. Through the service, the batch it shared is
     split and only its request fails, naming it by that request's index; a request whose
-    every item failed names none."""
+    every item failed names none, but one whose other items came from the cache names it."""
     faulty = FaultyEngine(labeler.engine, poison=POISON, exc_type="nan")
     lab = Labeler(faulty, test_tasks, max_rationale_tokens=4)
     scores = [ScoreItem("Q?", "Apple."), ScoreItem("fault", POISON), ScoreItem("Q?", "Pear.")]
@@ -221,8 +221,14 @@ async def test_an_item_the_model_gives_no_label_is_named_and_set_apart(labeler, 
     try:
         async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
             rs = await asyncio.gather(*(client.post("/v1/scores", json=b) for b in bodies))
+            # Every computed item fails, but the first item is answered from the cache: the
+            # model labeled it, so the others failed apart from it, and the first is named.
+            cached = await client.post("/v1/scores", json={"task": "tiny", "items": [good[0]]})
+            mixed = await client.post("/v1/scores", json={"task": "tiny", "items": [good[0], *poisoned]})
     finally:
         srv.stop()
+    assert cached.status_code == 200 and mixed.status_code == 500
+    assert (mixed.json()["error"]["param"], mixed.json()["error"]["type"]) == ("items[1]", "model_output_error")
     assert [r.status_code for r in rs] == [200, 500, 200, 500]
     named, unnamed = rs[1].json(), rs[3].json()
     assert error_shape_ok(named, 500) and error_shape_ok(unnamed, 500)
