@@ -297,7 +297,8 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         done = [j for j in jobs if j.key in sink.rows]
         if not done:
             raise SystemExit("no matched prompt was labeled: every one was skipped as invalid")
-        rows = [sink.rows[j.key] for j in done]
+        # Rebuilt from the stored results: `label` or `eval` may have written them, with other fields.
+        rows = [j.make_row(sink.rows[j.key]) for j in done]
         prompts = [j.item.context for j in done]  # what the CIs resample
         s.count_orders(rows)
         wr = win_rate(

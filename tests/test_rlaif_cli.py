@@ -180,6 +180,18 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert lc["gap"] == pytest.approx(got["win_rate"] - lc["win_rate"], abs=1e-12)
     assert in_process("winrate", str(a), str(b), "--task", "tiny") == 0
     assert "length-controlled" in capsys.readouterr().out
+    # Rows `labeler label` wrote for the same pairs and options are the same labels: resumed from.
+    pairs = [
+        {"context": x["prompt"], "response_a": x["completion"], "response_b": y["completion"]}
+        for x, y in zip(A, B, strict=True)
+    ]
+    shared = tmp_path / "shared.jsonl"
+    assert in_process("label", str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), str(shared), "--task", "tiny") == 0
+    capsys.readouterr()
+    assert in_process("winrate", str(a), str(b), "--task", "tiny", "--json", "--out", str(shared)) == 0
+    reused = json.loads(capsys.readouterr().out)
+    assert (reused["summary"]["skipped"], reused["summary"]["labeled"]) == (len(A), 0)
+    assert reused["win_rate"] == pytest.approx(got["win_rate"], abs=1e-5)
 
     # A prompt that repeats with the same answers is judged once and counted for each of its rows.
     a2 = write_jsonl(tmp_path / "a2.jsonl", [{"prompt": x["prompt"], "completion": x["completion"]} for x in A + A[:1]])
