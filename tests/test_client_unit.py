@@ -802,6 +802,33 @@ def test_a_refused_key_or_a_wrong_url_is_raised_even_with_on_error_none(status):
         fn(prompts=["p"], completions=["c"])
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(308, headers={"location": "https://labeler.test/v1/scores"}),
+        httpx.Response(200, text="<html>a login page</html>"),
+        httpx.Response(200, json={"status": "ok"}),
+    ],
+    ids=["redirect", "html", "other-json"],
+)
+def test_a_url_that_answers_as_no_labeler_is_raised_even_with_on_error_none(answer):
+    """A URL that is not the labeler's without a 404: an http:// URL an ingress redirects to
+    https:// (the client follows no redirect), a proxy's page, another service's JSON. Every
+    batch would get the same, so it is raised, not turned into None for every item."""
+    sent = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return answer
+
+    client = lc.Client(URL, transport=httpx.MockTransport(handler), batch_size=2, max_concurrency=1)
+    with pytest.raises(lc.LabelerClientError) as err:
+        client.scores(items(6), "tiny", on_error="none")
+    assert len(sent) == 1
+    if answer.is_redirect:
+        assert "https://labeler.test/v1/scores" in str(err.value) and "base_url" in str(err.value)
+
+
 def test_every_error_crosses_a_process_boundary_whole():
     """Process pools and Ray pickle a worker's exception to hand it to the caller."""
     fake = FakeLabeler(max_chars=5)

@@ -14,7 +14,7 @@ import httpx
 
 from . import _batching as batching
 from . import _exceptions as exc
-from ._config import RETRY_STATUSES, Retry, Timeout, parse_retry_after, resolve_key, resolve_url
+from ._config import CALL_WIDE_STATUSES, RETRY_STATUSES, Retry, Timeout, parse_retry_after, resolve_key, resolve_url
 from ._models import GroupRewards, Health, Judgment, Preference, ReferenceReward, Score, TaskInfo
 from ._text import Text, group_items, json_body, reference_items, score_items
 
@@ -165,9 +165,12 @@ class _BaseClient:
     def _request_wide(error: exc.LabelerClientError) -> bool:
         """An error every batch of the call would get, so it is raised even with
         on_error="none": a refused API key (401, 403), a URL that is not the labeler's (404,
-        405), or a 422 about the request's own options (`task`, `samples`, ...), not about its
-        items."""
-        if isinstance(error, exc.APIStatusError) and error.status in (401, 403, 404, 405):
+        405, a redirect, which the client does not follow, or a 2xx that is no labeler's
+        answer), or a 422 about the request's own options (`task`, `samples`, ...), not about
+        its items."""
+        if isinstance(error, exc.ResponseError):
+            return True
+        if isinstance(error, exc.APIStatusError) and error.status in CALL_WIDE_STATUSES:
             return True
         param = getattr(error, "param", None)
         return (

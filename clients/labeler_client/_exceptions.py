@@ -147,6 +147,8 @@ def from_response(response: httpx.Response, retry_after: float | None = None) ->
     detail = err.get("message") if isinstance(err, dict) else None
     request = response.request
     message = f"{request.method} {request.url.path} -> HTTP {response.status_code}: {detail or str(body)[:300]}"
+    if response.is_redirect:
+        message += f" (redirected to {response.headers.get('location')}: give that URL as base_url)"
     cls = _BY_STATUS.get(response.status_code)
     if cls is None:
         cls = ServerError if response.status_code >= 500 else BadRequestError
