@@ -721,6 +721,13 @@ def test_verl_compute_score_and_batch(monkeypatch):
     assert got == [fake_reward("a", "x"), fake_reward("b", "y"), fake_reward("", "z")]
     bodies = [r.content for r in fake.requests[before:]]
     assert len(bodies) == 2 and sum(b'"task":"general"' in b for b in bodies) == 1  # grouped by task
+    # An error names the sample by its place in verl's batch, not in its task's share of it.
+    fake.fail_item("w", status=500)
+    general = {"labeler_task": "general"}
+    mixed = [{"prompt": "a"}, {"prompt": "b", **general}, None, {"prompt": "d", **general}]
+    with pytest.raises(lc.ServerError) as err:
+        verl.compute_score_batch(["d"] * 4, ["x", "y", "z", "w"], [None] * 4, mixed)
+    assert (err.value.item, err.value.param) == (3, "items[3]") and str(err.value).count("items[3]") == 1
 
 
 def test_verl_takes_the_server_from_reward_kwargs():

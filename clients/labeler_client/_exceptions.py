@@ -23,6 +23,7 @@ the second 64-item request), not in the request that carried it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -86,15 +87,19 @@ class APIStatusError(LabelerClientError):
     def _about_item(self, offset: int) -> None:
         """Name the item by its position in the caller's list: this error's request carried
         the caller's items from `offset` on."""
+        self._renumber(lambda k: offset + k)
+
+    def _renumber(self, position: Callable[[int], int]) -> None:
+        """Name the item by `position` of its index in the request (param, message, `item`)."""
         match = _INDEX.match(self.param or "")
-        if match is None or not offset:
-            if match is not None:
-                self.item = int(match.group(2))
+        if match is None:
             return
-        self.item = offset + int(match.group(2))
+        self.item = position(int(match.group(2)))
+        if self.item == int(match.group(2)):
+            return
 
         def shift(m: re.Match[str]) -> str:
-            return f"{m.group(1)}[{offset + int(m.group(2))}]"
+            return f"{m.group(1)}[{position(int(m.group(2)))}]"
 
         self.param = _INDEX.sub(shift, self.param, count=1)
         self.message = _INDEX.sub(shift, self.message, count=1)

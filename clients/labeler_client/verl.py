@@ -36,6 +36,7 @@ from typing import Any
 
 # Absolute imports: verl loads this file by path too, as a module outside the package.
 from labeler_client._client import Client
+from labeler_client._exceptions import APIStatusError
 from labeler_client._text import context_value
 
 __all__ = ["compute_reference_score", "compute_score", "compute_score_batch"]
@@ -139,7 +140,11 @@ def compute_score_batch(
     out: list[float] = [0.0] * len(solution_strs)
     client = _shared_client(base_url, api_key)
     for name, idx in by_task.items():
-        rewards = client.rewards([_prompt(extras[i]) for i in idx], [solution_strs[i] for i in idx], name)
+        try:
+            rewards = client.rewards([_prompt(extras[i]) for i in idx], [solution_strs[i] for i in idx], name)
+        except APIStatusError as e:
+            e._renumber(idx.__getitem__)  # the sample's place in the batch, not in its task's share
+            raise
         for i, r in zip(idx, rewards, strict=True):
             assert r is not None
             out[i] = r
