@@ -173,6 +173,14 @@ def response_text(value: Any) -> str:
     return clean_response("\n".join(str(m.get("content", "")) for m in msgs))
 
 
+def _after(prompt: Any, completion: Any) -> Any:
+    """A conversational completion without the prompt's turns, where it repeats them (some
+    datasets store the whole conversation in `chosen` and `rejected`, beside the `prompt`)."""
+    if isinstance(prompt, list) and completion[: len(prompt)] == prompt and len(completion) > len(prompt):
+        return completion[len(prompt) :]
+    return completion
+
+
 def _is_messages(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v)
 
@@ -206,8 +214,8 @@ def normalize_pair(where: str, rec: Any) -> Pair:
                 raise MalformedRecord(where, "'prompt', 'chosen' and 'rejected' must all be text or all be messages")
             return Pair(
                 prompt_text(prompt),
-                response_text(chosen),
-                response_text(rejected),
+                response_text(_after(prompt, chosen)),
+                response_text(_after(prompt, rejected)),
                 prompt,
                 chosen,
                 rejected,
@@ -285,7 +293,7 @@ def normalize_single(where: str, rec: Any) -> Single:
         name = "context" if "context" in rec and "prompt" not in rec else "prompt"  # either name, as with "response"
         prompt = _text_or_messages(where, name, rec.get(name, ""))
         completion = _text_or_messages(where, "completion", rec["completion"])
-        return Single(prompt_text(prompt), response_text(completion), prompt, completion, where)
+        return Single(prompt_text(prompt), response_text(_after(prompt, completion)), prompt, completion, where)
     if "response" in rec:
         ctx, resp = rec.get("context", rec.get("prompt", "")), rec["response"]
         if not isinstance(ctx, str) or not isinstance(resp, str):

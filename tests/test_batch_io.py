@@ -49,6 +49,11 @@ def test_trl_text_and_conversational_formats():
     p = io.normalize_pair("l", {"prompt": USER, "chosen": chosen, "rejected": rejected})
     assert (p.context, p.response_a, p.response_b) == ("Name a fruit.", "Apple.", "Chair.")
     assert p.prompt == USER and p.orig_a == chosen
+    # A multi-turn prompt repeated at the head of each completion: the response is the new turns.
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, *USER]
+    p = io.normalize_pair("l", {"prompt": turns, "chosen": turns + chosen, "rejected": turns + rejected})
+    assert (p.response_a, p.response_b, p.orig_a) == ("Apple.", "Chair.", turns + chosen)
+    assert p.context == "User: Hi\n\nAssistant: Hello!\n\nUser: Name a fruit."
     # implicit prompt: the shared leading turns
     p = io.normalize_pair("l", {"chosen": USER + chosen, "rejected": USER + rejected})
     assert (p.fmt, p.prompt, p.orig_a, p.orig_b, p.context) == (
@@ -89,6 +94,9 @@ def test_every_format_gives_the_labeler_the_item_the_service_would_read():
 def test_single_formats():
     s = io.normalize_single("l", {"prompt": USER, "completion": [{"role": "assistant", "content": "Apple."}]})
     assert (s.context, s.response) == ("Name a fruit.", "Apple.")
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, *USER]
+    s = io.normalize_single("l", {"prompt": turns, "completion": [*turns, {"role": "assistant", "content": "Apple."}]})
+    assert s.response == "Apple."  # the prompt's turns, repeated at the head of the completion, left out
     s = io.normalize_single("l", {"context": "Q?", "response": "A."})
     assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
     for mixed in ({"context": "Q?", "completion": "A."}, {"prompt": "Q?", "response": "A."}):  # the names mixed
