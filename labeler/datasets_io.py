@@ -254,7 +254,7 @@ def _hh_context(prompt: str) -> str:
 
 
 def _split_hh(where: str, chosen: str, rejected: str) -> Pair:
-    if HH_HUMAN not in chosen:
+    if HH_HUMAN not in chosen and not chosen.startswith(HH_HUMAN.lstrip()):  # the first turn's "\n\n" is optional
         raise MalformedRecord(
             where,
             "'chosen'/'rejected' without a prompt must be HH-RLHF transcripts "

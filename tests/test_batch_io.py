@@ -31,6 +31,10 @@ def test_hh_transcripts_split_into_shared_context_and_final_responses():
     assert (p.response_a, p.response_b) == ("Apple.", "Chair.")
     # the output keeps TRL's split: prompt + chosen is the original transcript
     assert p.prompt + p.orig_a == HH_CTX + " Apple." and p.prompt + p.orig_b == HH_CTX + " Chair."
+    # Without the "\n\n" before the first turn, one turn or several alike.
+    for ctx in (HH_CTX.removeprefix("\n\n"), "Human: Name a fruit.\n\nAssistant:"):
+        q = io.normalize_pair("line 2", {"chosen": ctx + " Apple.", "rejected": ctx + " Chair."})
+        assert (q.response_a, q.response_b) == ("Apple.", "Chair.") and q.context.endswith("Name a fruit.")
 
 
 def test_hh_with_different_contexts_is_malformed():
