@@ -513,6 +513,18 @@ def test_trl_async_reward_function_across_event_loops():
         ]
 
 
+def test_client_options_beside_a_given_client_are_refused():
+    """A reward function or judge built on a `client` takes that client's settings: options
+    given beside it (another URL, a batch size) would be ignored, so they are refused."""
+    client = lc.Client("http://labeler.test:9", batch_size=7)
+    assert reward_function("http://labeler.test:9", task="tiny", client=client)._client_opts["batch_size"] == 7
+    for build in (reward_function, PairwiseJudge):
+        with pytest.raises(TypeError, match="batch_size: set these on the client"):
+            build(task="tiny", client=client, batch_size=3)
+        with pytest.raises(TypeError, match="base_url"):
+            build("http://elsewhere.test", task="tiny", client=client)
+
+
 def test_reward_functions_and_judges_pickle():
     """TRL's AsyncGRPOTrainer sends reward functions to a spawned process."""
     fake = FakeLabeler()
@@ -521,7 +533,7 @@ def test_reward_functions_and_judges_pickle():
         reward_function(URL, task="tiny", name="mine", api_key="k2", batch_size=3),
         reward_function(task="tiny", client=client),
         async_reward_function(URL, task="tiny", max_concurrency=2),
-        PairwiseJudge(URL, task="tiny", client=client),
+        PairwiseJudge(task="tiny", client=client),
     ):
         if hasattr(made, "client"):
             made.client  # noqa: B018 - open the client: it must stay behind

@@ -74,6 +74,10 @@ def _client_options(client: Client | AsyncClient | None, base_url: str | None, o
     process may not have LABELER_URL and LABELER_API_KEY."""
     if client is None:
         return {**opts, "base_url": resolve_url(base_url), "api_key": resolve_key(opts.get("api_key"))}
+    other_url = base_url is not None and resolve_url(base_url) != client.base_url
+    if other_url or opts:
+        given = ", ".join(["base_url"] * other_url + sorted(opts))
+        raise TypeError(f"{given}: set these on the client passed as client=, not beside it")
     return {
         "base_url": client.base_url,
         "api_key": client.api_key,
@@ -374,7 +378,7 @@ def reward_function(
     or `labeler_<task>`. Picklable.
 
     `client_opts` go to `Client` (api_key, timeout, retry, batch_size, max_concurrency), or
-    pass a `client` (a pickled copy opens a client with the same settings, and the same
+    pass a `client` and no options (a pickled copy opens a client with the same settings, and the same
     transport when it pickles: labeler_client.ray's does, a test's fake does not). A failed
     request raises after retries; with `on_error="none"` the failed samples get None (TRL
     then leaves them out) instead, though a refusal of the options
