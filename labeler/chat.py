@@ -61,6 +61,10 @@ __all__ = [
 
 Message = dict[str, str]
 
+# Padding tokens, as decoded text: a batch decoded with its padding has them around each
+# sequence (besides end-of-sequence tokens, which many tokenizers pad with).
+PAD_TOKENS: tuple[str, ...] = ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>", "[PAD]")
+
 # Tokens that end a turn or a sequence, as decoded text. Stripped from the end of responses
 # and message contents (configurable: the service's `end_markers` setting).
 END_MARKERS: tuple[str, ...] = (
@@ -75,6 +79,7 @@ END_MARKERS: tuple[str, ...] = (
     "</s>",  # Llama 2, Mistral
     "<｜end▁of▁sentence｜>",  # DeepSeek
     "<|end▁of▁sentence|>",  # DeepSeek, as some tokenizers spell it in ASCII bars
+    *PAD_TOKENS,  # padding after the end
 )
 
 # Sequence starts, dropped wherever a turn begins.
@@ -108,7 +113,8 @@ class _Template:
 
 
 _TEMPLATES = (
-    _Template(("<|im_start|>",), re.compile(r"<\|im_start\|>([^\n<]*)\n?"), ("<|im_end|>",)),
+    # ChatML; Phi-4 ends the role with "<|im_sep|>" instead of a newline.
+    _Template(("<|im_start|>",), re.compile(r"<\|im_start\|>([^\n<]*)(?:<\|im_sep\|>|\n)?"), ("<|im_end|>",)),
     _Template(
         ("<|start_header_id|>",),
         re.compile(r"<\|start_header_id\|>(.*?)<\|end_header_id\|>\n*"),
@@ -329,9 +335,17 @@ def split_query(
        turns before it the context (as messages).
     3. Otherwise the whole query is the response, with an empty context.
     The response is cleaned (`clean_response`) and may be empty; `context_text` renders the
-    context."""
-    if prompt and query.startswith(prompt):
-        return prompt, clean_response(query[len(prompt) :], end_markers)
+    context. Padding in front of the query or the prompt (pad or end-of-sequence tokens, as a
+    left-padded batch decodes) is left out first, and the prompt is found at the query's
+    start with or without a start-of-sequence token in front of either."""
+    padding = _markers(end_markers) + PAD_TOKENS
+    query = _lstrip_tokens(query, padding)
+    if prompt:
+        prompt = _lstrip_tokens(prompt, padding)
+        # Matched without a start-of-sequence token, which one may have and the other not.
+        bare_query, bare_prompt = _lstrip_tokens(query, _BOS), _lstrip_tokens(prompt, _BOS)
+        if bare_query.startswith(bare_prompt):
+            return prompt, clean_response(bare_query[len(bare_prompt) :], end_markers)
     kept = _kept_tail(prompt, query) if prompt else None
     if kept is not None:
         return prompt, clean_response(query[kept:], end_markers)
@@ -341,6 +355,13 @@ def split_query(
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], clean_response(messages[-1]["content"], end_markers)
     return messages, ""
+
+
+def _lstrip_tokens(text: str, tokens: tuple[str, ...]) -> str:
+    """`text` without any run of `tokens` in front."""
+    while tokens and text.startswith(tokens):
+        text = text[len(next(t for t in tokens if text.startswith(t))) :]
+    return text
 
 
 # A prompt's kept end must be this long to be recognized at the start of a query.

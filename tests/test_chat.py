@@ -42,6 +42,10 @@ TEMPLATES = {
         f"<start_of_turn>model\n{R}<end_of_turn>\n<eos>"
     ),
     "phi3": f"<|system|>\n{S}<|end|>\n<|user|>\n{U}<|end|>\n<|assistant|>\n{R}<|end|>\n<|endoftext|>",
+    "phi4": (
+        f"<|im_start|>system<|im_sep|>{S}<|im_end|><|im_start|>user<|im_sep|>{U}<|im_end|>"
+        f"<|im_start|>assistant<|im_sep|>{R}<|im_end|>"
+    ),
     "deepseek-v3": f"<｜begin▁of▁sentence｜>{S}<｜User｜>{U}<｜Assistant｜>{R}<｜end▁of▁sentence｜>",
     "deepseek-r1-open-think": f"<｜begin▁of▁sentence｜>{S}<｜User｜>{U}<｜Assistant｜><think>\n\n</think>{R}",
     "hh": f"\n\nSystem: {S}\n\nHuman: {U}\n\nAssistant: {R}",
@@ -65,6 +69,26 @@ def test_a_prompt_with_its_open_assistant_turn_is_the_context(name):
     prompt = query[:cut]
     assert chat.context_text(prompt) == CANONICAL
     assert chat.split_query(query, prompt) == (prompt, R)
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "<pad>", "</s>"])
+def test_a_query_decoded_with_its_batchs_padding_splits_as_without_it(name, pad):
+    """A left- and right-padded batch, decoded: pad (or end-of-sequence) tokens around each
+    query, and around the prompt or not. The split is the unpadded query's."""
+    query = TEMPLATES[name]
+    prompt = query[: query.index(R)]
+    padded = pad * 3 + query + pad * 2
+    for sent in (prompt, pad * 2 + prompt):
+        assert chat.split_query(padded, sent) == chat.split_query(query, prompt) == (prompt, R)
+    context, response = chat.split_query(padded)
+    assert response == R and chat.context_text(context) == CANONICAL
+
+
+def test_a_start_of_sequence_token_on_one_side_only_still_finds_the_prompt():
+    prompt = "Question: the capital of France?\nAnswer:"
+    for query, sent in ((f"<bos>{prompt} Paris", prompt), (f"{prompt} Paris", f"<|begin_of_text|>{prompt}")):
+        assert chat.split_query(query, sent) == (sent, "Paris")
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
