@@ -13,6 +13,7 @@ entry.
 Templates recognized, when a string starts with their markup (after a BOS token):
 
     ChatML (Qwen, SmolLM, ...)  <|im_start|>user\\n...<|im_end|>
+    ChatML, Phi-4's variant     <|im_start|>user<|im_sep|>...<|im_end|>
     Llama 3                     <|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|>
     Llama 2 / Mistral           [INST] <<SYS>>...<</SYS>> ... [/INST] ...</s>
     Gemma                       <start_of_turn>user\\n...<end_of_turn>   ("model" is the assistant)
@@ -338,7 +339,7 @@ def split_query(
     context. Padding in front of the query or the prompt (pad or end-of-sequence tokens, as a
     left-padded batch decodes) is left out first, and the prompt is found at the query's
     start with or without a start-of-sequence token in front of either."""
-    padding = _markers(end_markers) + PAD_TOKENS
+    padding = _markers(end_markers) + PAD_TOKENS  # the pad tokens also with end_markers of one's own
     query = _lstrip_tokens(query, padding)
     if prompt:
         prompt = _lstrip_tokens(prompt, padding)

@@ -304,6 +304,7 @@ def normalize_single(where: str, rec: Any) -> Single:
 
 # -- the position coin ------------------------------------------------------------------------
 def swap_for_position(key: str, seed: int) -> bool:
-    """Whether to show the human-preferred response second (a fair coin per item, fixed by
-    `seed` and the item's key, so re-runs and resumes make the same choice)."""
+    """Whether to turn an item around (a fair coin per item, fixed by `seed` and the item's
+    key, so re-runs and resumes make the same choice): `eval` turns each pair, its responses
+    in sorted order, so the human-preferred one is shown second half the time."""
     return hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] & 1 == 1

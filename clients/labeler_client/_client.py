@@ -166,8 +166,8 @@ class _BaseClient:
         """An error every batch of the call would get, so it is raised even with
         on_error="none": a refused API key (401, 403), a URL that is not the labeler's (404,
         405, a redirect, which the client does not follow, or a 2xx that is no labeler's
-        answer), or a 422 about the request's own options (`task`, `samples`, ...), not about
-        its items."""
+        answer: not JSON, or not one result per item), or a 422 about the request's own
+        options (`task`, `samples`, ...), not about its items."""
         if isinstance(error, exc.ResponseError):
             return True
         if isinstance(error, exc.APIStatusError) and error.status in CALL_WIDE_STATUSES:

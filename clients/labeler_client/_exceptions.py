@@ -153,7 +153,9 @@ def from_response(response: httpx.Response, retry_after: float | None = None) ->
     request = response.request
     message = f"{request.method} {request.url.path} -> HTTP {response.status_code}: {detail or str(body)[:300]}"
     if response.is_redirect:
-        message += f" (redirected to {response.headers.get('location')}: give that URL as base_url)"
+        location = response.headers.get("location", "")
+        base = location.removesuffix(request.url.path) if location.endswith(request.url.path) else location
+        message += f" (redirected to {location}: give {base} as base_url)"
     cls = _BY_STATUS.get(response.status_code)
     if cls is None:
         cls = ServerError if response.status_code >= 500 else BadRequestError

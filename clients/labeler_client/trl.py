@@ -71,7 +71,8 @@ def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text] | N
 def _client_options(client: Client | AsyncClient | None, base_url: str | None, opts: dict[str, Any]) -> dict:
     """Everything needed to open the same client again (in a copy made by pickling). The URL
     and key are read from the environment here, not in the copy: a Ray worker or another
-    process may not have LABELER_URL and LABELER_API_KEY."""
+    process may not have LABELER_URL and LABELER_API_KEY. Options beside a `client` (another
+    URL, client settings) would be ignored: a TypeError names them."""
     if client is None:
         return {**opts, "base_url": resolve_url(base_url), "api_key": resolve_key(opts.get("api_key"))}
     other_url = base_url is not None and resolve_url(base_url) != client.base_url
