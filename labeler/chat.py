@@ -345,7 +345,7 @@ def split_query(
         prompt = _lstrip_tokens(prompt, padding)
         # Matched without a start-of-sequence token, which one may have and the other not.
         bare_query, bare_prompt = _lstrip_tokens(query, _BOS), _lstrip_tokens(prompt, _BOS)
-        if bare_query.startswith(bare_prompt):
+        if bare_prompt and bare_query.startswith(bare_prompt):
             return prompt, clean_response(bare_query[len(bare_prompt) :], end_markers)
     kept = _kept_tail(prompt, query) if prompt else None
     if kept is not None:

@@ -89,6 +89,10 @@ def test_a_start_of_sequence_token_on_one_side_only_still_finds_the_prompt():
     prompt = "Question: the capital of France?\nAnswer:"
     for query, sent in ((f"<bos>{prompt} Paris", prompt), (f"{prompt} Paris", f"<|begin_of_text|>{prompt}")):
         assert chat.split_query(query, sent) == (sent, "Paris")
+    # A prompt of nothing but padding or a BOS says nothing: the query's own template splits it.
+    for sent in ("<pad>", "<s>"):
+        context, response = chat.split_query(TEMPLATES["chatml"], sent)
+        assert response == R and chat.context_text(context) == CANONICAL
 
 
 @pytest.mark.parametrize("name", list(TEMPLATES))
