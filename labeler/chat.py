@@ -33,12 +33,15 @@ The canonical transcript:
   System, User, Assistant and Tool;
 - contents are trimmed and lose trailing end-of-turn markers, an assistant's also the empty
   reasoning block a template puts in front of its answer (`<think></think>`), whether the
-  dialogue came as text or as messages; messages left empty are dropped (a template's open
-  assistant turn, an empty system turn).
+  dialogue came as text or as messages; an assistant's reasoning block that only closes
+  (its "<think>" was the template's, as DeepSeek R1's generation prompt writes it) gets its
+  opening tag back, and an opening tag is followed by one newline; messages left empty are
+  dropped (a template's open assistant turn, an empty system turn).
 Rendering is a fixed point: the canonical transcript parses back into the same messages.
 
 A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
-the set given). What is left may be empty: an empty response is judged like any other (the
+the set given), and its reasoning block takes the same form as an assistant turn's. What is
+left may be empty: an empty response is judged like any other (the
 labeler is shown its response block with nothing inside).
 """
 
@@ -176,8 +179,8 @@ def _clean(text: str, markers: tuple[str, ...]) -> str:
 
 def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
     """A response as the labeler judges it: surrounding whitespace and trailing end-of-turn
-    markers removed, and an empty reasoning block in front (a template's) dropped. May be
-    empty."""
+    markers removed, and its reasoning block in one form: an empty one in front (a
+    template's) dropped, one the template opened given its opening tag back. May be empty."""
     return _clean_response(text, _markers(end_markers))
 
 
@@ -290,11 +293,29 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
 
 
 def _turn_content(role: str, content: str, markers: tuple[str, ...]) -> str:
-    """A turn's content as cleaned (`clean_content`), an assistant's without the empty
-    reasoning block a template puts in front of its answer: the same whether the turn came
-    laid out as text or as a message."""
+    """A turn's content as cleaned (`clean_content`), an assistant's with its reasoning block
+    in one form (`_reasoning`): the same whether the turn came laid out as text or as a
+    message, with or without the part the template wrote."""
     content = _clean(content, markers)
-    return _EMPTY_THINK.sub("", content, count=1) if role == "Assistant" and content.startswith("<think>") else content
+    return _reasoning(content) if role == "Assistant" and "think>" in content else content
+
+
+def _reasoning(content: str) -> str:
+    """An assistant's answer (cleaned) with its reasoning block in one form: a block the
+    template opened (DeepSeek R1's generation prompt ends in "<think>", so the policy's text
+    only closes it) gets its opening tag back, an empty block (Qwen 3 with thinking off) is
+    dropped, and the opening tag is followed by one newline. So the policy's text, the turn
+    as its template laid it out, and the text after a prompt read the same."""
+    while True:
+        if not content.startswith("<think>"):
+            close = content.find("</think>")
+            if close == -1 or "<think>" in content[:close]:
+                return content
+            content = "<think>" + content
+        emptied = _EMPTY_THINK.sub("", content, count=1)
+        if emptied == content:
+            return "<think>\n" + content[len("<think>") :].lstrip()
+        content = emptied
 
 
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:

@@ -190,7 +190,29 @@ def test_an_empty_reasoning_block_reads_the_same_as_text_or_as_messages():
     reasoned = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>x</think>y"}]
     twice = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"{think}{think}hello"}]
     assert chat.render(twice) == want.rsplit("\n\n", 1)[0] and chat.render(chat.parse(laid_out)) == want
-    assert chat.render(reasoned) == "User: hi\n\nAssistant: <think>x</think>y"
+    assert chat.render(reasoned) == "User: hi\n\nAssistant: <think>\nx</think>y"
+
+
+def test_a_reasoning_block_the_template_opened_reads_the_same_every_way():
+    """DeepSeek R1's generation prompt ends in "<think>": the policy's text only closes the
+    block. The query after its prompt, the query split by its template, a prompt cut from the
+    left, the policy's text as a message, and the same answer with the tag written by the
+    model give one response, and one context."""
+    prompt = f"<｜begin▁of▁sentence｜>{S}<｜User｜>{U}<｜Assistant｜><think>\n"
+    generated = "France's capital city is Paris.\n</think>\n\nParis."
+    want = "<think>\nFrance's capital city is Paris.\n</think>\n\nParis."
+    query = f"{prompt}{generated}<｜end▁of▁sentence｜>"
+    tail = len(prompt) - 40  # the prompt as a trainer cut it from the left
+    splits = [chat.split_query(query, prompt), chat.split_query(query), chat.split_query(query[tail:], prompt)]
+    assert [response for _, response in splits] == [want] * 3
+    assert {chat.context_text(context) for context, _ in splits} == {CANONICAL}
+    for written in (generated, f"<think>{generated}", f"<think>\n\n{generated}  <｜end▁of▁sentence｜>"):
+        assert chat.clean_response(written) == want
+        dialogue = [*DIALOGUE, {"role": "assistant", "content": written}, {"role": "user", "content": "And Italy?"}]
+        assert chat.render(dialogue) == f"{CANONICAL}\n\nAssistant: {want}\n\nUser: And Italy?"
+    # A block closed at once is the empty one; text that opens its own block is left as it is.
+    assert chat.clean_response("</think>\n\nParis.") == "Paris."
+    assert chat.clean_response("a <think>b</think> c") == "a <think>b</think> c"
 
 
 def test_a_deepseek_marker_inside_a_plain_prompt_is_text():
@@ -248,6 +270,18 @@ def test_normalizing_any_text_is_idempotent(text):
     assert chat.context_text(context) == context
     response = chat.clean_response(text)
     assert chat.clean_response(response) == response
+
+
+_thinking = st.lists(st.sampled_from(["<think>", "</think>", "\n", " ", "x", "<|im_end|>"]), max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_thinking)
+def test_a_reasoning_block_is_normalized_once(text):
+    response = chat.clean_response(text)
+    assert chat.clean_response(response) == response
+    laid_out = f"<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n{text}"
+    assert chat.split_query(laid_out)[1] == response
 
 
 # Pieces every recognizer looks for, so that generated text often starts or contains a template.
