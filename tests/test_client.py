@@ -7,6 +7,7 @@ import threading
 import time
 
 import labeler_client as lc
+import psutil
 import pytest
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
@@ -56,16 +57,23 @@ async def test_async_client_same_surface(live_server):
         assert len(await client.rewards(["a", "b"], ["c", "d"], task="tiny")) == 2
 
 
+def open_connections(url: str) -> int:
+    """This process's open TCP connections to the server at `url`."""
+    port = int(url.rsplit(":", 1)[1])
+    return sum(1 for c in psutil.Process().net_connections("tcp") if c.raddr and c.raddr.port == port)
+
+
 def test_async_client_awaited_from_one_event_loop_after_another(live_server):
     """An `asyncio.run` per training step: each run's loop gets its own connections (those of
-    an ended loop fail with "Event loop is closed"), and each call succeeds."""
-    import asyncio
-
+    an ended loop fail with "Event loop is closed"), closed as the run ends, and each call
+    succeeds."""
     client = lc.AsyncClient(live_server.url)
     items = score_items(2, "loops")
+    before = open_connections(live_server.url)  # other tests' clients may keep theirs
     for _ in range(3):
         assert asyncio.run(client.health()).status == "ready"
         assert all(s is not None for s in asyncio.run(client.scores(items, "tiny")))
+        assert open_connections(live_server.url) <= before
     asyncio.run(client.aclose())
     with pytest.raises(RuntimeError, match="closed"):  # closed stays closed, in any loop
         asyncio.run(client.health())
@@ -182,7 +190,10 @@ def test_trl_reward_function_called_like_grpo_trainer(live_server, labeler):
     assert plain == [pytest.approx(labeler.score("2+2?", "4", "tiny").reward, abs=1e-4)]
     afn = async_reward_function(live_server.url, task="tiny", name="judge")
     assert afn.__name__ == "judge"
-    assert asyncio.run(afn(prompts=["2+2?"], completions=["4"])) == pytest.approx(plain, abs=1e-9)
+    before = open_connections(live_server.url)
+    for _ in range(2):  # one loop after another, as TRL's trainer may run it
+        assert asyncio.run(afn(prompts=["2+2?"], completions=["4"])) == pytest.approx(plain, abs=1e-9)
+        assert open_connections(live_server.url) <= before
 
 
 def test_trl_reward_function_none_on_failure(make_server):

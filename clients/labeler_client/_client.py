@@ -4,6 +4,7 @@ is not I/O (configuration, request bodies, reading answers, deciding on retries 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -439,11 +440,30 @@ class Client(_BaseClient):
         return self._typed(self._send("GET", "/readyz", retry=retry), Health.model_validate)
 
 
+def _close_at_shutdown(http: httpx.AsyncClient) -> Any:
+    """An async generator of the running loop, started, that closes `http` when it is closed:
+    by `loop.shutdown_asyncgens()` (which `asyncio.run` calls as it ends), or once collected
+    while its loop still runs. Connections of a loop cannot be closed from another one, and
+    left open they stay until the garbage collector finds them (a socket per `asyncio.run`)."""
+
+    async def closer() -> Any:
+        try:
+            yield
+        finally:
+            await http.aclose()
+
+    gen = closer()
+    with contextlib.suppress(StopIteration):  # run to its yield, which nothing awaits: the loop now tracks it
+        gen.__anext__().send(None)
+    return gen
+
+
 class AsyncClient(_BaseClient):
     """The same surface as `Client`, awaitable; use `async with` or `await client.aclose()`.
     It may be awaited from one event loop after another (an `asyncio.run` per training step):
-    a new loop gets new connections, since those of an ended loop cannot be used (with a
-    `transport` of the caller's, whose pool is its own, keep to one loop)."""
+    a new loop gets new connections, since those of an ended loop cannot be used, and a loop's
+    connections are closed when `asyncio.run` shuts it down (with a `transport` of the
+    caller's, whose pool is its own, keep to one loop)."""
 
     def __init__(
         self,
@@ -457,6 +477,8 @@ class AsyncClient(_BaseClient):
         self._transport = transport  # for copies of reward functions built on this client
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop self._http's connections belong to
+        self._closed = False  # by aclose(): a loop's end closes its connections, not the client
+        self._closer: Any = None  # the async generator that closes self._http as its loop shuts down
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
     def _http_here(self) -> httpx.AsyncClient:
@@ -464,13 +486,17 @@ class AsyncClient(_BaseClient):
         client was closed, or the caller gave a transport, whose own pool stays)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            if self._loop is not None and self._transport is None and not self._http.is_closed:
-                self._http = httpx.AsyncClient(**self._http_options())
+            if self._transport is None and not self._closed:
+                if self._loop is not None:
+                    self._http = httpx.AsyncClient(**self._http_options())
+                self._closer = _close_at_shutdown(self._http)
             self._loop = loop
         return self._http
 
     async def aclose(self) -> None:
-        await self._http_here().aclose()
+        http = self._http_here()
+        self._closed = True
+        await http.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
