@@ -134,6 +134,9 @@ _TEMPLATES = (
 # DeepSeek puts the system prompt bare in front of the first turn.
 _DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
 _DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>"), ("<｜end▁of▁sentence｜>",))
+# Every template's own turn ends (Llama 2's "</s>" besides): a set of end markers holding
+# them all strips whatever a template's turn ends with.
+_TEMPLATE_ENDS = frozenset({*(end for t in (*_TEMPLATES, _DEEPSEEK) for end in t.ends), "</s>"})
 # Role names in any case: "user: ..." is how older clients wrote transcripts.
 _PLAIN_HEADER = re.compile(r"(?:\A|\n\n)\s*((?i:human|user|system|assistant|tool)):[ \t]?")
 _PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
@@ -356,27 +359,39 @@ def split_query(
        its last turn if that is the assistant's (else empty: the policy said nothing), the
        turns before it the context (as messages).
     3. Otherwise the whole query is the response, with an empty context.
-    The response is cleaned (`clean_response`) and may be empty; `context_text` renders the
+    The response is cleaned (`clean_response`), losing its template's own turn end also with
+    end markers of one's own that leave it out, and may be empty; `context_text` renders the
     context. Padding in front of the query or the prompt (pad or end-of-sequence tokens, as a
     left-padded batch decodes) is left out first, and the prompt is found at the query's
     start with or without a start-of-sequence token in front of either."""
-    padding = _markers(end_markers) + PAD_TOKENS  # the pad tokens also with end_markers of one's own
+    markers = _markers(end_markers)
+    padding = markers + PAD_TOKENS  # the pad tokens also with end_markers of one's own
     query = _lstrip_tokens(query, padding)
     if prompt:
         prompt = _lstrip_tokens(prompt, padding)
         # Matched without a start-of-sequence token, which one may have and the other not.
         bare_query, bare_prompt = _lstrip_tokens(query, _BOS), _lstrip_tokens(prompt, _BOS)
         if bare_prompt and bare_query.startswith(bare_prompt):
-            return prompt, clean_response(bare_query[len(bare_prompt) :], end_markers)
+            return prompt, _clean_response(bare_query[len(bare_prompt) :], _with_template_ends(prompt, markers))
     kept = _kept_tail(prompt, query) if prompt else None
     if kept is not None:
-        return prompt, clean_response(query[kept:], end_markers)
+        return prompt, _clean_response(query[kept:], _with_template_ends(prompt, markers))
     messages = parse(query, end_markers)
     if messages is None:
         return "", clean_response(query, end_markers)
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], clean_response(messages[-1]["content"], end_markers)
     return messages, ""
+
+
+def _with_template_ends(prompt: str, markers: tuple[str, ...]) -> tuple[str, ...]:
+    """`markers` and the turn ends of the template that laid `prompt` out: what the response
+    after a prompt loses, as the last turn of a query split by its template does (`parse`),
+    also with end markers of one's own that leave a template's out."""
+    if _TEMPLATE_ENDS.issubset(markers) or _plain_text(prompt):
+        return markers
+    found = _raw_turns(_strip_bos(prompt), prompt.lstrip().startswith(_DEEPSEEK_BOS))
+    return markers if found is None else (*found[1], *markers)
 
 
 def _lstrip_tokens(text: str, tokens: tuple[str, ...]) -> str:

@@ -85,6 +85,17 @@ def test_a_query_decoded_with_its_batchs_padding_splits_as_without_it(name, pad)
     assert response == R and chat.context_text(context) == CANONICAL
 
 
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_end_markers_of_ones_own_split_a_query_alike_with_or_without_its_prompt(name):
+    """A set of end markers that leaves the template's own out: the response after the prompt
+    loses the template's turn end as the query's last turn does."""
+    query = TEMPLATES[name]
+    prompt = query[: query.index(R)]
+    own = ("<|my_end|>",)
+    after_prompt = chat.split_query(query, prompt, own)[1]
+    assert after_prompt == chat.split_query(query, None, own)[1] == chat.split_query(query[5:], prompt, own)[1]
+
+
 def test_a_start_of_sequence_token_on_one_side_only_still_finds_the_prompt():
     prompt = "Question: the capital of France?\nAnswer:"
     for query, sent in ((f"<bos>{prompt} Paris", prompt), (f"{prompt} Paris", f"<|begin_of_text|>{prompt}")):
