@@ -77,6 +77,12 @@ def test_compose_files_validate(files, services):
         assert set(api["depends_on"]) == {"redis", "vllm-0", "vllm-1"}
 
 
+def test_the_settings_copy_with_its_keys_is_never_committed():
+    """The docs copy .env.example to .env (or docker/.env) and put API keys in it: git ignores both."""
+    for path in (".env", "docker/.env"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, f"{path} is not ignored"
+
+
 def test_dockerfiles_lint_clean():
     out = subprocess.run(
         [tool("hadolint"), "--no-color", "docker/Dockerfile", "docker/Dockerfile.vllm"],
