@@ -262,7 +262,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_winrate(args: argparse.Namespace) -> int:
-    from .datasets_io import response_text
     from .evaluate import length_controlled_win_rate, match_policies, win_rate, winrate_jobs
 
     summary = Summary()
@@ -311,8 +310,8 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         )
         lc = length_controlled_win_rate(
             [r["outcome"] for r in rows],
-            [len(response_text(r["response_a"])) for r in rows],
-            [len(response_text(r["response_b"])) for r in rows],
+            [len(j.item.response_a) for j in done],  # the texts judged, without repeated prompt turns
+            [len(j.item.response_b) for j in done],
             prompts=prompts,
             level=args.level,
             seed=args.seed,

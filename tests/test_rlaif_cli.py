@@ -217,6 +217,24 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert twice["summary"]["position_inconsistent_share"] == twice["position_inconsistent_share"]
 
 
+def test_winrate_lengths_are_those_of_the_responses_judged(tmp_path, in_process, capsys):  # noqa: F811
+    """A conversational completion that repeats its prompt's turns (some datasets store the
+    whole conversation): its length is that of the answer judged, not of the earlier turns."""
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! " * 60},
+        {"role": "user", "content": "2+2?"},
+    ]
+    a = write_jsonl(
+        tmp_path / "a.jsonl", [{"prompt": prompt, "completion": [*prompt, {"role": "assistant", "content": "4"}]}]
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl", [{"prompt": prompt, "completion": [{"role": "assistant", "content": "four"}]}]
+    )
+    assert in_process("winrate", str(a), str(b), "--task", "tiny", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["length_controlled"]["mean_length_diff"] == len("4") - len("four")
+
+
 def test_harmless_through_the_service_equals_in_process(tmp_path, labeler, live_server, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", A[:2])
     argv = ["harmless", str(a), "--task", "tiny", "--url", live_server.url, "--no-progress", "--json"]
