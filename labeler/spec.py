@@ -40,8 +40,9 @@ ORDERS: tuple[str, ...] = ("both", "ab", "ba")
 MAX_SAMPLES = 16
 # Group-relative rewards compare every ordered pair: N (N - 1) prompts for a group of N.
 MAX_GROUP_SIZE = 32
-# Engines seed a 64-bit generator (torch, vLLM): larger seeds would fail inside the engine.
-MAX_SEED = 2**63 - 1
+# Engines seed a signed 64-bit generator (torch, vLLM), and vLLM seeds sample i of a request
+# with seed + i: a larger seed would overflow inside the engine process and kill it.
+MAX_SEED = 2**63 - MAX_SAMPLES
 # Bumped whenever the same spec and item would be computed differently (rationales included).
 KEY_VERSION = 4
 

@@ -105,7 +105,7 @@ class _Options(_Body):
     task: str = Field(..., description="task name (GET /v1/tasks)")
     cot: bool = Field(False, description="generate a rationale before reading the label")
     samples: int = Field(1, ge=1, le=_DEFAULTS.max_samples, description="rationales to sample and average (needs cot)")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the sampled rationales (0 to 2^63 - 1)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"seed of the sampled rationales (0 to {MAX_SEED})")
     cache: bool = Field(True, description="false: neither read nor write the cache")
 
     @model_validator(mode="wrap")

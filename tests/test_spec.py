@@ -75,6 +75,7 @@ def test_parameters_that_cannot_change_a_label_do_not_split_the_key():
         ({"samples": True}, "samples"),
         ({"seed": -1}, "seed"),
         ({"seed": MAX_SEED + 1}, "seed"),
+        ({"cot": True, "samples": 2, "seed": 2**63 - 1}, "seed"),  # vLLM's second sample: seed + 1
         ({"cot": True, "samples": 2, "temperature": 0.0}, "temperature"),
         ({"cot": True, "samples": 2, "temperature": float("nan")}, "temperature"),
         ({"cot": True, "max_rationale_tokens": 0}, "max_rationale_tokens"),
