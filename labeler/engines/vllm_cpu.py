@@ -33,6 +33,7 @@ GiB = 1 << 30
 # never less than one sequence of max_model_len tokens.
 CPU_KV_CACHE_SHARE = 0.25
 CPU_KV_CACHE_MAX = 4 * GiB
+CPU_BLOCK_SIZE = 128  # vLLM's CPU backend's KV cache block, unless block_size is given
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 _DTYPE_BYTES = {
     "float32": 4,
@@ -112,6 +113,7 @@ def cpu_defaults(
             kv_cache_dtype=str(given.get("kv_cache_dtype", "auto")),
             max_model_len=given.get("max_model_len"),
             available=memory()[1],
+            block_size=given.get("block_size"),
         )
     world = int(given.get("tensor_parallel_size", 1)) * int(given.get("pipeline_parallel_size", 1))
     if THREADS_BIND_ENV not in environ and world == 1:
@@ -178,15 +180,24 @@ def weights_bytes(model_dir: str | Path, dtype: str) -> int:
 
 
 def default_kv_cache_bytes(
-    model_dir: str | Path, *, dtype: str, kv_cache_dtype: str = "auto", max_model_len: int | None, available: int
+    model_dir: str | Path,
+    *,
+    dtype: str,
+    kv_cache_dtype: str = "auto",
+    max_model_len: int | None,
+    available: int,
+    block_size: int | None = None,
 ) -> int:
     """The KV cache size a CPU engine gets by default: CPU_KV_CACHE_SHARE of the memory
     left after the weights, at most CPU_KV_CACHE_MAX, at least one sequence of
-    `max_model_len` tokens (the model's context when None), in whole MiB. ModelLoadError
-    when even that does not fit in `available` bytes."""
+    `max_model_len` tokens (the model's context when None) as vLLM counts it, in whole MiB.
+    ModelLoadError when even that does not fit in `available` bytes."""
     weights = weights_bytes(model_dir, dtype)
     length = int(max_model_len or _config(Path(model_dir)).get("max_position_embeddings") or 0)
-    one_sequence = kv_bytes_per_token(model_dir, dtype, kv_cache_dtype) * length
+    # vLLM stores a sequence in whole blocks and holds one more block back (its null block).
+    block = int(block_size or CPU_BLOCK_SIZE)
+    one_sequence = kv_bytes_per_token(model_dir, dtype, kv_cache_dtype) * block * (-(-length // block) + 1)
+    one_sequence = -(-one_sequence >> 20) << 20  # whole MiB, rounded up
     size = max(min(CPU_KV_CACHE_MAX, int((available - weights) * CPU_KV_CACHE_SHARE)), one_sequence)
     if size + weights > available:
         raise ModelLoadError(
