@@ -20,7 +20,7 @@ from typing import Any
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM's short aliases of the flags the CPU defaults look at.
-_ALIASES = {"tp": "tensor-parallel-size", "pp": "pipeline-parallel-size"}
+_ALIASES = {"tp": "tensor-parallel-size", "pp": "pipeline-parallel-size", "dp": "data-parallel-size"}
 
 
 def given_args(argv: Sequence[str]) -> dict[str, Any]:

@@ -257,7 +257,8 @@ def test_cpu_defaults_fill_in_only_what_is_not_given(model_dir):
     assert "kv_cache_memory_bytes" not in cpu_defaults(model_dir, {}, environ={"VLLM_CPU_KVCACHE_SPACE": "1"}).args
     # A binding of the user's own, or an engine over several ranks, keeps vLLM's handling.
     assert cpu_defaults(model_dir, {}, environ={THREADS_BIND_ENV: "0"}).env == {}
-    assert cpu_defaults(model_dir, {"tensor_parallel_size": 2}, environ={}).env == {}
+    for ranks in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        assert cpu_defaults(model_dir, {ranks: 2}, environ={}).env == {}
 
 
 def test_threads_bind_is_every_cpu_of_this_process():
@@ -298,6 +299,7 @@ def test_given_args_reads_vllm_flags():
         "kv_cache_memory_bytes": "1G",
     }
     assert given_args(["--seed", "-1", "--max-model-len", "512"]) == {"seed": "-1", "max_model_len": "512"}
+    assert given_args(["-pp", "2", "-dp", "2"]) == {"pipeline_parallel_size": "2", "data_parallel_size": "2"}
 
 
 def test_a_memory_share_that_cannot_fit_is_refused_by_vllm_server(model_dir):

@@ -115,7 +115,9 @@ def cpu_defaults(
             available=memory()[1],
             block_size=given.get("block_size"),
         )
-    world = int(given.get("tensor_parallel_size", 1)) * int(given.get("pipeline_parallel_size", 1))
+    world = 1
+    for ranks in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+        world *= int(given.get(ranks, 1))
     if THREADS_BIND_ENV not in environ and world == 1:
         out.env[THREADS_BIND_ENV] = threads_bind()
     return out
