@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -183,15 +185,6 @@ class GroupRewards:
         return asdict(self)
 
 
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    coro.close()
-    raise RuntimeError("the blocking Labeler methods cannot run inside an event loop; await the a* methods")
-
-
 class Labeler:
     """Renders tasks, asks the engine, and turns log-probs into labels.
 
@@ -216,10 +209,29 @@ class Labeler:
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
         self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labeler-render")
+        # The blocking methods' event loop, one for every call: an engine's loop-bound parts
+        # (vLLM's output handler, the remote engine's connections and semaphore) stay usable.
+        self._runner: asyncio.Runner | None = None
+        self._runner_lock = threading.Lock()
 
     @property
     def model_id(self) -> str:
         return self.engine.model_id
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """`coro` run to its end on the blocking methods' own event loop (one call at a time)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            coro.close()
+            raise RuntimeError("the blocking Labeler methods cannot run inside an event loop; await the a* methods")
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = asyncio.Runner()
+                weakref.finalize(self, self._runner.close)
+            return self._runner.run(coro)
 
     @property
     def prompts(self) -> PromptBuilder:
@@ -552,19 +564,19 @@ class Labeler:
 
     def preference(self, context: str, response_a: str, response_b: str, task: str, **kwargs: Any) -> PreferenceResult:
         """Blocking `apreference`."""
-        return _run(self.apreference(context, response_a, response_b, task, **kwargs))
+        return self._run(self.apreference(context, response_a, response_b, task, **kwargs))
 
     def score(self, context: str, response: str, task: str, **kwargs: Any) -> ScoreResult:
         """Blocking `ascore`."""
-        return _run(self.ascore(context, response, task, **kwargs))
+        return self._run(self.ascore(context, response, task, **kwargs))
 
     def preferences(self, items: Sequence[PairItem], task: str, **kwargs: Any) -> list[PreferenceResult]:
         """Blocking `apreferences`."""
-        return _run(self.apreferences(items, task, **kwargs))
+        return self._run(self.apreferences(items, task, **kwargs))
 
     def scores(self, items: Sequence[ScoreItem], task: str, **kwargs: Any) -> list[ScoreResult]:
         """Blocking `ascores`."""
-        return _run(self.ascores(items, task, **kwargs))
+        return self._run(self.ascores(items, task, **kwargs))
 
     async def ajudgment(self, context: str, response: str, task: str, **kwargs: Any) -> JudgmentResult:
         """One response; keyword arguments as for `ajudgments`."""
@@ -572,19 +584,19 @@ class Labeler:
 
     def judgment(self, context: str, response: str, task: str, **kwargs: Any) -> JudgmentResult:
         """Blocking `ajudgment`."""
-        return _run(self.ajudgment(context, response, task, **kwargs))
+        return self._run(self.ajudgment(context, response, task, **kwargs))
 
     def judgments(self, items: Sequence[ScoreItem], task: str, **kwargs: Any) -> list[JudgmentResult]:
         """Blocking `ajudgments`."""
-        return _run(self.ajudgments(items, task, **kwargs))
+        return self._run(self.ajudgments(items, task, **kwargs))
 
     def reference_rewards(self, items: Sequence[ReferenceItem], task: str, **kwargs: Any) -> list[ReferenceReward]:
         """Blocking `areference_rewards`."""
-        return _run(self.areference_rewards(items, task, **kwargs))
+        return self._run(self.areference_rewards(items, task, **kwargs))
 
     def group_rewards(self, groups: Sequence[GroupItem], task: str, **kwargs: Any) -> list[GroupRewards]:
         """Blocking `agroup_rewards`."""
-        return _run(self.agroup_rewards(groups, task, **kwargs))
+        return self._run(self.agroup_rewards(groups, task, **kwargs))
 
 
 def _at(where: str, fn: Any, *args: Any, names: dict[str, str] | None = None, **kwargs: Any) -> Any:

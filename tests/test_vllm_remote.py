@@ -5,17 +5,21 @@ tests/test_vllm.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+from labeler import Labeler, PairItem, TaskRegistry
 from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
 from labeler.engines.vllm_remote import VLLMRemoteEngine
 from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
 
 URL = "http://127.0.0.1:9"  # a closed port: nothing answers the engine's look-up at start
+TASKS = Path(__file__).parent / "data" / "tasks"
 
 
 class Scripted:
@@ -98,6 +102,29 @@ async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
     with pytest.raises(EngineUnavailable, match="every vLLM server failed"):
         await remote.score(read(10))
     assert len(down.reads) == 3  # `retries` tries per server, then the batch fails
+
+
+def test_blocking_labeler_calls_one_after_another_on_a_remote_engine(model_dir):
+    """The blocking Labeler methods run every call on one event loop of the labeler's own:
+    the engine's semaphore, bound to the loop of its first wait, serves the next call too (a
+    loop per call failed there with "bound to a different event loop")."""
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "served", "max_model_len": 4096}]})
+        await asyncio.sleep(0.01)  # a server takes its time: the other reads wait on the semaphore
+        tokens = json.loads(request.content)["logprob_token_ids"]  # every label equally likely
+        return httpx.Response(
+            200, json={"choices": [{"logprobs": {"top_logprobs": [{f"token_id:{t}": -1.0 for t in tokens}]}}]}
+        )
+
+    remote = VLLMRemoteEngine([URL], model_dir, max_concurrency=1)  # the reads of a call wait on each other
+    remote._http = httpx.AsyncClient(transport=httpx.MockTransport(answer))
+    lab = Labeler(remote, TaskRegistry.load([TASKS]))
+    pairs = [PairItem("2+2?", "4", "5"), PairItem("3+3?", "6", "7")]
+    for _ in range(3):
+        assert [r.p_a for r in lab.preferences(pairs, "tiny")] == pytest.approx([0.5, 0.5])
+        assert sum(lab.score("2+2?", "4", "tiny").distribution) == pytest.approx(1.0)
 
 
 def servers(model_dir, *scripts: Scripted) -> tuple[VLLMRemoteEngine, list[tuple[str, tuple]]]:
