@@ -77,13 +77,18 @@ def load_tasks(args: argparse.Namespace):
 
 def build_labeler(args: argparse.Namespace):
     """A Labeler for the model options in `args` (see `add_model_options`). A `--task` the
-    tasks lack is refused before the model loads (minutes, for a large one)."""
+    tasks lack, or labeling options a label spec refuses (`--samples` without `--cot`, a
+    `--seed` out of range), are refused before the model loads (minutes, for a large one)."""
     from .core import Labeler
     from .engines import engine_options, load_engine
+    from .spec import LabelSpec
 
     tasks = load_tasks(args)
     if getattr(args, "task", None) is not None:
         tasks.get(args.task)  # UnknownTask, naming the known ones
+    if getattr(args, "samples", None) is not None:
+        options = {"cot": args.cot, "samples": args.samples, "seed": getattr(args, "seed", 0)}
+        LabelSpec.build("pairwise", task="", task_version="", model="", labels=(), **options)  # InvalidInput
     options = engine_options(args.engine, device=args.device, engine_args=args.engine_arg, vllm_urls=args.vllm_urls)
     return Labeler(load_engine(args.engine, args.model, **options), tasks)
 

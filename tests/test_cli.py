@@ -115,9 +115,9 @@ def test_batch_options_out_of_range_are_refused_before_any_work(argv, message, c
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_an_unknown_task_is_refused_before_the_model_loads(tmp_path, capsys):
-    """The model named here does not exist: the task's error comes first, as it would before
-    minutes of loading a large model."""
+def test_an_unknown_task_or_option_is_refused_before_the_model_loads(tmp_path, capsys):
+    """The model named here does not exist: the task's or option's error comes first, as it
+    would before minutes of loading a large model."""
     from labeler.cli import main
 
     data = tmp_path / "in.jsonl"
@@ -130,3 +130,10 @@ def test_an_unknown_task_is_refused_before_the_model_loads(tmp_path, capsys):
         assert main(argv) == 2
         assert "unknown task 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+    # So are labeling options that no label spec takes.
+    for options, message in ((["--samples", "4"], "needs cot=true"), (["--cot", "--seed", "-1"], "seed must be")):
+        assert (
+            main(["label", str(data), str(tmp_path / "out.jsonl"), "--task", "general", "--model", missing, *options])
+            == 2
+        )
+        assert message in capsys.readouterr().err
