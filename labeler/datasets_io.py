@@ -92,20 +92,26 @@ def read_records(
         return
     if split is not None:
         raise InvalidInput(f"{p} is a file, with no splits: --split is for a saved DatasetDict", field="split")
-    if p.suffix == ".parquet":
+    if p.suffix.lower() in (".parquet", ".pq"):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:  # pragma: no cover - depends on the environment
             raise InvalidInput("reading Parquet needs pyarrow: pip install pyarrow", field="input") from None
-        yield from _rows(p, pq.read_table(p).to_pylist())
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise InvalidInput(f"{p}: not a readable Parquet file ({exc})", field="input") from None
+        yield from _rows(p, rows)
     else:
         with p.open("rb") as f:
             for n, raw in enumerate(f, start=1):
+                if n == 1:  # a byte-order mark (some editors' UTF-8) is not part of the first record
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
                 if not raw.strip():
                     continue
                 try:
-                    # A byte-order mark (some editors' UTF-8) is not part of the first record.
-                    rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                    rec = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError as exc:  # another encoding, or a compressed file
                     bad = MalformedRecord(f"{p}, line {n}", f"not UTF-8 text (byte {exc.object[exc.start]:#04x})")
                 except json.JSONDecodeError as exc:
@@ -145,7 +151,14 @@ def _load_saved_dataset(p: Path, split: str | None) -> Any:
             "(pip install datasets, or rlaif-labeler[datasets]), or export it to JSONL/Parquet first",
             field="input",
         ) from None
-    ds = datasets.load_from_disk(str(p))
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError:  # a directory, but not one save_to_disk wrote
+        raise InvalidInput(
+            f"{p} is a directory but not a dataset saved with save_to_disk: give a JSONL or Parquet file, or "
+            "such a directory",
+            field="input",
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             if len(ds) != 1:
@@ -196,8 +209,9 @@ def normalize_pair(where: str, rec: Any) -> Pair:
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "response_a" in rec or "response_b" in rec:
-        ctx = rec.get("context", rec.get("prompt", ""))
-        for name, v in (("context", ctx), ("response_a", rec.get("response_a")), ("response_b", rec.get("response_b"))):
+        context = "context" if "context" in rec or "prompt" not in rec else "prompt"  # the name the record uses
+        ctx = rec.get(context, "")
+        for name, v in ((context, ctx), ("response_a", rec.get("response_a")), ("response_b", rec.get("response_b"))):
             if not isinstance(v, str):
                 raise MalformedRecord(where, f"{name!r} must be text (plain pairs format)")
         human = rec.get("preferred")
@@ -295,9 +309,10 @@ def normalize_single(where: str, rec: Any) -> Single:
         completion = _text_or_messages(where, "completion", rec["completion"])
         return Single(prompt_text(prompt), response_text(_after(prompt, completion)), prompt, completion, where)
     if "response" in rec:
-        ctx, resp = rec.get("context", rec.get("prompt", "")), rec["response"]
+        context = "context" if "context" in rec or "prompt" not in rec else "prompt"  # the name the record uses
+        ctx, resp = rec.get(context, ""), rec["response"]
         if not isinstance(ctx, str) or not isinstance(resp, str):
-            raise MalformedRecord(where, "'context' and 'response' must be text")
+            raise MalformedRecord(where, f"{context!r} and 'response' must be text")
         return Single(prompt_text(ctx), clean_response(resp), ctx, resp, where)
     raise MalformedRecord(where, f"expected prompt/completion or context/response; got keys {sorted(rec)}")
 

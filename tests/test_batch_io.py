@@ -77,6 +77,13 @@ def test_plain_pairs_and_their_optional_human_choice():
     assert io.normalize_pair("l", {"context": "", "response_a": "x", "response_b": "y", "preferred": "b"}).human == "b"
     with pytest.raises(io.MalformedRecord, match="'preferred' must be"):
         io.normalize_pair("l", {"context": "", "response_a": "x", "response_b": "y", "preferred": 1})
+    # The error names the field the record has: its context may be called "prompt".
+    with pytest.raises(io.MalformedRecord, match="'prompt' must be text"):
+        io.normalize_pair("l", {"prompt": USER, "response_a": "x", "response_b": "y"})
+    with pytest.raises(io.MalformedRecord, match="'prompt' and 'response' must be text"):
+        io.normalize_single("l", {"prompt": USER, "response": "r"})
+    with pytest.raises(io.MalformedRecord, match="'context' must be text"):
+        io.normalize_pair("l", {"context": USER, "prompt": "p", "response_a": "x", "response_b": "y"})
 
 
 def test_every_format_gives_the_labeler_the_item_the_service_would_read():
@@ -142,6 +149,9 @@ def test_lines_that_are_not_utf8_are_malformed_records_and_a_bom_is_skipped(tmp_
     pairs = collect(path, io.normalize_pair, skip_invalid=True, summary=summary)
     assert [p.where.rsplit(", ", 1)[1] for p in pairs] == ["line 1", "line 3"] and pairs[0].context == "Caf\u00e9?"
     assert len(summary.invalid) == 1
+    # A byte-order mark alone on the first line: a blank line.
+    path.write_bytes("\ufeff\n".encode() + good.encode())
+    assert [p.where.rsplit(", ", 1)[1] for p in collect(path, io.normalize_pair)] == ["line 2"]
     gz = tmp_path / "in.jsonl.gz"
     gz.write_bytes(gzip.compress(good.encode()))
     with pytest.raises(io.MalformedRecord, match="line 1: not UTF-8 text"):
@@ -156,6 +166,13 @@ def test_parquet_input(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"prompt": "Q?", "chosen": "y", "rejected": "n"}]), path)
     pairs = collect(path, io.normalize_pair)
     assert len(pairs) == 1 and pairs[0].where.endswith("row 1") and pairs[0].response_a == "y"
+    upper = tmp_path / "IN.PQ"  # any case, and the short suffix
+    upper.write_bytes(path.read_bytes())
+    assert [p.response_a for p in collect(upper, io.normalize_pair)] == ["y"]
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(InvalidInput, match="broken.parquet: not a readable Parquet file"):
+        collect(broken, io.normalize_pair)
 
 
 def test_saved_dataset_directory_with_splits(tmp_path):
@@ -178,6 +195,10 @@ def test_saved_dataset_directory_with_splits(tmp_path):
     jsonl.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(InvalidInput, match="is a file, with no splits"):
         list(io.read_records(jsonl, split="test"))
+    # A directory that save_to_disk did not write (a hub snapshot of Parquet files, say).
+    (tmp_path / "snapshot").mkdir()
+    with pytest.raises(InvalidInput, match="not a dataset saved with save_to_disk"):
+        list(io.read_records(tmp_path / "snapshot"))
     # Beside an input with splits (winrate's and harmless's two policies), one without is read whole.
     inputs = [tmp_path / "dd", jsonl]
     assert [io.split_for(p, "test", inputs) for p in inputs] == ["test", None]
