@@ -5,6 +5,7 @@ TRL's batch (reference column, groups from repeated prompts). No model, no netwo
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import pickle
 
@@ -129,6 +130,28 @@ def test_group_reward_function_on_a_grpo_batch():
         group_reward_function(URL, "tiny", num_generations=1)
     copy = pickle.loads(pickle.dumps(fn))
     assert copy.num_generations == 3 and copy.__name__ == "labeler_tiny_group"
+
+
+def test_group_reward_function_on_an_evaluation_batch():
+    """TRL's evaluation groups by `num_generations_eval`: groups of that size are read when the
+    training size does not fit the batch, the larger when both do, and one alone gets 0."""
+    for train, evaluation, prompts, sizes in ((4, 2, ["p", "p", "q", "q"], [2, 2]), (4, 8, ["p"] * 8, [8])):
+        fake = FakeLabeler()
+        fn = group_reward_function(
+            URL, "tiny", num_generations=train, num_generations_eval=evaluation, client=client_for(fake)
+        )
+        completions = [f"c{i}" for i in range(len(prompts))]
+        got = fn(prompts=prompts, completions=completions)
+        (request,) = fake.requests
+        groups = json.loads(request.content)["items"]
+        assert [len(g["responses"]) for g in groups] == sizes
+        assert sum(got) == pytest.approx(0.0, abs=1e-9) and len(got) == len(prompts)
+    fake = FakeLabeler()
+    alone = group_reward_function(URL, "tiny", num_generations=4, num_generations_eval=1, client=client_for(fake))
+    assert alone(prompts=["p", "q", "r", "s"], completions=["a", "b", "c", "d"]) == [0.0] * 4
+    assert fake.requests == []
+    with pytest.raises(ValueError, match="num_generations_eval must be an integer from 1 to 32"):
+        group_reward_function(URL, "tiny", num_generations=4, num_generations_eval=0)
 
 
 def test_reference_reward_function_reads_the_column():

@@ -64,28 +64,39 @@ def test_grpo_trains_on_group_relative_and_reference_rewards(
 ):
     """TRL's GRPOTrainer with `group_reward_function` (groups found from TRL's own batch layout)
     and `reference_reward_function` (the dataset's `reference` column): TRL's logged mean and
-    standard deviation of each equal those of the labeler's rewards for what TRL passed; a
-    `num_generations` that does not match the trainer's fails the run with the layout error."""
+    standard deviation of each equal those of the labeler's rewards for what TRL passed, in
+    training and in TRL's evaluation (groups of `num_generations_eval`); a `num_generations`
+    that does not match the trainer's fails the run with the layout error."""
     out = run_driver(
         frameworks_python, "trl_grpo_pairwise", tmp_path, "--url", live_server.url, "--model-dir", str(model_dir)
     )
     assert out["reward_func_names"] == ["labeler_tiny_group", "labeler_tiny_vs_reference", "recorder"]
-    group_log, ref_log = out["logged"]["labeler_tiny_group"], out["logged"]["labeler_tiny_vs_reference"]
-    assert len(out["calls"]) == len(group_log["mean"]) == len(ref_log["mean"]) == 2
-    for k, call in enumerate(out["calls"]):
+
+    def labeled(call: dict, size: int) -> tuple[list[dict], list[float]]:
+        """The normalized items of a reward call, and the labeler's group rewards for its groups of `size`."""
         items = [
             normalize_item({"context": context_value(p), "response": completion_text(c), "reference": r})
             for p, c, r in zip(call["prompts"], call["completions"], call["reference"], strict=True)
         ]
-        groups = [items[i : i + 4] for i in range(0, len(items), 4)]
+        groups = [items[i : i + size] for i in range(0, len(items), size)]
         assert len(groups) == 2 and all(len({it["context"] for it in g}) == 1 for g in groups)  # TRL's layout
         want = labeler.group_rewards(
             [GroupItem(g[0]["context"], tuple(it["response"] for it in g)) for g in groups], "tiny"
         )
-        rewards = [r for w in want for r in w.rewards]
+        return items, [r for w in want for r in w.rewards]
+
+    group_log, ref_log = out["logged"]["labeler_tiny_group"], out["logged"]["labeler_tiny_vs_reference"]
+    assert len(out["calls"]) == len(group_log["mean"]) == len(ref_log["mean"]) == 2
+    for k, call in enumerate(out["calls"]):
+        items, rewards = labeled(call, 4)
         assert group_log["mean"][k] == pytest.approx(0.0, abs=TOL)  # each group's rewards sum to 0
         assert group_log["std"][k] == pytest.approx(statistics.stdev(rewards), abs=TOL)
         refs = [r.reward for r in labeler.reference_rewards([ReferenceItem(**it) for it in items], "tiny")]
         assert ref_log["mean"][k] == pytest.approx(statistics.fmean(refs), abs=TOL)
         assert ref_log["std"][k] == pytest.approx(statistics.stdev(refs), abs=TOL)
+    (call,) = out["eval_calls"]
+    _, rewards = labeled(call, 2)
+    eval_log = out["eval_logged"]["labeler_tiny_group"]
+    assert eval_log["mean"] == [pytest.approx(0.0, abs=TOL)]
+    assert eval_log["std"] == [pytest.approx(statistics.stdev(rewards), abs=TOL)]
     assert "not a multiple of num_generations=3" in out["mismatch"]

@@ -232,7 +232,8 @@ class GroupRewardFunction(RewardFunction):
     """A callable for `GRPOTrainer(reward_funcs=[...])`: group-relative pairwise rewards. The
     completions of each prompt (found from TRL's batch layout, `find_groups`) are compared with
     each other in both orders, in one engine call that shares the prompt, and each gets
-    2 w - 1, w its mean probability of beating the others (rewards sum to 0 per group).
+    2 w - 1, w its mean probability of beating the others (rewards sum to 0 per group; a
+    group of one, as an evaluation with `num_generations_eval=1` has, gets 0).
     Build it with `group_reward_function(...)`."""
 
     def __init__(
@@ -241,13 +242,33 @@ class GroupRewardFunction(RewardFunction):
         task: str = "general",
         *,
         num_generations: int,
+        num_generations_eval: int | None = None,
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(num_generations, int) or not 2 <= num_generations <= MAX_GROUP_SIZE:
             raise ValueError(f"num_generations must be an integer from 2 to {MAX_GROUP_SIZE}, got {num_generations!r}")
+        if num_generations_eval is not None and (
+            not isinstance(num_generations_eval, int) or not 1 <= num_generations_eval <= MAX_GROUP_SIZE
+        ):
+            raise ValueError(
+                f"num_generations_eval must be an integer from 1 to {MAX_GROUP_SIZE}, got {num_generations_eval!r}"
+            )
         super().__init__(base_url, task, name=name or f"labeler_{task}_group", **kwargs)
         self.num_generations = num_generations
+        self.num_generations_eval = num_generations_eval
+
+    def _groups(self, prompts: Sequence[Text]) -> list[range]:
+        """The batch's groups: of `num_generations` in training, of `num_generations_eval` in
+        TRL's evaluation (which the call does not tell apart), the larger size when both fit
+        (a batch of groups of 8 is also one of groups of 4 of the same prompts)."""
+        sizes = sorted({self.num_generations, self.num_generations_eval or self.num_generations}, reverse=True)
+        for n in sizes[:-1]:
+            try:
+                return find_groups(prompts, n)
+            except ValueError:
+                continue
+        return find_groups(prompts, sizes[-1])
 
     def __call__(
         self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
@@ -255,7 +276,9 @@ class GroupRewardFunction(RewardFunction):
         prompts = _prompts_for(prompts, completions)
         if len(prompts) != len(completions):  # type: ignore[arg-type]
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")  # type: ignore[arg-type]
-        groups = find_groups(prompts, self.num_generations)
+        groups = self._groups(prompts)
+        if groups and len(groups[0]) == 1:  # no other completion to compare with
+            return [0.0] * len(prompts)
         per_group = self.client.group_relative_rewards(
             [prompts[g.start] for g in groups],
             [[completions[i] for i in g] for g in groups],  # type: ignore[index]
@@ -300,18 +323,27 @@ def group_reward_function(
     task: str = "general",
     *,
     num_generations: int,
+    num_generations_eval: int | None = None,
     name: str | None = None,
     on_error: OnError = "raise",
     client: Client | None = None,
     **client_opts: Any,
 ) -> GroupRewardFunction:
     """A reward function for GRPO giving group-relative pairwise rewards; `num_generations` is
-    the trainer's (`GRPOConfig.num_generations`). A batch that is not whole groups of
-    `num_generations` completions sharing one prompt raises ValueError. With
+    the trainer's (`GRPOConfig.num_generations`), and `num_generations_eval` its evaluation's
+    when it sets one (`GRPOConfig.num_generations_eval`). A batch that is not whole groups of
+    either size, each of completions sharing one prompt, raises ValueError. With
     `on_error="none"` a failed group's completions get None. Picklable; options as for
     `reward_function`."""
     return GroupRewardFunction(
-        base_url, task, num_generations=num_generations, name=name, on_error=on_error, client=client, **client_opts
+        base_url,
+        task,
+        num_generations=num_generations,
+        num_generations_eval=num_generations_eval,
+        name=name,
+        on_error=on_error,
+        client=client,
+        **client_opts,
     )
 
 

@@ -1,10 +1,11 @@
 """A real TRL GRPOTrainer run rewarded by the labeler's pairwise rewards: group-relative (each
-completion against the others of its prompt) and against a reference column of the dataset.
+completion against the others of its prompt) and against a reference column of the dataset,
+then TRL's evaluation, whose groups are of `num_generations_eval`.
 
 Run by tests/test_frameworks_trl.py with the frameworks venv's Python; writes one JSON object:
-what TRL logged per reward function and what each reward call received (a weight-0 recorder).
-A second run gives the group reward function a `num_generations` that does not match the
-trainer's and records the error TRL's call raised.
+what TRL logged per reward function and what each reward call received (a weight-0 recorder),
+in training and in the evaluation. A second run gives the group reward function a
+`num_generations` that does not match the trainer's and records the error TRL's call raised.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from trl import GRPOConfig, GRPOTrainer
 PROMPTS = ["Name a fruit.", "What is 2+2?"]
 REFERENCES = ["An apple.", "4"]
 NUM_GENERATIONS = 4
+EVAL_GENERATIONS = 2
 
 
 class Recorder:
@@ -37,7 +39,7 @@ class Recorder:
         return [0.0] * len(completions)
 
 
-def train(model_dir: str, reward_funcs: list, steps: int) -> GRPOTrainer:
+def train(model_dir: str, reward_funcs: list, steps: int, evaluate: bool = False) -> GRPOTrainer:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = Dataset.from_dict({"prompt": PROMPTS, "reference": REFERENCES})
@@ -46,6 +48,8 @@ def train(model_dir: str, reward_funcs: list, steps: int) -> GRPOTrainer:
             output_dir=out,
             per_device_train_batch_size=2 * NUM_GENERATIONS,  # both prompts' groups in one batch
             num_generations=NUM_GENERATIONS,
+            num_generations_eval=EVAL_GENERATIONS,
+            per_device_eval_batch_size=2 * EVAL_GENERATIONS,
             max_completion_length=6,
             max_steps=steps,
             learning_rate=1e-6,
@@ -60,9 +64,16 @@ def train(model_dir: str, reward_funcs: list, steps: int) -> GRPOTrainer:
             dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(
-            model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=dataset,
+            eval_dataset=dataset,
+            processing_class=tokenizer,
         )
         trainer.train()
+        if evaluate:
+            trainer.evaluate()
     return trainer
 
 
@@ -76,21 +87,24 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(1)  # the labeler server shares the machine
     torch.manual_seed(0)
-    group = group_reward_function(a.url, task=a.task, num_generations=NUM_GENERATIONS)
+    group = group_reward_function(
+        a.url, task=a.task, num_generations=NUM_GENERATIONS, num_generations_eval=EVAL_GENERATIONS
+    )
     vs_ref = reference_reward_function(a.url, task=a.task)
     recorder = Recorder()
-    trainer = train(a.model_dir, [group, vs_ref, recorder], a.steps)
-    logged = {
-        f.__name__: {
-            stat: [
-                h[f"rewards/{f.__name__}/{stat}"]
-                for h in trainer.state.log_history
-                if f"rewards/{f.__name__}/{stat}" in h
-            ]
-            for stat in ("mean", "std")
+    trainer = train(a.model_dir, [group, vs_ref, recorder], a.steps, evaluate=True)
+
+    def logged(prefix: str) -> dict:
+        return {
+            f.__name__: {
+                stat: [
+                    h[key] for h in trainer.state.log_history if (key := f"{prefix}rewards/{f.__name__}/{stat}") in h
+                ]
+                for stat in ("mean", "std")
+            }
+            for f in (group, vs_ref)
         }
-        for f in (group, vs_ref)
-    }
+
     # The trainer's groups are of 4; a function told 3 cannot find whole groups in a batch of 8.
     try:
         train(a.model_dir, [group_reward_function(a.url, task=a.task, num_generations=3), Recorder()], 1)
@@ -99,8 +113,10 @@ def main() -> None:
         mismatch = str(exc)
     out = {
         "reward_func_names": trainer.reward_func_names,
-        "logged": logged,
-        "calls": recorder.calls,
+        "logged": logged(""),
+        "calls": recorder.calls[: a.steps],
+        "eval_logged": logged("eval_"),
+        "eval_calls": recorder.calls[a.steps :],
         "mismatch": mismatch,
     }
     with open(a.out, "w") as f:
