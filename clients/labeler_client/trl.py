@@ -413,8 +413,9 @@ def reward_function(
     `client_opts` go to `Client` (api_key, timeout, retry, batch_size, max_concurrency), or
     pass a `client` and no options (a pickled copy opens a client with the same settings, and the same
     transport when it pickles: labeler_client.ray's does, a test's fake does not). A failed
-    request raises after retries; with `on_error="none"` the failed samples get None (TRL
-    then leaves them out) instead, though a refusal of the options
+    request raises after retries; with `on_error="none"` the failed samples get None instead
+    (GRPO leaves a sample out only when every reward function gave it None; beside other
+    reward functions, and in online DPO, it counts as 0), though a refusal of the options
     themselves (an unknown task) is still raised. An empty completion gets a reward like any
     other."""
     return RewardFunction(base_url, task, name=name, on_error=on_error, client=client, **client_opts)
