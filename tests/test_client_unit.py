@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import labeler_client as lc
 import pytest
-from labeler_client import _batching, verl
+from labeler_client import _batching, _shared, verl
 from labeler_client._config import parse_retry_after
 from labeler_client._text import completion_text, context_value
 from labeler_client.testing import FakeLabeler, fake_reward
@@ -708,7 +708,7 @@ def test_an_injected_item_failure_finds_pairs_references_and_groups():
 
 def test_verl_compute_score_and_batch(monkeypatch):
     fake = FakeLabeler()
-    monkeypatch.setitem(verl._clients, (None, None), lc.Client(URL, transport=fake.transport()))
+    monkeypatch.setitem(_shared._clients, (None, None), lc.Client(URL, transport=fake.transport()))
     monkeypatch.setenv("LABELER_TASK", "tiny")
     assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"question": "2+2?"}) == fake_reward(
         "2+2?", "It is 4."
@@ -744,7 +744,7 @@ def test_verl_compute_score_and_batch(monkeypatch):
 
 def test_verl_takes_the_server_from_reward_kwargs():
     fake = FakeLabeler()
-    verl._clients[("http://from-kwargs.test", "k")] = lc.Client(
+    _shared._clients[("http://from-kwargs.test", "k")] = lc.Client(
         "http://from-kwargs.test", "k", transport=fake.transport()
     )
     try:
@@ -753,7 +753,7 @@ def test_verl_takes_the_server_from_reward_kwargs():
         )
         assert fake.requests[-1].url.host == "from-kwargs.test"
     finally:
-        del verl._clients[("http://from-kwargs.test", "k")]
+        del _shared._clients[("http://from-kwargs.test", "k")]
 
 
 def test_sync_client_works_inside_a_running_event_loop():

@@ -34,5 +34,6 @@ def test_verl_loads_and_calls_compute_score(frameworks_python, live_server, labe
     for form in ("file", "pkg"):
         assert out["naive"][form] == pytest.approx(want, abs=TOL), form
         assert out["legacy_batch"][form] == pytest.approx(want, abs=TOL), form
+        assert out["pickled"][form] == pytest.approx(want, abs=TOL), form
     error = out["errors"]["unknown_key"]
     assert error is not None and "unexpected keyword argument 'tsak'" in error

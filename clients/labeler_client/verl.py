@@ -30,27 +30,16 @@ sample at a time, so group-relative rewards have no place in its protocol.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
-# Absolute imports: verl loads this file by path too, as a module outside the package.
-from labeler_client._client import Client
+# Absolute imports: verl loads this file by path too, as a module outside the package (and
+# Ray then pickles its functions by value: what they share lives in an importable module).
 from labeler_client._exceptions import APIStatusError
+from labeler_client._shared import shared_client
 from labeler_client._text import context_value
 
 __all__ = ["compute_reference_score", "compute_score", "compute_score_batch"]
-
-_clients: dict[tuple[str | None, str | None], Client] = {}
-_lock = threading.Lock()
-
-
-def _shared_client(base_url: str | None, api_key: str | None) -> Client:
-    with _lock:
-        key = (base_url, api_key)
-        if key not in _clients:
-            _clients[key] = Client(base_url, api_key)
-        return _clients[key]
 
 
 def _task(extra: dict, task: str | None) -> str:
@@ -83,7 +72,7 @@ def compute_score(
     verl adds when it runs a reward model of its own. Raises `LabelerClientError` when the service
     fails after retries (never a made-up score)."""
     extra = dict(extra_info or {})
-    client = _shared_client(base_url, api_key)
+    client = shared_client(base_url, api_key)
     reward = client.rewards([_prompt(extra)], [solution_str], _task(extra, task))[0]
     assert reward is not None  # on_error="raise": a failure has raised
     return reward
@@ -113,7 +102,7 @@ def compute_reference_score(
             "compute_reference_score needs a reference response: extra_info['reference'] or a text ground_truth, "
             f"got {type(reference).__name__}"
         )
-    client = _shared_client(base_url, api_key)
+    client = shared_client(base_url, api_key)
     reward = client.rewards_against([_prompt(extra)], [solution_str], [reference], _task(extra, task))[0]
     assert reward is not None  # on_error="raise": a failure has raised
     return reward
@@ -138,7 +127,7 @@ def compute_score_batch(
     for i, extra in enumerate(extras):
         by_task.setdefault(_task(extra, task), []).append(i)
     out: list[float] = [0.0] * len(solution_strs)
-    client = _shared_client(base_url, api_key)
+    client = shared_client(base_url, api_key)
     for name, idx in by_task.items():
         try:
             rewards = client.rewards([_prompt(extras[i]) for i in idx], [solution_strs[i] for i in idx], name)

@@ -10,7 +10,8 @@ verl's trainer runs as a Ray actor: it loads the tokenizer, the custom reward fu
 (`load_reward_manager` -> `get_custom_reward_fn` -> `load_extern_object`) and the reward
 manager, and `compute_score_batch` runs the manager on a `DataProto` batch of rollouts.
 Here it runs in this process, without Ray. The legacy `BatchRewardManager` gets
-`compute_score_batch` through the same loader.
+`compute_score_batch` through the same loader. verl's remote reward manager hands the loaded
+function to Ray actors: it goes through Ray's pickler here, and the copy is called.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import verl
 from hydra import compose, initialize_config_dir
+from ray import cloudpickle
 from transformers import AutoTokenizer
 from verl import DataProto
 from verl.experimental.reward_loop.reward_loop import RewardLoopWorker
@@ -103,9 +105,13 @@ def main() -> None:
     data = batch(tokenizer)
     kwargs = {"task": a.task, "base_url": a.url}
     forms = {"file": labeler_client.verl.__file__, "pkg": "pkg://labeler_client.verl"}
-    out: dict = {"naive": {}, "legacy_batch": {}, "errors": {}}
+    out: dict = {"naive": {}, "legacy_batch": {}, "pickled": {}, "errors": {}}
     for form, path in forms.items():
-        out["naive"][form] = reward_loop(config(a.model_dir, path, "compute_score", "naive", kwargs), data)
+        cfg = config(a.model_dir, path, "compute_score", "naive", kwargs)
+        out["naive"][form] = reward_loop(cfg, data)
+        # As verl's remote reward manager ships it to its reward actors (after this process used it).
+        copy = cloudpickle.loads(cloudpickle.dumps(get_custom_reward_fn(cfg)))
+        out["pickled"][form] = [copy("x", response, None, {"prompt": prompt}) for prompt, response in ROLLOUTS]
         # verl's legacy batch manager, through the same loader
         from verl.workers.reward_manager.batch import BatchRewardManager
 
