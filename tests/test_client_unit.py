@@ -525,6 +525,27 @@ def test_client_options_beside_a_given_client_are_refused():
             build("http://elsewhere.test", task="tiny", client=client)
 
 
+def test_bad_client_options_are_refused_as_the_function_is_built():
+    """Not at the first reward call, after the trainer has loaded its model and generated
+    (or inside the process AsyncGRPOTrainer spawns)."""
+    from labeler_client.trl import group_reward_function, reference_reward_function
+
+    builds = (
+        reward_function,
+        async_reward_function,
+        reference_reward_function,
+        PairwiseJudge,
+        lambda *a, **kw: group_reward_function(*a, num_generations=2, **kw),
+    )
+    for build in builds:
+        with pytest.raises(TypeError, match="batchsize"):
+            build(URL, task="tiny", batchsize=8)
+        with pytest.raises(ValueError, match="batch_size and max_concurrency must be at least 1"):
+            build(URL, task="tiny", batch_size=0)
+        with pytest.raises(ValueError, match='on_error must be "raise" or "none"'):
+            build(URL, task="tiny", on_error="skip")
+
+
 def test_reward_functions_and_judges_pickle():
     """TRL's AsyncGRPOTrainer sends reward functions to a spawned process."""
     fake = FakeLabeler()

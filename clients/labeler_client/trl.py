@@ -35,7 +35,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from ._client import AsyncClient, Client, OnError
+from ._client import AsyncClient, Client, OnError, _BaseClient
 from ._config import resolve_key, resolve_url
 from ._text import Text, pair_items
 
@@ -68,13 +68,20 @@ def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text] | N
     return [""] * len(completions) if prompts is None else prompts
 
 
-def _client_options(client: Client | AsyncClient | None, base_url: str | None, opts: dict[str, Any]) -> dict:
+def _client_options(
+    client: Client | AsyncClient | None, base_url: str | None, opts: dict[str, Any], on_error: str
+) -> dict:
     """Everything needed to open the same client again (in a copy made by pickling). The URL
     and key are read from the environment here, not in the copy: a Ray worker or another
     process may not have LABELER_URL and LABELER_API_KEY. Options beside a `client` (another
-    URL, client settings) would be ignored: a TypeError names them."""
+    URL, client settings) would be ignored: a TypeError names them. The options and `on_error`
+    are checked here, as the function is built, not at its first call (after a trainer has
+    loaded its model and generated)."""
+    _BaseClient._check_on_error(on_error)
     if client is None:
-        return {**opts, "base_url": resolve_url(base_url), "api_key": resolve_key(opts.get("api_key"))}
+        out = {**opts, "base_url": resolve_url(base_url), "api_key": resolve_key(opts.get("api_key"))}
+        _BaseClient(**{k: v for k, v in out.items() if k != "transport"})  # TypeError, ValueError
+        return out
     other_url = base_url is not None and resolve_url(base_url) != client.base_url
     if other_url or opts:
         given = ", ".join(["base_url"] * other_url + sorted(opts))
@@ -143,7 +150,7 @@ class RewardFunction(_Picklable):
         self.task = task
         self.on_error: OnError = on_error
         self.__name__ = name or f"labeler_{task}"
-        self._client_opts = _client_options(client, base_url, client_opts)
+        self._client_opts = _client_options(client, base_url, client_opts, on_error)
         self._reset()
         self._client = client
 
@@ -366,7 +373,7 @@ class AsyncRewardFunction(_Picklable):
         self.task = task
         self.on_error: OnError = on_error
         self.__name__ = name or f"labeler_{task}"
-        self._client_opts = _client_options(None, base_url, client_opts)
+        self._client_opts = _client_options(None, base_url, client_opts, on_error)
         self._reset()
 
     def _reset(self) -> None:
@@ -466,7 +473,7 @@ class PairwiseJudge(_Picklable):
     ) -> None:
         self.task = task
         self.on_error: OnError = on_error
-        self._client_opts = _client_options(client, base_url, client_opts)
+        self._client_opts = _client_options(client, base_url, client_opts, on_error)
         self._reset()
         self._client = client
 
