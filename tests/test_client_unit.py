@@ -472,6 +472,7 @@ def test_contexts_go_on_the_wire_as_text_or_messages():
     assert completion_text(completion) == "4"
     assert completion_text([{"content": "no role"}]) == "no role"
     assert completion_text({"role": "assistant", "content": None}) == ""
+    assert completion_text({"role": "assistant", "content": {"type": "text", "text": "4"}}) == "4"  # one part alone
     assert completion_text("") == ""  # an empty completion goes out as it is
     with pytest.raises(TypeError):
         context_value(42)  # type: ignore[arg-type]

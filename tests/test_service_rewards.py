@@ -230,5 +230,8 @@ def test_verl_reference_score(live_server, labeler):
     # A Parquet column that other rows fill reads None here: the same as absent.
     sparse = {"prompt": "Name a fruit.", "reference": None}
     assert verl.compute_reference_score("data", "A chair.", "An apple.", sparse, **opts) == got
+    # A reference given as chat messages (a conversational dataset's answer column): its assistant turns.
+    messages = {"prompt": "Name a fruit.", "reference": [{"role": "assistant", "content": "An apple."}]}
+    assert verl.compute_reference_score("data", "A chair.", None, messages, **opts) == got
     with pytest.raises(ValueError, match="needs a reference response"):
         verl.compute_reference_score("data", "A chair.", None, {"prompt": "Name a fruit."}, **opts)

@@ -20,12 +20,15 @@ Context = str | list[dict[str, str]]
 
 
 def _content(message: Message) -> str:
-    """A message's text: a string, or the text parts of a multimodal content list."""
+    """A message's text: a string, or the text parts of a multimodal content list (or of one
+    such part alone)."""
     content = message.get("content")
     if content is None:
         return ""
     if isinstance(content, str):
         return content
+    if isinstance(content, Mapping):  # one part, not a list of them: not read as its key names
+        content = [content]
     if isinstance(content, Iterable):
         parts = []
         for part in content:

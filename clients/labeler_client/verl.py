@@ -19,7 +19,7 @@ preparing the data: text, or the chat messages of the `prompt` column.
 
 `compute_reference_score` (name: compute_reference_score) rewards the response against a
 reference response instead, 2 P(response preferred) - 1: the reference is
-`extra_info["reference"]` when the data has it, else verl's `ground_truth` (the
+`extra_info["reference"]` when the data has it (text or chat messages), else verl's `ground_truth` (the
 `reward_model.ground_truth` column), which must then be text. verl calls reward functions one
 sample at a time, so group-relative rewards have no place in its protocol.
 
@@ -91,17 +91,18 @@ def compute_reference_score(
     reward_model_tokenizer: Any = None,
 ) -> float:
     """The labeler's pairwise reward of `solution_str` against a reference response, in
-    [-1, 1] (both orders): the reference is `extra_info["reference"]`, else `ground_truth`.
-    Raises ValueError when neither is text, `LabelerClientError` when the service fails."""
+    [-1, 1] (both orders): the reference is `extra_info["reference"]` (text, or chat messages
+    whose assistant turns are the reference), else `ground_truth`, which must be text. Raises
+    ValueError without either, `LabelerClientError` when the service fails."""
     extra = dict(extra_info or {})
     reference = extra.get("reference")
     if reference is None:
+        if not isinstance(ground_truth, str):
+            raise ValueError(
+                "compute_reference_score needs a reference response: extra_info['reference'] or a text "
+                f"ground_truth, got a ground_truth of type {type(ground_truth).__name__}"
+            )
         reference = ground_truth
-    if not isinstance(reference, str):
-        raise ValueError(
-            "compute_reference_score needs a reference response: extra_info['reference'] or a text ground_truth, "
-            f"got {type(reference).__name__}"
-        )
     client = shared_client(base_url, api_key)
     reward = client.rewards_against([_prompt(extra)], [solution_str], [reference], _task(extra, task))[0]
     assert reward is not None  # on_error="raise": a failure has raised
