@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput, LabelerError
@@ -107,12 +106,21 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _item(**fields: Any) -> dict[str, Any]:
+    """An item from the command line as the service reads it (`normalize_item`): a context laid
+    out by a chat template as its canonical transcript, responses without end-of-turn markers."""
+    from .chat import normalize_item
+
+    return normalize_item(fields)
+
+
 def _cmd_prefer(args: argparse.Namespace) -> int:
     lab = build_labeler(args)
+    it = _item(context=args.context, response_a=args.response_a, response_b=args.response_b)
     r = lab.preference(
-        args.context,
-        args.response_a,
-        args.response_b,
+        it["context"],
+        it["response_a"],
+        it["response_b"],
         args.task,
         order=args.order,
         cot=args.cot,
@@ -137,7 +145,8 @@ def _cmd_prefer(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     lab = build_labeler(args)
-    r = lab.score(args.context, args.response, args.task, cot=args.cot, samples=args.samples)
+    it = _item(context=args.context, response=args.response)
+    r = lab.score(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
     data = {
         "model": lab.model_id,
         "task": args.task,
@@ -151,7 +160,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_judge(args: argparse.Namespace) -> int:
     lab = build_labeler(args)
-    r = lab.judgment(args.context, args.response, args.task, cot=args.cot, samples=args.samples)
+    it = _item(context=args.context, response=args.response)
+    r = lab.judgment(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
     task = lab.task(args.task)
     data = {"model": lab.model_id, "task": args.task, "task_version": task.version, **r.to_dict()}
     text = f"{task.judgment_question.strip()}\np_yes={r.p_yes:.4f}  p_no={r.p_no:.4f}  (label mass {r.label_mass:.4f})"
@@ -166,7 +176,9 @@ def _cmd_render(args: argparse.Namespace) -> int:
     builder = prompt_builder(resolve_model(args.model))  # the tokenizer and config only, no weights
     task = load_tasks(args).get(args.task)
     if args.input:
-        items = [_render_item(args.kind, f"{args.input}:{n}", rec) for n, rec in _jsonl(args.input)]
+        from .datasets_io import read_records
+
+        items = [_render_item(args.kind, where, rec) for where, rec in read_records(args.input)]
     else:
         fields = {"context": args.context, "response_a": args.response_a, "response_b": args.response_b}
         if args.kind != "pairwise":
@@ -174,7 +186,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if v is None]
         if missing:
             raise SystemExit(f"render --kind {args.kind} needs {' and '.join(missing)} (or --input FILE.jsonl)")
-        items = [fields]
+        items = [_item(**fields)]
     for it in items:
         if args.kind == "pairwise":
             r = builder.pairwise(
@@ -193,26 +205,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jsonl(path: str) -> list[tuple[int, Any]]:
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not at U+2028 inside a text
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc}", field="input") from None
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                out.append((n, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"{path}:{n}: not JSON ({exc.msg})", field="input") from None
-    return out
-
-
-def _render_item(kind: str, where: str, rec: Any) -> dict[str, str]:
+def _render_item(kind: str, where: str, rec: Any) -> dict[str, Any]:
     need = ("response_a", "response_b") if kind == "pairwise" else ("response",)
     if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in need):
-        raise InvalidInput(f"{where}: a {kind} item needs the text fields {', '.join(need)} (and optionally context)")
-    return {"context": rec.get("context", ""), **{k: rec[k] for k in need}}
+        raise InvalidInput(
+            f"{where}: a {kind} item needs the text fields {', '.join(need)} (and optionally context: text or "
+            "chat messages)"
+        )
+    item = _item(context=rec.get("context", ""), **{k: rec[k] for k in need})
+    if not isinstance(item["context"], str):
+        raise InvalidInput(f"{where}: context must be text or a list of {{role, content}} messages")
+    return item
 
 
 def build_parser() -> argparse.ArgumentParser:

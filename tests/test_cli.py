@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from labeler.chat import normalize_item
 from tests.fixtures.model import TEST_TASKS
 
 pytestmark = pytest.mark.model
@@ -52,19 +53,27 @@ def test_render_reads_no_weights_and_renders_a_file_of_items(labeler, model_dir,
     items = [
         {"context": "Name a fruit.", "response_a": "Apple.", "response_b": "Chair."},
         {"response_a": "x\u2028y", "response_b": "y"},  # a line separator inside a text, written as is
+        # Read as the service reads it: messages as their transcript, end-of-turn markers dropped.
+        {"context": [{"role": "user", "content": "2+2?"}], "response_a": "4<|im_end|>", "response_b": "5"},
     ]
-    (tmp_path / "items.jsonl").write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+    (tmp_path / "items.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())  # an editor's byte-order mark
     args = ["render", "--task", "tiny", "--kind", "pairwise", "--order", "ba", "--model", str(light), "--json"]
     proc = run(*args, "--input", str(tmp_path / "items.jsonl"))
     rows = [json.loads(line) for line in proc.stdout.split("\n") if line]
-    assert len(rows) == 2 and proc.stderr == ""
+    assert len(rows) == 3 and proc.stderr == ""
     for row, it in zip(rows, items, strict=True):
-        ref = labeler.render_pairwise("tiny", it.get("context", ""), it["response_a"], it["response_b"], order="ba")
+        n = normalize_item({"context": "", **it})
+        ref = labeler.render_pairwise("tiny", n["context"], n["response_a"], n["response_b"], order="ba")
         assert row["prompt"] == ref.prompt and row["prompt_token_ids"] == list(ref.prompt_token_ids)
+    assert "4<|im_end|>" not in rows[2]["prompt"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"response_a": "only one"}\n')
     proc = run(*args, "--input", str(bad), check=False)
-    assert proc.returncode == 2 and f"{bad}:1" in proc.stderr and "response_b" in proc.stderr
+    assert proc.returncode == 2 and f"{bad}, line 1" in proc.stderr and "response_b" in proc.stderr
+    bad.write_bytes('{"response_a": "caf\u00e9", "response_b": "b"}\n'.encode("latin-1"))  # not UTF-8
+    proc = run(*args, "--input", str(bad), check=False)
+    assert proc.returncode == 2 and "line 1: not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_prefer_and_score_match_the_library(labeler):
@@ -89,6 +98,10 @@ def test_prefer_and_score_match_the_library(labeler):
     ref = labeler.score("2+2?", "4", "tiny")
     assert out["distribution"] == pytest.approx(ref.distribution, abs=1e-5)
     assert out["reward"] == pytest.approx(ref.reward, abs=1e-5)
+    # Read as the service and `label` read it: a template's markup is not part of the texts.
+    chatml = "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    out = json.loads(run("score", "--task", "tiny", "--context", chatml, "--response", "4<|im_end|>", "--json").stdout)
+    assert out["distribution"] == pytest.approx(ref.distribution, abs=1e-5)
 
 
 def test_errors_are_clear_and_exit_2():
