@@ -81,10 +81,15 @@ async def test_a_refused_key_or_model_is_the_engine_unavailable_at_once(model_di
 
 
 async def test_a_context_length_refusal_is_an_input_too_long(model_dir):
-    body = '{"error": {"message": "This model\'s maximum context length is 64 tokens."}}'
-    remote = engine(model_dir, Scripted(max_model_len=4096, statuses=(400,), body=body))
-    with pytest.raises(InputTooLong):
-        await remote.score(read(10))
+    for body in (
+        '{"error": {"message": "This model\'s maximum context length is 64 tokens."}}',
+        # vLLM's engine, for a prompt as long as the limit: no room for the label
+        '{"error": {"message": "The decoder prompt (length 64) plus the number of requested output tokens '
+        '(at least 1) is longer than the maximum model length of 64."}}',
+    ):
+        remote = engine(model_dir, Scripted(max_model_len=4096, statuses=(400,), body=body))
+        with pytest.raises(InputTooLong):
+            await remote.score(read(10))
     with pytest.raises(EngineError):  # any other 400: the engine's failure, told as it came
         await engine(model_dir, Scripted(statuses=(400,))).score(read(10))
 

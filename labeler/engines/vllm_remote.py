@@ -113,7 +113,11 @@ class VLLMRemoteEngine:
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             headers=headers,
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            # A connection beyond the requests' for each server's health probe and look-up: with
+            # every request slot busy, a probe must not wait for one and time out.
+            limits=httpx.Limits(
+                max_connections=max_concurrency + len(self.servers), max_keepalive_connections=max_concurrency
+            ),
         )
         self._discovered = False
         for server in self.servers:  # the context limit before any prompt is built, when a server is up
@@ -196,7 +200,9 @@ class VLLMRemoteEngine:
         message = f"vLLM server {server.url} refused the request: HTTP {resp.status_code} {resp.text[:300]}"
         if resp.status_code in _CONFIG_STATUS:
             return EngineUnavailable(message + " (check the API key and the served model's name)")
-        if resp.status_code == 400 and "context length" in resp.text:
+        # Two wordings: the OpenAI server's own check, and the engine's (a prompt one token short
+        # of the limit, which leaves no room for the label).
+        if resp.status_code == 400 and ("context length" in resp.text or "maximum model length" in resp.text):
             return InputTooLong(message)  # the item is the service's to name, not the count's "items"
         return EngineError(message)
 
