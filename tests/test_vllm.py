@@ -226,6 +226,28 @@ def test_kv_and_weight_sizes_from_the_model_files(model_dir):
     assert weights_bytes(model_dir, "bfloat16") == files // 2
 
 
+def test_weights_are_the_files_vllm_loads(tmp_path):
+    """A directory with the weights in two formats, a consolidated copy beside an index's shards,
+    or training state beside .bin weights: each byte vLLM loads counted once."""
+    (tmp_path / "config.json").write_text('{"torch_dtype": "float32"}')
+
+    def files(**sizes: int) -> int:
+        for f in tmp_path.iterdir():
+            if f.name != "config.json":
+                f.unlink()
+        for name, size in sizes.items():
+            (tmp_path / name.replace("__", ".")).write_bytes(b"\0" * size)
+        return weights_bytes(tmp_path, "float32")
+
+    assert files(model__safetensors=100, pytorch_model__bin=100) == 100
+    assert files(pytorch_model__bin=100, optimizer__pt=300, training_args__bin=7) == 100
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    sizes = {"model-00001-of-00002__safetensors": 60, "model-00002-of-00002__safetensors": 40}
+    assert files(consolidated__safetensors=100, **sizes) == 200  # no index: every safetensors file
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert weights_bytes(tmp_path, "float32") == 100
+
+
 def test_default_kv_cache_size(model_dir):
     weights = weights_bytes(model_dir, "float32")
     one_sequence = embedded_kv_bytes_per_token(model_dir) * 8192  # the model's context

@@ -172,13 +172,34 @@ def kv_bytes_per_token(model_dir: str | Path, dtype: str, kv_cache_dtype: str = 
 
 
 def weights_bytes(model_dir: str | Path, dtype: str) -> int:
-    """Memory the weights take once loaded as `dtype`: the weight files' size, scaled by
-    the ratio of `dtype` to the stored dtype named in config.json."""
+    """Memory the weights take once loaded as `dtype`: the size of the weight files vLLM
+    loads (`_weight_files`), scaled by the ratio of `dtype` to the stored dtype named in
+    config.json."""
     model_dir = Path(model_dir)
-    stored = sum(p.stat().st_size for p in model_dir.glob("*") if p.suffix in {".safetensors", ".bin", ".pt"})
+    stored = sum(p.stat().st_size for p in _weight_files(model_dir))
     config = _config(model_dir)
     stored_dtype = str(config.get("torch_dtype") or config.get("dtype") or dtype)
     return stored * _DTYPE_BYTES.get(dtype, 4) // _DTYPE_BYTES.get(stored_dtype, _DTYPE_BYTES.get(dtype, 4))
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The weight files vLLM loads from `model_dir`: its safetensors files when it has any
+    (those its index names, when it has one: a directory may also hold a consolidated copy),
+    else its PyTorch .bin files, else its .pt files; training state saved beside them aside."""
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    if safetensors:
+        try:
+            index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+            named = set(index["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return safetensors
+        return [p for p in safetensors if p.name in named]
+    training = ("training_args", "optimizer", "scheduler", "rng_state")
+    for pattern in ("*.bin", "*.pt"):
+        files = sorted(p for p in model_dir.glob(pattern) if not p.name.startswith(training))
+        if files:
+            return files
+    return []
 
 
 def default_kv_cache_bytes(
