@@ -54,6 +54,12 @@ def test_compose_files_validate(files, services):
         assert "healthcheck" in svc, f"{name} has no healthcheck"
         for dep in (svc.get("depends_on") or {}).values():
             assert dep["condition"] == "service_healthy"
+    for name, svc in cfg["services"].items():
+        # A labeler on read-only models keeps the model fingerprint in a volume of its own,
+        # not in the container (a read of every weight file again at each recreate).
+        if any(str(v).endswith(":/models:ro") for v in svc.get("volumes", [])) and name.startswith(("labeler", "api")):
+            assert svc["environment"]["LABELER_CACHE_DIR"] == "/cache", name
+            assert any(str(v).split(":")[1] == "/cache" and not str(v).endswith(":ro") for v in svc["volumes"]), name
     if files == ["docker-compose.yml"]:
         # The vLLM variant only runs with --profile gpu; the CPU default always does.
         assert cfg["services"]["labeler-gpu"]["profiles"] == ["gpu"]
