@@ -421,6 +421,10 @@ def test_rayservice_manifest_validates_against_the_kuberay_crd():
         assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "service.ray_serve:proxy_middlewares"
     for group in cluster["workerGroupSpecs"]:
         assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # Kubernetes gives a pod it stops the time a replica takes to finish its requests.
+    drain = ray_serve.LabelerDeployment._deployment_config.graceful_shutdown_timeout_s
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        assert group["template"]["spec"]["terminationGracePeriodSeconds"] > drain
     # The image the manifest names is the one docker/Dockerfile.ray builds, with this Ray.
     dockerfile = (ROOT / "docker" / "Dockerfile.ray").read_text()
     assert f'"ray[serve]=={ray.__version__}"' in dockerfile
