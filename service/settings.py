@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         default_factory=list, description="KEY=VALUE engine options (space-separated in the env var)"
     )
     vllm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list, description="for vllm-remote")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device of the transformers engine (cpu, cuda, cuda:1, ...)")
     tasks_dir: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="directories of extra task files (':'-separated in the env var, like PATH)"
     )

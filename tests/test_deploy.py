@@ -83,6 +83,14 @@ def test_compose_files_validate(files, services):
         assert set(api["depends_on"]) == {"redis", "vllm-0", "vllm-1"}
 
 
+def test_every_compose_variable_is_documented_in_the_example_settings():
+    """.env.example documents every variable a compose file reads, the compose-level ones too."""
+    example = (ROOT / ".env.example").read_text()
+    for path in sorted(DOCKER.glob("docker-compose*.yml")):
+        for var in sorted(set(re.findall(r"\$\{(\w+)", path.read_text()))):
+            assert var in example, f"{path.name} reads {var}, which .env.example does not mention"
+
+
 def test_the_settings_copy_with_its_keys_is_never_committed():
     """The docs copy .env.example to .env (or docker/.env) and put API keys in it: git ignores both."""
     for path in (".env", "docker/.env"):
@@ -91,7 +99,7 @@ def test_the_settings_copy_with_its_keys_is_never_committed():
 
 def test_dockerfiles_lint_clean():
     out = subprocess.run(
-        [tool("hadolint"), "--no-color", "docker/Dockerfile", "docker/Dockerfile.vllm"],
+        [tool("hadolint"), "--no-color", "docker/Dockerfile", "docker/Dockerfile.vllm", "docker/Dockerfile.ray"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -104,7 +112,12 @@ def test_dockerfiles_lint_clean():
 
 
 @pytest.mark.parametrize(
-    ("dockerfile", "base"), [("Dockerfile", "python:3.11-slim"), ("Dockerfile.vllm", "vllm/vllm-openai:v0.32.0")]
+    ("dockerfile", "base"),
+    [
+        ("Dockerfile", "python:3.11-slim"),
+        ("Dockerfile.vllm", "vllm/vllm-openai:v0.32.0"),
+        ("Dockerfile.ray", "rlaif-labeler:vllm"),
+    ],
 )
 def test_dockerfiles_take_their_sources_as_build_arguments(dockerfile, base):
     """Official bases and public indexes by default, nothing of one machine; every pip step
