@@ -597,8 +597,16 @@ async def _label_chunk(
 
 
 def _labeled_none(chunk: list[Job], why: str) -> ModelOutputError:
-    """The error of a chunk of several records the model gave no label for, naming their lines."""
-    return ModelOutputError(f"{chunk[0].where} to {chunk[-1].where}: the model labeled none of them ({why})")
+    """The error of a chunk of several records the model gave no label for, naming each of
+    their lines (a chunk need not be a run of lines: resumed and repeated items are not in it)."""
+    places = [j.where.rpartition(", ") for j in chunk]  # ("in.jsonl", ", ", "line 7")
+    files = {file for file, _, _ in places}
+    if len(files) == 1 and all(" " in place for _, _, place in places):  # "in.jsonl, lines 3, 5, 9"
+        unit = places[0][2].split(" ")[0]
+        named = f"{files.pop()}, {unit}s " + ", ".join(place.rsplit(" ", 1)[1] for _, _, place in places)
+    else:
+        named = "; ".join(j.where for j in chunk)
+    return ModelOutputError(f"{named}: the model labeled none of them ({why})")
 
 
 def _item_of(field_: str | None) -> tuple[int, str] | None:

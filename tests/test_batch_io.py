@@ -322,7 +322,11 @@ async def test_a_refused_record_is_named_by_its_line_and_field_once():
         with pytest.raises(MalformedRecord) as err:
             await _label_chunk(_Refusing(error), "scores", list(chunk), "t", {}, False, Summary())
         assert str(err.value).endswith(says), str(err.value)
-    # The service names no item when the model labeled none of a request's: the chunk's lines.
+    # The service names no item when the model labeled none of a request's: the chunk's lines,
+    # each (a chunk is not a run of lines when resumed or repeated items were left out of it).
     none = ModelOutputError("the model's answer gives no label: zero probability")
-    with pytest.raises(ModelOutputError, match=r"line 1 to in.jsonl, line 2: the model labeled none of them"):
+    with pytest.raises(ModelOutputError, match=r"^in.jsonl, lines 1, 2: the model labeled none of them"):
         await _label_chunk(_Refusing(none), "scores", list(chunk), "t", {}, True, Summary())
+    gaps = [Job(f"k{n}", f"in.jsonl, line {n}", ScoreItem("q", "a"), dict) for n in (3, 7, 900)]
+    with pytest.raises(ModelOutputError, match=r"^in.jsonl, lines 3, 7, 900: the model labeled none"):
+        await _label_chunk(_Refusing(none), "scores", gaps, "t", {}, True, Summary())
