@@ -278,11 +278,7 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
     or None when `text` does not start with one. Roles come out as system / user /
     assistant / tool; contents are cleaned (`clean_content`); an assistant turn left open
     at the end (a generation prompt) is kept, with empty content."""
-    if not isinstance(text, str):
-        return None
-    if _plain_text(text):
-        return None
-    found = _raw_turns(_strip_bos(text), text.lstrip().startswith(_DEEPSEEK_BOS))
+    found = _template_turns(text) if isinstance(text, str) else None
     if found is None:
         return None
     turns, ends = found
@@ -295,12 +291,25 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
     return out
 
 
+def _template_turns(text: str) -> tuple[list[Message], tuple[str, ...]] | None:
+    """The raw turns of `text` and its template's turn ends (`_raw_turns`), or None when no
+    known template laid it out."""
+    if _plain_text(text):
+        return None
+    return _raw_turns(_strip_bos(text), text.lstrip().startswith(_DEEPSEEK_BOS))
+
+
 def _turn_content(role: str, content: str, markers: tuple[str, ...]) -> str:
     """A turn's content as cleaned (`clean_content`), an assistant's with its reasoning block
     in one form (`_reasoning`): the same whether the turn came laid out as text or as a
     message, with or without the part the template wrote."""
     content = _clean(content, markers)
-    return _reasoning(content) if role == "Assistant" and "think>" in content else content
+    while role == "Assistant" and "think>" in content:
+        reasoned = _reasoning(content)
+        if reasoned == content:
+            break
+        content = _clean(reasoned, markers)  # a dropped block may leave a sequence start in front
+    return content
 
 
 def _reasoning(content: str) -> str:
@@ -376,11 +385,11 @@ def split_query(
     kept = _kept_tail(prompt, query) if prompt else None
     if kept is not None:
         return prompt, _clean_response(query[kept:], _with_template_ends(prompt, markers))
-    messages = parse(query, end_markers)
+    messages = parse(query, markers)
     if messages is None:
-        return "", clean_response(query, end_markers)
+        return "", _clean_response(query, markers)
     if messages and messages[-1]["role"] == "assistant":
-        return messages[:-1], clean_response(messages[-1]["content"], end_markers)
+        return messages[:-1], messages[-1]["content"]  # cleaned by parse as a response is
     return messages, ""
 
 
@@ -388,9 +397,9 @@ def _with_template_ends(prompt: str, markers: tuple[str, ...]) -> tuple[str, ...
     """`markers` and the turn ends of the template that laid `prompt` out: what the response
     after a prompt loses, as the last turn of a query split by its template does (`parse`),
     also with end markers of one's own that leave a template's out."""
-    if _TEMPLATE_ENDS.issubset(markers) or _plain_text(prompt):
+    if _TEMPLATE_ENDS.issubset(markers):  # the default set: nothing to add
         return markers
-    found = _raw_turns(_strip_bos(prompt), prompt.lstrip().startswith(_DEEPSEEK_BOS))
+    found = _template_turns(prompt)
     return markers if found is None else (*found[1], *markers)
 
 

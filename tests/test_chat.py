@@ -283,7 +283,9 @@ def test_normalizing_any_text_is_idempotent(text):
     assert chat.clean_response(response) == response
 
 
-_thinking = st.lists(st.sampled_from(["<think>", "</think>", "\n", " ", "x", "<|im_end|>"]), max_size=8).map("".join)
+_thinking = st.lists(st.sampled_from(["<think>", "</think>", "\n", " ", "x", "<|im_end|>", "<s>"]), max_size=8).map(
+    "".join
+)
 
 
 @settings(max_examples=300, deadline=None)
