@@ -213,11 +213,11 @@ def test_pairwise_judge(live_server, labeler):
 
 
 def test_verl_compute_score(live_server, labeler, monkeypatch):
-    from labeler_client import verl
+    from labeler_client import _shared, verl
 
     monkeypatch.setenv("LABELER_URL", live_server.url)
     monkeypatch.setenv("LABELER_TASK", "tiny")
-    monkeypatch.setattr(verl, "_clients", {})
+    monkeypatch.setattr(_shared, "_clients", {})
     r = verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"prompt": "2+2?"})
     assert r == pytest.approx(labeler.score("2+2?", "It is 4.", "tiny").reward, abs=1e-4)
     batch = verl.compute_score_batch(["gsm8k"] * 2, ["It is 4.", "4"], ["4", "4"], [{"prompt": "2+2?"}, None])

@@ -39,10 +39,11 @@ def test_judge_and_render_judgment(labeler, in_process, capsys):  # noqa: F811 -
     shown = json.loads(capsys.readouterr().out)
     assert shown["prompt"] == labeler.render_judgment("tiny", "2+2?", "4").prompt
     assert {c["label"] for c in shown["candidates"]} == {"Yes", "yes", "No", "no"}
-    # An empty answer is a policy's output like any other: judged, not refused.
+    # An empty answer is a policy's output like any other: judged (as the service reads it:
+    # whitespace alone is the empty response), not refused.
     assert cli.main(["judge", "--task", "tiny", "--context", "c", "--response", " ", "--json"]) == 0
     empty = json.loads(capsys.readouterr().out)
-    assert empty["p_yes"] == pytest.approx(labeler.judgment("c", " ", "tiny").p_yes, abs=1e-6)
+    assert empty["p_yes"] == pytest.approx(labeler.judgment("c", "", "tiny").p_yes, abs=1e-6)
     assert cli.main(["judge", "--task", "no-such-task", "--context", "c", "--response", "r"]) == 2
 
 
