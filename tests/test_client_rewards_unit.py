@@ -146,6 +146,12 @@ def test_group_reward_function_on_an_evaluation_batch():
         groups = json.loads(request.content)["items"]
         assert [len(g["responses"]) for g in groups] == sizes
         assert sum(got) == pytest.approx(0.0, abs=1e-9) and len(got) == len(prompts)
+    # A training batch cut inside a group is the training size's error, not groups of 2.
+    cut = group_reward_function(
+        URL, "tiny", num_generations=4, num_generations_eval=2, client=client_for(FakeLabeler())
+    )
+    with pytest.raises(ValueError, match="holds 6 completions, not a multiple of num_generations=4"):
+        cut(prompts=["p"] * 4 + ["q"] * 2, completions=list("abcdef"))
     fake = FakeLabeler()
     alone = group_reward_function(URL, "tiny", num_generations=4, num_generations_eval=1, client=client_for(fake))
     assert alone(prompts=["p", "q", "r", "s"], completions=["a", "b", "c", "d"]) == [0.0] * 4

@@ -268,14 +268,22 @@ class GroupRewardFunction(RewardFunction):
     def _groups(self, prompts: Sequence[Text]) -> list[range]:
         """The batch's groups: of `num_generations` in training, of `num_generations_eval` in
         TRL's evaluation (which the call does not tell apart), the larger size when both fit
-        (a batch of groups of 8 is also one of groups of 4 of the same prompts)."""
-        sizes = sorted({self.num_generations, self.num_generations_eval or self.num_generations}, reverse=True)
-        for n in sizes[:-1]:
-            try:
-                return find_groups(prompts, n)
-            except ValueError:
-                continue
-        return find_groups(prompts, sizes[-1])
+        (a batch of groups of 8 is also one of groups of 4 of the same prompts). Groups of the
+        smaller size whose neighbours share their prompt are a larger group cut short (a
+        training batch that is not whole groups): the larger size's error is raised."""
+        large, small = self.num_generations, self.num_generations_eval or self.num_generations
+        if small > large:
+            large, small = small, large
+        try:
+            return find_groups(prompts, large)
+        except ValueError as exc:
+            if small == large:
+                raise
+            error = exc
+        groups = find_groups(prompts, small)
+        if any(prompts[a.start] == prompts[b.start] for a, b in zip(groups, groups[1:], strict=False)):
+            raise error
+        return groups
 
     def __call__(
         self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
