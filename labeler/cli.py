@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import InvalidInput, LabelerError
+from .errors import LabelerError
 
 # Modules that add subcommands; imported when the parser is built. `service.cli` is
 # imported by name so that the core package itself never imports the HTTP stack.
@@ -175,10 +175,17 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     builder = prompt_builder(resolve_model(args.model))  # the tokenizer and config only, no weights
     task = load_tasks(args).get(args.task)
-    if args.input:
-        from .datasets_io import read_records
+    if args.input:  # read as `label` reads its input: any of its formats, normalized
+        from .datasets_io import normalize_pair, normalize_single, read_records
 
-        items = [_render_item(args.kind, where, rec) for where, rec in read_records(args.input)]
+        items = []
+        for where, rec in read_records(args.input):
+            if args.kind == "pairwise":
+                pair = normalize_pair(where, rec)
+                items.append({"context": pair.context, "response_a": pair.response_a, "response_b": pair.response_b})
+            else:
+                single = normalize_single(where, rec)
+                items.append({"context": single.context, "response": single.response})
     else:
         fields = {"context": args.context, "response_a": args.response_a, "response_b": args.response_b}
         if args.kind != "pairwise":
@@ -203,19 +210,6 @@ def _cmd_render(args: argparse.Namespace) -> int:
             cands = ", ".join(f"{c['label']!r}={c['token_ids']}" for c in data["candidates"])
             print(f"{r.prompt}\n\n[{len(r.prompt_token_ids)} prompt tokens; candidates: {cands}]\n")
     return 0
-
-
-def _render_item(kind: str, where: str, rec: Any) -> dict[str, Any]:
-    need = ("response_a", "response_b") if kind == "pairwise" else ("response",)
-    if not isinstance(rec, dict) or any(not isinstance(rec.get(k), str) for k in need):
-        raise InvalidInput(
-            f"{where}: a {kind} item needs the text fields {', '.join(need)} (and optionally context: text or "
-            "chat messages)"
-        )
-    item = _item(context=rec.get("context", ""), **{k: rec[k] for k in need})
-    if not isinstance(item["context"], str):
-        raise InvalidInput(f"{where}: context must be text or a list of {{role, content}} messages")
-    return item
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from labeler.chat import normalize_item
 from tests.fixtures.model import TEST_TASKS
 
 pytestmark = pytest.mark.model
@@ -53,20 +52,24 @@ def test_render_reads_no_weights_and_renders_a_file_of_items(labeler, model_dir,
     items = [
         {"context": "Name a fruit.", "response_a": "Apple.", "response_b": "Chair."},
         {"response_a": "x\u2028y", "response_b": "y"},  # a line separator inside a text, written as is
-        # Read as the service reads it: messages as their transcript, end-of-turn markers dropped.
-        {"context": [{"role": "user", "content": "2+2?"}], "response_a": "4<|im_end|>", "response_b": "5"},
+        # Any format `label` reads, read as it and the service read it: messages as their
+        # transcript, end-of-turn markers dropped.
+        {
+            "prompt": [{"role": "user", "content": "2+2?"}],
+            "chosen": [{"role": "assistant", "content": "4<|im_end|>"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        },
     ]
+    read_as = [("Name a fruit.", "Apple.", "Chair."), ("", "x\u2028y", "y"), ("2+2?", "4", "5")]
     text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
     (tmp_path / "items.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())  # an editor's byte-order mark
     args = ["render", "--task", "tiny", "--kind", "pairwise", "--order", "ba", "--model", str(light), "--json"]
     proc = run(*args, "--input", str(tmp_path / "items.jsonl"))
     rows = [json.loads(line) for line in proc.stdout.split("\n") if line]
     assert len(rows) == 3 and proc.stderr == ""
-    for row, it in zip(rows, items, strict=True):
-        n = normalize_item({"context": "", **it})
-        ref = labeler.render_pairwise("tiny", n["context"], n["response_a"], n["response_b"], order="ba")
+    for row, (context, a, b) in zip(rows, read_as, strict=True):
+        ref = labeler.render_pairwise("tiny", context, a, b, order="ba")
         assert row["prompt"] == ref.prompt and row["prompt_token_ids"] == list(ref.prompt_token_ids)
-    assert "4<|im_end|>" not in rows[2]["prompt"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"response_a": "only one"}\n')
     proc = run(*args, "--input", str(bad), check=False)
