@@ -198,6 +198,13 @@ def _is_messages(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v)
 
 
+def _context_key(rec: dict, own: str) -> str:
+    """The key of a record's context: `own`, the format's own name ("prompt" beside
+    "completion", "context" beside responses), else the other name when the record uses it."""
+    other = "prompt" if own == "context" else "context"
+    return other if own not in rec and other in rec else own
+
+
 def _text_or_messages(where: str, name: str, v: Any) -> Any:
     if isinstance(v, str) or _is_messages(v):
         return v
@@ -209,7 +216,7 @@ def normalize_pair(where: str, rec: Any) -> Pair:
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "response_a" in rec or "response_b" in rec:
-        context = "context" if "context" in rec or "prompt" not in rec else "prompt"  # the name the record uses
+        context = _context_key(rec, "context")
         ctx = rec.get(context, "")
         for name, v in ((context, ctx), ("response_a", rec.get("response_a")), ("response_b", rec.get("response_b"))):
             if not isinstance(v, str):
@@ -304,12 +311,12 @@ def normalize_single(where: str, rec: Any) -> Single:
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "completion" in rec:
-        name = "context" if "context" in rec and "prompt" not in rec else "prompt"  # either name, as with "response"
+        name = _context_key(rec, "prompt")
         prompt = _text_or_messages(where, name, rec.get(name, ""))
         completion = _text_or_messages(where, "completion", rec["completion"])
         return Single(prompt_text(prompt), response_text(_after(prompt, completion)), prompt, completion, where)
     if "response" in rec:
-        context = "context" if "context" in rec or "prompt" not in rec else "prompt"  # the name the record uses
+        context = _context_key(rec, "context")
         ctx, resp = rec.get(context, ""), rec["response"]
         if not isinstance(ctx, str) or not isinstance(resp, str):
             raise MalformedRecord(where, f"{context!r} and 'response' must be text")
