@@ -229,7 +229,7 @@ class Labeler:
             raise RuntimeError("the blocking Labeler methods cannot run inside an event loop; await the a* methods")
         with self._runner_lock:
             if self._runner is None:
-                self._runner = asyncio.Runner()
+                self._runner = asyncio.Runner(loop_factory=asyncio.new_event_loop)  # not the thread's current loop
                 weakref.finalize(self, self._runner.close)
             return self._runner.run(coro)
 

@@ -111,8 +111,7 @@ async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
 
 def test_blocking_labeler_calls_one_after_another_on_a_remote_engine(model_dir):
     """The blocking Labeler methods run every call on one event loop of the labeler's own:
-    the engine's semaphore, bound to the loop of its first wait, serves the next call too (a
-    loop per call failed there with "bound to a different event loop")."""
+    the engine's semaphore, bound to the loop of its first wait, serves the next call too."""
 
     async def answer(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":

@@ -93,7 +93,8 @@ def compute_reference_score(
     """The labeler's pairwise reward of `solution_str` against a reference response, in
     [-1, 1] (both orders): the reference is `extra_info["reference"]` (text, or chat messages
     whose assistant turns are the reference), else `ground_truth`, which must be text. Raises
-    ValueError without either, `LabelerClientError` when the service fails."""
+    ValueError without either, TypeError for a reference of another type, `LabelerClientError`
+    when the service fails."""
     extra = dict(extra_info or {})
     reference = extra.get("reference")
     if reference is None:

@@ -194,7 +194,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return safetensors
         return [p for p in safetensors if p.name in named]
-    training = ("training_args", "optimizer", "scheduler", "rng_state")
+    training = ("training_args", "optimizer", "scheduler", "scaler")
     for pattern in ("*.bin", "*.pt"):
         files = sorted(p for p in model_dir.glob(pattern) if not p.name.startswith(training))
         if files:
