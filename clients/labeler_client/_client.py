@@ -478,7 +478,9 @@ class AsyncClient(_BaseClient):
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop self._http's connections belong to
         self._closed = False  # by aclose(): a loop's end closes its connections, not the client
-        self._closer: Any = None  # the async generator that closes self._http as its loop shuts down
+        # The async generators that close each loop's HTTP client as that loop shuts down; kept
+        # until then (collected early, one would close its client while the loop still runs).
+        self._closers: list[Any] = []
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
     def _http_here(self) -> httpx.AsyncClient:
@@ -489,7 +491,8 @@ class AsyncClient(_BaseClient):
             if self._transport is None and not self._closed:
                 if self._loop is not None:
                     self._http = httpx.AsyncClient(**self._http_options())
-                self._closer = _close_at_shutdown(self._http)
+                self._closers = [c for c in self._closers if c.ag_frame is not None]  # drop the finished
+                self._closers.append(_close_at_shutdown(self._http))
             self._loop = loop
         return self._http
 
