@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .chat import normalize_item  # the service's reading of an item, for the one-item commands
 from .errors import LabelerError
 
 # Modules that add subcommands; imported when the parser is built. `service.cli` is
@@ -106,17 +107,9 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _item(**fields: Any) -> dict[str, Any]:
-    """An item from the command line as the service reads it (`normalize_item`): a context laid
-    out by a chat template as its canonical transcript, responses without end-of-turn markers."""
-    from .chat import normalize_item
-
-    return normalize_item(fields)
-
-
 def _cmd_prefer(args: argparse.Namespace) -> int:
     lab = build_labeler(args)
-    it = _item(context=args.context, response_a=args.response_a, response_b=args.response_b)
+    it = normalize_item({"context": args.context, "response_a": args.response_a, "response_b": args.response_b})
     r = lab.preference(
         it["context"],
         it["response_a"],
@@ -145,7 +138,7 @@ def _cmd_prefer(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     lab = build_labeler(args)
-    it = _item(context=args.context, response=args.response)
+    it = normalize_item({"context": args.context, "response": args.response})
     r = lab.score(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
     data = {
         "model": lab.model_id,
@@ -160,7 +153,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_judge(args: argparse.Namespace) -> int:
     lab = build_labeler(args)
-    it = _item(context=args.context, response=args.response)
+    it = normalize_item({"context": args.context, "response": args.response})
     r = lab.judgment(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
     task = lab.task(args.task)
     data = {"model": lab.model_id, "task": args.task, "task_version": task.version, **r.to_dict()}
@@ -193,7 +186,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if v is None]
         if missing:
             raise SystemExit(f"render --kind {args.kind} needs {' and '.join(missing)} (or --input FILE.jsonl)")
-        items = [_item(**fields)]
+        items = [normalize_item(fields)]
     for it in items:
         if args.kind == "pairwise":
             r = builder.pairwise(
