@@ -73,7 +73,6 @@ def reference(live_server):
 def test_replica_killed_mid_load_no_failed_call_no_lost_result(scaled, reference, docker_figures):
     replicas = scaled.containers("api")
     assert len(replicas) == REPLICAS
-    victim = replicas[0]
     transport = RecordingTransport()
     client = lc.Client(
         scaled.url,
@@ -87,18 +86,22 @@ def test_replica_killed_mid_load_no_failed_call_no_lost_result(scaled, reference
     kill: dict = {}
 
     def kill_when_busy() -> None:
-        # Kill once the victim is computing: it dies with a request in flight, while the load
-        # is on. Each poll is a `docker exec` and the victim gets a third of 9 requests, so a
-        # narrower condition (answered one and computing another) can fall between two polls.
+        # Kill the first replica seen computing: it dies with a request in flight, while the
+        # load is on. nginx starts each request at a random replica, so any given one may get
+        # none of the 9 requests; one of the three is always busy while the load runs. Each
+        # poll is a `docker exec`, so a narrower condition (answered one and computing
+        # another) can fall between two polls.
         deadline = time.monotonic() + 300
         while not done.is_set() and time.monotonic() < deadline:
-            _, inflight = replica_metrics(scaled, victim)
-            if inflight >= 1:
-                kill["at"] = time.monotonic()
-                kill["mid_load"] = not done.is_set()
-                kill["inflight"] = inflight
-                scaled.engine.docker("kill", victim)
-                return
+            for cid in replicas:
+                _, inflight = replica_metrics(scaled, cid)
+                if inflight >= 1:
+                    kill["at"] = time.monotonic()
+                    kill["mid_load"] = not done.is_set()
+                    kill["inflight"] = inflight
+                    kill["victim"] = cid
+                    scaled.engine.docker("kill", cid)
+                    return
             time.sleep(0.1)
 
     killer = threading.Thread(target=kill_when_busy)
@@ -109,7 +112,7 @@ def test_replica_killed_mid_load_no_failed_call_no_lost_result(scaled, reference
         seconds = time.monotonic() - t0
         done.set()
         killer.join(timeout=60)
-        survivors = [c for c in scaled.containers("api") if c != victim]
+        survivors = [c for c in scaled.containers("api") if c != kill.get("victim")]
         served = [replica_metrics(scaled, c)[0] for c in survivors]
         # The same items again: every one was stored once and comes back from the cache.
         again = client.scores(ITEMS, TASK)
