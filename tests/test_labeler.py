@@ -111,8 +111,9 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
     n = len(r.prompt_token_ids)
     read = [ScoreRequest(r.prompt_token_ids, label_queries(r.labels))]
     check_score_requests(read, n + 2)  # the engine's own rule: the longest label is 2 tokens
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InputTooLong, match="exceeds the model's context") as too_long:
         check_score_requests(read, n + 1)
+    assert too_long.value.limit == n + 1 and too_long.value.field is None
     monkeypatch.setattr(labeler.engine, "max_model_len", n + 2)
     assert labeler.prepare(plain, [item])[0][0].prompt_token_ids == r.prompt_token_ids
     monkeypatch.setattr(labeler.engine, "max_model_len", n + 1)
@@ -128,7 +129,11 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
     tail = len(labeler.engine.tokenizer("\n" + c.answer_prefix, add_special_tokens=False)["input_ids"])
     room = labeler.max_rationale_tokens + tail + 2
     m = len(c.prompt_token_ids)
-    check_generate_requests([GenerateRequest(c.prompt_token_ids, labeler.max_rationale_tokens, 0.0, 1, 0)], m + room)
+    rationale = [GenerateRequest(c.prompt_token_ids, labeler.max_rationale_tokens, 0.0, 1, 0)]
+    check_generate_requests(rationale, m + room)
+    with pytest.raises(InputTooLong, match="new ones exceeds the model's context") as too_long:
+        check_generate_requests(rationale, m + labeler.max_rationale_tokens - 1)
+    assert too_long.value.limit == m + labeler.max_rationale_tokens - 1
     monkeypatch.setattr(labeler.engine, "max_model_len", m + room)
     assert labeler.prepare(cot, [item])[0][0].prompt_token_ids == c.prompt_token_ids
     monkeypatch.setattr(labeler.engine, "max_model_len", m + room - 1)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ..errors import InvalidInput
+from ..errors import InputTooLong, InvalidInput
 from ..scoring import LabelQuery, TokenIds
 
 # For one prompt: prefix (label tokens after the prompt) -> {token id: log-prob}.
@@ -105,13 +105,16 @@ class Engine(Protocol):
 
 
 def check_score_requests(requests: Sequence[ScoreRequest], max_model_len: int) -> None:
-    """Refuse reads that do not fit the model's context (an InvalidInput, not an engine crash).
+    """Refuse reads that do not fit the model's context (an InputTooLong, not an engine crash).
     It names no field: the engine does not know which item a prompt is, and "items" would
     read as the request's item count."""
     for req in requests:
         longest = len(req.prompt_ids) + max((len(q.prefix) + 1 for q in req.queries), default=0)
         if longest > max_model_len:
-            raise InvalidInput(f"prompt of {len(req.prompt_ids)} tokens exceeds the model's context of {max_model_len}")
+            raise InputTooLong(
+                f"prompt of {len(req.prompt_ids)} tokens exceeds the model's context of {max_model_len}",
+                limit=max_model_len,
+            )
 
 
 def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: int) -> None:
@@ -122,9 +125,10 @@ def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: 
         if req.temperature <= 0 and req.n != 1:
             raise InvalidInput("greedy generation gives one continuation; use temperature > 0 for n > 1")
         if len(req.prompt_ids) + req.max_tokens > max_model_len:
-            raise InvalidInput(
+            raise InputTooLong(
                 f"prompt of {len(req.prompt_ids)} tokens plus {req.max_tokens} new ones exceeds the "
-                f"model's context of {max_model_len}"
+                f"model's context of {max_model_len}",
+                limit=max_model_len,
             )
 
 
