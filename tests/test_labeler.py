@@ -141,6 +141,23 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
         labeler.prepare(cot, [item])
 
 
+async def test_a_closed_transformers_engine_is_unavailable(model_dir):
+    """After `aclose` a read or a generation is `EngineUnavailable`, as on the vLLM engines,
+    not a TypeError from the dropped model."""
+    from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
+    from labeler.engines.transformers_engine import TransformersEngine
+    from labeler.errors import EngineUnavailable
+
+    closed = TransformersEngine(model_dir)
+    ids = tuple(closed.tokenizer("2+2=", add_special_tokens=False)["input_ids"])
+    assert (await closed.score([ScoreRequest(ids, (LabelQuery((), (16, 17)),))]))[0][()].keys() == {16, 17}
+    await closed.aclose()
+    with pytest.raises(EngineUnavailable, match="closed"):
+        await closed.score([ScoreRequest(ids, (LabelQuery((), (16, 17)),))])
+    with pytest.raises(EngineUnavailable, match="closed"):
+        await closed.generate([GenerateRequest(ids, 4, 0.0, 1, 0)])
+
+
 async def test_rationales_ignore_the_models_own_generation_defaults(engine, model_dir, tmp_path):
     """A model whose generation_config.json sets generation options (Qwen2.5 ships a repetition
     penalty, top-p and top-k; others beams, truncations or suppressed tokens) generates the

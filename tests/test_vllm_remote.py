@@ -16,7 +16,7 @@ import pytest
 from labeler import Labeler, PairItem, TaskRegistry
 from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
 from labeler.engines.vllm_remote import VLLMRemoteEngine
-from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
+from labeler.errors import EngineError, EngineUnavailable, InputTooLong
 
 URL = "http://127.0.0.1:9"  # a closed port: nothing answers the engine's look-up at start
 TASKS = Path(__file__).parent / "data" / "tasks"
@@ -64,8 +64,9 @@ async def test_the_servers_context_length_limits_prompts_before_anything_is_sent
     server = Scripted(max_model_len=64)
     remote = engine(model_dir, server, served_model=served_model)
     assert remote.max_model_len > 64  # the config's, until a server is asked
-    with pytest.raises(InvalidInput):
+    with pytest.raises(InputTooLong, match="context of 64") as too_long:
         await remote.score(read(80))
+    assert too_long.value.limit == 64
     assert remote.max_model_len == 64 and remote.served_model == "served" and server.reads == []
     got = await remote.score(read(10))
     assert got[0][()] == {16: -1.0, 17: -1.0} and len(server.reads) == 1
@@ -92,6 +93,22 @@ async def test_a_context_length_refusal_is_an_input_too_long(model_dir):
             await remote.score(read(10))
     with pytest.raises(EngineError):  # any other 400: the engine's failure, told as it came
         await engine(model_dir, Scripted(statuses=(400,))).score(read(10))
+
+
+async def test_a_closed_engine_is_unavailable(model_dir):
+    """After `aclose` a read or a generation is `EngineUnavailable`, as on the other engines,
+    not httpx's error about a closed client."""
+    for discovered in (False, True):
+        server = Scripted()
+        remote = engine(model_dir, server)
+        if discovered:
+            await remote.score(read(10))
+        await remote.aclose()
+        with pytest.raises(EngineUnavailable, match="closed"):
+            await remote.score(read(10))
+        with pytest.raises(EngineUnavailable, match="closed"):
+            await remote.generate([GenerateRequest(tuple(range(1, 11)), 4, 0.0, 1, 0)])
+        assert len(server.reads) == int(discovered)
 
 
 async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import EngineError, InvalidInput, ModelLoadError
+from ..errors import EngineError, EngineUnavailable, InvalidInput, ModelLoadError
 from ..scoring import TokenIds
 from .base import (
     PLAIN_SAMPLING,
@@ -199,7 +199,17 @@ class TransformersEngine:
         return await asyncio.to_thread(self.generate_sync, requests)
 
     async def aclose(self) -> None:
-        self.model = None  # type: ignore[assignment]
+        # Under the lock, so a forward running in a worker thread finishes on the model first.
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
+            self.model = None  # type: ignore[assignment]
+
+    def _check_open(self) -> None:
+        """A closed engine is `EngineUnavailable`, as on the vLLM engines (called under the lock)."""
+        if self.model is None:
+            raise EngineUnavailable("the transformers engine is closed")
 
     # -- scoring -------------------------------------------------------------------
     def score_sync(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
@@ -213,6 +223,7 @@ class TransformersEngine:
                 seqs.append(tuple(req.prompt_ids) + tuple(q.prefix))
         out: list[Logprobs] = [{} for _ in requests]
         with self._lock:
+            self._check_open()
             self.stats.score_calls += 1
             self.stats.prompts_scored += len(requests)
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
@@ -371,6 +382,7 @@ class TransformersEngine:
         greedy = [i for i, r in enumerate(requests) if r.temperature <= 0]
         sampled = [i for i, r in enumerate(requests) if r.temperature > 0]
         with self._lock:
+            self._check_open()
             self.stats.generate_calls += 1
             try:
                 # Same max_tokens batch together (the usual case: one labeling call).

@@ -227,7 +227,10 @@ class VLLMRemoteEngine:
 
     async def _ready(self) -> None:
         """Learn the context limit before a request is checked against it. Without a server
-        up, `_post` waits for one and learns it there."""
+        up, `_post` waits for one and learns it there. A closed engine is `EngineUnavailable`,
+        as on the other engines."""
+        if self._http.is_closed:
+            raise EngineUnavailable("the vllm-remote engine is closed")
         if self._discovered:
             return
         try:
