@@ -111,6 +111,23 @@ async def test_a_closed_engine_is_unavailable(model_dir):
         assert len(server.reads) == int(discovered)
 
 
+async def test_a_server_that_returns_no_token_ids_is_an_engine_error(model_dir):
+    """A server that ignores `return_token_ids` answers a generation with text alone: that is
+    the engine's failure, said as such, not an empty rationale judged as if the model wrote it."""
+
+    class TextOnly(Scripted):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/completions" and json.loads(request.read()).get("return_token_ids"):
+                return httpx.Response(200, json={"choices": [{"index": 0, "text": "Because."}]})
+            return super().__call__(request)
+
+    remote = engine(model_dir, TextOnly())
+    with pytest.raises(EngineError, match="without token ids"):
+        await remote.generate([GenerateRequest(tuple(range(1, 11)), 4, 0.0, 1, 0)])
+    (got,) = await engine(model_dir, Scripted()).generate([GenerateRequest(tuple(range(1, 11)), 4, 0.0, 1, 0)])
+    assert len(got) == 1 and got[0].token_ids
+
+
 async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
     """One server, one 502: the server is down for its cooldown, then tried again; the read
     succeeds instead of failing the batch while every server cools down."""

@@ -293,7 +293,13 @@ class VLLMRemoteEngine:
             data, server = await self._post("/v1/completions", body)
             self._count_computed(data)
             choices = sorted(data["choices"], key=lambda c: c["index"])
-            done = [finish_generation(c.get("token_ids") or [], self._eos, self.tokenizer, self.stats) for c in choices]
+            if any(c.get("token_ids") is None for c in choices):
+                # A server that ignores `return_token_ids` would otherwise give empty rationales.
+                raise EngineError(
+                    f"vLLM server {server.url} returned a completion without token ids: it needs a "
+                    "vLLM that supports `return_token_ids` on /v1/completions"
+                )
+            done = [finish_generation(c["token_ids"], self._eos, self.tokenizer, self.stats) for c in choices]
             return [replace(g, site=server) for g in done]
 
         return await gather_or_cancel([one(r) for r in requests])
