@@ -26,15 +26,17 @@ class Scripted:
     """A `vllm serve` stand-in: `/v1/models` lists one model with `max_model_len`; label
     reads answer from `statuses` in turn (200 once they run out)."""
 
-    def __init__(self, max_model_len: int = 64, statuses: tuple[int, ...] = (), body: str = "") -> None:
-        self.max_model_len, self.statuses, self.body = max_model_len, list(statuses), body
+    def __init__(
+        self, max_model_len: int = 64, statuses: tuple[int, ...] = (), body: str = "", healthy: bool = True
+    ) -> None:
+        self.max_model_len, self.statuses, self.body, self.healthy = max_model_len, list(statuses), body, healthy
         self.reads: list[float] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "served", "max_model_len": self.max_model_len}]})
         if request.url.path == "/health":
-            return httpx.Response(200)
+            return httpx.Response(200 if self.healthy else 503)
         self.reads.append(time.monotonic())
         status = self.statuses.pop(0) if self.statuses else 200
         if status != 200:
@@ -179,6 +181,37 @@ def servers(model_dir, *scripts: Scripted) -> tuple[VLLMRemoteEngine, list[tuple
     remote = VLLMRemoteEngine([f"http://{host}:9" for host in by_host], model_dir, cooldown=30)
     remote._http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return remote, sent
+
+
+async def test_a_500_from_a_healthy_server_fails_that_request_alone(model_dir):
+    """A 500 while the server's /health answers is the request's own failure (an input that
+    crashes the server's handler): an engine error at once, not sent on to fail on the other
+    server and take both out for a cooldown. A 500 while /health fails too is the server's:
+    it is marked down and the request goes to the other one."""
+
+    class Poisoned(Scripted):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/completions" and len(json.loads(request.content)["prompt"]) == 13:
+                return httpx.Response(500, text="Internal Server Error")
+            return super().__call__(request)
+
+    poisoned = Poisoned()
+    remote, sent = servers(model_dir, poisoned, poisoned)
+    with pytest.raises(EngineError, match="HTTP 500") as failed:
+        await remote.score(read(13))
+    assert not isinstance(failed.value, EngineUnavailable)
+    assert len(sent) == 1 and all(s.down_until == 0.0 for s in remote.servers)
+    await remote.score(read(10))  # the next request is served at once
+    assert len(sent) == 2
+
+    flaky = Scripted(statuses=(500,), healthy=False)  # both servers' script: the first read fails
+    remote, sent = servers(model_dir, flaky, flaky)
+    got = await remote.score(read(10))
+    assert got[0][()] == {16: -1.0, 17: -1.0}
+    hosts = [host for host, _ in sent]
+    assert len(hosts) == 2 and hosts[0] != hosts[1]
+    down = {s.url.split("//")[1].split(":")[0] for s in remote.servers if s.down_until > 0}
+    assert down == {hosts[0]}
 
 
 def two_deep(starts: range) -> list[ScoreRequest]:

@@ -13,8 +13,10 @@ vLLM servers (data parallel), or to one server with tensor parallelism.
   chained reads follow its first read to the same server, and the label read after a
   chain-of-thought rationale goes to the server that generated the rationale: there its
   prompt's KV is in the prefix cache (elsewhere it would be computed again). A server that fails
-  (connection error, timeout, 5xx) is marked down for `cooldown` seconds and the request
-  is retried on the next one (when every server is down, once the first cooldown ends);
+  (connection error, timeout, 502-504, or a 500 while its `/health` fails too) is marked
+  down for `cooldown` seconds and the request is retried on the next one (when every server
+  is down, once the first cooldown ends); a 500 from a healthy server is that request's
+  `EngineError`, not retried on the others;
   after the cooldown a `GET /health` must answer before the server gets traffic again.
   Up to `retries` tries per server, then `EngineUnavailable`. A refused key or an unknown
   model (401, 403, 404) is `EngineUnavailable` at once: every request would get it.
@@ -141,17 +143,20 @@ class VLLMRemoteEngine:
             if server.down_until > time.monotonic():
                 continue
             if server.needs_probe:
-                try:
-                    resp = await self._http.get(server.url + "/health", timeout=2.0)
-                    if resp.status_code != 200:
-                        raise httpx.HTTPStatusError("unhealthy", request=resp.request, response=resp)
-                    server.needs_probe = False
-                    log.info("vllm server %s is back", server.url)
-                except httpx.HTTPError:
+                if not await self._healthy(server):
                     server.down_until = time.monotonic() + self.cooldown
                     continue
+                server.needs_probe = False
+                log.info("vllm server %s is back", server.url)
             return server
         raise EngineUnavailable(f"no vLLM server is up (of {', '.join(s.url for s in self.servers)})")
+
+    async def _healthy(self, server: _Server) -> bool:
+        """Whether `server` answers `GET /health` (vLLM's checks that its engine is alive)."""
+        try:
+            return (await self._http.get(server.url + "/health", timeout=2.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def _mark_down(self, server: _Server, why: str) -> None:
         log.warning("vllm server %s failed (%s); retrying elsewhere for %.0f s", server.url, why, self.cooldown)
@@ -186,6 +191,10 @@ class VLLMRemoteEngine:
                 self._mark_down(server, type(exc).__name__)
                 last = f"{server.url}: {exc!r}"
                 continue
+            if resp.status_code == 500 and await self._healthy(server):
+                # The server is up and failed this request alone: sent on, it would fail on
+                # every server and take each one out for a cooldown.
+                raise self._refusal(server, resp)
             if resp.status_code in _RETRY_STATUS:
                 self._mark_down(server, f"HTTP {resp.status_code}")
                 last = f"{server.url}: HTTP {resp.status_code} {resp.text[:200]}"
