@@ -144,7 +144,8 @@ class MicroBatcher:
         """Seconds until the queue has drained at the recent rate (1 s to 60 s; 1 s before any
         batch is done). The rate is the server's, not one batch's: the items of the batches
         done in the last `RATE_WINDOW_S` seconds over the time any of them was running
-        (overlapping batches count once, idle time not at all)."""
+        (overlapping batches count once, idle time not at all); the last batch done when none
+        ended within it (a burst after an idle spell, batches slower than the window)."""
         self._trim_done()
         if not self._done:
             return 1.0
@@ -193,9 +194,9 @@ class MicroBatcher:
             self._slots.release()
 
     def _trim_done(self) -> None:
-        """Forget the batches that ended before the rate's window."""
+        """Forget the batches that ended before the rate's window, but the last one."""
         since = time.monotonic() - RATE_WINDOW_S
-        while self._done and self._done[0][1] < since:
+        while len(self._done) > 1 and self._done[0][1] < since:
             self._done.popleft()
 
     async def _attempt(self, group: Hashable, jobs: list[_Job]) -> None:

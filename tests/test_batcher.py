@@ -207,6 +207,32 @@ def test_retry_after_drains_the_queue_at_the_servers_rate_not_one_batchs():
     asyncio.run(run())
 
 
+def test_retry_after_keeps_the_last_rate_past_the_window(monkeypatch):
+    """A burst after an idle spell longer than the rate's window (or batches slower than it):
+    the full queue is told the time it takes at the last rate measured, not 1 s, which would
+    have every client come back at once, every second."""
+    monkeypatch.setattr("service.batcher.RATE_WINDOW_S", 0.1)
+    gate = asyncio.Event()
+
+    async def run_group(group, items, keys):
+        await asyncio.sleep(0.2) if items[0].startswith("warm") else await gate.wait()
+        return list(items)
+
+    async def run() -> None:
+        batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=404, concurrency=1)
+        batcher.start()
+        await asyncio.gather(*batcher.submit("g", [(f"warm{i}", f"warm{i}") for i in range(4)])[0])
+        await asyncio.sleep(0.3)  # idle, past the window
+        batcher.submit("g", [(f"q{i}", f"q{i}") for i in range(400)])
+        # 4 items in at least 0.2 s: 400 take 20 s or more.
+        ((t0, t1, n),) = batcher._done
+        assert batcher.retry_after() == min(60, math.ceil(400 * (t1 - t0) / n)) >= 20
+        gate.set()
+        await batcher.stop()
+
+    asyncio.run(run())
+
+
 def test_a_flight_in_progress_is_still_shared():
     go = asyncio.Event()
 
