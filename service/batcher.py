@@ -73,14 +73,15 @@ class MicroBatcher:
         wait_s: float,
         max_pending: int,
         concurrency: int = 1,
-        on_batch: Callable[[int], None] | None = None,
+        on_call: Callable[[Hashable, int, bool], None] | None = None,
         on_pending: Callable[[int], None] | None = None,
     ) -> None:
         self.run_group = run_group
         self.max_items = max_items
         self.wait_s = wait_s
         self.max_pending = max_pending
-        self.on_batch = on_batch or (lambda n: None)
+        # Told (group, items, succeeded) of each engine call, the calls of a split batch too.
+        self.on_call = on_call or (lambda group, n, ok: None)
         self.on_pending = on_pending or (lambda n: None)  # told `pending` each time it moves
         self.pending = 0  # items queued or computing
         self.computed = 0  # items computed since start (single-flight counts one)
@@ -177,7 +178,6 @@ class MicroBatcher:
     async def _run(self, group: Hashable, jobs: list[_Job]) -> None:
         t0 = time.monotonic()
         try:
-            self.on_batch(len(jobs))
             await self._attempt(group, jobs)
         except BaseException as exc:  # cancelled (shutdown): no waiter is left hanging
             for job in jobs:
@@ -211,11 +211,14 @@ class MicroBatcher:
         try:
             results = await self.run_group(group, [j.item for j in jobs], [j.key for j in jobs])
         except Exception as exc:  # noqa: BLE001 - every failure is delivered to its waiters
+            self.on_call(group, len(jobs), False)
             return as_labeler_error(exc)
         if len(results) != len(jobs):  # a bug below: which result is whose is unknown, so none is given
+            self.on_call(group, len(jobs), False)
             log.error("the labeler returned %d results for a call of %d items", len(results), len(jobs))
             # The same words whatever the counts, so that a labeler always off fails its batch alike.
             return EngineError("the labeler returned another number of results than it was given items")
+        self.on_call(group, len(jobs), True)
         for job, result in zip(jobs, results, strict=True):
             _resolve(job.future, result)
             self._release(job)

@@ -59,7 +59,7 @@ class LabelService:
             wait_s=settings.batch_wait_ms / 1000,
             max_pending=settings.max_queue_items,
             concurrency=settings.effective_batch_concurrency(),
-            on_batch=metrics.batch_size.observe,
+            on_call=self._count_call,
             on_pending=metrics.inflight.set,
         )
         self._specs: dict[tuple, LabelSpec] = {}
@@ -196,6 +196,13 @@ class LabelService:
             self._drop_foreign(spec.kind, results)
         misses = [i for i, r in enumerate(results) if not r]
         hits = len(items) - len(misses)
+        # Counted as they happen, so that a request failed later by one item still counts its
+        # lookups (items computed count in `_count_call`, whichever request they were for).
+        if hits:  # counters only when they move: each inc() takes a lock
+            self._items_metric[spec.kind, "cache"].inc(hits)
+            self.metrics.cache_hits.inc(hits)
+        if misses and use_cache:
+            self.metrics.cache_misses.inc(len(misses))
         shared = 0
         if misses:
             prepared = await self.labeler.aprepare(
@@ -210,6 +217,8 @@ class LabelService:
             futures, shared = self.batcher.submit(
                 (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
             )
+            if shared:
+                self._items_metric[spec.kind, "shared"].inc(shared)
             # shield: a client that goes away must not cancel a computation others share.
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
             failed = [j for j, v in enumerate(values) if isinstance(v, BaseException)]
@@ -217,15 +226,14 @@ class LabelService:
                 raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]", len(items))
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
-            self._items_metric[spec.kind, "engine"].inc(len(misses) - shared)
-            if shared:
-                self._items_metric[spec.kind, "shared"].inc(shared)
-            if use_cache:
-                self.metrics.cache_misses.inc(len(misses))
-        if hits:  # counters only when they move: each inc() takes a lock
-            self._items_metric[spec.kind, "cache"].inc(hits)
-            self.metrics.cache_hits.inc(hits)
         return results, Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
+
+    def _count_call(self, group: Hashable, items: int, ok: bool) -> None:
+        """The batcher's report of one engine call: its size, and its items as computed by the
+        engine when it succeeded (each once, however many requests shared it)."""
+        self.metrics.batch_size.observe(items)
+        if ok:
+            self._items_metric[group[0].kind, "engine"].inc(items)  # type: ignore[index]
 
     def _drop_foreign(self, kind: str, results: list[dict[str, Any]]) -> None:
         """Turn into misses the cached results that are not results of `kind` as this version

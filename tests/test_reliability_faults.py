@@ -292,6 +292,39 @@ def test_the_client_sets_aside_only_the_item_the_engine_fails_on(labeler, test_t
     )
 
 
+def test_metrics_count_what_a_request_failed_by_one_item_computed(labeler, test_tasks):
+    """One item the engine fails on fails its request (503), but its batch-mates were computed
+    and cached while the batch was split: they count as engine items, each engine call of the
+    split is one observed batch, and every lookup counts as a miss. A second request finds
+    them as cache hits."""
+    faulty = FaultyEngine(labeler.engine, poison=POISON)
+    srv = LiveServer(Labeler(faulty, test_tasks))
+    good = questions(3, "counted")
+    names = {
+        "engine": 'labeler_items_total{kind="score",source="engine"}',
+        "cache": 'labeler_items_total{kind="score",source="cache"}',
+        "misses": "labeler_cache_misses_total",
+        "hits": "labeler_cache_hits_total",
+        "calls": "labeler_engine_batch_items_count",
+    }
+    srv.start()
+    try:
+        before = {k: metric(srv.url, n) for k, n in names.items()}
+        calls = faulty.calls
+        body = {"task": "tiny", "items": [*good, {"context": "fault", "response": POISON}]}
+        failed = httpx.post(srv.url + "/v1/scores", json=body, timeout=300)
+        moved = {k: metric(srv.url, n) - before[k] for k, n in names.items()}
+        calls = faulty.calls - calls
+        again = httpx.post(srv.url + "/v1/scores", json={"task": "tiny", "items": good}, timeout=300)
+        hits = {k: metric(srv.url, names[k]) - before[k] for k in ("cache", "hits")}
+    finally:
+        srv.stop()
+    assert failed.status_code == 503 and failed.json()["error"]["param"] == "items[3]"
+    assert moved == {"engine": 3, "cache": 0, "misses": 4, "hits": 0, "calls": calls} and calls > 1
+    assert again.status_code == 200 and all(r["cached"] for r in again.json()["results"])
+    assert hits == {"cache": 3, "hits": 3}
+
+
 async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_tasks, figures):
     """An engine that is down (EngineUnavailable) fails every waiter of the batch with one
     call: no bisection, no retry per item. Once it is back, the same requests are answered."""
