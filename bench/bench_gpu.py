@@ -8,6 +8,9 @@ tokenizer is the embedded SmolLM2's (its ids fit the larger vocabulary). The wor
 summarize-shaped pairs in both orders: "unique" tokens are those the prefix tree really
 computes (shared preambles and contexts counted once). Peak FLOP/s is measured in the same
 run with a bf16 8192³ matmul, and the spec sheet's dense figure is printed beside it.
+P1 counts every parameter, as its goal is defined; the detail also gives the fraction of peak
+by the FLOPs a prompt token costs, without the embedding (a lookup) and the lm_head (applied
+only where a label is read).
 
 Runs unattended: `python -m bench.bench_gpu` on a CUDA machine (torch + transformers only).
 `--tokenizer DIR` names a tokenizer directory where the embedded model is not installed (the
@@ -88,6 +91,10 @@ def main() -> int:
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     params = sum(p.numel() for p in model.parameters())
+    # The FLOPs a prompt token costs: the embedding is a lookup, and the engine applies the
+    # lm_head only where a label is read (`logits_to_keep`), so neither multiplies per token.
+    heads = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    matmul_params = params - sum(p.numel() for p in model.parameters() if id(p) in heads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or resolve_model(None))
     engine = TransformersEngine.from_objects(
         model, tokenizer, model_id="llama3-8b-shape-random", max_batch_tokens=args.max_batch_tokens
@@ -119,7 +126,8 @@ def main() -> int:
         detail=f"{params / 1e9:.2f} B parameters (Llama-3-8B shape, random bf16), {tokens} unique tokens in "
         f"{elapsed:.1f} s = {tps:,.0f} tokens/s; measured bf16 peak {peak / 1e12:.0f} TFLOP/s (spec dense "
         f"{spec / 1e12:.0f}) → roofline {roofline:,.0f} tokens/s; {args.pairs} pairs, both orders, "
-        f"{args.batch} pairs per call",
+        f"{args.batch} pairs per call; by the FLOPs a token costs (2 × {matmul_params / 1e9:.2f} B parameters "
+        f"without the embedding and the lm_head): {tps * 2 * matmul_params / peak:.3f} of peak",
     )
     line = json.dumps(r.to_dict() | {"date": dt.date.today().isoformat()})
     print(line)
