@@ -78,24 +78,28 @@ def label_distribution(
     """Exact label probabilities from the engine's answers to `label_queries(labels)`.
 
     `logprobs[prefix][t]` is log p(t | prompt + prefix). Returns the normalized
-    distribution and the unnormalized mass. Raises ModelOutputError if the mass is zero
-    (the model put no probability on any label; only possible with -inf log-probs) and
-    EngineError if the answer lacks a log-prob that the queries asked for.
+    distribution and the unnormalized mass. Normalizes in log space, so labels of tiny
+    probability (log-probs of -800) still give their distribution; the mass then reads 0.
+    Raises ModelOutputError if no label has any probability (every label's log-prob -inf)
+    or a log-prob is NaN, and EngineError if the answer lacks a log-prob that the queries
+    asked for.
     """
     seqs = _validate_labels(labels)
-    raw: dict[str, float] = {}
+    logs: dict[str, float] = {}
     for label, seq in seqs.items():
         lp = 0.0
         for i, tok in enumerate(seq):
             lp += _lookup(logprobs, seq[:i], tok)
         # Probability of going on from this label into a longer one.
         onward = {other[len(seq)] for other in seqs.values() if len(other) > len(seq) and other[: len(seq)] == seq}
-        cont = sum(math.exp(_lookup(logprobs, seq, t)) for t in onward)
-        raw[label] = math.exp(lp) * max(0.0, 1.0 - cont)
-    mass = sum(raw.values())
-    if not mass > 0.0:
+        rest = 1.0 - sum(math.exp(_lookup(logprobs, seq, t)) for t in onward)
+        logs[label] = lp + (math.log(rest) if rest > 0.0 else math.nan if math.isnan(rest) else -math.inf)
+    top = max(logs.values())
+    if any(math.isnan(v) for v in logs.values()) or top == -math.inf:
         raise ModelOutputError("the model put zero probability on every label")
-    return LabelDistribution({k: v / mass for k, v in raw.items()}, min(mass, 1.0))
+    scaled = {k: math.exp(v - top) for k, v in logs.items()}
+    total = sum(scaled.values())
+    return LabelDistribution({k: v / total for k, v in scaled.items()}, min(math.exp(top) * total, 1.0))
 
 
 def _lookup(logprobs: Mapping[TokenIds, Mapping[int, float]], prefix: TokenIds, tok: int) -> float:

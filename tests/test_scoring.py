@@ -67,6 +67,17 @@ def test_zero_mass_is_an_error_not_a_nan():
         scoring.label_distribution({"1": (1,), "2": (2,)}, {(): {1: -math.inf, 2: -math.inf}})
 
 
+def test_labels_of_tiny_probability_still_give_their_distribution():
+    """Log-probs far below exp()'s range (a model sure of a token that is no label): the
+    distribution among the labels is still exact, and only the mass reads 0."""
+    d = scoring.label_distribution({"1": (1,), "2": (2,)}, {(): {1: -800.0, 2: -801.0}})
+    assert d.probs["1"] == pytest.approx(1 / (1 + math.exp(-1)), abs=1e-12) and d.mass == 0.0
+    d = scoring.label_distribution(SCORE_TOKENS, {(): {t: -900.0 for t in range(33, 42)}, (33,): {32: math.log(0.5)}})
+    assert d.probs["1"] == pytest.approx(d.probs["10"]) == pytest.approx(d.probs["2"] / 2, abs=1e-12)
+    with pytest.raises(ModelOutputError, match="zero probability"):
+        scoring.label_distribution({"1": (1,), "2": (2,)}, {(): {1: math.nan, 2: -1.0}})
+
+
 def test_missing_engine_answer_is_named():
     with pytest.raises(EngineError, match=r"lacks log p\(2 \| prefix \(\)\)"):
         scoring.label_distribution({"1": (1,), "2": (2,)}, {(): {1: -1.0}})
