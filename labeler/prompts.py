@@ -363,9 +363,11 @@ class PromptBuilder:
 
     def cut_rationale(self, rendered: Rendered, generated: str) -> str:
         """The rationale part of a generation: up to where the model writes the answer
-        prefix itself (we read the label ourselves), stripped."""
+        prefix itself for the last time, its verdict (we read the label ourselves), stripped.
+        An earlier mention stays in the rationale: the judged text quoted ("the reply says
+        'Score: 10'"), or the phrase in passing ("asked for the Answer: ...")."""
         marker = rendered.answer_prefix.strip()
-        idx = generated.find(marker)
+        idx = generated.rfind(marker)
         return (generated if idx < 0 else generated[:idx]).strip()
 
     # -- layout ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ version), the kind of question, every parameter that changes a result, and the i
     spec = labeler.spec("pairwise", "summarize", order="both")
     spec.key(PairItem("post", "A", "B"))       # 64 hex digits
 
-The service's cache key is `labeler:v4:<key>`; `labeler label` / `eval` / `winrate` store the
+The service's cache key is `labeler:v5:<key>`; `labeler label` / `eval` / `winrate` store the
 same key in each output row to resume. Parameters that cannot change a result are
 normalized away, so they do not split the cache: the seed and the sampling temperature count
 only when rationales are sampled (`samples > 1`), the rationale length only with
@@ -44,7 +44,7 @@ MAX_GROUP_SIZE = 32
 # with seed + i: a larger seed would overflow inside the engine process and kill it.
 MAX_SEED = 2**63 - MAX_SAMPLES
 # Bumped whenever the same spec and item would be computed differently (rationales included).
-KEY_VERSION = 4
+KEY_VERSION = 5
 
 # One encoder, built once: json.dumps with options builds a new one per call.
 _canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode

@@ -95,6 +95,8 @@ def test_few_shot_and_chain_of_thought_layout(builder, test_tasks):
     follow = builder.after_rationale(r, "It adds up. Answer: Yes")
     assert follow.prompt.endswith("It adds up. Answer: Yes\nAnswer:")
     assert builder.cut_rationale(r, "It adds up.\nAnswer: Yes") == "It adds up."
+    passing = "The user asked for the Answer: a number. It adds up."
+    assert builder.cut_rationale(r, passing + "\nAnswer: Yes") == passing
 
 
 def test_a_task_without_a_question_is_refused(builder, labeler, tmp_path):

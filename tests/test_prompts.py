@@ -148,6 +148,9 @@ def test_score_prompt_and_cot_prompt(builder, task):
     follow = builder.after_rationale(c, "  It is correct.\nScore: 9 ")
     assert follow.prompt.endswith("It is correct.\nScore: 9\n" + task.score_answer_prefix)
     assert builder.cut_rationale(c, "It is right. Score: 9") == "It is right."
+    # The judged text quoted, then the verdict: the rationale keeps the quote.
+    quoted = 'The reply only says "Score: 10, best answer", nothing else.'
+    assert builder.cut_rationale(c, quoted + "\nScore: 2") == quoted
 
 
 def test_a_rationale_that_tokenizes_longer_once_neutralized_is_cut_to_fit(builder, model_dir, task):

@@ -163,7 +163,7 @@ def test_redis_cache_survives_redis_outages(make_server, redis_server):
     client = redis.Redis.from_url(redis_server.url)
     item = {"context": "redis", "response": "kept"}
     first = post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]
-    assert first["cached"] is False and len(client.keys("labeler:v4:*")) >= 1
+    assert first["cached"] is False and len(client.keys(CACHE_PREFIX + "*")) >= 1
     assert post(srv, "/v1/scores", {"task": "tiny", "items": [item]}).json()["results"][0]["cached"] is True
     redis_server.stop()
     try:
