@@ -57,7 +57,10 @@ def test_backoff_is_exponential_capped_and_jittered():
     assert all(8 <= w <= 10 for w in waits) and max(waits) > 9.5 and min(waits) < 8.5
     capped = [lc.Retry(max_retry_after=5).delay(0, retry_after=3600, rng=rng) for _ in range(100)]
     assert all(5 <= w <= 6.25 for w in capped)
-    assert retry.delay(0, retry_after=0) == 0
+    # "Retry-After: 0" (or a date past, as proxies send): the backoff's jitter, not every
+    # worker again at once.
+    spread = [retry.delay(1, retry_after=0, rng=rng) for _ in range(200)]
+    assert all(0 <= w <= retry.cap(1) for w in spread) and max(spread) > 0.5
     with pytest.raises(ValueError):
         lc.Retry(max_retries=-1)
 
@@ -180,6 +183,26 @@ def test_connection_errors_are_retried(error):
     assert len(fake.requests) == 4
 
 
+def test_a_request_that_cannot_be_sent_as_configured_is_raised_at_once():
+    """A mistyped URL scheme, or a header value HTTP does not allow (an API key read with its
+    newline): every try and every batch would fail alike, so it is neither retried nor
+    turned into None items with on_error="none"."""
+    client = lc.Client("htps://labeler.test", retry=lc.Retry(max_retries=3, backoff=0.0), batch_size=1)
+    with pytest.raises(lc.RequestError, match="UnsupportedProtocol") as err:
+        client.rewards(["p"] * 3, ["r"] * 3, task="tiny", on_error="none")
+    assert err.value.misconfigured and pickle.loads(pickle.dumps(err.value)).misconfigured
+    fake = FakeLabeler()
+    fake.fail_next(httpx.LocalProtocolError, times=10)
+    client = client_for(fake, batch_size=1, max_concurrency=1)
+    with pytest.raises(lc.RequestError, match="LocalProtocolError"):
+        client.scores(items(3), "tiny", on_error="none")
+    assert client.sleeps == [] and len(fake.requests) == 1
+    fake = FakeLabeler()
+    fake.fail_next(httpx.ConnectError, times=1)  # what can pass is still retried
+    client = client_for(fake)
+    assert client.scores(items(1), "tiny")[0] is not None and len(fake.requests) == 2
+
+
 def test_timeouts_are_retried_then_raised_as_timeout():
     fake = FakeLabeler()
     fake.fail_next(httpx.ReadTimeout, times=10)
@@ -252,6 +275,16 @@ def test_other_errors_are_not_retried_and_map_to_types(status, cls):
     }
     assert e.type == types[status] and f"HTTP {status}" in str(e)  # the server's own error types
     assert len(fake.requests) == 1
+
+
+def test_an_error_param_that_is_not_text_names_nothing():
+    """A proxy's error body in another shape (`param` a list): an error naming no item, not a
+    TypeError from reading it."""
+    body = {"error": {"type": "invalid_request", "param": ["body", "items", 3], "message": "bad"}}
+    transport = httpx.MockTransport(lambda r: httpx.Response(422, json=body))
+    with pytest.raises(lc.InvalidRequest) as err:
+        lc.Client(URL, transport=transport, retry=NO_WAIT, batch_size=2).scores(items(3), "tiny")
+    assert err.value.param is None and err.value.item is None and err.value.message == "bad"
 
 
 def test_invalid_request_names_the_field():

@@ -111,7 +111,10 @@ class _BaseClient:
             return exc.TimeoutException(
                 f"{request.method} {request.url}: timed out ({type(error).__name__})", request=request
             )
-        return exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
+        wrapped = exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
+        # The same request would fail the same way on every try and in every batch.
+        wrapped.misconfigured = isinstance(error, (httpx.UnsupportedProtocol, httpx.LocalProtocolError))
+        return wrapped
 
     @staticmethod
     def _retry_delay(error: exc.LabelerClientError, attempt: int, retry: Retry, isolate: bool) -> float | None:
@@ -123,7 +126,7 @@ class _BaseClient:
         if isolate and isinstance(error, exc.APIStatusError) and error._names_item:
             return None
         if isinstance(error, exc.RequestError):
-            return retry.delay(attempt)
+            return None if error.misconfigured else retry.delay(attempt)
         if isinstance(error, exc.APIStatusError) and error.status in RETRY_STATUSES:
             return retry.delay(attempt, error.retry_after)
         return None
@@ -165,11 +168,12 @@ class _BaseClient:
     @staticmethod
     def _request_wide(error: exc.LabelerClientError) -> bool:
         """An error every batch of the call would get, so it is raised even with
-        on_error="none": a refused API key (401, 403), a URL that is not the labeler's (404,
+        on_error="none": a request that cannot be sent as configured (`RequestError.misconfigured`),
+        a refused API key (401, 403), a URL that is not the labeler's (404,
         405, a redirect, which the client does not follow, or a 2xx that is no labeler's
         answer: not JSON, or not one result per item), or a 422 about the request's own
         options (`task`, `samples`, ...), not about its items."""
-        if isinstance(error, exc.ResponseError):
+        if isinstance(error, exc.ResponseError) or getattr(error, "misconfigured", False):
             return True
         if isinstance(error, exc.APIStatusError) and error.status in CALL_WIDE_STATUSES:
             return True

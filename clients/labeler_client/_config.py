@@ -61,8 +61,10 @@ class Retry:
         return min(self.max_backoff, self.backoff * 2 ** min(attempt, 62))
 
     def delay(self, attempt: int, retry_after: float | None = None, *, rng: random.Random | None = None) -> float:
-        """Seconds to sleep before retry number `attempt` (0-based)."""
-        if retry_after is not None:
+        """Seconds to sleep before retry number `attempt` (0-based). A `retry_after` of 0 (a
+        proxy's "Retry-After: 0", or a date already past) falls back to the backoff, so that
+        the workers it refused do not all come back at once."""
+        if retry_after:
             wait = min(retry_after, self.max_retry_after)
             return wait + (rng or random).uniform(0, wait / 4)  # Retry-After is the least to wait
         return (rng or random).uniform(0, self.cap(attempt))

@@ -52,7 +52,12 @@ def _rebuild(cls: type[LabelerClientError], args: tuple[Any, ...]) -> LabelerCli
 
 
 class RequestError(LabelerClientError):
-    """No HTTP answer (connection refused or reset, DNS, protocol error...)."""
+    """No HTTP answer (connection refused or reset, DNS, protocol error...). `misconfigured`:
+    the request could not be sent as configured (a URL scheme other than http or https, a
+    header value HTTP does not allow, such as an API key with a newline): never retried,
+    and raised even with on_error="none"."""
+
+    misconfigured = False
 
 
 class TimeoutException(RequestError):
@@ -72,7 +77,8 @@ class APIStatusError(LabelerClientError):
         err = body.get("error") if isinstance(body, dict) else None
         err = err if isinstance(err, dict) else {}
         self.type: str = str(err.get("type") or "")
-        self.param: str | None = err.get("param")
+        param = err.get("param")
+        self.param: str | None = param if isinstance(param, str) else None  # a proxy's other shapes name nothing
         # The server's own message, without the request line and status that str(error) puts first.
         self.message: str = str(err.get("message") or "")
         self.code = err.get("code", self.status)
