@@ -95,8 +95,8 @@ def test_url_and_key_from_arguments_or_environment(monkeypatch):
     monkeypatch.delenv(lc.ENV_API_KEY, raising=False)
     assert lc.Client().base_url == "http://127.0.0.1:8000" and lc.Client().api_key is None
     monkeypatch.setenv(lc.ENV_URL, "labeler:9000/")
-    monkeypatch.setenv(lc.ENV_API_KEY, "env-key")
-    assert lc.Client().base_url == "http://labeler:9000"
+    monkeypatch.setenv(lc.ENV_API_KEY, "env-key\n")  # as read from a secret's file
+    assert lc.Client().base_url == "http://labeler:9000" and lc.Client().api_key == "env-key"
     fake = FakeLabeler(api_key="env-key")
     assert lc.Client(transport=fake.transport()).scores(items(1), "tiny")[0] is not None
     with pytest.raises(lc.AuthenticationError):

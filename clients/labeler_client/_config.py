@@ -78,7 +78,8 @@ def resolve_url(base_url: str | None) -> str:
 
 
 def resolve_key(api_key: str | None) -> str | None:
-    return api_key or os.environ.get(ENV_API_KEY) or None
+    # Stripped: a key read from a file or a secret keeps its newline, which no header may hold.
+    return (api_key or os.environ.get(ENV_API_KEY) or "").strip() or None
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
