@@ -113,7 +113,7 @@ class APIStatusError(LabelerClientError):
 
 
 class BadRequestError(APIStatusError):
-    """A 4xx the caller must fix; never retried."""
+    """A 4xx the caller must fix; never retried (but a 408, a proxy's timeout, which is)."""
 
 
 class AuthenticationError(BadRequestError):
