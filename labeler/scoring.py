@@ -92,10 +92,12 @@ def label_distribution(
             lp += _lookup(logprobs, seq[:i], tok)
         # Probability of going on from this label into a longer one.
         onward = {other[len(seq)] for other in seqs.values() if len(other) > len(seq) and other[: len(seq)] == seq}
-        rest = 1.0 - sum(math.exp(_lookup(logprobs, seq, t)) for t in onward)
-        logs[label] = lp + (math.log(rest) if rest > 0.0 else math.nan if math.isnan(rest) else -math.inf)
+        cont = sum(math.exp(_lookup(logprobs, seq, t)) for t in onward)
+        if math.isnan(lp) or math.isnan(cont):
+            raise ModelOutputError("the model put zero probability on every label")
+        logs[label] = lp + math.log1p(-cont) if cont < 1.0 else -math.inf
     top = max(logs.values())
-    if any(math.isnan(v) for v in logs.values()) or top == -math.inf:
+    if top == -math.inf:
         raise ModelOutputError("the model put zero probability on every label")
     scaled = {k: math.exp(v - top) for k, v in logs.items()}
     total = sum(scaled.values())
