@@ -112,8 +112,8 @@ class _BaseClient:
                 f"{request.method} {request.url}: timed out ({type(error).__name__})", request=request
             )
         wrapped = exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
-        # The same request would fail the same way on every try and in every batch.
-        wrapped.misconfigured = isinstance(error, (httpx.UnsupportedProtocol, httpx.LocalProtocolError))
+        # A URL scheme httpx cannot send: every try and every batch would fail alike.
+        wrapped.misconfigured = isinstance(error, httpx.UnsupportedProtocol)
         return wrapped
 
     @staticmethod
@@ -173,7 +173,7 @@ class _BaseClient:
         405, a redirect, which the client does not follow, or a 2xx that is no labeler's
         answer: not JSON, or not one result per item), or a 422 about the request's own
         options (`task`, `samples`, ...), not about its items."""
-        if isinstance(error, exc.ResponseError) or getattr(error, "misconfigured", False):
+        if isinstance(error, exc.ResponseError) or (isinstance(error, exc.RequestError) and error.misconfigured):
             return True
         if isinstance(error, exc.APIStatusError) and error.status in CALL_WIDE_STATUSES:
             return True

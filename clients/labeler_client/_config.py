@@ -39,8 +39,8 @@ class Timeout:
 class Retry:
     """Retries on connection errors, timeouts, 408, 429 and 502/503/504.
 
-    The wait before retry `n` (0-based) is the server's `Retry-After` when it sent one (at
-    most `max_retry_after`) plus up to a quarter of it at random (so at most 1.25 times
+    The wait before retry `n` (0-based) is the server's `Retry-After` when it sent one above
+    0 (at most `max_retry_after`) plus up to a quarter of it at random (so at most 1.25 times
     `max_retry_after`), so that the workers of a trainer refused together do not come back
     together; else a full-jitter exponential backoff: uniform in [0, min(max_backoff,
     backoff * 2**n)]. Labeling is idempotent and cached server-side, so a retried request is

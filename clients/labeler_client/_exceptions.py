@@ -2,11 +2,11 @@
 an HTTP answer also carry the `response`, its `status` and the server's error fields.
 
 LabelerClientError
-├── RequestError            the request did not get an HTTP answer (retried)
+├── RequestError            the request did not get an HTTP answer (retried, unless .misconfigured)
 │   └── TimeoutException    connect or read timeout (retried)
 ├── APIStatusError          the server answered with an error status (.status .type .param .code
 │                           .message)
-│   ├── BadRequestError     4xx the caller must fix (never retried)
+│   ├── BadRequestError     4xx the caller must fix (never retried, but 408: a proxy's timeout)
 │   │   ├── AuthenticationError   401
 │   │   ├── PayloadTooLarge       413 (lower batch_size)
 │   │   └── InvalidRequest        422 (.param names the field, the message the limit)
@@ -53,9 +53,8 @@ def _rebuild(cls: type[LabelerClientError], args: tuple[Any, ...]) -> LabelerCli
 
 class RequestError(LabelerClientError):
     """No HTTP answer (connection refused or reset, DNS, protocol error...). `misconfigured`:
-    the request could not be sent as configured (a URL scheme other than http or https, a
-    header value HTTP does not allow, such as an API key with a newline): never retried,
-    and raised even with on_error="none"."""
+    the base URL's scheme is neither http nor https, so no request can be sent: never
+    retried, and raised even with on_error="none"."""
 
     misconfigured = False
 
