@@ -210,8 +210,10 @@ class MicroBatcher:
         (nothing settled)."""
         try:
             results = await self.run_group(group, [j.item for j in jobs], [j.key for j in jobs])
-        except Exception as exc:  # noqa: BLE001 - every failure is delivered to its waiters
+        except BaseException as exc:  # noqa: BLE001 - every failure is delivered to its waiters
             self.on_call(group, len(jobs), False)
+            if not isinstance(exc, Exception):  # cancelled (shutdown): `_run` fails the waiters
+                raise
             return as_labeler_error(exc)
         if len(results) != len(jobs):  # a bug below: which result is whose is unknown, so none is given
             self.on_call(group, len(jobs), False)

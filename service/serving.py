@@ -196,10 +196,9 @@ class LabelService:
             self._drop_foreign(spec.kind, results)
         misses = [i for i, r in enumerate(results) if not r]
         hits = len(items) - len(misses)
-        # Counted as they happen, so that a request failed later by one item still counts its
-        # lookups (items computed count in `_count_call`, whichever request they were for).
+        # The cache's counters count lookups, also those of a request that fails after them;
+        # items computed count in `_count_call`, whichever request they were for.
         if hits:  # counters only when they move: each inc() takes a lock
-            self._items_metric[spec.kind, "cache"].inc(hits)
             self.metrics.cache_hits.inc(hits)
         if misses and use_cache:
             self.metrics.cache_misses.inc(len(misses))
@@ -226,6 +225,8 @@ class LabelService:
                 raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]", len(items))
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
+        if hits:
+            self._items_metric[spec.kind, "cache"].inc(hits)  # answered from the cache
         return results, Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
 
     def _count_call(self, group: Hashable, items: int, ok: bool) -> None:

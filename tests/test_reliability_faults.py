@@ -295,8 +295,8 @@ def test_the_client_sets_aside_only_the_item_the_engine_fails_on(labeler, test_t
 def test_metrics_count_what_a_request_failed_by_one_item_computed(labeler, test_tasks):
     """One item the engine fails on fails its request (503), but its batch-mates were computed
     and cached while the batch was split: they count as engine items, each engine call of the
-    split is one observed batch, and every lookup counts as a miss. A second request finds
-    them as cache hits."""
+    split is one observed batch, and every lookup counts as a miss. A second request gets
+    them from the cache."""
     faulty = FaultyEngine(labeler.engine, poison=POISON)
     srv = LiveServer(Labeler(faulty, test_tasks))
     good = questions(3, "counted")
