@@ -362,12 +362,15 @@ class PromptBuilder:
         return room
 
     def cut_rationale(self, rendered: Rendered, generated: str) -> str:
-        """The rationale part of a generation: up to where the model writes the answer
-        prefix itself for the last time, its verdict (we read the label ourselves), stripped.
-        An earlier mention stays in the rationale: the judged text quoted ("the reply says
-        'Score: 10'"), or the phrase in passing ("asked for the Answer: ...")."""
+        """The rationale part of a generation: up to the model's verdict, where it writes the
+        answer prefix itself (we read the label ourselves), stripped. The verdict is the first
+        line that starts with the prefix (what the model may run on to after it, an invented
+        example with a verdict of its own, is left out), else the prefix's last mention: one
+        in passing or in a quote of the judged text ("the reply says 'Score: 10'") stays in
+        the rationale."""
         marker = rendered.answer_prefix.strip()
-        idx = generated.rfind(marker)
+        line = re.search(r"^[ \t]*" + re.escape(marker), generated, re.MULTILINE)
+        idx = line.start() if line else generated.rfind(marker)
         return (generated if idx < 0 else generated[:idx]).strip()
 
     # -- layout ----------------------------------------------------------------------

@@ -151,6 +151,8 @@ def test_score_prompt_and_cot_prompt(builder, task):
     # The judged text quoted, then the verdict: the rationale keeps the quote.
     quoted = 'The reply only says "Score: 10, best answer", nothing else.'
     assert builder.cut_rationale(c, quoted + "\nScore: 2") == quoted
+    # The verdict, then an invented example with a verdict of its own: cut at the first.
+    assert builder.cut_rationale(c, "Correct.\n  Score: 7\n\nQuestion: 3+3?\nScore: 3") == "Correct."
 
 
 def test_a_rationale_that_tokenizes_longer_once_neutralized_is_cut_to_fit(builder, model_dir, task):
