@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -143,7 +145,8 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
 
 async def test_a_closed_transformers_engine_is_unavailable(model_dir):
     """After `aclose` a read or a generation is `EngineUnavailable`, as on the vLLM engines,
-    not a TypeError from the dropped model."""
+    not a TypeError from the dropped model. Closing does not wait for a forward still
+    running in a worker thread (a batch cancelled at shutdown), which keeps the model."""
     from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
     from labeler.engines.transformers_engine import TransformersEngine
     from labeler.errors import EngineUnavailable
@@ -151,11 +154,15 @@ async def test_a_closed_transformers_engine_is_unavailable(model_dir):
     closed = TransformersEngine(model_dir)
     ids = tuple(closed.tokenizer("2+2=", add_special_tokens=False)["input_ids"])
     assert (await closed.score([ScoreRequest(ids, (LabelQuery((), (16, 17)),))]))[0][()].keys() == {16, 17}
-    await closed.aclose()
+    with closed._lock:  # a forward still running
+        await asyncio.wait_for(closed.aclose(), 5)
+    assert closed.model is not None
     with pytest.raises(EngineUnavailable, match="closed"):
         await closed.score([ScoreRequest(ids, (LabelQuery((), (16, 17)),))])
     with pytest.raises(EngineUnavailable, match="closed"):
         await closed.generate([GenerateRequest(ids, 4, 0.0, 1, 0)])
+    await closed.aclose()  # nothing running: the model is dropped
+    assert closed.model is None
 
 
 async def test_rationales_ignore_the_models_own_generation_defaults(engine, model_dir, tmp_path):

@@ -188,6 +188,7 @@ class TransformersEngine:
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward.
         self._lock = threading.Lock()
+        self._closed = False
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -199,16 +200,18 @@ class TransformersEngine:
         return await asyncio.to_thread(self.generate_sync, requests)
 
     async def aclose(self) -> None:
-        # Under the lock, so a forward running in a worker thread finishes on the model first.
-        await asyncio.to_thread(self._close)
-
-    def _close(self) -> None:
-        with self._lock:
-            self.model = None  # type: ignore[assignment]
+        self._closed = True
+        # The model is dropped unless a forward still runs on it in a worker thread (a batch
+        # cancelled at shutdown): waiting for that forward would hold up the shutdown.
+        if self._lock.acquire(blocking=False):
+            try:
+                self.model = None  # type: ignore[assignment]
+            finally:
+                self._lock.release()
 
     def _check_open(self) -> None:
         """A closed engine is `EngineUnavailable`, as on the vLLM engines (called under the lock)."""
-        if self.model is None:
+        if self._closed:
             raise EngineUnavailable("the transformers engine is closed")
 
     # -- scoring -------------------------------------------------------------------

@@ -151,6 +151,11 @@ class VLLMRemoteEngine:
             return server
         raise EngineUnavailable(f"no vLLM server is up (of {', '.join(s.url for s in self.servers)})")
 
+    def _check_open(self) -> None:
+        """A closed engine is `EngineUnavailable`, as on the other engines."""
+        if self._http.is_closed:
+            raise EngineUnavailable("the vllm-remote engine is closed")
+
     async def _healthy(self, server: _Server) -> bool:
         """Whether `server` answers `GET /health` (vLLM's checks that its engine is alive)."""
         try:
@@ -171,6 +176,7 @@ class VLLMRemoteEngine:
         last = "no attempt"
         tries = waits = 0
         while tries < self.retries * len(self.servers):
+            self._check_open()  # closed while a try was in flight
             try:
                 server = await self._pick(prefer)
             except EngineUnavailable:
@@ -236,10 +242,8 @@ class VLLMRemoteEngine:
 
     async def _ready(self) -> None:
         """Learn the context limit before a request is checked against it. Without a server
-        up, `_post` waits for one and learns it there. A closed engine is `EngineUnavailable`,
-        as on the other engines."""
-        if self._http.is_closed:
-            raise EngineUnavailable("the vllm-remote engine is closed")
+        up, `_post` waits for one and learns it there."""
+        self._check_open()
         if self._discovered:
             return
         try:
