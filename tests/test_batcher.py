@@ -179,15 +179,22 @@ def test_stopping_fails_what_is_left_after_its_deadline():
     asyncio.run(run())
 
 
+def warm_then_gated(gate: asyncio.Event):
+    """A run_group whose "warm" items take 0.2 s a batch and whose others wait for `gate`."""
+
+    async def run_group(group, items, keys):
+        await asyncio.sleep(0.2) if items[0].startswith("warm") else await gate.wait()
+        return list(items)
+
+    return run_group
+
+
 def test_retry_after_drains_the_queue_at_the_servers_rate_not_one_batchs():
     """Four batches of 4 run at once, 0.2 s each: the server labels ~80 items/s, one batch
     ~20/s. A full queue of 400 is told to come back when the server will have drained it;
     idle time between the batches does not count as labeling time."""
     gate = asyncio.Event()
-
-    async def run_group(group, items, keys):
-        await asyncio.sleep(0.2) if items[0].startswith("warm") else await gate.wait()
-        return list(items)
+    run_group = warm_then_gated(gate)
 
     async def run() -> None:
         batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=432, concurrency=4)
@@ -213,10 +220,7 @@ def test_retry_after_keeps_the_last_rate_past_the_window(monkeypatch):
     have every client come back at once, every second."""
     monkeypatch.setattr("service.batcher.RATE_WINDOW_S", 0.1)
     gate = asyncio.Event()
-
-    async def run_group(group, items, keys):
-        await asyncio.sleep(0.2) if items[0].startswith("warm") else await gate.wait()
-        return list(items)
+    run_group = warm_then_gated(gate)
 
     async def run() -> None:
         batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=404, concurrency=1)
