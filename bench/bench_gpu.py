@@ -8,9 +8,9 @@ tokenizer is the embedded SmolLM2's (its ids fit the larger vocabulary). The wor
 summarize-shaped pairs in both orders: "unique" tokens are those the prefix tree really
 computes (shared preambles and contexts counted once). Peak FLOP/s is measured in the same
 run with a bf16 8192³ matmul, and the spec sheet's dense figure is printed beside it.
-P1 counts every parameter, as its goal is defined; the detail also gives the fraction of peak
-by the FLOPs a prompt token costs, without the embedding (a lookup) and the lm_head (applied
-only where a label is read).
+P1 counts every parameter, as its goal is defined; the JSON line also carries the fraction of
+peak by the FLOPs a prompt token costs (`flops_fraction`), without the embedding (a lookup)
+and the lm_head (applied only where a label is read).
 
 Runs unattended: `python -m bench.bench_gpu` on a CUDA machine (torch + transformers only).
 `--tokenizer DIR` names a tokenizer directory where the embedded model is not installed (the
@@ -126,10 +126,11 @@ def main() -> int:
         detail=f"{params / 1e9:.2f} B parameters (Llama-3-8B shape, random bf16), {tokens} unique tokens in "
         f"{elapsed:.1f} s = {tps:,.0f} tokens/s; measured bf16 peak {peak / 1e12:.0f} TFLOP/s (spec dense "
         f"{spec / 1e12:.0f}) → roofline {roofline:,.0f} tokens/s; {args.pairs} pairs, both orders, "
-        f"{args.batch} pairs per call; by the FLOPs a token costs (2 × {matmul_params / 1e9:.2f} B parameters "
-        f"without the embedding and the lm_head): {tps * 2 * matmul_params / peak:.3f} of peak",
+        f"{args.batch} pairs per call",
     )
-    line = json.dumps(r.to_dict() | {"date": dt.date.today().isoformat()})
+    # Beside P1: the share of peak by the FLOPs a prompt token costs (`bench.run` prints it).
+    flops = {"flops_fraction": tps * 2 * matmul_params / peak, "flops_params": matmul_params}
+    line = json.dumps(r.to_dict() | flops | {"date": dt.date.today().isoformat()})
     print(line)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,10 @@ GPU_RESULT = ROOT / "bench" / "results" / "gpu.json"
 GPU_HOW = (
     "P1 = unique prompt tokens/s ÷ (peak bf16 FLOP/s ÷ (2 × parameters)), goal ≥ 0.6, on a CUDA machine: "
     "`python -m bench.bench_gpu --out bench/results/gpu.json` (Llama-3-8B shape, random bf16 weights via "
-    "`from_config`, transformers engine; the bf16 peak is measured in the same run with an 8192³ matmul)."
+    "`from_config`, transformers engine; the bf16 peak is measured in the same run with an 8192³ matmul). "
+    "P1 counts every parameter, as its goal is defined; beside it, the same run's tokens/s and peak by the "
+    "FLOPs a prompt token costs: 2 × the parameters without the embedding (a lookup) and the lm_head "
+    "(applied only where a label is read)."
 )
 
 
@@ -73,9 +76,13 @@ def render(results: list[dict]) -> str:
         lines.append("Not measured yet: run the command above on a CUDA machine.")
     for r in gpu:
         met = {None: "—", True: "yes", False: "**no**"}[r["met"]]
+        flops = ""
+        if r.get("flops_fraction") is not None:
+            flops = f"; by the FLOPs a token costs (2 × {r['flops_params'] / 1e9:.2f} B parameters): "
+            flops += f"{r['flops_fraction']:.3f} of peak"
         lines.append(
             f"- **{r['name']}** = {r['value']:.3f} (goal ≥ {r['goal']}, met: {met}), {r['title']}, "
-            f"measured {r.get('date', '?')}: {r['detail']}"
+            f"measured {r.get('date', '?')}: {r['detail']}{flops}"
         )
     return "\n".join(lines) + "\n"
 
