@@ -215,12 +215,12 @@ class MicroBatcher:
             if not isinstance(exc, Exception):  # cancelled (shutdown): `_run` fails the waiters
                 raise
             return as_labeler_error(exc)
-        if len(results) != len(jobs):  # a bug below: which result is whose is unknown, so none is given
-            self.on_call(group, len(jobs), False)
+        counted = len(results) == len(jobs)
+        self.on_call(group, len(jobs), counted)
+        if not counted:  # a bug below: which result is whose is unknown, so none is given
             log.error("the labeler returned %d results for a call of %d items", len(results), len(jobs))
             # The same words whatever the counts, so that a labeler always off fails its batch alike.
             return EngineError("the labeler returned another number of results than it was given items")
-        self.on_call(group, len(jobs), True)
         for job, result in zip(jobs, results, strict=True):
             _resolve(job.future, result)
             self._release(job)
