@@ -519,7 +519,7 @@ class Labeler:
             max_tokens = spec.max_rationale_tokens or self.max_rationale_tokens
             gens = await self.engine.generate(
                 [
-                    GenerateRequest(r.prompt_token_ids, max_tokens, temperature or 0.0, samples, spec.seed or 0)
+                    GenerateRequest(r.prompt_token_ids, max_tokens, temperature or 0.0, samples, spec.draw_seed)
                     for r in rendered
                 ]
             )

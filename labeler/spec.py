@@ -7,7 +7,7 @@ version), the kind of question, every parameter that changes a result, and the i
     spec = labeler.spec("pairwise", "summarize", order="both")
     spec.key(PairItem("post", "A", "B"))       # 64 hex digits
 
-The service's cache key is `labeler:v5:<key>`; `labeler label` / `eval` / `winrate` store the
+The service's cache key is `labeler:v6:<key>`; `labeler label` / `eval` / `winrate` store the
 same key in each output row to resume. Parameters that cannot change a result are
 normalized away, so they do not split the cache: the seed and the sampling temperature count
 only when rationales are sampled (`samples > 1`), the rationale length only with
@@ -40,11 +40,13 @@ ORDERS: tuple[str, ...] = ("both", "ab", "ba")
 MAX_SAMPLES = 16
 # Group-relative rewards compare every ordered pair: N (N - 1) prompts for a group of N.
 MAX_GROUP_SIZE = 32
-# Engines seed a signed 64-bit generator (torch, vLLM), and vLLM seeds sample i of a request
-# with seed + i: a larger seed would overflow inside the engine process and kill it.
-MAX_SEED = 2**63 - MAX_SAMPLES
+# A request's samples are drawn with engine seed `seed * MAX_SAMPLES` (see `LabelSpec.draw_seed`),
+# and vLLM seeds sample i with that + i: neighbouring seeds never share a sample, and the
+# last sample's seed still fits the signed 64-bit generator of torch and vLLM (a larger one
+# would overflow inside the engine process and kill it).
+MAX_SEED = 2**63 // MAX_SAMPLES - 1
 # Bumped whenever the same spec and item would be computed differently (rationales included).
-KEY_VERSION = 5
+KEY_VERSION = 6
 
 # One encoder, built once: json.dumps with options builds a new one per call.
 _canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
@@ -169,6 +171,13 @@ class LabelSpec:
     def describe(self) -> dict[str, Any]:
         """The spec as plain data (what output rows record beside their key)."""
         return asdict(self)
+
+    @property
+    def draw_seed(self) -> int:
+        """The engine seed of this spec's sampled rationales: `seed * MAX_SAMPLES`. vLLM draws
+        sample i of a request with its seed + i, so seeds s and s + 1 passed on as they are
+        would share all samples but one; spaced out, no two seeds share any."""
+        return (self.seed or 0) * MAX_SAMPLES
 
     @property
     def params(self) -> dict[str, Any]:

@@ -260,6 +260,7 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ("/v1/scores", {"task": "tiny", "items": [ok], "samples": 2}),
         ("/v1/scores", {"task": "tiny", "items": [ok], "samples": 99, "cot": True}),
         ("/v1/scores", {"task": "tiny", "items": [ok], "seed": -1}),
+        ("/v1/scores", {"task": "tiny", "items": [ok], "seed": 2**59}),
         # values the request models read in pydantic's lax mode, and some they refuse
         ("/v1/scores", {"task": "tiny", "items": [ok], "cot": "true", "cache": 0, "samples": 1.0, "seed": "5"}),
         ("/v1/scores", {"task": "tiny", "items": [ok], "cot": 1, "seed": True, "samples": "1"}),

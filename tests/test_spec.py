@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from labeler import GroupItem, InvalidInput, LabelSpec, PairItem, ScoreItem
 from labeler import fingerprint as fp
-from labeler.spec import KEY_VERSION, MAX_SEED
+from labeler.spec import KEY_VERSION, MAX_SAMPLES, MAX_SEED
 
 BASE = dict(task="t", task_version="v1", model="m@1", labels=("1", "2"))
 ITEM = PairItem("ctx", "a", "b")
@@ -52,6 +52,15 @@ def test_every_input_that_changes_a_label_changes_the_key():
     assert spec().keys([ITEM, ITEM]) == [spec().key(ITEM)] * 2
 
 
+def test_sampled_seeds_are_spaced_out_for_the_engines():
+    """vLLM seeds sample i with the request's seed + i: the engine seeds of two specs' samples
+    never meet, and the largest fits a signed 64-bit generator."""
+    seeds = [spec(cot=True, samples=MAX_SAMPLES, seed=s).draw_seed for s in (0, 1, 2, MAX_SEED)]
+    samples = [set(range(d, d + MAX_SAMPLES)) for d in seeds]
+    assert all(not a & b for i, a in enumerate(samples) for b in samples[i + 1 :])
+    assert max(samples[-1]) <= 2**63 - 1
+
+
 def test_parameters_that_cannot_change_a_label_do_not_split_the_key():
     base = spec()
     # Without sampling (samples = 1) the rationale is greedy: seed and temperature do nothing.
@@ -75,7 +84,7 @@ def test_parameters_that_cannot_change_a_label_do_not_split_the_key():
         ({"samples": True}, "samples"),
         ({"seed": -1}, "seed"),
         ({"seed": MAX_SEED + 1}, "seed"),
-        ({"cot": True, "samples": 2, "seed": 2**63 - 1}, "seed"),  # vLLM's second sample: seed + 1
+        ({"cot": True, "samples": 2, "seed": 2**63 - 1}, "seed"),  # over any engine's generator
         ({"cot": True, "samples": 2, "temperature": 0.0}, "temperature"),
         ({"cot": True, "samples": 2, "temperature": float("nan")}, "temperature"),
         ({"cot": True, "max_rationale_tokens": 0}, "max_rationale_tokens"),

@@ -64,6 +64,17 @@ async def test_in_process_vllm_equals_transformers(vllm_engine, reference, test_
     await assert_same_labels(lab, reference, cot=cot)
 
 
+async def test_neighbouring_seeds_share_no_sampled_rationale(vllm_engine, test_tasks):
+    """vLLM draws sample i of a request with its seed + i: the labeler spaces seeds out, so
+    seeds 0 and 1 (three samples each) draw six rationales, not four."""
+    lab = Labeler(vllm_engine, test_tasks, max_rationale_tokens=24)
+    item = [ScoreItem("Name a color.", "Blue.")]
+    draws = [(await lab.ascores(item, "tiny", cot=True, samples=3, seed=seed))[0].rationales for seed in (0, 1)]
+    assert [len(d) for d in draws] == [3, 3]
+    assert not set(draws[0]) & set(draws[1]), draws
+    assert (await lab.ascores(item, "tiny", cot=True, samples=3, seed=1))[0].rationales == draws[1]
+
+
 async def test_concurrent_requests_reach_vllm_at_once(vllm_engine, test_tasks):
     lab = Labeler(vllm_engine, test_tasks)
     vllm_engine.peak_inflight = 0

@@ -116,7 +116,7 @@ def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
 
 
 # The server's defaults for the limits the fake enforces.
-_MAX_ITEMS, _MAX_SAMPLES, _MAX_GROUP_SIZE, _MAX_SEED = 256, 8, 32, 2**63 - 16
+_MAX_ITEMS, _MAX_SAMPLES, _MAX_GROUP_SIZE, _MAX_SEED = 256, 8, 32, 2**59 - 1
 _ORDERED = ("/v1/preferences", "/v1/rewards/reference")
 _TRUE, _FALSE = {"true", "t", "yes", "y", "on", "1"}, {"false", "f", "no", "n", "off", "0"}
 
