@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -166,6 +167,45 @@ def test_read_timeout_raises_timeout(live_server):
     client = lc.Client(live_server.url, timeout=lc.Timeout(read=0.001, connect=1), retry=lc.Retry(max_retries=0))
     with pytest.raises(lc.TimeoutException):
         client.scores([{"response": "slow enough"}], "tiny", cot=True, cache=False)
+
+
+def test_an_interrupt_ends_the_process_with_requests_still_in_flight():
+    """Ctrl-C during a batched `Client` call: the process exits while its requests still wait
+    for a server that never answers, instead of holding on until they are answered."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []  # connections whose request arrived, never answered
+
+    def hold() -> None:
+        with contextlib.suppress(OSError):  # the listener closed: the test is over
+            while True:
+                conn, _ = listener.accept()
+                conn.recv(65536)
+                held.append(conn)
+
+    threading.Thread(target=hold, daemon=True).start()
+    script = (
+        "import sys, labeler_client as lc\n"
+        "client = lc.Client(sys.argv[1], batch_size=1, max_concurrency=2, retry=0, timeout=600)\n"
+        "client.scores([{'context': 'q', 'response': str(i)} for i in range(4)], 'tiny')\n"
+    )
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    proc = subprocess.Popen([sys.executable, "-c", script, url], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(held) >= 2, 60, "both batches' requests to reach the server")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
+        assert len(held) == 2  # the two requests still in flight, no further batch sent
+    finally:
+        proc.kill()
+        listener.close()
+        for conn in held:
+            conn.close()
 
 
 def test_env_configuration(live_server, monkeypatch):

@@ -8,7 +8,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import httpx
@@ -294,15 +293,32 @@ class Client(_BaseClient):
                 run(chunk)
             return out
         stop = threading.Event()
-        pool = ThreadPoolExecutor(min(self.max_concurrency, len(chunks)), thread_name_prefix="labeler-client")
+        pending = iter(chunks)
+        taking = threading.Lock()
+
+        def worker() -> None:
+            while not stop.is_set():
+                with taking:
+                    chunk = next(pending, None)
+                if chunk is None:
+                    return
+                with contextlib.suppress(BaseException):  # `run` recorded it in `failures` and set `stop`
+                    run(chunk)
+
+        # Daemon threads, not a ThreadPoolExecutor, whose workers the interpreter joins at exit:
+        # after an interrupt (Ctrl-C) a request in flight must not hold the process until answered.
+        threads = [
+            threading.Thread(target=worker, name=f"labeler-client-{i}", daemon=True)
+            for i in range(min(self.max_concurrency, len(chunks)))
+        ]
+        for t in threads:
+            t.start()
         try:
-            wait([pool.submit(run, chunk) for chunk in chunks], return_when=FIRST_EXCEPTION)
-        except BaseException:  # an interrupt (Ctrl-C): the batches in flight stop at their next step, unwaited
+            for t in threads:  # the batches in flight end at their next step once one has failed
+                t.join()
+        except BaseException:  # an interrupt: the batches in flight stop at their next step, unwaited
             stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
             raise
-        # The batches in flight end at their next step (their current request answered).
-        pool.shutdown(wait=True, cancel_futures=True)
         if failures:
             raise failures[0]  # the first batch to fail; the others stopped after it
         return out
