@@ -216,8 +216,6 @@ class LabelService:
             futures, shared = self.batcher.submit(
                 (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
             )
-            if shared:
-                self._items_metric[spec.kind, "shared"].inc(shared)
             # shield: a client that goes away must not cancel a computation others share.
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
             failed = [j for j, v in enumerate(values) if isinstance(v, BaseException)]
@@ -225,8 +223,11 @@ class LabelService:
                 raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]", len(items))
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
+        # Counted once answered, as the request's usage says.
         if hits:
             self._items_metric[spec.kind, "cache"].inc(hits)  # answered from the cache
+        if shared:
+            self._items_metric[spec.kind, "shared"].inc(shared)  # answered by a computation joined
         return results, Usage(items=len(items), cached=hits, computed=len(misses) - shared, shared=shared)
 
     def _count_call(self, group: Hashable, items: int, ok: bool) -> None:

@@ -325,6 +325,31 @@ def test_metrics_count_what_a_request_failed_by_one_item_computed(labeler, test_
     assert hits == {"cache": 3, "hits": 3}
 
 
+def test_requests_that_joined_a_failed_computation_count_no_shared_items(labeler, test_tasks):
+    """Two requests for the same items, one of which the engine fails on, in one batch window:
+    the second joins the first's computations (each good item computed once), both fail, and
+    no item was answered, so none counts as shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    faulty = FaultyEngine(labeler.engine, poison=POISON)
+    srv = LiveServer(Labeler(faulty, test_tasks), batch_wait_ms=1000)
+    body = {"task": "tiny", "items": [*questions(2, "joined"), {"context": "fault", "response": POISON}]}
+    names = {
+        "engine": 'labeler_items_total{kind="score",source="engine"}',
+        "shared": 'labeler_items_total{kind="score",source="shared"}',
+    }
+    srv.start()
+    try:
+        before = {k: metric(srv.url, n) for k, n in names.items()}
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: httpx.post(srv.url + "/v1/scores", json=body, timeout=300), range(2)))
+        moved = {k: metric(srv.url, n) - before[k] for k, n in names.items()}
+    finally:
+        srv.stop()
+    assert [a.status_code for a in answers] == [503, 503]
+    assert moved == {"engine": 2, "shared": 0}
+
+
 async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_tasks, figures):
     """An engine that is down (EngineUnavailable) fails every waiter of the batch with one
     call: no bisection, no retry per item. Once it is back, the same requests are answered."""
