@@ -483,7 +483,8 @@ class AsyncClient(_BaseClient):
     It may be awaited from one event loop after another (an `asyncio.run` per training step):
     a new loop gets new connections, since those of an ended loop cannot be used, and a loop's
     connections are closed when `asyncio.run` shuts it down (with a `transport` of the
-    caller's, whose pool is its own, keep to one loop)."""
+    caller's, whose pool is its own, keep to one loop). One thread at a time, as
+    `httpx.AsyncClient`: threads that each run a loop take a client each."""
 
     def __init__(
         self,
