@@ -189,7 +189,7 @@ def response_text(value: Any) -> str:
 def _after(prompt: Any, completion: Any) -> Any:
     """A conversational completion without the prompt's turns, where it repeats them (some
     datasets store the whole conversation in `chosen` and `rejected`, beside the `prompt`)."""
-    if isinstance(prompt, list) and completion[: len(prompt)] == prompt and len(completion) > len(prompt):
+    if isinstance(prompt, list) and completion[: len(prompt)] == prompt:
         return completion[len(prompt) :]
     return completion
 

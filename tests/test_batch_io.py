@@ -108,6 +108,13 @@ def test_single_formats():
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, *USER]
     s = io.normalize_single("l", {"prompt": turns, "completion": [*turns, {"role": "assistant", "content": "Apple."}]})
     assert s.response == "Apple."  # the prompt's turns, repeated at the head of the completion, left out
+    # The conversation repeated with no new turn: the policy answered nothing, judged as empty.
+    s = io.normalize_single("l", {"prompt": turns, "completion": turns})
+    assert (s.context, s.response) == ("User: Hi\n\nAssistant: Hello!\n\nUser: Name a fruit.", "")
+    p = io.normalize_pair(
+        "l", {"prompt": USER, "chosen": USER, "rejected": USER + [{"role": "assistant", "content": "A."}]}
+    )
+    assert (p.response_a, p.response_b) == ("", "A.")
     s = io.normalize_single("l", {"context": "Q?", "response": "A."})
     assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
     for mixed in ({"context": "Q?", "completion": "A."}, {"prompt": "Q?", "response": "A."}):  # the names mixed
