@@ -211,10 +211,15 @@ class JsonlSink:
         self.path = Path(path)
         self.rows: dict[str, dict[str, Any]] = {}
         self.repaired = False
-        if self.path.exists():
-            self._load()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise InvalidInput(f"{self.path} is a directory; the output is a JSONL file", field="output")
+        try:
+            if self.path.exists():
+                self._load()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # no permission, a file where a folder should be, ...
+            raise InvalidInput(f"cannot open {self.path}: {exc.strerror or exc}", field="output") from exc
 
     def _load(self) -> None:
         data = self.path.read_bytes()
@@ -241,7 +246,7 @@ class JsonlSink:
             with self.path.open("ab") as f:
                 f.write(b"\n")
             self.rows[row["key"]] = row
-        elif last is None and tail.startswith(b"{"):  # a row torn by a killed write
+        elif last is None and _torn_row(tail):  # a row torn by a killed write
             log.warning("%s: cutting off an incomplete last line (an interrupted run)", self.path)
             with self.path.open("r+b") as f:
                 f.truncate(keep)
@@ -268,6 +273,18 @@ def _parsed(line: str | bytes) -> Any:
         return json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
         return None
+
+
+def _torn_row(tail: bytes) -> bool:
+    """Whether `tail` can be the start of a row `_jsonl_line` wrote: JSON of an object with a
+    key first, in UTF-8 that may end inside a character. Anything else is not ours to cut."""
+    if not tail.startswith(b'{"'):
+        return False
+    try:
+        tail.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.reason == "unexpected end of data"
+    return True
 
 
 def _output_row(value: Any) -> dict[str, Any] | None:

@@ -246,11 +246,23 @@ def test_sink_refuses_a_file_of_other_data_without_touching_it(tmp_path):
         b'{"prompt": "q", "chosen": "a"}\n{"prompt": "r", "chosen": "b"}',
         b'{"prompt": "only one line"}',
         b'{"prompt": "caf\xe9"}\n',
+        b'{"prompt": "caf\xe9", "chosen": "a"}',  # one line, no newline, not UTF-8: not a torn row
+        b"{'prompt': 'a Python dict, not JSON'}",
     ):
         path.write_bytes(data)
         with pytest.raises(InvalidInput, match="is not a row of this tool"):
             JsonlSink(path)
         assert path.read_bytes() == data
+
+
+def test_sink_refuses_a_directory_or_a_file_it_cannot_open_by_name(tmp_path):
+    with pytest.raises(InvalidInput, match="is a directory") as err:
+        JsonlSink(tmp_path)
+    assert err.value.field == "output"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InvalidInput, match="cannot open") as err:
+        JsonlSink(tmp_path / "file" / "out.jsonl")  # a file where its folder should be
+    assert err.value.field == "output"
 
 
 def test_sink_completes_a_whole_last_row_and_cuts_one_torn_inside_a_character(tmp_path):
