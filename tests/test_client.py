@@ -188,8 +188,10 @@ def test_an_interrupt_ends_the_process_with_requests_still_in_flight():
                 held.append(conn)
 
     threading.Thread(target=hold, daemon=True).start()
+    # Ctrl-C as in a terminal, whatever this process inherited (a background job ignores SIGINT).
     script = (
-        "import sys, labeler_client as lc\n"
+        "import signal, sys, labeler_client as lc\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "client = lc.Client(sys.argv[1], batch_size=1, max_concurrency=2, retry=0, timeout=600)\n"
         "client.scores([{'context': 'q', 'response': str(i)} for i in range(4)], 'tiny')\n"
     )
