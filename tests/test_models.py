@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from labeler.errors import ModelLoadError
+from labeler.engines import load_engine
+from labeler.errors import InvalidInput, ModelLoadError
 from labeler.models import converted_dir, embedded_gguf, resolve_model
 
 
@@ -30,6 +31,26 @@ def test_a_local_directory_is_used_as_it_is(model_dir):
 def test_anything_else_is_a_clear_error_not_a_download(spec):
     with pytest.raises(ModelLoadError, match="never downloaded"):
         resolve_model(spec)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "field", "named"),
+    [
+        ("transformers", {"max_model_len": 4096}, "engine_args", "'max_model_len'"),  # a vLLM argument left over
+        ("transformers", {"dtype": "auto"}, "dtype", "'auto'"),
+        ("transformers", {"dtype": "int8"}, "dtype", "'int8'"),
+        ("vllm-remote", {"urls": "http://127.0.0.1:9", "gpu_memory_utilization": 0.5}, "engine_args", "'gpu_"),
+    ],
+)
+def test_an_option_the_engine_cannot_take_is_refused_by_name(model_dir, name, options, field, named):
+    with pytest.raises(InvalidInput) as err:
+        load_engine(name, str(model_dir), **options)
+    assert err.value.field == field and named in str(err.value)
+
+
+def test_a_device_torch_cannot_reach_is_a_load_error(model_dir):
+    with pytest.raises(ModelLoadError, match="cuda:99"):
+        load_engine("transformers", str(model_dir), device="cuda:99")
 
 
 def test_directory_without_config_is_refused(tmp_path):

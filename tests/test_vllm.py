@@ -27,7 +27,7 @@ from labeler.engines.vllm_cpu import (
     threads_bind,
     weights_bytes,
 )
-from labeler.engines.vllm_engine import VLLMEngine
+from labeler.engines.vllm_engine import VLLMEngine, vllm_model_id
 from labeler.engines.vllm_remote import VLLMRemoteEngine
 from labeler.errors import ModelLoadError
 
@@ -257,6 +257,15 @@ def test_weights_are_the_files_vllm_loads(tmp_path):
     assert files(consolidated__safetensors=100, **sizes) == 200  # no index: every safetensors file
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     assert weights_bytes(tmp_path, "float32") == 100
+
+
+def test_random_weights_get_a_model_id_of_their_own(model_dir):
+    """`load_format=dummy` runs random weights: their labels must not be cached under the
+    model's id, nor shared with another process's random weights."""
+    real = vllm_model_id(model_dir, {"load_format": "auto"})
+    assert real == vllm_model_id(model_dir, {})
+    dummies = {vllm_model_id(model_dir, {"load_format": "dummy"}) for _ in range(2)}
+    assert len(dummies) == 2 and all(d.startswith(real + "+dummy-") for d in dummies)
 
 
 def test_default_kv_cache_size(model_dir):

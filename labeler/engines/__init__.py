@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -28,6 +29,7 @@ def load_engine(name: str = "transformers", model: str | None = None, **options:
     if name == "transformers":
         from .transformers_engine import TransformersEngine
 
+        _check_options(name, TransformersEngine, options)
         return TransformersEngine(resolve_model(model), **options)
     if name == "vllm":
         from .vllm_engine import VLLMEngine
@@ -39,8 +41,22 @@ def load_engine(name: str = "transformers", model: str | None = None, **options:
         urls = options.pop("urls", None)
         if not urls:
             raise InvalidInput("the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)")
+        _check_options(name, VLLMRemoteEngine, options)
         return VLLMRemoteEngine(urls, resolve_model(model), **options)
     raise InvalidInput(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", field="engine")
+
+
+def _check_options(name: str, engine: type, options: dict[str, Any]) -> None:
+    """Refuse, by name, an option the engine does not take (say, a vLLM argument left in
+    LABELER_ENGINE_ARGS after a switch to the transformers engine), before any model loads.
+    vLLM's own arguments are checked by vLLM (`VLLMEngine`)."""
+    taken = [p.name for p in inspect.signature(engine.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(taken))
+    if unknown:
+        raise InvalidInput(
+            f"the {name} engine takes no option {unknown[0]!r} (--engine-arg); it takes {', '.join(taken)}",
+            field="engine_args",
+        )
 
 
 def engine_options(

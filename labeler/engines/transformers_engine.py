@@ -142,15 +142,20 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_dir = Path(model_dir)
+        torch_dtype = getattr(torch, str(dtype), None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise InvalidInput(
+                f"dtype must be a torch floating-point type such as float32 or bfloat16, got {dtype!r}", field="dtype"
+            )
         if threads:
             torch.set_num_threads(threads)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
-            ).to(device)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load a model from {model_dir}: {exc}") from exc
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
+            model = model.to(device)
+        # AssertionError: torch's "not compiled with CUDA enabled" for a device it was built without.
+        except (OSError, ValueError, RuntimeError, AssertionError) as exc:
+            raise ModelLoadError(f"cannot load a model from {model_dir} onto {device!r}: {exc}") from exc
         self._setup(model, tokenizer, model_id or default_model_id(model_dir), max_batch_tokens, min_shared_tokens)
 
     @classmethod

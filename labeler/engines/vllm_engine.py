@@ -76,7 +76,7 @@ class VLLMEngine:
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds at start-up
             raise ModelLoadError(f"vLLM could not start on {model_dir}: {exc}") from exc
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model_id = model_id or default_model_id(model_dir)
+        self.model_id = model_id or vllm_model_id(model_dir, engine_args)
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -171,3 +171,11 @@ class VLLMEngine:
             raise EngineUnavailable(f"the vLLM engine process died: {exc}") from exc
         finally:
             self.inflight -= 1
+
+
+def vllm_model_id(model_dir: Path, engine_args: dict[str, Any]) -> str:
+    """The model id of `model_dir` as these engine arguments load it. Random weights
+    (`load_format=dummy`, for throughput runs) get an id of their own, unique to the process:
+    their labels must never be cached as the model's, nor shared between replicas."""
+    base = default_model_id(model_dir)
+    return f"{base}+dummy-{uuid.uuid4().hex[:8]}" if engine_args.get("load_format") == "dummy" else base
