@@ -207,6 +207,20 @@ def reward_worker(ray_driver):
     return work
 
 
+def test_an_application_not_deployed_is_a_retried_request_error(serve_app):
+    """Ray's handle look-up raises KeyError for an application not deployed (yet, or by that
+    name): the client reads it as a connection failure, retried, then a RequestError that
+    names the application; with on_error="none" the items are None, as for any outage."""
+    from labeler_client import RequestError, Retry
+    from labeler_client.ray import ServeTransport
+
+    retry = Retry(max_retries=1, backoff=0.0)
+    with Client("http://labeler", transport=ServeTransport(app_name="no-such-app"), retry=retry) as client:
+        with pytest.raises(RequestError, match="no-such-app"):
+            client.scores(SCORE_ITEMS, "tiny")
+        assert client.scores(SCORE_ITEMS, "tiny", on_error="none") == [None] * len(SCORE_ITEMS)
+
+
 @pytest.mark.model
 def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
     """Through a deployment handle from a task in the cluster: the same values and the

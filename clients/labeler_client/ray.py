@@ -50,8 +50,14 @@ class _HandleTransport:
     def _method(self) -> Any:
         if self._handle is None:  # looked up at first use: a transport can be built before ray.init
             from ray import serve
+            from ray.serve.exceptions import RayServeException
 
-            self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+            try:
+                self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+            except KeyError as error:  # Ray's word for an application not deployed (yet, or by that name)
+                raise RayServeException(
+                    f"no deployment {self.deployment!r} in Serve application {self.app_name!r}: {error}"
+                ) from error
         return self._handle.forward
 
     @staticmethod
