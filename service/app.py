@@ -9,6 +9,8 @@ lives on `app.state`, never in module globals.
 # request models that `create_app` builds from its settings, which FastAPI must see as objects.
 
 import asyncio
+import base64
+import binascii
 import gc
 import hmac
 import logging
@@ -82,9 +84,9 @@ class Gate:
     - request latency by route template and status (`labeler_request_seconds`), its 401s
       and 413s under the route they were for;
     - 413 for bodies over `limit` bytes, declared or streamed;
-    - bearer API keys on the label and task routes, when keys are configured. Each given key
-      is compared with every accepted key in constant time, so timing tells nothing; probes
-      (/healthz, /readyz) and /metrics stay open.
+    - API keys (bearer, or a Basic password) on the label and task routes, when keys are
+      configured. Each given key is compared with every accepted key in constant time, so
+      timing tells nothing; probes (/healthz, /readyz) and /metrics stay open.
     """
 
     PROTECTED = ("/v1/", "/get_reward")
@@ -146,11 +148,11 @@ class Gate:
         if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):  # as the router reads it
             path = path[len(root) :]
         if self.keys and path.startswith(self.PROTECTED):
-            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            given = _given_key(headers.get(b"authorization", b""))
             ok = False
-            if scheme.lower() == b"bearer" and given.strip():
+            if given:
                 for k in self.keys:
-                    ok |= hmac.compare_digest(k, given.strip())
+                    ok |= hmac.compare_digest(k, given)
             if not ok:
                 return errors.error_response(
                     401, "missing or invalid API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"}
@@ -165,6 +167,23 @@ class Gate:
 
     def _too_large(self) -> Response:
         return errors.error_response(413, _TooLarge(self.limit).detail, "body_too_large")
+
+
+def _given_key(authorization: bytes) -> bytes:
+    """The API key an Authorization header carries: a bearer token, or the password of HTTP
+    Basic credentials (any user name). Basic is what a URL's credentials become
+    (`http://labeler:KEY@host/get_reward`), the one way to give a key to a caller that sends
+    no headers of its own, such as OpenRLHF's remote reward requests."""
+    scheme, _, given = authorization.partition(b" ")
+    given = given.strip()
+    if scheme.lower() == b"basic":
+        try:
+            given = base64.b64decode(given, validate=True).partition(b":")[2]
+        except binascii.Error:
+            return b""
+    elif scheme.lower() != b"bearer":
+        return b""
+    return given
 
 
 class _TooLarge(StarletteHTTPException):

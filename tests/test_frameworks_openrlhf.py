@@ -4,12 +4,14 @@ tests/frameworks/openrlhf_remote.py runs `SingleTurnAgentExecutor.execute` (Open
 step: tokenize the prompt with the policy's tokenizer, generate, decode prompt + completion
 with its special tokens, post `{"query", "prompts", "labels"}` to `--reward.remote_url`) and
 its batch request `_fetch_rewards_via_http`, in the frameworks venv; only vLLM is replaced, by
-a scripted engine. The rewards must be the labeler's for the canonical transcript of the
-dialogue, an empty completion included, and equal to what TRL's call gets for it.
+a scripted engine. The server takes API keys, given in the reward URL's credentials. The
+rewards must be the labeler's for the canonical transcript of the dialogue, an empty
+completion included, and equal to what TRL's call gets for it.
 """
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from labeler_client.trl import reward_function
 
@@ -19,6 +21,7 @@ from tests.fixtures.frameworks import run_driver
 
 pytestmark = pytest.mark.model
 
+KEY = "sk-rollout-key"
 TOL = 1e-5  # above the ~3e-6 a reward moves with its batch-mates
 FRANCE = [
     {"role": "system", "content": "Answer in one word."},
@@ -26,8 +29,12 @@ FRANCE = [
 ]
 
 
-def test_openrlhf_remote_reward_requests(frameworks_python, live_server, labeler, model_dir, tmp_path):
-    url = live_server.url + "/get_reward?task=tiny"
+def test_openrlhf_remote_reward_requests(frameworks_python, make_server, labeler, model_dir, tmp_path):
+    # OpenRLHF sends no headers of its own: a keyed server takes the key from the URL's
+    # credentials, which aiohttp sends as HTTP Basic
+    srv = make_server(api_keys=[KEY])
+    assert httpx.post(srv.url + "/get_reward", json={"query": ["q"]}).status_code == 401
+    url = srv.url.replace("http://", f"http://labeler:{KEY}@") + "/get_reward?task=tiny"
     out = run_driver(frameworks_python, "openrlhf_remote", tmp_path, "--url", url, "--model-dir", str(model_dir))
     single = out["single"]
     want = labeler.scores([ScoreItem(render(FRANCE), "Paris."), ScoreItem(render(FRANCE), "")], "tiny")
@@ -44,7 +51,7 @@ def test_openrlhf_remote_reward_requests(frameworks_python, live_server, labeler
         single[k]["reward"][0] for k in ("answer", "empty", "whitespace")
     ]
     # the same dialogue through TRL's reward-function call: the same reward
-    fn = reward_function(live_server.url, task="tiny")
+    fn = reward_function(srv.url, task="tiny", api_key=KEY)
     assert (
         fn(prompts=[FRANCE], completions=[[{"role": "assistant", "content": "Paris."}]]) == single["answer"]["reward"]
     )

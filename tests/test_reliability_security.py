@@ -7,6 +7,7 @@ test_serve_cli.py (the key absent from the JSON log at info level).
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import socket
@@ -83,12 +84,14 @@ def test_keys_never_logged_even_at_debug(debug_server):
     """The right key, a near miss, the wrong scheme, failing requests: neither key reaches
     the log (read after a graceful stop, so it is complete)."""
     srv, near_miss = debug_server, SECRET[:-1] + "X"
+    basic = base64.b64encode(f"labeler:{SECRET}".encode()).decode()
     body = {"task": "tiny", "items": [{"response": "log me not"}]}
     with httpx.Client(base_url=srv.url, timeout=120) as client:
         for auth, status in (
             (f"Bearer {SECRET}", 200),
             (f"Bearer {near_miss}", 401),
-            (f"Basic {SECRET}", 401),
+            (f"Basic {SECRET}", 401),  # not base64
+            (f"Basic {basic}", 200),  # URL credentials, as http://labeler:KEY@host sends them
             (f"bearer  {SECRET}", 200),
             (SECRET, 401),
         ):
@@ -99,9 +102,9 @@ def test_keys_never_logged_even_at_debug(debug_server):
         assert client.post("/v1/scores", json=big, headers=auth).status_code == 413
     srv.stop()
     text = srv.log()
-    assert SECRET not in text and near_miss not in text
+    assert SECRET not in text and near_miss not in text and basic not in text
     lines = [json.loads(ln) for ln in text.splitlines() if ln.startswith("{")]
-    assert sum(r["logger"] == "uvicorn.access" for r in lines) >= 7  # the requests were logged, without keys
+    assert sum(r["logger"] == "uvicorn.access" for r in lines) >= 8  # the requests were logged, without keys
 
 
 def test_body_and_item_limits_on_every_label_route(make_server):

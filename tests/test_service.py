@@ -252,6 +252,9 @@ def test_api_keys(make_server, caplog):
     assert_error(post(srv, "/v1/scores", body), 401)
     assert_error(post(srv, "/v1/scores", body, headers={"Authorization": "Bearer wrong"}), 401)
     assert_error(post(srv, "/v1/scores", body, headers={"Authorization": f"Basic {secret}"}), 401)
+    # HTTP Basic: the key is the password (the user name is anything), as URL credentials send it
+    assert post(srv, "/v1/scores", body, auth=("labeler", secret)).status_code == 200
+    assert_error(post(srv, "/v1/scores", body, auth=(secret, "")), 401)
     assert post(srv, "/v1/scores", body, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
     assert httpx.get(srv.url + "/healthz").status_code == 200  # probes need no key
     assert secret not in caplog.text
