@@ -757,7 +757,7 @@ def test_an_injected_item_failure_finds_pairs_references_and_groups():
 
 def test_verl_compute_score_and_batch(monkeypatch):
     fake = FakeLabeler()
-    monkeypatch.setitem(_shared._clients, (None, None), lc.Client(URL, transport=fake.transport()))
+    monkeypatch.setitem(_shared._clients, (None, None, None), lc.Client(URL, transport=fake.transport()))
     monkeypatch.setenv("LABELER_TASK", "tiny")
     assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"question": "2+2?"}) == fake_reward(
         "2+2?", "It is 4."
@@ -793,7 +793,7 @@ def test_verl_compute_score_and_batch(monkeypatch):
 
 def test_verl_takes_the_server_from_reward_kwargs():
     fake = FakeLabeler()
-    _shared._clients[("http://from-kwargs.test", "k")] = lc.Client(
+    _shared._clients[("http://from-kwargs.test", "k", None)] = lc.Client(
         "http://from-kwargs.test", "k", transport=fake.transport()
     )
     try:
@@ -802,7 +802,7 @@ def test_verl_takes_the_server_from_reward_kwargs():
         )
         assert fake.requests[-1].url.host == "from-kwargs.test"
     finally:
-        del _shared._clients[("http://from-kwargs.test", "k")]
+        del _shared._clients[("http://from-kwargs.test", "k", None)]
 
 
 def test_sync_client_works_inside_a_running_event_loop():

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -253,6 +254,34 @@ def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
     )
     expected = [("InvalidRequest", 422), ("InvalidRequest", 422), ("AuthenticationError", 401)]
     assert [e[:2] for e in http_errors] == expected
+
+
+@pytest.mark.model
+def test_verl_reward_function_through_the_serve_app(serve_app):
+    """labeler_client.verl loaded from its file, as verl loads a custom reward function, and
+    run as Ray tasks (Ray copies such a module's functions by value): with `serve_app` in
+    its keyword arguments it reaches the application through a deployment handle, and its
+    rewards, one by one and batched, are those of the HTTP client."""
+    import importlib.util
+
+    import labeler_client
+    import ray
+
+    spec = importlib.util.spec_from_file_location("custom_module", Path(labeler_client.__file__).parent / "verl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    score, batch = (ray.remote(num_cpus=0)(f) for f in (module.compute_score, module.compute_score_batch))
+    kwargs = {"task": "tiny", "serve_app": "labeler", "api_key": API_KEY}
+    extras = [{"prompt": it["context"]} for it in SCORE_ITEMS]
+    responses = [it["response"] for it in SCORE_ITEMS]
+    calls = [score.remote("src", r, None, e, **kwargs) for r, e in zip(responses, extras, strict=True)]
+    one_by_one = ray.get(calls, timeout=300)
+    batched = ray.get(batch.remote(["src"] * len(responses), responses, None, extras, **kwargs), timeout=300)
+    with Client(serve_app.url, api_key=API_KEY) as client:
+        want = client.rewards([it["context"] for it in SCORE_ITEMS], responses, "tiny")
+    assert len(one_by_one) == len(batched) == len(want) == len(SCORE_ITEMS)
+    assert all(close(g, w) for g, w in zip(one_by_one, want, strict=True))
+    assert all(close(g, w) for g, w in zip(batched, want, strict=True))
 
 
 class Load:

@@ -11,14 +11,21 @@ import threading
 
 from ._client import Client
 
-_clients: dict[tuple[str | None, str | None], Client] = {}
+_clients: dict[tuple[str | None, str | None, str | None], Client] = {}
 _lock = threading.Lock()
 
 
-def shared_client(base_url: str | None, api_key: str | None) -> Client:
-    """The process's client for `base_url` and `api_key` (None: LABELER_URL, LABELER_API_KEY)."""
+def shared_client(base_url: str | None, api_key: str | None, serve_app: str | None = None) -> Client:
+    """The process's client for `base_url` and `api_key` (None: LABELER_URL, LABELER_API_KEY),
+    or, with `serve_app`, for that Ray Serve application through a deployment handle (the
+    caller runs in its Ray cluster; `base_url` is then not used)."""
     with _lock:
-        key = (base_url, api_key)
+        key = (base_url, api_key, serve_app)
         if key not in _clients:
-            _clients[key] = Client(base_url, api_key)
+            if serve_app is None:
+                _clients[key] = Client(base_url, api_key)
+            else:
+                from .ray import ServeTransport  # needs ray[serve]: imported only when asked for
+
+                _clients[key] = Client("http://labeler", api_key, transport=ServeTransport(serve_app))
         return _clients[key]

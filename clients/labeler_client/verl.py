@@ -12,7 +12,9 @@ key of older releases is ignored by its main trainer), either by package or by f
         name: naive                           # or dapo, limited, ... (each calls compute_score)
 
 The server is `base_url` from `reward_kwargs`, else LABELER_URL (and the key `api_key`, else
-LABELER_API_KEY); the task is `task` from `reward_kwargs`, else `extra_info["labeler_task"]`,
+LABELER_API_KEY); with `serve_app` (the Serve application's name, `labeler` in the shipped
+config), the labeler deployed on verl's own Ray cluster, called through a deployment handle
+instead of HTTP; the task is `task` from `reward_kwargs`, else `extra_info["labeler_task"]`,
 else LABELER_TASK, else "general". An unknown `reward_kwargs` key is an error. verl passes
 only the response, so put the prompt in `extra_info["prompt"]` (or `"question"`) when
 preparing the data: text, or the chat messages of the `prompt` column.
@@ -63,6 +65,7 @@ def compute_score(
     task: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
+    serve_app: str | None = None,
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
@@ -72,7 +75,7 @@ def compute_score(
     verl adds when it runs a reward model of its own. Raises `LabelerClientError` when the service
     fails after retries (never a made-up score)."""
     extra = dict(extra_info or {})
-    client = shared_client(base_url, api_key)
+    client = shared_client(base_url, api_key, serve_app)
     reward = client.rewards([_prompt(extra)], [solution_str], _task(extra, task))[0]
     assert reward is not None  # on_error="raise": a failure has raised
     return reward
@@ -87,6 +90,7 @@ def compute_reference_score(
     task: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
+    serve_app: str | None = None,
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
@@ -104,7 +108,7 @@ def compute_reference_score(
                 f"ground_truth, got a ground_truth of type {type(ground_truth).__name__}"
             )
         reference = ground_truth
-    client = shared_client(base_url, api_key)
+    client = shared_client(base_url, api_key, serve_app)
     reward = client.rewards_against([_prompt(extra)], [solution_str], [reference], _task(extra, task))[0]
     assert reward is not None  # on_error="raise": a failure has raised
     return reward
@@ -119,6 +123,7 @@ def compute_score_batch(
     task: str | None = None,
     base_url: str | None = None,
     api_key: str | None = None,
+    serve_app: str | None = None,
 ) -> list[float]:
     """The batch form (verl's legacy `batch` reward manager): one batched, concurrent call
     per task instead of one request per sample; rewards in input order."""
@@ -129,7 +134,7 @@ def compute_score_batch(
     for i, extra in enumerate(extras):
         by_task.setdefault(_task(extra, task), []).append(i)
     out: list[float] = [0.0] * len(solution_strs)
-    client = shared_client(base_url, api_key)
+    client = shared_client(base_url, api_key, serve_app)
     for name, idx in by_task.items():
         try:
             rewards = client.rewards([_prompt(extras[i]) for i in idx], [solution_strs[i] for i in idx], name)
