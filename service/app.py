@@ -311,9 +311,16 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
             Literal["score", "reference"],
             Query(description="score: the direct-score reward; reference: against `labels` as reference responses"),
         ] = "score",
+        overlong: Annotated[
+            Literal["refuse", "lowest"],
+            Query(
+                description="a query over a length limit: refuse (422, the whole request) or lowest "
+                "(reward -1 for that query, the others judged; extra_logs.overlong marks it)"
+            ),
+        ] = "refuse",
     ) -> GetRewardResponse:
         """OpenRLHF's remote reward model (`--reward.remote_url`, `--remote_rm_url` up to 0.10.1)."""
-        return await app.state.service.get_reward(body, task, reward)
+        return await app.state.service.get_reward(body, task, reward, overlong)
 
     @labels.get("/v1/tasks", tags=["meta"])
     async def list_tasks() -> TasksResponse:

@@ -100,7 +100,9 @@ class LabelService:
         values, usage = await self._label(spec, groups, req.cache)
         return _response(GroupRewardsResponse, spec, usage, values)
 
-    async def get_reward(self, req: GetRewardRequest, task: str | None, reward: str = "score") -> GetRewardResponse:
+    async def get_reward(
+        self, req: GetRewardRequest, task: str | None, reward: str = "score", overlong: str = "refuse"
+    ) -> GetRewardResponse:
         if req.prompts is not None and len(req.prompts) != len(req.query):
             raise InvalidInput(
                 f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", field="prompts"
@@ -119,36 +121,75 @@ class LabelService:
                     raise InvalidInput(f"labels[{i}] must be a reference response (text)", field=f"labels[{i}]")
                 self._check_length(f"labels[{i}]", len(label))
             references = labels
+        self._check_count(len(req.query), "query")  # before any query is set aside as too long
+        lowest = overlong == "lowest"
         prompts = req.prompts or [None] * len(req.query)
         items: list[Any] = []
-        for k, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
-            # An empty response (the policy emitted only its end-of-turn token) is judged too.
-            context, response = split_query(q, p, self.end_markers)
-            self._check_split(k, context, response)
-            fields = {"context": context, "response": response}
-            if references is None:
-                items.append(ScoreItem(**self._normalize(fields)))
+        too_long: set[int] = set()
+        try:
+            for k, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
+                # An empty response (the policy emitted only its end-of-turn token) is judged too.
+                context, response = split_query(q, p, self.end_markers)
+                try:
+                    self._check_split(k, context, response)
+                except InputTooLong:
+                    if not lowest:
+                        raise
+                    too_long.add(k)
+                fields = {"context": context, "response": response}
+                if references is None:
+                    items.append(ScoreItem(**self._normalize(fields)))
+                else:
+                    items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
+            kind = "reference" if references is not None else "score"
+            spec = self._spec(kind, self.settings.task if task is None else task)  # "": an unknown task
+            if lowest:
+                values = await self._label_fitting(spec, items, too_long)
             else:
-                items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
-        kind = "reference" if references is not None else "score"
-        spec = self._spec(kind, self.settings.task if task is None else task)  # "": an unknown task
-        values, _ = await self._label(spec, items, True, where="query")
-        if references is not None:
-            rewards = [v["reward"] for v in values]
-            return GetRewardResponse(
-                rewards=rewards,
-                scores=rewards,
-                extra_logs={"p_win": [v["p_win"] for v in values], "cached": [float(v["cached"]) for v in values]},
-            )
+                values, _ = await self._label(spec, items, True, where="query")
+        except InputTooLong as e:
+            if lowest or not (e.field or "").startswith("query["):
+                raise
+            hint = f"{e} (with ?overlong=lowest such a query gets the lowest reward instead)"
+            raise InputTooLong(hint, field=e.field, limit=e.limit) from None
+        extra = {"overlong": [float(k in too_long) for k in range(len(items))]} if lowest else {}
         rewards = [v["reward"] for v in values]
-        return GetRewardResponse(
-            rewards=rewards,
-            scores=rewards,
-            extra_logs={
-                "expected_score": [v["expected"] for v in values],
-                "cached": [float(v["cached"]) for v in values],
-            },
-        )
+        cached = [float(v["cached"]) for v in values]
+        if references is not None:
+            logs = {"p_win": [v["p_win"] for v in values], "cached": cached, **extra}
+        else:
+            logs = {"expected_score": [v["expected"] for v in values], "cached": cached, **extra}
+        return GetRewardResponse(rewards=rewards, scores=rewards, extra_logs=logs)
+
+    async def _label_fitting(self, spec: LabelSpec, items: list[Any], too_long: set[int]) -> list[dict[str, Any]]:
+        """/get_reward's results with queries over a length limit set aside (added to
+        `too_long`) and given the lowest reward instead of failing the request: a rollout
+        longer than the labeler reads is the policy's output, and OpenRLHF has no way to
+        drop one sample of a refused request. Those over a character limit are in `too_long`
+        already; the token limits (the item's, the model's context) are found by preparing
+        the rest one by one, only once a request has failed on one of them."""
+        while True:
+            fits = [k for k in range(len(items)) if k not in too_long]
+            try:
+                values, _ = await self._label(spec, [items[k] for k in fits], True, where="query", at=fits)
+                break
+            except InputTooLong:
+                over = [k for k in fits if not await self._fits(spec, items[k])]
+                if not over:  # a limit that no query alone is over
+                    raise
+                too_long.update(over)
+        out: list[dict[str, Any]] = [_LOWEST[spec.kind]] * len(items)
+        for k, v in zip(fits, values, strict=True):
+            out[k] = v
+        return out
+
+    async def _fits(self, spec: LabelSpec, item: Any) -> bool:
+        """Whether `item` is within the token limits (the item's, the model's context)."""
+        try:
+            await self.labeler.aprepare(spec, [item], max_item_tokens=self.settings.max_item_tokens)
+        except InputTooLong:
+            return False
+        return True
 
     # -- the shared path ------------------------------------------------------------------------
     def _normalize(self, item: dict[str, Any]) -> dict[str, str]:
@@ -176,17 +217,20 @@ class LabelService:
         return spec
 
     async def _label(
-        self, spec: LabelSpec, items: list[Any], use_cache: bool, *, where: str = "items"
+        self,
+        spec: LabelSpec,
+        items: list[Any],
+        use_cache: bool,
+        *,
+        where: str = "items",
+        at: Sequence[int] | None = None,
     ) -> tuple[list[dict[str, Any]], Usage]:
         """(one result dict per item, in item order, with `cached` set; usage). Every item the
         engine will compute is prepared — rendered, tokenized and checked against every limit —
-        before any is queued, so invalid input fails the request and nothing else."""
-        if len(items) > self.settings.max_items:
-            raise InputTooLong(
-                f"{len(items)} {where}, over the limit of {self.settings.max_items} per request",
-                field=where,
-                limit=self.settings.max_items,
-            )
+        before any is queued, so invalid input fails the request and nothing else. Item `i`
+        is named `<where>[at[i]]` in errors (`at`: the items' places in the request)."""
+        self._check_count(len(items), where)
+        at = range(len(items)) if at is None else at
         if not items:  # /get_reward's empty shard
             return [], Usage(items=0, cached=0, computed=0, shared=0)
         keys = [CACHE_PREFIX + k for k in spec.keys(items)]
@@ -207,7 +251,7 @@ class LabelService:
             prepared = await self.labeler.aprepare(
                 spec,
                 [items[i] for i in misses],
-                where=misses,
+                where=[at[i] for i in misses],
                 max_item_tokens=self.settings.max_item_tokens,
                 name=where,
             )
@@ -220,7 +264,7 @@ class LabelService:
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
             failed = [j for j, v in enumerate(values) if isinstance(v, BaseException)]
             if failed:
-                raise _request_error(values, failed, f"{where}[{misses[failed[0]]}]", len(items))
+                raise _request_error(values, failed, f"{where}[{at[misses[failed[0]]]}]", len(items))
             for i, v in zip(misses, values, strict=True):
                 results[i] = {**v, "cached": False}
         # Counted once answered, as the request's usage says.
@@ -260,6 +304,12 @@ class LabelService:
                 self._check_length(f"query[{k}].context[{m}].content", len(message["content"]))
         self._check_length(f"query[{k}].response", len(response))
 
+    def _check_count(self, n: int, where: str) -> None:
+        """The per-request item limit: InputTooLong naming `where` when `n` is over it."""
+        limit = self.settings.max_items
+        if n > limit:
+            raise InputTooLong(f"{n} {where}, over the limit of {limit} per request", field=where, limit=limit)
+
     def _check_length(self, name: str, n: int) -> None:
         """InputTooLong naming `name` when its `n` characters are over the limit."""
         limit = self.settings.max_chars
@@ -274,6 +324,14 @@ class LabelService:
         if use_cache and len(values) == len(keys):  # else which is whose is unknown: the batcher fails the call
             await self.cache.set_many(dict(zip(keys, values, strict=True)))
         return values
+
+
+# /get_reward's results for a query over a length limit (with ?overlong=lowest): the lowest
+# reward, as the lowest score (1 of 10) or a certain loss against the reference would give.
+_LOWEST: dict[str, dict[str, Any]] = {
+    "score": {"reward": -1.0, "expected": 1.0, "cached": False},
+    "reference": {"reward": -1.0, "p_win": 0.0, "cached": False},
+}
 
 
 def _response(response: type[BaseModel], spec: LabelSpec, usage: Usage, results: list[dict[str, Any]]) -> Any:

@@ -6,7 +6,8 @@ with its special tokens, post `{"query", "prompts", "labels"}` to `--reward.remo
 its batch request `_fetch_rewards_via_http`, in the frameworks venv; only vLLM is replaced, by
 a scripted engine. The server takes API keys, given in the reward URL's credentials. The
 rewards must be the labeler's for the canonical transcript of the dialogue, an empty
-completion included, and equal to what TRL's call gets for it.
+completion included, and equal to what TRL's call gets for it; a completion over the
+server's token limit gets the lowest reward (`?overlong=lowest`) instead of failing the call.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ FRANCE = [
 def test_openrlhf_remote_reward_requests(frameworks_python, make_server, labeler, model_dir, tmp_path):
     # OpenRLHF sends no headers of its own: a keyed server takes the key from the URL's
     # credentials, which aiohttp sends as HTTP Basic
-    srv = make_server(api_keys=[KEY])
+    srv = make_server(api_keys=[KEY], max_item_tokens=64)
     assert httpx.post(srv.url + "/get_reward", json={"query": ["q"]}).status_code == 401
-    url = srv.url.replace("http://", f"http://labeler:{KEY}@") + "/get_reward?task=tiny"
+    url = srv.url.replace("http://", f"http://labeler:{KEY}@") + "/get_reward?task=tiny&overlong=lowest"
     out = run_driver(frameworks_python, "openrlhf_remote", tmp_path, "--url", url, "--model-dir", str(model_dir))
     single = out["single"]
     want = labeler.scores([ScoreItem(render(FRANCE), "Paris."), ScoreItem(render(FRANCE), "")], "tiny")
@@ -45,10 +46,13 @@ def test_openrlhf_remote_reward_requests(frameworks_python, make_server, labeler
     assert single["empty"]["query"].endswith("<|im_start|>assistant\n<|im_end|>")
     assert single["empty"]["reward"] == pytest.approx([want[1].reward], abs=TOL)
     assert single["whitespace"]["reward"] == single["empty"]["reward"]  # the same empty response
-    assert set(single["empty"]["extra_logs"]) == {"expected_score", "cached"}
+    assert set(single["empty"]["extra_logs"]) == {"expected_score", "cached", "overlong"}
+    # a rollout over the token limit: the lowest reward, the others judged
+    assert single["overlong"]["reward"] == [-1.0] and single["overlong"]["extra_logs"]["overlong"] == [1.0]
+    assert single["answer"]["extra_logs"]["overlong"] == [0.0]
     batch = out["batch"]
     assert len(batch) == 1 and batch[0]["rewards"] == [
-        single[k]["reward"][0] for k in ("answer", "empty", "whitespace")
+        single[k]["reward"][0] for k in ("answer", "empty", "whitespace", "overlong")
     ]
     # the same dialogue through TRL's reward-function call: the same reward
     fn = reward_function(srv.url, task="tiny", api_key=KEY)

@@ -352,7 +352,7 @@ def test_request_bodies(live_server):
     ref = spec["paths"]["/v1/scores"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     scores = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert set(scores["required"]) == {"task", "items"} and scores["additionalProperties"] is False
-    assert [p["name"] for p in spec["paths"]["/get_reward"]["post"]["parameters"]] == ["task", "reward"]
+    assert [p["name"] for p in spec["paths"]["/get_reward"]["post"]["parameters"]] == ["task", "reward", "overlong"]
 
 
 async def test_full_queue_answers_429_with_retry_after(make_server):

@@ -205,6 +205,51 @@ def test_openrlhf_get_reward_against_reference_labels(live_server, labeler):
     )
 
 
+def test_openrlhf_get_reward_gives_overlong_queries_the_lowest_reward(make_server, labeler):
+    """?overlong=lowest: a query over the character limit or the token limit gets reward -1
+    (expected score 1) and is marked in extra_logs; the others get their rewards, as without
+    it. The default refuses the request, naming the first query over a limit."""
+    srv = make_server(max_chars=60, max_item_tokens=25)
+    digits = " ".join("1234567890" * 3)[:59]  # under 60 characters, over 25 tokens
+    prompts = ["2+2?", "Name a fruit.", "Name a fruit.", "Name a fruit."]
+    responses = ["4", "x" * 80, digits, "A chair."]
+    body = {"query": [p + r for p, r in zip(prompts, responses, strict=True)], "prompts": prompts}
+    err = assert_error(post(srv, "/get_reward?task=tiny", body), 422, "query[1].response")
+    assert "over the limit of 60" in err["message"] and "?overlong=lowest" in err["message"]
+    by_tokens = {"query": [body["query"][k] for k in (0, 2)], "prompts": [prompts[k] for k in (0, 2)]}
+    err = assert_error(post(srv, "/get_reward?task=tiny", by_tokens), 422, "query[1]")
+    assert "over the limit of 25" in err["message"] and "?overlong=lowest" in err["message"]
+
+    got = post(srv, "/get_reward?task=tiny&overlong=lowest", body).json()
+    want = [labeler.score(prompts[k], responses[k], "tiny") for k in (0, 3)]
+    assert got["extra_logs"]["overlong"] == [0.0, 1.0, 1.0, 0.0]
+    assert got["rewards"][1:3] == [-1.0, -1.0] and got["extra_logs"]["expected_score"][1:3] == [1.0, 1.0]
+    assert [got["rewards"][k] for k in (0, 3)] == pytest.approx([w.reward for w in want], abs=TOL)
+    assert [got["extra_logs"]["expected_score"][k] for k in (0, 3)] == pytest.approx(
+        [w.expected for w in want], abs=TOL
+    )
+    assert got["scores"] == got["rewards"]
+
+    refs = {**body, "labels": ["4", "An apple.", "An apple.", "An apple."]}
+    got = post(srv, "/get_reward?task=tiny&reward=reference&overlong=lowest", refs).json()
+    want = labeler.reference_rewards(
+        [ReferenceItem(prompts[k], responses[k], refs["labels"][k]) for k in (0, 3)], "tiny"
+    )
+    assert got["extra_logs"]["overlong"] == [0.0, 1.0, 1.0, 0.0]
+    assert got["rewards"][1:3] == [-1.0, -1.0] and got["extra_logs"]["p_win"][1:3] == [0.0, 0.0]
+    assert [got["rewards"][k] for k in (0, 3)] == pytest.approx([w.reward for w in want], abs=2 * TOL)
+
+    every = {"query": [body["query"][k] for k in (1, 2)], "prompts": [prompts[k] for k in (1, 2)]}
+    got = post(srv, "/get_reward?task=tiny&overlong=lowest", every).json()
+    assert got["rewards"] == [-1.0, -1.0] and got["extra_logs"]["overlong"] == [1.0, 1.0]
+    # what is not the policy's output stays an error: too many queries, a reference over the limit
+    many = {"query": ["q"] * (srv.settings.max_items + 1)}
+    assert_error(post(srv, "/get_reward?task=tiny&overlong=lowest", many), 422, "query")
+    long_ref = {**refs, "labels": ["4", "A", "A", "y" * 61]}
+    assert_error(post(srv, "/get_reward?task=tiny&reward=reference&overlong=lowest", long_ref), 422, "labels[3]")
+    assert_error(post(srv, "/get_reward?task=tiny&overlong=maybe", body), 422, "overlong")
+
+
 def test_openrlhf_get_reward_answers_an_empty_shard(live_server):
     """OpenRLHF 0.11.0 (not 0.11.2) splits a batch over its reward URLs in equal shards and posts
     the empty ones too (one query, two URLs): an empty answer, not a 422 that costs the

@@ -28,6 +28,7 @@ CASES = {
     "answer": (FRANCE, "Paris."),
     "empty": (FRANCE, ""),  # the policy emitted only its end-of-turn token
     "whitespace": (FRANCE, " \n"),
+    "overlong": (FRANCE, "and " * 80),  # over the server's token limit
 }
 
 
