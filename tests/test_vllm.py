@@ -24,6 +24,7 @@ from labeler.engines.vllm_cpu import (
     cpu_defaults,
     default_kv_cache_bytes,
     kv_bytes_per_token,
+    parse_sizes,
     threads_bind,
     weights_bytes,
 )
@@ -303,6 +304,17 @@ def test_cpu_defaults_fill_in_only_what_is_not_given(model_dir):
         assert cpu_defaults(model_dir, {ranks: 2}, environ={}).env == {}
 
 
+def test_sizes_are_read_as_vllms_command_line_reads_them():
+    given = {"max_model_len": "2K", "kv_cache_memory_bytes": "1g", "served_model_name": "1k", "dtype": "auto"}
+    assert parse_sizes(given) == {
+        "max_model_len": 2048,
+        "kv_cache_memory_bytes": 10**9,
+        "served_model_name": "1k",  # not a size: as given
+        "dtype": "auto",
+    }
+    assert parse_sizes({"max_model_len": "auto"}) == {"max_model_len": "auto"}  # vLLM's to judge
+
+
 def test_threads_bind_is_every_cpu_of_this_process():
     cores = {}
     for cpu in psutil.Process().cpu_affinity():
@@ -377,7 +389,8 @@ def test_engines_run_with_the_cpu_defaults(vllm_engine, vllm_servers):
 
     config = vllm_engine._engine.vllm_config
     assert config.model_config.dtype == torch.float32 and config.model_config.enforce_eager
-    assert config.cache_config.kv_cache_memory_bytes == 512 << 20
+    assert config.cache_config.kv_cache_memory_bytes == 512 << 20  # both given as text ("512M", "8K")
+    assert config.model_config.max_model_len == 8192
     assert THREADS_BIND_ENV not in os.environ  # set only while vLLM started its processes
     bound = [
         p for p in psutil.Process().children(recursive=True) if _environ(p).get(THREADS_BIND_ENV) == threads_bind()

@@ -72,7 +72,7 @@ def check_start(model: str | os.PathLike[str] | None, engine_args: Mapping[str, 
     from ..models import resolve_model
 
     if on_cpu():
-        cpu_defaults(resolve_model(model), {k: parse_size(v) for k, v in engine_args.items()})
+        cpu_defaults(resolve_model(model), parse_sizes(engine_args))
 
 
 def cpu_defaults(
@@ -274,6 +274,25 @@ def scoped_environ(updates: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# The engine arguments that vLLM's command line reads as sizes ("8K" = 8192, "1G" = 2**30):
+# given as text to the in-process engine, they are read the same way.
+SIZE_ARGS = frozenset(
+    {
+        "max_model_len",
+        "max_num_batched_tokens",
+        "max_num_scheduled_tokens",
+        "max_num_queued_tokens",
+        "kv_cache_memory_bytes",
+        "safetensors_prefetch_block_size",
+    }
+)
+
+
+def parse_sizes(engine_args: Mapping[str, Any]) -> dict[str, Any]:
+    """`engine_args` with its sizes (`SIZE_ARGS`) given as text read by `parse_size`."""
+    return {k: parse_size(v) if k in SIZE_ARGS else v for k, v in engine_args.items()}
 
 
 def parse_size(value: Any) -> Any:

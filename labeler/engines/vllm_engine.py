@@ -38,7 +38,7 @@ from .base import (
     gather_or_cancel,
 )
 from .transformers_engine import _as_list, default_model_id
-from .vllm_cpu import VLLM_MISSING, cpu_defaults, on_cpu, parse_size, scoped_environ
+from .vllm_cpu import VLLM_MISSING, cpu_defaults, on_cpu, parse_sizes, scoped_environ
 
 
 class VLLMEngine:
@@ -56,9 +56,7 @@ class VLLMEngine:
         except ImportError as exc:
             raise ModelLoadError(VLLM_MISSING) from exc
         model_dir = Path(model_dir)
-        engine_args = {"enable_prefix_caching": True, "seed": 0, **engine_args}
-        if "kv_cache_memory_bytes" in engine_args:
-            engine_args["kv_cache_memory_bytes"] = parse_size(engine_args["kv_cache_memory_bytes"])
+        engine_args = {"enable_prefix_caching": True, "seed": 0, **parse_sizes(engine_args)}
         env: dict[str, str] = {}
         if on_cpu():
             defaults = cpu_defaults(model_dir, engine_args)
