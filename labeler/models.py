@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError
 
@@ -118,3 +119,15 @@ def convert_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def load_tokenizer(source: str | os.PathLike[str], **options: Any) -> Any:
+    """The Hugging Face tokenizer in `source` (a model directory, or the separate tokenizer
+    directory a model names), with `from_pretrained` options such as `trust_remote_code`;
+    ModelLoadError when it cannot be read."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the tokenizer of {source}: {exc}") from exc

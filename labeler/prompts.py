@@ -102,13 +102,13 @@ def prompt_builder(model_dir: str | Path) -> PromptBuilder:
     `labeler render` shows, without loading the model."""
     import json
 
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer
 
+    tokenizer = load_tokenizer(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read the tokenizer of {model_dir}: {exc}") from exc
+        raise ModelLoadError(f"cannot read the config of {model_dir}: {exc}") from exc
     return PromptBuilder(tokenizer, max_prompt_tokens=config.get("max_position_embeddings"))
 
 

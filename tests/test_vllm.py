@@ -341,6 +341,21 @@ def test_kv_cache_that_cannot_fit_is_refused_before_vllm_starts(model_dir):
         assert "Traceback" not in proc.stderr
 
 
+def test_the_tokenizer_is_read_before_vllm_starts(model_dir, tmp_path):
+    """The in-process engine reads the tokenizer vLLM will use (its `tokenizer` argument, else
+    the model's) before anything starts: a model without one is refused by name, with none
+    of vLLM's processes to leave behind (here ahead of the KV-cache check that follows)."""
+    bare = tmp_path / "no-tokenizer"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (bare / f.name).symlink_to(f)
+    with pytest.raises(ModelLoadError, match=f"cannot read the tokenizer of {bare}"):
+        VLLMEngine(bare, kv_cache_memory_bytes="1000G")
+    with pytest.raises(ModelLoadError, match="kv_cache_memory_bytes=.*does not fit"):
+        VLLMEngine(bare, tokenizer=str(model_dir), kv_cache_memory_bytes="1000G")
+
+
 def test_given_args_reads_vllm_flags():
     argv = ["--port", "8001", "--max-model-len=2048", "--enforce-eager", "--no-enable-prefix-caching"]
     argv += ["-tp", "2", "--kv_cache_memory_bytes", "1G"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EngineError, EngineUnavailable, ModelLoadError
+from ..models import load_tokenizer
 from .base import (
     PLAIN_SAMPLING,
     EngineStats,
@@ -50,13 +51,19 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str | Path, *, model_id: str | None = None, **engine_args: Any) -> None:
         try:
-            from transformers import AutoTokenizer
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:
             raise ModelLoadError(VLLM_MISSING) from exc
         model_dir = Path(model_dir)
         engine_args = {"enable_prefix_caching": True, "seed": 0, **parse_sizes(engine_args)}
+        # The tokenizer vLLM will use, read before vLLM starts: a failure then leaves no
+        # engine processes behind.
+        self.tokenizer = load_tokenizer(
+            engine_args.get("tokenizer") or model_dir,
+            trust_remote_code=bool(engine_args.get("trust_remote_code", False)),
+            revision=engine_args.get("tokenizer_revision"),
+        )
         env: dict[str, str] = {}
         if on_cpu():
             defaults = cpu_defaults(model_dir, engine_args)
@@ -73,7 +80,6 @@ class VLLMEngine:
                 self._engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds at start-up
             raise ModelLoadError(f"vLLM could not start on {model_dir}: {exc}") from exc
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model_id = model_id or vllm_model_id(model_dir, engine_args)
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self.stats = EngineStats()

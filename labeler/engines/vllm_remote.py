@@ -89,18 +89,20 @@ class VLLMRemoteEngine:
         cooldown: float = 5.0,
         max_concurrency: int = 128,
     ) -> None:
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
+
+        from ..models import load_tokenizer
 
         if isinstance(urls, str):
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
             raise InvalidInput("the vllm-remote engine needs at least one server URL", field="vllm_urls")
         model_dir = Path(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             config = AutoConfig.from_pretrained(model_dir)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read the tokenizer of {model_dir}: {exc}") from exc
+            raise ModelLoadError(f"cannot read the config of {model_dir}: {exc}") from exc
         self.servers = [_Server(u.strip()) for u in urls]
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(getattr(config, "eos_token_id", None)))
         self.served_model = served_model
