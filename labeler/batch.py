@@ -93,6 +93,11 @@ class LocalBackend(Backend):
     def judgment_question(self, task: str) -> str:
         return self.labeler.task(task).judgment_question.strip()
 
+    async def aclose(self) -> None:
+        """Release the labeler's engine (vLLM's processes, the model's memory): the backend
+        owns the labeler it was opened with."""
+        await self.labeler.engine.aclose()
+
 
 class HTTPBackend(Backend):
     """The labeler service through `labeler_client.AsyncClient` (imported only here)."""

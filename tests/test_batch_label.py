@@ -35,14 +35,35 @@ pytestmark = pytest.mark.model
 HH = "\n\nHuman: Name a fruit.\n\nAssistant:"
 
 
+class LentEngine:
+    """The session's engine lent to one command, which closes the engine of its labeler at
+    its end: the close is recorded, not done, so the engine serves the next test."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.closed = 0
+
+    def __getattr__(self, name):
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
 @pytest.fixture
-def in_process(labeler, monkeypatch):
-    """Run `labeler ...` in this process on the session model; returns the exit code."""
-    monkeypatch.setattr(cli, "build_labeler", lambda args: labeler)
+def in_process(labeler, test_tasks, monkeypatch):
+    """Run `labeler ...` in this process on the session model; returns the exit code.
+    `in_process.engine.closed` counts the commands' closes of their engine."""
+    lent = LentEngine(labeler.engine)
+    own = Labeler(lent, test_tasks, max_rationale_tokens=labeler.max_rationale_tokens)
+    monkeypatch.setattr(cli, "build_labeler", lambda args: own)
 
     def run(*argv):
         return cli.main([*argv, "--no-progress"])
 
+    run.engine = lent
     return run
 
 
@@ -118,6 +139,7 @@ def test_an_empty_response_is_labeled_like_any_other(tmp_path, labeler, in_proce
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q?", "chosen": " ", "rejected": "<|im_end|>"}])
     out = tmp_path / "out.jsonl"
     assert in_process("label", str(src), str(out), "--task", "tiny") == 0
+    assert in_process.engine.closed == 1  # the command released its engine
     (row,) = rows(out)
     ref = labeler.preference("Q?", "", "", "tiny")
     assert row["p_a"] == pytest.approx(ref.p_a, abs=1e-5) and row["p_a_ab"] == pytest.approx(ref.p_a_ab, abs=1e-5)
@@ -270,7 +292,7 @@ def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skippe
     leaves it out and labels the rest, in-process and through the service alike. A chunk the
     model labels none of stops the run even so: that is the model, not the records."""
     poison = "POISON-7f3a"
-    faulty = Labeler(FaultyEngine(labeler.engine, poison=poison, exc_type="nan"), test_tasks)
+    faulty = Labeler(FaultyEngine(LentEngine(labeler.engine), poison=poison, exc_type="nan"), test_tasks)
     answers = ["Apple.", "Plum.", "Fig.", poison, "Pear."]
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a fruit.", "completion": a} for a in answers])
     out = tmp_path / "scores.jsonl"
