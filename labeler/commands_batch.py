@@ -371,6 +371,9 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
         )
         done = [[j for j in js if j.key in sink.rows] for js in jobs]
+        for name, d in zip("AB", done, strict=False):
+            if not d:  # no rate to report: a clear end, as winrate's
+                raise SystemExit(f"no response of policy {name} was judged: every one was skipped as invalid")
         p_yes = [[sink.rows[j.key]["p_yes"] for j in d] for d in done]
         prompts = [[j.item.context for j in d] for d in done]  # what the CIs resample
         per = []

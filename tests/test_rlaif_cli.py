@@ -81,6 +81,12 @@ def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, cap
     assert again["summary"]["labeled"] == 0 and again["summary"]["skipped"] == 5
     assert again["policies"] == got["policies"] and again["difference"] == got["difference"]
 
+    # Every response of B refused (over the model's context) and skipped: a clear end, no figures.
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}])
+    with pytest.raises(SystemExit, match="no response of policy B was judged"):
+        in_process("harmless", str(a), str(long), "--task", "tiny", "--out", str(tmp_path / "h2"), "--skip-invalid")
+    assert not (tmp_path / "h2" / "metrics.json").exists()
+
 
 def test_harmless_rate_resamples_a_prompts_samples_together(tmp_path, in_process, capsys):  # noqa: F811
     """Two sampled completions for each of two prompts: the CIs are those of a bootstrap over
