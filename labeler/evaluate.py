@@ -17,6 +17,7 @@ so the labeler's position bias cannot pass for agreement with humans.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Hashable, Sequence
@@ -588,7 +589,12 @@ def match_policies(
         seen: dict[Any, int] = {}
         out = {}
         for i, s in rows:
-            tag = ("id", i) if use_id else ("prompt", s.context)
+            # An id that is a JSON list or object matches by its canonical text.
+            tag = (
+                ("id", i if isinstance(i, Hashable) else json.dumps(i, sort_keys=True))
+                if use_id
+                else ("prompt", s.context)
+            )
             n = seen[tag] = seen.get(tag, -1) + 1
             out[(*tag, n)] = s
         return out

@@ -358,6 +358,12 @@ def test_policies_match_by_id_and_occurrence():
     matched, only_a, only_b = ev.match_policies(untagged, [(None, s) for _, s in b])
     assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a2", "b2"), ("a3", "b3")]
     assert (only_a, only_b) == (1, 1)
+    # Ids that are JSON lists or objects (not hashable as read) match by value.
+    listed = [([1, "x"], single("a1", "p")), ({"k": 1, "j": 2}, single("a3", "q"))]
+    other = [({"j": 2, "k": 1}, single("b3", "q")), ([1, "x"], single("b1", "p")), ([1, "y"], single("b9", "p"))]
+    matched, only_a, only_b = ev.match_policies(listed, other)
+    assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a3", "b3")]
+    assert (only_a, only_b) == (0, 1)
 
 
 def test_records_matched_by_id_with_other_prompts_are_warned_of(caplog):
