@@ -3,7 +3,7 @@
     from labeler_client import Client
     from labeler_client.ray import ServeTransport
 
-    client = Client("http://labeler", transport=ServeTransport())   # the URL's host is not used
+    client = Client("http://labeler", transport=ServeTransport())   # any host, no path (see below)
     client.rewards(prompts, completions, task="helpful")
 
 A transport for the usual `Client` (`AsyncServeTransport` for `AsyncClient`): each request
@@ -11,7 +11,9 @@ goes to a replica of the labeler's Serve application through a deployment handle
 own routing and autoscaling), and the replica answers it with the same app that serves
 HTTP. Results, errors, retries and batching are the client's own. Works in any process
 connected to the cluster: a driver, a task, an actor (verl and OpenRLHF reward workers).
-Needs `ray[serve]` in the caller's environment, at the cluster's version.
+Needs `ray[serve]` in the caller's environment, at the cluster's version. The URL's host
+is not used, and it takes no path: a `route_prefix` is the HTTP proxy's, and a handle call
+reaches the app below it (`http://HEAD_IP:8000/labeler` with this transport answers 404).
 
 Ray's failures read as the transport failures they are: a replica that died mid-request
 (or a timeout) as a dropped connection (`RequestError`, retried), a deployment with no
