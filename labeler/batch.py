@@ -580,6 +580,8 @@ async def run_jobs(
 async def _label_chunk(
     backend: Backend, kind: str, chunk: list[Job], task: str, opts: dict[str, Any], skip_invalid: bool, summary: Summary
 ) -> tuple[list[dict[str, Any]], list[Job]]:
+    from tqdm.auto import tqdm
+
     while True:
         if not chunk:
             return [], []
@@ -614,7 +616,8 @@ async def _label_chunk(
             what = "unlabeled item" if unlabeled else "invalid input"
             for i in sorted(bad):
                 (summary.unlabeled if unlabeled else summary.invalid).append(f"{chunk[i].where}: {msg}")
-                print(f"skipped {what}: {chunk[i].where}: {msg}", file=sys.stderr)
+                # Through tqdm: the progress bar is cleared first and drawn again below the line.
+                tqdm.write(f"skipped {what}: {chunk[i].where}: {msg}", file=sys.stderr)
             chunk = [j for i, j in enumerate(chunk) if i not in bad]
 
 

@@ -283,6 +283,22 @@ def test_url_mode_names_a_record_the_service_refuses_by_its_line_and_field(limit
     assert json.loads(captured.out)["invalid"] == 1
 
 
+def test_skipped_lines_do_not_run_into_the_progress_bar(tmp_path, labeler, test_tasks, monkeypatch, capsys):
+    """With the progress bar on, a skipped record's line is written on a line of its own
+    (the bar cleared first), not after the bar's text."""
+    poison = "POISON-7f3a"
+    faulty = Labeler(FaultyEngine(LentEngine(labeler.engine), poison=poison, exc_type="nan"), test_tasks)
+    monkeypatch.setattr(cli, "build_labeler", lambda args: faulty)
+    answers = ["Apple.", poison, "Fig.", "Pear."]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a fruit.", "completion": a} for a in answers])
+    argv = ["label", str(src), str(tmp_path / "out.jsonl"), "--task", "tiny", "--scores", "--skip-invalid"]
+    assert cli.main([*argv, "--chunk-size", "2", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "labeling" in err  # the bar was drawn
+    skipped = [line.rsplit("\r", 1)[-1] for line in err.splitlines() if "skipped unlabeled item" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped unlabeled item: {src}, line 2: "), err
+
+
 @pytest.mark.parametrize("via", ["in-process", "url"])
 def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skipped(
     via, tmp_path, labeler, test_tasks, monkeypatch, capsys
