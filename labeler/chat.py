@@ -87,7 +87,8 @@ END_MARKERS: tuple[str, ...] = (
 )
 
 # Sequence starts, dropped wherever a turn begins.
-_BOS = ("<|begin_of_text|>", "<s>", "<bos>", "<｜begin▁of▁sentence｜>", "<|startoftext|>")
+# A byte-order mark too: Python's whitespace is not its, and a file or a tokenizer may leave one.
+_BOS = ("<|begin_of_text|>", "<s>", "<bos>", "<｜begin▁of▁sentence｜>", "<|startoftext|>", "\ufeff")
 
 _ROLE_NAMES = {
     "system": "System",
@@ -137,12 +138,14 @@ _DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>")
 # Every template's own turn ends (Llama 2's "</s>" besides): a set of end markers holding
 # them all strips whatever a template's turn ends with.
 _TEMPLATE_ENDS = frozenset({*(end for t in (*_TEMPLATES, _DEEPSEEK) for end in t.ends), "</s>"})
-# Role names in any case: "user: ..." is how older clients wrote transcripts.
-_PLAIN_HEADER = re.compile(r"(?:\A|\n\n)\s*((?i:human|user|system|assistant|tool)):[ \t]?")
+# Role names in any case: "user: ..." is how older clients wrote transcripts. A turn opens
+# after a blank line (CRLF too); only spaces and tabs may stand around that line's newlines,
+# so that a long run of newlines is scanned in linear time, not once per newline.
+_PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)((?i:human|user|system|assistant|tool)):[ \t]?")
 _PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
-_MAYBE_MARKUP = re.compile(r"\s*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
+_MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
 _INST = re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL)
 _LLAMA2_SYS = re.compile(r"\A\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.DOTALL)
 _MISTRAL_SYS = re.compile(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", re.DOTALL)
@@ -283,6 +286,8 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
         return None
     turns, ends = found
     markers = (*ends, *_markers(end_markers))
+    if not turns and _clean(text, markers):  # markup opened and never laid out ("[INST] hi"): text
+        return None
     out = []
     for m in turns:
         role = _role(m["role"])

@@ -256,6 +256,48 @@ def test_split_query_without_a_template(query, prompt, context, response):
     assert (chat.context_text(got_context), got_response) == (context, response)
 
 
+def test_a_plain_transcript_splits_in_linear_time_and_with_crlf():
+    """A policy that runs on in newlines to its length limit: splitting and rendering stay
+    linear (a pattern that rescanned the run from every newline took 34 s on 32,000 of them,
+    blocking the server's event loop). Turns separated by CRLF blank lines split like LF."""
+    import time
+
+    run = "\n" * 32_000
+    t0 = time.perf_counter()
+    context, response = chat.split_query(f"Human: hi\n\nAssistant: b{run}x")
+    text = chat.context_text(f"Human: a{run}x")
+    seconds = time.perf_counter() - t0
+    assert (context, response) == ([{"role": "user", "content": "hi"}], f"b{run}x")
+    assert text == f"a{run}x"
+    # A liveness bound, not a speed goal: linear takes milliseconds, quadratic over a minute.
+    assert seconds < 20, f"{seconds:.1f} s"
+    crlf = chat.split_query("User: hi\r\n\r\nAssistant: hello there")
+    assert (
+        crlf
+        == chat.split_query("User: hi\n\nAssistant: hello there")
+        == ([{"role": "user", "content": "hi"}], "hello there")
+    )
+    # a blank line holding spaces, and extra newlines, still open a turn
+    assert chat.split_query("User: hi\n \n\n Assistant: yo") == ([{"role": "user", "content": "hi"}], "yo")
+
+
+def test_a_byte_order_mark_in_front_is_no_content():
+    chatml = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>"
+    assert (
+        chat.split_query("\ufeff" + chatml)
+        == chat.split_query(chatml)
+        == ([{"role": "user", "content": "hi"}], "hello")
+    )
+    assert chat.context_text("\ufeffhello") == "hello" and chat.clean_response("\ufeff hello") == "hello"
+
+
+def test_markup_opened_and_never_laid_out_is_text():
+    """A turn header with no turn after it (an [INST] never closed) is no template: the text
+    is kept, not erased."""
+    assert chat.context_text("[INST] Translate this sentence please") == "[INST] Translate this sentence please"
+    assert chat.split_query("<s>[INST] hi there") == ("", "[INST] hi there")
+
+
 def test_text_that_merely_mentions_markup_is_left_alone():
     text = "Summarize: the model printed <|im_end|> and stopped."
     assert chat.parse(text) is None and chat.context_text(text) == text
