@@ -122,7 +122,7 @@ _TEMPLATES = (
     _Template(("<|im_start|>",), re.compile(r"<\|im_start\|>([^\n<]*)(?:<\|im_sep\|>|\n)?"), ("<|im_end|>",)),
     _Template(
         ("<|start_header_id|>",),
-        re.compile(r"<\|start_header_id\|>(.*?)<\|end_header_id\|>\n*"),
+        re.compile(r"<\|start_header_id\|>([^<\n]*)<\|end_header_id\|>\n*"),
         ("<|eot_id|>", "<|eom_id|>"),
     ),
     _Template(("<start_of_turn>",), re.compile(r"<start_of_turn>([^\n<]*)\n?"), ("<end_of_turn>",)),
@@ -146,7 +146,9 @@ _PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
 _MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
-_INST = re.compile(r"\[INST\](.*?)\[/INST\]", re.DOTALL)
+# A turn holds no "[INST]" of its own: each search stops at the next one, so that text with
+# many unclosed ones is scanned in linear time.
+_INST = re.compile(r"\[INST\]((?:(?!\[INST\]).)*?)\[/INST\]", re.DOTALL)
 _LLAMA2_SYS = re.compile(r"\A\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.DOTALL)
 _MISTRAL_SYS = re.compile(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", re.DOTALL)
 

@@ -257,15 +257,18 @@ def test_split_query_without_a_template(query, prompt, context, response):
 
 
 def test_a_plain_transcript_splits_in_linear_time_and_with_crlf():
-    """A policy that runs on in newlines to its length limit: splitting and rendering stay
-    linear (a pattern that rescanned the run from every newline took 34 s on 32,000 of them,
-    blocking the server's event loop). Turns separated by CRLF blank lines split like LF."""
+    """A policy that runs on in newlines (or in turn headers) to its length limit: splitting
+    and rendering stay linear (a pattern that rescanned the run from every newline took 34 s
+    on 32,000 of them, blocking the server's event loop). Turns separated by CRLF blank lines split like LF."""
     import time
 
     run = "\n" * 32_000
     t0 = time.perf_counter()
     context, response = chat.split_query(f"Human: hi\n\nAssistant: b{run}x")
     text = chat.context_text(f"Human: a{run}x")
+    # Headers that are opened again and again and never closed, on one line.
+    for opened in ("[INST]" * 5000, "<|start_header_id|>" * 1500):
+        chat.split_query(opened + "x")
     seconds = time.perf_counter() - t0
     assert (context, response) == ([{"role": "user", "content": "hi"}], f"b{run}x")
     assert text == f"a{run}x"
