@@ -337,13 +337,29 @@ def _reasoning(content: str) -> str:
         content = emptied
 
 
+def message_text(content: Any) -> str:
+    """A message's `content` as text: a string as it is, none (an assistant turn that only
+    called a tool) as "", OpenAI's content parts (a list, or one part) as their text parts
+    joined by newlines; other parts (images) carry no text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Mapping):
+        content = [content]
+    if isinstance(content, Sequence):
+        parts = (p if isinstance(p, str) else p.get("text") if isinstance(p, Mapping) else None for p in content)
+        return "\n".join(p for p in parts if isinstance(p, str))
+    return ""
+
+
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
     """The canonical transcript of `messages` (see the module docstring)."""
     markers = _markers(end_markers)
     kept = []
     for m in messages:
         role, content = _role(m.get("role")), m.get("content")
-        content = _turn_content(role, content if isinstance(content, str) else "", markers)
+        content = _turn_content(role, message_text(content), markers)
         if content:
             kept.append((role, content))
     if len(kept) == 1 and kept[0][0] == "User":

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
@@ -22,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from labeler.chat import message_text
 from labeler.spec import MAX_GROUP_SIZE, MAX_SEED
 
 from .settings import Settings
@@ -55,12 +57,22 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_MESSAGE_CONTENT = "the turn's text (untrusted); also null or OpenAI content parts, read as their text parts"
+
+
+def _message_content(value: Any) -> Any:
+    """Null and OpenAI content parts as their text; anything else for `str` to judge."""
+    return message_text(value) if value is None or isinstance(value, (list, dict)) else value
+
+
 class ChatMessageIn(BaseModel):
     """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
-    content: str = Field("", max_length=_DEFAULTS.max_chars, description="the turn's text (untrusted)")
+    content: Annotated[str, BeforeValidator(_message_content)] = Field(
+        "", max_length=_DEFAULTS.max_chars, description=_MESSAGE_CONTENT
+    )
 
 
 Context = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
@@ -176,7 +188,10 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     def text(default: Any, what: str) -> Any:
         return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
 
-    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=text("", "the turn's text (untrusted)"))
+    content = text("", _MESSAGE_CONTENT)
+    message = create_model(
+        "ChatMessageIn", __base__=ChatMessageIn, content=(Annotated[str, BeforeValidator(_message_content)], content[1])
+    )
     context = (
         Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
         Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),

@@ -112,7 +112,14 @@ def test_one_dialogue_one_reward_whatever_the_shape(live_server, labeler):
         "phi3": f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n{QUESTION}<|end|>\n<|assistant|>\n",
         "deepseek": f"<｜begin▁of▁sentence｜>{SYSTEM}<｜User｜>{QUESTION}<｜Assistant｜>",
         "hh": f"\n\nSystem: {SYSTEM}\n\nHuman: {QUESTION}\n\nAssistant:",
+        # OpenAI-style messages on the raw wire: content parts, and a tool-calling turn's null content
+        "openai-parts": [
+            {"role": "developer", "content": [{"type": "text", "text": SYSTEM}]},
+            {"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {}}]},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+        ],
     }
+    assert render(others["openai-parts"]) == CANONICAL  # in process too
     for name, prompt in others.items():
         body = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": prompt, "response": ANSWER}]})
         assert body["usage"]["cached"] == 1, name  # the same key as the first request's
