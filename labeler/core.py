@@ -380,13 +380,17 @@ class Labeler:
             return [_at(at, self.prompts.judgment, t, it.context, it.response, cot=cot, tokenize=False)]
         return [_at(at, self.prompts.score, t, it.context, it.response, cot=cot, tokenize=False)]
 
-    def _check_item_tokens(self, items: Sequence[Any], where: Sequence[str], limit: int) -> None:
-        """The per-item token limit, over the item's own texts (one tokenizer call for all)."""
+    def item_tokens(self, items: Sequence[Any]) -> list[int]:
+        """The tokens of each item's own texts (context, responses, reference), as the
+        per-item token limit counts them: one tokenizer call for all."""
         per_item = [_texts(it) for it in items]
         texts = [clean_text(text, n, allow_empty=True) for named in per_item for n, text in named]
         ids = iter(self.engine.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-        for i, named in enumerate(per_item):
-            n_tokens = sum(len(next(ids)) for _ in named)
+        return [sum(len(next(ids)) for _ in named) for named in per_item]
+
+    def _check_item_tokens(self, items: Sequence[Any], where: Sequence[str], limit: int) -> None:
+        """The per-item token limit, over the item's own texts."""
+        for i, n_tokens in enumerate(self.item_tokens(items)):
             if n_tokens > limit:
                 raise InputTooLong(
                     f"{where[i]}: {n_tokens} tokens in its texts, over the limit of {limit}",

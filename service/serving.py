@@ -166,8 +166,13 @@ class LabelService:
         `too_long`) and given the lowest reward instead of failing the request: a rollout
         longer than the labeler reads is the policy's output, and OpenRLHF has no way to
         drop one sample of a refused request. Those over a character limit are in `too_long`
-        already; the token limits (the item's, the model's context) are found by preparing
-        the rest one by one, only once a request has failed on one of them."""
+        already, those over the item token limit are counted here in one pass; one over the
+        model's context (rarer: it needs the prompt around the item) is found by preparing
+        the rest one by one, once a request has failed on it."""
+        limit = self.settings.max_item_tokens
+        rest = [k for k in range(len(items)) if k not in too_long]
+        counts = await self.labeler.in_render_thread(self.labeler.item_tokens, [items[k] for k in rest])
+        too_long.update(k for k, n in zip(rest, counts, strict=True) if n > limit)
         while True:
             fits = [k for k in range(len(items)) if k not in too_long]
             try:

@@ -250,6 +250,24 @@ def test_openrlhf_get_reward_gives_overlong_queries_the_lowest_reward(make_serve
     assert_error(post(srv, "/get_reward?task=tiny&overlong=maybe", body), 422, "overlong")
 
 
+def test_overlong_queries_set_aside_leave_the_others_named_by_their_place(labeler, test_tasks):
+    """With a query set aside as too long, an error on another query still names that
+    query's place in the request, not its place among the queries judged."""
+    from labeler import Labeler
+    from tests.fixtures.faults import FaultyEngine
+    from tests.fixtures.server import LiveServer
+
+    poison = "POISON-7f3a"
+    srv = LiveServer(Labeler(FaultyEngine(labeler.engine, poison=poison, exc_type="nan"), test_tasks), max_chars=60)
+    srv.start()
+    try:
+        body = {"query": ["x" * 80, "Name a fruit. Apple.", f"Name a fruit. {poison}"]}
+        err = assert_error(post(srv, "/get_reward?task=tiny&overlong=lowest", body), 500, "query[2]")
+        assert "zero probability" in err["message"]
+    finally:
+        srv.stop()
+
+
 def test_openrlhf_get_reward_answers_an_empty_shard(live_server):
     """OpenRLHF 0.11.0 (not 0.11.2) splits a batch over its reward URLs in equal shards and posts
     the empty ones too (one query, two URLs): an empty answer, not a 422 that costs the
