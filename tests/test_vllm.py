@@ -304,7 +304,7 @@ def test_cpu_defaults_fill_in_only_what_is_not_given(model_dir):
         assert cpu_defaults(model_dir, {ranks: 2}, environ={}).env == {}
 
 
-def test_sizes_are_read_as_vllms_command_line_reads_them():
+def test_sizes_are_read_as_vllms_command_line_reads_them(model_dir):
     given = {"max_model_len": "2K", "kv_cache_memory_bytes": "1g", "served_model_name": "1k", "dtype": "auto"}
     assert parse_sizes(given) == {
         "max_model_len": 2048,
@@ -312,7 +312,15 @@ def test_sizes_are_read_as_vllms_command_line_reads_them():
         "served_model_name": "1k",  # not a size: as given
         "dtype": "auto",
     }
-    assert parse_sizes({"max_model_len": "auto"}) == {"max_model_len": "auto"}  # vLLM's to judge
+    assert parse_sizes({"max_model_len": "auto"}) == {"max_model_len": -1}  # vLLM's "the longest that fits"
+    assert parse_sizes({"max_model_len": "1.5K"}) == {"max_model_len": "1.5K"}  # vLLM's to refuse, by name
+    # "auto" sizes the default cache for the model's context, as no max_model_len does
+    none = cpu_defaults(model_dir, {}, environ={}).args["kv_cache_memory_bytes"]
+    assert (
+        cpu_defaults(model_dir, parse_sizes({"max_model_len": "auto"}), environ={}).args["kv_cache_memory_bytes"]
+        == none
+    )
+    assert cpu_defaults(model_dir, {"max_model_len": "auto"}, environ={}).args["kv_cache_memory_bytes"] == none
 
 
 def test_threads_bind_is_every_cpu_of_this_process():

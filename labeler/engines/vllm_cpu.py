@@ -17,6 +17,7 @@ Whatever the caller sets wins. `import vllm` happens only inside these functions
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -216,7 +217,9 @@ def default_kv_cache_bytes(
     `max_model_len` tokens (the model's context when None) as vLLM counts it, in whole MiB.
     ModelLoadError when even that does not fit in `available` bytes."""
     weights = weights_bytes(model_dir, dtype)
-    length = int(max_model_len or _config(Path(model_dir)).get("max_position_embeddings") or 0)
+    # -1 (vLLM's "auto": the longest length that fits) sizes the cache for the model's context.
+    given = max_model_len if isinstance(max_model_len, int) and max_model_len > 0 else None
+    length = int(given or _config(Path(model_dir)).get("max_position_embeddings") or 0)
     # vLLM stores a sequence in whole blocks and holds one more block back (its null block).
     block = int(block_size or CPU_BLOCK_SIZE)
     one_sequence = kv_bytes_per_token(model_dir, dtype, kv_cache_dtype) * block * (-(-length // block) + 1)
@@ -291,8 +294,12 @@ SIZE_ARGS = frozenset(
 
 
 def parse_sizes(engine_args: Mapping[str, Any]) -> dict[str, Any]:
-    """`engine_args` with its sizes (`SIZE_ARGS`) given as text read by `parse_size`."""
-    return {k: parse_size(v) if k in SIZE_ARGS else v for k, v in engine_args.items()}
+    """`engine_args` with its sizes (`SIZE_ARGS`) given as text read by `parse_size`, and
+    `max_model_len=auto` as vLLM's command line reads it, -1 (the longest that fits)."""
+    out = {k: parse_size(v) if k in SIZE_ARGS else v for k, v in engine_args.items()}
+    if str(out.get("max_model_len", "")).strip().lower() == "auto":
+        out["max_model_len"] = -1
+    return out
 
 
 def parse_size(value: Any) -> Any:
@@ -301,7 +308,8 @@ def parse_size(value: Any) -> Any:
     if isinstance(value, str):
         from vllm.utils.argparse_utils import human_readable_int
 
-        with contextlib.suppress(ValueError):
+        # ArgumentTypeError: a decimal with a binary suffix ("1.5K"), left for vLLM to refuse.
+        with contextlib.suppress(ValueError, argparse.ArgumentTypeError):
             return human_readable_int(value)
         with contextlib.suppress(ValueError):
             return float(value)
