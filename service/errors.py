@@ -63,8 +63,11 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
         # A value that fits no branch of a union gets one error per branch; the branch of the
-        # value's own type says what is wrong with it, not the "should be a valid string" of another.
-        first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+        # value's own type says what is wrong with it, not the "should be a valid string" of
+        # another: one whose error is not about the type, else the one that got furthest into
+        # the value (a message's content, not the context that holds the messages).
+        first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), None)
+        first = first or max(errors, key=lambda e: len(e.get("loc", ())))
         kind = first.get("type", "")
         param = _loc(tuple(p for p in first.get("loc", ()) if not (kind == "json_invalid" and isinstance(p, int))))
         message = f"{param}: {first.get('msg', 'invalid')}"

@@ -314,6 +314,30 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a"]}]}),
         ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", "b"]}], "order": "ab"}),
         ("/v1/rewards/reference", {"task": "tiny", "items": [{"response": "a"}]}),
+        # OpenAI-style messages: a tool-calling turn's null content, content parts (one over the limit)
+        (
+            "/v1/scores",
+            {"task": "tiny", "items": [{"context": [{"role": "assistant", "content": None}], "response": "r"}]},
+        ),
+        (
+            "/v1/scores",
+            {
+                "task": "tiny",
+                "items": [
+                    {"context": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "response": "r"}
+                ],
+            },
+        ),
+        (
+            "/v1/scores",
+            {
+                "task": "tiny",
+                "items": [
+                    {"context": [{"role": "user", "content": [{"type": "text", "text": "y" * 51}]}], "response": "r"}
+                ],
+            },
+        ),
+        ("/v1/scores", {"task": "tiny", "items": [{"context": [{"role": "user", "content": 5}], "response": "r"}]}),
         ("/get_reward?task=tiny", {"prompts": ["a"]}),
         ("/get_reward?task=tiny", {"query": ["a", 1]}),
         ("/get_reward?task=tiny", {"query": ["a"] * 5}),
@@ -331,4 +355,4 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         real = seen(httpx.post(srv.url + path, json=body, timeout=120))
         assert seen(fake_http.post(path, json=body)) == real, (path, body)
         statuses.append(real[0])
-    assert statuses.count(422) == len(cases) - 5
+    assert statuses.count(422) == len(cases) - 7

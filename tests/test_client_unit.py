@@ -102,6 +102,11 @@ def test_url_and_key_from_arguments_or_environment(monkeypatch):
     with pytest.raises(lc.AuthenticationError):
         lc.Client(URL, api_key="other", transport=fake.transport(), retry=NO_WAIT).tasks()
     assert len(fake.requests) == 2  # 401 is not retried
+    # As the server: the key as an HTTP Basic password (URL credentials) too, not as the user name
+    raw = httpx.Client(base_url=URL, transport=fake.transport())
+    body = {"task": "tiny", "items": items(1)}
+    assert raw.post("/v1/scores", json=body, auth=("labeler", "env-key")).status_code == 200
+    assert raw.post("/v1/scores", json=body, auth=("env-key", "")).status_code == 401
 
 
 # -- batching ------------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ check that every result landed at its own item's position.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -24,6 +26,8 @@ from collections import deque
 from typing import Any
 
 import httpx
+
+from ._text import _content
 
 __all__ = ["FakeLabeler", "fake_reward"]
 
@@ -263,7 +267,7 @@ class FakeLabeler:
                 return self._error(kind, f"injected {kind}", _TYPES.get(kind, "http_error"), None, headers)
             raise kind("injected fault", request=request)
         path = request.url.path
-        key_ok = request.headers.get("authorization") == f"Bearer {self.api_key}"
+        key_ok = _given_key(request.headers.get("authorization", "")) == self.api_key
         if self.api_key and path.startswith(("/v1/", "/get_reward")) and not key_ok:
             return self._error(401, "missing or invalid API key", "unauthorized")
         if request.method == "GET" and path == "/healthz":
@@ -409,7 +413,10 @@ class FakeLabeler:
             for k, m in enumerate(context):
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                     return self._invalid(f"{where}.context[{k}]", "must be a {role, content} message")
-                texts.append((f"{where}.context[{k}].content", m.get("content", "")))
+                content = m.get("content", "")
+                if content is None or isinstance(content, (list, dict)):  # OpenAI's: read as its text
+                    content = _content(m)
+                texts.append((f"{where}.context[{k}].content", content))
         else:
             texts = [(f"{where}.context", context)]
         for name in fields:
@@ -469,3 +476,15 @@ class FakeLabeler:
     ) -> httpx.Response:
         body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
         return httpx.Response(status, json=body, headers=headers)
+
+
+def _given_key(authorization: str) -> str:
+    """The key of an Authorization header as the server reads it: a bearer token, or the
+    password of HTTP Basic credentials."""
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(given.strip(), validate=True).decode("latin-1").partition(":")[2]
+        except binascii.Error:
+            return ""
+    return given.strip() if scheme.lower() == "bearer" else ""

@@ -62,7 +62,7 @@ class VLLMEngine:
         self.tokenizer = load_tokenizer(
             engine_args.get("tokenizer") or model_dir,
             trust_remote_code=bool(engine_args.get("trust_remote_code", False)),
-            revision=engine_args.get("tokenizer_revision"),
+            revision=engine_args.get("tokenizer_revision") or engine_args.get("revision"),  # as vLLM falls back
         )
         env: dict[str, str] = {}
         if on_cpu():
