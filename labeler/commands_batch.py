@@ -367,6 +367,9 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         if not question:
             raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")
         jobs = [judgment_jobs([s for _, s in pol], params) for pol in policies]
+        for name, path, js in zip("AB", inputs, jobs, strict=False):
+            if not js:  # before any labeling: the other policy's would go to waste
+                raise SystemExit(f"no response of policy {name} to judge: {path} holds no valid record")
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
         )

@@ -589,12 +589,8 @@ def match_policies(
         seen: dict[Any, int] = {}
         out = {}
         for i, s in rows:
-            # An id that is a JSON list or object matches by its canonical text.
-            tag = (
-                ("id", i if isinstance(i, Hashable) else json.dumps(i, sort_keys=True))
-                if use_id
-                else ("prompt", s.context)
-            )
+            # Ids match by their JSON text: a list or an object by value, 1 and "1" and true apart.
+            tag = ("id", json.dumps(i, sort_keys=True)) if use_id else ("prompt", s.context)
             n = seen[tag] = seen.get(tag, -1) + 1
             out[(*tag, n)] = s
         return out
@@ -604,7 +600,7 @@ def match_policies(
     differ = [k[1] for k, s in ka.items() if k in kb and s.context != kb[k].context]
     if differ:  # ids out of step between the files: each pair is judged on A's prompt
         log.warning(
-            "%d of %d records matched by id have different prompts in A and B (first: id %r); "
+            "%d of %d records matched by id have different prompts in A and B (first: id %s); "
             "each is judged on A's prompt",
             len(differ),
             len(matched),

@@ -364,6 +364,10 @@ def test_policies_match_by_id_and_occurrence():
     matched, only_a, only_b = ev.match_policies(listed, other)
     assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a3", "b3")]
     assert (only_a, only_b) == (0, 1)
+    # 1, "1" and true are three ids, as JSON has them
+    kinds = [(1, single("a1", "p")), ("1", single("a2", "p")), (True, single("a3", "p"))]
+    matched, only_a, only_b = ev.match_policies(kinds, [(True, single("b3", "p")), (1, single("b1", "p"))])
+    assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a3", "b3")] and only_a == 1
 
 
 def test_records_matched_by_id_with_other_prompts_are_warned_of(caplog):

@@ -86,6 +86,11 @@ def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, cap
     with pytest.raises(SystemExit, match="no response of policy B was judged"):
         in_process("harmless", str(a), str(long), "--task", "tiny", "--out", str(tmp_path / "h2"), "--skip-invalid")
     assert not (tmp_path / "h2" / "metrics.json").exists()
+    # A file with no valid record: refused before anything is judged
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "p"}])  # no completion
+    with pytest.raises(SystemExit, match=f"no response of policy B to judge: {empty} holds no valid record"):
+        in_process("harmless", str(a), str(empty), "--task", "tiny", "--out", str(tmp_path / "h3"), "--skip-invalid")
+    assert not (tmp_path / "h3" / "judgments.jsonl").exists() or not rows(tmp_path / "h3" / "judgments.jsonl")
 
 
 def test_harmless_rate_resamples_a_prompts_samples_together(tmp_path, in_process, capsys):  # noqa: F811
