@@ -359,6 +359,9 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         for f in inputs
     ]
 
+    for name, path, pol in zip("AB", inputs, policies, strict=False):
+        if not pol:  # before the model loads and anything is judged
+            raise SystemExit(f"no response of policy {name} to judge: {path} holds no valid record")
     sink = JsonlSink(args.out / "judgments.jsonl")
 
     async def body(backend: Backend) -> int:
@@ -367,9 +370,6 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         if not question:
             raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")
         jobs = [judgment_jobs([s for _, s in pol], params) for pol in policies]
-        for name, path, js in zip("AB", inputs, jobs, strict=False):
-            if not js:  # before any labeling: the other policy's would go to waste
-                raise SystemExit(f"no response of policy {name} to judge: {path} holds no valid record")
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
         )

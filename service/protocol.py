@@ -14,12 +14,12 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -60,19 +60,18 @@ class _Body(BaseModel):
 _MESSAGE_CONTENT = "the turn's text (untrusted); also null or OpenAI content parts, read as their text parts"
 
 
-def _message_content(value: Any) -> Any:
-    """Null and OpenAI content parts as their text; anything else for `str` to judge."""
-    return message_text(value) if value is None or isinstance(value, (list, dict)) else value
-
-
 class ChatMessageIn(BaseModel):
     """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
-    content: Annotated[str, BeforeValidator(_message_content)] = Field(
-        "", max_length=_DEFAULTS.max_chars, description=_MESSAGE_CONTENT
-    )
+    content: str = Field("", max_length=_DEFAULTS.max_chars, description=_MESSAGE_CONTENT)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        """Null and OpenAI content parts as their text; anything else for `str` to judge."""
+        return message_text(value) if value is None or isinstance(value, (list, dict)) else value
 
 
 Context = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
@@ -188,10 +187,7 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     def text(default: Any, what: str) -> Any:
         return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
 
-    content = text("", _MESSAGE_CONTENT)
-    message = create_model(
-        "ChatMessageIn", __base__=ChatMessageIn, content=(Annotated[str, BeforeValidator(_message_content)], content[1])
-    )
+    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=text("", _MESSAGE_CONTENT))
     context = (
         Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
         Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),

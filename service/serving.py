@@ -176,7 +176,8 @@ class LabelService:
         while True:
             fits = [k for k in range(len(items)) if k not in too_long]
             try:
-                values, _ = await self._label(spec, [items[k] for k in fits], True, where="query", at=fits)
+                subset = [items[k] for k in fits]
+                values, _ = await self._label(spec, subset, True, where="query", at=fits, item_tokens=False)
                 break
             except InputTooLong:
                 over = [k for k in fits if not await self._fits(spec, items[k])]
@@ -189,9 +190,9 @@ class LabelService:
         return out
 
     async def _fits(self, spec: LabelSpec, item: Any) -> bool:
-        """Whether `item` is within the token limits (the item's, the model's context)."""
+        """Whether `item`'s prompts fit the model's context (its own token limit is checked)."""
         try:
-            await self.labeler.aprepare(spec, [item], max_item_tokens=self.settings.max_item_tokens)
+            await self.labeler.aprepare(spec, [item])
         except InputTooLong:
             return False
         return True
@@ -229,11 +230,13 @@ class LabelService:
         *,
         where: str = "items",
         at: Sequence[int] | None = None,
+        item_tokens: bool = True,
     ) -> tuple[list[dict[str, Any]], Usage]:
         """(one result dict per item, in item order, with `cached` set; usage). Every item the
         engine will compute is prepared — rendered, tokenized and checked against every limit —
         before any is queued, so invalid input fails the request and nothing else. Item `i`
-        is named `<where>[at[i]]` in errors (`at`: the items' places in the request)."""
+        is named `<where>[at[i]]` in errors (`at`: the items' places in the request);
+        `item_tokens=False` skips the per-item token limit, for items counted against it already."""
         self._check_count(len(items), where)
         at = range(len(items)) if at is None else at
         if not items:  # /get_reward's empty shard
@@ -257,7 +260,7 @@ class LabelService:
                 spec,
                 [items[i] for i in misses],
                 where=[at[i] for i in misses],
-                max_item_tokens=self.settings.max_item_tokens,
+                max_item_tokens=self.settings.max_item_tokens if item_tokens else None,
                 name=where,
             )
             # cache=false requests neither read nor write: their flights are kept apart.

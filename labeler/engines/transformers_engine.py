@@ -139,7 +139,9 @@ class TransformersEngine:
         min_shared_tokens: int = 8,
     ) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from ..models import load_tokenizer
 
         model_dir = Path(model_dir)
         torch_dtype = getattr(torch, str(dtype), None)
@@ -149,8 +151,8 @@ class TransformersEngine:
             )
         if threads:
             torch.set_num_threads(threads)
+        tokenizer = load_tokenizer(model_dir)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
             model = model.to(device)
         # AssertionError: torch's "not compiled with CUDA enabled" for a device it was built without.
