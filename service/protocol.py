@@ -60,18 +60,27 @@ class _Body(BaseModel):
 _MESSAGE_CONTENT = "the turn's text (untrusted); also null or OpenAI content parts, read as their text parts"
 
 
+def _content_type(chars: int) -> Any:
+    """A message's content as the schema declares it: text, null (a tool-calling turn's), or
+    OpenAI content parts (objects). Each is read as text before it is validated."""
+    return Annotated[str, Field(max_length=chars)] | list[dict[str, Any]] | None
+
+
 class ChatMessageIn(BaseModel):
     """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
-    content: str = Field("", max_length=_DEFAULTS.max_chars, description=_MESSAGE_CONTENT)
+    content: _content_type(_DEFAULTS.max_chars) = Field("", description=_MESSAGE_CONTENT)  # type: ignore[valid-type]
 
     @field_validator("content", mode="before")
     @classmethod
     def _content(cls, value: Any) -> Any:
-        """Null and OpenAI content parts as their text; anything else for `str` to judge."""
-        return message_text(value) if value is None or isinstance(value, (list, dict)) else value
+        """Null and a list of content parts as their text; anything else as it is, for the
+        schema's types to accept or refuse."""
+        if value is None or (isinstance(value, list) and all(isinstance(p, dict) for p in value)):
+            return message_text(value)
+        return value
 
 
 Context = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
@@ -187,7 +196,8 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     def text(default: Any, what: str) -> Any:
         return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
 
-    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=text("", _MESSAGE_CONTENT))
+    content = Field("", description=f"{_MESSAGE_CONTENT}; at most {chars} characters")
+    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=(_content_type(chars), content))
     context = (
         Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
         Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),

@@ -414,7 +414,7 @@ class FakeLabeler:
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                     return self._invalid(f"{where}.context[{k}]", "must be a {role, content} message")
                 content = m.get("content", "")
-                if content is None or isinstance(content, (list, dict)):  # OpenAI's: read as its text
+                if content is None or (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
                     content = _content(m)
                 texts.append((f"{where}.context[{k}].content", content))
         else:
