@@ -251,18 +251,22 @@ class MicroBatcher:
             return
         for half, half_error in zip(halves, errors, strict=True):
             rest = [j for j in half if not j.future.done()]
-            if half_error is not None and rest:
+            if half_error is None or not rest:
+                continue
+            if len(rest) < len(half):  # probes settled some: the half's error may have been theirs alone
+                await self._attempt(group, rest)
+            else:
                 await self._bisect(group, rest, half_error)
 
     async def _set_aside(self, group: Hashable, jobs: list[_Job], error: ModelOutputError) -> None:
         """Fail the items the labeler found no label for (each with the error, naming no
         item: the labeler's index is of this batch, and the request it came in names it) and
         run the others again."""
-        message = error.reason
         bad = set(error.items)
-        log.warning("batch of %d: %d items without a label (%s); running the rest again", len(jobs), len(bad), message)
-        for i in bad:
-            self._fail([jobs[i]], ModelOutputError(message))
+        log.warning(
+            "batch of %d: %d items without a label (%s); running the rest again", len(jobs), len(bad), error.reason
+        )
+        self._fail([jobs[i] for i in bad], error)
         rest = [j for i, j in enumerate(jobs) if i not in bad]
         again = await self._call(group, rest) if rest else None
         if again is not None:
@@ -284,6 +288,9 @@ class MicroBatcher:
         return True
 
     def _fail(self, jobs: list[_Job], error: LabelerError) -> None:
+        if isinstance(error, ModelOutputError) and error.items:
+            # The labeler's index is of this call's batch: the request each job came in names it.
+            error = ModelOutputError(error.reason)
         for job in jobs:
             _fail(job.future, error)
             self._release(job)

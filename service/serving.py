@@ -354,15 +354,18 @@ def _request_error(values: list[Any], failed: list[int], name: str, items: int) 
     """The request's error: that of its first failed item (in item order) of those computed
     (`values`), of `items` in the request. It names the item (`name`) when the item failed
     apart from others of the request, computed now or answered from the cache, so that a
-    client can set it aside and send the rest again; a copy, since the same error reaches
-    every request that shared the item. An error every item of the request got, one the
-    batcher found to be no item's (`BatchFailure`: the engine failing whatever it is given)
-    or an engine that is down names none."""
+    client can set it aside and send the rest again. An error every item of the request got,
+    one the batcher found to be no item's (`BatchFailure`: the engine failing whatever it is
+    given) or an engine that is down names none. Always a copy: the same error reaches every
+    request that shared the item, and raising one object from each would pile up their frames
+    on its one traceback."""
     error = values[failed[0]]
-    alone = len(failed) < items or items == 1
-    if not isinstance(error, LabelerError) or isinstance(error, (EngineUnavailable, BatchFailure)) or not alone:
+    if not isinstance(error, LabelerError):
         return error
     named = copy.copy(error)
+    alone = len(failed) < items or items == 1
+    if isinstance(error, (EngineUnavailable, BatchFailure)) or not alone:
+        return named
     named.field = name
     named.args = (f"{name}: {error}",)
     return named

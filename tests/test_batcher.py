@@ -126,6 +126,65 @@ def test_items_the_labeler_names_as_unlabeled_fail_and_the_rest_runs_once_more()
         assert str(g) == "the model put zero probability on every label"
 
 
+def test_an_item_the_probes_left_in_a_failed_half_runs_again_before_it_gets_an_error():
+    """Both halves of [bad1, x1, bad2 | x2, bad3, x3] fail alike, so the batcher tries the
+    ends of each half alone: bad1 and bad2 fail, x2 works. x1 was never tried without a bad
+    item beside it: it runs again and gets its label, not its half's error."""
+    calls: list[list[str]] = []
+
+    async def bad(group, items, keys):
+        calls.append(list(items))
+        if any(it.startswith("bad") for it in items):
+            raise RuntimeError("input contains NaN")
+        return [f"label of {it}" for it in items]
+
+    items = ["bad1", "x1", "bad2", "x2", "bad3", "x3"]
+    got = asyncio.run(one_batch(bad, items))
+    for it, g in zip(items, got, strict=True):
+        if it.startswith("bad"):
+            assert isinstance(g, EngineError) and "input contains NaN" in str(g), (it, g)
+        else:
+            assert g == f"label of {it}", (it, g, calls)
+    assert ["x1"] in calls
+
+
+def test_an_unlabeled_item_alone_in_a_half_names_no_batch_index():
+    """[crash, nan] fails on crash and is split: nan alone has no label, and the labeler's
+    error names it as the batch's items[0]. Its waiters get the error without that index:
+    the request it came in names its own place."""
+
+    async def run_group(group, items, keys):
+        if "crash" in items:
+            raise RuntimeError("device error")
+        at = "items[0]"
+        raise ModelOutputError(f"{at}: the model put zero probability on every label", field=at, items=(0,))
+
+    crash, nan = asyncio.run(one_batch(run_group, ["crash", "nan"]))
+    assert isinstance(crash, EngineError) and "device error" in str(crash)
+    assert isinstance(nan, ModelOutputError) and nan.field is None
+    assert str(nan) == "the model put zero probability on every label"
+
+
+@pytest.mark.parametrize(
+    "error", [EngineUnavailable("the engine process died"), EngineError("RuntimeError: device error")]
+)
+def test_each_request_raises_its_own_copy_of_a_shared_error(error):
+    """One error reaches every request that shared the failed items; each request raises a
+    copy, so the error's traceback does not gather every request's frames (and their bodies)."""
+    from service.serving import _request_error
+
+    for items in (1, 2):
+        raised = []
+        for _ in range(3):
+            try:
+                raise _request_error([error] * items, list(range(items)), "items[0]", items)
+            except EngineError as exc:
+                raised.append(exc)
+        assert len({id(e) for e in raised}) == 3 and error not in raised
+        assert all(type(e) is type(error) and str(e).endswith(str(error)) for e in raised)
+        assert error.__traceback__ is None
+
+
 def test_a_labeler_that_returns_another_number_of_results_gives_no_item_another_items_result():
     """A labeler bug that drops one item's result from its list: which result is whose is
     then unknown, so that call settles nothing. It is an engine error like any other: the
