@@ -61,6 +61,9 @@ def test_backoff_is_exponential_capped_and_jittered():
     # worker again at once.
     spread = [retry.delay(1, retry_after=0, rng=rng) for _ in range(200)]
     assert all(0 <= w <= retry.cap(1) for w in spread) and max(spread) > 0.5
+    # max_retry_after=0 ignores the server's word: the backoff, not every retry at once.
+    ignored = [lc.Retry(max_retry_after=0).delay(2, retry_after=30, rng=rng) for _ in range(200)]
+    assert all(0 <= w <= retry.cap(2) for w in ignored) and max(ignored) > 1.0
     with pytest.raises(ValueError):
         lc.Retry(max_retries=-1)
 
@@ -200,6 +203,27 @@ def test_a_url_scheme_that_cannot_be_sent_is_raised_at_once():
     fake = FakeLabeler()
     fake.fail_next(httpx.LocalProtocolError, times=1)  # a connection's state, not the configuration
     assert client_for(fake).scores(items(1), "tiny")[0] is not None and len(fake.requests) == 2
+
+
+def test_a_closed_client_raises_its_own_error_at_once():
+    """A call on a client already closed (sync or async) raises the client's RequestError,
+    with the request, marked misconfigured: neither retried nor turned into None items."""
+    fake = FakeLabeler()
+    client = client_for(fake)
+    assert client.scores(items(1), "tiny")[0] is not None
+    client.close()
+    with pytest.raises(lc.RequestError, match="the client is closed") as err:
+        client.scores(items(3), "tiny", on_error="none")
+    assert err.value.misconfigured and err.value.request.url.path == "/v1/scores" and client.sleeps == []
+
+    async def closed_async() -> lc.RequestError:
+        async with lc.AsyncClient(URL, transport=fake.async_transport(), retry=NO_WAIT) as aclient:
+            assert (await aclient.scores(items(1), "tiny"))[0] is not None
+        with pytest.raises(lc.RequestError, match="the client is closed") as err:
+            await aclient.scores(items(3), "tiny", on_error="none")
+        return err.value
+
+    assert asyncio.run(closed_async()).misconfigured and len(fake.requests) == 2
 
 
 def test_timeouts_are_retried_then_raised_as_timeout():
@@ -577,6 +601,8 @@ def test_bad_client_options_are_refused_as_the_function_is_built():
             build(URL, task="tiny", batch_size=0)
         with pytest.raises(ValueError, match='on_error must be "raise" or "none"'):
             build(URL, task="tiny", on_error="skip")
+    with pytest.raises(ValueError, match="order must be one of both, ab, ba, not 'BA'"):
+        reference_reward_function(URL, task="tiny", order="BA")
 
 
 def test_reward_functions_and_judges_pickle():

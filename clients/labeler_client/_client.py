@@ -116,6 +116,14 @@ class _BaseClient:
         return wrapped
 
     @staticmethod
+    def _closed_error(request: httpx.Request) -> exc.RequestError:
+        """The error of a request made on a closed client (httpx's own is a RuntimeError,
+        which no handler of this client's errors would catch)."""
+        error = exc.RequestError(f"{request.method} {request.url}: the client is closed", request=request)
+        error.misconfigured = True  # every try and every batch would fail alike
+        return error
+
+    @staticmethod
     def _retry_delay(error: exc.LabelerClientError, attempt: int, retry: Retry, isolate: bool) -> float | None:
         """Seconds before the next try, or None when `error` is final. With `isolate`, an
         error about one item is final: the batch is cut around that item instead, and the
@@ -246,6 +254,8 @@ class Client(_BaseClient):
         while True:
             request = self._request(method, path, body)
             try:
+                if self._http.is_closed:
+                    raise self._closed_error(request)
                 try:
                     response = self._http.send(request)
                 except httpx.HTTPError as e:
@@ -536,8 +546,11 @@ class AsyncClient(_BaseClient):
         while True:
             request = self._request(method, path, body)
             try:
+                http = self._http_here()
+                if http.is_closed:
+                    raise self._closed_error(request)
                 try:
-                    response = await self._http_here().send(request)
+                    response = await http.send(request)
                 except httpx.HTTPError as e:
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)

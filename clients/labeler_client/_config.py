@@ -43,8 +43,9 @@ class Retry:
     0 (at most `max_retry_after`) plus up to a quarter of it at random (so at most 1.25 times
     `max_retry_after`), so that the workers of a trainer refused together do not come back
     together; else a full-jitter exponential backoff: uniform in [0, min(max_backoff,
-    backoff * 2**n)]. Labeling is idempotent and cached server-side, so a retried request is
-    safe. `Retry(max_retries=0)` turns retries off.
+    backoff * 2**n)], also where `max_retry_after` is 0 (the server's word ignored). Labeling
+    is idempotent and cached server-side, so a retried request is safe.
+    `Retry(max_retries=0)` turns retries off.
     """
 
     max_retries: int = 5
@@ -64,7 +65,7 @@ class Retry:
         """Seconds to sleep before retry number `attempt` (0-based). A `retry_after` of 0 (a
         proxy's "Retry-After: 0", or a date already past) falls back to the backoff, so that
         the workers it refused do not all come back at once."""
-        if retry_after:
+        if retry_after and self.max_retry_after:
             wait = min(retry_after, self.max_retry_after)
             return wait + (rng or random).uniform(0, wait / 4)  # Retry-After is the least to wait
         return (rng or random).uniform(0, self.cap(attempt))

@@ -33,9 +33,9 @@ import logging
 import pickle
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
-from ._client import AsyncClient, Client, OnError, _BaseClient
+from ._client import AsyncClient, Client, OnError, Order, _BaseClient
 from ._config import resolve_key, resolve_url
 from ._text import Text, pair_items
 
@@ -188,10 +188,12 @@ class ReferenceRewardFunction(RewardFunction):
         task: str = "general",
         *,
         reference_column: str = "reference",
-        order: str = "both",
+        order: Order = "both",
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if order not in get_args(Order):  # now, not at the first training step
+            raise ValueError(f"order must be one of {', '.join(get_args(Order))}, not {order!r}")
         super().__init__(base_url, task, name=name or f"labeler_{task}_vs_{reference_column}", **kwargs)
         self.reference_column = reference_column
         self.order = order
@@ -311,7 +313,7 @@ def reference_reward_function(
     task: str = "general",
     *,
     reference_column: str = "reference",
-    order: str = "both",
+    order: Order = "both",
     name: str | None = None,
     on_error: OnError = "raise",
     client: Client | None = None,
