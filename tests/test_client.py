@@ -343,6 +343,11 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ("/get_reward?task=tiny", {"query": ["a"] * 5}),
         ("/get_reward?task=tiny", {"query": ["ab"], "prompts": ["a", "b"]}),
         ("/get_reward?task=nope", {"query": ["a"]}),
+        # The limit holds each text a query splits into, not the query whole.
+        ("/get_reward?task=tiny", {"query": ["y" * 51]}),
+        ("/get_reward?task=tiny", {"query": ["p" * 30 + "r" * 30], "prompts": ["p" * 30]}),
+        ("/get_reward?task=tiny&overlong=lowest", {"query": ["a", "y" * 51]}),
+        ("/get_reward?task=tiny&overlong=maybe", {"query": ["a"]}),
     ]
     fake_http = httpx.Client(base_url="http://fake.test", transport=fake.transport())
 
@@ -355,4 +360,9 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         real = seen(httpx.post(srv.url + path, json=body, timeout=120))
         assert seen(fake_http.post(path, json=body)) == real, (path, body)
         statuses.append(real[0])
-    assert statuses.count(422) == len(cases) - 7
+    assert statuses.count(422) == len(cases) - 9
+    # overlong=lowest: the query over the limit gets the lowest reward, marked, on both.
+    body, path = {"query": ["a", "y" * 51]}, "/get_reward?task=tiny&overlong=lowest"
+    for answer in (httpx.post(srv.url + path, json=body, timeout=120).json(), fake_http.post(path, json=body).json()):
+        assert answer["rewards"][1] == -1.0 and answer["extra_logs"]["overlong"] == [0.0, 1.0], answer
+        assert answer["extra_logs"]["expected_score"][1] == 1.0 and -1 < answer["rewards"][0] < 1

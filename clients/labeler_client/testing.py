@@ -301,7 +301,10 @@ class FakeLabeler:
         if request.method == "POST" and path == "/get_reward":
             params = request.url.params
             return self._get_reward(
-                json.loads(request.content), params.get("task", self.tasks[0]), params.get("reward")
+                json.loads(request.content),
+                params.get("task", self.tasks[0]),
+                params.get("reward"),
+                params.get("overlong", "refuse"),
             )
         return self._error(404, "Not Found", "http_error")
 
@@ -328,9 +331,11 @@ class FakeLabeler:
             return self._invalid(where, f"at most {self.max_items} entries", "input_too_long")
         return None
 
-    def _get_reward(self, body: Any, task: str, reward: str | None = None) -> httpx.Response:
+    def _get_reward(self, body: Any, task: str, reward: str | None = None, overlong: str = "refuse") -> httpx.Response:
         """OpenRLHF's /get_reward: with `prompts`, each query's prompt is split off (else the
-        query is scored whole); with `reward=reference`, each against its `labels` entry."""
+        query is scored whole); with `reward=reference`, each against its `labels` entry. A
+        context or response over `max_chars` is refused, or with `overlong=lowest` gets the
+        lowest reward (`extra_logs.overlong` marks it)."""
         if not isinstance(body, dict):
             return self._invalid("body", "must be a JSON object")
         query = body.get("query")
@@ -339,37 +344,47 @@ class FakeLabeler:
         for i, query in enumerate(body.get("query") or []):
             if not isinstance(query, str):
                 refused = refused or self._invalid(f"query[{i}]", "must be text")
-            refused = refused or self._too_long(f"query[{i}]", query)
         refused = refused or self._unknown_task(task)
         if refused is not None:
             return refused
         if reward not in (None, "score", "reference"):
             return self._invalid("reward", "must be 'score' or 'reference'")
+        if overlong not in ("refuse", "lowest"):
+            return self._invalid("overlong", "must be 'refuse' or 'lowest'")
         prompts = body.get("prompts")
         if prompts is not None and (not isinstance(prompts, list) or len(prompts) != len(body["query"])):
             return self._error(422, "prompts must have one entry per query", "invalid_input", "prompts")
         prompts = prompts or [""] * len(body["query"])
+        labels = body.get("labels") or []
+        if reward == "reference" and len(labels) != len(body["query"]):
+            return self._error(
+                422, "reward=reference needs one reference per query in labels", "invalid_input", "labels"
+            )
+        pairs = [(p, q[len(p) :]) if q.startswith(p) else ("", q) for q, p in zip(body["query"], prompts, strict=True)]
+        too_long = set()
+        for k, texts in enumerate(pairs):
+            for name, text in zip(("context", "response"), texts, strict=True):
+                refused = self._too_long(f"query[{k}].{name}", text)
+                if refused is not None and overlong == "refuse":
+                    return refused
+                if refused is not None:
+                    too_long.add(k)
+        lowest = {"reward": -1.0, "expected": 1.0, "p_win": 0.0}
         if reward == "reference":
-            labels = body.get("labels") or []
-            if len(labels) != len(body["query"]):
-                return self._error(
-                    422, "reward=reference needs one reference per query in labels", "invalid_input", "labels"
-                )
             refs = [
-                _reference_reward(
-                    {"context": p, "response": q[len(p) :] if q.startswith(p) else q, "reference": r}, "both"
-                )
-                for q, p, r in zip(body["query"], prompts, labels, strict=True)
+                lowest if k in too_long else _reference_reward({"context": c, "response": r, "reference": ref}, "both")
+                for k, ((c, r), ref) in enumerate(zip(pairs, labels, strict=True))
             ]
-            rewards = [r["reward"] for r in refs]
-            logs = {"p_win": [r["p_win"] for r in refs], "cached": [0.0] * len(refs)}
-            return httpx.Response(200, json={"rewards": rewards, "scores": rewards, "extra_logs": logs})
-        scores = [
-            _score({"context": p, "response": q[len(p) :] if q.startswith(p) else q})
-            for q, p in zip(body["query"], prompts, strict=True)
-        ]
-        rewards = [s["reward"] for s in scores]
-        logs = {"expected_score": [s["expected"] for s in scores], "cached": [0.0] * len(scores)}
+            logs = {"p_win": [r["p_win"] for r in refs]}
+        else:
+            refs = [
+                lowest if k in too_long else _score({"context": c, "response": r}) for k, (c, r) in enumerate(pairs)
+            ]
+            logs = {"expected_score": [r["expected"] for r in refs]}
+        rewards = [r["reward"] for r in refs]
+        logs["cached"] = [0.0] * len(refs)
+        if overlong == "lowest":
+            logs["overlong"] = [float(k in too_long) for k in range(len(refs))]
         return httpx.Response(200, json={"rewards": rewards, "scores": rewards, "extra_logs": logs})
 
     def _check_options(self, path: str, body: dict[str, Any]) -> httpx.Response | None:
