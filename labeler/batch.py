@@ -282,8 +282,13 @@ def _parsed(line: str | bytes) -> Any:
 
 def _torn_row(tail: bytes) -> bool:
     """Whether `tail` can be the start of a row `_jsonl_line` wrote: JSON of an object with a
-    key first, in UTF-8 that may end inside a character. Anything else is not ours to cut."""
-    if not tail.startswith(b'{"'):
+    key first (as little as its `{`), in UTF-8 that may end inside a character, and then NUL
+    bytes, where a power loss left a write's blocks allocated but not written (also with
+    nothing before them). Anything else is not ours to cut."""
+    tail = tail.rstrip(b"\x00")
+    if not tail:
+        return True
+    if not b'{"'.startswith(tail[:2]):
         return False
     try:
         tail.decode("utf-8")

@@ -288,6 +288,12 @@ def test_sink_cuts_off_a_torn_last_line_and_refuses_a_corrupt_file(tmp_path):
     assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == whole
     sink.append([{"key": "c", "x": 3}])
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+    # Killed right after a row's first byte; blocks of NULs a power loss left (after a torn
+    # row, or alone): all cut off.
+    for torn in (b"{", b'{"key": "c"\x00\x00', b"\x00" * 4096):
+        path.write_bytes(whole + torn)
+        sink = JsonlSink(path)
+        assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == whole, torn
     path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
     with pytest.raises(InvalidInput, match="line 2 is not a row"):
         JsonlSink(path)
