@@ -140,7 +140,10 @@ async def open_backend(args: argparse.Namespace) -> Backend:
     return LocalBackend(cli.build_labeler(args))
 
 
-def _run(args: argparse.Namespace, body: Any) -> int:
+def _run(args: argparse.Namespace, body: Any, *, resumable: bool = True) -> int:
+    """`body(backend)` on the backend the options name; Ctrl-C ends it with status 130 and
+    says what is kept (`resumable`: rows are written to a file as they are labeled)."""
+
     async def main() -> Any:
         backend = await open_backend(args)
         try:
@@ -151,7 +154,12 @@ def _run(args: argparse.Namespace, body: Any) -> int:
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
-        print("interrupted: rows written so far are complete; run the same command again to resume", file=sys.stderr)
+        if resumable:
+            print(
+                "interrupted: rows written so far are complete; run the same command again to resume", file=sys.stderr
+            )
+        else:
+            print("interrupted: nothing was kept (give --out FILE to keep judgments and resume)", file=sys.stderr)
         return 130
 
 
@@ -202,13 +210,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         args.input, normalize_human_labeled, split=args.split, skip_invalid=args.skip_invalid, summary=summary
     )
 
+    if not pairs:  # before the model loads
+        raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
     sink = JsonlSink(args.out / "labels.jsonl")
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
         jobs = eval_jobs(pairs, params, args.position_seed)
-        if not jobs:
-            raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
         # One row per human label: a pair several humans labeled is read once, counted per label,
         # in the metrics and in the summary's position consistency alike.
@@ -341,7 +349,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         cli.emit(args, _clean(data), text)
         return 0
 
-    return _run(args, body)
+    return _run(args, body, resumable=args.out is not None)
 
 
 def _cmd_harmless(args: argparse.Namespace) -> int:

@@ -138,6 +138,34 @@ def test_harmless_rate_one_policy_text_output(tmp_path, in_process, capsys):  # 
     assert in_process("harmless", str(a), "--task", "plain-nonexistent", "--out", str(tmp_path / "x")) == 2
 
 
+def test_eval_with_no_human_labeled_pair_ends_before_the_model_loads(tmp_path, monkeypatch):
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "build_labeler", no_load)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "p", "chosen": "a"}])  # no rejected
+    with pytest.raises(SystemExit, match=f"{empty}: no human-labeled pairs to evaluate"):
+        cli.main(
+            ["eval", str(empty), "--task", "tiny", "--out", str(tmp_path / "ev"), "--skip-invalid", "--no-progress"]
+        )
+
+
+def test_an_interrupted_winrate_says_whether_its_judgments_were_kept(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (here while the model loads): with --out the rows written are kept and a second
+    run resumes; without it nothing was kept, and the message says how to keep them."""
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_labeler", interrupted)
+    a, b = write_jsonl(tmp_path / "a.jsonl", A), write_jsonl(tmp_path / "b.jsonl", B)
+    argv = ["winrate", str(a), str(b), "--task", "tiny", "--no-progress"]
+    assert cli.main(argv) == 130
+    assert "nothing was kept (give --out FILE" in capsys.readouterr().err
+    assert cli.main([*argv, "--out", str(tmp_path / "w.jsonl")]) == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+
+
 def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_process, capsys):  # noqa: F811
     pair = {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Chair."}
     flipped = {"prompt": "Name a fruit.", "chosen": "Chair.", "rejected": "Apple."}
