@@ -22,9 +22,16 @@ Templates recognized, when a string starts with their markup (after a BOS token)
                                 (its system prompt stands bare in front: a user marker
                                 further in counts after DeepSeek's BOS or when an
                                 assistant marker follows it)
+    gpt-oss (harmony)           <|start|>user<|message|>...<|end|>
+                                <|start|>assistant<|channel|>final<|message|>...<|return|>
+                                (its system message is the template's own and is dropped,
+                                the developer message is the system prompt; a turn's
+                                analysis becomes its reasoning block)
     plain transcripts           Human: / User: / System: / Assistant: / Tool: turns (any case)
                                 separated by blank lines (Anthropic HH, TRL's simple template,
-                                DeepSeek LLM, and the canonical form itself)
+                                DeepSeek LLM, and the canonical form itself), or by single
+                                newlines where that alone gives an assistant turn (OpenRLHF's
+                                `User: {}\nAssistant: ` prompt template)
 
 The canonical transcript:
 - a lone user message is its content, as is (a plain-text prompt and the same prompt as one
@@ -77,7 +84,9 @@ END_MARKERS: tuple[str, ...] = (
     "<|end_of_text|>",  # Llama 3
     "<|eot_id|>",  # Llama 3
     "<|eom_id|>",  # Llama 3.1 (end of message, tool call)
-    "<|end|>",  # Phi-3
+    "<|end|>",  # Phi-3, gpt-oss
+    "<|return|>",  # gpt-oss (end of the final answer)
+    "<|call|>",  # gpt-oss (end of a tool call)
     "<end_of_turn>",  # Gemma
     "<eos>",  # Gemma
     "</s>",  # Llama 2, Mistral
@@ -135,14 +144,30 @@ _TEMPLATES = (
 # DeepSeek puts the system prompt bare in front of the first turn.
 _DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
 _DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>"), ("<｜end▁of▁sentence｜>",))
+# gpt-oss's harmony format: a message's header names its role (and a recipient, "to=..."),
+# then its channel; its end tells a finished answer (<|return|>) and a tool call (<|call|>)
+# from other messages. A header with no message after it ends the text: the generation prompt.
+_HARMONY = _Template(
+    ("<|start|>",),
+    re.compile(
+        r"<\|start\|>([^<]*)(?:<\|channel\|>([^<]*))?(?:<\|constrain\|>[^<]*)?"
+        r"(?:<\|message\|>|(?=<\|(?:end|return|call|start)\|>)|\s*\Z)"
+    ),
+    ("<|end|>", "<|return|>", "<|call|>"),
+)
+# What a response after a harmony prompt starts with: the channel of the policy's first message
+# (the prompt's generation prompt wrote its "<|start|>assistant"), or a header of its own.
+_HARMONY_REPLY = ("<|channel|>", "<|start|>")
 # Every template's own turn ends (Llama 2's "</s>" besides): a set of end markers holding
 # them all strips whatever a template's turn ends with.
-_TEMPLATE_ENDS = frozenset({*(end for t in (*_TEMPLATES, _DEEPSEEK) for end in t.ends), "</s>"})
+_TEMPLATE_ENDS = frozenset({*(end for t in (*_TEMPLATES, _DEEPSEEK, _HARMONY) for end in t.ends), "</s>"})
 # Role names in any case: "user: ..." is how older clients wrote transcripts. A turn opens
 # after a blank line (CRLF too); only spaces and tabs may stand around that line's newlines,
 # so that a long run of newlines is scanned in linear time, not once per newline.
 _PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)((?i:human|user|system|assistant|tool)):[ \t]?")
 _PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
+# A turn opening after one newline, for transcripts that separate turns by one.
+_PLAIN_LINE_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*)((?i:human|user|system|assistant|tool)):[ \t]?")
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
 _MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
@@ -193,7 +218,18 @@ def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
 
 
 def _clean_response(text: str, markers: tuple[str, ...]) -> str:
-    return _turn_content("Assistant", text, markers)
+    text = _turn_content("Assistant", text, markers)
+    # The policy's harmony messages, after its prompt's "<|start|>assistant": their one turn.
+    # Each pass shortens the text (a header goes), so this ends.
+    while text.startswith(_HARMONY_REPLY):
+        turns = _harmony(text if text.startswith("<|start|>") else "<|start|>assistant" + text)
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            break
+        reply = _turn_content("Assistant", turns[0]["content"], markers)
+        if reply == text:
+            break
+        text = reply
+    return text
 
 
 def _role(role: Any) -> str:
@@ -212,6 +248,8 @@ def _turns(text: str, pattern: re.Pattern[str], lead_role: str | None = None) ->
     for k, m in enumerate(matches):
         end = matches[k + 1].start() if k + 1 < len(matches) else len(text)
         messages.append({"role": m.group(1), "content": text[m.end() : end]})
+        if m.re.groups > 1:  # harmony's channel
+            messages[-1]["channel"] = m.group(2) or ""
     return messages
 
 
@@ -250,6 +288,8 @@ def _raw_turns(body: str, deepseek_bos: bool = False) -> tuple[list[Message], tu
     for t in _TEMPLATES:
         if head.startswith(t.starts):
             return _turns(body, t.header), t.ends
+    if head.startswith(_HARMONY.starts):
+        return _harmony(body), _HARMONY.ends
     if head.startswith(("[INST]", "[SYSTEM_PROMPT]")):
         return _llama2(body), ("</s>",)
     if _deepseek(head, deepseek_bos):
@@ -259,8 +299,61 @@ def _raw_turns(body: str, deepseek_bos: bool = False) -> tuple[list[Message], tu
         for marker in END_MARKERS:
             if marker in body:
                 body = body.replace(marker + "User:", marker + "\n\nUser:")
-        return _turns(body, _PLAIN_HEADER), ()
+        turns = _turns(body, _PLAIN_HEADER)
+        if len(turns) == 1:  # no blank line between turns: one newline, if that gives an answer
+            lines = _turns(body, _PLAIN_LINE_HEADER)
+            if any(_role(m["role"]) == "Assistant" for m in lines[1:]):
+                return lines, ()
+        return turns, ()
     return None
+
+
+def _harmony(body: str) -> list[Message]:
+    """The turns of a harmony transcript (gpt-oss): its system message, which the template
+    writes (model identity, dates, reasoning effort, channels), dropped; the developer's
+    (the system prompt, under "# Instructions") as the system turn; each run of assistant
+    messages as one turn: its analysis as a reasoning block (left open when the text stops
+    inside it), then its answers (final, and commentary: a preamble, or a tool call written
+    as `[call <recipient>] <arguments>`); any other role (`functions.<name>`) as a tool turn."""
+    messages: list[Message] = []
+    reasoning: list[str] = []
+    answers: list[str] = []
+    open_think = False
+
+    def close_turn() -> None:
+        nonlocal reasoning, answers, open_think
+        if reasoning or answers:
+            think = "\n\n".join(reasoning)
+            if open_think and not answers:
+                text = f"<think>\n{think}"
+            else:
+                text = (f"<think>\n{think}\n</think>\n\n" if reasoning else "") + "\n\n".join(answers)
+            messages.append({"role": "assistant", "content": text})
+        reasoning, answers, open_think = [], [], False
+
+    for m in _turns(body, _HARMONY.header):
+        header = m["role"].split()
+        role = header[0].lower() if header else "assistant"
+        channel, _, rest = (m.get("channel") or "").partition(" ")
+        recipient = next((w[3:] for w in [*header[1:], *rest.split()] if w.startswith("to=")), None)
+        text = m["content"]
+        ended = text.rstrip().endswith(_HARMONY.ends)
+        text = _clean(text, _HARMONY.ends)
+        if role != "assistant":
+            close_turn()
+            if role == "developer":
+                messages.append({"role": "system", "content": text.removeprefix("# Instructions").lstrip()})
+            elif role != "system":
+                messages.append({"role": "user" if role == "user" else "tool", "content": text})
+        elif channel == "analysis":
+            reasoning.append(text)
+            open_think = not ended
+        elif recipient and not recipient.startswith("assistant"):
+            answers.append(f"[call {recipient}] {text}")
+        else:
+            answers.append(text)
+    close_turn()
+    return messages
 
 
 def _deepseek(head: str, bos: bool) -> bool:

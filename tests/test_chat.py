@@ -352,6 +352,8 @@ _markup = st.sampled_from(
         "[INST] ",
         "[/INST]",
         "[SYSTEM_PROMPT]",
+        "<|start|>user<|message|>",
+        "<|start|>assistant",
         "<｜User｜>",
         "<｜Assistant｜>",
         "<s>",
@@ -379,3 +381,104 @@ def test_the_plain_text_shortcut_never_hides_a_template(text):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(chat, "_MAYBE_MARKUP", re.compile(""))
         assert chat.parse(text) == quick
+
+
+_harmony_pieces = st.sampled_from(
+    [
+        "<|start|>user<|message|>",
+        "<|start|>developer<|message|>",
+        "<|start|>assistant",
+        "<|start|>assistant<|channel|>analysis<|message|>",
+        "<|channel|>final<|message|>",
+        "<|start|>functions.f to=assistant<|channel|>commentary<|message|>",
+        "<|end|>",
+        "<|return|>",
+        "<|startoftext|>",
+        "<think>",
+        "\n",
+        " ",
+        "x",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_harmony_pieces, max_size=8).map("".join))
+def test_normalizing_harmony_markup_is_idempotent(text):
+    context = chat.context_text(text)
+    assert chat.context_text(context) == context
+    response = chat.clean_response(text)
+    assert chat.clean_response(response) == response
+
+
+# gpt-oss's chat template, as it lays out a system prompt and a question (its own system
+# message first), with its generation prompt.
+_HARMONY_PROMPT = (
+    "<|startoftext|><|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+    "Knowledge cutoff: 2024-06\nCurrent date: 2026-12-04\n\nReasoning: medium\n\n# Valid channels: analysis, "
+    "commentary, final. Channel must be included for every message.<|end|>"
+    "<|start|>developer<|message|># Instructions\n\nAnswer briefly.\n\n<|end|>"
+    "<|start|>user<|message|>What is 2+2?<|end|><|start|>assistant"
+)
+
+
+def test_gpt_oss_harmony_reads_as_the_same_dialogue_as_its_messages():
+    """The template's own system message (dates, reasoning effort) is no part of the dialogue;
+    the developer's instructions are its system prompt; the policy's analysis is its reasoning
+    block and its final message the answer, with the query split by its prompt or by its markup."""
+    messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"}]
+    reply = (
+        "<|channel|>analysis<|message|>Simple arithmetic.<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>4<|return|>"
+    )
+    answer = "<think>\nSimple arithmetic.\n</think>\n\n4"
+    query = _HARMONY_PROMPT + reply
+    assert (
+        chat.context_text(_HARMONY_PROMPT) == chat.render(messages) == "System: Answer briefly.\n\nUser: What is 2+2?"
+    )
+    assert chat.split_query(query) == (messages, answer)
+    context, response = chat.split_query(query, _HARMONY_PROMPT)
+    assert response == answer and chat.context_text(context) == chat.render(messages)
+    # The same answer as a reasoning model laid out by another template gives.
+    qwen = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n<think>\nSimple arithmetic.\n</think>\n\n4"
+    assert chat.split_query(qwen)[1] == answer
+    # Cut inside the analysis: the reasoning block stays open; a tool call is kept as text.
+    assert chat.split_query(_HARMONY_PROMPT + "<|channel|>analysis<|message|>Let me")[1] == "<think>\nLet me"
+    call = (
+        "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant to=functions.get_weather"
+        '<|channel|>commentary <|constrain|>json<|message|>{"city":"SF"}<|call|>'
+    )
+    assert chat.split_query(_HARMONY_PROMPT + call, _HARMONY_PROMPT)[1] == (
+        '<think>\nNeed the weather.\n</think>\n\n[call functions.get_weather] {"city":"SF"}'
+    )
+    # Earlier turns and a tool's result in the context.
+    dialogue = (
+        "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>hello<|end|>"
+        '<|start|>functions.lookup to=assistant<|channel|>commentary<|message|>{"x":1}<|end|>'
+        "<|start|>user<|message|>more<|end|><|start|>assistant<|channel|>final<|message|>ok<|return|>"
+    )
+    assert chat.split_query(dialogue) == (
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "tool", "content": '{"x":1}'},
+            {"role": "user", "content": "more"},
+        ],
+        "ok",
+    )
+
+
+def test_a_plain_transcript_with_one_newline_between_turns():
+    """OpenRLHF's prompt template `User: {}\\nAssistant: `: turns one newline apart, read so
+    where blank lines do not separate them and the newlines give an assistant turn."""
+    query = "<|begin_of_text|>User: Hi\nAssistant: Hello!<|end_of_text|>"
+    assert chat.split_query(query) == ([{"role": "user", "content": "Hi"}], "Hello!")
+    context, response = chat.split_query(query, "User: Hi\nAssistant: ")
+    assert response == "Hello!" and chat.context_text(context) == "Hi"
+    assert chat.context_text("User: a\nAssistant: b\nUser: c\nAssistant: ") == "User: a\n\nAssistant: b\n\nUser: c"
+    # No assistant turn: one turn, as before; blank lines still separate turns first.
+    assert chat.context_text("System: be brief\nUser: hi") == "System: be brief\nUser: hi"
+    assert chat.split_query("User: quote\nAssistant: x\n\nAssistant: real") == (
+        [{"role": "user", "content": "quote\nAssistant: x"}],
+        "real",
+    )

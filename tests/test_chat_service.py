@@ -112,6 +112,13 @@ def test_one_dialogue_one_reward_whatever_the_shape(live_server, labeler):
         "phi3": f"<|system|>\n{SYSTEM}<|end|>\n<|user|>\n{QUESTION}<|end|>\n<|assistant|>\n",
         "deepseek": f"<｜begin▁of▁sentence｜>{SYSTEM}<｜User｜>{QUESTION}<｜Assistant｜>",
         "hh": f"\n\nSystem: {SYSTEM}\n\nHuman: {QUESTION}\n\nAssistant:",
+        "openrlhf-input-template": f"System: {SYSTEM}\nUser: {QUESTION}\nAssistant: ",
+        "gpt-oss-harmony": (
+            "<|startoftext|><|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+            "Current date: 2026-12-04\n\nReasoning: medium<|end|>"
+            f"<|start|>developer<|message|># Instructions\n\n{SYSTEM}\n\n<|end|>"
+            f"<|start|>user<|message|>{QUESTION}<|end|><|start|>assistant"
+        ),
         # OpenAI-style messages on the raw wire: content parts, and a tool-calling turn's null content
         "openai-parts": [
             {"role": "developer", "content": [{"type": "text", "text": SYSTEM}]},
