@@ -124,6 +124,7 @@ class _Template:
     starts: tuple[str, ...]  # how a string laid out by this template begins (after a BOS)
     header: re.Pattern[str]  # one turn's opening; group 1 is the role
     ends: tuple[str, ...] = ()  # the template's own turn ends, stripped from contents
+    preamble: re.Pattern[str] | None = None  # what the template itself writes in front of a system turn
 
 
 _TEMPLATES = (
@@ -133,6 +134,9 @@ _TEMPLATES = (
         ("<|start_header_id|>",),
         re.compile(r"<\|start_header_id\|>([^<\n]*)<\|end_header_id\|>\n*"),
         ("<|eot_id|>", "<|eom_id|>"),
+        # Llama 3.1 to 3.3 date every system turn (3.2 with the day it renders), and mark one
+        # with tools: the template's words, not the dialogue's.
+        re.compile(r"\A\s*(?:Environment: ipython\n)?Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*(?:\n|\Z)"),
     ),
     _Template(("<start_of_turn>",), re.compile(r"<start_of_turn>([^\n<]*)\n?"), ("<end_of_turn>",)),
     _Template(
@@ -168,6 +172,10 @@ _PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)((?i:human|user|system
 _PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
 # A turn opening after one newline, for transcripts that separate turns by one.
 _PLAIN_LINE_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*)((?i:human|user|system|assistant|tool)):[ \t]?")
+# An image or a video in a Qwen-VL prompt: a placeholder token per patch, no text. The labeler
+# reads text only, as it reads the text parts of a message's content.
+_VISION_START = "<|vision_start|>"
+_VISION = re.compile(r"<\|vision_start\|>(?:<\|(?:image|video)_pad\|>)*<\|vision_end\|>")
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
 _MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
@@ -287,10 +295,15 @@ def _raw_turns(body: str, deepseek_bos: bool = False) -> tuple[list[Message], tu
     head = body.lstrip()
     for t in _TEMPLATES:
         if head.startswith(t.starts):
-            return _turns(body, t.header), t.ends
+            turns = _turns(body, t.header)
+            if t.preamble is not None:
+                for m in turns:
+                    if m["role"].strip().lower() == "system":
+                        m["content"] = t.preamble.sub("", m["content"], count=1)
+            return turns, t.ends
     if head.startswith(_HARMONY.starts):
         return _harmony(body), _HARMONY.ends
-    if head.startswith(("[INST]", "[SYSTEM_PROMPT]")):
+    if head.startswith(("[INST]", "[SYSTEM_PROMPT]", "[AVAILABLE_TOOLS]")):
         return _llama2(body), ("</s>",)
     if _deepseek(head, deepseek_bos):
         return _turns(body, _DEEPSEEK.header, "system"), _DEEPSEEK.ends
@@ -396,6 +409,8 @@ def _template_turns(text: str) -> tuple[list[Message], tuple[str, ...]] | None:
     known template laid it out."""
     if _plain_text(text):
         return None
+    if _VISION_START in text:
+        text = _VISION.sub("", text)
     return _raw_turns(_strip_bos(text), text.lstrip().startswith(_DEEPSEEK_BOS))
 
 
@@ -477,7 +492,8 @@ def split_query(
 ) -> tuple[str | list[Message], str]:
     """(context, response) of an OpenRLHF query (the prompt and the response, decoded).
 
-    1. With the request's `prompts[i]` and the query starting with it, or with its end (a
+    1. With the request's `prompts[i]` and the query starting with it (or with the same text
+       but for whitespace, as a tokenizer's decoding clean-up changes it), or with its end (a
        prompt the trainer cut from the left to its length limit): the rest is the response,
        the prompt the context.
     2. Otherwise, when a known chat template laid the query out, the response is the content of
@@ -498,6 +514,9 @@ def split_query(
         bare_query, bare_prompt = _lstrip_tokens(query, _BOS), _lstrip_tokens(prompt, _BOS)
         if bare_prompt and bare_query.startswith(bare_prompt):
             return prompt, _clean_response(bare_query[len(bare_prompt) :], _with_template_ends(prompt, markers))
+        past = _past_prompt(bare_prompt, bare_query)
+        if past is not None:
+            return prompt, _clean_response(bare_query[past:], _with_template_ends(prompt, markers))
     kept = _kept_tail(prompt, query) if prompt else None
     if kept is not None:
         return prompt, _clean_response(query[kept:], _with_template_ends(prompt, markers))
@@ -526,6 +545,24 @@ def _lstrip_tokens(text: str, tokens: tuple[str, ...]) -> str:
     return text
 
 
+def _past_prompt(prompt: str, query: str) -> int | None:
+    """Where `query` goes on past `prompt` when the two differ only in whitespace, or None:
+    a tokenizer's decoding clean-up drops the space before punctuation and contractions
+    (Llama 3's `clean_up_tokenization_spaces`: "a != b" decodes as "a!= b"), SentencePiece
+    puts a space after a start-of-sequence token. The index follows the query's match of the
+    prompt's last non-space character."""
+    target = "".join(prompt.split())
+    if not target or not "".join(query.split()).startswith(target):
+        return None
+    need = len(target)
+    for word in _WORD.finditer(query):  # the query's runs of non-space, up to the prompt's end
+        if word.end() - word.start() >= need:
+            return word.start() + need
+        need -= word.end() - word.start()
+    return None
+
+
+_WORD = re.compile(r"\S+")
 # A prompt's kept end must be this long to be recognized at the start of a query.
 _MIN_TAIL = 32
 _MAX_CANDIDATES = 8

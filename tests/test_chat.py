@@ -482,3 +482,43 @@ def test_a_plain_transcript_with_one_newline_between_turns():
         [{"role": "user", "content": "quote\nAssistant: x"}],
         "real",
     )
+
+
+def test_what_a_template_writes_itself_is_no_part_of_the_dialogue():
+    """Llama 3.1 to 3.3 date the system turn (3.2 with the day it renders) and mark one with
+    tools; Qwen-VL puts a placeholder token per image patch; Mistral lists its tools in front
+    of the first [INST]. The dialogue reads as its messages do, whatever day it is rendered."""
+    messages = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}]
+    for day, env in (("26 Jul 2024", ""), ("04 Dec 2026", "Environment: ipython\n")):
+        llama = (
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            f"{env}Cutting Knowledge Date: December 2023\nToday Date: {day}\n\nBe nice.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        )
+        assert chat.context_text(llama) == chat.render(messages) == "System: Be nice.\n\nUser: Hi"
+        no_system = llama.replace("Be nice.", "")
+        assert chat.split_query(no_system + "Hello<|eot_id|>")[1] == "Hello"
+        assert chat.context_text(no_system) == "Hi"
+    # A system prompt of one's own that speaks of dates is kept.
+    own = "<|start_header_id|>system<|end_header_id|>\n\nToday Date: is a field.<|eot_id|>"
+    assert chat.context_text(own) == "System: Today Date: is a field."
+    vision = "<|vision_start|>" + "<|image_pad|>" * 1000 + "<|vision_end|>"
+    qwen_vl = f"<|im_start|>user\n{vision}What is shown?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>"
+    assert chat.split_query(qwen_vl) == ([{"role": "user", "content": "What is shown?"}], "A cat.")
+    mistral = '<s>[AVAILABLE_TOOLS][{"type": "function"}][/AVAILABLE_TOOLS][INST]Weather?[/INST]It is sunny.</s>'
+    assert chat.split_query(mistral) == ([{"role": "user", "content": "Weather?"}], "It is sunny.")
+
+
+def test_a_prompt_is_found_in_a_query_that_a_tokenizer_decoded_with_other_spacing():
+    """Llama 3's tokenizers clean up decoded text (`clean_up_tokenization_spaces`: no space
+    before "!=", ".", "?", ",", "'s"...), and SentencePiece puts a space after its BOS: the
+    query still splits at the prompt's end, not as one response with an empty context."""
+    prompt = "Solve: if a != 0 , what is a / a ? It 's easy . Answer:"
+    query = "<|begin_of_text|>Solve: if a!= 0, what is a / a? It's easy. Answer: 1<|end_of_text|>"
+    assert chat.split_query(query, prompt) == (prompt, "1")
+    assert chat.split_query("<s> User: hi\n\nAssistant: yo</s>", "<s>User: hi\n\nAssistant:") == (
+        "<s>User: hi\n\nAssistant:",
+        "yo",
+    )
+    # Other text than the prompt's is no match: the query is read on its own.
+    assert chat.split_query("Solve: b != 0. Answer: 1", "Solve: a != 0. Answer:") == ("", "Solve: b != 0. Answer: 1")
