@@ -436,13 +436,22 @@ def _reasoning(content: str) -> str:
     while True:
         if not content.startswith("<think>"):
             close = content.find("</think>")
-            if close == -1 or "<think>" in content[:close]:
+            if close == -1 or "<think>" in content[:close] or not _ends_a_block(content, close):
                 return content
             content = "<think>" + content
         emptied = _EMPTY_THINK.sub("", content, count=1)
         if emptied == content:
             return "<think>\n" + content[len("<think>") :].lstrip()
         content = emptied
+
+
+def _ends_a_block(content: str, close: int) -> bool:
+    """Whether the "</think>" at `close` ends a reasoning block, standing on a line of its
+    own at either side (as a reasoning model writes it: "...\n</think>\n\nanswer") or
+    opening the text, rather than being mentioned inside a sentence ("use the </think> tag")."""
+    before = content[:close].rstrip(" \t")
+    after = content[close + len("</think>") :].lstrip(" \t")
+    return not before or before.endswith("\n") or not after or after.startswith(("\n", "\r"))
 
 
 def message_text(content: Any) -> str:

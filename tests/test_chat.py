@@ -224,6 +224,9 @@ def test_a_reasoning_block_the_template_opened_reads_the_same_every_way():
     # A block closed at once is the empty one; text that opens its own block is left as it is.
     assert chat.clean_response("</think>\n\nParis.") == "Paris."
     assert chat.clean_response("a <think>b</think> c") == "a <think>b</think> c"
+    # A response that mentions the closing tag in a sentence closes no block.
+    mention = "Close the block with the </think> tag, then answer."
+    assert chat.clean_response(mention) == mention
 
 
 def test_a_deepseek_marker_inside_a_plain_prompt_is_text():
