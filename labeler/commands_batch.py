@@ -131,28 +131,27 @@ def _level(text: str) -> float:
     return level
 
 
-async def open_backend(args: argparse.Namespace) -> Backend:
-    """The HTTP service for --url, else the in-process Labeler of the model options."""
-    if args.url:
-        return await HTTPBackend.connect(
-            args.url, args.api_key or os.environ.get("LABELER_API_KEY"), batch_size=max(64, args.chunk_size)
-        )
-    return LocalBackend(cli.build_labeler(args))
-
-
 def _run(args: argparse.Namespace, body: Any, *, resumable: bool = True) -> int:
-    """`body(backend)` on the backend the options name; Ctrl-C ends it with status 130 and
-    says what is kept (`resumable`: rows are written to a file as they are labeled)."""
+    """`body(backend)` on the HTTP service of --url, else on the in-process Labeler of the
+    model options; Ctrl-C ends it with status 130 and says what is kept (`resumable`: rows
+    are written to a file as they are labeled)."""
 
-    async def main() -> Any:
-        backend = await open_backend(args)
+    async def main(local: Any) -> Any:
+        if local is not None:
+            backend: Backend = LocalBackend(local)
+        else:
+            key = args.api_key or os.environ.get("LABELER_API_KEY")
+            backend = await HTTPBackend.connect(args.url, key, batch_size=max(64, args.chunk_size))
         try:
             return await body(backend)
         finally:
             await backend.aclose()
 
     try:
-        return asyncio.run(main())
+        # The model loads before the event loop runs: there, Ctrl-C stops a load (minutes, for
+        # a large model) at once; inside asyncio.run it would wait for the load to return.
+        local = None if args.url else cli.build_labeler(args)
+        return asyncio.run(main(local))
     except KeyboardInterrupt:
         if resumable:
             print(

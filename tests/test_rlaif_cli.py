@@ -166,6 +166,28 @@ def test_an_interrupted_winrate_says_whether_its_judgments_were_kept(tmp_path, m
     assert "run the same command again to resume" in capsys.readouterr().err
 
 
+def test_ctrl_c_during_the_model_load_stops_it_at_once(tmp_path, monkeypatch, capsys):
+    """A SIGINT while the model loads interrupts the load itself (the load runs before the
+    event loop, whose own handler would only cancel the command once the load returned)."""
+    import os
+    import signal
+    import time
+
+    loads: list[str] = []
+
+    def slow_load(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(500):  # a load of 5 s, unless the interrupt stops it
+            time.sleep(0.01)
+        loads.append("finished")
+        raise AssertionError("the load ran to its end")
+
+    monkeypatch.setattr(cli, "build_labeler", slow_load)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert cli.main(["label", str(src), str(tmp_path / "out.jsonl"), "--task", "tiny", "--no-progress"]) == 130
+    assert loads == [] and "interrupted" in capsys.readouterr().err
+
+
 def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_process, capsys):  # noqa: F811
     pair = {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Chair."}
     flipped = {"prompt": "Name a fruit.", "chosen": "Chair.", "rejected": "Apple."}
