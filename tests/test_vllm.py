@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -267,6 +268,26 @@ def test_random_weights_get_a_model_id_of_their_own(model_dir):
     assert real == vllm_model_id(model_dir, {})
     dummies = {vllm_model_id(model_dir, {"load_format": "dummy"}) for _ in range(2)}
     assert len(dummies) == 2 and all(d.startswith(real + "+dummy-") for d in dummies)
+
+
+def test_a_tokenizer_of_another_directory_is_part_of_the_model_id(model_dir, tmp_path):
+    """`tokenizer=` reads the prompts with another tokenizer (another chat template, other
+    label ids): the id, so every cache and resume key, tells the two apart; the model's own
+    directory given as the tokenizer is the model as it is."""
+    real = vllm_model_id(model_dir, {})
+    assert vllm_model_id(model_dir, {"tokenizer": str(model_dir)}) == real
+    tok = tmp_path / "tokenizer"
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(model_dir) / name).exists():
+            shutil.copy(Path(model_dir) / name, tok / name)
+    same = vllm_model_id(model_dir, {"tokenizer": str(tok)})
+    assert same.startswith(real + "+tokenizer-") and same == vllm_model_id(model_dir, {"tokenizer": str(tok)})
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    other = vllm_model_id(model_dir, {"tokenizer": str(tok)})
+    assert other.startswith(real + "+tokenizer-") and other != same
 
 
 def test_default_kv_cache_size(model_dir):

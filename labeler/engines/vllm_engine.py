@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EngineError, EngineUnavailable, ModelLoadError
+from ..fingerprint import fingerprint
 from ..models import load_tokenizer
 from .base import (
     PLAIN_SAMPLING,
@@ -178,8 +179,13 @@ class VLLMEngine:
 
 
 def vllm_model_id(model_dir: Path, engine_args: dict[str, Any]) -> str:
-    """The model id of `model_dir` as these engine arguments load it. Random weights
-    (`load_format=dummy`, for throughput runs) get an id of their own, unique to the process:
-    their labels must never be cached as the model's, nor shared between replicas."""
+    """The model id of `model_dir` as these engine arguments load it. A tokenizer of another
+    directory (`tokenizer=`) adds its own fingerprint: its chat template and label token ids
+    change the prompts read. Random weights (`load_format=dummy`, for throughput runs) get
+    an id of their own, unique to the process: their labels must never be cached as the
+    model's, nor shared between replicas."""
     base = default_model_id(model_dir)
+    tokenizer = engine_args.get("tokenizer")
+    if tokenizer and Path(tokenizer).resolve() != Path(model_dir).resolve():
+        base = f"{base}+tokenizer-{fingerprint(tokenizer)[:16]}"
     return f"{base}+dummy-{uuid.uuid4().hex[:8]}" if engine_args.get("load_format") == "dummy" else base
