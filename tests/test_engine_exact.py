@@ -162,3 +162,51 @@ def test_nodes_are_grouped_by_width_to_bound_padding():
         assert len(g[0].edge) * len(g) <= 1.25 * sum(len(n.edge) for n in g)
     # Small groups are not split: below min_tokens everything runs as one forward.
     assert len(group_by_width(nodes[:2], min_tokens=1000)) == 1
+    # For a sliding-window model, a node with children is never padded; leaves still are.
+    leaf = _Node(edge=(0,) * 5)
+    parents = [_Node(edge=(0,) * n, children=[leaf]) for n in (9, 9, 7)]
+    groups = group_by_width(
+        [*parents, _Node(edge=(0,) * 8), _Node(edge=(0,) * 3)], min_tokens=1000, unpadded_parents=True
+    )
+    assert [[len(n.edge) for n in g] for g in groups] == [[9, 9, 8], [7, 3]]
+
+
+def test_a_sliding_window_model_scores_a_batch_as_each_item_alone(engine, test_tasks):
+    """A sliding window counts cache columns: a parent edge padded in its group would stand
+    its children's tokens further from their context than they are. Random weights of a
+    sliding-window architecture (Mistral's, a window of 128 tokens, which reaches back from
+    the label past the responses into the context; weights large enough that attention is
+    not uniform): pairs whose contexts differ in length, in both orders, give in one batch
+    what each gives alone."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from labeler import Labeler
+    from labeler.engines.transformers_engine import TransformersEngine
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(engine.tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        sliding_window=128,
+        initializer_range=0.2,
+    )
+    model = MistralForCausalLM(config).eval()
+    windowed = Labeler(TransformersEngine.from_objects(model, engine.tokenizer, model_id="sliding"), test_tasks)
+    items = [
+        {"context": "Say hi.", "response_a": "Hi!", "response_b": "Bye."},
+        {
+            "context": "Say hi, but in a much longer way this time, please.",
+            "response_a": "Hello there!",
+            "response_b": "No.",
+        },
+        {"context": "Greet me in a few words.", "response_a": "Hello.", "response_b": "Hi!"},
+    ]
+    batch = windowed.preferences(items, "tiny")
+    for got, item in zip(batch, items, strict=True):
+        alone = windowed.preferences([item], "tiny")[0]
+        assert got.p_a_ab == pytest.approx(alone.p_a_ab, abs=TOL) and got.p_a_ba == pytest.approx(alone.p_a_ba, abs=TOL)

@@ -106,15 +106,23 @@ def merge_short_edges(node: _Node, min_tokens: int) -> list[_Node]:
     return out
 
 
-def group_by_width(nodes: Sequence[_Node], *, slack: float = 0.25, min_tokens: int = 256) -> list[list[_Node]]:
+def group_by_width(
+    nodes: Sequence[_Node], *, slack: float = 0.25, min_tokens: int = 256, unpadded_parents: bool = False
+) -> list[list[_Node]]:
     """`nodes` in groups that each run as one padded forward: longest edges first, a group
     closed once padding it to its widest edge would cost more than `slack` × its real tokens
-    (and it holds at least `min_tokens`, so short nodes do not each get a forward)."""
+    (and it holds at least `min_tokens`, so short nodes do not each get a forward). With
+    `unpadded_parents`, a node with children is never padded (its group is as wide as its
+    edge): its children's tokens would stand that padding further from their context."""
     groups: list[list[_Node]] = []
     cur: list[_Node] = []
     real = 0
     for n in sorted(nodes, key=lambda n: -len(n.edge)):
-        if cur and real >= min_tokens and len(cur[0].edge) * (len(cur) + 1) > (1 + slack) * (real + len(n.edge)):
+        wide = len(cur[0].edge) if cur else 0
+        padded_parent = unpadded_parents and bool(n.children) and len(n.edge) < wide
+        if cur and (
+            padded_parent or (real >= min_tokens and wide * (len(cur) + 1) > (1 + slack) * (real + len(n.edge)))
+        ):
             groups.append(cur)
             cur, real = [], 0
         cur.append(n)
@@ -192,6 +200,9 @@ class TransformersEngine:
         # Logits only where a label is read, not for every position (a 128k vocabulary makes
         # the full [rows, width, vocab] tensor gigabytes on a GPU).
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # A sliding window counts cache columns, not positions: padding inside a sequence
+        # (a parent's, before its children's tokens) would shorten what the window sees.
+        self._sliding = _sliding_window(model.config)
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward.
         self._lock = threading.Lock()
@@ -310,7 +321,7 @@ class TransformersEngine:
             with self._torch.inference_mode():
                 while todo:
                     nodes, past = todo.pop()
-                    for group in reversed(group_by_width(nodes)):
+                    for group in reversed(group_by_width(nodes, unpadded_parents=self._sliding)):
                         kv = self._forward_group(group, past, wanted, results)
                         kids = [c for n in group for c in n.children]
                         if kids:
@@ -464,6 +475,16 @@ def _as_list(x: Any) -> list[int]:
     if x is None:
         return []
     return list(x) if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def _sliding_window(config: Any) -> bool:
+    """Whether any attention layer of the model has a sliding window (Gemma 2 and 3, Mistral
+    7B v0.1, Phi-3 mini 4k...); Qwen 2 names one that `use_sliding_window=False` turns off."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None:
+        return "sliding_attention" in layer_types
+    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
 
 
 def default_model_id(model_dir: Path) -> str:
