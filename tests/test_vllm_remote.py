@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from labeler import Labeler, PairItem, TaskRegistry
 from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
 from labeler.engines.vllm_remote import VLLMRemoteEngine
-from labeler.errors import EngineError, EngineUnavailable, InputTooLong
+from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
 
 URL = "http://127.0.0.1:9"  # a closed port: nothing answers the engine's look-up at start
 TASKS = Path(__file__).parent / "data" / "tasks"
@@ -143,6 +144,61 @@ async def test_a_transient_failure_is_retried_once_the_cooldown_ends(model_dir):
     with pytest.raises(EngineUnavailable, match="every vLLM server failed"):
         await remote.score(read(10))
     assert len(down.reads) == 3  # `retries` tries per server, then the batch fails
+
+
+async def test_requests_after_a_cooldown_share_one_health_probe(model_dir):
+    """Twenty reads at once as a server's cooldown ends: one GET /health, whose answer they
+    share (each its own would queue for the pool's connections, time out, and put a server
+    that is back down again), then all twenty reads."""
+
+    class Counted(Scripted):
+        probes = 0
+
+        def __call__(self, request: httpx.Request) -> Any:
+            if request.url.path != "/health":
+                return super().__call__(request)
+            Counted.probes += 1
+
+            async def answer() -> httpx.Response:  # a probe takes a while: the others ask meanwhile
+                await asyncio.sleep(0.05)
+                return httpx.Response(200)
+
+            return answer()
+
+    server = Counted()
+    remote = engine(model_dir, server, cooldown=0.05, retries=3)
+    await remote.score(read(10))
+    remote._mark_down(remote.servers[0], "a test")
+    await asyncio.sleep(0.1)
+    got = await asyncio.gather(*(remote.score(read(10)) for _ in range(20)))
+    assert all(g[0][()] == {16: -1.0, 17: -1.0} for g in got)
+    assert Counted.probes == 1 and len(server.reads) == 21 and not remote.servers[0].needs_probe
+
+
+async def test_answers_that_are_not_vllms_and_settings_that_cannot_work_are_named(model_dir):
+    """A proxy's page where vLLM's JSON should be (a 200 without JSON, a model list of another
+    shape) is an engine error that says so, not a bare ValueError or KeyError; retries under 1
+    (no try at all) and a negative cooldown are refused as the engine is built."""
+
+    class Page(Scripted):
+        def __init__(self, models: Any = None) -> None:
+            super().__init__()
+            self.models = models
+
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/models" and self.models is not None:
+                return httpx.Response(200, json=self.models)
+            if request.url.path == "/v1/completions":
+                return httpx.Response(200, text="<html>login</html>")
+            return super().__call__(request)
+
+    with pytest.raises(EngineError, match="answered HTTP 200 without JSON"):
+        await engine(model_dir, Page()).score(read(10))
+    with pytest.raises(EngineError, match="answered no model list"):
+        await engine(model_dir, Page(models=["a", "list", "of", "names"])).score(read(10))
+    for option in ({"retries": 0}, {"cooldown": -1}):
+        with pytest.raises(InvalidInput, match=f"{next(iter(option))} must be at least"):
+            engine(model_dir, Scripted(), **option)
 
 
 def test_blocking_labeler_calls_one_after_another_on_a_remote_engine(model_dir):

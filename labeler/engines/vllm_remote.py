@@ -69,6 +69,7 @@ class _Server:
         self.url = url.rstrip("/")
         self.down_until = 0.0
         self.needs_probe = False
+        self.probe: asyncio.Future[bool] | None = None  # the health probe in flight, which concurrent requests share
 
 
 class VLLMRemoteEngine:
@@ -97,6 +98,13 @@ class VLLMRemoteEngine:
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
             raise InvalidInput("the vllm-remote engine needs at least one server URL", field="vllm_urls")
+        for name, value, least in (
+            ("retries", retries, 1),
+            ("cooldown", cooldown, 0),
+            ("max_concurrency", max_concurrency, 1),
+        ):
+            if value < least:
+                raise InvalidInput(f"the vllm-remote engine's {name} must be at least {least}, got {value}", field=name)
         model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         try:
@@ -148,8 +156,9 @@ class VLLMRemoteEngine:
                 if not await self._healthy(server):
                     server.down_until = time.monotonic() + self.cooldown
                     continue
-                server.needs_probe = False
-                log.info("vllm server %s is back", server.url)
+                if server.needs_probe:  # the first of the requests that shared the probe
+                    server.needs_probe = False
+                    log.info("vllm server %s is back", server.url)
             return server
         raise EngineUnavailable(f"no vLLM server is up (of {', '.join(s.url for s in self.servers)})")
 
@@ -159,7 +168,16 @@ class VLLMRemoteEngine:
             raise EngineUnavailable("the vllm-remote engine is closed")
 
     async def _healthy(self, server: _Server) -> bool:
-        """Whether `server` answers `GET /health` (vLLM's checks that its engine is alive)."""
+        """Whether `server` answers `GET /health` (vLLM's checks that its engine is alive).
+        One probe a server at a time: the requests that ask meanwhile share its answer (a
+        burst of probes would queue for the pool's connections, time out, and mark a server
+        that is back down again)."""
+        if server.probe is None:
+            server.probe = asyncio.ensure_future(self._get_health(server))
+            server.probe.add_done_callback(lambda _: setattr(server, "probe", None))
+        return await asyncio.shield(server.probe)
+
+    async def _get_health(self, server: _Server) -> bool:
         try:
             return (await self._http.get(server.url + "/health", timeout=2.0)).status_code == 200
         except httpx.HTTPError:
@@ -209,7 +227,10 @@ class VLLMRemoteEngine:
                 continue
             if resp.status_code != 200:
                 raise self._refusal(server, resp)
-            return resp.json(), server
+            try:
+                return resp.json(), server
+            except ValueError:  # a proxy's page, not vLLM's answer
+                raise EngineError(f"{server.url}{path} answered HTTP 200 without JSON: {resp.text[:200]!r}") from None
         raise EngineUnavailable(f"every vLLM server failed; last: {last}")
 
     @staticmethod
@@ -229,7 +250,10 @@ class VLLMRemoteEngine:
             raise self._refusal(server, resp)
         if resp.status_code != 200:
             raise httpx.TransportError(f"GET /v1/models answered HTTP {resp.status_code}")
-        self._learn(resp.json())
+        try:
+            self._learn(resp.json())
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a proxy's page, not vLLM's list
+            raise EngineError(f"{server.url}/v1/models answered no model list: {exc!r}") from None
 
     def _learn(self, models: dict[str, Any]) -> None:
         """The served model's name (unless given) and its context length, from `/v1/models`."""
