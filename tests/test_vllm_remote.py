@@ -75,6 +75,22 @@ async def test_the_servers_context_length_limits_prompts_before_anything_is_sent
     assert got[0][()] == {16: -1.0, 17: -1.0} and len(server.reads) == 1
 
 
+def test_servers_up_at_start_limit_prompts_to_the_least_context_of_theirs(model_dir, monkeypatch):
+    """Servers started with different --max-model-len values: a prompt must fit whichever
+    one it goes to, so the least limit of those that answer at start holds."""
+    limits = {"127.0.0.1": 64, "127.0.0.2": 48, "127.0.0.3": None}  # the third is down
+
+    def get(url: str, **_: Any) -> httpx.Response:
+        host = httpx.URL(url).host
+        if limits[host] is None:
+            raise httpx.ConnectError("refused")
+        return httpx.Response(200, json={"data": [{"id": "served", "max_model_len": limits[host]}]})
+
+    monkeypatch.setattr(httpx, "get", get)
+    remote = VLLMRemoteEngine([f"http://{host}:9" for host in limits], model_dir)
+    assert remote.max_model_len == 48 and remote.served_model == "served"
+
+
 @pytest.mark.parametrize("status", [401, 403, 404])
 async def test_a_refused_key_or_model_is_the_engine_unavailable_at_once(model_dir, status):
     server = Scripted(statuses=(status,) * 10)

@@ -132,12 +132,13 @@ class VLLMRemoteEngine:
             ),
         )
         self._discovered = False
-        for server in self.servers:  # the context limit before any prompt is built, when a server is up
+        # The context limit before any prompt is built, from every server that is up: the least
+        # of theirs, so that a prompt fits whichever server it goes to.
+        for server in self.servers:
             try:
                 resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=connect_timeout)
                 if resp.status_code == 200:
                     self._learn(resp.json())
-                    break
             except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError):
                 continue  # not up, or not a vLLM answer: learnt before the first request
 
