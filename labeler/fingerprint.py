@@ -4,7 +4,8 @@ A label is only as reusable as its model is the same: a fine-tune swapped into t
 directory, with the same file names and sizes, must not be served the old model's cached
 labels. So the fingerprint is a SHA-256 over the *content* of the files that decide the
 model's answers — weights (`*.safetensors`, `*.bin`, `*.pt`, `*.gguf`), config, tokenizer and
-chat template (`*.json`, `*.jinja`, `*.model`, `*.tiktoken`, `*.txt`) — with their names.
+chat template (`*.json`, `*.jinja`, `*.model`, `*.tiktoken`, `*.txt`) — with their names; a
+trainer's state saved beside them in a checkpoint (optimizer, scheduler, RNG) is none of these.
 
 Hashing reads every weight byte (an 8B model in bf16 is 16 GB), so the digest is remembered
 in `<cache dir>/fingerprints.json`, keyed by each file's path, size, mtime, ctime and inode:
@@ -28,13 +29,19 @@ log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf"})
 CONFIG_SUFFIXES = frozenset({".json", ".jinja", ".model", ".tiktoken", ".txt"})
+# What a trainer saves beside the weights of a checkpoint (HF Trainer's optimizer.pt,
+# scheduler.pt, rng_state.pth, training_args.bin, trainer_state.json): no part of the model.
+TRAINING_STATE = ("training_args", "optimizer", "scheduler", "scaler", "rng_state", "trainer_state")
 _lock = threading.Lock()
 
 
 def model_files(model_dir: Path) -> list[Path]:
-    """The files of `model_dir` that decide its answers, in a stable order."""
+    """The files of `model_dir` that decide its answers, in a stable order (a trainer's
+    state saved beside them aside: an optimizer's is twice the weights, read for nothing)."""
     keep = WEIGHT_SUFFIXES | CONFIG_SUFFIXES
-    return sorted(p for p in model_dir.iterdir() if p.is_file() and p.suffix in keep)
+    return sorted(
+        p for p in model_dir.iterdir() if p.is_file() and p.suffix in keep and not p.name.startswith(TRAINING_STATE)
+    )
 
 
 def _stamp(path: Path) -> list[int]:

@@ -169,6 +169,11 @@ def test_same_shape_weights_swapped_in_place_change_the_fingerprint(model_copy: 
     assert fp.fingerprint(model_copy) != first
     (model_copy / "README.md").write_text("edited")  # not a model file
     second = fp.fingerprint(model_copy)
+    # A trainer's state saved beside the weights (a checkpoint folder) is no part of the model.
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "trainer_state.json"):
+        (model_copy / name).write_bytes(b"\x03" * 64)
+    assert fp.fingerprint(model_copy) == second
+    assert [p.name for p in fp.model_files(model_copy)] == ["config.json", "model.safetensors", "tokenizer.json"]
     (model_copy / "tokenizer.json").write_text(json.dumps({"vocab": ["a", "c"]}))
     assert fp.fingerprint(model_copy) != second
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from ..fingerprint import TRAINING_STATE
 
 GiB = 1 << 30
 # The CPU KV cache by default: a quarter of the memory left after the weights, at most
@@ -195,9 +196,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return safetensors
         return [p for p in safetensors if p.name in named]
-    training = ("training_args", "optimizer", "scheduler", "scaler")
     for pattern in ("*.bin", "*.pt"):
-        files = sorted(p for p in model_dir.glob(pattern) if not p.name.startswith(training))
+        files = sorted(p for p in model_dir.glob(pattern) if not p.name.startswith(TRAINING_STATE))
         if files:
             return files
     return []
