@@ -23,6 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .errors import ModelLoadError
 from .models import cache_dir
 
 log = logging.getLogger(__name__)
@@ -118,3 +119,14 @@ def model_id(model_dir: str | os.PathLike[str]) -> str:
     every cache and resume key, and what responses report as `model`."""
     root = Path(model_dir)
     return f"{root.resolve().name}@{fingerprint(root)[:16]}"
+
+
+def check_unchanged(model_dir: str | os.PathLike[str], before: str) -> None:
+    """`ModelLoadError` unless `model_dir` still has the id `before`, taken before its weights
+    loaded: a checkpoint written into the directory meanwhile would make the id name weights
+    other than those loaded, and every label cached under it another model's. Cheap when
+    nothing changed (the fingerprint is remembered by the files' stamps)."""
+    if model_id(model_dir) != before:
+        raise ModelLoadError(
+            f"the files of {model_dir} changed while its weights loaded; start again once they are written"
+        )

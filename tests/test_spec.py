@@ -190,6 +190,39 @@ def test_a_restart_on_unchanged_files_reads_no_weights(model_copy: Path):
     assert fp.fingerprint(model_copy) == digest
 
 
+def test_files_written_while_the_weights_load_refuse_the_start(model_dir, tmp_path: Path, monkeypatch):
+    """The fingerprint is taken before the weights load and checked after: a checkpoint
+    written into the directory meanwhile would give the loaded weights the new files' id
+    (and cache their labels as the new model's). The start is refused; once the files rest,
+    it succeeds."""
+    import transformers
+
+    from labeler.engines.transformers_engine import TransformersEngine
+    from labeler.errors import ModelLoadError
+
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in Path(model_dir).iterdir():
+        if f.name == "generation_config.json":
+            shutil.copy(f, copy / f.name)
+        else:
+            (copy / f.name).symlink_to(f)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def load_while_written(*args, **kwargs):
+        model = real(*args, **kwargs)
+        config = json.loads((copy / "generation_config.json").read_text())
+        (copy / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 7}))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load_while_written)
+    with pytest.raises(ModelLoadError, match="changed while its weights loaded"):
+        TransformersEngine(copy)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", real)
+    assert TransformersEngine(copy).model_id == fp.model_id(copy)
+
+
 def test_model_ids_name_the_directory_and_the_content(labeler, model_dir, model_copy: Path):
     assert fp.model_id(model_copy) == f"model@{fp.fingerprint(model_copy)[:16]}"
     assert labeler.model_id == fp.model_id(model_dir)

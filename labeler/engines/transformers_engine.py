@@ -160,13 +160,19 @@ class TransformersEngine:
         if threads:
             torch.set_num_threads(threads)
         tokenizer = load_tokenizer(model_dir)
+        fingerprinted = model_id is None
+        model_id = model_id or default_model_id(model_dir)  # before the weights load: checked after
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
             model = model.to(device)
         # AssertionError: torch's "not compiled with CUDA enabled" for a device it was built without.
         except (OSError, ValueError, RuntimeError, AssertionError) as exc:
             raise ModelLoadError(f"cannot load a model from {model_dir} onto {device!r}: {exc}") from exc
-        self._setup(model, tokenizer, model_id or default_model_id(model_dir), max_batch_tokens, min_shared_tokens)
+        if fingerprinted:
+            from ..fingerprint import check_unchanged
+
+            check_unchanged(model_dir, model_id)
+        self._setup(model, tokenizer, model_id, max_batch_tokens, min_shared_tokens)
 
     @classmethod
     def from_objects(

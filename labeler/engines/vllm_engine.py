@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EngineError, EngineUnavailable, ModelLoadError
-from ..fingerprint import fingerprint
+from ..fingerprint import check_unchanged, fingerprint
 from ..models import load_tokenizer
 from .base import (
     PLAIN_SAMPLING,
@@ -76,12 +76,19 @@ class VLLMEngine:
             args = AsyncEngineArgs(model=str(model_dir), **engine_args)
         except TypeError as exc:
             raise ModelLoadError(f"not a vLLM engine argument: {exc}") from exc
+        before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
+        self.model_id = model_id or vllm_model_id(model_dir, engine_args)
         try:
             with scoped_environ(env):
                 self._engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds at start-up
             raise ModelLoadError(f"vLLM could not start on {model_dir}: {exc}") from exc
-        self.model_id = model_id or vllm_model_id(model_dir, engine_args)
+        if before is not None:
+            try:
+                check_unchanged(model_dir, before)
+            except ModelLoadError:
+                self._engine.shutdown()
+                raise
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self.stats = EngineStats()
         self._ids = itertools.count()
