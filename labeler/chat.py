@@ -153,9 +153,11 @@ _DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>")
 # from other messages. A header with no message after it ends the text: the generation prompt.
 _HARMONY = _Template(
     ("<|start|>",),
+    # Group 1: role and recipient, then "<|channel|>" and the channel, then "<|constrain|>"
+    # and a format (each part optional), as `_harmony` splits them.
     re.compile(
-        r"<\|start\|>([^<]*)(?:<\|channel\|>([^<]*))?(?:<\|constrain\|>[^<]*)?"
-        r"(?:<\|message\|>|(?=<\|(?:end|return|call|start)\|>)|\s*\Z)"
+        r"<\|start\|>((?:[^<]|<\|(?:channel|constrain)\|>)*)"
+        r"(?:<\|message\|>|(?=<\|(?:end|return|call|start)\|>)|\Z)"
     ),
     ("<|end|>", "<|return|>", "<|call|>"),
 )
@@ -172,10 +174,18 @@ _PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)((?i:human|user|system
 _PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
 # A turn opening after one newline, for transcripts that separate turns by one.
 _PLAIN_LINE_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*)((?i:human|user|system|assistant|tool)):[ \t]?")
-# An image or a video in a Qwen-VL prompt: a placeholder token per patch, no text. The labeler
-# reads text only, as it reads the text parts of a message's content.
-_VISION_START = "<|vision_start|>"
-_VISION = re.compile(r"<\|vision_start\|>(?:<\|(?:image|video)_pad\|>)*<\|vision_end\|>")
+# What a template writes wherever it puts it, no part of the dialogue, as (a marker it
+# starts with, the whole of it): an image or a video in a Qwen-VL prompt (a placeholder token
+# per patch; the labeler reads text only, as it reads a message's text parts), Mistral's tool
+# list (in front of the first or the last [INST]; each search stops at the next list, so an
+# unclosed one costs linear time).
+_TEMPLATE_WRITTEN = (
+    ("<|vision_start|>", re.compile(r"<\|vision_start\|>(?:<\|(?:image|video)_pad\|>)*<\|vision_end\|>")),
+    (
+        "[AVAILABLE_TOOLS]",
+        re.compile(r"\[AVAILABLE_TOOLS\](?:(?!\[AVAILABLE_TOOLS\]).)*?\[/AVAILABLE_TOOLS\]", re.DOTALL),
+    ),
+)
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
 _MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
@@ -256,8 +266,6 @@ def _turns(text: str, pattern: re.Pattern[str], lead_role: str | None = None) ->
     for k, m in enumerate(matches):
         end = matches[k + 1].start() if k + 1 < len(matches) else len(text)
         messages.append({"role": m.group(1), "content": text[m.end() : end]})
-        if m.re.groups > 1:  # harmony's channel
-            messages[-1]["channel"] = m.group(2) or ""
     return messages
 
 
@@ -303,7 +311,7 @@ def _raw_turns(body: str, deepseek_bos: bool = False) -> tuple[list[Message], tu
             return turns, t.ends
     if head.startswith(_HARMONY.starts):
         return _harmony(body), _HARMONY.ends
-    if head.startswith(("[INST]", "[SYSTEM_PROMPT]", "[AVAILABLE_TOOLS]")):
+    if head.startswith(("[INST]", "[SYSTEM_PROMPT]")):
         return _llama2(body), ("</s>",)
     if _deepseek(head, deepseek_bos):
         return _turns(body, _DEEPSEEK.header, "system"), _DEEPSEEK.ends
@@ -313,12 +321,22 @@ def _raw_turns(body: str, deepseek_bos: bool = False) -> tuple[list[Message], tu
             if marker in body:
                 body = body.replace(marker + "User:", marker + "\n\nUser:")
         turns = _turns(body, _PLAIN_HEADER)
-        if len(turns) == 1:  # no blank line between turns: one newline, if that gives an answer
+        if len(turns) == 1:  # no blank line between turns: one newline, where that reads as a dialogue
             lines = _turns(body, _PLAIN_LINE_HEADER)
-            if any(_role(m["role"]) == "Assistant" for m in lines[1:]):
+            if _alternating([_role(m["role"]) for m in lines]):
                 return lines, ()
         return turns, ()
     return None
+
+
+def _alternating(roles: list[str]) -> bool:
+    """Whether `roles` are a dialogue's: an optional system turn, then user and assistant
+    turns in turn, an assistant's among them (so a prompt that quotes a chat log line by
+    line is no dialogue of its own)."""
+    if roles[:1] == ["System"]:
+        roles = roles[1:]
+    expected = ("User", "Assistant")
+    return "Assistant" in roles and all(r == expected[k % 2] for k, r in enumerate(roles))
 
 
 def _harmony(body: str) -> list[Message]:
@@ -345,10 +363,11 @@ def _harmony(body: str) -> list[Message]:
         reasoning, answers, open_think = [], [], False
 
     for m in _turns(body, _HARMONY.header):
-        header = m["role"].split()
-        role = header[0].lower() if header else "assistant"
-        channel, _, rest = (m.get("channel") or "").partition(" ")
-        recipient = next((w[3:] for w in [*header[1:], *rest.split()] if w.startswith("to=")), None)
+        head, _, channel = m["role"].partition("<|constrain|>")[0].partition("<|channel|>")
+        words = [*head.split(), *channel.split()]
+        role = head.split()[0].lower() if head.split() else "assistant"
+        channel = channel.split()[0] if channel.split() else ""
+        recipient = next((w[3:] for w in words if w.startswith("to=")), None)
         text = m["content"]
         ended = text.rstrip().endswith(_HARMONY.ends)
         text = _clean(text, _HARMONY.ends)
@@ -409,8 +428,9 @@ def _template_turns(text: str) -> tuple[list[Message], tuple[str, ...]] | None:
     known template laid it out."""
     if _plain_text(text):
         return None
-    if _VISION_START in text:
-        text = _VISION.sub("", text)
+    for marker, written in _TEMPLATE_WRITTEN:
+        if marker in text:
+            text = written.sub("", text)
     return _raw_turns(_strip_bos(text), text.lstrip().startswith(_DEEPSEEK_BOS))
 
 
@@ -446,12 +466,13 @@ def _reasoning(content: str) -> str:
 
 
 def _ends_a_block(content: str, close: int) -> bool:
-    """Whether the "</think>" at `close` ends a reasoning block, standing on a line of its
-    own at either side (as a reasoning model writes it: "...\n</think>\n\nanswer") or
-    opening the text, rather than being mentioned inside a sentence ("use the </think> tag")."""
+    """Whether the "</think>" at `close` ends a reasoning block: opening the text, with a line
+    break at either side (as a reasoning model writes it: "...\n</think>\n\nanswer"), or with
+    a tag after it ("...</think> <answer>7</answer>", R1-Zero's format), rather than being
+    mentioned in a sentence ("use the </think> tag", "close it with </think>")."""
     before = content[:close].rstrip(" \t")
     after = content[close + len("</think>") :].lstrip(" \t")
-    return not before or before.endswith("\n") or not after or after.startswith(("\n", "\r"))
+    return not before or before.endswith("\n") or after.startswith(("\n", "\r", "<"))
 
 
 def message_text(content: Any) -> str:
@@ -533,7 +554,7 @@ def split_query(
     if messages is None:
         return "", _clean_response(query, markers)
     if messages and messages[-1]["role"] == "assistant":
-        return messages[:-1], messages[-1]["content"]  # cleaned by parse as a response is
+        return messages[:-1], _clean_response(messages[-1]["content"], markers)
     return messages, ""
 
 

@@ -225,8 +225,12 @@ def test_a_reasoning_block_the_template_opened_reads_the_same_every_way():
     assert chat.clean_response("</think>\n\nParis.") == "Paris."
     assert chat.clean_response("a <think>b</think> c") == "a <think>b</think> c"
     # A response that mentions the closing tag in a sentence closes no block.
-    mention = "Close the block with the </think> tag, then answer."
-    assert chat.clean_response(mention) == mention
+    for mention in ("Close the block with the </think> tag, then answer.", "Close it with </think>"):
+        assert chat.clean_response(mention) == mention
+    # R1-Zero's format, a tag right after the block: the same response split either way.
+    zero = "3 plus 4 is 7.</think> <answer>7</answer>"
+    assert chat.clean_response(zero) == "<think>\n" + zero
+    assert chat.split_query(prompt + zero)[1] == chat.split_query(prompt + zero, prompt)[1] == "<think>\n" + zero
 
 
 def test_a_deepseek_marker_inside_a_plain_prompt_is_text():
@@ -270,8 +274,10 @@ def test_a_plain_transcript_splits_in_linear_time_and_with_crlf():
     context, response = chat.split_query(f"Human: hi\n\nAssistant: b{run}x")
     text = chat.context_text(f"Human: a{run}x")
     # Headers that are opened again and again and never closed, on one line.
-    for opened in ("[INST]" * 5000, "<|start_header_id|>" * 1500):
+    for opened in ("[INST]" * 5000, "<|start_header_id|>" * 1500, "[AVAILABLE_TOOLS]" * 5000):
         chat.split_query(opened + "x")
+    # A harmony header that a long run of spaces leaves open.
+    chat.normalize_item({"context": "hi", "response": "<|channel|>" + " " * 100_000 + "<x"})
     seconds = time.perf_counter() - t0
     assert (context, response) == ([{"role": "user", "content": "hi"}], f"b{run}x")
     assert text == f"a{run}x"
@@ -479,8 +485,11 @@ def test_a_plain_transcript_with_one_newline_between_turns():
     context, response = chat.split_query(query, "User: Hi\nAssistant: ")
     assert response == "Hello!" and chat.context_text(context) == "Hi"
     assert chat.context_text("User: a\nAssistant: b\nUser: c\nAssistant: ") == "User: a\n\nAssistant: b\n\nUser: c"
-    # No assistant turn: one turn, as before; blank lines still separate turns first.
+    # No dialogue: one turn, as before (no assistant turn; a prompt that quotes a chat log
+    # line by line); blank lines still separate turns first.
     assert chat.context_text("System: be brief\nUser: hi") == "System: be brief\nUser: hi"
+    quoted = "Human: Summarize this chat log:\nuser: hello\nassistant: hi there\nThanks."
+    assert chat.context_text(quoted) == quoted.removeprefix("Human: ")
     assert chat.split_query("User: quote\nAssistant: x\n\nAssistant: real") == (
         [{"role": "user", "content": "quote\nAssistant: x"}],
         "real",
@@ -510,6 +519,9 @@ def test_what_a_template_writes_itself_is_no_part_of_the_dialogue():
     assert chat.split_query(qwen_vl) == ([{"role": "user", "content": "What is shown?"}], "A cat.")
     mistral = '<s>[AVAILABLE_TOOLS][{"type": "function"}][/AVAILABLE_TOOLS][INST]Weather?[/INST]It is sunny.</s>'
     assert chat.split_query(mistral) == ([{"role": "user", "content": "Weather?"}], "It is sunny.")
+    # Mistral v0.3 lists the tools in front of the last [INST].
+    last = '<s>[INST]a[/INST]b</s>[AVAILABLE_TOOLS][{"type": "function"}][/AVAILABLE_TOOLS][INST]c[/INST]d</s>'
+    assert chat.context_text(last) == "User: a\n\nAssistant: b\n\nUser: c\n\nAssistant: d"
 
 
 def test_a_prompt_is_found_in_a_query_that_a_tokenizer_decoded_with_other_spacing():
