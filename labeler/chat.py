@@ -30,7 +30,7 @@ Templates recognized, when a string starts with their markup (after a BOS token)
     plain transcripts           Human: / User: / System: / Assistant: / Tool: turns (any case)
                                 separated by blank lines (Anthropic HH, TRL's simple template,
                                 DeepSeek LLM, and the canonical form itself), or by single
-                                newlines where that alone gives an assistant turn (OpenRLHF's
+                                newlines where that alone gives a dialogue (OpenRLHF's
                                 `User: {}\nAssistant: ` prompt template)
 
 The canonical transcript:
