@@ -97,19 +97,25 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return _remembered(str(p), [p], p.parent)
 
 
+# What this process hashed, as the index holds it: a cache directory that cannot be written
+# (a read-only volume) must not make every look-up read the weights again.
+_hashed: dict[str, dict] = {}
+
+
 def _remembered(key: str, files: list[Path], root: Path) -> str:
-    """`content_digest(files, root)`, from the index while every file's stamp is the one it
-    was hashed with."""
+    """`content_digest(files, root)`, from the index (else this process's memory of it) while
+    every file's stamp is the one it was hashed with."""
     stamps = {p.name: _stamp(p) for p in files}
     with _lock:
-        known = _read_index().get(key)
-        if known is not None and known.get("files") == stamps:
-            return str(known["digest"])
+        for known in (_read_index().get(key), _hashed.get(key)):
+            if known is not None and known.get("files") == stamps:
+                return str(known["digest"])
         weights = sum(s[0] for name, s in stamps.items() if Path(name).suffix in WEIGHT_SUFFIXES)
         log.info("fingerprinting %s (%.1f GB of weights; once while the files are unchanged)", key, weights / 1e9)
         digest = content_digest(files, root)
+        _hashed[key] = {"files": stamps, "digest": digest}
         index = _read_index()
-        index[key] = {"files": stamps, "digest": digest}
+        index[key] = _hashed[key]
         _write_index(index)
     return digest
 
@@ -126,7 +132,11 @@ def check_unchanged(model_dir: str | os.PathLike[str], before: str) -> None:
     loaded: a checkpoint written into the directory meanwhile would make the id name weights
     other than those loaded, and every label cached under it another model's. Cheap when
     nothing changed (the fingerprint is remembered by the files' stamps)."""
-    if model_id(model_dir) != before:
+    try:
+        unchanged = model_id(model_dir) == before
+    except OSError:  # a file removed meanwhile (a checkpoint rotated out)
+        unchanged = False
+    if not unchanged:
         raise ModelLoadError(
             f"the files of {model_dir} changed while its weights loaded; start again once they are written"
         )

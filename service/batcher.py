@@ -253,7 +253,8 @@ class MicroBatcher:
             rest = [j for j in half if not j.future.done()]
             if half_error is None or not rest:
                 continue
-            if len(rest) < len(half):  # probes settled some: the half's error may have been theirs alone
+            if any(j.future.done() and not j.future.cancelled() and j.future.exception() for j in half):
+                # Probes failed here: the half's error may have been theirs alone; the rest runs again.
                 await self._attempt(group, rest)
             else:
                 await self._bisect(group, rest, half_error)

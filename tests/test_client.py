@@ -348,6 +348,8 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ("/get_reward?task=tiny", {"query": ["p" * 30 + "r" * 30], "prompts": ["p" * 30]}),
         ("/get_reward?task=tiny&overlong=lowest", {"query": ["a", "y" * 51]}),
         ("/get_reward?task=tiny&overlong=maybe", {"query": ["a"]}),
+        ("/get_reward?task=nope", {"query": ["y" * 51]}),
+        ("/get_reward?task=nope&overlong=lowest", {"query": ["y" * 51]}),
     ]
     fake_http = httpx.Client(base_url="http://fake.test", transport=fake.transport())
 

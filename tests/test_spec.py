@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -188,6 +189,22 @@ def test_a_restart_on_unchanged_files_reads_no_weights(model_copy: Path):
     assert fp.fingerprint(model_copy) == "remembered"
     (model_copy / "model.safetensors").write_bytes(b"\x01" * 4096)  # rewritten: same bytes, new ctime
     assert fp.fingerprint(model_copy) == digest
+
+
+def test_a_cache_that_cannot_be_written_hashes_the_weights_once_a_process(
+    model_copy: Path, tmp_path: Path, monkeypatch, caplog
+):
+    """A cache directory that cannot be written (here a path under a file): each start hashes
+    the weights again, but one process asking twice (an engine's id before and after its
+    weights load) hashes them once."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(blocker / "cache"))
+    with caplog.at_level(logging.INFO, logger="labeler.fingerprint"):
+        first = fp.fingerprint(model_copy)
+        assert fp.fingerprint(model_copy) == first
+    assert sum(r.getMessage().startswith("fingerprinting") for r in caplog.records) == 1
+    assert any("cannot remember model fingerprints" in r.getMessage() for r in caplog.records)
 
 
 def test_files_written_while_the_weights_load_refuse_the_start(model_dir, tmp_path: Path, monkeypatch):

@@ -288,6 +288,8 @@ def test_a_tokenizer_of_another_directory_is_part_of_the_model_id(model_dir, tmp
     (tok / "tokenizer_config.json").write_text(json.dumps(config))
     other = vllm_model_id(model_dir, {"tokenizer": str(tok)})
     assert other.startswith(real + "+tokenizer-") and other != same
+    # A tokenizer by name (a model hub's, from its local cache): named in the id.
+    assert vllm_model_id(model_dir, {"tokenizer": "org/tokenizer"}) == real + "+tokenizer-org/tokenizer"
 
 
 def test_default_kv_cache_size(model_dir):

@@ -344,7 +344,6 @@ class FakeLabeler:
         for i, query in enumerate(body.get("query") or []):
             if not isinstance(query, str):
                 refused = refused or self._invalid(f"query[{i}]", "must be text")
-        refused = refused or self._unknown_task(task)
         if refused is not None:
             return refused
         if reward not in (None, "score", "reference"):
@@ -369,6 +368,9 @@ class FakeLabeler:
                     return refused
                 if refused is not None:
                     too_long.add(k)
+        refused = self._unknown_task(task)  # after the lengths, as the server reads them
+        if refused is not None:
+            return refused
         lowest = {"reward": -1.0, "expected": 1.0, "p_win": 0.0}
         if reward == "reference":
             refs = [

@@ -208,7 +208,7 @@ class TransformersEngine:
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         # A sliding window counts cache columns, not positions: padding inside a sequence
         # (a parent's, before its children's tokens) would shorten what the window sees.
-        self._sliding = _sliding_window(model.config)
+        self._window = _sliding_window(model.config)
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward.
         self._lock = threading.Lock()
@@ -321,13 +321,16 @@ class TransformersEngine:
         roots = merge_short_edges(build_prefix_tree(seqs), self.min_shared_tokens)
         if base is not None:
             past = (kv, mask, plen, {id(r): 0 for r in roots})
+        # Parents go unpadded only where the window can fall short of a row's columns: its
+        # cache holds at most the base and, per tree level, the widest edge.
+        unpadded = self._window is not None and (len(base[0]) if base else 0) + _widest_path(roots) > self._window
         # Depth-first over groups of nodes: a group's KV cache lives only until its subtree is done.
         todo: list[tuple[list[_Node], Any]] = [(roots, past)]
         try:
             with self._torch.inference_mode():
                 while todo:
                     nodes, past = todo.pop()
-                    for group in reversed(group_by_width(nodes, unpadded_parents=self._sliding)):
+                    for group in reversed(group_by_width(nodes, unpadded_parents=unpadded)):
                         kv = self._forward_group(group, past, wanted, results)
                         kids = [c for n in group for c in n.children]
                         if kids:
@@ -483,14 +486,27 @@ def _as_list(x: Any) -> list[int]:
     return list(x) if isinstance(x, (list, tuple)) else [int(x)]
 
 
-def _sliding_window(config: Any) -> bool:
-    """Whether any attention layer of the model has a sliding window (Gemma 2 and 3, Mistral
-    7B v0.1, Phi-3 mini 4k...); Qwen 2 names one that `use_sliding_window=False` turns off."""
+def _sliding_window(config: Any) -> int | None:
+    """The sliding attention window of the model's layers that have one (Gemma 2 and 3,
+    Mistral 7B v0.1, Phi-3 mini 4k...), in tokens; None when none has (Qwen 2 names one that
+    `use_sliding_window=False` turns off); 0 when one has but names no size."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None:
-        return "sliding_attention" in layer_types
-    return bool(getattr(text, "sliding_window", None)) and getattr(text, "use_sliding_window", True) is not False
+    sliding = "sliding_attention" in layer_types if layer_types is not None else bool(window)
+    if not sliding or getattr(text, "use_sliding_window", True) is False:
+        return None
+    return int(window or 0)
+
+
+def _widest_path(roots: list[_Node]) -> int:
+    """The sum over the tree's levels of the widest edge at each: a bound on the columns of
+    any row's cache, padding included."""
+    total, level = 0, roots
+    while level:
+        total += max(len(n.edge) for n in level)
+        level = [c for n in level for c in n.children]
+    return total
 
 
 def default_model_id(model_dir: Path) -> str:

@@ -65,6 +65,8 @@ class VLLMEngine:
             trust_remote_code=bool(engine_args.get("trust_remote_code", False)),
             revision=engine_args.get("tokenizer_revision") or engine_args.get("revision"),  # as vLLM falls back
         )
+        before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
+        self.model_id = model_id or vllm_model_id(model_dir, engine_args)
         env: dict[str, str] = {}
         if on_cpu():
             defaults = cpu_defaults(model_dir, engine_args)
@@ -76,8 +78,6 @@ class VLLMEngine:
             args = AsyncEngineArgs(model=str(model_dir), **engine_args)
         except TypeError as exc:
             raise ModelLoadError(f"not a vLLM engine argument: {exc}") from exc
-        before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
-        self.model_id = model_id or vllm_model_id(model_dir, engine_args)
         try:
             with scoped_environ(env):
                 self._engine = AsyncLLM.from_engine_args(args)
@@ -186,13 +186,14 @@ class VLLMEngine:
 
 
 def vllm_model_id(model_dir: Path, engine_args: dict[str, Any]) -> str:
-    """The model id of `model_dir` as these engine arguments load it. A tokenizer of another
-    directory (`tokenizer=`) adds its own fingerprint: its chat template and label token ids
-    change the prompts read. Random weights (`load_format=dummy`, for throughput runs) get
+    """The model id of `model_dir` as these engine arguments load it. Another tokenizer
+    (`tokenizer=`) adds its directory's fingerprint, or its name: its chat template and label
+    token ids change the prompts read. Random weights (`load_format=dummy`, for throughput runs) get
     an id of their own, unique to the process: their labels must never be cached as the
     model's, nor shared between replicas."""
     base = default_model_id(model_dir)
     tokenizer = engine_args.get("tokenizer")
     if tokenizer and Path(tokenizer).resolve() != Path(model_dir).resolve():
-        base = f"{base}+tokenizer-{fingerprint(tokenizer)[:16]}"
+        # A directory by its content; a name (a model hub's, found in its local cache) by itself.
+        base += f"+tokenizer-{fingerprint(tokenizer)[:16] if Path(tokenizer).is_dir() else tokenizer}"
     return f"{base}+dummy-{uuid.uuid4().hex[:8]}" if engine_args.get("load_format") == "dummy" else base

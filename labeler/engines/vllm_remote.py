@@ -133,7 +133,8 @@ class VLLMRemoteEngine:
         )
         self._discovered = False
         # The context limit before any prompt is built, from every server that is up: the least
-        # of theirs, so that a prompt fits whichever server it goes to.
+        # of theirs, so that a prompt fits whichever of them it goes to (a server that comes up
+        # later is learnt from only when none answered here).
         for server in self.servers:
             try:
                 resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=connect_timeout)
