@@ -236,9 +236,12 @@ def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
 
 
 def _clean_response(text: str, markers: tuple[str, ...]) -> str:
-    text = _turn_content("Assistant", text, markers)
-    # The policy's harmony messages, after its prompt's "<|start|>assistant": their one turn.
-    # Each pass shortens the text (a header goes), so this ends.
+    return _harmony_reply(_turn_content("Assistant", text, markers), markers)
+
+
+def _harmony_reply(text: str, markers: tuple[str, ...]) -> str:
+    """A cleaned response as its one assistant turn when it is the policy's harmony messages
+    (after its prompt's "<|start|>assistant"), else as it is."""
     while text.startswith(_HARMONY_REPLY):
         turns = _harmony(text if text.startswith("<|start|>") else "<|start|>assistant" + text)
         if len(turns) != 1 or turns[0]["role"] != "assistant":
@@ -364,10 +367,10 @@ def _harmony(body: str) -> list[Message]:
 
     for m in _turns(body, _HARMONY.header):
         head, _, channel = m["role"].partition("<|constrain|>")[0].partition("<|channel|>")
-        words = [*head.split(), *channel.split()]
-        role = head.split()[0].lower() if head.split() else "assistant"
-        channel = channel.split()[0] if channel.split() else ""
-        recipient = next((w[3:] for w in words if w.startswith("to=")), None)
+        head_words, channel_words = head.split(), channel.split()
+        role = head_words[0].lower() if head_words else "assistant"
+        channel = channel_words[0] if channel_words else ""
+        recipient = next((w[3:] for w in [*head_words, *channel_words] if w.startswith("to=")), None)
         text = m["content"]
         ended = text.rstrip().endswith(_HARMONY.ends)
         text = _clean(text, _HARMONY.ends)
@@ -554,7 +557,7 @@ def split_query(
     if messages is None:
         return "", _clean_response(query, markers)
     if messages and messages[-1]["role"] == "assistant":
-        return messages[:-1], _clean_response(messages[-1]["content"], markers)
+        return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
     return messages, ""
 
 

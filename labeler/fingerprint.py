@@ -90,6 +90,13 @@ def fingerprint(model_dir: str | os.PathLike[str]) -> str:
     return _remembered(str(root), model_files(root), root)
 
 
+def tokenizer_fingerprint(directory: str | os.PathLike[str]) -> str:
+    """The content fingerprint of a directory's tokenizer, config and chat template files
+    alone (its weights left out: a tokenizer taken from another model's directory)."""
+    root = Path(directory).resolve()
+    return _remembered(f"{root}#tokenizer", [p for p in model_files(root) if p.suffix in CONFIG_SUFFIXES], root)
+
+
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
     """The content fingerprint of one file (its name, size and bytes), remembered the same
     way: what names a GGUF file's conversion (`models.converted_dir`)."""

@@ -485,8 +485,8 @@ def test_a_plain_transcript_with_one_newline_between_turns():
     context, response = chat.split_query(query, "User: Hi\nAssistant: ")
     assert response == "Hello!" and chat.context_text(context) == "Hi"
     assert chat.context_text("User: a\nAssistant: b\nUser: c\nAssistant: ") == "User: a\n\nAssistant: b\n\nUser: c"
-    # No dialogue: one turn, as before (no assistant turn; a prompt that quotes a chat log
-    # line by line); blank lines still separate turns first.
+    # No dialogue: one turn (no assistant turn; a prompt that quotes a chat log line by
+    # line); blank lines still separate turns first.
     assert chat.context_text("System: be brief\nUser: hi") == "System: be brief\nUser: hi"
     quoted = "Human: Summarize this chat log:\nuser: hello\nassistant: hi there\nThanks."
     assert chat.context_text(quoted) == quoted.removeprefix("Human: ")

@@ -192,7 +192,7 @@ class ReferenceRewardFunction(RewardFunction):
         name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if order not in get_args(Order):  # now, not at the first training step
+        if order not in get_args(Order):  # checked here, not at the first training step
             raise ValueError(f"order must be one of {', '.join(get_args(Order))}, not {order!r}")
         super().__init__(base_url, task, name=name or f"labeler_{task}_vs_{reference_column}", **kwargs)
         self.reference_column = reference_column

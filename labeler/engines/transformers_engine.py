@@ -160,19 +160,18 @@ class TransformersEngine:
         if threads:
             torch.set_num_threads(threads)
         tokenizer = load_tokenizer(model_dir)
-        fingerprinted = model_id is None
-        model_id = model_id or default_model_id(model_dir)  # before the weights load: checked after
+        before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
             model = model.to(device)
         # AssertionError: torch's "not compiled with CUDA enabled" for a device it was built without.
         except (OSError, ValueError, RuntimeError, AssertionError) as exc:
             raise ModelLoadError(f"cannot load a model from {model_dir} onto {device!r}: {exc}") from exc
-        if fingerprinted:
+        if before is not None:
             from ..fingerprint import check_unchanged
 
-            check_unchanged(model_dir, model_id)
-        self._setup(model, tokenizer, model_id, max_batch_tokens, min_shared_tokens)
+            check_unchanged(model_dir, before)
+        self._setup(model, tokenizer, model_id or before, max_batch_tokens, min_shared_tokens)
 
     @classmethod
     def from_objects(
@@ -314,16 +313,17 @@ class TransformersEngine:
         """Label log-probs of `seqs`, on top of `base` = (a prefix of every sequence, its
         cache from `_prefix_past`) when given."""
         results: list[list[float]] = [[] for _ in seqs]
-        past = None
+        past, reach = None, 0
         if base is not None:
             prefix, (kv, mask, plen) = base
             seqs = [s[len(prefix) :] for s in seqs]
+            reach = len(prefix)
         roots = merge_short_edges(build_prefix_tree(seqs), self.min_shared_tokens)
         if base is not None:
             past = (kv, mask, plen, {id(r): 0 for r in roots})
         # Parents go unpadded only where the window can fall short of a row's columns: its
         # cache holds at most the base and, per tree level, the widest edge.
-        unpadded = self._window is not None and (len(base[0]) if base else 0) + _widest_path(roots) > self._window
+        unpadded = self._window is not None and reach + _widest_path(roots) > self._window
         # Depth-first over groups of nodes: a group's KV cache lives only until its subtree is done.
         todo: list[tuple[list[_Node], Any]] = [(roots, past)]
         try:

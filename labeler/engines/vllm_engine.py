@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EngineError, EngineUnavailable, ModelLoadError
-from ..fingerprint import check_unchanged, fingerprint
+from ..fingerprint import check_unchanged, tokenizer_fingerprint
 from ..models import load_tokenizer
 from .base import (
     PLAIN_SAMPLING,
@@ -66,7 +66,7 @@ class VLLMEngine:
             revision=engine_args.get("tokenizer_revision") or engine_args.get("revision"),  # as vLLM falls back
         )
         before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
-        self.model_id = model_id or vllm_model_id(model_dir, engine_args)
+        self.model_id = model_id or vllm_model_id(model_dir, engine_args, before)
         env: dict[str, str] = {}
         if on_cpu():
             defaults = cpu_defaults(model_dir, engine_args)
@@ -185,15 +185,15 @@ class VLLMEngine:
             self.inflight -= 1
 
 
-def vllm_model_id(model_dir: Path, engine_args: dict[str, Any]) -> str:
-    """The model id of `model_dir` as these engine arguments load it. Another tokenizer
-    (`tokenizer=`) adds its directory's fingerprint, or its name: its chat template and label
-    token ids change the prompts read. Random weights (`load_format=dummy`, for throughput runs) get
-    an id of their own, unique to the process: their labels must never be cached as the
-    model's, nor shared between replicas."""
-    base = default_model_id(model_dir)
+def vllm_model_id(model_dir: Path, engine_args: dict[str, Any], base: str | None = None) -> str:
+    """The model id of `model_dir` (`base`: its `default_model_id`, when known) as these engine
+    arguments load it. Another tokenizer (`tokenizer=`) adds its tokenizer files' fingerprint,
+    or its name: its chat template and label token ids change the prompts read. Random weights
+    (`load_format=dummy`, for throughput runs) get an id of their own, unique to the process:
+    their labels must never be cached as the model's, nor shared between replicas."""
+    base = base or default_model_id(model_dir)
     tokenizer = engine_args.get("tokenizer")
     if tokenizer and Path(tokenizer).resolve() != Path(model_dir).resolve():
         # A directory by its content; a name (a model hub's, found in its local cache) by itself.
-        base += f"+tokenizer-{fingerprint(tokenizer)[:16] if Path(tokenizer).is_dir() else tokenizer}"
+        base += f"+tokenizer-{tokenizer_fingerprint(tokenizer)[:16] if Path(tokenizer).is_dir() else tokenizer}"
     return f"{base}+dummy-{uuid.uuid4().hex[:8]}" if engine_args.get("load_format") == "dummy" else base

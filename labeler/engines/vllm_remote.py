@@ -64,6 +64,10 @@ _RETRY_STATUS = {500, 502, 503, 504}
 _CONFIG_STATUS = {401, 403, 404}  # the key or the model name is wrong for every request
 
 
+# How an answer to GET /v1/models that is not vLLM's model list (a proxy's page) fails to read.
+_NOT_A_MODEL_LIST = (ValueError, TypeError, AttributeError, KeyError)
+
+
 class _Server:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
@@ -140,7 +144,7 @@ class VLLMRemoteEngine:
                 resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=connect_timeout)
                 if resp.status_code == 200:
                     self._learn(resp.json())
-            except (httpx.HTTPError, ValueError, TypeError, AttributeError, KeyError):
+            except (httpx.HTTPError, *_NOT_A_MODEL_LIST):
                 continue  # not up, or not a vLLM answer: learnt before the first request
 
     # -- transport -------------------------------------------------------------------------
@@ -254,7 +258,7 @@ class VLLMRemoteEngine:
             raise httpx.TransportError(f"GET /v1/models answered HTTP {resp.status_code}")
         try:
             self._learn(resp.json())
-        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a proxy's page, not vLLM's list
+        except _NOT_A_MODEL_LIST as exc:
             raise EngineError(f"{server.url}/v1/models answered no model list: {exc!r}") from None
 
     def _learn(self, models: dict[str, Any]) -> None:
