@@ -76,7 +76,7 @@ def test_async_client_awaited_from_one_event_loop_after_another(live_server):
         assert all(s is not None for s in asyncio.run(client.scores(items, "tiny")))
         assert open_connections(live_server.url) <= before
     asyncio.run(client.aclose())
-    with pytest.raises(RuntimeError, match="closed"):  # closed stays closed, in any loop
+    with pytest.raises(lc.RequestError, match="the client is closed"):  # closed stays closed, in any loop
         asyncio.run(client.health())
 
 
