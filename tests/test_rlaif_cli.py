@@ -184,7 +184,14 @@ def test_ctrl_c_during_the_model_load_stops_it_at_once(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(cli, "build_labeler", slow_load)
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    assert cli.main(["label", str(src), str(tmp_path / "out.jsonl"), "--task", "tiny", "--no-progress"]) == 130
+    # Python's own SIGINT handler, as a `labeler` process starts with (a library used by an
+    # earlier test in this process may have put another in).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = cli.main(["label", str(src), str(tmp_path / "out.jsonl"), "--task", "tiny", "--no-progress"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert status == 130
     assert loads == [] and "interrupted" in capsys.readouterr().err
 
 
