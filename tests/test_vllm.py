@@ -18,6 +18,7 @@ import pytest
 
 from labeler import Labeler, PairItem, ScoreItem
 from labeler.commands_vllm import given_args, server_command
+from labeler.engines import vllm_cpu
 from labeler.engines.vllm_cpu import (
     CPU_KV_CACHE_MAX,
     THREADS_BIND_ENV,
@@ -327,7 +328,7 @@ def test_cpu_defaults_fill_in_only_what_is_not_given(model_dir):
         assert cpu_defaults(model_dir, {ranks: 2}, environ={}).env == {}
 
 
-def test_sizes_are_read_as_vllms_command_line_reads_them(model_dir):
+def test_sizes_are_read_as_vllms_command_line_reads_them(model_dir, monkeypatch):
     given = {"max_model_len": "2K", "kv_cache_memory_bytes": "1g", "served_model_name": "1k", "dtype": "auto"}
     assert parse_sizes(given) == {
         "max_model_len": 2048,
@@ -337,7 +338,10 @@ def test_sizes_are_read_as_vllms_command_line_reads_them(model_dir):
     }
     assert parse_sizes({"max_model_len": "auto"}) == {"max_model_len": -1}  # vLLM's "the longest that fits"
     assert parse_sizes({"max_model_len": "1.5K"}) == {"max_model_len": "1.5K"}  # vLLM's to refuse, by name
-    # "auto" sizes the default cache for the model's context, as no max_model_len does
+    # "auto" sizes the default cache for the model's context, as no max_model_len does (from
+    # one reading of the machine's free memory, which moves between calls)
+    reading = vllm_cpu.memory()
+    monkeypatch.setattr(vllm_cpu, "memory", lambda: reading)
     none = cpu_defaults(model_dir, {}, environ={}).args["kv_cache_memory_bytes"]
     assert (
         cpu_defaults(model_dir, parse_sizes({"max_model_len": "auto"}), environ={}).args["kv_cache_memory_bytes"]
