@@ -266,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LabelerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where a command has no message of its own (reading its input)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -170,6 +170,8 @@ def _cmd_label(args: argparse.Namespace) -> int:
     summary = Summary()
     norm = normalize_single if args.scores else normalize_pair
     records = collect(args.input, norm, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
+    if not records:  # before the model loads and anything is written
+        raise SystemExit(f"nothing to label: {args.input} holds no valid record")
 
     sink = JsonlSink(args.output)  # an OUT of other data is refused before the model loads
 

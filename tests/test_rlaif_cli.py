@@ -150,6 +150,50 @@ def test_eval_with_no_human_labeled_pair_ends_before_the_model_loads(tmp_path, m
         )
 
 
+def test_label_with_no_valid_record_ends_before_the_model_loads(tmp_path, monkeypatch):
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "build_labeler", no_load)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "chosen": "a"}])  # no rejected
+    out = tmp_path / "out.jsonl"
+    argv = ["label", str(src), str(out), "--task", "tiny", "--skip-invalid", "--no-progress"]
+    with pytest.raises(SystemExit, match=f"nothing to label: {src} holds no valid record"):
+        cli.main(argv)
+    assert not out.exists()
+
+
+def test_ctrl_c_while_the_input_is_read_ends_with_status_130(tmp_path, capsys):
+    """A SIGINT while a command still reads its input (here a pipe whose writer is slow)
+    ends it as any Ctrl-C does: status 130 and a message, no traceback."""
+    import os
+    import signal
+    import threading
+
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+
+    def slow_writer():
+        with open(fifo, "w") as w:  # opens once the command opens the pipe to read it
+            w.write('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+            w.flush()
+            os.kill(os.getpid(), signal.SIGINT)  # the command is reading, waiting for more
+
+    writer = threading.Thread(target=slow_writer, daemon=True)
+    writer.start()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a `labeler` process has
+    try:
+        status = cli.main(["label", str(fifo), str(tmp_path / "out.jsonl"), "--task", "tiny", "--no-progress"])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the command: the user gets a traceback")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        writer.join(timeout=60)
+    assert status == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_an_interrupted_winrate_says_whether_its_judgments_were_kept(tmp_path, monkeypatch, capsys):
     """Ctrl-C (here while the model loads): with --out the rows written are kept and a second
     run resumes; without it nothing was kept, and the message says how to keep them."""
