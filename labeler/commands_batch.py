@@ -204,7 +204,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import ORDERS, eval_jobs, evaluate_rows, normalize_human_labeled, write_report
+    from .evaluate import ORDERS, eval_jobs, evaluate_rows, normalize_human_labeled, percent, write_report
 
     summary = Summary()
     pairs = collect(
@@ -236,7 +236,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         }
         report = write_report(metrics, args.out, info)
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
-        pct = round(args.level * 100)
+        pct = percent(args.level)
         lines = [
             f"{metrics['n']} human labels on {metrics['prompts']} prompts; {s.text()}",
             "AI labeler alignment (accuracy vs human labels; CIs resample prompts):",
@@ -271,7 +271,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_winrate(args: argparse.Namespace) -> int:
-    from .evaluate import length_controlled_win_rate, match_policies, win_rate, winrate_jobs
+    from .evaluate import length_controlled_win_rate, match_policies, percent, win_rate, winrate_jobs
 
     summary = Summary()
 
@@ -337,7 +337,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
             "position_inconsistent_share": s.inconsistent_share,
             "summary": s.to_dict(),
         }
-        pct = round(args.level * 100)
+        pct = percent(args.level)
         text = (
             f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
             f"on {wr['n']} comparisons over {wr['prompts']} prompts ({wr['wins']} wins, {wr['ties']} ties, "
@@ -354,7 +354,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_harmless(args: argparse.Namespace) -> int:
-    from .evaluate import match_policies
+    from .evaluate import match_policies, percent
     from .harmless import harmless_difference, harmless_rate, judgment_jobs, judgment_key, write_harmless_report
 
     summary = Summary()
@@ -424,7 +424,7 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
             metrics | {"policies": [p | {"p_yes": v} for p, v in zip(per, p_yes, strict=True)]}, args.out, info
         )
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
-        pct = round(args.level * 100)
+        pct = percent(args.level)
         lines = []
         for p in per:
             (s_lo, s_hi), (m_lo, m_hi) = p["share_harmless_ci"], p["mean_p_yes_ci"]

@@ -288,6 +288,8 @@ def _split_hh(where: str, chosen: str, rejected: str) -> Pair:
         raise MalformedRecord(where, f"HH transcript has {exc}") from None
     if pc != pr:
         raise MalformedRecord(where, "the chosen and rejected transcripts differ before the final Assistant turn")
+    if HH_HUMAN in rc or HH_HUMAN in rr:  # the transcript's last turn would be judged as part of the answer
+        raise MalformedRecord(where, "HH transcript ends with a Human turn, not the Assistant's answer")
     return Pair(_hh_context(pc), clean_response(rc), clean_response(rr), pc, rc, rr, "hh", "a", where)
 
 

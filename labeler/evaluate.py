@@ -436,6 +436,11 @@ def _pyplot() -> Any:
     return plt
 
 
+def percent(level: float) -> str:
+    """A confidence level as a percentage for a report: 0.95 as "95", 0.995 as "99.5"."""
+    return f"{level * 100:.10g}"
+
+
 def _f(x: float, nd: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
@@ -450,7 +455,7 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
     except RuntimeError as exc:  # matplotlib missing: the numbers still matter
         log.warning("no plots: %s", exc)
         plots = [f"(no plots: {exc})", ""]
-    pct = round(metrics["level"] * 100)
+    pct = percent(metrics["level"])
     lines = [
         f"# Labeler evaluation: task `{info['task']}`",
         "",
@@ -501,7 +506,7 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
     return path
 
 
-def human_agreement_lines(h: dict[str, Any] | None, pct: int) -> list[str]:
+def human_agreement_lines(h: dict[str, Any] | None, pct: str) -> list[str]:
     """The report's paragraph comparing AI-human with human-human agreement."""
     if not h or not h["pairs"]:
         return [
@@ -536,6 +541,10 @@ def normalize_human_labeled(where: str, rec: Any) -> Pair:
             "no human choice: use TRL prompt/chosen/rejected, HH chosen/rejected, "
             'or context/response_a/response_b with "preferred": "a" | "b"',
         )
+    if p.response_a == p.response_b:
+        # Nothing to choose between: whichever side the labeler picks, it would count as
+        # agreeing (or not) by position alone, as the coin cannot turn two equal responses.
+        raise MalformedRecord(where, "the two responses are the same text: no human choice between them")
     return p
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from .batch import Job, _row
 from .core import ScoreItem
 from .datasets_io import Single
-from .evaluate import _f, _mean, _pyplot, bootstrap_ci, resampled_means
+from .evaluate import _f, _mean, _pyplot, bootstrap_ci, percent, resampled_means
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def write_harmless_report(metrics: dict[str, Any], out_dir: Path, info: dict[str
     except RuntimeError as exc:  # matplotlib missing: the numbers still matter
         log.warning("no plot: %s", exc)
         plots = [f"(no plot: {exc})", ""]
-    pct = round(metrics["level"] * 100)
+    pct = percent(metrics["level"])
     lines = [
         f"# Harmless rate: task `{info['task']}`",
         "",

@@ -45,6 +45,15 @@ def test_hh_with_different_contexts_is_malformed():
         io.normalize_pair("line 2", {"chosen": "just text", "rejected": "more text"})
 
 
+def test_hh_transcript_ending_with_a_human_turn_is_malformed():
+    """After the last Assistant turn a Human turn: split there, it would be judged as part of
+    both answers."""
+    end = "\n\nHuman: Thanks!"
+    for chosen, rejected in ((HH_CTX + " A." + end, HH_CTX + " B." + end), (HH_CTX + " A." + end, HH_CTX + " B.")):
+        with pytest.raises(io.MalformedRecord, match="line 3: HH transcript ends with a Human turn"):
+            io.normalize_pair("line 3", {"chosen": chosen, "rejected": rejected})
+
+
 def test_trl_text_and_conversational_formats():
     p = io.normalize_pair("l", {"prompt": "Q?", "chosen": "yes", "rejected": "no"})
     assert (p.context, p.response_a, p.response_b, p.fmt, p.human) == ("Q?", "yes", "no", "trl", "a")

@@ -10,6 +10,7 @@ import pytest
 
 from labeler import evaluate as ev
 from labeler import harmless as hl
+from labeler.datasets_io import MalformedRecord
 
 # Four pairs: labeler P(A), human y (1 = human chose A), lengths of A and B in characters.
 P = [0.9, 0.2, 0.5, 0.6]
@@ -261,6 +262,19 @@ def test_eval_shows_a_pair_one_way_whichever_way_its_rows_give_it():
             assert row["response_" + row["human"]] == r["chosen"]
     shown_first = sum(j.make_row(result)["human"] == "a" for j in jobs[::3])
     assert 10 <= shown_first <= 30
+
+
+def test_a_pair_of_two_equal_responses_is_no_human_choice():
+    """Equal responses (also equal once cleaned) leave nothing to choose: the coin cannot
+    turn them, so the labeler's position alone would decide its agreement."""
+    for chosen, rejected in (("Same.", "Same."), ("Same.", "  Same.\n")):
+        with pytest.raises(MalformedRecord, match="line 7: the two responses are the same text"):
+            ev.normalize_human_labeled("line 7", {"prompt": "Q?", "chosen": chosen, "rejected": rejected})
+    assert ev.normalize_human_labeled("line 8", {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}).human == "a"
+
+
+def test_confidence_levels_are_printed_as_given():
+    assert [ev.percent(x) for x in (0.95, 0.9, 0.975, 0.995, 0.999)] == ["95", "90", "97.5", "99.5", "99.9"]
 
 
 # -- human-human agreement ----------------------------------------------------------------------
