@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import logging.config
-from typing import Any
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from labeler.cli import add_model_options
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 class JsonFormatter(logging.Formatter):
@@ -116,6 +122,29 @@ def settings_from_args(args: argparse.Namespace):
         raise InvalidInput("invalid settings: " + "; ".join(lines), field="settings") from None
 
 
+def auth_warnings(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """What the operator of a server without API keys should hear at start-up: that a
+    client-side key variable was set in vain, and who can reach the label routes."""
+    if settings.api_keys:
+        return []
+    out = []
+    if environ.get("LABELER_API_KEY"):
+        out.append(
+            "LABELER_API_KEY is the client's variable and is ignored here: the server's keys are "
+            "LABELER_API_KEYS (comma-separated) or --api-key"
+        )
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:  # a host name
+        loopback = settings.host == "localhost"
+    if not loopback:
+        out.append(
+            f"no API key is required (LABELER_API_KEYS, --api-key): any client that reaches "
+            f"{settings.host}:{settings.port} can request labels"
+        )
+    return out
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -129,6 +158,8 @@ def serve(args: argparse.Namespace) -> int:
 
         check_start(settings.model, parse_engine_args(settings.engine_args))
     logging.config.dictConfig(log_config(settings.log_level))
+    for warning in auth_warnings(settings):
+        logging.getLogger("service").warning(warning)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

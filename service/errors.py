@@ -69,8 +69,12 @@ def install(app: FastAPI) -> None:
         first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), None)
         first = first or max(errors, key=lambda e: len(e.get("loc", ())))
         kind = first.get("type", "")
-        param = _loc(tuple(p for p in first.get("loc", ()) if not (kind == "json_invalid" and isinstance(p, int))))
+        loc = tuple(first.get("loc", ()))
+        param = _loc(tuple(p for p in loc if not (kind == "json_invalid" and isinstance(p, int))))
         message = f"{param}: {first.get('msg', 'invalid')}"
+        if kind == "extra_forbidden" and loc and isinstance(loc[-1], str) and not loc[-1].isidentifier():
+            # A key no name can be written for ("foo-bar"): the object that holds it, and the key.
+            message = f"{param}: unknown field {loc[-1]!r} ({first.get('msg', 'not permitted')})"
         if kind == "json_invalid":
             message = f"body: not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
         elif param == "body" and not _json_content(request):

@@ -34,8 +34,9 @@ _DEFAULTS = Settings.model_construct()
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-# The deepest text of a request: body > items > item > context > message > content.
-_TEXT_DEPTH = 5
+# The deepest container of a request's texts: body > items > item > context > message >
+# content (OpenAI content parts) > part; a part's text is one level deeper.
+_TEXT_DEPTH = 7
 
 
 def _without_lone_surrogates(data: Any, depth: int = 0) -> Any:
@@ -57,6 +58,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A role is a name (the transcript writes it in front of its turn), not a text to judge.
+MAX_ROLE_CHARS = 64
 _MESSAGE_CONTENT = "the turn's text (untrusted); also null or OpenAI content parts, read as their text parts"
 
 
@@ -70,7 +73,11 @@ class ChatMessageIn(BaseModel):
     """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
 
     model_config = ConfigDict(extra="ignore")
-    role: str = Field(..., description="system, user, assistant, tool (also developer, human, model)")
+    role: str = Field(
+        ...,
+        max_length=MAX_ROLE_CHARS,
+        description=f"system, user, assistant, tool (also developer, human, model); at most {MAX_ROLE_CHARS} chars",
+    )
     content: _content_type(_DEFAULTS.max_chars) = Field("", description=_MESSAGE_CONTENT)  # type: ignore[valid-type]
 
     @field_validator("content", mode="before")

@@ -103,6 +103,12 @@ class LabelService:
     async def get_reward(
         self, req: GetRewardRequest, task: str | None, reward: str = "score", overlong: str = "refuse"
     ) -> GetRewardResponse:
+        for name in _GET_REWARD_PARAMS:  # OpenRLHF's own extra keys are allowed; these would be ignored
+            if name in (req.model_extra or {}):
+                raise InvalidInput(
+                    f"{name} is a query parameter of /get_reward (/get_reward?{name}=...), not a body field",
+                    field=name,
+                )
         if req.prompts is not None and len(req.prompts) != len(req.query):
             raise InvalidInput(
                 f"prompts has {len(req.prompts)} entries but query has {len(req.query)}", field="prompts"
@@ -333,6 +339,9 @@ class LabelService:
             await self.cache.set_many(dict(zip(keys, values, strict=True)))
         return values
 
+
+# /get_reward's options, given in its URL: the same names in the body are a caller's mistake.
+_GET_REWARD_PARAMS = ("task", "reward", "overlong")
 
 # /get_reward's results for a query over a length limit (with ?overlong=lowest): the lowest
 # reward, as the lowest score (1 of 10) or a certain loss against the reference would give.

@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     cache_bytes: int = Field(
         256 * 1024 * 1024, ge=0, description="bytes of results the in-process cache holds (their JSON size)"
     )
-    redis_cooldown: float = Field(5.0, ge=0, description="seconds to bypass Redis after a connection error")
+    redis_cooldown: float = Field(
+        5.0, ge=0, allow_inf_nan=False, description="seconds to bypass Redis after a connection error"
+    )
     # Auth and limits.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -66,7 +68,9 @@ class Settings(BaseSettings):
     # Batching.
     max_queue_items: int = Field(4096, ge=1, description="items waiting or computing; beyond it: 429")
     batch_max_items: int = Field(64, ge=1, description="items per engine call")
-    batch_wait_ms: float = Field(5.0, ge=0, description="how long the batcher waits to fill a batch")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, allow_inf_nan=False, description="how long the batcher waits to fill a batch"
+    )
     batch_concurrency: int = Field(0, ge=0, description="engine calls at once (0: 1 for transformers, 8 for vLLM)")
     # Checked here: logging.config refuses an unknown level only with a confusing traceback.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -338,6 +338,16 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
             },
         ),
         ("/v1/scores", {"task": "tiny", "items": [{"context": [{"role": "user", "content": 5}], "response": "r"}]}),
+        # a role is a name, held to its own limit; keys no field name can be written for
+        (
+            "/v1/scores",
+            {"task": "tiny", "items": [{"context": [{"role": "r" * 65, "content": "hi"}], "response": "r"}]},
+        ),
+        ("/v1/scores", {"task": "tiny", "items": [ok], "foo-bar": 1}),
+        ("/v1/scores", {"task": "tiny", "items": [{**ok, "bad key": 1}]}),
+        # /get_reward's options are query parameters: in the body they would be ignored
+        ("/get_reward?task=tiny", {"query": ["a"], "task": "tiny"}),
+        ("/get_reward?task=tiny", {"query": ["a"], "reward": "reference", "labels": ["b"]}),
         ("/get_reward?task=tiny", {"prompts": ["a"]}),
         ("/get_reward?task=tiny", {"query": ["a", 1]}),
         ("/get_reward?task=tiny", {"query": ["a"] * 5}),

@@ -24,6 +24,11 @@ CLEAN = "a\ufffdb\ufffd"
             {"context": [{"role": "user", "content": LONE}], "response": "r"},
             lambda it: [it.context[0].content],
         ),
+        (  # OpenAI content parts: each part's text
+            MODELS.scores,
+            {"context": [{"role": "user", "content": [{"type": "text", "text": LONE}]}], "response": "r"},
+            lambda it: [it.context[0].content],
+        ),
         (MODELS.preferences, {"response_a": LONE, "response_b": LONE}, lambda it: [it.response_a, it.response_b]),
         (MODELS.reference_rewards, {"response": "r", "reference": LONE}, lambda it: [it.reference]),
         (MODELS.group_rewards, {"context": LONE, "responses": [LONE, "x"]}, lambda it: [it.context, it.responses[0]]),

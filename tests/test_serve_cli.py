@@ -78,3 +78,34 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
     assert any(r["logger"] == "uvicorn.access" and "/v1/scores" in r["message"] for r in lines)
     assert any(r["message"] == "ready" and r.get("cache") == "memory" for r in lines)
     assert any("Finished server process" in r["message"] for r in lines)
+
+
+def test_a_server_without_keys_says_who_can_reach_it():
+    from service.cli import auth_warnings
+    from service.settings import Settings
+
+    assert auth_warnings(Settings(), {}) == []  # loopback: this machine only
+    assert auth_warnings(Settings(host="localhost"), {}) == []
+    assert auth_warnings(Settings(host="::1"), {}) == []
+    [exposed] = auth_warnings(Settings(host="0.0.0.0", port=8100), {})
+    assert "no API key is required" in exposed and "0.0.0.0:8100" in exposed
+    # The client's variable, set on the server in vain (its keys are LABELER_API_KEYS).
+    [ignored] = auth_warnings(Settings(), {"LABELER_API_KEY": "sk-1"})
+    assert "LABELER_API_KEY is the client's variable" in ignored and "sk-1" not in ignored
+    assert auth_warnings(Settings(host="0.0.0.0", api_keys=["k"]), {"LABELER_API_KEY": "sk-1"}) == []
+
+
+@pytest.mark.parametrize("name", ["LABELER_BATCH_WAIT_MS", "LABELER_REDIS_COOLDOWN"])
+def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
+    """inf would hold every batch under its size forever (or bypass Redis for good)."""
+    import argparse
+
+    from labeler.errors import InvalidInput
+    from service.cli import register, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    monkeypatch.setenv(name, "inf")
+    field = name.removeprefix("LABELER_").lower()
+    with pytest.raises(InvalidInput, match=f"invalid settings: {field}: Input should be a finite number"):
+        settings_from_args(parser.parse_args(["serve"]))

@@ -121,6 +121,7 @@ def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
 
 # The server's defaults for the limits the fake enforces.
 _MAX_ITEMS, _MAX_SAMPLES, _MAX_GROUP_SIZE, _MAX_SEED = 256, 8, 32, 2**59 - 1
+_MAX_ROLE_CHARS = 64  # a chat message's role, whatever max_chars is
 _ORDERED = ("/v1/preferences", "/v1/rewards/reference")
 _TRUE, _FALSE = {"true", "t", "yes", "y", "on", "1"}, {"false", "f", "no", "n", "off", "0"}
 
@@ -323,6 +324,13 @@ class FakeLabeler:
     def _invalid(self, where: str, message: str, type_: str = "invalid_request") -> httpx.Response:
         return self._error(422, f"{where}: {message}", type_, where)
 
+    def _extra(self, where: str, key: str) -> httpx.Response:
+        """The 422 for an unknown `key` of the object at `where` ("" for the body): named as
+        a field when it can be written as one, else the object is (with the key in the message)."""
+        if key.isidentifier():
+            return self._invalid(f"{where}.{key}" if where else key, "Extra inputs are not permitted")
+        return self._invalid(where or "body", f"unknown field {key!r} (Extra inputs are not permitted)")
+
     def _check_list(self, where: str, value: Any, what: str = "text") -> httpx.Response | None:
         """A 422 unless `value` is a list of 1 to `max_items` entries."""
         if not isinstance(value, list) or not value:
@@ -350,6 +358,9 @@ class FakeLabeler:
             return self._invalid("reward", "must be 'score' or 'reference'")
         if overlong not in ("refuse", "lowest"):
             return self._invalid("overlong", "must be 'refuse' or 'lowest'")
+        for name in ("task", "reward", "overlong"):
+            if name in body:
+                return self._error(422, f"{name} is a query parameter of /get_reward", "invalid_input", name)
         prompts = body.get("prompts")
         if prompts is not None and (not isinstance(prompts, list) or len(prompts) != len(body["query"])):
             return self._error(422, "prompts must have one entry per query", "invalid_input", "prompts")
@@ -393,7 +404,7 @@ class FakeLabeler:
         allowed = {"task", "items", "cot", "samples", "seed", "cache", *(("order",) if path in _ORDERED else ())}
         extra = sorted(set(body) - allowed)
         if extra:
-            return self._invalid(extra[0], "Extra inputs are not permitted")
+            return self._extra("", extra[0])
         if "task" not in body:
             return self._invalid("task", "Field required")
         refused = self._check_list("items", body.get("items"), "items")
@@ -423,13 +434,17 @@ class FakeLabeler:
             return self._invalid(where, "must be an object")
         extra = sorted(set(item) - {"context", *fields})
         if extra:
-            return self._invalid(f"{where}.{extra[0]}", "Extra inputs are not permitted")
+            return self._extra(where, extra[0])
         context = item.get("context", "")
         if isinstance(context, list):  # chat messages: each one's content is a text
             texts = []
             for k, m in enumerate(context):
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                     return self._invalid(f"{where}.context[{k}]", "must be a {role, content} message")
+                if len(m["role"]) > _MAX_ROLE_CHARS:
+                    return self._invalid(
+                        f"{where}.context[{k}].role", f"at most {_MAX_ROLE_CHARS} characters", "input_too_long"
+                    )
                 content = m.get("content", "")
                 if content is None or (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
                     content = _content(m)
