@@ -167,8 +167,34 @@ def test_reference_reward_function_reads_the_column():
     assert got == pytest.approx([2 * win("p", "a", "r") - 1, 2 * win("q", "b", "s") - 1])
     with pytest.raises(KeyError, match="dataset column 'sft', which this batch lacks \\(columns: reference\\)"):
         fn(prompts=["p"], completions=["a"], reference=["r"], trainer_state=None)
+    # TRL's GRPO leaves the column "completion" out of the call (it is `completions`' source).
+    from_completion = reference_reward_function(URL, "tiny", reference_column="completion", client=client_for(fake))
+    with pytest.raises(KeyError, match="'completion', which TRL does not pass to reward functions"):
+        from_completion(prompts=["p"], completions=["a"], completion_ids=[[1]], reference=["r"])
     copy = pickle.loads(pickle.dumps(fn))
     assert copy.reference_column == "sft" and copy.__name__ == "labeler_tiny_vs_sft"
+
+
+def test_reference_reward_function_gives_none_to_a_row_without_a_reference():
+    """A None in the reference column gets None (TRL's "no reward for this sample"); only the
+    other rows are sent, an error names the row by its place in TRL's batch, and a batch
+    without any reference sends nothing."""
+    fake = FakeLabeler()
+    fn = reference_reward_function(URL, "tiny", client=client_for(fake))
+    got = fn(prompts=["p", "q", "s", "t"], completions=["a", "b", "c", "d"], reference=[None, "r", None, "u"])
+    assert got[0] is None and got[2] is None
+    assert got[1] == pytest.approx(2 * win("q", "b", "r") - 1) and got[3] == pytest.approx(2 * win("t", "d", "u") - 1)
+    (request,) = fake.requests
+    assert [(it["response"], it["reference"]) for it in json.loads(request.content)["items"]] == [
+        ("b", "r"),
+        ("d", "u"),
+    ]
+    assert fn(prompts=["p", "q"], completions=["a", "b"], reference=[None, None]) == [None, None]
+    assert len(fake.requests) == 1
+    fake.fail_item("bad", 500)
+    with pytest.raises(lc.ServerError) as err:
+        fn(prompts=["p", "q", "s"], completions=["a", "b", "bad"], reference=[None, "r", "u"])
+    assert err.value.item == 2 and err.value.param == "items[2]"
 
 
 def test_fake_get_reward_against_reference_labels():

@@ -768,6 +768,30 @@ def test_pairwise_judge():
     assert soft.judge(["p"], [["a", "too long"]], return_scores=True) == [0.5]  # never None
 
 
+def test_pairwise_judge_gives_the_labeler_the_answer_of_a_trl_template_turn():
+    """TRL's online DPO, XPO and Nash-MD (0.12 to 1.0) render conversational completions
+    through their simple chat template ("Assistant: " + content + a blank line) before judging:
+    the labeler gets the answer alone, an empty one as empty. Other strings go as they are,
+    prose that starts with "Assistant" included."""
+    fake = FakeLabeler()
+    judge = PairwiseJudge(URL, task="tiny", transport=fake.transport())
+    prompts = ["User: Capital of France?\n\n"] * 3  # as the template renders a prompt
+    pairs = [
+        ("Assistant: Paris.\n\n", "Assistant: Lyon.\n\nNo, Paris.\n\n"),
+        ("Assistant: \n\n", "Assistant: Paris.\n\n"),  # an empty completion
+        ("Assistant managers know it is Paris.", "Assistant: Paris."),  # not the template's turn
+    ]
+    judge.judge(prompts, pairs)
+    (request,) = fake.requests
+    sent = json.loads(request.content)["items"]
+    assert [(it["response_a"], it["response_b"]) for it in sent] == [
+        ("Paris.", "Lyon.\n\nNo, Paris."),
+        ("", "Paris."),
+        ("Assistant managers know it is Paris.", "Assistant: Paris."),
+    ]
+    assert [it["context"] for it in sent] == prompts  # the service reads the rendered prompt
+
+
 def test_an_injected_item_failure_finds_pairs_references_and_groups():
     """`fail_item` fails an item whatever field holds the response: a pair's second, a
     reference, one of a group's; its batch-mates answer (on_error="none")."""

@@ -5,13 +5,15 @@ The client renders no transcript of its own: the service brings every context, t
 messages, to one canonical transcript (parsing known chat templates in text) and strips
 end-of-turn markers from responses, so the same dialogue gets the same reward whichever
 framework sent it. Here a message list is only reduced to `{"role", "content"}` strings
-(the text parts of multimodal content), and a completion to its assistant turns' text.
+(the text parts of multimodal content), and a completion to its assistant turns' text (for
+the pairwise judge, also a string that TRL's simple chat template laid out as one assistant
+turn, to its answer: `judged_completion_text`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 Message = Mapping[str, Any]
@@ -69,6 +71,29 @@ def completion_text(value: Text) -> str:
     return "\n".join(_content(m) for m in picked)
 
 
+# How TRL's SIMPLE_CHAT_TEMPLATE (TRL 0.12 to 1.0) writes an assistant message: "Assistant: "
+# + content + a blank line.
+_TEMPLATE_ANSWER_START, _TEMPLATE_ANSWER_END = "Assistant: ", "\n\n"
+
+
+def judged_completion_text(value: Text) -> str:
+    """A completion's text as `PairwiseJudge` hands it to the labeler: `completion_text`,
+    except that a string which is one assistant turn as TRL's simple chat template writes it
+    ("Assistant: Paris.\\n\\n") gives the answer alone ("Paris.", or "" for an empty one).
+    TRL's online DPO, XPO and Nash-MD trainers (0.12 to 1.0) render a conversational
+    completion through that template before calling the judge, and the service strips no role
+    prefix from a response: the labeler would judge "Assistant: Paris." (an empty answer as
+    "Assistant:"). Any other string, prose that starts with "Assistant" included, is unchanged."""
+    if (
+        isinstance(value, str)
+        and len(value) >= len(_TEMPLATE_ANSWER_START) + len(_TEMPLATE_ANSWER_END)
+        and value.startswith(_TEMPLATE_ANSWER_START)
+        and value.endswith(_TEMPLATE_ANSWER_END)
+    ):
+        return value[len(_TEMPLATE_ANSWER_START) : -len(_TEMPLATE_ANSWER_END)]
+    return completion_text(value)
+
+
 def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[dict[str, Any]]:
     """`/v1/scores` items for (prompt, completion) pairs."""
     if isinstance(prompts, str) or isinstance(completions, str):
@@ -80,8 +105,11 @@ def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[di
     ]
 
 
-def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list[dict[str, Any]]:
-    """`/v1/preferences` items for prompts and their (first, second) completion pairs."""
+def pair_items(
+    prompts: Sequence[Text], pairs: Sequence[Sequence[Text]], response: Callable[[Text], str] = completion_text
+) -> list[dict[str, Any]]:
+    """`/v1/preferences` items for prompts and their (first, second) completion pairs, each
+    completion's text read by `response`."""
     if len(prompts) != len(pairs):
         raise ValueError(f"{len(prompts)} prompts but {len(pairs)} completion pairs")
     items = []
@@ -91,8 +119,8 @@ def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list
         items.append(
             {
                 "context": context_value(p),
-                "response_a": completion_text(pair[0]),
-                "response_b": completion_text(pair[1]),
+                "response_a": response(pair[0]),
+                "response_b": response(pair[1]),
             }
         )
     return items

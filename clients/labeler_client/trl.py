@@ -37,7 +37,12 @@ from typing import Any, get_args
 
 from ._client import AsyncClient, Client, OnError, Order, _BaseClient
 from ._config import resolve_key, resolve_url
-from ._text import Text, pair_items
+from ._exceptions import APIStatusError
+from ._text import Text, judged_completion_text, pair_items
+
+# The columns TRL's GRPO, RLOO and AsyncGRPO trainers leave out of the keyword call
+# (grpo_trainer.py, _calculate_rewards): a reference kept in one of them never arrives.
+_TRL_WITHHELD_COLUMNS = ("prompt", "completion", "completion_ids")
 
 # The service's largest group (labeler.spec.MAX_GROUP_SIZE; the client does not import the labeler).
 MAX_GROUP_SIZE = 32
@@ -179,8 +184,9 @@ class RewardFunction(_Picklable):
 class ReferenceRewardFunction(RewardFunction):
     """A callable for `reward_funcs=[...]`: each completion's pairwise reward against the
     reference response in the dataset column `reference_column` (TRL passes every column to
-    reward functions), 2 P(completion preferred) - 1 in [-1, 1], both orders by default.
-    Build it with `reference_reward_function(...)`."""
+    reward functions, but `prompt`, `completion` and `completion_ids`), 2 P(completion
+    preferred) - 1 in [-1, 1], both orders by default. A row whose reference is None gets
+    None. Build it with `reference_reward_function(...)`."""
 
     def __init__(
         self,
@@ -202,15 +208,50 @@ class ReferenceRewardFunction(RewardFunction):
         self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **columns: Any
     ) -> list[float | None]:
         if self.reference_column not in columns:
+            if self.reference_column in _TRL_WITHHELD_COLUMNS:
+                raise KeyError(
+                    f"the reward function reads references from the dataset column {self.reference_column!r}, "
+                    "which TRL does not pass to reward functions (GRPO, RLOO and AsyncGRPO leave out "
+                    f"{', '.join(_TRL_WITHHELD_COLUMNS)}): rename the column in the dataset (to 'reference', "
+                    "the default, or a name passed as reference_column=)"
+                )
             given = ", ".join(sorted(k for k in columns if not k.startswith(("trainer_", "log_")))) or "none"
             raise KeyError(
                 f"the reward function reads references from the dataset column {self.reference_column!r}, "
                 f"which this batch lacks (columns: {given}); pass reference_column= to name another"
             )
         prompts = _prompts_for(prompts, completions)
-        return self.client.rewards_against(
-            prompts, completions, columns[self.reference_column], self.task, on_error=self.on_error, order=self.order
-        )
+        references = columns[self.reference_column]
+        keep = [i for i, r in enumerate(references) if r is not None]
+        if len(keep) == len(references):
+            return self.client.rewards_against(
+                prompts, completions, references, self.task, on_error=self.on_error, order=self.order
+            )
+        # A row without a reference (None, as a column that only some rows fill has) gets None:
+        # TRL reads it as "no reward for this sample" (NaN, masked), where a reference of None
+        # would fail the whole step. The verl adapter reads a None reference as absent too.
+        if not len(prompts) == len(completions) == len(references):  # type: ignore[arg-type]
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(completions)} completions and {len(references)} references"  # type: ignore[arg-type]
+            )
+        out: list[float | None] = [None] * len(references)
+        if not keep:
+            return out
+        try:
+            rewards = self.client.rewards_against(
+                [prompts[i] for i in keep],
+                [completions[i] for i in keep],  # type: ignore[index]
+                [references[i] for i in keep],
+                self.task,
+                on_error=self.on_error,
+                order=self.order,
+            )
+        except APIStatusError as e:
+            e._renumber(keep.__getitem__)  # the row's place in TRL's batch, not among those sent
+            raise
+        for i, reward in zip(keep, rewards, strict=True):
+            out[i] = reward
+        return out
 
 
 def find_groups(prompts: Sequence[Text], num_generations: int) -> list[range]:
@@ -321,8 +362,11 @@ def reference_reward_function(
 ) -> ReferenceRewardFunction:
     """A reward function rewarding each completion against the reference response in the
     dataset column `reference_column` (e.g. the SFT answer): 2 P(completion preferred) - 1,
-    read in both orders. A batch without the column raises KeyError naming it. Picklable;
-    options as for `reward_function`."""
+    read in both orders. A batch without the column raises KeyError naming it; TRL's GRPO,
+    RLOO and AsyncGRPO never pass the columns `prompt`, `completion` and `completion_ids`, so
+    a reference must be in a column of another name. A row whose reference is None gets None
+    (no reward for that sample; the others are sent). Picklable; options as for
+    `reward_function`."""
     return ReferenceRewardFunction(
         base_url,
         task,
@@ -446,8 +490,10 @@ def async_reward_function(
     on_error: OnError = "raise",
     **client_opts: Any,
 ) -> AsyncRewardFunction:
-    """The `async` variant of `reward_function`, for TRL versions that await coroutine reward
-    functions (they run them concurrently with the other reward functions). Picklable."""
+    """The `async` variant of `reward_function`, for the TRL trainers that await coroutine
+    reward functions (GRPO, RLOO, AsyncGRPO: they run them concurrently with the other reward
+    functions). Online DPO calls reward functions without awaiting them: give it
+    `reward_function`. Picklable."""
     return AsyncRewardFunction(base_url, task, name=name, on_error=on_error, **client_opts)
 
 
@@ -461,7 +507,9 @@ class PairwiseJudge(_Picklable):
     probability that the first is preferred. A tie (exactly 0.5) goes to the second, as
     TRL's own soft-judge rule (`0 if score > 0.5 else 1`) decides. The service reads both
     orders and averages them, which removes position bias more thoroughly than a random
-    shuffle, so `shuffle_order` is accepted and has nothing left to do.
+    shuffle, so `shuffle_order` is accepted and has nothing left to do. A completion that
+    TRL rendered through its simple chat template (conversational data), such as
+    "Assistant: Paris.\\n\\n", is judged as its answer alone (`judged_completion_text`).
 
     With `on_error="none"` a pair whose request failed gives -1 (TRL's "the judge failed"
     rank), or as a soft score 0.5 ("no preference": TRL has no failed-score value, and a
@@ -501,7 +549,10 @@ class PairwiseJudge(_Picklable):
         return_scores: bool = False,
     ) -> list[int] | list[float]:
         prefs = self.client.preferences(
-            pair_items(prompts, completions), self.task, order="both", on_error=self.on_error
+            pair_items(prompts, completions, response=judged_completion_text),
+            self.task,
+            order="both",
+            on_error=self.on_error,
         )
         failed = sum(p is None for p in prefs)
         if failed:

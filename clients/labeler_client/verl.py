@@ -9,7 +9,10 @@ key of older releases is ignored by its main trainer), either by package or by f
         name: compute_score
         reward_kwargs: {task: helpful, base_url: "http://labeler:8000"}
       reward_manager:
-        name: naive                           # or dapo, limited, ... (each calls compute_score)
+        name: naive                           # or dapo, rate_limited, ... (each calls compute_score)
+
+`compute_score` raises when the labeler fails, but verl's `rate_limited` manager catches every
+exception from it (and its own `reward.timeout`) and trains on a reward of 0.0 instead.
 
 The server is `base_url` from `reward_kwargs`, else LABELER_URL (and the key `api_key`, else
 LABELER_API_KEY); with `serve_app` (the Serve application's name, `labeler` in the shipped
