@@ -205,6 +205,30 @@ def _context_key(rec: dict, own: str) -> str:
     return other if own not in rec and other in rec else own
 
 
+# The keys the formats above read; a record may also carry an "id" (win rates match by it).
+_KNOWN_KEYS = frozenset(
+    {"prompt", "context", "completion", "response", "response_a", "response_b", "chosen", "rejected", "preferred", "id"}
+)
+
+
+def _context(where: str, rec: dict, own: str) -> tuple[str, Any]:
+    """(key, value) of a record's context (`_context_key`): "" when the record has none and
+    nothing else either. A record with keys of its own but no prompt under either name most
+    likely holds it under another ("question", "instruction"): judged without it, every
+    answer would be read out of context, so it is malformed, naming those keys."""
+    key = _context_key(rec, own)
+    if key in rec:
+        return key, rec[key]
+    other = sorted(k for k in rec if k not in _KNOWN_KEYS)
+    if other:
+        raise MalformedRecord(
+            where,
+            f"no {own!r} (or {'context' if own == 'prompt' else 'prompt'!r}) key, and keys this format does not read: "
+            f'{", ".join(map(repr, other))}; name the prompt {own!r}, or give {own!r}: "" for none',
+        )
+    return key, ""
+
+
 def _text_or_messages(where: str, name: str, v: Any) -> Any:
     if isinstance(v, str) or _is_messages(v):
         return v
@@ -216,8 +240,7 @@ def normalize_pair(where: str, rec: Any) -> Pair:
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "response_a" in rec or "response_b" in rec:
-        context = _context_key(rec, "context")
-        ctx = rec.get(context, "")
+        context, ctx = _context(where, rec, "context")
         for name, v in ((context, ctx), ("response_a", rec.get("response_a")), ("response_b", rec.get("response_b"))):
             if not isinstance(v, str):
                 raise MalformedRecord(where, f"{name!r} must be text (plain pairs format)")
@@ -313,13 +336,13 @@ def normalize_single(where: str, rec: Any) -> Single:
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "completion" in rec:
-        name = _context_key(rec, "prompt")
-        prompt = _text_or_messages(where, name, rec.get(name, ""))
+        name, prompt = _context(where, rec, "prompt")
+        prompt = _text_or_messages(where, name, prompt)
         completion = _text_or_messages(where, "completion", rec["completion"])
         return Single(prompt_text(prompt), response_text(_after(prompt, completion)), prompt, completion, where)
     if "response" in rec:
-        context = _context_key(rec, "context")
-        ctx, resp = rec.get(context, ""), rec["response"]
+        context, ctx = _context(where, rec, "context")
+        resp = rec["response"]
         if not isinstance(ctx, str) or not isinstance(resp, str):
             raise MalformedRecord(where, f"{context!r} and 'response' must be text")
         return Single(prompt_text(ctx), clean_response(resp), ctx, resp, where)

@@ -54,6 +54,22 @@ def test_hh_transcript_ending_with_a_human_turn_is_malformed():
             io.normalize_pair("line 3", {"chosen": chosen, "rejected": rejected})
 
 
+def test_a_prompt_under_another_name_is_malformed_not_dropped():
+    """A record with keys the formats do not read and no prompt under either name holds its
+    prompt elsewhere ("question"): refused, naming those keys, rather than judged without it.
+    A record with nothing else reads as one without a prompt, as the service's default."""
+    for norm, rec, own in (
+        (io.normalize_single, {"question": "2+2?", "completion": "4"}, "prompt"),
+        (io.normalize_single, {"instruction": "2+2?", "response": "4"}, "context"),
+        (io.normalize_pair, {"instruction": "2+2?", "response_a": "4", "response_b": "5"}, "context"),
+    ):
+        with pytest.raises(io.MalformedRecord, match=f"line 9: no '{own}' .*'(question|instruction)'"):
+            norm("line 9", rec)
+    assert io.normalize_single("l", {"id": 3, "completion": "4"}).context == ""
+    assert io.normalize_single("l", {"prompt": "", "completion": "4", "source": "x"}).context == ""
+    assert io.normalize_pair("l", {"response_a": "4", "response_b": "5", "preferred": "a"}).context == ""
+
+
 def test_trl_text_and_conversational_formats():
     p = io.normalize_pair("l", {"prompt": "Q?", "chosen": "yes", "rejected": "no"})
     assert (p.context, p.response_a, p.response_b, p.fmt, p.human) == ("Q?", "yes", "no", "trl", "a")
