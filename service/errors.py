@@ -90,6 +90,8 @@ def install(app: FastAPI) -> None:
             # or -32 text, nesting past the recursion limit): invalid JSON, like any other.
             cause = exc.__cause__
             why = "not UTF-8, -16 or -32 text" if isinstance(cause, UnicodeError) else type(cause).__name__
+            if type(cause) is ValueError:  # an integer past Python's digit limit: its own words name the limit
+                why = str(cause).partition("; use")[0]
             return error_response(422, f"body: not valid JSON ({why})", "invalid_request", "body")
         type_ = "body_too_large" if exc.status_code == 413 else "http_error"
         return error_response(exc.status_code, str(exc.detail), type_, None, getattr(exc, "headers", None))

@@ -348,6 +348,10 @@ def test_request_bodies(live_server):
     for content in (b"\xff\xfe\x00\xd8\xff\x0f[", b"[" * 100_000 + b"]" * 100_000):
         err = assert_error(httpx.post(live_server.url + "/v1/scores", content=content, timeout=30), 422, "body")
         assert err["message"].startswith("body: not valid JSON"), err
+    # A number longer than Python reads (4,300 digits): valid JSON, refused naming the limit.
+    long_seed = b'{"task": "tiny", "items": [{"response": "r"}], "seed": ' + b"9" * 5000 + b"}"
+    err = assert_error(httpx.post(live_server.url + "/v1/scores", content=long_seed, timeout=30), 422, "body")
+    assert "4300 digits" in err["message"] and "ValueError" not in err["message"], err
     spec = httpx.get(live_server.url + "/openapi.json").json()
     ref = spec["paths"]["/v1/scores"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     scores = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
