@@ -1,6 +1,6 @@
 """The labeler as a Ray Serve application: the same FastAPI app, one per replica.
 
-    serve run docker/ray-serve.yaml       # on a running cluster (RAY_ADDRESS)
+    serve run docker/ray-serve.yaml       # on a running cluster (RAY_ADDRESS); blocks, Ctrl-C shuts it down
     serve deploy docker/ray-serve.yaml    # through the dashboard, as KubeRay's RayService does
 
 Each replica builds `create_app(Settings())` from its own `LABELER_*` environment (the
@@ -9,6 +9,14 @@ limits are the HTTP service's own, and the app's lifespan loads the engine insid
 replica. Replicas share the Redis cache of `LABELER_REDIS_URL`. Replica count, resources
 (`ray_actor_options`) and autoscaling bounds are Serve's own deployment options, set in the
 config file (docs/deploy.md, "Ray cluster").
+
+Logs: each replica applies `LABELER_LOG_LEVEL` to the app's loggers (`service`,
+`labeler`) and writes their records as `labeler serve` does, one JSON object a line, to
+its stderr. With Ray's defaults that is the replica's worker log on its node
+(`logs/worker-*.err` in Ray's session directory, also in the dashboard's Logs view); with
+`RAY_SERVE_LOG_TO_STDERR=0` Serve sends a replica's stderr into the replica's own log file
+(`logs/serve/replica_<application>_Labeler_<replica>.log`), where Serve's request log for
+that replica always is.
 
 Two more pieces:
 - `forward` answers a whole HTTP exchange through a deployment handle, with no HTTP hop:
@@ -32,6 +40,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app
+from .cli import JsonFormatter
 from .settings import Settings
 
 # The names that the config files and `labeler_client.ray` use.
@@ -57,6 +66,7 @@ class LabelerDeployment:
     def __init__(self) -> None:
         self.settings = Settings()
         self._transport: httpx.AsyncBaseTransport | None = None
+        _configure_logging(self.settings.log_level)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve runs the app's lifespan (engine load, cache, batcher) once this returns.
@@ -74,6 +84,20 @@ class LabelerDeployment:
         response = await self._transport.handle_async_request(request)
         content = await response.aread()
         return response.status_code, list(response.headers.raw), content
+
+
+def _configure_logging(level: str) -> None:
+    """The app's loggers in a replica, where `labeler serve`'s logging config is not applied.
+    Serve configures only its own logger (`ray.serve`), and a Ray worker's root logger has no
+    handler: Python's last resort would print warnings and above, whatever the level."""
+    for name in ("service", "labeler"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper())
+        if not logger.handlers:  # a handler set up otherwise is kept
+            handler = logging.StreamHandler()  # the replica's stderr at this point: see above
+            handler.setFormatter(JsonFormatter())
+            logger.addHandler(handler)
+            logger.propagate = False
 
 
 app: Any = LabelerDeployment.bind()

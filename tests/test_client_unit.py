@@ -749,6 +749,161 @@ async def test_a_cancelled_async_call_cancels_the_replicas_call():
     assert call.cancelled
 
 
+def _ray_failure(kind: str) -> BaseException:
+    """A Ray or Serve failure as Ray's own code builds it (ray/exceptions.py, ray/_private/
+    serialization.py, ray/serve/_private/router.py and replica_result.py)."""
+    from ray._raylet import ActorID
+    from ray.core.generated.common_pb2 import ActorDiedErrorContext
+    from ray.exceptions import (
+        ActorDiedError,
+        ActorUnavailableError,
+        GetTimeoutError,
+        RayActorError,
+        RayError,
+        RaySystemError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    actor_id = ActorID.from_random().binary()
+    died = ActorDiedErrorContext(
+        error_message="The actor is dead because its worker process has died.",
+        actor_id=actor_id,
+        class_name="ServeReplica:labeler:Labeler",
+        pid=4242,
+        node_ip_address="10.0.0.2",
+    )
+    failures: dict[str, Any] = {
+        "RayActorError": lambda: RayActorError(),
+        "ActorDiedError": lambda: ActorDiedError(),  # a dead actor's error without details
+        "ActorDiedError(context)": lambda: ActorDiedError(cause=died),
+        "ActorUnavailableError": lambda: ActorUnavailableError("Actor is unavailable.", actor_id),
+        "WorkerCrashedError": lambda: WorkerCrashedError(),
+        "RayTaskError(ActorDiedError)": lambda: RayTaskError("forward", "Traceback ...", ActorDiedError(cause=died)),
+        # What ray.get raises for that task error: an instance of both classes.
+        "RayTaskError(ActorDiedError) as raised": lambda: RayTaskError(
+            "forward", "Traceback ...", ActorDiedError(cause=died)
+        ).as_instanceof_cause(),
+        "ReplicaUnavailableError": lambda: ReplicaUnavailableError("Replica abc123 is no longer available"),
+        "BackPressureError": lambda: BackPressureError(
+            num_queued_requests=256, max_queued_requests=256, status_code=503, retry_after_s=None
+        ),
+        "DeploymentUnavailableError": lambda: DeploymentUnavailableError(DeploymentID("Labeler", "labeler")),
+        "GetTimeoutError": lambda: GetTimeoutError("Get timed out: some object(s) not ready."),
+        "TimeoutError": lambda: TimeoutError("Timed out waiting for result."),
+        "RayError": lambda: RayError("something failed in Ray"),
+        "RaySystemError": lambda: RaySystemError("Unrecognized error type 99"),
+    }
+    return failures[kind]()
+
+
+LOST, BUSY = ("RemoteProtocolError", lc.RequestError), ("503", lc.ServerError)
+RAY_FAILURES = {  # the module docstring of labeler_client.ray: what each failure reads as
+    "RayActorError": LOST,
+    "ActorDiedError": LOST,
+    "ActorDiedError(context)": LOST,
+    "ActorUnavailableError": LOST,
+    "WorkerCrashedError": LOST,
+    "RayTaskError(ActorDiedError)": LOST,
+    "RayTaskError(ActorDiedError) as raised": LOST,
+    "ReplicaUnavailableError": LOST,
+    "BackPressureError": BUSY,
+    "DeploymentUnavailableError": BUSY,
+    "GetTimeoutError": ("ReadTimeout", lc.TimeoutException),
+    "TimeoutError": ("ReadTimeout", lc.TimeoutException),
+    "RayError": ("TransportError", lc.RequestError),
+    "RaySystemError": ("TransportError", lc.RequestError),
+}
+
+
+class _FailingCall:
+    """A DeploymentResponse's surface (result(timeout_s=), awaitable, cancel()) that fails."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.cancelled = error, False
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        raise self.error
+
+    def __await__(self):
+        raise self.error
+        yield  # a generator, as __await__ must return an iterator
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@pytest.mark.parametrize("kind", list(RAY_FAILURES))
+async def test_a_ray_failure_reads_as_its_transport_failure(kind):
+    """Each of Ray's and Serve's failures of a handle call, as the transports (sync and async)
+    give it to httpx: a lost replica is a dropped connection, back-pressure or a deployment
+    that failed to deploy a 503 with Retry-After, a timeout a read timeout, any other failure
+    a failed transport. The call is cancelled first."""
+    from labeler_client.ray import AsyncServeTransport, ServeTransport
+
+    reading, _ = RAY_FAILURES[kind]
+    calls: list[_FailingCall] = []
+
+    def failing(*_: Any) -> _FailingCall:
+        calls.append(_FailingCall(_ray_failure(kind)))
+        return calls[-1]
+
+    request = httpx.Request("POST", "http://labeler/v1/scores", json={"items": items(1), "task": "tiny"})
+    sync, async_ = ServeTransport(handle=_Handle(failing)), AsyncServeTransport(handle=_Handle(failing))
+    if reading == "503":
+        for response in (sync.handle_request(request), await async_.handle_async_request(request)):
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+            assert response.json()["error"]["type"] == "unavailable" and response.request is request
+    else:
+        expected = getattr(httpx, reading)
+        with pytest.raises(httpx.TransportError) as raised:
+            sync.handle_request(request)
+        assert raised.type is expected and raised.value.request is request
+        with pytest.raises(httpx.TransportError) as raised:
+            await async_.handle_async_request(request)
+        assert raised.type is expected and raised.value.request is request
+    assert len(calls) == 2 and all(c.cancelled for c in calls)
+
+
+@pytest.mark.parametrize("kind", list(RAY_FAILURES))
+async def test_a_ray_failure_reaches_the_caller_as_the_clients_error_after_retries(kind):
+    """The client's side of the same failures: retried like their HTTP twins, then raised as
+    the client's own class (never Ray's), or None with on_error="none"."""
+    from labeler_client.ray import AsyncServeTransport, ServeTransport
+
+    reading, error_class = RAY_FAILURES[kind]
+    sent: list[_FailingCall] = []
+
+    def failing(*_: Any) -> _FailingCall:
+        sent.append(_FailingCall(_ray_failure(kind)))
+        return sent[-1]
+
+    client = lc.Client("http://labeler", transport=ServeTransport(handle=_Handle(failing)), retry=NO_WAIT)
+    client._sleep = lambda _: None
+    with pytest.raises(lc.LabelerClientError) as raised:
+        client.scores(items(1), "tiny")
+    assert raised.type is error_class and len(sent) == 1 + NO_WAIT.max_retries
+    if error_class is lc.ServerError:
+        assert (raised.value.status, raised.value.type, raised.value.retry_after) == (503, "unavailable", 1.0)
+    else:  # the transport's reading of the failure, in the client's message
+        assert reading in str(raised.value)
+    assert client.scores(items(2), "tiny", on_error="none") == [None, None]
+    sent.clear()
+    async with lc.AsyncClient(
+        "http://labeler", transport=AsyncServeTransport(handle=_Handle(failing)), retry=NO_WAIT
+    ) as aclient:
+        aclient._sleep = _no_sleep
+        with pytest.raises(lc.LabelerClientError) as raised:
+            await aclient.scores(items(1), "tiny")
+    assert raised.type is error_class and len(sent) == 1 + NO_WAIT.max_retries
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
 def test_pairwise_judge():
     fake = FakeLabeler()
     judge = PairwiseJudge(URL, task="tiny", transport=fake.transport())

@@ -1,0 +1,59 @@
+"""The Ray Serve deployment's own code without a cluster: the replica's class built as Serve
+builds it, from the environment alone."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+# Ray's own modules use pydantic's deprecated Field arguments.
+pytestmark = pytest.mark.filterwarnings("ignore::pydantic.PydanticDeprecatedSince20")
+
+APP_LOGGERS = ("service", "labeler")
+
+
+@pytest.fixture
+def fresh_app_loggers() -> Iterator[list[logging.Logger]]:
+    """The app's loggers as a new replica process has them (no level, no handler), and as
+    they were again afterwards."""
+    loggers = [logging.getLogger(name) for name in APP_LOGGERS]
+    saved = [(lg.level, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.NOTSET)
+        lg.handlers.clear()
+    yield loggers
+    for lg, (level, handlers, propagate) in zip(loggers, saved, strict=True):
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+
+
+async def test_a_replica_applies_the_log_level_to_the_apps_loggers(monkeypatch, fresh_app_loggers):
+    """LABELER_LOG_LEVEL in a replica, where `labeler serve`'s logging config never runs: the
+    `service` and `labeler` loggers take the level, and a record at that level reaches a
+    handler (a Ray worker's root logger has none, and Python's last resort drops debug)."""
+    from service.ray_serve import LabelerDeployment
+
+    async def build() -> None:
+        replica_class = LabelerDeployment.func_or_class
+        # As Serve's replica builds it: the ingress wrapper's __init__ is a coroutine.
+        replica = replica_class.__new__(replica_class)
+        await replica.__init__()
+        with warnings.catch_warnings():  # Serve's async __del__, which only a replica awaits
+            warnings.simplefilter("ignore", RuntimeWarning)
+            del replica
+
+    monkeypatch.setenv("LABELER_LOG_LEVEL", "debug")
+    await build()
+    for lg in fresh_app_loggers:
+        assert lg.level == logging.DEBUG and lg.isEnabledFor(logging.DEBUG)
+        assert [h.level for h in lg.handlers] == [logging.NOTSET] and not lg.propagate
+    handlers = [lg.handlers[0] for lg in fresh_app_loggers]
+    # Another level (any case, as the setting takes it); the handler in place is kept.
+    monkeypatch.setenv("LABELER_LOG_LEVEL", "ERROR")
+    await build()
+    for lg, handler in zip(fresh_app_loggers, handlers, strict=True):
+        assert lg.level == logging.ERROR and lg.handlers == [handler]
