@@ -680,6 +680,29 @@ def test_a_ray_failure_the_transport_does_not_know_is_a_failed_request():
     assert calls and all(c.cancelled for c in calls)
 
 
+async def test_the_async_transport_looks_its_handle_up_off_the_event_loop(monkeypatch):
+    """Serve's handle look-up waits for its controller (a blocking call): the async transport
+    makes it once, in a worker thread, so the caller's event loop goes on meanwhile."""
+    from labeler_client.ray import AsyncServeTransport
+    from ray import serve
+
+    lookups: list[int] = []
+
+    async def answer() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        return 200, [(b"content-type", b"application/json")], b'{"status": "ok"}'
+
+    def get_deployment_handle(deployment: str, app_name: str) -> _Handle:
+        lookups.append(threading.get_ident())
+        return _Handle(lambda *_: answer())
+
+    monkeypatch.setattr(serve, "get_deployment_handle", get_deployment_handle)
+    transport = AsyncServeTransport("app", "Dep")
+    for _ in range(2):
+        response = await transport.handle_async_request(httpx.Request("GET", "http://labeler/healthz"))
+        assert response.status_code == 200 and json.loads(await response.aread()) == {"status": "ok"}
+    assert len(lookups) == 1 and lookups[0] != threading.get_ident()  # once, not on the loop's thread
+
+
 def test_an_interrupted_sync_call_in_a_loop_cancels_the_replicas_call_unwaited(monkeypatch):
     """A sync call made where an event loop runs waits for the replica in a helper thread;
     an interrupt of that wait (Ctrl-C, here raised by the wait itself) reaches the caller at

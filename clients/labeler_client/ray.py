@@ -122,7 +122,10 @@ class AsyncServeTransport(_HandleTransport, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         call = None
         try:
-            call = self._method().remote(*self._args(request, await request.aread()))
+            # The first look-up asks Serve's controller and waits for it (a blocking ray.get):
+            # off the event loop, which the caller's other coroutines share.
+            method = self._method() if self._handle is not None else await asyncio.to_thread(self._method)
+            call = method.remote(*self._args(request, await request.aread()))
             return self._response(request, await asyncio.wait_for(call, _read_timeout(request)))
         except BaseException as error:  # cancelled too (the client failing fast): see ServeTransport
             return self._failure(request, error, call)
