@@ -148,7 +148,8 @@ def _load_saved_dataset(p: Path, split: str | None) -> Any:
     except ImportError:
         raise InvalidInput(
             f"{p} is a directory: reading a dataset saved with save_to_disk needs `datasets` "
-            "(pip install datasets, or this package's extra: pip install -e '.[datasets]'), or export it to JSONL/Parquet first",
+            "(pip install datasets, or this package's extra: pip install -e '.[datasets]'), "
+            "or export it to JSONL/Parquet first",
             field="input",
         ) from None
     try:
