@@ -60,7 +60,7 @@ def add_tasks_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
     p.add_argument(
         "--tasks-dir",
         action="append",
-        default=[d for d in os.environ.get("LABELER_TASKS_DIR", "").split(os.pathsep) if d],
+        default=[d for d in os.environ.get("LABELER_TASKS_DIR", "").split(os.pathsep) if d.strip()],  # as the server
         help="a directory of extra task files (repeatable) [LABELER_TASKS_DIR, ':'-separated]",
     )
 
@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # vLLM logs to stdout by default, in its engine processes too: there it would mix with
+    # the JSON and tables the commands print. Set before vLLM is imported (and inherited).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     try:

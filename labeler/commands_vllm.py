@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import InvalidInput
+
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM's short aliases of the flags the CPU defaults look at.
 _ALIASES = {"tp": "tensor-parallel-size", "pp": "pipeline-parallel-size", "dp": "data-parallel-size"}
@@ -95,6 +97,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_vllm_server(args: argparse.Namespace) -> int:
+    # After MODEL every argument is vLLM's: these two would be taken for vLLM's and act unseen
+    # (a --dry-run starting the server; a --model serving another model than the defaults are for).
+    for own in ("--dry-run", "--model"):
+        if any(a == own or a.startswith(own + "=") for a in args.vllm_args):
+            raise InvalidInput(f"{own} goes before MODEL (after it, every argument is passed to vLLM)", field=own)
     cmd, env = server_command(args.model, args.vllm_args)
     if args.dry_run:
         print(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), *map(shlex.quote, cmd)]))

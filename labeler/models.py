@@ -28,7 +28,12 @@ def cache_dir() -> Path:
     """`$LABELER_CACHE_DIR`, else `$XDG_CACHE_HOME/labeler`, else `~/.cache/labeler`."""
     if os.environ.get("LABELER_CACHE_DIR"):
         return Path(os.environ["LABELER_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError as exc:  # no HOME and no user entry (a container run as an unknown uid)
+            raise ModelLoadError(f"no home directory to keep the cache in ({exc}): set LABELER_CACHE_DIR") from exc
     return Path(base) / "labeler"
 
 
@@ -89,8 +94,31 @@ def convert_gguf(gguf: Path) -> Path:
     out = converted_dir(gguf)
     if (out / "config.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to safetensors in %s (once; ~40 s)", gguf.name, out)
+    try:  # before the conversion's ~40 s: a directory that cannot be written fails at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    except OSError as exc:
+        raise ModelLoadError(_unwritable(out.parent, exc)) from exc
+    try:
+        log.info("converting %s to safetensors in %s (once; ~40 s)", gguf.name, out)
+        plain, tokenizer = _dequantized(gguf)
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        except OSError as exc:  # a full disk, most likely
+            raise ModelLoadError(_unwritable(tmp, exc)) from exc
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _unwritable(path: Path, exc: OSError) -> str:
+    return f"cannot write the converted model in {path}: {exc} (LABELER_CACHE_DIR sets where it goes)"
+
+
+def _dequantized(gguf: Path) -> tuple[Any, Any]:
+    """(a plain float32 model, its tokenizer) from `gguf`."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -107,18 +135,21 @@ def convert_gguf(gguf: Path) -> Path:
             raise ModelLoadError(f"weights do not match: missing {missing}, unexpected {unexpected}")
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot convert {gguf}: {exc}") from exc
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    return plain, tokenizer
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the written conversion `tmp` into place as `out`, readable as its files are.
+    mkdtemp makes `tmp` private (0700): renamed as it is, a conversion made by one user (an
+    image built as root, run as another uid; a cache shared by a team) could not be read
+    by any other, whatever the umask gave its files."""
+    files = (tmp / "config.json").stat().st_mode & 0o777
+    tmp.chmod(files | (files & 0o444) >> 2)  # searchable by whoever may read its files
     try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if not (out / "config.json").is_file():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").is_file():  # not a concurrent winner: a real failure
+            raise
 
 
 def load_tokenizer(source: str | os.PathLike[str], **options: Any) -> Any:

@@ -31,6 +31,28 @@ def test_tasks_lists_versions(test_tasks):
     assert "summarize" in text and test_tasks.get("summarize").version in text and "tiny_fewshot" in text
 
 
+def test_tasks_dir_from_the_environment_is_split_as_the_server_splits_it(monkeypatch, test_tasks):
+    """A blank entry (`dir: `, a trailing separator) is no directory, for the CLI as for the
+    server's LABELER_TASKS_DIR."""
+    from labeler import cli
+    from service.settings import Settings
+
+    value = f"{TEST_TASKS}{os.pathsep} {os.pathsep}"
+    monkeypatch.setenv("LABELER_TASKS_DIR", value)
+    args = cli.build_parser().parse_args(["tasks"])
+    assert args.tasks_dir == Settings().tasks_dir == [str(TEST_TASKS)]
+    assert {t.name for t in cli.load_tasks(args)} >= {t.name for t in test_tasks}
+
+
+def test_vllm_server_takes_its_own_options_before_the_model():
+    """After MODEL every argument is vLLM's: `--dry-run` or `--model` there would act unseen
+    (start the server; serve another model than the CPU defaults were sized for). Run as a
+    process: the command replaces its process with vLLM's server when it starts one."""
+    for argv in (["embedded", "--dry-run"], ["embedded", "--port", "8001", "--model=/x"]):
+        proc = run("vllm-server", *argv, check=False)
+        assert proc.returncode == 2 and "goes before MODEL" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_render_gives_exactly_what_the_engine_reads(labeler, engine):
     out = json.loads(
         run("render", "--task", "tiny", "--kind", "score", "--context", "2+2?", "--response", "4", "--json").stdout

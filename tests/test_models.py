@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,37 @@ def test_a_gguf_replaced_in_place_gets_its_own_conversion(tmp_path, monkeypatch)
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(b"\x01" * 4096)
     assert converted_dir(elsewhere) == first
+
+
+def test_a_cache_that_cannot_be_written_fails_before_the_conversion(tmp_path, monkeypatch):
+    """Named, with the setting that moves it, before the ~40 s of dequantizing (as root no
+    permission is refused, so the cache lies under a plain file)."""
+    import labeler.models as models
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(blocker / "cache"))
+
+    def converted(gguf):
+        raise AssertionError("converted into a cache that cannot be written")
+
+    monkeypatch.setattr(models, "_dequantized", converted)
+    with pytest.raises(ModelLoadError, match=r"cannot write the converted model in .*LABELER_CACHE_DIR"):
+        models.convert_gguf(embedded_gguf())
+
+
+def test_a_published_conversion_is_readable_as_its_files_are(tmp_path):
+    """The temporary directory is private (0700); the conversion renamed into place is
+    searchable by whoever may read its files (an image built as root, run as another user)."""
+    import tempfile
+
+    from labeler.models import _publish
+
+    for files, directory in ((0o644, 0o755), (0o600, 0o700), (0o640, 0o750)):
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=tmp_path))
+        (tmp / "config.json").write_text("{}")
+        (tmp / "config.json").chmod(files)
+        out = tmp_path / f"model-{files:o}"
+        _publish(tmp, out)
+        assert not tmp.exists() and (out / "config.json").is_file()
+        assert out.stat().st_mode & 0o777 == directory

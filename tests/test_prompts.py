@@ -250,6 +250,12 @@ def test_malformed_task_files_are_refused(tmp_path, content):
         load_task_file(tmp_path / "bad.toml")
 
 
+def test_a_task_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "bad.toml").write_bytes('preamble = "Caf\u00e9 reviews."\n'.encode("latin-1"))
+    with pytest.raises(TaskFileError, match=r"bad\.toml: not UTF-8 text \(byte 0xe9"):
+        load_task_file(tmp_path / "bad.toml")
+
+
 # -- labels on other vocabularies --------------------------------------------------------------
 def _reads(builder: PromptBuilder, task, kind: str, cot: bool) -> list:
     """The label-reading prompts of `kind`, without and after a rationale."""

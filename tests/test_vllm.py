@@ -376,6 +376,30 @@ def test_kv_cache_that_cannot_fit_is_refused_before_vllm_starts(model_dir):
         assert "Traceback" not in proc.stderr
 
 
+def test_a_command_on_the_vllm_engine_prints_only_its_json(tmp_path):
+    """vLLM logs to stdout unless told otherwise (its engine processes too): a one-item
+    command's --json output stays one JSON document, vLLM's lines on stderr."""
+    from tests.fixtures.model import TEST_TASKS
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "labeler.cli",
+        "score",
+        "--engine",
+        "vllm",
+        "--engine-arg",
+        "kv_cache_memory_bytes=512M",
+    ]
+    cmd += ["--tasks-dir", str(TEST_TASKS), "--task", "tiny", "--context", "2+2?", "--response", "4", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_STREAM"}  # vLLM's own default
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["task"] == "tiny" and abs(sum(out["distribution"]) - 1) < 1e-4
+    assert "INFO" in proc.stderr  # vLLM did log: on stderr
+
+
 def test_the_tokenizer_is_read_before_vllm_starts(model_dir, tmp_path):
     """The in-process engine reads the tokenizer vLLM will use (its `tokenizer` argument, else
     the model's) before anything starts: a model without one is refused by name, with none

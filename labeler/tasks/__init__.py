@@ -188,6 +188,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise TaskFileError(f"{path}: {exc}") from exc
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; an editor's Latin-1 "café" is not
+        raise TaskFileError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at {exc.start})") from exc
 
 
 def load_task_file(path: str | Path) -> Task:
