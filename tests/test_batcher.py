@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -224,14 +225,21 @@ def test_stopping_fails_what_is_left_after_its_deadline():
     """An engine call that never ends (or a queue nobody waits for any more): stop() gives up
     after its timeout, failing the computing and the queued items, instead of hanging."""
 
+    taken: list[list[str]] = []
+    computing = asyncio.Event()
+
     async def stuck(group, items, keys):
+        taken.append(list(items))
+        computing.set()
         await asyncio.Event().wait()
 
     async def run() -> None:
         batcher = MicroBatcher(stuck, max_items=2, wait_s=0.0, max_pending=100)
         batcher.start()
         futures, _ = batcher.submit("g", [(f"x{i}", f"x{i}") for i in range(5)])
-        await asyncio.sleep(0.05)  # the worker has taken its first batch
+        await asyncio.wait_for(computing.wait(), 5)  # the worker has taken its first batch
+        # One batch computing (concurrency 1), three items still queued.
+        assert taken == [["x0", "x1"]] and batcher.pending == 5
         await asyncio.wait_for(batcher.stop(timeout=0.2), 5)
         got = await asyncio.gather(*futures, return_exceptions=True)
         assert all(isinstance(g, EngineUnavailable) for g in got), got
@@ -240,35 +248,52 @@ def test_stopping_fails_what_is_left_after_its_deadline():
     asyncio.run(run())
 
 
-def warm_then_gated(gate: asyncio.Event):
-    """A run_group whose "warm" items take 0.2 s a batch and whose others wait for `gate`."""
+def warm_then_gated(gate: asyncio.Event, spans: list[float] | None = None):
+    """A run_group whose "warm" items take 0.2 s a batch and whose others wait for `gate`;
+    the time each warm call took is appended to `spans` (when given)."""
 
     async def run_group(group, items, keys):
-        await asyncio.sleep(0.2) if items[0].startswith("warm") else await gate.wait()
+        if items[0].startswith("warm"):
+            t0 = time.monotonic()
+            await asyncio.sleep(0.2)  # the scripted engine's work (pacing, not synchronization)
+            if spans is not None:
+                spans.append(time.monotonic() - t0)
+        else:
+            await gate.wait()
         return list(items)
 
     return run_group
 
 
 def test_retry_after_drains_the_queue_at_the_servers_rate_not_one_batchs():
-    """Four batches of 4 run at once, 0.2 s each: the server labels ~80 items/s, one batch
-    ~20/s. A full queue of 400 is told to come back when the server will have drained it;
-    idle time between the batches does not count as labeling time."""
-    gate = asyncio.Event()
-    run_group = warm_then_gated(gate)
+    """Batches of 4 items run 16 at a time: two spells of work (4 batches at once, then 16
+    at once), idle between them. In its busy time the server labeled 80 items, 20 times one
+    batch's 4, in 2 batch-times: ten times one batch's rate. A full queue of 400 is told to
+    come back when the server will have drained it at that rate: within the measured busy
+    time's worth (idle time between the spells does not count as labeling time), and well
+    before one batch's rate would drain it. Both bounds are measured on the run itself, so
+    a slow machine (longer batches, longer spells) moves both sides alike."""
+    gate, spans = asyncio.Event(), []
+    run_group = warm_then_gated(gate, spans)
 
     async def run() -> None:
-        batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=432, concurrency=4)
+        batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=400, concurrency=16)
         batcher.start()
         assert batcher.retry_after() == 1.0  # nothing measured yet
         loop, busy = asyncio.get_running_loop(), 0.0
-        for n in (8, 32):  # two spells of work, idle between them
+        for n in (16, 64):  # two spells of work, idle between them
             t0 = loop.time()
             await asyncio.gather(*batcher.submit("g", [(f"warm{n}.{i}", f"warm{n}.{i}") for i in range(n)])[0])
             busy += loop.time() - t0
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)  # idle on purpose: 5 s more if it counted as labeling time
+        assert len(spans) == 20 and batcher.computed == 80
         batcher.submit("g", [(f"q{i}", f"q{i}") for i in range(400)])
-        assert batcher.retry_after() <= math.ceil(400 * busy / 40) + 1 < 400 * 0.2 / 4
+        told = batcher.retry_after()
+        # The server's rate: 80 items in at most `busy` seconds (each batch ran within its spell).
+        assert told <= math.ceil(400 * busy / 80) + 1, (told, busy)
+        # One batch's rate (4 items in one batch's time) would say 100 batch-times; the
+        # server's says 10 (the two spells) plus rounding. Asked: at least 3 times sooner.
+        assert 3 * told <= 400 * min(spans) / 4, (told, min(spans))
         gate.set()
         await batcher.stop()
 
@@ -299,9 +324,12 @@ def test_retry_after_keeps_the_last_rate_past_the_window(monkeypatch):
 
 
 def test_a_flight_in_progress_is_still_shared():
-    go = asyncio.Event()
+    """X is being computed (the engine call has begun, not merely queued): a second request
+    for X joins that computation instead of starting another."""
+    computing, go = asyncio.Event(), asyncio.Event()
 
     async def run_group(group, items, keys):
+        computing.set()
         await go.wait()
         return [f"label of {it}" for it in items]
 
@@ -309,7 +337,7 @@ def test_a_flight_in_progress_is_still_shared():
         batcher = MicroBatcher(run_group, max_items=8, wait_s=0.0, max_pending=100)
         batcher.start()
         (first,), _ = batcher.submit("g", [("X", "X")])
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(computing.wait(), 5)  # the engine call for X has begun
         (second,), shared = batcher.submit("g", [("X", "X")])
         assert shared == 1 and second is first
         go.set()

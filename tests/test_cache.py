@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 from service.cache import MemoryCache
 
@@ -38,15 +39,23 @@ def test_the_least_recently_used_results_leave_when_their_bytes_are_over_the_bud
     asyncio.run(run())
 
 
-def test_the_entry_bound_and_expiry_keep_the_byte_count():
+def test_the_entry_bound_and_expiry_keep_the_byte_count(monkeypatch):
+    """The oldest entry leaves past `size`; an entry is served until its time to live ends
+    and then is a miss, its bytes no longer counted. Time is the cache module's clock, set
+    by the test (no waiting on the real one)."""
+    now = [1000.0]
+    monkeypatch.setattr("service.cache.time", SimpleNamespace(monotonic=lambda: now[0]))
+
     async def run() -> None:
         cache = MemoryCache(size=2, ttl=0, max_bytes=10**6)
         await cache.set_many({k: value(i) for i, k in enumerate("abc")})
         assert await cache.get_many(list("abc")) == [None, value(1), value(2)]
         assert cache.bytes == size(value(1)) + size(value(2))
-        expiring = MemoryCache(size=10, ttl=1e-9, max_bytes=10**6)
+        expiring = MemoryCache(size=10, ttl=60, max_bytes=10**6)
         await expiring.set_many({"a": value(1)})
-        await asyncio.sleep(0.01)
+        now[0] += 59.9
+        assert await expiring.get_many(["a"]) == [value(1)] and expiring.bytes == size(value(1))
+        now[0] += 0.2  # past its 60 s
         assert await expiring.get_many(["a"]) == [None] and expiring.bytes == 0 and not expiring._data
         off = MemoryCache(size=0, ttl=0, max_bytes=10**6)
         await off.set_many({"a": value(1)})

@@ -7,13 +7,14 @@ import contextlib
 import threading
 import time
 
+import httpx
 import labeler_client as lc
 import psutil
 import pytest
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
 from labeler import ScoreItem
-from tests.fixtures.load import RecordingTransport
+from tests.fixtures.load import AsyncRecordingTransport, RecordingTransport, metric
 from tests.fixtures.reliability import Tally, questions
 from tests.fixtures.wait import wait_for
 
@@ -118,13 +119,46 @@ def test_server_restart_mid_batch_loses_and_duplicates_nothing(make_server, labe
     assert transport.answered() == len(items)
 
 
+class PerRequest(AsyncRecordingTransport):
+    """Also notes each exchange: (request body, sent, answered, status, Retry-After), times
+    monotonic, `answered` when the answer's headers came (the client reads the body after)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exchanges: list[tuple[bytes, float, float, int, str | None]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        sent = time.monotonic()
+        resp = await super().handle_async_request(request)
+        self.exchanges.append(
+            (request.content, sent, time.monotonic(), resp.status_code, resp.headers.get("retry-after"))
+        )
+        return resp
+
+
 async def test_429_is_retried_after_retry_after(make_server):
+    """Six one-item requests at once to a server that queues one item: the others are refused
+    429, and the client sends each again no sooner than its Retry-After (at least 1 s; its
+    own backoff, FAST, would come back within 1 s), until every item is labeled."""
     srv = make_server(max_queue_items=1, max_items=1, batch_wait_ms=200)
-    async with lc.AsyncClient(srv.url, batch_size=1, max_concurrency=6, retry=FAST) as client:
+    transport = PerRequest()
+    async with lc.AsyncClient(srv.url, batch_size=1, max_concurrency=6, retry=FAST, transport=transport) as client:
         got = await client.scores(score_items(6, "busy"), "tiny")
     assert all(s is not None for s in got)
-    rejected = [line for line in _metrics(srv).splitlines() if line.startswith("labeler_rejected_total")]
-    assert float(rejected[0].split()[-1]) >= 1  # the server did refuse, and the client came back
+    # One request body per item: its tries in the order sent, each but the last refused.
+    tries: dict[bytes, list[tuple[float, float, int, str | None]]] = {}
+    for body, sent, answered, status, retry_after in transport.exchanges:
+        tries.setdefault(body, []).append((sent, answered, status, retry_after))
+    assert len(tries) == 6
+    waits = []  # (from a 429 to the next try of its item, its Retry-After)
+    for item_tries in tries.values():
+        item_tries.sort()
+        assert [s for _, _, s, _ in item_tries] == [429] * (len(item_tries) - 1) + [200], item_tries
+        for (_, answered, _, retry_after), (nxt, _, _, _) in zip(item_tries, item_tries[1:], strict=False):
+            waits.append((nxt - answered, float(retry_after)))
+    assert waits, "the server refused nothing"  # the server did refuse, and the client came back
+    assert all(told >= 1 and wait >= told - 0.05 for wait, told in waits), waits
+    assert metric(srv.url, "labeler_rejected_total") == len(waits)  # every 429 it sent, retried
 
 
 def test_no_retry_on_4xx_and_typed_errors(make_server):

@@ -178,11 +178,26 @@ async def test_the_corpus_through_the_api(live_server, labeler, corpus):
 
 
 @pytest.mark.model
-async def test_long_runs_through_the_api(make_server, corpus):
-    """Answered, or refused by the token limit with the item named; never a 5xx. The reduced
-    run sets a low token limit: a 2,500-token forward costs seconds on a CPU."""
-    srv = make_server(max_item_tokens=scale(ci=512, full=4096))
+async def test_long_runs_through_the_api(make_server, corpus, labeler):
+    """Never a 5xx: each long run is refused by the per-item token limit, 422 naming the item
+    and the limit, exactly when its texts (as the service normalizes them) count more tokens
+    than the limit, and answered otherwise. The reduced run sets a low limit (a 2,500-token
+    forward costs seconds on a CPU): the runs of `<` and of `A` are refused; the run of
+    special tokens (300 tokens) and the run of newlines (12) are answered."""
+    limit = scale(ci=512, full=4096)
+    srv = make_server(max_item_tokens=limit)
+    refused = []
     async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
-        for v in (v for v in corpus.values() if len(v) >= 1000):
-            r = await post_raw(client, "/v1/scores", {"task": "tiny", "items": [{"context": v, "response": v}]})
-            assert r.status_code == 200 or (r.status_code == 422 and r.json()["error"]["param"] == "items[0]"), r.text
+        for name, v in ((n, v) for n, v in corpus.items() if len(v) >= 1000):
+            item = {"context": v, "response": v}
+            (n_tokens,) = labeler.item_tokens([ScoreItem(**normalize_item(item))])
+            r = await post_raw(client, "/v1/scores", {"task": "tiny", "items": [item]})
+            if n_tokens > limit:
+                assert r.status_code == 422, (name, n_tokens, r.status_code, r.text[:300])
+                err = r.json()["error"]
+                assert err["param"] == "items[0]" and err["type"] == "input_too_long", (name, err)
+                assert err["message"] == f"items[0]: {n_tokens} tokens in its texts, over the limit of {limit}", err
+                refused.append(name)
+            else:
+                assert r.status_code == 200 and len(r.json()["results"]) == 1, (name, r.status_code, r.text[:300])
+    assert "long-text" in refused  # 5,000 tokens: over the limit in either run

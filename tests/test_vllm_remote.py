@@ -18,6 +18,7 @@ from labeler import Labeler, PairItem, TaskRegistry
 from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
 from labeler.engines.vllm_remote import VLLMRemoteEngine
 from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
+from tests.fixtures.wait import async_wait_for
 
 URL = "http://127.0.0.1:9"  # a closed port: nothing answers the engine's look-up at start
 TASKS = Path(__file__).parent / "data" / "tasks"
@@ -185,7 +186,9 @@ async def test_requests_after_a_cooldown_share_one_health_probe(model_dir):
     remote = engine(model_dir, server, cooldown=0.05, retries=3)
     await remote.score(read(10))
     remote._mark_down(remote.servers[0], "a test")
-    await asyncio.sleep(0.1)
+    down = remote.servers[0]
+    await async_wait_for(lambda: time.monotonic() >= down.down_until, 5, "the server's cooldown to end")
+    assert down.needs_probe  # back from its cooldown, not yet probed
     got = await asyncio.gather(*(remote.score(read(10)) for _ in range(20)))
     assert all(g[0][()] == {16: -1.0, 17: -1.0} for g in got)
     assert Counted.probes == 1 and len(server.reads) == 21 and not remote.servers[0].needs_probe
