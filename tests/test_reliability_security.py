@@ -1,7 +1,7 @@
 """Security: API keys compared in constant time and never logged, body and per-item size
 limits on every label route, the default bind on loopback, CORS off unless configured.
 
-Companions: test_service.py (401s, limits on /v1/scores, the key absent from caplog) and
+Companions: test_service.py (401s and limits on /v1/scores) and
 test_serve_cli.py (the key absent from the JSON log at info level).
 """
 

@@ -33,6 +33,7 @@ from labeler.engines.vllm_cpu import (
 from labeler.engines.vllm_engine import VLLMEngine, vllm_model_id
 from labeler.engines.vllm_remote import VLLMRemoteEngine
 from labeler.errors import ModelLoadError
+from tests.fixtures.wait import async_wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
 TOL = 1e-4
@@ -156,8 +157,8 @@ async def test_http_service_on_vllm_through_the_client(vllm_engine, reference, t
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            await asyncio.sleep(0.05)
+        await async_wait_for(lambda: server.started or serving.done(), 120, "the server to start")
+        assert server.started, serving
         async with lc.AsyncClient(f"http://127.0.0.1:{port}", batch_size=2) as client:
             assert (await client.health()).engine == "vllm"
             pairs = [{"context": p.context, "response_a": p.response_a, "response_b": p.response_b} for p in PAIRS]
