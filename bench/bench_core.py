@@ -8,25 +8,33 @@ P5 = time(exact 1-10 distribution) / time(one plain forward of the same prompt).
 P6 = time(group-relative rewards of one group of 8 completions: 56 ordered comparisons in
      one labeler call) / time(the same 56 prompts as plain padded batches, no prefix
      sharing, logits at the last position only), with a ~300-token context and ~100-token
-     completions; the median of per-round ratios over alternating rounds (one call of each
-     a round: a plain pass takes minutes on a CPU). P6b: the group's time / time(8 direct
-     scores of the same completions, one labeler call), same rounds.
+     completions. P6b: the group's time / time(8 direct scores of the same completions,
+     one labeler call), same rounds.
 P7 = time(yes/no judgment, exact P(yes)) / time(one plain forward of the same prompt).
 
-Each figure is a ratio of medians measured in one run on one machine.
+A plain forward (P5, P7) computes the logits of the last position only
+(`logits_to_keep=1`), as the labeler computes them only at the positions it reads: both
+sides pay for the same layers, and the lm_head over one position.
+
+How each figure is computed: P4, P5 and P7 run `--repeats` rounds; a round times both
+sides on each of the two summarize prompts, which side goes first alternating from round
+to round; a round's ratio is the sum of its times of one side over the other's, and the
+figure is the median of the rounds' ratios. P6 and P6b run `--rounds` rounds (a plain
+pass takes minutes on a CPU), one call of each of the three a round, the order rotating
+from round to round; each figure is the median of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import statistics
 import sys
 from collections.abc import Callable
 
 import torch
 
-from bench.common import Result, median_time
+from bench.common import Result, median, run_round
 from labeler import GroupItem, Labeler, PairItem, ScoreItem
 from labeler.engines.transformers_engine import TransformersEngine
 from labeler.models import resolve_model
@@ -63,8 +71,8 @@ SUMMARIES = [
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds for P6")
+    ap.add_argument("--repeats", type=int, default=7, help="rounds for P4, P5 and P7")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds for P6 and P6b")
     ap.add_argument("--only", nargs="*", default=["P4", "P5", "P6", "P7"], help="figures to measure")
     ap.add_argument("--model", default=None)
     args = ap.parse_args()
@@ -85,59 +93,96 @@ def main() -> int:
     return 0
 
 
+Sides = list[tuple[Callable[[], object], Callable[[], object]]]
+
+
+def paired_rounds(sides: Sides, rounds: int) -> list[list[list[float]]]:
+    """times[round][prompt] = [reference side's time, measured side's time]: each round runs
+    both sides once on every prompt, the reference first in even rounds, the measured side
+    in odd ones; one unmeasured call of each side and prompt before."""
+    for reference, measured in sides:
+        reference()
+        measured()
+    return [[run_round(pair, r) for pair in sides] for r in range(rounds)]
+
+
+def summarize_rounds(times: list[list[list[float]]]) -> tuple[float, list[float], list[float]]:
+    """(median of the rounds' ratios, the rounds' ratios, each prompt's median ratio), a
+    round's ratio being its measured side's summed time over its reference side's."""
+    per_round = [sum(t[1] for t in rnd) / sum(t[0] for t in rnd) for rnd in times]
+    per_prompt = [median(rnd[p][1] / rnd[p][0] for rnd in times) for p in range(len(times[0]))]
+    return median(per_round), per_round, per_prompt
+
+
+def how_computed(per_round: list[float], per_prompt: list[float], sides: str) -> str:
+    return (
+        f"median of {len(per_round)} rounds' ratios ({sides}, both prompts of a round, which side first "
+        f"alternating by round): {', '.join(f'{r:.3f}' for r in per_round)}; per prompt, the median of its "
+        f"rounds: {', '.join(f'{r:.3f}' for r in per_prompt)}"
+    )
+
+
 def bench_orders(lab: Labeler, repeats: int) -> Result:
     """P4: both orders against one order of the same pair."""
-    ratios, shares = [], []
+    shares = []
+    sides: Sides = []
     for post, (good, bad) in zip(POSTS, SUMMARIES, strict=True):
         item = PairItem(post, good, bad)
         ab = lab.render_pairwise("summarize", post, good, bad, order="ab").prompt_token_ids
         ba = lab.render_pairwise("summarize", post, good, bad, order="ba").prompt_token_ids
         common = next(i for i, (x, y) in enumerate(zip(ab, ba, strict=False)) if x != y)
         shares.append(common / len(ab))
-        t_one = median_time(lambda item=item: lab.preferences([item], "summarize", order="ab"), repeats)
-        t_both = median_time(lambda item=item: lab.preferences([item], "summarize", order="both"), repeats)
-        ratios.append(t_both / t_one)
+        sides.append(
+            (
+                lambda item=item: lab.preferences([item], "summarize", order="ab"),
+                lambda item=item: lab.preferences([item], "summarize", order="both"),
+            )
+        )
+    value, per_round, per_prompt = summarize_rounds(paired_rounds(sides, repeats))
     return Result(
         "P4",
         "both-orders pair cost / one-order cost (CPU, transformers engine)",
-        sum(ratios) / len(ratios),
+        value,
         1.3,
         "lower",
         detail=f"shared prefix = {100 * sum(shares) / len(shares):.0f}% of one order's tokens; "
-        f"per pair: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 2.0",
+        + how_computed(per_round, per_prompt, "time of both orders ÷ one order")
+        + "; naive: 2.0",
     )
 
 
 def exact_vs_plain(
     lab: Labeler, engine: TransformersEngine, repeats: int, render: Callable, label: Callable
-) -> list[float]:
-    """Per summarize post: the time of `label([item], "summarize")` over one plain forward of the
-    prompt `render("summarize", post, summary)` builds."""
-    ratios = []
+) -> tuple[tuple[float, list[float], list[float]], str]:
+    """For the summarize posts: `summarize_rounds` of `label([item], "summarize")` against one
+    plain forward of the prompt `render("summarize", post, summary)` builds, and how the plain
+    forward computes its logits."""
+    keep = "logits_to_keep" in inspect.signature(engine.model.forward).parameters
+    extra = {"logits_to_keep": 1} if keep else {}
+    sides: Sides = []
     for post, (good, _) in zip(POSTS, SUMMARIES, strict=True):
         item = ScoreItem(post, good)
         ids = torch.tensor([list(render("summarize", post, good).prompt_token_ids)])
 
         def plain_forward(ids=ids):
             with torch.inference_mode():
-                engine.model(input_ids=ids)
+                engine.model(input_ids=ids, **extra)
 
-        t_plain = median_time(plain_forward, repeats)
-        t_label = median_time(lambda item=item: label([item], "summarize"), repeats)
-        ratios.append(t_label / t_plain)
-    return ratios
+        sides.append((plain_forward, lambda item=item: label([item], "summarize")))
+    logits = "the last position's logits only (logits_to_keep=1)" if keep else "every position's logits"
+    return summarize_rounds(paired_rounds(sides, repeats)), f"the plain forward computes {logits}"
 
 
 def bench_scores(lab: Labeler, engine: TransformersEngine, repeats: int) -> Result:
     """P5: the exact 1-10 distribution against one plain forward of the same prompt."""
-    ratios = exact_vs_plain(lab, engine, repeats, lab.render_score, lab.scores)
+    (value, per_round, per_prompt), plain = exact_vs_plain(lab, engine, repeats, lab.render_score, lab.scores)
     return Result(
         "P5",
         "exact 1-10 distribution cost / one plain forward of the same prompt",
-        sum(ratios) / len(ratios),
+        value,
         1.2,
         "lower",
-        detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; naive: 10",
+        detail=how_computed(per_round, per_prompt, "time of the labels ÷ the plain forwards") + f"; {plain}; naive: 10",
     )
 
 
@@ -173,7 +218,7 @@ def group_workload(tokenizer, context_tokens: int = 300, completion_tokens: int 
 
 
 def bench_group(lab: Labeler, engine: TransformersEngine, rounds: int) -> list[Result]:
-    """P6 and P6b, as medians of per-round ratios over alternating rounds."""
+    """P6 and P6b, as medians of per-round ratios over rounds whose order rotates."""
     tok = engine.tokenizer
     group = group_workload(tok)
     n = len(group.responses)
@@ -205,14 +250,10 @@ def bench_group(lab: Labeler, engine: TransformersEngine, rounds: int) -> list[R
                 engine.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
 
     items = [ScoreItem(group.context, r) for r in group.responses]
-    times: list[tuple[float, float, float]] = []
-    for _ in range(rounds):
-        t_group = median_time(lambda: lab.group_rewards([group], "helpful"), 1, warmup=0)
-        t_plain = median_time(plain_batches, 1, warmup=0)
-        t_scores = median_time(lambda: lab.scores(items, "helpful"), 1, warmup=0)
-        times.append((t_group, t_plain, t_scores))
-    p6 = statistics.median(g / p for g, p, _ in times)
-    p6b = statistics.median(g / s for g, _, s in times)
+    sides = [lambda: lab.group_rewards([group], "helpful"), plain_batches, lambda: lab.scores(items, "helpful")]
+    times = [run_round(sides, r) for r in range(rounds)]  # the group call above was the warm-up
+    p6 = median(g / p for g, p, _ in times)
+    p6b = median(g / s for g, _, s in times)
     per_round = "; ".join(f"{g:.1f} / {p:.1f} / {s:.1f} s" for g, p, s in times)
     mean_ctx = len(tok.encode(group.context, add_special_tokens=False))
     mean_resp = sum(len(tok.encode(r, add_special_tokens=False)) for r in group.responses) / n
@@ -227,8 +268,8 @@ def bench_group(lab: Labeler, engine: TransformersEngine, rounds: int) -> list[R
             detail=f"context {mean_ctx} tokens, completions {mean_resp:.0f} tokens on average, task helpful; "
             f"{len(prompts)} prompts of {given / len(prompts):.0f} tokens on average; tokens computed by the prefix "
             f"tree {computed:,} of {given:,} ({computed / given:.3f}); plain batches of {batch} prompts "
-            f"(max_batch_tokens {engine.max_batch_tokens}); median of {rounds} alternating rounds "
-            f"(group / plain / {n} direct scores: {per_round})",
+            f"(max_batch_tokens {engine.max_batch_tokens}); median of {rounds} rounds' ratios, one call of each "
+            f"side a round, the order rotating by round (group / plain / {n} direct scores: {per_round})",
         ),
         Result(
             "P6b",
@@ -236,21 +277,24 @@ def bench_group(lab: Labeler, engine: TransformersEngine, rounds: int) -> list[R
             p6b,
             None,
             "lower",
-            detail=f"same rounds as P6; {n} direct scores in one call; information, no goal",
+            detail=f"median of P6's rounds' ratios (group ÷ {n} direct scores in one call: "
+            + ", ".join(f"{g / s:.3f}" for g, _, s in times)
+            + "); information, no goal",
         ),
     ]
 
 
 def bench_judgment(lab: Labeler, engine: TransformersEngine, repeats: int) -> Result:
     """P7: the exact yes/no probability against one plain forward of the same prompt."""
-    ratios = exact_vs_plain(lab, engine, repeats, lab.render_judgment, lab.judgments)
+    (value, per_round, per_prompt), plain = exact_vs_plain(lab, engine, repeats, lab.render_judgment, lab.judgments)
     return Result(
         "P7",
         "exact yes/no judgment cost / one plain forward of the same prompt",
-        sum(ratios) / len(ratios),
+        value,
         1.1,
         "lower",
-        detail=f"per prompt: {', '.join(f'{r:.3f}' for r in ratios)}; labels Yes/yes/No/no, one token each",
+        detail=how_computed(per_round, per_prompt, "time of the labels ÷ the plain forwards")
+        + f"; {plain}; labels Yes/yes/No/no, one token each",
     )
 
 

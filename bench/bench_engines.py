@@ -8,12 +8,16 @@ E1 = pairs/s of the in-process vLLM engine ÷ pairs/s of the transformers engine
      ("unbound": VLLM_CPU_OMP_THREADS_BIND=auto, one core kept back for its scheduler).
 E2 = pairs/s of the in-process vLLM engine ÷ pairs/s of the vllm-remote engine against a
      `labeler vllm-server` of the same model, same engine arguments and thread binding:
-     same pairs, both orders, long prompts. Goal ≥ 0.97.
+     same pairs, both orders, on HH-style dialogues of ~500 prompt tokens (`--e2-tokens`):
+     the long workload's dialogue with fewer filler sentences, as many as bring one
+     order's prompt nearest that count with the engine's tokenizer. Goal ≥ 0.97.
 
-Every figure is the median of per-round ratios over alternating rounds (speeds on a
-small CPU drift between rounds). Each round labels fresh pairs, so no engine finds a
-previous round's prompts in its prefix cache; within a round both sides label the same
-pairs.
+Every figure is the median of per-round ratios (speeds on a small CPU drift between
+rounds): each round runs both sides once, which side goes first alternating from round to
+round (with an odd `--rounds`, the first side goes first once more; the details say how
+often each did). Each round labels fresh pairs, so no engine finds a previous round's
+prompts in its prefix cache; within a round both sides label the same pairs. The details
+give the measured prompt tokens per order.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -70,19 +75,30 @@ def short_pairs(n: int, salt: str) -> list[PairItem]:
     return items
 
 
-def dialogue_pairs(n: int, salt: str) -> list[PairItem]:
-    """Long prompts: HH-style multi-turn dialogues (`Human:` / `Assistant:` turns), ~700
-    prompt tokens with the helpful task's preamble, and two candidate final replies."""
+FILLERS = 8  # the filler sentences of a long dialogue
+
+
+def dialogue_pairs(n: int, salt: str, fillers: int = FILLERS) -> list[PairItem]:
+    """HH-style multi-turn dialogues (`Human:` / `Assistant:` turns) under the helpful task,
+    and two candidate final replies. `fillers` (0 to FILLERS) filler sentences of the user's: up to
+    four in the turn that restates the problem, the rest in an earlier exchange that is
+    left out without them. With all eight, ~700 prompt tokens with the task's preamble."""
     items = []
     for i in range(n):
         topic, problem = TOPICS[i % len(TOPICS)]
+        late, early = min(fillers, 4), max(fillers - 4, 0)
         turns = [
             f"Human: I need advice about {topic} (case {salt}-{i}). The problem is that {problem}.",
             f"Assistant: I am sorry to hear that. Can you tell me a bit more about {topic} and what you have tried?",
-            "Human: " + " ".join(FILLER[(i + k) % len(FILLER)] for k in range(4)),
-            f"Assistant: That helps. Before I suggest anything: how long has {problem.split(' and ')[0]}, "
-            "and has anything changed recently?",
-            "Human: " + " ".join(FILLER[(i + k + 2) % len(FILLER)] for k in range(4)) + f" Also, {problem}.",
+        ]
+        if early:
+            turns += [
+                "Human: " + " ".join(FILLER[(i + k) % len(FILLER)] for k in range(early)),
+                f"Assistant: That helps. Before I suggest anything: how long has {problem.split(' and ')[0]}, "
+                "and has anything changed recently?",
+            ]
+        turns += [
+            "Human: " + "".join(FILLER[(i + k + 2) % len(FILLER)] + " " for k in range(late)) + f"Also, {problem}.",
             "Assistant: Thanks. One more question: what outcome would you be happy with in a month?",
             f"Human: Honestly I just want {topic} to stop being a daily worry. What would you do in my place?",
         ]
@@ -97,7 +113,20 @@ def dialogue_pairs(n: int, salt: str) -> list[PairItem]:
     return items
 
 
-WORKLOADS = {"short": (short_pairs, "general"), "long": (dialogue_pairs, "helpful")}
+# A workload: a maker of n fresh pairs (salted) and the task they are labeled under.
+Workload = tuple[Callable[[int, str], list[PairItem]], str]
+WORKLOADS: dict[str, Workload] = {"short": (short_pairs, "general"), "long": (dialogue_pairs, "helpful")}
+
+
+def fitted_dialogues(lab: Labeler, target: int) -> tuple[Workload, int, int]:
+    """(workload, filler sentences, prompt tokens per order): the dialogues whose count of
+    filler sentences brings one order's prompt nearest `target` tokens."""
+    best = min(
+        range(FILLERS + 1),
+        key=lambda f: abs(prompt_tokens(lab, (functools.partial(dialogue_pairs, fillers=f), "helpful")) - target),
+    )
+    workload = (functools.partial(dialogue_pairs, fillers=best), "helpful")
+    return workload, best, prompt_tokens(lab, workload)
 
 
 @dataclass
@@ -138,11 +167,11 @@ async def measure(side: Side, items: list[PairItem], task: str, batch: int) -> R
 
 
 async def alternate(
-    a: Side, b: Side, workload: str, rounds: int, n: int, batch: int, tag: str
+    a: Side, b: Side, workload: Workload, rounds: int, n: int, batch: int, tag: str
 ) -> list[tuple[Run, Run]]:
     """(a's run, b's run) per round on the same fresh pairs; a goes first in even rounds,
     b in odd ones."""
-    make, task = WORKLOADS[workload]
+    make, task = workload
     await a.lab.apreferences(make(2, f"{tag}-warm"), task)
     await b.lab.apreferences(make(2, f"{tag}-warm"), task)
     out = []
@@ -158,8 +187,8 @@ async def alternate(
     return out
 
 
-def prompt_tokens(lab: Labeler, workload: str) -> int:
-    make, task = WORKLOADS[workload]
+def prompt_tokens(lab: Labeler, workload: Workload) -> int:
+    make, task = workload
     item = make(1, "count")[0]
     return len(lab.render_pairwise(task, item.context, item.response_a, item.response_b).prompt_token_ids)
 
@@ -170,7 +199,11 @@ def median_ratio(rounds: list[tuple[Run, Run]]) -> float:
 
 def describe(rounds: list[tuple[Run, Run]], a: str, b: str) -> str:
     per = ", ".join(f"{x.pairs_per_s:.2f} / {y.pairs_per_s:.2f}" for x, y in rounds)
-    return f"median of {len(rounds)} alternating rounds ({a} / {b} pairs/s: {per})"
+    first_a = (len(rounds) + 1) // 2
+    return (
+        f"median of {len(rounds)} rounds' ratios, which side first alternating by round ({a} first in {first_a}, "
+        f"{b} in {len(rounds) - first_a}; {a} / {b} pairs/s: {per})"
+    )
 
 
 def cpu_account(rounds: list[tuple[Run, Run]], a: str, b: str) -> str:
@@ -191,7 +224,7 @@ async def run_e1(args: argparse.Namespace) -> list[Result]:
 
     model = resolve_model(args.model)
     tf = Side(Labeler(TransformersEngine(model)))
-    tokens = {w: prompt_tokens(tf.lab, w) for w in WORKLOADS}
+    tokens = {w: prompt_tokens(tf.lab, WORKLOADS[w]) for w in WORKLOADS}
     results = []
     for binding in ("unbound", "bound"):
         env = {THREADS_BIND_ENV: "auto"} if binding == "unbound" else {}
@@ -202,7 +235,7 @@ async def run_e1(args: argparse.Namespace) -> list[Result]:
         try:
             for workload in ("short", "long"):
                 n = args.pairs if workload == "short" else args.long_pairs
-                rounds = await alternate(vllm, tf, workload, args.rounds, n, args.batch, f"e1{binding}")
+                rounds = await alternate(vllm, tf, WORKLOADS[workload], args.rounds, n, args.batch, f"e1{binding}")
                 results.append(
                     Result(
                         f"E1 {workload} {binding}",
@@ -233,31 +266,38 @@ async def run_e2(args: argparse.Namespace) -> list[Result]:
     try:
         # Both engines start at once: the server's start overlaps this one's.
         local = VLLMEngine(model, kv_cache_memory_bytes=KV_CACHE, max_num_seqs=args.max_num_seqs)
-        server.wait_ready(timeout=900)
-        remote = VLLMRemoteEngine([server.url], model, timeout=3600)  # a starved CPU is slow, not down
         try:
-            assert server.proc is not None
-            api = psutil.Process(server.proc.pid)
-            theirs = {api.pid} | {p.pid for p in api.children(recursive=True)}
-            ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in theirs]
-            in_process = Side(Labeler(local), engine=ours)
-            over_http = Side(Labeler(remote), frontend=[psutil.Process(), api], engine=api.children(recursive=True))
-            tokens = prompt_tokens(in_process.lab, "long")
-            rounds = await alternate(in_process, over_http, "long", args.rounds, args.long_pairs, args.batch, "e2")
+            server.wait_ready(timeout=900)
+            remote = VLLMRemoteEngine([server.url], model, timeout=3600)  # a starved CPU is slow, not down
+            try:
+                assert server.proc is not None
+                api = psutil.Process(server.proc.pid)
+                theirs = {api.pid} | {p.pid for p in api.children(recursive=True)}
+                ours = [p for p in psutil.Process().children(recursive=True) if p.pid not in theirs]
+                in_process = Side(Labeler(local), engine=ours)
+                over_http = Side(Labeler(remote), frontend=[psutil.Process(), api], engine=api.children(recursive=True))
+                workload, fillers, tokens = fitted_dialogues(in_process.lab, args.e2_tokens)
+                rounds = await alternate(
+                    in_process, over_http, workload, args.rounds, args.long_pairs, args.batch, "e2"
+                )
+            finally:
+                await remote.aclose()
         finally:
             await local.aclose()
-            await remote.aclose()
     finally:
         server.stop()
     return [
         Result(
             "E2",
-            "in-process vLLM engine pairs/s ÷ vllm-remote engine pairs/s (CPU, both orders, long prompts)",
+            "in-process vLLM engine pairs/s ÷ vllm-remote engine pairs/s (CPU, both orders, HH-style prompts of "
+            f"~{tokens} tokens)",
             median_ratio(rounds),
             0.97,
             "higher",
             detail=f"{args.long_pairs} HH-style pairs a round in calls of {args.batch}, ~{tokens} prompt tokens per "
-            f"order, against `labeler vllm-server` with the same engine arguments; "
+            f"order ({fillers} of the long dialogue's {FILLERS} filler sentences: the count nearest "
+            f"{args.e2_tokens} tokens), "
+            f"against `labeler vllm-server` with the same engine arguments; "
             f"{describe(rounds, 'in-process', 'remote')}; {cpu_account(rounds, 'in-process', 'remote')} (frontend: "
             "this process, plus the API server for remote)",
         )
@@ -270,7 +310,8 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pairs", type=int, default=16, help="short pairs a round")
-    ap.add_argument("--long-pairs", type=int, default=16, help="long pairs a round")
+    ap.add_argument("--long-pairs", type=int, default=16, help="dialogue pairs a round (E1 long, E2)")
+    ap.add_argument("--e2-tokens", type=int, default=500, help="prompt tokens per order E2's dialogues aim at")
     ap.add_argument("--batch", type=int, default=16, help="pairs per labeling call")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--server-log", default="/tmp/labeler-bench-vllm-server.log")

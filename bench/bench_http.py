@@ -2,20 +2,23 @@
 
 P2 = labels/s through HTTP (`labeler serve`, cache off) ÷ labels/s calling the Labeler in
      process, same engine and model, same batches (16 score items a call). Goal ≥ 0.95.
-     The two alternate in `--rounds` rounds; P2 is the median of the rounds' ratios.
+     `--rounds` rounds, each side once a round, HTTP first in even rounds and in-process
+     first in odd ones; P2 is the median of the rounds' ratios.
 P3 = cache-hit requests/s (1 cached item per POST /v1/scores) ÷ requests/s of a bare FastAPI
      endpoint returning a constant, both under uvicorn with the same settings (access log on,
      level warning) and the same load tool (wrk, 32 connections, 1 thread, loopback). Goal ≥ 0.6:
      the label routes go through FastAPI's typed bodies and response models.
-     The two alternate in `--rounds` rounds (a machine's speed can drift by tens of percent
-     over a minute); P3 is the median of the rounds' ratios.
+     `--rounds` rounds of one wrk run against each of the three servers below, the order
+     rotating from round to round (a machine's speed can drift by tens of percent over a
+     minute); P3 is the median of the rounds' ratios. Before the rounds, a request checks
+     that the item is answered from the cache.
 P3 floor = requests/s of FastAPI's typed path alone ÷ the bare endpoint's, in the same rounds: a
      route with the service's own request model as its body and its response model as its return
      type, returning a constant response (the cache hit's own), no middleware and no labeling.
      No goal: it is the ceiling of P3 on this framework, and hits ÷ floor is the share that
      the service's own work (gate, options, keys, cache, response) leaves.
 P3b = cached items/s with 256-item batches (what a training loop sees), the median of `--rounds`
-      runs. Goal ≥ 50,000.
+      wrk runs, after a request that checks the batch is answered from the cache. Goal ≥ 50,000.
 
 Servers run as separate processes so the load tool and the server don't share a GIL.
 Needs `wrk` (Debian package) for P3.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -76,16 +80,36 @@ wrk.body = [[{body}]]
 """
 
 
-def start(cmd: list[str], url: str, env: dict | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return proc
-        except httpx.HTTPError:
+def start(
+    cmd: list[str], url: str, env: dict | None = None, cwd: Path = ROOT, timeout: float = 300
+) -> subprocess.Popen:
+    """A server process started with `cmd` in `cwd`, once `url` answers below 500. A process
+    that exits first, or does not answer within `timeout` seconds, raises with its stderr's tail."""
+    with tempfile.TemporaryFile() as log:  # the child keeps its own descriptor of it
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url, timeout=1).status_code < 500:
+                    return proc
             time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{cmd} did not start")
+        why = f"exited with {proc.returncode}" if proc.poll() is not None else f"did not answer in {timeout:g} s"
+        stop(proc)
+        log.seek(0)
+        tail = log.read()[-4000:].decode(errors="replace")
+    raise RuntimeError(f"{' '.join(cmd)} {why}:\n{tail}")
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    """Terminate `proc` and wait for it, killing it if it has not exited within a minute."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def uvicorn(app_dir: Path, app: str, port: int) -> list[str]:
@@ -98,13 +122,15 @@ def wrk(url: str, body: str, seconds: int, connections: int = 32) -> float:
     """Requests/s that wrk reaches POSTing `body` to `url`."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(WRK_POST.replace("{body}", body))
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", f.name, url], capture_output=True, text=True
-    ).stdout
-    os.unlink(f.name)
-    if "Non-2xx" in out:
+    try:
+        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", f.name, url]
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if "Non-2xx" in out or found is None:
         raise RuntimeError(f"wrk saw errors:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    return float(found.group(1))
 
 
 def items(n: int, tag: str) -> list[dict[str, str]]:
@@ -112,7 +138,8 @@ def items(n: int, tag: str) -> list[dict[str, str]]:
 
 
 async def p2(base: str, n: int, batch: int, rounds: int) -> list[tuple[float, float]]:
-    """(HTTP items/s, in-process items/s) per round; the two alternate, like P3's runs."""
+    """(HTTP items/s, in-process items/s) per round: HTTP first in even rounds, in-process
+    first in odd ones."""
     engine = TransformersEngine(resolve_model(None))
     lab = Labeler(engine)
     data = items(n, "inproc")
@@ -131,14 +158,29 @@ async def p2(base: str, n: int, batch: int, rounds: int) -> list[tuple[float, fl
         await lab.ascores([ScoreItem(**it) for it in data[:batch]], "general")  # warm-up, both sides
         warm = {"task": "general", "items": data[:batch], "cache": False}
         (await client.post("/v1/scores", json=warm)).raise_for_status()
-        for _ in range(rounds):
-            speeds = []
-            for run in (over_http, in_process):
+        sides = (over_http, in_process)
+        for r in range(rounds):
+            speeds = [0.0, 0.0]
+            for k in range(2):
+                i = (r + k) % 2
                 t0 = time.perf_counter()
-                await run()
-                speeds.append(n / (time.perf_counter() - t0))
+                await sides[i]()
+                speeds[i] = n / (time.perf_counter() - t0)
             out.append((speeds[0], speeds[1]))
     return out
+
+
+def cache_hit(base: str, body: str, n: int) -> bytes:
+    """POST `body` (`n` items) to /v1/scores twice, the first to fill the cache; the second
+    response, checked to answer all `n` items from the cache."""
+    responses = []
+    for _ in range(2):
+        r = httpx.post(base + "/v1/scores", content=body, headers={"content-type": "application/json"}, timeout=600)
+        responses.append(r.raise_for_status())
+    results = responses[-1].json()["results"]
+    if len(results) != n or not all(res["cached"] for res in results):
+        raise RuntimeError(f"a repeated request of {n} items was not answered from the cache")
+    return responses[-1].content
 
 
 def main() -> int:
@@ -146,45 +188,51 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds for P2 and P3")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds for P2 and P3, runs for P3b")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("P3 needs wrk: apt-get install wrk")
     port, bare_port, typed_port = free_port(), free_port(), free_port()
     base = f"http://127.0.0.1:{port}"
     env = os.environ | {"LABELER_LOG_LEVEL": "warning", "LABELER_BATCH_CONCURRENCY": "1"}
-    server = start([sys.executable, "-m", "labeler.cli", "serve", "--port", str(port)], base + "/readyz", env)
-    apps_dir = Path(tempfile.mkdtemp())
-    (apps_dir / "bare_app.py").write_text(BARE_APP)
-    bare = start(uvicorn(apps_dir, "bare_app:app", bare_port), f"http://127.0.0.1:{bare_port}/docs")
-    typed = None
+    servers: list[subprocess.Popen] = []
+    apps_dir = Path(tempfile.mkdtemp(prefix="labeler-bench-"))
     try:
+        servers.append(
+            start([sys.executable, "-m", "labeler.cli", "serve", "--port", str(port)], base + "/readyz", env)
+        )
+        (apps_dir / "bare_app.py").write_text(BARE_APP)
+        servers.append(start(uvicorn(apps_dir, "bare_app:app", bare_port), f"http://127.0.0.1:{bare_port}/docs"))
         p2_rounds = asyncio.run(p2(base, args.items, args.batch, args.rounds))
         p2_ratios = sorted(http / inproc for http, inproc in p2_rounds)
         one = json.dumps({"task": "general", "items": items(1, "hit")})
-        cached = httpx.post(base + "/v1/scores", content=one, headers={"content-type": "application/json"}, timeout=300)
+        hit_response = cache_hit(base, one, 1)
         (apps_dir / "typed_app.py").write_text(TYPED_APP)
-        (apps_dir / "response.json").write_bytes(cached.raise_for_status().content)
-        typed = start(uvicorn(apps_dir, "typed_app:app", typed_port), f"http://127.0.0.1:{typed_port}/docs", env)
+        (apps_dir / "response.json").write_bytes(hit_response)
+        servers.append(
+            start(uvicorn(apps_dir, "typed_app:app", typed_port), f"http://127.0.0.1:{typed_port}/docs", env)
+        )
+        targets = [
+            base + "/v1/scores",
+            f"http://127.0.0.1:{bare_port}/const",
+            f"http://127.0.0.1:{typed_port}/v1/scores",
+        ]
         rounds = []
-        for _ in range(args.rounds):
-            rounds.append(
-                (
-                    wrk(base + "/v1/scores", one, args.seconds),
-                    wrk(f"http://127.0.0.1:{bare_port}/const", one, args.seconds),
-                    wrk(f"http://127.0.0.1:{typed_port}/v1/scores", one, args.seconds),
-                )
-            )
+        for r in range(args.rounds):
+            rps = [0.0] * len(targets)
+            for k in range(len(targets)):
+                i = (r + k) % len(targets)
+                rps[i] = wrk(targets[i], one, args.seconds)
+            rounds.append(tuple(rps))
         ratios = sorted(hit / bare for hit, bare, _ in rounds)
         floors = sorted(floor / bare for _, bare, floor in rounds)
         big = json.dumps({"task": "general", "items": items(256, "big")})
-        httpx.post(base + "/v1/scores", content=big, headers={"content-type": "application/json"}, timeout=600)
+        cache_hit(base, big, 256)
         big_rps = sorted(wrk(base + "/v1/scores", big, args.seconds, connections=8) for _ in range(args.rounds))
     finally:
-        for proc in (server, bare, typed):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
+        for proc in servers:
+            stop(proc)
+        shutil.rmtree(apps_dir, ignore_errors=True)
     results = [
         Result(
             "P2",
@@ -192,8 +240,8 @@ def main() -> int:
             p2_ratios[len(p2_ratios) // 2],
             0.95,
             "higher",
-            detail=f"{args.items} score items in calls of {args.batch}, cache off, median of "
-            f"{args.rounds} alternating rounds (HTTP / in-process items/s: "
+            detail=f"{args.items} score items in calls of {args.batch}, cache off, median of {args.rounds} "
+            "rounds' ratios, which side first alternating by round (HTTP / in-process items/s: "
             + ", ".join(f"{h:.2f} / {i:.2f}" for h, i in p2_rounds)
             + ")",
         ),
@@ -203,8 +251,8 @@ def main() -> int:
             ratios[len(ratios) // 2],
             0.6,
             "higher",
-            detail=f"wrk -t1 -c32, {args.seconds} s a run, median of {args.rounds} alternating "
-            "rounds (cache hits / bare req/s: "
+            detail=f"wrk -t1 -c32, {args.seconds} s a run, median of {args.rounds} rounds' ratios, one run "
+            "against each server a round, the order rotating by round (cache hits / bare req/s: "
             + ", ".join(f"{h:,.0f} / {b:,.0f}" for h, b, _ in rounds)
             + "; one uvicorn worker each, loopback)",
         ),
@@ -223,7 +271,7 @@ def main() -> int:
         ),
         Result(
             "P3b",
-            "cached items/s in 256-item batches",
+            "cached items/s in 256-item batches (median of wrk runs)",
             256 * big_rps[len(big_rps) // 2],
             50000,
             "higher",

@@ -1,13 +1,17 @@
 """L1: how long a cache hit waits while the server prepares a large miss batch.
 
-A 64-item miss batch is rendered and tokenized (128 prompts: pairs in both orders) before the
-engine runs it. Wherever that preparation runs, cache hits arriving at the same time must not
-queue behind it. L1 sends the miss batch and, from the moment it is sent, cache hits from 8
-concurrent connections for `--window` seconds, and reports the hits' latency percentiles.
+A miss batch of `--items` pairs (64 by default: 128 prompts, pairs in both orders) is
+rendered and tokenized before the engine runs it. Wherever that preparation runs, cache hits
+arriving at the same time must not queue behind it. L1 sends the miss batch and, from the
+moment it is sent, cache hits from 8 concurrent connections for `--window` seconds, in each
+of `--rounds` rounds (a fresh server each), and reports the latency percentiles of the hits
+of all rounds pooled, with each round's p99 beside them.
 
 With `--baseline DIR` (a checkout of another revision), the same measurement runs against a
-server started from DIR too, the two alternating round by round, so one run compares them.
-Every figure is counted from the requests sent.
+server started in DIR too (DIR as its working directory and PYTHONPATH, checked by importing
+`labeler` there as the server does), both sides once a round, which goes first alternating
+from round to round, so one run compares them. Each side's revision is its checkout's
+`git rev-parse --short HEAD`. Every figure is counted from the requests sent.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_http import start
+from bench.bench_http import start, stop
 from bench.common import Result
 from tests.fixtures.redis import free_port
 
@@ -77,10 +81,36 @@ def pct(values: list[float], q: float) -> float:
     )
 
 
-def serve(source: Path, port: int) -> object:
-    env = os.environ | {"LABELER_LOG_LEVEL": "warning", "PYTHONPATH": str(source)}
-    return start(
-        [sys.executable, "-m", "labeler.cli", "serve", "--port", str(port)], f"http://127.0.0.1:{port}/readyz", env
+def server_env(source: Path) -> dict[str, str]:
+    return os.environ | {"LABELER_LOG_LEVEL": "warning", "PYTHONPATH": str(source)}
+
+
+def serve(source: Path, port: int) -> subprocess.Popen:
+    """`labeler serve` run from the checkout `source`: `-m` puts the working directory first
+    on sys.path, so the working directory decides which tree runs."""
+    cmd = [sys.executable, "-m", "labeler.cli", "serve", "--port", str(port)]
+    return start(cmd, f"http://127.0.0.1:{port}/readyz", server_env(source), cwd=source)
+
+
+def revision(source: Path) -> str:
+    """`source`'s HEAD, after checking that a Python started there as `serve` starts the
+    server imports `labeler` from `source`."""
+    probe = [sys.executable, "-c", "import labeler; print(labeler.__file__)"]
+    found = subprocess.run(probe, cwd=source, env=server_env(source), capture_output=True, text=True, check=True)
+    package = Path(found.stdout.strip()).resolve()
+    if not package.is_relative_to(source):
+        raise RuntimeError(f"a server started in {source} would import labeler from {package}")
+    head = ["git", "-C", str(source), "rev-parse", "--short", "HEAD"]
+    rev = subprocess.run(head, capture_output=True, text=True).stdout.strip()
+    return rev or "unknown"
+
+
+def summary(values: list[float], per_round: list[list[float]]) -> str:
+    return (
+        f"{len(values)} hits, p50 {1e3 * pct(values, 0.5):.1f} ms, p99 {1e3 * pct(values, 0.99):.1f} ms, "
+        f"max {1e3 * max(values):.1f} ms; each round's p99: "
+        + ", ".join(f"{1e3 * pct(r, 0.99):.1f}" for r in per_round)
+        + " ms"
     )
 
 
@@ -93,46 +123,40 @@ def main() -> int:
     ap.add_argument("--baseline", type=Path, help="a checkout of another revision to compare with")
     args = ap.parse_args()
     sources = {"this": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
-    lat: dict[str, list[float]] = {k: [] for k in sources}
+    revisions = {name: revision(src) for name, src in sources.items()}
+    names = list(sources)
+    lat: dict[str, list[list[float]]] = {k: [] for k in sources}
     for r in range(args.rounds):
-        for name, src in sources.items():
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
             port = free_port()
-            proc = serve(src, port)
+            proc = serve(sources[name], port)
             try:
                 url = f"http://127.0.0.1:{port}"
-                lat[name] += asyncio.run(one_round(url, f"{name}{r}", args.items, args.window, args.connections))
+                lat[name].append(asyncio.run(one_round(url, f"{name}{r}", args.items, args.window, args.connections)))
             finally:
-                proc.terminate()
-                proc.wait(timeout=120)
-    cur = lat["this"]
+                stop(proc)
+    cur = [x for rnd in lat["this"] for x in rnd]
+    order = ", which side first alternating by round" if len(names) > 1 else ""
     detail = (
         f"{args.items}-pair miss batch (both orders: {2 * args.items} prompts), cache hits from "
-        f"{args.connections} connections for {args.window:g} s after it is sent, {args.rounds} rounds: "
-        f"{len(cur)} hits, p50 {1e3 * pct(cur, 0.5):.1f} ms, p99 {1e3 * pct(cur, 0.99):.1f} ms, "
-        f"max {1e3 * max(cur):.1f} ms"
+        f"{args.connections} connections for {args.window:g} s after it is sent, {args.rounds} rounds{order}, "
+        f"a fresh server each, percentiles of all rounds' hits pooled; this checkout (HEAD {revisions['this']}): "
+        + summary(cur, lat["this"])
     )
-    results = [
-        Result(
-            "L1",
-            "cache-hit p99 latency while a 64-item miss batch is prepared",
-            1e3 * pct(cur, 0.99),
-            None,
-            "lower",
-            unit="ms",
-            detail=detail,
-        )
-    ]
     if "baseline" in lat:
-        base = lat["baseline"]
-        rev = subprocess.run(
-            ["git", "-C", str(args.baseline), "log", "-1", "--format=%h (%cs)"], capture_output=True, text=True
-        ).stdout.strip()
-        results[0].detail += (
-            f"; baseline revision {rev or args.baseline.name}: {len(base)} hits, p50 {1e3 * pct(base, 0.5):.1f} ms, "
-            f"p99 {1e3 * pct(base, 0.99):.1f} ms, max {1e3 * max(base):.1f} ms"
-        )
-    for res in results:
-        print(json.dumps(res.to_dict()))
+        base = [x for rnd in lat["baseline"] for x in rnd]
+        detail += f"; baseline checkout (HEAD {revisions['baseline']}): " + summary(base, lat["baseline"])
+    result = Result(
+        "L1",
+        f"cache-hit p99 latency (all rounds' hits pooled) while a {args.items}-pair miss batch is prepared",
+        1e3 * pct(cur, 0.99),
+        None,
+        "lower",
+        unit="ms",
+        detail=detail,
+    )
+    print(json.dumps(result.to_dict()))
     return 0
 
 

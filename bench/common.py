@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,13 +31,24 @@ class Result:
         return asdict(self) | {"met": self.met}
 
 
-def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn` over `repeats` runs, after `warmup` unmeasured runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall time of one call of `fn`."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_round(sides: Sequence[Callable[[], Any]], r: int) -> list[float]:
+    """Round `r`: each side's wall time, each side run once, side `r % len(sides)` first and
+    the others after it in turn. Over rounds every side goes first equally often (with two
+    sides: the first in even rounds, the second in odd ones), so none is always measured on
+    a machine the other has just warmed up or slowed down."""
+    times = [0.0] * len(sides)
+    for k in range(len(sides)):
+        i = (r + k) % len(sides)
+        times[i] = timed(sides[i])
+    return times
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
