@@ -377,6 +377,20 @@ def test_kv_cache_that_cannot_fit_is_refused_before_vllm_starts(model_dir):
         assert "Traceback" not in proc.stderr
 
 
+def test_kv_cache_too_small_for_one_sequence_is_refused_before_vllm_starts(model_dir):
+    """A cache that cannot hold one sequence of the longest length: vLLM refuses it only
+    from inside its engine process (a traceback); here in one line, naming both fixes. The
+    embedded model's 8192-token context in fp32 takes over 0.35 GiB; 2048 tokens fit in 256M."""
+    small = {"kv_cache_memory_bytes": 256 << 20}
+    with pytest.raises(ModelLoadError, match=r"is less than one sequence of 8192 tokens needs \(0\.3\d GiB\): pass at"):
+        cpu_defaults(model_dir, small, environ={})
+    assert "kv_cache_memory_bytes" not in cpu_defaults(model_dir, {**small, "max_model_len": 2048}, environ={}).args
+    cmd = [sys.executable, "-m", "labeler.cli", "vllm-server", "embedded", "--kv-cache-memory-bytes", "256M"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: kv_cache_memory_bytes=268435456 (0.25 GiB) is less than"), proc.stderr
+
+
 def test_a_command_on_the_vllm_engine_prints_only_its_json(tmp_path):
     """vLLM logs to stdout unless told otherwise (its engine processes too): a one-item
     command's --json output stays one JSON document, vLLM's lines on stderr."""

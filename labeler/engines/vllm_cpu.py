@@ -105,7 +105,14 @@ def cpu_defaults(
     if size is not None or share is not None:
         # Checked when given as numbers; anything else (vLLM's "auto") is vLLM's to judge.
         if isinstance(size, int) and not isinstance(size, bool):
-            check_kv_cache_fits(model_dir, size, dtype)
+            check_kv_cache_fits(
+                model_dir,
+                size,
+                dtype,
+                kv_cache_dtype=str(given.get("kv_cache_dtype", "auto")),
+                max_model_len=given.get("max_model_len"),
+                block_size=given.get("block_size"),
+            )
         elif size is None and isinstance(share, int | float):
             check_memory_share_fits(float(share))
     elif not environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -217,13 +224,7 @@ def default_kv_cache_bytes(
     `max_model_len` tokens (the model's context when None) as vLLM counts it, in whole MiB.
     ModelLoadError when even that does not fit in `available` bytes."""
     weights = weights_bytes(model_dir, dtype)
-    # -1 (vLLM's "auto": the longest length that fits) sizes the cache for the model's context.
-    given = max_model_len if isinstance(max_model_len, int) and max_model_len > 0 else None
-    length = int(given or _config(Path(model_dir)).get("max_position_embeddings") or 0)
-    # vLLM stores a sequence in whole blocks and holds one more block back (its null block).
-    block = int(block_size or CPU_BLOCK_SIZE)
-    one_sequence = kv_bytes_per_token(model_dir, dtype, kv_cache_dtype) * block * (-(-length // block) + 1)
-    one_sequence = -(-one_sequence >> 20) << 20  # whole MiB, rounded up
+    one_sequence, length = one_sequence_bytes(model_dir, dtype, kv_cache_dtype, max_model_len, block_size)
     size = max(min(CPU_KV_CACHE_MAX, int((available - weights) * CPU_KV_CACHE_SHARE)), one_sequence)
     if size + weights > available:
         raise ModelLoadError(
@@ -235,9 +236,52 @@ def default_kv_cache_bytes(
     return max(size >> 20, 1) << 20
 
 
-def check_kv_cache_fits(model_dir: str | Path, size: int, dtype: str, available: int | None = None) -> None:
-    """ModelLoadError unless a KV cache of `size` bytes and the weights fit in the memory
-    available, which vLLM's CPU backend checks only after it has loaded the model."""
+def one_sequence_bytes(
+    model_dir: str | Path,
+    dtype: str,
+    kv_cache_dtype: str = "auto",
+    max_model_len: int | None = None,
+    block_size: int | None = None,
+) -> tuple[int, int]:
+    """(KV cache bytes of one sequence of the longest length, in whole MiB; that length):
+    `max_model_len` tokens, else the model's context, as vLLM counts them."""
+    # -1 (vLLM's "auto": the longest length that fits) sizes the cache for the model's context.
+    given = max_model_len if isinstance(max_model_len, int) and max_model_len > 0 else None
+    length = int(given or _config(Path(model_dir)).get("max_position_embeddings") or 0)
+    # vLLM stores a sequence in whole blocks and holds one more block back (its null block).
+    block = int(block_size or CPU_BLOCK_SIZE)
+    one_sequence = kv_bytes_per_token(model_dir, dtype, kv_cache_dtype) * block * (-(-length // block) + 1)
+    return -(-one_sequence >> 20) << 20, length  # whole MiB, rounded up
+
+
+# Config keys of attention that keeps fewer than all tokens in some layers (sliding windows,
+# latent KV): there one sequence needs less than `one_sequence_bytes` counts.
+_PARTIAL_KV_KEYS = ("sliding_window", "layer_types", "kv_lora_rank", "attention_chunk_size")
+
+
+def check_kv_cache_fits(
+    model_dir: str | Path,
+    size: int,
+    dtype: str,
+    available: int | None = None,
+    *,
+    kv_cache_dtype: str = "auto",
+    max_model_len: int | None = None,
+    block_size: int | None = None,
+) -> None:
+    """ModelLoadError unless a KV cache of `size` bytes holds one sequence of the longest
+    length (which vLLM refuses with a traceback from its engine process) and, with the
+    weights, fits in the memory available (which vLLM's CPU backend checks only after it has
+    loaded the model)."""
+    config = _config(Path(model_dir))
+    if not any(config.get(k) for k in _PARTIAL_KV_KEYS):
+        one_sequence, length = one_sequence_bytes(model_dir, dtype, kv_cache_dtype, max_model_len, block_size)
+        if size < one_sequence:
+            raise ModelLoadError(
+                f"kv_cache_memory_bytes={size} ({_gib(size)} GiB) is less than one sequence of {length} tokens "
+                f"needs ({_gib(one_sequence)} GiB): pass at least {one_sequence >> 20}M, or a smaller "
+                "max_model_len (--engine-arg max_model_len=N, or --max-model-len N for labeler vllm-server)"
+            )
     available = memory()[1] if available is None else available
     weights = weights_bytes(model_dir, dtype)
     if size + weights > available:
