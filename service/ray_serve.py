@@ -40,7 +40,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app
-from .cli import JsonFormatter
+from .cli import APP_LOGGERS, JsonFormatter
 from .settings import Settings
 
 # The names that the config files and `labeler_client.ray` use.
@@ -90,7 +90,7 @@ def _configure_logging(level: str) -> None:
     """The app's loggers in a replica, where `labeler serve`'s logging config is not applied.
     Serve configures only its own logger (`ray.serve`), and a Ray worker's root logger has no
     handler: Python's last resort would print warnings and above, whatever the level."""
-    for name in ("service", "labeler"):
+    for name in APP_LOGGERS:
         logger = logging.getLogger(name)
         logger.setLevel(level.upper())
         if not logger.handlers:  # a handler set up otherwise is kept

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -10,6 +9,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from labeler.chat import END_MARKERS
 from labeler.spec import MAX_GROUP_SIZE
+from labeler.tasks import split_dirs
 
 
 def _split(value: Any) -> Any:
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     @field_validator("tasks_dir", mode="before")
     @classmethod
     def _split_paths(cls, value: Any) -> Any:
-        return [d for d in value.split(os.pathsep) if d.strip()] if isinstance(value, str) else value
+        return split_dirs(value) if isinstance(value, str) else value
 
     @field_validator("vllm_urls", "api_keys", "cors_origins", "end_markers", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ turn, to its answer: `judged_completion_text`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 Message = Mapping[str, Any]
@@ -105,11 +105,9 @@ def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[di
     ]
 
 
-def pair_items(
-    prompts: Sequence[Text], pairs: Sequence[Sequence[Text]], response: Callable[[Text], str] = completion_text
-) -> list[dict[str, Any]]:
-    """`/v1/preferences` items for prompts and their (first, second) completion pairs, each
-    completion's text read by `response`."""
+def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list[dict[str, Any]]:
+    """`/v1/preferences` items for prompts and their (first, second) completion pairs, as
+    `PairwiseJudge` is given them (`judged_completion_text`)."""
     if len(prompts) != len(pairs):
         raise ValueError(f"{len(prompts)} prompts but {len(pairs)} completion pairs")
     items = []
@@ -119,8 +117,8 @@ def pair_items(
         items.append(
             {
                 "context": context_value(p),
-                "response_a": response(pair[0]),
-                "response_b": response(pair[1]),
+                "response_a": judged_completion_text(pair[0]),
+                "response_b": judged_completion_text(pair[1]),
             }
         )
     return items

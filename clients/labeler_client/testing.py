@@ -360,7 +360,8 @@ class FakeLabeler:
             return self._invalid("overlong", "must be 'refuse' or 'lowest'")
         for name in ("task", "reward", "overlong"):
             if name in body:
-                return self._error(422, f"{name} is a query parameter of /get_reward", "invalid_input", name)
+                message = f"{name} is a query parameter of /get_reward (/get_reward?{name}=...), not a body field"
+                return self._error(422, message, "invalid_input", name)
         prompts = body.get("prompts")
         if prompts is not None and (not isinstance(prompts, list) or len(prompts) != len(body["query"])):
             return self._error(422, "prompts must have one entry per query", "invalid_input", "prompts")

@@ -38,7 +38,7 @@ from typing import Any, get_args
 from ._client import AsyncClient, Client, OnError, Order, _BaseClient
 from ._config import resolve_key, resolve_url
 from ._exceptions import APIStatusError
-from ._text import Text, judged_completion_text, pair_items
+from ._text import Text, pair_items
 
 # The columns TRL's GRPO, RLOO and AsyncGRPO trainers leave out of the keyword call
 # (grpo_trainer.py, _calculate_rewards): a reference kept in one of them never arrives.
@@ -549,7 +549,7 @@ class PairwiseJudge(_Picklable):
         return_scores: bool = False,
     ) -> list[int] | list[float]:
         prefs = self.client.preferences(
-            pair_items(prompts, completions, response=judged_completion_text),
+            pair_items(prompts, completions),
             self.task,
             order="both",
             on_error=self.on_error,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -180,6 +181,11 @@ class Task:
             "judgment_examples": len(self.judgment_examples),
             "source": self.source,
         }
+
+
+def split_dirs(value: str) -> list[str]:
+    """The directories of a `LABELER_TASKS_DIR` value: separated like PATH, blanks dropped."""
+    return [d for d in value.split(os.pathsep) if d.strip()]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
