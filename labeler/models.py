@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def convert_gguf(gguf: Path) -> Path:
         return out
     try:  # before the conversion's ~40 s: a directory that cannot be written fails at once
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_conversions(out.parent)
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
     except OSError as exc:
         raise ModelLoadError(_unwritable(out.parent, exc)) from exc
@@ -111,6 +113,23 @@ def convert_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# A conversion in progress writes into its directory within minutes; one untouched for a day
+# was killed before its cleanup could run (SIGKILL, an out-of-memory kill).
+STALE_CONVERSION_S = 24 * 3600
+
+
+def _remove_stale_conversions(models: Path) -> None:
+    """Remove the temporary directories of conversions killed mid-way: each is as large as
+    the float32 model, and a pod restarted during its first conversion leaves one a time."""
+    cutoff = time.time() - STALE_CONVERSION_S
+    for leftover in models.glob(".convert-*"):
+        try:
+            if leftover.is_dir() and leftover.stat().st_mtime < cutoff:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
 
 
 def _unwritable(path: Path, exc: OSError) -> str:

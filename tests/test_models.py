@@ -110,3 +110,31 @@ def test_a_published_conversion_is_readable_as_its_files_are(tmp_path):
         _publish(tmp, out)
         assert not tmp.exists() and (out / "config.json").is_file()
         assert out.stat().st_mode & 0o777 == directory
+
+
+def test_a_conversion_removes_leftovers_of_conversions_killed_long_ago(tmp_path, monkeypatch):
+    """A conversion killed mid-way (SIGKILL skips its cleanup) leaves a directory as large as
+    the model: the next conversion removes those untouched for a day, not one in progress."""
+    import labeler.models as models
+
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = embedded_gguf()
+    parent = models.converted_dir(gguf).parent
+    old, recent = parent / ".convert-killed", parent / ".convert-running"
+    for d in (old, recent):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"\0" * 1024)
+    day_and_more = old.stat().st_mtime - models.STALE_CONVERSION_S - 60
+    os.utime(old, (day_and_more, day_and_more))
+
+    class Stop(Exception):
+        pass
+
+    def stop(gguf):
+        raise Stop
+
+    monkeypatch.setattr(models, "_dequantized", stop)
+    with pytest.raises(Stop):
+        models.convert_gguf(gguf)
+    assert not old.exists() and (recent / "model.safetensors").is_file()
+    assert sorted(p.name for p in parent.iterdir()) == [".convert-running"]  # its own removed too
