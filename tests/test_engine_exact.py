@@ -115,6 +115,74 @@ def test_batched_equals_one_by_one_and_reuses_prefixes(labeler, engine):
     assert computed < 0.8 * given
 
 
+def test_packed_leaves_attend_each_to_its_own_tokens_only():
+    """Leaves packed into one row: each token sits at its position after the cache and
+    attends to its own leaf's earlier tokens only, never to a leaf laid out before it;
+    padding columns attend to themselves alone. A single leaf is a plain row."""
+    from labeler.engines.transformers_engine import _Node, pack_leaves, packed_mask
+
+    leaves = [_Node(edge=(5, 6, 7), ends=[(0, 2)]), _Node(edge=(8,), ends=[(1, 0)]), _Node(edge=(9, 9), ends=[(2, 1)])]
+    row = pack_leaves(leaves)
+    assert row.packed and row.ids == [5, 6, 7, 8, 9, 9] and row.positions == [0, 1, 2, 0, 0, 1]
+    mask = packed_mask(row, len(row.ids) + 2)
+    for i, col in row.ends:
+        seen = [c for c in range(len(row.ids)) if mask[col, c]]
+        assert tuple(row.ids[c] for c in seen) == leaves[i].edge  # the leaf itself, in order
+        assert [row.positions[c] for c in seen] == list(range(len(leaves[i].edge)))
+    assert mask[len(row.ids) :].nonzero().tolist() == [[0, len(row.ids)], [1, len(row.ids) + 1]]
+    assert not pack_leaves(leaves[:1]).packed
+
+
+def test_packed_and_unpacked_leaves_agree(labeler, engine):
+    """Pairs in both orders and 1-10 scores ("1" prefixes "10") in one call give the same
+    labels, and compute each distinct token once, whether each leaf runs as its own row,
+    only some leaves are packed, or every pair's two orders share a row; and match the direct
+    computation."""
+    from labeler import Labeler
+    from labeler.engines.transformers_engine import TransformersEngine
+
+    pairs = [
+        {"context": "Name a fruit.", "response_a": "An apple.", "response_b": "A chair."},
+        {"context": "Name a colour, please.", "response_a": "Blue", "response_b": "Seven, or maybe eight."},
+    ]
+    scores = [{"context": "What is 2+2?", "response": "4"}, {"context": "What is 2+2?", "response": "five"}]
+    prompts = [
+        labeler.render_pairwise("tiny", p["context"], p["response_a"], p["response_b"], order=o).prompt_token_ids
+        for p in pairs
+        for o in ("ab", "ba")
+    ]
+    (root,) = merge_short_edges(build_prefix_tree(prompts), 8)
+    assert len(root.children) == 2 and all(len(c.children) == 2 for c in root.children)  # a pair's orders
+    contexts = sorted(root.children, key=lambda c: sum(len(leaf.edge) for leaf in c.children))
+    sizes = [sum(len(leaf.edge) for leaf in c.children) for c in contexts]
+    runs = {}
+    for pack in (0, sizes[0], sizes[1]):  # none, the first pair's orders in one row, both pairs'
+        packed = TransformersEngine.from_objects(engine.model, engine.tokenizer, model_id="packed", pack_tokens=pack)
+        assert [[r.packed for r in packed._rows(c.children, None)] for c in contexts] == [
+            [True] if pack >= size else [False, False] for size in sizes
+        ]
+        lab = Labeler(packed, labeler.tasks)
+        runs[pack] = (lab.preferences(pairs, "tiny"), lab.scores(scores, "tiny"), packed.stats.computed_tokens)
+    level, *others = runs.values()
+    for prefs, dists, computed in others:
+        assert computed == level[2]
+        for x, y in zip(prefs, level[0], strict=True):
+            assert (x.p_a_ab, x.p_a_ba) == pytest.approx((y.p_a_ab, y.p_a_ba), abs=TOL)
+        for x, y in zip(dists, level[1], strict=True):
+            assert x.distribution == pytest.approx(y.distribution, abs=TOL)
+    ab, ba = (labeler.render_pairwise("tiny", **pairs[1], order=o) for o in ("ab", "ba"))
+    assert (runs[sizes[1]][0][1].p_a_ab, runs[sizes[1]][0][1].p_a_ba) == pytest.approx(
+        (
+            reference_distribution(engine, ab.prompt_token_ids, ab.labels)["1"],
+            reference_distribution(engine, ba.prompt_token_ids, ba.labels)["2"],
+        ),
+        abs=TOL,
+    )
+    r = labeler.render_score("tiny", "What is 2+2?", "five")
+    ref = reference_distribution(engine, r.prompt_token_ids, r.labels)
+    assert runs[sizes[1]][1][1].distribution == pytest.approx([ref[str(i)] for i in range(1, 11)], abs=TOL)
+
+
 def test_prefix_tree_shape():
     root = build_prefix_tree([(1, 2, 3, 4), (1, 2, 3, 5), (1, 2, 3), (1, 9)])
     assert root.edge == (1,) and not root.ends
@@ -152,23 +220,24 @@ def test_short_shared_edges_are_merged_and_prefix_sequences_read_inside_longer_o
     assert len(merge_short_edges(build_prefix_tree(seqs), 1)) == 2
 
 
-def test_nodes_are_grouped_by_width_to_bound_padding():
-    from labeler.engines.transformers_engine import _Node, group_by_width
+def test_rows_are_grouped_by_width_to_bound_padding():
+    from labeler.engines.transformers_engine import _Node, edge_row, group_by_width
 
-    nodes = [_Node(edge=(0,) * n) for n in (300, 10, 290, 12, 100, 11)]
-    groups = group_by_width(nodes, slack=0.25, min_tokens=16)
-    assert [[len(n.edge) for n in g] for g in groups] == [[300, 290], [100], [12, 11, 10]]
+    def row(n, children=()):
+        return edge_row(_Node(edge=(0,) * n, children=list(children)))
+
+    rows = [row(n) for n in (300, 10, 290, 12, 100, 11)]
+    groups = group_by_width(rows, slack=0.25, min_tokens=16)
+    assert [[len(r.ids) for r in g] for g in groups] == [[300, 290], [100], [12, 11, 10]]
     for g in groups:  # each group's padding is within the slack
-        assert len(g[0].edge) * len(g) <= 1.25 * sum(len(n.edge) for n in g)
+        assert len(g[0].ids) * len(g) <= 1.25 * sum(len(r.ids) for r in g)
     # Small groups are not split: below min_tokens everything runs as one forward.
-    assert len(group_by_width(nodes[:2], min_tokens=1000)) == 1
-    # For a sliding-window model, a node with children is never padded; leaves still are.
+    assert len(group_by_width(rows[:2], min_tokens=1000)) == 1
+    # For a sliding-window model, a row with children is never padded; leaves still are.
     leaf = _Node(edge=(0,) * 5)
-    parents = [_Node(edge=(0,) * n, children=[leaf]) for n in (9, 9, 7)]
-    groups = group_by_width(
-        [*parents, _Node(edge=(0,) * 8), _Node(edge=(0,) * 3)], min_tokens=1000, unpadded_parents=True
-    )
-    assert [[len(n.edge) for n in g] for g in groups] == [[9, 9, 8], [7, 3]]
+    parents = [row(n, [leaf]) for n in (9, 9, 7)]
+    groups = group_by_width([*parents, row(8), row(3)], min_tokens=1000, unpadded_parents=True)
+    assert [[len(r.ids) for r in g] for g in groups] == [[9, 9, 8], [7, 3]]
 
 
 def test_a_sliding_window_model_scores_a_batch_as_each_item_alone(engine, test_tasks):
@@ -197,6 +266,7 @@ def test_a_sliding_window_model_scores_a_batch_as_each_item_alone(engine, test_t
     )
     model = MistralForCausalLM(config).eval()
     windowed = Labeler(TransformersEngine.from_objects(model, engine.tokenizer, model_id="sliding"), test_tasks)
+    assert model.config._attn_implementation == "sdpa" and windowed.engine.pack_tokens == 0  # a mask of its own
     items = [
         {"context": "Say hi.", "response_a": "Hi!", "response_b": "Bye."},
         {

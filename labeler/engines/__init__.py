@@ -16,7 +16,8 @@ ENGINES = ("transformers", "vllm", "vllm-remote")
 def load_engine(name: str = "transformers", model: str | None = None, **options: Any) -> Engine:
     """Create the engine called `name` for `model` (see `labeler.models.resolve_model`).
 
-    - "transformers": a local PyTorch model (options: device, dtype, max_batch_tokens, threads);
+    - "transformers": a local PyTorch model (options: device, dtype, max_batch_tokens, threads,
+      min_shared_tokens, pack_tokens);
     - "vllm": vLLM's AsyncLLM in this process (options: any vLLM engine argument, e.g.
       gpu_memory_utilization, max_model_len, tensor_parallel_size, dtype, load_format, seed);
     - "vllm-remote": `vllm serve` servers (options: urls (list or comma-separated), served_model,

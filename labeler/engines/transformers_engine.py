@@ -18,6 +18,18 @@ copied into its children (`merge_short_edges`). Digit-split numbers ("Post 1" / 
 otherwise make deep tries of one-token levels, each padded to the level's widest node, which
 cost far more than the few tokens their sharing saves (it halved GPU throughput on the P1
 workload).
+
+Leaves that hang on the same cache row (a pair's two orders after their shared context, the
+second responses of a group's comparisons after their shared first one) run packed into
+rows of at most `pack_tokens` tokens (`pack_leaves`): each attends to the cache and to its
+own earlier tokens only (a 4D mask), at the positions it has in its sequence, so the row
+uses one copy of the parent's cache instead of one each (P4 in docs/BENCHMARKS.md measures
+the two orders of a pair). The limit is low because the mask is dense: each packed leaf's
+queries are also computed against its neighbours' columns, a cost that grows with the
+square of the row (rows of ~700 tokens made the P6 group call slower, not faster). Nodes
+with children always run as their own rows, which keeps the causal kernel for the long
+shared parts. Models with a sliding window (which a custom mask would bypass) and attention
+implementations other than SDPA never pack.
 """
 
 from __future__ import annotations
@@ -106,27 +118,77 @@ def merge_short_edges(node: _Node, min_tokens: int) -> list[_Node]:
     return out
 
 
+@dataclass
+class _Row:
+    """One row of a forward: one node's edge, its children to run next on this row's cache;
+    or, `packed`, several leaves that hang on the same cache row, one after the other."""
+
+    nodes: list[_Node]
+    ids: list[int]
+    positions: list[int]  # counted from the end of the row's cached prefix
+    spans: list[tuple[int, int]]  # (first column, end column) of each node
+    ends: list[tuple[int, int]]  # (sequence index, column) of the sequences read here
+    packed: bool = False
+
+    @property
+    def children(self) -> list[_Node]:
+        return [] if self.packed else self.nodes[0].children
+
+
+def edge_row(node: _Node) -> _Row:
+    """`node`'s edge as a row; its children run on the row's cache."""
+    n = len(node.edge)
+    return _Row([node], list(node.edge), list(range(n)), [(0, n)], list(node.ends))
+
+
+def pack_leaves(leaves: Sequence[_Node]) -> _Row:
+    """`leaves` (of one cache row) one after the other in one row, each at its own positions;
+    `packed_mask` keeps each to its own tokens."""
+    if len(leaves) == 1:
+        return edge_row(leaves[0])
+    row = _Row(list(leaves), [], [], [], [], packed=True)
+    for n in leaves:
+        start = len(row.ids)
+        row.ids += n.edge
+        row.positions += range(len(n.edge))
+        row.spans.append((start, len(row.ids)))
+        row.ends += [(i, start + pos) for i, pos in n.ends]
+    return row
+
+
+def packed_mask(row: _Row, width: int) -> Any:
+    """[width, width] bool: which of the row's columns each column attends to (the cache's
+    columns aside). A padding column attends to itself alone: a query that attends to nothing
+    makes NaNs that the masked-out products do not cancel."""
+    import torch
+
+    mask = torch.eye(width, dtype=torch.bool)
+    for start, end in row.spans:
+        mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    return mask
+
+
 def group_by_width(
-    nodes: Sequence[_Node], *, slack: float = 0.25, min_tokens: int = 256, unpadded_parents: bool = False
-) -> list[list[_Node]]:
-    """`nodes` in groups that each run as one padded forward: longest edges first, a group
-    closed once padding it to its widest edge would cost more than `slack` × its real tokens
-    (and it holds at least `min_tokens`, so short nodes do not each get a forward). With
-    `unpadded_parents`, a node with children is never padded (its group is as wide as its
-    edge): its children's tokens would stand that padding further from their context."""
-    groups: list[list[_Node]] = []
-    cur: list[_Node] = []
+    rows: Sequence[_Row], *, slack: float = 0.25, min_tokens: int = 256, unpadded_parents: bool = False
+) -> list[list[_Row]]:
+    """`rows` in groups that each run as one padded forward: longest first, a group closed
+    once padding it to its widest row would cost more than `slack` × its real tokens (and it
+    holds at least `min_tokens`, so short rows do not each get a forward). With
+    `unpadded_parents`, a row with children is never padded (its group is as wide as it is):
+    its children's tokens would stand that padding further from their context."""
+    groups: list[list[_Row]] = []
+    cur: list[_Row] = []
     real = 0
-    for n in sorted(nodes, key=lambda n: -len(n.edge)):
-        wide = len(cur[0].edge) if cur else 0
-        padded_parent = unpadded_parents and bool(n.children) and len(n.edge) < wide
+    for n in sorted(rows, key=lambda n: -len(n.ids)):
+        wide = len(cur[0].ids) if cur else 0
+        padded_parent = unpadded_parents and bool(n.children) and len(n.ids) < wide
         if cur and (
-            padded_parent or (real >= min_tokens and wide * (len(cur) + 1) > (1 + slack) * (real + len(n.edge)))
+            padded_parent or (real >= min_tokens and wide * (len(cur) + 1) > (1 + slack) * (real + len(n.ids)))
         ):
             groups.append(cur)
             cur, real = [], 0
         cur.append(n)
-        real += len(n.edge)
+        real += len(n.ids)
     if cur:
         groups.append(cur)
     return groups
@@ -145,6 +207,7 @@ class TransformersEngine:
         max_batch_tokens: int = 4096,
         threads: int | None = None,
         min_shared_tokens: int = 8,
+        pack_tokens: int = 256,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM
@@ -171,20 +234,35 @@ class TransformersEngine:
             from ..fingerprint import check_unchanged
 
             check_unchanged(model_dir, before)
-        self._setup(model, tokenizer, model_id or before, max_batch_tokens, min_shared_tokens)
+        self._setup(model, tokenizer, model_id or before, max_batch_tokens, min_shared_tokens, pack_tokens)
 
     @classmethod
     def from_objects(
-        cls, model: Any, tokenizer: Any, *, model_id: str, max_batch_tokens: int = 4096, min_shared_tokens: int = 8
+        cls,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        max_batch_tokens: int = 4096,
+        min_shared_tokens: int = 8,
+        pack_tokens: int = 256,
     ) -> TransformersEngine:
         """An engine around an already-built model (e.g. `from_config` with random weights
         for a throughput benchmark). The engine takes the model over: its generation config
         is replaced by a plain one, as at load."""
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, model_id, max_batch_tokens, min_shared_tokens)
+        engine._setup(model, tokenizer, model_id, max_batch_tokens, min_shared_tokens, pack_tokens)
         return engine
 
-    def _setup(self, model: Any, tokenizer: Any, model_id: str, max_batch_tokens: int, min_shared_tokens: int) -> None:
+    def _setup(
+        self,
+        model: Any,
+        tokenizer: Any,
+        model_id: str,
+        max_batch_tokens: int,
+        min_shared_tokens: int,
+        pack_tokens: int,
+    ) -> None:
         import inspect
 
         import torch
@@ -208,6 +286,9 @@ class TransformersEngine:
         # A sliding window counts cache columns, not positions: padding inside a sequence
         # (a parent's, before its children's tokens) would shorten what the window sees.
         self._window = _sliding_window(model.config)
+        # A custom 4D mask replaces a sliding window's, and only SDPA reads a boolean one.
+        sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self.pack_tokens = max(0, int(pack_tokens)) if sdpa and self._window is None else 0
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward.
         self._lock = threading.Lock()
@@ -302,9 +383,8 @@ class TransformersEngine:
 
     def _prefix_past(self, prefix: TokenIds) -> Any:
         """The KV cache of `prefix` alone (one row), as `_forward_group` passes a cache on."""
-        node = _Node(edge=prefix)
         with self._torch.inference_mode():
-            kv, mask, plen, _ = self._forward_group([node], None, [], [], keep=True)
+            kv, mask, plen, _ = self._forward_group([edge_row(_Node(edge=prefix))], None, [], [], keep=True)
         return kv, mask, plen
 
     def _tree_logprobs(
@@ -324,53 +404,88 @@ class TransformersEngine:
         # Parents go unpadded only where the window can fall short of a row's columns: its
         # cache holds at most the base and, per tree level, the widest edge.
         unpadded = self._window is not None and reach + _widest_path(roots) > self._window
-        # Depth-first over groups of nodes: a group's KV cache lives only until its subtree is done.
+        # Depth-first over groups of rows: a group's KV cache lives only until its subtree is done.
         todo: list[tuple[list[_Node], Any]] = [(roots, past)]
         try:
             with self._torch.inference_mode():
                 while todo:
                     nodes, past = todo.pop()
-                    for group in reversed(group_by_width(nodes, unpadded_parents=unpadded)):
+                    rows = self._rows(nodes, past)
+                    for group in reversed(group_by_width(rows, unpadded_parents=unpadded)):
                         kv = self._forward_group(group, past, wanted, results)
-                        kids = [c for n in group for c in n.children]
+                        kids = [c for r in group for c in r.children]
                         if kids:
                             todo.append((kids, kv))
         except RuntimeError as exc:
             raise EngineError(f"forward failed: {exc}") from exc
         return results
 
+    def _rows(self, nodes: list[_Node], past: Any) -> list[_Row]:
+        """The rows that run `nodes` (all on the cache `past`): a node with children, or a
+        leaf of `pack_tokens` or more, alone; the leaves of one cache row packed, longest
+        first, into rows of at most `pack_tokens`."""
+        rows: list[_Row] = []
+        leaves: dict[int, list[_Node]] = {}  # by the cache row they run on
+        row_of = past[3] if past is not None else {}
+        for n in nodes:
+            if n.children or len(n.edge) >= self.pack_tokens:
+                rows.append(edge_row(n))
+            else:
+                leaves.setdefault(row_of.get(id(n), 0), []).append(n)
+        for same in leaves.values():
+            pack: list[_Node] = []
+            for n in sorted(same, key=lambda n: -len(n.edge)):
+                if pack and sum(len(p.edge) for p in pack) + len(n.edge) > self.pack_tokens:
+                    rows.append(pack_leaves(pack))
+                    pack = []
+                pack.append(n)
+            if pack:
+                rows.append(pack_leaves(pack))
+        return rows
+
     def _forward_group(
-        self, group: list[_Node], past: Any, wanted: list[TokenIds], results: list[list[float]], *, keep: bool = False
+        self, group: list[_Row], past: Any, wanted: list[TokenIds], results: list[list[float]], *, keep: bool = False
     ) -> Any:
-        """Run `group`'s edges on top of their parents' cache `past`; store the label
+        """Run `group`'s rows on top of their parents' cache `past`; store the label
         log-probs of the sequences ending in it; return its own cache for its children
         (also without children with `keep`)."""
         torch = self._torch
-        width = max(len(n.edge) for n in group)
+        width = max(len(r.ids) for r in group)
         ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
         edge_mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, node in enumerate(group):
-            ids[row, : len(node.edge)] = torch.tensor(node.edge)
-            edge_mask[row, : len(node.edge)] = 1
+        offsets = torch.arange(width)[None, :].repeat(len(group), 1)
+        for row, r in enumerate(group):
+            ids[row, : len(r.ids)] = torch.tensor(r.ids)
+            edge_mask[row, : len(r.ids)] = 1
+            offsets[row, : len(r.ids)] = torch.tensor(r.positions)
         if past is None:
-            cache, mask, start = self._cache(None), edge_mask, torch.zeros(len(group), dtype=torch.long)
+            cache, pmask, start = self._cache(None), edge_mask[:, :0], torch.zeros(len(group), dtype=torch.long)
         else:
             kv, pmask, plen, rows_of = past
-            sel = torch.tensor([rows_of[id(n)] for n in group])
-            sel_dev = sel.to(self.device)
-            cache = self._cache([(k[sel_dev], v[sel_dev]) for k, v in kv])
-            mask = torch.cat([pmask[sel], edge_mask], dim=1)
-            start = plen[sel]
-        positions = start[:, None] + torch.arange(width)[None, :]
+            parents = [rows_of[id(r.nodes[0])] for r in group]
+            sel = torch.tensor(parents)
+            if parents == list(range(len(plen))):  # the parent's rows as they are: no copy
+                cache = self._cache(list(kv))
+            else:
+                sel_dev = sel.to(self.device)
+                cache = self._cache([(k[sel_dev], v[sel_dev]) for k, v in kv])
+            pmask, start = pmask[sel], plen[sel]
+        mask = torch.cat([pmask, edge_mask], dim=1)  # the columns a child of a row attends to
+        if any(r.packed for r in group):
+            own = torch.stack([packed_mask(r, width) for r in group])
+            attention = torch.cat([pmask.bool()[:, None, :].expand(-1, width, -1), own], dim=2)[:, None]
+        else:
+            attention = mask
+        positions = start[:, None] + offsets
         # Where labels are read: the last token of every sequence that ends in this group.
-        reads = [(row, pos, i) for row, n in enumerate(group) for i, pos in n.ends]
+        reads = [(row, pos, i) for row, r in enumerate(group) for i, pos in r.ends]
         cols = sorted({c for _, c, _ in reads})
         extra: dict[str, Any] = {}
         if self._keep_logits:
             extra["logits_to_keep"] = torch.tensor(cols, device=self.device) if cols else 1
         outputs = self.model(
             input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
+            attention_mask=attention.to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=cache,
             use_cache=True,
@@ -390,9 +505,9 @@ class TransformersEngine:
             for _, _, i in reads:
                 results[i] = vals[pos : pos + len(wanted[i])]
                 pos += len(wanted[i])
-        if not keep and not any(n.children for n in group):
+        if not keep and not any(r.children for r in group):
             return None
-        rows_of = {id(c): row for row, n in enumerate(group) for c in n.children}
+        rows_of = {id(c): row for row, r in enumerate(group) for c in r.children}
         kv_new = [(k, v) for k, v, *_ in outputs.past_key_values]
         return (kv_new, mask, start + edge_mask.sum(dim=1), rows_of)
 
