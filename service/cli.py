@@ -154,6 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .settings import misspelled_variables
 
     settings = settings_from_args(args)
     if settings.engine == "vllm":
@@ -163,7 +164,7 @@ def serve(args: argparse.Namespace) -> int:
 
         check_start(settings.model, parse_engine_args(settings.engine_args))
     logging.config.dictConfig(log_config(settings.log_level))
-    for warning in auth_warnings(settings):
+    for warning in [*misspelled_variables(), *auth_warnings(settings)]:
         logging.getLogger("service").warning(warning)
     uvicorn.run(
         create_app(settings),

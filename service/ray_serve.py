@@ -41,7 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app
 from .cli import APP_LOGGERS, JsonFormatter
-from .settings import Settings
+from .settings import Settings, misspelled_variables
 
 # The names that the config files and `labeler_client.ray` use.
 APP_NAME = "labeler"
@@ -67,6 +67,8 @@ class LabelerDeployment:
         self.settings = Settings()
         self._transport: httpx.AsyncBaseTransport | None = None
         _configure_logging(self.settings.log_level)
+        for warning in misspelled_variables():
+            log.warning(warning)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve runs the app's lifespan (engine load, cache, batcher) once this returns.

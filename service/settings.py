@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -109,3 +112,33 @@ class Settings(BaseSettings):
         if self.batch_concurrency:
             return self.batch_concurrency
         return 1 if self.engine == "transformers" else 8
+
+
+# The other `LABELER_*` variables of the product: the client's (URL, key), the model cache's
+# directory and the compose files' (read by docker compose, not by the server).
+OTHER_VARIABLES = frozenset(
+    {
+        "LABELER_URL",
+        "LABELER_API_KEY",
+        "LABELER_CACHE_DIR",
+        "LABELER_PUBLISH",
+        "LABELER_API_REPLICAS",
+        "LABELER_API_THREADS",
+    }
+)
+
+
+def misspelled_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A warning for each `LABELER_*` variable that is no setting but nearly spells one
+    (`LABELER_REDIS_ULR`): it is ignored, and the setting it meant keeps its default (an
+    in-process cache instead of the shared Redis, say). Names far from every setting are
+    left alone: other tools may use the prefix."""
+    settings = [f"LABELER_{name.upper()}" for name in Settings.model_fields]
+    out = []
+    for name in sorted(environ):
+        if not name.startswith("LABELER_") or name in settings or name in OTHER_VARIABLES:
+            continue
+        near = difflib.get_close_matches(name, settings, n=1, cutoff=0.8)
+        if near:
+            out.append(f"{name} is not a setting and is ignored; did you mean {near[0]}?")
+    return out

@@ -3,6 +3,7 @@ builds it, from the environment alone."""
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -31,21 +32,34 @@ def fresh_app_loggers() -> Iterator[list[logging.Logger]]:
         lg.propagate = propagate
 
 
+async def build() -> None:
+    """A replica of the deployment, built as Serve builds one, then dropped."""
+    from service.ray_serve import LabelerDeployment
+
+    replica_class = LabelerDeployment.func_or_class
+    # As Serve's replica builds it: the ingress wrapper's __init__ is a coroutine.
+    replica = replica_class.__new__(replica_class)
+    await replica.__init__()
+    with warnings.catch_warnings():  # Serve's async __del__, which only a replica awaits
+        warnings.simplefilter("ignore", RuntimeWarning)
+        del replica
+
+
+async def test_a_replica_warns_of_a_misspelled_setting_variable(monkeypatch, fresh_app_loggers, capsys):
+    """A replica's settings come from its environment alone: a variable that nearly spells a
+    setting is named in the replica's log (the setting keeps its default)."""
+    monkeypatch.setenv("LABELER_REDIS_ULR", "redis://cache:6379")
+    await build()
+    records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert [(r["level"], r["message"]) for r in records] == [
+        ("warning", "LABELER_REDIS_ULR is not a setting and is ignored; did you mean LABELER_REDIS_URL?")
+    ]
+
+
 async def test_a_replica_applies_the_log_level_to_the_apps_loggers(monkeypatch, fresh_app_loggers):
     """LABELER_LOG_LEVEL in a replica, where `labeler serve`'s logging config never runs: the
     `service` and `labeler` loggers take the level, and a record at that level reaches a
     handler (a Ray worker's root logger has none, and Python's last resort drops debug)."""
-    from service.ray_serve import LabelerDeployment
-
-    async def build() -> None:
-        replica_class = LabelerDeployment.func_or_class
-        # As Serve's replica builds it: the ingress wrapper's __init__ is a coroutine.
-        replica = replica_class.__new__(replica_class)
-        await replica.__init__()
-        with warnings.catch_warnings():  # Serve's async __del__, which only a replica awaits
-            warnings.simplefilter("ignore", RuntimeWarning)
-            del replica
-
     monkeypatch.setenv("LABELER_LOG_LEVEL", "debug")
     await build()
     for lg in fresh_app_loggers:

@@ -31,6 +31,7 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
         "LABELER_API_KEYS": f"{secret},second",
         "LABELER_MAX_ITEMS": "3",
         "LABELER_MAX_RATIONALE_TOKENS": "16",
+        "LABELER_REDIS_ULR": "redis://127.0.0.1:1",  # misspelled: the cache stays in-process, with a warning
     }
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
@@ -77,6 +78,7 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
     lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert any(r["logger"] == "uvicorn.access" and "/v1/scores" in r["message"] for r in lines)
     assert any(r["message"] == "ready" and r.get("cache") == "memory" for r in lines)
+    assert any(r["level"] == "warning" and "did you mean LABELER_REDIS_URL?" in r["message"] for r in lines)
     assert any("Finished server process" in r["message"] for r in lines)
 
 
@@ -93,6 +95,25 @@ def test_a_server_without_keys_says_who_can_reach_it():
     [ignored] = auth_warnings(Settings(), {"LABELER_API_KEY": "sk-1"})
     assert "LABELER_API_KEY is the client's variable" in ignored and "sk-1" not in ignored
     assert auth_warnings(Settings(host="0.0.0.0", api_keys=["k"]), {"LABELER_API_KEY": "sk-1"}) == []
+
+
+def test_a_misspelled_setting_variable_is_named_with_the_setting_it_nearly_spells():
+    from service.settings import misspelled_variables
+
+    environ = {
+        "LABELER_REDIS_ULR": "redis://cache:6379",  # the setting keeps its default: no shared cache
+        "LABELER_TASK_DIR": "/tasks",
+        "LABELER_REDIS_URL": "redis://cache:6379",  # settings and the product's other variables pass
+        "LABELER_CACHE_DIR": "/models",
+        "LABELER_API_KEY": "sk-1",
+        "LABELER_API_THREADS": "2",
+        "LABELER_SOMETHING_ELSE": "1",  # near no setting: another tool's
+        "REDIS_ULR": "x",
+    }
+    assert misspelled_variables(environ) == [
+        "LABELER_REDIS_ULR is not a setting and is ignored; did you mean LABELER_REDIS_URL?",
+        "LABELER_TASK_DIR is not a setting and is ignored; did you mean LABELER_TASKS_DIR?",
+    ]
 
 
 @pytest.mark.parametrize("name", ["LABELER_BATCH_WAIT_MS", "LABELER_REDIS_COOLDOWN"])
