@@ -682,7 +682,8 @@ def test_a_ray_failure_the_transport_does_not_know_is_a_failed_request():
 
 async def test_the_async_transport_looks_its_handle_up_off_the_event_loop(monkeypatch):
     """Serve's handle look-up waits for its controller (a blocking call): the async transport
-    makes it once, in a worker thread, so the caller's event loop goes on meanwhile."""
+    makes it once, in a worker thread, so the caller's event loop goes on meanwhile; the
+    first requests of a batch, sent at once, wait for that one look-up."""
     from labeler_client.ray import AsyncServeTransport
     from ray import serve
 
@@ -693,13 +694,18 @@ async def test_the_async_transport_looks_its_handle_up_off_the_event_loop(monkey
 
     def get_deployment_handle(deployment: str, app_name: str) -> _Handle:
         lookups.append(threading.get_ident())
+        time.sleep(0.2)  # the controller's answer takes a while: the other first requests arrive meanwhile
         return _Handle(lambda *_: answer())
 
     monkeypatch.setattr(serve, "get_deployment_handle", get_deployment_handle)
     transport = AsyncServeTransport("app", "Dep")
-    for _ in range(2):
+
+    async def get() -> None:
         response = await transport.handle_async_request(httpx.Request("GET", "http://labeler/healthz"))
         assert response.status_code == 200 and json.loads(await response.aread()) == {"status": "ok"}
+
+    await asyncio.gather(*(get() for _ in range(8)))
+    await get()
     assert len(lookups) == 1 and lookups[0] != threading.get_ident()  # once, not on the loop's thread
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import threading
 from typing import Any
 
 import httpx
@@ -44,22 +45,24 @@ class _HandleTransport:
         self.app_name = getattr(handle, "app_name", None) or app_name
         self.deployment = getattr(handle, "deployment_name", None) or deployment
         self._handle = handle
+        self._lookup = threading.Lock()  # concurrent first requests wait for one look-up
 
     def __reduce__(self) -> tuple[Any, ...]:
         # By name: a copy (a pickled reward function in a trainer's worker) looks its handle up.
         return (type(self), (self.app_name, self.deployment))
 
     def _method(self) -> Any:
-        if self._handle is None:  # looked up at first use: a transport can be built before ray.init
-            from ray import serve
-            from ray.serve.exceptions import RayServeException
+        with self._lookup:
+            if self._handle is None:  # looked up at first use: a transport can be built before ray.init
+                from ray import serve
+                from ray.serve.exceptions import RayServeException
 
-            try:
-                self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
-            except KeyError as error:  # Ray's word for an application not deployed (yet, or by that name)
-                raise RayServeException(
-                    f"no deployment {self.deployment!r} in Serve application {self.app_name!r}: {error}"
-                ) from error
+                try:
+                    self._handle = serve.get_deployment_handle(self.deployment, app_name=self.app_name)
+                except KeyError as error:  # Ray's word for an application not deployed (yet, or by that name)
+                    raise RayServeException(
+                        f"no deployment {self.deployment!r} in Serve application {self.app_name!r}: {error}"
+                    ) from error
         return self._handle.forward
 
     @staticmethod
