@@ -222,18 +222,14 @@ class ReferenceRewardFunction(RewardFunction):
             )
         prompts = _prompts_for(prompts, completions)
         references = columns[self.reference_column]
-        keep = [i for i, r in enumerate(references) if r is not None]
-        if len(keep) == len(references):
-            return self.client.rewards_against(
-                prompts, completions, references, self.task, on_error=self.on_error, order=self.order
-            )
-        # A row without a reference (None, as a column that only some rows fill has) gets None:
-        # TRL reads it as "no reward for this sample" (NaN, masked), where a reference of None
-        # would fail the whole step. The verl adapter reads a None reference as absent too.
         if not len(prompts) == len(completions) == len(references):  # type: ignore[arg-type]
             raise ValueError(
                 f"{len(prompts)} prompts, {len(completions)} completions and {len(references)} references"  # type: ignore[arg-type]
             )
+        # A row without a reference (None, as a column that only some rows fill has) gets None:
+        # TRL reads it as "no reward for this sample" (NaN, masked), where a reference of None
+        # would fail the whole step. The verl adapter reads a None reference as absent too.
+        keep = [i for i, r in enumerate(references) if r is not None]
         out: list[float | None] = [None] * len(references)
         if not keep:
             return out
