@@ -109,58 +109,60 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_prefer(args: argparse.Namespace) -> int:
-    lab = build_labeler(args)
-    it = normalize_item({"context": args.context, "response_a": args.response_a, "response_b": args.response_b})
-    r = lab.preference(
-        it["context"],
-        it["response_a"],
-        it["response_b"],
-        args.task,
-        order=args.order,
-        cot=args.cot,
-        samples=args.samples,
-    )
-    data = {
-        "model": lab.model_id,
-        "task": args.task,
-        "task_version": lab.task(args.task).version,
-        **r.to_dict(),
-    }
-    lines = [f"p_a={r.p_a:.4f}  p_b={r.p_b:.4f}"]
-    if r.p_a_ab is not None:
-        lines.append(f"p_a (A shown first)  = {r.p_a_ab:.4f}")
-    if r.p_a_ba is not None:
-        lines.append(f"p_a (B shown first)  = {r.p_a_ba:.4f}")
-    if r.consistent is not None:
-        lines.append(f"orders agree: {'yes' if r.consistent else 'no'}")
-    emit(args, data, "\n".join(lines))
-    return 0
+    with build_labeler(args) as lab:  # closed on the way out: a vLLM engine's processes too
+        it = normalize_item({"context": args.context, "response_a": args.response_a, "response_b": args.response_b})
+        r = lab.preference(
+            it["context"],
+            it["response_a"],
+            it["response_b"],
+            args.task,
+            order=args.order,
+            cot=args.cot,
+            samples=args.samples,
+        )
+        data = {
+            "model": lab.model_id,
+            "task": args.task,
+            "task_version": lab.task(args.task).version,
+            **r.to_dict(),
+        }
+        lines = [f"p_a={r.p_a:.4f}  p_b={r.p_b:.4f}"]
+        if r.p_a_ab is not None:
+            lines.append(f"p_a (A shown first)  = {r.p_a_ab:.4f}")
+        if r.p_a_ba is not None:
+            lines.append(f"p_a (B shown first)  = {r.p_a_ba:.4f}")
+        if r.consistent is not None:
+            lines.append(f"orders agree: {'yes' if r.consistent else 'no'}")
+        emit(args, data, "\n".join(lines))
+        return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    lab = build_labeler(args)
-    it = normalize_item({"context": args.context, "response": args.response})
-    r = lab.score(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
-    data = {
-        "model": lab.model_id,
-        "task": args.task,
-        "task_version": lab.task(args.task).version,
-        **r.to_dict(),
-    }
-    bars = "\n".join(f"{k:>3} {p:6.4f} {'#' * round(p * 40)}" for k, p in enumerate(r.distribution, start=1))
-    emit(args, data, f"{bars}\nexpected={r.expected:.4f}  reward={r.reward:+.4f}")
-    return 0
+    with build_labeler(args) as lab:  # closed on the way out: a vLLM engine's processes too
+        it = normalize_item({"context": args.context, "response": args.response})
+        r = lab.score(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
+        data = {
+            "model": lab.model_id,
+            "task": args.task,
+            "task_version": lab.task(args.task).version,
+            **r.to_dict(),
+        }
+        bars = "\n".join(f"{k:>3} {p:6.4f} {'#' * round(p * 40)}" for k, p in enumerate(r.distribution, start=1))
+        emit(args, data, f"{bars}\nexpected={r.expected:.4f}  reward={r.reward:+.4f}")
+        return 0
 
 
 def _cmd_judge(args: argparse.Namespace) -> int:
-    lab = build_labeler(args)
-    it = normalize_item({"context": args.context, "response": args.response})
-    r = lab.judgment(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
-    task = lab.task(args.task)
-    data = {"model": lab.model_id, "task": args.task, "task_version": task.version, **r.to_dict()}
-    text = f"{task.judgment_question.strip()}\np_yes={r.p_yes:.4f}  p_no={r.p_no:.4f}  (label mass {r.label_mass:.4f})"
-    emit(args, data, text)
-    return 0
+    with build_labeler(args) as lab:  # closed on the way out: a vLLM engine's processes too
+        it = normalize_item({"context": args.context, "response": args.response})
+        r = lab.judgment(it["context"], it["response"], args.task, cot=args.cot, samples=args.samples)
+        task = lab.task(args.task)
+        data = {"model": lab.model_id, "task": args.task, "task_version": task.version, **r.to_dict()}
+        text = (
+            f"{task.judgment_question.strip()}\np_yes={r.p_yes:.4f}  p_no={r.p_no:.4f}  (label mass {r.label_mass:.4f})"
+        )
+        emit(args, data, text)
+        return 0
 
 
 def _cmd_render(args: argparse.Namespace) -> int:

@@ -218,6 +218,23 @@ class Labeler:
     def model_id(self) -> str:
         return self.engine.model_id
 
+    def close(self) -> None:
+        """Close the engine (a vLLM engine's processes, a remote engine's connections) and the
+        blocking methods' event loop. For a labeler used with the blocking methods; one used
+        from async code awaits `engine.aclose()` on its own loop."""
+        self._run(self.engine.aclose())
+        with self._runner_lock:
+            if self._runner is not None:
+                self._runner.close()
+                self._runner = None
+        self._render.shutdown(wait=False)
+
+    def __enter__(self) -> Labeler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         """`coro` run to its end on the blocking methods' own event loop (one call at a time)."""
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -194,3 +195,20 @@ async def test_rationales_ignore_the_models_own_generation_defaults(engine, mode
     for t, request in requests.items():
         other = await tuned.generate(request)
         assert [g.text for g in other[0]] == [g.text for g in plain[t][0]] and plain[t][0][0].text
+
+
+@pytest.mark.parametrize("command", ["prefer", "score", "judge"])
+def test_one_item_commands_close_their_engine(command, engine, test_tasks, monkeypatch, capsys):
+    """`labeler prefer/score/judge` close the engine they built once they have answered (a
+    vLLM engine's processes and a remote engine's connections with it)."""
+    from labeler import Labeler, cli
+    from labeler.engines.transformers_engine import TransformersEngine
+    from labeler.errors import EngineUnavailable
+
+    own = TransformersEngine.from_objects(engine.model, engine.tokenizer, model_id=engine.model_id)
+    monkeypatch.setattr(cli, "build_labeler", lambda args: Labeler(own, test_tasks))
+    responses = ["--response-a", "Apple.", "--response-b", "Chair."] if command == "prefer" else ["--response", "4"]
+    assert cli.main([command, "--task", "tiny", "--context", "2+2?", *responses, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == engine.model_id
+    with pytest.raises(EngineUnavailable, match="closed"):
+        own.score_sync([])
