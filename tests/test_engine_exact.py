@@ -133,6 +133,17 @@ def test_packed_leaves_attend_each_to_its_own_tokens_only():
     assert not pack_leaves(leaves[:1]).packed
 
 
+def test_leaves_are_packed_only_where_every_layer_attends_to_every_earlier_token():
+    """A packed row's mask replaces the model's own: models with chunked (Llama 4) or
+    sliding-window layers (Gemma 2) keep theirs."""
+    from transformers import Gemma2Config, Llama4TextConfig, LlamaConfig
+
+    from labeler.engines.transformers_engine import _full_attention_only
+
+    assert _full_attention_only(LlamaConfig())
+    assert not _full_attention_only(Llama4TextConfig()) and not _full_attention_only(Gemma2Config())
+
+
 def test_packed_and_unpacked_leaves_agree(labeler, engine):
     """Pairs in both orders and 1-10 scores ("1" prefixes "10") in one call give the same
     labels, and compute each distinct token once, whether each leaf runs as its own row,
@@ -156,13 +167,29 @@ def test_packed_and_unpacked_leaves_agree(labeler, engine):
     contexts = sorted(root.children, key=lambda c: sum(len(leaf.edge) for leaf in c.children))
     sizes = [sum(len(leaf.edge) for leaf in c.children) for c in contexts]
     runs = {}
-    for pack in (0, sizes[0], sizes[1]):  # none, the first pair's orders in one row, both pairs'
+    # None, the first pair's orders in one row, both pairs', and also the scores' leaves (the
+    # "1" of "10" read inside its leaf, at two columns of a packed row).
+    for pack in (0, sizes[0], sizes[1], 256):
         packed = TransformersEngine.from_objects(engine.model, engine.tokenizer, model_id="packed", pack_tokens=pack)
         assert [[r.packed for r in packed._rows(c.children, None)] for c in contexts] == [
             [True] if pack >= size else [False, False] for size in sizes
         ]
         lab = Labeler(packed, labeler.tasks)
-        runs[pack] = (lab.preferences(pairs, "tiny"), lab.scores(scores, "tiny"), packed.stats.computed_tokens)
+        packed_reads: list[int] = []  # per call, the reads in packed rows
+        rows = packed._rows
+
+        def counted(nodes, past, rows=rows, packed_reads=packed_reads):
+            out = rows(nodes, past)
+            packed_reads[-1] += sum(len(r.ends) for r in out if r.packed)
+            return out
+
+        packed._rows = counted
+        results = []
+        for method, items in ((lab.preferences, pairs), (lab.scores, scores)):
+            packed_reads.append(0)
+            results.append(method(items, "tiny"))
+        assert packed_reads == [2 * (pack >= sizes[0]) + 2 * (pack >= sizes[1]), 4 * (pack >= 256)]
+        runs[pack] = (*results, packed.stats.computed_tokens)
     level, *others = runs.values()
     for prefs, dists, computed in others:
         assert computed == level[2]
@@ -171,7 +198,7 @@ def test_packed_and_unpacked_leaves_agree(labeler, engine):
         for x, y in zip(dists, level[1], strict=True):
             assert x.distribution == pytest.approx(y.distribution, abs=TOL)
     ab, ba = (labeler.render_pairwise("tiny", **pairs[1], order=o) for o in ("ab", "ba"))
-    assert (runs[sizes[1]][0][1].p_a_ab, runs[sizes[1]][0][1].p_a_ba) == pytest.approx(
+    assert (runs[256][0][1].p_a_ab, runs[256][0][1].p_a_ba) == pytest.approx(
         (
             reference_distribution(engine, ab.prompt_token_ids, ab.labels)["1"],
             reference_distribution(engine, ba.prompt_token_ids, ba.labels)["2"],
@@ -180,7 +207,7 @@ def test_packed_and_unpacked_leaves_agree(labeler, engine):
     )
     r = labeler.render_score("tiny", "What is 2+2?", "five")
     ref = reference_distribution(engine, r.prompt_token_ids, r.labels)
-    assert runs[sizes[1]][1][1].distribution == pytest.approx([ref[str(i)] for i in range(1, 11)], abs=TOL)
+    assert runs[256][1][1].distribution == pytest.approx([ref[str(i)] for i in range(1, 11)], abs=TOL)
 
 
 def test_prefix_tree_shape():

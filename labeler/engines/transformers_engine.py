@@ -286,9 +286,11 @@ class TransformersEngine:
         # A sliding window counts cache columns, not positions: padding inside a sequence
         # (a parent's, before its children's tokens) would shorten what the window sees.
         self._window = _sliding_window(model.config)
-        # A custom 4D mask replaces a sliding window's, and only SDPA reads a boolean one.
+        # A custom 4D mask replaces the model's own (a sliding window's, Llama 4's chunks), and
+        # only SDPA reads a boolean one.
         sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
-        self.pack_tokens = max(0, int(pack_tokens)) if sdpa and self._window is None else 0
+        plain = self._window is None and _full_attention_only(model.config)
+        self.pack_tokens = max(0, int(pack_tokens)) if sdpa and plain else 0
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward.
         self._lock = threading.Lock()
@@ -464,7 +466,7 @@ class TransformersEngine:
             kv, pmask, plen, rows_of = past
             parents = [rows_of[id(r.nodes[0])] for r in group]
             sel = torch.tensor(parents)
-            if parents == list(range(len(plen))):  # the parent's rows as they are: no copy
+            if parents == list(range(len(plen))):  # the parent's rows in their order: no gather
                 cache = self._cache(list(kv))
             else:
                 sel_dev = sel.to(self.device)
@@ -612,6 +614,14 @@ def _sliding_window(config: Any) -> int | None:
     if not sliding or getattr(text, "use_sliding_window", True) is False:
         return None
     return int(window or 0)
+
+
+def _full_attention_only(config: Any) -> bool:
+    """Whether every layer attends to every earlier token (no layer types other than full
+    attention: not Llama 4's chunked layers, nor any sliding window)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layer_types = getattr(text, "layer_types", None)
+    return layer_types is None or set(layer_types) <= {"full_attention"}
 
 
 def _widest_path(roots: list[_Node]) -> int:
