@@ -26,10 +26,10 @@ own earlier tokens only (a 4D mask), at the positions it has in its sequence, so
 uses one copy of the parent's cache instead of one each (P4 in docs/BENCHMARKS.md measures
 the two orders of a pair). The limit is low because the mask is dense: each packed leaf's
 queries are also computed against its neighbours' columns, a cost that grows with the
-square of the row (rows of ~700 tokens made the P6 group call slower, not faster). Nodes
-with children always run as their own rows, which keeps the causal kernel for the long
-shared parts. Models with a sliding window (which a custom mask would bypass) and attention
-implementations other than SDPA never pack.
+square of the row and soon outweighs the cache copies it saves. Nodes with children always
+run as their own rows, which keeps the causal kernel for the long shared parts. Models with
+sliding-window or chunked attention layers (whose masks a custom one would replace) and
+attention implementations other than SDPA never pack.
 """
 
 from __future__ import annotations
@@ -436,11 +436,13 @@ class TransformersEngine:
                 leaves.setdefault(row_of.get(id(n), 0), []).append(n)
         for same in leaves.values():
             pack: list[_Node] = []
+            size = 0
             for n in sorted(same, key=lambda n: -len(n.edge)):
-                if pack and sum(len(p.edge) for p in pack) + len(n.edge) > self.pack_tokens:
+                if pack and size + len(n.edge) > self.pack_tokens:
                     rows.append(pack_leaves(pack))
-                    pack = []
+                    pack, size = [], 0
                 pack.append(n)
+                size += len(n.edge)
             if pack:
                 rows.append(pack_leaves(pack))
         return rows
