@@ -136,9 +136,10 @@ def misspelled_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
     settings = [f"LABELER_{name.upper()}" for name in Settings.model_fields]
     out = []
     for name in sorted(environ):
-        if not name.startswith("LABELER_") or name in settings or name in OTHER_VARIABLES:
+        key = name.upper()  # settings are read whatever the case of their names
+        if not key.startswith("LABELER_") or key in settings or key in OTHER_VARIABLES:
             continue
-        near = difflib.get_close_matches(name, settings, n=1, cutoff=0.8)
+        near = difflib.get_close_matches(key, settings, n=1, cutoff=0.8)
         if near:
             out.append(f"{name} is not a setting and is ignored; did you mean {near[0]}?")
     return out

@@ -104,6 +104,7 @@ def test_a_misspelled_setting_variable_is_named_with_the_setting_it_nearly_spell
         "LABELER_REDIS_ULR": "redis://cache:6379",  # the setting keeps its default: no shared cache
         "LABELER_TASK_DIR": "/tasks",
         "LABELER_REDIS_URL": "redis://cache:6379",  # settings and the product's other variables pass
+        "LABELER_CACHE_ttl": "60",  # a setting too: names are read whatever their case
         "LABELER_CACHE_DIR": "/models",
         "LABELER_API_KEY": "sk-1",
         "LABELER_API_THREADS": "2",
