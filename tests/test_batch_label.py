@@ -55,10 +55,12 @@ class LentEngine:
 @pytest.fixture
 def in_process(labeler, test_tasks, monkeypatch):
     """Run `labeler ...` in this process on the session model; returns the exit code.
+    Each command gets a labeler of its own (it closes what it builds) around the lent engine;
     `in_process.engine.closed` counts the commands' closes of their engine."""
     lent = LentEngine(labeler.engine)
-    own = Labeler(lent, test_tasks, max_rationale_tokens=labeler.max_rationale_tokens)
-    monkeypatch.setattr(cli, "build_labeler", lambda args: own)
+    monkeypatch.setattr(
+        cli, "build_labeler", lambda args: Labeler(lent, test_tasks, max_rationale_tokens=labeler.max_rationale_tokens)
+    )
 
     def run(*argv):
         return cli.main([*argv, "--no-progress"])
