@@ -118,19 +118,28 @@ def test_batched_equals_one_by_one_and_reuses_prefixes(labeler, engine):
 def test_packed_leaves_attend_each_to_its_own_tokens_only():
     """Leaves packed into one row: each token sits at its position after the cache and
     attends to its own leaf's earlier tokens only, never to a leaf laid out before it;
-    padding columns attend to themselves alone. A single leaf is a plain row."""
-    from labeler.engines.transformers_engine import _Node, pack_leaves, packed_mask
+    padding columns attend to themselves alone. A single leaf is a plain row, causal over
+    its edge in a group with packed rows."""
+    from labeler.engines.transformers_engine import _Node, edge_row, lay_out, pack_leaves, packed_mask
 
     leaves = [_Node(edge=(5, 6, 7), ends=[(0, 2)]), _Node(edge=(8,), ends=[(1, 0)]), _Node(edge=(9, 9), ends=[(2, 1)])]
     row = pack_leaves(leaves)
-    assert row.packed and row.ids == [5, 6, 7, 8, 9, 9] and row.positions == [0, 1, 2, 0, 0, 1]
-    mask = packed_mask(row, len(row.ids) + 2)
+    assert row.packed and row.ids == [5, 6, 7, 8, 9, 9]
+    alone = pack_leaves(leaves[:1])
+    assert not alone.packed and alone == edge_row(leaves[0])
+    width = len(row.ids) + 2
+    ids, real, offsets, segments = lay_out([row, alone], width, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 9, 0, 0], [5, 6, 7, 0, 0, 0, 0, 0]]
+    assert real.sum(dim=1).tolist() == [6, 3]
+    assert offsets[0, :6].tolist() == [0, 1, 2, 0, 0, 1] and offsets[1, :3].tolist() == [0, 1, 2]
+    mask, edge_mask = packed_mask(segments)
     for i, col in row.ends:
         seen = [c for c in range(len(row.ids)) if mask[col, c]]
         assert tuple(row.ids[c] for c in seen) == leaves[i].edge  # the leaf itself, in order
-        assert [row.positions[c] for c in seen] == list(range(len(leaves[i].edge)))
+        assert [offsets[0, c].item() for c in seen] == list(range(len(leaves[i].edge)))
     assert mask[len(row.ids) :].nonzero().tolist() == [[0, len(row.ids)], [1, len(row.ids) + 1]]
-    assert not pack_leaves(leaves[:1]).packed
+    assert edge_mask[:3, :3].tolist() == torch.ones(3, 3, dtype=torch.bool).tril().tolist()
+    assert edge_mask[:3, 3:].sum() == 0 and edge_mask[3:].nonzero().tolist() == [[k, 3 + k] for k in range(5)]
 
 
 def test_leaves_are_packed_only_where_every_layer_attends_to_every_earlier_token():
@@ -208,6 +217,33 @@ def test_packed_and_unpacked_leaves_agree(labeler, engine):
     r = labeler.render_score("tiny", "What is 2+2?", "five")
     ref = reference_distribution(engine, r.prompt_token_ids, r.labels)
     assert runs[256][1][1].distribution == pytest.approx([ref[str(i)] for i in range(1, 11)], abs=TOL)
+
+
+def test_leaves_without_a_cached_prefix_and_over_one_pack_match_reference(engine):
+    """Leaves that share no prefix at all (packed on no cache) and leaves of one parent that
+    fill more than one pack each get their own label probabilities, as a plain forward of
+    each prompt gives them."""
+    from labeler.engines.transformers_engine import TransformersEngine
+
+    tok = engine.tokenizer
+    labels = {w: tuple(tok.encode(w, add_special_tokens=False)) for w in ["yes", "no"]}
+    stem = "Answer with yes or no, and nothing else. Question:"
+    prompts = [f"{stem} {q}" for q in ("Is ice cold?", "Is fire wet?", "Do fish swim?", "Can a rock fly?")]
+    prompts += ["Sky blue?", "Grass red?", "Q"]  # no prefix shared with any other prompt
+    ids = [tuple(tok.encode(p, add_special_tokens=False)) for p in prompts]
+    queries = scoring.label_queries(labels)
+    roots = merge_short_edges(build_prefix_tree(ids), 8)
+    (stemmed,) = [r for r in roots if r.children]
+    assert sorted(len(r.edge) for r in roots if not r.children) == [1, 3, 4]  # 8 tokens
+    assert sorted(len(leaf.edge) for leaf in stemmed.children) == [4, 4, 4, 5]  # 17 tokens
+    packs = TransformersEngine.from_objects(engine.model, engine.tokenizer, model_id="packs", pack_tokens=8)
+    assert sorted((r.packed, len(r.nodes)) for r in packs._rows(roots, None)) == [(False, 1), (True, 3)]
+    rows = packs._rows(stemmed.children, None)  # 5 alone, 4 + 4 packed, 4 alone
+    assert [(r.packed, len(r.nodes)) for r in rows] == [(False, 1), (True, 2), (False, 1)]
+    answers = packs.score_sync([ScoreRequest(i, queries) for i in ids])
+    for pid, ans in zip(ids, answers, strict=True):
+        got = scoring.label_distribution(labels, ans).probs
+        assert got == pytest.approx(reference_distribution(engine, pid, labels), abs=TOL)
 
 
 def test_prefix_tree_shape():

@@ -125,8 +125,7 @@ class _Row:
 
     nodes: list[_Node]
     ids: list[int]
-    positions: list[int]  # counted from the end of the row's cached prefix
-    spans: list[tuple[int, int]]  # (first column, end column) of each node
+    spans: list[tuple[int, int]]  # (first column, end column) of each node; its positions count from 0
     ends: list[tuple[int, int]]  # (sequence index, column) of the sequences read here
     packed: bool = False
 
@@ -138,7 +137,7 @@ class _Row:
 def edge_row(node: _Node) -> _Row:
     """`node`'s edge as a row; its children run on the row's cache."""
     n = len(node.edge)
-    return _Row([node], list(node.edge), list(range(n)), [(0, n)], list(node.ends))
+    return _Row([node], list(node.edge), [(0, n)], list(node.ends))
 
 
 def pack_leaves(leaves: Sequence[_Node]) -> _Row:
@@ -146,26 +145,42 @@ def pack_leaves(leaves: Sequence[_Node]) -> _Row:
     `packed_mask` keeps each to its own tokens."""
     if len(leaves) == 1:
         return edge_row(leaves[0])
-    row = _Row(list(leaves), [], [], [], [], packed=True)
+    row = _Row(list(leaves), [], [], [], packed=True)
     for n in leaves:
         start = len(row.ids)
         row.ids += n.edge
-        row.positions += range(len(n.edge))
         row.spans.append((start, len(row.ids)))
         row.ends += [(i, start + pos) for i, pos in n.ends]
     return row
 
 
-def packed_mask(row: _Row, width: int) -> Any:
-    """[width, width] bool: which of the row's columns each column attends to (the cache's
-    columns aside). A padding column attends to itself alone: a query that attends to nothing
-    makes NaNs that the masked-out products do not cancel."""
+def lay_out(rows: Sequence[_Row], width: int, pad_id: int) -> tuple[Any, Any, Any, Any]:
+    """`rows` as the tensors of one padded forward, each [len(rows), width]: token ids, the
+    real columns (1) and padding (0), each column's position after the row's cached prefix,
+    and its segment: the index of its node's span in the row, a padding column a segment
+    of its own (negative)."""
     import torch
 
-    mask = torch.eye(width, dtype=torch.bool)
-    for start, end in row.spans:
-        mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-    return mask
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = torch.arange(width).repeat(len(rows), 1)
+    segments = (-1 - torch.arange(width)).repeat(len(rows), 1)
+    for row, r in enumerate(rows):
+        ids[row, : len(r.ids)] = torch.tensor(r.ids)
+        real[row, : len(r.ids)] = 1
+        for k, (start, end) in enumerate(r.spans):
+            offsets[row, start:end] = torch.arange(end - start)
+            segments[row, start:end] = k
+    return ids, real, offsets, segments
+
+
+def packed_mask(segments: Any) -> Any:
+    """[rows, width, width] bool from `lay_out`'s segments: which of its row's columns each
+    column attends to (the cache's columns aside): the earlier ones of its own segment. A
+    padding column attends to itself alone: a query that attends to nothing makes NaNs that
+    the masked-out products do not cancel. Built where `segments` lie (on the model's device:
+    only the [rows, width] segments are copied there, not the mask)."""
+    return (segments[:, :, None] == segments[:, None, :]).tril()
 
 
 def group_by_width(
@@ -455,29 +470,24 @@ class TransformersEngine:
         (also without children with `keep`)."""
         torch = self._torch
         width = max(len(r.ids) for r in group)
-        ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        edge_mask = torch.zeros((len(group), width), dtype=torch.long)
-        offsets = torch.arange(width)[None, :].repeat(len(group), 1)
-        for row, r in enumerate(group):
-            ids[row, : len(r.ids)] = torch.tensor(r.ids)
-            edge_mask[row, : len(r.ids)] = 1
-            offsets[row, : len(r.ids)] = torch.tensor(r.positions)
+        ids, edge_mask, offsets, segments = lay_out(group, width, self.tokenizer.pad_token_id)
         if past is None:
             cache, pmask, start = self._cache(None), edge_mask[:, :0], torch.zeros(len(group), dtype=torch.long)
         else:
-            kv, pmask, plen, rows_of = past
+            kv, pmask, start, rows_of = past
             parents = [rows_of[id(r.nodes[0])] for r in group]
-            sel = torch.tensor(parents)
-            if parents == list(range(len(plen))):  # the parent's rows in their order: no gather
+            if parents == list(range(len(start))):  # the parent's rows in their order: no gather
                 cache = self._cache(list(kv))
             else:
+                sel = torch.tensor(parents)
                 sel_dev = sel.to(self.device)
                 cache = self._cache([(k[sel_dev], v[sel_dev]) for k, v in kv])
-            pmask, start = pmask[sel], plen[sel]
+                pmask, start = pmask[sel], start[sel]
         mask = torch.cat([pmask, edge_mask], dim=1)  # the columns a child of a row attends to
         if any(r.packed for r in group):
-            own = torch.stack([packed_mask(r, width) for r in group])
-            attention = torch.cat([pmask.bool()[:, None, :].expand(-1, width, -1), own], dim=2)[:, None]
+            own = packed_mask(segments.to(self.device))
+            cached = pmask.to(self.device).bool()[:, None, :].expand(-1, width, -1)
+            attention = torch.cat([cached, own], dim=2)[:, None]
         else:
             attention = mask
         positions = start[:, None] + offsets
