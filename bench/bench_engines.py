@@ -36,7 +36,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.common import Result
+from bench.common import Result, round_order
 from labeler import Labeler, PairItem
 from labeler.models import resolve_model
 
@@ -169,21 +169,18 @@ async def measure(side: Side, items: list[PairItem], task: str, batch: int) -> R
 async def alternate(
     a: Side, b: Side, workload: Workload, rounds: int, n: int, batch: int, tag: str
 ) -> list[tuple[Run, Run]]:
-    """(a's run, b's run) per round on the same fresh pairs; a goes first in even rounds,
-    b in odd ones."""
+    """(a's run, b's run) per round on the same fresh pairs, in `round_order` (a first in
+    even rounds, b in odd ones)."""
     make, task = workload
     await a.lab.apreferences(make(2, f"{tag}-warm"), task)
     await b.lab.apreferences(make(2, f"{tag}-warm"), task)
     out = []
     for r in range(rounds):
         items = make(n, f"{tag}-{r}")
-        if r % 2 == 0:
-            ra = await measure(a, items, task, batch)
-            rb = await measure(b, items, task, batch)
-        else:
-            rb = await measure(b, items, task, batch)
-            ra = await measure(a, items, task, batch)
-        out.append((ra, rb))
+        runs: list[Run | None] = [None, None]
+        for i in round_order(r, 2):
+            runs[i] = await measure((a, b)[i], items, task, batch)
+        out.append((runs[0], runs[1]))
     return out
 
 

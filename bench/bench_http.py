@@ -41,7 +41,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import Result
+from bench.common import Result, round_order
 from labeler import Labeler, ScoreItem
 from labeler.engines.transformers_engine import TransformersEngine
 from labeler.models import resolve_model
@@ -161,8 +161,7 @@ async def p2(base: str, n: int, batch: int, rounds: int) -> list[tuple[float, fl
         sides = (over_http, in_process)
         for r in range(rounds):
             speeds = [0.0, 0.0]
-            for k in range(2):
-                i = (r + k) % 2
+            for i in round_order(r, 2):
                 t0 = time.perf_counter()
                 await sides[i]()
                 speeds[i] = n / (time.perf_counter() - t0)
@@ -220,8 +219,7 @@ def main() -> int:
         rounds = []
         for r in range(args.rounds):
             rps = [0.0] * len(targets)
-            for k in range(len(targets)):
-                i = (r + k) % len(targets)
+            for i in round_order(r, len(targets)):
                 rps[i] = wrk(targets[i], one, args.seconds)
             rounds.append(tuple(rps))
         ratios = sorted(hit / bare for hit, bare, _ in rounds)

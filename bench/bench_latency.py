@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from bench.bench_http import start, stop
-from bench.common import Result
+from bench.common import Result, round_order
 from tests.fixtures.redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,8 +127,8 @@ def main() -> int:
     names = list(sources)
     lat: dict[str, list[list[float]]] = {k: [] for k in sources}
     for r in range(args.rounds):
-        for k in range(len(names)):
-            name = names[(r + k) % len(names)]
+        for i in round_order(r, len(names)):
+            name = names[i]
             port = free_port()
             proc = serve(sources[name], port)
             try:

@@ -38,14 +38,18 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def round_order(r: int, n: int) -> list[int]:
+    """The order in which round `r` runs `n` sides: side `r % n` first, the others after it
+    in turn. Over rounds every side goes first equally often (with two sides: the first in
+    even rounds, the second in odd ones), so none is always measured on a machine the other
+    has just warmed up or slowed down."""
+    return [(r + k) % n for k in range(n)]
+
+
 def run_round(sides: Sequence[Callable[[], Any]], r: int) -> list[float]:
-    """Round `r`: each side's wall time, each side run once, side `r % len(sides)` first and
-    the others after it in turn. Over rounds every side goes first equally often (with two
-    sides: the first in even rounds, the second in odd ones), so none is always measured on
-    a machine the other has just warmed up or slowed down."""
+    """Round `r`: each side's wall time, each side run once, in `round_order`."""
     times = [0.0] * len(sides)
-    for k in range(len(sides)):
-        i = (r + k) % len(sides)
+    for i in round_order(r, len(sides)):
         times[i] = timed(sides[i])
     return times
 
