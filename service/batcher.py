@@ -1,10 +1,12 @@
 """Micro-batching with single-flight, in front of the labeler.
 
 Items from concurrent requests are queued; a worker takes up to `max_items` queued items
-of one group (same task, kind and parameters), waiting at most `wait_s` for a batch to
-fill, and runs them as one labeler call. Identical items in flight (same cache key) are
-computed once: later submitters share the first one's future, until it is settled (a later
-request then computes the item anew, or finds it in the cache). The queue is bounded:
+of one group (same task, kind and parameters) and runs them as one labeler call, once the
+group has `max_items` queued or the oldest queued item has waited `wait_s` for its batch to
+fill (counted from when it was queued, so batches of other groups before it add no wait of
+their own). Identical items in flight (same cache key) are computed once: later submitters
+share the first one's future, until it is settled (a later request then computes the item
+anew, or finds it in the cache). The queue is bounded:
 `submit` refuses a request whose new items would exceed `max_pending` (QueueFull → 429).
 
 Failure policy, all of it here. Items are validated before they are queued, so a batch
@@ -60,6 +62,7 @@ class _Job:
     key: str
     item: Any
     future: asyncio.Future[Any]
+    queued: float  # time.monotonic() when it was queued
 
 
 class MicroBatcher:
@@ -93,6 +96,7 @@ class MicroBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._done: deque[tuple[float, float, int]] = deque()  # (start, end, items) of recent batches
+        self._stopping = False
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
@@ -100,7 +104,9 @@ class MicroBatcher:
     async def stop(self, timeout: float = 10.0) -> None:
         """Finish what is queued and computing, for at most `timeout` seconds (by then the
         server has stopped waiting for its requests: what is left would only fill the cache,
-        past the time a container is given to stop); then fail what is left and stop."""
+        past the time a container is given to stop); then fail what is left and stop. Items
+        submitted from now on are refused (EngineUnavailable)."""
+        self._stopping = True
         deadline = time.monotonic() + timeout
         while (self._queue or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -120,13 +126,16 @@ class MicroBatcher:
 
     def submit(self, group: Hashable, entries: Sequence[tuple[str, Any]]) -> tuple[list[asyncio.Future[Any]], int]:
         """Queue `(key, item)` entries of one group. Returns one future per entry and how
-        many joined a computation already in flight. All or nothing: raises QueueFull
-        before queueing anything."""
+        many joined a computation already in flight. All or nothing: raises QueueFull, or
+        EngineUnavailable once the batcher is stopping, before queueing anything."""
+        if self._stopping:
+            raise EngineUnavailable("the server is shutting down")
         fresh = {k for k, _ in entries if k not in self._inflight}
         if self.pending + len(fresh) > self.max_pending:
             raise QueueFull(self.retry_after())
         loop = asyncio.get_running_loop()
         futures, shared = [], 0
+        now = time.monotonic()
         for key, item in entries:
             fut = self._inflight.get(key)
             if fut is not None:
@@ -134,7 +143,7 @@ class MicroBatcher:
             else:
                 fut = loop.create_future()
                 self._inflight[key] = fut
-                self._queue.append(_Job(group, key, item, fut))
+                self._queue.append(_Job(group, key, item, fut, now))
                 self.pending += 1
             futures.append(fut)
         self.on_pending(self.pending)
@@ -162,10 +171,14 @@ class MicroBatcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                if len(self._queue) < self.max_items and self.wait_s > 0:
-                    await asyncio.sleep(self.wait_s)
+                group = self._ready()
+                if group is None:  # until the oldest item has waited, or new items fill a batch
+                    left = self._queue[0].queued + self.wait_s - time.monotonic()
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), left)
+                    continue
                 await self._slots.acquire()
-                group = self._queue[0].group
                 jobs, rest = [], deque()
                 while self._queue and len(jobs) < self.max_items:
                     job = self._queue.popleft()
@@ -174,6 +187,18 @@ class MicroBatcher:
                 task = asyncio.get_running_loop().create_task(self._run(group, jobs))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    def _ready(self) -> Hashable | None:
+        """The group whose batch goes next, if any: the oldest queued item's once it has waited
+        `wait_s`, else the first to have a whole batch (`max_items`) queued."""
+        if self._queue[0].queued + self.wait_s <= time.monotonic():
+            return self._queue[0].group
+        counts: dict[Hashable, int] = {}
+        for job in self._queue:
+            counts[job.group] = n = counts.get(job.group, 0) + 1
+            if n >= self.max_items:
+                return job.group
+        return None
 
     async def _run(self, group: Hashable, jobs: list[_Job]) -> None:
         t0 = time.monotonic()

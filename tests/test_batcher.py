@@ -244,6 +244,42 @@ def test_stopping_fails_what_is_left_after_its_deadline():
         got = await asyncio.gather(*futures, return_exceptions=True)
         assert all(isinstance(g, EngineUnavailable) for g in got), got
         assert batcher.pending == 0 and not batcher._inflight
+        # A request that reaches the batcher after it stopped is refused, not left waiting.
+        with pytest.raises(EngineUnavailable, match="shutting down"):
+            batcher.submit("g", [("x0", "x0")])
+        assert batcher.pending == 0 and not batcher._inflight and not batcher._queue
+
+    asyncio.run(run())
+
+
+def test_an_items_wait_for_its_batch_counts_from_when_it_was_queued():
+    """One item in each of four groups, submitted together, with an engine slot for each:
+    every group's batch starts once its item has waited `wait_s`, not `wait_s` after the batch
+    before it (the fourth 4 `wait_s` after submission); a group with a whole batch queued goes
+    at once, also behind an item still waiting for its batch to fill."""
+    started: dict[str, float] = {}
+
+    async def run_group(group, items, keys):
+        started[group] = time.monotonic()
+        return list(items)
+
+    async def run() -> None:
+        wait = 0.5
+        batcher = MicroBatcher(run_group, max_items=4, wait_s=wait, max_pending=100, concurrency=4)
+        batcher.start()
+        t0 = time.monotonic()
+        futures = [f for g in "abcd" for f in batcher.submit(g, [(g, g)])[0]]
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        waited = {g: started[g] - t0 for g in "abcd"}
+        assert all(wait <= w < 2 * wait for w in waited.values()), waited
+        t1 = time.monotonic()
+        (lone,), _ = batcher.submit("e", [("e", "e")])
+        whole, _ = batcher.submit("f", [(f"f{i}", f"f{i}") for i in range(4)])
+        await asyncio.wait_for(asyncio.gather(*whole), 10)
+        assert started["f"] - t1 < wait and not lone.done()
+        await asyncio.wait_for(lone, 10)
+        assert started["e"] - t1 >= wait
+        await batcher.stop()
 
     asyncio.run(run())
 
