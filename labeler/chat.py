@@ -43,17 +43,24 @@ The canonical transcript:
   dialogue came as text or as messages; an assistant's reasoning block that only closes
   (its "<think>" was the template's, as DeepSeek R1's generation prompt writes it) gets its
   opening tag back, and an opening tag is followed by one newline; messages left empty are
-  dropped (a template's open assistant turn, an empty system turn).
+  dropped (a template's open assistant turn, an empty system turn);
+- a message's tool calls (OpenAI's and TRL's `tool_calls`) follow its content, one
+  `[call functions.NAME] ARGUMENTS` block each, as harmony's transcripts write them.
 Rendering is a fixed point: the canonical transcript parses back into the same messages.
 
 A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
 the set given), and its reasoning block takes the same form as an assistant turn's. What is
 left may be empty: an empty response is judged like any other (the
-labeler is shown its response block with nothing inside).
+labeler is shown its response block with nothing inside). A response given as messages (a
+conversational completion; with tools, the policy's turns and the tools' results in turn) is
+judged as text too (`response_text`): its assistant turns as their content and tool calls,
+its other turns as `Role: content` blocks, joined by blank lines; a lone assistant message
+reads as its content, as the same completion given as text does.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,6 +74,7 @@ __all__ = [
     "normalize_item",
     "parse",
     "render",
+    "response_text",
     "split_query",
 ]
 
@@ -499,13 +507,51 @@ def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = E
     markers = _markers(end_markers)
     kept = []
     for m in messages:
-        role, content = _role(m.get("role")), m.get("content")
-        content = _turn_content(role, message_text(content), markers)
+        role = _role(m.get("role"))
+        content = _with_tool_calls(_turn_content(role, message_text(m.get("content")), markers), m)
         if content:
             kept.append((role, content))
     if len(kept) == 1 and kept[0][0] == "User":
         return kept[0][1]
     return "\n\n".join(f"{role}: {content}" for role, content in kept)
+
+
+def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
+    """A response given as messages, as the labeler judges it: each assistant turn (a message
+    without a role is one) as its content cleaned like a response given as text
+    (`clean_response`) and its tool calls; any other turn (a tool's result) as a `Role:
+    content` block; joined by blank lines, empty turns left out. A lone assistant message
+    reads as its content alone: the same completion as text or as a message is judged the same."""
+    markers = _markers(end_markers)
+    blocks = []
+    for m in messages:
+        role = _role(m.get("role") or "assistant")
+        text = message_text(m.get("content"))
+        if role == "Assistant":
+            blocks.append(_with_tool_calls(_clean_response(text, markers), m))
+        else:
+            content = _with_tool_calls(_turn_content(role, text, markers), m)
+            blocks.append(f"{role}: {content}" if content else "")
+    return "\n\n".join(b for b in blocks if b)
+
+
+def _with_tool_calls(content: str, message: Mapping[str, Any]) -> str:
+    """`content` followed by `message`'s tool calls, a `[call functions.NAME] ARGUMENTS`
+    block each (the form harmony's transcripts give a call: `_harmony`); arguments given as
+    an object are written as JSON; a call that names no function is not shown."""
+    calls = message.get("tool_calls")
+    if not calls or not isinstance(calls, Sequence) or isinstance(calls, str):
+        return content
+    blocks = [content] if content else []
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not function.get("name"):
+            continue
+        arguments = function.get("arguments")
+        if not isinstance(arguments, str):
+            arguments = "" if arguments is None else json.dumps(arguments, ensure_ascii=False)
+        blocks.append(f"[call functions.{function['name']}] {arguments.strip()}".rstrip())
+    return "\n\n".join(blocks)
 
 
 def context_text(context: str | Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
@@ -626,20 +672,30 @@ def _kept_tail(prompt: str, query: str) -> int | None:
 def normalize_item(item: Mapping[str, Any], end_markers: Iterable[str] = END_MARKERS) -> dict[str, str]:
     """A label item as the labeler reads it: the context as its canonical transcript, each
     response (`response`, `response_a`, `response_b`, `reference`, each of a group's
-    `responses`) cleaned. Values that are neither text nor messages are left for the prompt
-    builder to refuse by name."""
+    `responses`) cleaned, or its text (`response_text`) when given as messages. Values that
+    are neither text nor messages are left for the prompt builder to refuse by name."""
     markers = _markers(end_markers)
     out: dict[str, Any] = {}
     for name, value in item.items():
         if name == "context":
             if isinstance(value, str) or _is_messages(value):
                 value = context_text(value, markers)
-        elif isinstance(value, str):
-            value = _clean_response(value, markers)
         elif name == "responses" and isinstance(value, (list, tuple)):
-            value = [_clean_response(v, markers) if isinstance(v, str) else v for v in value]
+            value = [_response(v, markers) for v in value]
+        elif isinstance(value, str) or name in _RESPONSE_FIELDS:
+            value = _response(value, markers)
         out[name] = value
     return out
+
+
+_RESPONSE_FIELDS = ("response", "response_a", "response_b", "reference")
+
+
+def _response(value: Any, markers: tuple[str, ...]) -> Any:
+    """A response cleaned (text) or rendered (messages); anything else as it is."""
+    if isinstance(value, str):
+        return _clean_response(value, markers)
+    return response_text(value, markers) if _is_messages(value) else value
 
 
 def _is_messages(value: Any) -> bool:

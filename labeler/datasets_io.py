@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .chat import clean_response, context_text
+from .chat import response_text as messages_response_text
 from .errors import InvalidInput
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -180,11 +181,8 @@ def prompt_text(value: Any) -> str:
 
 
 def response_text(value: Any) -> str:
-    """The labeler's response text: text as is; messages' contents (assistant turns if any)."""
-    if isinstance(value, str):
-        return clean_response(value)
-    msgs = [m for m in value if m.get("role") == "assistant"] or list(value)
-    return clean_response("\n".join(str(m.get("content", "")) for m in msgs))
+    """The labeler's response text: text cleaned, messages as `chat.response_text` reads them."""
+    return clean_response(value) if isinstance(value, str) else messages_response_text(value)
 
 
 def _after(prompt: Any, completion: Any) -> Any:

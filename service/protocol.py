@@ -34,9 +34,10 @@ _DEFAULTS = Settings.model_construct()
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-# The deepest container of a request's texts: body > items > item > context > message >
-# content (OpenAI content parts) > part; a part's text is one level deeper.
-_TEXT_DEPTH = 7
+# The deepest container of a request's texts: body > items > item > context or response >
+# message > tool_calls > call > function; its name and arguments are one level deeper (as
+# is the text of a part of a message's content: body > ... > message > content > part).
+_TEXT_DEPTH = 8
 
 
 def _without_lone_surrogates(data: Any, depth: int = 0) -> Any:
@@ -69,8 +70,30 @@ def _content_type(chars: int) -> Any:
     return Annotated[str, Field(max_length=chars)] | list[dict[str, Any]] | None
 
 
+class ToolFunctionIn(BaseModel):
+    """The function a tool call calls."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., max_length=MAX_ROLE_CHARS, description=f"the tool's name; at most {MAX_ROLE_CHARS} chars")
+    arguments: Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | dict[str, Any] | None = Field(
+        None, description="its arguments (untrusted): JSON text, or an object"
+    )
+
+
+class ToolCallIn(BaseModel):
+    """One tool call of an assistant turn (OpenAI's and TRL's `tool_calls`); one without a
+    function is not shown."""
+
+    model_config = ConfigDict(extra="ignore")
+    function: ToolFunctionIn | None = None
+
+
+_TOOL_CALLS = "an assistant turn's tool calls, shown to the labeler after its content as `[call functions.NAME] ARGS`"
+
+
 class ChatMessageIn(BaseModel):
-    """One chat turn of a context (TRL's conversational format, OpenAI-style messages)."""
+    """One chat turn of a context or a response (TRL's conversational format, OpenAI-style
+    messages, tool calls included)."""
 
     model_config = ConfigDict(extra="ignore")
     role: str = Field(
@@ -79,6 +102,7 @@ class ChatMessageIn(BaseModel):
         description=f"system, user, assistant, tool (also developer, human, model); at most {MAX_ROLE_CHARS} chars",
     )
     content: _content_type(_DEFAULTS.max_chars) = Field("", description=_MESSAGE_CONTENT)  # type: ignore[valid-type]
+    tool_calls: list[ToolCallIn] | None = Field(None, description=_TOOL_CALLS)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -95,24 +119,29 @@ _CONTEXT = (
     "the prompt / context (untrusted): text, or chat messages; text that a known chat template laid out "
     "(ChatML, Llama 3, ...) is parsed into messages; either way the labeler reads the canonical transcript"
 )
-_RESPONSE = "(untrusted); trailing end-of-turn markers are stripped; may be empty (judged as an empty response)"
+_RESPONSE = (
+    "(untrusted): text, or chat messages (a conversational completion; with tools, the assistant's turns and the "
+    "tools' results), read as text: assistant turns as their content and tool calls, other turns as `Role: ...` "
+    "blocks; trailing end-of-turn markers are stripped; may be empty (judged as an empty response)"
+)
+Response = Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | list[ChatMessageIn]
 
 
 class PairItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response_a: str = Field(..., max_length=_DEFAULTS.max_chars, description="first response " + _RESPONSE)
-    response_b: str = Field(..., max_length=_DEFAULTS.max_chars, description="second response " + _RESPONSE)
+    response_a: Response = Field(..., description="first response " + _RESPONSE)
+    response_b: Response = Field(..., description="second response " + _RESPONSE)
 
 
 class ScoreItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the response to score " + _RESPONSE)
+    response: Response = Field(..., description="the response to score " + _RESPONSE)
 
 
 class ReferenceItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    response: str = Field(..., max_length=_DEFAULTS.max_chars, description="the completion to reward " + _RESPONSE)
-    reference: str = Field(..., max_length=_DEFAULTS.max_chars, description="the reference response " + _RESPONSE)
+    response: Response = Field(..., description="the completion to reward " + _RESPONSE)
+    reference: Response = Field(..., description="the reference response " + _RESPONSE)
 
 
 _GROUP = f"the completions of one prompt, 2 to {MAX_GROUP_SIZE}, each " + _RESPONSE
@@ -120,9 +149,7 @@ _GROUP = f"the completions of one prompt, 2 to {MAX_GROUP_SIZE}, each " + _RESPO
 
 class GroupItemIn(_Body):
     context: Context = Field("", description=_CONTEXT)
-    responses: list[Annotated[str, Field(max_length=_DEFAULTS.max_chars)]] = Field(
-        ..., min_length=2, max_length=MAX_GROUP_SIZE, description=_GROUP
-    )
+    responses: list[Response] = Field(..., min_length=2, max_length=MAX_GROUP_SIZE, description=_GROUP)
 
 
 class _Options(_Body):
@@ -200,15 +227,26 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     schema; an unknown name still gets the 422 that lists the known ones)."""
     chars, most = settings.max_chars, settings.max_items
 
-    def text(default: Any, what: str) -> Any:
-        return (str, Field(default, max_length=chars, description=f"{what}; at most {chars} characters"))
-
     content = Field("", description=f"{_MESSAGE_CONTENT}; at most {chars} characters")
-    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=(_content_type(chars), content))
-    context = (
-        Annotated[str, Field(max_length=chars)] | list[message],  # type: ignore[valid-type]
-        Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"),
+    arguments = Field(None, description=f"its arguments (untrusted): JSON text (at most {chars} chars) or an object")
+    function = create_model(
+        "ToolFunctionIn",
+        __base__=ToolFunctionIn,
+        arguments=(Annotated[str, Field(max_length=chars)] | dict[str, Any] | None, arguments),
     )
+    call = create_model("ToolCallIn", __base__=ToolCallIn, function=(function | None, None))
+    message = create_model(
+        "ChatMessageIn",
+        __base__=ChatMessageIn,
+        content=(_content_type(chars), content),
+        tool_calls=(list[call] | None, Field(None, description=_TOOL_CALLS)),  # type: ignore[valid-type]
+    )
+    texts = Annotated[str, Field(max_length=chars)] | list[message]  # type: ignore[valid-type]
+    context = (texts, Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"))
+
+    def text(default: Any, what: str) -> Any:
+        return (texts, Field(default, description=f"{what}; at most {chars} characters (each message's content)"))
+
     pair = create_model(
         "PairItemIn",
         __base__=PairItemIn,
@@ -231,7 +269,7 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
         __base__=GroupItemIn,
         context=context,
         responses=(
-            list[Annotated[str, Field(max_length=chars)]],
+            list[texts],  # type: ignore[valid-type]
             Field(
                 ...,
                 min_length=2,

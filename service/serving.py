@@ -384,7 +384,7 @@ def _plain(item: BaseModel) -> dict[str, Any]:
     """A validated request item as the plain data `normalize_item` reads: its fields as they
     are, chat messages (models) as dicts."""
     data = item.__dict__
-    return item.model_dump() if isinstance(data.get("context"), list) else data
+    return item.model_dump() if any(isinstance(v, list) for v in data.values()) else data
 
 
 def _first(rationales: Any) -> str | None:

@@ -477,6 +477,58 @@ def test_gpt_oss_harmony_reads_as_the_same_dialogue_as_its_messages():
     )
 
 
+def test_tool_calls_read_the_same_as_messages_or_as_harmony_markup():
+    """A tool-calling dialogue given as OpenAI / TRL messages reads as harmony's markup of it
+    does: each call a `[call functions.NAME] ARGUMENTS` block after its turn's content, the
+    tool's result a Tool turn. Arguments given as an object are written as JSON."""
+    weather = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"SF"}'}}
+    messages = [
+        {"role": "user", "content": "Weather in SF?"},
+        {"role": "assistant", "content": None, "tool_calls": [weather]},
+        {"role": "tool", "name": "get_weather", "content": "18C, sunny"},
+    ]
+    harmony = (
+        "<|start|>user<|message|>Weather in SF?<|end|>"
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+        '<|message|>{"city":"SF"}<|call|>'
+        "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>18C, sunny<|end|>"
+    )
+    want = 'User: Weather in SF?\n\nAssistant: [call functions.get_weather] {"city":"SF"}\n\nTool: 18C, sunny'
+    assert chat.render(messages) == chat.context_text(harmony) == want
+    add = {"function": {"name": "add", "arguments": {"a": 2, "b": 2}}}  # TRL's parsed call: an object
+    turn = {"role": "assistant", "content": "Let me add.<|im_end|>", "tool_calls": [add, weather]}
+    assert chat.render([turn]) == (
+        'Assistant: Let me add.\n\n[call functions.add] {"a": 2, "b": 2}\n\n[call functions.get_weather] {"city":"SF"}'
+    )
+    assert chat.render([{"role": "assistant", "content": "", "tool_calls": None}]) == ""
+
+
+def test_a_response_given_as_messages_reads_as_one_text():
+    """A conversational completion is judged as text: a lone assistant message as its content
+    (as the same completion given as text); a tool-calling one as its turns in order, the
+    assistant's as their content and calls, a tool's result as a Tool block."""
+    add = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    trajectory = [
+        {"role": "assistant", "content": None, "tool_calls": [add]},
+        {"role": "tool", "name": "add", "content": "4"},
+        {"role": "assistant", "content": "<think>\n\n</think>\n\nIt is 4.<|im_end|>"},
+    ]
+    text = '[call functions.add] {"a": 2, "b": 2}\n\nTool: 4\n\nIt is 4.'
+    assert chat.response_text(trajectory) == text
+    for answer in ("Paris.", "<think>\n\n</think>\n\nParis.<|im_end|>", "<|im_end|>", ""):
+        assert chat.response_text([{"role": "assistant", "content": answer}]) == chat.clean_response(answer)
+    assert chat.response_text([{"content": "Paris."}]) == "Paris."  # no role: the assistant's
+    assert chat.response_text([]) == ""
+    item = {"context": "2+2?", "response": trajectory, "reference": "4<|im_end|>", "responses": [trajectory, "4"]}
+    assert chat.normalize_item({**item, "id": []}) == {
+        "context": "2+2?",
+        "response": text,
+        "reference": "4",
+        "responses": [text, "4"],
+        "id": [],  # not a response: left as it is
+    }
+
+
 def test_a_plain_transcript_with_one_newline_between_turns():
     """OpenRLHF's prompt template `User: {}\\nAssistant: `: turns one newline apart, read so
     where blank lines do not separate them and the newlines give an assistant turn."""

@@ -17,7 +17,7 @@ from labeler_client import verl as lc_verl
 from labeler_client.trl import PairwiseJudge, reward_function
 
 from labeler import PairItem, ScoreItem
-from labeler.chat import render
+from labeler.chat import render, response_text
 
 pytestmark = pytest.mark.model
 
@@ -159,6 +159,40 @@ def test_messages_on_the_wire(live_server, labeler):
         timeout=60,
     )
     assert bad.status_code == 422 and "items" in bad.json()["error"]["param"]
+
+
+def test_a_tool_calling_completion_is_judged_with_its_calls(live_server, labeler):
+    """A completion given as messages (a TRL tool-calling trajectory) is judged as the text the
+    service reads it as (`response_text`): the same reward and cache entry as that text, from
+    the HTTP API and from TRL's reward function alike, on score and group routes; a malformed
+    call is a 422 naming it; the schema documents calls."""
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    trajectory = [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "name": "add", "content": "4"},
+        {"role": "assistant", "content": "It is 4."},
+    ]
+    text = response_text(trajectory)
+    assert text.startswith("[call functions.add]") and "Tool: 4" in text
+    first = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": "2+2?", "response": trajectory}]})
+    assert first["results"][0]["reward"] == pytest.approx(labeler.score("2+2?", text, "tiny").reward, abs=TOL)
+    again = post(live_server, "/v1/scores", {"task": "tiny", "items": [{"context": "2+2?", "response": text}]})
+    assert again["usage"]["cached"] == 1 and again["results"][0]["reward"] == first["results"][0]["reward"]
+    assert reward_function(live_server.url, task="tiny")(prompts=["2+2?"], completions=[trajectory]) == [
+        first["results"][0]["reward"]
+    ]
+    groups = [{"task": "tiny", "items": [{"context": "2+2?", "responses": [r, "4"]}]} for r in (trajectory, text)]
+    by_messages, by_text = (post(live_server, "/v1/rewards/group", g) for g in groups)
+    assert by_text["usage"]["cached"] == 1 and by_text["results"] == [{**by_messages["results"][0], "cached": True}]
+    bad = httpx.post(
+        live_server.url + "/v1/scores",
+        json={"task": "tiny", "items": [{"response": [{"role": "assistant", "tool_calls": [{"function": {}}]}]}]},
+        timeout=60,
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "items[0].response[0].tool_calls[0].function.name"
+    schemas = httpx.get(live_server.url + "/openapi.json", timeout=60).json()["components"]["schemas"]
+    assert "tool_calls" in schemas["ChatMessageIn"]["properties"]
+    assert "arguments" in schemas["ToolFunctionIn"]["properties"]
 
 
 def test_end_markers_are_a_setting(make_server, labeler):

@@ -318,6 +318,10 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
     fake = FakeLabeler(tasks=tasks, max_items=4, max_chars=50)
     ok = {"context": "c", "response": "r"}
     chat = [{"role": "user", "content": "hi"}] * 3  # short turns: each one's text is within the limit
+    turn, tool_result = {"role": "assistant", "content": None}, {"role": "tool", "name": "add", "content": "4"}
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    long_name = {"type": "function", "function": {"name": "n" * 65, "arguments": "{}"}}
+    long_arguments = {"type": "function", "function": {"name": "add", "arguments": "y" * 51}}
     cases = [
         ("/v1/scores", {"task": "tiny", "items": [ok]}),
         ("/v1/scores", {"task": "tiny", "items": [{"context": chat, "response": "r"}]}),
@@ -379,6 +383,12 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ),
         ("/v1/scores", {"task": "tiny", "items": [ok], "foo-bar": 1}),
         ("/v1/scores", {"task": "tiny", "items": [{**ok, "bad key": 1}]}),
+        # responses as messages (a tool-calling completion): each text held to the limit, a call's name too
+        ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [call]}, tool_result]}]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"response": [{"role": "assistant", "content": "y" * 51}]}]}),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", [{**turn, "tool_calls": [long_name]}]]}]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [long_arguments]}]}]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [{"function": {}}]}]}]}),
         # /get_reward's options are query parameters: in the body they would be ignored
         ("/get_reward?task=tiny", {"query": ["a"], "task": "tiny"}),
         ("/get_reward?task=tiny", {"query": ["a"], "reward": "reference", "labels": ["b"]}),
@@ -406,7 +416,7 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         real = seen(httpx.post(srv.url + path, json=body, timeout=120))
         assert seen(fake_http.post(path, json=body)) == real, (path, body)
         statuses.append(real[0])
-    assert statuses.count(422) == len(cases) - 9
+    assert statuses.count(422) == len(cases) - 10
     # overlong=lowest: the query over the limit gets the lowest reward, marked, on both.
     body, path = {"query": ["a", "y" * 51]}, "/get_reward?task=tiny&overlong=lowest"
     for answer in (httpx.post(srv.url + path, json=body, timeout=120).json(), fake_http.post(path, json=body).json()):

@@ -19,7 +19,7 @@ import labeler_client as lc
 import pytest
 from labeler_client import _batching, _shared, verl
 from labeler_client._config import parse_retry_after
-from labeler_client._text import completion_text, context_value
+from labeler_client._text import completion_value, context_value
 from labeler_client.testing import FakeLabeler, fake_reward
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
@@ -524,12 +524,24 @@ def test_contexts_go_on_the_wire_as_text_or_messages():
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     assert context_value(parts) == [{"role": "user", "content": "What is it?"}]
     assert context_value(tuple(msgs[:1])) == msgs[:1]  # any iterable of messages (a numpy object array too)
-    completion = [{"role": "assistant", "content": "4"}, {"role": "tool", "content": "x"}]
-    assert completion_text(completion) == "4"
-    assert completion_text([{"content": "no role"}]) == "no role"
-    assert completion_text({"role": "assistant", "content": None}) == ""
-    assert completion_text({"role": "assistant", "content": {"type": "text", "text": "4"}}) == "4"  # one part alone
-    assert completion_text("") == ""  # an empty completion goes out as it is
+    # Completions as messages too, which the service reads as one text; tool calls kept.
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    completion = [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "name": "add", "content": "4"},
+        {"role": "assistant", "content": "4"},
+    ]
+    assert completion_value(completion) == [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        {"role": "assistant", "content": "4"},
+    ]
+    assert context_value(completion[:2])[0]["tool_calls"] == [call]  # a context's calls too
+    assert completion_value([{"content": "no role"}]) == [{"role": "assistant", "content": "no role"}]
+    assert completion_value({"role": "assistant", "content": None}) == [{"role": "assistant", "content": ""}]
+    one_part = {"role": "assistant", "content": {"type": "text", "text": "4"}}
+    assert completion_value(one_part) == [{"role": "assistant", "content": "4"}]
+    assert completion_value("") == ""  # an empty completion goes out as it is
     with pytest.raises(TypeError):
         context_value(42)  # type: ignore[arg-type]
 
@@ -542,8 +554,9 @@ def test_trl_reward_function_takes_grpo_trainers_keyword_call():
     completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": ""}]]
     columns = {"completion_ids": [[1], [2]], "answer": ["4", "4"], "trainer_state": None}
     got = fn(prompts=[dialogue] * 2, completions=completions, **columns)
-    assert got == [fake_reward(json.dumps(dialogue, sort_keys=True), r) for r in ("4", "")]
-    assert json.loads(fake.requests[-1].content)["items"][0]["context"] == dialogue  # messages on the wire
+    assert got == [fake_reward(*(json.dumps(v, sort_keys=True) for v in (dialogue, c))) for c in completions]
+    sent = json.loads(fake.requests[-1].content)["items"][0]
+    assert sent["context"] == dialogue and sent["response"] == completions[0]  # messages on the wire
     assert fn(prompts=["2+2?"], completions=["4"]) == [fake_reward("2+2?", "4")]
     assert fn(completions=["4"]) == [fake_reward("", "4")]
     with pytest.raises(ValueError):
@@ -564,9 +577,10 @@ def test_trl_async_reward_function_across_event_loops():
     fake = FakeLabeler()
     fn = async_reward_function(URL, task="tiny", transport=fake.async_transport())
     assert inspect.iscoroutinefunction(fn.__call__) and fn.__name__ == "labeler_tiny"
+    completion = [{"role": "assistant", "content": "4"}]
     for _ in range(2):  # a fresh loop each time, as asyncio.run makes
-        assert asyncio.run(fn(prompts=["2+2?"], completions=[[{"role": "assistant", "content": "4"}]])) == [
-            fake_reward("2+2?", "4")
+        assert asyncio.run(fn(prompts=["2+2?"], completions=[completion])) == [
+            fake_reward("2+2?", json.dumps(completion, sort_keys=True))  # the fake reads messages as their JSON
         ]
 
 

@@ -5,8 +5,10 @@ venv, once with plain-text prompts (strings a chat template laid out) and once w
 conversational ones; one prompt's completions are forced empty (a bare end-of-turn token).
 TRL's logged mean reward of each step must equal the mean of the labeler's rewards for the
 (prompt, completion) pairs TRL passed, computed here in process on the canonical transcripts.
-A NaN, a crash or a refused empty completion fails it. Tolerance 1e-5: above the ~3e-6 a
-reward moves with its batch-mates.
+A NaN, a crash or a refused empty completion fails it. A third run gives the policy a tool:
+TRL's tool loop runs the call the policy makes and appends the result, and the trajectory is
+rewarded as the text the service reads it as. Tolerance 1e-5: above the ~3e-6 a reward moves
+with its batch-mates.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import statistics
 
 import pytest
-from labeler_client._text import completion_text, context_value
+from labeler_client._text import completion_value, context_value
 
 from labeler import GroupItem, ReferenceItem, ScoreItem
 from labeler.chat import normalize_item
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.model
 TOL = 1e-5
 
 
-def test_grpo_trains_on_labeler_rewards_with_an_empty_completion(
+def test_grpo_trains_on_labeler_rewards_with_empty_and_tool_calling_completions(
     frameworks_python, live_server, labeler, model_dir, tmp_path
 ):
     out = run_driver(frameworks_python, "trl_grpo", tmp_path, "--url", live_server.url, "--model-dir", str(model_dir))
@@ -38,7 +40,7 @@ def test_grpo_trains_on_labeler_rewards_with_an_empty_completion(
         responses = []
         for logged, call in zip(run["logged"], run["calls"], strict=True):
             items = [
-                normalize_item({"context": context_value(p), "response": completion_text(c)})
+                normalize_item({"context": context_value(p), "response": completion_value(c)})
                 for p, c in zip(call["prompts"], call["completions"], strict=True)
             ]
             want = labeler.scores([ScoreItem(**it) for it in items], "tiny")
@@ -52,11 +54,32 @@ def test_grpo_trains_on_labeler_rewards_with_an_empty_completion(
     assert checks["pickled"] == ["RewardFunction", "AsyncRewardFunction", "PairwiseJudge"]
     # The same dialogues as strings with template markup and as messages: the same token ids
     # for the policy (same seed, same completions), the same contexts, the same rewards.
-    texts = {m: [[completion_text(c) for c in call["completions"]] for call in out[m]["calls"]] for m in contexts}
+    texts = {
+        m: [
+            [normalize_item({"response": completion_value(c)})["response"] for c in call["completions"]]
+            for call in out[m]["calls"]
+        ]
+        for m in contexts
+    }
     assert texts["plain"] == texts["conversational"]
     assert out["plain"]["logged"] == pytest.approx(out["conversational"]["logged"], abs=TOL)
     assert contexts["plain"] == contexts["conversational"]
     assert "System: Answer in one word.\n\nUser: What is the capital of France?" in contexts["plain"]
+    # With a tool: the trajectory TRL's tool loop built (the call, the tool's result, the
+    # answer), rewarded as the text the service reads it as, calls and result included.
+    tools = out["tools"]
+    assert len(tools["logged"]) == len(tools["calls"]) == 1
+    (call,) = tools["calls"]
+    items = [
+        normalize_item({"context": context_value(p), "response": completion_value(c)})
+        for p, c in zip(call["prompts"], call["completions"], strict=True)
+    ]
+    for completion, item in zip(call["completions"], items, strict=True):
+        assert [m["role"] for m in completion] == ["assistant", "tool", "assistant"], completion
+        assert completion[0]["tool_calls"][0]["function"] == {"name": "multiply", "arguments": {"a": 3, "b": 4}}
+        assert item["response"] == '[call functions.multiply] {"a": 3, "b": 4}\n\nTool: 12\n\nIt is 12.'
+    want = labeler.scores([ScoreItem(**it) for it in items], "tiny")
+    assert tools["logged"][0] == pytest.approx(sum(r.reward for r in want) / len(want), abs=TOL)
 
 
 def test_grpo_trains_on_group_relative_and_reference_rewards(
@@ -75,7 +98,7 @@ def test_grpo_trains_on_group_relative_and_reference_rewards(
     def labeled(call: dict, size: int) -> tuple[list[dict], list[float]]:
         """The normalized items of a reward call, and the labeler's group rewards for its groups of `size`."""
         items = [
-            normalize_item({"context": context_value(p), "response": completion_text(c), "reference": r})
+            normalize_item({"context": context_value(p), "response": completion_value(c), "reference": r})
             for p, c, r in zip(call["prompts"], call["completions"], call["reference"], strict=True)
         ]
         groups = [items[i : i + size] for i in range(0, len(items), size)]

@@ -176,7 +176,9 @@ def test_openapi_declares_the_routes_and_their_limits(live_server):
     schemas = spec["components"]["schemas"]
     group = schemas["GroupItemIn"]["properties"]["responses"]
     assert (group["minItems"], group["maxItems"]) == (2, 32)
-    assert group["items"]["maxLength"] == live_server.settings.max_chars
+    text, messages = group["items"]["anyOf"]  # each completion: text, or chat messages
+    assert text["maxLength"] == live_server.settings.max_chars
+    assert messages["items"]["$ref"] == "#/components/schemas/ChatMessageIn"
     assert schemas["JudgmentsRequest"]["properties"]["items"]["maxItems"] == live_server.settings.max_items
     for path in ("/v1/judgments", "/v1/rewards/reference", "/v1/rewards/group"):
         assert {"422", "413", "429"} <= set(spec["paths"][path]["post"]["responses"])

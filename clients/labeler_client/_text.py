@@ -2,12 +2,13 @@
 messages.
 
 The client renders no transcript of its own: the service brings every context, text or
-messages, to one canonical transcript (parsing known chat templates in text) and strips
-end-of-turn markers from responses, so the same dialogue gets the same reward whichever
-framework sent it. Here a message list is only reduced to `{"role", "content"}` strings
-(the text parts of multimodal content), and a completion to its assistant turns' text (for
-the pairwise judge, also a string that TRL's simple chat template laid out as one assistant
-turn, to its answer: `judged_completion_text`).
+messages, to one canonical transcript (parsing known chat templates in text), reads a
+completion given as messages (a tool-calling one too: calls and tools' results) as one text,
+and strips end-of-turn markers from responses, so the same dialogue gets the same reward
+whichever framework sent it. Here a message list is only reduced to `{"role", "content"}`
+strings (the text parts of multimodal content) and the tool calls a message makes; for the
+pairwise judge, a string that TRL's simple chat template laid out as one assistant turn is
+reduced to its answer (`judged_completion`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 Message = Mapping[str, Any]
 Text = str | Sequence[Message] | Message
-Context = str | list[dict[str, str]]
+Context = str | list[dict[str, Any]]
 
 
 def _content(message: Message) -> str:
@@ -54,21 +55,27 @@ def _messages(value: Any) -> list[Message]:
     raise TypeError(f"expected text or a list of {{'role', 'content'}} messages, got {type(value).__name__}")
 
 
+def _wire_messages(value: Text, role: str) -> list[dict[str, Any]]:
+    """Messages for the wire: `{"role", "content"}` strings (`role` where a message has none),
+    with the message's `tool_calls` where it made any."""
+    out = []
+    for m in _messages(value):
+        message: dict[str, Any] = {"role": str(m.get("role") or role), "content": _content(m)}
+        if m.get("tool_calls"):
+            message["tool_calls"] = list(m["tool_calls"])
+        out.append(message)
+    return out
+
+
 def context_value(value: Text) -> Context:
-    """A context for the wire: text as is; messages as `{"role", "content"}` strings."""
-    if isinstance(value, str):
-        return value
-    return [{"role": str(m.get("role") or "user"), "content": _content(m)} for m in _messages(value)]
+    """A context for the wire: text as is, or messages (`_wire_messages`)."""
+    return value if isinstance(value, str) else _wire_messages(value, "user")
 
 
-def completion_text(value: Text) -> str:
-    """A completion's text: the string itself, or its assistant messages' content (every
-    message's, when none is the assistant's)."""
-    if isinstance(value, str):
-        return value
-    messages = _messages(value)
-    picked = [m for m in messages if m.get("role") == "assistant"] or messages
-    return "\n".join(_content(m) for m in picked)
+def completion_value(value: Text) -> Context:
+    """A completion for the wire: text as is, or messages (`_wire_messages`, the assistant's
+    where a message names no role), which the service reads as one text."""
+    return value if isinstance(value, str) else _wire_messages(value, "assistant")
 
 
 # How TRL's SIMPLE_CHAT_TEMPLATE (TRL 0.12 to 1.0) writes an assistant message: "Assistant: "
@@ -76,9 +83,9 @@ def completion_text(value: Text) -> str:
 _TEMPLATE_ANSWER_START, _TEMPLATE_ANSWER_END = "Assistant: ", "\n\n"
 
 
-def judged_completion_text(value: Text) -> str:
-    """A completion's text as `PairwiseJudge` hands it to the labeler: `completion_text`,
-    except that a string which is one assistant turn as TRL's simple chat template writes it
+def judged_completion(value: Text) -> Context:
+    """A completion as `PairwiseJudge` hands it to the labeler: `completion_value`, except
+    that a string which is one assistant turn as TRL's simple chat template writes it
     ("Assistant: Paris.\\n\\n") gives the answer alone ("Paris.", or "" for an empty one).
     TRL's online DPO, XPO and Nash-MD trainers (0.12 to 1.0) render a conversational
     completion through that template before calling the judge, and the service strips no role
@@ -91,7 +98,7 @@ def judged_completion_text(value: Text) -> str:
         and value.endswith(_TEMPLATE_ANSWER_END)
     ):
         return value[len(_TEMPLATE_ANSWER_START) : -len(_TEMPLATE_ANSWER_END)]
-    return completion_text(value)
+    return completion_value(value)
 
 
 def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[dict[str, Any]]:
@@ -100,14 +107,13 @@ def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[di
         raise TypeError("prompts and completions must be lists, not a single string")
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    return [
-        {"context": context_value(p), "response": completion_text(c)} for p, c in zip(prompts, completions, strict=True)
-    ]
+    pairs = zip(prompts, completions, strict=True)
+    return [{"context": context_value(p), "response": completion_value(c)} for p, c in pairs]
 
 
 def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list[dict[str, Any]]:
     """`/v1/preferences` items for prompts and their (first, second) completion pairs, as
-    `PairwiseJudge` is given them (`judged_completion_text`)."""
+    `PairwiseJudge` is given them (`judged_completion`)."""
     if len(prompts) != len(pairs):
         raise ValueError(f"{len(prompts)} prompts but {len(pairs)} completion pairs")
     items = []
@@ -117,8 +123,8 @@ def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list
         items.append(
             {
                 "context": context_value(p),
-                "response_a": judged_completion_text(pair[0]),
-                "response_b": judged_completion_text(pair[1]),
+                "response_a": judged_completion(pair[0]),
+                "response_b": judged_completion(pair[1]),
             }
         )
     return items
@@ -134,7 +140,7 @@ def reference_items(
     if not len(prompts) == len(completions) == len(references):
         raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and {len(references)} references")
     return [
-        {"context": context_value(p), "response": completion_text(c), "reference": completion_text(r)}
+        {"context": context_value(p), "response": completion_value(c), "reference": completion_value(r)}
         for p, c, r in zip(prompts, completions, references, strict=True)
     ]
 
@@ -147,7 +153,7 @@ def group_items(prompts: Sequence[Text], groups: Sequence[Sequence[Text]]) -> li
     for p, group in zip(prompts, groups, strict=True):
         if isinstance(group, str):
             raise TypeError("each group must be a list of completions, not a single string")
-        items.append({"context": context_value(p), "responses": [completion_text(c) for c in group]})
+        items.append({"context": context_value(p), "responses": [completion_value(c) for c in group]})
     return items
 
 

@@ -49,14 +49,18 @@ def fake_reward(context: str, response: str) -> float:
     return round(int.from_bytes(digest[:4], "big") / 2**32 * 2 - 1, 6)
 
 
+def _text(value: Any) -> str:
+    """A context or a response as text: chat messages as their JSON (the fake renders no
+    transcript)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
 def _context(item: dict[str, Any]) -> str:
-    """The context as text: chat messages as their JSON (the fake renders no transcript)."""
-    context = item.get("context", "")
-    return context if isinstance(context, str) else json.dumps(context, sort_keys=True)
+    return _text(item.get("context", ""))
 
 
 def _score(item: dict[str, Any]) -> dict[str, Any]:
-    reward = fake_reward(_context(item), item["response"])
+    reward = fake_reward(_context(item), _text(item["response"]))
     expected = reward * 4.5 + 5.5
     low = min(8, int(expected) - 1)  # expected 10.0: all the mass on the last score
     frac = expected - (low + 1)
@@ -67,7 +71,8 @@ def _score(item: dict[str, Any]) -> dict[str, Any]:
 
 def _preference(item: dict[str, Any], order: str) -> dict[str, Any]:
     ctx = _context(item)
-    p_a = 1 / (1 + math.exp(-4 * (fake_reward(ctx, item["response_a"]) - fake_reward(ctx, item["response_b"]))))
+    gap = fake_reward(ctx, _text(item["response_a"])) - fake_reward(ctx, _text(item["response_b"]))
+    p_a = 1 / (1 + math.exp(-4 * gap))
     ab = p_a if order in ("both", "ab") else None
     ba = p_a if order in ("both", "ba") else None
     return {
@@ -87,12 +92,12 @@ def _win(ctx: str, first: str, second: str) -> float:
 
 
 def _judgment(item: dict[str, Any]) -> dict[str, Any]:
-    p_yes = (fake_reward(_context(item), item["response"]) + 1) / 2
+    p_yes = (fake_reward(_context(item), _text(item["response"])) + 1) / 2
     return {"p_yes": p_yes, "p_no": 1 - p_yes, "label_mass": 1.0, "cached": False}
 
 
 def _reference_reward(item: dict[str, Any], order: str) -> dict[str, Any]:
-    p_win = _win(_context(item), item["response"], item["reference"])
+    p_win = _win(_context(item), _text(item["response"]), _text(item["reference"]))
     return {
         "reward": 2 * p_win - 1,
         "p_win": p_win,
@@ -105,7 +110,7 @@ def _reference_reward(item: dict[str, Any], order: str) -> dict[str, Any]:
 
 
 def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
-    ctx, rs = _context(item), item["responses"]
+    ctx, rs = _context(item), [_text(r) for r in item["responses"]]
     n = len(rs)
     p_win = [[None if i == j else _win(ctx, rs[i], rs[j]) for j in range(n)] for i in range(n)]
     win_rate = [sum(p for p in row if p is not None) / (n - 1) for row in p_win]
@@ -436,22 +441,7 @@ class FakeLabeler:
         extra = sorted(set(item) - {"context", *fields})
         if extra:
             return self._extra(where, extra[0])
-        context = item.get("context", "")
-        if isinstance(context, list):  # chat messages: each one's content is a text
-            texts = []
-            for k, m in enumerate(context):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    return self._invalid(f"{where}.context[{k}]", "must be a {role, content} message")
-                if len(m["role"]) > _MAX_ROLE_CHARS:
-                    return self._invalid(
-                        f"{where}.context[{k}].role", f"at most {_MAX_ROLE_CHARS} characters", "input_too_long"
-                    )
-                content = m.get("content", "")
-                if content is None or (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
-                    content = _content(m)
-                texts.append((f"{where}.context[{k}].content", content))
-        else:
-            texts = [(f"{where}.context", context)]
+        texts: list[tuple[str, Any]] = [(f"{where}.context", item.get("context", ""))]
         for name in fields:
             if name not in item:
                 return self._invalid(f"{where}.{name}", "Field required")
@@ -462,13 +452,48 @@ class FakeLabeler:
                 texts += [(f"{where}.responses[{k}]", v) for k, v in enumerate(value)]
             else:
                 texts.append((f"{where}.{name}", value))
-        for at, text in texts:
+        checked: list[tuple[str, Any]] = []
+        for at, value in texts:  # chat messages: each one's content is a text
+            found = self._message_texts(at, value) if isinstance(value, list) else [(at, value)]
+            if isinstance(found, httpx.Response):
+                return found
+            checked += found
+        for at, text in checked:
             if not isinstance(text, str):
                 return self._invalid(at, "Input should be a valid string")
             refused = self._too_long(at, text)
             if refused is not None:
                 return refused
         return None
+
+    def _message_texts(self, at: str, messages: list[Any]) -> list[tuple[str, Any]] | httpx.Response:
+        """The texts of chat `messages` (a context or a response at `at`) to check, each named,
+        or the refusal of a malformed message."""
+        texts = []
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                return self._invalid(f"{at}[{k}]", "must be a {role, content} message")
+            if len(m["role"]) > _MAX_ROLE_CHARS:
+                return self._invalid(f"{at}[{k}].role", f"at most {_MAX_ROLE_CHARS} characters", "input_too_long")
+            content = m.get("content", "")
+            if content is None or (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
+                content = _content(m)
+            texts.append((f"{at}[{k}].content", content))
+            for c, call in enumerate(m.get("tool_calls") or ()):
+                if not isinstance(call, dict):
+                    return self._invalid(f"{at}[{k}].tool_calls[{c}]", "must be a {function} object")
+                function = call.get("function")
+                if function is None:  # a call without a function: not shown to the labeler
+                    continue
+                name = function.get("name") if isinstance(function, dict) else None
+                if not isinstance(name, str):
+                    return self._invalid(f"{at}[{k}].tool_calls[{c}].function.name", "a text is required")
+                if len(name) > _MAX_ROLE_CHARS:
+                    too_long = f"at most {_MAX_ROLE_CHARS} characters"
+                    return self._invalid(f"{at}[{k}].tool_calls[{c}].function.name", too_long, "input_too_long")
+                if isinstance(function.get("arguments"), str):
+                    texts.append((f"{at}[{k}].tool_calls[{c}].function.arguments", function["arguments"]))
+        return texts
 
     def _label(self, path: str, body: Any) -> httpx.Response:
         if not isinstance(body, dict):
@@ -482,7 +507,7 @@ class FakeLabeler:
             if refused is not None:
                 return refused
         for i, item in enumerate(body["items"]):
-            texts = [t for name in fields for t in (item[name] if name == "responses" else [item[name]])]
+            texts = [_text(t) for name in fields for t in (item[name] if name == "responses" else [item[name]])]
             fault = next((f for t in texts if (f := self._item_faults.get(t))), None)
             if fault is not None:
                 status, retry_after = fault

@@ -505,7 +505,7 @@ class PairwiseJudge(_Picklable):
     orders and averages them, which removes position bias more thoroughly than a random
     shuffle, so `shuffle_order` is accepted and has nothing left to do. A completion that
     TRL rendered through its simple chat template (conversational data), such as
-    "Assistant: Paris.\\n\\n", is judged as its answer alone (`judged_completion_text`).
+    "Assistant: Paris.\\n\\n", is judged as its answer alone (`judged_completion`).
 
     With `on_error="none"` a pair whose request failed gives -1 (TRL's "the judge failed"
     rank), or as a soft score 0.5 ("no preference": TRL has no failed-score value, and a

@@ -7,6 +7,11 @@ One prompt of each run ends with "###", and the generation config biases the end
 token after that ending (`sequence_bias`, TRL's own `generation_kwargs`): its completions
 are empty, as a small policy's often are, while the other prompt's are sampled freely.
 A second reward function with weight 0 records what TRL passed to the reward functions.
+
+A third run gives the policy a tool (`tools=`, TRL's tool-calling loop, with Qwen 3's chat
+template, whose tool-call format TRL parses, on the same tokens): biased the same way, the
+policy calls the tool, TRL runs it and appends its result, and the policy answers; the reward
+functions get the whole trajectory as messages.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from datasets import Dataset
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
+from trl.chat_template_utils import qwen3_chat_template
 from trl.trainer.utils import get_callable_name, is_async_callable
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}
@@ -28,6 +34,21 @@ DIALOGUES = [
     [SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
     [SYSTEM, {"role": "user", "content": "Say nothing at all ###"}],
 ]
+
+
+TOOL_DIALOGUE = [{"role": "user", "content": "What is 3 times 4? Use the tool. ###"}]
+TOOL_CALL = '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call>'
+TOOL_ANSWER = "It is 12."
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a * b
 
 
 class Recorder:
@@ -93,6 +114,72 @@ def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
     }
 
 
+def run_tools(model_dir: str, url: str, task: str) -> dict:
+    """One GRPO step whose policy calls `multiply` (forced by `sequence_bias` after the
+    prompt's " ###" ending), gets its result from TRL's tool loop, and answers (forced after
+    the tool's result)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = qwen3_chat_template  # ChatML, as the model's own, and a tool-call format TRL parses
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def ids(messages: list, **kw) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, tools=[multiply], tokenize=False, **kw)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def forced(after: list[int], text: str) -> list:
+        """Biases that make the policy write `text` and end its turn right after `after`."""
+        wanted = [*tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        return [[[*after, *wanted[: k + 1]], 100.0] for k in range(len(wanted))]
+
+    asked = ids(TOOL_DIALOGUE, add_generation_prompt=True)
+    call = {"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}
+    answered = TOOL_DIALOGUE + [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "multiply", "content": "12"},
+    ]
+    after_tool = ids(answered, add_generation_prompt=True)
+
+    def end(full: list[int], text: str) -> list[int]:  # the last tokens of `full`, as many as `text` has
+        return full[-len(tokenizer(text, add_special_tokens=False)["input_ids"]) :]
+
+    # The prompt's end from its " ###" on; the tool result's end from the result on.
+    tail = end(asked, "###<|im_end|>\n<|im_start|>assistant\n")
+    result_tail = end(after_tool, "12\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    recorder = Recorder()
+    labeler = reward_function(url, task=task)
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            max_completion_length=96,
+            max_steps=1,
+            learning_rate=1e-6,
+            beta=0.0,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            reward_weights=[1.0, 0.0],
+            generation_kwargs={"sequence_bias": forced(tail, TOOL_CALL) + forced(result_tail, TOOL_ANSWER)},
+            dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[labeler, recorder],
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": [TOOL_DIALOGUE]}),
+            processing_class=tokenizer,
+            tools=[multiply],
+        )
+        trainer.train()
+    key = f"rewards/{labeler.__name__}/mean"
+    return {"logged": [h[key] for h in trainer.state.log_history if key in h], "calls": recorder.calls}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True, help="where the JSON goes (the trainer prints to stdout)")
@@ -106,6 +193,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     out = {mode: run(mode, a.model_dir, a.url, a.task, a.steps) for mode in ("plain", "conversational")}
+    out["tools"] = run_tools(a.model_dir, a.url, a.task)
     # How TRL tells reward functions apart, and AsyncGRPOTrainer's pickling into its child.
     sync_fn, async_fn = reward_function(a.url, task=a.task), async_reward_function(a.url, task=a.task)
     out["checks"] = {
