@@ -42,6 +42,7 @@ log = logging.getLogger("service.batcher")
 RunGroup = Callable[[Hashable, list[Any], list[str]], Awaitable[list[Any]]]
 
 RATE_WINDOW_S = 30.0  # how far back the drain rate behind Retry-After looks
+_NOT_READY = object()  # no group's batch is ready (any hashable, None too, may name a group)
 
 
 class BatchFailure(EngineError):
@@ -172,7 +173,7 @@ class MicroBatcher:
             self._wake.clear()
             while self._queue:
                 group = self._ready()
-                if group is None:  # until the oldest item has waited, or new items fill a batch
+                if group is _NOT_READY:  # until the oldest item has waited, or new items fill a batch
                     left = self._queue[0].queued + self.wait_s - time.monotonic()
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -188,9 +189,10 @@ class MicroBatcher:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _ready(self) -> Hashable | None:
-        """The group whose batch goes next, if any: the oldest queued item's once it has waited
-        `wait_s`, else the first to have a whole batch (`max_items`) queued."""
+    def _ready(self) -> Hashable:
+        """The group whose batch goes next: the oldest queued item's once it has waited
+        `wait_s`, else the first to have a whole batch (`max_items`) queued; `_NOT_READY` if
+        neither."""
         if self._queue[0].queued + self.wait_s <= time.monotonic():
             return self._queue[0].group
         counts: dict[Hashable, int] = {}
@@ -198,7 +200,7 @@ class MicroBatcher:
             counts[job.group] = n = counts.get(job.group, 0) + 1
             if n >= self.max_items:
                 return job.group
-        return None
+        return _NOT_READY
 
     async def _run(self, group: Hashable, jobs: list[_Job]) -> None:
         t0 = time.monotonic()

@@ -268,9 +268,10 @@ def test_an_items_wait_for_its_batch_counts_from_when_it_was_queued():
         batcher = MicroBatcher(run_group, max_items=4, wait_s=wait, max_pending=100, concurrency=4)
         batcher.start()
         t0 = time.monotonic()
-        futures = [f for g in "abcd" for f in batcher.submit(g, [(g, g)])[0]]
+        groups = ("a", "b", "c", None)  # any hashable names a group, None too
+        futures = [f for g in groups for f in batcher.submit(g, [(str(g), g)])[0]]
         await asyncio.wait_for(asyncio.gather(*futures), 10)
-        waited = {g: started[g] - t0 for g in "abcd"}
+        waited = {g: started[g] - t0 for g in groups}
         assert all(wait <= w < 2 * wait for w in waited.values()), waited
         t1 = time.monotonic()
         (lone,), _ = batcher.submit("e", [("e", "e")])
