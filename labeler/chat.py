@@ -540,7 +540,7 @@ def _with_tool_calls(content: str, message: Mapping[str, Any]) -> str:
     block each (the form harmony's transcripts give a call: `_harmony`); arguments given as
     an object are written as JSON; a call that names no function is not shown."""
     calls = message.get("tool_calls")
-    if not calls or not isinstance(calls, Sequence) or isinstance(calls, str):
+    if not calls or not isinstance(calls, Sequence) or isinstance(calls, str):  # none, or none to read
         return content
     blocks = [content] if content else []
     for call in calls:

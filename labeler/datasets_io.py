@@ -181,8 +181,13 @@ def prompt_text(value: Any) -> str:
 
 
 def response_text(value: Any) -> str:
-    """The labeler's response text: text cleaned, messages as `chat.response_text` reads them."""
-    return clean_response(value) if isinstance(value, str) else messages_response_text(value)
+    """The labeler's response text: text cleaned; messages from the first assistant turn on (a
+    completion that repeats its prompt's last turns starts with them), as `chat.response_text`
+    reads them."""
+    if isinstance(value, str):
+        return clean_response(value)
+    first = next((k for k, m in enumerate(value) if m.get("role") == "assistant"), 0)
+    return messages_response_text(value[first:])
 
 
 def _after(prompt: Any, completion: Any) -> Any:
@@ -194,7 +199,16 @@ def _after(prompt: Any, completion: Any) -> Any:
 
 
 def _is_messages(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v)
+    """A non-empty list of messages, each with a text content (null where it calls tools)."""
+    return (
+        isinstance(v, list)
+        and bool(v)
+        and all(
+            isinstance(m, dict)
+            and (isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
+            for m in v
+        )
+    )
 
 
 def _context_key(rec: dict, own: str) -> str:

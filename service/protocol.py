@@ -34,9 +34,8 @@ _DEFAULTS = Settings.model_construct()
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-# The deepest container of a request's texts: body > items > item > context or response >
-# message > tool_calls > call > function; its name and arguments are one level deeper (as
-# is the text of a part of a message's content: body > ... > message > content > part).
+# The deepest container of a request's texts: body > items > item > responses (a group's) >
+# response > message > content (OpenAI content parts) > part; a part's text is one level deeper.
 _TEXT_DEPTH = 8
 
 
@@ -70,25 +69,13 @@ def _content_type(chars: int) -> Any:
     return Annotated[str, Field(max_length=chars)] | list[dict[str, Any]] | None
 
 
-class ToolFunctionIn(BaseModel):
-    """The function a tool call calls."""
-
-    model_config = ConfigDict(extra="ignore")
-    name: str = Field(..., max_length=MAX_ROLE_CHARS, description=f"the tool's name; at most {MAX_ROLE_CHARS} chars")
-    arguments: Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | dict[str, Any] | None = Field(
-        None, description="its arguments (untrusted): JSON text, or an object"
-    )
-
-
-class ToolCallIn(BaseModel):
-    """One tool call of an assistant turn (OpenAI's and TRL's `tool_calls`); one without a
-    function is not shown."""
-
-    model_config = ConfigDict(extra="ignore")
-    function: ToolFunctionIn | None = None
-
-
-_TOOL_CALLS = "an assistant turn's tool calls, shown to the labeler after its content as `[call functions.NAME] ARGS`"
+# Read as loosely as they were ignored before: a call the labeler cannot show is left out,
+# not refused (their texts count against the item's token limit like any other).
+_TOOL_CALLS = (
+    'an assistant turn\'s tool calls (OpenAI\'s and TRL\'s {"function": {"name", "arguments"}}, the arguments '
+    "JSON text or an object), shown to the labeler after its content as `[call functions.NAME] ARGUMENTS`; "
+    "a call without a function name is left out"
+)
 
 
 class ChatMessageIn(BaseModel):
@@ -102,7 +89,7 @@ class ChatMessageIn(BaseModel):
         description=f"system, user, assistant, tool (also developer, human, model); at most {MAX_ROLE_CHARS} chars",
     )
     content: _content_type(_DEFAULTS.max_chars) = Field("", description=_MESSAGE_CONTENT)  # type: ignore[valid-type]
-    tool_calls: list[ToolCallIn] | None = Field(None, description=_TOOL_CALLS)
+    tool_calls: list[dict[str, Any]] | None = Field(None, description=_TOOL_CALLS)
 
     @field_validator("content", mode="before")
     @classmethod
@@ -228,19 +215,7 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     chars, most = settings.max_chars, settings.max_items
 
     content = Field("", description=f"{_MESSAGE_CONTENT}; at most {chars} characters")
-    arguments = Field(None, description=f"its arguments (untrusted): JSON text (at most {chars} chars) or an object")
-    function = create_model(
-        "ToolFunctionIn",
-        __base__=ToolFunctionIn,
-        arguments=(Annotated[str, Field(max_length=chars)] | dict[str, Any] | None, arguments),
-    )
-    call = create_model("ToolCallIn", __base__=ToolCallIn, function=(function | None, None))
-    message = create_model(
-        "ChatMessageIn",
-        __base__=ChatMessageIn,
-        content=(_content_type(chars), content),
-        tool_calls=(list[call] | None, Field(None, description=_TOOL_CALLS)),  # type: ignore[valid-type]
-    )
+    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=(_content_type(chars), content))
     texts = Annotated[str, Field(max_length=chars)] | list[message]  # type: ignore[valid-type]
     context = (texts, Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"))
 

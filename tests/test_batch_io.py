@@ -140,6 +140,16 @@ def test_single_formats():
         "l", {"prompt": USER, "chosen": USER, "rejected": USER + [{"role": "assistant", "content": "A."}]}
     )
     assert (p.response_a, p.response_b) == ("", "A.")
+    # A tool-calling completion (a null content beside its call), read as the service reads it;
+    # a completion that repeats only the prompt's last turn is read from its first assistant turn.
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    calling = [{"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "4"}]
+    s = io.normalize_single("l", {"prompt": USER, "completion": [*calling, {"role": "assistant", "content": "4."}]})
+    assert s.response == '[call functions.add] {"a": 2, "b": 2}\n\nTool: 4\n\n4.'
+    system = [{"role": "system", "content": "Be brief."}]
+    answer = [{"role": "assistant", "content": "A."}]
+    s = io.normalize_single("l", {"prompt": system + USER, "completion": USER + answer})
+    assert s.response == "A."
     s = io.normalize_single("l", {"context": "Q?", "response": "A."})
     assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
     for mixed in ({"context": "Q?", "completion": "A."}, {"prompt": "Q?", "response": "A."}):  # the names mixed

@@ -320,8 +320,6 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
     chat = [{"role": "user", "content": "hi"}] * 3  # short turns: each one's text is within the limit
     turn, tool_result = {"role": "assistant", "content": None}, {"role": "tool", "name": "add", "content": "4"}
     call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
-    long_name = {"type": "function", "function": {"name": "n" * 65, "arguments": "{}"}}
-    long_arguments = {"type": "function", "function": {"name": "add", "arguments": "y" * 51}}
     cases = [
         ("/v1/scores", {"task": "tiny", "items": [ok]}),
         ("/v1/scores", {"task": "tiny", "items": [{"context": chat, "response": "r"}]}),
@@ -383,12 +381,11 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ),
         ("/v1/scores", {"task": "tiny", "items": [ok], "foo-bar": 1}),
         ("/v1/scores", {"task": "tiny", "items": [{**ok, "bad key": 1}]}),
-        # responses as messages (a tool-calling completion): each text held to the limit, a call's name too
+        # responses as messages (a tool-calling completion): each text held to the limit; tool calls a list of objects
         ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [call]}, tool_result]}]}),
         ("/v1/scores", {"task": "tiny", "items": [{"response": [{"role": "assistant", "content": "y" * 51}]}]}),
-        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", [{**turn, "tool_calls": [long_name]}]]}]}),
-        ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [long_arguments]}]}]}),
-        ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [{"function": {}}]}]}]}),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", [{**turn, "tool_calls": "call"}]]}]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [call, 5]}]}]}),
         # /get_reward's options are query parameters: in the body they would be ignored
         ("/get_reward?task=tiny", {"query": ["a"], "task": "tiny"}),
         ("/get_reward?task=tiny", {"query": ["a"], "reward": "reference", "labels": ["b"]}),

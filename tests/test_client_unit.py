@@ -554,7 +554,7 @@ def test_trl_reward_function_takes_grpo_trainers_keyword_call():
     completions = [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": ""}]]
     columns = {"completion_ids": [[1], [2]], "answer": ["4", "4"], "trainer_state": None}
     got = fn(prompts=[dialogue] * 2, completions=completions, **columns)
-    assert got == [fake_reward(*(json.dumps(v, sort_keys=True) for v in (dialogue, c))) for c in completions]
+    assert got == [fake_reward(json.dumps(dialogue, sort_keys=True), r) for r in ("4", "")]
     sent = json.loads(fake.requests[-1].content)["items"][0]
     assert sent["context"] == dialogue and sent["response"] == completions[0]  # messages on the wire
     assert fn(prompts=["2+2?"], completions=["4"]) == [fake_reward("2+2?", "4")]
@@ -577,10 +577,9 @@ def test_trl_async_reward_function_across_event_loops():
     fake = FakeLabeler()
     fn = async_reward_function(URL, task="tiny", transport=fake.async_transport())
     assert inspect.iscoroutinefunction(fn.__call__) and fn.__name__ == "labeler_tiny"
-    completion = [{"role": "assistant", "content": "4"}]
     for _ in range(2):  # a fresh loop each time, as asyncio.run makes
-        assert asyncio.run(fn(prompts=["2+2?"], completions=[completion])) == [
-            fake_reward("2+2?", json.dumps(completion, sort_keys=True))  # the fake reads messages as their JSON
+        assert asyncio.run(fn(prompts=["2+2?"], completions=[[{"role": "assistant", "content": "4"}]])) == [
+            fake_reward("2+2?", "4")
         ]
 
 

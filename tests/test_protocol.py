@@ -13,7 +13,6 @@ from service.settings import Settings
 MODELS = request_models(Settings(max_chars=8), ["tiny"])
 LONE = "a\ud800b\udfff"  # what JSON "a\ud800b\udfff" parses to
 CLEAN = "a\ufffdb\ufffd"
-CALL = {"name": LONE, "arguments": LONE}
 
 
 @pytest.mark.parametrize(
@@ -33,13 +32,10 @@ CALL = {"name": LONE, "arguments": LONE}
         (MODELS.preferences, {"response_a": LONE, "response_b": LONE}, lambda it: [it.response_a, it.response_b]),
         (MODELS.reference_rewards, {"response": "r", "reference": LONE}, lambda it: [it.reference]),
         (MODELS.group_rewards, {"context": LONE, "responses": [LONE, "x"]}, lambda it: [it.context, it.responses[0]]),
-        (  # a response as messages: a turn's text, a tool call's name and arguments
-            MODELS.scores,
-            {"response": [{"role": "assistant", "content": LONE, "tool_calls": [{"function": CALL}]}]},
-            lambda it: (
-                [it.response[0].content, it.response[0].tool_calls[0].function.name]
-                + [it.response[0].tool_calls[0].function.arguments]
-            ),
+        (  # a response as messages, in a group: each turn's text (content parts too)
+            MODELS.group_rewards,
+            {"responses": ["x", [{"role": "assistant", "content": [{"type": "text", "text": LONE}]}]]},
+            lambda it: [it.responses[1][0].content],
         ),
     ],
 )

@@ -51,8 +51,13 @@ def fake_reward(context: str, response: str) -> float:
 
 def _text(value: Any) -> str:
     """A context or a response as text: chat messages as their JSON (the fake renders no
-    transcript)."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    transcript), but for a lone assistant message without tool calls, which is its content (as
+    the server reads such a response: a completion as text or as a message is the same)."""
+    if isinstance(value, str):
+        return value
+    if len(value) == 1 and value[0].get("role") == "assistant" and not value[0].get("tool_calls"):
+        return _content(value[0])
+    return json.dumps(value, sort_keys=True)
 
 
 def _context(item: dict[str, Any]) -> str:
@@ -479,20 +484,12 @@ class FakeLabeler:
             if content is None or (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
                 content = _content(m)
             texts.append((f"{at}[{k}].content", content))
-            for c, call in enumerate(m.get("tool_calls") or ()):
+            calls = m.get("tool_calls")
+            if calls is not None and not isinstance(calls, list):
+                return self._invalid(f"{at}[{k}].tool_calls", "Input should be a valid list")
+            for c, call in enumerate(calls or ()):
                 if not isinstance(call, dict):
-                    return self._invalid(f"{at}[{k}].tool_calls[{c}]", "must be a {function} object")
-                function = call.get("function")
-                if function is None:  # a call without a function: not shown to the labeler
-                    continue
-                name = function.get("name") if isinstance(function, dict) else None
-                if not isinstance(name, str):
-                    return self._invalid(f"{at}[{k}].tool_calls[{c}].function.name", "a text is required")
-                if len(name) > _MAX_ROLE_CHARS:
-                    too_long = f"at most {_MAX_ROLE_CHARS} characters"
-                    return self._invalid(f"{at}[{k}].tool_calls[{c}].function.name", too_long, "input_too_long")
-                if isinstance(function.get("arguments"), str):
-                    texts.append((f"{at}[{k}].tool_calls[{c}].function.arguments", function["arguments"]))
+                    return self._invalid(f"{at}[{k}].tool_calls[{c}]", "Input should be a valid dictionary")
         return texts
 
     def _label(self, path: str, body: Any) -> httpx.Response:
