@@ -51,6 +51,24 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
+def grpo_config(out: str, **settings) -> GRPOConfig:
+    """The settings every run of these drivers shares (CPU, fp32, seeded, every step logged,
+    nothing saved or reported), with the run's own `settings`."""
+    return GRPOConfig(
+        output_dir=out,
+        learning_rate=1e-6,
+        beta=0.0,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        dataloader_num_workers=0,
+        **settings,
+    )
+
+
 class Recorder:
     """A reward function (weight 0) that keeps what TRL passed."""
 
@@ -80,23 +98,14 @@ def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
     recorder = Recorder()
     labeler = reward_function(url, task=task)
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(
-            output_dir=out,
+        args = grpo_config(
+            out,
             per_device_train_batch_size=4,
             num_generations=2,
             max_completion_length=6,
             max_steps=steps,
-            learning_rate=1e-6,
-            beta=0.0,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            seed=0,
             reward_weights=[1.0, 0.0],
             generation_kwargs={"sequence_bias": [[[*tail, eos], 100.0]]},
-            dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(
             model=model,
@@ -149,23 +158,14 @@ def run_tools(model_dir: str, url: str, task: str) -> dict:
     recorder = Recorder()
     labeler = reward_function(url, task=task)
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(
-            output_dir=out,
+        args = grpo_config(
+            out,
             per_device_train_batch_size=2,
             num_generations=2,
             max_completion_length=96,
             max_steps=1,
-            learning_rate=1e-6,
-            beta=0.0,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            seed=0,
             reward_weights=[1.0, 0.0],
             generation_kwargs={"sequence_bias": forced(tail, TOOL_CALL) + forced(result_tail, TOOL_ANSWER)},
-            dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(
             model=model,

@@ -18,7 +18,8 @@ import torch
 from datasets import Dataset
 from labeler_client.trl import group_reward_function, reference_reward_function
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
+from trl_grpo import grpo_config  # this directory's sibling driver (the script's own directory is on sys.path)
 
 PROMPTS = ["Name a fruit.", "What is 2+2?"]
 REFERENCES = ["An apple.", "4"]
@@ -44,24 +45,15 @@ def train(model_dir: str, reward_funcs: list, steps: int, evaluate: bool = False
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = Dataset.from_dict({"prompt": PROMPTS, "reference": REFERENCES})
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(
-            output_dir=out,
+        args = grpo_config(
+            out,
             per_device_train_batch_size=2 * NUM_GENERATIONS,  # both prompts' groups in one batch
             num_generations=NUM_GENERATIONS,
             num_generations_eval=EVAL_GENERATIONS,
             per_device_eval_batch_size=2 * EVAL_GENERATIONS,
             max_completion_length=6,
             max_steps=steps,
-            learning_rate=1e-6,
-            beta=0.0,
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            seed=0,
             reward_weights=[1.0] * (len(reward_funcs) - 1) + [0.0],
-            dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(
             model=model,
