@@ -8,6 +8,7 @@ directory and loaded from there afterwards (< 1 s). Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -89,14 +90,35 @@ def converted_dir(gguf: Path) -> Path:
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize `gguf` into a float32 safetensors directory, once.
 
-    Written to a temporary directory and renamed into place, so a crash or a concurrent
-    conversion never leaves a half-written model behind.
+    Written to a temporary directory and renamed into place, so a crash never leaves a
+    half-written model behind. Processes converting the same file at once (the replicas of a
+    deployment starting on one machine) take turns on a lock file beside it: one converts,
+    the others wait and load its result, instead of each spending the time and memory of a
+    conversion of its own.
     """
     out = converted_dir(gguf)
     if (out / "config.json").is_file():
         return out
     try:  # before the conversion's ~40 s: a directory that cannot be written fails at once
         out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.parent / f".{out.name}.lock", "a")  # noqa: SIM115 - closed below, which releases it
+    except OSError as exc:
+        raise ModelLoadError(_unwritable(out.parent, exc)) from exc
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process's conversion of %s", gguf.name)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the holder closes it, or dies
+        if (out / "config.json").is_file():  # converted while this one waited
+            return out
+        _convert(gguf, out)
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    """Convert `gguf` into `out` (absent), through a temporary directory beside it."""
+    try:
         _remove_stale_conversions(out.parent)
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
     except OSError as exc:
@@ -112,7 +134,6 @@ def convert_gguf(gguf: Path) -> Path:
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 # A conversion in progress writes into its directory within minutes; one untouched for a day

@@ -137,4 +137,55 @@ def test_a_conversion_removes_leftovers_of_conversions_killed_long_ago(tmp_path,
     with pytest.raises(Stop):
         models.convert_gguf(gguf)
     assert not old.exists() and (recent / "model.safetensors").is_file()
-    assert sorted(p.name for p in parent.iterdir()) == [".convert-running"]  # its own removed too
+    left = sorted(p.name for p in parent.iterdir() if p.suffix != ".lock")  # beside the conversions' lock
+    assert left == [".convert-running"]  # its own removed too
+
+
+CONVERT = """
+import os, sys, time
+from pathlib import Path
+
+import labeler.models as models
+
+log = Path(sys.argv[2])
+
+
+class Written:
+    # Stands in for the dequantized model (the conversion itself is tested above): it records
+    # which process wrote a conversion, slowly enough for the others to arrive meanwhile.
+    def save_pretrained(self, directory):
+        with log.open("a") as f:
+            f.write(f"{os.getpid()}\\n")
+        time.sleep(1.0)
+        (Path(directory) / "config.json").write_text("{}")
+
+
+class Tokenizer:
+    def save_pretrained(self, directory):
+        pass
+
+
+models._dequantized = lambda gguf: (Written(), Tokenizer())
+print(models.convert_gguf(Path(sys.argv[1])))
+"""
+
+
+def test_concurrent_conversions_of_one_file_take_turns(tmp_path):
+    """Processes converting the same GGUF file at once (a deployment's replicas starting on
+    one machine): one converts, the others wait for it and load its conversion."""
+    import subprocess
+    import sys
+
+    gguf, log, script = tmp_path / "tiny.gguf", tmp_path / "converted-by", tmp_path / "convert.py"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)))
+    script.write_text(CONVERT)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "LABELER_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(root)}
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(gguf), str(log)], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert len(set(outs)) == 1 and (Path(outs[0]) / "config.json").is_file()
+    assert len(log.read_text().split()) == 1  # one conversion, not one per process
