@@ -110,6 +110,8 @@ def convert_gguf(gguf: Path) -> Path:
         except BlockingIOError:
             log.info("waiting for another process's conversion of %s", gguf.name)
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the holder closes it, or dies
+        except OSError:  # a filesystem without locks: convert unlocked (the rename keeps it whole)
+            pass
         if (out / "config.json").is_file():  # converted while this one waited
             return out
         _convert(gguf, out)
