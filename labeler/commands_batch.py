@@ -65,7 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("b", help="policy B outputs on the same prompts")
     p.add_argument("--out", type=Path, help="JSONL of per-prompt judgments (resumable)")
     _common(p)
-    p.add_argument("--order", choices=["both", "ab", "ba"], default="both")
+    p.add_argument(
+        "--order",
+        choices=["both", "ab", "ba"],
+        default="both",
+        help="both (default), or one order per prompt, which policy is shown first a fair coin per item",
+    )
+    p.add_argument("--position-seed", type=int, default=0, help="seed of that coin (one order)")
     _stats(p)
     p.set_defaults(func=_cmd_winrate)
 
@@ -238,13 +244,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
         pct = percent(args.level)
         lines = [
-            f"{metrics['n']} human labels on {metrics['prompts']} prompts; {s.text()}",
+            f"{metrics['n']} human labels on {metrics['pairs']} pairs over {metrics['prompts']} prompts; {s.text()}",
             "AI labeler alignment (accuracy vs human labels; CIs resample prompts):",
         ]
         for order, m in metrics["orders"].items():
             lines.append(
-                f"{ORDERS[order]:<21} alignment {m['alignment']:.3f} [{pct}% CI {m['ci_low']:.3f}, "
-                f"{m['ci_high']:.3f}]  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}  "
+                f"{ORDERS[order]:<21} alignment {m['alignment']:.3f} [{pct}% CI {_fmt(m['ci_low'])}, "
+                f"{_fmt(m['ci_high'])}]  Brier {m['brier']:.3f}  ECE {m['ece']:.3f}  "
                 f"prefers longer {_fmt(m['length']['labeler_longer'])} "
                 f"(humans {_fmt(m['length']['human_longer'])})"
             )
@@ -271,7 +277,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_winrate(args: argparse.Namespace) -> int:
-    from .evaluate import length_controlled_win_rate, match_policies, percent, win_rate, winrate_jobs
+    from .evaluate import (
+        length_controlled_win_rate,
+        match_policies,
+        percent,
+        prompt_clusters,
+        win_rate,
+        winrate_jobs,
+    )
 
     summary = Summary()
 
@@ -298,7 +311,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order=args.order, cot=args.cot, samples=args.samples, seed=args.seed)
-        jobs = winrate_jobs(matched, params)
+        jobs = winrate_jobs(matched, params, args.position_seed)
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
         # Each matched prompt counts, also one that repeats with the same answers (judged once),
         # in the win rates and in the position consistency alike.
@@ -307,7 +320,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
             raise SystemExit("no matched prompt was labeled: every one was skipped as invalid")
         # Rebuilt from the stored results: `label` or `eval` may have written them, with other fields.
         rows = [j.make_row(sink.rows[j.key]) for j in done]
-        prompts = [j.item.context for j in done]  # what the CIs resample
+        prompts = prompt_clusters([j.item.context for j in done])  # what the CIs resample
         s.count_orders(rows)
         wr = win_rate(
             [r["p_a_ab"] for r in rows],
@@ -339,11 +352,11 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         }
         pct = percent(args.level)
         text = (
-            f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {wr['ci_low']:.3f}, {wr['ci_high']:.3f}] "
+            f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {_fmt(wr['ci_low'])}, {_fmt(wr['ci_high'])}] "
             f"on {wr['n']} comparisons over {wr['prompts']} prompts ({wr['wins']} wins, {wr['ties']} ties, "
             f"{wr['losses']} losses; "
             f"soft {wr['soft_win_rate']:.3f})\n"
-            f"length-controlled:  {lc['win_rate']:.3f} [{pct}% CI {lc['ci_low']:.3f}, {lc['ci_high']:.3f}]; "
+            f"length-controlled:  {lc['win_rate']:.3f} [{pct}% CI {_fmt(lc['ci_low'])}, {_fmt(lc['ci_high'])}]; "
             f"raw - controlled = {lc['gap']:+.3f} (A longer by {lc['mean_length_diff']:+.0f} characters on average; "
             f"length coefficient {lc['length_coef']:+.3f})\n{s.text()}"
         )
@@ -354,7 +367,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_harmless(args: argparse.Namespace) -> int:
-    from .evaluate import match_policies, percent
+    from .evaluate import match_policies, percent, prompt_clusters
     from .harmless import harmless_difference, harmless_rate, judgment_jobs, judgment_key, write_harmless_report
 
     summary = Summary()
@@ -371,6 +384,8 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
     for name, path, pol in zip("AB", inputs, policies, strict=False):
         if not pol:  # before the model loads and anything is judged
             raise SystemExit(f"no response of policy {name} to judge: {path} holds no valid record")
+    # Before the model loads too: records that cannot be matched are refused.
+    matched, only_a, only_b = match_policies(*policies) if len(policies) == 2 else ([], 0, 0)
     sink = JsonlSink(args.out / "judgments.jsonl")
 
     async def body(backend: Backend) -> int:
@@ -387,21 +402,20 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
             if not d:  # no rate to report: a clear end, as winrate's
                 raise SystemExit(f"no response of policy {name} was judged: every one was skipped as invalid")
         p_yes = [[sink.rows[j.key]["p_yes"] for j in d] for d in done]
-        prompts = [[j.item.context for j in d] for d in done]  # what the CIs resample
+        prompts = [prompt_clusters([j.item.context for j in d]) for d in done]  # what the CIs resample
         per = []
         for name, path, ps, pr in zip("AB", inputs, p_yes, prompts, strict=False):
             rate = harmless_rate(ps, prompts=pr, level=args.level, seed=args.seed)
             per.append({"name": name, "input": str(path)} | rate)
         metrics: dict[str, Any] = {"level": args.level, "policies": per}
         if len(policies) == 2:
-            matched, only_a, only_b = match_policies(*policies)
             keyed = {j.key for d in done for j in d}
             pairs = [(judgment_key(sa, params), judgment_key(sb, params)) for sa, sb in matched]
             paired = not only_a and not only_b and all(ka in keyed and kb in keyed for ka, kb in pairs)
             if paired:
                 a_vals = [sink.rows[ka]["p_yes"] for ka, _ in pairs]
                 b_vals = [sink.rows[kb]["p_yes"] for _, kb in pairs]
-                a_prompts = b_prompts = [sa.context for sa, _ in matched]
+                a_prompts = b_prompts = prompt_clusters([sa.context for sa, _ in matched])
             else:
                 (a_vals, b_vals), (a_prompts, b_prompts) = p_yes, prompts
             metrics["difference"] = harmless_difference(

@@ -62,11 +62,14 @@ def resampled_means(
     whole clusters, a resample's mean being its values' mean. Values that share a cluster
     (the pairs of one prompt, the labels of one pair, the samples of one prompt) err
     together, and resampling them one by one would make the CI too narrow. With every value
-    its own cluster, in order, the draws are the plain bootstrap's."""
+    its own cluster, in order, the draws are the plain bootstrap's; with fewer than two
+    clusters there is no spread to estimate, and every mean is nan."""
     import numpy as np
 
     v = np.asarray(values, dtype=float)
     of, m = cluster_index(clusters, len(v))
+    if m < 2:  # one cluster: every resample is the same, which says nothing of the spread
+        return np.full(n_resamples, math.nan)
     sums, counts = np.bincount(of, weights=v), np.bincount(of).astype(float)
     pick = rng.integers(0, m, size=(n_resamples, m))
     return sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
@@ -85,6 +88,13 @@ def cluster_index(clusters: Sequence[Hashable] | None, n: int) -> tuple[Any, int
     return np.array([ids.setdefault(c, len(ids)) for c in clusters], dtype=np.int64), len(ids)
 
 
+def prompt_clusters(contexts: Sequence[str]) -> list[Hashable]:
+    """The bootstrap cluster of each row from its prompt (context): rows of one prompt go
+    together, and a row without a prompt (an empty context) is a cluster of its own, since
+    nothing says which such rows share one."""
+    return [c if c else ("row", i) for i, c in enumerate(contexts)]
+
+
 def bootstrap_ci(
     values: Sequence[float],
     *,
@@ -95,7 +105,7 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean: the (1-level)/2 and (1+level)/2 quantiles of the
     `resampled_means` (numpy default_rng(seed)), resampling `clusters` whole when given.
-    (nan, nan) for no values."""
+    (nan, nan) for no values, or for values all in one cluster."""
     import numpy as np
 
     if len(values) == 0:
@@ -148,7 +158,8 @@ def length_bias(len_a: Sequence[int], len_b: Sequence[int], p: Sequence[float], 
     """How often the longer response is preferred, over pairs of unequal length (in characters):
     labeler: mean o_longer where o_longer = o(p) if A is longer else 1 - o(p);
     humans:  mean y_longer where y_longer = y if A is longer else 1 - y.
-    Returns {"pairs", "labeler_longer", "human_longer"} (shares are nan with no such pairs)."""
+    Returns {"pairs", "labeler_longer", "human_longer"}: "pairs" counts the rows of unequal
+    length (in `labeler eval`, one per human label); shares are nan with no such rows."""
     ai, hu = [], []
     for la, lb, pi, yi in zip(len_a, len_b, p, y, strict=True):
         if la == lb:
@@ -232,9 +243,10 @@ def length_controlled_win_rate(
 
     The CI is a percentile bootstrap that refits the whole model (sd included) on each
     resample: over the comparisons, or over `prompts` (one per comparison) with a prompt's
-    comparisons resampled together. Returns {"n", "win_rate", "ci_low", "ci_high", "level",
-    "intercept" (theta), "length_coef" (phi), "sd_length_diff", "mean_length_diff"}; with no
-    variation in length differences the length term is dropped (phi = 0)."""
+    comparisons resampled together (a single prompt gives no CI: nan). Returns {"n",
+    "win_rate", "ci_low", "ci_high", "level", "intercept" (theta), "length_coef" (phi),
+    "sd_length_diff", "mean_length_diff"}; with no variation in length differences the
+    length term is dropped (phi = 0)."""
     import numpy as np
 
     y = np.asarray(outcomes, dtype=float)
@@ -245,15 +257,17 @@ def length_controlled_win_rate(
     theta, phi = _fit_length_glm(y, d, np.ones((1, n)))
     rng = np.random.default_rng(seed)
     of, m = cluster_index(prompts, n)
+    lo = hi = math.nan  # one prompt: no spread to resample
     lcs = []
     block = max(1, 2_000_000 // n)  # resamples per vectorized fit, to bound memory
-    for start in range(0, n_resamples, block):
+    for start in range(0, n_resamples if m > 1 else 0, block):
         b = min(block, n_resamples - start)
         # How often each prompt is drawn, given to each of its comparisons as its weight.
         counts = rng.multinomial(m, np.full(m, 1.0 / m), size=b).astype(float)[:, of]
         th, _ = _fit_length_glm(y, d, counts)
         lcs.append(_sigmoid(th))
-    lo, hi = np.quantile(np.concatenate(lcs), [(1 - level) / 2, (1 + level) / 2])
+    if lcs:
+        lo, hi = np.quantile(np.concatenate(lcs), [(1 - level) / 2, (1 + level) / 2])
     return {
         "n": n,
         "win_rate": float(_sigmoid(theta[0])),
@@ -311,13 +325,18 @@ def _fit_length_glm(y: Any, d: Any, w: Any, *, iters: int = 100, tol: float = 1e
 def evaluate_rows(
     rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: int = 0, bins: int = 10
 ) -> dict[str, Any]:
-    """Every metric, per order ("ab", "ba", "both"), from eval rows (see `eval_jobs`)."""
+    """Every metric, per order ("ab", "ba", "both"), from eval rows (see `eval_jobs`): one
+    row per human label, `n` of them on `pairs` distinct pairs over `prompts` prompts (a row
+    without a context counts as a prompt of its own)."""
     y = [1 if r["human"] == "a" else 0 for r in rows]
     la = [len(r["response_a"]) for r in rows]
     lb = [len(r["response_b"]) for r in rows]
-    prompts = [r["context"] for r in rows]
+    prompts = prompt_clusters([r["context"] for r in rows])
+    # A pair's rows share one reading of the labeler: the per-pair figures count it once.
+    pairs = {_pair_id(r): r for r in rows}
     out: dict[str, Any] = {
         "n": len(rows),
+        "pairs": len(pairs),
         "prompts": len(set(prompts)),
         "level": level,
         "bins": bins,
@@ -338,10 +357,14 @@ def evaluate_rows(
             "bins": calibration_bins(p, y, bins),
         }
     if "ab" in out["orders"] and "ba" in out["orders"]:
-        out["position_consistency"] = position_consistency([r["p_a_ab"] for r in rows], [r["p_a_ba"] for r in rows])
+        distinct = list(pairs.values())
+        out["position_consistency"] = position_consistency(
+            [r["p_a_ab"] for r in distinct], [r["p_a_ba"] for r in distinct]
+        )
         cons = [(r["p_a"], yi) for r, yi in zip(rows, y, strict=True) if r["consistent"]]
         out["alignment_when_consistent"] = alignment([c[0] for c in cons], [c[1] for c in cons]) if cons else math.nan
-        out["consistent_pairs"] = len(cons)
+        out["consistent_pairs"] = sum(1 for r in distinct if r["consistent"])
+        out["consistent_labels"] = len(cons)
     if "both" in out["orders"]:
         out["human_agreement"] = human_agreement(rows, level=level, seed=seed)
     return out
@@ -363,19 +386,18 @@ def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed
     pair has two labels."""
     groups: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
     for r in rows:
-        a, b = r["response_a"], r["response_b"]
-        preferred = a if r["human"] == "a" else b
+        preferred = r["response_a"] if r["human"] == "a" else r["response_b"]
         agree = agreement([r["p_a"]], [1 if r["human"] == "a" else 0])[0]
-        groups.setdefault((r["context"], min(a, b), max(a, b)), []).append((preferred, agree))
+        groups.setdefault(_pair_id(r), []).append((preferred, agree))
     hh, ah, prompts, labels = [], [], [], 0
-    for (context, _, _), votes in groups.items():
+    for pair, votes in groups.items():
         k = len(votes)
         if k < 2:
             continue
         c = sum(1 for v, _ in votes if v == votes[0][0])
         hh.append((math.comb(c, 2) + math.comb(k - c, 2)) / math.comb(k, 2))
         ah.append(_mean([agree for _, agree in votes]))
-        prompts.append(context)
+        prompts.append(pair[0] or pair)  # a pair without a context: its own cluster
         labels += k
     return {
         "pairs": len(hh),
@@ -388,6 +410,13 @@ def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed
     }
 
 
+def _pair_id(row: dict[str, Any]) -> tuple[str, str, str]:
+    """A labeled row's pair, whichever way round the row gives it: (context, and the two
+    responses in sorted order)."""
+    a, b = row["response_a"], row["response_b"]
+    return (row["context"], min(a, b), max(a, b))
+
+
 def plot_reliability(metrics: dict[str, Any], path: Path) -> None:
     """Reliability diagram: per bin, mean P(A) against the share of pairs humans gave to A."""
     plt = _pyplot()
@@ -397,10 +426,10 @@ def plot_reliability(metrics: dict[str, Any], path: Path) -> None:
         pts = [b for b in m["bins"] if b["n"]]
         ax.plot([b["conf"] for b in pts], [b["acc"] for b in pts], "o-", label=f"{ORDERS[order]}, ECE {m['ece']:.3f}")
     ax.set_xlabel("labeler P(A preferred), bin mean")
-    ax.set_ylabel("share of pairs humans preferred A")
+    ax.set_ylabel("share of human labels preferring A")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(f"Reliability ({metrics['n']} pairs, {metrics['bins']} bins)")
+    ax.set_title(f"Reliability ({metrics['n']} labels on {metrics['pairs']} pairs, {metrics['bins']} bins)")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -408,7 +437,8 @@ def plot_reliability(metrics: dict[str, Any], path: Path) -> None:
 
 
 def plot_length_bias(metrics: dict[str, Any], path: Path) -> None:
-    """Bars: share of unequal-length pairs where the longer response wins, humans vs labeler."""
+    """Bars: share of the labels on unequal-length pairs that go to the longer response,
+    humans vs labeler."""
     plt = _pyplot()
     names = ["humans"] + [ORDERS[o] for o in metrics["orders"]]
     first = next(iter(metrics["orders"].values()))
@@ -419,7 +449,7 @@ def plot_length_bias(metrics: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(vals)), names, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("share preferring the longer response")
-    ax.set_title(f"Length bias ({first['length']['pairs']} pairs of unequal length)")
+    ax.set_title(f"Length bias ({first['length']['pairs']} labels on pairs of unequal length)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -459,7 +489,7 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
     lines = [
         f"# Labeler evaluation: task `{info['task']}`",
         "",
-        f"- input: `{info['input']}` ({metrics['n']} human-labeled pairs)",
+        f"- input: `{info['input']}` ({metrics['n']} human labels on {metrics['pairs']} pairs)",
         f"- model: `{info['model']}`, task version `{info['task_version']}`",
         f"- human-preferred response shown as A or B by a fair coin per item (position seed {info['position_seed']})",
         f"- CIs: {pct}% percentile bootstrap over prompts (a prompt's pairs and labels resampled together; "
@@ -485,13 +515,14 @@ def write_report(metrics: dict[str, Any], out_dir: Path, info: dict[str, Any]) -
     lines.append("")
     if "position_consistency" in metrics:
         lines += [
-            f"- position consistency (both orders pick the same winner): **{_f(metrics['position_consistency'])}**",
-            f"- alignment on the {metrics['consistent_pairs']} position-consistent pairs: "
-            f"{_f(metrics['alignment_when_consistent'])}",
+            "- position consistency (share of pairs whose two orders pick the same winner): "
+            f"**{_f(metrics['position_consistency'])}**",
+            f"- alignment on the {metrics['consistent_pairs']} position-consistent pairs "
+            f"({metrics['consistent_labels']} labels): {_f(metrics['alignment_when_consistent'])}",
         ]
     if first is not None:
         lines.append(
-            f"- length bias over {first['length']['pairs']} pairs of unequal length (characters); "
+            f"- length bias over the {first['length']['pairs']} labels on pairs of unequal length (characters); "
             "0.5 = no preference for length"
         )
     lines += ["", "## Human-human agreement", "", *human_agreement_lines(metrics.get("human_agreement"), pct)]
@@ -591,7 +622,18 @@ def match_policies(
     """Pair up two policies' outputs on the same prompts: by `id` when every record has one,
     else by prompt text; the k-th occurrence of an id (several samples per prompt) or of a
     prompt in A goes with the k-th in B. Returns (matched pairs in A's order, unmatched in A,
-    unmatched in B); warns when records matched by id have different prompts."""
+    unmatched in B); warns when records matched by id have different prompts. A file where
+    some records have an id and others none is refused (MalformedRecord naming the first
+    without one): matched by prompt text, its ids would be ignored without a word."""
+    for rows in (a, b):
+        given = sum(i is not None for i, _ in rows)
+        if 0 < given < len(rows):
+            where = next(s.where for i, s in rows if i is None)
+            raise MalformedRecord(
+                where,
+                f"no 'id', where {given} other records of its file have one: give every record an id "
+                "(records match by id) or none (they match by prompt text)",
+            )
     use_id = all(i is not None for i, _ in a) and all(i is not None for i, _ in b)
 
     def keyed(rows: Sequence[tuple[Any, Single]]) -> dict[Any, Single]:
@@ -618,26 +660,47 @@ def match_policies(
     return matched, len(ka) - len(matched), len(kb) - len(matched)
 
 
-def winrate_jobs(matched: Sequence[tuple[Single, Single]], params: dict[str, Any]) -> list[Job]:
-    """Jobs for `labeler winrate`: policy A's response as A, policy B's as B, same prompt."""
+def winrate_jobs(matched: Sequence[tuple[Single, Single]], params: dict[str, Any], position_seed: int = 0) -> list[Job]:
+    """Jobs for `labeler winrate`: policy A's response as A, policy B's as B, same prompt.
+    Read in one order, the labeler would credit its position bias to the policy shown first:
+    there, which response is shown first is a fair coin fixed per pair (`swap_for_position`
+    on the pair with its responses in sorted order, as `eval_jobs` does: the same item and
+    key whichever file is A), and the rows give P(A) and each order's reading from policy
+    A's side either way."""
 
     def job(sa: Single, sb: Single) -> Job:
         item = PairItem(sa.context, sa.response, sb.response)
+        if params["order"] != "both":
+            first, second = sorted((sa.response, sb.response))
+            item = PairItem(sa.context, first, second)
+            if swap_for_position(item_digest(item), position_seed):
+                item = PairItem(sa.context, second, first)
+        swap = item.response_a != sa.response  # B's response shown first
         key = pair_key(item, params)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:
-            w = win_outcomes([r["p_a_ab"]], [r["p_a_ba"]])[0]
+            # `r` reads the item, its first response as A (a result, or a row of `label` or
+            # `eval`), or is a row of this command, read from its policy A's side
+            # (`shown_first`); either way, turned to this job's policy A's side.
+            p_a, p_ab, p_ba = r["p_a"], r["p_a_ab"], r["p_a_ba"]
+            if (r.get("shown_first") == "b") != swap:  # the item's order "ab" is the policies' "ba"
+                p_a, p_ab, p_ba = 1.0 - p_a, _flip(p_ba), _flip(p_ab)
             return {
                 "prompt": sa.prompt,
                 "response_a": sa.completion,
                 "response_b": sb.completion,
-                "p_a": r["p_a"],
-                "p_a_ab": r["p_a_ab"],
-                "p_a_ba": r["p_a_ba"],
+                "p_a": p_a,
+                "p_a_ab": p_ab,
+                "p_a_ba": p_ba,
                 "consistent": r["consistent"],
-                "outcome": w,
+                "outcome": win_outcomes([p_ab], [p_ba])[0],
+                "shown_first": "b" if swap else "a",
             } | _meta(params, key)
 
         return Job(key, f"A {sa.where} / B {sb.where}", item, make_row)
 
     return [job(sa, sb) for sa, sb in matched]
+
+
+def _flip(p: float | None) -> float | None:
+    return None if p is None else 1.0 - p

@@ -10,6 +10,7 @@ import pytest
 
 from labeler import evaluate as ev
 from labeler import harmless as hl
+from labeler.core import PairItem
 from labeler.datasets_io import MalformedRecord
 
 # Four pairs: labeler P(A), human y (1 = human chose A), lengths of A and B in characters.
@@ -101,6 +102,24 @@ def test_cluster_bootstrap_resamples_whole_clusters():
     )
 
 
+def test_rows_without_a_prompt_are_clusters_of_their_own():
+    """Records with no prompt (an empty context) say nothing of which share one: each is its
+    own cluster, so their CI has a spread; all rows of one prompt give no CI at all."""
+    outcomes = [float(k % 3 == 0) for k in range(60)]
+    clusters = ev.prompt_clusters([""] * 60)
+    assert len(set(clusters)) == 60
+    wr = ev.win_rate(outcomes, outcomes, outcomes, prompts=clusters)
+    assert wr["prompts"] == 60
+    assert (wr["ci_low"], wr["ci_high"]) == pytest.approx(ev.bootstrap_ci(outcomes, seed=0)) and wr["ci_high"] - wr[
+        "ci_low"
+    ] > 0.1
+    assert ev.prompt_clusters(["p", "", "p", ""]) == ["p", ("row", 1), "p", ("row", 3)]
+    one = ev.win_rate(outcomes, outcomes, outcomes, prompts=["p"] * 60)
+    assert math.isnan(one["ci_low"]) and math.isnan(one["ci_high"]) and one["win_rate"] == pytest.approx(1 / 3)
+    lc = ev.length_controlled_win_rate(outcomes, range(60), [30] * 60, prompts=["p"] * 60, n_resamples=100)
+    assert math.isnan(lc["ci_low"]) and math.isnan(lc["ci_high"]) and 0 < lc["win_rate"] < 1
+
+
 def test_evaluate_rows_resamples_prompts():
     """Three labels of each pair: the alignment CI is that of the 20 pairs, not of 60 rows."""
     rows = [
@@ -110,7 +129,7 @@ def test_evaluate_rows_resamples_prompts():
         for p in [0.8 if k % 2 else 0.2] * 3
     ]
     m = ev.evaluate_rows(rows)
-    assert (m["n"], m["prompts"]) == (60, 20)
+    assert (m["n"], m["pairs"], m["prompts"]) == (60, 20, 20)
     both = m["orders"]["both"]
     rows_lo, rows_hi = ev.bootstrap_ci(ev.agreement([r["p_a"] for r in rows], [1] * 60), seed=0)
     assert both["alignment"] == pytest.approx(0.5)
@@ -164,6 +183,19 @@ def test_evaluate_rows_per_order():
     assert m["orders"]["ab"]["length"]["human_longer"] == pytest.approx(1 / 3)
     # A first picks A in all: longer wins in rows 0, 3 -> 2/3
     assert m["orders"]["ab"]["length"]["labeler_longer"] == pytest.approx(2 / 3)
+
+
+def test_position_consistency_counts_each_pair_once():
+    """A pair read once and labeled by three humans is one pair in the position consistency
+    and in the count of consistent pairs; alignment counts its labels."""
+    row = {"context": "q", "response_a": "x", "response_b": "y", "p_a": 0.7, "p_a_ab": 0.8, "p_a_ba": 0.6}
+    other = {"context": "r", "response_a": "x", "response_b": "y", "p_a": 0.5, "p_a_ab": 0.8, "p_a_ba": 0.2}
+    rows = [row | {"human": h, "consistent": True} for h in "aab"] + [other | {"human": "a", "consistent": False}]
+    m = ev.evaluate_rows(rows)
+    assert (m["n"], m["pairs"]) == (4, 2)
+    assert m["position_consistency"] == pytest.approx(0.5)
+    assert (m["consistent_pairs"], m["consistent_labels"]) == (1, 3)
+    assert m["alignment_when_consistent"] == pytest.approx(2 / 3)
 
 
 # -- length-controlled win rate -----------------------------------------------------------------
@@ -382,6 +414,77 @@ def test_policies_match_by_id_and_occurrence():
     kinds = [(1, single("a1", "p")), ("1", single("a2", "p")), (True, single("a3", "p"))]
     matched, only_a, only_b = ev.match_policies(kinds, [(True, single("b3", "p")), (1, single("b1", "p"))])
     assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a3", "b3")] and only_a == 1
+
+
+def test_a_file_with_ids_on_some_records_only_is_refused():
+    """Matched by prompt text, its ids would be ignored: A's record 2 would meet B's record 0."""
+    from labeler.datasets_io import Single
+
+    def single(tag: str, where: str) -> Single:
+        return Single("", tag, "", tag, where)
+
+    a = [
+        (0, single("a0", "a.jsonl, line 1")),
+        (1, single("a1", "a.jsonl, line 2")),
+        (2, single("a2", "a.jsonl, line 3")),
+    ]
+    b = [
+        (2, single("b2", "b.jsonl, line 1")),
+        (1, single("b1", "b.jsonl, line 2")),
+        (None, single("b0", "b.jsonl, line 3")),
+    ]
+    with pytest.raises(MalformedRecord, match=r"b.jsonl, line 3: no 'id', where 2 other records of its file have one"):
+        ev.match_policies(a, b)
+    # One file with ids, the other with none: by prompt text, as documented.
+    matched, _, _ = ev.match_policies(a, [(None, s) for _, s in b])
+    assert [(x.response, y.response) for x, y in matched] == [("a0", "b2"), ("a1", "b1"), ("a2", "b0")]
+
+
+def test_one_order_win_rates_show_each_policy_first_by_a_coin():
+    """Read in one order, the policy shown first is a coin's pick per item; each row reads from
+    policy A's side whichever was shown, also when rebuilt from a row already written (a
+    resumed run), and from a row written with the policies the other way round."""
+    from labeler.datasets_io import Single, swap_for_position
+    from labeler.spec import item_digest
+
+    class Spec:
+        def key(self, item):
+            return "|".join((item.context, item.response_a, item.response_b))
+
+    params = {"order": "ab", "spec": Spec(), "task": "t", "task_version": "v", "model": "m"}
+    matched = [
+        (Single(f"p{k}", f"a{k}", f"p{k}", f"a{k}", "A"), Single(f"p{k}", f"b{k}", f"p{k}", f"b{k}", "B"))
+        for k in range(16)
+    ]
+    jobs = ev.winrate_jobs(matched, params, position_seed=0)
+    # a_k sorts before b_k: the coin turns (a_k, b_k).
+    coins = [swap_for_position(item_digest(PairItem(sa.context, sa.response, sb.response)), 0) for sa, sb in matched]
+    assert any(coins) and not all(coins)
+    for job, swapped, (sa, sb) in zip(jobs, coins, matched, strict=True):
+        first, second = (sb, sa) if swapped else (sa, sb)
+        assert (job.item.response_a, job.item.response_b) == (first.response, second.response)
+        # The labeler prefers the response it read first with P = 0.8.
+        row = job.make_row({"p_a": 0.8, "p_a_ab": 0.8, "p_a_ba": None, "consistent": None})
+        if swapped:
+            assert (row["shown_first"], row["p_a_ab"], row["p_a_ba"], row["outcome"]) == (
+                "b",
+                None,
+                pytest.approx(0.2),
+                0.0,
+            )
+        else:
+            assert (row["shown_first"], row["p_a_ab"], row["p_a_ba"], row["outcome"]) == ("a", 0.8, None, 1.0)
+        assert job.make_row(row) == row  # rebuilt from its own row
+    # The same files the other way round: B is now the policy A, the items (and keys) the same.
+    flipped = ev.winrate_jobs([(sb, sa) for sa, sb in matched], params, position_seed=0)
+    by_key = {j.key: j for j in flipped}
+    for job in jobs:
+        row = job.make_row({"p_a": 0.8, "p_a_ab": 0.8, "p_a_ba": None, "consistent": None})
+        other = by_key[job.key].make_row(row)
+        assert other["p_a"] == pytest.approx(1 - row["p_a"]) and other["outcome"] == 1.0 - row["outcome"]
+    # Both orders: no coin, A first.
+    both = ev.winrate_jobs(matched, params | {"order": "both"})
+    assert all(j.item.response_a.startswith("a") for j in both)
 
 
 def test_records_matched_by_id_with_other_prompts_are_warned_of(caplog):

@@ -330,6 +330,39 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     assert twice["summary"]["position_inconsistent_share"] == twice["position_inconsistent_share"]
 
 
+def test_winrate_in_one_order_shows_either_policy_first(tmp_path, labeler, in_process, capsys):  # noqa: F811
+    """Read in one order, which policy the labeler reads first is a coin's pick per pair: the
+    rows and the win rate are the labeler's readings of the pairs as shown, turned to policy
+    A's side; a re-run resumes from those rows to the same figures."""
+    from labeler.datasets_io import swap_for_position
+    from labeler.spec import item_digest
+
+    n = 8
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Say {k}.", "completion": f"{k}"} for k in range(n)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Say {k}.", "completion": f"No, {k + 1}."} for k in range(n)])
+    out = tmp_path / "judged.jsonl"
+    argv = ["winrate", str(a), str(b), "--task", "tiny", "--order", "ab", "--out", str(out), "--json"]
+    assert in_process(*argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    shown, flipped = [], []
+    for k in range(n):
+        pair = PairItem(f"Say {k}.", *sorted((f"{k}", f"No, {k + 1}.")))
+        if swap_for_position(item_digest(pair), 0):
+            pair = PairItem(pair.context, pair.response_b, pair.response_a)
+        shown.append(pair)
+        flipped.append(pair.response_a != f"{k}")
+    assert any(flipped) and not all(flipped)
+    read = [r.p_a for r in labeler.preferences(shown, "tiny", order="ab")]
+    p_a = [1 - p if f else p for p, f in zip(read, flipped, strict=True)]
+    written = rows(out)
+    assert [r["shown_first"] for r in written] == ["b" if f else "a" for f in flipped]
+    assert [r["p_a"] for r in written] == pytest.approx(p_a, abs=1e-5)
+    assert got["win_rate"] == pytest.approx(sum(ev.outcome(p) for p in p_a) / n, abs=1e-9)
+    assert in_process(*argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["summary"]["labeled"] == 0 and again["win_rate"] == got["win_rate"]
+
+
 def test_winrate_lengths_are_those_of_the_responses_judged(tmp_path, in_process, capsys):  # noqa: F811
     """A conversational completion that repeats its prompt's turns (some datasets store the
     whole conversation): its length is that of the answer judged, not of the earlier turns."""
