@@ -305,11 +305,12 @@ def _output_row(value: Any) -> dict[str, Any] | None:
 def _jsonl_line(row: dict[str, Any]) -> bytes:
     """`row` as one line of UTF-8 JSON. Input text cut inside a character (a lone surrogate,
     which JSON data can hold) has no UTF-8 form: such a row is written with JSON escapes, which
-    read back to the same text, and so to the same key on resume."""
+    read back to the same text, and so to the same key on resume. Values JSON has no type for,
+    which rows echo from a Parquet input (a message's timestamp), are written as their text."""
     try:
-        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        return (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
     except UnicodeEncodeError:
-        return (json.dumps(row) + "\n").encode("ascii")
+        return (json.dumps(row, default=str) + "\n").encode("ascii")
 
 
 # -- jobs -----------------------------------------------------------------------------------------
@@ -600,7 +601,11 @@ async def _label_chunk(
         except (InvalidInput, ModelOutputError) as exc:
             unlabeled = isinstance(exc, ModelOutputError)  # the record is fine; the model's answer is not
             named = _item_of(exc.field)
+            if unlabeled and named is None and len(chunk) == 1:  # one item: the one the model did not label
+                named = (0, "")
             if unlabeled and exc.field is None and len(chunk) > 1:  # the service names none then
+                if skip_invalid:
+                    return await _one_by_one(backend, kind, chunk, task, opts, summary, exc.reason)
                 raise _labeled_none(chunk, exc.reason) from None
             if named is None or named[0] >= len(chunk):
                 raise
@@ -615,15 +620,33 @@ async def _label_chunk(
             # Every item the model gave no label (in-process it says which), else the one named.
             bad = set(getattr(exc, "items", ()) or (k,))
             if unlabeled and len(chunk) > 1 and len(bad) == len(chunk):
-                # As the service names no item when it labels none of a request's: the model
-                # fails, not the records.
-                raise _labeled_none(chunk, msg) from None
+                return await _one_by_one(backend, kind, chunk, task, opts, summary, msg)
             what = "unlabeled item" if unlabeled else "invalid input"
             for i in sorted(bad):
                 (summary.unlabeled if unlabeled else summary.invalid).append(f"{chunk[i].where}: {msg}")
                 # Through tqdm: the progress bar is cleared first and drawn again below the line.
                 tqdm.write(f"skipped {what}: {chunk[i].where}: {msg}", file=sys.stderr)
             chunk = [j for i, j in enumerate(chunk) if i not in bad]
+
+
+async def _one_by_one(
+    backend: Backend, kind: str, chunk: list[Job], task: str, opts: dict[str, Any], summary: Summary, why: str
+) -> tuple[list[dict[str, Any]], list[Job]]:
+    """(results, their jobs) of a chunk of several items the model labeled none of, with
+    `skip_invalid`. Before the model has labeled any item (in this run or an earlier one with
+    these options), that is the model failing, not the records: the run ends, naming them.
+    After, each item is labeled alone, and one the model labels none of alone is skipped: the
+    items a run skipped come back together when it is resumed, and would otherwise end every
+    resumed run at its first chunk."""
+    if not summary.labeled and not summary.skipped:
+        raise _labeled_none(chunk, why)
+    results: list[dict[str, Any]] = []
+    done: list[Job] = []
+    for job in chunk:
+        r, kept = await _label_chunk(backend, kind, [job], task, opts, True, summary)
+        results += r
+        done += kept
+    return results, done
 
 
 def _labeled_none(chunk: list[Job], why: str) -> ModelOutputError:

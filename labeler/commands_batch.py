@@ -204,6 +204,9 @@ def _cmd_label(args: argparse.Namespace) -> int:
             **s.to_dict(),
         }
         cli.emit(args, data, f"{args.output}: {s.text()}")
+        if not s.labeled and not s.skipped:  # a pipeline's next step must not take an empty dataset
+            print(f"{args.output}: no item was labeled (every one was skipped)", file=sys.stderr)
+            return 1
         return 0
 
     return _run(args, body)

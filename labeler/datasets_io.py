@@ -139,8 +139,20 @@ def split_for(path: str | Path, split: str | None, inputs: Sequence[str | Path])
 
 
 def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
+    """(where, record) for a table's rows. A table gives every row all its columns and every
+    struct all its fields, null where a record had none: those nulls are left out, so that a
+    row reads as the record it was (a message without `tool_calls` the same as that message
+    in the prompt, a record of one format beside the columns of another)."""
     for n, row in enumerate(rows, start=1):
-        yield f"{p}, row {n}", row
+        yield f"{p}, row {n}", _without_nulls(row)
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _load_saved_dataset(p: Path, split: str | None) -> Any:
@@ -199,13 +211,15 @@ def _after(prompt: Any, completion: Any) -> Any:
 
 
 def _is_messages(v: Any) -> bool:
-    """A non-empty list of messages, each with a text content (null where it calls tools)."""
+    """A non-empty list of messages, each with a content: text, content parts (OpenAI's, as
+    TRL's multimodal datasets have them: their text parts are read), or none where the
+    message calls tools."""
     return (
         isinstance(v, list)
         and bool(v)
         and all(
             isinstance(m, dict)
-            and (isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls")))
+            and (isinstance(m.get("content"), (str, list)) or (m.get("content") is None and m.get("tool_calls")))
             for m in v
         )
     )

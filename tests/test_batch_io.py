@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from labeler import datasets_io as io
-from labeler.batch import Job, JsonlSink, Summary, _label_chunk, collect
+from labeler.batch import Job, JsonlSink, MemorySink, Summary, _jsonl_line, _label_chunk, collect, run_jobs
 from labeler.chat import normalize_item
 from labeler.core import ScoreItem
 from labeler.datasets_io import MalformedRecord
@@ -390,3 +390,102 @@ async def test_a_refused_record_is_named_by_its_line_and_field_once():
     gaps = [Job(f"k{n}", f"in.jsonl, line {n}", ScoreItem("q", "a"), dict) for n in (3, 7, 900)]
     with pytest.raises(ModelOutputError, match=r"^in.jsonl, lines 3, 7, 900: the model labeled none"):
         await _label_chunk(_Refusing(none), "scores", gaps, "t", {}, True, Summary())
+
+
+class _Unlabeling:
+    """Labels every item but those whose response is "?": names the first of those in a
+    request, as the labeler does, and none in a request of those alone, as the service does."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[str]] = []
+
+    async def scores(self, items, task, **opts):
+        self.requests.append([it.response for it in items])
+        bad = [i for i, it in enumerate(items) if it.response == "?"]
+        if len(items) > 1 and len(bad) == len(items):
+            raise ModelOutputError("the model's answer gives no label")
+        if bad:
+            raise ModelOutputError(f"items[{bad[0]}]: the model's answer gives no label", field=f"items[{bad[0]}]")
+        return [{"reward": 0.5} for _ in items]
+
+
+async def test_a_resumed_run_labels_past_the_items_it_skipped_before():
+    """The items a run skipped as unlabeled come first when it is resumed, together in one
+    chunk: labeled one by one and skipped again, not taken for a failing model, so the rest
+    of the input is labeled. Before the model has labeled anything, such a chunk still ends
+    the run."""
+    params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
+    answers = ["?", "?", "a", "b", "c"]
+    jobs = [
+        Job(f"k{i}", f"in.jsonl, line {i + 1}", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"})
+        for i, a in enumerate(answers)
+    ]
+    sink = MemorySink()
+    sink.append([{"key": "k4", "reward": 0.5}])  # the first run labeled line 5 and skipped lines 1-2
+    backend = _Unlabeling()
+    summary = await run_jobs(jobs, backend, sink, "scores", params, chunk_size=2, skip_invalid=True, progress=False)
+    assert (summary.labeled, summary.skipped, len(summary.unlabeled)) == (2, 1, 2)
+    assert sorted(sink.rows) == ["k2", "k3", "k4"]
+    assert backend.requests == [["?", "?"], ["?"], ["?"], ["a", "b"]]
+    with pytest.raises(ModelOutputError, match=r"^in.jsonl, lines 1, 2: the model labeled none of them"):
+        await run_jobs(
+            jobs, _Unlabeling(), MemorySink(), "scores", params, chunk_size=2, skip_invalid=True, progress=False
+        )
+
+
+def test_table_rows_read_as_the_records_they_were(tmp_path):
+    """A Parquet table gives every row every column and every message every field, null where
+    the record had none: read as JSONL and as Parquet, the records are the same pairs (a
+    completion that repeats the prompt's turns still starts after them; a record of another
+    format in the same table is read in its own)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    call = {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "search", "arguments": "{}"}}]}
+    records = [
+        {
+            "prompt": prompt,
+            "chosen": [*prompt, {"role": "assistant", "content": "Paris."}],
+            "rejected": [*prompt, call],
+        },
+        {"context": "Name a fruit.", "response_a": "Apple.", "response_b": "Chair."},
+    ]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = tmp_path / "in.parquet"
+    columns = dict.fromkeys(k for r in records for k in r)
+    pq.write_table(pa.table({k: [r.get(k) for r in records] for k in columns}), table)
+
+    def read(path):
+        return [(p.context, p.response_a, p.response_b) for p in collect(path, io.normalize_pair)]
+
+    assert read(table) == read(jsonl)
+    assert read(jsonl)[0][2] == "[call functions.search] {}"
+
+
+def test_message_content_given_as_parts_is_read_as_its_text():
+    as_parts = {
+        "prompt": [{"role": "user", "content": [{"type": "text", "text": "Name a fruit."}, {"type": "image"}]}],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": "Apple."}]}],
+    }
+    as_text = {
+        "prompt": [{"role": "user", "content": "Name a fruit."}],
+        "completion": [{"role": "assistant", "content": "Apple."}],
+    }
+    got, ref = io.normalize_single("w", as_parts), io.normalize_single("w", as_text)
+    assert (got.context, got.response) == (ref.context, ref.response) == (ref.context, "Apple.")
+
+
+def test_row_values_json_has_no_type_for_are_written_as_their_text():
+    import datetime
+
+    at = datetime.datetime(2024, 1, 2, 3, 4, 5)
+    assert json.loads(_jsonl_line({"key": "k", "messages": [{"content": "hi", "created_at": at}]})) == {
+        "key": "k",
+        "messages": [{"content": "hi", "created_at": "2024-01-02 03:04:05"}],
+    }

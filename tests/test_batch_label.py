@@ -78,6 +78,16 @@ def write_jsonl(path, records):
     return path
 
 
+def test_a_run_that_labels_nothing_ends_with_status_1(tmp_path, in_process, capsys):  # noqa: F811
+    """Every record skipped (over the model's context): the summary, then status 1, so that a
+    pipeline's next step does not take the empty output for a dataset."""
+    src = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}] * 2)
+    out = tmp_path / "out.jsonl"
+    assert in_process("label", str(src), str(out), "--task", "tiny", "--scores", "--skip-invalid", "--json") == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["labeled"] == 0 and "no item was labeled" in captured.err
+
+
 def test_hh_transcripts_become_trl_rows_with_soft_labels(tmp_path, labeler, in_process, capsys, caplog):
     src = write_jsonl(
         tmp_path / "hh.jsonl",
