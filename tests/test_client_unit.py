@@ -1009,12 +1009,13 @@ def test_an_injected_item_failure_finds_pairs_references_and_groups():
 
 def test_verl_compute_score_and_batch(monkeypatch):
     fake = FakeLabeler()
-    monkeypatch.setitem(_shared._clients, (None, None, None), lc.Client(URL, transport=fake.transport()))
+    monkeypatch.setitem(_shared._clients, (None, None, None, None, None), lc.Client(URL, transport=fake.transport()))
     monkeypatch.setenv("LABELER_TASK", "tiny")
     assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info={"question": "2+2?"}) == fake_reward(
         "2+2?", "It is 4."
     )
-    assert verl.compute_score(data_source="x", solution_str="s", ground_truth=None) == fake_reward("", "s")
+    with pytest.warns(UserWarning, match="extra_info has no 'prompt'"):
+        assert verl.compute_score(data_source="x", solution_str="s", ground_truth=None) == fake_reward("", "s")
     # A key present but None (a Parquet column other rows fill) is absent: the question is the prompt.
     sparse = {"prompt": None, "question": "2+2?"}
     assert verl.compute_score("gsm8k", "It is 4.", "4", extra_info=sparse) == fake_reward("2+2?", "It is 4.")
@@ -1045,7 +1046,7 @@ def test_verl_compute_score_and_batch(monkeypatch):
 
 def test_verl_takes_the_server_from_reward_kwargs():
     fake = FakeLabeler()
-    _shared._clients[("http://from-kwargs.test", "k", None)] = lc.Client(
+    _shared._clients[("http://from-kwargs.test", "k", None, None, None)] = lc.Client(
         "http://from-kwargs.test", "k", transport=fake.transport()
     )
     try:
@@ -1054,7 +1055,29 @@ def test_verl_takes_the_server_from_reward_kwargs():
         )
         assert fake.requests[-1].url.host == "from-kwargs.test"
     finally:
-        del _shared._clients[("http://from-kwargs.test", "k", None)]
+        del _shared._clients[("http://from-kwargs.test", "k", None, None, None)]
+
+
+def test_verl_client_options_and_overlong_responses(monkeypatch):
+    """`timeout` and `max_retries` from reward_kwargs make a client of their own; with
+    overlong="lowest" a response over the server's length limit gets -1.0, any other refusal
+    is raised as before."""
+    monkeypatch.setattr(_shared, "_clients", {})
+    built = _shared.shared_client(URL, None, timeout=20, max_retries=1)
+    assert (built.timeout.read, built.retry.max_retries) == (20.0, 1)
+    assert _shared.shared_client(URL, None) is not built and _shared.shared_client(URL, None).timeout.read == 300.0
+    fake = FakeLabeler(max_chars=10)
+    _shared._clients[(URL, None, None, 20, 1)] = lc.Client(URL, transport=fake.transport(), retry=0)
+    opts = {"base_url": URL, "timeout": 20, "max_retries": 1, "task": "tiny", "extra_info": {"prompt": "q"}}
+    with pytest.raises(lc.InvalidRequest, match="at most 10 characters"):
+        verl.compute_score("x", "far too long an answer", **opts)
+    assert verl.compute_score("x", "far too long an answer", overlong="lowest", **opts) == -1.0
+    assert verl.compute_reference_score("x", "far too long", "ref", overlong="lowest", **opts) == -1.0
+    assert verl.compute_score("x", "short", overlong="lowest", **opts) == fake_reward("q", "short")
+    with pytest.raises(lc.InvalidRequest, match="unknown task"):  # not a length: raised
+        verl.compute_score("x", "far too long an answer", overlong="lowest", **(opts | {"task": "nope"}))
+    with pytest.raises(ValueError, match="overlong"):
+        verl.compute_score("x", "short", overlong="skip", **opts)
 
 
 def test_sync_client_works_inside_a_running_event_loop():

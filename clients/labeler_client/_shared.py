@@ -11,21 +11,30 @@ import threading
 
 from ._client import Client
 
-_clients: dict[tuple[str | None, str | None, str | None], Client] = {}
+_clients: dict[tuple[str | None, str | None, str | None, float | None, int | None], Client] = {}
 _lock = threading.Lock()
 
 
-def shared_client(base_url: str | None, api_key: str | None, serve_app: str | None = None) -> Client:
+def shared_client(
+    base_url: str | None,
+    api_key: str | None,
+    serve_app: str | None = None,
+    *,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+) -> Client:
     """The process's client for `base_url` and `api_key` (None: LABELER_URL, LABELER_API_KEY),
     or, with `serve_app`, for that Ray Serve application through a deployment handle (the
-    caller runs in its Ray cluster; `base_url` is then not used)."""
+    caller runs in its Ray cluster; `base_url` is then not used); `timeout` (seconds to wait
+    for an answer) and `max_retries` as `Client` takes them (None: its defaults)."""
     with _lock:
-        key = (base_url, api_key, serve_app)
+        key = (base_url, api_key, serve_app, timeout, max_retries)
         if key not in _clients:
+            options = {"timeout": timeout, "retry": max_retries}
             if serve_app is None:
-                _clients[key] = Client(base_url, api_key)
+                _clients[key] = Client(base_url, api_key, **options)
             else:
                 from .ray import ServeTransport  # needs ray[serve]: imported only when asked for
 
-                _clients[key] = Client("http://labeler", api_key, transport=ServeTransport(serve_app))
+                _clients[key] = Client("http://labeler", api_key, transport=ServeTransport(serve_app), **options)
         return _clients[key]

@@ -20,7 +20,15 @@ config), the labeler deployed on verl's own Ray cluster, called through a deploy
 instead of HTTP; the task is `task` from `reward_kwargs`, else `extra_info["labeler_task"]`,
 else LABELER_TASK, else "general". An unknown `reward_kwargs` key is an error. verl passes
 only the response, so put the prompt in `extra_info["prompt"]` (or `"question"`) when
-preparing the data: text, or the chat messages of the `prompt` column.
+preparing the data: text, or the chat messages of the `prompt` column (without either, the
+response is judged without a prompt, and a warning says so once).
+
+`timeout` (seconds to wait for an answer, default 300) and `max_retries` (default 5) set the
+client's; keep their product under verl's own `reward.timeout` where the reward manager has
+one (`rate_limited`), so that a slow labeler fails a sample instead of outliving its budget.
+`overlong: lowest` gives a response over the server's length limits the lowest reward, -1.0,
+instead of an error (`raise`, the default, which `naive` and `dapo` let end the run): as
+`/get_reward?overlong=lowest` does for OpenRLHF.
 
 `compute_reference_score` (name: compute_reference_score) rewards the response against a
 reference response instead, 2 P(response preferred) - 1: the reference is
@@ -35,16 +43,20 @@ sample at a time, so group-relative rewards have no place in its protocol.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 # Absolute imports: verl loads this file by path too, as a module outside the package (and
 # Ray then pickles its functions by value: what they share lives in an importable module).
-from labeler_client._exceptions import APIStatusError
+from labeler_client._exceptions import APIStatusError, InvalidRequest
 from labeler_client._shared import shared_client
 from labeler_client._text import context_value
 
 __all__ = ["compute_reference_score", "compute_score", "compute_score_batch"]
+
+# The reward of a response over the server's length limits, with overlong="lowest".
+LOWEST = -1.0
 
 
 def _task(extra: dict, task: str | None) -> str:
@@ -56,7 +68,30 @@ def _prompt(extra: dict) -> Any:
     prompt = extra.get("prompt")
     if prompt is None:
         prompt = extra.get("question")
-    return "" if prompt is None else context_value(prompt)
+    if prompt is None:
+        # Shown once a process (one warning location): every sample of such data lacks it.
+        warnings.warn(
+            "labeler_client.verl: extra_info has no 'prompt' (or 'question'): responses are judged without "
+            "their prompt; put it in extra_info when preparing the data",
+            stacklevel=1,
+        )
+        return ""
+    return context_value(prompt)
+
+
+def _one(call: Callable[[], list[float | None]], overlong: str) -> float:
+    """The one reward `call` returns; with `overlong` "lowest", LOWEST for a response the
+    server refuses as over a length limit."""
+    if overlong not in ("raise", "lowest"):
+        raise ValueError(f'overlong must be "raise" or "lowest", not {overlong!r}')
+    try:
+        reward = call()[0]
+    except InvalidRequest as e:
+        if overlong == "lowest" and e.type == "input_too_long" and (e.param or "").startswith("items["):
+            return LOWEST
+        raise
+    assert reward is not None  # on_error="raise": a failure has raised
+    return reward
 
 
 def compute_score(
@@ -69,6 +104,9 @@ def compute_score(
     base_url: str | None = None,
     api_key: str | None = None,
     serve_app: str | None = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    overlong: Literal["raise", "lowest"] = "raise",
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
@@ -76,12 +114,12 @@ def compute_score(
     too). `data_source` and `ground_truth` are accepted as verl passes them (an AI labeler
     needs no reference), and so are `reward_router_address` / `reward_model_tokenizer`, which
     verl adds when it runs a reward model of its own. Raises `LabelerClientError` when the service
-    fails after retries (never a made-up score)."""
+    fails after retries (never a made-up score); a response over the server's length limits
+    gets -1.0 instead with `overlong="lowest"`."""
     extra = dict(extra_info or {})
-    client = shared_client(base_url, api_key, serve_app)
-    reward = client.rewards([_prompt(extra)], [solution_str], _task(extra, task))[0]
-    assert reward is not None  # on_error="raise": a failure has raised
-    return reward
+    client = shared_client(base_url, api_key, serve_app, timeout=timeout, max_retries=max_retries)
+    prompt = _prompt(extra)
+    return _one(lambda: client.rewards([prompt], [solution_str], _task(extra, task)), overlong)
 
 
 def compute_reference_score(
@@ -94,6 +132,9 @@ def compute_reference_score(
     base_url: str | None = None,
     api_key: str | None = None,
     serve_app: str | None = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    overlong: Literal["raise", "lowest"] = "raise",
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
@@ -101,7 +142,7 @@ def compute_reference_score(
     [-1, 1] (both orders): the reference is `extra_info["reference"]` (text, or chat messages
     whose assistant turns are the reference), else `ground_truth`, which must be text. Raises
     ValueError without either, TypeError for a reference of another type, `LabelerClientError`
-    when the service fails."""
+    when the service fails; `overlong` and the client's options as for `compute_score`."""
     extra = dict(extra_info or {})
     reference = extra.get("reference")
     if reference is None:
@@ -111,10 +152,9 @@ def compute_reference_score(
                 f"ground_truth, got a ground_truth of type {type(ground_truth).__name__}"
             )
         reference = ground_truth
-    client = shared_client(base_url, api_key, serve_app)
-    reward = client.rewards_against([_prompt(extra)], [solution_str], [reference], _task(extra, task))[0]
-    assert reward is not None  # on_error="raise": a failure has raised
-    return reward
+    client = shared_client(base_url, api_key, serve_app, timeout=timeout, max_retries=max_retries)
+    prompt = _prompt(extra)
+    return _one(lambda: client.rewards_against([prompt], [solution_str], [reference], _task(extra, task)), overlong)
 
 
 def compute_score_batch(
@@ -127,6 +167,8 @@ def compute_score_batch(
     base_url: str | None = None,
     api_key: str | None = None,
     serve_app: str | None = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
 ) -> list[float]:
     """The batch form (verl's legacy `batch` reward manager): one batched, concurrent call
     per task instead of one request per sample; rewards in input order."""
@@ -137,7 +179,7 @@ def compute_score_batch(
     for i, extra in enumerate(extras):
         by_task.setdefault(_task(extra, task), []).append(i)
     out: list[float] = [0.0] * len(solution_strs)
-    client = shared_client(base_url, api_key, serve_app)
+    client = shared_client(base_url, api_key, serve_app, timeout=timeout, max_retries=max_retries)
     for name, idx in by_task.items():
         try:
             rewards = client.rewards([_prompt(extras[i]) for i in idx], [solution_strs[i] for i in idx], name)
