@@ -1,6 +1,6 @@
 """Reading preference data: files, formats, and the content keys that make labeling resumable.
 
-Files: JSONL (one object a line), Parquet (via pyarrow), and a Hugging Face `datasets`
+Files: JSONL (one object a line), a JSON array of objects, Parquet (via pyarrow), and a Hugging Face `datasets`
 dataset saved with `save_to_disk` (a directory; needs `datasets`). The optional libraries
 are imported only when such a file is read.
 
@@ -16,7 +16,8 @@ Pair formats, detected per record:
 
 In `trl`, `trl-implicit` and `hh` the human-preferred response is `chosen`; it becomes A.
 Single-response formats (scores mode): {"prompt", "completion"} (text or messages) or
-{"context", "response"}; the prompt under either name.
+{"context", "response"}, the prompt under either name; or AlpacaEval's {"instruction",
+"output"}.
 
 A prompt reaches the labeler as the service shows every context: its canonical transcript
 (`labeler.chat`); a response is its messages' contents, without end-of-turn markers.
@@ -79,11 +80,13 @@ class Single:
 def read_records(
     path: str | Path, *, split: str | None = None, on_bad_line: Callable[[MalformedRecord], None] | None = None
 ) -> Iterator[tuple[str, Any]]:
-    """(where, record) for every record of a JSONL file, Parquet file or saved dataset.
+    """(where, record) for every record of a JSONL file, a JSON file holding an array of
+    records (AlpacaEval's outputs), a Parquet file or a saved dataset.
 
-    `where` is "PATH, line N" (1-based, counting blank lines) for JSONL, "PATH, row N"
-    (1-based) otherwise. A JSONL line that is not JSON raises MalformedRecord naming the line, or is
-    passed to `on_bad_line` and skipped.
+    `where` is "PATH, line N" (1-based, counting blank lines) for JSONL, "PATH, record N" for
+    a JSON array, "PATH, row N" (1-based) otherwise. A JSONL line that is not JSON raises
+    MalformedRecord naming the line, or is passed to `on_bad_line` and skipped; a JSON array
+    that does not parse is malformed as a whole. CSV is refused, saying what to give instead.
     """
     p = Path(path)
     if not p.exists():
@@ -104,6 +107,14 @@ def read_records(
         except (pa.ArrowException, OSError) as exc:
             raise InvalidInput(f"{p}: not a readable Parquet file ({exc})", field="input") from None
         yield from _rows(p, rows)
+    elif p.suffix.lower() in (".csv", ".tsv"):
+        raise InvalidInput(
+            f"{p}: CSV is not read; give JSONL, a JSON array, Parquet or a saved dataset "
+            "(from pandas: df.to_json(path, orient='records', lines=True))",
+            field="input",
+        )
+    elif _is_json_array(p):
+        yield from _array_records(p)
     else:
         with p.open("rb") as f:
             for n, raw in enumerate(f, start=1):
@@ -123,6 +134,32 @@ def read_records(
                 if on_bad_line is None:
                     raise bad from None
                 on_bad_line(bad)
+
+
+def _is_json_array(p: Path) -> bool:
+    """Whether the file's first character that is not blank is "[" (no JSONL record starts so)."""
+    with p.open("rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+        while not head:
+            chunk = f.read(65536)
+            if not chunk:
+                return False
+            head = chunk.lstrip()
+    return head.startswith(b"[")
+
+
+def _array_records(p: Path) -> Iterator[tuple[str, Any]]:
+    data = p.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MalformedRecord(str(p), f"not UTF-8 text (byte {exc.object[exc.start]:#04x})") from None
+    except json.JSONDecodeError as exc:
+        raise MalformedRecord(
+            str(p), f"not a valid JSON array ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
+    for n, rec in enumerate(records, start=1):
+        yield f"{p}, record {n}", rec
 
 
 def split_for(path: str | Path, split: str | None, inputs: Sequence[str | Path]) -> str | None:
@@ -373,7 +410,14 @@ def normalize_single(where: str, rec: Any) -> Single:
         if not isinstance(ctx, str) or not isinstance(resp, str):
             raise MalformedRecord(where, f"{context!r} and 'response' must be text")
         return Single(prompt_text(ctx), clean_response(resp), ctx, resp, where)
-    raise MalformedRecord(where, f"expected prompt/completion or context/response; got keys {sorted(rec)}")
+    if "instruction" in rec and "output" in rec:  # AlpacaEval's model outputs
+        ins, out = rec["instruction"], rec["output"]
+        if not isinstance(ins, str) or not isinstance(out, str):
+            raise MalformedRecord(where, "'instruction' and 'output' must be text")
+        return Single(prompt_text(ins), clean_response(out), ins, out, where)
+    raise MalformedRecord(
+        where, f"expected prompt/completion, context/response or instruction/output; got keys {sorted(rec)}"
+    )
 
 
 # -- the position coin ------------------------------------------------------------------------

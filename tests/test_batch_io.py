@@ -489,3 +489,24 @@ def test_row_values_json_has_no_type_for_are_written_as_their_text():
         "key": "k",
         "messages": [{"content": "hi", "created_at": "2024-01-02 03:04:05"}],
     }
+
+
+def test_a_json_array_of_alpacaeval_outputs_is_read(tmp_path):
+    """AlpacaEval's model_outputs.json: one JSON array of {"instruction", "output", ...}."""
+    outputs = [
+        {"instruction": "Name a fruit.", "output": "Apple.", "generator": "m", "dataset": "d"},
+        {"instruction": "2+2?", "output": "4", "generator": "m", "dataset": "d"},
+    ]
+    path = tmp_path / "model_outputs.json"
+    path.write_text(json.dumps(outputs, indent=2))
+    got = collect(path, io.normalize_single)
+    ref = [io.normalize_single("w", {"prompt": o["instruction"], "completion": o["output"]}) for o in outputs]
+    assert [(s.context, s.response) for s in got] == [(s.context, s.response) for s in ref]
+    assert [s.where for s in got] == [f"{path}, record 1", f"{path}, record 2"]
+    path.write_text(json.dumps(outputs)[:-2])
+    with pytest.raises(MalformedRecord, match=r"model_outputs.json: not a valid JSON array \(.* at line 1, column"):
+        collect(path, io.normalize_single)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("prompt,chosen,rejected\nq,a,b\n")
+    with pytest.raises(InvalidInput, match=r"pairs.csv: CSV is not read; give JSONL"):
+        collect(csv, io.normalize_pair)

@@ -363,6 +363,27 @@ def test_winrate_in_one_order_shows_either_policy_first(tmp_path, labeler, in_pr
     assert again["summary"]["labeled"] == 0 and again["win_rate"] == got["win_rate"]
 
 
+def test_winrate_of_two_alpacaeval_output_files(tmp_path, labeler, in_process, capsys):  # noqa: F811
+    """Two AlpacaEval model_outputs.json files (JSON arrays of instruction/output), matched by
+    instruction: the same win rate as the same outputs given as prompt/completion JSONL."""
+    outputs = [
+        [{"instruction": x["prompt"], "output": x["completion"], "generator": name} for x in policy]
+        for name, policy in (("a", A), ("b", B))
+    ]
+    files = []
+    for name, rows_ in zip("ab", outputs, strict=True):
+        path = tmp_path / f"{name}_outputs.json"
+        path.write_text(json.dumps(rows_, indent=2))
+        files.append(str(path))
+    assert in_process("winrate", *files, "--task", "tiny", "--json") == 0
+    got = json.loads(capsys.readouterr().out)
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": x["prompt"], "completion": x["completion"]} for x in A])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": x["prompt"], "completion": x["completion"]} for x in B])
+    assert in_process("winrate", str(a), str(b), "--task", "tiny", "--json") == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert (got["n"], got["win_rate"], got["soft_win_rate"]) == (len(A), ref["win_rate"], ref["soft_win_rate"])
+
+
 def test_winrate_lengths_are_those_of_the_responses_judged(tmp_path, in_process, capsys):  # noqa: F811
     """A conversational completion that repeats its prompt's turns (some datasets store the
     whole conversation): its length is that of the answer judged, not of the earlier turns."""
