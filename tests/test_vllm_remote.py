@@ -76,6 +76,21 @@ async def test_the_servers_context_length_limits_prompts_before_anything_is_sent
     assert got[0][()] == {16: -1.0, 17: -1.0} and len(server.reads) == 1
 
 
+async def test_a_server_with_a_longer_context_than_the_config_says_raises_the_limit(model_dir):
+    """The config's context length is a guess until a server says its own: a longer one (a
+    config whose length the engine could not read, a server started with rope scaling) is
+    the limit, unless the engine was given a lower one."""
+    server = Scripted(max_model_len=50_000)
+    remote = engine(model_dir, server)
+    guess = remote.max_model_len
+    assert guess < 50_000
+    await remote.score(read(10))
+    assert remote.max_model_len == 50_000
+    capped = engine(model_dir, Scripted(max_model_len=50_000), max_model_len=guess)
+    await capped.score(read(10))
+    assert capped.max_model_len == guess
+
+
 def test_servers_up_at_start_limit_prompts_to_the_least_context_of_theirs(model_dir, monkeypatch):
     """Servers started with different --max-model-len values: a prompt must fit whichever
     one it goes to, so the least limit of those that answer at start holds."""

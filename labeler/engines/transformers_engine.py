@@ -292,7 +292,8 @@ class TransformersEngine:
         self._torch = torch
         self.device = next(model.parameters()).device
         self.model_id = model_id
-        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        # A multimodal config keeps the language model's context length in its text config.
+        self.max_model_len = int(getattr(model.config.get_text_config(), "max_position_embeddings", 2048))
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_tokens = max(1, int(min_shared_tokens))
         # Logits only where a label is read, not for every position (a 128k vocabulary makes

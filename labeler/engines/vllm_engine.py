@@ -83,19 +83,24 @@ class VLLMEngine:
                 self._engine = AsyncLLM.from_engine_args(args)
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds at start-up
             raise ModelLoadError(f"vLLM could not start on {model_dir}: {exc}") from exc
-        if before is not None:
-            try:
+        try:  # what fails now must not leave vLLM's engine processes behind
+            if before is not None:
                 check_unchanged(model_dir, before)
-            except ModelLoadError:
-                self._engine.shutdown()
-                raise
-        self.max_model_len = int(self._engine.model_config.max_model_len)
+            config = self._engine.model_config
+            self.max_model_len = int(config.max_model_len)
+            # A multimodal checkpoint's config keeps the language model's fields in its text config.
+            eos = getattr(config.hf_config, "eos_token_id", None)
+            if eos is None:
+                eos = getattr(config.hf_text_config, "eos_token_id", None)
+        except BaseException:
+            self._engine.shutdown()
+            raise
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._prefix = f"labeler-{uuid.uuid4().hex[:8]}-"
         self.inflight = 0
         self.peak_inflight = 0  # most requests in the engine at once (continuous batching)
-        self._eos = {self.tokenizer.eos_token_id} | set(_as_list(self._engine.model_config.hf_config.eos_token_id))
+        self._eos = {self.tokenizer.eos_token_id} | set(_as_list(eos))
 
     # -- protocol ------------------------------------------------------------------------
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:

@@ -119,7 +119,10 @@ class VLLMRemoteEngine:
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(getattr(config, "eos_token_id", None)))
         self.served_model = served_model
         self.model_id = model_id or default_model_id(model_dir)
-        self.max_model_len = int(max_model_len or getattr(config, "max_position_embeddings", 2048))
+        # Until a server says its own: the config's (a multimodal config keeps it in its text config).
+        self._given_max_len = max_model_len
+        self._served_max_len: int | None = None  # the least of the servers' that answered
+        self.max_model_len = int(max_model_len or getattr(config.get_text_config(), "max_position_embeddings", 2048))
         self.retries = retries
         self.cooldown = cooldown
         self.stats = EngineStats()
@@ -269,7 +272,12 @@ class VLLMRemoteEngine:
             data = listed[0]
             self.served_model = data["id"]
         if data is not None and data.get("max_model_len"):
-            self.max_model_len = min(self.max_model_len, int(data["max_model_len"]))
+            # The first server's limit replaces the config's guess; later ones lower it (a prompt
+            # must fit whichever server it goes to), as a given limit does.
+            served = int(data["max_model_len"])
+            self._served_max_len = min(served, self._served_max_len or served)
+            limit = self._served_max_len
+            self.max_model_len = min(limit, self._given_max_len) if self._given_max_len else limit
         self._discovered = True
 
     async def _ready(self) -> None:
