@@ -360,6 +360,71 @@ def test_threads_bind_is_every_cpu_of_this_process():
     assert threads_bind() == ",".join(str(c) for c in sorted(cores.values()))
 
 
+def _cgroup(tmp_path: Path, proc_line: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A cgroup tree under tmp_path/cg with `files` (paths below it) and a /proc/self/cgroup."""
+    root = tmp_path / "cg"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc = tmp_path / "cgroup"
+    proc.write_text(proc_line + "\n")
+    return root, proc
+
+
+def test_a_cpu_quota_anywhere_on_the_cgroup_path_limits_the_threads(tmp_path, monkeypatch):
+    """A job's cgroup below the root (cgroup v2), its parent holding a quota of 2.5 CPUs: 3;
+    a container's cgroup v1 quota of 1.5 CPUs: 2; no quota: None. The bound threads are
+    that many of this process's CPUs."""
+    root, proc = _cgroup(
+        tmp_path / "v2",
+        "0::/system.slice/job.scope",
+        {"system.slice/job.scope/cpu.max": "max 100000\n", "system.slice/cpu.max": "250000 100000\n"},
+    )
+    assert vllm_cpu.cgroup_cpus(root, proc) == 3
+    root, proc = _cgroup(
+        tmp_path / "v1",
+        "4:cpu,cpuacct:/docker/abc",
+        {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "150000\n", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n"},
+    )
+    assert vllm_cpu.cgroup_cpus(root, proc) == 2
+    root, proc = _cgroup(
+        tmp_path / "none", "4:cpu:/", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    )
+    assert vllm_cpu.cgroup_cpus(root, proc) is None
+    assert vllm_cpu.cgroup_cpus(root, tmp_path / "missing") is None
+    every = threads_bind()
+    monkeypatch.setattr(vllm_cpu, "cgroup_cpus", lambda: 1)
+    assert threads_bind() == every.split(",")[0]
+
+
+def test_the_memory_limit_of_a_job_cgroup_bounds_the_memory_counted(tmp_path, monkeypatch):
+    """A job cgroup (v2) limited to 8 GiB that uses 3 GiB, 1 GiB of it inactive page cache:
+    6 GiB left; its parent without a limit. cgroup v1's "unlimited" is no limit. memory()
+    counts within it."""
+    gib = 1 << 30
+    root, proc = _cgroup(
+        tmp_path / "v2",
+        "0::/slurm/job_7",
+        {
+            "slurm/job_7/memory.max": f"{8 * gib}\n",
+            "slurm/job_7/memory.current": f"{3 * gib}\n",
+            "slurm/job_7/memory.stat": f"anon {2 * gib}\ninactive_file {gib}\n",
+            "slurm/memory.max": "max\n",
+            "slurm/memory.current": f"{3 * gib}\n",
+        },
+    )
+    assert vllm_cpu.cgroup_memory(root, proc) == (8 * gib, 6 * gib)
+    root, proc = _cgroup(
+        tmp_path / "v1",
+        "4:memory:/",
+        {"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": f"{gib}\n"},
+    )
+    assert vllm_cpu.cgroup_memory(root, proc) is None
+    total, available = vllm_cpu.memory()
+    monkeypatch.setattr(vllm_cpu, "cgroup_memory", lambda: (gib, gib // 2))
+    assert vllm_cpu.memory() == (min(total, gib), gib // 2)
+
+
 def test_kv_cache_that_cannot_fit_is_refused_before_vllm_starts(model_dir):
     with pytest.raises(ModelLoadError, match=r"kv_cache_memory_bytes=.*does not fit.*pass a smaller"):
         VLLMEngine(model_dir, kv_cache_memory_bytes="1000G")

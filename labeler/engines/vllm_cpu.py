@@ -12,6 +12,10 @@ shared by the in-process engine and `labeler vllm-server`.
 - `VLLM_CPU_OMP_THREADS_BIND` (`threads_bind`): vLLM's own "auto" keeps one core back for
   its scheduler, half of a two-core machine.
 
+Both read the process's cgroup along its whole path (`cgroup_cpus`, `cgroup_memory`): a
+container's CPU quota (`docker run --cpus`, a Kubernetes CPU limit) limits time, not which
+CPUs may run, and a job's cgroup on a host (systemd, SLURM) sits below the root vLLM reads.
+
 Whatever the caller sets wins. `import vllm` happens only inside these functions.
 """
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +42,9 @@ CPU_KV_CACHE_SHARE = 0.25
 CPU_KV_CACHE_MAX = 4 * GiB
 CPU_BLOCK_SIZE = 128  # vLLM's CPU backend's KV cache block, unless block_size is given
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+_V1_UNLIMITED = 1 << 62  # cgroup v1 reports no memory limit as a number near 2**63
 _DTYPE_BYTES = {
     "float32": 4,
     "float": 4,
@@ -145,16 +153,104 @@ def threads_bind() -> str:
     for c in sorted(cpus, key=lambda c: c.id):
         if c.numa_node == node:
             chosen.setdefault(c.physical_core, c.id)
-    return ",".join(str(i) for i in sorted(chosen.values()))
+    # Under a CPU quota, more threads than it keeps busy only wait for their share.
+    keep = sorted(chosen.values())[: cgroup_cpus() or None]
+    return ",".join(str(i) for i in keep)
 
 
 def memory() -> tuple[int, int]:
-    """(total, available) bytes as vLLM's CPU backend counts them: the first NUMA node of
-    this process's CPUs, free plus reclaimable memory, within a cgroup's limit."""
+    """(total, available) bytes as vLLM's CPU backend counts them (the first NUMA node of
+    this process's CPUs, free plus reclaimable memory, within the root cgroup's limit),
+    within this process's own cgroup's limit too (`cgroup_memory`)."""
     from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
 
     info = get_memory_node_info(min(c.numa_node for c in get_allowed_cpu_list()))
-    return int(info.total_memory), int(info.available_memory)
+    total, available = int(info.total_memory), int(info.available_memory)
+    limited = cgroup_memory()
+    if limited is not None:
+        total, available = min(total, limited[0]), min(available, limited[1])
+    return total, available
+
+
+def _cgroup_dirs(controller: str, root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> list[Path]:
+    """This process's cgroup directories for `controller` ("cpu", "memory"), its own and
+    each above it: in cgroup v2's tree and in v1's tree of that controller (a hybrid host
+    has both; the files each reader looks for tell them apart). A container with its own
+    cgroup namespace sees its cgroup as the root."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return []
+    dirs = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers and controller not in controllers.split(","):
+            continue
+        base = root
+        if controllers:  # v1: the controller's own tree, mounted under its name(s)
+            base = root / controller if (root / controller).is_dir() else root / controllers
+        own = Path(path.lstrip("/"))
+        dirs += [base / d for d in (own, *own.parents)]
+    return dirs
+
+
+def _read_ints(directory: Path, *names: str) -> list[int] | None:
+    """The integers of the files `names` in `directory` (each file's first word), or None
+    when one is missing or not a number ("max")."""
+    try:
+        return [int((directory / n).read_text().split()[0]) for n in names]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cgroup_cpus(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> int | None:
+    """CPUs this process's cgroup keeps busy at once: the least CPU quota ÷ period along its
+    path (v2 `cpu.max`, v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded up; None
+    without a quota."""
+    least = None
+    for d in _cgroup_dirs("cpu", root, proc):
+        # v2: "QUOTA PERIOD", "max PERIOD" without one; v1: a quota of -1 without one.
+        quota = _read_ints(d, "cpu.cfs_quota_us", "cpu.cfs_period_us")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            words = (d / "cpu.max").read_text().split()
+            quota = None if words[0] == "max" else [int(words[0]), int(words[1])]
+        if quota and quota[0] > 0 and quota[1] > 0:
+            n = math.ceil(quota[0] / quota[1])
+            least = n if least is None else min(least, n)
+    return least
+
+
+def cgroup_memory(root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> tuple[int, int] | None:
+    """(limit, room left) bytes of the tightest memory limit along this process's cgroup
+    path: the limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) less what the cgroup uses
+    that cannot be reclaimed (usage less inactive page cache, as `docker stats` counts it: a
+    model's files just read are cache); None without a limit."""
+    tightest = None
+    for d in _cgroup_dirs("memory", root, proc):
+        for limit_file, usage_file, stat_key in (
+            ("memory.max", "memory.current", "inactive_file"),
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+        ):
+            read = _read_ints(d, limit_file, usage_file)
+            if read is None or read[0] >= _V1_UNLIMITED:
+                continue
+            limit, usage = read
+            cache = _stat(d / "memory.stat", stat_key)
+            room = max(0, limit - max(0, usage - cache))
+            if tightest is None or room < tightest[1]:
+                tightest = (limit, room)
+    return tightest
+
+
+def _stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _config(model_dir: Path) -> dict[str, Any]:
