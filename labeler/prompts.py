@@ -97,6 +97,24 @@ def _fence(name: str, text: str, tag: str) -> str:
     return f"<<<{name} {tag}>>>\n{text}\n<<<END {name} {tag}>>>"
 
 
+# A fenced block's opening line, as a model may copy it from its prompt (`fence_tag`'s tags).
+_FENCE_OPEN = re.compile(r"^[ \t]*<<<(?!END )(.+?) (#[0-9a-f]{10})>>>[ \t]*$", re.MULTILINE)
+
+
+def _copied_blocks(text: str) -> list[tuple[int, int]]:
+    """The spans of a generation that copy fenced blocks of its prompt: from an opening line
+    to its closing line (the same name and tag, which the fenced text cannot hold), or to
+    the end of the generation when the copy is never closed."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    while (opened := _FENCE_OPEN.search(text, pos)) is not None:
+        end = rf"^[ \t]*<<<END {re.escape(opened[1])} {opened[2]}>>>[ \t]*$"
+        closed = re.compile(end, re.MULTILINE).search(text, opened.end())
+        pos = closed.end() if closed else len(text)
+        spans.append((opened.start(), pos))
+    return spans
+
+
 def prompt_builder(model_dir: str | Path) -> PromptBuilder:
     """A PromptBuilder from a model directory's tokenizer and config alone (no weights): what
     `labeler render` shows, without loading the model."""
@@ -363,15 +381,30 @@ class PromptBuilder:
 
     def cut_rationale(self, rendered: Rendered, generated: str) -> str:
         """The rationale part of a generation: up to the model's verdict, where it writes the
-        answer prefix itself (we read the label ourselves), stripped. The verdict is the first
-        line that starts with the prefix (what the model may run on to after it, an invented
-        example with a verdict of its own, is left out), else the prefix's last mention: one
-        in passing or in a quote of the judged text ("the reply says 'Score: 10'") stays in
-        the rationale."""
+        answer prefix itself (we read the label ourselves), stripped.
+
+        The verdict is the first line that starts with the prefix outside what the model
+        copied of the fenced texts (`_copied_blocks`: a judged response's own "Score: 10"
+        line is the policy's, not the model's verdict); what the model may run on to after
+        it, an invented example with a verdict of its own, is left out. Without such a line,
+        the prefix's last mention outside the copies, when only a label follows it ("It is
+        right. Score: 9"). Otherwise the whole generation is the rationale: a mention in
+        passing or a quote ("the reply says 'Score: 10', but ...") stays in it."""
         marker = rendered.answer_prefix.strip()
-        line = re.search(r"^[ \t]*" + re.escape(marker), generated, re.MULTILINE)
-        idx = line.start() if line else generated.rfind(marker)
-        return (generated if idx < 0 else generated[:idx]).strip()
+        copied = _copied_blocks(generated)
+
+        def outside(m: re.Match[str]) -> bool:
+            return not any(a <= m.start() < b for a, b in copied)
+
+        verdict = next(
+            (m for m in re.finditer(r"^[ \t]*" + re.escape(marker), generated, re.MULTILINE) if outside(m)), None
+        )
+        if verdict is None:
+            last = [m for m in re.finditer(re.escape(marker), generated) if outside(m)][-1:]
+            labels = {label.lower() for label in rendered.labels}
+            if last and generated[last[0].end() :].strip().rstrip(".!*").lower() in labels:
+                verdict = last[0]
+        return (generated if verdict is None else generated[: verdict.start()]).strip()
 
     # -- layout ----------------------------------------------------------------------
     def _system(self, task: Task) -> list[dict[str, str]]:

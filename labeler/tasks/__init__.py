@@ -132,6 +132,10 @@ class Task:
         for key in ("pairwise_answer_prefix", "score_answer_prefix", "judgment_answer_prefix"):
             if not values[key].strip():
                 raise TaskFileError(f"{where}: {key!r} is empty")
+        for key in ("pairwise_answer_prefix", "score_answer_prefix"):
+            # The number is read as the tokens right after the prefix; a model writes a space first.
+            if not values[key][-1].isspace():
+                raise TaskFileError(f"{where}: {key!r} must end with a space, as in {values[key] + ' '!r}")
         try:
             examples = tuple(PairExample(**ex) for ex in data.get("examples", ()))
             score_examples = tuple(ScoreExample(**ex) for ex in data.get("score_examples", ()))
