@@ -136,8 +136,10 @@ class _Template:
 
 
 _TEMPLATES = (
-    # ChatML; Phi-4 ends the role with "<|im_sep|>" instead of a newline.
-    _Template(("<|im_start|>",), re.compile(r"<\|im_start\|>([^\n<]*)(?:<\|im_sep\|>|\n)?"), ("<|im_end|>",)),
+    # ChatML; Phi-4 ends the role with "<|im_sep|>" instead of a newline. A header is a role
+    # name and its line's end: the marker's text inside a turn ("use <|im_start|> tokens") is
+    # no header.
+    _Template(("<|im_start|>",), re.compile(r"<\|im_start\|>([A-Za-z][\w.-]*)(?:<\|im_sep\|>|\n|\Z)"), ("<|im_end|>",)),
     _Template(
         ("<|start_header_id|>",),
         re.compile(r"<\|start_header_id\|>([^<\n]*)<\|end_header_id\|>\n*"),
@@ -146,7 +148,7 @@ _TEMPLATES = (
         # with tools: the template's words, not the dialogue's.
         re.compile(r"\A\s*(?:Environment: ipython\n)?Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*(?:\n|\Z)"),
     ),
-    _Template(("<start_of_turn>",), re.compile(r"<start_of_turn>([^\n<]*)\n?"), ("<end_of_turn>",)),
+    _Template(("<start_of_turn>",), re.compile(r"<start_of_turn>([A-Za-z][\w.-]*)(?:\n|\Z)"), ("<end_of_turn>",)),
     _Template(
         ("<|system|>", "<|user|>", "<|assistant|>"),
         re.compile(r"<\|(system|user|assistant|tool)\|>\n?"),
@@ -201,7 +203,7 @@ _MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|(?i:human|user|system|assistant
 # many unclosed ones is scanned in linear time.
 _INST = re.compile(r"\[INST\]((?:(?!\[INST\]).)*?)\[/INST\]", re.DOTALL)
 _LLAMA2_SYS = re.compile(r"\A\s*<<SYS>>\n?(.*?)\n?<</SYS>>\s*", re.DOTALL)
-_MISTRAL_SYS = re.compile(r"\[SYSTEM_PROMPT\](.*?)\[/SYSTEM_PROMPT\]", re.DOTALL)
+_MISTRAL_SYS = re.compile(r"\[SYSTEM_PROMPT\]((?:(?!\[SYSTEM_PROMPT\]).)*?)\[/SYSTEM_PROMPT\]", re.DOTALL)
 
 
 def _markers(end_markers: Iterable[str]) -> tuple[str, ...]:
@@ -211,11 +213,15 @@ def _markers(end_markers: Iterable[str]) -> tuple[str, ...]:
 
 
 def _strip_bos(text: str) -> str:
-    stripped = text.lstrip()
-    while stripped.startswith(_BOS):
-        bos = next(b for b in _BOS if stripped.startswith(b))
-        text = stripped = stripped[len(bos) :].lstrip()
-    return text
+    # An index moves past the tokens: slicing after each would copy the text once per token.
+    at = len(text) - len(text.lstrip())
+    if not text.startswith(_BOS, at):
+        return text
+    while text.startswith(_BOS, at):
+        at += len(next(b for b in _BOS if text.startswith(b, at)))
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return text[at:]
 
 
 def clean_content(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
@@ -230,10 +236,14 @@ def _clean(text: str, markers: tuple[str, ...]) -> str:
     text = text.strip()
     if text.startswith(_BOS):
         text = _strip_bos(text).strip()
-    while markers and text.endswith(markers):
-        marker = next(m for m in markers if text.endswith(m))
-        text = text[: -len(marker)].rstrip()
-    return text
+    if not (markers and text.endswith(markers)):
+        return text
+    end = len(text)  # moved back past the markers: slicing after each would copy the text each time
+    while text.endswith(markers, 0, end):
+        end -= len(next(m for m in markers if text.endswith(m, 0, end)))
+        while end and text[end - 1].isspace():
+            end -= 1
+    return text[:end]
 
 
 def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
@@ -537,14 +547,16 @@ def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[s
 
 def _with_tool_calls(content: str, message: Mapping[str, Any]) -> str:
     """`content` followed by `message`'s tool calls, a `[call functions.NAME] ARGUMENTS`
-    block each (the form harmony's transcripts give a call: `_harmony`); arguments given as
-    an object are written as JSON; a call that names no function is not shown."""
+    block each (the form harmony's transcripts give a call: `_harmony`); a call as OpenAI's
+    API writes it (`{"function": {"name", "arguments"}}`) or flat (`{"name", "arguments"}`,
+    as chat templates such as Qwen's and Hermes' also take it); arguments given as an object
+    are written as JSON; a call that names no function is not shown."""
     calls = message.get("tool_calls")
     if not calls or not isinstance(calls, Sequence) or isinstance(calls, str):  # none, or none to read
         return content
     blocks = [content] if content else []
     for call in calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
+        function = (call.get("function") or call) if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping) or not function.get("name"):
             continue
         arguments = function.get("arguments")
@@ -619,9 +631,10 @@ def _with_template_ends(prompt: str, markers: tuple[str, ...]) -> tuple[str, ...
 
 def _lstrip_tokens(text: str, tokens: tuple[str, ...]) -> str:
     """`text` without any run of `tokens` in front."""
-    while tokens and text.startswith(tokens):
-        text = text[len(next(t for t in tokens if text.startswith(t))) :]
-    return text
+    at = 0
+    while tokens and text.startswith(tokens, at):
+        at += len(next(t for t in tokens if text.startswith(t, at)))
+    return text[at:]
 
 
 def _past_prompt(prompt: str, query: str) -> int | None:

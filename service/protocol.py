@@ -91,6 +91,15 @@ class ChatMessageIn(BaseModel):
     content: _content_type(_DEFAULTS.max_chars) = Field("", description=_MESSAGE_CONTENT)  # type: ignore[valid-type]
     tool_calls: list[dict[str, Any]] | None = Field(None, description=_TOOL_CALLS)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _said_something(cls, data: Any) -> Any:
+        """A message without a `content` (null counts) or `tool_calls` is refused: a misspelt
+        key ("contents", "text") would otherwise be judged as an empty turn."""
+        if isinstance(data, dict) and "content" not in data and not data.get("tool_calls"):
+            raise ValueError("a message needs a 'content' (text, content parts or null) or 'tool_calls'")
+        return data
+
     @field_validator("content", mode="before")
     @classmethod
     def _content(cls, value: Any) -> Any:

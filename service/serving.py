@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from labeler import GroupItem, InputTooLong, InvalidInput, Labeler, LabelSpec, PairItem, ReferenceItem, ScoreItem
-from labeler.chat import normalize_item, split_query
+from labeler.chat import normalize_item, parse, split_query
 from labeler.core import Prepared
 from labeler.errors import EngineUnavailable, LabelerError
 from labeler.spec import KINDS
@@ -137,7 +137,7 @@ class LabelService:
                 # An empty response (the policy emitted only its end-of-turn token) is judged too.
                 context, response = split_query(q, p, self.end_markers)
                 try:
-                    self._check_split(k, context, response)
+                    self._check_split(k, context, response, prompted=p is not None)
                 except InputTooLong:
                     if not lowest:
                         raise
@@ -154,7 +154,7 @@ class LabelService:
             else:
                 values, _ = await self._label(spec, items, True, where="query")
         except InputTooLong as e:
-            if lowest or not (e.field or "").startswith("query["):
+            if lowest or not (e.field or "").startswith(("query[", "prompts[")):
                 raise
             hint = f"{e} (with ?overlong=lowest such a query gets the lowest reward instead)"
             raise InputTooLong(hint, field=e.field, limit=e.limit) from None
@@ -308,14 +308,19 @@ class LabelService:
                     results[i] = {}
                     self.metrics.cache_errors.labels("decode").inc()
 
-    def _check_split(self, k: int, context: Any, response: str) -> None:
+    def _check_split(self, k: int, context: Any, response: str, *, prompted: bool) -> None:
         """The per-text character limit on what a /get_reward query split into, as the request
-        models hold the label routes' texts to it: a context of chat messages per message."""
+        models hold the label routes' texts to it: a context of chat messages per message,
+        also one that a chat template laid out as text (the request's prompt when the request
+        gave one, `prompted`: named `prompts[k]`), whose markup is not the dialogue's."""
+        name = f"prompts[{k}]" if prompted and isinstance(context, str) else f"query[{k}].context"
         if isinstance(context, str):
-            self._check_length(f"query[{k}].context", len(context))
+            context = parse(context, self.end_markers) or context
+        if isinstance(context, str):
+            self._check_length(name, len(context))
         else:
             for m, message in enumerate(context):
-                self._check_length(f"query[{k}].context[{m}].content", len(message["content"]))
+                self._check_length(f"{name}[{m}].content", len(message["content"]))
         self._check_length(f"query[{k}].response", len(response))
 
     def _check_count(self, n: int, where: str) -> None:

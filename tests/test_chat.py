@@ -501,6 +501,31 @@ def test_tool_calls_read_the_same_as_messages_or_as_harmony_markup():
         'Assistant: Let me add.\n\n[call functions.add] {"a": 2, "b": 2}\n\n[call functions.get_weather] {"city":"SF"}'
     )
     assert chat.render([{"role": "assistant", "content": "", "tool_calls": None}]) == ""
+    # A call given flat, as Qwen's and Hermes' chat templates also take it, reads the same.
+    flat = {"name": "add", "arguments": {"a": 2, "b": 2}}
+    assert chat.render([{**turn, "tool_calls": [flat, weather]}]) == chat.render([turn])
+
+
+def test_a_chat_marker_inside_a_turn_is_no_header():
+    """A response that writes a template's header marker as text ("use <|im_start|> tokens")
+    keeps it: a header is the marker, a role name and the line's end."""
+    for query, marker in (
+        ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nUse <|im_start|> tokens<|im_end|>", "<|im_start|>"),
+        ("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nUse <start_of_turn> here", "<start_of_turn>"),
+    ):
+        context, response = chat.split_query(query)
+        assert context == [{"role": "user", "content": "Hi"}] and marker in response, (context, response)
+
+
+def test_markup_repeated_throughout_a_long_text_is_read_in_one_pass():
+    """Text of many unclosed system-prompt openers, pad, start or end tokens (what a degenerate
+    policy or a hostile caller sends): each is read as one run of markup (a system prompt
+    stops at the next opener), not once per token."""
+    assert chat._MISTRAL_SYS.search("[SYSTEM_PROMPT]a[SYSTEM_PROMPT]b[/SYSTEM_PROMPT]")[1] == "b"
+    assert chat.split_query("[SYSTEM_PROMPT]" * 20_000) == ("", "[SYSTEM_PROMPT]" * 20_000)
+    assert chat.split_query("<pad>" * 100_000 + "Hi") == ("", "Hi")
+    assert chat.clean_content("Hi" + "</s>" * 100_000) == "Hi"
+    assert chat.clean_content("<s>" * 100_000 + "Hi") == "Hi"
 
 
 def test_a_response_given_as_messages_reads_as_one_text():

@@ -213,3 +213,20 @@ def test_end_markers_are_a_setting(make_server, labeler):
     want = labeler.scores([ScoreItem("Q?", "Yes."), ScoreItem("Q?", "Yes.<|im_end|>")], "tiny")
     for got, ref in zip(body["results"], want, strict=True):
         assert got["reward"] == pytest.approx(ref.reward, abs=TOL)
+
+
+def test_a_prompt_a_template_laid_out_is_held_to_the_limit_per_message(make_server, labeler):
+    """OpenRLHF sends its prompts: one a chat template laid out is held to `max_chars` per
+    message, as the same context given as messages is, not with its markup as one text; a
+    message over the limit is named in the prompt."""
+    srv = make_server(max_chars=60)
+    system, question = "S" * 40, "Q" * 40
+    prompt = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    query = prompt + "Paris.<|im_end|>"
+    got = post(srv, "/get_reward?task=tiny", {"query": [query], "prompts": [prompt]})
+    dialogue = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    want = labeler.scores([ScoreItem(render(dialogue), "Paris.")], "tiny")[0]
+    assert got["rewards"][0] == pytest.approx(want.reward, abs=TOL)
+    long = prompt.replace(question, "Q" * 61)
+    r = httpx.post(srv.url + "/get_reward?task=tiny", json={"query": [long + "Paris."], "prompts": [long]}, timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompts[0][1].content", r.text

@@ -386,6 +386,9 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ("/v1/scores", {"task": "tiny", "items": [{"response": [{"role": "assistant", "content": "y" * 51}]}]}),
         ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", [{**turn, "tool_calls": "call"}]]}]}),
         ("/v1/scores", {"task": "tiny", "items": [{"response": [{**turn, "tool_calls": [call, 5]}]}]}),
+        # a message with neither content nor tool calls (a misspelt key): refused, not read as empty
+        ("/v1/scores", {"task": "tiny", "items": [{"context": [{"role": "user", "contents": "hi"}], "response": "r"}]}),
+        ("/v1/scores", {"task": "tiny", "items": [{"response": [{"role": "assistant", "text": "hi"}]}]}),
         # /get_reward's options are query parameters: in the body they would be ignored
         ("/get_reward?task=tiny", {"query": ["a"], "task": "tiny"}),
         ("/get_reward?task=tiny", {"query": ["a"], "reward": "reference", "labels": ["b"]}),
@@ -397,6 +400,7 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         # The limit holds each text a query splits into, not the query whole.
         ("/get_reward?task=tiny", {"query": ["y" * 51]}),
         ("/get_reward?task=tiny", {"query": ["p" * 30 + "r" * 30], "prompts": ["p" * 30]}),
+        ("/get_reward?task=tiny", {"query": ["p" * 60 + "r"], "prompts": ["p" * 60]}),
         ("/get_reward?task=tiny&overlong=lowest", {"query": ["a", "y" * 51]}),
         ("/get_reward?task=tiny&overlong=maybe", {"query": ["a"]}),
         ("/get_reward?task=nope", {"query": ["y" * 51]}),

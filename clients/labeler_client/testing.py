@@ -383,9 +383,11 @@ class FakeLabeler:
             )
         pairs = [(p, q[len(p) :]) if q.startswith(p) else ("", q) for q, p in zip(body["query"], prompts, strict=True)]
         too_long = set()
-        for k, texts in enumerate(pairs):
-            for name, text in zip(("context", "response"), texts, strict=True):
-                refused = self._too_long(f"query[{k}].{name}", text)
+        for k, (context, response) in enumerate(pairs):
+            # The server names a context split off by the request's prompt after that prompt.
+            where = f"prompts[{k}]" if context else f"query[{k}].context"
+            for name, text in ((where, context), (f"query[{k}].response", response)):
+                refused = self._too_long(name, text)
                 if refused is not None and overlong == "refuse":
                     return refused
                 if refused is not None:
@@ -480,6 +482,10 @@ class FakeLabeler:
                 return self._invalid(f"{at}[{k}]", "must be a {role, content} message")
             if len(m["role"]) > _MAX_ROLE_CHARS:
                 return self._invalid(f"{at}[{k}].role", f"at most {_MAX_ROLE_CHARS} characters", "input_too_long")
+            if "content" not in m and not m.get("tool_calls"):
+                return self._invalid(
+                    f"{at}[{k}]", "a message needs a 'content' (text, content parts or null) or 'tool_calls'"
+                )
             content = m.get("content", "")
             if content is None or (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
                 content = _content(m)
