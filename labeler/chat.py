@@ -139,7 +139,12 @@ _TEMPLATES = (
     # ChatML; Phi-4 ends the role with "<|im_sep|>" instead of a newline. A header is a role
     # name and its line's end: the marker's text inside a turn ("use <|im_start|> tokens") is
     # no header.
-    _Template(("<|im_start|>",), re.compile(r"<\|im_start\|>([A-Za-z][\w.-]*)(?:<\|im_sep\|>|\n|\Z)"), ("<|im_end|>",)),
+    _Template(
+        ("<|im_start|>",),
+        # What follows the role name on its line ("name=..." in OpenAI's ChatML) is not read.
+        re.compile(r"<\|im_start\|>([A-Za-z][\w.-]*)(?:[ \t][^\n<]*)?(?:<\|im_sep\|>|\r?\n|\Z)"),
+        ("<|im_end|>",),
+    ),
     _Template(
         ("<|start_header_id|>",),
         re.compile(r"<\|start_header_id\|>([^<\n]*)<\|end_header_id\|>\n*"),
@@ -148,7 +153,7 @@ _TEMPLATES = (
         # with tools: the template's words, not the dialogue's.
         re.compile(r"\A\s*(?:Environment: ipython\n)?Cutting Knowledge Date: [^\n]*\nToday Date: [^\n]*(?:\n|\Z)"),
     ),
-    _Template(("<start_of_turn>",), re.compile(r"<start_of_turn>([A-Za-z][\w.-]*)(?:\n|\Z)"), ("<end_of_turn>",)),
+    _Template(("<start_of_turn>",), re.compile(r"<start_of_turn>([A-Za-z][\w.-]*)(?:\r?\n|\Z)"), ("<end_of_turn>",)),
     _Template(
         ("<|system|>", "<|user|>", "<|assistant|>"),
         re.compile(r"<\|(system|user|assistant|tool)\|>\n?"),

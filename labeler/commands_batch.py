@@ -40,7 +40,7 @@ from .datasets_io import normalize_pair, normalize_single, split_for
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the batch commands to the `labeler` parser."""
     p = sub.add_parser("label", help="label a file of pairs (or responses, --scores) into a preference dataset")
-    p.add_argument("input", help="JSONL, Parquet, or a `datasets` directory saved with save_to_disk")
+    p.add_argument("input", help="JSONL, a JSON array, Parquet, or a `datasets` directory saved with save_to_disk")
     p.add_argument("output", help="JSONL to append to (re-running resumes: items already in it are skipped)")
     _common(p)
     p.add_argument("--order", choices=["both", "ab", "ba"], default="both")
@@ -61,7 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("winrate", help="AI-judged win rate of policy A over policy B on the same prompts")
-    p.add_argument("a", help="policy A outputs: prompt/completion or context/response (optional id)")
+    p.add_argument(
+        "a",
+        help="policy A outputs: prompt/completion, context/response or AlpacaEval's instruction/output (optional id)",
+    )
     p.add_argument("b", help="policy B outputs on the same prompts")
     p.add_argument("--out", type=Path, help="JSONL of per-prompt judgments (resumable)")
     _common(p)
@@ -333,10 +336,14 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
             level=args.level,
             seed=args.seed,
         )
+        # The lengths of the texts judged (without repeated prompt turns), from policy A's side:
+        # read in one order, the response shown first may be B's.
+        lengths = [(len(j.item.response_a), len(j.item.response_b)) for j in done]
+        lengths = [(b, a) if r["shown_first"] == "b" else (a, b) for (a, b), r in zip(lengths, rows, strict=True)]
         lc = length_controlled_win_rate(
             [r["outcome"] for r in rows],
-            [len(j.item.response_a) for j in done],  # the texts judged, without repeated prompt turns
-            [len(j.item.response_b) for j in done],
+            [a for a, _ in lengths],
+            [b for _, b in lengths],
             prompts=prompts,
             level=args.level,
             seed=args.seed,

@@ -137,7 +137,11 @@ def read_records(
 
 
 def _is_json_array(p: Path) -> bool:
-    """Whether the file's first character that is not blank is "[" (no JSONL record starts so)."""
+    """Whether the file's first character that is not blank is "[" (no JSONL record starts so).
+    Only a regular file is looked into: a pipe (`<(zcat in.jsonl.gz)`) cannot be read twice,
+    and is read as JSONL."""
+    if not p.is_file():
+        return False
     with p.open("rb") as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
         while not head:

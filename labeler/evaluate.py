@@ -326,12 +326,12 @@ def evaluate_rows(
     rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed: int = 0, bins: int = 10
 ) -> dict[str, Any]:
     """Every metric, per order ("ab", "ba", "both"), from eval rows (see `eval_jobs`): one
-    row per human label, `n` of them on `pairs` distinct pairs over `prompts` prompts (a row
+    row per human label, `n` of them on `pairs` distinct pairs over `prompts` prompts (a pair
     without a context counts as a prompt of its own)."""
     y = [1 if r["human"] == "a" else 0 for r in rows]
     la = [len(r["response_a"]) for r in rows]
     lb = [len(r["response_b"]) for r in rows]
-    prompts = prompt_clusters([r["context"] for r in rows])
+    prompts = [r["context"] or _pair_id(r) for r in rows]  # no context: the labels of a pair go together
     # A pair's rows share one reading of the labeler: the per-pair figures count it once.
     pairs = {_pair_id(r): r for r in rows}
     out: dict[str, Any] = {

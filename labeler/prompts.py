@@ -127,7 +127,8 @@ def prompt_builder(model_dir: str | Path) -> PromptBuilder:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the config of {model_dir}: {exc}") from exc
-    return PromptBuilder(tokenizer, max_prompt_tokens=config.get("max_position_embeddings"))
+    text = config.get("text_config") or config  # a multimodal config keeps the language model's there
+    return PromptBuilder(tokenizer, max_prompt_tokens=text.get("max_position_embeddings"))
 
 
 def judgment_question(task: Task) -> str:
@@ -396,15 +397,18 @@ class PromptBuilder:
         def outside(m: re.Match[str]) -> bool:
             return not any(a <= m.start() < b for a, b in copied)
 
-        verdict = next(
-            (m for m in re.finditer(r"^[ \t]*" + re.escape(marker), generated, re.MULTILINE) if outside(m)), None
-        )
+        # Markdown may dress the verdict: "**Score:** 9", "### Score: 9/10".
+        lines = re.finditer(r"^[ \t]*[*_#>]*[ \t]*" + re.escape(marker), generated, re.MULTILINE)
+        verdict = next((m for m in lines if outside(m)), None)
         if verdict is None:
             last = [m for m in re.finditer(re.escape(marker), generated) if outside(m)][-1:]
             labels = {label.lower() for label in rendered.labels}
-            if last and generated[last[0].end() :].strip().rstrip(".!*").lower() in labels:
+            rest = re.sub(r"[*_\s]", "", generated[last[0].end() :]) if last else ""
+            if re.sub(r"(/10)?[.!]*$", "", rest).lower() in labels:
                 verdict = last[0]
-        return (generated if verdict is None else generated[: verdict.start()]).strip()
+        if verdict is None:
+            return generated.strip()
+        return generated[: verdict.start()].rstrip(" \t\r\n*_").strip()  # "... **Score: 9**" too
 
     # -- layout ----------------------------------------------------------------------
     def _system(self, task: Task) -> list[dict[str, str]]:

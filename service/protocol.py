@@ -17,6 +17,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ModelWrapValidatorHandler,
+    StrictBool,
+    StrictInt,
     ValidationError,
     create_model,
     field_validator,
@@ -72,8 +74,9 @@ def _content_type(chars: int) -> Any:
 # Read as loosely as they were ignored before: a call the labeler cannot show is left out,
 # not refused (their texts count against the item's token limit like any other).
 _TOOL_CALLS = (
-    'an assistant turn\'s tool calls (OpenAI\'s and TRL\'s {"function": {"name", "arguments"}}, the arguments '
-    "JSON text or an object), shown to the labeler after its content as `[call functions.NAME] ARGUMENTS`; "
+    'an assistant turn\'s tool calls (OpenAI\'s and TRL\'s {"function": {"name", "arguments"}}, or flat '
+    '{"name", "arguments"}; the arguments JSON text or an object), shown to the labeler after its content as '
+    "`[call functions.NAME] ARGUMENTS`; "
     "a call without a function name is left out"
 )
 
@@ -82,7 +85,16 @@ class ChatMessageIn(BaseModel):
     """One chat turn of a context or a response (TRL's conversational format, OpenAI-style
     messages, tool calls included)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # What `_said_something` holds it to, in the schema: a content (null counts), or tool calls.
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"]},
+                {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+            ]
+        },
+    )
     role: str = Field(
         ...,
         max_length=MAX_ROLE_CHARS,
@@ -153,10 +165,14 @@ class _Options(_Body):
     lone surrogates included."""
 
     task: str = Field(..., description="task name (GET /v1/tasks)")
-    cot: bool = Field(False, description="generate a rationale before reading the label")
-    samples: int = Field(1, ge=1, le=_DEFAULTS.max_samples, description="rationales to sample and average (needs cot)")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description=f"seed of the sampled rationales (0 to {MAX_SEED})")
-    cache: bool = Field(True, description="false: neither read nor write the cache")
+    # Strict, as the schema says them: a JSON boolean, a JSON integer ("true", 1 for true and
+    # false for 0 would be read as the schema does not say).
+    cot: StrictBool = Field(False, description="generate a rationale before reading the label")
+    samples: StrictInt = Field(
+        1, ge=1, le=_DEFAULTS.max_samples, description="rationales to sample and average (needs cot)"
+    )
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description=f"seed of the sampled rationales (0 to {MAX_SEED})")
+    cache: StrictBool = Field(True, description="false: neither read nor write the cache")
 
     @model_validator(mode="wrap")
     @classmethod
@@ -265,7 +281,7 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     )
     options: dict[str, Any] = {
         "task": (str, Field(..., description="task name (GET /v1/tasks)", json_schema_extra={"enum": sorted(tasks)})),
-        "samples": (int, Field(1, ge=1, le=settings.max_samples, description="rationales to sample (needs cot)")),
+        "samples": (StrictInt, Field(1, ge=1, le=settings.max_samples, description="rationales to sample (needs cot)")),
     }
     return RequestModels(
         create_model(

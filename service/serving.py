@@ -136,8 +136,14 @@ class LabelService:
             for k, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
                 # An empty response (the policy emitted only its end-of-turn token) is judged too.
                 context, response = split_query(q, p, self.end_markers)
+                where = f"query[{k}].context"
+                if p is not None and isinstance(context, str) and context:  # the request's prompt
+                    where = f"prompts[{k}]"
+                    # Its messages when a chat template laid it out: held to the limit per message,
+                    # and read as the same context given as messages is.
+                    context = parse(context, self.end_markers) or context
                 try:
-                    self._check_split(k, context, response, prompted=p is not None)
+                    self._check_split(where, k, context, response)
                 except InputTooLong:
                     if not lowest:
                         raise
@@ -308,19 +314,15 @@ class LabelService:
                     results[i] = {}
                     self.metrics.cache_errors.labels("decode").inc()
 
-    def _check_split(self, k: int, context: Any, response: str, *, prompted: bool) -> None:
-        """The per-text character limit on what a /get_reward query split into, as the request
-        models hold the label routes' texts to it: a context of chat messages per message,
-        also one that a chat template laid out as text (the request's prompt when the request
-        gave one, `prompted`: named `prompts[k]`), whose markup is not the dialogue's."""
-        name = f"prompts[{k}]" if prompted and isinstance(context, str) else f"query[{k}].context"
+    def _check_split(self, where: str, k: int, context: Any, response: str) -> None:
+        """The per-text character limit on what /get_reward's query `k` split into, as the
+        request models hold the label routes' texts to it: a context (named `where`) of chat
+        messages per message."""
         if isinstance(context, str):
-            context = parse(context, self.end_markers) or context
-        if isinstance(context, str):
-            self._check_length(name, len(context))
+            self._check_length(where, len(context))
         else:
             for m, message in enumerate(context):
-                self._check_length(f"{name}[{m}].content", len(message["content"]))
+                self._check_length(f"{where}[{m}].content", len(message["content"]))
         self._check_length(f"query[{k}].response", len(response))
 
     def _check_count(self, n: int, where: str) -> None:

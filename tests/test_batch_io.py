@@ -510,3 +510,21 @@ def test_a_json_array_of_alpacaeval_outputs_is_read(tmp_path):
     csv.write_text("prompt,chosen,rejected\nq,a,b\n")
     with pytest.raises(InvalidInput, match=r"pairs.csv: CSV is not read; give JSONL"):
         collect(csv, io.normalize_pair)
+
+
+def test_a_pipe_is_read_once_as_jsonl(tmp_path):
+    """`<(zcat in.jsonl.gz)`: a pipe cannot be read twice, so it is not looked into for a JSON
+    array; its lines are the records."""
+    import os
+    import threading
+
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    lines = "".join(json.dumps({"prompt": f"Q{i}", "completion": f"A{i}"}) + "\n" for i in range(3))
+    writer = threading.Thread(target=fifo.write_text, args=(lines,), daemon=True)
+    writer.start()
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(collect(fifo, io.normalize_single)), daemon=True)
+    reader.start()
+    reader.join(60)  # a second open of the pipe would wait for a writer that is gone
+    assert [s.response for s in got] == ["A0", "A1", "A2"]

@@ -515,17 +515,23 @@ def test_a_chat_marker_inside_a_turn_is_no_header():
     ):
         context, response = chat.split_query(query)
         assert context == [{"role": "user", "content": "Hi"}] and marker in response, (context, response)
+    # A header's line may end in CRLF, and hold more than the role (OpenAI's ChatML "name=").
+    dialogue = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    for query in (
+        "<|im_start|>system\r\nBe brief.<|im_end|>\r\n<|im_start|>user\r\nHi<|im_end|>\r\n<|im_start|>assistant\r\nYo",
+        "<|im_start|>system name=rules\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo",
+    ):
+        assert chat.split_query(query) == (dialogue, "Yo"), query
 
 
-def test_markup_repeated_throughout_a_long_text_is_read_in_one_pass():
-    """Text of many unclosed system-prompt openers, pad, start or end tokens (what a degenerate
-    policy or a hostile caller sends): each is read as one run of markup (a system prompt
-    stops at the next opener), not once per token."""
+def test_runs_of_markup_are_stripped_whole():
+    """Runs of pad, start and end tokens with whitespace between them go as one run; a system
+    prompt stops at the next opener (text of many unclosed ones is read in one pass)."""
     assert chat._MISTRAL_SYS.search("[SYSTEM_PROMPT]a[SYSTEM_PROMPT]b[/SYSTEM_PROMPT]")[1] == "b"
-    assert chat.split_query("[SYSTEM_PROMPT]" * 20_000) == ("", "[SYSTEM_PROMPT]" * 20_000)
-    assert chat.split_query("<pad>" * 100_000 + "Hi") == ("", "Hi")
-    assert chat.clean_content("Hi" + "</s>" * 100_000) == "Hi"
-    assert chat.clean_content("<s>" * 100_000 + "Hi") == "Hi"
+    assert chat.split_query("<pad><pad></s>Hi") == ("", "Hi")
+    assert chat.clean_content("Hi </s>\n</s> <|im_end|>\n") == "Hi"
+    assert chat.clean_content(" <s> <s>\nHi") == "Hi"
+    assert chat.clean_content("<s>") == "" and chat.clean_content("</s>") == ""
 
 
 def test_a_response_given_as_messages_reads_as_one_text():

@@ -1074,6 +1074,8 @@ def test_verl_client_options_and_overlong_responses(monkeypatch):
     assert verl.compute_score("x", "far too long an answer", overlong="lowest", **opts) == -1.0
     assert verl.compute_reference_score("x", "far too long", "ref", overlong="lowest", **opts) == -1.0
     assert verl.compute_score("x", "short", overlong="lowest", **opts) == fake_reward("q", "short")
+    with pytest.raises(lc.InvalidRequest, match="reference"):  # the data's reference, not the response: raised
+        verl.compute_reference_score("x", "short", "a reference too long", overlong="lowest", **opts)
     with pytest.raises(lc.InvalidRequest, match="unknown task"):  # not a length: raised
         verl.compute_score("x", "far too long an answer", overlong="lowest", **(opts | {"task": "nope"}))
     with pytest.raises(ValueError, match="overlong"):

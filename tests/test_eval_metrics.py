@@ -196,6 +196,9 @@ def test_position_consistency_counts_each_pair_once():
     assert m["position_consistency"] == pytest.approx(0.5)
     assert (m["consistent_pairs"], m["consistent_labels"]) == (1, 3)
     assert m["alignment_when_consistent"] == pytest.approx(2 / 3)
+    # Without a context, a pair's labels still go together in the CIs: one prompt here.
+    bare = [r | {"context": ""} for r in rows[:3]]
+    assert ev.evaluate_rows(bare)["prompts"] == 1
 
 
 # -- length-controlled win rate -----------------------------------------------------------------

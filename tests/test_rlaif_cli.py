@@ -358,6 +358,9 @@ def test_winrate_in_one_order_shows_either_policy_first(tmp_path, labeler, in_pr
     assert [r["shown_first"] for r in written] == ["b" if f else "a" for f in flipped]
     assert [r["p_a"] for r in written] == pytest.approx(p_a, abs=1e-5)
     assert got["win_rate"] == pytest.approx(sum(ev.outcome(p) for p in p_a) / n, abs=1e-9)
+    # The length-controlled rate reads lengths from policy A's side too, whichever was shown first.
+    diffs = [len(f"{k}") - len(f"No, {k + 1}.") for k in range(n)]
+    assert got["length_controlled"]["mean_length_diff"] == pytest.approx(sum(diffs) / n)
     assert in_process(*argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["summary"]["labeled"] == 0 and again["win_rate"] == got["win_rate"]

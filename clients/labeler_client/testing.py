@@ -133,36 +133,6 @@ def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
 _MAX_ITEMS, _MAX_SAMPLES, _MAX_GROUP_SIZE, _MAX_SEED = 256, 8, 32, 2**59 - 1
 _MAX_ROLE_CHARS = 64  # a chat message's role, whatever max_chars is
 _ORDERED = ("/v1/preferences", "/v1/rewards/reference")
-_TRUE, _FALSE = {"true", "t", "yes", "y", "on", "1"}, {"false", "f", "no", "n", "off", "0"}
-
-
-def _lax_bool(value: Any) -> bool | None:
-    """`value` as the server's request models read a boolean (pydantic's lax mode), or None."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-        return value.lower() in _TRUE
-    return None
-
-
-def _lax_int(value: Any) -> int | None:
-    """`value` as the server's request models read an integer (pydantic's lax mode), or None."""
-    if isinstance(value, (bool, int)):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            try:
-                number = float(value.strip())
-            except ValueError:
-                return None
-            return int(number) if number.is_integer() else None
-    return None
 
 
 # Each label route: the text fields of its items, and the fake result of one item.
@@ -353,7 +323,8 @@ class FakeLabeler:
         """OpenRLHF's /get_reward: with `prompts`, each query's prompt is split off (else the
         query is scored whole); with `reward=reference`, each against its `labels` entry. A
         context or response over `max_chars` is refused, or with `overlong=lowest` gets the
-        lowest reward (`extra_logs.overlong` marks it)."""
+        lowest reward (`extra_logs.overlong` marks it). A prompt is held to the limit whole (the
+        server holds one a chat template laid out to it per message: the fake reads no templates)."""
         if not isinstance(body, dict):
             return self._invalid("body", "must be a JSON object")
         query = body.get("query")
@@ -423,11 +394,13 @@ class FakeLabeler:
         refused = self._check_list("items", body.get("items"), "items")
         if refused is not None:
             return refused
-        cot, cache = _lax_bool(body.get("cot", False)), _lax_bool(body.get("cache", True))
+        # Read strictly, as the server's request models read them: a JSON boolean, a JSON integer.
+        cot, cache = body.get("cot", False), body.get("cache", True)
         for name, value in (("cot", cot), ("cache", cache)):
-            if value is None:
+            if not isinstance(value, bool):
                 return self._invalid(name, "must be true or false")
-        samples, seed = _lax_int(body.get("samples", 1)), _lax_int(body.get("seed", 0))
+        samples, seed = body.get("samples", 1), body.get("seed", 0)
+        samples, seed = (v if isinstance(v, int) and not isinstance(v, bool) else None for v in (samples, seed))
         # Over a limit is `input_too_long`, as the server says it; any other bad value is not.
         for name, value, low, top in (("samples", samples, 1, self.max_samples), ("seed", seed, 0, _MAX_SEED)):
             if value is None or not low <= value <= top:

@@ -87,7 +87,8 @@ def _one(call: Callable[[], list[float | None]], overlong: str) -> float:
     try:
         reward = call()[0]
     except InvalidRequest as e:
-        if overlong == "lowest" and e.type == "input_too_long" and (e.param or "").startswith("items["):
+        # The response, or the item as a whole (its tokens); an over-long reference is the data's.
+        if overlong == "lowest" and e.type == "input_too_long" and e.param in ("items[0]", "items[0].response"):
             return LOWEST
         raise
     assert reward is not None  # on_error="raise": a failure has raised

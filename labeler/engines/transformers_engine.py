@@ -292,8 +292,7 @@ class TransformersEngine:
         self._torch = torch
         self.device = next(model.parameters()).device
         self.model_id = model_id
-        # A multimodal config keeps the language model's context length in its text config.
-        self.max_model_len = int(getattr(model.config.get_text_config(), "max_position_embeddings", 2048))
+        self.max_model_len = int(getattr(_text_config(model.config), "max_position_embeddings", 2048))
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_tokens = max(1, int(min_shared_tokens))
         # Logits only where a label is read, not for every position (a 128k vocabulary makes
@@ -616,11 +615,17 @@ def _as_list(x: Any) -> list[int]:
     return list(x) if isinstance(x, (list, tuple)) else [int(x)]
 
 
+def _text_config(config: Any) -> Any:
+    """The language model's part of a model config: a multimodal one keeps its layers and
+    context length in a text config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _sliding_window(config: Any) -> int | None:
     """The sliding attention window of the model's layers that have one (Gemma 2 and 3,
     Mistral 7B v0.1, Phi-3 mini 4k...), in tokens; None when none has (Qwen 2 names one that
     `use_sliding_window=False` turns off); 0 when one has but names no size."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
     sliding = "sliding_attention" in layer_types if layer_types is not None else bool(window)
@@ -632,8 +637,7 @@ def _sliding_window(config: Any) -> int | None:
 def _full_attention_only(config: Any) -> bool:
     """Whether every layer attends to every earlier token (no layer types other than full
     attention: not Llama 4's chunked layers, nor any sliding window)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layer_types = getattr(text, "layer_types", None)
+    layer_types = getattr(_text_config(config), "layer_types", None)
     return layer_types is None or set(layer_types) <= {"full_attention"}
 
 
