@@ -88,11 +88,12 @@ def cluster_index(clusters: Sequence[Hashable] | None, n: int) -> tuple[Any, int
     return np.array([ids.setdefault(c, len(ids)) for c in clusters], dtype=np.int64), len(ids)
 
 
-def prompt_clusters(contexts: Sequence[str]) -> list[Hashable]:
+def prompt_clusters(contexts: Sequence[str], own: Sequence[Hashable] | None = None) -> list[Hashable]:
     """The bootstrap cluster of each row from its prompt (context): rows of one prompt go
-    together, and a row without a prompt (an empty context) is a cluster of its own, since
-    nothing says which such rows share one."""
-    return [c if c else ("row", i) for i, c in enumerate(contexts)]
+    together, and a row without a prompt (an empty context) goes in `own[i]` (by default a
+    cluster of its own, since nothing says which such rows share one; the labels of one
+    pair, say, can say more)."""
+    return [c if c else (own[i] if own is not None else ("row", i)) for i, c in enumerate(contexts)]
 
 
 def bootstrap_ci(
@@ -331,7 +332,7 @@ def evaluate_rows(
     y = [1 if r["human"] == "a" else 0 for r in rows]
     la = [len(r["response_a"]) for r in rows]
     lb = [len(r["response_b"]) for r in rows]
-    prompts = [r["context"] or _pair_id(r) for r in rows]  # no context: the labels of a pair go together
+    prompts = prompt_clusters([r["context"] for r in rows], [_pair_id(r) for r in rows])
     # A pair's rows share one reading of the labeler: the per-pair figures count it once.
     pairs = {_pair_id(r): r for r in rows}
     out: dict[str, Any] = {
@@ -389,7 +390,7 @@ def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed
         preferred = r["response_a"] if r["human"] == "a" else r["response_b"]
         agree = agreement([r["p_a"]], [1 if r["human"] == "a" else 0])[0]
         groups.setdefault(_pair_id(r), []).append((preferred, agree))
-    hh, ah, prompts, labels = [], [], [], 0
+    hh, ah, repeated, labels = [], [], [], 0
     for pair, votes in groups.items():
         k = len(votes)
         if k < 2:
@@ -397,8 +398,9 @@ def human_agreement(rows: Sequence[dict[str, Any]], *, level: float = 0.95, seed
         c = sum(1 for v, _ in votes if v == votes[0][0])
         hh.append((math.comb(c, 2) + math.comb(k - c, 2)) / math.comb(k, 2))
         ah.append(_mean([agree for _, agree in votes]))
-        prompts.append(pair[0] or pair)  # a pair without a context: its own cluster
+        repeated.append(pair)
         labels += k
+    prompts = prompt_clusters([context for context, _, _ in repeated], repeated)
     return {
         "pairs": len(hh),
         "labels": labels,

@@ -410,10 +410,9 @@ class _Unlabeling:
 
 
 async def test_a_resumed_run_labels_past_the_items_it_skipped_before():
-    """The items a run skipped as unlabeled come first when it is resumed, together in one
-    chunk: labeled one by one and skipped again, not taken for a failing model, so the rest
-    of the input is labeled. Before the model has labeled anything, such a chunk still ends
-    the run."""
+    """The items a run set aside as unlabeled come first when it is resumed, together in one
+    chunk: labeled one by one and set aside again, so the rest of the input is labeled. A
+    run that has labeled nothing yet still ends at such a chunk."""
     params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
     answers = ["?", "?", "a", "b", "c"]
     jobs = [

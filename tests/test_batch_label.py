@@ -79,8 +79,8 @@ def write_jsonl(path, records):
 
 
 def test_a_run_that_labels_nothing_ends_with_status_1(tmp_path, in_process, capsys):  # noqa: F811
-    """Every record skipped (over the model's context): the summary, then status 1, so that a
-    pipeline's next step does not take the empty output for a dataset."""
+    """Every record set aside as invalid (over the context length): the summary, then status
+    1, so that a pipeline's next step does not take the empty output for a dataset."""
     src = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}] * 2)
     out = tmp_path / "out.jsonl"
     assert in_process("label", str(src), str(out), "--task", "tiny", "--scores", "--skip-invalid", "--json") == 1
