@@ -12,6 +12,9 @@ complete rows, plus at worst one torn last line, which the next run cuts off bef
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -19,7 +22,7 @@ import re
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,12 +208,17 @@ class MemorySink:
         for r in rows:
             self.rows[r["key"]] = r
 
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing to hold: the rows are this process's own."""
+        return contextlib.nullcontext()
+
 
 class JsonlSink:
     """An append-only JSONL file of rows with a `key`. Opening it reads the keys already there.
     A file that holds anything but this tool's rows is refused untouched; a last line without
     its newline is completed when it is a whole row, and cut off when it is a row torn by a
-    killed run."""
+    killed run. A run holds the file (`writing`): a second run into it, which would label the
+    same items again and write them twice, is refused."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -218,16 +226,80 @@ class JsonlSink:
         self.repaired = False
         if self.path.is_dir():
             raise InvalidInput(f"{self.path} is a directory; the output is a JSONL file", field="output")
+        self._loaded: tuple[int, int, int] | None = None  # (inode, size, mtime) of the file read
         try:
             if self.path.exists():
+                # Refused before a model loads; `writing` checks again when the run starts.
+                with open(self.path, "rb") as f:
+                    self._hold(f.fileno())
                 self._load()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # no permission, a file where a folder should be, ...
             raise InvalidInput(f"cannot open {self.path}: {exc.strerror or exc}", field="output") from exc
 
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Holds the file for a run, creating it if need be (and removing it again when the run
+        writes nothing into the file it created); rows another run appended since the file was
+        read are read first. Another run holding it is refused (InvalidInput)."""
+        fd, created = self._open_held()
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self._loaded:
+                self.rows.clear()
+                if st.st_size:
+                    self._load()
+            yield
+        finally:
+            try:
+                if created and os.fstat(fd).st_size == 0:
+                    self.path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)  # lets the lock go
+
+    def _open_held(self) -> tuple[int, bool]:
+        """(a descriptor of the file holding its lock, whether this call created the file)."""
+        while True:
+            created = False
+            try:
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                except FileNotFoundError:
+                    fd, created = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o666), True
+            except FileExistsError:
+                continue  # another run created it meanwhile
+            except OSError as exc:
+                raise InvalidInput(f"cannot open {self.path}: {exc.strerror or exc}", field="output") from exc
+            try:
+                self._hold(fd)
+                # A run that ended between our open and our lock may have removed the file it
+                # had created: the lock must be on the file the path names now.
+                if _same_file(os.fstat(fd), self.path):
+                    return fd, created
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def _hold(self, fd: int) -> None:
+        """An exclusive lock on `fd`'s file, refused at once when another run holds it. The lock
+        lasts as long as `fd` stays open."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return  # a file system without locks: runs are not kept apart there
+            raise InvalidInput(
+                f"{self.path} is being written by another run; wait for it to end, or give another output",
+                field="output",
+            ) from None
+
     def _load(self) -> None:
-        data = self.path.read_bytes()
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+        self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
         keep = data.rfind(b"\n") + 1  # the complete lines; a killed write can cut a character too
         try:
             text = data[:keep].decode("utf-8")
@@ -258,6 +330,8 @@ class JsonlSink:
         else:
             raise self._foreign_line(len(lines) + 1)
         self.repaired = True
+        st = self.path.stat()
+        self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _foreign_line(self, n: int) -> InvalidInput:
         return InvalidInput(f"{self.path}: line {n} is not a row of this tool; not appending to it", field="output")
@@ -270,6 +344,14 @@ class JsonlSink:
             os.fsync(f.fileno())
         for r in rows:
             self.rows[r["key"]] = r
+
+
+def _same_file(st: os.stat_result, path: Path) -> bool:
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 def _parsed(line: str | bytes) -> Any:
@@ -529,58 +611,59 @@ async def run_jobs(
     each chunk's rows as it completes. `kind` is "pairs", "scores" or "judgments". An invalid item raises
     MalformedRecord naming its line (earlier chunks stay written), an item the model gives no
     label for a ModelOutputError naming its line; with `skip_invalid` either is reported and
-    left out."""
+    left out. The sink is held for the run: another run into the same file is refused."""
     from tqdm.auto import tqdm
 
-    summary = summary or Summary()
-    summary.items = len(jobs)
-    seen: set[str] = set()
-    todo: list[Job] = []
-    for j in jobs:
-        if j.key in seen:
-            summary.duplicates += 1
-            continue
-        seen.add(j.key)
-        if j.key in sink.rows:
-            summary.skipped += 1
-        else:
-            todo.append(j)
-    summary.other_rows = sum(1 for k in sink.rows if k not in seen)
-    if summary.other_rows and isinstance(sink, JsonlSink):
-        # A row's key holds the model, task and options: these rows were written by a run with
-        # another input, task, model or options, and this run's rows go beside them.
-        log.warning(
-            "%s holds %d rows that are not of these items with these options; they stay, and this run's "
-            "rows are appended beside them",
-            sink.path,
-            summary.other_rows,
+    with sink.writing():  # the keys already written are read under the hold
+        summary = summary or Summary()
+        summary.items = len(jobs)
+        seen: set[str] = set()
+        todo: list[Job] = []
+        for j in jobs:
+            if j.key in seen:
+                summary.duplicates += 1
+                continue
+            seen.add(j.key)
+            if j.key in sink.rows:
+                summary.skipped += 1
+            else:
+                todo.append(j)
+        summary.other_rows = sum(1 for k in sink.rows if k not in seen)
+        if summary.other_rows and isinstance(sink, JsonlSink):
+            # A row's key holds the model, task and options: these rows were written by a run with
+            # another input, task, model or options, and this run's rows go beside them.
+            log.warning(
+                "%s holds %d rows that are not of these items with these options; they stay, and this run's "
+                "rows are appended beside them",
+                sink.path,
+                summary.other_rows,
+            )
+        opts = {"cot": params["cot"], "samples": params["samples"], "seed": params["seed"]}
+        if kind == "pairs":
+            opts["order"] = params["order"]
+        start = time.monotonic()
+        bar = tqdm(
+            total=len(todo),
+            unit="item",
+            desc="labeling",
+            file=sys.stderr,
+            disable=not progress or not todo,
+            dynamic_ncols=True,
         )
-    opts = {"cot": params["cot"], "samples": params["samples"], "seed": params["seed"]}
-    if kind == "pairs":
-        opts["order"] = params["order"]
-    start = time.monotonic()
-    bar = tqdm(
-        total=len(todo),
-        unit="item",
-        desc="labeling",
-        file=sys.stderr,
-        disable=not progress or not todo,
-        dynamic_ncols=True,
-    )
-    try:
-        for i in range(0, len(todo), chunk_size):
-            chunk = todo[i : i + chunk_size]
-            results, chunk = await _label_chunk(backend, kind, chunk, params["task"], opts, skip_invalid, summary)
-            sink.append([j.make_row(r) for j, r in zip(chunk, results, strict=True)])
-            summary.labeled += len(chunk)
-            summary.cached += sum(1 for r in results if r.get("cached"))
-            bar.update(len(todo[i : i + chunk_size]))
-    finally:
-        bar.close()
-        summary.seconds = time.monotonic() - start
-    summary.rows = [sink.rows[k] for k in dict.fromkeys(j.key for j in jobs) if k in sink.rows]
-    summary.count_orders(summary.rows)
-    return summary
+        try:
+            for i in range(0, len(todo), chunk_size):
+                chunk = todo[i : i + chunk_size]
+                results, chunk = await _label_chunk(backend, kind, chunk, params["task"], opts, skip_invalid, summary)
+                sink.append([j.make_row(r) for j, r in zip(chunk, results, strict=True)])
+                summary.labeled += len(chunk)
+                summary.cached += sum(1 for r in results if r.get("cached"))
+                bar.update(len(todo[i : i + chunk_size]))
+        finally:
+            bar.close()
+            summary.seconds = time.monotonic() - start
+        summary.rows = [sink.rows[k] for k in dict.fromkeys(j.key for j in jobs) if k in sink.rows]
+        summary.count_orders(summary.rows)
+        return summary
 
 
 async def _label_chunk(

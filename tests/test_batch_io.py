@@ -362,6 +362,76 @@ def test_an_errors_reason_drops_the_name_it_leads_with():
     assert InvalidInput("3 items, over the limit of 2", field="items").reason == "3 items, over the limit of 2"
 
 
+HOLDER = """
+import sys
+from labeler.batch import JsonlSink
+with JsonlSink(sys.argv[1]).writing():
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+async def test_a_second_run_into_the_same_output_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    """Two runs into one OUT would label the same items and write each row twice: the second
+    (another process here) is refused, when its sink opens (`labeler label` before its model
+    loads: the model named here does not exist) and when its run starts, with the file
+    untouched; once the first ends, a run goes ahead."""
+    import subprocess
+
+    from labeler.cli import main
+
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps({"key": "k0", "reward": 0.5}) + "\n")
+    before = path.read_bytes()
+    params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
+    jobs = [
+        Job(f"k{i}", f"in.jsonl, line {i + 1}", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"})
+        for i, a in enumerate("ab")
+    ]
+    opened = JsonlSink(path)  # before the other run starts
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(InvalidInput, match="is being written by another run") as err:
+            JsonlSink(path)
+        assert err.value.field == "output"
+        src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Q?", "chosen": "y", "rejected": "n"}])
+        argv = ["label", str(src), str(path), "--task", "general", "--model", str(tmp_path / "no-model")]
+        assert main(argv) == 2
+        assert f"{path} is being written by another run" in capsys.readouterr().err
+        backend = _Unlabeling()
+        with pytest.raises(InvalidInput, match="is being written by another run"):
+            await run_jobs(jobs, backend, opened, "scores", params, progress=False)
+        assert backend.requests == [] and path.read_bytes() == before
+    finally:
+        holder.communicate("")
+    summary = await run_jobs(jobs, _Unlabeling(), opened, "scores", params, progress=False)
+    assert (summary.labeled, summary.skipped) == (1, 1)
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k0", "k1"]
+
+
+async def test_a_run_reads_the_rows_written_since_its_output_was_opened(tmp_path):
+    """Rows another run appended after this one opened OUT (and before it started) are done:
+    not labeled again. A run that writes nothing leaves no file it created."""
+    path = tmp_path / "out.jsonl"
+    params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
+    jobs = [
+        Job(f"k{i}", f"in.jsonl, line {i + 1}", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"})
+        for i, a in enumerate("ab")
+    ]
+    late, early = JsonlSink(path), JsonlSink(path)
+    with pytest.raises(ModelOutputError):
+        await run_jobs(jobs[:1], _Refusing(ModelOutputError("no label")), early, "scores", params, progress=False)
+    assert not path.exists()
+    await run_jobs(jobs[:1], _Unlabeling(), early, "scores", params, progress=False)
+    backend = _Unlabeling()
+    summary = await run_jobs(jobs, backend, late, "scores", params, progress=False)
+    assert backend.requests == [["b"]] and (summary.labeled, summary.skipped) == (1, 1)
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k0", "k1"]
+
+
 class _Refusing:
     """A backend that refuses every call with `error` (pure logic of the chunk loop)."""
 
