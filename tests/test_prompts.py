@@ -283,6 +283,53 @@ def test_a_number_prefix_without_its_space_is_refused(tmp_path, key):
         load_task_file(tmp_path / "bad.toml")
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        # " Yes" is read after the prefix: "Answer: " would read "Yes" where the model writes none.
+        ('judgment_answer_prefix = "Answer: "\n', "'judgment_answer_prefix' must end without a space, as in 'Answer:'"),
+        ('context_name = ""\n', "'context_name' must be one line of text"),
+        ('response_name = "REPLY\\nTWO"\n', "'response_name' must be one line of text"),
+        ("examples = { context = 'c' }\n", "'examples' must be a list of tables ([[examples]] blocks)"),
+        (
+            'score_answer_prefix = "Rating: "\nscore_cot_question = "Explain, then rate 1-10."\n',
+            "'score_cot_question' must ask for a final line that starts with the score_answer_prefix 'Rating:'",
+        ),
+    ],
+)
+def test_task_files_whose_labels_would_be_misread_are_refused(tmp_path, content, says):
+    (tmp_path / "bad.toml").write_text('preamble = "x"\n' + content)
+    with pytest.raises(TaskFileError, match="bad.toml: " + re.escape(says)):
+        load_task_file(tmp_path / "bad.toml")
+
+
+def test_a_new_answer_prefix_is_the_verdict_line_its_chain_of_thought_asks_for(tmp_path, builder):
+    """The default chain-of-thought questions name the task's own prefixes, so a rationale's
+    verdict ("Rating: 9") is the line the task cuts at, not one it asks for under another name."""
+    (tmp_path / "mine.toml").write_text(
+        'preamble = "x"\nscore_answer_prefix = "Rating: "\npairwise_answer_prefix = "Winner: "\n'
+        'judgment_answer_prefix = "Verdict:"\n'
+    )
+    task = load_task_file(tmp_path / "mine.toml")
+    assert 'a final line of the form "Rating: N" with N from 1 to 10' in task.score_cot_question
+    assert '"Winner: 1" or "Winner: 2"' in task.pairwise_cot_question
+    assert '"Verdict: Yes" or "Verdict: No"' in task.judgment_cot_format
+    c = builder.score(task, "What is 2+2?", "4", cot=True)
+    assert task.score_cot_question in c.prompt
+    assert builder.cut_rationale(c, "Fine.\nRating: 9\n\nExample 2: another. Rating: 2") == "Fine."
+
+
+def test_task_directories_name_what_they_do_not_read(tmp_path, caplog):
+    (tmp_path / "_mine.toml").write_text('preamble = "x"\n')
+    (tmp_path / "ok.toml").write_text('preamble = "x"\n')
+    assert "ok" in TaskRegistry.load([tmp_path]) and "_mine" not in TaskRegistry.load([tmp_path]).names()
+    assert "_mine.toml: not read (a task file's name must not start with '_')" in caplog.text
+    with pytest.raises(TaskFileError, match=r"ok\.toml is a file, not a directory of task files"):
+        TaskRegistry.load([tmp_path / "ok.toml"])
+    with pytest.raises(TaskFileError, match=r"nope does not exist"):
+        TaskRegistry.load([tmp_path / "nope"])
+
+
 def test_a_task_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "bad.toml").write_bytes('preamble = "Caf\u00e9 reviews."\n'.encode("latin-1"))
     with pytest.raises(TaskFileError, match=r"bad\.toml: not UTF-8 text \(byte 0xe9"):

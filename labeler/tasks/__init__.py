@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import tomllib
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TaskFileError, UnknownTask
+
+log = logging.getLogger("labeler.tasks")
 
 BUILTIN_DIR = Path(__file__).resolve().parent
 DEFAULTS_FILE = BUILTIN_DIR / "_defaults.toml"
@@ -136,6 +139,31 @@ class Task:
             # The number is read as the tokens right after the prefix; a model writes a space first.
             if not values[key][-1].isspace():
                 raise TaskFileError(f"{where}: {key!r} must end with a space, as in {values[key] + ' '!r}")
+        # The words are read with their space (" Yes"): a prefix that ends with one reads them
+        # where the model writes none.
+        if values["judgment_answer_prefix"][-1].isspace():
+            raise TaskFileError(
+                f"{where}: 'judgment_answer_prefix' must end without a space, as in "
+                f"{values['judgment_answer_prefix'].rstrip()!r}"
+            )
+        for key in ("context_name", "response_name"):
+            # A fence line is <<<NAME #tag>>>: a name must be one line of text to be one.
+            if not values[key].strip() or "\n" in values[key] or "\r" in values[key]:
+                raise TaskFileError(f"{where}: {key!r} must be one line of text, got {values[key]!r}")
+        for cot_key, prefix_key in _COT_VERDICTS:
+            # A rationale's verdict line is found (and cut) by the task's own answer prefix:
+            # the question must ask for that line. The defaults name it as {answer_prefix}.
+            prefix = values[prefix_key]
+            values[cot_key] = values[cot_key].replace("{answer_prefix}", prefix)
+            if prefix.strip() not in values[cot_key]:
+                raise TaskFileError(
+                    f"{where}: {cot_key!r} must ask for a final line that starts with the {prefix_key} "
+                    f"{prefix.strip()!r} (write {{answer_prefix}} where it goes)"
+                )
+        for kind in ("examples", "score_examples", "judgment_examples"):
+            given = data.get(kind, [])
+            if not isinstance(given, list) or not all(isinstance(ex, dict) for ex in given):
+                raise TaskFileError(f"{where}: {kind!r} must be a list of tables ([[{kind}]] blocks)")
         try:
             examples = tuple(PairExample(**ex) for ex in data.get("examples", ()))
             score_examples = tuple(ScoreExample(**ex) for ex in data.get("score_examples", ()))
@@ -185,6 +213,14 @@ class Task:
             "judgment_examples": len(self.judgment_examples),
             "source": self.source,
         }
+
+
+# (chain-of-thought question, the answer prefix of its verdict line)
+_COT_VERDICTS = (
+    ("pairwise_cot_question", "pairwise_answer_prefix"),
+    ("score_cot_question", "score_answer_prefix"),
+    ("judgment_cot_format", "judgment_answer_prefix"),
+)
 
 
 def split_dirs(value: str) -> list[str]:
@@ -239,7 +275,10 @@ class TaskRegistry:
         for d in user_dirs:
             d = Path(d)
             if not d.is_dir():
-                raise TaskFileError(f"task directory {d} does not exist")
+                what = "is a file, not a directory of task files" if d.exists() else "does not exist"
+                raise TaskFileError(f"task directory {d} {what}")
+            for skipped in sorted(d.glob("_*.toml")):  # names kept for the shipped defaults file
+                log.warning("%s: not read (a task file's name must not start with '_')", skipped)
             here: dict[str, Task] = {}
             for f in _task_files(d):
                 task = load_task_file(f)
