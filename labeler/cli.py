@@ -7,7 +7,8 @@
     labeler render --task T --kind pairwise|score|judgment ... [--order ab|ba] [--cot] [--input items.jsonl]
 
 More commands are registered by other modules (see COMMAND_MODULES): each exposes
-`register(subparsers)` and sets `func` on its parsers. Every command takes `--json`.
+`register(subparsers)` and sets `func` on its parsers. Every command but `serve`
+(service.cli) and `vllm-server` takes `--json`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,27 @@ from collections.abc import Sequence
 from typing import Any
 
 from .chat import normalize_item  # the service's reading of an item, for the one-item commands
-from .errors import LabelerError
+from .errors import InvalidInput, LabelerError
 from .tasks import split_dirs
 
 # Modules that add subcommands; imported when the parser is built. `service.cli` is
 # imported by name so that the core package itself never imports the HTTP stack.
 COMMAND_MODULES = ("labeler.commands_batch", "labeler.commands_vllm", "service.cli")
+
+
+class _Repeatable(argparse.Action):
+    """A repeatable option whose values on the command line replace its default (the
+    environment variable's) instead of adding to it, as every other flag overrides its variable."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        given = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*([] if given is self.default else given), values])
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -42,11 +58,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=os.environ.get("LABELER_DEVICE", "cpu"), help="torch device [LABELER_DEVICE]")
     g.add_argument(
         "--engine-arg",
-        action="append",
+        action=_Repeatable,
         default=[a for a in os.environ.get("LABELER_ENGINE_ARGS", "").split() if a],
         metavar="KEY=VALUE",
-        help="an engine option, repeatable: gpu_memory_utilization=0.5, max_model_len=4096, dtype=float32 ... "
-        "[LABELER_ENGINE_ARGS, space-separated]",
+        help="an engine option, repeatable (replaces LABELER_ENGINE_ARGS): gpu_memory_utilization=0.5, "
+        "max_model_len=4096, dtype=float32 ... [LABELER_ENGINE_ARGS, space-separated]",
     )
     g.add_argument(
         "--vllm-urls",
@@ -60,9 +76,10 @@ def add_tasks_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> No
     """--tasks-dir, defaulting to LABELER_TASKS_DIR (as the server reads it)."""
     p.add_argument(
         "--tasks-dir",
-        action="append",
+        action=_Repeatable,
         default=split_dirs(os.environ.get("LABELER_TASKS_DIR", "")),
-        help="a directory of extra task files (repeatable) [LABELER_TASKS_DIR, ':'-separated]",
+        help="a directory of extra task files (repeatable; replaces LABELER_TASKS_DIR) [LABELER_TASKS_DIR, "
+        "':'-separated]",
     )
 
 
@@ -188,7 +205,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
             fields = {"context": args.context, "response": args.response}
         missing = [f"--{k.replace('_', '-')}" for k, v in fields.items() if v is None]
         if missing:
-            raise SystemExit(f"render --kind {args.kind} needs {' and '.join(missing)} (or --input FILE.jsonl)")
+            raise InvalidInput(f"render --kind {args.kind} needs {' and '.join(missing)} (or --input FILE.jsonl)")
         items = [normalize_item(fields)]
     for it in items:
         if args.kind == "pairwise":
@@ -275,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where a command has no message of its own (reading its input)
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`labeler render --json ... | head`): done, quietly
+        # Python would report the pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # the status a shell gives a command a pipe's end killed (128 + SIGPIPE)
 
 
 if __name__ == "__main__":  # pragma: no cover

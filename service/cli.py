@@ -150,6 +150,25 @@ def auth_warnings(settings: Settings, environ: Mapping[str, str] = os.environ) -
     return out
 
 
+def check_start(settings: Settings) -> None:
+    """Refuse, as one line (a LabelerError) before the server starts, what the app's start-up
+    would refuse with a traceback after minutes of loading: an unknown engine or engine option,
+    vllm-remote without URLs, a model that is no local model (the embedded one is converted
+    here, once), and what vLLM would refuse of its arguments."""
+    from labeler.engines import check_engine, engine_options
+    from labeler.models import resolve_model
+
+    options = engine_options(
+        settings.engine, device=settings.device, engine_args=settings.engine_args, vllm_urls=settings.vllm_urls
+    )
+    check_engine(settings.engine, options)
+    resolve_model(settings.model)
+    if settings.engine == "vllm":
+        from labeler.engines.vllm_cpu import check_start as check_vllm_start
+
+        check_vllm_start(settings.model, options)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -157,12 +176,7 @@ def serve(args: argparse.Namespace) -> int:
     from .settings import misspelled_variables
 
     settings = settings_from_args(args)
-    if settings.engine == "vllm":
-        # What vLLM would refuse inside the app's start-up (a traceback), as one line now.
-        from labeler.engines import parse_engine_args
-        from labeler.engines.vllm_cpu import check_start
-
-        check_start(settings.model, parse_engine_args(settings.engine_args))
+    check_start(settings)
     logging.config.dictConfig(log_config(settings.log_level))
     for warning in [*misspelled_variables(), *auth_warnings(settings)]:
         logging.getLogger("service").warning(warning)

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         256 * 1024 * 1024, ge=0, description="bytes of results the in-process cache holds (their JSON size)"
     )
     redis_cooldown: float = Field(
-        5.0, ge=0, allow_inf_nan=False, description="seconds to bypass Redis after a connection error"
+        5.0, gt=0, allow_inf_nan=False, description="seconds to bypass Redis after a connection error"
     )
     # Auth and limits.
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list, repr=False)
@@ -82,6 +82,16 @@ class Settings(BaseSettings):
     @classmethod
     def _split_space(cls, value: Any) -> Any:
         return value.split() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Refused at start-up, not after the model has loaded (which can take minutes).
+        if value:
+            from redis.connection import parse_url
+
+            parse_url(value)  # ValueError: the scheme, port or database it cannot read
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

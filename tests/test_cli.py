@@ -101,6 +101,26 @@ def test_render_reads_no_weights_and_renders_a_file_of_items(labeler, model_dir,
     assert proc.returncode == 2 and "line 1: not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_render_into_a_pipe_closed_early_ends_quietly(model_dir, tmp_path):
+    """`labeler render --input ... --json | head -1`: the reader leaves after one line; the
+    command ends with the status of a command a closed pipe stopped, without a traceback.
+    Items missing a response are a usage error (status 2), not a plain exit message."""
+    items = tmp_path / "items.jsonl"
+    items.write_text((json.dumps({"prompt": "Hi", "completion": "Hello"}) + "\n") * 2000)
+    args = ["render", "--task", "tiny", "--kind", "score", "--model", str(model_dir), "--json", "--input", str(items)]
+    env = os.environ | {"LABELER_TASKS_DIR": str(TEST_TASKS)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labeler.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    assert json.loads(proc.stdout.readline())["kind"] == "score"
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 141
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+    proc = run("render", "--task", "tiny", "--kind", "score", "--model", str(model_dir), check=False)
+    assert proc.returncode == 2 and "render --kind score needs --response (or --input FILE.jsonl)" in proc.stderr
+
+
 def test_prefer_and_score_match_the_library(labeler):
     out = json.loads(
         run(

@@ -136,3 +136,57 @@ def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
     field = name.removeprefix("LABELER_").lower()
     with pytest.raises(InvalidInput, match=f"invalid settings: {field}: Input should be a finite number"):
         settings_from_args(parser.parse_args(["serve"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--engine", "bogus"], "unknown engine 'bogus'; choose one of transformers, vllm, vllm-remote"),
+        (["--engine-arg", "foo=1"], "the transformers engine takes no option 'foo' (--engine-arg)"),
+        (["--engine", "vllm-remote"], "the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)"),
+        (["--model", "/nonexistent/model"], "model '/nonexistent/model' is neither 'embedded'"),
+        (["--redis-url", "localhost:6379"], "redis_url: Redis URL must specify one of the following schemes"),
+        (["--redis-url", "redis://localhost:port"], "redis_url: Port could not be cast to integer"),
+    ],
+)
+def test_serve_refuses_a_start_that_would_fail_as_one_line(argv, says, capsys):
+    """What the app's start-up would refuse after loading the model, with a traceback and
+    uvicorn's status 3, is refused before the server starts: one line, status 2."""
+    from labeler.cli import main
+
+    assert main(["serve", "--port", str(free_port()), *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_repeatable_flags_replace_their_variables(monkeypatch, tmp_path):
+    """--engine-arg and --tasks-dir override LABELER_ENGINE_ARGS and LABELER_TASKS_DIR, as every
+    other flag overrides its variable: a stale variable is fixed on the command line."""
+    import argparse
+
+    from service.cli import register, settings_from_args
+
+    monkeypatch.setenv("LABELER_ENGINE_ARGS", "gpu_memory_utilization=0.85 max_model_len=4096")
+    monkeypatch.setenv("LABELER_TASKS_DIR", str(tmp_path / "gone"))
+    parser = argparse.ArgumentParser()  # the flags' defaults are the variables when it is built
+    register(parser.add_subparsers())
+    kept = settings_from_args(parser.parse_args(["serve"]))
+    assert kept.engine_args == ["gpu_memory_utilization=0.85", "max_model_len=4096"]
+    assert kept.tasks_dir == [str(tmp_path / "gone")]
+    args = ["serve", "--engine-arg", "dtype=float32", "--engine-arg", "threads=2", "--tasks-dir", str(TEST_TASKS)]
+    given = settings_from_args(parser.parse_args(args))
+    assert given.engine_args == ["dtype=float32", "threads=2"] and given.tasks_dir == [str(TEST_TASKS)]
+
+
+def test_a_redis_cooldown_of_zero_is_refused(monkeypatch):
+    """0 would never bypass an unreachable Redis: every request would wait on it and log it."""
+    import argparse
+
+    from labeler.errors import InvalidInput
+    from service.cli import register, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    monkeypatch.setenv("LABELER_REDIS_COOLDOWN", "0")
+    with pytest.raises(InvalidInput, match="invalid settings: redis_cooldown: Input should be greater than 0"):
+        settings_from_args(parser.parse_args(["serve"]))

@@ -27,24 +27,39 @@ def load_engine(name: str = "transformers", model: str | None = None, **options:
     """
     from ..models import resolve_model
 
+    check_engine(name, options)
     if name == "transformers":
         from .transformers_engine import TransformersEngine
 
-        _check_options(name, TransformersEngine, options)
         return TransformersEngine(resolve_model(model), **options)
     if name == "vllm":
         from .vllm_engine import VLLMEngine
 
         return VLLMEngine(resolve_model(model), **options)
-    if name == "vllm-remote":
+    from .vllm_remote import VLLMRemoteEngine
+
+    urls = options.pop("urls")
+    return VLLMRemoteEngine(urls, resolve_model(model), **options)
+
+
+def check_engine(name: str, options: dict[str, Any]) -> None:
+    """Refuse (InvalidInput) an engine name `load_engine` does not know, an option the engine
+    does not take, or vllm-remote without server URLs: before any model loads. vLLM's own
+    arguments are checked by vLLM (`VLLMEngine`; `vllm_cpu.check_start` on a CPU)."""
+    if name == "transformers":
+        from .transformers_engine import TransformersEngine
+
+        _check_options(name, TransformersEngine, options)
+    elif name == "vllm-remote":
         from .vllm_remote import VLLMRemoteEngine
 
-        urls = options.pop("urls", None)
-        if not urls:
-            raise InvalidInput("the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)")
-        _check_options(name, VLLMRemoteEngine, options)
-        return VLLMRemoteEngine(urls, resolve_model(model), **options)
-    raise InvalidInput(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", field="engine")
+        if not options.get("urls"):
+            raise InvalidInput(
+                "the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)", field="vllm_urls"
+            )
+        _check_options(name, VLLMRemoteEngine, {k: v for k, v in options.items() if k != "urls"})
+    elif name != "vllm":
+        raise InvalidInput(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", field="engine")
 
 
 def _check_options(name: str, engine: type, options: dict[str, Any]) -> None:
@@ -96,6 +111,7 @@ __all__ = [
     "Generation",
     "Logprobs",
     "ScoreRequest",
+    "check_engine",
     "engine_options",
     "load_engine",
     "parse_engine_args",
