@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,11 +129,7 @@ class MicroBatcher:
         """Queue `(key, item)` entries of one group. Returns one future per entry and how
         many joined a computation already in flight. All or nothing: raises QueueFull, or
         EngineUnavailable once the batcher is stopping, before queueing anything."""
-        if self._stopping:
-            raise EngineUnavailable("the server is shutting down")
-        fresh = {k for k, _ in entries if k not in self._inflight}
-        if self.pending + len(fresh) > self.max_pending:
-            raise QueueFull(self.retry_after())
+        self.check_room(k for k, _ in entries)
         loop = asyncio.get_running_loop()
         futures, shared = [], 0
         now = time.monotonic()
@@ -150,6 +146,16 @@ class MicroBatcher:
         self.on_pending(self.pending)
         self._wake.set()
         return futures, shared
+
+    def check_room(self, keys: Iterable[str]) -> None:
+        """Raise what `submit` would raise for entries with these keys now (QueueFull, or
+        EngineUnavailable once stopping): a request checks before its items are rendered and
+        tokenized, so that an overloaded server refuses it without that work."""
+        if self._stopping:
+            raise EngineUnavailable("the server is shutting down")
+        fresh = {k for k in keys if k not in self._inflight}
+        if self.pending + len(fresh) > self.max_pending:
+            raise QueueFull(self.retry_after())
 
     def retry_after(self) -> float:
         """Seconds until the queue has drained at the recent rate (1 s to 60 s; 1 s before any

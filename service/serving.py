@@ -268,6 +268,9 @@ class LabelService:
             self.metrics.cache_misses.inc(len(misses))
         shared = 0
         if misses:
+            # cache=false requests neither read nor write: their flights are kept apart.
+            suffix = "" if use_cache else ":nostore"
+            self.batcher.check_room(keys[i] + suffix for i in misses)
             prepared = await self.labeler.aprepare(
                 spec,
                 [items[i] for i in misses],
@@ -275,8 +278,6 @@ class LabelService:
                 max_item_tokens=self.settings.max_item_tokens if item_tokens else None,
                 name=where,
             )
-            # cache=false requests neither read nor write: their flights are kept apart.
-            suffix = "" if use_cache else ":nostore"
             futures, shared = self.batcher.submit(
                 (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -374,6 +375,34 @@ async def test_full_queue_answers_429_with_retry_after(make_server):
     assert int(refused.headers["Retry-After"]) >= 1
     assert_error(refused, 429)
     assert metric(srv.url, "labeler_rejected_total") == codes.count(429)  # each refusal counted once
+
+
+async def test_a_full_queue_refuses_requests_before_rendering_them(make_server, monkeypatch):
+    """While the queue is full, a request is refused before its items are rendered and
+    tokenized: an overloaded server spends no work on the requests it turns away."""
+    srv = make_server(max_queue_items=2, max_items=2, batch_wait_ms=2000)
+    prepared: list[str] = []
+    aprepare = srv.labeler.aprepare
+
+    async def counting(spec, items, **kw):
+        prepared.extend(it.response for it in items)
+        return await aprepare(spec, items, **kw)
+
+    monkeypatch.setattr(srv.labeler, "aprepare", counting)
+    batcher = srv.app.state.service.batcher
+    async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+        body = {"task": "tiny", "items": [{"response": "full-0"}, {"response": "full-1"}]}
+        first = asyncio.create_task(client.post("/v1/scores", json=body))
+        deadline = time.monotonic() + 30
+        while batcher.pending < 2 and time.monotonic() < deadline:  # queued, the batch still filling
+            await asyncio.sleep(0.01)
+        assert batcher.pending == 2
+        rs = [
+            await client.post("/v1/scores", json={"task": "tiny", "items": [{"response": f"q{i}"}]}) for i in range(4)
+        ]
+        assert (await first).status_code == 200
+    assert [r.status_code for r in rs] == [429] * 4
+    assert prepared == ["full-0", "full-1"]
 
 
 # -- OpenRLHF -----------------------------------------------------------------------------------------
