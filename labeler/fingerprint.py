@@ -4,13 +4,17 @@ A label is only as reusable as its model is the same: a fine-tune swapped into t
 directory, with the same file names and sizes, must not be served the old model's cached
 labels. So the fingerprint is a SHA-256 over the *content* of the files that decide the
 model's answers — weights (`*.safetensors`, `*.bin`, `*.pt`, `*.gguf`), config, tokenizer and
-chat template (`*.json`, `*.jinja`, `*.model`, `*.tiktoken`, `*.txt`) — with their names; a
-trainer's state saved beside them in a checkpoint (optimizer, scheduler, RNG) is none of these.
+chat template (`*.json`, `*.jinja`, `*.model`, `*.tiktoken`, `*.txt`), and the model's own code
+(`*.py`: with `trust_remote_code` its tokenization, modeling and configuration modules decide
+the answers as much as its weights) — with their names. What a trainer writes beside them is
+none of these: its state in a checkpoint (optimizer, scheduler, RNG) and its metrics
+(`all_results.json`, `train_results.json`, `eval_results.json`, ...).
 
 Hashing reads every weight byte (an 8B model in bf16 is 16 GB), so the digest is remembered
 in `<cache dir>/fingerprints.json`, keyed by each file's path, size, mtime, ctime and inode:
 a server restart on unchanged files reads nothing. Any write, copy or rename over a file
-changes its ctime or inode, so the next start hashes it again.
+changes its ctime or inode, so the next start hashes it again. The index is readable by
+whoever the umask lets read the cache's other files (users sharing one cache reuse it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -29,16 +35,32 @@ from .models import cache_dir
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf"})
-CONFIG_SUFFIXES = frozenset({".json", ".jinja", ".model", ".tiktoken", ".txt"})
-# What a trainer saves beside the weights of a checkpoint (HF Trainer's optimizer.pt,
-# scheduler.pt, rng_state.pth, training_args.bin, trainer_state.json): no part of the model.
-TRAINING_STATE = ("training_args", "optimizer", "scheduler", "scaler", "rng_state", "trainer_state")
+# `.py`: the code `trust_remote_code` runs (tokenization_*.py, modeling_*.py, ...) is part of
+# what the tokenizer and model compute, so an edit to it must change the model id.
+CONFIG_SUFFIXES = frozenset({".json", ".jinja", ".model", ".tiktoken", ".txt", ".py"})
+# What a trainer writes beside the weights (HF Trainer's optimizer.pt, scheduler.pt,
+# rng_state.pth, training_args.bin, trainer_state.json, and save_metrics' all_results.json and
+# <split>_results.json): no part of the model, and rewritten by every evaluation, so counting
+# it would recompute every label (or refuse a start) for a model that did not change.
+TRAINING_STATE = (
+    "training_args",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng_state",
+    "trainer_state",
+    "all_results",
+    "train_results",
+    "eval_results",
+    "predict_results",
+    "test_results",
+)
 _lock = threading.Lock()
 
 
 def model_files(model_dir: Path) -> list[Path]:
-    """The files of `model_dir` that decide its answers, in a stable order (a trainer's
-    state saved beside them aside: an optimizer's is twice the weights, read for nothing)."""
+    """The files of `model_dir` that decide its answers, in a stable order (what a trainer
+    writes beside them aside: an optimizer's state is twice the weights, read for nothing)."""
     keep = WEIGHT_SUFFIXES | CONFIG_SUFFIXES
     return sorted(
         p for p in model_dir.iterdir() if p.is_file() and p.suffix in keep and not p.name.startswith(TRAINING_STATE)
@@ -67,10 +89,28 @@ def _write_index(index: dict[str, dict]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".fingerprints-", dir=path.parent)
         with os.fdopen(fd, "w") as fh:
+            # mkstemp makes it 0600: another user sharing the cache could not read it and
+            # would hash every weight again at each start.
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             json.dump(index, fh)
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache only costs a re-hash at the next start
         log.warning("cannot remember model fingerprints in %s: %s", path, exc)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (setting it, even back at once, would give
+    files other threads create meanwhile the wrong mode) where /proc tells it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o077)  # without /proc: a file created meanwhile is at worst too private
+    os.umask(old)
+    return old
 
 
 def content_digest(files: list[Path], root: Path) -> str:
@@ -83,25 +123,42 @@ def content_digest(files: list[Path], root: Path) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def _reading(what: str | os.PathLike[str]) -> Iterator[None]:
+    """`ModelLoadError` naming the file that could not be read (a model directory taken by a
+    user its weights are private to), not a bare traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot read {exc.filename or what} to fingerprint the model: {exc.strerror or exc} "
+            "(every file of the model must be readable by the user the labeler runs as)"
+        ) from exc
+
+
 def fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """The content fingerprint of a model directory (64 hex digits), remembered across
-    restarts while its files are unchanged (see the module docstring)."""
-    root = Path(model_dir).resolve()
-    return _remembered(str(root), model_files(root), root)
+    restarts while its files are unchanged (see the module docstring); `ModelLoadError`
+    naming a file that cannot be read."""
+    with _reading(model_dir):
+        root = Path(model_dir).resolve()
+        return _remembered(str(root), model_files(root), root)
 
 
 def tokenizer_fingerprint(directory: str | os.PathLike[str]) -> str:
-    """The content fingerprint of a directory's tokenizer, config and chat template files
-    alone (its weights left out: a tokenizer taken from another model's directory)."""
-    root = Path(directory).resolve()
-    return _remembered(f"{root}#tokenizer", [p for p in model_files(root) if p.suffix in CONFIG_SUFFIXES], root)
+    """The content fingerprint of a directory's tokenizer, config, chat template and code
+    files alone (its weights left out: a tokenizer taken from another model's directory)."""
+    with _reading(directory):
+        root = Path(directory).resolve()
+        return _remembered(f"{root}#tokenizer", [p for p in model_files(root) if p.suffix in CONFIG_SUFFIXES], root)
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
     """The content fingerprint of one file (its name, size and bytes), remembered the same
     way: what names a GGUF file's conversion (`models.converted_dir`)."""
-    p = Path(path).resolve()
-    return _remembered(str(p), [p], p.parent)
+    with _reading(path):
+        p = Path(path).resolve()
+        return _remembered(str(p), [p], p.parent)
 
 
 # What this process hashed, as the index holds it: a cache directory that cannot be written
@@ -141,8 +198,10 @@ def check_unchanged(model_dir: str | os.PathLike[str], before: str) -> None:
     nothing changed (the fingerprint is remembered by the files' stamps)."""
     try:
         unchanged = model_id(model_dir) == before
-    except OSError:  # a file removed meanwhile (a checkpoint rotated out)
-        unchanged = False
+    except ModelLoadError as exc:
+        if not isinstance(exc.__cause__, FileNotFoundError):  # unreadable: say which file
+            raise
+        unchanged = False  # a file removed meanwhile (a checkpoint rotated out)
     if not unchanged:
         raise ModelLoadError(
             f"the files of {model_dir} changed while its weights loaded; start again once they are written"

@@ -58,7 +58,8 @@ def embedded_gguf() -> Path:
 def resolve_model(spec: str | os.PathLike[str] | None) -> Path:
     """A local HF model directory for `spec`.
 
-    - None, "embedded" or "smollm2": the embedded SmolLM2-135M-Instruct (converted once);
+    - None, "embedded" or "smollm2": the embedded SmolLM2-135M-Instruct (converted once),
+      even where a directory of that name exists (`./smollm2` names the directory);
     - a directory holding `config.json`: used as it is;
     - a `.gguf` file: converted once into the cache directory.
     """
@@ -181,11 +182,20 @@ def _dequantized(gguf: Path) -> tuple[Any, Any]:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the written conversion `tmp` into place as `out`, readable as its files are.
-    mkdtemp makes `tmp` private (0700): renamed as it is, a conversion made by one user (an
-    image built as root, run as another uid; a cache shared by a team) could not be read
-    by any other, whatever the umask gave its files."""
+    """Rename the written conversion `tmp` into place as `out`, every file of it readable as
+    its `config.json` is. mkdtemp makes `tmp` private (0700), and save_pretrained writes the
+    weights 0600 whatever the umask: renamed as they are, a conversion made by one user (an
+    image built as root, run as another uid; a cache shared by a team) would be found by any
+    other through its config.json, then fail on its weights."""
     files = (tmp / "config.json").stat().st_mode & 0o777
+    for path in tmp.rglob("*"):
+        if path.is_symlink():  # chmod would change its target, no file of this conversion
+            continue
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            path.chmod(mode | files | (files & 0o444) >> 2)
+        else:
+            path.chmod(mode | files)
     tmp.chmod(files | (files & 0o444) >> 2)  # searchable by whoever may read its files
     try:
         tmp.rename(out)

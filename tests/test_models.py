@@ -112,6 +112,30 @@ def test_a_published_conversion_is_readable_as_its_files_are(tmp_path):
         assert out.stat().st_mode & 0o777 == directory
 
 
+def test_a_published_conversion_s_weights_are_readable_as_its_config_is(tmp_path):
+    """save_pretrained writes the weights 0600 whatever the umask: published as they are, a
+    user who may read config.json takes the conversion, then cannot read its weights."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from labeler.models import _publish
+
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    for files in (0o644, 0o640):
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=tmp_path))
+        model.save_pretrained(tmp)
+        (tmp / "config.json").chmod(files)
+        out = tmp_path / f"model-{files:o}"
+        _publish(tmp, out)
+        modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+        assert "model.safetensors" in modes and len(modes) > 2
+        assert all(mode & files & 0o444 == files & 0o444 for mode in modes.values()), modes  # at least as readable
+
+
 def test_a_conversion_removes_leftovers_of_conversions_killed_long_ago(tmp_path, monkeypatch):
     """A conversion killed mid-way (SIGKILL skips its cleanup) leaves a directory as large as
     the model: the next conversion removes those untouched for a day, not one in progress."""

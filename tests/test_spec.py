@@ -207,6 +207,77 @@ def test_a_cache_that_cannot_be_written_hashes_the_weights_once_a_process(
     assert any("cannot remember model fingerprints" in r.getMessage() for r in caplog.records)
 
 
+def test_the_model_s_own_code_is_part_of_its_fingerprint(model_copy: Path):
+    """With trust_remote_code the model directory's modules compute the tokens and the
+    logits: an edit to one is another model, and gets another id."""
+    (model_copy / "tokenization_custom.py").write_text("def split(text):\n    return text.split()\n")
+    first, tokenizer = fp.fingerprint(model_copy), fp.tokenizer_fingerprint(model_copy)
+    (model_copy / "tokenization_custom.py").write_text("def split(text):\n    return list(text)\n")
+    assert fp.fingerprint(model_copy) != first
+    assert fp.tokenizer_fingerprint(model_copy) != tokenizer
+    second = fp.fingerprint(model_copy)
+    (model_copy / "modeling_custom.py").write_text("SCALE = 2.0\n")
+    assert fp.fingerprint(model_copy) != second
+
+
+def test_a_trainer_s_metrics_written_beside_the_weights_are_no_part_of_the_model(model_copy: Path):
+    """HF Trainer's save_metrics writes all_results.json and <split>_results.json into the
+    output directory at every evaluation: the model is the same, its id too, and a start
+    during an evaluation is not refused."""
+    before = fp.model_id(model_copy)
+    for name in ("all_results.json", "train_results.json", "eval_results.json", "trainer_state.json"):
+        (model_copy / name).write_text(json.dumps({"eval_loss": 1.25, "epoch": 3.0}))
+    assert fp.model_id(model_copy) == before
+    fp.check_unchanged(model_copy, before)
+    assert [p.name for p in fp.model_files(model_copy)] == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_the_fingerprint_index_is_readable_as_the_umask_lets(model_copy: Path):
+    """Users sharing one cache reuse each other's digests: the index is not left private as a
+    temporary file is made, but given the mode the umask gives any other file."""
+    index = fp.cache_dir() / "fingerprints.json"
+    old = os.umask(0o022)
+    try:
+        fp.fingerprint(model_copy)
+        assert index.stat().st_mode & 0o777 == 0o644
+        os.umask(0o007)
+        (model_copy / "config.json").write_text(json.dumps({"hidden_size": 16}))  # hashed and written anew
+        fp.fingerprint(model_copy)
+        assert index.stat().st_mode & 0o777 == 0o660
+    finally:
+        os.umask(old)
+
+
+UNREADABLE = """
+import sys
+
+from labeler import fingerprint as fp
+from labeler.errors import ModelLoadError
+
+try:
+    fp.fingerprint(sys.argv[1])
+except ModelLoadError as exc:
+    print("ModelLoadError:", exc)
+"""
+
+
+def test_weights_that_cannot_be_read_are_a_load_error_naming_the_file(model_copy: Path, tmp_path: Path):
+    """A directory whose weights are private to another user: a load error naming the file,
+    not a PermissionError traceback. Run in a process of its own, which as root gives up the
+    capabilities that let root read any file."""
+    weights = model_copy / "model.safetensors"
+    weights.chmod(0)
+    argv = [sys.executable, "-c", UNREADABLE, str(model_copy)]
+    if os.geteuid() == 0:  # setpriv: util-linux, on every Debian system
+        argv = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", *argv]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ModelLoadError: cannot read ") and str(weights) in done.stdout
+    assert "Permission denied" in done.stdout
+
+
 def test_files_written_while_the_weights_load_refuse_the_start(model_dir, tmp_path: Path, monkeypatch):
     """The fingerprint is taken before the weights load and checked after: a checkpoint
     written into the directory meanwhile would give the loaded weights the new files' id
