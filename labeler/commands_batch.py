@@ -35,6 +35,7 @@ from .batch import (
     score_jobs,
 )
 from .datasets_io import normalize_pair, normalize_single, split_for
+from .errors import InvalidInput
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="JSONL, a JSON array, Parquet, or a `datasets` directory saved with save_to_disk")
     p.add_argument("output", help="JSONL to append to (re-running resumes: items already in it are skipped)")
     _common(p)
-    p.add_argument("--order", choices=["both", "ab", "ba"], default="both")
+    p.add_argument("--order", choices=["both", "ab", "ba"], help="the pairs' order(s) shown (default: both)")
     p.add_argument(
         "--scores",
         action="store_true",
@@ -176,6 +177,8 @@ def _loop_opts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_label(args: argparse.Namespace) -> int:
+    if args.scores and args.order is not None:
+        raise InvalidInput("--order is for pairs; --scores scores each response alone", field="order")
     summary = Summary()
     norm = normalize_single if args.scores else normalize_pair
     records = collect(args.input, norm, split=args.split, skip_invalid=args.skip_invalid, summary=summary)
@@ -189,7 +192,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
             backend,
             args.task,
             kind="score" if args.scores else "pairwise",
-            order="both" if args.scores else args.order,
+            order=args.order or "both",
             cot=args.cot,
             samples=args.samples,
             seed=args.seed,

@@ -188,8 +188,12 @@ def test_an_unknown_task_or_option_is_refused_before_the_model_loads(tmp_path, c
         assert main(argv) == 2
         assert "unknown task 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
-    # So are labeling options that no label spec takes.
-    for options, message in ((["--samples", "4"], "needs cot=true"), (["--cot", "--seed", "-1"], "seed must be")):
+    # So are labeling options that no label spec takes, and an order for single responses.
+    for options, message in (
+        (["--samples", "4"], "needs cot=true"),
+        (["--cot", "--seed", "-1"], "seed must be"),
+        (["--scores", "--order", "ab"], "--order is for pairs; --scores scores each response alone"),
+    ):
         assert (
             main(["label", str(data), str(tmp_path / "out.jsonl"), "--task", "general", "--model", missing, *options])
             == 2
