@@ -186,7 +186,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from .models import resolve_model
     from .prompts import prompt_builder
 
-    builder = prompt_builder(resolve_model(args.model))  # the tokenizer and config only, no weights
+    model_dir = resolve_model(args.model)
+    if args.engine == "vllm":  # vLLM reads the tokenizer and context limit its arguments name
+        from .engines import parse_engine_args
+        from .engines.vllm_cpu import parse_sizes
+        from .engines.vllm_engine import engine_tokenizer
+
+        vllm_args = parse_sizes(parse_engine_args(args.engine_arg))
+        builder = prompt_builder(model_dir, engine_tokenizer(model_dir, vllm_args), vllm_args.get("max_model_len"))
+    else:
+        builder = prompt_builder(model_dir)  # the tokenizer and config only, no weights
     task = load_tasks(args).get(args.task)
     if args.input:  # read as `label` reads its input: any of its formats, normalized
         from .datasets_io import normalize_pair, normalize_single, read_records

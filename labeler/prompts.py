@@ -115,20 +115,23 @@ def _copied_blocks(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def prompt_builder(model_dir: str | Path) -> PromptBuilder:
+def prompt_builder(model_dir: str | Path, tokenizer: Any = None, max_model_len: int | None = None) -> PromptBuilder:
     """A PromptBuilder from a model directory's tokenizer and config alone (no weights): what
-    `labeler render` shows, without loading the model."""
+    `labeler render` shows, without loading the model. `tokenizer`: the one an engine reads
+    instead of the directory's (vLLM's `tokenizer=`); `max_model_len`: a context limit an
+    engine is given below the model's."""
     import json
 
     from .models import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read the config of {model_dir}: {exc}") from exc
     text = config.get("text_config") or config  # a multimodal config keeps the language model's there
-    return PromptBuilder(tokenizer, max_prompt_tokens=text.get("max_position_embeddings"))
+    limits = [n for n in (text.get("max_position_embeddings"), max_model_len) if isinstance(n, int) and n > 0]
+    return PromptBuilder(tokenizer, max_prompt_tokens=min(limits, default=None))
 
 
 def judgment_question(task: Task) -> str:

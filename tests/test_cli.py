@@ -101,6 +101,28 @@ def test_render_reads_no_weights_and_renders_a_file_of_items(labeler, model_dir,
     assert proc.returncode == 2 and "line 1: not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_render_for_vllm_reads_the_tokenizer_and_context_its_arguments_name(model_dir, tmp_path):
+    """vLLM's `tokenizer=` (another chat template) and `max_model_len=` change what the engine
+    reads: render shows that, not the model directory's own tokenizer and context."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (tok / f.name).write_bytes(f.read_bytes())
+    (tok / "chat_template.jinja").write_text(
+        "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}### assistant: {% endif %}"
+    )
+    args = ["render", "--task", "tiny", "--kind", "score", "--context", "Hi", "--response", "Hello", "--json"]
+    own = json.loads(run(*args, "--model", str(model_dir)).stdout)
+    vllm = ["--model", str(model_dir), "--engine", "vllm", "--engine-arg", f"tokenizer={tok}"]
+    other = json.loads(run(*args, *vllm).stdout)
+    assert "<|im_start|>assistant" in own["prompt"] and "### assistant: " in other["prompt"]
+    assert "<|im_start|>" not in other["prompt"]
+    short = run(*args, *vllm, "--engine-arg", "max_model_len=64", check=False)
+    assert short.returncode == 2 and "64" in short.stderr, short.stderr
+
+
 def test_render_into_a_pipe_closed_early_ends_quietly(model_dir, tmp_path):
     """`labeler render --input ... --json | head -1`: the reader leaves after one line; the
     command ends with the status of a command a closed pipe stopped, without a traceback.

@@ -43,6 +43,16 @@ from .transformers_engine import _as_list, default_model_id
 from .vllm_cpu import VLLM_MISSING, cpu_defaults, on_cpu, parse_sizes, scoped_environ
 
 
+def engine_tokenizer(model_dir: str | Path, engine_args: dict[str, Any]) -> Any:
+    """The tokenizer vLLM uses for `model_dir` under `engine_args` (its `tokenizer=`,
+    `tokenizer_revision=` or `revision=`, `trust_remote_code=`), read without vLLM."""
+    return load_tokenizer(
+        engine_args.get("tokenizer") or model_dir,
+        trust_remote_code=bool(engine_args.get("trust_remote_code", False)),
+        revision=engine_args.get("tokenizer_revision") or engine_args.get("revision"),  # as vLLM falls back
+    )
+
+
 class VLLMEngine:
     """Hosts a local model directory with vLLM's AsyncLLM.
 
@@ -58,13 +68,8 @@ class VLLMEngine:
             raise ModelLoadError(VLLM_MISSING) from exc
         model_dir = Path(model_dir)
         engine_args = {"enable_prefix_caching": True, "seed": 0, **parse_sizes(engine_args)}
-        # The tokenizer vLLM will use, read before vLLM starts: a failure then leaves no
-        # engine processes behind.
-        self.tokenizer = load_tokenizer(
-            engine_args.get("tokenizer") or model_dir,
-            trust_remote_code=bool(engine_args.get("trust_remote_code", False)),
-            revision=engine_args.get("tokenizer_revision") or engine_args.get("revision"),  # as vLLM falls back
-        )
+        # Read before vLLM starts: a failure then leaves no engine processes behind.
+        self.tokenizer = engine_tokenizer(model_dir, engine_args)
         before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
         self.model_id = model_id or vllm_model_id(model_dir, engine_args, before)
         env: dict[str, str] = {}
