@@ -13,7 +13,13 @@ import httpx
 import labeler_client as lc
 import pytest
 from labeler_client.testing import FakeLabeler, fake_reward
-from labeler_client.trl import find_groups, group_reward_function, reference_reward_function, reward_function
+from labeler_client.trl import (
+    PairwiseJudge,
+    find_groups,
+    group_reward_function,
+    reference_reward_function,
+    reward_function,
+)
 
 from service.protocol import (
     GroupRewardsOut,
@@ -102,6 +108,22 @@ def test_on_error_none_leaves_a_failed_group_out():
     fake.fail_next(422)  # the first group's request is refused for its content: not retried
     got = client.group_relative_rewards(["p0", "p1"], [["a", "b"], ["c", "d"]], "tiny", on_error="none")
     assert got[0] is None and got[1] == pytest.approx([2 * win("p1", "c", "d") - 1, 2 * win("p1", "d", "c") - 1])
+
+
+def test_a_single_string_for_the_prompts_is_refused_not_read_per_character():
+    """As `rewards` and `rewards_against` refuse one: "ab" would be two prompts, "a" and "b"."""
+    fake = FakeLabeler()
+    client = client_for(fake)
+    with pytest.raises(TypeError, match="prompts must be a list, not a single string"):
+        client.group_relative_rewards("ab", [["x", "y"], ["z", "w"]], task="tiny")
+    with pytest.raises(TypeError, match="groups must be a list, not a single string"):
+        client.group_relative_rewards(["a", "b"], "xy", task="tiny")
+    judge = PairwiseJudge(URL, task="tiny", client=client)
+    with pytest.raises(TypeError, match="prompts must be a list, not a single string"):
+        judge.judge("ab", [["x", "y"], ["z", "w"]])
+    with pytest.raises(TypeError, match="completions must be a list, not a single string"):
+        judge.judge(["a", "b"], "xy")
+    assert fake.requests == []
 
 
 def test_find_groups_reads_trls_layout_and_refuses_others():

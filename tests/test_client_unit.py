@@ -4,12 +4,17 @@ batching and order, exception mapping, on_error, adapters' input handling. No mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import http.server
 import inspect
 import json
+import os
 import pickle
 import random
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -42,6 +47,48 @@ def items(n: int, tag: str = "q") -> list[dict[str, str]]:
 
 def expected(its: list[dict[str, str]]) -> list[float]:
     return [fake_reward(it["context"], it["response"]) for it in its]
+
+
+class _FakeOverHTTP(http.server.BaseHTTPRequestHandler):
+    """The fake's answers over a real socket, kept alive between requests as uvicorn keeps
+    them; each request's client port and body are recorded, and a label request takes
+    `server.latency` seconds."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.server.seen.append((self.client_address[1], body))  # type: ignore[attr-defined]
+        if self.command == "POST":
+            time.sleep(self.server.latency)  # type: ignore[attr-defined]
+        request = httpx.Request(self.command, URL + self.path, headers=dict(self.headers), content=body)
+        answer = self.server.fake.handle(request)  # type: ignore[attr-defined]
+        self.send_response(answer.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    do_GET = do_POST = _answer
+
+
+@contextlib.contextmanager
+def serve_fake(fake: FakeLabeler, latency: float = 0.0) -> Iterator[http.server.ThreadingHTTPServer]:
+    """`fake` on a local HTTP server (its URL: `server.url`) for the duration of the block."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOverHTTP)
+    server.daemon_threads = True
+    server.fake, server.latency, server.seen = fake, latency, []  # type: ignore[attr-defined]
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- config: backoff schedule and Retry-After ------------------------------------------------------------
@@ -91,6 +138,16 @@ def test_retry_after_http_date():
     header = format_datetime(now + timedelta(seconds=30), usegmt=True)
     assert parse_retry_after(header, now=now.timestamp()) == pytest.approx(30)
     assert parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True), now=now.timestamp()) == 0
+
+
+@pytest.mark.parametrize("retry", [2.0, True, "3"])
+def test_a_retry_that_is_neither_a_policy_nor_a_number_of_retries_is_refused(retry):
+    """At construction, not as an AttributeError at the first error worth retrying."""
+    for cls in (lc.Client, lc.AsyncClient):
+        with pytest.raises(TypeError, match="retry must be a Retry or a number of retries"):
+            cls(URL, retry=retry)
+    with pytest.raises(TypeError, match="retry must be"):
+        client_for(FakeLabeler()).health(retry=retry)
 
 
 def test_url_and_key_from_arguments_or_environment(monkeypatch):
@@ -267,6 +324,26 @@ def test_a_batch_refused_for_its_size_is_sent_again_in_halves(on_error):
     got = client_for(fake, batch_size=4).scores(its[:4], "tiny", on_error=on_error)
     assert [s.reward for s in got] == expected(its[:4])
     assert [len(json.loads(r.content)["items"]) for r in fake.requests] == [4, 2, 2]
+
+
+def test_one_item_over_the_body_limit_is_named_in_the_callers_list():
+    """Halved down to one item still over the server's body limit (whose 413 names no item),
+    the error names that item by its position in the caller's list."""
+    fake = FakeLabeler()
+    limit = {"error": {"message": "request body over the limit of 1000 bytes", "type": "body_too_large"}}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(413, json=limit) if len(request.content) > 1000 else fake.handle(request)
+
+    client = lc.Client(URL, transport=httpx.MockTransport(handle), batch_size=8, max_concurrency=1, retry=NO_WAIT)
+    its = items(8)
+    its[5]["response"] = "x" * 2000
+    with pytest.raises(lc.PayloadTooLarge) as err:
+        client.scores(its, "tiny")
+    assert (err.value.item, err.value.param) == (5, "items[5]")
+    assert err.value.message.startswith("items[5]: ") and str(err.value).count("items[5]") == 1
+    back = pickle.loads(pickle.dumps(err.value))
+    assert (back.item, back.param, str(back)) == (5, "items[5]", str(err.value))
 
 
 @pytest.mark.parametrize(
@@ -1007,6 +1084,22 @@ def test_an_injected_item_failure_finds_pairs_references_and_groups():
     assert [g is None for g in client.group_rewards(groups, "tiny", on_error="none")] == [False, True]
 
 
+def test_the_fake_names_a_failed_item_only_beside_items_that_did_not_fail():
+    """As the server: an error every item of a request got names none of them (a request of
+    one item names it), so a client does not set items aside one by one."""
+    fake = FakeLabeler()
+    fake.fail_item("bad", 500)
+    client = client_for(fake, retry=lc.Retry(max_retries=0))
+    for responses, param in [(["bad", "bad"], None), (["bad"], "items[0]"), (["ok", "bad", "bad"], "items[1]")]:
+        with pytest.raises(lc.ServerError) as err:
+            client.scores([{"response": r} for r in responses], "tiny")
+        assert (err.value.param, err.value.item) == (param, None if param is None else int(param[6]))
+        assert ("items[" in str(err.value)) == (param is not None)
+    fake.requests.clear()
+    assert client.scores([{"response": "bad"}] * 4, "tiny", on_error="none") == [None] * 4
+    assert len(fake.requests) == 1
+
+
 def test_verl_compute_score_and_batch(monkeypatch):
     fake = FakeLabeler()
     monkeypatch.setitem(_shared._clients, (None, None, None, None, None), lc.Client(URL, transport=fake.transport()))
@@ -1089,6 +1182,120 @@ def test_sync_client_works_inside_a_running_event_loop():
         return lc.Client(URL, transport=fake.transport()).scores(items(3), "tiny", cache=False)
 
     assert [s.reward for s in asyncio.run(main())] == expected(items(3))
+
+
+def test_a_forked_child_does_not_share_the_parents_connections():
+    """After a fork (a process pool, `datasets.map(num_proc=...)`), parent and child each get
+    their own answers from a client the parent had used: the child opens its own connections
+    instead of writing on the parent's pooled socket, and the shared client of the child is
+    its own."""
+    with serve_fake(FakeLabeler(), latency=0.05) as server:
+        key = (server.url, None, None, 5.0, 0)
+        client = _shared.shared_client(server.url, None, timeout=5.0, max_retries=0)
+        try:
+            assert client.health().status == "ready"  # a pooled keep-alive connection
+            parents_port = server.seen[-1][0]
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: report, then leave without running pytest's exit
+                outcome = "ok"
+                try:
+                    os.close(read)
+                    if _shared.shared_client(server.url, None, timeout=5.0, max_retries=0) is client:
+                        outcome = "the child was given the parent's shared client"
+                    for k in range(4):
+                        its = items(2, tag=f"child {k}")
+                        got = client.scores(its, "tiny")
+                        if [s.reward for s in got] != expected(its):
+                            outcome = f"the child got another request's answers in round {k}"
+                except BaseException as e:
+                    outcome = repr(e)
+                finally:
+                    os.write(write, outcome.encode())
+                    os._exit(0)
+            os.close(write)
+            outcome = "ok"
+            try:
+                for k in range(4):
+                    its = items(2, tag=f"parent {k}")
+                    got = client.scores(its, "tiny")
+                    if [s.reward for s in got] != expected(its):
+                        outcome = f"the parent got another request's answers in round {k}"
+            except lc.LabelerClientError as e:  # the child is still waited for
+                outcome = repr(e)
+            with os.fdopen(read, "rb") as pipe:
+                childs = pipe.read().decode()
+            os.waitpid(pid, 0)
+        finally:
+            _shared._clients.pop(key, None)
+            client.close()
+        assert (outcome, childs) == ("ok", "ok")
+        ports = {port for port, body in server.seen if b"child" in body}
+        assert ports and parents_port not in ports
+
+
+def test_an_async_client_in_a_forked_child_leaves_the_parents_connections_alone():
+    """A child that goes on with the loop its parent used the client in (as
+    `asyncio.get_event_loop()` hands it over on Python 3.11) sends on connections of its own,
+    and its loop's shutdown does not close the parent's: the parent's next request goes on
+    its pooled connection."""
+    with serve_fake(FakeLabeler()) as server:
+        client = lc.AsyncClient(server.url, retry=0)
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(client.health()).status == "ready"
+            parents_port = server.seen[-1][0]
+            pid = os.fork()
+            if pid == 0:  # the child: leave without running pytest's exit
+                code = 1
+                try:
+                    got = loop.run_until_complete(client.scores(items(2, "child"), "tiny"))
+                    loop.run_until_complete(loop.shutdown_asyncgens())
+                    code = 0 if [s.reward for s in got] == expected(items(2, "child")) else 2
+                finally:
+                    os._exit(code)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            got = loop.run_until_complete(client.scores(items(2, "parent"), "tiny"))
+            assert [s.reward for s in got] == expected(items(2, "parent"))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+        childs = {port for port, body in server.seen if b"child" in body}
+        assert childs and parents_port not in childs
+        assert [port for port, body in server.seen if b"parent" in body] == [parents_port]
+
+
+def test_an_async_client_keeps_no_connection_of_a_loop_closed_by_hand():
+    """Loops run by hand and closed without `shutdown_asyncgens()` cannot close their
+    connections; the client lets go of them as it moves to the next loop, so open sockets
+    do not grow with the number of loops."""
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def step(client: lc.AsyncClient) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            assert [s.reward for s in loop.run_until_complete(client.scores(items(2), "tiny"))] == expected(items(2))
+        finally:
+            loop.close()
+
+    with serve_fake(FakeLabeler()) as server:
+        client = lc.AsyncClient(server.url)
+        for _ in range(2):
+            step(client)
+        gc.collect()
+        base = fds()
+        for _ in range(20):
+            step(client)
+        deadline = time.monotonic() + 5  # the server's side of a socket closes once it reads the end
+        while True:
+            gc.collect()
+            if fds() <= base + 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert fds() <= base + 2, fds() - base
+        assert len(client._closers) == 1  # the last loop's, open as that loop is
 
 
 def test_the_fake_tells_when_to_retry_as_the_server_does():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -67,7 +68,11 @@ class _BaseClient:
     @staticmethod
     def _as_retry(retry: Retry | int) -> Retry:
         """A retry policy from a policy or a number of retries (0: none)."""
-        return Retry(max_retries=retry) if isinstance(retry, int) else retry
+        if isinstance(retry, Retry):
+            return retry
+        if isinstance(retry, int) and not isinstance(retry, bool):
+            return Retry(max_retries=retry)
+        raise TypeError(f"retry must be a Retry or a number of retries, not {type(retry).__name__}")
 
     @staticmethod
     def _typed(answer: Answer, parse: Callable[[Any], T]) -> T:
@@ -143,6 +148,8 @@ class _BaseClient:
         None), or `error` raised, named by the caller's index of its item."""
         if isinstance(error, exc.APIStatusError):
             error._about_item(idx.start)
+        if isinstance(error, exc.PayloadTooLarge) and len(idx) == 1 and error.item is None:
+            error._name_item(idx.start)  # the server names no item of a body it did not read
         if self._too_big(error, idx):  # the client's batch size, not the caller's data: in either mode
             return batching.parts(idx)
         if on_error == "raise" or self._request_wide(error):
@@ -212,7 +219,8 @@ class Client(_BaseClient):
             client.rewards(prompts, completions, task="helpful")
 
     `base_url` and `api_key` default to `LABELER_URL` and `LABELER_API_KEY`; `transport`
-    takes any `httpx.BaseTransport` (see `labeler_client.testing` for a fake server).
+    takes any `httpx.BaseTransport` (see `labeler_client.testing` for a fake server). In a
+    process forked after it was used, it opens connections of its own.
     """
 
     def __init__(
@@ -226,10 +234,26 @@ class Client(_BaseClient):
         super().__init__(base_url, api_key, **kwargs)
         self._transport = transport  # for copies of reward functions built on this client
         self._http = httpx.Client(transport=transport, **self._http_options())
+        self._pid = os.getpid()  # the process self._http's connections belong to
+        self._forking = threading.Lock()
         self._sleep: Callable[[float], None] = time.sleep
 
+    def _http_here(self) -> httpx.Client:
+        """The HTTP client of this process: a new one in a process forked after this client
+        was used (unless it was closed, or the caller gave a transport, whose own pool
+        stays). The pooled connections came along with the fork: a request of the child's on
+        one would read the answer to the parent's, and closing them could end the parent's, so
+        they are left as they are."""
+        if self._pid != os.getpid():
+            with self._forking:  # the batches of a call may get here at once
+                if self._pid != os.getpid():
+                    if self._transport is None and not self._http.is_closed:
+                        self._http = httpx.Client(**self._http_options())
+                    self._pid = os.getpid()
+        return self._http
+
     def close(self) -> None:
-        self._http.close()
+        self._http_here().close()
 
     def __enter__(self) -> Client:
         return self
@@ -252,12 +276,13 @@ class Client(_BaseClient):
         retry = self.retry if retry is None else self._as_retry(retry)
         attempt = 0
         while True:
+            http = self._http_here()
             request = self._request(method, path, body)
             try:
-                if self._http.is_closed:
+                if http.is_closed:
                     raise self._closed_error(request)
                 try:
-                    response = self._http.send(request)
+                    response = http.send(request)
                 except httpx.HTTPError as e:
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
@@ -465,8 +490,11 @@ class Client(_BaseClient):
         return self._typed(self._send("GET", "/v1/tasks"), _task_infos)
 
     def health(self, *, retry: Retry | int | None = None) -> Health:
-        """The server's readiness (`GET /readyz`); raises `ServerError` (503) while not ready.
-        `retry`: a policy or a number of retries for this call (0: fail at once)."""
+        """The server's readiness (`GET /readyz`). While the server starts it does not listen
+        yet (it does once its model is loaded): `RequestError`, connection refused. A
+        `ServerError` is a 503 of a server not ready, or a 502/503 of a proxy in front of one
+        that is not up. Both are retried by the policy first. `retry`: a policy or a number of
+        retries for this call (0: fail at once)."""
         return self._typed(self._send("GET", "/readyz", retry=retry), Health.model_validate)
 
 
@@ -474,13 +502,17 @@ def _close_at_shutdown(http: httpx.AsyncClient) -> Any:
     """An async generator of the running loop, started, that closes `http` when it is closed:
     by `loop.shutdown_asyncgens()` (which `asyncio.run` calls as it ends), or once collected
     while its loop still runs. Connections of a loop cannot be closed from another one, and
-    left open they stay until the garbage collector finds them (a socket per `asyncio.run`)."""
+    left open they stay until the garbage collector finds them (a socket per `asyncio.run`).
+    In a process forked from this one it leaves `http` open: the connections are the
+    parent's too, and closing one would end it for the parent."""
+    pid = os.getpid()
 
     async def closer() -> Any:
         try:
             yield
         finally:
-            await http.aclose()
+            if os.getpid() == pid:
+                await http.aclose()
 
     gen = closer()
     with contextlib.suppress(StopIteration):  # run to its yield, which nothing awaits: the loop now tracks it
@@ -508,23 +540,32 @@ class AsyncClient(_BaseClient):
         self._transport = transport  # for copies of reward functions built on this client
         self._http = httpx.AsyncClient(transport=transport, **self._http_options())
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop self._http's connections belong to
+        self._pid = os.getpid()  # and the process
         self._closed = False  # by aclose(): a loop's end closes its connections, not the client
-        # The async generators that close each loop's HTTP client as that loop shuts down; kept
-        # until then (collected early, one would close its client while the loop still runs).
-        self._closers: list[Any] = []
+        # The async generators that close each loop's HTTP client as that loop shuts down, with
+        # their loops; kept until then (collected early, one would close its client while the
+        # loop still runs).
+        self._closers: list[tuple[asyncio.AbstractEventLoop, Any]] = []
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
     def _http_here(self) -> httpx.AsyncClient:
-        """The HTTP client for the running loop: a new one when the loop changed (unless the
-        client was closed, or the caller gave a transport, whose own pool stays)."""
+        """The HTTP client for the running loop: a new one when the loop or the process (a
+        fork) changed, unless the client was closed, or the caller gave a transport, whose own
+        pool stays."""
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
+        forked = self._pid != os.getpid()
+        if self._loop is not loop or forked:
             if self._transport is None and not self._closed:
                 if self._loop is not None:
                     self._http = httpx.AsyncClient(**self._http_options())
-                self._closers = [c for c in self._closers if c.ag_frame is not None]  # drop the finished
-                self._closers.append(_close_at_shutdown(self._http))
-            self._loop = loop
+                # Let go of the closers with nothing left to close: finished, of a loop closed
+                # without shutting them down (run by hand: the garbage collector then closes
+                # their clients' sockets), or, in a forked child, the parent's.
+                self._closers = [
+                    (old, c) for old, c in self._closers if not (forked or old.is_closed() or c.ag_frame is None)
+                ]
+                self._closers.append((loop, _close_at_shutdown(self._http)))
+            self._loop, self._pid = loop, os.getpid()
         return self._http
 
     async def aclose(self) -> None:

@@ -8,7 +8,7 @@ LabelerClientError
 │                           .message)
 │   ├── BadRequestError     4xx the caller must fix (never retried, but 408: a proxy's timeout)
 │   │   ├── AuthenticationError   401
-│   │   ├── PayloadTooLarge       413 (lower batch_size)
+│   │   ├── PayloadTooLarge       413 (one item over the server's body limit)
 │   │   └── InvalidRequest        422 (.param names the field, the message the limit)
 │   ├── RateLimited         429 (retried after Retry-After; raised once retries run out)
 │   └── ServerError         5xx (502/503/504 retried; .param names the item the engine
@@ -94,6 +94,14 @@ class APIStatusError(LabelerClientError):
         the caller's items from `offset` on."""
         self._renumber(lambda k: offset + k)
 
+    def _name_item(self, index: int) -> None:
+        """Name the caller's item `index` as the one this error is about, where the server
+        named none: its request carried that item alone."""
+        name = f"items[{index}]"
+        self.param, self.item = name, index
+        self.message = f"{name}: {self.message}" if self.message else name
+        self.args = (f"{self} ({name} alone)",)
+
     def _renumber(self, position: Callable[[int], int]) -> None:
         """Name the item by `position` of its index in the request (param, message, `item`)."""
         match = _INDEX.match(self.param or "")
@@ -120,7 +128,9 @@ class AuthenticationError(BadRequestError):
 
 
 class PayloadTooLarge(BadRequestError):
-    """413: the request body is over the server's limit; lower batch_size."""
+    """413: the request body is over the server's limit. The client sends a batch refused so
+    again in halves: this reaches the caller for one item over the limit on its own, named
+    by `.item` and `.param`."""
 
 
 class InvalidRequest(BadRequestError):

@@ -1,5 +1,6 @@
 """Clients shared by the adapters' module-level reward functions: one per (URL, key) per
-process, opened on first use.
+process, opened on first use (a forked child, such as a worker of `datasets.map(num_proc=...)`,
+opens its own).
 
 A module of its own, always imported by name: verl may load an adapter's file by path, as a
 module that Ray's pickler then copies by value with its globals, and a lock or an open
@@ -7,12 +8,25 @@ client among them cannot be copied. From here they are referred to by name."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 from ._client import Client
 
 _clients: dict[tuple[str | None, str | None, str | None, float | None, int | None], Client] = {}
 _lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: the parent's clients are the parent's (left as they are: closing a
+    connection may end it for the parent too), and the lock may have been held by a thread
+    that the child does not have."""
+    global _lock
+    _clients.clear()
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def shared_client(

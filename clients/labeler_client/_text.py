@@ -101,6 +101,13 @@ def judged_completion(value: Text) -> Context:
     return completion_value(value)
 
 
+def _refuse_strings(**lists: Any) -> None:
+    """TypeError for a single string given where a list is (one item per character, else)."""
+    for name, seq in lists.items():
+        if isinstance(seq, str):
+            raise TypeError(f"{name} must be a list, not a single string")
+
+
 def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[dict[str, Any]]:
     """`/v1/scores` items for (prompt, completion) pairs."""
     if isinstance(prompts, str) or isinstance(completions, str):
@@ -114,6 +121,7 @@ def score_items(prompts: Sequence[Text], completions: Sequence[Text]) -> list[di
 def pair_items(prompts: Sequence[Text], pairs: Sequence[Sequence[Text]]) -> list[dict[str, Any]]:
     """`/v1/preferences` items for prompts and their (first, second) completion pairs, as
     `PairwiseJudge` is given them (`judged_completion`)."""
+    _refuse_strings(prompts=prompts, completions=pairs)
     if len(prompts) != len(pairs):
         raise ValueError(f"{len(prompts)} prompts but {len(pairs)} completion pairs")
     items = []
@@ -134,9 +142,7 @@ def reference_items(
     prompts: Sequence[Text], completions: Sequence[Text], references: Sequence[Text]
 ) -> list[dict[str, Any]]:
     """`/v1/rewards/reference` items for (prompt, completion, reference) triples."""
-    for name, seq in (("prompts", prompts), ("completions", completions), ("references", references)):
-        if isinstance(seq, str):
-            raise TypeError(f"{name} must be a list, not a single string")
+    _refuse_strings(prompts=prompts, completions=completions, references=references)
     if not len(prompts) == len(completions) == len(references):
         raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and {len(references)} references")
     return [
@@ -147,6 +153,7 @@ def reference_items(
 
 def group_items(prompts: Sequence[Text], groups: Sequence[Sequence[Text]]) -> list[dict[str, Any]]:
     """`/v1/rewards/group` items for prompts and each prompt's completions."""
+    _refuse_strings(prompts=prompts, groups=groups)
     if len(prompts) != len(groups):
         raise ValueError(f"{len(prompts)} prompts but {len(groups)} groups of completions")
     items = []

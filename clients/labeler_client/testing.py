@@ -3,9 +3,10 @@ client (and of the client itself): same routes and wire shapes as the server, de
 labels, and injectable faults. No model, no network.
 
     fake = FakeLabeler()
-    fake.fail_next(503, times=2, retry_after=0)  # then answers normally (no wait)
-    fake.fail_item("bad answer", 500)            # any request with this response, naming it
-    client = Client("http://labeler.test", transport=fake.transport())
+    fake.fail_next(503, times=2, retry_after=0)  # then answers normally
+    fake.fail_item("bad answer", 500)            # any request with this response
+    # Retry-After: 0 leaves the wait to the client's backoff: none with backoff=0.
+    client = Client("http://labeler.test", transport=fake.transport(), retry=Retry(backoff=0))
     client.rewards(["2+2?"], ["4"], task="general")
 
 Labels are a hash of the text: stable across calls, different across inputs, so a test can
@@ -152,8 +153,8 @@ class FakeLabeler:
     """The service's wire contract in memory. Faults queued with `fail_next` are served
     first, one per request: an HTTP status (with the service's error shape and, for 429
     and 503, `Retry-After`: 1 s as the server sends, unless `retry_after` says otherwise;
-    0 for tests that should not wait) or an `httpx` exception class such as
-    `httpx.ConnectError`.
+    with 0 the client waits its backoff instead, none with `Retry(backoff=0)`) or an `httpx`
+    exception class such as `httpx.ConnectError`.
 
     Requests are checked as the server checks them, with its default limits (`max_items`,
     `max_samples`, and `max_chars` when given): a missing, unknown or mistyped field, an
@@ -194,7 +195,8 @@ class FakeLabeler:
         (`response`, `response_a`, `response_b`, `reference`, or one of a group's
         `responses`), as the server answers for an item the engine fails on: `status` (500
         `model_output_error` or 503 `engine_error`, with `Retry-After`) naming the first such
-        item (`items[3]`)."""
+        item (`items[3]`), but for a request of several items that all fail, where the server
+        names none."""
         if status not in (500, 503):
             raise ValueError("an item fails with 500 or 503")
         self._item_faults[response] = (status, retry_after)
@@ -482,14 +484,19 @@ class FakeLabeler:
             refused = self._check_item(f"items[{i}]", item, fields)
             if refused is not None:
                 return refused
+        faults = []  # (index, fault) of each item that fails
         for i, item in enumerate(body["items"]):
             texts = [_text(t) for name in fields for t in (item[name] if name == "responses" else [item[name]])]
             fault = next((f for t in texts if (f := self._item_faults.get(t))), None)
             if fault is not None:
-                status, retry_after = fault
-                headers = {"Retry-After": f"{1 if retry_after is None else retry_after:g}"} if status == 503 else None
-                type_ = "engine_error" if status == 503 else "model_output_error"
+                faults.append((i, fault))
+        if faults:
+            (i, (status, retry_after)), n = faults[0], len(body["items"])
+            headers = {"Retry-After": f"{1 if retry_after is None else retry_after:g}"} if status == 503 else None
+            type_ = "engine_error" if status == 503 else "model_output_error"
+            if len(faults) < n or n == 1:
                 return self._error(status, f"items[{i}]: injected item failure", type_, f"items[{i}]", headers)
+            return self._error(status, "injected item failure", type_, None, headers)
         results = [result(it, body) for it in body["items"]]
         n = len(results)
         usage = {"items": n, "cached": 0, "computed": n, "shared": 0}
