@@ -240,7 +240,6 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(tmp_path,
 
 
 def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, capsys):
-    pytest.importorskip("labeler_client")
     src = write_jsonl(
         tmp_path / "in.jsonl",
         [
@@ -273,7 +272,6 @@ def test_url_mode_names_a_record_the_service_refuses_by_its_line_and_field(limit
     """A record over the server's `max_chars` (or `max_item_tokens`): the run stops at its
     line, naming the field the server named (`response`), without the place in the request
     the server gives the item, and `--skip-invalid` labels the others."""
-    pytest.importorskip("labeler_client")
     long = "A fruit named at length, " * 3
     answers = ["Apple.", long, "Pear."]
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Name a fruit.", "completion": a} for a in answers])
@@ -327,7 +325,6 @@ def test_an_item_the_model_gives_no_label_stops_the_run_at_its_line_or_is_skippe
     argv = ["label", str(src), str(out), "--task", "tiny", "--scores", "--no-progress", "--json"]
     srv = None
     if via == "url":
-        pytest.importorskip("labeler_client")
         srv = LiveServer(faulty)
         srv.start()
         argv += ["--url", srv.url]

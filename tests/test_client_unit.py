@@ -586,10 +586,12 @@ def test_wire_types_match_the_server():
 def test_fake_answers_in_the_servers_wire_shapes():
     fake = FakeLabeler()
     scores = fake.handle(httpx.Request("POST", URL + "/v1/scores", json={"task": "tiny", "items": items(2)}))
-    ScoresResponse.model_validate(scores.json())
+    assert scores.status_code == 200 and len(ScoresResponse.model_validate(scores.json()).results) == 2
     body = {"task": "tiny", "items": [{"response_a": "a", "response_b": "b"}]}
-    PreferencesResponse.model_validate(fake.handle(httpx.Request("POST", URL + "/v1/preferences", json=body)).json())
-    TasksResponse.model_validate(fake.handle(httpx.Request("GET", URL + "/v1/tasks")).json())
+    prefs = fake.handle(httpx.Request("POST", URL + "/v1/preferences", json=body))
+    assert prefs.status_code == 200 and len(PreferencesResponse.model_validate(prefs.json()).results) == 1
+    tasks = fake.handle(httpx.Request("GET", URL + "/v1/tasks"))
+    assert tasks.status_code == 200 and TasksResponse.model_validate(tasks.json()).tasks
 
 
 # -- adapters: input normalization -------------------------------------------------------------------------

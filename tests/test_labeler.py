@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from labeler import InvalidInput, PairItem, ScoreItem, UnknownTask
+from labeler import InvalidInput, Labeler, PairItem, ScoreItem, UnknownTask
 from labeler.prompts import Rendered
 from tests.test_engine_exact import TOL, reference_distribution
 
@@ -45,10 +45,13 @@ def test_cot_pairwise_both_orders(labeler, engine):
         assert getattr(got, f"p_a_{order}") == pytest.approx(ref, abs=TOL)
 
 
-def test_self_consistency_averages_the_sampled_rationales(labeler, engine):
+def test_self_consistency_averages_the_sampled_rationales(labeler, engine, test_tasks):
+    """Rationales long enough to go past the model's copy of the fenced reply, which it
+    nearly always starts with: the samples differ, so the average is of two readings."""
+    labeler = Labeler(engine, test_tasks, max_rationale_tokens=40)
     item = ScoreItem("Name a color.", "Blue.")
     got = labeler.scores([item], "tiny", cot=True, samples=2, seed=7)[0]
-    assert len(got.rationales) == 2
+    assert len(got.rationales) == 2 and got.rationales[0] != got.rationales[1]
     rendered = labeler.render_score("tiny", item.context, item.response, cot=True)
     refs = []
     for rationale in got.rationales:
@@ -56,9 +59,11 @@ def test_self_consistency_averages_the_sampled_rationales(labeler, engine):
         refs.append(reference_distribution(engine, follow.prompt_token_ids, follow.labels))
     mean = [(refs[0][str(i)] + refs[1][str(i)]) / 2 for i in range(1, 11)]
     assert got.distribution == pytest.approx(mean, abs=TOL)
-    # Seeded: the same request draws the same rationales.
+    # Seeded: the same request draws the same rationales, another seed others.
     again = labeler.scores([item], "tiny", cot=True, samples=2, seed=7)[0]
     assert again.rationales == got.rationales
+    other = labeler.scores([item], "tiny", cot=True, samples=2, seed=8)[0]
+    assert set(other.rationales).isdisjoint(got.rationales)
 
 
 def test_empty_batch_makes_no_engine_call(labeler, engine):

@@ -203,6 +203,6 @@ def test_group_errors_name_the_group_and_response(labeler):
     with pytest.raises(InvalidInput) as exc:
         labeler.group_rewards([GroupItem("c", "ab")], "tiny")
     assert exc.value.field == "groups[0].responses"
+    tag = labeler.prompts.group_tag("c", ["a", "b"])
     with pytest.raises(InvalidInput, match="fence tag"):
-        tag = labeler.prompts.group_tag("c", ["a", "b"])
         labeler.prompts.pairwise(labeler.task("tiny"), "c", "a " + tag, "b", tag=tag)
