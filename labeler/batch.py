@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -229,10 +230,14 @@ class JsonlSink:
         self._loaded: tuple[int, int, int] | None = None  # (inode, size, mtime) of the file read
         try:
             if self.path.exists():
-                # Refused before a model loads; `writing` checks again when the run starts.
-                with open(self.path, "rb") as f:
-                    self._hold(f.fileno())
-                self._load()
+                # Refused before a model loads (`writing` checks again when the run starts); a
+                # torn last line is cut under the lock, where no other run is appending.
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    self._hold(fd)
+                    self._load()
+                finally:
+                    os.close(fd)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # no permission, a file where a folder should be, ...
@@ -253,20 +258,24 @@ class JsonlSink:
             yield
         finally:
             try:
-                if created and os.fstat(fd).st_size == 0:
-                    self.path.unlink(missing_ok=True)
+                if created is not None and os.fstat(fd).st_size == 0:
+                    created.unlink(missing_ok=True)
             finally:
                 os.close(fd)  # lets the lock go
 
-    def _open_held(self) -> tuple[int, bool]:
-        """(a descriptor of the file holding its lock, whether this call created the file)."""
-        while True:
-            created = False
+    def _open_held(self) -> tuple[int, Path | None]:
+        """(a descriptor of the file holding its lock, opened to append as a lock on NFS needs;
+        the file this call created, if it did)."""
+        for _ in range(100):  # each turn is a race lost to another run: a few at most
+            # The file a link names (created where it does not exist yet, as appending would).
+            target = Path(os.path.realpath(self.path))
+            created = None
             try:
                 try:
-                    fd = os.open(self.path, os.O_RDONLY)
+                    fd = os.open(target, os.O_WRONLY | os.O_APPEND)
                 except FileNotFoundError:
-                    fd, created = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o666), True
+                    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
+                    created = target
             except FileExistsError:
                 continue  # another run created it meanwhile
             except OSError as exc:
@@ -275,12 +284,14 @@ class JsonlSink:
                 self._hold(fd)
                 # A run that ended between our open and our lock may have removed the file it
                 # had created: the lock must be on the file the path names now.
-                if _same_file(os.fstat(fd), self.path):
-                    return fd, created
+                with contextlib.suppress(FileNotFoundError):
+                    if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                        return fd, created
             except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
+        raise InvalidInput(f"cannot hold {self.path}: other runs keep creating and removing it", field="output")
 
     def _hold(self, fd: int) -> None:
         """An exclusive lock on `fd`'s file, refused at once when another run holds it. The lock
@@ -289,7 +300,8 @@ class JsonlSink:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return  # a file system without locks: runs are not kept apart there
+                _warn_no_lock(self.path, exc.strerror or str(exc))
+                return
             raise InvalidInput(
                 f"{self.path} is being written by another run; wait for it to end, or give another output",
                 field="output",
@@ -346,12 +358,10 @@ class JsonlSink:
             self.rows[r["key"]] = r
 
 
-def _same_file(st: os.stat_result, path: Path) -> bool:
-    try:
-        now = path.stat()
-    except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+@functools.cache
+def _warn_no_lock(path: Path, why: str) -> None:
+    """Once per file: the runs into it are not kept apart."""
+    log.warning("%s: the file system refuses locks (%s): a second run into this file is not refused", path, why)
 
 
 def _parsed(line: str | bytes) -> Any:

@@ -301,10 +301,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C where a command has no message of its own (reading its input)
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`labeler render --json ... | head`): done, quietly
-        # Python would report the pipe again when it flushes stdout at exit.
+    except BrokenPipeError as exc:
+        if not _reader_gone():
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        # The reader of the output went away (`labeler render --json ... | head`): done,
+        # quietly. Python would report the pipe again when it flushes stdout at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # the status a shell gives a command a pipe's end killed (128 + SIGPIPE)
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):  # no file descriptor (a captured stream)
+        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ whoever the umask lets read the cache's other files (users sharing one cache reu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -90,8 +91,9 @@ def _write_index(index: dict[str, dict]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".fingerprints-", dir=path.parent)
         with os.fdopen(fd, "w") as fh:
             # mkstemp makes it 0600: another user sharing the cache could not read it and
-            # would hash every weight again at each start.
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())
+            # would hash every weight again at each start. (A file system without modes keeps it.)
+            with contextlib.suppress(OSError):
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())
             json.dump(index, fh)
         os.replace(tmp, path)
     except OSError as exc:  # a read-only cache only costs a re-hash at the next start

@@ -176,10 +176,12 @@ def serve(args: argparse.Namespace) -> int:
     from .settings import misspelled_variables
 
     settings = settings_from_args(args)
-    check_start(settings)
+    # Logging first: a misspelt variable's warning explains a refusal below, and a first
+    # start's model conversion logs its progress.
     logging.config.dictConfig(log_config(settings.log_level))
     for warning in [*misspelled_variables(), *auth_warnings(settings)]:
         logging.getLogger("service").warning(warning)
+    check_start(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -25,7 +25,8 @@ def _split(value: Any) -> Any:
 class Settings(BaseSettings):
     """Everything the server can be told. Each field is also `LABELER_<NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="LABELER_", extra="ignore")
+    # Errors name the setting, never echo its value: a Redis URL or an API key holds a secret.
+    model_config = SettingsConfigDict(env_prefix="LABELER_", extra="ignore", hide_input_in_errors=True)
 
     host: str = Field("127.0.0.1", description="bind address; the default keeps the server on loopback")
     port: int = Field(8000, ge=0, le=65535)

@@ -432,6 +432,25 @@ async def test_a_run_reads_the_rows_written_since_its_output_was_opened(tmp_path
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k0", "k1"]
 
 
+async def test_an_output_named_by_a_link_is_written_where_the_link_points(tmp_path):
+    """OUT as a symbolic link to a file not there yet (a run's output linked into place):
+    the file is created where the link points, held, written, and removed again by a run
+    that writes nothing."""
+    params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
+    job = Job("k0", "in.jsonl, line 1", ScoreItem("q", "a"), lambda r: r | {"key": "k0"})
+    (tmp_path / "runs").mkdir()
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(tmp_path / "runs" / "out.jsonl")
+    with pytest.raises(ModelOutputError):
+        await run_jobs(
+            [job], _Refusing(ModelOutputError("no label")), JsonlSink(link), "scores", params, progress=False
+        )
+    assert link.is_symlink() and not (tmp_path / "runs" / "out.jsonl").exists()
+    summary = await run_jobs([job], _Unlabeling(), JsonlSink(link), "scores", params, progress=False)
+    assert summary.labeled == 1 and link.is_symlink()
+    assert [json.loads(line)["key"] for line in (tmp_path / "runs" / "out.jsonl").read_text().splitlines()] == ["k0"]
+
+
 class _Refusing:
     """A backend that refuses every call with `error` (pure logic of the chunk loop)."""
 

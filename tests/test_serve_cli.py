@@ -149,14 +149,35 @@ def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
         (["--redis-url", "redis://localhost:port"], "redis_url: Port could not be cast to integer"),
     ],
 )
-def test_serve_refuses_a_start_that_would_fail_as_one_line(argv, says, capsys):
+def test_serve_refuses_a_start_that_would_fail_as_one_line(argv, says):
     """What the app's start-up would refuse after loading the model, with a traceback and
-    uvicorn's status 3, is refused before the server starts: one line, status 2."""
-    from labeler.cli import main
-
-    assert main(["serve", "--port", str(free_port()), *argv]) == 2
-    err = capsys.readouterr().err
+    uvicorn's status 3, is refused before the server starts: one line, status 2. (A process
+    of its own: `serve` configures the logging of the process it runs in.)"""
+    done = subprocess.run(
+        [sys.executable, "-m", "labeler.cli", "serve", "--port", str(free_port()), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_misspelt_variable_is_named_before_a_refusal_it_explains():
+    """`LABELER_VLLM_URL` for `LABELER_VLLM_URLS`: the warning comes before the refusal."""
+    env = os.environ | {"LABELER_VLLM_URL": "http://127.0.0.1:1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "labeler.cli", "serve", "--port", str(free_port()), "--engine", "vllm-remote"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    warning, refusal = done.stderr.strip().splitlines()
+    assert "LABELER_VLLM_URL is not a setting and is ignored; did you mean LABELER_VLLM_URLS?" in warning
+    assert refusal.startswith("error: the vllm-remote engine needs server URLs")
 
 
 def test_repeatable_flags_replace_their_variables(monkeypatch, tmp_path):
