@@ -113,6 +113,19 @@ def _common(p: argparse.ArgumentParser, *, task: str | None = None) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     cli.add_model_options(p)
     cli.add_json_option(p)
+    # What the model options are when not given, to tell which ones a --url run leaves unused.
+    p.set_defaults(model_defaults={d: p.get_default(d) for d in _MODEL_OPTIONS.values()})
+
+
+# The model options (flag: destination) a run through the service does not use.
+_MODEL_OPTIONS = {
+    "--model": "model",
+    "--engine": "engine",
+    "--device": "device",
+    "--engine-arg": "engine_arg",
+    "--vllm-urls": "vllm_urls",
+    "--tasks-dir": "tasks_dir",
+}
 
 
 def _stats(p: argparse.ArgumentParser) -> None:
@@ -157,6 +170,10 @@ def _run(args: argparse.Namespace, body: Any, *, resumable: bool = True) -> int:
         finally:
             await backend.aclose()
 
+    if args.url:
+        unused = [f for f, d in _MODEL_OPTIONS.items() if getattr(args, d) != args.model_defaults[d]]
+        if unused:
+            print(f"warning: {', '.join(unused)} not used: --url labels with the server's model", file=sys.stderr)
     try:
         # The model loads before the event loop runs: there, Ctrl-C stops a load (minutes, for
         # a large model) at once; inside asyncio.run it would wait for the load to return.

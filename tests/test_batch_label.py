@@ -262,6 +262,12 @@ def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, cap
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["cached"] == 2
     assert [r["key"] for r in rows(tmp_path / "again.jsonl")] == [r["key"] for r in rows(out)]
+    # Model options beside --url: the server's model labels; the run says they are not used.
+    argv[2] = str(tmp_path / "third.jsonl")
+    assert cli.main([*argv, "--model", str(tmp_path / "elsewhere"), "--engine-arg", "dtype=float32"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["model"] == labeler.model_id
+    assert "warning: --model, --engine-arg not used: --url labels with the server's model" in captured.err
 
 
 @pytest.mark.parametrize(
