@@ -179,6 +179,10 @@ _HARMONY = _Template(
 # What a response after a harmony prompt starts with: the channel of the policy's first message
 # (the prompt's generation prompt wrote its "<|start|>assistant"), or a header of its own.
 _HARMONY_REPLY = ("<|channel|>", "<|start|>")
+# How many wrappings a response is taken out of (harmony headers in front of its text, empty
+# reasoning blocks): a policy's output holds one or two; past this many, a run of them (each
+# unwrapping reads the whole text again) is judged as written, in time linear in its length.
+_MAX_UNWRAP = 8
 # Every template's own turn ends (Llama 2's "</s>" besides): a set of end markers holding
 # them all strips whatever a template's turn ends with.
 _TEMPLATE_ENDS = frozenset({*(end for t in (*_TEMPLATES, _DEEPSEEK, _HARMONY) for end in t.ends), "</s>"})
@@ -265,7 +269,9 @@ def _clean_response(text: str, markers: tuple[str, ...]) -> str:
 def _harmony_reply(text: str, markers: tuple[str, ...]) -> str:
     """A cleaned response as its one assistant turn when it is the policy's harmony messages
     (after its prompt's "<|start|>assistant"), else as it is."""
-    while text.startswith(_HARMONY_REPLY):
+    for _ in range(_MAX_UNWRAP):
+        if not text.startswith(_HARMONY_REPLY):
+            break
         turns = _harmony(text if text.startswith("<|start|>") else "<|start|>assistant" + text)
         if len(turns) != 1 or turns[0]["role"] != "assistant":
             break
@@ -465,7 +471,9 @@ def _turn_content(role: str, content: str, markers: tuple[str, ...]) -> str:
     in one form (`_reasoning`): the same whether the turn came laid out as text or as a
     message, with or without the part the template wrote."""
     content = _clean(content, markers)
-    while role == "Assistant" and "think>" in content:
+    for _ in range(_MAX_UNWRAP if role == "Assistant" else 0):
+        if "think>" not in content:
+            break
         reasoned = _reasoning(content)
         if reasoned == content:
             break
@@ -479,7 +487,7 @@ def _reasoning(content: str) -> str:
     only closes it) gets its opening tag back, an empty block (Qwen 3 with thinking off) is
     dropped, and the opening tag is followed by one newline. So the policy's text, the turn
     as its template laid it out, and the text after a prompt read the same."""
-    while True:
+    for _ in range(_MAX_UNWRAP):
         if not content.startswith("<think>"):
             close = content.find("</think>")
             if close == -1 or "<think>" in content[:close] or not _ends_a_block(content, close):
@@ -489,6 +497,7 @@ def _reasoning(content: str) -> str:
         if emptied == content:
             return "<think>\n" + content[len("<think>") :].lstrip()
         content = emptied
+    return content
 
 
 def _ends_a_block(content: str, close: int) -> bool:

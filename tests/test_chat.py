@@ -263,6 +263,23 @@ def test_split_query_without_a_template(query, prompt, context, response):
     assert (chat.context_text(got_context), got_response) == (context, response)
 
 
+def test_a_response_wrapped_over_and_over_is_read_in_linear_time():
+    """A policy output that repeats a harmony answer header, or closes empty reasoning blocks,
+    to the body limit: each unwrapping read the whole text again (2 MB took minutes on the
+    event loop). A few wrappings are taken off, as a real output holds; the rest is judged as
+    written. One wrapping still reads as the answer it wraps."""
+    import time
+
+    t0 = time.perf_counter()
+    for unit in ("<|channel|>final<|message|>", "</think>\n"):
+        got = chat.normalize_item({"context": "hi", "response": unit * (2_000_000 // len(unit)) + "x"})
+        assert got["response"].endswith(unit.strip() + "\nx" if unit.endswith("\n") else unit + "x")
+        assert chat.normalize_item({"context": "hi", "response": unit + "x"})["response"] == "x"
+    seconds = time.perf_counter() - t0
+    # A liveness bound, not a speed goal: linear takes milliseconds, quadratic minutes.
+    assert seconds < 20, f"{seconds:.1f} s"
+
+
 def test_a_plain_transcript_splits_in_linear_time_and_with_crlf():
     """A policy that runs on in newlines (or in turn headers) to its length limit: splitting
     and rendering stay linear (a pattern that rescanned the run from every newline took 34 s
