@@ -526,13 +526,29 @@ def message_text(content: Any) -> str:
     return ""
 
 
+# Where a reasoning model's message keeps its reasoning apart from its content: vLLM's and
+# OpenAI-style `reasoning_content`, and `thinking` (what TRL parses some models' responses into).
+REASONING_KEYS = ("reasoning_content", "thinking")
+
+
+def _message_content(m: Mapping[str, Any], role: str) -> str:
+    """A message's text, an assistant's with the reasoning it keeps apart in front as its
+    reasoning block (unless its content holds one), as the same turn laid out as text has it."""
+    text = message_text(m.get("content"))
+    if role == "Assistant":
+        reasoning = next((r for k in REASONING_KEYS if isinstance(r := m.get(k), str) and r.strip()), None)
+        if reasoning is not None and "<think>" not in text:
+            text = f"<think>\n{reasoning.strip()}\n</think>\n\n{text}"
+    return text
+
+
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
     """The canonical transcript of `messages` (see the module docstring)."""
     markers = _markers(end_markers)
     kept = []
     for m in messages:
         role = _role(m.get("role"))
-        content = _with_tool_calls(_turn_content(role, message_text(m.get("content")), markers), m)
+        content = _with_tool_calls(_turn_content(role, _message_content(m, role), markers), m)
         if content:
             kept.append((role, content))
     if len(kept) == 1 and kept[0][0] == "User":
@@ -550,7 +566,7 @@ def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[s
     blocks = []
     for m in messages:
         role = _role(m.get("role") or "assistant")
-        text = message_text(m.get("content"))
+        text = _message_content(m, role)
         if role == "Assistant":
             blocks.append(_with_tool_calls(_clean_response(text, markers), m))
         else:

@@ -81,6 +81,13 @@ _TOOL_CALLS = (
 )
 
 
+_REASONING = (
+    "an assistant turn's reasoning kept apart from its content (vLLM's `reasoning_content`; `thinking` as TRL "
+    "parses some models' responses): judged as the reasoning block in front of the content, as the same turn "
+    "laid out as text has it (unless the content holds one)"
+)
+
+
 class ChatMessageIn(BaseModel):
     """One chat turn of a context or a response (TRL's conversational format, OpenAI-style
     messages, tool calls included)."""
@@ -102,6 +109,10 @@ class ChatMessageIn(BaseModel):
     )
     content: _content_type(_DEFAULTS.max_chars) = Field("", description=_MESSAGE_CONTENT)  # type: ignore[valid-type]
     tool_calls: list[dict[str, Any]] | None = Field(None, description=_TOOL_CALLS)
+    reasoning_content: Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | None = Field(
+        None, description=_REASONING
+    )
+    thinking: Annotated[str, Field(max_length=_DEFAULTS.max_chars)] | None = Field(None, description=_REASONING)
 
     @model_validator(mode="before")
     @classmethod
@@ -240,7 +251,17 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
     chars, most = settings.max_chars, settings.max_items
 
     content = Field("", description=f"{_MESSAGE_CONTENT}; at most {chars} characters")
-    message = create_model("ChatMessageIn", __base__=ChatMessageIn, content=(_content_type(chars), content))
+    reasoning = (
+        Annotated[str, Field(max_length=chars)] | None,
+        Field(None, description=f"{_REASONING}; at most {chars} characters"),
+    )
+    message = create_model(
+        "ChatMessageIn",
+        __base__=ChatMessageIn,
+        content=(_content_type(chars), content),
+        reasoning_content=reasoning,
+        thinking=reasoning,
+    )
     texts = Annotated[str, Field(max_length=chars)] | list[message]  # type: ignore[valid-type]
     context = (texts, Field("", description=f"{_CONTEXT}; at most {chars} characters (each message's content)"))
 

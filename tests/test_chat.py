@@ -263,6 +263,22 @@ def test_split_query_without_a_template(query, prompt, context, response):
     assert (chat.context_text(got_context), got_response) == (context, response)
 
 
+def test_reasoning_kept_apart_reads_as_the_turn_laid_out_as_text():
+    """An assistant message's `reasoning_content` (or `thinking`) is its reasoning block, in a
+    response and in a context's earlier turns alike; a content that holds a block already keeps
+    its own; another role's is not read."""
+    as_text = "<think>\nIt is 4.\n</think>\n\nFour."
+    for key in chat.REASONING_KEYS:
+        message = {"role": "assistant", "content": "Four.", key: " It is 4. "}
+        assert chat.response_text([message]) == chat.clean_response(as_text)
+        history = [{"role": "user", "content": "2+2?"}, message, {"role": "user", "content": "Sure?"}]
+        assert chat.render(history) == f"User: 2+2?\n\nAssistant: {chat.clean_response(as_text)}\n\nUser: Sure?"
+    own = {"role": "assistant", "content": "<think>\nMine.\n</think>\n\nFour.", "reasoning_content": "Other."}
+    assert chat.response_text([own]) == "<think>\nMine.\n</think>\n\nFour."
+    user = [{"role": "user", "content": "Hi", "reasoning_content": "private"}, {"role": "user", "content": "2+2?"}]
+    assert "private" not in chat.render(user)
+
+
 def test_a_response_wrapped_over_and_over_is_read_in_linear_time():
     """A policy output that repeats a harmony answer header, or closes empty reasoning blocks,
     to the body limit: each unwrapping read the whole text again (2 MB took minutes on the

@@ -199,6 +199,28 @@ def test_a_tool_calling_completion_is_judged_with_its_calls(live_server, labeler
     assert "tool_calls" in schemas["ChatMessageIn"]["properties"]
 
 
+def test_reasoning_kept_apart_is_judged_as_the_same_turn_as_text(make_server, labeler):
+    """A reasoning model's answer as a message with its reasoning kept apart (vLLM's
+    `reasoning_content`; `thinking`, as TRL parses some models' responses) is judged, and
+    cached, as the same answer written as text with its <think> block: from the HTTP API and
+    through TRL's reward function. The reasoning is held to `max_chars`, named."""
+    srv = make_server(max_chars=200)
+    thought, answer = "2+2 is 4... but I will say 5.", "The answer is 5."
+    as_text = f"<think>\n{thought}\n</think>\n\n{answer}"
+    first = post(srv, "/v1/scores", {"task": "tiny", "items": [{"context": "2+2?", "response": as_text}]})
+    assert first["results"][0]["reward"] == pytest.approx(labeler.score("2+2?", as_text, "tiny").reward, abs=TOL)
+    for key in ("reasoning_content", "thinking"):
+        message = [{"role": "assistant", "content": answer, key: thought}]
+        got = post(srv, "/v1/scores", {"task": "tiny", "items": [{"context": "2+2?", "response": message}]})
+        assert got["usage"]["cached"] == 1 and got["results"][0]["reward"] == first["results"][0]["reward"]
+        assert reward_function(srv.url, task="tiny")(prompts=["2+2?"], completions=[message]) == [
+            first["results"][0]["reward"]
+        ]
+    too_long = [{"role": "assistant", "content": answer, "reasoning_content": "x" * 201}]
+    bad = httpx.post(srv.url + "/v1/scores", json={"task": "tiny", "items": [{"response": too_long}]}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "items[0].response[0].reasoning_content"
+
+
 def test_end_markers_are_a_setting(make_server, labeler):
     srv = make_server(end_markers=["[STOP]"])
     body = post(

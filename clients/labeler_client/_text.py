@@ -55,14 +55,22 @@ def _messages(value: Any) -> list[Message]:
     raise TypeError(f"expected text or a list of {{'role', 'content'}} messages, got {type(value).__name__}")
 
 
+# Where a reasoning model's message keeps its reasoning (vLLM's `reasoning_content`, TRL's
+# parsed `thinking`): the service judges it as the turn's reasoning block.
+_REASONING_KEYS = ("reasoning_content", "thinking")
+
+
 def _wire_messages(value: Text, role: str) -> list[dict[str, Any]]:
     """Messages for the wire: `{"role", "content"}` strings (`role` where a message has none),
-    with the message's `tool_calls` where it made any."""
+    with the message's `tool_calls` where it made any, and its reasoning where it keeps it apart."""
     out = []
     for m in _messages(value):
         message: dict[str, Any] = {"role": str(m.get("role") or role), "content": _content(m)}
         if m.get("tool_calls"):
             message["tool_calls"] = list(m["tool_calls"])
+        for key in _REASONING_KEYS:
+            if isinstance(m.get(key), str) and m[key].strip():
+                message[key] = m[key]
         out.append(message)
     return out
 

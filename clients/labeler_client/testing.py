@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from ._text import _content
+from ._text import _REASONING_KEYS, _content
 
 __all__ = ["FakeLabeler", "fake_reward"]
 
@@ -56,8 +56,9 @@ def _text(value: Any) -> str:
     the server reads such a response: a completion as text or as a message is the same)."""
     if isinstance(value, str):
         return value
-    if len(value) == 1 and value[0].get("role") == "assistant" and not value[0].get("tool_calls"):
-        return _content(value[0])
+    lone = value[0] if len(value) == 1 else {}
+    if lone.get("role") == "assistant" and not any(lone.get(k) for k in ("tool_calls", *_REASONING_KEYS)):
+        return _content(lone)
     return json.dumps(value, sort_keys=True)
 
 
@@ -465,6 +466,9 @@ class FakeLabeler:
             if content is None or (isinstance(content, list) and all(isinstance(p, dict) for p in content)):
                 content = _content(m)
             texts.append((f"{at}[{k}].content", content))
+            for key in _REASONING_KEYS:
+                if m.get(key) is not None:
+                    texts.append((f"{at}[{k}].{key}", m[key]))
             calls = m.get("tool_calls")
             if calls is not None and not isinstance(calls, list):
                 return self._invalid(f"{at}[{k}].tool_calls", "Input should be a valid list")
