@@ -634,19 +634,28 @@ def split_query(
         # Matched without a start-of-sequence token, which one may have and the other not.
         bare_query, bare_prompt = _lstrip_tokens(query, _BOS), _lstrip_tokens(prompt, _BOS)
         if bare_prompt and bare_query.startswith(bare_prompt):
-            return prompt, _clean_response(bare_query[len(bare_prompt) :], _with_template_ends(prompt, markers))
+            return prompt, _after_prompt(prompt, bare_query[len(bare_prompt) :], markers)
         past = _past_prompt(bare_prompt, bare_query)
         if past is not None:
-            return prompt, _clean_response(bare_query[past:], _with_template_ends(prompt, markers))
+            return prompt, _after_prompt(prompt, bare_query[past:], markers)
     kept = _kept_tail(prompt, query) if prompt else None
     if kept is not None:
-        return prompt, _clean_response(query[kept:], _with_template_ends(prompt, markers))
+        return prompt, _after_prompt(prompt, query[kept:], markers)
     messages = parse(query, markers)
     if messages is None:
         return "", _clean_response(query, markers)
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
     return messages, ""
+
+
+def _after_prompt(prompt: str, response: str, markers: tuple[str, ...]) -> str:
+    """The response that follows `prompt`, cleaned; after a prompt whose template opened the
+    reasoning block (DeepSeek R1's and Qwen 3's generation prompts end in "<think>"), with the
+    opening tag back, as the same turn split by its template reads."""
+    if prompt.rstrip().endswith("<think>") and not response.lstrip().startswith("<think>"):
+        response = "<think>\n" + response
+    return _clean_response(response, _with_template_ends(prompt, markers))
 
 
 def _with_template_ends(prompt: str, markers: tuple[str, ...]) -> tuple[str, ...]:

@@ -263,6 +263,25 @@ def test_split_query_without_a_template(query, prompt, context, response):
     assert (chat.context_text(got_context), got_response) == (context, response)
 
 
+@pytest.mark.parametrize(
+    ("prompt", "answer"),
+    [
+        (
+            "<｜begin▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜><think>\n",
+            "Simple.</think>The answer is 4.<｜end▁of▁sentence｜>",
+        ),
+        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n", "Adding.\n</think>\n\n4<|im_end|>"),
+        ("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n", "Still adding<|im_end|>"),
+    ],
+)
+def test_an_answer_after_a_prompt_that_opened_its_reasoning_reads_the_same_with_the_prompt(prompt, answer):
+    """A generation prompt that ends in "<think>" (DeepSeek R1's, Qwen 3's with thinking on):
+    the answer after it gets its opening tag back, as the same query split by its template
+    without `prompts` reads it."""
+    with_prompt = chat.split_query(prompt + answer, prompt)[1]
+    assert with_prompt == chat.split_query(prompt + answer)[1] and with_prompt.startswith("<think>\n")
+
+
 def test_reasoning_kept_apart_reads_as_the_turn_laid_out_as_text():
     """An assistant message's `reasoning_content` (or `thinking`) is its reasoning block, in a
     response and in a context's earlier turns alike; a content that holds a block already keeps
