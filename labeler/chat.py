@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -631,13 +632,16 @@ def split_query(
     query = _lstrip_tokens(query, padding)
     if prompt:
         prompt = _lstrip_tokens(prompt, padding)
-        # Matched without a start-of-sequence token, which one may have and the other not.
+        # Matched without a start-of-sequence token, which one may have and the other not; and
+        # in NFC too: a tokenizer that normalizes text (Qwen's) decodes the query composed
+        # whatever form the prompt was given in.
         bare_query, bare_prompt = _lstrip_tokens(query, _BOS), _lstrip_tokens(prompt, _BOS)
-        if bare_prompt and bare_query.startswith(bare_prompt):
-            return prompt, _after_prompt(prompt, bare_query[len(bare_prompt) :], markers)
-        past = _past_prompt(bare_prompt, bare_query)
-        if past is not None:
-            return prompt, _after_prompt(prompt, bare_query[past:], markers)
+        for form in dict.fromkeys((bare_prompt, unicodedata.normalize("NFC", bare_prompt))):
+            if form and bare_query.startswith(form):
+                return prompt, _after_prompt(prompt, bare_query[len(form) :], markers)
+            past = _past_prompt(form, bare_query)
+            if past is not None:
+                return prompt, _after_prompt(prompt, bare_query[past:], markers)
     kept = _kept_tail(prompt, query) if prompt else None
     if kept is not None:
         return prompt, _after_prompt(prompt, query[kept:], markers)

@@ -247,6 +247,17 @@ def test_a_deepseek_marker_inside_a_plain_prompt_is_text():
     assert (chat.context_text(context), response) == (CANONICAL, R)
 
 
+def test_a_prompt_decoded_in_another_unicode_form_is_still_found():
+    """A tokenizer that normalizes text (Qwen's, to NFC) decodes the query composed while the
+    request's prompt keeps the dataset's decomposed form: the prompt is found all the same, and
+    only the answer is judged (not the whole query, with an empty context)."""
+    import unicodedata
+
+    prompt = "Question: Qu'est-ce qu'un cafe\u0301 au lait ?\nAnswer:"
+    query = unicodedata.normalize("NFC", prompt) + " A coffee with milk."
+    assert chat.split_query(query, prompt) == (prompt, "A coffee with milk.")
+
+
 @pytest.mark.parametrize(
     ("query", "prompt", "context", "response"),
     [
