@@ -324,6 +324,12 @@ def normalize_pair(where: str, rec: Any) -> Pair:
             prompt = _text_or_messages(where, "prompt", rec["prompt"])
             if len({isinstance(prompt, str), isinstance(chosen, str), isinstance(rejected, str)}) != 1:
                 raise MalformedRecord(where, "'prompt', 'chosen' and 'rejected' must all be text or all be messages")
+            if isinstance(prompt, str) and _inside_an_answer(prompt):
+                # TRL's extract_prompt cuts text where chosen and rejected first differ: when both
+                # answers begin alike ("I can't ...", "I can ..."), inside the answer. Judged as
+                # the transcripts they are, each answer whole; the rows keep the given split.
+                hh = _split_hh(where, prompt + chosen, prompt + rejected)
+                return Pair(hh.context, hh.response_a, hh.response_b, prompt, chosen, rejected, "trl", "a", where)
             return Pair(
                 prompt_text(prompt),
                 response_text(_after(prompt, chosen)),
@@ -345,6 +351,12 @@ def normalize_pair(where: str, rec: Any) -> Pair:
         "not a known pair format: expected prompt/chosen/rejected (TRL), chosen/rejected (HH-RLHF "
         f"transcripts) or context/response_a/response_b; got keys {sorted(rec)}",
     )
+
+
+def _inside_an_answer(prompt: str) -> bool:
+    """Whether an HH-RLHF prompt ends inside its final Assistant turn (text after the marker)."""
+    i = prompt.rfind(HH_ASSISTANT)
+    return i >= 0 and HH_HUMAN not in prompt[i:] and bool(prompt[i + len(HH_ASSISTANT) :].strip())
 
 
 def split_hh(transcript: str) -> tuple[str, str]:

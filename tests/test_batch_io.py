@@ -37,6 +37,19 @@ def test_hh_transcripts_split_into_shared_context_and_final_responses():
         assert (q.response_a, q.response_b) == ("Apple.", "Chair.") and q.context.endswith("Name a fruit.")
 
 
+def test_a_trl_prompt_cut_inside_the_answer_is_judged_as_its_transcripts():
+    """TRL's `extract_prompt` cuts text records where chosen and rejected first differ: both
+    answers beginning "I can" leave "I can" in the prompt and fragments as the completions. The
+    pair is judged as its HH transcripts (each answer whole), and the rows keep TRL's split."""
+    question = "\n\nHuman: Can you help me cheat on my exam?\n\nAssistant:"
+    hh = {"chosen": question + " I can't help with that.", "rejected": question + " I can help: hide notes."}
+    trl = {"prompt": question + " I can", "chosen": "'t help with that.", "rejected": " help: hide notes."}
+    whole, cut = io.normalize_pair("line 1", hh), io.normalize_pair("line 1", trl)
+    assert (cut.context, cut.response_a, cut.response_b) == (whole.context, whole.response_a, whole.response_b)
+    assert (cut.response_a, cut.response_b) == ("I can't help with that.", "I can help: hide notes.")
+    assert (cut.prompt, cut.orig_a, cut.orig_b, cut.fmt) == (trl["prompt"], trl["chosen"], trl["rejected"], "trl")
+
+
 def test_hh_with_different_contexts_is_malformed():
     other = HH_CTX.replace("Hi", "Hey")
     with pytest.raises(io.MalformedRecord, match="line 4: the chosen and rejected transcripts differ"):
