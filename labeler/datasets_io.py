@@ -322,6 +322,10 @@ def normalize_pair(where: str, rec: Any) -> Pair:
         rejected = _text_or_messages(where, "rejected", rec["rejected"])
         if "prompt" in rec:
             prompt = _text_or_messages(where, "prompt", rec["prompt"])
+            if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
+                # A text prompt beside conversations that hold it (some datasets add one): read
+                # from the conversations, as TRL's maybe_extract_prompt does.
+                return _split_messages(where, chosen, rejected)
             if len({isinstance(prompt, str), isinstance(chosen, str), isinstance(rejected, str)}) != 1:
                 raise MalformedRecord(where, "'prompt', 'chosen' and 'rejected' must all be text or all be messages")
             if isinstance(prompt, str) and _inside_an_answer(prompt):

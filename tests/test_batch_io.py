@@ -50,6 +50,20 @@ def test_a_trl_prompt_cut_inside_the_answer_is_judged_as_its_transcripts():
     assert (cut.prompt, cut.orig_a, cut.orig_b, cut.fmt) == (trl["prompt"], trl["chosen"], trl["rejected"], "trl")
 
 
+def test_a_text_prompt_beside_full_conversations_is_read_from_the_conversations():
+    """Some datasets add a text `prompt` column to conversations that hold the prompt: TRL's
+    `maybe_extract_prompt` then takes the prompt from the conversations; so does this reader."""
+    chosen = [*USER, {"role": "assistant", "content": "Apple."}]
+    rejected = [*USER, {"role": "assistant", "content": "Chair."}]
+    implicit = io.normalize_pair("line 1", {"chosen": chosen, "rejected": rejected})
+    given = io.normalize_pair("line 1", {"prompt": "Name a fruit.", "chosen": chosen, "rejected": rejected})
+    assert given == implicit and (given.context, given.response_a, given.response_b) == (
+        "Name a fruit.",
+        "Apple.",
+        "Chair.",
+    )
+
+
 def test_hh_with_different_contexts_is_malformed():
     other = HH_CTX.replace("Hi", "Hey")
     with pytest.raises(io.MalformedRecord, match="line 4: the chosen and rejected transcripts differ"):
