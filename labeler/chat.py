@@ -125,6 +125,7 @@ _CANONICAL_ROLES = {"System": "system", "User": "user", "Assistant": "assistant"
 
 # An empty reasoning block that a template puts in front of an answer (Qwen 3 with thinking
 # off, DeepSeek R1's open "<think>" generation prompt): template, not content.
+_CLOSING_RUN = re.compile(r"(?:\s*</think>)+\s*")
 _EMPTY_THINK = re.compile(r"\A\s*<think>\s*(?:</think>\s*)?\Z|\A\s*(?:<think>\s*</think>\s*)+")
 
 
@@ -491,6 +492,9 @@ def _reasoning(content: str) -> str:
     for _ in range(_MAX_UNWRAP):
         if not content.startswith("<think>"):
             close = content.find("</think>")
+            if close == 0:  # blocks the template opened that close at once: empty, however many
+                content = content[_CLOSING_RUN.match(content).end() :]
+                continue
             if close == -1 or "<think>" in content[:close] or not _ends_a_block(content, close):
                 return content
             content = "<think>" + content
@@ -538,9 +542,19 @@ def _message_content(m: Mapping[str, Any], role: str) -> str:
     text = message_text(m.get("content"))
     if role == "Assistant":
         reasoning = next((r for k in REASONING_KEYS if isinstance(r := m.get(k), str) and r.strip()), None)
-        if reasoning is not None and "<think>" not in text:
+        if reasoning is not None and not _holds_a_block(text):
             text = f"<think>\n{reasoning.strip()}\n</think>\n\n{text}"
     return text
+
+
+def _holds_a_block(text: str) -> bool:
+    """Whether an answer's text opens with a reasoning block (a `<think>` one, or one a
+    template opened that only closes), rather than mentioning the tag."""
+    text = text.lstrip()
+    if text.startswith("<think>"):
+        return True
+    close = text.find("</think>")
+    return close != -1 and "<think>" not in text[:close] and _ends_a_block(text, close)
 
 
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
@@ -642,9 +656,10 @@ def split_query(
             past = _past_prompt(form, bare_query)
             if past is not None:
                 return prompt, _after_prompt(prompt, bare_query[past:], markers)
-    kept = _kept_tail(prompt, query) if prompt else None
-    if kept is not None:
-        return prompt, _after_prompt(prompt, query[kept:], markers)
+        for form in dict.fromkeys((prompt, unicodedata.normalize("NFC", prompt))):
+            kept = _kept_tail(form, query)
+            if kept is not None:
+                return prompt, _after_prompt(prompt, query[kept:], markers)
     messages = parse(query, markers)
     if messages is None:
         return "", _clean_response(query, markers)
@@ -657,9 +672,20 @@ def _after_prompt(prompt: str, response: str, markers: tuple[str, ...]) -> str:
     """The response that follows `prompt`, cleaned; after a prompt whose template opened the
     reasoning block (DeepSeek R1's and Qwen 3's generation prompts end in "<think>"), with the
     opening tag back, as the same turn split by its template reads."""
-    if prompt.rstrip().endswith("<think>") and not response.lstrip().startswith("<think>"):
+    if _opens_reasoning(prompt) and not response.lstrip().startswith("<think>"):
         response = "<think>\n" + response
     return _clean_response(response, _with_template_ends(prompt, markers))
+
+
+def _opens_reasoning(prompt: str) -> bool:
+    """Whether `prompt` ends by opening the answer's reasoning block: "<think>" after a chat
+    template's generation prompt, or after a plain transcript's "Assistant:" (R1-Zero's
+    form), not at the end of a text that mentions the tag."""
+    head = prompt.rstrip()
+    if not head.endswith("<think>"):
+        return False
+    head = head[: -len("<think>")].rstrip()
+    return head.endswith("Assistant:") or _template_turns(prompt) is not None
 
 
 def _with_template_ends(prompt: str, markers: tuple[str, ...]) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,17 +324,41 @@ def normalize_pair(where: str, rec: Any) -> Pair:
         if "prompt" in rec:
             prompt = _text_or_messages(where, "prompt", rec["prompt"])
             if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
-                # A text prompt beside conversations that hold it (some datasets add one): read
-                # from the conversations, as TRL's maybe_extract_prompt does.
-                return _split_messages(where, chosen, rejected)
+                if _shared_question(chosen, rejected):
+                    # A text prompt beside conversations that hold it (some datasets add one):
+                    # read from the conversations, as TRL's maybe_extract_prompt does.
+                    return _split_messages(where, chosen, rejected)
+                # Completions as messages after a text prompt: the prompt is the context.
+                return Pair(
+                    prompt_text(prompt),
+                    response_text(chosen),
+                    response_text(rejected),
+                    prompt,
+                    chosen,
+                    rejected,
+                    "trl",
+                    "a",
+                    where,
+                )
             if len({isinstance(prompt, str), isinstance(chosen, str), isinstance(rejected, str)}) != 1:
                 raise MalformedRecord(where, "'prompt', 'chosen' and 'rejected' must all be text or all be messages")
-            if isinstance(prompt, str) and _inside_an_answer(prompt):
+            cut = _answer_start(prompt) if isinstance(prompt, str) else None
+            if cut is not None:
                 # TRL's extract_prompt cuts text where chosen and rejected first differ: when both
-                # answers begin alike ("I can't ...", "I can ..."), inside the answer. Judged as
-                # the transcripts they are, each answer whole; the rows keep the given split.
-                hh = _split_hh(where, prompt + chosen, prompt + rejected)
-                return Pair(hh.context, hh.response_a, hh.response_b, prompt, chosen, rejected, "trl", "a", where)
+                # answers begin alike ("I can't ...", "I can ..."), inside the answer. Judged
+                # with each answer whole; the rows keep the given split.
+                start = prompt[cut:]
+                return Pair(
+                    _hh_context(prompt[:cut]),
+                    clean_response(start + chosen),
+                    clean_response(start + rejected),
+                    prompt,
+                    chosen,
+                    rejected,
+                    "trl",
+                    "a",
+                    where,
+                )
             return Pair(
                 prompt_text(prompt),
                 response_text(_after(prompt, chosen)),
@@ -357,10 +382,31 @@ def normalize_pair(where: str, rec: Any) -> Pair:
     )
 
 
-def _inside_an_answer(prompt: str) -> bool:
-    """Whether an HH-RLHF prompt ends inside its final Assistant turn (text after the marker)."""
+def _answer_start(prompt: str) -> int | None:
+    """Where the final answer starts in an HH-RLHF prompt that ends inside it (text after its
+    last "\n\nAssistant:", and no turn header of any form after that), else None."""
+    hh = HH_HUMAN in prompt or prompt.lstrip().startswith(HH_HUMAN.lstrip())
     i = prompt.rfind(HH_ASSISTANT)
-    return i >= 0 and HH_HUMAN not in prompt[i:] and bool(prompt[i + len(HH_ASSISTANT) :].strip())
+    if not hh or i < 0:
+        return None
+    cut = i + len(HH_ASSISTANT)
+    rest = prompt[cut:]
+    return cut if rest.strip() and not _TURN_HEADER.search(rest) else None
+
+
+# A turn header of a plain transcript, in any of the role names one uses.
+_TURN_HEADER = re.compile(r"\n\n(?:Human|User|System|Assistant|Tool):")
+
+
+def _shared_question(chosen: list, rejected: list) -> bool:
+    """Whether two conversations share their leading turns up to a user's (they hold the
+    prompt), rather than only the policy's first steps."""
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            return False
+        if a.get("role") == "user":
+            return True
+    return False
 
 
 def split_hh(transcript: str) -> tuple[str, str]:

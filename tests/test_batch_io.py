@@ -48,6 +48,17 @@ def test_a_trl_prompt_cut_inside_the_answer_is_judged_as_its_transcripts():
     assert (cut.context, cut.response_a, cut.response_b) == (whole.context, whole.response_a, whole.response_b)
     assert (cut.response_a, cut.response_b) == ("I can't help with that.", "I can help: hide notes.")
     assert (cut.prompt, cut.orig_a, cut.orig_b, cut.fmt) == (trl["prompt"], trl["chosen"], trl["rejected"], "trl")
+    # An answer that quotes a dialogue is still cut at the prompt's own last answer marker.
+    quoting = {**trl, "chosen": "'t: they said\n\nAssistant: no."}
+    assert io.normalize_pair("line 1", quoting).response_a == "I can't: they said\n\nAssistant: no."
+    # Prompts that end after a user's turn are no answers cut short, whatever their role names.
+    for prompt in (
+        "User: Hi\n\nAssistant: Hello! How can I help?\n\nUser: Name a fruit.",
+        "\n\nHuman: Hi\n\nAssistant: Hello!\n\nUser: Name a fruit.",
+        "Continue the transcript:\n\nAssistant: Hello, I am",
+    ):
+        p = io.normalize_pair("line 1", {"prompt": prompt, "chosen": "Apple.", "rejected": "Chair."})
+        assert (p.context, p.response_a, p.response_b) == (io.prompt_text(prompt), "Apple.", "Chair."), prompt
 
 
 def test_a_text_prompt_beside_full_conversations_is_read_from_the_conversations():
@@ -62,6 +73,17 @@ def test_a_text_prompt_beside_full_conversations_is_read_from_the_conversations(
         "Apple.",
         "Chair.",
     )
+    # Completions alone (a shared first tool step, no user turn): the text prompt is the context.
+    step = {"role": "assistant", "content": "Let me check."}
+    done = io.normalize_pair(
+        "line 1",
+        {
+            "prompt": "Weather in Paris?",
+            "chosen": [step, {"role": "assistant", "content": "Sunny."}],
+            "rejected": [step],
+        },
+    )
+    assert done.context == "Weather in Paris?" and done.response_a == "Let me check.\n\nSunny."
 
 
 def test_hh_with_different_contexts_is_malformed():

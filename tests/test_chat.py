@@ -256,6 +256,10 @@ def test_a_prompt_decoded_in_another_unicode_form_is_still_found():
     prompt = "Question: Qu'est-ce qu'un cafe\u0301 au lait ?\nAnswer:"
     query = unicodedata.normalize("NFC", prompt) + " A coffee with milk."
     assert chat.split_query(query, prompt) == (prompt, "A coffee with milk.")
+    # The same prompt cut from the left to a length limit, as OpenRLHF cuts one.
+    long = "Some background. " * 8 + prompt
+    cut = unicodedata.normalize("NFC", long)[40:] + " A coffee with milk."
+    assert chat.split_query(cut, long) == (long, "A coffee with milk.")
 
 
 @pytest.mark.parametrize(
@@ -293,6 +297,15 @@ def test_an_answer_after_a_prompt_that_opened_its_reasoning_reads_the_same_with_
     assert with_prompt == chat.split_query(prompt + answer)[1] and with_prompt.startswith("<think>\n")
 
 
+def test_a_prompt_that_mentions_the_reasoning_tag_opens_no_block():
+    """A plain prompt ending in the tag as a word is no generation prompt: the answer after it
+    is read as written; after a plain transcript's "Assistant:" (R1-Zero's form) it opens one."""
+    prompt = "Explain the tag <think>"
+    assert chat.split_query(prompt + "\nIt opens a reasoning block.", prompt)[1] == "It opens a reasoning block."
+    zero = "User: 2+2?\n\nAssistant: <think>"
+    assert chat.split_query(zero + "\nadd</think> 4", zero)[1] == "<think>\nadd</think> 4"
+
+
 def test_reasoning_kept_apart_reads_as_the_turn_laid_out_as_text():
     """An assistant message's `reasoning_content` (or `thinking`) is its reasoning block, in a
     response and in a context's earlier turns alike; a content that holds a block already keeps
@@ -305,6 +318,9 @@ def test_reasoning_kept_apart_reads_as_the_turn_laid_out_as_text():
         assert chat.render(history) == f"User: 2+2?\n\nAssistant: {chat.clean_response(as_text)}\n\nUser: Sure?"
     own = {"role": "assistant", "content": "<think>\nMine.\n</think>\n\nFour.", "reasoning_content": "Other."}
     assert chat.response_text([own]) == "<think>\nMine.\n</think>\n\nFour."
+    # An answer that mentions the tag holds no block of its own: its reasoning goes in front.
+    mention = {"role": "assistant", "content": "Wrap it in <think> tags.", "reasoning_content": "About tags."}
+    assert chat.response_text([mention]) == "<think>\nAbout tags.\n</think>\n\nWrap it in <think> tags."
     user = [{"role": "user", "content": "Hi", "reasoning_content": "private"}, {"role": "user", "content": "2+2?"}]
     assert "private" not in chat.render(user)
 
@@ -312,14 +328,18 @@ def test_reasoning_kept_apart_reads_as_the_turn_laid_out_as_text():
 def test_a_response_wrapped_over_and_over_is_read_in_linear_time():
     """A policy output that repeats a harmony answer header, or closes empty reasoning blocks,
     to the body limit: each unwrapping read the whole text again (2 MB took minutes on the
-    event loop). A few wrappings are taken off, as a real output holds; the rest is judged as
-    written. One wrapping still reads as the answer it wraps."""
+    event loop). A run of closed empty blocks is dropped at once; a few harmony headers are
+    taken off, as a real output holds, and the rest is judged as written. One wrapping still
+    reads as the answer it wraps."""
     import time
 
     t0 = time.perf_counter()
-    for unit in ("<|channel|>final<|message|>", "</think>\n"):
-        got = chat.normalize_item({"context": "hi", "response": unit * (2_000_000 // len(unit)) + "x"})
-        assert got["response"].endswith(unit.strip() + "\nx" if unit.endswith("\n") else unit + "x")
+    header, closing = "<|channel|>final<|message|>", "</think>\n"
+    got = chat.normalize_item({"context": "hi", "response": header * (2_000_000 // len(header)) + "x"})
+    assert got["response"].endswith(header + "x")
+    got = chat.normalize_item({"context": "hi", "response": closing * (2_000_000 // len(closing)) + "x"})
+    assert got["response"] == "x"
+    for unit in (header, closing):
         assert chat.normalize_item({"context": "hi", "response": unit + "x"})["response"] == "x"
     seconds = time.perf_counter() - t0
     # A liveness bound, not a speed goal: linear takes milliseconds, quadratic minutes.

@@ -1086,6 +1086,20 @@ def test_an_injected_item_failure_finds_pairs_references_and_groups():
     assert [g is None for g in client.group_rewards(groups, "tiny", on_error="none")] == [False, True]
 
 
+def test_the_fake_reads_reasoning_kept_apart_as_the_server_does():
+    """A lone assistant message is its content, as the server reads it, unless it carries
+    reasoning (then the reasoning is judged too): blank reasoning is none."""
+    fake = FakeLabeler()
+
+    def reward(response: Any) -> float:
+        body = {"task": "tiny", "items": [{"context": "2+2?", "response": response}]}
+        return fake.handle(httpx.Request("POST", URL + "/v1/scores", json=body)).json()["results"][0]["reward"]
+
+    plain = reward("4")
+    assert reward([{"role": "assistant", "content": "4", "reasoning_content": "  "}]) == plain
+    assert reward([{"role": "assistant", "content": "4", "reasoning_content": "Adding."}]) != plain
+
+
 def test_the_fake_names_a_failed_item_only_beside_items_that_did_not_fail():
     """As the server: an error every item of a request got names none of them (a request of
     one item names it), so a client does not set items aside one by one."""

@@ -57,7 +57,8 @@ def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
     lone = value[0] if len(value) == 1 else {}
-    if lone.get("role") == "assistant" and not any(lone.get(k) for k in ("tool_calls", *_REASONING_KEYS)):
+    reasoning = any(isinstance(r := lone.get(k), str) and r.strip() for k in _REASONING_KEYS)
+    if lone.get("role") == "assistant" and not lone.get("tool_calls") and not reasoning:
         return _content(lone)
     return json.dumps(value, sort_keys=True)
 
