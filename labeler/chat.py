@@ -491,12 +491,11 @@ def _reasoning(content: str) -> str:
     as its template laid it out, and the text after a prompt read the same."""
     for _ in range(_MAX_UNWRAP):
         if not content.startswith("<think>"):
-            close = content.find("</think>")
-            if close == 0:  # blocks the template opened that close at once: empty, however many
+            if not _holds_a_block(content):
+                return content
+            if content.startswith("</think>"):  # blocks the template opened that close at once: empty
                 content = content[_CLOSING_RUN.match(content).end() :]
                 continue
-            if close == -1 or "<think>" in content[:close] or not _ends_a_block(content, close):
-                return content
             content = "<think>" + content
         emptied = _EMPTY_THINK.sub("", content, count=1)
         if emptied == content:

@@ -57,11 +57,9 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 5
 
 def build_labeler(settings: Settings, tasks: TaskRegistry | None = None) -> Labeler:
     """Load the engine and tasks the settings name (blocking: run it in a thread)."""
-    from labeler.engines import engine_options, load_engine
+    from labeler.engines import load_engine
 
-    options = engine_options(
-        settings.engine, device=settings.device, engine_args=settings.engine_args, vllm_urls=settings.vllm_urls
-    )
+    options = settings.engine_options()
     return Labeler(
         load_engine(settings.engine, settings.model, **options),
         tasks if tasks is not None else TaskRegistry.load(settings.tasks_dir),

@@ -155,12 +155,10 @@ def check_start(settings: Settings) -> None:
     would refuse with a traceback after minutes of loading: an unknown engine or engine option,
     vllm-remote without URLs, a model that is no local model (the embedded one is converted
     here, once), and what vLLM would refuse of its arguments."""
-    from labeler.engines import check_engine, engine_options
+    from labeler.engines import check_engine
     from labeler.models import resolve_model
 
-    options = engine_options(
-        settings.engine, device=settings.device, engine_args=settings.engine_args, vllm_urls=settings.vllm_urls
-    )
+    options = settings.engine_options()
     check_engine(settings.engine, options)
     resolve_model(settings.model)
     if settings.engine == "vllm":

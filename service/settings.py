@@ -119,6 +119,12 @@ class Settings(BaseSettings):
             )
         return self
 
+    def engine_options(self) -> dict[str, Any]:
+        """The options `labeler.engines.load_engine` takes for these settings' engine."""
+        from labeler.engines import engine_options
+
+        return engine_options(self.engine, device=self.device, engine_args=self.engine_args, vllm_urls=self.vllm_urls)
+
     def effective_batch_concurrency(self) -> int:
         if self.batch_concurrency:
             return self.batch_concurrency
