@@ -326,50 +326,21 @@ def normalize_pair(where: str, rec: Any) -> Pair:
             if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
                 if _shared_question(chosen, rejected):
                     # A text prompt beside conversations that hold it (some datasets add one):
-                    # read from the conversations, as TRL's maybe_extract_prompt does.
+                    # read from the conversations, as TRL's maybe_extract_prompt does. Beside
+                    # completions alone, the prompt is their context (below).
                     return _split_messages(where, chosen, rejected)
-                # Completions as messages after a text prompt: the prompt is the context.
-                return Pair(
-                    prompt_text(prompt),
-                    response_text(chosen),
-                    response_text(rejected),
-                    prompt,
-                    chosen,
-                    rejected,
-                    "trl",
-                    "a",
-                    where,
-                )
-            if len({isinstance(prompt, str), isinstance(chosen, str), isinstance(rejected, str)}) != 1:
+            elif len({isinstance(prompt, str), isinstance(chosen, str), isinstance(rejected, str)}) != 1:
                 raise MalformedRecord(where, "'prompt', 'chosen' and 'rejected' must all be text or all be messages")
-            cut = _answer_start(prompt) if isinstance(prompt, str) else None
+            cut = _answer_start(prompt) if isinstance(prompt, str) and isinstance(chosen, str) else None
             if cut is not None:
                 # TRL's extract_prompt cuts text where chosen and rejected first differ: when both
                 # answers begin alike ("I can't ...", "I can ..."), inside the answer. Judged
                 # with each answer whole; the rows keep the given split.
                 start = prompt[cut:]
-                return Pair(
-                    _hh_context(prompt[:cut]),
-                    clean_response(start + chosen),
-                    clean_response(start + rejected),
-                    prompt,
-                    chosen,
-                    rejected,
-                    "trl",
-                    "a",
-                    where,
-                )
-            return Pair(
-                prompt_text(prompt),
-                response_text(_after(prompt, chosen)),
-                response_text(_after(prompt, rejected)),
-                prompt,
-                chosen,
-                rejected,
-                "trl",
-                "a",
-                where,
-            )
+                context, a, b = _hh_context(prompt[:cut]), start + chosen, start + rejected
+            else:
+                context, a, b = prompt_text(prompt), _after(prompt, chosen), _after(prompt, rejected)
+            return Pair(context, response_text(a), response_text(b), prompt, chosen, rejected, "trl", "a", where)
         if isinstance(chosen, str) and isinstance(rejected, str):
             return _split_hh(where, chosen, rejected)
         if isinstance(chosen, list) and isinstance(rejected, list):
