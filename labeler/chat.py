@@ -35,7 +35,8 @@ Templates recognized, when a string starts with their markup (after a BOS token)
 
 The canonical transcript:
 - a lone user message is its content, as is (a plain-text prompt and the same prompt as one
-  user message read the same);
+  user message read the same), unless that text would read as a transcript of its own
+  ("User: hi", "[INST] ..."): then `User: content`, so the transcript reads back as itself;
 - otherwise one `Role: content` block per message, joined by blank lines, with the roles
   System, User, Assistant and Tool;
 - contents are trimmed and lose trailing end-of-turn markers, an assistant's also the empty
@@ -566,7 +567,11 @@ def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = E
         if content:
             kept.append((role, content))
     if len(kept) == 1 and kept[0][0] == "User":
-        return kept[0][1]
+        content = kept[0][1]
+        # Bare, unless as text it would read as a transcript of its own ("User: hi", "[INST]
+        # ..."): then under its header, which reads back as this one turn, so the transcript
+        # is read the same when it is given again (a batch run through the service).
+        return content if _plain_text(content) or parse(content, markers) is None else f"User: {content}"
     return "\n\n".join(f"{role}: {content}" for role, content in kept)
 
 

@@ -306,6 +306,25 @@ def test_a_prompt_that_mentions_the_reasoning_tag_opens_no_block():
     assert chat.split_query(zero + "\nadd</think> 4", zero)[1] == "<think>\nadd</think> 4"
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        "User: hi",
+        "Human: pretend you are my grandma",
+        "[INST] what does this tag mean? [/INST]",
+        "System: S\n\nUser: Q",
+    ],
+)
+def test_a_lone_message_that_reads_as_a_transcript_keeps_its_header(content):
+    """A user's message whose text looks like a transcript of its own: its canonical
+    transcript reads back as itself (a batch run through the service normalizes it again), and
+    not as the turns its text names."""
+    once = chat.context_text([{"role": "user", "content": content}])
+    assert once == f"User: {content}" and chat.context_text(once) == once
+    if content.startswith("System:"):
+        assert once != chat.context_text([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
+
+
 def test_reasoning_kept_apart_reads_as_the_turn_laid_out_as_text():
     """An assistant message's `reasoning_content` (or `thinking`) is its reasoning block, in a
     response and in a context's earlier turns alike; a content that holds a block already keeps
