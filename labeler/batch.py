@@ -232,9 +232,8 @@ class JsonlSink:
             if self.path.exists():
                 # Refused before a model loads (`writing` checks again when the run starts); a
                 # torn last line is cut under the lock, where no other run is appending.
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+                fd, _ = self._open_held()
                 try:
-                    self._hold(fd)
                     self._load()
                 finally:
                     os.close(fd)
