@@ -171,6 +171,32 @@ async def test_a_closed_transformers_engine_is_unavailable(model_dir):
     assert closed.model is None
 
 
+async def test_forwards_wait_in_the_engines_own_queue(engine, monkeypatch):
+    """Batches waiting for the model hold no thread of asyncio's default pool, which a Redis
+    host-name lookup or the service's start-up needs: with more batches waiting than that
+    pool has threads, a call on it still runs. A batch cancelled while it waits never runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from labeler.engines.base import LabelQuery, ScoreRequest
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    ids = tuple(engine.tokenizer("2+2=", add_special_tokens=False)["input_ids"])
+    request = [ScoreRequest(ids, (LabelQuery((), (16, 17)),))]
+    runs: list[int] = []
+    score_sync = engine.score_sync
+    monkeypatch.setattr(engine, "score_sync", lambda r: runs.append(len(r)) or score_sync(r))
+    with engine._lock:  # a forward running
+        waiting = [asyncio.ensure_future(engine.score(request)) for _ in range(4)]
+        await asyncio.sleep(0)
+        assert await asyncio.wait_for(loop.run_in_executor(None, lambda: "ran"), 10) == "ran"
+        waiting[-1].cancel()
+    answers = await asyncio.gather(*waiting[:3])
+    assert [a[0][()].keys() for a in answers] == [{16, 17}] * 3
+    assert runs == [1, 1, 1]
+    assert waiting[-1].cancelled()
+
+
 async def test_rationales_ignore_the_models_own_generation_defaults(engine, model_dir, tmp_path):
     """A model whose generation_config.json sets generation options (Qwen2.5 ships a repetition
     penalty, top-p and top-k; others beams, truncations or suppressed tokens) generates the

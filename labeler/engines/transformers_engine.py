@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import EngineError, EngineUnavailable, InvalidInput, ModelLoadError
 from ..scoring import TokenIds
@@ -54,6 +55,8 @@ from .base import (
     check_score_requests,
     finish_generation,
 )
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -307,21 +310,36 @@ class TransformersEngine:
         plain = self._window is None and _full_attention_only(model.config)
         self.pack_tokens = max(0, int(pack_tokens)) if sdpa and plain else 0
         self.stats = EngineStats()
-        # One model, one forward at a time; torch uses every core for each forward.
+        # One model, one forward at a time; torch uses every core for each forward. The
+        # forwards wait in a queue of their own: on asyncio's shared thread pool, batches
+        # waiting for the lock would hold the threads a Redis host-name lookup or the
+        # service's start-up needs.
         self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labeler-forward")
         self._closed = False
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     # -- protocol ------------------------------------------------------------------
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
-        return await asyncio.to_thread(self.score_sync, requests)
+        return await self._in_worker(self.score_sync, requests)
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
-        return await asyncio.to_thread(self.generate_sync, requests)
+        return await self._in_worker(self.generate_sync, requests)
+
+    async def _in_worker(self, fn: Callable[[Sequence[Any]], T], requests: Sequence[Any]) -> T:
+        # A call cancelled while it waits for the worker never runs (`to_thread` ran it anyway).
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._worker, fn, requests)
+        except RuntimeError:
+            if self._closed:  # the worker was shut down with the engine
+                raise EngineUnavailable("the transformers engine is closed") from None
+            raise
 
     async def aclose(self) -> None:
         self._closed = True
+        # Calls already queued run and find the engine closed (`EngineUnavailable`).
+        self._worker.shutdown(wait=False)
         # The model is dropped unless a forward still runs on it in a worker thread (a batch
         # cancelled at shutdown): waiting for that forward would hold up the shutdown.
         if self._lock.acquire(blocking=False):
