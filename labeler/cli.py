@@ -54,8 +54,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("LABELER_MODEL"),
         help="'embedded' (default), a local HF model directory, or a .gguf file [LABELER_MODEL]",
     )
-    g.add_argument("--engine", default=os.environ.get("LABELER_ENGINE", "transformers"), help="[LABELER_ENGINE]")
-    g.add_argument("--device", default=os.environ.get("LABELER_DEVICE", "cpu"), help="torch device [LABELER_DEVICE]")
+    # Unset unless given: `labeler serve` leaves them to its settings, which read the variables
+    # in any case (`labeler_engine` too), and supply the same defaults.
+    g.add_argument(
+        "--engine",
+        default=os.environ.get("LABELER_ENGINE"),
+        help="transformers | vllm | vllm-remote [LABELER_ENGINE, default transformers]",
+    )
+    g.add_argument(
+        "--device", default=os.environ.get("LABELER_DEVICE"), help="torch device [LABELER_DEVICE, default cpu]"
+    )
     g.add_argument(
         "--engine-arg",
         action=_Repeatable,
@@ -107,8 +115,9 @@ def build_labeler(args: argparse.Namespace):
     if getattr(args, "samples", None) is not None:
         options = {"cot": args.cot, "samples": args.samples, "seed": getattr(args, "seed", 0)}
         LabelSpec.build("pairwise", task="", task_version="", model="", labels=(), **options)  # InvalidInput
-    options = engine_options(args.engine, device=args.device, engine_args=args.engine_arg, vllm_urls=args.vllm_urls)
-    return Labeler(load_engine(args.engine, args.model, **options), tasks)
+    engine = args.engine or "transformers"
+    options = engine_options(engine, device=args.device or "cpu", engine_args=args.engine_arg, vllm_urls=args.vllm_urls)
+    return Labeler(load_engine(engine, args.model, **options), tasks)
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:

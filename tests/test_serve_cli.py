@@ -199,6 +199,28 @@ def test_repeatable_flags_replace_their_variables(monkeypatch, tmp_path):
     assert given.engine_args == ["dtype=float32", "threads=2"] and given.tasks_dir == [str(TEST_TASKS)]
 
 
+def test_serve_reads_its_variables_in_any_case_as_its_settings_do(monkeypatch):
+    """The settings read `labeler_engine` as `LABELER_ENGINE` (pydantic-settings' lookup is
+    case-insensitive): `--engine` and `--device`, left out, do not put their own defaults over
+    such a variable; given, they win over it, and without either the defaults are the same."""
+    import argparse
+
+    from service.cli import register, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    monkeypatch.delenv("LABELER_ENGINE", raising=False)
+    monkeypatch.delenv("LABELER_DEVICE", raising=False)
+    plain = settings_from_args(parser.parse_args(["serve"]))
+    assert (plain.engine, plain.device) == ("transformers", "cpu")
+    monkeypatch.setenv("labeler_engine", "vllm-remote")
+    monkeypatch.setenv("labeler_device", "cuda:1")
+    read = settings_from_args(parser.parse_args(["serve"]))
+    assert (read.engine, read.device) == ("vllm-remote", "cuda:1")
+    given = settings_from_args(parser.parse_args(["serve", "--engine", "vllm", "--device", "cpu"]))
+    assert (given.engine, given.device) == ("vllm", "cpu")
+
+
 def test_a_redis_cooldown_of_zero_is_refused(monkeypatch):
     """0 would never bypass an unreachable Redis: every request would wait on it and log it."""
     import argparse
