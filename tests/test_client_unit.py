@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -76,9 +77,9 @@ class _FakeOverHTTP(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve_fake(fake: FakeLabeler, latency: float = 0.0) -> Iterator[http.server.ThreadingHTTPServer]:
+def serve_fake(fake: FakeLabeler, latency: float = 0.0, port: int = 0) -> Iterator[http.server.ThreadingHTTPServer]:
     """`fake` on a local HTTP server (its URL: `server.url`) for the duration of the block."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOverHTTP)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _FakeOverHTTP)
     server.daemon_threads = True
     server.fake, server.latency, server.seen = fake, latency, []  # type: ignore[attr-defined]
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
@@ -113,6 +114,71 @@ def test_backoff_is_exponential_capped_and_jittered():
     assert all(0 <= w <= retry.cap(2) for w in ignored) and max(ignored) > 1.0
     with pytest.raises(ValueError):
         lc.Retry(max_retries=-1)
+
+
+def test_max_elapsed_bounds_how_long_a_request_is_retried():
+    """No retry starts later than `max_elapsed` seconds after the first try, whatever
+    `max_retries` allows: the last wait is cut short to the budget, then the error is raised."""
+    fake = FakeLabeler()
+    fake.fail_next(503, times=10_000)
+    client = client_for(fake, retry=lc.Retry(max_retries=1000, backoff=1.0, max_backoff=15.0, max_elapsed=600.0))
+    now = [0.0]
+    client._clock = lambda: now[0]
+
+    def sleep(seconds: float) -> None:
+        client.sleeps.append(seconds)
+        now[0] += seconds
+
+    client._sleep = sleep
+    with pytest.raises(lc.ServerError):
+        client.scores(items(1), "tiny")
+    assert sum(client.sleeps) == pytest.approx(600.0)
+    assert len(fake.requests) == len(client.sleeps) + 1 < 1000
+    assert all(0 <= w <= 15.0 for w in client.sleeps)
+    with pytest.raises(ValueError):
+        lc.Retry(max_elapsed=-1)
+
+
+def test_the_training_adapters_wait_for_a_labeler_that_restarts():
+    """A labeler down for two minutes (a restart: a new image, a large model loading) is
+    waited for by the clients TRL's reward function and verl's `compute_score` build, over
+    real sockets: the call returns its reward once the server is back, where the plain
+    client's five retries (about 8 s of backoff) would have ended a training run. Time runs
+    on the clients' clocks, moved by their waits; `max_retries` given to verl bounds it."""
+    fake = FakeLabeler()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    reward = reward_function(url, task="tiny")
+    clients = [reward.client, _shared.shared_client(url, None)]
+    assert all(c.retry == lc.TRAINING_RETRY for c in clients)
+    now = [0.0]
+    servers: list[contextlib.ExitStack] = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+        if now[0] >= 120 and not servers:  # the labeler is back
+            stack = contextlib.ExitStack()
+            stack.enter_context(serve_fake(fake, port=port))
+            servers.append(stack)
+
+    for c in clients:
+        c._clock, c._sleep = (lambda: now[0]), sleep
+    try:
+        got = reward(prompts=["2+2?"], completions=["4"])
+        assert got == [fake_reward("2+2?", "4")] and now[0] >= 120
+        assert verl.compute_score("src", "5", None, {"prompt": "2+2?"}, base_url=url) == fake_reward("2+2?", "5")
+    finally:
+        for stack in servers:
+            stack.close()
+    counted = _shared.shared_client(url, None, max_retries=2)
+    assert counted.retry.max_retries == 2 and counted.retry.max_elapsed == lc.TRAINING_RETRY.max_elapsed
+    waits: list[float] = []
+    counted._sleep = waits.append
+    with pytest.raises(lc.RequestError):
+        verl.compute_score("src", "5", None, {"prompt": "2+2?"}, base_url=url, max_retries=2)
+    assert len(waits) == 2
 
 
 @pytest.mark.parametrize(

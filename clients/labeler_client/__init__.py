@@ -13,7 +13,7 @@ transcript. Adapters: `labeler_client.trl` (reward functions, pairwise judge),
 """
 
 from ._client import AsyncClient, Client
-from ._config import ENV_API_KEY, ENV_URL, Retry, Timeout
+from ._config import ENV_API_KEY, ENV_URL, TRAINING_RETRY, Retry, Timeout
 from ._exceptions import (
     APIStatusError,
     AuthenticationError,
@@ -53,6 +53,7 @@ __all__ = [
     "Retry",
     "Score",
     "ServerError",
+    "TRAINING_RETRY",
     "TaskInfo",
     "Timeout",
     "TimeoutException",

@@ -56,6 +56,7 @@ class _BaseClient:
             timeout = Timeout(read=float(timeout), connect=min(10.0, float(timeout)))
         self.timeout = timeout or Timeout()
         self.retry = self._as_retry(retry) if retry is not None else Retry()
+        self._clock: Callable[[], float] = time.monotonic  # what Retry.max_elapsed is counted on
         if batch_size < 1 or max_concurrency < 1:
             raise ValueError("batch_size and max_concurrency must be at least 1")
         self.batch_size = batch_size
@@ -129,19 +130,26 @@ class _BaseClient:
         return error
 
     @staticmethod
-    def _retry_delay(error: exc.LabelerClientError, attempt: int, retry: Retry, isolate: bool) -> float | None:
-        """Seconds before the next try, or None when `error` is final. With `isolate`, an
-        error about one item is final: the batch is cut around that item instead, and the
-        item alone is retried."""
+    def _retry_delay(
+        error: exc.LabelerClientError, attempt: int, retry: Retry, isolate: bool, elapsed: float
+    ) -> float | None:
+        """Seconds before the next try, or None when `error` is final (`elapsed`: seconds
+        since the request's first try). With `isolate`, an error about one item is final: the
+        batch is cut around that item instead, and the item alone is retried."""
         if attempt >= retry.max_retries:
             return None
         if isolate and isinstance(error, exc.APIStatusError) and error._names_item:
             return None
         if isinstance(error, exc.RequestError):
-            return None if error.misconfigured else retry.delay(attempt)
-        if isinstance(error, exc.APIStatusError) and error.status in RETRY_STATUSES:
-            return retry.delay(attempt, error.retry_after)
-        return None
+            delay = None if error.misconfigured else retry.delay(attempt)
+        elif isinstance(error, exc.APIStatusError) and error.status in RETRY_STATUSES:
+            delay = retry.delay(attempt, error.retry_after)
+        else:
+            return None
+        if delay is None or retry.max_elapsed is None:
+            return delay
+        left = retry.max_elapsed - elapsed
+        return min(delay, left) if left > 0 else None
 
     def _parts_after(self, error: exc.LabelerClientError, idx: range, on_error: OnError) -> list[range]:
         """What to send again after batch `idx` failed with `error` (nothing: its items stay
@@ -274,7 +282,7 @@ class Client(_BaseClient):
         """One request, retried by the policy. A retry's wait ends early, raising the last
         error, when `stop` is set (another batch of the same call failed)."""
         retry = self.retry if retry is None else self._as_retry(retry)
-        attempt = 0
+        attempt, started = 0, self._clock()
         while True:
             http = self._http_here()
             request = self._request(method, path, body)
@@ -287,7 +295,7 @@ class Client(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                delay = self._retry_delay(error, attempt, retry, isolate)
+                delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started)
                 if delay is None:
                     raise
                 if stop is None:
@@ -583,7 +591,7 @@ class AsyncClient(_BaseClient):
         self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None, isolate: bool = False
     ) -> Answer:
         retry = self.retry if retry is None else self._as_retry(retry)
-        attempt = 0
+        attempt, started = 0, self._clock()
         while True:
             request = self._request(method, path, body)
             try:
@@ -596,7 +604,7 @@ class AsyncClient(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                delay = self._retry_delay(error, attempt, retry, isolate)
+                delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started)
                 if delay is None:
                     raise
                 await self._sleep(delay)

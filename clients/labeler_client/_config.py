@@ -45,16 +45,19 @@ class Retry:
     together; else a full-jitter exponential backoff: uniform in [0, min(max_backoff,
     backoff * 2**n)], also where `max_retry_after` is 0 (the server's word ignored). Labeling
     is idempotent and cached server-side, so a retried request is safe.
-    `Retry(max_retries=0)` turns retries off.
+    `Retry(max_retries=0)` turns retries off. With `max_elapsed`, no retry starts later than
+    that many seconds after the request's first try (the last wait is cut short to it).
     """
 
     max_retries: int = 5
     backoff: float = 0.5
     max_backoff: float = 20.0
     max_retry_after: float = 60.0
+    max_elapsed: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0 or self.max_retry_after < 0:
+        bounds = (self.max_retries, self.backoff, self.max_backoff, self.max_retry_after, self.max_elapsed or 0)
+        if min(bounds) < 0:
             raise ValueError("retry settings must not be negative")
 
     def cap(self, attempt: int) -> float:
@@ -69,6 +72,12 @@ class Retry:
             wait = min(retry_after, self.max_retry_after)
             return wait + (rng or random).uniform(0, wait / 4)  # Retry-After is the least to wait
         return (rng or random).uniform(0, self.cap(attempt))
+
+
+# The policy of the clients the training adapters build (TRL, verl): a labeler that restarts
+# (a new image, a lost node: a minute or more for a large model) is waited for, up to ten
+# minutes, rather than ending a run of hours at its first seconds of outage.
+TRAINING_RETRY = Retry(max_retries=1000, backoff=1.0, max_backoff=15.0, max_elapsed=600.0)
 
 
 def resolve_url(base_url: str | None) -> str:

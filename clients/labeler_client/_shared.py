@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 
 from ._client import Client
+from ._config import TRAINING_RETRY
 
 _clients: dict[tuple[str | None, str | None, str | None, float | None, int | None], Client] = {}
 _lock = threading.Lock()
@@ -40,11 +42,13 @@ def shared_client(
     """The process's client for `base_url` and `api_key` (None: LABELER_URL, LABELER_API_KEY),
     or, with `serve_app`, for that Ray Serve application through a deployment handle (the
     caller runs in its Ray cluster; `base_url` is then not used); `timeout` (seconds to wait
-    for an answer) and `max_retries` as `Client` takes them (None: its defaults)."""
+    for an answer; None: the client's default) and `max_retries` (None: `TRAINING_RETRY`'s:
+    retried for up to ten minutes)."""
     with _lock:
         key = (base_url, api_key, serve_app, timeout, max_retries)
         if key not in _clients:
-            options = {"timeout": timeout, "retry": max_retries}
+            retry = TRAINING_RETRY if max_retries is None else replace(TRAINING_RETRY, max_retries=max_retries)
+            options = {"timeout": timeout, "retry": retry}
             if serve_app is None:
                 _clients[key] = Client(base_url, api_key, **options)
             else:

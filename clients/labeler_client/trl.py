@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any, get_args
 
 from ._client import AsyncClient, Client, OnError, Order, _BaseClient
-from ._config import resolve_key, resolve_url
+from ._config import TRAINING_RETRY, resolve_key, resolve_url
 from ._exceptions import APIStatusError
 from ._text import Text, pair_items
 
@@ -84,7 +84,9 @@ def _client_options(
     loaded its model and generated)."""
     _BaseClient._check_on_error(on_error)
     if client is None:
-        out = {**opts, "base_url": resolve_url(base_url), "api_key": resolve_key(opts.get("api_key"))}
+        # A training run waits for a labeler that restarts, unless told otherwise.
+        out = {"retry": TRAINING_RETRY, **opts, "base_url": resolve_url(base_url)}
+        out["api_key"] = resolve_key(opts.get("api_key"))
         _BaseClient(**{k: v for k, v in out.items() if k != "transport"})  # TypeError, ValueError
         return out
     other_url = base_url is not None and resolve_url(base_url) != client.base_url

@@ -23,9 +23,11 @@ only the response, so put the prompt in `extra_info["prompt"]` (or `"question"`)
 preparing the data: text, or the chat messages of the `prompt` column (without either, the
 response is judged without a prompt, and a warning says so once).
 
-`timeout` (seconds to wait for an answer, default 300) and `max_retries` (default 5) set the
-client's; keep their product under verl's own `reward.timeout` where the reward manager has
-one (`rate_limited`), so that a slow labeler fails a sample instead of outliving its budget.
+`timeout` (seconds to wait for an answer, default 300) and `max_retries` set the client's;
+by default a labeler that is down or refusing is retried for up to ten minutes
+(`labeler_client.TRAINING_RETRY`: a restart does not end the run). Where the reward manager
+has a budget of its own (`rate_limited`'s `reward.timeout`), keep the client's under it, so
+that a slow labeler fails a sample instead of outliving its budget.
 `overlong: lowest` gives a response over the server's length limits the lowest reward, -1.0,
 instead of an error (`raise`, the default, which `naive` and `dapo` let end the run): as
 `/get_reward?overlong=lowest` does for OpenRLHF.
