@@ -110,6 +110,17 @@ def test_on_error_none_leaves_a_failed_group_out():
     assert got[0] is None and got[1] == pytest.approx([2 * win("p1", "c", "d") - 1, 2 * win("p1", "d", "c") - 1])
 
 
+def test_overlong_lowest_beside_on_error_none():
+    """With both: an over-long completion gets -1.0 and one the server fails to label gets
+    None, the others their rewards."""
+    fake = FakeLabeler(max_chars=100)
+    fake.fail_item("boom", 500)
+    reward = reward_function(URL, "tiny", on_error="none", overlong="lowest", client=client_for(fake))
+    prompts = ["a", "b", "c", "d"]
+    got = reward(prompts=prompts, completions=["ok", "x" * 200, "boom", "fine"])
+    assert got == [fake_reward("a", "ok"), -1.0, None, fake_reward("d", "fine")]
+
+
 def test_a_single_string_for_the_prompts_is_refused_not_read_per_character():
     """As `rewards` and `rewards_against` refuse one: "ab" would be two prompts, "a" and "b"."""
     fake = FakeLabeler()
@@ -152,6 +163,24 @@ def test_group_reward_function_on_a_grpo_batch():
         group_reward_function(URL, "tiny", num_generations=1)
     copy = pickle.loads(pickle.dumps(fn))
     assert copy.num_generations == 3 and copy.__name__ == "labeler_tiny_group"
+
+
+def test_group_reward_function_refuses_a_group_size_that_divides_the_trainers():
+    """Told 2 where the trainer repeats each prompt 4 times, whole groups of 2 are found and
+    every reward would be relative to half a group: the first batch is refused. Later
+    batches are not checked (a repeated prompt may land twice in a row in a dataset), and
+    a copy checks its own first batch."""
+    fake = FakeLabeler()
+    fn = group_reward_function(URL, "tiny", num_generations=2, client=client_for(fake))
+    prompts, completions = ["p"] * 4 + ["q"] * 4, list("abcdefgh")
+    with pytest.raises(ValueError, match="repeated 4 times in a row, a multiple of num_generations=2"):
+        pickle.loads(pickle.dumps(fn))(prompts=prompts, completions=completions)
+    with pytest.raises(ValueError, match="repeated 4 times in a row"):
+        fn(prompts=prompts, completions=completions)
+    assert fake.requests == []
+    assert len(fn(prompts=prompts, completions=completions)) == 8  # the first batch was checked
+    fresh = group_reward_function(URL, "tiny", num_generations=2, client=client_for(fake))
+    assert len(fresh(prompts=["p", "p", "p", "p", "q", "q"], completions=list("abcdef"))) == 6  # one prompt once
 
 
 def test_group_reward_function_on_an_evaluation_batch():

@@ -89,7 +89,8 @@ def test_grpo_trains_on_group_relative_and_reference_rewards(
     and `reference_reward_function` (the dataset's `reference` column): TRL's logged mean and
     standard deviation of each equal those of the labeler's rewards for what TRL passed, in
     training and in TRL's evaluation (groups of `num_generations_eval`); a `num_generations`
-    that does not match the trainer's fails the run with the layout error."""
+    that does not match the trainer's fails the run with the layout error, also one that
+    divides the trainer's (whole groups of it found, each prompt's completions split)."""
     out = run_driver(
         frameworks_python, "trl_grpo_pairwise", tmp_path, "--url", live_server.url, "--model-dir", str(model_dir)
     )
@@ -123,3 +124,4 @@ def test_grpo_trains_on_group_relative_and_reference_rewards(
     assert eval_log["mean"] == [pytest.approx(0.0, abs=TOL)]
     assert eval_log["std"] == [pytest.approx(statistics.stdev(rewards), abs=TOL)]
     assert "not a multiple of num_generations=3" in out["mismatch"]
+    assert "repeated 4 times in a row, a multiple of num_generations=2" in out["mismatch_divisor"]

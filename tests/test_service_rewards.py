@@ -10,7 +10,12 @@ import asyncio
 import httpx
 import labeler_client as lc
 import pytest
-from labeler_client.trl import group_reward_function, reference_reward_function
+from labeler_client.trl import (
+    async_reward_function,
+    group_reward_function,
+    reference_reward_function,
+    reward_function,
+)
 
 from labeler import GroupItem, ReferenceItem, ScoreItem
 from service.protocol import GroupRewardsResponse, JudgmentsResponse, ReferenceRewardsResponse
@@ -250,6 +255,40 @@ def test_openrlhf_get_reward_gives_overlong_queries_the_lowest_reward(make_serve
     long_ref = {**refs, "labels": ["4", "A", "A", "y" * 61]}
     assert_error(post(srv, "/get_reward?task=tiny&reward=reference&overlong=lowest", long_ref), 422, "labels[3]")
     assert_error(post(srv, "/get_reward?task=tiny&overlong=maybe", body), 422, "overlong")
+
+
+def test_trl_reward_functions_give_overlong_completions_the_lowest_reward(make_server, labeler):
+    """overlong="lowest" on TRL's reward functions, against the real server's limits: a
+    completion over the character or the token limit gets -1.0, the others their rewards as
+    without it (sync, async, against a reference); by default the call fails naming the
+    completion's row, and a prompt over the limit, the data's, fails it either way."""
+    srv = make_server(max_chars=60, max_item_tokens=25)
+    digits = " ".join("1234567890" * 3)[:59]  # under 60 characters, over 25 tokens
+    prompts = ["2+2?", "Name a fruit.", "Name a fruit.", "Name a fruit."]
+    completions = ["4", "x" * 80, digits, "A chair."]
+    want = [labeler.score(prompts[k], completions[k], "tiny").reward for k in (0, 3)]
+    with pytest.raises(lc.InvalidRequest) as refused:
+        reward_function(srv.url, "tiny")(prompts=prompts, completions=completions)
+    assert (refused.value.param, refused.value.item) == ("items[1].response", 1)
+
+    got = reward_function(srv.url, "tiny", overlong="lowest")(prompts=prompts, completions=completions)
+    assert got[1:3] == [-1.0, -1.0] and [got[k] for k in (0, 3)] == pytest.approx(want, abs=TOL)
+    async_fn = async_reward_function(srv.url, "tiny", overlong="lowest")
+    assert asyncio.run(async_fn(prompts=prompts, completions=completions)) == pytest.approx(got, abs=TOL)
+    refs = [None, "An apple.", "An apple.", "An apple."]
+    ref_fn = reference_reward_function(srv.url, "tiny", overlong="lowest")
+    got_refs = ref_fn(prompts=prompts, completions=completions, reference=refs)
+    want_ref = labeler.reference_rewards([ReferenceItem(prompts[3], completions[3], refs[3])], "tiny")[0].reward
+    assert got_refs[:3] == [None, -1.0, -1.0] and got_refs[3] == pytest.approx(want_ref, abs=2 * TOL)
+
+    long_prompt = [*prompts[:3], "y" * 61]
+    with pytest.raises(lc.InvalidRequest) as data:
+        reward_function(srv.url, "tiny", overlong="lowest")(prompts=long_prompt, completions=completions)
+    assert (data.value.param, data.value.item) == ("items[3].context", 3)
+    with pytest.raises(ValueError, match="overlong"):
+        reward_function(srv.url, "tiny", overlong="cut")
+    with pytest.raises(ValueError, match="group rewards take no overlong"):
+        group_reward_function(srv.url, "tiny", num_generations=2, overlong="lowest")
 
 
 def test_overlong_queries_set_aside_leave_the_others_named_by_their_place(labeler, test_tasks):

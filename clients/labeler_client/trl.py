@@ -33,11 +33,11 @@ import logging
 import pickle
 import threading
 from collections.abc import Sequence
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from ._client import AsyncClient, Client, OnError, Order, _BaseClient
 from ._config import TRAINING_RETRY, resolve_key, resolve_url
-from ._exceptions import APIStatusError
+from ._exceptions import APIStatusError, InvalidRequest, LabelerClientError
 from ._text import Text, pair_items
 
 # The columns TRL's GRPO, RLOO and AsyncGRPO trainers leave out of the keyword call
@@ -65,6 +65,64 @@ log = logging.getLogger("labeler_client.trl")
 # A pair's soft score when its request failed and on_error="none": "no preference", the
 # value whose term is zero in Nash-MD's REINFORCE update (probability - 0.5).
 NO_PREFERENCE = 0.5
+
+# The reward of a completion over the server's length limits, with overlong="lowest".
+LOWEST = -1.0
+
+Overlong = Literal["raise", "lowest"]
+
+
+def _check_overlong(overlong: str) -> Overlong:
+    """`overlong` when it is one of the choices (checked as the function is built)."""
+    if overlong not in get_args(Overlong):
+        raise ValueError(f'overlong must be "raise" or "lowest", not {overlong!r}')
+    return overlong  # type: ignore[return-value]
+
+
+class _Overlong:
+    """The rows of a batch still to send, and the rewards so far, where a completion the
+    server refuses as over its length limits gets LOWEST (overlong="lowest") and the rest are
+    sent again (those answered before are cache hits there). Rows are TRL's batch positions."""
+
+    def __init__(self, rows: Sequence[int], n: int, on_error: OnError, overlong: Overlong) -> None:
+        self.out: list[float | None] = [None] * n
+        self.keep = list(rows)
+        self.on_error = on_error
+        self.lowest = overlong == "lowest"
+        # Errors must be seen to tell an over-long completion from a failure.
+        self.mode: OnError = "raise" if self.lowest else on_error
+
+    def again(self, error: LabelerClientError) -> bool:
+        """Whether to send `self.keep` again after `error` (else raise it: it then names the
+        row's place in TRL's batch)."""
+        item = getattr(error, "item", None)
+        if (
+            self.lowest
+            and isinstance(error, InvalidRequest)
+            and error.type == "input_too_long"
+            and item is not None
+            and error.param in (f"items[{item}]", f"items[{item}].response")  # not the prompt: the data's
+        ):
+            self.out[self.keep.pop(item)] = LOWEST
+            return True
+        if self.mode != self.on_error:  # on_error="none": failed rows get None, as without overlong
+            self.mode = self.on_error
+            return True
+        if isinstance(error, APIStatusError):
+            error._renumber(self.keep.__getitem__)
+        return False
+
+    def take(self, column: Sequence[Any]) -> Sequence[Any]:
+        """`column`'s rows still to send: the column itself while none is left out (the
+        client checks it as given: its length, a single string)."""
+        if len(self.keep) == len(self.out):
+            return column
+        return [column[i] for i in self.keep]
+
+    def fill(self, rewards: Sequence[float | None]) -> list[float | None]:
+        for i, reward in zip(self.keep, rewards, strict=True):
+            self.out[i] = reward
+        return self.out
 
 
 def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text] | None) -> Sequence[Text]:
@@ -151,11 +209,13 @@ class RewardFunction(_Picklable):
         *,
         name: str | None = None,
         on_error: OnError = "raise",
+        overlong: Overlong = "raise",
         client: Client | None = None,
         **client_opts: Any,
     ) -> None:
         self.task = task
         self.on_error: OnError = on_error
+        self.overlong = _check_overlong(overlong)
         self.__name__ = name or f"labeler_{task}"
         self._client_opts = _client_options(client, base_url, client_opts, on_error)
         self._reset()
@@ -176,7 +236,21 @@ class RewardFunction(_Picklable):
     def __call__(
         self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
     ) -> list[float | None]:
-        return self.client.rewards(_prompts_for(prompts, completions), completions, self.task, on_error=self.on_error)
+        prompts = _prompts_for(prompts, completions)
+        rows = _Overlong(range(len(completions)), len(completions), self.on_error, self.overlong)  # type: ignore[arg-type]
+        while True:
+            try:
+                rewards = self.client.rewards(
+                    rows.take(prompts),
+                    rows.take(completions),  # type: ignore[arg-type]
+                    self.task,
+                    on_error=rows.mode,  # type: ignore[index]
+                )
+            except LabelerClientError as error:
+                if rows.again(error):
+                    continue
+                raise
+            return rows.fill(rewards)
 
     def __repr__(self) -> str:
         url = self._client_opts.get("base_url")
@@ -231,25 +305,25 @@ class ReferenceRewardFunction(RewardFunction):
         # A row without a reference (None, as a column that only some rows fill has) gets None:
         # TRL reads it as "no reward for this sample" (NaN, masked), where a reference of None
         # would fail the whole step. The verl adapter reads a None reference as absent too.
-        keep = [i for i, r in enumerate(references) if r is not None]
-        out: list[float | None] = [None] * len(references)
-        if not keep:
-            return out
-        try:
-            rewards = self.client.rewards_against(
-                [prompts[i] for i in keep],
-                [completions[i] for i in keep],  # type: ignore[index]
-                [references[i] for i in keep],
-                self.task,
-                on_error=self.on_error,
-                order=self.order,
-            )
-        except APIStatusError as e:
-            e._renumber(keep.__getitem__)  # the row's place in TRL's batch, not among those sent
-            raise
-        for i, reward in zip(keep, rewards, strict=True):
-            out[i] = reward
-        return out
+        rows = _Overlong(
+            [i for i, r in enumerate(references) if r is not None], len(references), self.on_error, self.overlong
+        )
+        while rows.keep:
+            try:
+                rewards = self.client.rewards_against(
+                    rows.take(prompts),
+                    rows.take(completions),  # type: ignore[arg-type]
+                    rows.take(references),
+                    self.task,
+                    on_error=rows.mode,
+                    order=self.order,
+                )
+            except LabelerClientError as error:
+                if rows.again(error):
+                    continue
+                raise
+            return rows.fill(rewards)
+        return rows.out
 
 
 def find_groups(prompts: Sequence[Text], num_generations: int) -> list[range]:
@@ -274,6 +348,25 @@ def find_groups(prompts: Sequence[Text], num_generations: int) -> list[range]:
                     f"layout), but completion {i} has another prompt than completion {g.start}, the first of its group"
                 )
     return groups
+
+
+def _check_group_size(prompts: Sequence[Text], groups: list[range]) -> None:
+    """Refuse groups smaller than the trainer's, as far as one batch can tell: with every
+    prompt repeated a whole multiple (more than 1) of the group size in a row, the trainer's
+    `num_generations` is a multiple of the one given, and rewards relative to part of a group
+    would be silently wrong. Checked on a function's first batch only: a later batch of that
+    shape is a dataset's repeated prompt that happened to land twice in a row."""
+    size = len(groups[0]) if groups else 0
+    runs, start = [], 0
+    for g, h in zip(groups, [*groups[1:], None], strict=True):
+        if h is None or prompts[h.start] != prompts[g.start]:
+            runs.append(g.stop - start)
+            start = g.stop
+    if size > 1 and all(run > size for run in runs):
+        raise ValueError(
+            f"every prompt of the batch is repeated {', '.join(map(str, sorted(set(runs))))} times in a row, a "
+            f"multiple of num_generations={size}: pass the trainer's num_generations (GRPOConfig.num_generations)"
+        )
 
 
 class GroupRewardFunction(RewardFunction):
@@ -302,9 +395,15 @@ class GroupRewardFunction(RewardFunction):
             raise ValueError(
                 f"num_generations_eval must be an integer from 1 to {MAX_GROUP_SIZE}, got {num_generations_eval!r}"
             )
+        if kwargs.get("overlong", "raise") != "raise":  # a group is judged whole: no member left out
+            raise ValueError('group rewards take no overlong="lowest": a completion over the limits fails its group')
         super().__init__(base_url, task, name=name or f"labeler_{task}_group", **kwargs)
         self.num_generations = num_generations
         self.num_generations_eval = num_generations_eval
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._layout_checked = False
 
     def _groups(self, prompts: Sequence[Text]) -> list[range]:
         """The batch's groups: of `num_generations` in training, of `num_generations_eval` in
@@ -333,6 +432,9 @@ class GroupRewardFunction(RewardFunction):
         if len(prompts) != len(completions):  # type: ignore[arg-type]
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")  # type: ignore[arg-type]
         groups = self._groups(prompts)
+        if not self._layout_checked:
+            self._layout_checked = True
+            _check_group_size(prompts, groups)
         if groups and len(groups[0]) == 1:  # no other completion to compare with
             return [0.0] * len(prompts)
         per_group = self.client.group_relative_rewards(
@@ -355,6 +457,7 @@ def reference_reward_function(
     order: Order = "both",
     name: str | None = None,
     on_error: OnError = "raise",
+    overlong: Overlong = "raise",
     client: Client | None = None,
     **client_opts: Any,
 ) -> ReferenceRewardFunction:
@@ -372,6 +475,7 @@ def reference_reward_function(
         order=order,
         name=name,
         on_error=on_error,
+        overlong=overlong,
         client=client,
         **client_opts,
     )
@@ -420,10 +524,12 @@ class AsyncRewardFunction(_Picklable):
         *,
         name: str | None = None,
         on_error: OnError = "raise",
+        overlong: Overlong = "raise",
         **client_opts: Any,
     ) -> None:
         self.task = task
         self.on_error: OnError = on_error
+        self.overlong = _check_overlong(overlong)
         self.__name__ = name or f"labeler_{task}"
         self._client_opts = _client_options(None, base_url, client_opts, on_error)
         self._reset()
@@ -450,7 +556,21 @@ class AsyncRewardFunction(_Picklable):
         self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
     ) -> list[float | None]:
         client = self._client_for_loop()
-        return await client.rewards(_prompts_for(prompts, completions), completions, self.task, on_error=self.on_error)
+        prompts = _prompts_for(prompts, completions)
+        rows = _Overlong(range(len(completions)), len(completions), self.on_error, self.overlong)  # type: ignore[arg-type]
+        while True:
+            try:
+                rewards = await client.rewards(
+                    rows.take(prompts),
+                    rows.take(completions),  # type: ignore[arg-type]
+                    self.task,
+                    on_error=rows.mode,  # type: ignore[index]
+                )
+            except LabelerClientError as error:
+                if rows.again(error):
+                    continue
+                raise
+            return rows.fill(rewards)
 
     def __repr__(self) -> str:
         return f"AsyncRewardFunction({self._client_opts.get('base_url')!r}, task={self.task!r})"
@@ -462,6 +582,7 @@ def reward_function(
     *,
     name: str | None = None,
     on_error: OnError = "raise",
+    overlong: Overlong = "raise",
     client: Client | None = None,
     **client_opts: Any,
 ) -> RewardFunction:
@@ -476,8 +597,11 @@ def reward_function(
     (GRPO leaves a sample out only when every reward function gave it None; beside other
     reward functions, and in online DPO, it counts as 0), though a refusal of the options
     themselves (an unknown task) is still raised. An empty completion gets a reward like any
-    other."""
-    return RewardFunction(base_url, task, name=name, on_error=on_error, client=client, **client_opts)
+    other. A completion over the server's length limits (`LABELER_MAX_ITEM_TOKENS`, the
+    labeler's context, `LABELER_MAX_CHARS`) fails the call, or with `overlong="lowest"` gets
+    the lowest reward, -1.0 (each such completion costs one more request of the rest, answered
+    from the server's cache); a prompt over them is the data's, and fails the call."""
+    return RewardFunction(base_url, task, name=name, on_error=on_error, overlong=overlong, client=client, **client_opts)
 
 
 def async_reward_function(
@@ -486,13 +610,14 @@ def async_reward_function(
     *,
     name: str | None = None,
     on_error: OnError = "raise",
+    overlong: Overlong = "raise",
     **client_opts: Any,
 ) -> AsyncRewardFunction:
     """The `async` variant of `reward_function`, for the TRL trainers that await coroutine
     reward functions (GRPO, RLOO, AsyncGRPO: they run them concurrently with the other reward
     functions). Online DPO calls reward functions without awaiting them: give it
     `reward_function`. Picklable."""
-    return AsyncRewardFunction(base_url, task, name=name, on_error=on_error, **client_opts)
+    return AsyncRewardFunction(base_url, task, name=name, on_error=on_error, overlong=overlong, **client_opts)
 
 
 class PairwiseJudge(_Picklable):

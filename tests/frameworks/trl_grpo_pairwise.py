@@ -5,7 +5,8 @@ then TRL's evaluation, whose groups are of `num_generations_eval`.
 Run by tests/test_frameworks_trl.py with the frameworks venv's Python; writes one JSON object:
 what TRL logged per reward function and what each reward call received (a weight-0 recorder),
 in training and in the evaluation. A second run gives the group reward function a
-`num_generations` that does not match the trainer's and records the error TRL's call raised.
+`num_generations` that does not match the trainer's (3, and 2, which divides it) and records
+the errors TRL's calls raised.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def main() -> None:
         mismatch = None
     except ValueError as exc:
         mismatch = str(exc)
+    # A function told 2 finds whole groups of 2, each prompt's 4 completions split in two.
+    try:
+        train(a.model_dir, [group_reward_function(a.url, task=a.task, num_generations=2), Recorder()], 1)
+        divisor = None
+    except ValueError as exc:
+        divisor = str(exc)
     out = {
         "reward_func_names": trainer.reward_func_names,
         "logged": logged(""),
@@ -110,6 +117,7 @@ def main() -> None:
         "eval_logged": logged("eval_"),
         "eval_calls": recorder.calls[a.steps :],
         "mismatch": mismatch,
+        "mismatch_divisor": divisor,
     }
     with open(a.out, "w") as f:
         json.dump(out, f)
