@@ -100,11 +100,12 @@ class Gate:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = 500
+        started = False
 
         async def capture(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         seen = 0
@@ -127,6 +128,15 @@ class Gate:
                     await self.app(scope, limited, capture)
                 except _TooLarge:  # raised past the app's handlers (body read outside a route)
                     await self._too_large()(scope, receive, capture)
+                except asyncio.CancelledError:
+                    # uvicorn cancels the requests still running when its graceful shutdown
+                    # ends, and answers them a plain 500, which clients take for a final
+                    # error: a 503 that they retry (on another replica, or this one restarted).
+                    if started:
+                        raise
+                    message = "the server shut down before the answer was ready"
+                    refusal = errors.error_response(503, message, "engine_unavailable", None, {"Retry-After": "5"})
+                    await refusal(scope, receive, capture)
         finally:
             path = getattr(scope.get("route") or self._route(scope), "path", "unmatched")
             child = self._children.get((path, status))

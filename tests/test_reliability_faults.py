@@ -394,6 +394,49 @@ async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_ta
 
 
 # -- the server killed during a client batch ------------------------------------------------------------
+class _SlowEngine:
+    """The engine, each label read taking `delay_s` more; `reading` is set when one starts."""
+
+    def __init__(self, engine, delay_s: float) -> None:
+        self.engine, self.delay_s, self.reading = engine, delay_s, threading.Event()
+
+    def __getattr__(self, name: str):
+        if name == "engine":
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    async def score(self, requests):
+        self.reading.set()
+        await asyncio.sleep(self.delay_s)
+        return await self.engine.score(requests)
+
+
+def test_a_request_cut_by_the_end_of_a_graceful_shutdown_is_a_503_to_retry(labeler, test_tasks):
+    """uvicorn cancels the requests still running when its graceful shutdown ends (here 1 s,
+    the engine call taking 4 s): the request gets a 503 engine_unavailable with Retry-After,
+    which clients retry (on another replica, or this one restarted), not uvicorn's plain
+    500, which they take for final."""
+    slow = _SlowEngine(labeler.engine, 4.0)
+    srv = LiveServer(Labeler(slow, test_tasks), grace_s=1)
+    srv.start()
+    answer: list[httpx.Response] = []
+    try:
+        body = {"task": "tiny", "items": [{"context": "Cut at shutdown?", "response": "Yes."}], "cache": False}
+        sender = threading.Thread(
+            target=lambda: answer.append(httpx.post(srv.url + "/v1/scores", json=body, timeout=60))
+        )
+        sender.start()
+        assert slow.reading.wait(60), "the request's engine call did not start"
+        srv.stop()
+        sender.join(60)
+    finally:
+        srv.stop()
+    (resp,) = answer
+    assert resp.status_code == 503, resp.text
+    assert error_shape_ok(resp.json(), 503) and resp.json()["error"]["type"] == "engine_unavailable"
+    assert resp.headers["retry-after"] == "5"
+
+
 def test_a_200_whose_body_never_arrives_whole_is_no_answer_on_the_wire_log():
     """What "answered" counts in the kill scenarios below: a server that dies after sending
     a 200's headers but before its body leaves the request failed, not answered (the client
