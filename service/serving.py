@@ -178,28 +178,52 @@ class LabelService:
         `too_long`) and given the lowest reward instead of failing the request: a rollout
         longer than the labeler reads is the policy's output, and OpenRLHF has no way to
         drop one sample of a refused request. Those over a character limit are in `too_long`
-        already, those over the item token limit are counted here in one pass; one over the
-        model's context (rarer: it needs the prompt around the item) is found by preparing
-        the rest one by one, once a request has failed on it."""
+        already; the others are looked up in the cache and, for the misses alone, held to
+        the token limits as they are prepared (see `_prepare`)."""
+        fits = [k for k in range(len(items)) if k not in too_long]
+        aside: set[int] = set()
+        values, _ = await self._label(spec, [items[k] for k in fits], True, where="query", at=fits, set_aside=aside)
+        too_long.update(fits[j] for j in aside)
+        out: list[dict[str, Any]] = [_LOWEST[spec.kind]] * len(items)
+        for j, (k, v) in enumerate(zip(fits, values, strict=True)):
+            if j not in aside:
+                out[k] = v
+        return out
+
+    async def _prepare(
+        self,
+        spec: LabelSpec,
+        items: list[Any],
+        misses: list[int],
+        at: Sequence[int],
+        where: str,
+        set_aside: set[int] | None,
+    ) -> list[Prepared]:
+        """The prepared prompts of `items[i]` for i in `misses`, every limit checked. With
+        `set_aside`, a miss over the item token limit (counted for all in one pass) or over the
+        model's context (rarer: found by preparing the misses one by one, once their batch
+        failed on one) is added to it and taken out of `misses` instead of failing."""
         limit = self.settings.max_item_tokens
-        rest = [k for k in range(len(items)) if k not in too_long]
-        counts = await self.labeler.in_render_thread(self.labeler.item_tokens, [items[k] for k in rest])
-        too_long.update(k for k, n in zip(rest, counts, strict=True) if n > limit)
+        if set_aside is not None:
+            counts = await self.labeler.in_render_thread(self.labeler.item_tokens, [items[i] for i in misses])
+            set_aside.update(i for i, n in zip(misses, counts, strict=True) if n > limit)
         while True:
-            fits = [k for k in range(len(items)) if k not in too_long]
+            misses[:] = [i for i in misses if set_aside is None or i not in set_aside]
             try:
-                subset = [items[k] for k in fits]
-                values, _ = await self._label(spec, subset, True, where="query", at=fits, item_tokens=False)
-                break
+                return await self.labeler.aprepare(
+                    spec,
+                    [items[i] for i in misses],
+                    where=[at[i] for i in misses],
+                    max_item_tokens=None if set_aside is not None else limit,
+                    name=where,
+                )
             except InputTooLong:
-                over = [k for k in fits if not await self._fits(spec, items[k])]
+                if set_aside is None:
+                    raise
+                over = [i for i in misses if not await self._fits(spec, items[i])]
                 if not over:  # a limit that no query alone is over
                     raise
-                too_long.update(over)
-        out: list[dict[str, Any]] = [_LOWEST[spec.kind]] * len(items)
-        for k, v in zip(fits, values, strict=True):
-            out[k] = v
-        return out
+                set_aside.update(over)
 
     async def _fits(self, spec: LabelSpec, item: Any) -> bool:
         """Whether `item`'s prompts fit the model's context (its own token limit is checked)."""
@@ -242,13 +266,14 @@ class LabelService:
         *,
         where: str = "items",
         at: Sequence[int] | None = None,
-        item_tokens: bool = True,
+        set_aside: set[int] | None = None,
     ) -> tuple[list[dict[str, Any]], Usage]:
         """(one result dict per item, in item order, with `cached` set; usage). Every item the
         engine will compute is prepared — rendered, tokenized and checked against every limit —
         before any is queued, so invalid input fails the request and nothing else. Item `i`
-        is named `<where>[at[i]]` in errors (`at`: the items' places in the request);
-        `item_tokens=False` skips the per-item token limit, for items counted against it already."""
+        is named `<where>[at[i]]` in errors (`at`: the items' places in the request). With
+        `set_aside`, items to compute that are over a token limit are added to it (their
+        results left empty) instead of failing the request."""
         self._check_count(len(items), where)
         at = range(len(items)) if at is None else at
         if not items:  # /get_reward's empty shard
@@ -271,13 +296,7 @@ class LabelService:
             # cache=false requests neither read nor write: their flights are kept apart.
             suffix = "" if use_cache else ":nostore"
             self.batcher.check_room(keys[i] + suffix for i in misses)
-            prepared = await self.labeler.aprepare(
-                spec,
-                [items[i] for i in misses],
-                where=[at[i] for i in misses],
-                max_item_tokens=self.settings.max_item_tokens if item_tokens else None,
-                name=where,
-            )
+            prepared = await self._prepare(spec, items, misses, at, where, set_aside)
             futures, shared = self.batcher.submit(
                 (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
             )

@@ -291,6 +291,26 @@ def test_trl_reward_functions_give_overlong_completions_the_lowest_reward(make_s
         group_reward_function(srv.url, "tiny", num_generations=2, overlong="lowest")
 
 
+def test_overlong_lowest_counts_tokens_of_the_queries_to_compute_only(make_server, labeler, monkeypatch):
+    """With ?overlong=lowest the item token limit is counted for the queries the cache does
+    not answer, after the queue had room for them: a repeat counts only the query set aside
+    (never cached), and each query is looked up in the cache once."""
+    srv = make_server(max_item_tokens=25)
+    digits = " ".join("1234567890" * 3)[:59]  # over 25 tokens
+    prompts = ["2+2?", "Name a fruit.", "Name a fruit."]
+    body = {"query": [p + r for p, r in zip(prompts, ["4", digits, "A chair."], strict=True)], "prompts": prompts}
+    counted: list[int] = []
+    item_tokens = labeler.item_tokens
+    monkeypatch.setattr(labeler, "item_tokens", lambda items: counted.append(len(items)) or item_tokens(items))
+    misses = metric(srv.url, "labeler_cache_misses_total")
+    first = post(srv, "/get_reward?task=tiny&overlong=lowest", body).json()
+    assert first["extra_logs"]["overlong"] == [0.0, 1.0, 0.0] and first["rewards"][1] == -1.0
+    assert counted == [3] and metric(srv.url, "labeler_cache_misses_total") - misses == 3
+    again = post(srv, "/get_reward?task=tiny&overlong=lowest", body).json()
+    assert again["rewards"] == first["rewards"] and again["extra_logs"]["cached"] == [1.0, 0.0, 1.0]
+    assert counted == [3, 1]
+
+
 def test_overlong_queries_set_aside_leave_the_others_named_by_their_place(labeler, test_tasks):
     """With a query set aside as too long, an error on another query still names that
     query's place in the request, not its place among the queries judged."""
