@@ -4,9 +4,11 @@ Items from concurrent requests are queued; a worker takes up to `max_items` queu
 of one group (same task, kind and parameters) and runs them as one labeler call, once the
 group has `max_items` queued or the oldest queued item has waited `wait_s` for its batch to
 fill (counted from when it was queued, so batches of other groups before it add no wait of
-their own). Identical items in flight (same cache key) are computed once: later submitters
-share the first one's future, until it is settled (a later request then computes the item
-anew, or finds it in the cache). The queue is bounded:
+their own). Items count by weight, 1 unless `submit` is told otherwise (a group of N
+responses: N (N - 1) / 2 comparisons, each as much engine work as a pair); a batch holds at
+least one item, however heavy. Identical items in flight (same cache key) are computed once:
+later submitters share the first one's future, until it is settled (a later request then
+computes the item anew, or finds it in the cache). The queue is bounded:
 `submit` refuses a request whose new items would exceed `max_pending` (QueueFull → 429).
 
 Failure policy, all of it here. Items are validated before they are queued, so a batch
@@ -64,6 +66,7 @@ class _Job:
     item: Any
     future: asyncio.Future[Any]
     queued: float  # time.monotonic() when it was queued
+    weight: int = 1  # what it counts for in the queue and in a batch
 
 
 class MicroBatcher:
@@ -87,7 +90,7 @@ class MicroBatcher:
         # Told (group, items, succeeded) of each engine call, the calls of a split batch too.
         self.on_call = on_call or (lambda group, n, ok: None)
         self.on_pending = on_pending or (lambda n: None)  # told `pending` each time it moves
-        self.pending = 0  # items queued or computing
+        self.pending = 0  # weight of the items queued or computing
         self.computed = 0  # items computed since start (single-flight counts one)
         self.splits = 0  # failed batches split in halves
         self._queue: deque[_Job] = deque()
@@ -96,7 +99,7 @@ class MicroBatcher:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
-        self._done: deque[tuple[float, float, int]] = deque()  # (start, end, items) of recent batches
+        self._done: deque[tuple[float, float, int]] = deque()  # (start, end, weight) of recent batches
         self._stopping = False
 
     def start(self) -> None:
@@ -118,43 +121,51 @@ class MicroBatcher:
         if self._queue or self._tasks:
             log.warning("stopping with %d items not labeled", self.pending)
             self._fail(list(self._queue), EngineUnavailable("the server is shutting down"))
-            self.pending -= len(self._queue)
+            self.pending -= sum(job.weight for job in self._queue)
             self._queue.clear()
             self.on_pending(self.pending)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def submit(self, group: Hashable, entries: Sequence[tuple[str, Any]]) -> tuple[list[asyncio.Future[Any]], int]:
-        """Queue `(key, item)` entries of one group. Returns one future per entry and how
-        many joined a computation already in flight. All or nothing: raises QueueFull, or
-        EngineUnavailable once the batcher is stopping, before queueing anything."""
-        self.check_room(k for k, _ in entries)
+    def submit(
+        self, group: Hashable, entries: Sequence[tuple[str, Any]], weights: Sequence[int] | None = None
+    ) -> tuple[list[asyncio.Future[Any]], int]:
+        """Queue `(key, item)` entries of one group, of `weights` (1 each by default). Returns
+        one future per entry and how many joined a computation already in flight. All or
+        nothing: raises QueueFull, or EngineUnavailable once the batcher is stopping, before
+        queueing anything."""
+        weights = [1] * len(entries) if weights is None else weights
+        self.check_room((k for k, _ in entries), weights)
         loop = asyncio.get_running_loop()
         futures, shared = [], 0
         now = time.monotonic()
-        for key, item in entries:
+        for (key, item), weight in zip(entries, weights, strict=True):
             fut = self._inflight.get(key)
             if fut is not None:
                 shared += 1
             else:
                 fut = loop.create_future()
                 self._inflight[key] = fut
-                self._queue.append(_Job(group, key, item, fut, now))
-                self.pending += 1
+                self._queue.append(_Job(group, key, item, fut, now, weight))
+                self.pending += weight
             futures.append(fut)
         self.on_pending(self.pending)
         self._wake.set()
         return futures, shared
 
-    def check_room(self, keys: Iterable[str]) -> None:
-        """Raise what `submit` would raise for entries with these keys now (QueueFull, or
-        EngineUnavailable once stopping): a request checks before its items are rendered and
-        tokenized, so that an overloaded server refuses it without that work."""
+    def check_room(self, keys: Iterable[str], weights: Iterable[int] | None = None) -> None:
+        """Raise what `submit` would raise for entries with these keys (and weights, 1 each
+        by default) now (QueueFull, or EngineUnavailable once stopping): a request checks
+        before its items are rendered and tokenized, so that an overloaded server refuses it
+        without that work."""
         if self._stopping:
             raise EngineUnavailable("the server is shutting down")
-        fresh = {k for k in keys if k not in self._inflight}
-        if self.pending + len(fresh) > self.max_pending:
+        if weights is None:
+            fresh = {k: 1 for k in keys if k not in self._inflight}
+        else:
+            fresh = {k: w for k, w in zip(keys, weights, strict=True) if k not in self._inflight}
+        if self.pending + sum(fresh.values()) > self.max_pending:
             raise QueueFull(self.retry_after())
 
     def retry_after(self) -> float:
@@ -186,10 +197,17 @@ class MicroBatcher:
                         await asyncio.wait_for(self._wake.wait(), left)
                     continue
                 await self._slots.acquire()
-                jobs, rest = [], deque()
-                while self._queue and len(jobs) < self.max_items:
+                jobs, rest, weight = [], deque(), 0
+                while self._queue and weight < self.max_items:
                     job = self._queue.popleft()
-                    (jobs if job.group == group else rest).append(job)
+                    if job.group != group:
+                        rest.append(job)
+                    elif jobs and weight + job.weight > self.max_items:  # for the next batch
+                        rest.append(job)
+                        break
+                    else:
+                        jobs.append(job)
+                        weight += job.weight
                 self._queue.extendleft(reversed(rest))
                 task = asyncio.get_running_loop().create_task(self._run(group, jobs))
                 self._tasks.add(task)
@@ -203,7 +221,7 @@ class MicroBatcher:
             return self._queue[0].group
         counts: dict[Hashable, int] = {}
         for job in self._queue:
-            counts[job.group] = n = counts.get(job.group, 0) + 1
+            counts[job.group] = n = counts.get(job.group, 0) + job.weight
             if n >= self.max_items:
                 return job.group
         return _NOT_READY
@@ -219,10 +237,11 @@ class MicroBatcher:
         finally:
             for job in jobs:
                 self._release(job)
-            self.pending -= len(jobs)
+            weight = sum(job.weight for job in jobs)
+            self.pending -= weight
             self.on_pending(self.pending)
             self.computed += len(jobs)
-            self._done.append((t0, time.monotonic(), len(jobs)))
+            self._done.append((t0, time.monotonic(), weight))
             self._trim_done()
             self._slots.release()
 

@@ -97,7 +97,19 @@ class LabelService:
         for it in req.items:
             g = self._normalize(_plain(it))
             groups.append(GroupItem(g["context"], tuple(g["responses"])))
-        values, usage = await self._label(spec, groups, req.cache)
+        # A group of N is N (N - 1) / 2 comparisons: the queue, batches and a request count
+        # those, so that a request of large groups holds no more prompts than one of pairs.
+        weights = [len(g.responses) * (len(g.responses) - 1) // 2 for g in groups]
+        limit = self.settings.max_queue_items
+        if sum(weights) > limit:  # it could never be queued: a 422, which a client answers with halves
+            many = len(groups) > 1
+            what = f"{len(groups)} groups make" if many else f"a group of {len(groups[0].responses)} responses makes"
+            raise InputTooLong(
+                f"{what} {sum(weights)} comparisons, over the limit of {limit} per request (LABELER_MAX_QUEUE_ITEMS)",
+                field="items" if many else "items[0]",
+                limit=limit,
+            )
+        values, usage = await self._label(spec, groups, req.cache, weights=weights)
         return _response(GroupRewardsResponse, spec, usage, values)
 
     async def get_reward(
@@ -267,13 +279,15 @@ class LabelService:
         where: str = "items",
         at: Sequence[int] | None = None,
         set_aside: set[int] | None = None,
+        weights: Sequence[int] | None = None,
     ) -> tuple[list[dict[str, Any]], Usage]:
         """(one result dict per item, in item order, with `cached` set; usage). Every item the
         engine will compute is prepared — rendered, tokenized and checked against every limit —
         before any is queued, so invalid input fails the request and nothing else. Item `i`
         is named `<where>[at[i]]` in errors (`at`: the items' places in the request). With
         `set_aside`, items to compute that are over a token limit are added to it (their
-        results left empty) instead of failing the request."""
+        results left empty) instead of failing the request. `weights`: what each item counts
+        for in the batcher (1 each by default)."""
         self._check_count(len(items), where)
         at = range(len(items)) if at is None else at
         if not items:  # /get_reward's empty shard
@@ -295,11 +309,10 @@ class LabelService:
         if misses:
             # cache=false requests neither read nor write: their flights are kept apart.
             suffix = "" if use_cache else ":nostore"
-            self.batcher.check_room(keys[i] + suffix for i in misses)
-            prepared = await self._prepare(spec, items, misses, at, where, set_aside)
-            futures, shared = self.batcher.submit(
-                (spec, use_cache), [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
-            )
+            self.batcher.check_room((keys[i] + suffix for i in misses), _pick(weights, misses))
+            prepared = await self._prepare(spec, items, misses, at, where, set_aside)  # may drop misses
+            entries = [(keys[i] + suffix, p) for i, p in zip(misses, prepared, strict=True)]
+            futures, shared = self.batcher.submit((spec, use_cache), entries, _pick(weights, misses))
             # shield: a client that goes away must not cancel a computation others share.
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
             failed = [j for j, v in enumerate(values) if isinstance(v, BaseException)]
@@ -405,6 +418,11 @@ def _request_error(values: list[Any], failed: list[int], name: str, items: int) 
     named.field = name
     named.args = (f"{name}: {error}",)
     return named
+
+
+def _pick(values: Sequence[int] | None, at: Sequence[int]) -> list[int] | None:
+    """`values` at the places `at` (None for None)."""
+    return None if values is None else [values[i] for i in at]
 
 
 def _plain(item: BaseModel) -> dict[str, Any]:

@@ -12,9 +12,10 @@ import pytest
 
 from labeler.errors import EngineError, EngineUnavailable, ModelOutputError
 from service.app import Gate
-from service.batcher import BatchFailure, MicroBatcher
+from service.batcher import BatchFailure, MicroBatcher, QueueFull
 from service.metrics import Metrics
 from service.settings import Settings
+from tests.fixtures.wait import async_wait_for
 
 
 def test_a_settled_item_is_not_joined_while_the_rest_of_its_batch_runs():
@@ -381,6 +382,38 @@ def test_a_flight_in_progress_is_still_shared():
         assert await second == "label of X"
         await batcher.stop()
         assert batcher.computed == 1
+
+    asyncio.run(run())
+
+
+def test_items_count_by_weight_in_the_queue_and_in_batches():
+    """A heavy item (a large group's comparisons) fills a batch alone and counts its weight
+    against the queue; light ones share batches up to `max_items`; the queue refuses what its
+    weight would overfill."""
+    calls: list[list[str]] = []
+    go = asyncio.Event()
+
+    async def run_group(group, items, keys):
+        calls.append(list(items))
+        await go.wait()
+        return [f"label of {it}" for it in items]
+
+    async def run() -> None:
+        pending: list[int] = []
+        batcher = MicroBatcher(run_group, max_items=4, wait_s=0.0, max_pending=12, on_pending=pending.append)
+        entries = [(k, k) for k in ("heavy", "a", "b", "c")]
+        futures, _ = batcher.submit("g", entries, [6, 2, 2, 1])
+        assert batcher.pending == 11
+        with pytest.raises(QueueFull):
+            batcher.check_room(["d"], [2])
+        batcher.check_room(["d", "heavy"], [1, 6])  # one in flight already: shared, not counted
+        batcher.start()
+        await async_wait_for(lambda: len(calls) == 1, 5, "the first batch")
+        go.set()
+        assert await asyncio.gather(*futures) == [f"label of {k}" for k, _ in entries]
+        await batcher.stop()
+        assert calls == [["heavy"], ["a", "b"], ["c"]]
+        assert batcher.pending == 0 and pending == [11, 5, 1, 0]
 
     asyncio.run(run())
 
