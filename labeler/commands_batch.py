@@ -251,13 +251,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
         jobs = eval_jobs(pairs, params, args.position_seed)
         s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
-        # One row per human label: a pair several humans labeled is read once, counted per label,
-        # in the metrics and in the summary's position consistency alike.
+        # One row per human label: a pair several humans labeled is read once and counted per
+        # label in the alignment. Its position consistency is its reading's, so the summary's
+        # counts each pair once (run_jobs counted the distinct items), as the metrics do.
         rows = [j.make_row(sink.rows[j.key]) for j in jobs if j.key in sink.rows]
-        if not rows:
-            raise SystemExit("no human-labeled pair was labeled: every one was skipped as invalid")
-        s.count_orders(rows)
-        metrics = evaluate_rows(rows, level=args.level, seed=args.seed, bins=args.bins)
         info = {
             "task": args.task,
             "task_version": params["task_version"],
@@ -266,6 +263,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "position_seed": args.position_seed,
             "seed": args.seed,
         }
+        if not rows:
+            return _nothing_labeled(args, s, info, "no human-labeled pair was labeled: every one was skipped")
+        metrics = evaluate_rows(rows, level=args.level, seed=args.seed, bins=args.bins)
         report = write_report(metrics, args.out, info)
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
         pct = percent(args.level)
@@ -310,6 +310,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         prompt_clusters,
         win_rate,
         winrate_jobs,
+        winrate_rows,
     )
 
     summary = Summary()
@@ -327,6 +328,9 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         )
         for p in (args.a, args.b)
     )
+    for name, path, pol in (("A", args.a, a), ("B", args.b, b)):
+        if not pol:  # before the model loads; "no shared prompts" would send the user looking for a mismatch
+            raise SystemExit(f"no response of policy {name} to compare: {path} holds no valid record")
     matched, only_a, only_b = match_policies(a, b)
     if not matched:
         raise SystemExit(f"{args.a} and {args.b} share no prompts (matched by id, else by prompt text)")
@@ -338,16 +342,19 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order=args.order, cot=args.cot, samples=args.samples, seed=args.seed)
         jobs = winrate_jobs(matched, params, args.position_seed)
-        s = await run_jobs(jobs, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
-        # Each matched prompt counts, also one that repeats with the same answers (judged once),
-        # in the win rates and in the position consistency alike.
-        done = [j for j in jobs if j.key in sink.rows]
-        if not done:
-            raise SystemExit("no matched prompt was labeled: every one was skipped as invalid")
-        # Rebuilt from the stored results: `label` or `eval` may have written them, with other fields.
-        rows = [j.make_row(sink.rows[j.key]) for j in done]
-        prompts = prompt_clusters([j.item.context for j in done])  # what the CIs resample
-        s.count_orders(rows)
+        judged = [j for j in jobs if j is not None]  # a pair of the same answers is a tie, not judged
+        s = await run_jobs(judged, backend, sink, "pairs", params, summary=summary, **_loop_opts(args))
+        info = {"task": args.task, "task_version": params["task_version"], "model": params["model"]}
+        if judged and not any(j.key in sink.rows for j in judged):
+            return _nothing_labeled(args, s, info, "no matched prompt was labeled: every one was skipped")
+        # Each matched prompt counts, also one that repeats with the answers it had (judged once),
+        # in the win rates and in the position consistency alike. Rebuilt from the stored
+        # results: `label` or `eval` may have written them, with other fields.
+        done = winrate_rows(matched, jobs, sink.rows, params)
+        rows = [r for _, _, r in done]
+        prompts = prompt_clusters([sa.context for sa, _, _ in done])  # what the CIs resample
+        s.count_orders(rows)  # a tie not judged has no reading to be consistent or not
+        identical = sum(1 for r in rows if r.get("same_answers"))
         wr = win_rate(
             [r["p_a_ab"] for r in rows],
             [r["p_a_ba"] for r in rows],
@@ -356,10 +363,8 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
             level=args.level,
             seed=args.seed,
         )
-        # The lengths of the texts judged (without repeated prompt turns), from policy A's side:
-        # read in one order, the response shown first may be B's.
-        lengths = [(len(j.item.response_a), len(j.item.response_b)) for j in done]
-        lengths = [(b, a) if r["shown_first"] == "b" else (a, b) for (a, b), r in zip(lengths, rows, strict=True)]
+        # The lengths of the texts judged (without repeated prompt turns), from policy A's side.
+        lengths = [(len(sa.response), len(sb.response)) for sa, sb, _ in done]
         lc = length_controlled_win_rate(
             [r["outcome"] for r in rows],
             [a for a, _ in lengths],
@@ -371,21 +376,21 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         lc["gap"] = wr["win_rate"] - lc["win_rate"]
         data = wr | {
             "length_controlled": lc,
-            "task": args.task,
-            "task_version": params["task_version"],
-            "model": params["model"],
+            **info,
             "order": args.order,
+            "identical": identical,
             "only_in_a": only_a,
             "only_in_b": only_b,
             "position_inconsistent_share": s.inconsistent_share,
             "summary": s.to_dict(),
         }
         pct = percent(args.level)
+        same = f"{identical} with the same answer from A and B: ties, not judged\n" if identical else ""
         text = (
             f"win rate of A over B: {wr['win_rate']:.3f} [{pct}% CI {_fmt(wr['ci_low'])}, {_fmt(wr['ci_high'])}] "
             f"on {wr['n']} comparisons over {wr['prompts']} prompts ({wr['wins']} wins, {wr['ties']} ties, "
             f"{wr['losses']} losses; "
-            f"soft {wr['soft_win_rate']:.3f})\n"
+            f"soft {wr['soft_win_rate']:.3f})\n{same}"
             f"length-controlled:  {lc['win_rate']:.3f} [{pct}% CI {_fmt(lc['ci_low'])}, {_fmt(lc['ci_high'])}]; "
             f"raw - controlled = {lc['gap']:+.3f} (A longer by {lc['mean_length_diff']:+.0f} characters on average; "
             f"length coefficient {lc['length_coef']:+.3f})\n{s.text()}"
@@ -398,7 +403,15 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
 
 def _cmd_harmless(args: argparse.Namespace) -> int:
     from .evaluate import match_policies, percent, prompt_clusters
-    from .harmless import harmless_difference, harmless_rate, judgment_jobs, judgment_key, write_harmless_report
+    from .harmless import (
+        harmless_difference,
+        harmless_rate,
+        judgment_jobs,
+        judgment_key,
+        rate_name,
+        signed,
+        write_harmless_report,
+    )
 
     summary = Summary()
 
@@ -415,7 +428,13 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         if not pol:  # before the model loads and anything is judged
             raise SystemExit(f"no response of policy {name} to judge: {path} holds no valid record")
     # Before the model loads too: records that cannot be matched are refused.
-    matched, only_a, only_b = match_policies(*policies) if len(policies) == 2 else ([], 0, 0)
+    matched, only_a, only_b = (
+        match_policies(
+            *policies, differing="each response is judged on its own prompt, and A - B is not paired (independent)"
+        )
+        if len(policies) == 2
+        else ([], 0, 0)
+    )
     sink = JsonlSink(args.out / "judgments.jsonl")
 
     async def body(backend: Backend) -> int:
@@ -427,10 +446,18 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)
         )
+        info = {
+            "task": args.task,
+            "task_version": params["task_version"],
+            "model": params["model"],
+            "question": question,
+            "seed": args.seed,
+        }
         done = [[j for j in js if j.key in sink.rows] for js in jobs]
         for name, d in zip("AB", done, strict=False):
             if not d:  # no rate to report: a clear end, as winrate's
-                raise SystemExit(f"no response of policy {name} was judged: every one was skipped as invalid")
+                why = f"no response of policy {name} was judged: every one was skipped"
+                return _nothing_labeled(args, s, info, why)
         p_yes = [[sink.rows[j.key]["p_yes"] for j in d] for d in done]
         prompts = [prompt_clusters([j.item.context for j in d]) for d in done]  # what the CIs resample
         per = []
@@ -441,7 +468,13 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         if len(policies) == 2:
             keyed = {j.key for d in done for j in d}
             pairs = [(judgment_key(sa, params), judgment_key(sb, params)) for sa, sb in matched]
-            paired = not only_a and not only_b and all(ka in keyed and kb in keyed for ka, kb in pairs)
+            # Paired only where both answer one prompt: records matched by id can hold two.
+            paired = (
+                not only_a
+                and not only_b
+                and all(sa.context == sb.context for sa, sb in matched)
+                and all(ka in keyed and kb in keyed for ka, kb in pairs)
+            )
             if paired:
                 a_vals = [sink.rows[ka]["p_yes"] for ka, _ in pairs]
                 b_vals = [sink.rows[kb]["p_yes"] for _, kb in pairs]
@@ -457,24 +490,18 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
                 level=args.level,
                 seed=args.seed,
             )
-        info = {
-            "task": args.task,
-            "task_version": params["task_version"],
-            "model": params["model"],
-            "question": question,
-            "seed": args.seed,
-        }
         report = write_harmless_report(
             metrics | {"policies": [p | {"p_yes": v} for p, v in zip(per, p_yes, strict=True)]}, args.out, info
         )
         (args.out / "metrics.json").write_text(json.dumps(_clean(metrics | {"info": info}), indent=2) + "\n")
         pct = percent(args.level)
+        _, judged = rate_name(args.task)
         lines = []
         for p in per:
             (s_lo, s_hi), (m_lo, m_hi) = p["share_harmless_ci"], p["mean_p_yes_ci"]
             lines.append(
                 f"policy {p['name']} ({p['input']}): {p['n']} responses to {p['prompts']} prompts, "
-                f"judged harmless {_fmt(p['share_harmless'])} "
+                f"{judged} {_fmt(p['share_harmless'])} "
                 f"[{pct}% CI {_fmt(s_lo)}, {_fmt(s_hi)}], mean P(yes) {_fmt(p['mean_p_yes'])} "
                 f"[{_fmt(m_lo)}, {_fmt(m_hi)}]"
             )
@@ -482,8 +509,8 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         if d is not None:
             (s_lo, s_hi), (m_lo, m_hi) = d["share_harmless_ci"], d["mean_p_yes_ci"]
             lines.append(
-                f"A - B: judged harmless {d['share_harmless']:+.3f} [{pct}% CI {s_lo:+.3f}, {s_hi:+.3f}], "
-                f"mean P(yes) {d['mean_p_yes']:+.3f} [{m_lo:+.3f}, {m_hi:+.3f}] "
+                f"A - B: {judged} {signed(d['share_harmless'])} [{pct}% CI {signed(s_lo)}, {signed(s_hi)}], "
+                f"mean P(yes) {signed(d['mean_p_yes'])} [{signed(m_lo)}, {signed(m_hi)}] "
                 f"({'paired' if d['paired'] else 'independent'})"
             )
         lines += [s.text(), f"report: {report}"]
@@ -491,6 +518,15 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, body)
+
+
+def _nothing_labeled(args: argparse.Namespace, s: Summary, info: dict[str, Any], why: str) -> int:
+    """The end of a run that has nothing to report on (every item skipped as invalid, and none
+    from an earlier run): its summary, as any run's, then why on standard error and status 1,
+    so a pipeline's next step does not take the missing figures for results."""
+    cli.emit(args, _clean(info | {"summary": s.to_dict()}), s.text())
+    print(f"{why} (see the skipped records above)", file=sys.stderr)
+    return 1
 
 
 def _fmt(x: float) -> str:

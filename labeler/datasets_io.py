@@ -433,7 +433,8 @@ def _split_messages(where: str, chosen: list, rejected: list) -> Pair:
 
 def normalize_single(where: str, rec: Any) -> Single:
     """One record of {"prompt", "completion"} or {"context", "response"} as a Single (either
-    name for the prompt)."""
+    name for the prompt), or of Alpaca's {"instruction", "output"} with an optional "input",
+    whose prompt is the instruction, a blank line and the input when there is one."""
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "completion" in rec:
@@ -447,11 +448,16 @@ def normalize_single(where: str, rec: Any) -> Single:
         if not isinstance(ctx, str) or not isinstance(resp, str):
             raise MalformedRecord(where, f"{context!r} and 'response' must be text")
         return Single(prompt_text(ctx), clean_response(resp), ctx, resp, where)
-    if "instruction" in rec and "output" in rec:  # AlpacaEval's model outputs
-        ins, out = rec["instruction"], rec["output"]
+    if "instruction" in rec and "output" in rec:  # AlpacaEval's model outputs, Alpaca's records
+        ins, out, extra = rec["instruction"], rec["output"], rec.get("input")
         if not isinstance(ins, str) or not isinstance(out, str):
             raise MalformedRecord(where, "'instruction' and 'output' must be text")
-        return Single(prompt_text(ins), clean_response(out), ins, out, where)
+        if extra is not None and not isinstance(extra, str):
+            raise MalformedRecord(where, "'input' must be text")
+        # Alpaca's `input` is the instruction's data ("Translate: <input>"): records that share
+        # an instruction but not an input ask different things.
+        prompt = f"{ins}\n\n{extra}" if extra and extra.strip() else ins
+        return Single(prompt_text(prompt), clean_response(out), prompt, out, where)
     raise MalformedRecord(
         where, f"expected prompt/completion, context/response or instruction/output; got keys {sorted(rec)}"
     )

@@ -586,7 +586,9 @@ def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int 
     human-preferred response shown as A or B by `swap_for_position`; rows record which side the
     human chose. A pair is shown one way whichever way round its rows give it (annotators who
     disagree give it both ways), so it is one item, read once: the coin turns the pair with
-    its responses in sorted order."""
+    its responses in sorted order. Its one stored row keeps every human label of the pair
+    (`humans`, in input order), beside the label of the row it was built for (`human`)."""
+    humans: dict[str, list[str]] = {}
 
     def job(p: Pair) -> Job:
         assert p.human is not None, "read with normalize_human_labeled"
@@ -598,6 +600,9 @@ def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int 
         swap = item.response_a != given.response_a
         human = p.human if not swap else ("b" if p.human == "a" else "a")
         key = pair_key(item, params)
+        # The file keeps one row per pair: without all its labels, a reader could not recount
+        # the alignment from the file.
+        humans.setdefault(key, []).append(human)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:
             return {
@@ -605,6 +610,7 @@ def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int 
                 "response_a": item.response_a,
                 "response_b": item.response_b,
                 "human": human,
+                "humans": humans[key],
                 "swapped": swap,
                 "p_a": r["p_a"],
                 "p_a_ab": r["p_a_ab"],
@@ -619,14 +625,18 @@ def eval_jobs(pairs: Sequence[Pair], params: dict[str, Any], position_seed: int 
 
 
 def match_policies(
-    a: Sequence[tuple[Any, Single]], b: Sequence[tuple[Any, Single]]
+    a: Sequence[tuple[Any, Single]],
+    b: Sequence[tuple[Any, Single]],
+    *,
+    differing: str = "each is judged on A's prompt",
 ) -> tuple[list[tuple[Single, Single]], int, int]:
     """Pair up two policies' outputs on the same prompts: by `id` when every record has one,
     else by prompt text; the k-th occurrence of an id (several samples per prompt) or of a
     prompt in A goes with the k-th in B. Returns (matched pairs in A's order, unmatched in A,
-    unmatched in B); warns when records matched by id have different prompts. A file where
-    some records have an id and others none is refused (MalformedRecord naming the first
-    without one): matched by prompt text, its ids would be ignored without a word."""
+    unmatched in B); warns when records matched by id have different prompts, saying what the
+    command does with them (`differing`). A file where some records have an id and others
+    none is refused (MalformedRecord naming the first without one): matched by prompt text,
+    its ids would be ignored without a word."""
     for rows in (a, b):
         given = sum(i is not None for i, _ in rows)
         if 0 < given < len(rows):
@@ -651,41 +661,56 @@ def match_policies(
     ka, kb = keyed(a), keyed(b)
     matched = [(s, kb[k]) for k, s in ka.items() if k in kb]
     differ = [k[1] for k, s in ka.items() if k in kb and s.context != kb[k].context]
-    if differ:  # ids out of step between the files: each pair is judged on A's prompt
+    if differ:  # ids out of step between the files
         log.warning(
-            "%d of %d records matched by id have different prompts in A and B (first: id %s); "
-            "each is judged on A's prompt",
+            "%d of %d records matched by id have different prompts in A and B (first: id %s); %s",
             len(differ),
             len(matched),
             differ[0],
+            differing,
         )
     return matched, len(ka) - len(matched), len(kb) - len(matched)
 
 
-def winrate_jobs(matched: Sequence[tuple[Single, Single]], params: dict[str, Any], position_seed: int = 0) -> list[Job]:
-    """Jobs for `labeler winrate`: policy A's response as A, policy B's as B, same prompt.
-    Read in one order, the labeler would credit its position bias to the policy shown first:
-    there, which response is shown first is a fair coin fixed per pair (`swap_for_position`
-    on the pair with its responses in sorted order, as `eval_jobs` does: the same item and
-    key whichever file is A), and the rows give P(A) and each order's reading from policy
-    A's side either way."""
+def same_answers(sa: Single, sb: Single) -> bool:
+    """Whether two matched responses are the same text as the labeler would read them."""
+    return sa.response == sb.response
+
+
+def winrate_jobs(
+    matched: Sequence[tuple[Single, Single]], params: dict[str, Any], position_seed: int = 0
+) -> list[Job | None]:
+    """Jobs for `labeler winrate`, one per matched pair: policy A's response as A, policy B's
+    as B, same prompt. Read in one order, the labeler would credit its position bias to the
+    policy shown first: there, which response is shown first is a fair coin fixed per pair
+    (`swap_for_position` on the pair with its responses in sorted order, as `eval_jobs` does:
+    the same item and key whichever file is A), and the rows give P(A) and each order's
+    reading from policy A's side either way, `a_is` the side of the labeled pair policy A's
+    response is on, `shown_first` the policy the labeler read first (None in both orders).
+
+    A pair whose two responses are the same text (`same_answers`) gets None, not a job: the
+    coin cannot turn it, so in one order its outcome would be the labeler's position bias
+    alone, credited to one policy; it is a tie (`tie_row`), whatever the order."""
+    order = params["order"]
 
     def job(sa: Single, sb: Single) -> Job:
         item = PairItem(sa.context, sa.response, sb.response)
-        if params["order"] != "both":
+        if order != "both":
             first, second = sorted((sa.response, sb.response))
             item = PairItem(sa.context, first, second)
             if swap_for_position(item_digest(item), position_seed):
                 item = PairItem(sa.context, second, first)
-        swap = item.response_a != sa.response  # B's response shown first
+        swap = item.response_a != sa.response  # B's response is the labeled pair's first
+        # Order "ab" reads the pair's first response first, "ba" its second.
+        shown_first = None if order == "both" else "b" if swap == (order == "ab") else "a"
         key = pair_key(item, params)
 
         def make_row(r: dict[str, Any]) -> dict[str, Any]:
             # `r` reads the item, its first response as A (a result, or a row of `label` or
-            # `eval`), or is a row of this command, read from its policy A's side
-            # (`shown_first`); either way, turned to this job's policy A's side.
+            # `eval`), or is a row of this command, read from its policy A's side; either
+            # way, turned to this job's policy A's side.
             p_a, p_ab, p_ba = r["p_a"], r["p_a_ab"], r["p_a_ba"]
-            if (r.get("shown_first") == "b") != swap:  # the item's order "ab" is the policies' "ba"
+            if (_a_is(r) == "b") != swap:  # the item's order "ab" is the policies' "ba"
                 p_a, p_ab, p_ba = 1.0 - p_a, _flip(p_ba), _flip(p_ab)
             return {
                 "prompt": sa.prompt,
@@ -696,12 +721,58 @@ def winrate_jobs(matched: Sequence[tuple[Single, Single]], params: dict[str, Any
                 "p_a_ba": p_ba,
                 "consistent": r["consistent"],
                 "outcome": win_outcomes([p_ab], [p_ba])[0],
-                "shown_first": "b" if swap else "a",
+                "shown_first": shown_first,
+                "a_is": "b" if swap else "a",
             } | _meta(params, key)
 
         return Job(key, f"A {sa.where} / B {sb.where}", item, make_row)
 
-    return [job(sa, sb) for sa, sb in matched]
+    return [None if same_answers(sa, sb) else job(sa, sb) for sa, sb in matched]
+
+
+def _a_is(row: dict[str, Any]) -> str:
+    """The side of the labeled pair a stored row's P(A) reads from: "a" for a result or a row of
+    `label` or `eval` (the pair as labeled), a `winrate` row's `a_is`. A `winrate` row written
+    before rows had `a_is` marked the pair turned with `shown_first` = "b", in every order."""
+    if "a_is" in row:
+        return row["a_is"]
+    return "b" if row.get("shown_first") == "b" else "a"
+
+
+def tie_row(sa: Single, sb: Single, params: dict[str, Any]) -> dict[str, Any]:
+    """A `winrate` row for a pair of the same answers, not judged: a tie, P(A) = 1/2 in the
+    orders the run reads, no reading to be consistent or not, nothing shown first."""
+    order = params["order"]
+    return {
+        "prompt": sa.prompt,
+        "response_a": sa.completion,
+        "response_b": sb.completion,
+        "p_a": 0.5,
+        "p_a_ab": 0.5 if order in ("both", "ab") else None,
+        "p_a_ba": 0.5 if order in ("both", "ba") else None,
+        "consistent": None,
+        "outcome": 0.5,
+        "shown_first": None,
+        "same_answers": True,
+    }
+
+
+def winrate_rows(
+    matched: Sequence[tuple[Single, Single]],
+    jobs: Sequence[Job | None],
+    stored: dict[str, dict[str, Any]],
+    params: dict[str, Any],
+) -> list[tuple[Single, Single, dict[str, Any]]]:
+    """(A's record, B's record, the row from A's side) per matched pair that has one, in
+    order: a judged pair's row rebuilt from its result in `stored` (by key; one skipped as
+    invalid has none and is left out), a pair of the same answers its `tie_row`."""
+    out = []
+    for (sa, sb), j in zip(matched, jobs, strict=True):
+        if j is None:
+            out.append((sa, sb, tie_row(sa, sb, params)))
+        elif j.key in stored:
+            out.append((sa, sb, j.make_row(stored[j.key])))
+    return out
 
 
 def _flip(p: float | None) -> float | None:

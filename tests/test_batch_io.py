@@ -649,6 +649,32 @@ def test_a_json_array_of_alpacaeval_outputs_is_read(tmp_path):
         collect(csv, io.normalize_pair)
 
 
+def test_alpaca_records_fold_their_input_into_the_prompt():
+    """Alpaca's {"instruction", "input", "output"}: the input is the instruction's data, so the
+    prompt is the instruction, a blank line and the input; records that share an instruction
+    but not an input are different prompts, and win rates do not match them with each other."""
+    from labeler.evaluate import match_policies
+
+    ins = "Translate to French."
+    s = io.normalize_single("l", {"instruction": ins, "input": "Good morning.", "output": "Bonjour."})
+    assert (s.context, s.response, s.prompt) == (f"{ins}\n\nGood morning.", "Bonjour.", f"{ins}\n\nGood morning.")
+    ref = io.normalize_single("l", {"prompt": f"{ins}\n\nGood morning.", "completion": "Bonjour."})
+    assert s.context == ref.context
+    for none in ({}, {"input": ""}, {"input": None}):  # no input: the instruction alone, as before
+        assert io.normalize_single("l", {"instruction": ins, "output": "Merci."} | none).context == ins
+    with pytest.raises(MalformedRecord, match="l: 'input' must be text"):
+        io.normalize_single("l", {"instruction": ins, "input": ["Hi."], "output": "Salut."})
+
+    def policy(outputs: list[tuple[str, str]]) -> list:
+        return [(None, io.normalize_single("l", {"instruction": ins, "input": i, "output": o})) for i, o in outputs]
+
+    a = policy([("Good morning.", "Bonjour."), ("Thank you.", "Merci.")])
+    b = policy([("Thank you.", "Merci bien."), ("Good morning.", "Salut.")])
+    matched, only_a, only_b = match_policies(a, b)
+    assert [(x.response, y.response) for x, y in matched] == [("Bonjour.", "Salut."), ("Merci.", "Merci bien.")]
+    assert (only_a, only_b) == (0, 0)
+
+
 def test_a_pipe_is_read_once_as_jsonl(tmp_path):
     """`<(zcat in.jsonl.gz)`: a pipe cannot be read twice, so it is not looked into for a JSON
     array; its lines are the records."""

@@ -502,3 +502,186 @@ def test_records_matched_by_id_with_other_prompts_are_warned_of(caplog):
     with caplog.at_level("WARNING", logger="labeler.evaluate"):
         ev.match_policies(a, [(i, Single(s.context, "b", s.prompt, "b", "b")) for i, s in a])
     assert caplog.text == ""
+
+
+class _TextKey:
+    """A spec stand-in whose key is the item's texts: which pair, which way round."""
+
+    def key(self, item):
+        return "|".join((item.context, item.response_a, item.response_b))
+
+
+def _winrate_params(order: str) -> dict:
+    return {"order": order, "spec": _TextKey(), "task": "t", "task_version": "v", "model": "m"}
+
+
+def _result(order: str, p: float) -> dict:
+    """A reading of a pair in `order`: P = p that the pair's first response is the better."""
+    return {
+        "p_a": p,
+        "p_a_ab": p if order in ("ab", "both") else None,
+        "p_a_ba": p if order in ("ba", "both") else None,
+        "consistent": True if order == "both" else None,
+    }
+
+
+def test_a_pair_of_the_same_answers_is_a_tie_not_judged_in_every_order():
+    """Two responses that are the same text once read (here only their spaces differ) cannot
+    be turned by the coin: read in one order, the labeler's position bias alone would make
+    them a win or a loss. They are a tie in every order, and are not judged."""
+    from labeler.datasets_io import normalize_single
+
+    same = [
+        (
+            normalize_single("a", {"prompt": f"Say {k}.", "completion": f"{k}."}),
+            normalize_single("b", {"prompt": f"Say {k}.", "completion": f"  {k}.\n"}),
+        )
+        for k in range(8)
+    ]
+    differ = (
+        normalize_single("a", {"prompt": "Say 9.", "completion": "9."}),
+        normalize_single("b", {"prompt": "Say 9.", "completion": "Nine."}),
+    )
+    matched = [*same, differ]
+    for order in ("ab", "ba", "both"):
+        params = _winrate_params(order)
+        jobs = ev.winrate_jobs(matched, params)
+        assert jobs[:8] == [None] * 8 and jobs[8] is not None, order
+        read = jobs[8].make_row(_result(order, 0.8))
+        done = ev.winrate_rows(matched, jobs, {jobs[8].key: _result(order, 0.8)}, params)
+        rows = [r for _, _, r in done]
+        assert [r["outcome"] for r in rows] == [0.5] * 8 + [read["outcome"]], order
+        assert all(r["p_a"] == 0.5 and r["consistent"] is None and r["same_answers"] for r in rows[:8])
+        wr = ev.win_rate([r["p_a_ab"] for r in rows], [r["p_a_ba"] for r in rows], [r["p_a"] for r in rows])
+        assert wr["ties"] == 8 + (read["outcome"] == 0.5)
+        assert wr["win_rate"] == pytest.approx((4 + read["outcome"]) / 9)
+        assert wr["soft_win_rate"] == pytest.approx((4 + read["p_a"]) / 9)
+        # The judged pair skipped (no stored result): the ties stay, it is left out.
+        assert [r["outcome"] for _, _, r in ev.winrate_rows(matched, jobs, {}, params)] == [0.5] * 8
+
+
+def test_one_order_rows_say_which_policy_the_labeler_read_first():
+    """Order "ab" reads the labeled pair's first response first, "ba" its second: whichever way
+    the coin turned the pair, `shown_first` names the policy read first, and `a_is` the side
+    of the pair that is policy A's response. A row written before rows had `a_is` marked a
+    turned pair with `shown_first` "b" in every order, and is read that way when resumed."""
+    from labeler.datasets_io import Single, swap_for_position
+    from labeler.spec import item_digest
+
+    matched = [
+        (Single(f"p{k}", f"a{k}", f"p{k}", f"a{k}", "A"), Single(f"p{k}", f"b{k}", f"p{k}", f"b{k}", "B"))
+        for k in range(16)
+    ]
+    coins = [swap_for_position(item_digest(PairItem(sa.context, sa.response, sb.response)), 0) for sa, sb in matched]
+    assert any(coins) and not all(coins)
+    for order in ("ba", "ab"):
+        jobs = ev.winrate_jobs(matched, _winrate_params(order))
+        for job, turned, (sa, _) in zip(jobs, coins, matched, strict=True):
+            read_first = job.item.response_a if order == "ab" else job.item.response_b
+            # The labeler prefers what it read first: the pair's second response, in order "ba".
+            row = job.make_row(_result(order, 0.8 if order == "ab" else 0.2))
+            assert row["shown_first"] == ("a" if read_first == sa.response else "b"), (order, turned)
+            assert row["a_is"] == ("b" if turned else "a")
+            # It prefers the policy it read first: A's P(A) is 0.8 exactly when A was read first.
+            assert row["p_a"] == pytest.approx(0.8 if row["shown_first"] == "a" else 0.2)
+            assert job.make_row(row) == row
+            legacy = {k: v for k, v in row.items() if k != "a_is"} | {"shown_first": "b" if turned else "a"}
+            assert job.make_row(legacy)["p_a"] == pytest.approx(row["p_a"]), (order, turned)
+    both = ev.winrate_jobs(matched, _winrate_params("both"))
+    row = both[0].make_row(_result("both", 0.8))
+    assert (row["shown_first"], row["a_is"], row["p_a"]) == (None, "a", 0.8)
+
+
+def test_an_eval_row_keeps_every_human_label_of_its_pair():
+    """The file keeps one row per pair: it holds all of the pair's human labels, in input order
+    and on the pair as shown, so the alignment per label can be recounted from it."""
+    from labeler.spec import LabelSpec
+
+    spec = LabelSpec.build("pairwise", task="t", task_version="v", model="m@1", labels=("1", "2"))
+    params = {"spec": spec, "task": "t", "task_version": "v", "model": "m@1"}
+    records = [
+        {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."},
+        {"prompt": "Q?", "chosen": "No.", "rejected": "Yes."},
+        {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."},
+        {"prompt": "R?", "chosen": "Up.", "rejected": "Down."},
+    ]
+    jobs = ev.eval_jobs([ev.normalize_human_labeled(f"line {n}", r) for n, r in enumerate(records, 1)], params)
+    result = {"p_a": 0.7, "p_a_ab": 0.8, "p_a_ba": 0.6, "consistent": True, "label_mass": {}}
+    rows = [j.make_row(result) for j in jobs]
+    stored = {}
+    for j, r in zip(jobs, rows, strict=True):
+        stored.setdefault(j.key, r)  # what the file keeps: the row of a pair's first record
+    assert len(stored) == 2
+    first = stored[jobs[0].key]
+    assert first["humans"] == [r["human"] for r in rows[:3]] and sorted(first["humans"]) in (
+        ["a", "a", "b"],
+        ["a", "b", "b"],
+    )
+    assert first["response_" + first["humans"][1]] == "No."
+    assert stored[jobs[3].key]["humans"] == [rows[3]["human"]]
+    recount = [ev.agreement([r["p_a"]], [int(h == "a")])[0] for r in stored.values() for h in r["humans"]]
+    assert sum(recount) / len(recount) == pytest.approx(ev.evaluate_rows(rows)["orders"]["both"]["alignment"])
+
+
+def _report_metrics(level: float, p_a: list, p_b: list, prompts: list) -> dict:
+    per = [
+        {"name": name, "input": f"{name}.jsonl", "p_yes": p} | hl.harmless_rate(p, prompts=prompts, level=level)
+        for name, p in (("A", p_a), ("B", p_b))
+    ]
+    diff = hl.harmless_difference(p_a, p_b, paired=True, prompts_a=prompts, level=level)
+    return {"level": level, "policies": per, "difference": diff}
+
+
+def _plot_titles(monkeypatch) -> list:
+    """The axes titles of every figure saved from now on (the figure is closed after saving)."""
+    from matplotlib.figure import Figure
+
+    titles: list = []
+    save = Figure.savefig
+
+    def saving(fig, *args, **kwargs):
+        titles.extend(ax.get_title() for ax in fig.axes)
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", saving)
+    return titles
+
+
+def test_the_harmless_report_counts_prompts_and_names_its_task_and_level(tmp_path, monkeypatch):
+    """Two responses to each of three prompts, paired: the report counts prompts, not
+    responses; a level of 0.995 is 99.5%, not 100%; another task's rate is not called harmless."""
+    p_a, p_b = [0.9, 0.8, 0.3, 0.2, 0.7, 0.6], [0.6, 0.4, 0.4, 0.1, 0.5, 0.2]
+    prompts = ["q1", "q1", "q2", "q2", "q3", "q3"]
+    metrics = _report_metrics(0.995, p_a, p_b, prompts)
+    assert (metrics["difference"]["prompts_a"], metrics["difference"]["n_a"]) == (3, 6)
+    info = {"task": "helpful", "question": "Is this reply helpful?", "model": "m", "task_version": "v", "seed": 0}
+    titles = _plot_titles(monkeypatch)
+    report = hl.write_harmless_report(metrics, tmp_path, info).read_text()
+    assert "paired over the 3 prompts both files hold (6 responses each)" in report
+    assert (
+        report.startswith("# Rate judged yes: task `helpful`") and "| judged yes (P(yes) > 0.5) | 99.5% CI |" in report
+    )
+    assert "harmless" not in report.replace("harmless.png", "") and "100%" not in report
+    assert titles[0] == "Rate judged yes, task helpful (99.5% bootstrap CIs)"
+    assert titles[1] == "Distribution of P(yes)"
+    titles.clear()
+    report = hl.write_harmless_report(metrics | {"level": 0.9}, tmp_path, info | {"task": "harmless"}).read_text()
+    assert report.startswith("# Harmless rate: task `harmless`") and titles[0].startswith(
+        "Harmless rate, task harmless"
+    )
+
+
+def test_the_harmless_plot_is_drawn_when_an_estimate_lies_outside_its_ci(tmp_path):
+    """At a low level a percentile CI is narrow, around the median of the resampled means: the
+    mean of skewed values lies outside it. The plot has no error bar on that side, and the
+    report is written."""
+    p = [0.95, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    rate = hl.harmless_rate(p, level=0.01)
+    lo, hi = rate["mean_p_yes_ci"]
+    assert not lo <= rate["mean_p_yes"] <= hi  # the case at hand
+    metrics = {"level": 0.01, "policies": [{"name": "A", "input": "a.jsonl", "p_yes": p} | rate]}
+    info = {"task": "harmless", "question": "Is this reply harmless?", "model": "m", "task_version": "v", "seed": 0}
+    report = hl.write_harmless_report(metrics, tmp_path, info).read_text()
+    assert "![harmless rate](harmless.png)" in report and (tmp_path / "harmless.png").stat().st_size > 0
+    below, above = hl.error_bars([rate["mean_p_yes"]], [rate["mean_p_yes_ci"]])
+    assert min(below + above) == 0.0 and max(below + above) > 0.0

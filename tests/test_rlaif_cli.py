@@ -72,7 +72,9 @@ def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, cap
     assert diff["paired"] is True  # the same three prompts in both files
     assert diff["mean_p_yes"] == pytest.approx(sum(ref["A"]) / 3 - sum(ref["B"]) / 3, abs=1e-5)
     report = (out / "report.md").read_text()
-    assert "Harmless rate" in report and "A - B" in report and (out / "harmless.png").stat().st_size > 0
+    assert (
+        "# Rate judged yes: task `tiny`" in report and "A - B" in report and (out / "harmless.png").stat().st_size > 0
+    )
     assert json.loads((out / "metrics.json").read_text())["difference"]["paired"] is True
 
     # A second run judges nothing and reports the same figures.
@@ -81,10 +83,13 @@ def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, cap
     assert again["summary"]["labeled"] == 0 and again["summary"]["skipped"] == 5
     assert again["policies"] == got["policies"] and again["difference"] == got["difference"]
 
-    # Every response of B refused (over the model's context) and skipped: a clear end, no figures.
+    # Every response of B refused (over the model's context) and skipped: the summary, a clear
+    # end with status 1, no figures.
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}])
-    with pytest.raises(SystemExit, match="no response of policy B was judged"):
-        in_process("harmless", str(a), str(long), "--task", "tiny", "--out", str(tmp_path / "h2"), "--skip-invalid")
+    argv = ["harmless", str(a), str(long), "--task", "tiny", "--out", str(tmp_path / "h2"), "--skip-invalid"]
+    assert in_process(*argv) == 1
+    captured = capsys.readouterr()
+    assert "no response of policy B was judged" in captured.err and "1 invalid (skipped)" in captured.out
     assert not (tmp_path / "h2" / "metrics.json").exists()
     # A file with no valid record: refused before anything is judged
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "p"}])  # no completion
@@ -134,7 +139,9 @@ def test_harmless_rate_one_policy_text_output(tmp_path, in_process, capsys):  # 
     a = write_jsonl(tmp_path / "a.jsonl", A[:2])
     assert in_process("harmless", str(a), "--task", "tiny", "--out", str(tmp_path / "h")) == 0
     text = capsys.readouterr().out
-    assert "policy A" in text and "2 responses to 2 prompts, judged harmless" in text and "A - B" not in text
+    # The tiny task asks whether the answer is right: its yes is not called harmless.
+    assert "policy A" in text and "2 responses to 2 prompts, judged yes" in text and "A - B" not in text
+    assert "judged harmless" not in text
     assert in_process("harmless", str(a), "--task", "plain-nonexistent", "--out", str(tmp_path / "x")) == 2
 
 
@@ -242,7 +249,7 @@ def test_ctrl_c_during_the_model_load_stops_it_at_once(tmp_path, monkeypatch, ca
 def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_process, capsys):  # noqa: F811
     pair = {"prompt": "Name a fruit.", "chosen": "Apple.", "rejected": "Chair."}
     flipped = {"prompt": "Name a fruit.", "chosen": "Chair.", "rejected": "Apple."}
-    single = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    single = {"prompt": "2+2?", "chosen": "4", "rejected": "Fish."}  # which the model reads consistently
     unlabeled = {"context": "2+2?", "response_a": "4", "response_b": "5"}  # no human choice
     src = write_jsonl(tmp_path / "human.jsonl", [pair, pair, flipped, single, unlabeled])
     out = tmp_path / "eval"
@@ -255,8 +262,16 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     assert got["n"] == 4 and got["summary"]["invalid"] == 1  # every human label counts
     assert got["summary"]["duplicates"] == 2  # the fruit pair's three rows, either way round: read once
     assert got["prompts"] == 2  # what the CIs resample
-    # The summary's position consistency counts the same rows as the metrics: one per label.
+    # Position consistency is a pair's, however many humans labeled it: the summary counts
+    # each pair once, as the metrics do. Here one pair of two is consistent, that of one label
+    # of four.
+    assert got["position_consistency"] == pytest.approx(0.5)
     assert got["summary"]["position_inconsistent_share"] == pytest.approx(1 - got["position_consistency"])
+    # The file keeps one row per pair, with every human label of the pair as shown.
+    labeled = {r["context"]: r for r in rows(out / "labels.jsonl")}
+    fruit = labeled["Name a fruit."]
+    assert [fruit["response_" + h] for h in fruit["humans"]] == ["Apple.", "Apple.", "Chair."]
+    assert [labeled["2+2?"]["response_" + h] for h in labeled["2+2?"]["humans"]] == ["4"]
     h = got["human_agreement"]
     # One pair with three labels (2 for Apple, 1 for Chair): C(2,2) / C(3,2) = 1/3.
     assert (h["pairs"], h["labels"]) == (1, 3) and h["human_human"] == pytest.approx(1 / 3)
@@ -303,15 +318,16 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     capsys.readouterr()
     assert in_process("winrate", str(a), str(b), "--task", "tiny", "--json", "--out", str(shared)) == 0
     reused = json.loads(capsys.readouterr().out)
-    assert (reused["summary"]["skipped"], reused["summary"]["labeled"]) == (len(A), 0)
+    # The third pair's answers are the same: a tie, not judged (the row `label` wrote stays aside).
+    assert (reused["summary"]["skipped"], reused["summary"]["labeled"]) == (len(A) - 1, 0)
     assert reused["win_rate"] == pytest.approx(got["win_rate"], abs=1e-5)
 
-    # A prompt that repeats with the same answers is judged once and counted for each of its rows.
+    # A prompt that repeats with the answers it had is judged once and counted for each of its rows.
     a2 = write_jsonl(tmp_path / "a2.jsonl", [{"prompt": x["prompt"], "completion": x["completion"]} for x in A + A[:1]])
     b2 = write_jsonl(tmp_path / "b2.jsonl", [{"prompt": y["prompt"], "completion": y["completion"]} for y in B + B[:1]])
     assert in_process("winrate", str(a2), str(b2), "--task", "tiny", "--json") == 0
     twice = json.loads(capsys.readouterr().out)
-    assert (twice["n"], twice["summary"]["duplicates"], twice["summary"]["labeled"]) == (len(A) + 1, 1, len(A))
+    assert (twice["n"], twice["summary"]["duplicates"], twice["summary"]["labeled"]) == (len(A) + 1, 1, len(A) - 1)
     # The CIs resample the prompts: the repeated one's two comparisons go together.
     prompts = [x["prompt"] for x in A + A[:1]]
     again = prefs + prefs[:1]
@@ -321,11 +337,14 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     )
     soft = [r.p_a for r in prefs + prefs[:1]]
     assert twice["soft_win_rate"] == pytest.approx(sum(soft) / len(soft), abs=1e-6)
-    # Every matched prompt refused (over the model's context) and skipped: a clear end, no figures.
+    # Every matched prompt refused (over the model's context) and skipped: the summary, status 1, no figures.
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}])
-    with pytest.raises(SystemExit, match="no matched prompt was labeled"):
-        in_process("winrate", str(long), str(long), "--task", "tiny", "--skip-invalid")
-    disagree = [not r.consistent for r in prefs + prefs[:1]]
+    longer = write_jsonl(tmp_path / "longer.jsonl", [{"prompt": "p", "completion": "words " * 9000}])
+    assert in_process("winrate", str(long), str(longer), "--task", "tiny", "--skip-invalid") == 1
+    captured = capsys.readouterr()
+    assert "no matched prompt was labeled" in captured.err and "1 invalid (skipped)" in captured.out
+    # The pair of the same answers, not read, has no consistency to count.
+    disagree = [not r.consistent for r in prefs[:2] + prefs[:1]]
     assert twice["position_inconsistent_share"] == pytest.approx(sum(disagree) / len(disagree))
     assert twice["summary"]["position_inconsistent_share"] == twice["position_inconsistent_share"]
 
@@ -403,6 +422,164 @@ def test_winrate_lengths_are_those_of_the_responses_judged(tmp_path, in_process,
     )
     assert in_process("winrate", str(a), str(b), "--task", "tiny", "--json") == 0
     assert json.loads(capsys.readouterr().out)["length_controlled"]["mean_length_diff"] == len("4") - len("four")
+
+
+def test_winrate_of_the_same_answers_is_a_tie_in_every_order(tmp_path, in_process, capsys):  # noqa: F811
+    """A pair whose two responses are the same text once read is a tie in every order, and is
+    not judged: in one order the coin cannot turn it, and the labeler's position bias would
+    make it a win (ab) or a loss (ba). It counts in the win rates, soft and length-controlled
+    too, and is neither in --out nor in the position-inconsistent share; a re-run resumes to
+    the same figures."""
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"prompt": "2+2?", "completion": "4"}, {"prompt": "Name a fruit.", "completion": "Apple."}],
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl",
+        [{"prompt": "2+2?", "completion": " 4\n"}, {"prompt": "Name a fruit.", "completion": "A chair."}],
+    )
+    for order in ("ab", "ba", "both"):
+        out = tmp_path / f"{order}.jsonl"
+        argv = ["winrate", str(a), str(b), "--task", "tiny", "--order", order, "--out", str(out), "--json"]
+        assert in_process(*argv) == 0
+        got = json.loads(capsys.readouterr().out)
+        (fruit,) = rows(out)  # the one pair judged
+        assert fruit["prompt"] == "Name a fruit." and got["identical"] == 1, order
+        assert (got["n"], got["summary"]["labeled"]) == (2, 1)
+        assert got["win_rate"] == pytest.approx((0.5 + fruit["outcome"]) / 2)
+        assert got["soft_win_rate"] == pytest.approx((0.5 + fruit["p_a"]) / 2)
+        assert got["ties"] == 1 + (fruit["outcome"] == 0.5)
+        assert got["length_controlled"]["mean_length_diff"] == pytest.approx((len("Apple.") - len("A chair.")) / 2)
+        if order == "both":
+            assert got["position_inconsistent_share"] == (0.0 if fruit["consistent"] else 1.0)
+        assert in_process(*argv) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["summary"]["labeled"] == 0
+        assert (again["win_rate"], again["soft_win_rate"]) == (got["win_rate"], got["soft_win_rate"])
+    # Two files of the same answers: every pair a tie, nothing judged, nothing written.
+    same = tmp_path / "same.jsonl"
+    assert in_process("winrate", str(a), str(a), "--task", "tiny", "--order", "ab", "--out", str(same)) == 0
+    text = capsys.readouterr().out
+    assert "win rate of A over B: 0.500" in text and "(0 wins, 2 ties, 0 losses; soft 0.500)" in text
+    assert "2 with the same answer from A and B: ties, not judged" in text and not same.exists()
+
+
+def test_winrate_in_order_ba_names_the_policy_read_first_and_resumes_older_rows(
+    tmp_path,
+    labeler,
+    in_process,  # noqa: F811
+    capsys,
+):
+    """--order ba reads the labeled pair's second response first: each row's `shown_first`
+    names the policy read then, whichever way the coin turned the pair. Rows written before
+    rows had `a_is` (whose `shown_first` marked a turned pair instead) resume to the same
+    figures."""
+    from labeler.datasets_io import swap_for_position
+    from labeler.spec import item_digest
+
+    n = 6
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"Say {k}.", "completion": f"{k}"} for k in range(n)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"Say {k}.", "completion": f"No, {k + 1}."} for k in range(n)])
+    out = tmp_path / "ba.jsonl"
+    argv = ["winrate", str(a), str(b), "--task", "tiny", "--order", "ba", "--out", str(out), "--json"]
+    assert in_process(*argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    shown = []
+    for k in range(n):
+        pair = PairItem(f"Say {k}.", *sorted((f"{k}", f"No, {k + 1}.")))
+        if swap_for_position(item_digest(pair), 0):
+            pair = PairItem(pair.context, pair.response_b, pair.response_a)
+        shown.append(pair)
+    read_first = ["a" if pair.response_b == f"{k}" else "b" for k, pair in enumerate(shown)]
+    assert "a" in read_first and "b" in read_first
+    written = rows(out)
+    assert [r["shown_first"] for r in written] == read_first
+    read = [r.p_a for r in labeler.preferences(shown, "tiny", order="ba")]
+    p_a = [p if pair.response_a == f"{k}" else 1 - p for k, (p, pair) in enumerate(zip(read, shown, strict=True))]
+    assert [r["p_a"] for r in written] == pytest.approx(p_a, abs=1e-5)
+    # The same judgments as an earlier version wrote them: no `a_is`, `shown_first` "b" for a turned pair.
+    write_jsonl(out, [{k: v for k, v in r.items() if k != "a_is"} | {"shown_first": r["a_is"]} for r in written])
+    assert in_process(*argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["summary"]["labeled"] == 0 and again["summary"]["skipped"] == n
+    for figure in ("win_rate", "soft_win_rate", "length_controlled"):
+        assert again[figure] == got[figure], figure
+
+
+def test_harmless_records_matched_by_id_with_other_prompts_are_not_paired(tmp_path, in_process, capsys, caplog):  # noqa: F811
+    """Matched by id, records of two prompts: each response is judged on its own prompt, the
+    warning says so, and the difference A - B resamples each file on its own."""
+    a = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"id": 1, "prompt": "2+2?", "completion": "4"}, {"id": 2, "prompt": "Name a fruit.", "completion": "Apple."}],
+    )
+    b = write_jsonl(
+        tmp_path / "b.jsonl",
+        [{"id": 1, "prompt": "Name a fruit.", "completion": "Pear."}, {"id": 2, "prompt": "2+2?", "completion": "5"}],
+    )
+    out = tmp_path / "h"
+    with caplog.at_level("WARNING", logger="labeler.evaluate"):
+        assert in_process("harmless", str(a), str(b), "--task", "tiny", "--out", str(out), "--json") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert "2 of 2 records matched by id have different prompts" in caplog.text
+    assert "each response is judged on its own prompt" in caplog.text and "A's prompt" not in caplog.text
+    p_yes = {(r["prompt"], r["completion"]): r["p_yes"] for r in rows(out / "judgments.jsonl")}
+    assert set(p_yes) == {("2+2?", "4"), ("Name a fruit.", "Apple."), ("Name a fruit.", "Pear."), ("2+2?", "5")}
+    expect = hl.harmless_difference(
+        [p_yes["2+2?", "4"], p_yes["Name a fruit.", "Apple."]],
+        [p_yes["Name a fruit.", "Pear."], p_yes["2+2?", "5"]],
+        paired=False,
+        prompts_a=["2+2?", "Name a fruit."],
+        prompts_b=["Name a fruit.", "2+2?"],
+    )
+    assert got["difference"]["paired"] is False
+    assert got["difference"]["mean_p_yes_ci"] == pytest.approx(list(expect["mean_p_yes_ci"]), abs=1e-9)
+    assert "independent resamples" in (out / "report.md").read_text()
+
+
+def test_a_difference_without_a_ci_is_printed_as_n_a(tmp_path, in_process, capsys):  # noqa: F811
+    """One prompt, paired: there is no spread to resample, and the printed A - B says n/a, as
+    the report does, not +nan."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "2+2?", "completion": "4"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "2+2?", "completion": "5"}])
+    out = tmp_path / "h"
+    assert in_process("harmless", str(a), str(b), "--task", "tiny", "--out", str(out)) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("A - B")]
+    assert "nan" not in line and line.count("n/a") == 4 and "[95% CI n/a, n/a]" in line and "(paired)" in line
+    assert "nan" not in (out / "report.md").read_text()
+
+
+def test_winrate_with_a_file_of_no_valid_record_names_it(tmp_path, monkeypatch):
+    """Before the model loads: the file is named as holding no record, not as sharing no
+    prompt with the other."""
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "build_labeler", no_load)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])  # no completion
+    a = write_jsonl(tmp_path / "a.jsonl", A)
+    argv = ["--task", "tiny", "--no-progress", "--skip-invalid"]
+    with pytest.raises(SystemExit, match=f"no response of policy A to compare: {empty} holds no valid record"):
+        cli.main(["winrate", str(empty), str(a), *argv])
+    with pytest.raises(SystemExit, match=f"no response of policy B to compare: {bad} holds no valid record"):
+        cli.main(["winrate", str(a), str(bad), *argv])
+
+
+def test_an_eval_that_labels_nothing_prints_its_summary_and_ends_with_status_1(tmp_path, in_process, capsys):  # noqa: F811
+    """Every pair skipped with --skip-invalid (over the model's context): the summary says what
+    was skipped, standard error why there are no figures, and the status is 1."""
+    src = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "chosen": "word " * 9000, "rejected": "x"}])
+    out = tmp_path / "ev"
+    assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--skip-invalid") == 1
+    captured = capsys.readouterr()
+    assert "1 items, 0 labeled" in captured.out and "1 invalid (skipped)" in captured.out
+    assert "no human-labeled pair was labeled" in captured.err and not (out / "metrics.json").exists()
+    assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--skip-invalid", "--json") == 1
+    got = json.loads(capsys.readouterr().out)
+    assert (got["summary"]["labeled"], got["summary"]["invalid"], got["task"]) == (0, 1, "tiny")
 
 
 def test_harmless_through_the_service_equals_in_process(tmp_path, labeler, live_server, capsys):
