@@ -17,7 +17,7 @@ Pair formats, detected per record:
 In `trl`, `trl-implicit` and `hh` the human-preferred response is `chosen`; it becomes A.
 Single-response formats (scores mode): {"prompt", "completion"} (text or messages) or
 {"context", "response"}, the prompt under either name; or AlpacaEval's {"instruction",
-"output"}.
+"output"} (Alpaca's "input", when a record has one, joins the instruction in the prompt).
 
 A prompt reaches the labeler as the service shows every context: its canonical transcript
 (`labeler.chat`); a response is its messages' contents, without end-of-turn markers.
