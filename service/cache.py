@@ -15,10 +15,12 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from labeler.spec import KEY_VERSION
+
+T = TypeVar("T")
 
 log = logging.getLogger("service.cache")
 
@@ -112,13 +114,36 @@ class RedisCache:
         self.ttl = ttl
         self.cooldown = cooldown
         self.on_error = on_error or (lambda op: None)
-        self._down_until = 0.0
+        self._down_until = 0.0  # set by a failure; 0 once Redis answered again
+        self._probing = False  # a call is finding out whether Redis is back
         self._warned_until = 0.0
         self._client = aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
     @property
     def bypassed(self) -> bool:
         return time.monotonic() < self._down_until
+
+    async def _use(self, op: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call()`'s result, or None when Redis is bypassed or the call failed (counted).
+        After a failure's cooldown one call alone tries Redis again: a Redis that hangs
+        (accepting connections, never answering) costs that one call its socket timeout, not
+        every call made meanwhile; the others bypass it until that call has an answer."""
+        probe = self._down_until > 0
+        if self.bypassed or (probe and self._probing):
+            self.on_error("bypass")
+            return None
+        self._probing = probe
+        try:
+            result = await call()
+        except Exception as exc:  # noqa: BLE001 - any Redis/socket failure means "no cache"
+            self._fail(op, exc)
+            return None
+        finally:
+            if probe:
+                self._probing = False
+        if probe and not self.bypassed:
+            self._down_until = 0.0
+        return result
 
     def _fail(self, op: str, exc: Exception) -> None:
         from redis.exceptions import ConnectionError, TimeoutError
@@ -134,15 +159,8 @@ class RedisCache:
         self._down_until = time.monotonic() + self.cooldown
 
     async def get_many(self, keys: Sequence[str]) -> list[Value | None]:
-        if self.bypassed:
-            self.on_error("bypass")
-            return [None] * len(keys)
-        try:
-            raw = await self._client.mget(list(keys))
-        except Exception as exc:  # noqa: BLE001 - any Redis/socket failure means "no cache"
-            self._fail("get", exc)
-            return [None] * len(keys)
-        return [self._decode(v) for v in raw]
+        raw = await self._use("get", lambda: self._client.mget(list(keys)))
+        return [None] * len(keys) if raw is None else [self._decode(v) for v in raw]
 
     def _decode(self, raw: bytes | None) -> Value | None:
         if raw is None:
@@ -159,28 +177,23 @@ class RedisCache:
     async def set_many(self, values: Mapping[str, Value]) -> None:
         if not values:
             return
-        if self.bypassed:
-            self.on_error("bypass")
-            return
-        try:
+
+        async def write() -> None:
             async with self._client.pipeline(transaction=False) as pipe:
                 for k, v in values.items():
                     pipe.set(k, json.dumps(v), ex=self.ttl or None)
                 await pipe.execute()
-        except Exception as exc:  # noqa: BLE001
-            self._fail("set", exc)
+
+        await self._use("set", write)
 
     async def status(self) -> str:
         """'ok' when Redis answers, 'bypassed' while it cannot be reached, 'refused' when it
         answers with a refusal (requests still succeed either way)."""
-        if self.bypassed:
+        if self.bypassed or (self._down_until > 0 and self._probing):
             return "bypassed"
-        try:
-            await self._client.ping()
-        except Exception as exc:  # noqa: BLE001
-            self._fail("ping", exc)
-            return "bypassed" if self.bypassed else "refused"
-        return "ok"
+        if await self._use("ping", self._client.ping) is not None:
+            return "ok"
+        return "bypassed" if self.bypassed else "refused"
 
     async def aclose(self) -> None:
         await self._client.aclose()

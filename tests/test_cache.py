@@ -100,3 +100,40 @@ def test_redis_that_refuses_writes_keeps_serving_reads_and_a_foreign_value_is_a_
 
     asyncio.run(run())
     admin.delete("labeler:test:kept", *(f"labeler:test:{name}" for name in foreign))
+
+
+def test_after_a_cooldown_one_call_alone_finds_out_whether_a_hung_redis_is_back(redis_server):
+    """Redis frozen (SIGSTOP: connections accepted, nothing answered): the first call waits
+    its socket timeout and the cache is bypassed for the cooldown; once it ends, one call
+    tries Redis again while the others bypass it (a hung Redis costs one call its timeout per
+    cooldown, not every call made meanwhile); with Redis answering again, that call's answer
+    ends the bypass."""
+    import os
+    import signal
+
+    from service.cache import RedisCache
+
+    errors: list[str] = []
+    cache = RedisCache(redis_server.url, ttl=60, cooldown=0.2, on_error=errors.append)
+
+    async def run() -> None:
+        await cache.set_many({"labeler:test:probe": value(1)})
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            assert await cache.get_many(["labeler:test:probe"]) == [None]
+            assert errors == ["get"] and cache.bypassed
+            await asyncio.sleep(0.3)  # the cooldown passes
+            got = await asyncio.gather(*(cache.get_many(["labeler:test:probe"]) for _ in range(10)))
+            assert got == [[None]] * 10
+            assert sorted(errors) == ["bypass"] * 9 + ["get"] * 2  # one call tried, and waited
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.3)
+        errors.clear()
+        got = await asyncio.gather(*(cache.get_many(["labeler:test:probe"]) for _ in range(4)))
+        assert got[0] == [value(1)] and errors.count("get") == 0
+        assert await cache.get_many(["labeler:test:probe"]) == [value(1)] and not cache.bypassed
+        assert await cache.status() == "ok"
+        await cache.aclose()
+
+    asyncio.run(run())
