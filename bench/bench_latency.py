@@ -1,11 +1,17 @@
-"""L1: how long a cache hit waits while the server prepares a large miss batch.
+"""L1: how long a cache hit waits in the second after a large miss batch is sent.
 
 A miss batch of `--items` pairs (64 by default: 128 prompts, pairs in both orders) is
-rendered and tokenized before the engine runs it. Wherever that preparation runs, cache hits
-arriving at the same time must not queue behind it. L1 sends the miss batch and, from the
-moment it is sent, cache hits from 8 concurrent connections for `--window` seconds, in each
-of `--rounds` rounds (a fresh server each), and reports the latency percentiles of the hits
-of all rounds pooled, with each round's p99 beside them.
+rendered and tokenized before the engine runs it; cache hits arriving meanwhile must not
+queue behind either. L1 sends the miss batch and, from the moment it is sent, cache hits from
+8 concurrent connections for `--window` seconds, in each of `--rounds` rounds (a fresh server
+each), and reports the latency percentiles of the hits of all rounds pooled, with each round's
+p99 beside them. The window covers the batch's preparation and, for the rest of it, the
+engine's forward pass over the batch: L1 is the hits' latency over that whole window, not
+during the preparation alone.
+
+The server starts from an environment without the user's `LABELER_*` variables, with the
+settings it needs given explicitly; the detail names the model and the label cache its
+/readyz reports.
 
 With `--baseline DIR` (a checkout of another revision), the same measurement runs against a
 server started in DIR too (DIR as its working directory and PYTHONPATH, checked by importing
@@ -18,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,8 +32,9 @@ from pathlib import Path
 
 import httpx
 
-from bench.bench_http import start, stop
-from bench.common import Result, round_order
+from bench.bench_http import ready, start, stop
+from bench.common import Result, add_results_option, describe_revision, emit, revision, round_order, server_env
+from labeler.models import cache_dir
 from tests.fixtures.redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,28 +86,37 @@ def pct(values: list[float], q: float) -> float:
     )
 
 
-def server_env(source: Path) -> dict[str, str]:
-    return os.environ | {"LABELER_LOG_LEVEL": "warning", "PYTHONPATH": str(source)}
+def env_for(source: Path) -> dict[str, str]:
+    """The server's environment: no user `LABELER_*` variable; the embedded model on the
+    transformers engine on the CPU, this process's model cache directory, an in-process label
+    cache (no LABELER_REDIS_URL), no API keys; `source` first on the import path."""
+    return server_env(
+        LABELER_MODEL="embedded",
+        LABELER_CACHE_DIR=str(cache_dir()),
+        LABELER_ENGINE="transformers",
+        LABELER_DEVICE="cpu",
+        LABELER_LOG_LEVEL="warning",
+        PYTHONPATH=str(source),
+    )
 
 
 def serve(source: Path, port: int) -> subprocess.Popen:
     """`labeler serve` run from the checkout `source`: `-m` puts the working directory first
     on sys.path, so the working directory decides which tree runs."""
     cmd = [sys.executable, "-m", "labeler.cli", "serve", "--port", str(port)]
-    return start(cmd, f"http://127.0.0.1:{port}/readyz", server_env(source), cwd=source)
+    return start(cmd, f"http://127.0.0.1:{port}/readyz", env_for(source), cwd=source)
 
 
-def revision(source: Path) -> str:
-    """`source`'s HEAD, after checking that a Python started there as `serve` starts the
-    server imports `labeler` from `source`."""
+def checkout(source: Path) -> str:
+    """`source`'s revision as the detail names it, after checking that a Python started there
+    as `serve` starts the server imports `labeler` from `source`."""
     probe = [sys.executable, "-c", "import labeler; print(labeler.__file__)"]
-    found = subprocess.run(probe, cwd=source, env=server_env(source), capture_output=True, text=True, check=True)
+    found = subprocess.run(probe, cwd=source, env=env_for(source), capture_output=True, text=True, check=True)
     package = Path(found.stdout.strip()).resolve()
     if not package.is_relative_to(source):
         raise RuntimeError(f"a server started in {source} would import labeler from {package}")
-    head = ["git", "-C", str(source), "rev-parse", "--short", "HEAD"]
-    rev = subprocess.run(head, capture_output=True, text=True).stdout.strip()
-    return rev or "unknown"
+    rev, dirty = revision(source)
+    return describe_revision(rev, dirty) if rev else "revision unknown: git could not tell"
 
 
 def summary(values: list[float], per_round: list[list[float]]) -> str:
@@ -121,11 +135,13 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", type=Path, help="a checkout of another revision to compare with")
+    add_results_option(ap)
     args = ap.parse_args()
     sources = {"this": ROOT} | ({"baseline": args.baseline.resolve()} if args.baseline else {})
-    revisions = {name: revision(src) for name, src in sources.items()}
+    revisions = {name: checkout(src) for name, src in sources.items()}
     names = list(sources)
     lat: dict[str, list[list[float]]] = {k: [] for k in sources}
+    served: dict[str, set[str]] = {k: set() for k in sources}  # each server's model and label cache
     for r in range(args.rounds):
         for i in round_order(r, len(names)):
             name = names[i]
@@ -133,6 +149,8 @@ def main() -> int:
             proc = serve(sources[name], port)
             try:
                 url = f"http://127.0.0.1:{port}"
+                info = ready(url)
+                served[name].add(f"model {info['model']}, {info['cache']} label cache")
                 lat[name].append(asyncio.run(one_round(url, f"{name}{r}", args.items, args.window, args.connections)))
             finally:
                 stop(proc)
@@ -141,22 +159,27 @@ def main() -> int:
     detail = (
         f"{args.items}-pair miss batch (both orders: {2 * args.items} prompts), cache hits from "
         f"{args.connections} connections for {args.window:g} s after it is sent, {args.rounds} rounds{order}, "
-        f"a fresh server each, percentiles of all rounds' hits pooled; this checkout (HEAD {revisions['this']}): "
+        f"a fresh server each (`labeler serve` without the user's LABELER_* settings), percentiles of all rounds' "
+        f"hits pooled; this checkout ({revisions['this']}; {' / '.join(sorted(served['this']))}): "
         + summary(cur, lat["this"])
     )
     if "baseline" in lat:
         base = [x for rnd in lat["baseline"] for x in rnd]
-        detail += f"; baseline checkout (HEAD {revisions['baseline']}): " + summary(base, lat["baseline"])
+        detail += (
+            f"; baseline checkout ({revisions['baseline']}; {' / '.join(sorted(served['baseline']))}): "
+            + summary(base, lat["baseline"])
+        )
     result = Result(
         "L1",
-        f"cache-hit p99 latency (all rounds' hits pooled) while a {args.items}-pair miss batch is prepared",
+        f"cache-hit p99 latency (all rounds' hits pooled) in the {args.window:g} s after a {args.items}-pair miss "
+        "batch is sent",
         1e3 * pct(cur, 0.99),
         None,
         "lower",
         unit="ms",
         detail=detail,
     )
-    print(json.dumps(result.to_dict()))
+    emit(result, args.results)
     return 0
 
 
