@@ -1257,6 +1257,33 @@ def test_verl_client_options_and_overlong_responses(monkeypatch):
         verl.compute_score("x", "short", overlong="skip", **opts)
 
 
+def test_verl_coroutines_give_what_the_functions_give_one_client_per_loop():
+    """compute_score_async and compute_reference_score_async, over real sockets: the same
+    rewards as the plain functions, overlong="lowest" alike, and one shared AsyncClient per
+    event loop (a new loop gets its own: an AsyncClient's connections are its loop's)."""
+    with serve_fake(FakeLabeler(max_chars=10)) as server:
+        opts = {"base_url": server.url, "task": "tiny", "extra_info": {"prompt": "q"}, "max_retries": 0}
+
+        async def both() -> tuple[list[float], lc.AsyncClient]:
+            got = await asyncio.gather(
+                verl.compute_score_async("x", "short", **opts),
+                verl.compute_reference_score_async("x", "short", "ref", **opts),
+                verl.compute_score_async("x", "far too long an answer", overlong="lowest", **opts),
+            )
+            return list(got), _shared.shared_async_client(server.url, None, max_retries=0)
+
+        got, first = asyncio.run(both())
+        assert got == [
+            verl.compute_score("x", "short", **opts),
+            verl.compute_reference_score("x", "short", "ref", **opts),
+            -1.0,
+        ]
+        again, second = asyncio.run(both())
+        assert again == got and second is not first
+        with pytest.raises(lc.InvalidRequest, match="at most 10 characters"):
+            asyncio.run(verl.compute_score_async("x", "far too long an answer", **opts))
+
+
 def test_sync_client_works_inside_a_running_event_loop():
     fake = FakeLabeler()
 

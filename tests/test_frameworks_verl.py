@@ -3,7 +3,8 @@
 tests/frameworks/verl_reward.py composes verl's `ppo_trainer` config with the documented
 overrides, in both forms (`custom_reward_function.path` as the module's file and as
 `pkg://labeler_client.verl`), runs verl's `RewardLoopWorker` (naive reward manager) on a
-`DataProto` batch of rollouts, one of them an empty answer (a bare EOS), and the legacy
+`DataProto` batch of rollouts, one of them an empty answer (a bare EOS), with
+`compute_score` and with `compute_score_async` (which the manager must await), and the legacy
 `BatchRewardManager` with `compute_score_batch`. Rewards must be the labeler's for the
 canonical transcript of `extra_info["prompt"]`; an unknown `reward_kwargs` key must fail.
 """
@@ -33,6 +34,8 @@ def test_verl_loads_and_calls_compute_score(frameworks_python, live_server, labe
     want = [r.reward for r in labeler.scores(items, "tiny")]
     for form in ("file", "pkg"):
         assert out["naive"][form] == pytest.approx(want, abs=TOL), form
+        assert out["naive_async"][form] == pytest.approx(want, abs=TOL), form
+        assert out["awaited"][form] is True, form  # verl's manager awaits it, not a thread's call
         assert out["legacy_batch"][form] == pytest.approx(want, abs=TOL), form
         assert out["pickled"][form] == pytest.approx(want, abs=TOL), form
     error = out["errors"]["unknown_key"]

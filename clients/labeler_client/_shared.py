@@ -8,14 +8,20 @@ client among them cannot be copied. From here they are referred to by name."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
-from ._client import Client
+from ._client import AsyncClient, Client
 from ._config import TRAINING_RETRY
 
-_clients: dict[tuple[str | None, str | None, str | None, float | None, int | None], Client] = {}
+_Key = tuple[str | None, str | None, str | None, float | None, int | None]
+_clients: dict[_Key, Client] = {}
+# Per event loop: an AsyncClient's connections belong to the loop they were opened on.
+LoopClients = dict[int, tuple[asyncio.AbstractEventLoop, AsyncClient]]
+_async_clients: dict[_Key, LoopClients] = {}
 _lock = threading.Lock()
 
 
@@ -25,10 +31,16 @@ def _forget_after_fork() -> None:
     that the child does not have."""
     global _lock
     _clients.clear()
+    _async_clients.clear()
     _lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _options(max_retries: int | None, timeout: float | None) -> dict:
+    retry = TRAINING_RETRY if max_retries is None else replace(TRAINING_RETRY, max_retries=max_retries)
+    return {"timeout": timeout, "retry": retry}
 
 
 def shared_client(
@@ -47,8 +59,7 @@ def shared_client(
     with _lock:
         key = (base_url, api_key, serve_app, timeout, max_retries)
         if key not in _clients:
-            retry = TRAINING_RETRY if max_retries is None else replace(TRAINING_RETRY, max_retries=max_retries)
-            options = {"timeout": timeout, "retry": retry}
+            options = _options(max_retries, timeout)
             if serve_app is None:
                 _clients[key] = Client(base_url, api_key, **options)
             else:
@@ -56,3 +67,39 @@ def shared_client(
 
                 _clients[key] = Client("http://labeler", api_key, transport=ServeTransport(serve_app), **options)
         return _clients[key]
+
+
+def shared_async_client(
+    base_url: str | None,
+    api_key: str | None,
+    serve_app: str | None = None,
+    *,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+) -> AsyncClient:
+    """`shared_client` for coroutines: the process's AsyncClient for these options and the
+    running event loop."""
+
+    def make() -> AsyncClient:
+        options = _options(max_retries, timeout)
+        if serve_app is None:
+            return AsyncClient(base_url, api_key, **options)
+        from .ray import AsyncServeTransport  # needs ray[serve]: imported only when asked for
+
+        return AsyncClient("http://labeler", api_key, transport=AsyncServeTransport(serve_app), **options)
+
+    with _lock:
+        clients = _async_clients.setdefault((base_url, api_key, serve_app, timeout, max_retries), {})
+        return client_for_loop(clients, make)
+
+
+def client_for_loop(clients: LoopClients, make: Callable[[], AsyncClient]) -> AsyncClient:
+    """The client in `clients` for the running event loop, made by `make()` on a loop's first
+    call; those of loops closed since are let go. The caller holds the lock `clients` is under."""
+    loop = asyncio.get_running_loop()
+    for key, (known, _) in list(clients.items()):
+        if known.is_closed():
+            del clients[key]
+    if id(loop) not in clients:
+        clients[id(loop)] = (loop, make())
+    return clients[id(loop)][1]

@@ -38,6 +38,7 @@ from typing import Any, Literal, get_args
 from ._client import AsyncClient, Client, OnError, Order, _BaseClient
 from ._config import TRAINING_RETRY, resolve_key, resolve_url
 from ._exceptions import APIStatusError, InvalidRequest, LabelerClientError
+from ._shared import client_for_loop
 from ._text import Text, pair_items
 
 # The columns TRL's GRPO, RLOO and AsyncGRPO trainers leave out of the keyword call
@@ -543,14 +544,8 @@ class AsyncRewardFunction(_Picklable):
             inspect.markcoroutinefunction(self)
 
     def _client_for_loop(self) -> AsyncClient:
-        loop = asyncio.get_running_loop()
         with self._lock:
-            for key, (known, _) in list(self._clients.items()):
-                if known.is_closed():
-                    del self._clients[key]
-            if id(loop) not in self._clients:
-                self._clients[id(loop)] = (loop, AsyncClient(**self._client_opts))
-            return self._clients[id(loop)][1]
+            return client_for_loop(self._clients, lambda: AsyncClient(**self._client_opts))
 
     async def __call__(
         self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any

@@ -32,6 +32,11 @@ that a slow labeler fails a sample instead of outliving its budget.
 instead of an error (`raise`, the default, which `naive` and `dapo` let end the run): as
 `/get_reward?overlong=lowest` does for OpenRLHF.
 
+`compute_score_async` (name: compute_score_async) is the same reward as a coroutine, which
+verl's reward managers await: every sample of a batch in flight at once (the service batches
+them), where a plain function runs in the manager's thread pool, a few samples at a time
+(`remote`, a Ray actor, takes only the plain one); `compute_reference_score_async` likewise.
+
 `compute_reference_score` (name: compute_reference_score) rewards the response against a
 reference response instead, 2 P(response preferred) - 1: the reference is
 `extra_info["reference"]` when the data has it (text or chat messages), else verl's `ground_truth` (the
@@ -46,16 +51,22 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 # Absolute imports: verl loads this file by path too, as a module outside the package (and
 # Ray then pickles its functions by value: what they share lives in an importable module).
 from labeler_client._exceptions import APIStatusError, InvalidRequest
-from labeler_client._shared import shared_client
+from labeler_client._shared import shared_async_client, shared_client
 from labeler_client._text import context_value
 
-__all__ = ["compute_reference_score", "compute_score", "compute_score_batch"]
+__all__ = [
+    "compute_reference_score",
+    "compute_reference_score_async",
+    "compute_score",
+    "compute_score_async",
+    "compute_score_batch",
+]
 
 # The reward of a response over the server's length limits, with overlong="lowest".
 LOWEST = -1.0
@@ -81,19 +92,42 @@ def _prompt(extra: dict) -> Any:
     return context_value(prompt)
 
 
+def _check_overlong(overlong: str) -> None:
+    if overlong not in ("raise", "lowest"):
+        raise ValueError(f'overlong must be "raise" or "lowest", not {overlong!r}')
+
+
+def _lowest(error: InvalidRequest, overlong: str) -> bool:
+    """Whether `error` gives the response LOWEST: with `overlong` "lowest", the response (or
+    the item as a whole: its tokens) over a length limit; an over-long prompt or reference is
+    the data's."""
+    return overlong == "lowest" and error.type == "input_too_long" and error.param in ("items[0]", "items[0].response")
+
+
 def _one(call: Callable[[], list[float | None]], overlong: str) -> float:
     """The one reward `call` returns; with `overlong` "lowest", LOWEST for a response the
     server refuses as over a length limit."""
-    if overlong not in ("raise", "lowest"):
-        raise ValueError(f'overlong must be "raise" or "lowest", not {overlong!r}')
+    _check_overlong(overlong)
     try:
         reward = call()[0]
     except InvalidRequest as e:
-        # The response, or the item as a whole (its tokens); an over-long reference is the data's.
-        if overlong == "lowest" and e.type == "input_too_long" and e.param in ("items[0]", "items[0].response"):
+        if _lowest(e, overlong):
             return LOWEST
         raise
     assert reward is not None  # on_error="raise": a failure has raised
+    return reward
+
+
+async def _one_async(call: Callable[[], Awaitable[list[float | None]]], overlong: str) -> float:
+    """`_one` for a coroutine `call`."""
+    _check_overlong(overlong)
+    try:
+        reward = (await call())[0]
+    except InvalidRequest as e:
+        if _lowest(e, overlong):
+            return LOWEST
+        raise
+    assert reward is not None
     return reward
 
 
@@ -147,6 +181,13 @@ def compute_reference_score(
     ValueError without either, TypeError for a reference of another type, `LabelerClientError`
     when the service fails; `overlong` and the client's options as for `compute_score`."""
     extra = dict(extra_info or {})
+    reference = _reference(extra, ground_truth)
+    client = shared_client(base_url, api_key, serve_app, timeout=timeout, max_retries=max_retries)
+    prompt = _prompt(extra)
+    return _one(lambda: client.rewards_against([prompt], [solution_str], [reference], _task(extra, task)), overlong)
+
+
+def _reference(extra: dict, ground_truth: Any) -> Any:
     reference = extra.get("reference")
     if reference is None:
         if not isinstance(ground_truth, str):
@@ -155,9 +196,59 @@ def compute_reference_score(
                 f"ground_truth, got a ground_truth of type {type(ground_truth).__name__}"
             )
         reference = ground_truth
-    client = shared_client(base_url, api_key, serve_app, timeout=timeout, max_retries=max_retries)
+    return reference
+
+
+async def compute_score_async(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any = None,
+    extra_info: dict | None = None,
+    *,
+    task: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    serve_app: str | None = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    overlong: Literal["raise", "lowest"] = "raise",
+    reward_router_address: str | None = None,
+    reward_model_tokenizer: Any = None,
+) -> float:
+    """`compute_score` as a coroutine (name: compute_score_async). verl's reward loop awaits
+    a coroutine reward function, so every sample of a batch is in flight at once and the
+    service batches them; a plain function runs in verl's thread pool, as many at a time as
+    it has threads. Options and errors as for `compute_score`."""
+    extra = dict(extra_info or {})
+    client = shared_async_client(base_url, api_key, serve_app, timeout=timeout, max_retries=max_retries)
     prompt = _prompt(extra)
-    return _one(lambda: client.rewards_against([prompt], [solution_str], [reference], _task(extra, task)), overlong)
+    return await _one_async(lambda: client.rewards([prompt], [solution_str], _task(extra, task)), overlong)
+
+
+async def compute_reference_score_async(
+    data_source: str,
+    solution_str: str,
+    ground_truth: Any = None,
+    extra_info: dict | None = None,
+    *,
+    task: str | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    serve_app: str | None = None,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    overlong: Literal["raise", "lowest"] = "raise",
+    reward_router_address: str | None = None,
+    reward_model_tokenizer: Any = None,
+) -> float:
+    """`compute_reference_score` as a coroutine (name: compute_reference_score_async), for
+    the same reason as `compute_score_async`."""
+    extra = dict(extra_info or {})
+    reference = _reference(extra, ground_truth)
+    client = shared_async_client(base_url, api_key, serve_app, timeout=timeout, max_retries=max_retries)
+    prompt = _prompt(extra)
+    call = client.rewards_against
+    return await _one_async(lambda: call([prompt], [solution_str], [reference], _task(extra, task)), overlong)
 
 
 def compute_score_batch(

@@ -8,7 +8,8 @@ give (`reward.custom_reward_function.*`, `reward.reward_manager.name`), in both 
 `path`: the module's file and `pkg://labeler_client.verl`. `RewardLoopWorker` is the class
 verl's trainer runs as a Ray actor: it loads the tokenizer, the custom reward function
 (`load_reward_manager` -> `get_custom_reward_fn` -> `load_extern_object`) and the reward
-manager, and `compute_score_batch` runs the manager on a `DataProto` batch of rollouts.
+manager, and `compute_score_batch` runs the manager on a `DataProto` batch of rollouts (with
+`compute_score`, and with `compute_score_async`, which the manager awaits).
 Here it runs in this process, without Ray. The legacy `BatchRewardManager` gets
 `compute_score_batch` through the same loader. verl's remote reward manager hands the loaded
 function to Ray actors: it goes through Ray's pickler here, and the copy is called.
@@ -82,12 +83,15 @@ def batch(tokenizer) -> DataProto:
     )
 
 
-def reward_loop(cfg, data: DataProto) -> list[float]:
-    """What the trainer's reward-loop actor computes for `data`."""
+def reward_loop(cfg, data: DataProto, awaited: list[bool] | None = None) -> list[float]:
+    """What the trainer's reward-loop actor computes for `data`; `awaited` is told whether
+    its reward manager awaits the function (a coroutine) or runs it in a thread."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # the worker and its manager take the current loop
     try:
         worker = RewardLoopWorker(cfg)
+        if awaited is not None:
+            awaited.append(worker.reward_manager.is_async_reward_score)
         outputs = loop.run_until_complete(worker.compute_score_batch(data))
     finally:
         loop.close()
@@ -105,10 +109,14 @@ def main() -> None:
     data = batch(tokenizer)
     kwargs = {"task": a.task, "base_url": a.url}
     forms = {"file": labeler_client.verl.__file__, "pkg": "pkg://labeler_client.verl"}
-    out: dict = {"naive": {}, "legacy_batch": {}, "pickled": {}, "errors": {}}
+    out: dict = {"naive": {}, "naive_async": {}, "awaited": {}, "legacy_batch": {}, "pickled": {}, "errors": {}}
     for form, path in forms.items():
         cfg = config(a.model_dir, path, "compute_score", "naive", kwargs)
         out["naive"][form] = reward_loop(cfg, data)
+        awaited: list[bool] = []
+        async_cfg = config(a.model_dir, path, "compute_score_async", "naive", kwargs)
+        out["naive_async"][form] = reward_loop(async_cfg, data, awaited)
+        out["awaited"][form] = awaited[0]
         # As verl's remote reward manager ships it to its reward actors (after this process used it).
         copy = cloudpickle.loads(cloudpickle.dumps(get_custom_reward_fn(cfg)))
         out["pickled"][form] = [copy("x", response, None, {"prompt": prompt}) for prompt, response in ROLLOUTS]
