@@ -154,6 +154,11 @@ class MicroBatcher:
         self._wake.set()
         return futures, shared
 
+    def in_flight(self, keys: Iterable[str]) -> dict[str, asyncio.Future[Any]]:
+        """The computations in flight for those of `keys` that have one: a request joins them
+        before it prepares its other items, rather than after (by then they may have ended)."""
+        return {k: f for k in keys if (f := self._inflight.get(k)) is not None}
+
     def check_room(self, keys: Iterable[str], weights: Iterable[int] | None = None) -> None:
         """Raise what `submit` would raise for entries with these keys (and weights, 1 each
         by default) now (QueueFull, or EngineUnavailable once stopping): a request checks

@@ -395,10 +395,13 @@ async def test_engine_unavailable_fails_the_whole_batch_at_once(labeler, test_ta
 
 # -- the server killed during a client batch ------------------------------------------------------------
 class _SlowEngine:
-    """The engine, each label read taking `delay_s` more; `reading` is set when one starts."""
+    """The engine, each label read taking `delay_s` more, and waiting for `gate` when one is
+    set; `reading` is set when a read starts, `calls` counts them."""
 
     def __init__(self, engine, delay_s: float) -> None:
         self.engine, self.delay_s, self.reading = engine, delay_s, threading.Event()
+        self.gate: threading.Event | None = None
+        self.calls = 0
 
     def __getattr__(self, name: str):
         if name == "engine":
@@ -406,8 +409,11 @@ class _SlowEngine:
         return getattr(self.engine, name)
 
     async def score(self, requests):
+        self.calls += 1
         self.reading.set()
         await asyncio.sleep(self.delay_s)
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, 120)
         return await self.engine.score(requests)
 
 
@@ -435,6 +441,47 @@ def test_a_request_cut_by_the_end_of_a_graceful_shutdown_is_a_503_to_retry(label
     assert resp.status_code == 503, resp.text
     assert error_shape_ok(resp.json(), 503) and resp.json()["error"]["type"] == "engine_unavailable"
     assert resp.headers["retry-after"] == "5"
+
+
+def test_an_item_in_flight_is_joined_without_waiting_for_the_render_thread(labeler, test_tasks):
+    """A request for an item another request is computing joins that computation before its
+    own items are rendered: with the labeler's render thread busy (a large miss batch being
+    prepared), it is answered when the computation ends, as shared, and the item is computed
+    once."""
+    engine = _SlowEngine(labeler.engine, 0.0)
+    gate = threading.Event()
+    engine.gate = gate
+    lab = Labeler(engine, test_tasks)
+    srv = LiveServer(lab)
+    srv.start()
+    busy = threading.Event()
+    answers: dict[str, httpx.Response] = {}
+    body = {"task": "tiny", "items": [{"context": "Joined?", "response": "Yes."}]}
+
+    def ask(name: str) -> None:
+        answers[name] = httpx.post(srv.url + "/v1/scores", json=body, timeout=120)
+
+    try:
+        first = threading.Thread(target=ask, args=("first",))
+        first.start()
+        assert engine.reading.wait(60), "the first request's engine call did not start"
+        lab._render.submit(busy.wait, 120)  # the render thread taken, as by a large miss batch
+        second = threading.Thread(target=ask, args=("second",))
+        second.start()
+        # Its cache lookup counted: it has joined (or waits to render), in the same step of the loop.
+        wait_for(lambda: metric(srv.url, "labeler_cache_misses_total") == 2, 30, "the second request's lookup")
+        gate.set()
+        first.join(60)
+        second.join(30)
+        assert not second.is_alive(), "the second request waited for the render thread"
+    finally:
+        gate.set()
+        busy.set()
+        srv.stop()
+    assert answers["first"].json()["usage"] == {"items": 1, "cached": 0, "computed": 1, "shared": 0}
+    assert answers["second"].json()["usage"] == {"items": 1, "cached": 0, "computed": 0, "shared": 1}
+    assert answers["second"].json()["results"] == answers["first"].json()["results"]
+    assert engine.calls == 1
 
 
 def test_a_200_whose_body_never_arrives_whole_is_no_answer_on_the_wire_log():
