@@ -118,8 +118,8 @@ def test_batched_equals_one_by_one_and_reuses_prefixes(labeler, engine):
 def test_packed_leaves_attend_each_to_its_own_tokens_only():
     """Leaves packed into one row: each token sits at its position after the cache and
     attends to its own leaf's earlier tokens only, never to a leaf laid out before it;
-    padding columns attend to themselves alone. A single leaf is a plain row, causal over
-    its edge in a group with packed rows."""
+    padding columns attend to themselves alone, at their row's first position. A single leaf
+    is a plain row, causal over its edge in a group with packed rows."""
     from labeler.engines.transformers_engine import _Node, edge_row, lay_out, pack_leaves, packed_mask
 
     leaves = [_Node(edge=(5, 6, 7), ends=[(0, 2)]), _Node(edge=(8,), ends=[(1, 0)]), _Node(edge=(9, 9), ends=[(2, 1)])]
@@ -132,6 +132,9 @@ def test_packed_leaves_attend_each_to_its_own_tokens_only():
     assert ids.tolist() == [[5, 6, 7, 8, 9, 9, 0, 0], [5, 6, 7, 0, 0, 0, 0, 0]]
     assert real.sum(dim=1).tolist() == [6, 3]
     assert offsets[0, :6].tolist() == [0, 1, 2, 0, 0, 1] and offsets[1, :3].tolist() == [0, 1, 2]
+    # Padding at the row's first position: one past its last token would raise the forward's
+    # longest position, from which longrope and dynamic NTK choose their frequencies.
+    assert offsets[0, 6:].tolist() == [0, 0] and offsets[1, 3:].tolist() == [0] * 5
     mask, edge_mask = packed_mask(segments)
     for i, col in row.ends:
         seen = [c for c in range(len(row.ids)) if mask[col, c]]

@@ -235,6 +235,68 @@ async def test_answers_that_are_not_vllms_and_settings_that_cannot_work_are_name
             engine(model_dir, Scripted(), **option)
 
 
+async def test_a_generation_answer_that_is_not_a_whole_completion_is_an_engine_error(model_dir):
+    """A 200 whose JSON is not a completion (a gateway's error), choices without their index,
+    or fewer choices than the `n` asked (which would be averaged as if they were all): an
+    engine error naming the server, not a bare KeyError or a silent short average."""
+
+    class Answers(Scripted):
+        def __init__(self, answer: Any) -> None:
+            super().__init__()
+            self.answer = answer
+
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/completions" and json.loads(request.read()).get("return_token_ids"):
+                return httpx.Response(200, json=self.answer)
+            return super().__call__(request)
+
+    sampled = GenerateRequest(tuple(range(1, 11)), 4, 0.7, 3, 0)
+    for answer, request, message in [
+        ({"error": {"message": "upstream busy"}}, GenerateRequest(tuple(range(1, 11)), 4), "unexpected completion"),
+        ({"choices": [{"token_ids": [30, 31]}]}, GenerateRequest(tuple(range(1, 11)), 4), "unexpected completion"),
+        ({"choices": [{"index": 0, "token_ids": ["a"]}]}, GenerateRequest(tuple(range(1, 11)), 4), "unexpected"),
+        ({"choices": [{"index": i, "token_ids": [30 + i]} for i in range(2)]}, sampled, r"\[0, 1\] for n=3"),
+        ({"choices": [{"index": 0, "token_ids": [30]}] * 3}, sampled, r"\[0, 0, 0\] for n=3"),
+    ]:
+        with pytest.raises(EngineError, match=message) as failed:
+            await engine(model_dir, Answers(answer)).generate([request])
+        assert URL in str(failed.value)
+    whole = {"choices": [{"index": i, "token_ids": [30 + i]} for i in (2, 0, 1)]}
+    (got,) = await engine(model_dir, Answers(whole)).generate([sampled])
+    assert [g.token_ids for g in got] == [(30,), (31,), (32,)]
+
+
+async def test_options_are_read_as_vllm_reads_them_or_refused_by_name(model_dir):
+    """`max_model_len` as vLLM's command line takes it: a size ("2K"), or "auto" / -1 for
+    the servers' own length (what the engine asks them anyway). A value of the wrong type
+    for any option is refused by name before anything is read (the model directory here does
+    not exist), not as a traceback or a failure of every request."""
+    capped = engine(model_dir, Scripted(max_model_len=50_000), max_model_len="2K")
+    assert capped.max_model_len == 2048
+    for auto in ("auto", "AUTO", -1):
+        remote = engine(model_dir, Scripted(max_model_len=50_000), max_model_len=auto)
+        await remote.score(read(10))
+        assert remote.max_model_len == 50_000
+    for option, value in [
+        ("max_model_len", "8KB"),
+        ("max_model_len", 0),
+        ("max_model_len", 1.5),
+        ("timeout", "soon"),
+        ("timeout", 0),
+        ("connect_timeout", -1),
+        ("retries", 2.5),
+        ("retries", "three"),
+        ("max_concurrency", "many"),
+        ("cooldown", None),
+    ]:
+        with pytest.raises(InvalidInput, match=option) as refused:
+            VLLMRemoteEngine([URL], "/nonexistent/model", **{option: value})
+        assert refused.value.field == option
+    remote = VLLMRemoteEngine([URL], model_dir, timeout="30", retries="2", cooldown="0.5")
+    assert (remote.retries, remote.cooldown, remote._http.timeout.read) == (2, 0.5, 30.0)
+    await remote.aclose()
+
+
 def test_blocking_labeler_calls_one_after_another_on_a_remote_engine(model_dir):
     """The blocking Labeler methods run every call on one event loop of the labeler's own:
     the engine's semaphore, bound to the loop of its first wait, serves the next call too."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -171,6 +172,61 @@ async def gather_or_cancel(calls: Sequence[Awaitable[T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([kKmMgGtT])")
+
+
+def read_size(text: str) -> int:
+    """A size as vLLM's command line reads it (`human_readable_int`): "8K" = 8192, "1G" = 2**30,
+    "1g" = 10**9, "25.6k" = 25600, else a plain integer. ValueError for anything else, a decimal
+    with a binary suffix ("1.5K") included. Written out here so that the engines that never
+    import vLLM read sizes as it does."""
+    text = text.strip()
+    match = _SIZE.fullmatch(text)
+    if match:
+        number, suffix = match.groups()
+        if suffix.islower():
+            return int(float(number) * 1000 ** ("kmgt".index(suffix) + 1))
+        if "." in number:
+            raise ValueError(f"no decimals with a binary suffix: {text!r} (did you mean {number}{suffix.lower()}?)")
+        return int(number) * 1024 ** ("KMGT".index(suffix) + 1)
+    return int(text)
+
+
+def int_option(engine: str, name: str, value: Any, *, least: int = 1, size: bool = False) -> int:
+    """The engine option `name` as a whole number of at least `least`; text reads as a size
+    (`read_size`) when `size`, else as a plain integer. InvalidInput naming the option otherwise:
+    a value of the wrong type would otherwise fail every call of a server that started."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = read_size(value) if size else int(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int):
+        sizes = " (or a size such as 8K)" if size else ""
+        raise InvalidInput(f"the {engine} engine's {name} must be a whole number{sizes}, got {value!r}", field=name)
+    if number < least:
+        raise InvalidInput(f"the {engine} engine's {name} must be at least {least}, got {value!r}", field=name)
+    return number
+
+
+def number_option(engine: str, name: str, value: Any, *, least: float = 0.0, strict: bool = False) -> float:
+    """The engine option `name` as a number of at least `least` (above it with `strict`), as
+    `int_option` does for whole numbers."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int | float) or number != number:  # NaN
+        raise InvalidInput(f"the {engine} engine's {name} must be a number, got {value!r}", field=name)
+    if number < least or (strict and number == least):
+        bound = f"more than {least:g}" if strict else f"at least {least:g}"
+        raise InvalidInput(f"the {engine} engine's {name} must be {bound}, got {value!r}", field=name)
+    return float(number)
 
 
 def finish_generation(token_ids: Iterable[int], eos: set[int], tokenizer: Any, stats: EngineStats) -> Generation:

@@ -7,11 +7,21 @@ its parent's KV cache. So the shared preamble of a batch is computed once, the s
 context of the two orders of a pair once, and a label prefix such as "1" of "10" costs
 one token on top of the prompt's cache. Nodes of one level run as padded batches, grouped
 by length so that padding stays small (`group_by_width`); padding sits inside the sequence,
-masked out, with explicit position ids.
+masked out, with explicit position ids (a padding column takes its row's first position: one
+past the row's last token would count in the forward's longest position, from which longrope
+and dynamic NTK scaling choose their frequencies, `_rope_limit`).
+
+With longrope the frequencies switch once a forward reaches past the pretraining length
+(Phi-3/3.5/4-mini's long-context models): a sequence longer than that is run unshared, in
+forwards of such sequences only, as a plain forward of it would be; the shorter ones batch and
+share as any model's.
 
 A call larger than `max_batch_tokens` runs as consecutive chunks, each its own tree; the
 prefix that consecutive chunks share (the preamble and context of one prompt's many
 comparisons) is computed once and its KV cache reused by each of them (`_shared_bases`).
+Generation keeps to the same limit: greedy requests run in left-padded batches of at most
+`max_batch_tokens` rows × (longest prompt + new tokens), shortest prompts first
+(`generation_batches`).
 
 A shared edge shorter than `min_shared_tokens` is not given a level of its own: it is
 copied into its children (`merge_short_edges`). Digit-split numbers ("Post 1" / "Post 10")
@@ -54,6 +64,7 @@ from .base import (
     check_generate_requests,
     check_score_requests,
     finish_generation,
+    int_option,
 )
 
 T = TypeVar("T")
@@ -159,14 +170,15 @@ def pack_leaves(leaves: Sequence[_Node]) -> _Row:
 
 def lay_out(rows: Sequence[_Row], width: int, pad_id: int) -> tuple[Any, Any, Any, Any]:
     """`rows` as the tensors of one padded forward, each [len(rows), width]: token ids, the
-    real columns (1) and padding (0), each column's position after the row's cached prefix,
-    and its segment: the index of its node's span in the row, a padding column a segment
-    of its own (negative)."""
+    real columns (1) and padding (0), each column's position after the row's cached prefix
+    (0 for padding: masked out, it must not reach past its row's last position, which would
+    raise the forward's longest one), and its segment: the index of its node's span in the
+    row, a padding column a segment of its own (negative)."""
     import torch
 
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     real = torch.zeros((len(rows), width), dtype=torch.long)
-    offsets = torch.arange(width).repeat(len(rows), 1)
+    offsets = torch.zeros((len(rows), width), dtype=torch.long)
     segments = (-1 - torch.arange(width)).repeat(len(rows), 1)
     for row, r in enumerate(rows):
         ids[row, : len(r.ids)] = torch.tensor(r.ids)
@@ -232,13 +244,16 @@ class TransformersEngine:
 
         from ..models import load_tokenizer
 
+        limits = _limits(max_batch_tokens, min_shared_tokens, pack_tokens)  # before the model loads
+        if threads is not None:
+            threads = int_option("transformers", "threads", threads)
         model_dir = Path(model_dir)
         torch_dtype = getattr(torch, str(dtype), None)
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
             raise InvalidInput(
                 f"dtype must be a torch floating-point type such as float32 or bfloat16, got {dtype!r}", field="dtype"
             )
-        if threads:
+        if threads is not None:
             torch.set_num_threads(threads)
         tokenizer = load_tokenizer(model_dir)
         before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
@@ -252,7 +267,7 @@ class TransformersEngine:
             from ..fingerprint import check_unchanged
 
             check_unchanged(model_dir, before)
-        self._setup(model, tokenizer, model_id or before, max_batch_tokens, min_shared_tokens, pack_tokens)
+        self._setup(model, tokenizer, model_id or before, *limits)
 
     @classmethod
     def from_objects(
@@ -269,7 +284,7 @@ class TransformersEngine:
         for a throughput benchmark). The engine takes the model over: its generation config
         is replaced by a plain one, as at load."""
         engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, model_id, max_batch_tokens, min_shared_tokens, pack_tokens)
+        engine._setup(model, tokenizer, model_id, *_limits(max_batch_tokens, min_shared_tokens, pack_tokens))
         return engine
 
     def _setup(
@@ -297,7 +312,7 @@ class TransformersEngine:
         self.model_id = model_id
         self.max_model_len = int(getattr(_text_config(model.config), "max_position_embeddings", 2048))
         self.max_batch_tokens = max_batch_tokens
-        self.min_shared_tokens = max(1, int(min_shared_tokens))
+        self.min_shared_tokens = min_shared_tokens
         # Logits only where a label is read, not for every position (a 128k vocabulary makes
         # the full [rows, width, vocab] tensor gigabytes on a GPU).
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -308,7 +323,9 @@ class TransformersEngine:
         # only SDPA reads a boolean one.
         sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
         plain = self._window is None and _full_attention_only(model.config)
-        self.pack_tokens = max(0, int(pack_tokens)) if sdpa and plain else 0
+        self.pack_tokens = pack_tokens if sdpa and plain else 0
+        # The length past which a forward's RoPE frequencies change, where they do.
+        self._rope_limit = _rope_limit(model.config)
         self.stats = EngineStats()
         # One model, one forward at a time; torch uses every core for each forward. The
         # forwards wait in a queue of their own: on asyncio's shared thread pool, batches
@@ -369,19 +386,40 @@ class TransformersEngine:
             self.stats.score_calls += 1
             self.stats.prompts_scored += len(requests)
             self.stats.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
-            chunks = self._chunks(seqs)
-            base: tuple[TokenIds, Any] | None = None
-            for chunk, shared in zip(chunks, self._shared_bases([[seqs[i] for i in c] for c in chunks]), strict=True):
-                wanted = [reads[i][2] for i in chunk]
-                if not shared:
-                    base = None
-                elif base is None or base[0] != shared:
-                    base = (shared, self._prefix_past(shared))
-                values = self._tree_logprobs([seqs[i] for i in chunk], wanted, base)
-                for i, vals in zip(chunk, values, strict=True):
-                    r, prefix, toks = reads[i]
-                    out[r][prefix] = dict(zip(toks, vals, strict=True))
+            # Every forward inside: a shared prefix's cache (`_prefix_past`) can run out of
+            # memory as well as a tree's level.
+            try:
+                for part, share in self._parts(seqs):
+                    chunks = [[part[k] for k in c] for c in self._chunks([seqs[i] for i in part])]
+                    in_chunks = [[seqs[i] for i in c] for c in chunks]
+                    bases = self._shared_bases(in_chunks) if share else [()] * len(chunks)
+                    base: tuple[TokenIds, Any] | None = None
+                    for chunk, shared in zip(chunks, bases, strict=True):
+                        wanted = [reads[i][2] for i in chunk]
+                        if not shared:
+                            base = None
+                        elif base is None or base[0] != shared:
+                            base = (shared, self._prefix_past(shared))
+                        values = self._tree_logprobs([seqs[i] for i in chunk], wanted, base, share=share)
+                        for i, vals in zip(chunk, values, strict=True):
+                            r, prefix, toks = reads[i]
+                            out[r][prefix] = dict(zip(toks, vals, strict=True))
+            except RuntimeError as exc:
+                raise EngineError(f"forward failed: {exc}") from exc
         return out
+
+    def _parts(self, seqs: Sequence[TokenIds]) -> list[tuple[list[int], bool]]:
+        """The sequences (by index) in runs that share no forward, each with whether its
+        sequences share their prefixes: all in one, shared; for a model whose RoPE
+        frequencies switch past `_rope_limit`, the sequences longer than it apart and
+        unshared, so that each is computed with the frequencies a plain forward of it uses,
+        never with a shorter one's (a shared parent within the limit, a batch-mate below it)."""
+        every = list(range(len(seqs)))
+        if self._rope_limit is None:
+            return [(every, True)]
+        short = [i for i in every if len(seqs[i]) <= self._rope_limit]
+        long = [i for i in every if len(seqs[i]) > self._rope_limit]
+        return [(part, share) for part, share in ((short, True), (long, False)) if part]
 
     def _chunks(self, seqs: Sequence[TokenIds]) -> list[list[int]]:
         """Consecutive runs of sequences of at most `max_batch_tokens` (counted without
@@ -423,17 +461,24 @@ class TransformersEngine:
         return kv, mask, plen
 
     def _tree_logprobs(
-        self, seqs: list[TokenIds], wanted: list[TokenIds], base: tuple[TokenIds, Any] | None = None
+        self,
+        seqs: list[TokenIds],
+        wanted: list[TokenIds],
+        base: tuple[TokenIds, Any] | None = None,
+        *,
+        share: bool = True,
     ) -> list[list[float]]:
         """Label log-probs of `seqs`, on top of `base` = (a prefix of every sequence, its
-        cache from `_prefix_past`) when given."""
+        cache from `_prefix_past`) when given; without `share`, each sequence as a leaf of
+        its own (one that prefixes another still read inside it)."""
         results: list[list[float]] = [[] for _ in seqs]
         past, reach = None, 0
         if base is not None:
             prefix, (kv, mask, plen) = base
             seqs = [s[len(prefix) :] for s in seqs]
             reach = len(prefix)
-        roots = merge_short_edges(build_prefix_tree(seqs), self.min_shared_tokens)
+        min_tokens = self.min_shared_tokens if share else 1 + max(len(s) for s in seqs)
+        roots = merge_short_edges(build_prefix_tree(seqs), min_tokens)
         if base is not None:
             past = (kv, mask, plen, {id(r): 0 for r in roots})
         # Parents go unpadded only where the window can fall short of a row's columns: its
@@ -441,18 +486,15 @@ class TransformersEngine:
         unpadded = self._window is not None and reach + _widest_path(roots) > self._window
         # Depth-first over groups of rows: a group's KV cache lives only until its subtree is done.
         todo: list[tuple[list[_Node], Any]] = [(roots, past)]
-        try:
-            with self._torch.inference_mode():
-                while todo:
-                    nodes, past = todo.pop()
-                    rows = self._rows(nodes, past)
-                    for group in reversed(group_by_width(rows, unpadded_parents=unpadded)):
-                        kv = self._forward_group(group, past, wanted, results)
-                        kids = [c for r in group for c in r.children]
-                        if kids:
-                            todo.append((kids, kv))
-        except RuntimeError as exc:
-            raise EngineError(f"forward failed: {exc}") from exc
+        with self._torch.inference_mode():
+            while todo:
+                nodes, past = todo.pop()
+                rows = self._rows(nodes, past)
+                for group in reversed(group_by_width(rows, unpadded_parents=unpadded)):
+                    kv = self._forward_group(group, past, wanted, results)
+                    kids = [c for r in group for c in r.children]
+                    if kids:
+                        todo.append((kids, kv))
         return results
 
     def _rows(self, nodes: list[_Node], past: Any) -> list[_Row]:
@@ -550,26 +592,24 @@ class TransformersEngine:
 
     # -- generation ---------------------------------------------------------------------
     def generate_sync(self, requests: Sequence[GenerateRequest]) -> list[list[Generation]]:
-        """Blocking `generate`. Greedy requests run as one left-padded batch; sampled
-        ones one by one, each seeded by its own `seed`, so a result does not depend on
-        what else was in the batch."""
+        """Blocking `generate`. Greedy requests run in left-padded batches within
+        `max_batch_tokens` (`generation_batches`); sampled ones one by one, each seeded by
+        its own `seed`, so a result does not depend on what else was in the batch."""
         torch = self._torch
         check_generate_requests(requests, self.max_model_len)
         out: list[list[Generation]] = [[] for _ in requests]
-        greedy = [i for i, r in enumerate(requests) if r.temperature <= 0]
         sampled = [i for i, r in enumerate(requests) if r.temperature > 0]
         with self._lock:
             self._check_open()
             self.stats.generate_calls += 1
             try:
-                # Same max_tokens batch together (the usual case: one labeling call).
-                by_len: dict[int, list[int]] = {}
-                for i in greedy:
-                    by_len.setdefault(requests[i].max_tokens, []).append(i)
-                for max_tokens, idx in by_len.items():
-                    gens = self._generate([requests[i].prompt_ids for i in idx], max_tokens, None, 1)
-                    for i, g in zip(idx, gens, strict=True):
+                for batch in generation_batches(requests, self.max_batch_tokens, self._rope_limit):
+                    prompts = [requests[i].prompt_ids for i in batch]
+                    gens = self._generate(prompts, requests[batch[0]].max_tokens, None, 1)
+                    for i, g in zip(batch, gens, strict=True):
                         out[i] = g
+                # One request a call: its n draws come from the generator seeded for it
+                # alone, whatever else the call holds (n rows, however many tokens they take).
                 for i in sampled:
                     r = requests[i]
                     torch.manual_seed(r.seed)
@@ -608,6 +648,69 @@ class TransformersEngine:
             [finish_generation(seqs[row * n + j, width:].tolist(), eos, self.tokenizer, self.stats) for j in range(n)]
             for row in range(len(prompts))
         ]
+
+
+def generation_batches(
+    requests: Sequence[GenerateRequest], budget: int, rope_limit: int | None = None
+) -> list[list[int]]:
+    """The greedy requests of `requests` (by index) in batches of one left-padded `generate`
+    each: requests of one `max_tokens`, shortest prompts first (least padding), each batch at
+    most `budget` tokens of rows × (its longest prompt + max_tokens), the KV cache it fills;
+    a request larger than that runs alone. With a `rope_limit` (`_rope_limit`), a request
+    whose prompt and new tokens reach past it runs alone too: a batch's frequencies switch
+    when its longest row passes the limit, not when each row does."""
+    by_len: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        if r.temperature <= 0:
+            by_len.setdefault(r.max_tokens, []).append(i)
+    batches: list[list[int]] = []
+    for max_tokens, idx in by_len.items():
+        batch: list[int] = []
+        for i in sorted(idx, key=lambda i: len(requests[i].prompt_ids)):
+            row = len(requests[i].prompt_ids) + max_tokens
+            alone = rope_limit is not None and row > rope_limit
+            if batch and (alone or (len(batch) + 1) * row > budget):
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+            if alone:
+                batches.append(batch)
+                batch = []
+        if batch:
+            batches.append(batch)
+    return batches
+
+
+def _limits(max_batch_tokens: Any, min_shared_tokens: Any, pack_tokens: Any) -> tuple[int, int, int]:
+    """The engine's token limits as whole numbers (sizes such as 8K read as vLLM reads them),
+    or InvalidInput naming the option: a value of another type would fail every call instead."""
+    return (
+        int_option("transformers", "max_batch_tokens", max_batch_tokens, size=True),
+        int_option("transformers", "min_shared_tokens", min_shared_tokens, size=True),
+        int_option("transformers", "pack_tokens", pack_tokens, least=0, size=True),
+    )
+
+
+def _rope_limit(config: Any) -> int | None:
+    """The sequence length past which the model's RoPE frequencies change with the longest
+    position of a forward (transformers' `dynamic_rope_update`): longrope's pretraining
+    length (`original_max_position_embeddings`, Phi-3/3.5/4-mini's long-context models), or
+    dynamic NTK's `max_position_embeddings`; None for rotary embeddings that stay fixed."""
+    text = _text_config(config)
+    params = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    # Per layer type (Gemma 3's sliding and full layers) or one for all layers.
+    layers = list(params.values()) if all(isinstance(v, dict) for v in params.values()) and params else [params]
+    limits = []
+    for p in layers:
+        kind = str(p.get("rope_type", p.get("type")) or "")
+        if kind == "longrope":
+            original = p.get("original_max_position_embeddings") or getattr(
+                text, "original_max_position_embeddings", None
+            )
+            limits.append(int(original or text.max_position_embeddings))
+        elif "dynamic" in kind:
+            limits.append(int(text.max_position_embeddings))
+    return min(limits) if limits else None
 
 
 def _plain_generation_config(config: Any) -> Any:

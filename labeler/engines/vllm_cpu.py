@@ -21,7 +21,6 @@ Whatever the caller sets wins. `import vllm` happens only inside these functions
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -33,6 +32,7 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from ..fingerprint import TRAINING_STATE
+from .base import read_size
 
 GiB = 1 << 30
 # The CPU KV cache by default: a quarter of the memory left after the weights, at most
@@ -42,6 +42,7 @@ CPU_KV_CACHE_SHARE = 0.25
 CPU_KV_CACHE_MAX = 4 * GiB
 CPU_BLOCK_SIZE = 128  # vLLM's CPU backend's KV cache block, unless block_size is given
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+KVCACHE_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # the KV cache size in GiB, over any argument
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 _V1_UNLIMITED = 1 << 62  # cgroup v1 reports no memory limit as a number near 2**63
@@ -99,7 +100,9 @@ def cpu_defaults(
       cache (`kv_cache_memory_bytes`, `gpu_memory_utilization` or `VLLM_CPU_KVCACHE_SPACE`).
       Without it vLLM reserves `gpu_memory_utilization` (0.9) × the machine's memory and
       refuses to start unless that much is free. A size that cannot fit raises
-      ModelLoadError here, before vLLM starts;
+      ModelLoadError here, before vLLM starts: `VLLM_CPU_KVCACHE_SPACE`'s when it is set
+      (vLLM takes it over any argument), and a `kv_cache_memory_bytes` that differs from it
+      is refused;
     - `VLLM_CPU_OMP_THREADS_BIND` = every CPU this process may use (`threads_bind`),
       unless it is set already or the engine spans several ranks.
     """
@@ -110,7 +113,26 @@ def cpu_defaults(
         out.args["enforce_eager"] = True
     dtype = str(given.get("dtype", "float32"))
     size, share = given.get("kv_cache_memory_bytes"), given.get("gpu_memory_utilization")
-    if size is not None or share is not None:
+    space = environ.get(KVCACHE_SPACE_ENV, "")
+    if space != "":  # as vLLM tests it
+        # vLLM's CPU backend takes the cache size from the variable over any argument: that
+        # is the size to check, and an argument that says another is refused, not ignored.
+        from_env = kv_cache_space_bytes(space)
+        if size is not None and size != from_env:
+            raise ModelLoadError(
+                f"kv_cache_memory_bytes={size} and {KVCACHE_SPACE_ENV}={space} ({_gib(from_env)} GiB) give two "
+                f"KV cache sizes, and vLLM would use {KVCACHE_SPACE_ENV}'s: give one of them"
+            )
+        check_kv_cache_fits(
+            model_dir,
+            from_env,
+            dtype,
+            kv_cache_dtype=str(given.get("kv_cache_dtype", "auto")),
+            max_model_len=given.get("max_model_len"),
+            block_size=given.get("block_size"),
+            from_env=True,
+        )
+    elif size is not None or share is not None:
         # Checked when given as numbers; anything else (vLLM's "auto") is vLLM's to judge.
         if isinstance(size, int) and not isinstance(size, bool):
             check_kv_cache_fits(
@@ -123,7 +145,7 @@ def cpu_defaults(
             )
         elif size is None and isinstance(share, int | float):
             check_memory_share_fits(float(share))
-    elif not environ.get("VLLM_CPU_KVCACHE_SPACE"):
+    else:
         out.args["kv_cache_memory_bytes"] = default_kv_cache_bytes(
             model_dir,
             dtype=dtype,
@@ -364,27 +386,47 @@ def check_kv_cache_fits(
     kv_cache_dtype: str = "auto",
     max_model_len: int | None = None,
     block_size: int | None = None,
+    from_env: bool = False,
 ) -> None:
     """ModelLoadError unless a KV cache of `size` bytes holds one sequence of the longest
     length (which vLLM refuses with a traceback from its engine process) and, with the
     weights, fits in the memory available (which vLLM's CPU backend checks only after it has
-    loaded the model)."""
+    loaded the model). `from_env`: the size is `VLLM_CPU_KVCACHE_SPACE`'s, which the
+    message names."""
+    given = f"{KVCACHE_SPACE_ENV}={size // GiB}" if from_env else f"kv_cache_memory_bytes={size}"
     config = _config(Path(model_dir))
     if not any(config.get(k) for k in _PARTIAL_KV_KEYS):
         one_sequence, length = one_sequence_bytes(model_dir, dtype, kv_cache_dtype, max_model_len, block_size)
         if size < one_sequence:
+            more = (
+                f"set {KVCACHE_SPACE_ENV}={-(-one_sequence // GiB)}"
+                if from_env
+                else f"pass at least {one_sequence >> 20}M"
+            )
             raise ModelLoadError(
-                f"kv_cache_memory_bytes={size} ({_gib(size)} GiB) is less than one sequence of {length} tokens "
-                f"needs ({_gib(one_sequence)} GiB): pass at least {one_sequence >> 20}M, or a smaller "
+                f"{given} ({_gib(size)} GiB) is less than one sequence of {length} tokens "
+                f"needs ({_gib(one_sequence)} GiB): {more}, or a smaller "
                 "max_model_len (--engine-arg max_model_len=N, or --max-model-len N for labeler vllm-server)"
             )
     available = memory()[1] if available is None else available
     weights = weights_bytes(model_dir, dtype)
     if size + weights > available:
+        less = f"set a smaller {KVCACHE_SPACE_ENV}" if from_env else "pass a smaller kv_cache_memory_bytes"
         raise ModelLoadError(
-            f"kv_cache_memory_bytes={size} ({_gib(size)} GiB) plus {_gib(weights)} GiB of weights does not fit in "
-            f"the {_gib(available)} GiB of memory available: pass a smaller kv_cache_memory_bytes, or free memory"
+            f"{given} ({_gib(size)} GiB) plus {_gib(weights)} GiB of weights does not fit in "
+            f"the {_gib(available)} GiB of memory available: {less}, or free memory"
         )
+
+
+def kv_cache_space_bytes(space: str) -> int:
+    """`VLLM_CPU_KVCACHE_SPACE` (whole GiB, as vLLM's CPU backend reads it) in bytes."""
+    try:
+        return int(space) * GiB
+    except ValueError:
+        raise ModelLoadError(
+            f"{KVCACHE_SPACE_ENV}={space!r} is not a whole number of GiB, which vLLM's CPU backend needs: "
+            "set it to one, or unset it and pass kv_cache_memory_bytes"
+        ) from None
 
 
 def check_memory_share_fits(share: float) -> None:
@@ -443,14 +485,12 @@ def parse_sizes(engine_args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_size(value: Any) -> Any:
-    """A size as vLLM's command line reads it ("1G" = 2**30, "1g" = 10**9, "512M"), as an
-    int; a fraction ("0.9") as a float; other values (vLLM's "auto") as they are."""
+    """A size as vLLM's command line reads it (`base.read_size`: "1G" = 2**30, "1g" = 10**9,
+    "512M"), as an int; a fraction ("0.9") as a float; other values (vLLM's "auto") as they are."""
     if isinstance(value, str):
-        from vllm.utils.argparse_utils import human_readable_int
-
-        # ArgumentTypeError: a decimal with a binary suffix ("1.5K"), left for vLLM to refuse.
-        with contextlib.suppress(ValueError, argparse.ArgumentTypeError):
-            return human_readable_int(value)
+        # ValueError: not a size, or a decimal with a binary suffix ("1.5K"), left for vLLM to refuse.
+        with contextlib.suppress(ValueError):
+            return read_size(value)
         with contextlib.suppress(ValueError):
             return float(value)
     return value

@@ -55,6 +55,8 @@ from .base import (
     check_score_requests,
     finish_generation,
     gather_or_cancel,
+    int_option,
+    number_option,
 )
 from .transformers_engine import _as_list, default_model_id
 
@@ -86,7 +88,7 @@ class VLLMRemoteEngine:
         *,
         served_model: str | None = None,
         model_id: str | None = None,
-        max_model_len: int | None = None,
+        max_model_len: int | str | None = None,
         api_key: str | None = None,
         timeout: float = 120.0,
         connect_timeout: float = 5.0,
@@ -102,13 +104,16 @@ class VLLMRemoteEngine:
             urls = [u for u in urls.split(",") if u.strip()]
         if not urls:
             raise InvalidInput("the vllm-remote engine needs at least one server URL", field="vllm_urls")
-        for name, value, least in (
-            ("retries", retries, 1),
-            ("cooldown", cooldown, 0),
-            ("max_concurrency", max_concurrency, 1),
-        ):
-            if value < least:
-                raise InvalidInput(f"the vllm-remote engine's {name} must be at least {least}, got {value}", field=name)
+        # Checked before anything is read: a value of the wrong type would fail every request.
+        retries = int_option("vllm-remote", "retries", retries)
+        max_concurrency = int_option("vllm-remote", "max_concurrency", max_concurrency)
+        timeout = number_option("vllm-remote", "timeout", timeout, strict=True)
+        connect_timeout = number_option("vllm-remote", "connect_timeout", connect_timeout, strict=True)
+        cooldown = number_option("vllm-remote", "cooldown", cooldown)
+        if isinstance(max_model_len, str) and max_model_len.strip().lower() == "auto" or max_model_len == -1:
+            max_model_len = None  # vLLM's "auto": the servers' own length, learnt from them
+        elif max_model_len is not None:
+            max_model_len = int_option("vllm-remote", "max_model_len", max_model_len, size=True)
         model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         try:
@@ -313,13 +318,13 @@ class VLLMRemoteEngine:
             }
             data, server = await self._post("/v1/completions", body, home.get(r))
             home[r] = server  # also when the rationale's server was down and another read it
-            self._count_computed(data)
             try:
+                self._count_computed(data)
                 top = data["choices"][0]["logprobs"]["top_logprobs"][0]
                 by_id = {int(k.rsplit(":", 1)[1]): float(v) for k, v in top.items()}
                 return {t: by_id[t] for t in tokens}
-            except (KeyError, IndexError, TypeError, ValueError) as exc:
-                raise EngineError(f"unexpected vLLM completion answer: {str(data)[:300]}") from exc
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                raise self._unexpected(server, data) from exc
 
         return await chained_reads(requests, read, self.stats)
 
@@ -344,18 +349,34 @@ class VLLMRemoteEngine:
             if req.temperature > 0:
                 body["seed"] = req.seed
             data, server = await self._post("/v1/completions", body)
-            self._count_computed(data)
-            choices = sorted(data["choices"], key=lambda c: c["index"])
-            if any(c.get("token_ids") is None for c in choices):
+            try:
+                self._count_computed(data)
+                choices = sorted(data["choices"], key=lambda c: int(c["index"]))
+                indices = [int(c["index"]) for c in choices]
+                missing = any(c.get("token_ids") is None for c in choices)
+                tokens = [[int(t) for t in c["token_ids"]] for c in choices] if not missing else []
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                raise self._unexpected(server, data) from exc
+            if missing:
                 # A server that ignores `return_token_ids` would otherwise give empty rationales.
                 raise EngineError(
                     f"vLLM server {server.url} returned a completion without token ids: it needs a "
                     "vLLM that supports `return_token_ids` on /v1/completions"
                 )
-            done = [finish_generation(c["token_ids"], self._eos, self.tokenizer, self.stats) for c in choices]
+            if indices != list(range(req.n)):
+                # Fewer rationales than asked would be averaged as if they were all.
+                raise EngineError(
+                    f"vLLM server {server.url} returned the completions {indices[:20]} for n={req.n} (0 to {req.n - 1})"
+                )
+            done = [finish_generation(t, self._eos, self.tokenizer, self.stats) for t in tokens]
             return [replace(g, site=server) for g in done]
 
         return await gather_or_cancel([one(r) for r in requests])
+
+    @staticmethod
+    def _unexpected(server: _Server, data: Any) -> EngineError:
+        """A 200 whose JSON is not a vLLM completion (a gateway's error, a server of another API)."""
+        return EngineError(f"vLLM server {server.url} answered an unexpected completion: {str(data)[:300]}")
 
     def _count_computed(self, data: dict[str, Any]) -> None:
         """Prompt tokens a server ran, when it tells which its prefix cache held (a server
