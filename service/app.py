@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -338,18 +338,32 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
 
     app.include_router(labels)
 
-    @app.get("/healthz", tags=["meta"])
-    async def healthz() -> HealthResponse:
-        """The process is up."""
-        return HealthResponse(status="ok")
+    def engine_failed(state: Any) -> JSONResponse | None:
+        """The 503 of a server whose engine died for good (every label request would fail):
+        health checks and readiness probes see it, so the process is restarted and traffic
+        goes elsewhere meanwhile."""
+        lab = getattr(state, "labeler", None)
+        failure = lab.engine.failure if lab is not None else None
+        return (
+            None if failure is None else errors.error_response(503, f"{failure}; restart the server", "engine_failed")
+        )
+
+    @app.get("/healthz", tags=["meta"], responses={503: {"model": ErrorResponse}})
+    async def healthz(request: Request) -> HealthResponse:
+        """The process is up, and its engine has not died."""
+        return engine_failed(request.app.state) or HealthResponse(status="ok")
 
     @app.get("/readyz", tags=["meta"], responses={503: {"model": ErrorResponse}})
     async def readyz(request: Request) -> ReadyResponse:
-        """Model loaded; Redis reachable, or bypassed while it is not (labels still work)."""
+        """Model loaded and its engine alive; Redis reachable, or bypassed while it is not
+        (labels still work)."""
         state = request.app.state
         lab = getattr(state, "labeler", None)
         if lab is None:
             return errors.error_response(503, "model not loaded", "not_ready")
+        failed = engine_failed(state)
+        if failed is not None:
+            return failed
         return ReadyResponse(
             status="ready",
             model=lab.model_id,

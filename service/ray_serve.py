@@ -65,6 +65,7 @@ class LabelerDeployment:
 
     def __init__(self) -> None:
         self.settings = Settings()
+        self._app: FastAPI | None = None
         self._transport: httpx.AsyncBaseTransport | None = None
         _configure_logging(self.settings.log_level)
         for warning in misspelled_variables():
@@ -72,11 +73,20 @@ class LabelerDeployment:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve runs the app's lifespan (engine load, cache, batcher) once this returns.
-        app = create_app(self.settings)
+        app = self._app = create_app(self.settings)
         # An unhandled error is answered by the app's 500 in the one error shape; the
         # transport must not raise it again past that answer.
         self._transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         return app
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raising marks the replica unhealthy, and Serve
+        replaces it. An engine that died for good (vLLM's engine process) would fail every
+        request until then."""
+        labeler = getattr(self._app.state, "labeler", None) if self._app is not None else None
+        failure = labeler.engine.failure if labeler is not None else None
+        if failure is not None:
+            raise RuntimeError(failure)
 
     async def forward(self, method: str, url: str, headers: Headers, body: bytes) -> tuple[int, Headers, bytes]:
         """One HTTP exchange, answered in-process by the same app (its middleware, routes

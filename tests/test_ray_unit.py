@@ -71,3 +71,28 @@ async def test_a_replica_applies_the_log_level_to_the_apps_loggers(monkeypatch, 
     await build()
     for lg, handler in zip(fresh_app_loggers, handlers, strict=True):
         assert lg.level == logging.ERROR and lg.handlers == [handler]
+
+
+async def test_a_replica_whose_engine_died_fails_serves_health_check(fresh_app_loggers):
+    """Serve calls `check_health` on each replica and replaces one that raises: a replica
+    whose engine died for good (every request would fail) raises, naming the failure; one
+    still loading its model, or with a live engine, passes."""
+    from types import SimpleNamespace
+
+    from service.ray_serve import LabelerDeployment
+
+    replica_class = LabelerDeployment.func_or_class
+    replica = replica_class.__new__(replica_class)
+    await replica.__init__()
+    replica.check_health()  # the app not built yet
+    engine = SimpleNamespace(failure=None)
+    replica._app = SimpleNamespace(state=SimpleNamespace())
+    replica.check_health()  # the model still loading
+    replica._app.state.labeler = SimpleNamespace(engine=engine)
+    replica.check_health()
+    engine.failure = "the vLLM engine process died (its log says why)"
+    with pytest.raises(RuntimeError, match="the vLLM engine process died"):
+        replica.check_health()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        del replica

@@ -484,6 +484,28 @@ def test_an_item_in_flight_is_joined_without_waiting_for_the_render_thread(label
     assert engine.calls == 1
 
 
+def test_an_engine_that_died_for_good_fails_the_health_checks(labeler, test_tasks):
+    """An engine whose `failure` is set (vLLM's engine process died: every request would fail
+    until a restart) makes /healthz and /readyz answer 503 engine_failed, so a liveness
+    probe restarts the server and a readiness probe or a proxy's health check sends traffic
+    elsewhere; before that, both answer 200."""
+    engine = _SlowEngine(labeler.engine, 0.0)
+    srv = LiveServer(Labeler(engine, test_tasks))
+    srv.start()
+    try:
+        assert [httpx.get(srv.url + path).status_code for path in ("/healthz", "/readyz")] == [200, 200]
+        engine.failure = "the vLLM engine process died (its log says why)"
+        for path in ("/healthz", "/readyz"):
+            resp = httpx.get(srv.url + path)
+            assert resp.status_code == 503 and error_shape_ok(resp.json(), 503), resp.text
+            assert resp.json()["error"]["type"] == "engine_failed"
+            assert (
+                resp.json()["error"]["message"] == "the vLLM engine process died (its log says why); restart the server"
+            )
+    finally:
+        srv.stop()
+
+
 def test_a_200_whose_body_never_arrives_whole_is_no_answer_on_the_wire_log():
     """What "answered" counts in the kill scenarios below: a server that dies after sending
     a 200's headers but before its body leaves the request failed, not answered (the client

@@ -561,12 +561,15 @@ def test_engines_run_with_the_cpu_defaults(vllm_engine, vllm_servers):
 async def test_a_dead_or_closed_vllm_engine_is_unavailable():
     """vLLM's AsyncLLM raises EngineDeadError once its engine-core process is gone: every
     request fails alike, so it is EngineUnavailable (a 503 for the whole batch, not a split
-    down to single items), for the library and the service alike; so is a closed engine."""
+    down to single items), for the library and the service alike, and the engine's `failure`
+    says so (the service's health checks read it); so is a closed engine."""
     from vllm.v1.engine.exceptions import EngineDeadError
 
     from labeler.errors import EngineUnavailable
 
-    class Dead:  # stands in for AsyncLLM after its engine core died
+    class Dead:  # stands in for AsyncLLM after its engine core died (vLLM's own attribute)
+        errored = False
+
         async def generate(self, *args, **kwargs):
             raise EngineDeadError()
             yield
@@ -574,9 +577,12 @@ async def test_a_dead_or_closed_vllm_engine_is_unavailable():
     engine = VLLMEngine.__new__(VLLMEngine)
     engine._engine, engine._prefix, engine._ids = Dead(), "t-", iter(range(10))
     engine.inflight = engine.peak_inflight = 0
+    assert engine.failure is None
     with pytest.raises(EngineUnavailable, match="died"):
         await engine._run((1, 2, 3), None)
     assert engine.inflight == 0
+    engine._engine.errored = True  # AsyncLLM.errored once its engine core is gone
+    assert engine.failure == "the vLLM engine process died (its log says why)"
     engine._engine = None  # after aclose()
     with pytest.raises(EngineUnavailable, match="closed"):
         await engine._run((1, 2, 3), None)

@@ -92,6 +92,12 @@ class Engine(Protocol):
     max_model_len: int
     stats: EngineStats
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can serve nothing any more until the process restarts (its vLLM
+        engine process died), else None; an engine whose servers may come back has none."""
+        ...
+
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         """Answer every request's queries, in request order."""
         ...

@@ -338,6 +338,8 @@ class TransformersEngine:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     # -- protocol ------------------------------------------------------------------
+    failure: str | None = None  # in this process: nothing to die apart from it
+
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         return await self._in_worker(self.score_sync, requests)
 

@@ -168,6 +168,13 @@ class VLLMEngine:
             # Dropped now, so AsyncLLM.__del__ does not shut down again at interpreter exit.
             self._engine = None  # type: ignore[assignment]
 
+    @property
+    def failure(self) -> str | None:
+        """Set once vLLM's engine-core process has died: every request fails from then on."""
+        if self._engine is None or not self._engine.errored:
+            return None
+        return "the vLLM engine process died (its log says why)"
+
     def _count_computed(self, prompt_tokens: int, final: Any) -> None:
         """Prompt tokens the engine ran, those its prefix cache held aside."""
         self.stats.computed_tokens += prompt_tokens - (getattr(final, "num_cached_tokens", None) or 0)

@@ -300,6 +300,8 @@ class VLLMRemoteEngine:
             self._mark_down(server, type(exc).__name__)
 
     # -- protocol ------------------------------------------------------------------------------
+    failure: str | None = None  # servers that are down may come back: never dead for good
+
     async def score(self, requests: Sequence[ScoreRequest]) -> list[Logprobs]:
         await self._ready()
         check_score_requests(requests, self.max_model_len)
