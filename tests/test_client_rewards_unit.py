@@ -112,13 +112,18 @@ def test_on_error_none_leaves_a_failed_group_out():
 
 def test_overlong_lowest_beside_on_error_none():
     """With both: an over-long completion gets -1.0 and one the server fails to label gets
-    None, the others their rewards."""
+    None, the others their rewards, also an over-long one the failure came before; a
+    conversational completion over the limit alike."""
     fake = FakeLabeler(max_chars=100)
     fake.fail_item("boom", 500)
     reward = reward_function(URL, "tiny", on_error="none", overlong="lowest", client=client_for(fake))
-    prompts = ["a", "b", "c", "d"]
-    got = reward(prompts=prompts, completions=["ok", "x" * 200, "boom", "fine"])
-    assert got == [fake_reward("a", "ok"), -1.0, None, fake_reward("d", "fine")]
+    prompts = ["a", "b", "c", "d", "e"]
+    got = reward(prompts=prompts, completions=["ok", "boom", "x" * 200, "fine", "y" * 200])
+    assert got == [fake_reward("a", "ok"), None, -1.0, fake_reward("d", "fine"), -1.0]
+    # A conversational completion: a message over the limit is named `items[i].response[m].content`.
+    long_message = [{"role": "assistant", "content": "z" * 200}]
+    got = reward(prompts=["a", "b"], completions=[[{"role": "assistant", "content": "ok"}], long_message])
+    assert got[1] == -1.0 and got[0] is not None
 
 
 def test_a_single_string_for_the_prompts_is_refused_not_read_per_character():

@@ -9,6 +9,7 @@ import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Literal, get_args
 
 ENV_URL = "LABELER_URL"
 ENV_API_KEY = "LABELER_API_KEY"
@@ -72,6 +73,18 @@ class Retry:
             wait = min(retry_after, self.max_retry_after)
             return wait + (rng or random).uniform(0, wait / 4)  # Retry-After is the least to wait
         return (rng or random).uniform(0, self.cap(attempt))
+
+
+# What the training adapters do with a response over the server's length limits: fail the
+# call, or give it the lowest reward.
+Overlong = Literal["raise", "lowest"]
+
+
+def check_overlong(overlong: str) -> Overlong:
+    """`overlong` when it is one of the choices (checked as a reward function is built)."""
+    if overlong not in get_args(Overlong):
+        raise ValueError(f'overlong must be "raise" or "lowest", not {overlong!r}')
+    return overlong  # type: ignore[return-value]
 
 
 # The policy of the clients the training adapters build (TRL, verl): a labeler that restarts

@@ -136,6 +136,17 @@ class PayloadTooLarge(BadRequestError):
 class InvalidRequest(BadRequestError):
     """422: a field is invalid or over a limit (see .param)."""
 
+    @property
+    def _response_too_long(self) -> bool:
+        """Whether it refuses an item's response (a message of it too) or the item as a whole
+        as over a length limit: the policy's output, where its prompt or reference would be
+        the data's."""
+        if self.type != "input_too_long" or self.item is None:
+            return False
+        head = f"items[{self.item}]"
+        param = self.param or ""
+        return param in (head, head + ".response") or param.startswith((head + ".response[", head + ".response."))
+
 
 class RateLimited(APIStatusError):
     """429: the server's queue is full (after the retries ran out)."""

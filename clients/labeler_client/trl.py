@@ -33,10 +33,10 @@ import logging
 import pickle
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from ._client import AsyncClient, Client, OnError, Order, _BaseClient
-from ._config import TRAINING_RETRY, resolve_key, resolve_url
+from ._config import TRAINING_RETRY, Overlong, check_overlong, resolve_key, resolve_url
 from ._exceptions import APIStatusError, InvalidRequest, LabelerClientError
 from ._shared import client_for_loop
 from ._text import Text, pair_items
@@ -70,15 +70,6 @@ NO_PREFERENCE = 0.5
 # The reward of a completion over the server's length limits, with overlong="lowest".
 LOWEST = -1.0
 
-Overlong = Literal["raise", "lowest"]
-
-
-def _check_overlong(overlong: str) -> Overlong:
-    """`overlong` when it is one of the choices (checked as the function is built)."""
-    if overlong not in get_args(Overlong):
-        raise ValueError(f'overlong must be "raise" or "lowest", not {overlong!r}')
-    return overlong  # type: ignore[return-value]
-
 
 class _Overlong:
     """The rows of a batch still to send, and the rewards so far, where a completion the
@@ -97,17 +88,14 @@ class _Overlong:
         """Whether to send `self.keep` again after `error` (else raise it: it then names the
         row's place in TRL's batch)."""
         item = getattr(error, "item", None)
-        if (
-            self.lowest
-            and isinstance(error, InvalidRequest)
-            and error.type == "input_too_long"
-            and item is not None
-            and error.param in (f"items[{item}]", f"items[{item}].response")  # not the prompt: the data's
-        ):
+        if self.lowest and isinstance(error, InvalidRequest) and error._response_too_long:
             self.out[self.keep.pop(item)] = LOWEST
             return True
         if self.mode != self.on_error:  # on_error="none": failed rows get None, as without overlong
-            self.mode = self.on_error
+            if item is None:  # no row named: the rest as on_error="none" gives them
+                self.mode = self.on_error
+            else:  # that row alone, so that the others over the limits are still found
+                self.out[self.keep.pop(item)] = None
             return True
         if isinstance(error, APIStatusError):
             error._renumber(self.keep.__getitem__)
@@ -216,7 +204,7 @@ class RewardFunction(_Picklable):
     ) -> None:
         self.task = task
         self.on_error: OnError = on_error
-        self.overlong = _check_overlong(overlong)
+        self.overlong = check_overlong(overlong)
         self.__name__ = name or f"labeler_{task}"
         self._client_opts = _client_options(client, base_url, client_opts, on_error)
         self._reset()
@@ -530,7 +518,7 @@ class AsyncRewardFunction(_Picklable):
     ) -> None:
         self.task = task
         self.on_error: OnError = on_error
-        self.overlong = _check_overlong(overlong)
+        self.overlong = check_overlong(overlong)
         self.__name__ = name or f"labeler_{task}"
         self._client_opts = _client_options(None, base_url, client_opts, on_error)
         self._reset()

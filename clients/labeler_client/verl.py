@@ -52,10 +52,11 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 # Absolute imports: verl loads this file by path too, as a module outside the package (and
 # Ray then pickles its functions by value: what they share lives in an importable module).
+from labeler_client._config import Overlong, check_overlong
 from labeler_client._exceptions import APIStatusError, InvalidRequest
 from labeler_client._shared import shared_async_client, shared_client
 from labeler_client._text import context_value
@@ -92,22 +93,17 @@ def _prompt(extra: dict) -> Any:
     return context_value(prompt)
 
 
-def _check_overlong(overlong: str) -> None:
-    if overlong not in ("raise", "lowest"):
-        raise ValueError(f'overlong must be "raise" or "lowest", not {overlong!r}')
-
-
 def _lowest(error: InvalidRequest, overlong: str) -> bool:
     """Whether `error` gives the response LOWEST: with `overlong` "lowest", the response (or
     the item as a whole: its tokens) over a length limit; an over-long prompt or reference is
     the data's."""
-    return overlong == "lowest" and error.type == "input_too_long" and error.param in ("items[0]", "items[0].response")
+    return overlong == "lowest" and error._response_too_long
 
 
 def _one(call: Callable[[], list[float | None]], overlong: str) -> float:
     """The one reward `call` returns; with `overlong` "lowest", LOWEST for a response the
     server refuses as over a length limit."""
-    _check_overlong(overlong)
+    check_overlong(overlong)
     try:
         reward = call()[0]
     except InvalidRequest as e:
@@ -120,7 +116,7 @@ def _one(call: Callable[[], list[float | None]], overlong: str) -> float:
 
 async def _one_async(call: Callable[[], Awaitable[list[float | None]]], overlong: str) -> float:
     """`_one` for a coroutine `call`."""
-    _check_overlong(overlong)
+    check_overlong(overlong)
     try:
         reward = (await call())[0]
     except InvalidRequest as e:
@@ -143,7 +139,7 @@ def compute_score(
     serve_app: str | None = None,
     timeout: float | None = None,
     max_retries: int | None = None,
-    overlong: Literal["raise", "lowest"] = "raise",
+    overlong: Overlong = "raise",
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
@@ -171,7 +167,7 @@ def compute_reference_score(
     serve_app: str | None = None,
     timeout: float | None = None,
     max_retries: int | None = None,
-    overlong: Literal["raise", "lowest"] = "raise",
+    overlong: Overlong = "raise",
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
@@ -211,7 +207,7 @@ async def compute_score_async(
     serve_app: str | None = None,
     timeout: float | None = None,
     max_retries: int | None = None,
-    overlong: Literal["raise", "lowest"] = "raise",
+    overlong: Overlong = "raise",
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
@@ -237,7 +233,7 @@ async def compute_reference_score_async(
     serve_app: str | None = None,
     timeout: float | None = None,
     max_retries: int | None = None,
-    overlong: Literal["raise", "lowest"] = "raise",
+    overlong: Overlong = "raise",
     reward_router_address: str | None = None,
     reward_model_tokenizer: Any = None,
 ) -> float:
