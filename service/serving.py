@@ -101,12 +101,11 @@ class LabelService:
         # those, so that a request of large groups holds no more prompts than one of pairs.
         weights = [len(g.responses) * (len(g.responses) - 1) // 2 for g in groups]
         limit = self.settings.max_queue_items
-        if sum(weights) > limit:  # it could never be queued: a 422, which a client answers with halves
-            many = len(groups) > 1
-            what = f"{len(groups)} groups make" if many else f"a group of {len(groups[0].responses)} responses makes"
+        if sum(weights) > limit:  # never queued: a 422, which a client answers by sending halves
             raise InputTooLong(
-                f"{what} {sum(weights)} comparisons, over the limit of {limit} per request (LABELER_MAX_QUEUE_ITEMS)",
-                field="items" if many else "items[0]",
+                f"{len(groups)} groups make {sum(weights)} comparisons, over the limit of {limit} per request "
+                "(LABELER_MAX_QUEUE_ITEMS)",
+                field="items",
                 limit=limit,
             )
         values, usage = await self._label(spec, groups, req.cache, weights=weights)

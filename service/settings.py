@@ -117,6 +117,12 @@ class Settings(BaseSettings):
                 f"max_queue_items ({self.max_queue_items}) must be at least max_items ({self.max_items}): "
                 "a request of max_items new items could never be queued"
             )
+        comparisons = self.max_group_size * (self.max_group_size - 1) // 2  # what a largest group counts
+        if self.max_queue_items < comparisons:
+            raise ValueError(
+                f"max_queue_items ({self.max_queue_items}) must be at least the {comparisons} comparisons of a "
+                f"group of max_group_size ({self.max_group_size}): such a group could never be queued"
+            )
         return self
 
     def engine_options(self) -> dict[str, Any]:

@@ -421,7 +421,11 @@ def test_items_count_by_weight_in_the_queue_and_in_batches():
 def test_a_queue_smaller_than_a_request_is_refused():
     with pytest.raises(ValueError, match=r"max_queue_items \(100\) must be at least max_items \(256\)"):
         Settings(max_queue_items=100)
-    assert Settings(max_queue_items=256).max_queue_items == 256
+    assert Settings(max_queue_items=496).max_queue_items == 496
+    # A group of max_group_size (32) is 496 comparisons against the queue.
+    with pytest.raises(ValueError, match=r"max_queue_items \(400\) must be at least the 496 comparisons of a group"):
+        Settings(max_queue_items=400)
+    assert Settings(max_queue_items=256, max_group_size=23).max_group_size == 23
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,7 @@ async def test_429_is_retried_after_retry_after(make_server):
     """Six one-item requests at once to a server that queues one item: the others are refused
     429, and the client sends each again no sooner than its Retry-After (at least 1 s; its
     own backoff, FAST, would come back within 1 s), until every item is labeled."""
-    srv = make_server(max_queue_items=1, max_items=1, batch_wait_ms=200)
+    srv = make_server(max_queue_items=1, max_items=1, max_group_size=2, batch_wait_ms=200)
     transport = PerRequest()
     async with lc.AsyncClient(srv.url, batch_size=1, max_concurrency=6, retry=FAST, transport=transport) as client:
         got = await client.scores(score_items(6, "busy"), "tiny")

@@ -45,6 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
         str(QUEUE),
         "--max-items",  # the queue holds at least one full request
         str(QUEUE),
+        "--max-group-size",  # and one largest group's comparisons
+        "6",
         "--batch-max-items",
         "16",
         "--log-level",

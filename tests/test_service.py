@@ -364,7 +364,7 @@ def test_request_bodies(live_server):
 
 
 async def test_full_queue_answers_429_with_retry_after(make_server):
-    srv = make_server(max_queue_items=2, max_items=2, batch_wait_ms=300)
+    srv = make_server(max_queue_items=2, max_items=2, max_group_size=2, batch_wait_ms=300)
     async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
         rs = await asyncio.gather(
             *(client.post("/v1/scores", json={"task": "tiny", "items": [{"response": f"q{i}"}]}) for i in range(6))
@@ -380,7 +380,7 @@ async def test_full_queue_answers_429_with_retry_after(make_server):
 async def test_a_full_queue_refuses_requests_before_rendering_them(make_server, monkeypatch):
     """While the queue is full, a request is refused before its items are rendered and
     tokenized: an overloaded server spends no work on the requests it turns away."""
-    srv = make_server(max_queue_items=2, max_items=2, batch_wait_ms=2000)
+    srv = make_server(max_queue_items=2, max_items=2, max_group_size=2, batch_wait_ms=2000)
     prepared: list[str] = []
     aprepare = srv.labeler.aprepare
 
