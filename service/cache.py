@@ -136,16 +136,19 @@ class RedisCache:
         try:
             result = await call()
         except Exception as exc:  # noqa: BLE001 - any Redis/socket failure means "no cache"
-            self._fail(op, exc)
+            if self._fail(op, exc) and probe:  # it answered: reachable again
+                self._down_until = 0.0
             return None
         finally:
             if probe:
                 self._probing = False
-        if probe and not self.bypassed:
+        if probe:
             self._down_until = 0.0
         return result
 
-    def _fail(self, op: str, exc: Exception) -> None:
+    def _fail(self, op: str, exc: Exception) -> bool:
+        """Count and log a failed call; bypass Redis for a cooldown where it could not be
+        reached. Returns whether it answered (with a refusal)."""
         from redis.exceptions import ConnectionError, TimeoutError
 
         self.on_error(op)
@@ -153,10 +156,11 @@ class RedisCache:
             if time.monotonic() >= self._warned_until:  # once a cooldown, not once a request
                 log.warning("redis refused a %s (%s: %s)", op, type(exc).__name__, exc)
                 self._warned_until = time.monotonic() + self.cooldown
-            return
+            return True
         if not self.bypassed:
             log.warning("redis %s failed (%s); bypassing the cache for %.0f s", op, type(exc).__name__, self.cooldown)
         self._down_until = time.monotonic() + self.cooldown
+        return False
 
     async def get_many(self, keys: Sequence[str]) -> list[Value | None]:
         raw = await self._use("get", lambda: self._client.mget(list(keys)))

@@ -111,10 +111,13 @@ def test_after_a_cooldown_one_call_alone_finds_out_whether_a_hung_redis_is_back(
     import os
     import signal
 
+    import redis
+
     from service.cache import RedisCache
 
     errors: list[str] = []
     cache = RedisCache(redis_server.url, ttl=60, cooldown=0.2, on_error=errors.append)
+    admin = redis.Redis.from_url(redis_server.url)
 
     async def run() -> None:
         await cache.set_many({"labeler:test:probe": value(1)})
@@ -134,6 +137,24 @@ def test_after_a_cooldown_one_call_alone_finds_out_whether_a_hung_redis_is_back(
         assert got[0] == [value(1)] and errors.count("get") == 0
         assert await cache.get_many(["labeler:test:probe"]) == [value(1)] and not cache.bypassed
         assert await cache.status() == "ok"
+        # A probe that Redis answers with a refusal found it reachable: calls use it again.
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            await cache.get_many(["labeler:test:probe"])
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        admin.execute_command("ACL", "SETUSER", "default", "-mget")
+        try:
+            await asyncio.sleep(0.3)
+            errors.clear()
+            await asyncio.gather(*(cache.get_many(["labeler:test:probe"]) for _ in range(3)))
+            assert sorted(errors) == ["bypass", "bypass", "get"]  # the probe, refused
+            errors.clear()
+            await asyncio.gather(*(cache.get_many(["labeler:test:probe"]) for _ in range(3)))
+            assert errors == ["get"] * 3  # each tried, none bypassed
+        finally:
+            admin.execute_command("ACL", "SETUSER", "default", "+@all")
+        assert await cache.get_many(["labeler:test:probe"]) == [value(1)]
         await cache.aclose()
 
     asyncio.run(run())
