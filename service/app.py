@@ -84,7 +84,9 @@ class Gate:
     - 413 for bodies over `limit` bytes, declared or streamed;
     - API keys (bearer, or a Basic password) on the label and task routes, when keys are
       configured. Each given key is compared with every accepted key in constant time, so
-      timing tells nothing; probes (/healthz, /readyz) and /metrics stay open.
+      timing tells nothing; probes (/healthz, /readyz) and /metrics stay open;
+    - a 503 `engine_unavailable` with Retry-After for a request cancelled before its answer
+      started (uvicorn's graceful shutdown running out), instead of uvicorn's plain 500.
     """
 
     PROTECTED = ("/v1/", "/get_reward")
@@ -134,6 +136,7 @@ class Gate:
                     # error: a 503 that they retry (on another replica, or this one restarted).
                     if started:
                         raise
+                    asyncio.current_task().uncancel()  # answered: the cancellation is handled
                     message = "the server shut down before the answer was ready"
                     refusal = errors.error_response(503, message, "engine_unavailable", None, {"Retry-After": "5"})
                     await refusal(scope, receive, capture)
@@ -210,6 +213,13 @@ class Cors(CORSMiddleware):
             return resp
         keep = {k: v for k, v in resp.headers.items() if k not in ("content-length", "content-type")}
         return errors.error_response(400, bytes(resp.body).decode(), "cors_refused", None, keep)
+
+
+def engine_failure(state: Any) -> str | None:
+    """Why the app's engine can serve nothing any more (`Engine.failure`), or None: also while
+    the model loads, and for an engine written before engines reported it."""
+    labeler = getattr(state, "labeler", None)
+    return getattr(getattr(labeler, "engine", None), "failure", None)
 
 
 def create_app(settings: Settings | None = None, labeler: Labeler | None = None) -> FastAPI:
@@ -342,8 +352,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         """The 503 of a server whose engine died for good (every label request would fail):
         health checks and readiness probes see it, so the process is restarted and traffic
         goes elsewhere meanwhile."""
-        lab = getattr(state, "labeler", None)
-        failure = lab.engine.failure if lab is not None else None
+        failure = engine_failure(state)
         return (
             None if failure is None else errors.error_response(503, f"{failure}; restart the server", "engine_failed")
         )

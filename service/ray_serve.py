@@ -39,7 +39,7 @@ from ray import serve
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .app import create_app
+from .app import create_app, engine_failure
 from .cli import APP_LOGGERS, JsonFormatter
 from .settings import Settings, misspelled_variables
 
@@ -83,8 +83,7 @@ class LabelerDeployment:
         """Serve's periodic health check: raising marks the replica unhealthy, and Serve
         replaces it. An engine that died for good (vLLM's engine process) would fail every
         request until then."""
-        labeler = getattr(self._app.state, "labeler", None) if self._app is not None else None
-        failure = labeler.engine.failure if labeler is not None else None
+        failure = engine_failure(self._app.state) if self._app is not None else None
         if failure is not None:
             raise RuntimeError(failure)
 

@@ -7,6 +7,8 @@ transformers model:
   tokens after given short prefixes (see `labeler.scoring.label_queries`);
 - `generate(requests)`: bounded continuations (rationales for chain-of-thought).
 
+Beside them, `failure`: why the engine can serve nothing any more until its process
+restarts (vLLM's engine process died), else None; the service's health checks read it.
 Engines work on token ids; the labeler renders and tokenizes with `engine.tokenizer`.
 """
 
