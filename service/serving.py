@@ -308,21 +308,22 @@ class LabelService:
         if misses:
             # cache=false requests neither read nor write: their flights are kept apart.
             suffix = "" if use_cache else ":nostore"
+            flight_key = {i: keys[i] + suffix for i in misses}  # each miss's key in the batcher
             # Items another request is computing are joined at once: they need no rendering,
             # and by the time this request's own are rendered their computation may be over.
-            flights = self.batcher.in_flight(keys[i] + suffix for i in misses)
-            fresh = [i for i in misses if keys[i] + suffix not in flights]
-            self.batcher.check_room((keys[i] + suffix for i in fresh), _pick(weights, fresh))
+            flights = self.batcher.in_flight(flight_key.values())
+            fresh = [i for i in misses if flight_key[i] not in flights]
+            self.batcher.check_room((flight_key[i] for i in fresh), _pick(weights, fresh))
             prepared = await self._prepare(spec, items, fresh, at, where, set_aside) if fresh else []
-            entries = [(keys[i] + suffix, p) for i, p in zip(fresh, prepared, strict=True)]  # fresh: less set aside
+            entries = [(flight_key[i], p) for i, p in zip(fresh, prepared, strict=True)]  # fresh: less set aside
             if entries:
                 futures, shared = self.batcher.submit((spec, use_cache), entries, _pick(weights, fresh))
-                for (key, _), f in zip(entries, futures, strict=True):
-                    flights.setdefault(key, f)
-            misses = [i for i in misses if keys[i] + suffix in flights]
+                for (k, _), f in zip(entries, futures, strict=True):
+                    flights.setdefault(k, f)
+            misses = [i for i in misses if flight_key[i] in flights]
             shared += len(misses) - len(entries)
             # shield: a client that goes away must not cancel a computation others share.
-            futures = [flights[keys[i] + suffix] for i in misses]
+            futures = [flights[flight_key[i]] for i in misses]
             values = await asyncio.gather(*(asyncio.shield(f) for f in futures), return_exceptions=True)
             failed = [j for j, v in enumerate(values) if isinstance(v, BaseException)]
             if failed:
