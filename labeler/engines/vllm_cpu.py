@@ -123,37 +123,21 @@ def cpu_defaults(
                 f"kv_cache_memory_bytes={size} and {KVCACHE_SPACE_ENV}={space} ({_gib(from_env)} GiB) give two "
                 f"KV cache sizes, and vLLM would use {KVCACHE_SPACE_ENV}'s: give one of them"
             )
-        check_kv_cache_fits(
-            model_dir,
-            from_env,
-            dtype,
-            kv_cache_dtype=str(given.get("kv_cache_dtype", "auto")),
-            max_model_len=given.get("max_model_len"),
-            block_size=given.get("block_size"),
-            from_env=True,
-        )
-    elif size is not None or share is not None:
-        # Checked when given as numbers; anything else (vLLM's "auto") is vLLM's to judge.
-        if isinstance(size, int) and not isinstance(size, bool):
-            check_kv_cache_fits(
-                model_dir,
-                size,
-                dtype,
-                kv_cache_dtype=str(given.get("kv_cache_dtype", "auto")),
-                max_model_len=given.get("max_model_len"),
-                block_size=given.get("block_size"),
-            )
-        elif size is None and isinstance(share, int | float):
-            check_memory_share_fits(float(share))
-    else:
+        size = from_env
+    sizing = {
+        "kv_cache_dtype": str(given.get("kv_cache_dtype", "auto")),
+        "max_model_len": given.get("max_model_len"),
+        "block_size": given.get("block_size"),
+    }
+    if isinstance(size, int) and not isinstance(size, bool):
+        check_kv_cache_fits(model_dir, size, dtype, **sizing, from_env=space != "")
+    elif size is None and isinstance(share, int | float):
+        check_memory_share_fits(float(share))
+    elif size is None and share is None:
         out.args["kv_cache_memory_bytes"] = default_kv_cache_bytes(
-            model_dir,
-            dtype=dtype,
-            kv_cache_dtype=str(given.get("kv_cache_dtype", "auto")),
-            max_model_len=given.get("max_model_len"),
-            available=memory()[1],
-            block_size=given.get("block_size"),
+            model_dir, dtype=dtype, available=memory()[1], **sizing
         )
+    # Anything else (vLLM's "auto", a share given as text) is vLLM's to judge.
     world = 1
     for ranks in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
         world *= int(given.get(ranks, 1))
