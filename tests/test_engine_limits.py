@@ -216,9 +216,9 @@ def test_transformers_engine_options_are_checked_before_the_model_loads(engine):
 
 def test_sizes_are_read_as_vllm_reads_them():
     """`read_size` follows vLLM's own reader, which the engines that never import vLLM cannot call."""
-    from labeler.engines.base import read_size
+    from vllm.utils import argparse_utils  # make test installs vLLM's CPU build
 
-    argparse_utils = pytest.importorskip("vllm.utils.argparse_utils")
+    from labeler.engines.base import read_size
 
     def outcome(read, text: str) -> int | str:
         try:

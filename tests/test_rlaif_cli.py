@@ -569,8 +569,9 @@ def test_winrate_with_a_file_of_no_valid_record_names_it(tmp_path, monkeypatch):
 
 
 def test_an_eval_that_labels_nothing_prints_its_summary_and_ends_with_status_1(tmp_path, in_process, capsys):  # noqa: F811
-    """Every pair skipped with --skip-invalid (over the model's context): the summary says what
-    was skipped, standard error why there are no figures, and the status is 1."""
+    """Every pair set aside as invalid under --skip-invalid (longer than the labeler's
+    context): the summary counts what was set aside, standard error says why there are no
+    figures, and the status is 1."""
     src = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "chosen": "word " * 9000, "rejected": "x"}])
     out = tmp_path / "ev"
     assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--skip-invalid") == 1
