@@ -83,7 +83,7 @@ def test_harmless_rate_two_policies_resumable(tmp_path, labeler, in_process, cap
     assert again["summary"]["labeled"] == 0 and again["summary"]["skipped"] == 5
     assert again["policies"] == got["policies"] and again["difference"] == got["difference"]
 
-    # Every response of B refused (over the model's context) and skipped: the summary, a clear
+    # Every response of B refused (longer than the labeler's context) and set aside: the summary, a clear
     # end with status 1, no figures.
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}])
     argv = ["harmless", str(a), str(long), "--task", "tiny", "--out", str(tmp_path / "h2"), "--skip-invalid"]
@@ -337,7 +337,7 @@ def test_winrate_shows_the_length_controlled_rate(tmp_path, labeler, in_process,
     )
     soft = [r.p_a for r in prefs + prefs[:1]]
     assert twice["soft_win_rate"] == pytest.approx(sum(soft) / len(soft), abs=1e-6)
-    # Every matched prompt refused (over the model's context) and skipped: the summary, status 1, no figures.
+    # Every matched prompt refused (longer than the labeler's context) and set aside: the summary, status 1, no figures.
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "completion": "word " * 9000}])
     longer = write_jsonl(tmp_path / "longer.jsonl", [{"prompt": "p", "completion": "words " * 9000}])
     assert in_process("winrate", str(long), str(longer), "--task", "tiny", "--skip-invalid") == 1
