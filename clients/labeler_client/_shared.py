@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from ._client import AsyncClient, Client
 from ._config import TRAINING_RETRY
@@ -38,9 +39,26 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def _options(max_retries: int | None, timeout: float | None) -> dict:
+C = TypeVar("C", Client, AsyncClient)
+
+
+def _new(
+    cls: type[C],
+    base_url: str | None,
+    api_key: str | None,
+    serve_app: str | None,
+    timeout: float | None,
+    max_retries: int | None,
+) -> C:
+    """A client of `cls` for these options: over HTTP, or through the Serve application's
+    deployment handle (a transport of the client's kind)."""
     retry = TRAINING_RETRY if max_retries is None else replace(TRAINING_RETRY, max_retries=max_retries)
-    return {"timeout": timeout, "retry": retry}
+    if serve_app is None:
+        return cls(base_url, api_key, timeout=timeout, retry=retry)
+    from . import ray  # needs ray[serve]: imported only when asked for
+
+    transport = (ray.ServeTransport if cls is Client else ray.AsyncServeTransport)(serve_app)
+    return cls("http://labeler", api_key, transport=transport, timeout=timeout, retry=retry)
 
 
 def shared_client(
@@ -59,13 +77,7 @@ def shared_client(
     with _lock:
         key = (base_url, api_key, serve_app, timeout, max_retries)
         if key not in _clients:
-            options = _options(max_retries, timeout)
-            if serve_app is None:
-                _clients[key] = Client(base_url, api_key, **options)
-            else:
-                from .ray import ServeTransport  # needs ray[serve]: imported only when asked for
-
-                _clients[key] = Client("http://labeler", api_key, transport=ServeTransport(serve_app), **options)
+            _clients[key] = _new(Client, *key)
         return _clients[key]
 
 
@@ -79,18 +91,9 @@ def shared_async_client(
 ) -> AsyncClient:
     """`shared_client` for coroutines: the process's AsyncClient for these options and the
     running event loop."""
-
-    def make() -> AsyncClient:
-        options = _options(max_retries, timeout)
-        if serve_app is None:
-            return AsyncClient(base_url, api_key, **options)
-        from .ray import AsyncServeTransport  # needs ray[serve]: imported only when asked for
-
-        return AsyncClient("http://labeler", api_key, transport=AsyncServeTransport(serve_app), **options)
-
+    key = (base_url, api_key, serve_app, timeout, max_retries)
     with _lock:
-        clients = _async_clients.setdefault((base_url, api_key, serve_app, timeout, max_retries), {})
-        return client_for_loop(clients, make)
+        return client_for_loop(_async_clients.setdefault(key, {}), lambda: _new(AsyncClient, *key))
 
 
 def client_for_loop(clients: LoopClients, make: Callable[[], AsyncClient]) -> AsyncClient:
