@@ -168,8 +168,6 @@ def check_start(settings: Settings) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import create_app
     from .settings import misspelled_variables
 
@@ -180,11 +178,51 @@ def serve(args: argparse.Namespace) -> int:
     for warning in [*misspelled_variables(), *auth_warnings(settings)]:
         logging.getLogger("service").warning(warning)
     check_start(settings)
-    uvicorn.run(
-        create_app(settings),
+    return run_server(create_app(settings), settings)
+
+
+# `labeler serve`'s exit status once its engine died for good (`Engine.failure`): the process
+# ends so that a restart policy (Docker's, systemd's, a pod's) starts it anew, where Docker
+# would leave a container that is merely unhealthy running.
+ENGINE_FAILED = 3
+
+
+def run_server(app: Any, settings: Settings, *, grace_s: float = 60, poll_s: float = 1.0) -> int:
+    """Serve `app` under uvicorn until a signal stops it (0), or until its engine has died for
+    good (`ENGINE_FAILED`, after a graceful shutdown of `grace_s` at most, the reason logged)."""
+    import asyncio
+
+    import uvicorn
+
+    from .app import engine_failure
+
+    failed: list[str] = []
+
+    class Server(uvicorn.Server):
+        async def serve(self, sockets: Any = None) -> None:
+            watch = asyncio.create_task(self._watch())
+            try:
+                await super().serve(sockets)
+            finally:
+                watch.cancel()
+
+        async def _watch(self) -> None:
+            while not self.should_exit:
+                await asyncio.sleep(poll_s)
+                failure = engine_failure(app.state)
+                if failure is not None:
+                    logging.getLogger("service").error(
+                        "%s: shutting down (exit status %d) to be restarted", failure, ENGINE_FAILED
+                    )
+                    failed.append(failure)
+                    self.should_exit = True
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
-        log_config=log_config(settings.log_level),
-        timeout_graceful_shutdown=60,
+        log_config=None,  # as the caller configured it (`serve`: before anything else)
+        timeout_graceful_shutdown=grace_s,
     )
-    return 0
+    Server(config).run()
+    return ENGINE_FAILED if failed else 0

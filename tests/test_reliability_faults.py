@@ -506,6 +506,52 @@ def test_an_engine_that_died_for_good_fails_the_health_checks(labeler, test_task
         srv.stop()
 
 
+def test_a_server_whose_engine_died_for_good_exits_for_its_restart_policy(labeler, test_tasks, caplog):
+    """`labeler serve`'s server (`run_server`, real uvicorn on loopback) serves while its
+    engine lives, and ends by itself with status ENGINE_FAILED once the engine's `failure`
+    is set, the reason logged: Docker's restart policy restarts a container whose process
+    exited, not one that is merely unhealthy."""
+    from service.app import create_app
+    from service.cli import ENGINE_FAILED, run_server
+    from service.settings import Settings
+    from tests.fixtures.redis import free_port
+
+    engine = _SlowEngine(labeler.engine, 0.0)
+    settings = Settings(host="127.0.0.1", port=free_port(), log_level="warning")
+    app = create_app(settings, labeler=Labeler(engine, test_tasks))
+    status: list[int] = []
+    runner = threading.Thread(target=lambda: status.append(run_server(app, settings, grace_s=5, poll_s=0.1)))
+    runner.start()
+    url = f"http://127.0.0.1:{settings.port}"
+    try:
+        wait_for(lambda: _answers(url + "/readyz") == 200, 60, "the server to be ready")
+        time.sleep(0.5)  # five polls of a live engine: it keeps serving
+        assert runner.is_alive()
+        body = {"task": "tiny", "items": [{"context": "Alive?", "response": "Yes."}], "cache": False}
+        assert httpx.post(url + "/v1/scores", json=body, timeout=60).status_code == 200
+        engine.failure = "the vLLM engine process died (its log says why)"
+        runner.join(30)
+        assert not runner.is_alive(), "the server kept running on a dead engine"
+    finally:
+        if runner.is_alive():  # only on failure: stop it through uvicorn's own signal path
+            engine.failure = "stopping the test's server"
+            runner.join(30)
+    assert status == [ENGINE_FAILED]
+    assert _answers(url + "/healthz") is None  # nothing listens any more
+    assert any(
+        "the vLLM engine process died (its log says why): shutting down (exit status 3)" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
+
+
+def _answers(url: str) -> int | None:
+    """The status `url` answers with, or None when nothing answers."""
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
 def test_a_200_whose_body_never_arrives_whole_is_no_answer_on_the_wire_log():
     """What "answered" counts in the kill scenarios below: a server that dies after sending
     a 200's headers but before its body leaves the request failed, not answered (the client
