@@ -211,7 +211,7 @@ def test_docker_stop_lets_an_in_flight_request_finish(box, live_server, docker_f
         assert time.monotonic() < deadline and worker.is_alive(), "the request never showed in flight"
         time.sleep(0.05)
     t_stop = time.monotonic()
-    box.engine.docker("stop", cid, timeout=120)  # the container's own grace period (compose: 75 s)
+    box.engine.docker("stop", cid, timeout=120)  # the container's own grace period (compose: 90 s)
     t_stopped = time.monotonic()
     worker.join(timeout=120)
     assert "error" not in result, result.get("error")
