@@ -313,9 +313,10 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
     import httpx
     from labeler_client.testing import FakeLabeler
 
-    srv = make_server(max_items=4, max_chars=50)
+    srv = make_server(max_items=4, max_chars=50, max_queue_items=1000)
     tasks = tuple(t["name"] for t in httpx.get(srv.url + "/v1/tasks").json()["tasks"])
-    fake = FakeLabeler(tasks=tasks, max_items=4, max_chars=50)
+    fake = FakeLabeler(tasks=tasks, max_items=4, max_chars=50, max_queue_items=1000)
+    largest = {"responses": [f"r{k}" for k in range(32)]}  # 496 comparisons
     ok = {"context": "c", "response": "r"}
     chat = [{"role": "user", "content": "hi"}] * 3  # short turns: each one's text is within the limit
     turn, tool_result = {"role": "assistant", "content": None}, {"role": "tool", "name": "add", "content": "4"}
@@ -351,6 +352,8 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a"]}]}),
         ("/v1/rewards/group", {"task": "tiny", "items": [{"responses": ["a", "b"]}], "order": "ab"}),
         ("/v1/rewards/reference", {"task": "tiny", "items": [{"response": "a"}]}),
+        # groups count their comparisons against the queue: 3 of the largest make 1,488
+        ("/v1/rewards/group", {"task": "tiny", "items": [largest] * 3}),
         # OpenAI-style messages: a tool-calling turn's null content, content parts (one over the limit)
         (
             "/v1/scores",

@@ -134,6 +134,7 @@ def _group_rewards(item: dict[str, Any]) -> dict[str, Any]:
 
 # The server's defaults for the limits the fake enforces.
 _MAX_ITEMS, _MAX_SAMPLES, _MAX_GROUP_SIZE, _MAX_SEED = 256, 8, 32, 2**59 - 1
+_MAX_QUEUE_ITEMS = 4096  # the server's LABELER_MAX_QUEUE_ITEMS
 _MAX_ROLE_CHARS = 64  # a chat message's role, whatever max_chars is
 _ORDERED = ("/v1/preferences", "/v1/rewards/reference")
 
@@ -159,9 +160,10 @@ class FakeLabeler:
     exception class such as `httpx.ConnectError`.
 
     Requests are checked as the server checks them, with its default limits (`max_items`,
-    `max_samples`, and `max_chars` when given): a missing, unknown or mistyped field, an
-    empty or too long list of items, an unknown task or option value is a 422 naming the
-    field. (The server also holds a chat context's whole transcript to `max_chars`; the fake,
+    `max_samples`, `max_queue_items`, and `max_chars` when given): a missing, unknown or
+    mistyped field, an empty or too long list of items, groups that make more comparisons
+    (N (N - 1) / 2 each) than the queue holds, an unknown task or option value is a 422
+    naming the field. (The server also holds a chat context's whole transcript to `max_chars`; the fake,
     which renders no transcript, checks each message's text.)
 
     `requests` records every request; `max_in_flight` the most requests seen at once.
@@ -175,11 +177,12 @@ class FakeLabeler:
         max_chars: int | None = None,
         max_items: int = _MAX_ITEMS,
         max_samples: int = _MAX_SAMPLES,
+        max_queue_items: int = _MAX_QUEUE_ITEMS,
         latency: float = 0.0,
         model: str = "fake-labeler",
     ) -> None:
         self.tasks, self.api_key, self.max_chars = tasks, api_key, max_chars
-        self.max_items, self.max_samples = max_items, max_samples
+        self.max_items, self.max_samples, self.max_queue_items = max_items, max_samples, max_queue_items
         self.latency, self.model = latency, model
         self.requests: list[httpx.Request] = []
         self.max_in_flight = 0
@@ -489,6 +492,14 @@ class FakeLabeler:
             refused = self._check_item(f"items[{i}]", item, fields)
             if refused is not None:
                 return refused
+        if path == "/v1/rewards/group":
+            comparisons = sum(len(it["responses"]) * (len(it["responses"]) - 1) // 2 for it in body["items"])
+            if comparisons > self.max_queue_items:
+                msg = (
+                    f"{len(body['items'])} groups make {comparisons} comparisons, over the limit of "
+                    f"{self.max_queue_items} per request (LABELER_MAX_QUEUE_ITEMS)"
+                )
+                return self._error(422, msg, "input_too_long", "items")
         faults = []  # (index, fault) of each item that fails
         for i, item in enumerate(body["items"]):
             texts = [_text(t) for name in fields for t in (item[name] if name == "responses" else [item[name]])]
