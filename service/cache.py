@@ -149,10 +149,13 @@ class RedisCache:
     def _fail(self, op: str, exc: Exception) -> bool:
         """Count and log a failed call; bypass Redis for a cooldown where it could not be
         reached. Returns whether it answered (with a refusal)."""
-        from redis.exceptions import ConnectionError, TimeoutError
+        from redis.exceptions import AuthenticationError, ConnectionError, TimeoutError
 
         self.on_error(op)
-        if not isinstance(exc, ConnectionError | TimeoutError | OSError):  # Redis answered: it refused
+        # Credentials refused (redis-py's AuthenticationError is a ConnectionError) are an
+        # answer too: a configuration error to name, not an outage to wait out.
+        unreachable = isinstance(exc, ConnectionError | TimeoutError | OSError)
+        if not unreachable or isinstance(exc, AuthenticationError):  # Redis answered: it refused
             if time.monotonic() >= self._warned_until:  # once a cooldown, not once a request
                 log.warning("redis refused a %s (%s: %s)", op, type(exc).__name__, exc)
                 self._warned_until = time.monotonic() + self.cooldown

@@ -158,3 +158,28 @@ def test_after_a_cooldown_one_call_alone_finds_out_whether_a_hung_redis_is_back(
         await cache.aclose()
 
     asyncio.run(run())
+
+
+def test_a_redis_that_refuses_the_credentials_is_refused_not_bypassed(redis_server, caplog):
+    """Wrong credentials in the Redis URL (redis-py raises AuthenticationError, a kind of
+    ConnectionError): Redis answered, so the cache says `refused` and names the refusal in
+    the log, instead of calling Redis unreachable and bypassing it for the cooldown."""
+    from service.cache import RedisCache
+
+    errors: list[str] = []
+    url = redis_server.url.replace("redis://", "redis://nobody:wrong@")
+    cache = RedisCache(url, ttl=60, cooldown=60, on_error=errors.append)
+
+    async def run() -> None:
+        assert await cache.get_many(["labeler:test:auth"]) == [None]
+        assert not cache.bypassed
+        assert await cache.status() == "refused"
+        assert await cache.get_many(["labeler:test:auth"]) == [None]
+        await cache.aclose()
+
+    with caplog.at_level("WARNING", logger="service.cache"):
+        asyncio.run(run())
+    assert errors == ["get", "ping", "get"]  # each tried, none bypassed
+    assert [r.getMessage() for r in caplog.records] == [
+        "redis refused a get (AuthenticationError: invalid username-password pair or user is disabled.)"
+    ]
