@@ -159,6 +159,7 @@ class HTTPBackend(Backend):
             labels=LABELS[kind],
             temperature=self.defaults["temperature"],
             max_rationale_tokens=self.defaults["max_rationale_tokens"],
+            end_markers=self.defaults.get("end_markers"),  # a server that does not say strips the library's
             **params,
         )
 

@@ -272,9 +272,11 @@ class Labeler:
         cot: bool = False,
         samples: int = 1,
         seed: int = 0,
+        end_markers: Sequence[str] | None = None,
     ) -> LabelSpec:
         """The validated `LabelSpec` of a question of `kind` on `task` with these parameters
-        (this labeler's model, task version, sampling temperature and rationale length)."""
+        (this labeler's model, task version, sampling temperature and rationale length);
+        `end_markers`: those its caller strips from the items, where not the library's."""
         if kind not in KINDS:
             raise InvalidInput(f"kind must be one of {', '.join(KINDS)}, got {kind!r}", field="kind")
         t = self.task(task)
@@ -292,6 +294,7 @@ class Labeler:
             seed=seed,
             temperature=self.temperature,
             max_rationale_tokens=self.max_rationale_tokens,
+            end_markers=end_markers,
         )
 
     # -- rendering (also what `labeler render` shows) ------------------------------------

@@ -110,6 +110,10 @@ class LabelSpec:
     seed: int | None = None
     temperature: float | None = None
     max_rationale_tokens: int | None = None
+    # The end-of-turn markers stripped from the texts before they are read, where they are
+    # not the library's own (`chat.END_MARKERS`): a server's `end_markers` setting labels the
+    # same texts differently. None (the library's) adds nothing to a key.
+    end_markers: tuple[str, ...] | None = None
 
     @classmethod
     def build(
@@ -126,6 +130,7 @@ class LabelSpec:
         seed: object = 0,
         temperature: object = 0.7,
         max_rationale_tokens: object = 128,
+        end_markers: object = None,
     ) -> LabelSpec:
         """A validated spec; raises InvalidInput naming the offending parameter."""
         if kind not in KINDS:
@@ -145,6 +150,14 @@ class LabelSpec:
             raise InvalidInput(f"temperature must be a positive number, got {temperature!r}", field="temperature")
         if cot and (not _is_int(max_rationale_tokens) or max_rationale_tokens < 1):
             raise InvalidInput("max_rationale_tokens must be a positive integer", field="max_rationale_tokens")
+        if end_markers is not None:
+            from .chat import END_MARKERS
+
+            if not isinstance(end_markers, (list, tuple)) or not all(isinstance(m, str) for m in end_markers):
+                raise InvalidInput("end_markers must be a list of texts", field="end_markers")
+            end_markers = tuple(m for m in end_markers if m)  # an empty marker strips nothing
+            if end_markers == END_MARKERS:
+                end_markers = None
         return cls(
             kind=kind,  # type: ignore[arg-type]
             task=task,
@@ -157,6 +170,7 @@ class LabelSpec:
             seed=seed if sampled else None,  # type: ignore[arg-type]
             temperature=float(temperature) if sampled else None,  # type: ignore[arg-type]
             max_rationale_tokens=max_rationale_tokens if cot else None,  # type: ignore[arg-type]
+            end_markers=end_markers,  # type: ignore[arg-type]
         )
 
     def key(self, item: Any) -> str:
@@ -197,7 +211,10 @@ def _spec_hash(spec: LabelSpec) -> Any:
     """SHA-256 state after the spec's part of every key, for each key to continue a copy of:
     a spec is built per request, and its canonical form is the costliest part of a cached one.
     Equal specs have equal fields (`build` checks their types), so they share one entry."""
-    head = _canonical({"v": KEY_VERSION, **{f.name: getattr(spec, f.name) for f in fields(spec)}})
+    parts = {f.name: getattr(spec, f.name) for f in fields(spec)}
+    if parts["end_markers"] is None:  # the library's own: keys as before the field existed
+        del parts["end_markers"]
+    head = _canonical({"v": KEY_VERSION, **parts})
     return hashlib.sha256(head.encode("utf-8", "surrogatepass"))
 
 

@@ -379,7 +379,11 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
             engine=settings.engine,
             cache=state.cache.name,
             cache_status=await state.cache.status(),
-            labeler=LabelDefaults(temperature=lab.temperature, max_rationale_tokens=lab.max_rationale_tokens),
+            labeler=LabelDefaults(
+                temperature=lab.temperature,
+                max_rationale_tokens=lab.max_rationale_tokens,
+                end_markers=settings.end_markers,
+            ),
         )
 
     @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse)

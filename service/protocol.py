@@ -472,6 +472,7 @@ class LabelDefaults(BaseModel):
 
     temperature: float = Field(..., description="sampling temperature of self-consistency rationales")
     max_rationale_tokens: int = Field(..., description="tokens of a chain-of-thought rationale at most")
+    end_markers: list[str] = Field(..., description="end-of-turn markers stripped from responses and chat turns")
 
 
 class HealthResponse(BaseModel):

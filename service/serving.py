@@ -263,7 +263,7 @@ class LabelService:
                 field="samples",
                 limit=self.settings.max_samples,
             )
-        spec = self.labeler.spec(kind, task, **params)
+        spec = self.labeler.spec(kind, task, end_markers=self.end_markers, **params)
         if len(self._specs) >= MAX_SPECS:  # seeds are many: keep the memo bounded
             self._specs.clear()
         self._specs[memo] = spec

@@ -270,6 +270,42 @@ def test_url_mode_labels_through_the_service(tmp_path, labeler, live_server, cap
     assert "warning: --model, --engine-arg not used: --url labels with the server's model" in captured.err
 
 
+def test_a_server_that_strips_other_end_markers_gives_its_labels_other_keys(tmp_path, labeler, in_process, capsys):
+    """A server's `end_markers` change the texts it reads ("Paris. <END>" read as "Paris."):
+    through it the same records get other keys than in-process (whose markers are the
+    library's), so a run into the other's file labels them anew instead of taking the
+    other labels for done; through a server with the library's markers the keys are
+    in-process's."""
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [{"prompt": "Capital of France?", "chosen": "Paris. <END>", "rejected": "Rome. <END>"}]
+    )
+    out = tmp_path / "out.jsonl"
+    argv = ["label", str(src), str(out), "--task", "tiny", "--no-progress", "--json"]
+    assert in_process(*argv) == 0
+    assert json.loads(capsys.readouterr().out)["labeled"] == 1
+    servers = {"library's": LiveServer(labeler), "<END>": LiveServer(labeler, end_markers=["<END>"])}
+    summaries = {}
+    try:
+        for name, srv in servers.items():
+            srv.start()
+            assert cli.main([*argv, "--url", srv.url]) == 0
+            summaries[name] = json.loads(capsys.readouterr().out)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    assert (summaries["library's"]["labeled"], summaries["library's"]["skipped"]) == (0, 1)
+    assert (summaries["<END>"]["labeled"], summaries["<END>"]["skipped"]) == (1, 0)
+    local, stripped = rows(out)
+    assert local["key"] != stripped["key"]
+    # Each key's label is of the texts it names: "<END>" read in process, stripped by the server.
+    assert local["p_a"] == pytest.approx(
+        labeler.preference("Capital of France?", "Paris. <END>", "Rome. <END>", "tiny").p_a, abs=1e-4
+    )
+    assert stripped["p_a"] == pytest.approx(
+        labeler.preference("Capital of France?", "Paris.", "Rome.", "tiny").p_a, abs=1e-4
+    )
+
+
 @pytest.mark.parametrize(
     ("limit", "says"),
     [({"max_chars": 40}, "response: String should have at most 40 characters"), ({"max_item_tokens": 12}, "tokens")],

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from labeler import GroupItem, InvalidInput, LabelSpec, PairItem, ScoreItem
 from labeler import fingerprint as fp
+from labeler.chat import END_MARKERS
 from labeler.spec import KEY_VERSION, MAX_SAMPLES, MAX_SEED
 
 BASE = dict(task="t", task_version="v1", model="m@1", labels=("1", "2"))
@@ -43,6 +44,7 @@ def test_every_input_that_changes_a_label_changes_the_key():
         replace(sampled, temperature=0.5),
         replace(sampled, max_rationale_tokens=65),
         spec(kind="score", labels=("1", "2")),
+        spec(end_markers=["<END>"]),  # a server's own end-of-turn markers
     ]
     keys = {s.key(ITEM) for s in [spec(), sampled, *variants]}
     assert len(keys) == len(variants) + 2
@@ -72,6 +74,9 @@ def test_parameters_that_cannot_change_a_label_do_not_split_the_key():
     assert spec(cot=True, max_rationale_tokens=64, seed=3, temperature=2.0).key(ITEM) == greedy.key(ITEM)
     # The order means nothing to a score.
     assert spec(kind="score", order="ab").key(ITEM) == spec(kind="score").key(ITEM)
+    # The library's own end-of-turn markers, given (an empty one strips nothing), are no others.
+    assert spec(end_markers=["", *END_MARKERS]).key(ITEM) == base.key(ITEM)
+    assert spec(end_markers=list(END_MARKERS)).end_markers is None
 
 
 @pytest.mark.parametrize(
@@ -89,6 +94,8 @@ def test_parameters_that_cannot_change_a_label_do_not_split_the_key():
         ({"cot": True, "samples": 2, "temperature": 0.0}, "temperature"),
         ({"cot": True, "samples": 2, "temperature": float("nan")}, "temperature"),
         ({"cot": True, "max_rationale_tokens": 0}, "max_rationale_tokens"),
+        ({"end_markers": "<END>"}, "end_markers"),
+        ({"end_markers": [3]}, "end_markers"),
     ],
 )
 def test_the_spec_validates_itself(kw, field):
@@ -135,7 +142,11 @@ def test_the_key_is_sha256_of_the_canonical_spec_and_item(context, a, b, respons
         (GroupItem(context, tuple(responses)), s),
     ):
         fields = [getattr(item, f.name) for f in dataclasses.fields(item)]
-        head = {"v": KEY_VERSION, **dataclasses.asdict(label_spec)}
+        # The end markers count only where they are not the library's (`None`).
+        head = {
+            "v": KEY_VERSION,
+            **{k: v for k, v in dataclasses.asdict(label_spec).items() if v is not None or k != "end_markers"},
+        }
         canonical = json.dumps(head, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + json.dumps(
             fields, sort_keys=True, ensure_ascii=False, separators=(",", ":")
         )

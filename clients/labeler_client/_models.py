@@ -83,5 +83,7 @@ class Health(BaseModel):
     cache: str = Field("", description="cache backend")
     cache_status: Any = Field(None, description="cache reachability")
     labeler: dict[str, Any] | None = Field(
-        None, description="the server's label parameters (temperature, max_rationale_tokens), part of each label's key"
+        None,
+        description="the server's label parameters (temperature, max_rationale_tokens, end_markers), part of each "
+        "label's key",
     )
