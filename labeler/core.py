@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from . import scoring
 from .engines.base import Engine, GenerateRequest, ScoreRequest
-from .errors import InputTooLong, InvalidInput, ModelOutputError
+from .errors import EngineUnavailable, InputTooLong, InvalidInput, ModelOutputError
 from .prompts import PromptBuilder, Rendered, clean_text, judgment_question
 from .spec import KINDS, MAX_GROUP_SIZE, MAX_SAMPLES, MAX_SEED, LabelSpec, OrderArg
 from .tasks import Task, TaskRegistry
@@ -209,6 +209,7 @@ class Labeler:
         self.max_rationale_tokens = max_rationale_tokens
         self.temperature = temperature
         self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labeler-render")
+        self._closed = False
         # The blocking methods' event loop, one for every call: an engine's loop-bound parts
         # (vLLM's output handler, the remote engine's connections and semaphore) stay usable.
         self._runner: asyncio.Runner | None = None
@@ -227,6 +228,7 @@ class Labeler:
             if self._runner is not None:
                 self._runner.close()
                 self._runner = None
+        self._closed = True
         self._render.shutdown(wait=False)
 
     def __enter__(self) -> Labeler:
@@ -321,7 +323,10 @@ class Labeler:
 
     # -- the two stages: prepare (render, tokenize, check) and run (engine, math) ------------
     async def in_render_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on the labeler's rendering thread."""
+        """Run `fn(*args)` on the labeler's rendering thread; a closed labeler's is gone, and
+        like its engine it is EngineUnavailable."""
+        if self._closed:
+            raise EngineUnavailable("the labeler is closed")
         return await asyncio.get_running_loop().run_in_executor(self._render, fn, *args)
 
     async def aprepare(

@@ -243,3 +243,18 @@ def test_one_item_commands_close_their_engine(command, engine, test_tasks, monke
     assert json.loads(capsys.readouterr().out)["model"] == engine.model_id
     with pytest.raises(EngineUnavailable, match="closed"):
         own.score_sync([])
+
+
+def test_a_closed_labeler_is_unavailable(engine, test_tasks):
+    """After `close()` the labeler's calls are `EngineUnavailable`, as its engine's are, not
+    a RuntimeError from its rendering thread, gone with it."""
+    from labeler.engines.transformers_engine import TransformersEngine
+    from labeler.errors import EngineUnavailable
+
+    own = TransformersEngine.from_objects(engine.model, engine.tokenizer, model_id=engine.model_id)
+    with Labeler(own, test_tasks) as lab:
+        assert 1 <= lab.score("2+2?", "4", "tiny").expected <= 10
+    with pytest.raises(EngineUnavailable, match="the labeler is closed"):
+        lab.score("2+2?", "4", "tiny")
+    with pytest.raises(EngineUnavailable, match="the labeler is closed"):
+        asyncio.run(lab.apreferences([PairItem("2+2?", "4", "5")], "tiny"))
