@@ -143,6 +143,13 @@ def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
     [
         (["--engine", "bogus"], "unknown engine 'bogus'; choose one of transformers, vllm, vllm-remote"),
         (["--engine-arg", "foo=1"], "the transformers engine takes no option 'foo' (--engine-arg)"),
+        # option values of the wrong kind, which the engine's constructor would refuse at start-up
+        (["--engine-arg", "max_batch_tokens=abc"], "the transformers engine's max_batch_tokens must be a whole number"),
+        (["--engine-arg", "dtype=int8"], "dtype must be a torch floating-point type such as float32"),
+        (
+            ["--engine", "vllm-remote", "--vllm-urls", "http://127.0.0.1:1", "--engine-arg", "timeout=0"],
+            "the vllm-remote engine's timeout must be more than 0, got 0",
+        ),
         (["--engine", "vllm-remote"], "the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)"),
         (["--model", "/nonexistent/model"], "model '/nonexistent/model' is neither 'embedded'"),
         (["--redis-url", "localhost:6379"], "redis_url: Redis URL must specify one of the following schemes"),

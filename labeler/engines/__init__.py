@@ -64,15 +64,18 @@ def check_engine(name: str, options: dict[str, Any]) -> None:
 
 def _check_options(name: str, engine: type, options: dict[str, Any]) -> None:
     """Refuse, by name, an option the engine does not take (say, a vLLM argument left in
-    LABELER_ENGINE_ARGS after a switch to the transformers engine), before any model loads.
-    vLLM's own arguments are checked by vLLM (`VLLMEngine`)."""
-    taken = [p.name for p in inspect.signature(engine.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    LABELER_ENGINE_ARGS after a switch to the transformers engine) or a value of the wrong
+    kind (`engine.checked_options`, given the constructor's defaults for the others), before
+    any model loads. vLLM's own arguments are checked by vLLM (`VLLMEngine`)."""
+    params = [p for p in inspect.signature(engine.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    taken = [p.name for p in params]
     unknown = sorted(set(options) - set(taken))
     if unknown:
         raise InvalidInput(
             f"the {name} engine takes no option {unknown[0]!r} (--engine-arg); it takes {', '.join(taken)}",
             field="engine_args",
         )
+    engine.checked_options(**{p.name: options.get(p.name, p.default) for p in params})
 
 
 def engine_options(

@@ -244,15 +244,14 @@ class TransformersEngine:
 
         from ..models import load_tokenizer
 
-        limits = _limits(max_batch_tokens, min_shared_tokens, pack_tokens)  # before the model loads
-        if threads is not None:
-            threads = int_option("transformers", "threads", threads)
+        limits, threads, torch_dtype = self.checked_options(  # before the model loads
+            max_batch_tokens=max_batch_tokens,
+            min_shared_tokens=min_shared_tokens,
+            pack_tokens=pack_tokens,
+            threads=threads,
+            dtype=dtype,
+        )
         model_dir = Path(model_dir)
-        torch_dtype = getattr(torch, str(dtype), None)
-        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-            raise InvalidInput(
-                f"dtype must be a torch floating-point type such as float32 or bfloat16, got {dtype!r}", field="dtype"
-            )
         if threads is not None:
             torch.set_num_threads(threads)
         tokenizer = load_tokenizer(model_dir)
@@ -268,6 +267,24 @@ class TransformersEngine:
 
             check_unchanged(model_dir, before)
         self._setup(model, tokenizer, model_id or before, *limits)
+
+    @staticmethod
+    def checked_options(
+        *, max_batch_tokens: Any, min_shared_tokens: Any, pack_tokens: Any, threads: Any, dtype: Any, **_: Any
+    ) -> tuple[tuple[int, int, int], int | None, Any]:
+        """(token limits, threads, torch dtype) as the engine uses them, or InvalidInput naming
+        an option of the wrong kind; `check_engine` calls it too, before a server starts."""
+        import torch
+
+        limits = _limits(max_batch_tokens, min_shared_tokens, pack_tokens)
+        if threads is not None:
+            threads = int_option("transformers", "threads", threads)
+        torch_dtype = getattr(torch, str(dtype), None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise InvalidInput(
+                f"dtype must be a torch floating-point type such as float32 or bfloat16, got {dtype!r}", field="dtype"
+            )
+        return limits, threads, torch_dtype
 
     @classmethod
     def from_objects(

@@ -105,15 +105,14 @@ class VLLMRemoteEngine:
         if not urls:
             raise InvalidInput("the vllm-remote engine needs at least one server URL", field="vllm_urls")
         # Checked before anything is read: a value of the wrong type would fail every request.
-        retries = int_option("vllm-remote", "retries", retries)
-        max_concurrency = int_option("vllm-remote", "max_concurrency", max_concurrency)
-        timeout = number_option("vllm-remote", "timeout", timeout, strict=True)
-        connect_timeout = number_option("vllm-remote", "connect_timeout", connect_timeout, strict=True)
-        cooldown = number_option("vllm-remote", "cooldown", cooldown)
-        if isinstance(max_model_len, str) and max_model_len.strip().lower() == "auto" or max_model_len == -1:
-            max_model_len = None  # vLLM's "auto": the servers' own length, learnt from them
-        elif max_model_len is not None:
-            max_model_len = int_option("vllm-remote", "max_model_len", max_model_len, size=True)
+        retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len = self.checked_options(
+            retries=retries,
+            max_concurrency=max_concurrency,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            cooldown=cooldown,
+            max_model_len=max_model_len,
+        )
         model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         try:
@@ -155,7 +154,35 @@ class VLLMRemoteEngine:
             except (httpx.HTTPError, *_NOT_A_MODEL_LIST):
                 continue  # not up, or not a vLLM answer: learnt before the first request
 
+    @staticmethod
+    def checked_options(
+        *,
+        retries: Any,
+        max_concurrency: Any,
+        timeout: Any,
+        connect_timeout: Any,
+        cooldown: Any,
+        max_model_len: Any,
+        **_: Any,
+    ) -> tuple[int, int, float, float, float, int | None]:
+        """(retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len) as the
+        engine uses them, or InvalidInput naming an option of the wrong kind; `check_engine`
+        calls it too, before a server starts. max_model_len None: the servers' own."""
+        if isinstance(max_model_len, str) and max_model_len.strip().lower() == "auto" or max_model_len == -1:
+            max_model_len = None  # vLLM's "auto": the servers' own length, learnt from them
+        elif max_model_len is not None:
+            max_model_len = int_option("vllm-remote", "max_model_len", max_model_len, size=True)
+        return (
+            int_option("vllm-remote", "retries", retries),
+            int_option("vllm-remote", "max_concurrency", max_concurrency),
+            number_option("vllm-remote", "timeout", timeout, strict=True),
+            number_option("vllm-remote", "connect_timeout", connect_timeout, strict=True),
+            number_option("vllm-remote", "cooldown", cooldown),
+            max_model_len,
+        )
+
     # -- transport -------------------------------------------------------------------------
+
     async def _pick(self, prefer: _Server | None = None) -> _Server:
         """`prefer` while it is up, else the next server that is up, round robin; probes a
         server whose cooldown ended."""
