@@ -183,8 +183,8 @@ def serve(args: argparse.Namespace) -> int:
 
 # `labeler serve`'s exit status once its engine died for good (`Engine.failure`): the process
 # ends so that a restart policy (Docker's, systemd's, a pod's) starts it anew, where Docker
-# would leave a container that is merely unhealthy running.
-ENGINE_FAILED = 3
+# would leave a container that is merely unhealthy running. (3 is uvicorn's failed start-up.)
+ENGINE_FAILED = 4
 
 
 def run_server(app: Any, settings: Settings, *, grace_s: float = 60, poll_s: float = 1.0) -> int:

@@ -539,7 +539,7 @@ def test_a_server_whose_engine_died_for_good_exits_for_its_restart_policy(labele
     assert status == [ENGINE_FAILED]
     assert _answers(url + "/healthz") is None  # nothing listens any more
     assert any(
-        "the vLLM engine process died (its log says why): shutting down (exit status 3)" in r.getMessage()
+        "the vLLM engine process died (its log says why): shutting down (exit status 4)" in r.getMessage()
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
 

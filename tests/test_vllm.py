@@ -177,7 +177,7 @@ async def test_http_service_on_vllm_through_the_client(vllm_engine, reference, t
 def test_labeler_serve_with_the_vllm_engine(vllm_servers, tmp_path):
     """`labeler serve --engine vllm` as a user runs it on this CPU machine; when vLLM's
     engine process dies (killed, as the OOM killer would), the server exits by itself with
-    status 3 and says why, for its restart policy to start it anew."""
+    status 4 and says why, for its restart policy to start it anew."""
     import os
     import signal
     import subprocess
@@ -225,9 +225,9 @@ def test_labeler_serve_with_the_vllm_engine(vllm_servers, tmp_path):
         assert engine_processes, "vLLM's engine runs in a process of its own"
         for child in engine_processes:
             child.kill()
-        assert proc.wait(timeout=120) == 3, (tmp_path / "serve.log").read_text()[-3000:]
+        assert proc.wait(timeout=120) == 4, (tmp_path / "serve.log").read_text()[-3000:]
         assert (
-            "the vLLM engine process died (its log says why): shutting down (exit status 3)"
+            "the vLLM engine process died (its log says why): shutting down (exit status 4)"
             in (tmp_path / "serve.log").read_text()
         )
     finally:
