@@ -223,6 +223,57 @@ def test_an_application_not_deployed_is_a_retried_request_error(serve_app):
         assert client.scores(SCORE_ITEMS, "tiny", on_error="none") == [None] * len(SCORE_ITEMS)
 
 
+class SlowIngress:
+    """An ingress that answers each request after a second: what the handle transport calls."""
+
+    async def forward(self, method: str, url: str, headers: list, body: bytes) -> tuple[int, list, bytes]:
+        await asyncio.sleep(1.0)
+        return 200, [(b"content-type", b"application/json")], b"{}"
+
+
+def test_serve_back_pressure_is_a_503_to_retry_not_a_ray_error(ray_driver):
+    """More calls than a deployment takes and queues (here 1 and 1): Serve's router refuses
+    the rest with BackPressureError, which it raises again when the refused call is
+    cancelled; the transports answer each such call with a 503 to retry, as over HTTP,
+    never with the raw Ray exception (which no client retries or catches)."""
+    from labeler_client.ray import AsyncServeTransport, ServeTransport
+    from ray import serve
+
+    app = serve.deployment(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0})(
+        SlowIngress
+    )
+    serve.run(app.bind(), name="backpressure", route_prefix=None)
+    try:
+        request = httpx.Request("POST", "http://labeler/v1/scores", content=b"{}")
+        sync = ServeTransport(app_name="backpressure", deployment="SlowIngress")
+        statuses: list[int | str] = []
+
+        def call() -> None:
+            try:
+                statuses.append(sync.handle_request(request).status_code)
+            except Exception as error:  # noqa: BLE001 - what the transport let through, counted
+                statuses.append(type(error).__name__)
+
+        threads = [threading.Thread(target=call) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+
+        async def calls() -> list[int | str]:
+            transport = AsyncServeTransport(app_name="backpressure", deployment="SlowIngress")
+            answers = await asyncio.gather(
+                *(transport.handle_async_request(request) for _ in range(5)), return_exceptions=True
+            )
+            return [a.status_code if isinstance(a, httpx.Response) else type(a).__name__ for a in answers]
+
+        statuses += asyncio.run(calls())
+    finally:
+        serve.delete("backpressure")
+    assert set(statuses) == {200, 503}, statuses  # some answered, the rest refused by Serve
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 2, statuses
+
+
 @pytest.mark.model
 def test_handle_path_returns_what_http_returns(serve_app, reward_worker):
     """Through a deployment handle from a task in the cluster: the same values and the

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import threading
 from typing import Any
@@ -77,9 +78,12 @@ class _HandleTransport:
     @staticmethod
     def _failure(request: httpx.Request, error: BaseException, call: Any) -> httpx.Response:
         """The HTTP-side reading of a Ray failure: a response, or an httpx exception raised.
-        The call (None when the handle could not even be called) is cancelled first."""
+        The call (None when the handle could not even be called) is cancelled first; a call
+        that failed before a replica took it raises that failure again when cancelled
+        (Serve's back-pressure), which must not hide the error sorted below."""
         if call is not None:
-            call.cancel()
+            with contextlib.suppress(Exception):
+                call.cancel()
         from ray.exceptions import RayActorError, RayError, RayTaskError, WorkerCrashedError
         from ray.serve.exceptions import (
             BackPressureError,
