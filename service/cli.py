@@ -127,9 +127,13 @@ def settings_from_args(args: argparse.Namespace):
         raise InvalidInput("invalid settings: " + "; ".join(lines), field="settings") from None
 
 
-def auth_warnings(settings: Settings, environ: Mapping[str, str] = os.environ) -> list[str]:
+def auth_warnings(
+    settings: Settings, environ: Mapping[str, str] = os.environ, *, reached_by: str | None = None
+) -> list[str]:
     """What the operator of a server without API keys should hear at start-up: that a
-    client-side key variable was set in vain, and who can reach the label routes."""
+    client-side key variable was set in vain, and who can reach the label routes: any
+    client of the bind address unless it is loopback, or `reached_by` where the bind
+    address does not say (a Serve replica, reached through Serve)."""
     if settings.api_keys:
         return []
     out = []
@@ -138,14 +142,16 @@ def auth_warnings(settings: Settings, environ: Mapping[str, str] = os.environ) -
             "LABELER_API_KEY is the client's variable and is ignored here: the server's keys are "
             "LABELER_API_KEYS (comma-separated) or --api-key"
         )
-    try:
-        loopback = ipaddress.ip_address(settings.host).is_loopback
-    except ValueError:  # a host name
-        loopback = settings.host == "localhost"
-    if not loopback:
+    if reached_by is None:
+        try:
+            loopback = ipaddress.ip_address(settings.host).is_loopback
+        except ValueError:  # a host name
+            loopback = settings.host == "localhost"
+        reached_by = None if loopback else f"{settings.host}:{settings.port}"
+    if reached_by is not None:
         out.append(
-            f"no API key is required (LABELER_API_KEYS, --api-key): any client that reaches "
-            f"{settings.host}:{settings.port} can request labels"
+            f"no API key is required (LABELER_API_KEYS, --api-key): any client that reaches {reached_by} can "
+            "request labels"
         )
     return out
 

@@ -40,7 +40,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .app import create_app, engine_failure
-from .cli import APP_LOGGERS, JsonFormatter
+from .cli import APP_LOGGERS, JsonFormatter, auth_warnings
 from .settings import Settings, misspelled_variables
 
 # The names that the config files and `labeler_client.ray` use.
@@ -68,7 +68,10 @@ class LabelerDeployment:
         self._app: FastAPI | None = None
         self._transport: httpx.AsyncBaseTransport | None = None
         _configure_logging(self.settings.log_level)
-        for warning in misspelled_variables():
+        # A node started without the keys in its environment serves its share of the
+        # traffic unauthenticated, beside replicas that refuse it: said in its log.
+        reached = "this application through Serve (its HTTP proxies, deployment handles)"
+        for warning in [*misspelled_variables(), *auth_warnings(self.settings, reached_by=reached)]:
             log.warning(warning)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

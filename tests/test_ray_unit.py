@@ -49,11 +49,31 @@ async def test_a_replica_warns_of_a_misspelled_setting_variable(monkeypatch, fre
     """A replica's settings come from its environment alone: a variable that nearly spells a
     setting is named in the replica's log (the setting keeps its default)."""
     monkeypatch.setenv("LABELER_REDIS_ULR", "redis://cache:6379")
+    monkeypatch.setenv("LABELER_API_KEYS", "sk-node")
     await build()
     records = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     assert [(r["level"], r["message"]) for r in records] == [
         ("warning", "LABELER_REDIS_ULR is not a setting and is ignored; did you mean LABELER_REDIS_URL?")
     ]
+
+
+async def test_a_replica_without_api_keys_says_so_whatever_its_bind_address(monkeypatch, fresh_app_loggers, capsys):
+    """A node started without LABELER_API_KEYS in its environment (the client's
+    LABELER_API_KEY set instead): its replicas serve their share of the traffic without
+    keys, whatever LABELER_HOST says (Serve's proxies and handles reach them); their log
+    says so, and names the client's variable set in vain."""
+    monkeypatch.delenv("LABELER_API_KEYS", raising=False)
+    monkeypatch.setenv("LABELER_API_KEY", "sk-client")
+    await build()
+    err = capsys.readouterr().err
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    messages = [r["message"] for r in records if r["level"] == "warning"]
+    assert len(messages) == 2 and "LABELER_API_KEY is the client's variable" in messages[0], messages
+    assert messages[1] == (
+        "no API key is required (LABELER_API_KEYS, --api-key): any client that reaches this application through "
+        "Serve (its HTTP proxies, deployment handles) can request labels"
+    )
+    assert "sk-client" not in err
 
 
 async def test_a_replica_applies_the_log_level_to_the_apps_loggers(monkeypatch, fresh_app_loggers):
