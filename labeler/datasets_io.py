@@ -184,9 +184,14 @@ def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
     """(where, record) for a table's rows. A table gives every row all its columns and every
     struct all its fields, null where a record had none: those nulls are left out, so that a
     row reads as the record it was (a message without `tool_calls` the same as that message
-    in the prompt, a record of one format beside the columns of another)."""
+    in the prompt, a record of one format beside the columns of another). A null prompt is
+    kept, unless the row has its prompt under the other name: a missing value, refused as in
+    a JSON line, not a record without a prompt (whose answers would be judged out of context)."""
     for n, row in enumerate(rows, start=1):
-        yield f"{p}, row {n}", _without_nulls(row)
+        record = _without_nulls(row)
+        if isinstance(row, dict) and not any(k in record for k in _CONTEXT_KEYS):
+            record.update({k: None for k in _CONTEXT_KEYS if k in row})
+        yield f"{p}, row {n}", record
 
 
 def _without_nulls(value: Any) -> Any:
@@ -265,6 +270,10 @@ def _is_messages(v: Any) -> bool:
             for m in v
         )
     )
+
+
+# A record's prompt, under either name (`_context_key`).
+_CONTEXT_KEYS = ("prompt", "context")
 
 
 def _context_key(rec: dict, own: str) -> str:

@@ -266,6 +266,35 @@ def test_parquet_input(tmp_path):
         collect(broken, io.normalize_pair)
 
 
+def test_a_null_prompt_in_a_table_is_a_missing_value_not_an_empty_prompt(tmp_path):
+    """A table's null prompt (a missing value in a pandas frame) is refused naming its row, as
+    the same record is in JSONL, not read as a record without a prompt whose answer would be
+    judged out of context; a row with its prompt under the other name reads as that, and
+    other nulls (an Alpaca record's absent input) are left out as before."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    rows = [{"prompt": "Translate: cat", "completion": "chat"}, {"prompt": None, "completion": "chien"}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(InvalidInput, match=r"in.parquet, row 2: 'prompt' must be text"):
+        collect(path, io.normalize_single)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(InvalidInput, match=r"in.jsonl, line 2: 'prompt' must be text"):
+        collect(jsonl, io.normalize_single)
+    mixed = tmp_path / "mixed.parquet"
+    rows = [
+        {"prompt": "Q?", "context": None, "response_a": None, "response_b": None, "chosen": "y", "rejected": "n"},
+        {"prompt": None, "context": "R?", "response_a": "a", "response_b": "b", "chosen": None, "rejected": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), mixed)
+    assert [(p.context, p.response_a) for p in collect(mixed, io.normalize_pair)] == [("Q?", "y"), ("R?", "a")]
+    alpaca = tmp_path / "alpaca.parquet"
+    pq.write_table(pa.Table.from_pylist([{"instruction": "Name a fruit.", "input": None, "output": "Fig."}]), alpaca)
+    assert [s.context for s in collect(alpaca, io.normalize_single)] == ["Name a fruit."]
+
+
 def test_saved_dataset_directory_with_splits(tmp_path):
     import datasets
 
