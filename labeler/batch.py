@@ -240,6 +240,11 @@ class JsonlSink:
                     os.close(fd)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Created when the run starts (`writing`); a file that cannot be (a read-only
+                # folder or disk) is refused now, before a model loads.
+                with contextlib.suppress(FileExistsError):  # another run's: `writing` sorts it out
+                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                    os.unlink(self.path)
         except OSError as exc:  # no permission, a file where a folder should be, ...
             raise InvalidInput(f"cannot open {self.path}: {exc.strerror or exc}", field="output") from exc
 
@@ -314,7 +319,8 @@ class JsonlSink:
         self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
         keep = data.rfind(b"\n") + 1  # the complete lines; a killed write can cut a character too
         try:
-            text = data[:keep].decode("utf-8")
+            # utf-8-sig: a byte-order mark an editor saved the file with is no part of line 1.
+            text = data[:keep].decode("utf-8-sig")
         except UnicodeDecodeError as exc:  # not written by this tool (which writes UTF-8)
             raise self._foreign_line(data[: exc.start].count(b"\n") + 1) from None
         # Rows end at "\n" alone: splitlines() would also break at U+2028, U+0085 and the
@@ -350,10 +356,16 @@ class JsonlSink:
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         data = b"".join(_jsonl_line(r) for r in rows)
-        with self.path.open("ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # a full disk, a file-size limit: the rows before are whole
+            raise LabelerError(
+                f"cannot write {self.path}: {exc.strerror or exc}; the rows written before are kept "
+                "(a row this write cut off is dropped on resuming): free space and run the same command again"
+            ) from exc
         for r in rows:
             self.rows[r["key"]] = r
 

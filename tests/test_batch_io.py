@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -376,6 +378,46 @@ def test_sink_refuses_a_directory_or_a_file_it_cannot_open_by_name(tmp_path):
     with pytest.raises(InvalidInput, match="cannot open") as err:
         JsonlSink(tmp_path / "file" / "out.jsonl")  # a file where its folder should be
     assert err.value.field == "output"
+    # A file that cannot be created (here in /proc, where no file can), refused when the sink
+    # is made, before any model loads; one that can be is not left behind by the check.
+    with pytest.raises(InvalidInput, match="cannot open /proc/labeler-out.jsonl") as err:
+        JsonlSink(Path("/proc/labeler-out.jsonl"))
+    JsonlSink(tmp_path / "new.jsonl")
+    assert not (tmp_path / "new.jsonl").exists()
+
+
+def test_sink_reads_an_output_an_editor_saved_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "out.jsonl"
+    JsonlSink(path).append([{"key": "a", "x": 1}, {"key": "b", "x": 2}])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert set(JsonlSink(path).rows) == {"a", "b"}
+
+
+FULL_DISK = """
+import resource, sys
+from pathlib import Path
+from labeler.batch import JsonlSink
+from labeler.errors import LabelerError
+sink = JsonlSink(Path(sys.argv[1]))
+sink.append([{"key": "a", "x": "first"}])
+resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))  # what a full disk does to the next write
+try:
+    sink.append([{"key": "b", "x": "y" * 1000}])
+except LabelerError as exc:
+    print(exc)
+"""
+
+
+def test_a_write_the_disk_refuses_stops_with_a_message_and_keeps_the_rows_before(tmp_path):
+    """A chunk's write refused by the system (a full disk; here a file-size limit, EFBIG):
+    a LabelerError that names the file and says the rows before are kept, not a traceback;
+    the row it cut off is dropped when the run resumes."""
+    path = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.startswith(f"cannot write {path}: File too large; the rows written before are kept")
+    sink = JsonlSink(path)
+    assert set(sink.rows) == {"a"} and sink.repaired
 
 
 def test_sink_completes_a_whole_last_row_and_cuts_one_torn_inside_a_character(tmp_path):
@@ -442,6 +484,7 @@ def test_an_errors_reason_drops_the_name_it_leads_with():
 
 HOLDER = """
 import sys
+from pathlib import Path
 from labeler.batch import JsonlSink
 with JsonlSink(sys.argv[1]).writing():
     print("held", flush=True)
