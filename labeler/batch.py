@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -240,11 +241,12 @@ class JsonlSink:
                     os.close(fd)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                # Created when the run starts (`writing`); a file that cannot be (a read-only
-                # folder or disk) is refused now, before a model loads.
-                with contextlib.suppress(FileExistsError):  # another run's: `writing` sorts it out
-                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                    os.unlink(self.path)
+                # Created when the run starts (`writing`); a folder where no file can be
+                # created (read-only, full) is refused now, before a model loads. The probe is
+                # a file of its own: another run may be creating and locking OUT meanwhile.
+                fd, probe = tempfile.mkstemp(dir=self.path.parent, prefix=".labeler-probe-")
+                os.close(fd)
+                os.unlink(probe)
         except OSError as exc:  # no permission, a file where a folder should be, ...
             raise InvalidInput(f"cannot open {self.path}: {exc.strerror or exc}", field="output") from exc
 
@@ -317,10 +319,12 @@ class JsonlSink:
             st = os.fstat(f.fileno())
             data = f.read()
         self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
+        # A byte-order mark an editor saved the file with is no part of line 1 (kept in the file).
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        data = data[bom:]
         keep = data.rfind(b"\n") + 1  # the complete lines; a killed write can cut a character too
         try:
-            # utf-8-sig: a byte-order mark an editor saved the file with is no part of line 1.
-            text = data[:keep].decode("utf-8-sig")
+            text = data[:keep].decode("utf-8")
         except UnicodeDecodeError as exc:  # not written by this tool (which writes UTF-8)
             raise self._foreign_line(data[: exc.start].count(b"\n") + 1) from None
         # Rows end at "\n" alone: splitlines() would also break at U+2028, U+0085 and the
@@ -344,7 +348,7 @@ class JsonlSink:
         elif last is None and _torn_row(tail):  # a row torn by a killed write
             log.warning("%s: cutting off an incomplete last line (an interrupted run)", self.path)
             with self.path.open("r+b") as f:
-                f.truncate(keep)
+                f.truncate(bom + keep)
         else:
             raise self._foreign_line(len(lines) + 1)
         self.repaired = True

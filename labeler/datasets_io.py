@@ -184,12 +184,18 @@ def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
     """(where, record) for a table's rows. A table gives every row all its columns and every
     struct all its fields, null where a record had none: those nulls are left out, so that a
     row reads as the record it was (a message without `tool_calls` the same as that message
-    in the prompt, a record of one format beside the columns of another). A null prompt is
-    kept, unless the row has its prompt under the other name: a missing value, refused as in
-    a JSON line, not a record without a prompt (whose answers would be judged out of context)."""
+    in the prompt, a record of one format beside the columns of another). A null prompt
+    beside text responses is kept, unless the row has its prompt under the other name: a
+    missing value, refused as in a JSON line, not a record without a prompt (whose answers
+    would be judged out of context); beside conversations, which hold their prompt (TRL's
+    implicit-prompt rows), it is left out like any other null."""
     for n, row in enumerate(rows, start=1):
         record = _without_nulls(row)
-        if isinstance(row, dict) and not any(k in record for k in _CONTEXT_KEYS):
+        if (
+            isinstance(row, dict)
+            and not any(k in record for k in _CONTEXT_KEYS)
+            and not any(isinstance(v, list) for v in record.values())
+        ):
             record.update({k: None for k in _CONTEXT_KEYS if k in row})
         yield f"{p}, row {n}", record
 

@@ -151,11 +151,11 @@ class LabelSpec:
         if cot and (not _is_int(max_rationale_tokens) or max_rationale_tokens < 1):
             raise InvalidInput("max_rationale_tokens must be a positive integer", field="max_rationale_tokens")
         if end_markers is not None:
-            from .chat import END_MARKERS
+            from .chat import END_MARKERS, _markers
 
             if not isinstance(end_markers, (list, tuple)) or not all(isinstance(m, str) for m in end_markers):
                 raise InvalidInput("end_markers must be a list of texts", field="end_markers")
-            end_markers = tuple(m for m in end_markers if m)  # an empty marker strips nothing
+            end_markers = _markers(tuple(end_markers))  # as stripping reads them: an empty one strips nothing
             if end_markers == END_MARKERS:
                 end_markers = None
         return cls(

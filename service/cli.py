@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -230,5 +231,6 @@ def run_server(app: Any, settings: Settings, *, grace_s: float = 60, poll_s: flo
         log_config=None,  # as the caller configured it (`serve`: before anything else)
         timeout_graceful_shutdown=grace_s,
     )
-    Server(config).run()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once it has shut down
+        Server(config).run()
     return ENGINE_FAILED if failed else 0

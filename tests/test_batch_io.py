@@ -292,6 +292,16 @@ def test_a_null_prompt_in_a_table_is_a_missing_value_not_an_empty_prompt(tmp_pat
     ]
     pq.write_table(pa.Table.from_pylist(rows), mixed)
     assert [(p.context, p.response_a) for p in collect(mixed, io.normalize_pair)] == [("Q?", "y"), ("R?", "a")]
+    # Beside conversations, which hold their prompt (TRL's implicit prompt), a null prompt is no prompt.
+    user, answer = {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "y"}
+    other = {"role": "assistant", "content": "n"}
+    rows = [
+        {"prompt": [user], "chosen": [answer], "rejected": [other]},
+        {"prompt": None, "chosen": [user, answer], "rejected": [user, other]},
+    ]
+    implicit = tmp_path / "implicit.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), implicit)
+    assert [(p.context, p.response_a) for p in collect(implicit, io.normalize_pair)] == [("Q?", "y")] * 2
     alpaca = tmp_path / "alpaca.parquet"
     pq.write_table(pa.Table.from_pylist([{"instruction": "Name a fruit.", "input": None, "output": "Fig."}]), alpaca)
     assert [s.context for s in collect(alpaca, io.normalize_single)] == ["Name a fruit."]
@@ -383,14 +393,20 @@ def test_sink_refuses_a_directory_or_a_file_it_cannot_open_by_name(tmp_path):
     with pytest.raises(InvalidInput, match="cannot open /proc/labeler-out.jsonl") as err:
         JsonlSink(Path("/proc/labeler-out.jsonl"))
     JsonlSink(tmp_path / "new.jsonl")
-    assert not (tmp_path / "new.jsonl").exists()
+    assert not (tmp_path / "new.jsonl").exists() and not list(tmp_path.glob(".labeler-probe-*"))
 
 
 def test_sink_reads_an_output_an_editor_saved_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "out.jsonl"
     JsonlSink(path).append([{"key": "a", "x": 1}, {"key": "b", "x": 2}])
-    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    rows = path.read_bytes()
+    path.write_bytes(b"\xef\xbb\xbf" + rows)
     assert set(JsonlSink(path).rows) == {"a", "b"}
+    path.write_bytes(b"\xef\xbb\xbf" + rows.split(b"\n")[0])  # one row, as an editor saves it: no newline
+    assert set(JsonlSink(path).rows) == {"a"}
+    path.write_bytes(b"\xef\xbb\xbf" + rows + rows[:9])  # a row torn by a killed write after it
+    sink = JsonlSink(path)
+    assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == b"\xef\xbb\xbf" + rows
 
 
 FULL_DISK = """

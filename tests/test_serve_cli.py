@@ -82,6 +82,36 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
     assert any("Finished server process" in r["message"] for r in lines)
 
 
+def test_ctrl_c_stops_the_server_gracefully_with_status_0(tmp_path):
+    """Ctrl-C (SIGINT, as systemd's `KillSignal=SIGINT` sends it) is a stop asked for: a
+    graceful shutdown and status 0, which no `Restart=on-failure` restarts."""
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "labeler.cli", "serve", "--port", str(port), "--tasks-dir", str(TEST_TASKS)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _ready(f"http://127.0.0.1:{port}"), 120, "the server to be ready")
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (tmp_path / "serve.log").read_text()
+    assert rc == 0, text[-2000:]
+    assert "Finished server process" in text and "interrupted" not in text
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_a_server_without_keys_says_who_can_reach_it():
     from service.cli import auth_warnings
     from service.settings import Settings
