@@ -194,7 +194,7 @@ def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
         if (
             isinstance(row, dict)
             and not any(k in record for k in _CONTEXT_KEYS)
-            and not any(isinstance(v, list) for v in record.values())
+            and not any(isinstance(record.get(k), list) for k in ("completion", "chosen", "rejected"))
         ):
             record.update({k: None for k in _CONTEXT_KEYS if k in row})
         yield f"{p}, row {n}", record

@@ -212,7 +212,7 @@ def _spec_hash(spec: LabelSpec) -> Any:
     a spec is built per request, and its canonical form is the costliest part of a cached one.
     Equal specs have equal fields (`build` checks their types), so they share one entry."""
     parts = {f.name: getattr(spec, f.name) for f in fields(spec)}
-    if parts["end_markers"] is None:  # the library's own: keys as before the field existed
+    if parts["end_markers"] is None:  # the library's own markers add nothing to a key
         del parts["end_markers"]
     head = _canonical({"v": KEY_VERSION, **parts})
     return hashlib.sha256(head.encode("utf-8", "surrogatepass"))

@@ -277,7 +277,10 @@ def test_a_null_prompt_in_a_table_is_a_missing_value_not_an_empty_prompt(tmp_pat
     import pyarrow.parquet as pq
 
     path = tmp_path / "in.parquet"
-    rows = [{"prompt": "Translate: cat", "completion": "chat"}, {"prompt": None, "completion": "chien"}]
+    rows = [
+        {"prompt": "Translate: cat", "completion": "chat", "tags": ["fr"]},  # a list column of its own
+        {"prompt": None, "completion": "chien", "tags": ["fr"]},
+    ]
     pq.write_table(pa.Table.from_pylist(rows), path)
     with pytest.raises(InvalidInput, match=r"in.parquet, row 2: 'prompt' must be text"):
         collect(path, io.normalize_single)
