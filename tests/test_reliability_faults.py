@@ -533,7 +533,7 @@ def test_a_server_whose_engine_died_for_good_exits_for_its_restart_policy(labele
         runner.join(30)
         assert not runner.is_alive(), "the server kept running on a dead engine"
     finally:
-        if runner.is_alive():  # only on failure: stop it through uvicorn's own signal path
+        if runner.is_alive():  # only when a step above failed: the failure flag stops the server
             engine.failure = "stopping the test's server"
             runner.join(30)
     assert status == [ENGINE_FAILED]
