@@ -315,28 +315,32 @@ class JsonlSink:
             ) from None
 
     def _load(self) -> None:
+        """Read the rows of the file, line by line (an output may be gigabytes: never whole)."""
+        keep = bom = n = 0  # the complete lines' bytes; a killed write can cut a character too
+        tail = b""
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
-            data = f.read()
+            # Rows end at "\n" alone (as iterating a binary file splits): splitlines() would also
+            # break at U+2028, U+0085 and the like, which json.dumps(ensure_ascii=False) leaves
+            # unescaped inside a row's texts.
+            for raw in f:
+                if n == 0 and raw.startswith(b"\xef\xbb\xbf"):  # an editor's byte-order mark:
+                    bom, raw = 3, raw[3:]  # no part of line 1 (and kept in the file)
+                if not raw.endswith(b"\n"):
+                    tail = raw
+                    break
+                n += 1
+                keep += len(raw)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:  # not written by this tool (which writes UTF-8)
+                    raise self._foreign_line(n) from None
+                if line.strip():
+                    row = _output_row(_parsed(line))
+                    if row is None:
+                        raise self._foreign_line(n)
+                    self.rows[row["key"]] = row
         self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
-        # A byte-order mark an editor saved the file with is no part of line 1 (kept in the file).
-        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-        data = data[bom:]
-        keep = data.rfind(b"\n") + 1  # the complete lines; a killed write can cut a character too
-        try:
-            text = data[:keep].decode("utf-8")
-        except UnicodeDecodeError as exc:  # not written by this tool (which writes UTF-8)
-            raise self._foreign_line(data[: exc.start].count(b"\n") + 1) from None
-        # Rows end at "\n" alone: splitlines() would also break at U+2028, U+0085 and the
-        # like, which json.dumps(ensure_ascii=False) leaves unescaped inside a row's texts.
-        lines = text.split("\n")[:-1]
-        for n, line in enumerate(lines, start=1):
-            if line.strip():
-                row = _output_row(_parsed(line))
-                if row is None:
-                    raise self._foreign_line(n)
-                self.rows[row["key"]] = row
-        tail = data[keep:]
         if not tail.strip():
             return
         last = _parsed(tail)  # None: cut inside a character or a value
@@ -350,7 +354,7 @@ class JsonlSink:
             with self.path.open("r+b") as f:
                 f.truncate(bom + keep)
         else:
-            raise self._foreign_line(len(lines) + 1)
+            raise self._foreign_line(n + 1)
         self.repaired = True
         st = self.path.stat()
         self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
