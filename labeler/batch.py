@@ -204,6 +204,8 @@ class HTTPBackend(Backend):
 class MemorySink:
     """Rows kept in memory (for win rates without --out)."""
 
+    read_only: str | None = None
+
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, Any]] = {}
 
@@ -221,12 +223,15 @@ class JsonlSink:
     A file that holds anything but this tool's rows is refused untouched; a last line without
     its newline is completed when it is a whole row, and cut off when it is a row torn by a
     killed run. A run holds the file (`writing`): a second run into it, which would label the
-    same items again and write them twice, is refused."""
+    same items again and write them twice, is refused. A finished file the system does not let
+    this process write (a read-only mount or permission) is read as it is, and `read_only` says
+    why; a run that would have to append to it is refused."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.rows: dict[str, dict[str, Any]] = {}
         self.repaired = False
+        self.read_only: str | None = None
         if self.path.is_dir():
             raise InvalidInput(f"{self.path} is a directory; the output is a JSONL file", field="output")
         self._loaded: tuple[int, int, int] | None = None  # (inode, size, mtime) of the file read
@@ -280,9 +285,15 @@ class JsonlSink:
             try:
                 try:
                     fd = os.open(target, os.O_WRONLY | os.O_APPEND)
+                    self.read_only = None
                 except FileNotFoundError:
                     fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
-                    created = target
+                    created, self.read_only = target, None
+                except OSError as exc:
+                    if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                        raise
+                    fd = os.open(target, os.O_RDONLY)  # a finished file to read; refused if unreadable
+                    self.read_only = exc.strerror or str(exc)
             except FileExistsError:
                 continue  # another run created it meanwhile
             except OSError as exc:
@@ -301,10 +312,11 @@ class JsonlSink:
         raise InvalidInput(f"cannot hold {self.path}: other runs keep creating and removing it", field="output")
 
     def _hold(self, fd: int) -> None:
-        """An exclusive lock on `fd`'s file, refused at once when another run holds it. The lock
-        lasts as long as `fd` stays open."""
+        """A lock on `fd`'s file, refused at once when another run holds it: exclusive, or shared
+        for a file only read (which runs may read together, but not while one writes it). The
+        lock lasts as long as `fd` stays open."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 _warn_no_lock(self.path, exc.strerror or str(exc))
@@ -345,16 +357,19 @@ class JsonlSink:
             return
         last = _parsed(tail)  # None: cut inside a character or a value
         row = _output_row(last)
+        if row is None and not (last is None and _torn_row(tail)):
+            raise self._foreign_line(n + 1)
         if row is not None:  # a whole row that lacks its newline (a hand edit, a concatenation)
+            self.rows[row["key"]] = row
+        if self.read_only:  # read as it is; a run that appends to it is refused
+            return
+        if row is not None:
             with self.path.open("ab") as f:
                 f.write(b"\n")
-            self.rows[row["key"]] = row
-        elif last is None and _torn_row(tail):  # a row torn by a killed write
+        else:  # a row torn by a killed write
             log.warning("%s: cutting off an incomplete last line (an interrupted run)", self.path)
             with self.path.open("r+b") as f:
                 f.truncate(bom + keep)
-        else:
-            raise self._foreign_line(n + 1)
         self.repaired = True
         st = self.path.stat()
         self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -658,6 +673,12 @@ async def run_jobs(
                 summary.skipped += 1
             else:
                 todo.append(j)
+        if todo and sink.read_only:
+            raise InvalidInput(
+                f"{sink.path} cannot be written ({sink.read_only}): {len(todo)} of these items are not in it "
+                "yet; give an output that can be written",
+                field="output",
+            )
         summary.other_rows = sum(1 for k in sink.rows if k not in seen)
         if summary.other_rows and isinstance(sink, JsonlSink):
             # A row's key holds the model, task and options: these rows were written by a run with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -437,6 +438,60 @@ def test_a_write_the_disk_refuses_stops_with_a_message_and_keeps_the_rows_before
     assert done.stdout.startswith(f"cannot write {path}: File too large; the rows written before are kept")
     sink = JsonlSink(path)
     assert set(sink.rows) == {"a"} and sink.repaired
+
+
+READ_ONLY = """
+import asyncio, json, sys
+from pathlib import Path
+from labeler.batch import Job, JsonlSink, run_jobs
+from labeler.core import ScoreItem
+from labeler.errors import InvalidInput
+
+class Refusing:  # no item of a finished file is labeled again
+    async def scores(self, items, task, **opts):
+        raise AssertionError("labeled again")
+
+params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
+jobs = [Job(f"k{i}", "", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"}) for i, a in enumerate("abc")]
+for name in sys.argv[1:]:
+    sink = JsonlSink(Path(name))
+    print(json.dumps([sorted(sink.rows), sink.read_only, sink.repaired]))
+    summary = asyncio.run(run_jobs(jobs[:2], Refusing(), sink, "scores", params, progress=False))
+    print(json.dumps([summary.skipped, summary.labeled, [r["key"] for r in summary.rows]]))
+    try:
+        asyncio.run(run_jobs(jobs, Refusing(), sink, "scores", params, progress=False))
+    except InvalidInput as exc:
+        print(exc.field, exc)
+"""
+
+
+def test_a_finished_output_this_process_cannot_write_is_read_as_it_is(tmp_path):
+    """A finished OUT on a read-only mount, or not this user's to write (here: its permission
+    bits, and root's override of them dropped): read without touching it (a last row without
+    its newline kept, a torn one left out), its items skipped, so figures can be computed
+    again from it; a run with items not in it is refused, naming the file and the reason."""
+    rows = b"".join(_jsonl_line({"key": k, "reward": 0.5}) for k in ("k0", "k1"))
+    files = {"no_newline.jsonl": rows[:-1], "torn.jsonl": rows + b'{"key": "k2", "rew'}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).chmod(0o444)
+    as_user = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+    done = subprocess.run(
+        [*as_user, sys.executable, "-c", READ_ONLY, *(str(tmp_path / n) for n in files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for i, name in enumerate(files):
+        assert json.loads(lines[3 * i]) == [["k0", "k1"], "Permission denied", False]
+        assert json.loads(lines[3 * i + 1]) == [2, 0, ["k0", "k1"]]
+        assert lines[3 * i + 2] == (
+            f"output {tmp_path / name} cannot be written (Permission denied): 1 of these items are not in it yet; "
+            "give an output that can be written"
+        )
+        assert (tmp_path / name).read_bytes() == files[name]
 
 
 def test_sink_completes_a_whole_last_row_and_cuts_one_torn_inside_a_character(tmp_path):
