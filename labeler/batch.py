@@ -245,13 +245,9 @@ class JsonlSink:
                 finally:
                     os.close(fd)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
                 # Created when the run starts (`writing`); a folder where no file can be
-                # created (read-only, full) is refused now, before a model loads. The probe is
-                # a file of its own: another run may be creating and locking OUT meanwhile.
-                fd, probe = tempfile.mkstemp(dir=self.path.parent, prefix=".labeler-probe-")
-                os.close(fd)
-                os.unlink(probe)
+                # created (read-only, full) is refused now, before a model loads.
+                probe_folder(self.path.parent)
         except OSError as exc:  # no permission, a file where a folder should be, ...
             raise InvalidInput(f"cannot open {self.path}: {exc.strerror or exc}", field="output") from exc
 
@@ -391,6 +387,16 @@ class JsonlSink:
             ) from exc
         for r in rows:
             self.rows[r["key"]] = r
+
+
+def probe_folder(folder: Path) -> None:
+    """Creates `folder` if need be and a file in it, removed again: OSError where no file can be
+    created there (read-only, full, a file in the way). The file is one of its own: another run
+    may be creating and locking a file of the folder meanwhile."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".labeler-probe-")
+    os.close(fd)
+    os.unlink(probe)
 
 
 @functools.cache

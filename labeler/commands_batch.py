@@ -31,6 +31,7 @@ from .batch import (
     collect,
     label_pair_jobs,
     make_params,
+    probe_folder,
     run_jobs,
     score_jobs,
 )
@@ -189,6 +190,16 @@ def _run(args: argparse.Namespace, body: Any, *, resumable: bool = True) -> int:
         return 130
 
 
+def _report_sink(out: Path, name: str) -> JsonlSink:
+    """The rows file of a command that writes its report beside it in `out`: a folder where the
+    report cannot be written is refused before the model loads (its rows may be read still)."""
+    try:
+        probe_folder(out)
+    except OSError as exc:
+        raise InvalidInput(f"cannot write the report in {out}: {exc.strerror or exc}", field="out") from exc
+    return JsonlSink(out / name)
+
+
 def _loop_opts(args: argparse.Namespace) -> dict[str, Any]:
     return {"chunk_size": args.chunk_size, "skip_invalid": args.skip_invalid, "progress": not args.no_progress}
 
@@ -245,7 +256,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if not pairs:  # before the model loads
         raise SystemExit(f"{args.input}: no human-labeled pairs to evaluate")
-    sink = JsonlSink(args.out / "labels.jsonl")
+    sink = _report_sink(args.out, "labels.jsonl")
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, order="both", cot=args.cot, samples=args.samples, seed=args.seed)
@@ -435,7 +446,7 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
         if len(policies) == 2
         else ([], 0, 0)
     )
-    sink = JsonlSink(args.out / "judgments.jsonl")
+    sink = _report_sink(args.out, "judgments.jsonl")
 
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, kind="judgment", cot=args.cot, samples=args.samples, seed=args.seed)

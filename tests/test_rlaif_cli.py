@@ -157,6 +157,22 @@ def test_eval_with_no_human_labeled_pair_ends_before_the_model_loads(tmp_path, m
         )
 
 
+def test_a_report_folder_that_cannot_be_written_ends_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """`eval` and `harmless` write their reports beside their rows: a DIR where no file can be
+    created (here under /proc) is refused with status 2, naming it, before the model loads."""
+
+    def no_load(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "build_labeler", no_load)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "p", "completion": "a"}])
+    for command, src in (("eval", pairs), ("harmless", answers)):
+        task = "tiny" if command == "eval" else "harmless"
+        assert cli.main([command, str(src), "--task", task, "--out", "/proc/labeler-report", "--no-progress"]) == 2
+        assert "cannot write the report in /proc/labeler-report: " in capsys.readouterr().err
+
+
 def test_label_with_no_valid_record_ends_before_the_model_loads(tmp_path, monkeypatch):
     def no_load(args):
         raise AssertionError("the model was loaded")
