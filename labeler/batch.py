@@ -222,10 +222,12 @@ class JsonlSink:
     """An append-only JSONL file of rows with a `key`. Opening it reads the keys already there.
     A file that holds anything but this tool's rows is refused untouched; a last line without
     its newline is completed when it is a whole row, and cut off when it is a row torn by a
-    killed run. A run holds the file (`writing`): a second run into it, which would label the
-    same items again and write them twice, is refused. A finished file the system does not let
-    this process write (a read-only mount or permission) is read as it is, and `read_only` says
-    why; a run that would have to append to it is refused."""
+    killed run. `rows` holds each row by its key without the input texts it repeats (what a
+    resumed command reads back are its figures). A run holds the file (`writing`): a second
+    run into it, which would label the same items again and write them twice, is refused. A
+    finished file the system does not let this process write (a read-only mount or permission)
+    is read as it is, and `read_only` says why; a run that would have to append to it is
+    refused."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -347,7 +349,7 @@ class JsonlSink:
                     row = _output_row(_parsed(line))
                     if row is None:
                         raise self._foreign_line(n)
-                    self.rows[row["key"]] = row
+                    self.rows[row["key"]] = _held(row)
         self._loaded = (st.st_ino, st.st_size, st.st_mtime_ns)
         if not tail.strip():
             return
@@ -356,7 +358,7 @@ class JsonlSink:
         if row is None and not (last is None and _torn_row(tail)):
             raise self._foreign_line(n + 1)
         if row is not None:  # a whole row that lacks its newline (a hand edit, a concatenation)
-            self.rows[row["key"]] = row
+            self.rows[row["key"]] = _held(row)
         if self.read_only:  # read as it is; a run that appends to it is refused
             return
         if row is not None:
@@ -386,7 +388,24 @@ class JsonlSink:
                 "(a row this write cut off is dropped on resuming): free space and run the same command again"
             ) from exc
         for r in rows:
-            self.rows[r["key"]] = r
+            self.rows[r["key"]] = _held(r)
+
+
+# Values many rows share, held once.
+_SHARED = frozenset({"task", "task_version", "model", "chosen_is", "a_is", "shown_first", "human"})
+# The input's texts, which rows repeat for their readers: a command reads back the figures of the
+# rows (a resumed run), never these, and they are most of a row's size.
+_ECHOED = frozenset({"prompt", "chosen", "rejected", "completion", "context", "response_a", "response_b", "rationales"})
+
+
+def _held(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` as a sink holds it: without the input texts it repeats, and its field names and
+    the values every row repeats (task, version, model) held once for all rows."""
+    return {
+        sys.intern(k): sys.intern(v) if k in _SHARED and isinstance(v, str) else v
+        for k, v in row.items()
+        if k not in _ECHOED
+    }
 
 
 def probe_folder(folder: Path) -> None:

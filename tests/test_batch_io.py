@@ -359,12 +359,25 @@ def test_sink_writes_text_cut_inside_a_character_and_reads_it_back(tmp_path):
     """A lone surrogate (a truncated escape in JSON input) has no UTF-8 form: that row goes
     with JSON escapes; the others stay plain UTF-8; every row reads back as written."""
     path = tmp_path / "out.jsonl"
-    cut = {"key": "a", "prompt": "hi \ud83d", "chosen": "caf\u00e9"}
-    plain = {"key": "b", "prompt": "caf\u00e9"}
+    cut = {"key": "a", "text": "hi \ud83d", "other": "caf\u00e9"}
+    plain = {"key": "b", "text": "caf\u00e9"}
     JsonlSink(path).append([cut, plain])
     lines = path.read_bytes().splitlines()
     assert b"\\ud83d" in lines[0] and "caf\u00e9".encode() in lines[1]
     assert JsonlSink(path).rows == {"a": cut, "b": plain}
+
+
+def test_a_sink_holds_rows_without_the_input_texts_they_repeat(tmp_path):
+    """The texts a row repeats from its input (most of its size) are written, but not held:
+    a resumed command reads back only a row's figures."""
+    path = tmp_path / "out.jsonl"
+    texts = {"prompt": "q", "chosen": "y", "rejected": "n", "completion": "c", "context": "x", "rationales": ["r"]}
+    row = {**texts, "response_a": "a", "response_b": "b", "p_a": 0.75, "consistent": True, "key": "k"}
+    sink = JsonlSink(path)
+    sink.append([row])
+    figures = {"p_a": 0.75, "consistent": True, "key": "k"}
+    assert sink.rows == {"k": figures} and JsonlSink(path).rows == {"k": figures}
+    assert json.loads(path.read_text()) == row
 
 
 def test_sink_refuses_a_file_of_other_data_without_touching_it(tmp_path):
