@@ -47,7 +47,10 @@ The canonical transcript:
   dropped (a template's open assistant turn, an empty system turn);
 - a message's tool calls (OpenAI's and TRL's `tool_calls`) follow its content, one
   `[call functions.NAME] ARGUMENTS` block each, as harmony's transcripts write them.
-Rendering is a fixed point: the canonical transcript parses back into the same messages.
+The canonical transcript reads as itself: given again (a batch run through the service), it
+is read the same, and so has the same key and label. Where a first reading still reads as
+other turns (a lone user message whose lines open turns of their own, a header its stripped
+end marker had hidden), it is read again until it does (a few readings at most).
 
 A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
 the set given), and its reasoning block takes the same form as an assistant turn's. What is
@@ -186,6 +189,9 @@ _HARMONY_REPLY = ("<|channel|>", "<|start|>")
 # reasoning blocks): a policy's output holds one or two; past this many, a run of them (each
 # unwrapping reads the whole text again) is judged as written, in time linear in its length.
 _MAX_UNWRAP = 8
+# How many readings a context takes to read as itself: one or two; past this many (contrived
+# markup), the last reading is kept.
+_MAX_READS = 8
 # Every template's own turn ends (Llama 2's "</s>" besides): a set of end markers holding
 # them all strips whatever a template's turn ends with.
 _TEMPLATE_ENDS = frozenset({*(end for t in (*_TEMPLATES, _DEEPSEEK, _HARMONY) for end in t.ends), "</s>"})
@@ -560,6 +566,11 @@ def _holds_a_block(text: str) -> bool:
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
     """The canonical transcript of `messages` (see the module docstring)."""
     markers = _markers(end_markers)
+    return _settled(_render(messages, markers), markers)
+
+
+def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> str:
+    """`render`'s first reading: what contents hold may still read as other turns."""
     kept = []
     for m in messages:
         role = _role(m.get("role"))
@@ -569,10 +580,32 @@ def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = E
     if len(kept) == 1 and kept[0][0] == "User":
         content = kept[0][1]
         # Bare, unless as text it would read as a transcript of its own ("User: hi", "[INST]
-        # ..."): then under its header, which reads back as this one turn, so the transcript
-        # is read the same when it is given again (a batch run through the service).
+        # ..."): then under its header, so that it is not read as the turns it names
+        # ("System: ..."), and the transcript is read the same when it is given again (a
+        # batch run through the service; `_settled` reads it until it does).
         return content if _plain_text(content) or parse(content, markers) is None else f"User: {content}"
     return "\n\n".join(f"{role}: {content}" for role, content in kept)
+
+
+def _read(text: str, markers: tuple[str, ...]) -> str:
+    """One reading of a context given as text: its turns rendered, when a template laid it out."""
+    if _plain_text(text):  # most contexts: no template to look for
+        return _clean(text, markers)
+    messages = parse(text, markers)
+    return _clean(text, markers) if messages is None else _render(messages, markers)
+
+
+def _settled(text: str, markers: tuple[str, ...]) -> str:
+    """`text` read again until it reads as itself: a reading can leave markup that reads as
+    turns of its own (a turn's end marker cut off that kept a header from matching, a
+    content laid out as a transcript). What the service reads of a transcript sent again
+    is then what it was sent, and so are its key and its label."""
+    for _ in range(_MAX_READS):
+        again = _read(text, markers)
+        if again == text:
+            break
+        text = again
+    return text
 
 
 def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
@@ -620,10 +653,8 @@ def context_text(context: str | Sequence[Mapping[str, Any]], end_markers: Iterab
     it out) or as messages."""
     markers = _markers(end_markers)
     if isinstance(context, str):
-        if _plain_text(context):  # most contexts: no template to look for
-            return _clean(context, markers)
-        messages = parse(context, markers)
-        return _clean(context, markers) if messages is None else render(messages, markers)
+        # A plain text reads as itself once cleaned; markup may take more readings.
+        return _clean(context, markers) if _plain_text(context) else _settled(context, markers)
     return render(context, markers)
 
 

@@ -484,6 +484,36 @@ _markup = st.sampled_from(
 
 
 @settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(_markup, st.sampled_from(["</s>", "<|im_end|>", "\n", "hi"])), max_size=6).map("".join))
+def test_a_context_in_markup_reads_as_itself_once_normalized(text):
+    """Markup as text or as a lone user message's content: its canonical transcript is read
+    as itself when it is given again, as the service reads what a batch run sends it (the
+    same key, the same label)."""
+    for context in (text, [{"role": "user", "content": text}]):
+        once = chat.context_text(context)
+        assert chat.context_text(once) == once, context
+
+
+@pytest.mark.parametrize(
+    ("context", "expected"),
+    [
+        ("<|start|>assistant</s>", ""),  # its end marker cut off, a header reads as an open turn
+        (
+            [{"role": "user", "content": "Human: What is 2+2?\nAssistant: 4"}],
+            "User: Human: What is 2+2?\n\nAssistant: 4",
+        ),
+        # DeepSeek's layout under the user's header: its bare system prompt is the header's turn
+        ([{"role": "user", "content": "sys<｜User｜>hi<｜Assistant｜>"}], "System: User: sys\n\nUser: hi"),
+    ],
+)
+def test_contexts_that_took_two_readings_read_as_their_last(context, expected):
+    once = chat.context_text(context)
+    assert once == expected and chat.context_text(once) == once
+    item = chat.normalize_item({"context": context, "response": "4"})
+    assert chat.normalize_item(item) == item
+
+
+@settings(max_examples=500, deadline=None)
 @given(st.lists(_markup, max_size=6).map("".join))
 def test_the_plain_text_shortcut_never_hides_a_template(text):
     """`parse` skips its recognizers when one quick match rules every template out; with that
