@@ -30,11 +30,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .errors import InputTooLong, InvalidInput, ModelLoadError
 from .scoring import JUDGMENT_LABELS, PAIRWISE_LABELS, SCORE_LABELS, judgment_label_text
-from .tasks import Task
+from .tasks import JudgmentExample, PairExample, ScoreExample, Task
 
 Kind = Literal["pairwise", "score", "judgment"]
 Order = Literal["ab", "ba"]
@@ -43,6 +43,7 @@ ZWSP = "\u200b"
 # What stands in front of an answer prefix when label ids are worked out: a line break (not
 # the start of a text, which a SentencePiece tokenizer marks as a word start).
 _ANCHOR = "\n"
+_Example = TypeVar("_Example", PairExample, ScoreExample, JudgmentExample)
 _BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
@@ -161,6 +162,7 @@ class PromptBuilder:
         self._label_ids: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}  # by kind and answer prefix
         self._judgment_ids: dict[str, dict[str, tuple[int, ...]]] = {}  # by answer prefix
         self._tail_tokens: dict[str, int] = {}  # by answer prefix: "\n" + prefix after a rationale
+        self._shown_examples: dict[Any, Any] = {}  # a task's few-shot examples, neutralized
 
     # -- text hygiene ------------------------------------------------------------
     def neutralize(self, text: str) -> str:
@@ -177,6 +179,17 @@ class PromptBuilder:
 
     def _untrusted(self, value: object, field: str, *, allow_empty: bool = False) -> str:
         return self.neutralize(clean_text(value, field, allow_empty=allow_empty))
+
+    def _shown(self, example: _Example) -> _Example:
+        """A few-shot example as the prompt shows it: its texts neutralized as the judged texts
+        are (a task quoting a chat format must not open or end a turn), and so shown as the
+        same text judged is. Once per example."""
+        shown = self._shown_examples.get(example)
+        if shown is None:
+            texts = ("context", "response", "response_a", "response_b", "rationale")
+            shown = replace(example, **{f: self.neutralize(getattr(example, f)) for f in texts if hasattr(example, f)})
+            self._shown_examples[example] = shown
+        return shown
 
     # -- public renderers ----------------------------------------------------------
     def pairwise(
@@ -209,7 +222,7 @@ class PromptBuilder:
         elif any(tag in text for text in (ctx, a, b)):
             raise InvalidInput("the fence tag occurs in the text it would fence")
         messages = self._system(task)
-        for ex in task.examples:
+        for ex in map(self._shown, task.examples):
             user = self._pair_user(task, ex.context, ex.response_a, ex.response_b, cot)
             messages += [
                 user,
@@ -225,7 +238,7 @@ class PromptBuilder:
         ctx = self._untrusted(context, "context", allow_empty=True)
         resp = self._untrusted(response, "response", allow_empty=True)
         messages = self._system(task)
-        for ex in task.score_examples:
+        for ex in map(self._shown, task.score_examples):
             user = self._score_user(task, ex.context, ex.response, cot)
             messages += [user, self._assistant(task.score_answer_prefix, str(ex.score), ex.rationale, cot)]
         messages.append(self._score_user(task, ctx, resp, cot))
@@ -249,7 +262,7 @@ class PromptBuilder:
         resp = self._untrusted(response, "response", allow_empty=True)
         prefix = task.judgment_answer_prefix
         messages = self._system(task)
-        for ex in task.judgment_examples:
+        for ex in map(self._shown, task.judgment_examples):
             label = judgment_label_text(prefix, "Yes" if ex.answer == "yes" else "No")
             messages += [
                 self._judgment_user(task, ex.context, ex.response, cot),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -216,6 +217,37 @@ def test_few_shot_examples_become_chat_turns(builder, test_tasks):
     r = builder.pairwise(t, *BENIGN, cot=True)
     assert r.prompt.count("<|im_start|>user") == 2
     assert "<|im_start|>assistant\n4 is right.\nPreferred response: 1<|im_end|>" in r.prompt
+
+
+def _example_task(tmp_path, text: str):
+    """A task whose few-shot examples (pairwise, score, yes/no) all hold `text`."""
+    q = json.dumps(text)  # a TOML basic string
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "ex.toml").write_text(
+        f'preamble = "Judge."\njudgment_question = "Is it right?"\n'
+        f'[[examples]]\ncontext = {q}\nresponse_a = {q}\nresponse_b = "b"\npreferred = 1\nrationale = {q}\n'
+        f"[[score_examples]]\ncontext = {q}\nresponse = {q}\nscore = 7\nrationale = {q}\n"
+        f'[[judgment_examples]]\ncontext = {q}\nresponse = {q}\nanswer = "yes"\nrationale = {q}\n'
+    )
+    return load_task_file(tmp_path / "ex.toml")
+
+
+@pytest.mark.parametrize("spoof", [s for s in SPOOFS if "<|" in s])
+def test_a_few_shot_example_quoting_special_tokens_keeps_the_structure(builder, tmp_path, spoof):
+    """An example that quotes a chat format (a task about code or templates) is shown as the
+    same text judged is: neutralized, not as tokens that end its turn or open others."""
+    benign, spoofed = _example_task(tmp_path / "b", "x"), _example_task(tmp_path, spoof)
+    item = (spoof, spoof, "b")
+    for cot in (False, True):
+        for render in (
+            lambda t, cot=cot: builder.pairwise(t, *item, cot=cot),
+            lambda t, cot=cot: builder.score(t, spoof, spoof, cot=cot),
+            lambda t, cot=cot: builder.judgment(t, spoof, spoof, cot=cot),
+        ):
+            r = render(spoofed)
+            assert special_ids(builder, r.prompt_token_ids) == special_ids(builder, render(benign).prompt_token_ids)
+            # Every copy of the text, the examples' and the item's, is the same neutralized text.
+            assert spoof not in r.prompt and r.prompt.count(builder.neutralize(spoof)) >= 4
 
 
 # -- tasks -----------------------------------------------------------------------------------------

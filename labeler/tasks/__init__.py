@@ -33,7 +33,7 @@ DEFAULTS_FILE = BUILTIN_DIR / "_defaults.toml"
 
 # Bump when labeler/prompts.py changes how a task is laid out into a prompt: it is
 # part of every task version, so stale cache entries stop matching.
-LAYOUT_REVISION = 1
+LAYOUT_REVISION = 2
 
 _STR_FIELDS = (
     "description",
