@@ -413,11 +413,12 @@ class PromptBuilder:
         def outside(m: re.Match[str]) -> bool:
             return not any(a <= m.start() < b for a, b in copied)
 
-        # Markdown may dress the verdict: "**Score:** 9", "### Score: 9/10".
-        lines = re.finditer(r"^[ \t]*[*_#>]*[ \t]*" + re.escape(marker), generated, re.MULTILINE)
+        # Markdown may dress the verdict: "**Score:** 9", "### Score: 9/10"; a small model may
+        # write it in another case ("preferred response: 2").
+        lines = re.finditer(r"^[ \t]*[*_#>]*[ \t]*" + re.escape(marker), generated, re.MULTILINE | re.IGNORECASE)
         verdict = next((m for m in lines if outside(m)), None)
         if verdict is None:
-            last = [m for m in re.finditer(re.escape(marker), generated) if outside(m)][-1:]
+            last = [m for m in re.finditer(re.escape(marker), generated, re.IGNORECASE) if outside(m)][-1:]
             labels = {label.lower() for label in rendered.labels}
             rest = re.sub(r"[*_\s]", "", generated[last[0].end() :]) if last else ""
             if re.sub(r"(/10)?[.!]*$", "", rest).lower() in labels:
