@@ -9,6 +9,7 @@ import gc
 import http.server
 import inspect
 import json
+import math
 import os
 import pickle
 import random
@@ -76,11 +77,15 @@ class _FakeOverHTTP(http.server.BaseHTTPRequestHandler):
     do_GET = do_POST = _answer
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # a burst of connections is accepted, as uvicorn's backlog of 2048 does
+
+
 @contextlib.contextmanager
 def serve_fake(fake: FakeLabeler, latency: float = 0.0, port: int = 0) -> Iterator[http.server.ThreadingHTTPServer]:
     """`fake` on a local HTTP server (its URL: `server.url`) for the duration of the block."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _FakeOverHTTP)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", port), _FakeOverHTTP)
     server.fake, server.latency, server.seen = fake, latency, []  # type: ignore[attr-defined]
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -203,6 +208,10 @@ def test_retry_after_http_date():
     now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
     header = format_datetime(now + timedelta(seconds=30), usegmt=True)
     assert parse_retry_after(header, now=now.timestamp()) == pytest.approx(30)
+    # The obsolete forms HTTP recipients must read too (RFC 9110, 5.6.7), all in GMT.
+    for form in ("%A, %d-%b-%y %H:%M:%S GMT", "%a %b %e %H:%M:%S %Y"):
+        header = (now + timedelta(seconds=30)).strftime(form)
+        assert parse_retry_after(header, now=now.timestamp()) == pytest.approx(30), header
     assert parse_retry_after(format_datetime(now - timedelta(seconds=30), usegmt=True), now=now.timestamp()) == 0
 
 
@@ -233,6 +242,23 @@ def test_url_and_key_from_arguments_or_environment(monkeypatch):
     body = {"task": "tiny", "items": items(1)}
     assert raw.post("/v1/scores", json=body, auth=("labeler", "env-key")).status_code == 200
     assert raw.post("/v1/scores", json=body, auth=("env-key", "")).status_code == 401
+
+
+def test_a_url_or_key_that_cannot_work_is_refused_when_the_client_is_made(monkeypatch):
+    """Not retried as a connection error at every call: a blank $LABELER_URL is no URL (the
+    default applies), a URL without a host or with a torn scheme is refused, and so is a key
+    with a line break inside (two keys in one secret's file), which no header may hold."""
+    monkeypatch.delenv(lc.ENV_API_KEY, raising=False)
+    monkeypatch.setenv(lc.ENV_URL, "   ")
+    assert lc.Client().base_url == "http://127.0.0.1:8000"
+    for url, says in (("http://", "names no host"), ("https:/labeler:8000", "is malformed")):
+        with pytest.raises(ValueError, match=says):
+            lc.Client(url)
+    with pytest.raises(ValueError, match="API key holds a line break"):
+        lc.AsyncClient(URL, api_key="sk-abc\nsk-def")
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="positive and finite"):
+            lc.Timeout(read=bad)
 
 
 # -- batching ------------------------------------------------------------------------------------------------
@@ -266,6 +292,21 @@ def test_order_kept_across_concurrent_batches():
         got = client.scores(its, "tiny")
     assert [s.reward for s in got] == expected(its)
     assert len(fake.requests) == 6 and 2 <= fake.max_in_flight <= 3
+
+
+async def test_a_burst_of_calls_waits_for_connections_without_timing_out():
+    """300 calls at once on one async client (verl's reward per sample), each answered in
+    0.4 s, with a read timeout of 1.5 s: those beyond the client's connections wait their turn
+    without that wait counting against the timeout (httpx's default counted it: the last
+    third timed out in the client's own queue, never sent), on connections kept alive."""
+    its = items(300)
+    with serve_fake(FakeLabeler(), latency=0.4) as server:
+        timeout = lc.Timeout(read=1.5)
+        async with lc.AsyncClient(server.url, timeout=timeout, retry=lc.Retry(max_retries=0)) as client:
+            got = await asyncio.gather(*(client.rewards([it["context"]], [it["response"]], task="tiny") for it in its))
+    assert [g[0] for g in got] == expected(its)
+    ports = {port for port, _ in server.seen}
+    assert len(server.seen) == 300 and len(ports) <= 256
 
 
 async def test_async_order_kept_and_concurrency_bounded():
@@ -323,6 +364,13 @@ def test_a_url_scheme_that_cannot_be_sent_is_raised_at_once():
     with pytest.raises(lc.RequestError, match="UnsupportedProtocol") as err:
         client.rewards(["p"] * 3, ["r"] * 3, task="tiny", on_error="none")
     assert err.value.misconfigured and pickle.loads(pickle.dumps(err.value)).misconfigured and sleeps == []
+    # An https URL to a port that speaks plain HTTP: the TLS handshake fails alike every time.
+    with serve_fake(FakeLabeler()) as server:
+        plain = lc.Client(server.url.replace("http:", "https:"), retry=lc.Retry(max_retries=3), batch_size=1)
+        plain._sleep = sleeps.append  # type: ignore[method-assign]
+        with pytest.raises(lc.RequestError, match="WRONG_VERSION_NUMBER") as err:
+            plain.rewards(["p"] * 3, ["r"] * 3, task="tiny", on_error="none")
+        assert err.value.misconfigured and sleeps == [] and server.seen == []
     fake = FakeLabeler()
     fake.fail_next(httpx.LocalProtocolError, times=1)  # a connection's state, not the configuration
     assert client_for(fake).scores(items(1), "tiny")[0] is not None and len(fake.requests) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,11 @@ T = TypeVar("T")
 OnError = Literal["raise", "none"]
 Order = Literal["both", "ab", "ba"]
 Item = Mapping[str, Any]
+# Connections a client keeps to the server: requests beyond them wait their turn in the client
+# (the service batches whatever reaches it; a few hundred feed it, and stay under a process's
+# usual limit of 1024 open files). All are kept alive: httpx's default of 20 closes and opens
+# connections at every burst.
+_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=256)
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -32,6 +38,14 @@ class Answer(NamedTuple):
 
     data: Any
     request: httpx.Request
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error`'s chain of causes (what raised it, and what raised that, ...)."""
+    chain: list[BaseException] = []
+    while (error := error.__cause__ or error.__context__) is not None and error not in chain:
+        chain.append(error)
+    return chain
 
 
 def _task_infos(data: Any) -> list[TaskInfo]:
@@ -96,7 +110,11 @@ class _BaseClient:
         return {
             "base_url": self.base_url,
             "headers": headers,
-            "timeout": httpx.Timeout(self.timeout.read, connect=self.timeout.connect),
+            # A request waiting for one of the client's connections has not reached the
+            # server yet: that wait counts against no timeout (httpx's counts it against the
+            # read timeout, so a burst of a trainer's calls timed out in the client's queue).
+            "timeout": httpx.Timeout(self.timeout.read, connect=self.timeout.connect, pool=None),
+            "limits": _LIMITS,
         }
 
     @staticmethod
@@ -117,8 +135,14 @@ class _BaseClient:
                 f"{request.method} {request.url}: timed out ({type(error).__name__})", request=request
             )
         wrapped = exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
-        # A URL scheme httpx cannot send: every try and every batch would fail alike.
-        wrapped.misconfigured = isinstance(error, httpx.UnsupportedProtocol)
+        # Every try and every batch would fail alike: a URL scheme httpx cannot send, TLS the
+        # server does not speak or a certificate this machine does not trust (an https URL to
+        # a plain-HTTP port, a self-signed certificate).
+        wrapped.misconfigured = isinstance(error, httpx.UnsupportedProtocol) or any(
+            isinstance(cause, ssl.SSLCertVerificationError)
+            or (isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER")
+            for cause in _causes(error)
+        )
         return wrapped
 
     @staticmethod

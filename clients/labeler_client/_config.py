@@ -4,12 +4,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 ENV_URL = "LABELER_URL"
 ENV_API_KEY = "LABELER_API_KEY"
@@ -32,8 +36,8 @@ class Timeout:
     connect: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.read <= 0 or self.connect <= 0:
-            raise ValueError("timeouts must be positive")
+        if not (0 < self.read < math.inf and 0 < self.connect < math.inf):
+            raise ValueError(f"timeouts must be positive and finite, got read={self.read}, connect={self.connect}")
 
 
 @dataclass(frozen=True)
@@ -94,15 +98,27 @@ TRAINING_RETRY = Retry(max_retries=1000, backoff=1.0, max_backoff=15.0, max_elap
 
 
 def resolve_url(base_url: str | None) -> str:
-    url = (base_url or os.environ.get(ENV_URL) or DEFAULT_URL).strip().rstrip("/")
+    """The service's base URL: `base_url`, else $LABELER_URL, else the default (blank ones
+    skipped); "http://" where it names no scheme. ValueError where it names no host."""
+    given = (base_url or "").strip() or os.environ.get(ENV_URL, "").strip()
+    url = given or DEFAULT_URL
     if "://" not in url:
+        if re.match(r"(?i)https?:", url):  # "https:/host": not a host named "https"
+            raise ValueError(f"labeler URL {url!r} is malformed: write it as scheme://host[:port]")
         url = "http://" + url
-    return url
+    if not urlsplit(url).hostname:
+        raise ValueError(f"labeler URL {url!r} names no host")
+    return url.rstrip("/")
 
 
 def resolve_key(api_key: str | None) -> str | None:
-    # Stripped: a key read from a file or a secret keeps its newline, which no header may hold.
-    return (api_key or os.environ.get(ENV_API_KEY) or "").strip() or None
+    """The API key: `api_key`, else $LABELER_API_KEY, stripped (a key read from a file or a
+    secret keeps its newline); None where neither gives one. ValueError for a key that no
+    header may hold (a line break or another control character inside it)."""
+    key = (api_key or os.environ.get(ENV_API_KEY) or "").strip() or None
+    if key is not None and re.search(r"[\x00-\x1f\x7f]", key):
+        raise ValueError("the API key holds a line break or another control character (two keys in one file?)")
+    return key
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -117,8 +133,8 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
             return None
-        if when.tzinfo is None:
-            return None
+        if when.tzinfo is None:  # asctime's form, or "-0000": HTTP dates are in GMT all the same
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds:  # NaN
         return None

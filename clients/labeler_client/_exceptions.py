@@ -53,8 +53,9 @@ def _rebuild(cls: type[LabelerClientError], args: tuple[Any, ...]) -> LabelerCli
 
 class RequestError(LabelerClientError):
     """No HTTP answer (connection refused or reset, DNS, protocol error...). `misconfigured`:
-    the base URL's scheme is neither http nor https, or the client was closed, so no request
-    can be sent: never retried, and raised even with on_error="none"."""
+    the base URL's scheme is neither http nor https, its https port speaks plain HTTP or its
+    certificate is not trusted, or the client was closed: no try would get an answer, so it
+    is never retried, and raised even with on_error="none"."""
 
     misconfigured = False
 
