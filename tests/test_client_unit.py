@@ -144,6 +144,62 @@ def test_max_elapsed_bounds_how_long_a_request_is_retried():
         lc.Retry(max_elapsed=-1)
 
 
+def _down(client: lc.Client | lc.AsyncClient, now: list[float]) -> list[httpx.Request]:
+    """`client`'s requests, each refused as by a server that is down, on a clock its waits move."""
+    sent: list[httpx.Request] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def refuse_async(request: httpx.Request) -> httpx.Response:
+        return refuse(request)
+
+    is_async = isinstance(client, lc.AsyncClient)
+    client._http = (
+        httpx.AsyncClient(transport=httpx.MockTransport(refuse_async))
+        if is_async
+        else httpx.Client(transport=httpx.MockTransport(refuse))
+    )
+    client._clock = lambda: now[0]
+
+    def wait(seconds: float) -> None:
+        now[0] += seconds
+
+    async def wait_async(seconds: float) -> None:
+        wait(seconds)
+
+    client._sleep = wait_async if is_async else wait  # type: ignore[method-assign]
+    return sent
+
+
+@pytest.mark.parametrize(("cls", "concurrency"), [(lc.Client, 1), (lc.AsyncClient, 1), (lc.AsyncClient, 4)])
+async def test_a_call_waits_out_an_outage_once_not_once_per_batch(cls, concurrency):
+    """A server down for good, a call of 8 batches with on_error="none" and the training
+    retry budget (10 minutes): once a batch has used up its retries, the call's other
+    batches are tried once each, so the call ends after one budget, where each batch used to
+    wait out its own (80 minutes one at a time). (The blocking client's batches in threads
+    wait on an event, not on the clock this test moves.)"""
+    now = [0.0]
+    client = cls(URL, retry=lc.TRAINING_RETRY, batch_size=64, max_concurrency=concurrency)
+    sent = _down(client, now)
+    call = client.rewards(["p"] * 512, ["r"] * 512, task="tiny", on_error="none")
+    assert (await call if inspect.isawaitable(call) else call) == [None] * 512
+    assert 600 <= now[0] < 600 + 15 * concurrency, now[0]
+    assert len(sent) - (8 - concurrency) > 8 * concurrency  # the first batches' retries, then a try each
+
+
+def test_a_trl_reward_function_waits_out_an_outage_once():
+    """TRL's reward function finding over-long completions ("lowest") sends in raise mode
+    first; a step whose request waited out the budget on an outage gives None for its rows,
+    without waiting it out again in on_error="none" mode."""
+    reward = reward_function(URL, task="tiny", on_error="none", overlong="lowest", max_concurrency=1)
+    now = [0.0]
+    _down(reward.client, now)
+    assert reward(["p"] * 256, ["r"] * 256) == [None] * 256
+    assert 600 <= now[0] < 615
+
+
 def test_the_training_adapters_wait_for_a_labeler_that_restarts():
     """A labeler down for two minutes (a restart: a new image, a large model loading) is
     waited for by the clients TRL's reward function and verl's `compute_score` build, over

@@ -24,6 +24,7 @@ T = TypeVar("T")
 OnError = Literal["raise", "none"]
 Order = Literal["both", "ab", "ba"]
 Item = Mapping[str, Any]
+_ONCE = Retry(max_retries=0)
 # Connections a client keeps to the server: requests beyond them wait their turn in the client
 # (the service batches whatever reaches it; a few hundred feed it, and stay under a process's
 # usual limit of 1024 open files). All are kept alive: httpx's default of 20 closes and opens
@@ -212,6 +213,16 @@ class _BaseClient:
         return about_items and cls._isolating(idx, on_error)
 
     @staticmethod
+    def _outage(error: exc.LabelerClientError) -> bool:
+        """An error of the server's availability, not of the batch: no answer (a timeout
+        too), or 408, 429, 502, 503, 504 about no item. Once a batch of a call has used up its
+        retries on one, the call's other batches are tried once each (`_ONCE`): a call waits
+        out an outage about as long as one request's retries, not once per batch."""
+        if isinstance(error, exc.RequestError):
+            return not error.misconfigured
+        return isinstance(error, exc.APIStatusError) and error.status in RETRY_STATUSES and not error._names_item
+
+    @staticmethod
     def _request_wide(error: exc.LabelerClientError) -> bool:
         """An error every batch of the call would get, so it is raised even with
         on_error="none": a request that cannot be sent as configured (`RequestError.misconfigured`),
@@ -336,17 +347,22 @@ class Client(_BaseClient):
 
         stop: threading.Event | None = None  # set when a batch fails: the others stop sending
         failures: list[BaseException] = []
+        retry: Retry | None = None  # the client's, until a batch's retries ran out on an outage
 
         def run(batch: range) -> None:
+            nonlocal retry
             todo = [batch]  # a worklist, not recursion: a cut can leave many failing items after it
             try:
                 while todo and not (stop is not None and stop.is_set()):
                     idx = todo.pop(0)
                     try:
                         body = {**opts, "items": batching.select(items, idx)}
-                        answer = self._send("POST", path, body, isolate=self._isolating(idx, on_error), stop=stop)
+                        isolate = self._isolating(idx, on_error)
+                        answer = self._send("POST", path, body, retry=retry, isolate=isolate, stop=stop)
                         batching.place(out, idx, answer.data, parse, answer.request)
                     except exc.LabelerClientError as error:
+                        if self._outage(error):
+                            retry = _ONCE
                         todo[:0] = self._parts_after(error, idx, on_error)
             except BaseException as error:
                 failures.append(error)
@@ -640,16 +656,21 @@ class AsyncClient(_BaseClient):
         self._check_on_error(on_error)
         out: list[T | None] = [None] * len(items)
         gate = asyncio.Semaphore(self.max_concurrency)
+        retry: Retry | None = None  # the client's, until a batch's retries ran out on an outage
 
         async def run(batch: range) -> None:
+            nonlocal retry
             todo = [batch]  # a worklist, not recursion: a cut can leave many failing items after it
             while todo:
                 idx = todo.pop(0)
                 try:
                     body = {**opts, "items": batching.select(items, idx)}
-                    answer = await self._send("POST", path, body, isolate=self._isolating(idx, on_error))
+                    isolate = self._isolating(idx, on_error)
+                    answer = await self._send("POST", path, body, retry=retry, isolate=isolate)
                     batching.place(out, idx, answer.data, parse, answer.request)
                 except exc.LabelerClientError as error:
+                    if self._outage(error):
+                        retry = _ONCE
                     todo[:0] = self._parts_after(error, idx, on_error)
 
         failed = asyncio.Event()
