@@ -765,6 +765,35 @@ def test_fake_answers_in_the_servers_wire_shapes():
 
 
 # -- adapters: input normalization -------------------------------------------------------------------------
+def test_messages_read_from_parquet_by_pandas_go_on_the_wire(tmp_path):
+    """pandas gives a Parquet file's lists as numpy arrays (a message's `tool_calls` too),
+    which have no truth value and which JSON does not take: sent as lists, rewarded alike."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    call = {"type": "function", "function": {"name": "calc", "arguments": "{}"}}
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "2+2?", "tool_calls": []}],
+            "completion": [
+                {"role": "assistant", "content": "", "tool_calls": [call, call]},
+                {"role": "tool", "content": "4", "tool_calls": []},
+                {"role": "assistant", "content": "4", "tool_calls": []},
+            ],
+        }
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    row = pd.read_parquet(tmp_path / "d.parquet").iloc[0]
+    assert context_value(row["prompt"]) == [{"role": "user", "content": "2+2?"}]
+    wire = completion_value(row["completion"])
+    assert wire[0]["tool_calls"] == [call, call] and [m.get("tool_calls") for m in wire[1:]] == [None, None]
+    fake = FakeLabeler()
+    assert client_for(fake).rewards([row["prompt"]], [row["completion"]], task="tiny") == client_for(fake).rewards(
+        [rows[0]["prompt"]], [rows[0]["completion"]], task="tiny"
+    )
+
+
 def test_contexts_go_on_the_wire_as_text_or_messages():
     """The client renders no transcript: the service does, in one place (labeler.chat)."""
     assert context_value("hi") == "hi"

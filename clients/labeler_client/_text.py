@@ -66,13 +66,24 @@ def _wire_messages(value: Text, role: str) -> list[dict[str, Any]]:
     out = []
     for m in _messages(value):
         message: dict[str, Any] = {"role": str(m.get("role") or role), "content": _content(m)}
-        if m.get("tool_calls"):
-            message["tool_calls"] = list(m["tool_calls"])
+        calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, str) and len(calls):  # a numpy array has no truth value
+            message["tool_calls"] = _plain(list(calls))
         for key in _REASONING_KEYS:
             if isinstance(m.get(key), str) and m[key].strip():
                 message[key] = m[key]
         out.append(message)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """`value` with the numpy arrays a dataframe gives for lists (a Parquet file read by pandas)
+    as lists, which JSON takes."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+        return [_plain(v) for v in value]
+    return value
 
 
 def context_value(value: Text) -> Context:
