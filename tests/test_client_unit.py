@@ -30,7 +30,15 @@ from labeler_client._text import completion_value, context_value
 from labeler_client.testing import FakeLabeler, fake_reward
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 
-from service.protocol import PreferenceOut, PreferencesResponse, ScoreOut, ScoresResponse, TaskInfo, TasksResponse
+from service.protocol import (
+    PreferenceOut,
+    PreferencesResponse,
+    ReadyResponse,
+    ScoreOut,
+    ScoresResponse,
+    TaskInfo,
+    TasksResponse,
+)
 
 URL = "http://labeler.test"
 NO_WAIT = lc.Retry(max_retries=3, backoff=0.0)
@@ -762,6 +770,8 @@ def test_fake_answers_in_the_servers_wire_shapes():
     assert prefs.status_code == 200 and len(PreferencesResponse.model_validate(prefs.json()).results) == 1
     tasks = fake.handle(httpx.Request("GET", URL + "/v1/tasks"))
     assert tasks.status_code == 200 and TasksResponse.model_validate(tasks.json()).tasks
+    ready = fake.handle(httpx.Request("GET", URL + "/readyz"))
+    assert ready.status_code == 200 and ReadyResponse.model_validate(ready.json()).labeler.end_markers == []
 
 
 # -- adapters: input normalization -------------------------------------------------------------------------

@@ -267,7 +267,8 @@ class FakeLabeler:
                 "engine": "fake",
                 "cache": "memory",
                 "cache_status": "ok",
-                "labeler": {"temperature": 0.7, "max_rationale_tokens": 128},
+                # The fake strips no end-of-turn markers from what it is sent.
+                "labeler": {"temperature": 0.7, "max_rationale_tokens": 128, "end_markers": []},
             }
             return httpx.Response(200, json=ready)
         if request.method == "GET" and path == "/v1/tasks":
