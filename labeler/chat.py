@@ -64,6 +64,7 @@ reads as its content, as the same completion given as text does.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -566,44 +567,76 @@ def _holds_a_block(text: str) -> bool:
 def render(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
     """The canonical transcript of `messages` (see the module docstring)."""
     markers = _markers(end_markers)
-    return _settled(_render(messages, markers), markers)
+    text, quiet = _render(messages, markers)
+    return text if quiet else _settled(text, markers)
 
 
-def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> str:
-    """`render`'s first reading: what contents hold may still read as other turns."""
+def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> tuple[str, bool]:
+    """`render`'s first reading, and whether it surely reads as itself (`_quiet` contents)."""
     kept = []
     for m in messages:
         role = _role(m.get("role"))
         content = _with_tool_calls(_turn_content(role, _message_content(m, role), markers), m)
         if content:
             kept.append((role, content))
+    quiet = all(_quiet(content) for _, content in kept)
     if len(kept) == 1 and kept[0][0] == "User":
         content = kept[0][1]
         # Bare, unless as text it would read as a transcript of its own ("User: hi", "[INST]
         # ..."): then under its header, so that it is not read as the turns it names
         # ("System: ..."), and the transcript is read the same when it is given again (a
         # batch run through the service; `_settled` reads it until it does).
-        return content if _plain_text(content) or parse(content, markers) is None else f"User: {content}"
-    return "\n\n".join(f"{role}: {content}" for role, content in kept)
+        if _plain_text(content) or parse(content, markers) is None:
+            return content, quiet
+        return f"User: {content}", False
+    return "\n\n".join(f"{role}: {content}" for role, content in kept), quiet
 
 
-def _read(text: str, markers: tuple[str, ...]) -> str:
-    """One reading of a context given as text: its turns rendered, when a template laid it out."""
+# A line's first word, where a colon follows it (a role's header, when it names one).
+_HEAD = re.compile(r"[ \t]*([A-Za-z]+):")
+_LINE_HEAD = re.compile(r"\n[ \t]*([A-Za-z]+):")
+_ROLE_WORDS = frozenset({"human", "user", "system", "assistant", "tool"})
+
+
+def _quiet(content: str) -> bool:
+    """Whether a turn's content holds nothing that may read otherwise in a transcript: no
+    markup (a tag, a template's token, a bracket, DeepSeek's bar) and no line that opens with
+    a role's name. A transcript of such contents reads as itself, without reading it again.
+    (Substring tests first: a regex over every content would cost as much as the reading.)"""
+    if "<" in content or "[" in content or "\ufeff" in content or "｜" in content:
+        return False
+    if ":" not in content:
+        return True
+    head = _HEAD.match(content)
+    if head is not None and head[1].lower() in _ROLE_WORDS:
+        return False
+    return "\n" not in content or not any(m[1].lower() in _ROLE_WORDS for m in _LINE_HEAD.finditer(content))
+
+
+def _read(text: str, markers: tuple[str, ...]) -> tuple[str, bool]:
+    """One reading of a context given as text (its turns rendered, when a template laid it
+    out), and whether that surely reads as itself."""
     if _plain_text(text):  # most contexts: no template to look for
-        return _clean(text, markers)
+        return _clean(text, markers), True
     messages = parse(text, markers)
-    return _clean(text, markers) if messages is None else _render(messages, markers)
+    if messages is None:
+        cleaned = _clean(text, markers)
+        return cleaned, cleaned == text
+    return _render(messages, markers)
 
 
+# A group's responses, both orders of a pair, a batch's samples share their context: its
+# readings are done once.
+@functools.lru_cache(maxsize=1024)
 def _settled(text: str, markers: tuple[str, ...]) -> str:
-    """`text` read again until it reads as itself: a reading can leave markup that reads as
-    turns of its own (a turn's end marker cut off that kept a header from matching, a
-    content laid out as a transcript). What the service reads of a transcript sent again
-    is then what it was sent, and so are its key and its label."""
+    """`text` read until it reads as itself: a reading can leave markup that reads as turns
+    of its own (a turn's end marker cut off that kept a header from matching, a content laid
+    out as a transcript). What the service reads of a transcript sent again is then what it
+    was sent, and so are its key and its label."""
     for _ in range(_MAX_READS):
-        again = _read(text, markers)
-        if again == text:
-            break
+        again, quiet = _read(text, markers)
+        if quiet or again == text:
+            return again
         text = again
     return text
 

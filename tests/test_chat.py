@@ -484,12 +484,21 @@ _markup = st.sampled_from(
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(st.one_of(_markup, st.sampled_from(["</s>", "<|im_end|>", "\n", "hi"])), max_size=6).map("".join))
+@given(
+    st.lists(
+        st.one_of(_markup, st.sampled_from(["</s>", "<|im_end|>", "\n", "hi", "user:", "\nTool:"])), max_size=6
+    ).map("".join)
+)
 def test_a_context_in_markup_reads_as_itself_once_normalized(text):
-    """Markup as text or as a lone user message's content: its canonical transcript is read
-    as itself when it is given again, as the service reads what a batch run sends it (the
-    same key, the same label)."""
-    for context in (text, [{"role": "user", "content": text}]):
+    """Markup as text, or as turns' contents: its canonical transcript is read as itself
+    when it is given again, as the service reads what a batch run sends it (the same key, the
+    same label)."""
+    turns = [
+        {"role": "system", "content": text},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": text},
+    ]
+    for context in (text, [{"role": "user", "content": text}], turns):
         once = chat.context_text(context)
         assert chat.context_text(once) == once, context
 
