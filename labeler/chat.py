@@ -627,7 +627,7 @@ def _read(text: str, markers: tuple[str, ...]) -> tuple[str, bool]:
 
 # A group's responses, both orders of a pair, a batch's samples share their context: its
 # readings are done once.
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)  # at most 256 contexts (some MB) held
 def _settled(text: str, markers: tuple[str, ...]) -> str:
     """`text` read until it reads as itself: a reading can leave markup that reads as turns
     of its own (a turn's end marker cut off that kept a header from matching, a content laid
