@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -37,6 +37,8 @@ from .protocol import (
     Usage,
 )
 from .settings import Settings
+
+T = TypeVar("T")
 
 log = logging.getLogger("service.serving")
 
@@ -85,7 +87,10 @@ class LabelService:
         """One label route: the spec from the request's options, the items normalized, labeled
         (cache first), and the results, each with its first rationale, as `response`."""
         spec = self._spec(kind, req.task, cot=req.cot, samples=req.samples, seed=req.seed, **params)
-        items = [item_type(**self._normalize(_plain(it))) for it in req.items]
+        plain = [_plain(it) for it in req.items]
+        items = await self._off_loop_if_large(
+            lambda: [item_type(**self._normalize(it)) for it in plain], _text_chars(plain)
+        )
         values, usage = await self._label(spec, items, req.cache)
         for v in values:  # fresh dicts, the request's own; rationales are optional in a result
             v["rationale"] = _first(v.get("rationales"))
@@ -93,10 +98,12 @@ class LabelService:
 
     async def group_rewards(self, req: GroupRewardsRequest) -> GroupRewardsResponse:
         spec = self._spec("group", req.task, cot=req.cot, samples=req.samples, seed=req.seed)
-        groups = []
-        for it in req.items:
-            g = self._normalize(_plain(it))
-            groups.append(GroupItem(g["context"], tuple(g["responses"])))
+        plain = [_plain(it) for it in req.items]
+
+        def normalized() -> list[GroupItem]:
+            return [GroupItem(g["context"], tuple(g["responses"])) for g in map(self._normalize, plain)]
+
+        groups = await self._off_loop_if_large(normalized, _text_chars(plain))
         # A group of N is N (N - 1) / 2 comparisons: the queue, batches and a request count
         # those, so that a request of large groups holds no more prompts than one of pairs.
         weights = [len(g.responses) * (len(g.responses) - 1) // 2 for g in groups]
@@ -143,7 +150,8 @@ class LabelService:
         prompts = req.prompts or [None] * len(req.query)
         items: list[Any] = []
         too_long: set[int] = set()
-        try:
+
+        def read_queries() -> None:
             for k, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
                 # An empty response (the policy emitted only its end-of-turn token) is judged too.
                 context, response = split_query(q, p, self.end_markers)
@@ -164,6 +172,9 @@ class LabelService:
                     items.append(ScoreItem(**self._normalize(fields)))
                 else:
                     items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
+
+        try:
+            await self._off_loop_if_large(read_queries, _text_chars([req.query, prompts, references]))
             kind = "reference" if references is not None else "score"
             spec = self._spec(kind, self.settings.task if task is None else task)  # "": an unknown task
             if lowest:
@@ -245,6 +256,15 @@ class LabelService:
         return True
 
     # -- the shared path ------------------------------------------------------------------------
+    async def _off_loop_if_large(self, read: Callable[[], T], chars: int) -> T:
+        """`read()`, the reading of a request's items (their transcripts), inline for a request
+        of small texts, where it takes microseconds; on the labeler's rendering thread for
+        one over `_INLINE_CHARS` characters, where parsing chat markup (some 16 ms per 32,000
+        characters) would hold up every other request and the health probes."""
+        if chars <= _INLINE_CHARS:
+            return read()
+        return await self.labeler.in_render_thread(read)
+
     def _normalize(self, item: dict[str, Any]) -> dict[str, str]:
         """One canonical transcript per context, responses without end-of-turn markers: the
         same dialogue gets the same prompt and cache key whichever framework sent it."""
@@ -433,6 +453,26 @@ def _request_error(values: list[Any], failed: list[int], name: str, items: int) 
 def _pick(values: Sequence[int] | None, at: Sequence[int]) -> list[int] | None:
     """`values` at the places `at` (None for None)."""
     return None if values is None else [values[i] for i in at]
+
+
+# Characters of a request's texts read on the event loop at most (about 1 ms of reading).
+_INLINE_CHARS = 65_536
+
+
+def _text_chars(value: Any, limit: int = _INLINE_CHARS) -> int:
+    """The characters of the texts in `value` (nested lists and dicts), counted up to just
+    past `limit`."""
+    total = 0
+    todo = [value]
+    while todo and total <= limit:
+        v = todo.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo.extend(v)
+    return total
 
 
 def _plain(item: BaseModel) -> dict[str, Any]:

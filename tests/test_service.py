@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -313,6 +314,36 @@ def test_a_chat_context_is_limited_per_message_not_as_its_transcript(make_server
     long_turn = turn.format("user", "u" * 51) + "<|im_start|>assistant\nr"
     err = assert_error(post(srv, "/get_reward?task=tiny", {"query": [long_turn]}), 422)
     assert err["param"] == "query[0].context[0].content"
+
+
+def test_a_request_of_large_texts_is_read_off_the_event_loop(make_server, monkeypatch):
+    """Reading a request's transcripts takes microseconds for small texts, done inline, and
+    some 16 ms per 32,000 characters of chat markup: over 64 KiB of text, it runs on the
+    labeler's rendering thread, so the event loop keeps answering other requests and the
+    health probes meanwhile (labels, groups and /get_reward alike)."""
+    srv = make_server()
+    service = srv.app.state.service
+    threads: list[str] = []
+    read = service._normalize
+
+    def recording(item):
+        threads.append(threading.current_thread().name)
+        return read(item)
+
+    monkeypatch.setattr(service, "_normalize", recording)
+    big = "Human: hi\nAssistant: yo\n" * 1200  # 30,000 characters of a transcript
+    requests = [
+        ("/v1/scores", {"task": "tiny", "items": [{"context": "q", "response": "r"}]}, False),
+        ("/v1/scores", {"task": "tiny", "items": [{"context": big, "response": "r"}] * 3}, True),
+        ("/v1/rewards/group", {"task": "tiny", "items": [{"context": big, "responses": ["a", "b"]}] * 3}, True),
+        ("/get_reward?task=tiny", {"query": ["<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nr"]}, False),
+        ("/get_reward?task=tiny", {"query": [big] * 3}, True),
+    ]
+    for path, body, large in requests:
+        threads.clear()
+        resp = post(srv, path, body)
+        assert resp.status_code in (200, 422) and threads, (path, resp.text)  # 422: over the model's tokens
+        assert {t.startswith("labeler-render") for t in threads} == {large}, (path, threads)
 
 
 def test_an_unknown_default_task_stops_the_server_from_starting(labeler):
