@@ -182,7 +182,9 @@ class _Options(_Body):
     samples: StrictInt = Field(
         1, ge=1, le=_DEFAULTS.max_samples, description="rationales to sample and average (needs cot)"
     )
-    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description=f"seed of the sampled rationales (0 to {MAX_SEED})")
+    # `lt`, not `le`: the OpenAPI document writes bounds as floats, and MAX_SEED (2**59 - 1) as
+    # a float is 2**59; MAX_SEED + 1 is exact.
+    seed: StrictInt = Field(0, ge=0, lt=MAX_SEED + 1, description=f"seed of the sampled rationales (0 to {MAX_SEED})")
     cache: StrictBool = Field(True, description="false: neither read nor write the cache")
 
     @model_validator(mode="wrap")

@@ -207,6 +207,13 @@ def test_openapi_declares_the_routes_and_their_limits(live_server):
     assert schemas["JudgmentsRequest"]["properties"]["items"]["maxItems"] == live_server.settings.max_items
     for path in ("/v1/judgments", "/v1/rewards/reference", "/v1/rewards/group"):
         assert {"422", "413", "429"} <= set(spec["paths"][path]["post"]["responses"])
+    # The largest seed as published (JSON numbers the document writes as floats) is the one
+    # the server takes: 2**59 - 1 as a float would read as 2**59, which it refuses.
+    seed = schemas["ScoresRequest"]["properties"]["seed"]
+    assert (seed["minimum"], seed["exclusiveMaximum"], "maximum" in seed) == (0, 2**59, False)
+    item = {"context": "q", "response": "r"}
+    assert post(live_server, "/v1/scores", {"task": "tiny", "items": [item], "seed": 2**59 - 1}).status_code == 200
+    assert_error(post(live_server, "/v1/scores", {"task": "tiny", "items": [item], "seed": 2**59}), 422, "seed")
 
 
 def test_openrlhf_get_reward_against_reference_labels(live_server, labeler):
