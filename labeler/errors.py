@@ -61,7 +61,9 @@ class UnknownTask(LabelerError, KeyError):
         self.known = known
 
     def __str__(self) -> str:
-        return f"unknown task {self.name!r}; known tasks: {', '.join(self.known) or '(none)'}"
+        # A name of any length may come in a request: the answer quotes its start.
+        name = repr(self.name) if len(self.name) <= 80 else f"{self.name[:80]!r}... ({len(self.name)} characters)"
+        return f"unknown task {name}; known tasks: {', '.join(self.known) or '(none)'}"
 
 
 class TaskFileError(LabelerError):

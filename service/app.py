@@ -52,7 +52,12 @@ from .settings import Settings
 
 log = logging.getLogger("service")
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
+# The headers these answers carry, published with them (a client generated from the document
+# can read them): when to try again, and how to authenticate.
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
+ERRORS[401]["headers"] = {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}
+ERRORS[429]["headers"] = ERRORS[503]["headers"] = _RETRY_AFTER
 
 
 def build_labeler(settings: Settings, tasks: TaskRegistry | None = None) -> Labeler:

@@ -206,7 +206,11 @@ def test_openapi_declares_the_routes_and_their_limits(live_server):
     assert messages["items"]["$ref"] == "#/components/schemas/ChatMessageIn"
     assert schemas["JudgmentsRequest"]["properties"]["items"]["maxItems"] == live_server.settings.max_items
     for path in ("/v1/judgments", "/v1/rewards/reference", "/v1/rewards/group"):
-        assert {"422", "413", "429"} <= set(spec["paths"][path]["post"]["responses"])
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"422", "413", "429"} <= set(responses)
+        # The headers those answers carry: when to try again, how to authenticate.
+        assert "Retry-After" in responses["429"]["headers"] and "Retry-After" in responses["503"]["headers"]
+        assert "WWW-Authenticate" in responses["401"]["headers"]
     # The largest seed as published (JSON numbers the document writes as floats) is the one
     # the server takes: 2**59 - 1 as a float would read as 2**59, which it refuses.
     seed = schemas["ScoresRequest"]["properties"]["seed"]
@@ -214,6 +218,9 @@ def test_openapi_declares_the_routes_and_their_limits(live_server):
     item = {"context": "q", "response": "r"}
     assert post(live_server, "/v1/scores", {"task": "tiny", "items": [item], "seed": 2**59 - 1}).status_code == 200
     assert_error(post(live_server, "/v1/scores", {"task": "tiny", "items": [item], "seed": 2**59}), 422, "seed")
+    # An unknown task's name, which may be as long as a body, is quoted by its start.
+    err = assert_error(post(live_server, "/v1/scores", {"task": "x" * 100_000, "items": [item]}), 422, "task")
+    assert err["message"].startswith(f"unknown task {'x' * 80!r}... (100000 characters)") and len(err["message"]) < 300
 
 
 def test_openrlhf_get_reward_against_reference_labels(live_server, labeler):
