@@ -1342,6 +1342,11 @@ def test_verl_compute_score_and_batch(monkeypatch):
     assert verl.compute_score("x", "4", extra_info={"prompt": messages}) == fake_reward(
         json.dumps(messages, sort_keys=True), "4"
     )
+    # verl 0.9's agent loop adds the prompt's messages as raw_prompt; the data's own prompt first.
+    assert verl.compute_score("x", "4", extra_info={"raw_prompt": messages}) == fake_reward(
+        json.dumps(messages, sort_keys=True), "4"
+    )
+    assert verl.compute_score("x", "4", extra_info={"question": "q", "raw_prompt": messages}) == fake_reward("q", "4")
     # verl merges reward_kwargs into the call: known keys work, an unknown one is an error
     assert verl.compute_score("x", "4", task="general", reward_router_address=None) == fake_reward("", "4")
     assert json.loads(fake.requests[-1].content)["task"] == "general"

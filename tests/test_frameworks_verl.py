@@ -6,7 +6,8 @@ overrides, in both forms (`custom_reward_function.path` as the module's file and
 `DataProto` batch of rollouts, one of them an empty answer (a bare EOS), with
 `compute_score` and with `compute_score_async` (which the manager must await), and the legacy
 `BatchRewardManager` with `compute_score_batch`. Rewards must be the labeler's for the
-canonical transcript of `extra_info["prompt"]`; an unknown `reward_kwargs` key must fail.
+canonical transcript of `extra_info["prompt"]`, or of the prompt's messages that verl's agent
+loop adds as `raw_prompt` where the data has no prompt; an unknown `reward_kwargs` key must fail.
 """
 
 from __future__ import annotations
@@ -38,5 +39,7 @@ def test_verl_loads_and_calls_compute_score(frameworks_python, live_server, labe
         assert out["awaited"][form] is True, form  # verl's manager awaits it, not a thread's call
         assert out["legacy_batch"][form] == pytest.approx(want, abs=TOL), form
         assert out["pickled"][form] == pytest.approx(want, abs=TOL), form
+        # The prompt as verl's agent loop gives it (raw_prompt), where the data has none.
+        assert out["agent_loop"][form] == pytest.approx(want, abs=TOL), form
     error = out["errors"]["unknown_key"]
     assert error is not None and "unexpected keyword argument 'tsak'" in error

@@ -12,16 +12,20 @@ key of older releases is ignored by its main trainer), either by package or by f
         name: naive                           # or dapo, rate_limited, ... (each calls compute_score)
 
 `compute_score` raises when the labeler fails, but verl's `rate_limited` manager catches every
-exception from it (and its own `reward.timeout`) and trains on a reward of 0.0 instead.
+exception from it (and its own `reward.timeout`) and trains on a reward of 0.0 instead (a
+step whose first sample failed and a later one did not then ends with verl's KeyError: see
+docs/client.md). `rate_limited` scores `reward.max_concurrent` samples at a time, 1 unless set.
 
 The server is `base_url` from `reward_kwargs`, else LABELER_URL (and the key `api_key`, else
 LABELER_API_KEY); with `serve_app` (the Serve application's name, `labeler` in the shipped
 config), the labeler deployed on verl's own Ray cluster, called through a deployment handle
 instead of HTTP; the task is `task` from `reward_kwargs`, else `extra_info["labeler_task"]`,
-else LABELER_TASK, else "general". An unknown `reward_kwargs` key is an error. verl passes
-only the response, so put the prompt in `extra_info["prompt"]` (or `"question"`) when
-preparing the data: text, or the chat messages of the `prompt` column (without either, the
-response is judged without a prompt, and a warning says so once).
+else LABELER_TASK, else "general". An unknown `reward_kwargs` key is an error. The prompt is
+`extra_info["prompt"]` (or `"question"`) where the data puts it there (text, or the chat
+messages of the `prompt` column), else `extra_info["raw_prompt"]`, the prompt's chat messages
+that verl 0.9's agent loop adds to `extra_info` for the `naive`, `rate_limited` and `remote`
+managers (not for `dapo`); without any, the response is judged without a prompt, and a
+warning says so once.
 
 `timeout` (seconds to wait for an answer, default 300) and `max_retries` set the client's;
 by default a labeler that is down or refusing is retried for up to ten minutes
@@ -79,14 +83,12 @@ def _task(extra: dict, task: str | None) -> str:
 
 def _prompt(extra: dict) -> Any:
     # A key present but None (a Parquet column other rows fill) counts as absent.
-    prompt = extra.get("prompt")
-    if prompt is None:
-        prompt = extra.get("question")
+    prompt = next((extra[k] for k in ("prompt", "question", "raw_prompt") if extra.get(k) is not None), None)
     if prompt is None:
         # Shown once a process (one warning location): every sample of such data lacks it.
         warnings.warn(
-            "labeler_client.verl: extra_info has no 'prompt' (or 'question'): responses are judged without "
-            "their prompt; put it in extra_info when preparing the data",
+            "labeler_client.verl: extra_info has no 'prompt' (or 'question', or verl's 'raw_prompt'): responses "
+            "are judged without their prompt; put it in extra_info when preparing the data",
             stacklevel=1,
         )
         return ""

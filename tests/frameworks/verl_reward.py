@@ -53,14 +53,20 @@ def config(model_dir: str, path: str, name: str, manager: str, reward_kwargs: di
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
-def batch(tokenizer) -> DataProto:
+def messages_of(prompt) -> list[dict]:
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def batch(tokenizer, agent_loop: bool = False) -> DataProto:
     """Rollouts as verl's trainer hands them over: left-padded prompts, right-padded
-    responses ending with EOS (an empty answer is the EOS alone), one attention mask."""
+    responses ending with EOS (an empty answer is the EOS alone), one attention mask. With
+    `agent_loop`, as verl's agent loop hands them to the reward loop: the data's `extra_info`
+    without the prompt, and the prompt's messages as `raw_prompt` in `tool_extra_fields`,
+    which the reward managers merge into `extra_info`."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts, responses = [], []
     for prompt, answer in ROLLOUTS:
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages_of(prompt), tokenize=False, add_generation_prompt=True)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         responses.append(tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos])
     p_len, r_len = max(map(len, prompts)), max(map(len, responses)) + 2
@@ -75,9 +81,12 @@ def batch(tokenizer) -> DataProto:
     non_tensors = {
         "data_source": np.array(["labeler"] * len(ROLLOUTS), dtype=object),
         "reward_model": np.array([{"ground_truth": None} for _ in ROLLOUTS], dtype=object),
-        # The prompt in extra_info, as the docs ask (verl passes compute_score only the response).
+        # The prompt in extra_info, as the data may put it.
         "extra_info": np.array([{"prompt": p} for p, _ in ROLLOUTS], dtype=object),
     }
+    if agent_loop:
+        non_tensors["extra_info"] = np.array([{"index": i} for i in range(len(ROLLOUTS))], dtype=object)
+        non_tensors["tool_extra_fields"] = np.array([{"raw_prompt": messages_of(p)} for p, _ in ROLLOUTS], dtype=object)
     return DataProto.from_dict(
         tensors={"prompts": p_ids, "responses": r_ids, "attention_mask": mask}, non_tensors=non_tensors
     )
@@ -109,7 +118,15 @@ def main() -> None:
     data = batch(tokenizer)
     kwargs = {"task": a.task, "base_url": a.url}
     forms = {"file": labeler_client.verl.__file__, "pkg": "pkg://labeler_client.verl"}
-    out: dict = {"naive": {}, "naive_async": {}, "awaited": {}, "legacy_batch": {}, "pickled": {}, "errors": {}}
+    out: dict = {
+        "naive": {},
+        "naive_async": {},
+        "awaited": {},
+        "legacy_batch": {},
+        "pickled": {},
+        "agent_loop": {},
+        "errors": {},
+    }
     for form, path in forms.items():
         cfg = config(a.model_dir, path, "compute_score", "naive", kwargs)
         out["naive"][form] = reward_loop(cfg, data)
@@ -117,6 +134,7 @@ def main() -> None:
         async_cfg = config(a.model_dir, path, "compute_score_async", "naive", kwargs)
         out["naive_async"][form] = reward_loop(async_cfg, data, awaited)
         out["awaited"][form] = awaited[0]
+        out["agent_loop"][form] = reward_loop(cfg, batch(tokenizer, agent_loop=True))
         # As verl's remote reward manager ships it to its reward actors (after this process used it).
         copy = cloudpickle.loads(cloudpickle.dumps(get_custom_reward_fn(cfg)))
         out["pickled"][form] = [copy("x", response, None, {"prompt": prompt}) for prompt, response in ROLLOUTS]
