@@ -336,7 +336,9 @@ def find_groups(prompts: Sequence[Text], num_generations: int) -> list[range]:
             if prompts[i] != prompts[g.start]:
                 raise ValueError(
                     f"group rewards need each prompt repeated num_generations={n} times in a row (TRL's GRPO "
-                    f"layout), but completion {i} has another prompt than completion {g.start}, the first of its group"
+                    f"layout), but completion {i} has another prompt than completion {g.start}, the first of its group "
+                    "(with environment_factory, TRL adds each generation's reset() observation to its prompt: "
+                    "group rewards need a reset that gives every generation of a prompt the same one)"
                 )
     return groups
 
