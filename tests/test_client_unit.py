@@ -197,6 +197,18 @@ async def test_a_call_waits_out_an_outage_once_not_once_per_batch(cls, concurren
     assert len(sent) - (8 - concurrency) > 8 * concurrency  # the first batches' retries, then a try each
 
 
+def test_a_busy_server_keeps_every_requests_retries():
+    """429 is a server at work asking each request to come back later: unlike an outage, it
+    leaves the call's other requests their retries (here the first request's tries are all
+    refused, the second's first)."""
+    fake = FakeLabeler()
+    fake.fail_next(429, times=3, retry_after=1)
+    client = client_for(fake, retry=lc.Retry(max_retries=1), batch_size=1, max_concurrency=1)
+    got = client.rewards(["a", "b"], ["x", "y"], task="tiny", on_error="none")
+    # The first request's two tries are refused (None); the second is refused once more, then answered.
+    assert got[0] is None and got[1] == fake_reward("b", "y") and len(fake.requests) == 4
+
+
 def test_a_trl_reward_function_waits_out_an_outage_once():
     """TRL's reward function finding over-long completions ("lowest") sends in raise mode
     first; a step whose request waited out the budget on an outage gives None for its rows,

@@ -215,12 +215,18 @@ class _BaseClient:
     @staticmethod
     def _outage(error: exc.LabelerClientError) -> bool:
         """An error of the server's availability, not of the batch: no answer (a timeout
-        too), or 408, 429, 502, 503, 504 about no item. Once a batch of a call has used up its
+        too), or 408, 502, 503, 504 about no item. Once a batch of a call has used up its
         retries on one, the call's other batches are tried once each (`_ONCE`): a call waits
-        out an outage about as long as one request's retries, not once per batch."""
+        out an outage about as long as one request's retries, not once per batch. (A 429 is
+        a server at work that asks each request to come back: each keeps its retries.)"""
         if isinstance(error, exc.RequestError):
             return not error.misconfigured
-        return isinstance(error, exc.APIStatusError) and error.status in RETRY_STATUSES and not error._names_item
+        return (
+            isinstance(error, exc.APIStatusError)
+            and error.status in RETRY_STATUSES
+            and error.status != 429
+            and not error._names_item
+        )
 
     @staticmethod
     def _request_wide(error: exc.LabelerClientError) -> bool:

@@ -52,9 +52,10 @@ class Retry:
     is idempotent and cached server-side, so a retried request is safe.
     `Retry(max_retries=0)` turns retries off. With `max_elapsed`, no retry starts later than
     that many seconds after the request's first try (the last wait is cut short to it).
-    Once a request has used up its retries on an outage (no answer, or 408, 429, 502, 503,
-    504 about no item), the other requests of the same call are tried once each: with
-    on_error="none", a call waits out an outage about as long as one request, not once per batch.
+    Once a request has used up its retries on an outage (no answer, or 408, 502, 503, 504
+    about no item; not a busy server's 429), the other requests of the same call are tried
+    once each: with on_error="none", a call waits out an outage about as long as one
+    request, not once per batch.
     """
 
     max_retries: int = 5
