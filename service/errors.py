@@ -80,7 +80,8 @@ def install(app: FastAPI) -> None:
         elif param == "body" and not _json_content(request):
             message = f"body: content-type must be application/json, not {request.headers.get('content-type')!r}"
         # A count or length over a limit reads the same as the server's other limits.
-        type_ = "input_too_long" if kind in ("too_long", "string_too_long", "less_than_equal") else "invalid_request"
+        over = ("too_long", "string_too_long", "less_than_equal", "less_than")
+        type_ = "input_too_long" if kind in over else "invalid_request"
         return error_response(422, message, type_, param)
 
     @app.exception_handler(StarletteHTTPException)
