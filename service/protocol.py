@@ -62,7 +62,10 @@ class _Body(BaseModel):
 
 # A role is a name (the transcript writes it in front of its turn), not a text to judge.
 MAX_ROLE_CHARS = 64
-_MESSAGE_CONTENT = "the turn's text (untrusted); also null or OpenAI content parts, read as their text parts"
+_MESSAGE_CONTENT = (
+    "the turn's text (untrusted); also null or OpenAI content parts, read as their text parts joined by "
+    "newlines, which the text's character limit holds"
+)
 
 
 def _content_type(chars: int) -> Any:
