@@ -197,6 +197,22 @@ async def test_a_call_waits_out_an_outage_once_not_once_per_batch(cls, concurren
     assert len(sent) - (8 - concurrency) > 8 * concurrency  # the first batches' retries, then a try each
 
 
+def test_requests_get_their_retries_again_once_the_server_answers():
+    """After a request used up its retries on an outage, the next is tried once; once one is
+    answered, the server is back, and the requests after it are retried again."""
+    fake = FakeLabeler()
+    down = {"error": {"message": "down", "type": "engine_unavailable", "param": None, "code": 503}}
+    script = iter([503, 503, 503, 200, 503, 200])  # a: two tries; b: one; c answered; d: refused, then answered
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return fake.handle(request) if next(script) == 200 else httpx.Response(503, json=down)
+
+    client = lc.Client(URL, transport=httpx.MockTransport(handle), retry=lc.Retry(max_retries=1, backoff=0))
+    client.batch_size, client.max_concurrency = 1, 1
+    got = client.rewards(["a", "b", "c", "d"], ["w", "x", "y", "z"], task="tiny", on_error="none")
+    assert got == [None, None, fake_reward("c", "y"), fake_reward("d", "z")]
+
+
 def test_a_busy_server_keeps_every_requests_retries():
     """429 is a server at work asking each request to come back later: unlike an outage, it
     leaves the call's other requests their retries (here the first request's tries are all
@@ -209,15 +225,15 @@ def test_a_busy_server_keeps_every_requests_retries():
     assert got[0] is None and got[1] == fake_reward("b", "y") and len(fake.requests) == 4
 
 
-def test_a_trl_reward_function_waits_out_an_outage_once():
+def test_a_trl_reward_function_waits_out_an_outage_once_a_call():
     """TRL's reward function finding over-long completions ("lowest") sends in raise mode
-    first; a step whose request waited out the budget on an outage gives None for its rows,
-    without waiting it out again in on_error="none" mode."""
+    first, then the rest in on_error="none" mode: each call waits out the budget once (the
+    second may find rows answered meanwhile), not once per batch."""
     reward = reward_function(URL, task="tiny", on_error="none", overlong="lowest", max_concurrency=1)
     now = [0.0]
     _down(reward.client, now)
     assert reward(["p"] * 256, ["r"] * 256) == [None] * 256
-    assert 600 <= now[0] < 615
+    assert 1200 <= now[0] < 1230
 
 
 def test_the_training_adapters_wait_for_a_labeler_that_restarts():
@@ -444,7 +460,7 @@ def test_a_url_scheme_that_cannot_be_sent_is_raised_at_once():
     with serve_fake(FakeLabeler()) as server:
         plain = lc.Client(server.url.replace("http:", "https:"), retry=lc.Retry(max_retries=3), batch_size=1)
         plain._sleep = sleeps.append  # type: ignore[method-assign]
-        with pytest.raises(lc.RequestError, match="WRONG_VERSION_NUMBER") as err:
+        with pytest.raises(lc.RequestError, match="WRONG_VERSION_NUMBER|RECORD_LAYER_FAILURE") as err:
             plain.rewards(["p"] * 3, ["r"] * 3, task="tiny", on_error="none")
         assert err.value.misconfigured and sleeps == [] and server.seen == []
     fake = FakeLabeler()

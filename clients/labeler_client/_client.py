@@ -141,7 +141,8 @@ class _BaseClient:
         # a plain-HTTP port, a self-signed certificate).
         wrapped.misconfigured = isinstance(error, httpx.UnsupportedProtocol) or any(
             isinstance(cause, ssl.SSLCertVerificationError)
-            or (isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER")
+            # OpenSSL before 3.2 names a plain-HTTP answer to its handshake so; 3.2 and later:
+            or (isinstance(cause, ssl.SSLError) and cause.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"))
             for cause in _causes(error)
         )
         return wrapped
@@ -216,9 +217,10 @@ class _BaseClient:
     def _outage(error: exc.LabelerClientError) -> bool:
         """An error of the server's availability, not of the batch: no answer (a timeout
         too), or 408, 502, 503, 504 about no item. Once a batch of a call has used up its
-        retries on one, the call's other batches are tried once each (`_ONCE`): a call waits
-        out an outage about as long as one request's retries, not once per batch. (A 429 is
-        a server at work that asks each request to come back: each keeps its retries.)"""
+        retries on one, the call's other batches are tried once each (`_ONCE`), until one is
+        answered: a call waits out an outage about as long as one request's retries, not once
+        per batch. (A 429 is a server at work that asks each request to come back: each keeps
+        its retries.)"""
         if isinstance(error, exc.RequestError):
             return not error.misconfigured
         return (
@@ -365,6 +367,7 @@ class Client(_BaseClient):
                         body = {**opts, "items": batching.select(items, idx)}
                         isolate = self._isolating(idx, on_error)
                         answer = self._send("POST", path, body, retry=retry, isolate=isolate, stop=stop)
+                        retry = None  # an answer: the server is back, and requests get their retries again
                         batching.place(out, idx, answer.data, parse, answer.request)
                     except exc.LabelerClientError as error:
                         if self._outage(error):
@@ -673,6 +676,7 @@ class AsyncClient(_BaseClient):
                     body = {**opts, "items": batching.select(items, idx)}
                     isolate = self._isolating(idx, on_error)
                     answer = await self._send("POST", path, body, retry=retry, isolate=isolate)
+                    retry = None  # an answer: the server is back, and requests get their retries again
                     batching.place(out, idx, answer.data, parse, answer.request)
                 except exc.LabelerClientError as error:
                     if self._outage(error):

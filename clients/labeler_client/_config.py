@@ -10,7 +10,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Literal, get_args
 from urllib.parse import urlsplit
@@ -138,7 +138,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:  # asctime's form, or "-0000": HTTP dates are in GMT all the same
-            when = when.replace(tzinfo=UTC)
+            when = when.replace(tzinfo=timezone.utc)  # noqa: UP017 - datetime.UTC is 3.11's; this package runs on 3.10
         seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds:  # NaN
         return None

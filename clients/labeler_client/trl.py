@@ -92,9 +92,7 @@ class _Overlong:
             self.out[self.keep.pop(item)] = LOWEST
             return True
         if self.mode != self.on_error:  # on_error="none": failed rows get None, as without overlong
-            if item is None and _BaseClient._outage(error):  # its retries waited out the outage:
-                self.keep = []  # the rest get None, without waiting it out once more
-            elif item is None:  # no row named: the rest as on_error="none" gives them
+            if item is None:  # no row named: the rest as on_error="none" gives them
                 self.mode = self.on_error
             else:  # that row alone, so that the others over the limits are still found
                 self.out[self.keep.pop(item)] = None
