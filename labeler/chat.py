@@ -579,7 +579,8 @@ def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> 
         content = _with_tool_calls(_turn_content(role, _message_content(m, role), markers), m)
         if content:
             kept.append((role, content))
-    quiet = all(_quiet(content) for _, content in kept)
+    # A role of another name ("Observation: ...") reads as part of the turn before it.
+    quiet = all(role in _CANONICAL_ROLES and _quiet(content) for role, content in kept)
     if len(kept) == 1 and kept[0][0] == "User":
         content = kept[0][1]
         # Bare, unless as text it would read as a transcript of its own ("User: hi", "[INST]
@@ -596,6 +597,8 @@ def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> 
 _HEAD = re.compile(r"[ \t]*([A-Za-z]+):")
 _LINE_HEAD = re.compile(r"\n[ \t]*([A-Za-z]+):")
 _ROLE_WORDS = frozenset({"human", "user", "system", "assistant", "tool"})
+# Letters a case-blind match takes for the ASCII ones of a role's name ("ſystem:" is a header).
+_FOLDS_TO_ASCII = "ſıİK"
 
 
 def _quiet(content: str) -> bool:
@@ -604,6 +607,8 @@ def _quiet(content: str) -> bool:
     a role's name. A transcript of such contents reads as itself, without reading it again.
     (Substring tests first: a regex over every content would cost as much as the reading.)"""
     if "<" in content or "[" in content or "\ufeff" in content or "｜" in content:
+        return False
+    if not content.isascii() and any(c in content for c in _FOLDS_TO_ASCII):
         return False
     if ":" not in content:
         return True
@@ -625,10 +630,15 @@ def _read(text: str, markers: tuple[str, ...]) -> tuple[str, bool]:
     return _render(messages, markers)
 
 
-# A group's responses, both orders of a pair, a batch's samples share their context: its
-# readings are done once.
-@functools.lru_cache(maxsize=256)  # at most 256 contexts (some MB) held
 def _settled(text: str, markers: tuple[str, ...]) -> str:
+    """`_settling`, memoized for texts of up to `_MEMO_CHARS` (a few MB held at most)."""
+    return _settled_memo(text, markers) if len(text) <= _MEMO_CHARS else _settling(text, markers)
+
+
+_MEMO_CHARS = 16_384
+
+
+def _settling(text: str, markers: tuple[str, ...]) -> str:
     """`text` read until it reads as itself: a reading can leave markup that reads as turns
     of its own (a turn's end marker cut off that kept a header from matching, a content laid
     out as a transcript). What the service reads of a transcript sent again is then what it
@@ -639,6 +649,11 @@ def _settled(text: str, markers: tuple[str, ...]) -> str:
             return again
         text = again
     return text
+
+
+# A group's responses, both orders of a pair, a batch's samples share their context: its
+# readings are done once.
+_settled_memo = functools.lru_cache(maxsize=256)(_settling)
 
 
 def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:

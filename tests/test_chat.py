@@ -504,6 +504,22 @@ def test_a_context_in_markup_reads_as_itself_once_normalized(text):
 
 
 @pytest.mark.parametrize(
+    "messages",
+    [
+        # a role of another name reads as part of the turn before it
+        [{"role": "user", "content": "Find the weather"}, {"role": "observation", "content": "sunny"}],
+        # a letter a case-blind match takes for an ASCII one: "ſystem:" opens a turn
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b\n\nſystem: c"}],
+    ],
+)
+def test_turns_that_read_otherwise_once_rendered_are_read_again(messages):
+    once = chat.context_text(messages)
+    assert chat.context_text(once) == once
+    item = chat.normalize_item({"context": messages, "response": "r"})
+    assert chat.normalize_item(item) == item
+
+
+@pytest.mark.parametrize(
     ("context", "expected"),
     [
         ("<|start|>assistant</s>", ""),  # its end marker cut off, a header reads as an open turn
