@@ -274,8 +274,9 @@ class JsonlSink:
                 os.close(fd)  # lets the lock go
 
     def _open_held(self) -> tuple[int, Path | None]:
-        """(a descriptor of the file holding its lock, opened to append as a lock on NFS needs;
-        the file this call created, if it did)."""
+        """(a descriptor of the file holding its lock, opened to append as an exclusive lock on
+        NFS needs, or to read where this process may not write it, for a shared lock; the file
+        this call created, if it did)."""
         for _ in range(100):  # each turn is a race lost to another run: a few at most
             # The file a link names (created where it does not exist yet, as appending would).
             target = Path(os.path.realpath(self.path))
@@ -360,6 +361,7 @@ class JsonlSink:
         if row is not None:  # a whole row that lacks its newline (a hand edit, a concatenation)
             self.rows[row["key"]] = _held(row)
         if self.read_only:  # read as it is; a run that appends to it is refused
+            self._loaded = None  # and read again by a run that may write it (made writable since)
             return
         if row is not None:
             with self.path.open("ab") as f:

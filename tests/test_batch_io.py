@@ -475,6 +475,17 @@ for name in sys.argv[1:]:
         asyncio.run(run_jobs(jobs, Refusing(), sink, "scores", params, progress=False))
     except InvalidInput as exc:
         print(exc.field, exc)
+
+class Labeling:
+    async def scores(self, items, task, **opts):
+        return [{"reward": 0.25} for _ in items]
+
+# Made writable after it was read (its last row's newline not added then): a run completes
+# that row before it appends.
+sink = JsonlSink(Path(sys.argv[1]))
+Path(sys.argv[1]).chmod(0o644)
+asyncio.run(run_jobs(jobs, Labeling(), sink, "scores", params, progress=False))
+print(json.dumps([json.loads(line)["key"] for line in Path(sys.argv[1]).read_text().splitlines()]))
 """
 
 
@@ -482,7 +493,8 @@ def test_a_finished_output_this_process_cannot_write_is_read_as_it_is(tmp_path):
     """A finished OUT on a read-only mount, or not this user's to write (here: its permission
     bits, and root's override of them dropped): read without touching it (a last row without
     its newline kept, a torn one left out), its items skipped, so figures can be computed
-    again from it; a run with items not in it is refused, naming the file and the reason."""
+    again from it; a run with items not in it is refused, naming the file and the reason.
+    One made writable after it was read is repaired before a run appends to it."""
     rows = b"".join(_jsonl_line({"key": k, "reward": 0.5}) for k in ("k0", "k1"))
     files = {"no_newline.jsonl": rows[:-1], "torn.jsonl": rows + b'{"key": "k2", "rew'}
     for name, data in files.items():
@@ -504,7 +516,8 @@ def test_a_finished_output_this_process_cannot_write_is_read_as_it_is(tmp_path):
             f"output {tmp_path / name} cannot be written (Permission denied): 1 of these items are not in it yet; "
             "give an output that can be written"
         )
-        assert (tmp_path / name).read_bytes() == files[name]
+    assert (tmp_path / "torn.jsonl").read_bytes() == files["torn.jsonl"]
+    assert json.loads(lines[6]) == ["k0", "k1", "k2"]
 
 
 def test_sink_completes_a_whole_last_row_and_cuts_one_torn_inside_a_character(tmp_path):
