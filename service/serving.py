@@ -174,7 +174,7 @@ class LabelService:
                     items.append(ReferenceItem(**self._normalize({**fields, "reference": references[k]})))
 
         try:
-            await self._off_loop_if_large(read_queries, _text_chars([req.query, prompts, references]))
+            await self._off_loop_if_large(read_queries, _nested_chars([req.query, prompts, references]))
             kind = "reference" if references is not None else "score"
             spec = self._spec(kind, self.settings.task if task is None else task)  # "": an unknown task
             if lowest:
@@ -459,12 +459,24 @@ def _pick(values: Sequence[int] | None, at: Sequence[int]) -> list[int] | None:
 _INLINE_CHARS = 65_536
 
 
-def _text_chars(value: Any, limit: int = _INLINE_CHARS) -> int:
-    """The characters of the texts in `value` (nested lists and dicts), counted up to just
-    past `limit`."""
+def _text_chars(items: Sequence[dict[str, Any]]) -> int:
+    """The characters of the texts in request `items` (dicts of texts, messages, lists of
+    them), counted until they pass `_INLINE_CHARS`. Fields of text, nearly all of them, are
+    counted without a walk: this runs on every request, cache hits included."""
+    total = 0
+    for item in items:
+        for v in item.values():
+            total += len(v) if type(v) is str else _nested_chars(v)
+        if total > _INLINE_CHARS:
+            break
+    return total
+
+
+def _nested_chars(value: Any) -> int:
+    """The characters of the texts in `value`, a text or nested lists and dicts of them."""
     total = 0
     todo = [value]
-    while todo and total <= limit:
+    while todo:
         v = todo.pop()
         if isinstance(v, str):
             total += len(v)
