@@ -199,10 +199,12 @@ _TEMPLATE_ENDS = frozenset({*(end for t in (*_TEMPLATES, _DEEPSEEK, _HARMONY) fo
 # Role names in any case: "user: ..." is how older clients wrote transcripts. A turn opens
 # after a blank line (CRLF too); only spaces and tabs may stand around that line's newlines,
 # so that a long run of newlines is scanned in linear time, not once per newline.
-_PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)((?i:human|user|system|assistant|tool)):[ \t]?")
-_PLAIN_START = re.compile(r"\A\s*((?i:human|user|system|assistant|tool)):")
+_PLAIN_ROLES = ("human", "user", "system", "assistant", "tool")
+_PLAIN_ROLE = "(?i:" + "|".join(_PLAIN_ROLES) + ")"
+_PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)(" + _PLAIN_ROLE + r"):[ \t]?")
+_PLAIN_START = re.compile(r"\A\s*(" + _PLAIN_ROLE + "):")
 # A turn opening after one newline, for transcripts that separate turns by one.
-_PLAIN_LINE_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*)((?i:human|user|system|assistant|tool)):[ \t]?")
+_PLAIN_LINE_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*)(" + _PLAIN_ROLE + r"):[ \t]?")
 # What a template writes wherever it puts it, no part of the dialogue, as (a marker it
 # starts with, the whole of it): an image or a video in a Qwen-VL prompt (a placeholder token
 # per patch; the labeler reads text only, as it reads a message's text parts), Mistral's tool
@@ -217,7 +219,7 @@ _TEMPLATE_WRITTEN = (
 )
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
-_MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|(?i:human|user|system|assistant|tool):)")
+_MAYBE_MARKUP = re.compile(r"[\s\ufeff]*(?:[<\[]|" + _PLAIN_ROLE + ":)")
 # A turn holds no "[INST]" of its own: each search stops at the next one, so that text with
 # many unclosed ones is scanned in linear time.
 _INST = re.compile(r"\[INST\]((?:(?!\[INST\]).)*?)\[/INST\]", re.DOTALL)
@@ -596,7 +598,7 @@ def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> 
 # A line's first word, where a colon follows it (a role's header, when it names one).
 _HEAD = re.compile(r"[ \t]*([A-Za-z]+):")
 _LINE_HEAD = re.compile(r"\n[ \t]*([A-Za-z]+):")
-_ROLE_WORDS = frozenset({"human", "user", "system", "assistant", "tool"})
+_ROLE_WORDS = frozenset(_PLAIN_ROLES)
 # Letters a case-blind match takes for the ASCII ones of a role's name ("ſystem:" is a header).
 _FOLDS_TO_ASCII = "ſıİK"
 
