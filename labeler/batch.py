@@ -321,7 +321,7 @@ class JsonlSink:
                 _warn_no_lock(self.path, exc.strerror or str(exc))
                 return
             raise InvalidInput(
-                f"{self.path} is being written by another run; wait for it to end, or give another output",
+                f"{self.path} is being {_holder(fd)} by another run; wait for it to end, or give another output",
                 field="output",
             ) from None
 
@@ -418,6 +418,17 @@ def probe_folder(folder: Path) -> None:
     fd, probe = tempfile.mkstemp(dir=folder, prefix=".labeler-probe-")
     os.close(fd)
     os.unlink(probe)
+
+
+def _holder(fd: int) -> str:
+    """What the run holding `fd`'s file does with it: "read" where its lock is shared (a run
+    reading a finished output), "written" where it is exclusive."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return "written"
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return "read"
 
 
 @functools.cache

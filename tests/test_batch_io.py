@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -631,6 +632,27 @@ async def test_a_second_run_into_the_same_output_is_refused_while_the_first_hold
     summary = await run_jobs(jobs, _Unlabeling(), opened, "scores", params, progress=False)
     assert (summary.labeled, summary.skipped) == (1, 1)
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["k0", "k1"]
+
+
+def test_a_run_into_an_output_another_run_reads_is_refused_as_read(tmp_path):
+    """A run reading a finished OUT it cannot write (its lock shared) keeps a run that would
+    write it out, which is told that the file is being read (not written) by another run."""
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(_jsonl_line({"key": "k0", "reward": 0.5}))
+    path.chmod(0o444)
+    as_user = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+    reader = subprocess.Popen(
+        [*as_user, sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline() == "held\n"
+        path.chmod(0o644)  # writable to the second run, as to the file's owner
+        with pytest.raises(InvalidInput, match=f"^{re.escape(str(path))} is being read by another run; wait") as err:
+            JsonlSink(path)
+        assert err.value.field == "output"
+    finally:
+        reader.communicate("")
+    assert reader.returncode == 0 and JsonlSink(path).rows.keys() == {"k0"}
 
 
 async def test_a_run_reads_the_rows_written_since_its_output_was_opened(tmp_path):
