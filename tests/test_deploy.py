@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.fixtures.docker import compose_command
 from tests.fixtures.redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,20 @@ def tool(name: str) -> str:
 
 
 def compose(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("docker-compose"), *args], cwd=DOCKER, capture_output=True, text=True, timeout=60)
+    return subprocess.run([*compose_command(), *args], cwd=DOCKER, capture_output=True, text=True, timeout=60)
+
+
+def mounts(service: dict) -> list[tuple[str, bool]]:
+    """(target, read-only) of each of a service's volumes as `config` prints them: short
+    syntax ("src:/models:ro", docker-compose 1.x) or long (a mapping, `docker compose`)."""
+    out = []
+    for v in service.get("volumes", []):
+        if isinstance(v, dict):
+            out.append((v["target"], bool(v.get("read_only"))))
+        else:
+            parts = str(v).split(":")
+            out.append((parts[1] if len(parts) > 1 else parts[0], parts[-1] == "ro"))
+    return out
 
 
 @pytest.mark.parametrize(
@@ -57,16 +71,16 @@ def test_compose_files_validate(files, services):
     for name, svc in cfg["services"].items():
         # A labeler on read-only models keeps the model fingerprint in a volume of its own,
         # not in the container (a read of every weight file again at each recreate).
-        if any(str(v).endswith(":/models:ro") for v in svc.get("volumes", [])) and name.startswith(("labeler", "api")):
+        if ("/models", True) in mounts(svc) and name.startswith(("labeler", "api")):
             assert svc["environment"]["LABELER_CACHE_DIR"] == "/cache", name
-            assert any(str(v).split(":")[1] == "/cache" and not str(v).endswith(":ro") for v in svc["volumes"]), name
+            assert ("/cache", False) in mounts(svc), name
     if files == ["docker-compose.yml"]:
         # The vLLM variant only runs with --profile gpu; the CPU default always does.
         assert cfg["services"]["labeler-gpu"]["profiles"] == ["gpu"]
         assert "profiles" not in cfg["services"]["labeler"]
         gpu = cfg["services"]["labeler-gpu"]
         assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-        assert any(str(v).endswith(":/models:ro") for v in gpu["volumes"])
+        assert ("/models", True) in mounts(gpu)
         assert "redis-data" in cfg["volumes"]
         return
     api = cfg["services"]["api"]
