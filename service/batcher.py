@@ -310,8 +310,10 @@ class MicroBatcher:
             rest = [j for j in half if not j.future.done()]
             if half_error is None or not rest:
                 continue
-            if any(j.future.done() and not j.future.cancelled() and j.future.exception() for j in half):
-                # Probes failed here: the half's error may have been theirs alone; the rest runs again.
+            probes_failed = any(j.future.done() and not j.future.cancelled() and j.future.exception() for j in half)
+            if probes_failed or len(rest) == 1 < len(half):
+                # Probes failed here (the half's error may have been theirs alone), or worked and
+                # left one item that never ran without them: the rest runs again.
                 await self._attempt(group, rest)
             else:
                 await self._bisect(group, rest, half_error)

@@ -152,6 +152,23 @@ def test_an_item_the_probes_left_in_a_failed_half_runs_again_before_it_gets_an_e
     assert calls == [items, items[:3], items[3:], ["bad1"], ["bad2"], ["x2"], ["x1"], ["bad3"], ["x3"]]
 
 
+def test_an_item_a_working_probe_left_alone_in_its_half_runs_before_it_gets_an_error():
+    """An engine that fails every call of two or more items alike (an error of the batch, no
+    item's): [A, B] and [C, D] fail the same way, the probe A works, and B, never run without
+    A, runs alone and gets its label instead of its half's error."""
+    calls: list[list[str]] = []
+
+    async def batched_only_fails(group, items, keys):
+        calls.append(list(items))
+        if len(items) > 1:
+            raise RuntimeError("forward failed: batched kernel error")
+        return [f"label of {it}" for it in items]
+
+    got = asyncio.run(one_batch(batched_only_fails, list("ABCD")))
+    assert got == [f"label of {it}" for it in "ABCD"], (got, calls)
+    assert calls == [list("ABCD"), ["A", "B"], ["C", "D"], ["A"], ["B"], ["C"], ["D"]]
+
+
 def test_an_unlabeled_item_alone_in_a_half_names_no_batch_index():
     """[crash, nan] fails on crash and is split: nan alone has no label, and the labeler's
     error names it as the batch's items[0]. Its waiters get the error without that index:
