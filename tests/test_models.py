@@ -40,6 +40,7 @@ def test_anything_else_is_a_clear_error_not_a_download(spec):
         ("transformers", {"max_model_len": 4096}, "engine_args", "'max_model_len'"),  # a vLLM argument left over
         ("transformers", {"dtype": "auto"}, "dtype", "'auto'"),
         ("transformers", {"dtype": "int8"}, "dtype", "'int8'"),
+        ("transformers", {"device": "cuda:99"}, "device", "'cuda:99'"),  # one torch cannot reach
         ("vllm-remote", {"urls": "http://127.0.0.1:9", "gpu_memory_utilization": 0.5}, "engine_args", "'gpu_"),
     ],
 )
@@ -47,11 +48,6 @@ def test_an_option_the_engine_cannot_take_is_refused_by_name(model_dir, name, op
     with pytest.raises(InvalidInput) as err:
         load_engine(name, str(model_dir), **options)
     assert err.value.field == field and named in str(err.value)
-
-
-def test_a_device_torch_cannot_reach_is_a_load_error(model_dir):
-    with pytest.raises(ModelLoadError, match="cuda:99"):
-        load_engine("transformers", str(model_dir), device="cuda:99")
 
 
 def test_directory_without_config_is_refused(tmp_path):

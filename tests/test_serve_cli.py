@@ -176,6 +176,7 @@ def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
         # option values of the wrong kind, which the engine's constructor would refuse at start-up
         (["--engine-arg", "max_batch_tokens=abc"], "the transformers engine's max_batch_tokens must be a whole number"),
         (["--engine-arg", "dtype=int8"], "dtype must be a torch floating-point type such as float32"),
+        (["--device", "cuda:7"], "device 'cuda:7' cannot be used by this torch"),
         (
             ["--engine", "vllm-remote", "--vllm-urls", "http://127.0.0.1:1", "--engine-arg", "timeout=0"],
             "the vllm-remote engine's timeout must be more than 0, got 0",

@@ -250,6 +250,7 @@ class TransformersEngine:
             pack_tokens=pack_tokens,
             threads=threads,
             dtype=dtype,
+            device=device,
         )
         model_dir = Path(model_dir)
         if threads is not None:
@@ -270,11 +271,27 @@ class TransformersEngine:
 
     @staticmethod
     def checked_options(
-        *, max_batch_tokens: Any, min_shared_tokens: Any, pack_tokens: Any, threads: Any, dtype: Any, **_: Any
+        *,
+        max_batch_tokens: Any,
+        min_shared_tokens: Any,
+        pack_tokens: Any,
+        threads: Any,
+        dtype: Any,
+        device: Any = "cpu",
+        **_: Any,
     ) -> tuple[tuple[int, int, int], int | None, Any]:
         """(token limits, threads, torch dtype) as the engine uses them, or InvalidInput naming
-        an option of the wrong kind; `check_engine` calls it too, before a server starts."""
+        an option of the wrong kind or a device torch cannot reach; `check_engine` calls it
+        too, before a server starts."""
         import torch
+
+        try:
+            torch.empty(0, device=device)
+        # AssertionError: torch's "not compiled with CUDA enabled" for a device it was built without.
+        except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+            # torch's first sentence: some of its messages run to pages.
+            why = next(iter(str(exc).splitlines()), type(exc).__name__).split(". ")[0]
+            raise InvalidInput(f"device {device!r} cannot be used by this torch: {why}", field="device") from None
 
         limits = _limits(max_batch_tokens, min_shared_tokens, pack_tokens)
         if threads is not None:
