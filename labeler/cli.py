@@ -107,6 +107,7 @@ def build_labeler(args: argparse.Namespace):
     `--seed` out of range), are refused before the model loads (minutes, for a large one)."""
     from .core import Labeler
     from .engines import engine_options, load_engine
+    from .models import hide_load_progress
     from .spec import LabelSpec
 
     tasks = load_tasks(args)
@@ -115,6 +116,8 @@ def build_labeler(args: argparse.Namespace):
     if getattr(args, "samples", None) is not None:
         options = {"cot": args.cot, "samples": args.samples, "seed": getattr(args, "seed", 0)}
         LabelSpec.build("pairwise", task="", task_version="", model="", labels=(), **options)  # InvalidInput
+    if getattr(args, "no_progress", False):
+        hide_load_progress()
     engine = args.engine or "transformers"
     options = engine_options(engine, device=args.device or "cpu", engine_args=args.engine_arg, vllm_urls=args.vllm_urls)
     return Labeler(load_engine(engine, args.model, **options), tasks)

@@ -204,6 +204,14 @@ def _publish(tmp: Path, out: Path) -> None:
             raise
 
 
+def hide_load_progress() -> None:
+    """No progress bars from transformers (its "Loading weights" bar) in this process: for a
+    server, whose stderr is JSON log lines, and for a command run with --no-progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(source: str | os.PathLike[str], **options: Any) -> Any:
     """The Hugging Face tokenizer in `source` (a model directory, or the separate tokenizer
     directory a model names), with `from_pretrained` options such as `trust_remote_code`;

@@ -63,7 +63,9 @@ ERRORS[429]["headers"] = ERRORS[503]["headers"] = _RETRY_AFTER
 def build_labeler(settings: Settings, tasks: TaskRegistry | None = None) -> Labeler:
     """Load the engine and tasks the settings name (blocking: run it in a thread)."""
     from labeler.engines import load_engine
+    from labeler.models import hide_load_progress
 
+    hide_load_progress()  # the logs are JSON lines
     options = settings.engine_options()
     return Labeler(
         load_engine(settings.engine, settings.model, **options),

@@ -175,6 +175,8 @@ def check_start(settings: Settings) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from labeler.models import hide_load_progress
+
     from .app import create_app
     from .settings import misspelled_variables
 
@@ -182,6 +184,7 @@ def serve(args: argparse.Namespace) -> int:
     # Logging first: a misspelt variable's warning explains a refusal below, and a first
     # start's model conversion logs its progress.
     logging.config.dictConfig(log_config(settings.log_level))
+    hide_load_progress()  # JSON lines only, from a first start's model conversion on
     for warning in [*misspelled_variables(), *auth_warnings(settings)]:
         logging.getLogger("service").warning(warning)
     check_start(settings)

@@ -220,6 +220,7 @@ def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(tmp_path,
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "it/s]" not in done.stderr, done.stderr  # --no-progress: no bar, the model's loading none either
     summary = json.loads(done.stdout)
     assert summary["skipped"] == len(written) and summary["labeled"] == len(pairs) - len(written)
 

@@ -75,7 +75,9 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
     assert rc in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
     text = (tmp_path / "serve.log").read_text()
     assert secret not in text
-    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    raw = text.splitlines()
+    served = next(i for i, line in enumerate(raw) if "Finished server process" in line)
+    lines = [json.loads(line) for line in raw[: served + 1]]  # every line JSON (no progress bars)
     assert any(r["logger"] == "uvicorn.access" and "/v1/scores" in r["message"] for r in lines)
     assert any(r["message"] == "ready" and r.get("cache") == "memory" for r in lines)
     assert any(r["level"] == "warning" and "did you mean LABELER_REDIS_URL?" in r["message"] for r in lines)
