@@ -23,9 +23,11 @@ from labeler.engines.vllm_cpu import (
     CPU_KV_CACHE_MAX,
     THREADS_BIND_ENV,
     GiB,
+    check_kv_cache_fits,
     cpu_defaults,
     default_kv_cache_bytes,
     kv_bytes_per_token,
+    one_sequence_bytes,
     parse_sizes,
     threads_bind,
     weights_bytes,
@@ -335,10 +337,60 @@ def test_cpu_defaults_fill_in_only_what_is_not_given(model_dir):
     assert cpu_defaults(model_dir, given, environ={}).args == {}
     assert "kv_cache_memory_bytes" not in cpu_defaults(model_dir, {"gpu_memory_utilization": 0.01}, environ={}).args
     assert "kv_cache_memory_bytes" not in cpu_defaults(model_dir, {}, environ={"VLLM_CPU_KVCACHE_SPACE": "1"}).args
-    # A binding of the user's own, or an engine over several ranks, keeps vLLM's handling.
-    assert cpu_defaults(model_dir, {}, environ={THREADS_BIND_ENV: "0"}).env == {}
+    # A binding of the user's own, a setting only vLLM's own binding reads (cores it keeps
+    # back, the memory nodes to run on), or an engine over several ranks keeps vLLM's handling.
+    for name in (THREADS_BIND_ENV, "VLLM_CPU_NUM_OF_RESERVED_CPU", "CPU_VISIBLE_MEMORY_NODES"):
+        assert cpu_defaults(model_dir, {}, environ={name: "1"}).env == {}, name
     for ranks in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
         assert cpu_defaults(model_dir, {ranks: 2}, environ={}).env == {}
+
+
+def test_dtype_auto_is_sized_as_the_16_bit_type_vllm_loads_on_a_cpu(model_dir, monkeypatch):
+    """vLLM's "auto" on a CPU loads a float32 checkpoint (as this one is) in bfloat16: its
+    weights and cache are sized as such, not as float32's twice as many bytes."""
+    monkeypatch.setattr(vllm_cpu, "memory", lambda: (8 * GiB, 2 * GiB))
+
+    def size(dtype: str) -> int:
+        return cpu_defaults(model_dir, {"dtype": dtype}, environ={}).args["kv_cache_memory_bytes"]
+
+    assert size("auto") == size("bfloat16") > size("float32")
+
+
+def test_the_one_sequence_check_knows_full_attention_and_stretched_contexts(model_dir, tmp_path):
+    """A window switched off (Qwen2's `use_sliding_window: false`) or layer types all of full
+    attention keep every token, so a cache under one sequence is refused; a window in use is
+    vLLM's to size. A linear RoPE scaling stretches the context vLLM allows by its factor
+    (Gemma 3's and YaRN's positions come scaled already)."""
+    config = json.loads((model_dir / "config.json").read_text())
+
+    def model(**changes) -> Path:
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        for f in model_dir.iterdir():
+            if f.name != "config.json":
+                (folder / f.name).symlink_to(f)
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        return folder
+
+    small = 64 << 20  # under one 8192-token sequence (0.35 GiB), over a window's few tokens
+    for full in (
+        {"sliding_window": 32768, "use_sliding_window": False},
+        {"layer_types": ["full_attention"] * config["num_hidden_layers"]},
+    ):
+        with pytest.raises(ModelLoadError, match="less than one sequence"):
+            check_kv_cache_fits(model(**full), small, "float32")
+    for partial in ({"sliding_window": 4096}, {"layer_types": ["sliding_attention", "full_attention"] * 15}):
+        check_kv_cache_fits(model(**partial), small, "float32")
+    length = config["max_position_embeddings"]
+    for rope, factor in (
+        ({"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5}, 4),
+        ({"type": "dynamic", "factor": 2.0}, 2),
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}, 1),
+        ({"full_attention": {"rope_type": "linear", "factor": 8.0}, "sliding_attention": {"rope_type": "default"}}, 8),
+    ):
+        assert one_sequence_bytes(model(rope_parameters=rope), "float32")[1] == length * factor, rope
+    gemma3 = model(model_type="gemma3_text", rope_parameters={"rope_type": "linear", "factor": 8.0})
+    assert one_sequence_bytes(gemma3, "float32")[1] == length
 
 
 def test_sizes_are_read_as_vllms_command_line_reads_them(model_dir, monkeypatch):

@@ -43,6 +43,8 @@ CPU_KV_CACHE_MAX = 4 * GiB
 CPU_BLOCK_SIZE = 128  # vLLM's CPU backend's KV cache block, unless block_size is given
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 KVCACHE_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # the KV cache size in GiB, over any argument
+# What vLLM's own binding ("auto") reads, and a binding of ours would ignore: set, they leave it to vLLM.
+AUTO_BIND_ENVS = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "CPU_VISIBLE_MEMORY_NODES")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 _V1_UNLIMITED = 1 << 62  # cgroup v1 reports no memory limit as a number near 2**63
@@ -104,14 +106,17 @@ def cpu_defaults(
       (vLLM takes it over any argument), and a `kv_cache_memory_bytes` that differs from it
       is refused;
     - `VLLM_CPU_OMP_THREADS_BIND` = every CPU this process may use (`threads_bind`),
-      unless it is set already or the engine spans several ranks.
+      unless it is set already, a setting only vLLM's own binding reads is (`AUTO_BIND_ENVS`),
+      or the engine spans several ranks.
     """
     out = CPUDefaults()
     if "dtype" not in given:
         out.args["dtype"] = "float32"
     if "enforce_eager" not in given:
         out.args["enforce_eager"] = True
+    # "auto" is a 16-bit type on a CPU: a checkpoint's bfloat16 or float16, a float32 one downcast.
     dtype = str(given.get("dtype", "float32"))
+    dtype = "bfloat16" if dtype == "auto" else dtype
     size, share = given.get("kv_cache_memory_bytes"), given.get("gpu_memory_utilization")
     space = environ.get(KVCACHE_SPACE_ENV, "")
     if space != "":  # as vLLM tests it
@@ -141,7 +146,7 @@ def cpu_defaults(
     world = 1
     for ranks in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
         world *= int(given.get(ranks, 1))
-    if THREADS_BIND_ENV not in environ and world == 1:
+    if world == 1 and not any(name in environ for name in (THREADS_BIND_ENV, *AUTO_BIND_ENVS)):
         out.env[THREADS_BIND_ENV] = threads_bind()
     return out
 
@@ -349,16 +354,44 @@ def one_sequence_bytes(
     `max_model_len` tokens, else the model's context, as vLLM counts them."""
     # -1 (vLLM's "auto": the longest length that fits) sizes the cache for the model's context.
     given = max_model_len if isinstance(max_model_len, int) and max_model_len > 0 else None
-    length = int(given or _config(Path(model_dir)).get("max_position_embeddings") or 0)
+    length = int(given or context_length(_config(Path(model_dir))))
     # vLLM stores a sequence in whole blocks and holds one more block back (its null block).
     block = int(block_size or CPU_BLOCK_SIZE)
     one_sequence = kv_bytes_per_token(model_dir, dtype, kv_cache_dtype) * block * (-(-length // block) + 1)
     return -(-one_sequence >> 20) << 20, length  # whole MiB, rounded up
 
 
-# Config keys of attention that keeps fewer than all tokens in some layers (sliding windows,
-# latent KV): there one sequence needs less than `one_sequence_bytes` counts.
-_PARTIAL_KV_KEYS = ("sliding_window", "layer_types", "kv_lora_rank", "attention_chunk_size")
+# RoPE scalings whose configs give the positions already scaled: vLLM applies their factor no more.
+_PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def context_length(config: dict[str, Any]) -> int:
+    """The longest sequence of a model of `config` as vLLM derives it (its default
+    max_model_len): `max_position_embeddings`, times the factor of a RoPE scaling that
+    stretches them (linear, dynamic), as vLLM multiplies it."""
+    length = int(config.get("max_position_embeddings") or 0)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict) or "gemma3" in str(config.get("model_type", "")):  # Gemma 3's come scaled
+        return length
+    # One set of parameters, or one per layer type ({"full_attention": {...}, ...}).
+    sets = [rope] if not all(isinstance(v, dict) for v in rope.values()) else list(rope.values())
+    factor = 1.0
+    for params in sets:
+        if (params.get("rope_type") or params.get("type")) not in _PRESCALED_ROPE and params.get("factor"):
+            factor = float(params["factor"])
+    return int(length * factor)
+
+
+def partial_kv(config: dict[str, Any]) -> bool:
+    """Whether some layers of a model of `config` keep fewer than all tokens (sliding windows
+    in use, chunked or latent attention): there one sequence needs less than
+    `one_sequence_bytes` counts. A window configured but switched off (Qwen2's
+    `use_sliding_window: false`), or layer types all of full attention, is full attention."""
+    if config.get("kv_lora_rank") or config.get("attention_chunk_size"):
+        return True
+    if any(t != "full_attention" for t in config.get("layer_types") or ()):
+        return True
+    return bool(config.get("sliding_window")) and config.get("use_sliding_window") is not False
 
 
 def check_kv_cache_fits(
@@ -379,7 +412,7 @@ def check_kv_cache_fits(
     message names."""
     given = f"{KVCACHE_SPACE_ENV}={size // GiB}" if from_env else f"kv_cache_memory_bytes={size}"
     config = _config(Path(model_dir))
-    if not any(config.get(k) for k in _PARTIAL_KV_KEYS):
+    if not partial_kv(config):
         one_sequence, length = one_sequence_bytes(model_dir, dtype, kv_cache_dtype, max_model_len, block_size)
         if size < one_sequence:
             more = (
