@@ -17,7 +17,7 @@ import pytest
 from labeler import Labeler, PairItem, TaskRegistry
 from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
 from labeler.engines.vllm_remote import VLLMRemoteEngine
-from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput
+from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput, ModelOutputError
 from tests.fixtures.wait import async_wait_for
 
 URL = "http://127.0.0.1:9"  # a closed port: nothing answers the engine's look-up at start
@@ -266,6 +266,32 @@ async def test_a_generation_answer_that_is_not_a_whole_completion_is_an_engine_e
     assert [g.token_ids for g in got] == [(30,), (31,), (32,)]
 
 
+async def test_a_log_prob_at_the_servers_floor_is_a_zero_probability(model_dir):
+    """vLLM's completions API gives a zero probability as -9999.0, its floor: read as zero
+    (-inf, as the in-process engines give it), so labels all at zero are the model's error
+    rather than a uniform distribution, and one label at zero takes no share."""
+
+    class Floor(Scripted):
+        """Answers the tokens asked for with `logprobs`, in turn."""
+
+        def __init__(self, *logprobs: float) -> None:
+            super().__init__(max_model_len=4096)
+            self.logprobs = logprobs
+
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/completions":
+                tokens = json.loads(request.read())["logprob_token_ids"]
+                top = {f"token_id:{t}": v for t, v in zip(tokens, self.logprobs, strict=True)}
+                return httpx.Response(200, json={"choices": [{"logprobs": {"top_logprobs": [top]}}]})
+            return super().__call__(request)
+
+    (got,) = await engine(model_dir, Floor(-9999.0, -0.5)).score(read(10))
+    assert got == {(): {16: float("-inf"), 17: -0.5}}
+    lab = Labeler(engine(model_dir, Floor(-9999.0, -9999.0)), TaskRegistry.load([TASKS]))
+    with pytest.raises(ModelOutputError, match="zero probability on every label"):
+        await lab.apreferences([PairItem("2+2?", "4", "5")], "tiny", order="ab")
+
+
 async def test_options_are_read_as_vllm_reads_them_or_refused_by_name(model_dir):
     """`max_model_len` as vLLM's command line takes it: a size ("2K"), or "auto" / -1 for
     the servers' own length (what the engine asks them anyway). A value of the wrong type
@@ -292,6 +318,17 @@ async def test_options_are_read_as_vllm_reads_them_or_refused_by_name(model_dir)
         with pytest.raises(InvalidInput, match=option) as refused:
             VLLMRemoteEngine([URL], "/nonexistent/model", **{option: value})
         assert refused.value.field == option
+    # What could never be sent: a URL without its scheme or host, a key that no header carries
+    # (a newline read with it from a file). Else every call would count the servers as down.
+    for urls in ("localhost:8000", "http://", f"{URL},127.0.0.1:8001", ["ftp://127.0.0.1:21"], " , "):
+        with pytest.raises(InvalidInput, match="vLLM server URL|needs server URLs") as refused:
+            VLLMRemoteEngine(urls, "/nonexistent/model")
+        assert refused.value.field == "vllm_urls", urls
+    for key in ("secret\n", "sécret", "a\tb"):
+        with pytest.raises(InvalidInput, match="api_key must be printable ASCII") as refused:
+            VLLMRemoteEngine([URL], "/nonexistent/model", api_key=key)
+        assert refused.value.field == "api_key"
+    assert [s.url for s in engine(model_dir, Scripted(), api_key="k").servers] == [URL]
     remote = VLLMRemoteEngine([URL], model_dir, timeout="30", retries="2", cooldown="0.5")
     assert (remote.retries, remote.cooldown, remote._http.timeout.read) == (2, 0.5, 30.0)
     await remote.aclose()

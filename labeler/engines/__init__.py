@@ -51,12 +51,9 @@ def check_engine(name: str, options: dict[str, Any]) -> None:
 
         _check_options(name, TransformersEngine, options)
     elif name == "vllm-remote":
-        from .vllm_remote import VLLMRemoteEngine
+        from .vllm_remote import VLLMRemoteEngine, checked_urls
 
-        if not options.get("urls"):
-            raise InvalidInput(
-                "the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)", field="vllm_urls"
-            )
+        checked_urls(options.get("urls") or [])
         _check_options(name, VLLMRemoteEngine, {k: v for k, v in options.items() if k != "urls"})
     elif name != "vllm":
         raise InvalidInput(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}", field="engine")

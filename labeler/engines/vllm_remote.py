@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -66,13 +67,50 @@ _RETRY_STATUS = {500, 502, 503, 504}
 _CONFIG_STATUS = {401, 403, 404}  # the key or the model name is wrong for every request
 
 
+# vLLM's completions API gives no log-prob below this (a zero probability included): one
+# there is read as zero, as the in-process engines read it, not as a tiny probability that a
+# distribution over labels all at zero would turn into a uniform one.
+_LOGPROB_FLOOR = -9999.0
+
+
+def _logprob(value: Any) -> float:
+    v = float(value)
+    return -math.inf if v <= _LOGPROB_FLOOR else v
+
+
 # How an answer to GET /v1/models that is not vLLM's model list (a proxy's page) fails to read.
 _NOT_A_MODEL_LIST = (ValueError, TypeError, AttributeError, KeyError)
 
 
+def checked_urls(urls: Sequence[str] | str) -> list[str]:
+    """The server URLs of `urls` (a list, or comma-separated text), each an http(s) URL with a
+    host, without a trailing slash; InvalidInput naming `vllm_urls` otherwise: a URL without
+    its scheme would never reach a server, and read as servers that are down."""
+    if isinstance(urls, str):
+        urls = urls.split(",")
+    if any(not isinstance(u, str) for u in urls):
+        raise InvalidInput(f"vLLM server URLs must be text, got {list(urls)!r}", field="vllm_urls")
+    out = [u.strip().rstrip("/") for u in urls if u.strip()]
+    if not out:
+        raise InvalidInput(
+            "the vllm-remote engine needs server URLs (--vllm-urls / LABELER_VLLM_URLS)", field="vllm_urls"
+        )
+    for url in out:
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise InvalidInput(f"vLLM server URL {url!r} is not a URL: {exc}", field="vllm_urls") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise InvalidInput(
+                f"vLLM server URL {url!r} needs http:// or https:// and a host (e.g. http://127.0.0.1:8001)",
+                field="vllm_urls",
+            )
+    return out
+
+
 class _Server:
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
+        self.url = url
         self.down_until = 0.0
         self.needs_probe = False
         self.probe: asyncio.Future[bool] | None = None  # the health probe in flight, which concurrent requests share
@@ -100,10 +138,7 @@ class VLLMRemoteEngine:
 
         from ..models import load_tokenizer
 
-        if isinstance(urls, str):
-            urls = [u for u in urls.split(",") if u.strip()]
-        if not urls:
-            raise InvalidInput("the vllm-remote engine needs at least one server URL", field="vllm_urls")
+        urls = checked_urls(urls)
         # Checked before anything is read: a value of the wrong type would fail every request.
         retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len = self.checked_options(
             retries=retries,
@@ -112,6 +147,7 @@ class VLLMRemoteEngine:
             connect_timeout=connect_timeout,
             cooldown=cooldown,
             max_model_len=max_model_len,
+            api_key=api_key,
         )
         model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
@@ -119,7 +155,7 @@ class VLLMRemoteEngine:
             config = AutoConfig.from_pretrained(model_dir)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot read the config of {model_dir}: {exc}") from exc
-        self.servers = [_Server(u.strip()) for u in urls]
+        self.servers = [_Server(u) for u in urls]
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(getattr(config, "eos_token_id", None)))
         self.served_model = served_model
         self.model_id = model_id or default_model_id(model_dir)
@@ -163,11 +199,19 @@ class VLLMRemoteEngine:
         connect_timeout: Any,
         cooldown: Any,
         max_model_len: Any,
+        api_key: Any = None,
         **_: Any,
     ) -> tuple[int, int, float, float, float, int | None]:
         """(retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len) as the
-        engine uses them, or InvalidInput naming an option of the wrong kind; `check_engine`
-        calls it too, before a server starts. max_model_len None: the servers' own."""
+        engine uses them, or InvalidInput naming an option of the wrong kind (an API key that
+        no HTTP header can carry too); `check_engine` calls it too, before a server starts.
+        max_model_len None: the servers' own."""
+        if api_key is not None and not (isinstance(api_key, str) and api_key.isascii() and api_key.isprintable()):
+            raise InvalidInput(
+                "the vllm-remote engine's api_key must be printable ASCII text, as an HTTP header carries it "
+                "(a key read from a file may end in a newline)",
+                field="api_key",
+            )
         if isinstance(max_model_len, str) and max_model_len.strip().lower() == "auto" or max_model_len == -1:
             max_model_len = None  # vLLM's "auto": the servers' own length, learnt from them
         elif max_model_len is not None:
@@ -350,7 +394,7 @@ class VLLMRemoteEngine:
             try:
                 self._count_computed(data)
                 top = data["choices"][0]["logprobs"]["top_logprobs"][0]
-                by_id = {int(k.rsplit(":", 1)[1]): float(v) for k, v in top.items()}
+                by_id = {int(k.rsplit(":", 1)[1]): _logprob(v) for k, v in top.items()}
                 return {t: by_id[t] for t in tokens}
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
                 raise self._unexpected(server, data) from exc
