@@ -464,7 +464,8 @@ def test_a_cpu_quota_anywhere_on_the_cgroup_path_limits_the_threads(tmp_path, mo
 def test_the_memory_limit_of_a_job_cgroup_bounds_the_memory_counted(tmp_path, monkeypatch):
     """A job cgroup (v2) limited to 8 GiB that uses 3 GiB, 1 GiB of it inactive page cache:
     6 GiB left; its parent without a limit. cgroup v1's "unlimited" is no limit. memory()
-    counts within it."""
+    counts what is available within it; the total stays vLLM's, of which it takes a
+    gpu_memory_utilization share, so a share the job cannot hold is refused."""
     gib = 1 << 30
     root, proc = _cgroup(
         tmp_path / "v2",
@@ -486,7 +487,11 @@ def test_the_memory_limit_of_a_job_cgroup_bounds_the_memory_counted(tmp_path, mo
     assert vllm_cpu.cgroup_memory(root, proc) is None
     total, available = vllm_cpu.memory()
     monkeypatch.setattr(vllm_cpu, "cgroup_memory", lambda: (gib, gib // 2))
-    assert vllm_cpu.memory() == (min(total, gib), gib // 2)
+    assert vllm_cpu.memory() == (total, gib // 2)
+    share = 0.75 * gib / total  # 0.75 GiB of the node: more than the job has left
+    with pytest.raises(ModelLoadError, match=f"gpu_memory_utilization={share} reserves 0.75 GiB.*0.50 GiB"):
+        vllm_cpu.check_memory_share_fits(share)
+    vllm_cpu.check_memory_share_fits(0.25 * gib / total)
 
 
 def test_kv_cache_that_cannot_fit_is_refused_before_vllm_starts(model_dir):

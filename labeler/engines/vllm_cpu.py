@@ -170,17 +170,18 @@ def threads_bind() -> str:
 
 
 def memory() -> tuple[int, int]:
-    """(total, available) bytes as vLLM's CPU backend counts them (the first NUMA node of
-    this process's CPUs, free plus reclaimable memory, within the root cgroup's limit),
-    within this process's own cgroup's limit too (`cgroup_memory`)."""
+    """(total, available) bytes of the first NUMA node of this process's CPUs: the total as
+    vLLM's CPU backend counts it (within the root cgroup's limit: what it takes a
+    `gpu_memory_utilization` share of), and what is available (free plus reclaimable)
+    within this process's own cgroup's limit too (`cgroup_memory`), which vLLM does not read."""
     from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
 
     info = get_memory_node_info(min(c.numa_node for c in get_allowed_cpu_list()))
-    total, available = int(info.total_memory), int(info.available_memory)
+    available = int(info.available_memory)
     limited = cgroup_memory()
     if limited is not None:
-        total, available = min(total, limited[0]), min(available, limited[1])
-    return total, available
+        available = min(available, limited[1])
+    return int(info.total_memory), available
 
 
 def _cgroup_dirs(controller: str, root: Path = CGROUP_ROOT, proc: Path = PROC_CGROUP) -> list[Path]:
@@ -448,7 +449,8 @@ def kv_cache_space_bytes(space: str) -> int:
 
 def check_memory_share_fits(share: float) -> None:
     """ModelLoadError unless `gpu_memory_utilization` × the memory is available, which is
-    what vLLM's CPU backend reserves when no KV cache size is given."""
+    what vLLM's CPU backend reserves when no KV cache size is given: a share of the node's
+    total, also in a job whose cgroup allows far less."""
     total, available = memory()
     if share * total > available:
         raise ModelLoadError(
