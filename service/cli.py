@@ -237,3 +237,7 @@ def run_server(app: Any, settings: Settings, *, grace_s: float = 60, poll_s: flo
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises Ctrl-C again once it has shut down
         Server(config).run()
     return ENGINE_FAILED if failed else 0
+
+
+if __name__ == "__main__":  # this module is `labeler serve`'s, not a command of its own
+    raise SystemExit("run the service with `labeler serve` (or `python -m labeler.cli serve`); --help lists its flags")

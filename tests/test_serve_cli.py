@@ -273,3 +273,9 @@ def test_a_redis_cooldown_of_zero_is_refused(monkeypatch):
     monkeypatch.setenv("LABELER_REDIS_COOLDOWN", "0")
     with pytest.raises(InvalidInput, match="invalid settings: redis_cooldown: Input should be greater than 0"):
         settings_from_args(parser.parse_args(["serve"]))
+
+
+def test_running_the_serve_module_alone_points_to_the_command():
+    """`python -m service.cli` starts nothing: it says which command does, instead of exiting 0 in silence."""
+    done = subprocess.run([sys.executable, "-m", "service.cli"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "labeler serve" in done.stderr, done
