@@ -4,8 +4,9 @@ E1 = pairs/s of the in-process vLLM engine ÷ pairs/s of the transformers engine
      orders, on short prompts (a one-line question under the general task, ~300 prompt
      tokens) and on long ones (HH-style dialogues, ~700 prompt tokens under the helpful
      task), each with vLLM's CPU threads bound as the engine binds them by default
-     ("bound": every CPU of the process) and as vLLM binds them itself
-     ("unbound": VLLM_CPU_OMP_THREADS_BIND=auto, one core kept back for its scheduler).
+     ("bound": one CPU per physical core the process may use on its first NUMA node, as
+     many as a CPU quota keeps busy) and as vLLM binds them itself
+     ("auto": VLLM_CPU_OMP_THREADS_BIND=auto, one core kept back for its scheduler).
 E2 = pairs/s of the in-process vLLM engine ÷ pairs/s of the vllm-remote engine against a
      `labeler vllm-server` of the same model, same engine arguments and thread binding:
      same pairs, both orders, on HH-style dialogues of ~500 prompt tokens (`--e2-tokens`):
@@ -251,10 +252,8 @@ async def run_e1(args: argparse.Namespace, out: Path | None) -> None:
     model = resolve_model(args.model)
     tf = Side(Labeler(TransformersEngine(model)))
     tokens = {w: prompt_tokens(tf.lab, WORKLOADS[w]) for w in WORKLOADS}
-    for binding in ("unbound", "bound"):
-        scope = (
-            scoped_environ({THREADS_BIND_ENV: "auto"}) if binding == "unbound" else without_environ(THREADS_BIND_ENV)
-        )
+    for binding, how in (("auto", "bound by vLLM itself"), ("bound", "bound by the engine")):
+        scope = scoped_environ({THREADS_BIND_ENV: "auto"}) if binding == "auto" else without_environ(THREADS_BIND_ENV)
         with scope:
             engine = VLLMEngine(model, kv_cache_memory_bytes=KV_CACHE, max_num_seqs=args.max_num_seqs)
             # What vLLM's processes were started with: the engine's own choice, else the environment's.
@@ -269,7 +268,7 @@ async def run_e1(args: argparse.Namespace, out: Path | None) -> None:
                     Result(
                         f"E1 {workload} {binding}",
                         f"vLLM engine pairs/s ÷ transformers engine pairs/s (CPU, both orders, {workload} prompts, "
-                        f"vLLM threads {binding})",
+                        f"vLLM threads {how})",
                         median_ratio(rounds),
                         None,
                         "higher",
