@@ -346,3 +346,44 @@ def test_a_sliding_window_model_scores_a_batch_as_each_item_alone(engine, test_t
     for got, item in zip(batch, items, strict=True):
         alone = windowed.preferences([item], "tiny")[0]
         assert got.p_a_ab == pytest.approx(alone.p_a_ab, abs=TOL) and got.p_a_ba == pytest.approx(alone.p_a_ba, abs=TOL)
+
+
+def test_a_chunked_attention_model_reads_each_prompt_as_a_plain_forward_does(engine):
+    """Llama 4's chunked attention splits cache columns into chunks: a parent row padded in its
+    group would move its children's tokens across a chunk boundary. Random weights of that
+    architecture (chunks of 4 tokens), a 7-token and a 2-token prompt read together, with
+    reads after further tokens (children of the prompts' rows): each read is what one plain
+    forward of its whole sequence gives, and no label read is asked for an empty token list
+    without an answer."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from labeler.engines.transformers_engine import TransformersEngine
+
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        intermediate_size_mlp=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attention_chunk_size=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    model = Llama4ForCausalLM(config).eval()
+    chunked = TransformersEngine.from_objects(model, engine.tokenizer, model_id="chunked", min_shared_tokens=1)
+    queries = tuple(scoring.LabelQuery(prefix, (30, 31)) for prefix in ((), (2,), (3,), (3, 4)))
+    requests = [ScoreRequest((10, 11, 12, 13, 14, 15, 16), queries), ScoreRequest((20, 21), queries)]
+    got = chunked.score_sync(requests)
+    for r, req in enumerate(requests):
+        for q in req.queries:
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([list(req.prompt_ids + q.prefix)])).logits[0, -1]
+            want = torch.log_softmax(logits.double(), -1)
+            for t in q.next_tokens:
+                assert got[r][q.prefix][t] == pytest.approx(want[t].item(), abs=TOL), (r, q.prefix)
+    # Reads that ask for no token (every one of a forward's): an empty answer, not an IndexError.
+    assert chunked.score_sync([ScoreRequest((10, 11, 12), (scoring.LabelQuery((), ()),))]) == [{(): {}}]

@@ -353,6 +353,8 @@ class TransformersEngine:
         # A sliding window counts cache columns, not positions: padding inside a sequence
         # (a parent's, before its children's tokens) would shorten what the window sees.
         self._window = _sliding_window(model.config)
+        # Chunked attention (Llama 4) counts them at any length: its chunks are of columns.
+        self._chunked = _chunked_attention(model.config)
         # A custom 4D mask replaces the model's own (a sliding window's, Llama 4's chunks), and
         # only SDPA reads a boolean one.
         sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
@@ -519,7 +521,7 @@ class TransformersEngine:
             past = (kv, mask, plen, {id(r): 0 for r in roots})
         # Parents go unpadded only where the window can fall short of a row's columns: its
         # cache holds at most the base and, per tree level, the widest edge.
-        unpadded = self._window is not None and reach + _widest_path(roots) > self._window
+        unpadded = self._chunked or (self._window is not None and reach + _widest_path(roots) > self._window)
         # Depth-first over groups of rows: a group's KV cache lives only until its subtree is done.
         todo: list[tuple[list[_Node], Any]] = [(roots, past)]
         with self._torch.inference_mode():
@@ -610,7 +612,8 @@ class TransformersEngine:
             # One gather and one device→host copy for the whole group.
             flat_rows = [j for j, (_, _, i) in enumerate(reads) for _ in wanted[i]]
             flat_toks = [t for _, _, i in reads for t in wanted[i]]
-            vals = lp[torch.tensor(flat_rows, device=self.device), torch.tensor(flat_toks, device=self.device)].tolist()
+            index = {"dtype": torch.long, "device": self.device}  # long also when no read wants a token
+            vals = lp[torch.tensor(flat_rows, **index), torch.tensor(flat_toks, **index)].tolist()
             pos = 0
             for _, _, i in reads:
                 results[i] = vals[pos : pos + len(wanted[i])]
@@ -789,6 +792,14 @@ def _sliding_window(config: Any) -> int | None:
     if not sliding or getattr(text, "use_sliding_window", True) is False:
         return None
     return int(window or 0)
+
+
+def _chunked_attention(config: Any) -> bool:
+    """Whether some layers attend within fixed chunks of cache columns (Llama 4's)."""
+    text = _text_config(config)
+    return bool(getattr(text, "attention_chunk_size", None)) or "chunked_attention" in (
+        getattr(text, "layer_types", None) or ()
+    )
 
 
 def _full_attention_only(config: Any) -> bool:
