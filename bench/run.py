@@ -62,19 +62,6 @@ GPU_HOW = (
 # Where, when and at which revision a figure was measured: the record's, or a kept row's own.
 ORIGIN = ("date", "machine", "revision", "dirty", "args")
 RESULT_KEYS = {"name", "title", "value", "goal", "better", "unit", "met"}
-# Rows measured before records named their revision, whose measurement has changed since: a
-# note in their detail until they are measured again.
-_P3_BEFORE = (
-    "measured against the earlier bare endpoint, a `-> dict` route (FastAPI validated and encoded its return "
-    "through a response model), not the raw Response of the code now; re-measure with "
-    '`python -m bench.run --only bench_http --module-args="--only P3"`'
-)
-UNRECORDED = {
-    "P3": _P3_BEFORE,
-    "P3 floor": _P3_BEFORE,
-    "F1": "measured right after writing the shards, with their pages still in the page cache: a hashing speed, "
-    "not the first start's read from disk",
-}
 # Titles stored by earlier runs that said more than was measured, as the modules title them now.
 RETITLED = {
     "cache-hit p99 latency (all rounds' hits pooled) while a 64-pair miss batch is prepared": (
@@ -218,8 +205,6 @@ def render(records: list[dict], gpu_file: Path | None = None) -> str:
                 notes.append(f"not re-measured in the last run (its entry failed on {r['failed']})")
             else:
                 notes.append(f"not re-measured since its entry failed on {r['failed']}")
-        if o.get("revision") is None and r["name"] in UNRECORDED:
-            notes.append(UNRECORDED[r["name"]])
         detail = "; ".join(x for x in (*notes, when, r.get("detail", "")) if x)
         details.append(f"- **{r['name']}**: {detail}")
     for r, where in absolute:
