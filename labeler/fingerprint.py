@@ -14,12 +14,14 @@ Hashing reads every weight byte (an 8B model in bf16 is 16 GB), so the digest is
 in `<cache dir>/fingerprints.json`, keyed by each file's path, size, mtime, ctime and inode:
 a server restart on unchanged files reads nothing. Any write, copy or rename over a file
 changes its ctime or inode, so the next start hashes it again. The index is readable by
-whoever the umask lets read the cache's other files (users sharing one cache reuse it).
+whoever the umask lets read the cache's other files (users sharing one cache reuse it), and
+processes sharing it take turns on a lock file beside it to add their entries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -180,10 +182,29 @@ def _remembered(key: str, files: list[Path], root: Path) -> str:
         log.info("fingerprinting %s (%.1f GB of weights; once while the files are unchanged)", key, weights / 1e9)
         digest = content_digest(files, root)
         _hashed[key] = {"files": stamps, "digest": digest}
-        index = _read_index()
-        index[key] = _hashed[key]
-        _write_index(index)
+        with _index_held():
+            index = _read_index()
+            index[key] = _hashed[key]
+            _write_index(index)
     return digest
+
+
+@contextmanager
+def _index_held() -> Iterator[None]:
+    """Other processes sharing the cache (a deployment's replicas, users) kept out while the
+    index is read, changed and replaced: each would replace it without the entries the others
+    added meanwhile, whose weights would be hashed again at the next start. Unlocked where the
+    lock file cannot be opened or locked (a cache that cannot be written keeps no index)."""
+    try:
+        _index_path().parent.mkdir(parents=True, exist_ok=True)
+        lock = open(_index_path().with_name(".fingerprints.lock"), "a")  # noqa: SIM115 - closed below, which releases it
+    except OSError:
+        yield
+        return
+    with lock:
+        with contextlib.suppress(OSError):  # a file system without locks
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def model_id(model_dir: str | os.PathLike[str]) -> str:

@@ -218,6 +218,34 @@ def test_a_cache_that_cannot_be_written_hashes_the_weights_once_a_process(
     assert any("cannot remember model fingerprints" in r.getMessage() for r in caplog.records)
 
 
+INDEXING = """
+import sys
+
+from labeler import fingerprint as fp
+
+for folder in sys.argv[1:]:
+    fp.fingerprint(folder)
+"""
+
+
+def test_processes_sharing_a_cache_keep_each_other_s_fingerprints(tmp_path: Path):
+    """Two processes fingerprinting models at once into one cache (replicas starting side by
+    side): every model's entry stays in the index, none replaced by the other process's
+    write, so no model is hashed again at the next start."""
+    folders = {w: [] for w in "ab"}
+    for w, made in folders.items():
+        for i in range(120):
+            folder = tmp_path / f"{w}{i}"
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps({"model": f"{w}{i}"}))
+            made.append(str(folder))
+    env = os.environ | {"LABELER_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", INDEXING, *made], env=env) for made in folders.values()]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    index = json.loads((tmp_path / "cache" / "fingerprints.json").read_text())
+    assert set(index) == {str(Path(f).resolve()) for made in folders.values() for f in made}
+
+
 def test_the_model_s_own_code_is_part_of_its_fingerprint(model_copy: Path):
     """With trust_remote_code the model directory's modules compute the tokens and the
     logits: an edit to one is another model, and gets another id."""
