@@ -239,7 +239,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
             f"known: {', '.join(tasks.names())}",
             field="task",
         )
-    bodies = request_models(settings, tasks.names())
+    bodies = request_models(settings, tasks.names(), [t.name for t in tasks if t.judgment_question.strip()])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -27,7 +27,9 @@ class Metrics:
         self.cache_errors = Counter(
             "labeler_cache_errors_total", "Cache failures and bypasses (requests still succeed)", ["op"], registry=r
         )
-        self.inflight = Gauge("labeler_inflight_items", "Items queued or computing", registry=r)
+        self.inflight = Gauge(
+            "labeler_inflight_items", "Items queued or computing (a group counts its comparisons)", registry=r
+        )
         self.batch_size = Histogram(
             "labeler_engine_batch_items",
             "Items per engine call",

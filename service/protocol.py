@@ -250,9 +250,10 @@ class RequestModels(NamedTuple):
     group_rewards: type[GroupRewardsRequest]
 
 
-def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
+def request_models(settings: Settings, tasks: Sequence[str], judged: Sequence[str] | None = None) -> RequestModels:
     """The request models with `settings`' limits and the loaded task names (an enum in the
-    schema; an unknown name still gets the 422 that lists the known ones)."""
+    schema; an unknown name still gets the 422 that lists the known ones); `judged`: the
+    tasks that ask a yes/no question, all of them unless given, /v1/judgments' enum."""
     chars, most = settings.max_chars, settings.max_items
 
     content = Field("", description=f"{_MESSAGE_CONTENT}; at most {chars} characters")
@@ -305,10 +306,17 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
             ),
         ),
     )
+
+    def task(names: Sequence[str], what: str = "") -> Any:
+        described = f"task name{what} (GET /v1/tasks)"
+        return (str, Field(..., description=described, json_schema_extra={"enum": sorted(names)}))
+
     options: dict[str, Any] = {
-        "task": (str, Field(..., description="task name (GET /v1/tasks)", json_schema_extra={"enum": sorted(tasks)})),
+        "task": task(tasks),
         "samples": (StrictInt, Field(1, ge=1, le=settings.max_samples, description="rationales to sample (needs cot)")),
     }
+    judgment_task = task(tasks if judged is None else judged, ", of a task that asks a yes/no question")
+    comparisons = settings.max_queue_items
     return RequestModels(
         create_model(
             "PreferencesRequest",
@@ -325,13 +333,37 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
         create_model(
             "GetRewardRequest",
             __base__=GetRewardRequest,
-            query=(list[str], Field(..., max_length=most, description="prompt + response each")),
+            query=(
+                list[str],
+                Field(
+                    ...,
+                    max_length=most,
+                    description=f"prompt + response each; the prompt and the response at most {chars} characters "
+                    "each (a prompt of chat markup: each message's content)",
+                ),
+            ),
+            prompts=(
+                list[str] | None,
+                Field(
+                    None,
+                    description="the prompts, one per query, to split each query exactly; at most "
+                    f"{chars} characters each (a prompt of chat markup: each message's content)",
+                ),
+            ),
+            labels=(
+                list[Any] | None,
+                Field(
+                    None,
+                    description="reference responses, one per query, for reward=reference (texts of at most "
+                    f"{chars} characters); otherwise ignored",
+                ),
+            ),
         ),
         create_model(
             "JudgmentsRequest",
             __base__=JudgmentsRequest,
             items=(list[single], Field(..., min_length=1, max_length=most)),  # type: ignore[valid-type]
-            **options,
+            **{**options, "task": judgment_task},
         ),
         create_model(
             "ReferenceRewardsRequest",
@@ -344,7 +376,13 @@ def request_models(settings: Settings, tasks: Sequence[str]) -> RequestModels:
             __base__=GroupRewardsRequest,
             items=(
                 list[group],  # type: ignore[valid-type]
-                Field(..., min_length=1, max_length=most, description="groups; a group of N is N (N - 1) reads"),
+                Field(
+                    ...,
+                    min_length=1,
+                    max_length=most,
+                    description="groups; a group of N is N (N - 1) reads: N (N - 1) / 2 comparisons, at most "
+                    f"{comparisons} in all per request (LABELER_MAX_QUEUE_ITEMS)",
+                ),
             ),
             **options,
         ),

@@ -75,3 +75,20 @@ def test_deeply_nested_bodies_with_lone_surrogates_are_refused_not_crashed():
     with pytest.raises(ValidationError) as exc:
         MODELS.scores.model_validate({"task": "tiny", "items": [{"context": LONE, "response": deep}]})
     assert {e["loc"][:3] for e in exc.value.errors()} == {("items", 0, "response")}
+
+
+def test_the_published_schema_says_what_each_route_accepts(tmp_path):
+    """/v1/judgments lists only the tasks that ask a yes/no question (another is refused); the
+    group route states its per-request comparisons limit, /get_reward its texts' length."""
+    from service.app import create_app
+
+    (tmp_path / "noq.toml").write_text('description = "No question."\npreamble = "Judge."\n')
+    settings = Settings(tasks_dir=str(tmp_path), max_chars=100, max_queue_items=500)
+    schemas = create_app(settings).openapi()["components"]["schemas"]
+    assert "noq" in schemas["ScoresRequest"]["properties"]["task"]["enum"]
+    judged = schemas["JudgmentsRequest"]["properties"]["task"]["enum"]
+    assert "noq" not in judged and "general" in judged
+    assert "at most 500 in all per request" in schemas["GroupRewardsRequest"]["properties"]["items"]["description"]
+    reward = schemas["GetRewardRequest"]["properties"]
+    for field in ("query", "prompts", "labels"):
+        assert "at most 100 characters" in reward[field]["description"], field
