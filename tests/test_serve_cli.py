@@ -178,7 +178,7 @@ def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
         # option values of the wrong kind, which the engine's constructor would refuse at start-up
         (["--engine-arg", "max_batch_tokens=abc"], "the transformers engine's max_batch_tokens must be a whole number"),
         (["--engine-arg", "dtype=int8"], "dtype must be a torch floating-point type such as float32"),
-        (["--device", "cuda:7"], "device 'cuda:7' cannot be used by this torch"),
+        (["--device", "cuda:99"], "device 'cuda:99' cannot be used by this torch"),
         (
             ["--engine", "vllm-remote", "--vllm-urls", "http://127.0.0.1:1", "--engine-arg", "timeout=0"],
             "the vllm-remote engine's timeout must be more than 0, got 0",
@@ -276,6 +276,6 @@ def test_a_redis_cooldown_of_zero_is_refused(monkeypatch):
 
 
 def test_running_the_serve_module_alone_points_to_the_command():
-    """`python -m service.cli` starts nothing: it says which command does, instead of exiting 0 in silence."""
+    """`python -m service.cli` starts nothing: it says which command does, and exits 1."""
     done = subprocess.run([sys.executable, "-m", "service.cli"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "labeler serve" in done.stderr, done

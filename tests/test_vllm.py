@@ -341,6 +341,7 @@ def test_cpu_defaults_fill_in_only_what_is_not_given(model_dir):
     # back, the memory nodes to run on), or an engine over several ranks keeps vLLM's handling.
     for name in (THREADS_BIND_ENV, "VLLM_CPU_NUM_OF_RESERVED_CPU", "CPU_VISIBLE_MEMORY_NODES"):
         assert cpu_defaults(model_dir, {}, environ={name: "1"}).env == {}, name
+    assert cpu_defaults(model_dir, {}, environ={"CPU_VISIBLE_MEMORY_NODES": ""}).env  # empty: unset, as vLLM reads it
     for ranks in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
         assert cpu_defaults(model_dir, {ranks: 2}, environ={}).env == {}
 

@@ -324,11 +324,16 @@ async def test_options_are_read_as_vllm_reads_them_or_refused_by_name(model_dir)
         with pytest.raises(InvalidInput, match="vLLM server URL|needs server URLs") as refused:
             VLLMRemoteEngine(urls, "/nonexistent/model")
         assert refused.value.field == "vllm_urls", urls
-    for key in ("secret\n", "sécret", "a\tb"):
+    for key in ("sécret", "a\tb", "a\nb"):
         with pytest.raises(InvalidInput, match="api_key must be printable ASCII") as refused:
             VLLMRemoteEngine([URL], "/nonexistent/model", api_key=key)
         assert refused.value.field == "api_key"
-    assert [s.url for s in engine(model_dir, Scripted(), api_key="k").servers] == [URL]
+    # A key read from a file with its newline, or given as --engine-arg api_key=20240517 (a number).
+    for key, sent in (("secret\n", "Bearer secret"), (20240517, "Bearer 20240517")):
+        remote = VLLMRemoteEngine([URL], model_dir, api_key=key)
+        assert remote._http.headers["Authorization"] == sent
+        await remote.aclose()
+    assert [s.url for s in engine(model_dir, Scripted()).servers] == [URL]
     remote = VLLMRemoteEngine([URL], model_dir, timeout="30", retries="2", cooldown="0.5")
     assert (remote.retries, remote.cooldown, remote._http.timeout.read) == (2, 0.5, 30.0)
     await remote.aclose()

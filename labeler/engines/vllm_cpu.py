@@ -43,7 +43,8 @@ CPU_KV_CACHE_MAX = 4 * GiB
 CPU_BLOCK_SIZE = 128  # vLLM's CPU backend's KV cache block, unless block_size is given
 THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 KVCACHE_SPACE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # the KV cache size in GiB, over any argument
-# What vLLM's own binding ("auto") reads, and a binding of ours would ignore: set, they leave it to vLLM.
+# What vLLM's own binding ("auto") reads (the cores it keeps back, the memory nodes to run on),
+# and a binding of ours would ignore: set (not empty), they leave the binding to vLLM.
 AUTO_BIND_ENVS = ("VLLM_CPU_NUM_OF_RESERVED_CPU", "CPU_VISIBLE_MEMORY_NODES")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
@@ -105,9 +106,9 @@ def cpu_defaults(
       ModelLoadError here, before vLLM starts: `VLLM_CPU_KVCACHE_SPACE`'s when it is set
       (vLLM takes it over any argument), and a `kv_cache_memory_bytes` that differs from it
       is refused;
-    - `VLLM_CPU_OMP_THREADS_BIND` = every CPU this process may use (`threads_bind`),
-      unless it is set already, a setting only vLLM's own binding reads is (`AUTO_BIND_ENVS`),
-      or the engine spans several ranks.
+    - `VLLM_CPU_OMP_THREADS_BIND` = one CPU per physical core this process may use on its
+      first NUMA node (`threads_bind`), unless it is set already, a setting vLLM's own
+      binding reads is (`AUTO_BIND_ENVS`), or the engine spans several ranks.
     """
     out = CPUDefaults()
     if "dtype" not in given:
@@ -146,7 +147,7 @@ def cpu_defaults(
     world = 1
     for ranks in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
         world *= int(given.get(ranks, 1))
-    if world == 1 and not any(name in environ for name in (THREADS_BIND_ENV, *AUTO_BIND_ENVS)):
+    if world == 1 and THREADS_BIND_ENV not in environ and not any(environ.get(n, "") for n in AUTO_BIND_ENVS):
         out.env[THREADS_BIND_ENV] = threads_bind()
     return out
 

@@ -168,7 +168,9 @@ class VLLMRemoteEngine:
         self.stats = EngineStats()
         self._rr = itertools.count()
         self._sem = asyncio.Semaphore(max_concurrency)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # A key read from a file keeps its newline; one given as --engine-arg may read as a number.
+        key = "" if api_key is None else str(api_key).strip()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             headers=headers,
@@ -206,10 +208,10 @@ class VLLMRemoteEngine:
         engine uses them, or InvalidInput naming an option of the wrong kind (an API key that
         no HTTP header can carry too); `check_engine` calls it too, before a server starts.
         max_model_len None: the servers' own."""
-        if api_key is not None and not (isinstance(api_key, str) and api_key.isascii() and api_key.isprintable()):
+        key = "" if api_key is None else str(api_key).strip()
+        if not (key.isascii() and key.isprintable()):
             raise InvalidInput(
-                "the vllm-remote engine's api_key must be printable ASCII text, as an HTTP header carries it "
-                "(a key read from a file may end in a newline)",
+                "the vllm-remote engine's api_key must be printable ASCII text, as an HTTP header carries it",
                 field="api_key",
             )
         if isinstance(max_model_len, str) and max_model_len.strip().lower() == "auto" or max_model_len == -1:
