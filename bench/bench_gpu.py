@@ -123,7 +123,8 @@ def main() -> int:
         tps / roofline,
         0.6,
         "higher",
-        detail=f"{params / 1e9:.2f} B parameters (Llama-3-8B shape, random bf16), {tokens} unique tokens in "
+        detail=f"{params / 1e9:.2f} B parameters ({'a tiny Llama' if args.tiny else 'Llama-3-8B'} shape, random "
+        f"{str(dtype).removeprefix('torch.')}), {tokens} unique tokens in "
         f"{elapsed:.1f} s = {tps:,.0f} tokens/s; measured bf16 peak {peak / 1e12:.0f} TFLOP/s (spec dense "
         f"{spec / 1e12:.0f}) → roofline {roofline:,.0f} tokens/s; {args.pairs} pairs, both orders, "
         f"{args.batch} pairs per call",

@@ -177,14 +177,18 @@ async def p2(base: str, model_dir: Path, served: str, n: int, batch: int, rounds
     out = []
     async with httpx.AsyncClient(base_url=base, timeout=300) as client:
 
-        async def over_http() -> None:
+        async def over_http() -> int:
+            got = 0
             for i in range(0, n, batch):
                 body = {"task": "general", "items": data[i : i + batch], "cache": False}
-                (await client.post("/v1/scores", json=body)).raise_for_status()
+                got += len((await client.post("/v1/scores", json=body)).raise_for_status().json()["results"])
+            return got
 
-        async def in_process() -> None:
+        async def in_process() -> int:
+            got = 0
             for i in range(0, n, batch):
-                await lab.ascores([ScoreItem(**it) for it in data[i : i + batch]], "general")
+                got += len(await lab.ascores([ScoreItem(**it) for it in data[i : i + batch]], "general"))
+            return got
 
         await lab.ascores([ScoreItem(**it) for it in data[:batch]], "general")  # warm-up, both sides
         warm = {"task": "general", "items": data[:batch], "cache": False}
@@ -194,8 +198,10 @@ async def p2(base: str, model_dir: Path, served: str, n: int, batch: int, rounds
             speeds = [0.0, 0.0]
             for i in round_order(r, 2):
                 t0 = time.perf_counter()
-                await sides[i]()
-                speeds[i] = n / (time.perf_counter() - t0)
+                labeled = await sides[i]()
+                speeds[i] = labeled / (time.perf_counter() - t0)
+                if labeled != n:
+                    raise RuntimeError(f"{sides[i].__name__} returned {labeled} results for {n} items")
             out.append((speeds[0], speeds[1]))
     return out
 
