@@ -140,7 +140,7 @@ class VLLMRemoteEngine:
 
         urls = checked_urls(urls)
         # Checked before anything is read: a value of the wrong type would fail every request.
-        retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len = self.checked_options(
+        retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len, key = self.checked_options(
             retries=retries,
             max_concurrency=max_concurrency,
             timeout=timeout,
@@ -168,8 +168,6 @@ class VLLMRemoteEngine:
         self.stats = EngineStats()
         self._rr = itertools.count()
         self._sem = asyncio.Semaphore(max_concurrency)
-        # A key read from a file keeps its newline; one given as --engine-arg may read as a number.
-        key = "" if api_key is None else str(api_key).strip()
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
@@ -203,11 +201,12 @@ class VLLMRemoteEngine:
         max_model_len: Any,
         api_key: Any = None,
         **_: Any,
-    ) -> tuple[int, int, float, float, float, int | None]:
-        """(retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len) as the
-        engine uses them, or InvalidInput naming an option of the wrong kind (an API key that
-        no HTTP header can carry too); `check_engine` calls it too, before a server starts.
-        max_model_len None: the servers' own."""
+    ) -> tuple[int, int, float, float, float, int | None, str]:
+        """(retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len, API
+        key) as the engine uses them, or InvalidInput naming an option of the wrong kind (an
+        API key that no HTTP header can carry too); `check_engine` calls it too, before a
+        server starts. max_model_len None: the servers' own; the key "": none."""
+        # A key read from a file keeps its newline; one given as --engine-arg may read as a number.
         key = "" if api_key is None else str(api_key).strip()
         if not (key.isascii() and key.isprintable()):
             raise InvalidInput(
@@ -225,6 +224,7 @@ class VLLMRemoteEngine:
             number_option("vllm-remote", "connect_timeout", connect_timeout, strict=True),
             number_option("vllm-remote", "cooldown", cooldown),
             max_model_len,
+            key,
         )
 
     # -- transport -------------------------------------------------------------------------
