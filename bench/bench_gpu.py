@@ -53,7 +53,15 @@ TINY = LLAMA3_8B | {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
-SPEC_BF16_DENSE = {"H100": 989e12, "H200": 989e12}
+# Dense bf16 peaks from NVIDIA's data sheets, by the device name's words; the first match wins,
+# so the PCIe and NVL cards (lower clocks and power) come before the SXM parts' bare names.
+SPEC_BF16_DENSE = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+}
 
 
 def measured_peak_flops(device: str, n: int = 8192, repeats: int = 20) -> float:

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# The trees whose uncommitted changes make a revision "dirty": the code the figures measure.
-MEASURED_TREES = ("labeler", "service", "bench")
+# The trees whose uncommitted changes make a revision "dirty": the code the figures measure
+# (tests/fixtures: the benchmarks start their servers with it, E2's `vllm serve` among them).
+MEASURED_TREES = ("labeler", "service", "bench", "tests/fixtures")
 
 
 @dataclass
