@@ -52,7 +52,9 @@ from .settings import Settings
 
 log = logging.getLogger("service")
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 500, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 429, 500, 503)
+}
 # The headers these answers carry, published with them (a client generated from the document
 # can read them): when to try again, and how to authenticate.
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "integer"}}}
@@ -88,7 +90,7 @@ class Gate:
 
     - request latency by route template and status (`labeler_request_seconds`), its 401s
       and 413s under the route they were for;
-    - 413 for bodies over `limit` bytes, declared or streamed;
+    - 413 for bodies over `limit` bytes, declared or streamed; 415 for a compressed body;
     - API keys (bearer, or a Basic password) on the label and task routes, when keys are
       configured. Each given key is compared with every accepted key in constant time, so
       timing tells nothing; probes (/healthz, /readyz) and /metrics stay open;
@@ -160,6 +162,11 @@ class Gate:
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return self._too_large()
+        coding = headers.get(b"content-encoding")
+        if coding is not None and coding.strip().lower() not in (b"", b"identity"):
+            # Read as it came, a compressed body would be reported as text that is not UTF-8.
+            message = f"Content-Encoding {coding.decode('latin-1')!r} is not supported: send the body uncompressed"
+            return errors.error_response(415, message, "unsupported_content_encoding", None)
         # The path under the app's mount point: behind a route prefix (Ray Serve's, or a
         # proxy's root_path) the ASGI path still starts with the prefix.
         path, root = scope["path"], scope.get("root_path", "")

@@ -1624,9 +1624,10 @@ def test_a_refusal_of_the_requests_options_is_raised_even_with_on_error_none(opt
     assert [g is None for g in got] == [False, False, False, True, False, False]
 
 
-@pytest.mark.parametrize("status", [401, 403, 404, 405])
+@pytest.mark.parametrize("status", [401, 403, 404, 405, 415])
 def test_a_refused_key_or_a_wrong_url_is_raised_even_with_on_error_none(status):
-    """Every batch would get it: a reward function that answers None for every sample would
+    """Every batch would get it (a compressed body's 415 too: a header on the user's own
+    httpx client): a reward function that answers None for every sample would
     train on nothing, silently, next to any other reward."""
     fake = FakeLabeler()
     fake.fail_next(status, times=10)

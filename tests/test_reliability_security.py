@@ -8,6 +8,7 @@ test_serve_cli.py (the key absent from the JSON log at info level).
 from __future__ import annotations
 
 import base64
+import gzip
 import hmac
 import json
 import socket
@@ -139,6 +140,22 @@ def test_a_huge_declared_body_is_refused_before_it_is_sent(make_server):
         head = s.recv(4096).decode()
     assert head.startswith("HTTP/1.1 413") and time.monotonic() - t0 < 5
     assert error_shape_ok(json.loads(head.split("\r\n\r\n", 1)[1]), 413)
+
+
+def test_a_compressed_body_is_refused_by_its_encoding(make_server):
+    """A gzip body gets a 415 naming the encoding, not a 422 calling its bytes bad text; the
+    same body uncompressed (declared `identity`, or undeclared) is labeled."""
+    srv = make_server()
+    body = json.dumps({"task": "tiny", "items": [{"response": "gzip"}]}).encode()
+    typed = {"Content-Type": "application/json"}
+    r = httpx.post(
+        srv.url + "/v1/scores", content=gzip.compress(body), headers={**typed, "Content-Encoding": "gzip"}, timeout=60
+    )
+    assert r.status_code == 415 and error_shape_ok(r.json(), 415)
+    assert r.json()["error"]["type"] == "unsupported_content_encoding" and "'gzip'" in r.json()["error"]["message"]
+    for headers in ({**typed, "Content-Encoding": "identity"}, typed):
+        r = httpx.post(srv.url + "/v1/scores", content=body, headers=headers, timeout=60)
+        assert r.status_code == 200 and len(r.json()["results"]) == 1
 
 
 def test_cors_off_unless_configured(make_server, monkeypatch):

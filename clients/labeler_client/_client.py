@@ -236,7 +236,7 @@ class _BaseClient:
         on_error="none": a request that cannot be sent as configured (`RequestError.misconfigured`),
         a refused API key (401, 403), a URL that is not the labeler's (404,
         405, a redirect, which the client does not follow, or a 2xx that is no labeler's
-        answer: not JSON, or not one result per item), or a 422 about the request's own
+        answer: not JSON, or not one result per item), a compressed body (415), or a 422 about the request's own
         options (`task`, `samples`, ...), not about its items."""
         if isinstance(error, exc.ResponseError) or (isinstance(error, exc.RequestError) and error.misconfigured):
             return True

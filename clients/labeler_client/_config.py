@@ -22,8 +22,9 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # 429: queue full; 503: not ready / engine failed; 408/502/504: a proxy in front of us gave up.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 # Every batch of a call would get these: a refused key, a URL that is not the labeler's (a
-# redirect included: the client follows none).
-CALL_WIDE_STATUSES = frozenset({401, 403, 404, 405, *range(300, 400)})
+# redirect included: the client follows none), a body encoding the server does not read (a
+# Content-Encoding header on the user's own httpx client).
+CALL_WIDE_STATUSES = frozenset({401, 403, 404, 405, 415, *range(300, 400)})
 
 
 @dataclass(frozen=True)

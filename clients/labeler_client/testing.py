@@ -37,6 +37,7 @@ _TYPES = {
     400: "http_error",
     401: "unauthorized",
     413: "body_too_large",
+    415: "unsupported_content_encoding",
     422: "invalid_request",
     429: "rate_limited",
     500: "internal_error",
