@@ -225,6 +225,32 @@ def test_a_busy_server_keeps_every_requests_retries():
     assert got[0] is None and got[1] == fake_reward("b", "y") and len(fake.requests) == 4
 
 
+@pytest.mark.parametrize("cls", [lc.Client, lc.AsyncClient])
+async def test_a_busy_server_after_an_outage_keeps_every_requests_retries(cls):
+    """A restart: the server is down (the first request uses up its retries, the second
+    gets its one try), then back with a full queue (429). The 429 is retried as any other,
+    not given the one try of an outage."""
+    fake = FakeLabeler()
+    down = {"error": {"message": "down", "type": "engine_unavailable", "param": None, "code": 503}}
+    script = iter([503, 503, 503, 429, 200, 200])  # a: two tries; b: one; c: busy, then answered; d
+    busy = {"error": {"message": "queue full", "type": "rate_limited", "param": None, "code": 429}}
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        status = next(script)
+        if status == 200:
+            return fake.handle(request)
+        return httpx.Response(status, json=busy if status == 429 else down, headers={"Retry-After": "0"})
+
+    async def handle_async(request: httpx.Request) -> httpx.Response:
+        return handle(request)
+
+    transport = httpx.MockTransport(handle_async if cls is lc.AsyncClient else handle)
+    client = cls(URL, transport=transport, retry=lc.Retry(max_retries=1, backoff=0), batch_size=1, max_concurrency=1)
+    call = client.rewards(["a", "b", "c", "d"], ["w", "x", "y", "z"], task="tiny", on_error="none")
+    got = await call if inspect.isawaitable(call) else call
+    assert got == [None, None, fake_reward("c", "y"), fake_reward("d", "z")]
+
+
 def test_a_trl_reward_function_waits_out_an_outage_once_a_call():
     """TRL's reward function finding over-long completions ("lowest") sends in raise mode
     first, then the rest in on_error="none" mode: each call waits out the budget once (the

@@ -217,10 +217,10 @@ class _BaseClient:
     def _outage(error: exc.LabelerClientError) -> bool:
         """An error of the server's availability, not of the batch: no answer (a timeout
         too), or 408, 502, 503, 504 about no item. Once a batch of a call has used up its
-        retries on one, the call's other batches are tried once each (`_ONCE`), until one is
+        retries on one, the call's requests get one try at such an error (`_ONCE`), until one is
         answered: a call waits out an outage about as long as one request's retries, not once
         per batch. (A 429 is a server at work that asks each request to come back: each keeps
-        its retries.)"""
+        its retries, also after an outage.)"""
         if isinstance(error, exc.RequestError):
             return not error.misconfigured
         return (
@@ -319,11 +319,13 @@ class Client(_BaseClient):
         body: Any = None,
         *,
         retry: Retry | int | None = None,
+        outage: Retry | None = None,
         isolate: bool = False,
         stop: threading.Event | None = None,
     ) -> Answer:
-        """One request, retried by the policy. A retry's wait ends early, raising the last
-        error, when `stop` is set (another batch of the same call failed)."""
+        """One request, retried by the policy (`outage`, where given, for an outage's errors
+        alone: `_outage`). A retry's wait ends early, raising the last error, when `stop` is
+        set (another batch of the same call failed)."""
         retry = self.retry if retry is None else self._as_retry(retry)
         attempt, started = 0, self._clock()
         while True:
@@ -338,7 +340,8 @@ class Client(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started)
+                policy = outage if outage is not None and self._outage(error) else retry
+                delay = self._retry_delay(error, attempt, policy, isolate, self._clock() - started)
                 if delay is None:
                     raise
                 if stop is None:
@@ -355,10 +358,10 @@ class Client(_BaseClient):
 
         stop: threading.Event | None = None  # set when a batch fails: the others stop sending
         failures: list[BaseException] = []
-        retry: Retry | None = None  # the client's, until a batch's retries ran out on an outage
+        outage: Retry | None = None  # set once a batch's retries ran out on an outage, until an answer
 
         def run(batch: range) -> None:
-            nonlocal retry
+            nonlocal outage
             todo = [batch]  # a worklist, not recursion: a cut can leave many failing items after it
             try:
                 while todo and not (stop is not None and stop.is_set()):
@@ -366,12 +369,12 @@ class Client(_BaseClient):
                     try:
                         body = {**opts, "items": batching.select(items, idx)}
                         isolate = self._isolating(idx, on_error)
-                        answer = self._send("POST", path, body, retry=retry, isolate=isolate, stop=stop)
-                        retry = None  # an answer: the server is back, and requests get their retries again
+                        answer = self._send("POST", path, body, outage=outage, isolate=isolate, stop=stop)
+                        outage = None  # an answer: the server is back, and requests get their retries again
                         batching.place(out, idx, answer.data, parse, answer.request)
                     except exc.LabelerClientError as error:
                         if self._outage(error):
-                            retry = _ONCE
+                            outage = _ONCE
                         todo[:0] = self._parts_after(error, idx, on_error)
             except BaseException as error:
                 failures.append(error)
@@ -637,7 +640,14 @@ class AsyncClient(_BaseClient):
         await self.aclose()
 
     async def _send(
-        self, method: str, path: str, body: Any = None, *, retry: Retry | int | None = None, isolate: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        retry: Retry | int | None = None,
+        outage: Retry | None = None,
+        isolate: bool = False,
     ) -> Answer:
         retry = self.retry if retry is None else self._as_retry(retry)
         attempt, started = 0, self._clock()
@@ -653,7 +663,8 @@ class AsyncClient(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started)
+                policy = outage if outage is not None and self._outage(error) else retry
+                delay = self._retry_delay(error, attempt, policy, isolate, self._clock() - started)
                 if delay is None:
                     raise
                 await self._sleep(delay)
@@ -665,22 +676,22 @@ class AsyncClient(_BaseClient):
         self._check_on_error(on_error)
         out: list[T | None] = [None] * len(items)
         gate = asyncio.Semaphore(self.max_concurrency)
-        retry: Retry | None = None  # the client's, until a batch's retries ran out on an outage
+        outage: Retry | None = None  # set once a batch's retries ran out on an outage, until an answer
 
         async def run(batch: range) -> None:
-            nonlocal retry
+            nonlocal outage
             todo = [batch]  # a worklist, not recursion: a cut can leave many failing items after it
             while todo:
                 idx = todo.pop(0)
                 try:
                     body = {**opts, "items": batching.select(items, idx)}
                     isolate = self._isolating(idx, on_error)
-                    answer = await self._send("POST", path, body, retry=retry, isolate=isolate)
-                    retry = None  # an answer: the server is back, and requests get their retries again
+                    answer = await self._send("POST", path, body, outage=outage, isolate=isolate)
+                    outage = None  # an answer: the server is back, and requests get their retries again
                     batching.place(out, idx, answer.data, parse, answer.request)
                 except exc.LabelerClientError as error:
                     if self._outage(error):
-                        retry = _ONCE
+                        outage = _ONCE
                     todo[:0] = self._parts_after(error, idx, on_error)
 
         failed = asyncio.Event()
