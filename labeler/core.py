@@ -371,7 +371,25 @@ class Labeler:
             owners += [at[i]] * len(mine)
             sizes.append(len(mine))
         rationale = (spec.max_rationale_tokens or self.max_rationale_tokens) if spec.cot else 0
-        rendered = iter(self.prompts.tokenize_many(drafts, owners, rationale_tokens=rationale))
+        try:
+            rendered = iter(self.prompts.tokenize_many(drafts, owners, rationale_tokens=rationale))
+        except InputTooLong as exc:
+            if exc.tokens is None or exc.field not in at:
+                raise
+            i = at.index(exc.field)
+            # Over the model's context also without its responses' tokens (a comparison of a
+            # group shows two): the data's (its context or reference), not the responses',
+            # which a reward adapter may answer with its lowest reward.
+            named = self._text_tokens([items[i]])[0]
+            shown = sorted(n for name, n in named if name.startswith("response"))
+            if exc.tokens - sum(shown[-2:] if spec.kind == "group" else shown) <= exc.limit:
+                raise
+            field = max((x for x in named if not x[0].startswith("response")), key=lambda x: x[1])[0]
+            raise InputTooLong(
+                f"{at[i]}.{field}: {exc.reason}, also without its responses' tokens",
+                field=f"{at[i]}.{field}",
+                limit=exc.limit,
+            ) from None
         return [tuple(next(rendered) for _ in range(n)) for n in sizes]
 
     def _drafts(self, spec: LabelSpec, t: Task, it: Any, at: str) -> list[Rendered]:
@@ -408,20 +426,37 @@ class Labeler:
     def item_tokens(self, items: Sequence[Any]) -> list[int]:
         """The tokens of each item's own texts (context, responses, reference), as the
         per-item token limit counts them: one tokenizer call for all."""
+        return [sum(n for _, n in named) for named in self._text_tokens(items)]
+
+    def _text_tokens(self, items: Sequence[Any]) -> list[list[tuple[str, int]]]:
+        """(field name, tokens) of each item's own texts, from one tokenizer call."""
         per_item = [_texts(it) for it in items]
         texts = [clean_text(text, n, allow_empty=True) for named in per_item for n, text in named]
         ids = iter(self.engine.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-        return [sum(len(next(ids)) for _ in named) for named in per_item]
+        return [[(n, len(next(ids))) for n, _ in named] for named in per_item]
 
     def _check_item_tokens(self, items: Sequence[Any], where: Sequence[str], limit: int) -> None:
-        """The per-item token limit, over the item's own texts."""
-        for i, n_tokens in enumerate(self.item_tokens(items)):
-            if n_tokens > limit:
+        """The per-item token limit, over the item's own texts. An item over it without its
+        responses is refused naming its largest other text (`items[3].context`): the data's,
+        not the responses', which a reward adapter may answer with its lowest reward."""
+        for i, named in enumerate(self._text_tokens(items)):
+            n_tokens = sum(n for _, n in named)
+            if n_tokens <= limit:
+                continue
+            data = [(name, n) for name, n in named if not name.startswith("response")]
+            if sum(n for _, n in data) > limit:
+                field, n = max(data, key=lambda x: x[1])
                 raise InputTooLong(
-                    f"{where[i]}: {n_tokens} tokens in its texts, over the limit of {limit}",
-                    field=where[i],
+                    f"{where[i]}.{field}: {n} tokens, over the limit of {limit} for the item's texts "
+                    f"({n_tokens}) also without its responses",
+                    field=f"{where[i]}.{field}",
                     limit=limit,
                 )
+            raise InputTooLong(
+                f"{where[i]}: {n_tokens} tokens in its texts, over the limit of {limit}",
+                field=where[i],
+                limit=limit,
+            )
 
     async def arun(self, spec: LabelSpec, prepared: Sequence[Prepared], name: str = "items") -> list[Any]:
         """Results for prepared items, in order: one batched engine call per stage (one

@@ -47,9 +47,12 @@ class InvalidInput(LabelerError, ValueError):
 class InputTooLong(InvalidInput):
     """An item is longer than a configured limit."""
 
-    def __init__(self, message: str, *, field: str | None = None, limit: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, field: str | None = None, limit: int | None = None, tokens: int | None = None
+    ) -> None:
         super().__init__(message, field=field)
         self.limit = limit
+        self.tokens = tokens  # the prompt's, for a prompt over the model's context
 
 
 class UnknownTask(LabelerError, KeyError):

@@ -379,8 +379,8 @@ class PromptBuilder:
                     f"(the model's context of {self.max_prompt_tokens} less {room} for the answer)"
                 )
                 if item is None:
-                    raise InputTooLong(message, field="items", limit=limit)
-                raise InputTooLong(f"{item}: {message}", field=item, limit=limit)
+                    raise InputTooLong(message, field="items", limit=limit, tokens=len(ids))
+                raise InputTooLong(f"{item}: {message}", field=item, limit=limit, tokens=len(ids))
         return replace(rendered, prompt_token_ids=tuple(ids))
 
     def _room(self, rendered: Rendered, rationale_tokens: int) -> int:

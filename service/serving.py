@@ -182,10 +182,14 @@ class LabelService:
             else:
                 values, _ = await self._label(spec, items, True, where="query")
         except InputTooLong as e:
-            if lowest or not (e.field or "").startswith(("query[", "prompts[")):
-                raise
-            hint = f"{e} (with ?overlong=lowest such a query gets the lowest reward instead)"
-            raise InputTooLong(hint, field=e.field, limit=e.limit) from None
+            field, message = e.field or "", str(e)
+            head, _, sub = field.partition(".")
+            if sub == "reference":  # the request's labels[k]
+                field = "labels" + head.removeprefix("query")
+                message = field + message.removeprefix(e.field)
+            if not lowest and field.startswith(("query[", "prompts[")):
+                message += " (with ?overlong=lowest such a query gets the lowest reward instead)"
+            raise InputTooLong(message, field=field, limit=e.limit) from None
         extra = {"overlong": [float(k in too_long) for k in range(len(items))]} if lowest else {}
         rewards = [v["reward"] for v in values]
         cached = [float(v["cached"]) for v in values]

@@ -149,6 +149,38 @@ def test_an_item_is_refused_up_front_when_its_answer_would_not_fit_the_context(l
         labeler.prepare(cot, [item])
 
 
+def test_an_item_over_a_limit_without_its_responses_names_its_context_or_reference(labeler, monkeypatch):
+    """Over the per-item token limit or the model's context also with its responses left
+    out, an item is refused naming its text that is the data's (its context, a reference
+    reward's reference): the client's reward adapters answer a refusal of the item
+    (`items[0]`) or of its response with the lowest reward under overlong="lowest", and
+    raise any other. An item that its responses push over names the item, as before."""
+    from labeler import ReferenceItem
+    from labeler.errors import InputTooLong
+
+    score, ref = labeler.spec("score", "tiny"), labeler.spec("reference", "tiny")
+    cases = [
+        (score, ScoreItem("word " * 30, "4"), "items[0].context"),
+        (score, ScoreItem("2+2?", "word " * 30), "items[0]"),
+        (ref, ReferenceItem("2+2?", "4", "word " * 30), "items[0].reference"),
+        (ref, ReferenceItem("word " * 8, "4 " * 8, "word " * 8), "items[0]"),  # 24 tokens: 16 without the response
+    ]
+    for spec, item, field in cases:
+        with pytest.raises(InputTooLong) as exc:
+            labeler.prepare(spec, [item], max_item_tokens=20)
+        assert exc.value.field == field and str(exc.value).startswith(field + ":"), (item, str(exc.value))
+
+    (r,) = labeler.prepare(score, [ScoreItem("2+2?", "4")])[0]
+    monkeypatch.setattr(labeler.engine, "max_model_len", len(r.prompt_token_ids) + 12)
+    for item, field in ((ScoreItem("2+2? " * 10, "4"), "items[0].context"), (ScoreItem("2+2?", "4 " * 20), "items[0]")):
+        with pytest.raises(InputTooLong, match=r"the prompt is \d+ tokens") as exc:
+            labeler.prepare(score, [item])
+        assert exc.value.field == field and str(exc.value).startswith(field + ":"), (item, str(exc.value))
+    with pytest.raises(InputTooLong) as exc:
+        labeler.prepare(ref, [ReferenceItem("2+2?", "4", "four " * 20)])
+    assert exc.value.field == "items[0].reference", str(exc.value)
+
+
 async def test_a_closed_transformers_engine_is_unavailable(model_dir):
     """After `aclose` a read or a generation is `EngineUnavailable`, as on the vLLM engines,
     not a TypeError from the dropped model. Closing does not wait for a forward still

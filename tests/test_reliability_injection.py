@@ -191,12 +191,19 @@ async def test_long_runs_through_the_api(make_server, corpus, labeler):
         for name, v in ((n, v) for n, v in corpus.items() if len(v) >= 1000):
             item = {"context": v, "response": v}
             (n_tokens,) = labeler.item_tokens([ScoreItem(**normalize_item(item))])
+            (alone,) = labeler.item_tokens([ScoreItem(**normalize_item({"context": v, "response": ""}))])
             r = await post_raw(client, "/v1/scores", {"task": "tiny", "items": [item]})
             if n_tokens > limit:
                 assert r.status_code == 422, (name, n_tokens, r.status_code, r.text[:300])
                 err = r.json()["error"]
-                assert err["param"] == "items[0]" and err["type"] == "input_too_long", (name, err)
-                assert err["message"] == f"items[0]: {n_tokens} tokens in its texts, over the limit of {limit}", err
+                want = f"items[0]: {n_tokens} tokens in its texts, over the limit of {limit}"
+                if alone > limit:  # the context alone: the data's, named
+                    want = (
+                        f"items[0].context: {alone} tokens, over the limit of {limit} for the item's texts "
+                        f"({n_tokens}) also without its responses"
+                    )
+                assert err["param"] == want.partition(":")[0] and err["type"] == "input_too_long", (name, err)
+                assert err["message"] == want, err
                 refused.append(name)
             else:
                 assert r.status_code == 200 and len(r.json()["results"]) == 1, (name, r.status_code, r.text[:300])

@@ -260,6 +260,10 @@ def test_openrlhf_get_reward_gives_overlong_queries_the_lowest_reward(make_serve
     by_tokens = {"query": [body["query"][k] for k in (0, 2)], "prompts": [prompts[k] for k in (0, 2)]}
     err = assert_error(post(srv, "/get_reward?task=tiny", by_tokens), 422, "query[1]")
     assert "over the limit of 25" in err["message"] and "?overlong=lowest" in err["message"]
+    # A reference over the token limit by itself is named as the request names it.
+    by_ref = {"query": ["2+2?4"], "prompts": ["2+2?"], "labels": [digits]}
+    err = assert_error(post(srv, "/get_reward?task=tiny&reward=reference", by_ref), 422, "labels[0]")
+    assert err["message"].startswith("labels[0]: ") and "?overlong=lowest" not in err["message"]
 
     got = post(srv, "/get_reward?task=tiny&overlong=lowest", body).json()
     want = [labeler.score(prompts[k], responses[k], "tiny") for k in (0, 3)]
@@ -295,7 +299,8 @@ def test_trl_reward_functions_give_overlong_completions_the_lowest_reward(make_s
     """overlong="lowest" on TRL's reward functions, against the real server's limits: a
     completion over the character or the token limit gets -1.0, the others their rewards as
     without it (sync, async, against a reference); by default the call fails naming the
-    completion's row, and a prompt over the limit, the data's, fails it either way."""
+    completion's row, and a prompt or a reference over a limit by itself, the data's, fails it
+    either way."""
     srv = make_server(max_chars=60, max_item_tokens=25)
     digits = " ".join("1234567890" * 3)[:59]  # under 60 characters, over 25 tokens
     prompts = ["2+2?", "Name a fruit.", "Name a fruit.", "Name a fruit."]
@@ -319,6 +324,13 @@ def test_trl_reward_functions_give_overlong_completions_the_lowest_reward(make_s
     with pytest.raises(lc.InvalidRequest) as data:
         reward_function(srv.url, "tiny", overlong="lowest")(prompts=long_prompt, completions=completions)
     assert (data.value.param, data.value.item) == ("items[3].context", 3)
+    # Over the token limit by themselves, under the character limit: the data's too.
+    with pytest.raises(lc.InvalidRequest) as data:
+        reward_function(srv.url, "tiny", overlong="lowest")(prompts=[*prompts[:3], digits], completions=completions)
+    assert (data.value.param, data.value.item, data.value.type) == ("items[3].context", 3, "input_too_long")
+    with pytest.raises(lc.InvalidRequest) as data:
+        ref_fn(prompts=prompts, completions=completions, reference=[*refs[:3], digits])
+    assert (data.value.param, data.value.item, data.value.type) == ("items[3].reference", 3, "input_too_long")
     with pytest.raises(ValueError, match="overlong"):
         reward_function(srv.url, "tiny", overlong="cut")
     with pytest.raises(ValueError, match="group rewards take no overlong"):
