@@ -8,6 +8,7 @@ builds the ones an app validates with, from its settings.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal, NamedTuple
@@ -125,6 +126,22 @@ class ChatMessageIn(BaseModel):
         if isinstance(data, dict) and "content" not in data and not data.get("tool_calls"):
             raise ValueError("a message needs a 'content' (text, content parts or null) or 'tool_calls'")
         return data
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _arguments_text(cls, calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        """Arguments given as an object, as the JSON text the labeler is shown, written here:
+        an object nested too deep to write (the body parser reads deeper than json.dumps
+        writes) is refused naming the message, not failed while the prompt is rendered."""
+        for k, call in enumerate(calls or ()):
+            function = call.get("function") or call
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if arguments is not None and not isinstance(arguments, str):
+                try:
+                    function["arguments"] = json.dumps(arguments, ensure_ascii=False)
+                except (RecursionError, ValueError, TypeError):
+                    raise ValueError(f"tool_calls[{k}]: the arguments are nested too deep to write as JSON") from None
+        return calls
 
     @field_validator("content", mode="before")
     @classmethod

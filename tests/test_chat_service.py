@@ -161,6 +161,25 @@ def test_messages_on_the_wire(live_server, labeler):
     assert bad.status_code == 422 and "items" in bad.json()["error"]["param"]
 
 
+def test_tool_call_arguments_nested_too_deep_to_write_are_refused_by_name(make_server):
+    """Arguments nested about as deep as the body parser reads, which at some depths (a few,
+    set by the stack) is deeper than json.dumps writes: refused naming the message, never a
+    500. (The server's small token limit refuses the other depths before the engine runs.)"""
+    srv = make_server(max_item_tokens=50)
+    message = '{"role": "assistant", "content": null, "tool_calls": [{"function": {"name": "f", "arguments": %s}}]}'
+    seen = set()
+    for depth in range(940, 1000):
+        deep = "[" * depth + "1" + "]" * depth
+        body = '{"task": "tiny", "items": [{"response": [%s]}]}' % (message % deep)
+        r = httpx.post(srv.url + "/v1/scores", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        error = r.json()["error"]
+        if "nested too deep" in error["message"]:
+            assert error["param"] == "items[0].response[0].tool_calls", error
+        seen.add((r.status_code, error["param"]))
+    assert seen <= {(422, "items[0]"), (422, "body"), (422, "items[0].response[0].tool_calls")}, seen
+    assert (422, "body") in seen and (422, "items[0]") in seen  # deeper than the parser reads; shallow enough
+
+
 def test_a_tool_calling_completion_is_judged_with_its_calls(live_server, labeler):
     """A completion given as messages (a TRL tool-calling trajectory) is judged as the text the
     service reads it as (`response_text`): the same reward and cache entry as that text, from
