@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import random
+import re
 import socket
 import threading
 import time
@@ -425,6 +426,22 @@ async def test_a_burst_of_calls_waits_for_connections_without_timing_out():
     assert [g[0] for g in got] == expected(its)
     ports = {port for port, _ in server.seen}
     assert len(server.seen) == 300 and len(ports) <= 256
+
+
+@pytest.mark.parametrize("cls", [lc.Client, lc.AsyncClient])
+async def test_items_that_are_not_mappings_are_refused_before_any_request(cls):
+    """Texts given as items ("ab" would have been sent as {"a": "b"}, a longer text failed as
+    a dict() ValueError): a TypeError naming the item, nothing sent."""
+    fake = FakeLabeler()
+    client = cls(URL, transport=fake.transport(), batch_size=2)
+    for items, named in ((["ab", "cd"], "items[0] is a str"), ([{"response": "r"}, ("x", 1)], "items[1] is a tuple")):
+        with pytest.raises(TypeError, match=re.escape(named)):
+            call = client.scores(items, "tiny")
+            await call if inspect.isawaitable(call) else call
+    with pytest.raises(TypeError, match="not one text"):
+        call = client.scores("hello", "tiny")
+        await call if inspect.isawaitable(call) else call
+    assert fake.requests == []
 
 
 async def test_async_order_kept_and_concurrency_bounded():

@@ -261,6 +261,18 @@ class _BaseClient:
         if on_error not in ("raise", "none"):
             raise ValueError(f'on_error must be "raise" or "none", not {on_error!r}')
 
+    @staticmethod
+    def _check_items(items: Sequence[Any]) -> None:
+        """Items that no request could carry, refused before any is sent."""
+        if isinstance(items, (str, bytes)):
+            raise TypeError("items must be a list of mappings of the items' fields, not one text")
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                raise TypeError(
+                    f"items[{i}] is a {type(item).__name__}, not a mapping of the item's fields "
+                    "(e.g. {'context': ..., 'response': ...})"
+                )
+
 
 class Client(_BaseClient):
     """Blocking client. Large inputs are split into `batch_size` items per request, sent at
@@ -354,6 +366,7 @@ class Client(_BaseClient):
         self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T], on_error: OnError
     ) -> list[T | None]:
         self._check_on_error(on_error)
+        self._check_items(items)
         out: list[T | None] = [None] * len(items)
 
         stop: threading.Event | None = None  # set when a batch fails: the others stop sending
@@ -674,6 +687,7 @@ class AsyncClient(_BaseClient):
         self, path: str, items: Sequence[Item], opts: dict[str, Any], parse: Callable[[Any], T], on_error: OnError
     ) -> list[T | None]:
         self._check_on_error(on_error)
+        self._check_items(items)
         out: list[T | None] = [None] * len(items)
         gate = asyncio.Semaphore(self.max_concurrency)
         outage: Retry | None = None  # set once a batch's retries ran out on an outage, until an answer
