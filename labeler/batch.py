@@ -463,8 +463,11 @@ def _torn_row(tail: bytes) -> bool:
 
 
 def _output_row(value: Any) -> dict[str, Any] | None:
-    """`value` (a line's JSON) when it is an output row, else None."""
-    return value if isinstance(value, dict) and isinstance(value.get("key"), str) else None
+    """`value` (a line's JSON) when it is an output row (with the text fields `_meta` gives
+    every row: a dataset's own `key` column is not enough), else None."""
+    if isinstance(value, dict) and all(isinstance(value.get(f), str) for f in _META):
+        return value
+    return None
 
 
 def _jsonl_line(row: dict[str, Any]) -> bytes:
@@ -647,8 +650,11 @@ def _row(fields: dict[str, Any], result: dict[str, Any], params: dict[str, Any],
     return fields | _meta(params, key)
 
 
+_META = ("task", "task_version", "model", "key")
+
+
 def _meta(params: dict[str, Any], key: str) -> dict[str, Any]:
-    return {"task": params["task"], "task_version": params["task_version"], "model": params["model"], "key": key}
+    return dict(zip(_META, (params["task"], params["task_version"], params["model"], key), strict=True))
 
 
 def make_params(

@@ -360,8 +360,8 @@ def test_sink_writes_text_cut_inside_a_character_and_reads_it_back(tmp_path):
     """A lone surrogate (a truncated escape in JSON input) has no UTF-8 form: that row goes
     with JSON escapes; the others stay plain UTF-8; every row reads back as written."""
     path = tmp_path / "out.jsonl"
-    cut = {"key": "a", "text": "hi \ud83d", "other": "caf\u00e9"}
-    plain = {"key": "b", "text": "caf\u00e9"}
+    cut = {"task": "t", "task_version": "v", "model": "m", "key": "a", "text": "hi \ud83d", "other": "caf\u00e9"}
+    plain = {"task": "t", "task_version": "v", "model": "m", "key": "b", "text": "caf\u00e9"}
     JsonlSink(path).append([cut, plain])
     lines = path.read_bytes().splitlines()
     assert b"\\ud83d" in lines[0] and "caf\u00e9".encode() in lines[1]
@@ -373,17 +373,19 @@ def test_a_sink_holds_rows_without_the_input_texts_they_repeat(tmp_path):
     a resumed command reads back only a row's figures."""
     path = tmp_path / "out.jsonl"
     texts = {"prompt": "q", "chosen": "y", "rejected": "n", "completion": "c", "context": "x", "rationales": ["r"]}
-    row = {**texts, "response_a": "a", "response_b": "b", "p_a": 0.75, "consistent": True, "key": "k"}
+    meta = {"task": "t", "task_version": "v", "model": "m", "key": "k"}
+    row = {**texts, "response_a": "a", "response_b": "b", "p_a": 0.75, "consistent": True, **meta}
     sink = JsonlSink(path)
     sink.append([row])
-    figures = {"p_a": 0.75, "consistent": True, "key": "k"}
+    figures = {"p_a": 0.75, "consistent": True, **meta}
     assert sink.rows == {"k": figures} and JsonlSink(path).rows == {"k": figures}
     assert json.loads(path.read_text()) == row
 
 
 def test_sink_refuses_a_file_of_other_data_without_touching_it(tmp_path):
     """An OUT that is a dataset (or the input itself), whose last line lacks its newline: it
-    is refused as it is, not cut to its last newline first; so is a file that is not UTF-8."""
+    is refused as it is, not cut to its last newline first; so is a file that is not UTF-8,
+    and a dataset with a `key` column of its own."""
     path = tmp_path / "train.jsonl"
     for data in (
         b'{"prompt": "q", "chosen": "a"}\n{"prompt": "r", "chosen": "b"}',
@@ -391,6 +393,8 @@ def test_sink_refuses_a_file_of_other_data_without_touching_it(tmp_path):
         b'{"prompt": "caf\xe9"}\n',
         b'{"prompt": "caf\xe9", "chosen": "a"}',  # one line, no newline, not UTF-8: not a torn row
         b"{'prompt': 'a Python dict, not JSON'}",
+        b'{"key": "ex-001", "prompt": "q", "chosen": "a", "rejected": "b"}\n',  # a dataset's own key column
+        b'{"key": "ex-001", "task": "qa", "prompt": "q"}\n',
     ):
         path.write_bytes(data)
         with pytest.raises(InvalidInput, match="is not a row of this tool"):
@@ -416,7 +420,12 @@ def test_sink_refuses_a_directory_or_a_file_it_cannot_open_by_name(tmp_path):
 
 def test_sink_reads_an_output_an_editor_saved_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "out.jsonl"
-    JsonlSink(path).append([{"key": "a", "x": 1}, {"key": "b", "x": 2}])
+    JsonlSink(path).append(
+        [
+            {"task": "t", "task_version": "v", "model": "m", "key": "a", "x": 1},
+            {"task": "t", "task_version": "v", "model": "m", "key": "b", "x": 2},
+        ]
+    )
     rows = path.read_bytes()
     path.write_bytes(b"\xef\xbb\xbf" + rows)
     assert set(JsonlSink(path).rows) == {"a", "b"}
@@ -433,10 +442,10 @@ from pathlib import Path
 from labeler.batch import JsonlSink
 from labeler.errors import LabelerError
 sink = JsonlSink(Path(sys.argv[1]))
-sink.append([{"key": "a", "x": "first"}])
+sink.append([{"task": "t", "task_version": "v", "model": "m", "key": "a", "x": "first"}])
 resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))  # what a full disk does to the next write
 try:
-    sink.append([{"key": "b", "x": "y" * 1000}])
+    sink.append([{"task": "t", "task_version": "v", "model": "m", "key": "b", "x": "y" * 1000}])
 except LabelerError as exc:
     print(exc)
 """
@@ -466,7 +475,8 @@ class Refusing:  # no item of a finished file is labeled again
         raise AssertionError("labeled again")
 
 params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
-jobs = [Job(f"k{i}", "", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"}) for i, a in enumerate("abc")]
+meta = {"task": "t", "task_version": "v", "model": "m"}
+jobs = [Job(f"k{i}", "", ScoreItem("q", a), lambda r, i=i: r | meta | {"key": f"k{i}"}) for i, a in enumerate("abc")]
 for name in sys.argv[1:]:
     sink = JsonlSink(Path(name))
     print(json.dumps([sorted(sink.rows), sink.read_only, sink.repaired]))
@@ -496,8 +506,13 @@ def test_a_finished_output_this_process_cannot_write_is_read_as_it_is(tmp_path):
     its newline kept, a torn one left out), its items skipped, so figures can be computed
     again from it; a run with items not in it is refused, naming the file and the reason.
     One made writable after it was read is repaired before a run appends to it."""
-    rows = b"".join(_jsonl_line({"key": k, "reward": 0.5}) for k in ("k0", "k1"))
-    files = {"no_newline.jsonl": rows[:-1], "torn.jsonl": rows + b'{"key": "k2", "rew'}
+    rows = b"".join(
+        _jsonl_line({"task": "t", "task_version": "v", "model": "m", "key": k, "reward": 0.5}) for k in ("k0", "k1")
+    )
+    files = {
+        "no_newline.jsonl": rows[:-1],
+        "torn.jsonl": rows + b'{"task": "t", "task_version": "v", "model": "m", "key": "k2", "rew',
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         (tmp_path / name).chmod(0o444)
@@ -523,7 +538,8 @@ def test_a_finished_output_this_process_cannot_write_is_read_as_it_is(tmp_path):
 
 def test_sink_completes_a_whole_last_row_and_cuts_one_torn_inside_a_character(tmp_path):
     path = tmp_path / "out.jsonl"
-    JsonlSink(path).append([{"prompt": "a", "key": "a"}, {"prompt": "caf\u00e9", "key": "b"}])
+    meta = {"task": "t", "task_version": "v", "model": "m"}
+    JsonlSink(path).append([{"prompt": "a", **meta, "key": "a"}, {"prompt": "caf\u00e9", **meta, "key": "b"}])
     whole = path.read_bytes()
     path.write_bytes(whole[:-1])  # its newline lost (a hand edit, a concatenation): the row is kept
     sink = JsonlSink(path)
@@ -536,21 +552,27 @@ def test_sink_completes_a_whole_last_row_and_cuts_one_torn_inside_a_character(tm
 def test_sink_cuts_off_a_torn_last_line_and_refuses_a_corrupt_file(tmp_path):
     path = tmp_path / "out.jsonl"
     sink = JsonlSink(path)
-    sink.append([{"key": "a", "x": 1}, {"key": "b", "x": 2}])
+    sink.append(
+        [
+            {"task": "t", "task_version": "v", "model": "m", "key": "a", "x": 1},
+            {"task": "t", "task_version": "v", "model": "m", "key": "b", "x": 2},
+        ]
+    )
     whole = path.read_bytes()
     with path.open("ab") as f:
-        f.write(b'{"key": "c", "x"')  # a run killed mid-write
+        f.write(b'{"task": "t", "task_version": "v", "model": "m", "key": "c", "x"')  # a run killed mid-write
     sink = JsonlSink(path)
     assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == whole
-    sink.append([{"key": "c", "x": 3}])
+    sink.append([{"task": "t", "task_version": "v", "model": "m", "key": "c", "x": 3}])
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
     # Killed right after a row's first byte; blocks of NULs a power loss left (after a torn
     # row, or alone): all cut off.
-    for torn in (b"{", b'{"key": "c"\x00\x00', b"\x00" * 4096):
+    for torn in (b"{", b'{"task": "t", "task_version": "v", "model": "m", "key": "c"\x00\x00', b"\x00" * 4096):
         path.write_bytes(whole + torn)
         sink = JsonlSink(path)
         assert set(sink.rows) == {"a", "b"} and sink.repaired and path.read_bytes() == whole, torn
-    path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    row = '{"task": "t", "task_version": "v", "model": "m", "key": "%s"}\n'
+    path.write_text(row % "a" + "not json\n" + row % "b")
     with pytest.raises(InvalidInput, match="line 2 is not a row"):
         JsonlSink(path)
 
@@ -560,7 +582,9 @@ def test_sink_reopens_rows_whose_texts_hold_unicode_line_separators(tmp_path):
     # them is still one line, and a second run resumes from it.
     path = tmp_path / "out.jsonl"
     texts = ["one\u2028two", "three\u2029four", "five\x85six", "seven\x0beight"]
-    JsonlSink(path).append([{"key": str(i), "text": t} for i, t in enumerate(texts)])
+    JsonlSink(path).append(
+        [{"task": "t", "task_version": "v", "model": "m", "key": str(i), "text": t} for i, t in enumerate(texts)]
+    )
     sink = JsonlSink(path)
     assert [sink.rows[str(i)]["text"] for i in range(len(texts))] == texts and not sink.repaired
 
@@ -603,11 +627,16 @@ async def test_a_second_run_into_the_same_output_is_refused_while_the_first_hold
     from labeler.cli import main
 
     path = tmp_path / "out.jsonl"
-    path.write_text(json.dumps({"key": "k0", "reward": 0.5}) + "\n")
+    path.write_text(json.dumps({"task": "t", "task_version": "v", "model": "m", "key": "k0", "reward": 0.5}) + "\n")
     before = path.read_bytes()
     params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
     jobs = [
-        Job(f"k{i}", f"in.jsonl, line {i + 1}", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"})
+        Job(
+            f"k{i}",
+            f"in.jsonl, line {i + 1}",
+            ScoreItem("q", a),
+            lambda r, i=i: r | {"task": "t", "task_version": "v", "model": "m", "key": f"k{i}"},
+        )
         for i, a in enumerate("ab")
     ]
     opened = JsonlSink(path)  # before the other run starts
@@ -638,7 +667,7 @@ def test_a_run_into_an_output_another_run_reads_is_refused_as_read(tmp_path):
     """A run reading a finished OUT it cannot write (its lock shared) keeps a run that would
     write it out, which is told that the file is being read (not written) by another run."""
     path = tmp_path / "out.jsonl"
-    path.write_bytes(_jsonl_line({"key": "k0", "reward": 0.5}))
+    path.write_bytes(_jsonl_line({"task": "t", "task_version": "v", "model": "m", "key": "k0", "reward": 0.5}))
     path.chmod(0o444)
     as_user = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
     reader = subprocess.Popen(
@@ -661,7 +690,12 @@ async def test_a_run_reads_the_rows_written_since_its_output_was_opened(tmp_path
     path = tmp_path / "out.jsonl"
     params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
     jobs = [
-        Job(f"k{i}", f"in.jsonl, line {i + 1}", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"})
+        Job(
+            f"k{i}",
+            f"in.jsonl, line {i + 1}",
+            ScoreItem("q", a),
+            lambda r, i=i: r | {"task": "t", "task_version": "v", "model": "m", "key": f"k{i}"},
+        )
         for i, a in enumerate("ab")
     ]
     late, early = JsonlSink(path), JsonlSink(path)
@@ -680,7 +714,12 @@ async def test_an_output_named_by_a_link_is_written_where_the_link_points(tmp_pa
     the file is created where the link points, held, written, and removed again by a run
     that writes nothing."""
     params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
-    job = Job("k0", "in.jsonl, line 1", ScoreItem("q", "a"), lambda r: r | {"key": "k0"})
+    job = Job(
+        "k0",
+        "in.jsonl, line 1",
+        ScoreItem("q", "a"),
+        lambda r: r | {"task": "t", "task_version": "v", "model": "m", "key": "k0"},
+    )
     (tmp_path / "runs").mkdir()
     link = tmp_path / "out.jsonl"
     link.symlink_to(tmp_path / "runs" / "out.jsonl")
@@ -748,11 +787,18 @@ async def test_a_resumed_run_labels_past_the_items_it_skipped_before():
     params = {"task": "t", "cot": False, "samples": 1, "seed": 0}
     answers = ["?", "?", "a", "b", "c"]
     jobs = [
-        Job(f"k{i}", f"in.jsonl, line {i + 1}", ScoreItem("q", a), lambda r, i=i: r | {"key": f"k{i}"})
+        Job(
+            f"k{i}",
+            f"in.jsonl, line {i + 1}",
+            ScoreItem("q", a),
+            lambda r, i=i: r | {"task": "t", "task_version": "v", "model": "m", "key": f"k{i}"},
+        )
         for i, a in enumerate(answers)
     ]
     sink = MemorySink()
-    sink.append([{"key": "k4", "reward": 0.5}])  # the first run labeled line 5 and skipped lines 1-2
+    sink.append(
+        [{"task": "t", "task_version": "v", "model": "m", "key": "k4", "reward": 0.5}]
+    )  # the first run labeled line 5 and skipped lines 1-2
     backend = _Unlabeling()
     summary = await run_jobs(jobs, backend, sink, "scores", params, chunk_size=2, skip_invalid=True, progress=False)
     assert (summary.labeled, summary.skipped, len(summary.unlabeled)) == (2, 1, 2)
