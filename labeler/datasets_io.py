@@ -257,9 +257,13 @@ def response_text(value: Any) -> str:
 
 def _after(prompt: Any, completion: Any) -> Any:
     """A conversational completion without the prompt's turns, where it repeats them (some
-    datasets store the whole conversation in `chosen` and `rejected`, beside the `prompt`)."""
-    if isinstance(prompt, list) and completion[: len(prompt)] == prompt:
-        return completion[len(prompt) :]
+    datasets store the whole conversation in `chosen` and `rejected`, beside the `prompt`),
+    with or without the prompt's system messages."""
+    if not isinstance(prompt, list):
+        return completion
+    for turns in (prompt, [m for m in prompt if not (isinstance(m, dict) and m.get("role") == "system")]):
+        if turns and completion[: len(turns)] == turns:
+            return completion[len(turns) :]
     return completion
 
 

@@ -203,6 +203,15 @@ def test_single_formats():
     answer = [{"role": "assistant", "content": "A."}]
     s = io.normalize_single("l", {"prompt": system + USER, "completion": USER + answer})
     assert s.response == "A."
+    # A multi-turn conversation repeated without the prompt's system message: read from after it.
+    s = io.normalize_single("l", {"prompt": system + turns, "completion": turns + answer})
+    assert (s.context, s.response) == (
+        "System: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\nUser: Name a fruit.",
+        "A.",
+    )
+    apple = [{"role": "assistant", "content": "Apple."}]
+    p = io.normalize_pair("l", {"prompt": system + turns, "chosen": turns + answer, "rejected": turns + apple})
+    assert (p.response_a, p.response_b) == ("A.", "Apple.")
     s = io.normalize_single("l", {"context": "Q?", "response": "A."})
     assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
     for mixed in ({"context": "Q?", "completion": "A."}, {"prompt": "Q?", "response": "A."}):  # the names mixed
