@@ -46,7 +46,7 @@ MAX_GROUP_SIZE = 32
 # would overflow inside the engine process and kill it).
 MAX_SEED = 2**63 // MAX_SAMPLES - 1
 # Bumped whenever the same spec and item would be computed differently (rationales included).
-KEY_VERSION = 8
+KEY_VERSION = 9
 
 # One encoder, built once: json.dumps with options builds a new one per call.
 _canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
