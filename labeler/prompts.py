@@ -16,8 +16,8 @@ template's structure:
 - strings the tokenizer would turn into special or added tokens (`<|im_start|>`,
   `<|im_end|>`, ...) are broken with a zero-width space, so the text tokenizes as
   plain text and cannot open or close chat turns;
-- lone surrogates and control characters other than tab, newline and carriage return are
-  replaced by U+FFFD.
+- lone surrogates and control characters (C0 other than tab, newline and carriage return,
+  DEL, C1) are replaced by U+FFFD.
 An empty response is judged like any other: its block is shown with nothing inside.
 A generated rationale (chain-of-thought) gets the last two steps before the label is read
 after it: the judged text may have led the model to write a special-token string out.
@@ -44,7 +44,7 @@ ZWSP = "\u200b"
 # the start of a text, which a SentencePiece tokenizer marks as a word start).
 _ANCHOR = "\n"
 _Example = TypeVar("_Example", PairExample, ScoreExample, JudgmentExample)
-_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, surrogates
 
 
 @dataclass(frozen=True)
