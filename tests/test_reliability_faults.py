@@ -76,6 +76,8 @@ async def test_redis_stopped_and_restarted_under_load(make_server, redis_server,
             )
         finally:
             stop.set()
+            if redis_server.proc is None:  # stopped and not started again: up for the tests after this one
+                await asyncio.to_thread(redis_server.start)
 
     load = asyncio.create_task(
         drive(
@@ -612,15 +614,17 @@ def test_server_killed_and_restarted_during_a_client_batch(labeler, tmp_path, fi
             srv.start()
             cuts.append((killed, time.monotonic()))
 
-    killer = threading.Thread(target=crash_and_restart)
+    killer = threading.Thread(target=crash_and_restart, daemon=True)
     try:
         killer.start()
         got = client.scores(items, "tiny", cache=False)
-        done.set()
-        killer.join()
     finally:
+        # Also when the batch failed: the killer stops before it would start the server again.
+        done.set()
+        killer.join(timeout=240)
         client.close()
         srv.stop()
+    assert not killer.is_alive()
     # Every kill landed mid-batch, as seen on the wire: answers came since the previous start
     # and before the kill, the client met the outage, and answers came after the restart.
     starts = [0.0] + [ready for _, ready in cuts]
