@@ -718,8 +718,10 @@ def split_query(
        prompt the trainer cut from the left to its length limit): the rest is the response,
        the prompt the context.
     2. Otherwise, when a known chat template laid the query out, the response is the content of
-       its last turn if that is the assistant's (else empty: the policy said nothing), the
-       turns before it the context (as messages).
+       its last turn if that is the assistant's, the turns before it the context (as
+       messages); when turns follow the last assistant turn, that turn and those after it
+       (as `response_text` reads them: a policy that went on into a turn of its own); with
+       no assistant turn, empty (the policy said nothing).
     3. Otherwise the whole query is the response, with an empty context.
     The response is cleaned (`clean_response`), losing its template's own turn end also with
     end markers of one's own that leave it out, and may be empty; `context_text` renders the
@@ -750,6 +752,13 @@ def split_query(
         return "", _clean_response(query, markers)
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
+    last = next((k for k in range(len(messages) - 1, -1, -1) if messages[k]["role"] == "assistant"), None)
+    if last is not None:
+        # A turn after the policy's answer is the policy's too (a base model writing "User: ..."
+        # on, or a line of its answer that reads as a header): judged with the answer, as a
+        # completion given as messages is, not dropped for an empty answer.
+        answer = {**messages[last], "content": _harmony_reply(messages[last]["content"], markers)}
+        return messages[:last], response_text([answer, *messages[last + 1 :]], markers)
     return messages, ""
 
 

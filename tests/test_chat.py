@@ -114,6 +114,24 @@ def test_an_empty_answer_is_an_empty_response(name):
     assert response == "" and chat.context_text(context) == CANONICAL
 
 
+def test_turns_after_the_policys_answer_are_judged_with_it():
+    """Without `prompts`, a policy that went on after its answer (a base model writing the
+    next user turn, an answer with a line that reads as a header) is judged from its answer
+    on, not as an empty answer; a query with no assistant turn still reads as one."""
+    chatml = (
+        "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\nApple.<|im_end|>\n"
+        "<|im_start|>user\nThanks!<|im_end|>\n"
+    )
+    context, response = chat.split_query(chatml)
+    assert (chat.context_text(context), response) == ("Name a fruit.", "Apple.\n\nUser: Thanks!")
+    hh = "\n\nHuman: How do I log in?\n\nAssistant: Use these credentials:\nuser: admin\npassword: hunter2"
+    context, response = chat.split_query(hh)
+    assert chat.context_text(context) == "How do I log in?"
+    assert response.startswith("Use these credentials:") and "admin" in response and "hunter2" in response
+    context, response = chat.split_query("<|im_start|>user\nhi<|im_end|>\n")
+    assert (chat.context_text(context), response) == ("hi", "")
+
+
 @pytest.mark.parametrize(
     "marker",
     [m for m in chat.END_MARKERS],
