@@ -116,6 +116,10 @@ def _copied_blocks(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+# What may lead a verdict in on its line: a bullet or a number, and a word ("Final").
+_LEAD_IN = re.compile(r"[ \t]*(?:[-*+\u2022]|\d+[.)])?[ \t]*[*_]*(?:[^\W\d_]+[*_]*[ \t]+)?[*_]*")
+
+
 def _line_at(text: str, start: int) -> str:
     """The line of `text` that starts at `start`."""
     end = text.find("\n", start)
@@ -440,7 +444,11 @@ class PromptBuilder:
                 verdict = last[0]
         if verdict is None:
             return generated.strip()
-        return generated[: verdict.start()].rstrip(" \t\r\n*_").strip()  # "... **Score: 9**" too
+        cut = verdict.start()
+        line = generated.rfind("\n", 0, cut) + 1
+        if _LEAD_IN.fullmatch(generated, line, cut):  # "Final Score: 9", "- Score: 1": the line is the verdict's
+            cut = line
+        return generated[:cut].rstrip(" \t\r\n*_").strip()  # "... **Score: 9**" too
 
     # -- layout ----------------------------------------------------------------------
     def _system(self, task: Task) -> list[dict[str, str]]:
