@@ -517,11 +517,11 @@ def _reasoning(content: str) -> str:
 def _ends_a_block(content: str, close: int) -> bool:
     """Whether the "</think>" at `close` ends a reasoning block: opening the text, with a line
     break at either side (as a reasoning model writes it: "...\n</think>\n\nanswer"), or with
-    a tag after it ("...</think> <answer>7</answer>", R1-Zero's format), rather than being
-    mentioned in a sentence ("use the </think> tag", "close it with </think>")."""
+    the answer tag after it ("...</think> <answer>7</answer>", R1-Zero's format), rather than
+    being mentioned in a sentence ("use the </think> tag", "close it with </think> <b>...")."""
     before = content[:close].rstrip(" \t")
     after = content[close + len("</think>") :].lstrip(" \t")
-    return not before or before.endswith("\n") or after.startswith(("\n", "\r", "<"))
+    return not before or before.endswith("\n") or after.startswith(("\n", "\r", "<answer>"))
 
 
 def message_text(content: Any) -> str:

@@ -243,7 +243,11 @@ def test_a_reasoning_block_the_template_opened_reads_the_same_every_way():
     assert chat.clean_response("</think>\n\nParis.") == "Paris."
     assert chat.clean_response("a <think>b</think> c") == "a <think>b</think> c"
     # A response that mentions the closing tag in a sentence closes no block.
-    for mention in ("Close the block with the </think> tag, then answer.", "Close it with </think>"):
+    for mention in (
+        "Close the block with the </think> tag, then answer.",
+        "Close it with </think>",
+        "Close it with </think> <b>then bold</b>",
+    ):
         assert chat.clean_response(mention) == mention
     # R1-Zero's format, a tag right after the block: the same response split either way.
     zero = "3 plus 4 is 7.</think> <answer>7</answer>"
