@@ -498,6 +498,7 @@ class Summary:
     labeled: int = 0  # labeled by this run
     skipped: int = 0  # already in the output (resumed)
     duplicates: int = 0  # repeated in the input (same key)
+    duplicates_are: str = "duplicates"  # what the summary calls them (eval: more humans' labels of a pair)
     other_rows: int = 0  # rows already in the output of other items or options (kept as they are)
     invalid: list[str] = field(default_factory=list)  # where: message, for skipped malformed records
     unlabeled: list[str] = field(default_factory=list)  # where: message, for skipped items the model gave no label
@@ -541,7 +542,7 @@ class Summary:
             f"{self.cached} cached",
         ]
         if self.duplicates:
-            parts.append(f"{self.duplicates} duplicates")
+            parts.append(f"{self.duplicates} {self.duplicates_are}")
         if self.invalid:
             parts.append(f"{len(self.invalid)} invalid (skipped)")
         if self.unlabeled:

@@ -249,7 +249,7 @@ def _cmd_label(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import ORDERS, eval_jobs, evaluate_rows, normalize_human_labeled, percent, write_report
 
-    summary = Summary()
+    summary = Summary(duplicates_are="more labels of a pair labeled already (read once)")
     pairs = collect(
         args.input, normalize_human_labeled, split=args.split, skip_invalid=args.skip_invalid, summary=summary
     )

@@ -277,6 +277,9 @@ def test_eval_reports_alignment_and_human_human_agreement(tmp_path, labeler, in_
     got = json.loads(capsys.readouterr().out)
     assert got["n"] == 4 and got["summary"]["invalid"] == 1  # every human label counts
     assert got["summary"]["duplicates"] == 2  # the fruit pair's three rows, either way round: read once
+    assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--skip-invalid") == 0
+    text = capsys.readouterr().out  # the summary line calls them what they are (run again: resumed)
+    assert "2 more labels of a pair labeled already (read once)" in text and "duplicates" not in text, text
     assert got["prompts"] == 2  # what the CIs resample
     # Position consistency is a pair's, however many humans labeled it: the summary counts
     # each pair once, as the metrics do. Here one pair of two is consistent, that of one label
