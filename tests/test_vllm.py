@@ -394,6 +394,35 @@ def test_the_one_sequence_check_knows_full_attention_and_stretched_contexts(mode
     assert one_sequence_bytes(gemma3, "float32")[1] == length
 
 
+def test_the_context_the_cache_is_sized_for_is_vllms(model_dir, tmp_path):
+    """The context a default cache must hold one sequence of is the max_model_len vLLM's own
+    ModelConfig derives for the model: the smallest length its config gives under any of
+    vLLM's keys, 2,048 when it gives none, stretched by a linear RoPE scaling; a smaller
+    `model_max_length` of the tokenizer counts for vLLM's pooling models only."""
+    from vllm.config import ModelConfig
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    bare = {k: v for k, v in config.items() if k != "max_position_embeddings"}
+    cases = [
+        ({}, {}),
+        ({"n_positions": 4096}, {}),
+        ({"seq_length": 3000}, {}),
+        ({}, {"model_max_length": 2500}),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5}}, {"model_max_length": 3000}),
+    ]
+    for k, (changes, tokenizer) in enumerate([*cases, (None, {})]):
+        folder = tmp_path / f"m{k}"
+        folder.mkdir()
+        for f in model_dir.iterdir():
+            if f.name not in ("config.json", "tokenizer_config.json"):
+                (folder / f.name).symlink_to(f)
+        (folder / "config.json").write_text(json.dumps(bare if changes is None else {**config, **changes}))
+        (folder / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, **tokenizer}))
+        vllms = ModelConfig(model=str(folder), dtype="float32").max_model_len
+        assert one_sequence_bytes(folder, "float32")[1] == vllms, (changes, tokenizer, vllms)
+
+
 def test_sizes_are_read_as_vllms_command_line_reads_them(model_dir, monkeypatch):
     given = {"max_model_len": "2K", "kv_cache_memory_bytes": "1g", "served_model_name": "1k", "dtype": "auto"}
     assert parse_sizes(given) == {

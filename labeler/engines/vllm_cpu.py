@@ -367,11 +367,29 @@ def one_sequence_bytes(
 _PRESCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
 
 
+# The config keys vLLM takes a model's length from (the smallest given; `model_max_length`,
+# Command-R's, over the others), as its ModelArchConfigConvertor reads them.
+_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
+
+
 def context_length(config: dict[str, Any]) -> int:
     """The longest sequence of a model of `config` as vLLM derives it (its default
-    max_model_len): `max_position_embeddings`, times the factor of a RoPE scaling that
-    stretches them (linear, dynamic), as vLLM multiplies it."""
-    length = int(config.get("max_position_embeddings") or 0)
+    max_model_len): the smallest length its config gives (2,048 when it gives none; for a
+    generative model vLLM leaves the tokenizer's `model_max_length` aside), times the factor
+    of a RoPE scaling that stretches it (linear, dynamic), as vLLM multiplies it."""
+    given = [v for k in _LENGTH_KEYS if isinstance(v := config.get(k), (int, float)) and not isinstance(v, bool)]
+    length = config.get("model_max_length") or min(given, default=math.inf)
+    length = int(2048 if length == math.inf else length)
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict) or "gemma3" in str(config.get("model_type", "")):  # Gemma 3's come scaled
         return length
