@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ import yaml
 
 from tests.fixtures.docker import compose_command
 from tests.fixtures.redis import free_port
+from tests.fixtures.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -196,23 +196,31 @@ def test_labeler_service_command_runs_on_the_host(redis_server, tmp_path):
     log = (tmp_path / "labeler.log").open("w")
     proc = subprocess.Popen([exe, *cfg["command"]], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> httpx.Response | None:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with status {proc.returncode}: {(tmp_path / 'labeler.log').read_text()}")
+        try:
+            r = httpx.get(url + "/readyz", timeout=1)
+        except httpx.HTTPError:
+            return None
+        return r if r.status_code == 200 else None
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                ready = httpx.get(url + "/readyz", timeout=1)
-                if ready.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise AssertionError((tmp_path / "labeler.log").read_text())
-        assert ready.json()["cache"] == "redis" and ready.json()["cache_status"] == "ok"
+        answer = wait_for(ready, 120, "the labeler to answer /readyz", interval=0.2)
+        assert answer.json()["cache"] == "redis" and answer.json()["cache_status"] == "ok"
         r = httpx.post(
             url + "/v1/scores", json={"task": "tiny", "items": [{"context": "2+2?", "response": "4"}]}, timeout=120
         )
         assert r.status_code == 200 and -1 <= r.json()["results"][0]["reward"] <= 1
     finally:
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=60)
-    assert rc in (0, -signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    # uvicorn raises the signal again once it has shut down: the log says whether it did.
+    assert rc in (0, -signal.SIGTERM), rc
+    assert "Finished server process" in (tmp_path / "labeler.log").read_text()

@@ -518,7 +518,21 @@ def test_a_server_whose_engine_died_for_good_exits_for_its_restart_policy(labele
     from service.settings import Settings
     from tests.fixtures.redis import free_port
 
-    engine = _SlowEngine(labeler.engine, 0.0)
+    class Watched(_SlowEngine):
+        """The engine, counting how often its failure is read (the server polls it)."""
+
+        reads, _failure = 0, None
+
+        @property
+        def failure(self) -> str | None:
+            self.reads += 1
+            return self._failure
+
+        @failure.setter
+        def failure(self, value: str | None) -> None:
+            self._failure = value
+
+    engine = Watched(labeler.engine, 0.0)
     settings = Settings(host="127.0.0.1", port=free_port(), log_level="warning")
     app = create_app(settings, labeler=Labeler(engine, test_tasks))
     status: list[int] = []
@@ -527,7 +541,8 @@ def test_a_server_whose_engine_died_for_good_exits_for_its_restart_policy(labele
     url = f"http://127.0.0.1:{settings.port}"
     try:
         wait_for(lambda: _answers(url + "/readyz") == 200, 60, "the server to be ready")
-        time.sleep(0.5)  # five polls of a live engine: it keeps serving
+        reads = engine.reads
+        wait_for(lambda: engine.reads >= reads + 5, 30, "five polls of a live engine")  # it keeps serving
         assert runner.is_alive()
         body = {"task": "tiny", "items": [{"context": "Alive?", "response": "Yes."}], "cache": False}
         assert httpx.post(url + "/v1/scores", json=body, timeout=60).status_code == 200

@@ -43,12 +43,13 @@ def test_serve_reads_env_and_flags_logs_json_and_stops_gracefully(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         else:
             raise AssertionError("server not ready: " + (tmp_path / "serve.log").read_text())
         auth = {"Authorization": f"Bearer {secret}"}

@@ -218,7 +218,8 @@ def test_labeler_serve_with_the_vllm_engine(vllm_servers, tmp_path):
                 if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(1)
+                pass
+            time.sleep(1)  # also after a 503 while the model loads
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         assert httpx.get(url + "/readyz").json()["engine"] == "vllm"
         r = httpx.post(url + "/v1/scores", json={"task": "tiny", "items": [{"response": "hi"}]}, timeout=120)
