@@ -81,7 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_winrate)
 
     p = sub.add_parser("harmless", help="share of a policy's responses judged harmless (one policy, or two compared)")
-    p.add_argument("a", help="policy A outputs: prompt/completion or context/response (optional id)")
+    p.add_argument(
+        "a", help="policy A outputs: prompt/completion, context/response or instruction/output (optional id)"
+    )
     p.add_argument("b", nargs="?", help="policy B outputs, to compare with A")
     p.add_argument(
         "--out", required=True, type=Path, help="directory for judgments.jsonl, metrics.json, report.md, PNG"
@@ -324,7 +326,8 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
         winrate_rows,
     )
 
-    summary = Summary()
+    # A response both policies gave on a prompt is judged once, for both.
+    summary = Summary(duplicates_are="duplicates (in a file, or shared by A and B: judged once)")
 
     def with_id(where: str, rec: Any) -> tuple[Any, Any]:
         return (rec.get("id") if isinstance(rec, dict) else None, normalize_single(where, rec))
@@ -346,7 +349,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
     if not matched:
         raise SystemExit(f"{args.a} and {args.b} share no prompts (matched by id, else by prompt text)")
     if only_a or only_b:
-        print(f"warning: {only_a} prompts only in A and {only_b} only in B are left out", file=sys.stderr)
+        print(f"warning: {only_a} records only in A and {only_b} only in B are left out", file=sys.stderr)
 
     sink = JsonlSink(args.out) if args.out else MemorySink()
 
@@ -451,8 +454,10 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
     async def body(backend: Backend) -> int:
         params = make_params(backend, args.task, kind="judgment", cot=args.cot, samples=args.samples, seed=args.seed)
         question = backend.judgment_question(args.task)
-        if not question:
-            raise SystemExit(f"task {args.task!r} asks no yes/no question (judgment_question in its task file)")
+        if not question:  # as the in-process labeler refuses it (status 2)
+            raise InvalidInput(
+                f"task {args.task!r} asks no yes/no question: set judgment_question in its task file", field="task"
+            )
         jobs = [judgment_jobs([s for _, s in pol], params) for pol in policies]
         s = await run_jobs(
             [j for js in jobs for j in js], backend, sink, "judgments", params, summary=summary, **_loop_opts(args)

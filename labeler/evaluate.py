@@ -634,9 +634,9 @@ def match_policies(
     else by prompt text; the k-th occurrence of an id (several samples per prompt) or of a
     prompt in A goes with the k-th in B. Returns (matched pairs in A's order, unmatched in A,
     unmatched in B); warns when records matched by id have different prompts, saying what the
-    command does with them (`differing`). A file where some records have an id and others
-    none is refused (MalformedRecord naming the first without one): matched by prompt text,
-    its ids would be ignored without a word."""
+    command does with them (`differing`), and when one file has ids and the other none. A file
+    where some records have an id and others none is refused (MalformedRecord naming the
+    first without one): matched by prompt text, its ids would be ignored without a word."""
     for rows in (a, b):
         given = sum(i is not None for i, _ in rows)
         if 0 < given < len(rows):
@@ -646,13 +646,22 @@ def match_policies(
                 f"no 'id', where {given} other records of its file have one: give every record an id "
                 "(records match by id) or none (they match by prompt text)",
             )
-    use_id = all(i is not None for i, _ in a) and all(i is not None for i, _ in b)
+    with_ids = [all(i is not None for i, _ in rows) for rows in (a, b)]
+    use_id = all(with_ids)
+    if any(with_ids) and not use_id:
+        log.warning(
+            "policy %s's records have ids and %s's none: they are matched by prompt text, the ids left aside",
+            *("AB" if with_ids[0] else "BA"),
+        )
 
     def keyed(rows: Sequence[tuple[Any, Single]]) -> dict[Any, Single]:
         seen: dict[Any, int] = {}
         out = {}
         for i, s in rows:
-            # Ids match by their JSON text: a list or an object by value, 1 and "1" and true apart.
+            # Ids match by their JSON text: a list or an object by value, 1 and "1" and true apart,
+            # 2 and 2.0 alike (one JSON number; a table's id column written as floats).
+            if isinstance(i, float) and i.is_integer():
+                i = int(i)
             tag = ("id", json.dumps(i, sort_keys=True)) if use_id else ("prompt", s.context)
             n = seen[tag] = seen.get(tag, -1) + 1
             out[(*tag, n)] = s

@@ -417,6 +417,21 @@ def test_policies_match_by_id_and_occurrence():
     kinds = [(1, single("a1", "p")), ("1", single("a2", "p")), (True, single("a3", "p"))]
     matched, only_a, only_b = ev.match_policies(kinds, [(True, single("b3", "p")), (1, single("b1", "p"))])
     assert [(x.response, y.response) for x, y in matched] == [("a1", "b1"), ("a3", "b3")] and only_a == 1
+    # 2 and 2.0 are one JSON number: one id (a table's id column written as floats).
+    matched, _, _ = ev.match_policies([(2, single("a3", "q"))], [(2.0, single("b3", "q"))])
+    assert [(x.response, y.response) for x, y in matched] == [("a3", "b3")]
+
+
+def test_ids_in_one_file_only_are_named_as_left_aside(caplog):
+    """One file with ids, the other without: matched by prompt text, with a warning saying so."""
+    from labeler.datasets_io import Single
+
+    a = [("q1", Single("p", "good", "p", "good", "a")), ("q2", Single("p", "bad", "p", "bad", "a"))]
+    b = [(None, Single("p", "bad", "p", "bad", "b")), (None, Single("p", "good", "p", "good", "b"))]
+    with caplog.at_level("WARNING"):
+        matched, _, _ = ev.match_policies(a, b)
+    assert [(x.response, y.response) for x, y in matched] == [("good", "bad"), ("bad", "good")]
+    assert "policy A's records have ids and B's none: they are matched by prompt text" in caplog.text
 
 
 def test_a_file_with_ids_on_some_records_only_is_refused():

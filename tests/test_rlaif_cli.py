@@ -602,6 +602,29 @@ def test_an_eval_that_labels_nothing_prints_its_summary_and_ends_with_status_1(t
     assert (got["summary"]["labeled"], got["summary"]["invalid"], got["task"]) == (0, 1, "tiny")
 
 
+def test_harmless_with_a_task_that_asks_no_question_is_refused_alike(tmp_path, labeler, capsys):
+    """A task that asks no yes/no question: the same refusal, status 2, through the service
+    as in process."""
+    from labeler import Labeler, TaskRegistry
+    from tests.fixtures.server import LiveServer
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    tiny = (TEST_TASKS / "tiny.toml").read_text()
+    (tasks / "tiny.toml").write_text(tiny)
+    (tasks / "plain.toml").write_text(tiny.replace('judgment_question = "Is the answer right?"', ""))
+    srv = LiveServer(Labeler(labeler.engine, TaskRegistry.load([tasks])), task="tiny")
+    a = write_jsonl(tmp_path / "a.jsonl", A[:1])
+    try:
+        srv.start()
+        for where in (["--url", srv.url], ["--tasks-dir", str(tasks)]):
+            argv = ["harmless", str(a), "--task", "plain", *where, "--no-progress", "--out", str(tmp_path / "h")]
+            assert cli.main(argv) == 2, where
+            assert "asks no yes/no question" in capsys.readouterr().err
+    finally:
+        srv.stop()
+
+
 def test_harmless_through_the_service_equals_in_process(tmp_path, labeler, live_server, capsys):
     a = write_jsonl(tmp_path / "a.jsonl", A[:2])
     argv = ["harmless", str(a), "--task", "tiny", "--url", live_server.url, "--no-progress", "--json"]
