@@ -175,6 +175,20 @@ def env_file_values(path: Path) -> dict[str, str]:
     return out
 
 
+def test_the_healthcheck_goes_straight_to_the_server_past_a_proxy(live_server):
+    """The image's healthcheck script, run as the container runs it (LABELER_PORT), with an
+    HTTP proxy in its environment that answers nothing: 200 from /readyz, straight to the
+    server; 1 where nothing listens."""
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    env = os.environ | {"LABELER_PORT": str(live_server.port), "http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy}
+    env.pop("no_proxy", None), env.pop("NO_PROXY", None)
+    check = [sys.executable, str(DOCKER / "healthcheck.py")]
+    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode == 0
+    env["LABELER_PORT"] = str(free_port())
+    down = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1 and "/readyz" in down.stderr
+
+
 @pytest.mark.model
 def test_labeler_service_command_runs_on_the_host(redis_server, tmp_path):
     """The container's entrypoint + command with the compose environment, on the host:

@@ -116,3 +116,15 @@ async def test_a_replica_whose_engine_died_fails_serves_health_check(fresh_app_l
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         del replica
+
+
+def test_the_test_clusters_nodes_get_the_environment_the_docs_give_every_node():
+    """The variables docs/deploy.md exports on every node before `ray start` are the test
+    cluster's, value for value (the cluster the tests run is the one users start)."""
+    import re
+
+    from tests.fixtures.ray import NODE_ENV, ROOT
+
+    block = (ROOT / "docs" / "deploy.md").read_text().split("**Start the cluster and the application**")[1]
+    exported = dict(re.findall(r"^export (RAY_\w+)=(\S+)", block.split("```")[1], re.MULTILINE))
+    assert exported and exported == {k: v for k, v in NODE_ENV.items() if k != "RAY_USAGE_STATS_ENABLED"}
