@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 # The trees whose uncommitted changes make a revision "dirty": the code the figures measure
-# (tests/fixtures: the benchmarks start their servers with it, E2's `vllm serve` among them).
+# (tests/fixtures: the benchmarks start their servers with it, E2's `vllm serve` among them),
+# less the figures themselves (a run stores each entry's before the next entry starts).
 MEASURED_TREES = ("labeler", "service", "bench", "tests/fixtures")
+_NOT_MEASURED = (":(exclude)bench/results",)
 
 
 @dataclass
@@ -101,7 +103,10 @@ def revision(source: Path) -> tuple[str | None, bool | None]:
     try:
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=60)
         status = subprocess.run(
-            [*git, "status", "--porcelain", "--", *MEASURED_TREES], capture_output=True, text=True, timeout=60
+            [*git, "status", "--porcelain", "--", *MEASURED_TREES, *_NOT_MEASURED],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None, None

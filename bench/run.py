@@ -4,11 +4,12 @@ Each entry of MODULES runs in its own process, which appends one JSON object per
 bench/common.py:Result) to a file this runner names with `--results`; lines that are not a
 figure are skipped with a warning. As soon as an entry finishes, its figures, with the date,
 a line describing the machine and the code revision (`git rev-parse --short HEAD`, and
-whether `git status` lists changes in labeler/, service/, bench/ or tests/fixtures/), replace its file in the
-results directory (`<entry>.json`, e.g. `bench_engines-e2.json`; `--results-dir`, by default
-bench/results). The document is then rendered from every stored file, so running some entries
-(`--only`) replaces their rows and keeps the others'; each row's detail names the revision it
-was measured at, and where the stored rows differ in date (or machine), when (and where).
+whether `git status` lists changes in labeler/, service/, bench/ but its results, or
+tests/fixtures/), replace its file in the results directory (`<entry>.json`, e.g.
+`bench_engines-e2.json`; `--results-dir`, by default bench/results). The document is then
+rendered from every stored file, so running some entries (`--only`) replaces their rows and
+keeps the others'; each row's detail names the revision it was measured at, and where the
+stored rows differ in date (or machine), when (and where).
 
 An entry that fails keeps the figures it measured before failing and, for the others, its
 previous ones, which the document marks as not re-measured in the last run; the other entries
