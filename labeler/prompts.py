@@ -120,17 +120,6 @@ def _copied_blocks(text: str) -> list[tuple[int, int]]:
 _LEAD_IN = re.compile(r"[ \t]*(?:[-*+\u2022]|\d+[.)])?[ \t]*[*_]*(?:[^\W\d_]+[*_]*[ \t]+)?[*_]*")
 
 
-def _line_at(text: str, start: int) -> str:
-    """The line of `text` that starts at `start`."""
-    end = text.find("\n", start)
-    return text[start:] if end < 0 else text[start:end]
-
-
-def _bare(line: str) -> str:
-    """A line as a verdict is compared: without markdown dressing, spacing or case."""
-    return " ".join(line.strip(" \t\r*_#>").split()).lower()
-
-
 def prompt_builder(model_dir: str | Path, tokenizer: Any = None, max_model_len: int | None = None) -> PromptBuilder:
     """A PromptBuilder from a model directory's tokenizer and config alone (no weights): what
     `labeler render` shows, without loading the model. `tokenizer`: the one an engine reads
@@ -417,10 +406,9 @@ class PromptBuilder:
 
         The verdict is the first line that starts with the prefix outside what the model
         copied of the fenced texts (`_copied_blocks`: a judged response's own "Score: 10"
-        line is the policy's, not the model's verdict), and that is not one of the fenced
-        texts' own lines repeated (quoted, or restated on a line of its own, to discuss it);
-        what the model may run on to after it, an invented example with a verdict of its
-        own, is left out. Without such a line,
+        line is the policy's, not the model's verdict) and outside a markdown quote ("> Score:
+        10": a line quoted to discuss it); what the model may run on to after it, an invented
+        example with a verdict of its own, is left out. Without such a line,
         the prefix's last mention outside the copies, when only a label follows it ("It is
         right. Score: 9"). Otherwise the whole generation is the rationale: a mention in
         passing or a quote ("the reply says 'Score: 10', but ...") stays in it."""
@@ -432,10 +420,9 @@ class PromptBuilder:
 
         # Markdown may dress the verdict: "**Score:** 9", "### Score: 9/10"; a small model may
         # write it in another case ("preferred response: 2").
-        lines = re.finditer(r"^[ \t]*[*_#>]*[ \t]*" + re.escape(marker), generated, re.MULTILINE | re.IGNORECASE)
-        fenced = rendered.prompt
-        held = {_bare(line) for a, b in _copied_blocks(fenced) for line in fenced[a:b].splitlines()}
-        verdict = next((m for m in lines if outside(m) and _bare(_line_at(generated, m.start())) not in held), None)
+        # (One way to split the dressing from the spaces: the search stays linear in a line.)
+        lines = re.finditer(r"^[ \t]*(?:[*_#]+[ \t]*)?" + re.escape(marker), generated, re.MULTILINE | re.IGNORECASE)
+        verdict = next((m for m in lines if outside(m)), None)
         if verdict is None:
             last = [m for m in re.finditer(re.escape(marker), generated, re.IGNORECASE) if outside(m)][-1:]
             labels = {label.lower() for label in rendered.labels}
@@ -446,8 +433,8 @@ class PromptBuilder:
             return generated.strip()
         cut = verdict.start()
         line = generated.rfind("\n", 0, cut) + 1
-        if _LEAD_IN.fullmatch(generated, line, cut):  # "Final Score: 9", "- Score: 1": the line is the verdict's
-            cut = line
+        if cut - line <= 40 and _LEAD_IN.fullmatch(generated, line, cut):  # "Final Score: 9", "- Score: 1"
+            cut = line  # the line is the verdict's
         return generated[:cut].rstrip(" \t\r\n*_").strip()  # "... **Score: 9**" too
 
     # -- layout ----------------------------------------------------------------------
