@@ -444,11 +444,11 @@ class Labeler:
             if n_tokens <= limit:
                 continue
             data = [(name, n) for name, n in named if not name.startswith("response")]
-            if sum(n for _, n in data) > limit:
+            if (n_data := sum(n for _, n in data)) > limit:
                 field, n = max(data, key=lambda x: x[1])
                 raise InputTooLong(
-                    f"{where[i]}.{field}: {n} tokens, over the limit of {limit} for the item's texts "
-                    f"({n_tokens}) also without its responses",
+                    f"{where[i]}.{field}: the item's texts are {n_data} tokens without its responses "
+                    f"(its {field} {n}), over the limit of {limit}",
                     field=f"{where[i]}.{field}",
                     limit=limit,
                 )

@@ -90,7 +90,8 @@ class Gate:
 
     - request latency by route template and status (`labeler_request_seconds`), its 401s
       and 413s under the route they were for;
-    - 413 for bodies over `limit` bytes, declared or streamed; 415 for a compressed body;
+    - 413 for bodies over `limit` bytes, declared or streamed; 415 for a compressed body (a
+      POST's, once its key is accepted);
     - API keys (bearer, or a Basic password) on the label and task routes, when keys are
       configured. Each given key is compared with every accepted key in constant time, so
       timing tells nothing; probes (/healthz, /readyz) and /metrics stay open;
@@ -157,16 +158,11 @@ class Gate:
             child.observe(time.perf_counter() - t0)
 
     def _refusal(self, scope) -> Response | None:
-        """The 413 or 401 that the request's headers alone call for, if any."""
+        """The 413, 401 or 415 that the request's headers alone call for, if any."""
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return self._too_large()
-        coding = headers.get(b"content-encoding")
-        if coding is not None and coding.strip().lower() not in (b"", b"identity"):
-            # Read as it came, a compressed body would be reported as text that is not UTF-8.
-            message = f"Content-Encoding {coding.decode('latin-1')!r} is not supported: send the body uncompressed"
-            return errors.error_response(415, message, "unsupported_content_encoding", None)
         # The path under the app's mount point: behind a route prefix (Ray Serve's, or a
         # proxy's root_path) the ASGI path still starts with the prefix.
         path, root = scope["path"], scope.get("root_path", "")
@@ -182,6 +178,11 @@ class Gate:
                 return errors.error_response(
                     401, "missing or invalid API key", "unauthorized", headers={"WWW-Authenticate": "Bearer"}
                 )
+        coding = headers.get(b"content-encoding")
+        if coding is not None and scope["method"] == "POST" and coding.strip().lower() not in (b"", b"identity"):
+            # Read as it came, a compressed body would be reported as text that is not UTF-8.
+            message = f"Content-Encoding {coding.decode('latin-1')!r} is not supported: send the body uncompressed"
+            return errors.error_response(415, message, "unsupported_content_encoding", None)
         return None
 
     def _route(self, scope) -> BaseRoute | None:

@@ -189,7 +189,7 @@ class LabelService:
                 message = field + message.removeprefix(e.field)
             if not lowest and field.startswith(("query[", "prompts[")):
                 message += " (with ?overlong=lowest such a query gets the lowest reward instead)"
-            raise InputTooLong(message, field=field, limit=e.limit) from None
+            raise InputTooLong(message, field=field or None, limit=e.limit) from None
         extra = {"overlong": [float(k in too_long) for k in range(len(items))]} if lowest else {}
         rewards = [v["reward"] for v in values]
         cached = [float(v["cached"]) for v in values]

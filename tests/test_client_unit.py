@@ -429,12 +429,13 @@ async def test_a_burst_of_calls_waits_for_connections_without_timing_out():
 
 
 @pytest.mark.parametrize("cls", [lc.Client, lc.AsyncClient])
-async def test_items_that_are_not_mappings_are_refused_before_any_request(cls):
-    """Texts given as items ("ab" would have been sent as {"a": "b"}, a longer text failed as
-    a dict() ValueError): a TypeError naming the item, nothing sent."""
+async def test_texts_given_as_items_are_refused_before_any_request(cls):
+    """Texts given where items belong (they failed as a `dict()` ValueError about "update
+    sequence elements", naming no item): a TypeError naming the item, nothing sent. What
+    `dict()` reads is taken, as before: a pandas row, (key, value) pairs."""
     fake = FakeLabeler()
     client = cls(URL, transport=fake.transport(), batch_size=2)
-    for items, named in ((["ab", "cd"], "items[0] is a str"), ([{"response": "r"}, ("x", 1)], "items[1] is a tuple")):
+    for items, named in ((["ab", "cd"], "items[0] is a text"), ([{"response": "r"}, b"x"], "items[1] is a text")):
         with pytest.raises(TypeError, match=re.escape(named)):
             call = client.scores(items, "tiny")
             await call if inspect.isawaitable(call) else call
@@ -442,6 +443,9 @@ async def test_items_that_are_not_mappings_are_refused_before_any_request(cls):
         call = client.scores("hello", "tiny")
         await call if inspect.isawaitable(call) else call
     assert fake.requests == []
+    call = client.scores([[("context", "c"), ("response", "r")]], "tiny")
+    got = await call if inspect.isawaitable(call) else call
+    assert got[0].reward == fake_reward("c", "r")
 
 
 async def test_async_order_kept_and_concurrency_bounded():

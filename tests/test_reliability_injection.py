@@ -199,8 +199,8 @@ async def test_long_runs_through_the_api(make_server, corpus, labeler):
                 want = f"items[0]: {n_tokens} tokens in its texts, over the limit of {limit}"
                 if alone > limit:  # the context alone: the data's, named
                     want = (
-                        f"items[0].context: {alone} tokens, over the limit of {limit} for the item's texts "
-                        f"({n_tokens}) also without its responses"
+                        f"items[0].context: the item's texts are {alone} tokens without its responses "
+                        f"(its context {alone}), over the limit of {limit}"
                     )
                 assert err["param"] == want.partition(":")[0] and err["type"] == "input_too_long", (name, err)
                 assert err["message"] == want, err

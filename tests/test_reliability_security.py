@@ -156,6 +156,11 @@ def test_a_compressed_body_is_refused_by_its_encoding(make_server):
     for headers in ({**typed, "Content-Encoding": "identity"}, typed):
         r = httpx.post(srv.url + "/v1/scores", content=body, headers=headers, timeout=60)
         assert r.status_code == 200 and len(r.json()["results"]) == 1
+    # A stray header on a request without a body changes nothing; a refused key comes first.
+    assert httpx.get(srv.url + "/readyz", headers={"Content-Encoding": "gzip"}, timeout=60).status_code == 200
+    keyed = make_server(api_keys=["k1"])
+    r = httpx.post(keyed.url + "/v1/scores", content=gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 401
 
 
 def test_cors_off_unless_configured(make_server, monkeypatch):

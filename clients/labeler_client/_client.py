@@ -263,14 +263,14 @@ class _BaseClient:
 
     @staticmethod
     def _check_items(items: Sequence[Any]) -> None:
-        """Items that no request could carry, refused before any is sent."""
+        """Texts given where items belong (the item's fields: a dict, or what `dict()` reads,
+        such as a pandas row), refused before any request is sent."""
         if isinstance(items, (str, bytes)):
-            raise TypeError("items must be a list of mappings of the items' fields, not one text")
+            raise TypeError("items must be a list of the items' fields, not one text")
         for i, item in enumerate(items):
-            if not isinstance(item, Mapping):
+            if isinstance(item, (str, bytes)):
                 raise TypeError(
-                    f"items[{i}] is a {type(item).__name__}, not a mapping of the item's fields "
-                    "(e.g. {'context': ..., 'response': ...})"
+                    f"items[{i}] is a text, not the item's fields (e.g. {{'context': ..., 'response': ...}})"
                 )
 
 

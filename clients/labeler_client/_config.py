@@ -54,9 +54,9 @@ class Retry:
     `Retry(max_retries=0)` turns retries off. With `max_elapsed`, no retry starts later than
     that many seconds after the request's first try (the last wait is cut short to it).
     Once a request has used up its retries on an outage (no answer, or 408, 502, 503, 504
-    about no item; not a busy server's 429), the other requests of the same call are tried
-    once each: with on_error="none", a call waits out an outage about as long as one
-    request, not once per batch.
+    about no item; not a busy server's 429), the other requests of the same call get one try
+    at such an error (a 429 keeps its retries) until one is answered: with on_error="none",
+    a call waits out an outage about as long as one request, not once per batch.
     """
 
     max_retries: int = 5
