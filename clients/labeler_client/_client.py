@@ -157,11 +157,19 @@ class _BaseClient:
 
     @staticmethod
     def _retry_delay(
-        error: exc.LabelerClientError, attempt: int, retry: Retry, isolate: bool, elapsed: float
+        error: exc.LabelerClientError,
+        attempt: int,
+        retry: Retry,
+        isolate: bool,
+        elapsed: float,
+        outage: Retry | None = None,
     ) -> float | None:
         """Seconds before the next try, or None when `error` is final (`elapsed`: seconds
         since the request's first try). With `isolate`, an error about one item is final: the
-        batch is cut around that item instead, and the item alone is retried."""
+        batch is cut around that item instead, and the item alone is retried. `outage`, where
+        given, is the policy for an outage's errors (`_outage`) instead of `retry`."""
+        if outage is not None and _BaseClient._outage(error):
+            retry = outage
         if attempt >= retry.max_retries:
             return None
         if isolate and isinstance(error, exc.APIStatusError) and error._names_item:
@@ -352,8 +360,7 @@ class Client(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                policy = outage if outage is not None and self._outage(error) else retry
-                delay = self._retry_delay(error, attempt, policy, isolate, self._clock() - started)
+                delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started, outage)
                 if delay is None:
                     raise
                 if stop is None:
@@ -676,8 +683,7 @@ class AsyncClient(_BaseClient):
                     raise self._wrap(e, request) from e
                 return Answer(self._answer(response), request)
             except exc.LabelerClientError as error:
-                policy = outage if outage is not None and self._outage(error) else retry
-                delay = self._retry_delay(error, attempt, policy, isolate, self._clock() - started)
+                delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started, outage)
                 if delay is None:
                     raise
                 await self._sleep(delay)
