@@ -380,11 +380,11 @@ class Labeler:
             # Over the model's context also without its responses' tokens (a comparison of a
             # group shows two): the data's (its context or reference), not the responses',
             # which a reward adapter may answer with its lowest reward.
-            named = self._text_tokens([items[i]])[0]
-            shown = sorted(n for name, n in named if name.startswith("response"))
+            data, responses = _data_and_responses(self._text_tokens([items[i]])[0])
+            shown = sorted(n for _, n in responses)
             if exc.tokens - sum(shown[-2:] if spec.kind == "group" else shown) <= exc.limit:
                 raise
-            field = max((x for x in named if not x[0].startswith("response")), key=lambda x: x[1])[0]
+            field = max(data, key=lambda x: x[1])[0]
             raise InputTooLong(
                 f"{at[i]}.{field}: {exc.reason}, also without its responses' tokens",
                 field=f"{at[i]}.{field}",
@@ -443,7 +443,7 @@ class Labeler:
             n_tokens = sum(n for _, n in named)
             if n_tokens <= limit:
                 continue
-            data = [(name, n) for name, n in named if not name.startswith("response")]
+            data, _ = _data_and_responses(named)
             if (n_data := sum(n for _, n in data)) > limit:
                 field, n = max(data, key=lambda x: x[1])
                 raise InputTooLong(
@@ -766,6 +766,14 @@ def _texts(item: Any) -> list[tuple[str, object]]:
         else:
             out.append((f.name, value))
     return out
+
+
+def _data_and_responses(named: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """An item's (field name, tokens) split into the data's texts (its context, a reference)
+    and the responses judged: an item over a limit also without its responses is the data's
+    fault, refused naming its largest data text, never answered with a response's lowest reward."""
+    data = [x for x in named if not x[0].startswith("response")]
+    return data, [x for x in named if x[0].startswith("response")]
 
 
 def _pair(item: object, where: str) -> PairItem:
