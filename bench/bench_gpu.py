@@ -16,6 +16,8 @@ Runs unattended: `python -m bench.bench_gpu` on a CUDA machine (torch + transfor
 `--tokenizer DIR` names a tokenizer directory where the embedded model is not installed (the
 GPU image has no `gguf` to convert it); `--out FILE` also writes the result where
 `bench.run` picks it up for docs/BENCHMARKS.md (bench/results/gpu.json).
+`--revision REV` names the code measured where the tree is a copy without git (by default
+the checkout's own, as every other figure records it).
 `--tiny --device cpu` runs the same code path on a small config as a smoke test.
 """
 
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_core import POSTS, SUMMARIES
-from bench.common import Result
+from bench.common import Result, revision
 
 LLAMA3_8B = {
     "model_type": "llama",
@@ -86,6 +88,11 @@ def main() -> int:
     ap.add_argument("--max-batch-tokens", type=int, default=131072)
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the embedded model's)")
     ap.add_argument("--out", type=Path, help="also write the JSON result here")
+    ap.add_argument(
+        "--revision",
+        help="the code revision measured, where this tree is a copy without git (default: `git rev-parse "
+        "--short HEAD` of this checkout, and whether its code has uncommitted changes)",
+    )
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -139,7 +146,9 @@ def main() -> int:
     )
     # Beside P1: the share of peak by the FLOPs a prompt token costs (`bench.run` prints it).
     flops = {"flops_fraction": tps * 2 * matmul_params / peak, "flops_params": matmul_params}
-    line = json.dumps(r.to_dict() | flops | {"date": dt.date.today().isoformat()})
+    rev, dirty = (args.revision, None) if args.revision else revision(Path(__file__).resolve().parent.parent)
+    origin = {"date": dt.date.today().isoformat(), "revision": rev, "dirty": dirty}
+    line = json.dumps(r.to_dict() | flops | origin)
     print(line)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

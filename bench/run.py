@@ -227,7 +227,8 @@ def render(records: list[dict], gpu_file: Path | None = None) -> str:
             flops += f"{r['flops_fraction']:.3f} of peak"
         lines.append(
             f"- **{r['name']}** = {r['value']:.3f} (goal ≥ {r['goal']}, met: {met}), {r['title']}, "
-            f"measured {r.get('date', '?')}: {r['detail']}{flops}"
+            f"measured {r.get('date', '?')}, {describe_revision(r.get('revision'), r.get('dirty'))}: "
+            f"{r['detail']}{flops}"
         )
     return "\n".join(lines) + "\n"
 
