@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -116,6 +116,18 @@ class _Server:
         self.probe: asyncio.Future[bool] | None = None  # the health probe in flight, which concurrent requests share
 
 
+class RemoteOptions(NamedTuple):
+    """The vllm-remote engine's options, checked."""
+
+    retries: int
+    max_concurrency: int
+    timeout: float
+    connect_timeout: float
+    cooldown: float
+    max_model_len: int | None  # None: the servers' own
+    api_key: str  # "": none
+
+
 class VLLMRemoteEngine:
     """Spreads label reads and generations over `vllm serve` servers."""
 
@@ -140,7 +152,7 @@ class VLLMRemoteEngine:
 
         urls = checked_urls(urls)
         # Checked before anything is read: a value of the wrong type would fail every request.
-        retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len, key = self.checked_options(
+        opts = self.checked_options(
             retries=retries,
             max_concurrency=max_concurrency,
             timeout=timeout,
@@ -160,22 +172,24 @@ class VLLMRemoteEngine:
         self.served_model = served_model
         self.model_id = model_id or default_model_id(model_dir)
         # Until a server says its own: the config's (a multimodal config keeps it in its text config).
-        self._given_max_len = max_model_len
+        self._given_max_len = opts.max_model_len
         self._served_max_len: int | None = None  # the least of the servers' that answered
-        self.max_model_len = int(max_model_len or getattr(config.get_text_config(), "max_position_embeddings", 2048))
-        self.retries = retries
-        self.cooldown = cooldown
+        self.max_model_len = int(
+            opts.max_model_len or getattr(config.get_text_config(), "max_position_embeddings", 2048)
+        )
+        self.retries = opts.retries
+        self.cooldown = opts.cooldown
         self.stats = EngineStats()
         self._rr = itertools.count()
-        self._sem = asyncio.Semaphore(max_concurrency)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._sem = asyncio.Semaphore(opts.max_concurrency)
+        headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(opts.timeout, connect=opts.connect_timeout),
             headers=headers,
             # A connection beyond the requests' for each server's health probe and look-up: with
             # every request slot busy, a probe must not wait for one and time out.
             limits=httpx.Limits(
-                max_connections=max_concurrency + len(self.servers), max_keepalive_connections=max_concurrency
+                max_connections=opts.max_concurrency + len(self.servers), max_keepalive_connections=opts.max_concurrency
             ),
         )
         self._discovered = False
@@ -184,7 +198,7 @@ class VLLMRemoteEngine:
         # later is learnt from only when none answered here).
         for server in self.servers:
             try:
-                resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=connect_timeout)
+                resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=opts.connect_timeout)
                 if resp.status_code == 200:
                     self._learn(resp.json())
             except (httpx.HTTPError, *_NOT_A_MODEL_LIST):
@@ -201,11 +215,10 @@ class VLLMRemoteEngine:
         max_model_len: Any,
         api_key: Any = None,
         **_: Any,
-    ) -> tuple[int, int, float, float, float, int | None, str]:
-        """(retries, max_concurrency, timeout, connect_timeout, cooldown, max_model_len, API
-        key) as the engine uses them, or InvalidInput naming an option of the wrong kind (an
-        API key that no HTTP header can carry too); `check_engine` calls it too, before a
-        server starts. max_model_len None: the servers' own; the key "": none."""
+    ) -> RemoteOptions:
+        """The options as the engine uses them, or InvalidInput naming an option of the wrong
+        kind (an API key that no HTTP header can carry too); `check_engine` calls it too,
+        before a server starts. max_model_len None: the servers' own; the key "": none."""
         # A key read from a file keeps its newline; one given as --engine-arg may read as a number.
         key = "" if api_key is None else str(api_key).strip()
         if not (key.isascii() and key.isprintable()):
@@ -217,14 +230,14 @@ class VLLMRemoteEngine:
             max_model_len = None  # vLLM's "auto": the servers' own length, learnt from them
         elif max_model_len is not None:
             max_model_len = int_option("vllm-remote", "max_model_len", max_model_len, size=True)
-        return (
-            int_option("vllm-remote", "retries", retries),
-            int_option("vllm-remote", "max_concurrency", max_concurrency),
-            number_option("vllm-remote", "timeout", timeout, strict=True),
-            number_option("vllm-remote", "connect_timeout", connect_timeout, strict=True),
-            number_option("vllm-remote", "cooldown", cooldown),
-            max_model_len,
-            key,
+        return RemoteOptions(
+            retries=int_option("vllm-remote", "retries", retries),
+            max_concurrency=int_option("vllm-remote", "max_concurrency", max_concurrency),
+            timeout=number_option("vllm-remote", "timeout", timeout, strict=True),
+            connect_timeout=number_option("vllm-remote", "connect_timeout", connect_timeout, strict=True),
+            cooldown=number_option("vllm-remote", "cooldown", cooldown),
+            max_model_len=max_model_len,
+            api_key=key,
         )
 
     # -- transport -------------------------------------------------------------------------
