@@ -116,7 +116,9 @@ def _copied_blocks(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-# What may lead a verdict in on its line: a bullet or a number, and a word ("Final").
+# What may lead a verdict in on its line: a bullet or a number, and a word ("Final"), in a
+# few characters (a longer lead is a sentence of the rationale that names the prefix).
+_LEAD_IN_CHARS = 40
 _LEAD_IN = re.compile(r"[ \t]*(?:[-*+\u2022]|\d+[.)])?[ \t]*[*_]*(?:[^\W\d_]+[*_]*[ \t]+)?[*_]*")
 
 
@@ -433,7 +435,7 @@ class PromptBuilder:
             return generated.strip()
         cut = verdict.start()
         line = generated.rfind("\n", 0, cut) + 1
-        if cut - line <= 40 and _LEAD_IN.fullmatch(generated, line, cut):  # "Final Score: 9", "- Score: 1"
+        if cut - line <= _LEAD_IN_CHARS and _LEAD_IN.fullmatch(generated, line, cut):  # "Final Score: 9", "- Score: 1"
             cut = line  # the line is the verdict's
         return generated[:cut].rstrip(" \t\r\n*_").strip()  # "... **Score: 9**" too
 
