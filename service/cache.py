@@ -138,12 +138,14 @@ class RedisCache:
         except Exception as exc:  # noqa: BLE001 - any Redis/socket failure means "no cache"
             if self._fail(op, exc) and probe:  # it answered: reachable again
                 self._down_until = 0.0
+                log.warning("redis answers again (with a refusal): the cache is used")
             return None
         finally:
             if probe:
                 self._probing = False
         if probe:
             self._down_until = 0.0
+            log.warning("redis answers again: the cache is used")
         return result
 
     def _fail(self, op: str, exc: Exception) -> bool:
@@ -160,13 +162,23 @@ class RedisCache:
                 log.warning("redis refused a %s (%s: %s)", op, type(exc).__name__, exc)
                 self._warned_until = time.monotonic() + self.cooldown
             return True
-        if not self.bypassed:
-            log.warning("redis %s failed (%s); bypassing the cache for %.0f s", op, type(exc).__name__, self.cooldown)
+        if not self._down_until:  # once an outage: the probes that fail after each cooldown are not news
+            log.warning(
+                "redis %s failed (%s); bypassing the cache, trying it again every %g s",
+                op,
+                type(exc).__name__,
+                self.cooldown,
+            )
         self._down_until = time.monotonic() + self.cooldown
         return False
 
     async def get_many(self, keys: Sequence[str]) -> list[Value | None]:
         raw = await self._use("get", lambda: self._client.mget(list(keys)))
+        if raw is not None and (not isinstance(raw, list) or len(raw) != len(keys)):
+            # Not Redis's answer to MGET (a proxy's fault): which value is whose is unknown.
+            self.on_error("get")
+            log.warning("redis answered MGET of %d keys with %s: read as misses", len(keys), _shape(raw))
+            raw = None
         return [None] * len(keys) if raw is None else [self._decode(v) for v in raw]
 
     def _decode(self, raw: bytes | None) -> Value | None:
@@ -174,7 +186,7 @@ class RedisCache:
             return None
         try:
             value = json.loads(raw, parse_constant=_no_constant)
-        except (ValueError, RecursionError):  # JSON decoding and UTF-8 errors alike; nesting too deep
+        except (ValueError, TypeError, RecursionError):  # not JSON (or not text); nesting too deep
             value = None
         if not isinstance(value, dict):  # not written by this service
             self.on_error("decode")
@@ -204,6 +216,10 @@ class RedisCache:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _shape(raw: object) -> str:
+    return f"{len(raw)} values" if isinstance(raw, list) else f"a {type(raw).__name__}"
 
 
 def _no_constant(name: str) -> Any:

@@ -102,12 +102,13 @@ def test_redis_that_refuses_writes_keeps_serving_reads_and_a_foreign_value_is_a_
     admin.delete("labeler:test:kept", *(f"labeler:test:{name}" for name in foreign))
 
 
-def test_after_a_cooldown_one_call_alone_finds_out_whether_a_hung_redis_is_back(redis_server):
+def test_after_a_cooldown_one_call_alone_finds_out_whether_a_hung_redis_is_back(redis_server, caplog):
     """Redis frozen (SIGSTOP: connections accepted, nothing answered): the first call waits
     its socket timeout and the cache is bypassed for the cooldown; once it ends, one call
     tries Redis again while the others bypass it (a hung Redis costs one call its timeout per
     cooldown, not every call made meanwhile); with Redis answering again, that call's answer
-    ends the bypass."""
+    ends the bypass. The log says when an outage begins and when it ends, once each, not at
+    every failed probe."""
     import os
     import signal
 
@@ -157,7 +158,55 @@ def test_after_a_cooldown_one_call_alone_finds_out_whether_a_hung_redis_is_back(
         assert await cache.get_many(["labeler:test:probe"]) == [value(1)]
         await cache.aclose()
 
-    asyncio.run(run())
+    with caplog.at_level("WARNING", logger="service.cache"):
+        asyncio.run(run())
+    failed = "redis get failed (TimeoutError); bypassing the cache, trying it again every 0.2 s"
+    assert [r.getMessage() for r in caplog.records if "refused a get" not in r.getMessage()] == [
+        failed,  # the first outage, whose probe after the cooldown failed too
+        "redis answers again: the cache is used",
+        failed,  # the second
+        "redis answers again (with a refusal): the cache is used",
+    ]
+
+
+def test_a_reply_that_is_not_redis_s_answer_to_mget_is_misses_not_an_error(caplog):
+    """A reply of another length than the keys asked for, or with values that are not
+    strings (a faulty proxy in front of Redis): which value is whose is unknown, so every
+    key is a miss, counted and logged, and the request is answered."""
+    from service.cache import RedisCache
+
+    class Client:
+        def __init__(self, reply: object) -> None:
+            self.reply = reply
+
+        async def mget(self, keys: list[str]) -> object:
+            return self.reply
+
+    errors: list[str] = []
+    cache = RedisCache("redis://127.0.0.1:1", ttl=60, cooldown=5, on_error=errors.append)
+    stored = json.dumps(value(1)).encode()
+
+    async def run() -> None:
+        for reply, counted in (
+            ([stored], ["get"]),  # one value for two keys
+            ([stored, stored, stored], ["get"]),
+            (b"OK", ["get"]),
+            ([stored, 7], ["decode"]),  # the second not a string: that key a miss
+        ):
+            errors.clear()
+            cache._client = Client(reply)
+            got = await cache.get_many(["a", "b"])
+            assert got == ([value(1), None] if counted == ["decode"] else [None, None]), reply
+            assert errors == counted, reply
+        assert not cache.bypassed
+
+    with caplog.at_level("WARNING", logger="service.cache"):
+        asyncio.run(run())
+    assert [r.getMessage() for r in caplog.records] == [
+        "redis answered MGET of 2 keys with 1 values: read as misses",
+        "redis answered MGET of 2 keys with 3 values: read as misses",
+        "redis answered MGET of 2 keys with a bytes: read as misses",
+    ]
 
 
 def test_a_redis_that_refuses_the_credentials_is_refused_not_bypassed(redis_server, caplog):
