@@ -161,8 +161,11 @@ class Gate:
         """The 413, 401 or 415 that the request's headers alone call for, if any."""
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return self._too_large()
+        if declared is not None and declared.isdigit():
+            # Leading zeros are valid HTTP: stripped, the digits are few enough for int().
+            digits = declared.lstrip(b"0")
+            if len(digits) > len(str(self.limit)) or int(digits or b"0") > self.limit:
+                return self._too_large()
         # The path under the app's mount point: behind a route prefix (Ray Serve's, or a
         # proxy's root_path) the ASGI path still starts with the prefix.
         path, root = scope["path"], scope.get("root_path", "")

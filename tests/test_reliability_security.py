@@ -142,6 +142,29 @@ def test_a_huge_declared_body_is_refused_before_it_is_sent(make_server):
     assert error_shape_ok(json.loads(head.split("\r\n\r\n", 1)[1]), 413)
 
 
+def test_a_declared_length_written_with_many_leading_zeros_is_read_as_its_value(make_server):
+    """HTTP allows leading zeros in Content-Length: thousands of them (past the digits
+    Python's int() converts) are the same length, refused when over the limit and accepted
+    when under it, never a 500."""
+    srv = make_server(max_body_bytes=2048)
+    body = json.dumps({"task": "tiny", "items": [{"response": "zeros"}]}).encode()
+    for declared, expected in ((b"0" * 5000 + b"4096", "413"), (b"0" * 5000 + str(len(body)).encode(), "200")):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+            s.sendall(
+                b"POST /v1/scores HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                b"Content-Length: " + declared + b"\r\n\r\n" + (body if expected == "200" else b"")
+            )
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        head, _, payload = answer.decode().partition("\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {expected}"), head
+        if expected == "413":
+            assert error_shape_ok(json.loads(payload), 413) and "2048" in payload
+        else:
+            assert len(json.loads(payload)["results"]) == 1
+
+
 def test_a_compressed_body_is_refused_by_its_encoding(make_server):
     """A gzip body gets a 415 naming the encoding, not a 422 calling its bytes bad text; the
     same body uncompressed (declared `identity`, or undeclared) is labeled."""
