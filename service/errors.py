@@ -50,7 +50,7 @@ def _about(exc: LabelerError, what: str) -> str:
 
 def _json_content(request: Request) -> bool:
     ctype = request.headers.get("content-type")
-    if ctype is None:
+    if not ctype:  # none, or empty: read as JSON, as FastAPI reads it
         return True
     mime = ctype.partition(";")[0].strip().lower()
     return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))

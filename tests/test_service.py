@@ -377,6 +377,11 @@ def test_request_bodies(live_server):
         httpx.post(live_server.url + "/v1/scores", content=raw, headers={"content-type": "text/plain"}), 422, "body"
     )
     assert "content-type" in err["message"]
+    # An empty content type is read as none: a body that is not a request is named as such.
+    err = assert_error(
+        httpx.post(live_server.url + "/v1/scores", content=b"[]", headers={"content-type": ""}, timeout=30), 422, "body"
+    )
+    assert "content-type" not in err["message"], err
     err = assert_error(httpx.post(live_server.url + "/get_reward", content=b'{"query": [', timeout=30), 422, "body")
     assert "not valid JSON" in err["message"]
     # Bytes that are no Unicode text, and nesting past the parser's recursion limit: the same 422.
