@@ -50,8 +50,8 @@ def _without_lone_surrogates(data: Any, depth: int = 0) -> Any:
         return _LONE_SURROGATE.sub("\ufffd", data) if not data.isascii() else data
     if depth >= _TEXT_DEPTH:
         return data
-    if isinstance(data, dict):
-        return {k: _without_lone_surrogates(v, depth + 1) for k, v in data.items()}
+    if isinstance(data, dict):  # keys too: a body's unknown key is named in its error
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v, depth + 1) for k, v in data.items()}
     if isinstance(data, list):
         return [_without_lone_surrogates(v, depth + 1) for v in data]
     return data
@@ -59,6 +59,24 @@ def _without_lone_surrogates(data: Any, depth: int = 0) -> Any:
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _Untrusted(BaseModel):
+    """A request body of texts a policy wrote: any string, lone surrogates included."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _lone_surrogates(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
+        # pydantic refuses a lone surrogate once a length limit applies, and in a key
+        # (string_unicode), yet it is text a policy wrote: such a request is cleaned and
+        # validated again. Checking every string up front would cost a Python call per text
+        # on every request.
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if not any(e["type"] == "string_unicode" for e in exc.errors(include_url=False, include_input=False)):
+                raise
+        return handler(_without_lone_surrogates(data))
 
 
 # A role is a name (the transcript writes it in front of its turn), not a text to judge.
@@ -191,9 +209,8 @@ class GroupItemIn(_Body):
     responses: list[Response] = Field(..., min_length=2, max_length=MAX_GROUP_SIZE, description=_GROUP)
 
 
-class _Options(_Body):
-    """The options every label request shares. A request's texts are untrusted: any string,
-    lone surrogates included."""
+class _Options(_Body, _Untrusted):
+    """The options every label request shares."""
 
     task: str = Field(..., description="task name (GET /v1/tasks)")
     # Strict, as the schema says them: a JSON boolean, a JSON integer ("true", 1 for true and
@@ -206,19 +223,6 @@ class _Options(_Body):
     # a float is 2**59; MAX_SEED + 1 is exact.
     seed: StrictInt = Field(0, ge=0, lt=MAX_SEED + 1, description=f"seed of the sampled rationales (0 to {MAX_SEED})")
     cache: StrictBool = Field(True, description="false: neither read nor write the cache")
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _lone_surrogates(cls, data: Any, handler: ModelWrapValidatorHandler[Any]) -> Any:
-        # pydantic refuses a lone surrogate once a length limit applies (string_unicode), yet
-        # it is text a policy wrote: such a request is cleaned and validated again. Checking
-        # every string up front would cost a Python call per text on every request.
-        try:
-            return handler(data)
-        except ValidationError as exc:
-            if not any(e["type"] == "string_unicode" for e in exc.errors(include_url=False, include_input=False)):
-                raise
-        return handler(_without_lone_surrogates(data))
 
 
 class PreferencesRequest(_Options):
@@ -245,7 +249,7 @@ class GroupRewardsRequest(_Options):
     )
 
 
-class GetRewardRequest(BaseModel):
+class GetRewardRequest(_Untrusted):
     """OpenRLHF's remote reward-model request."""
 
     model_config = ConfigDict(extra="allow")

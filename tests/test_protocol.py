@@ -51,6 +51,19 @@ def test_texts_without_lone_surrogates_are_kept_as_sent():
     assert (req.items[0].context, req.items[0].response, req.items[1].response) == ("é ✓ 😀", "😀", CLEAN)
 
 
+def test_a_key_with_a_lone_surrogate_is_an_unknown_field_or_an_extra_key():
+    """A lone surrogate in a key: on a label route an unknown field, named (cleaned) as any
+    other; /get_reward takes OpenRLHF's extra keys, this one too."""
+    with pytest.raises(ValidationError) as exc:
+        MODELS.scores.model_validate({"task": "tiny", "items": [{"response": "r"}], LONE: 1})
+    assert [(e["type"], e["loc"]) for e in exc.value.errors()] == [("extra_forbidden", (CLEAN,))]
+    with pytest.raises(ValidationError) as exc:
+        MODELS.scores.model_validate({"task": "tiny", "items": [{"response": "r", LONE: 1}]})
+    assert [(e["type"], e["loc"]) for e in exc.value.errors()] == [("extra_forbidden", ("items", 0, CLEAN))]
+    req = MODELS.get_reward.model_validate({"query": [LONE], LONE: 1})
+    assert req.query == [CLEAN] and req.model_extra == {CLEAN: 1}
+
+
 def test_limits_still_hold_for_text_with_lone_surrogates():
     """A cleaned text is measured like any other: over the limit is the length error, at its field."""
     with pytest.raises(ValidationError) as exc:
