@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -334,29 +334,12 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
         orders; per completion, its centred mean win probability (summing to 0 per group)."""
         return await app.state.service.group_rewards(body)
 
-    task_names = {"enum": tasks.names()}
-
     @labels.post("/get_reward", tags=["openrlhf"])
     async def get_reward(
-        body: bodies.get_reward,
-        task: Annotated[
-            str | None,
-            Query(description="task name (default: the server's LABELER_TASK)", json_schema_extra=task_names),
-        ] = None,
-        reward: Annotated[
-            Literal["score", "reference"],
-            Query(description="score: the direct-score reward; reference: against `labels` as reference responses"),
-        ] = "score",
-        overlong: Annotated[
-            Literal["refuse", "lowest"],
-            Query(
-                description="a query over a length limit: refuse (422, the whole request) or lowest "
-                "(reward -1 for that query, the others judged; extra_logs.overlong marks it)"
-            ),
-        ] = "refuse",
+        body: bodies.get_reward, params: Annotated[bodies.get_reward_params, Query()]
     ) -> GetRewardResponse:
         """OpenRLHF's remote reward model (`--reward.remote_url`, `--remote_rm_url` up to 0.10.1)."""
-        return await app.state.service.get_reward(body, task, reward, overlong)
+        return await app.state.service.get_reward(body, params.task, params.reward, params.overlong)
 
     @labels.get("/v1/tasks", tags=["meta"])
     async def list_tasks() -> TasksResponse:

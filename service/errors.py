@@ -72,7 +72,9 @@ def install(app: FastAPI) -> None:
         loc = tuple(first.get("loc", ()))
         param = _loc(tuple(p for p in loc if not (kind == "json_invalid" and isinstance(p, int))))
         message = f"{param}: {first.get('msg', 'invalid')}"
-        if kind == "extra_forbidden" and loc and isinstance(loc[-1], str) and not loc[-1].isidentifier():
+        if kind == "extra_forbidden" and loc[:1] == ("query",):
+            message = f"unknown query parameter {loc[-1]!r} (the route's own are in /openapi.json)"
+        elif kind == "extra_forbidden" and loc and isinstance(loc[-1], str) and not loc[-1].isidentifier():
             # A key no name can be written for ("foo-bar"): the object that holds it, and the key.
             message = f"{param}: unknown field {loc[-1]!r} ({first.get('msg', 'not permitted')})"
         if kind == "json_invalid":

@@ -262,6 +262,23 @@ class GetRewardRequest(_Untrusted):
     )
 
 
+class GetRewardParams(BaseModel):
+    """/get_reward's options, in its URL (OpenRLHF's request body is its own). Any other
+    query parameter is refused: a misspelt option would otherwise be ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str | None = Field(None, description="task name (default: the server's LABELER_TASK)")
+    reward: Literal["score", "reference"] = Field(
+        "score", description="score: the direct-score reward; reference: against `labels` as reference responses"
+    )
+    overlong: Literal["refuse", "lowest"] = Field(
+        "refuse",
+        description="a query over a length limit: refuse (422, the whole request) or lowest (reward -1 for that "
+        "query, the others judged; extra_logs.overlong marks it)",
+    )
+
+
 class RequestModels(NamedTuple):
     preferences: type[PreferencesRequest]
     scores: type[ScoresRequest]
@@ -269,6 +286,7 @@ class RequestModels(NamedTuple):
     judgments: type[JudgmentsRequest]
     reference_rewards: type[ReferenceRewardsRequest]
     group_rewards: type[GroupRewardsRequest]
+    get_reward_params: type[GetRewardParams]
 
 
 def request_models(settings: Settings, tasks: Sequence[str], judged: Sequence[str] | None = None) -> RequestModels:
@@ -406,6 +424,18 @@ def request_models(settings: Settings, tasks: Sequence[str], judged: Sequence[st
                 ),
             ),
             **options,
+        ),
+        create_model(
+            "GetRewardParams",
+            __base__=GetRewardParams,
+            task=(
+                str | None,
+                Field(
+                    None,
+                    description="task name (default: the server's LABELER_TASK)",
+                    json_schema_extra={"enum": sorted(tasks)},
+                ),
+            ),
         ),
     )
 

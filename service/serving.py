@@ -22,6 +22,7 @@ from .cache import CACHE_PREFIX, Cache
 from .metrics import Metrics
 from .protocol import (
     RESULT_MODELS,
+    GetRewardParams,
     GetRewardRequest,
     GetRewardResponse,
     GroupRewardsRequest,
@@ -415,7 +416,7 @@ class LabelService:
 
 
 # /get_reward's options, given in its URL: the same names in the body are a caller's mistake.
-_GET_REWARD_PARAMS = ("task", "reward", "overlong")
+_GET_REWARD_PARAMS = tuple(GetRewardParams.model_fields)
 
 # /get_reward's results for a query over a length limit (with ?overlong=lowest): the lowest
 # reward, as the lowest score (1 of 10) or a certain loss against the reference would give.

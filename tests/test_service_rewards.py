@@ -293,6 +293,9 @@ def test_openrlhf_get_reward_gives_overlong_queries_the_lowest_reward(make_serve
     long_ref = {**refs, "labels": ["4", "A", "A", "y" * 61]}
     assert_error(post(srv, "/get_reward?task=tiny&reward=reference&overlong=lowest", long_ref), 422, "labels[3]")
     assert_error(post(srv, "/get_reward?task=tiny&overlong=maybe", body), 422, "overlong")
+    # Misspelt, the option would be ignored and the whole request refused for its long query.
+    err = assert_error(post(srv, "/get_reward?task=tiny&overlng=lowest", body), 422, "overlng")
+    assert err["message"].startswith("unknown query parameter 'overlng'"), err
 
 
 def test_trl_reward_functions_give_overlong_completions_the_lowest_reward(make_server, labeler):
