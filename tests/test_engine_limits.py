@@ -202,6 +202,8 @@ def test_transformers_engine_options_are_checked_before_the_model_loads(engine):
         ("pack_tokens", "lots"),
         ("threads", 0),
         ("threads", "two"),
+        ("dtype", "float8_e4m3fn"),  # a storage format: it failed in the load with a TypeError
+        ("dtype", "int8"),
     ]:
         with pytest.raises(InvalidInput, match=option) as refused:
             TransformersEngine("/nonexistent/model", **{option: value})
@@ -212,6 +214,19 @@ def test_transformers_engine_options_are_checked_before_the_model_loads(engine):
     assert (sized.max_batch_tokens, sized.min_shared_tokens, sized.pack_tokens) == (8192, 16, 0)
     with pytest.raises(InvalidInput, match="max_batch_tokens"):
         TransformersEngine.from_objects(engine.model, engine.tokenizer, model_id="x", max_batch_tokens="8 K")
+
+
+def test_generations_that_cannot_be_honoured_are_refused_by_every_engine(engine):
+    """No continuation asked for (n 0), or a temperature that is neither greedy nor sampled
+    (NaN): refused by name, not answered with no generations."""
+    for request, field in (
+        (GenerateRequest((1, 2, 3), 4, 0.7, 0), "n"),
+        (GenerateRequest((1, 2, 3), 4, float("nan"), 2), "temperature"),
+        (GenerateRequest((1, 2, 3), 4, float("inf"), 1), "temperature"),
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            engine.generate_sync([request])
+        assert refused.value.field == field, request
 
 
 def test_sizes_are_read_as_vllm_reads_them():

@@ -178,7 +178,9 @@ def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
         (["--engine-arg", "foo=1"], "the transformers engine takes no option 'foo' (--engine-arg)"),
         # option values of the wrong kind, which the engine's constructor would refuse at start-up
         (["--engine-arg", "max_batch_tokens=abc"], "the transformers engine's max_batch_tokens must be a whole number"),
-        (["--engine-arg", "dtype=int8"], "dtype must be a torch floating-point type such as float32"),
+        (["--engine-arg", "dtype=int8"], "dtype must be float32, bfloat16, float16 or float64"),
+        # a floating-point storage format no model computes in (it failed to load, a traceback)
+        (["--engine-arg", "dtype=float8_e4m3fn"], "dtype must be float32, bfloat16, float16 or float64"),
         (["--device", "cuda:99"], "device 'cuda:99' cannot be used by this torch"),
         (
             ["--engine", "vllm-remote", "--vllm-urls", "http://127.0.0.1:1", "--engine-arg", "timeout=0"],

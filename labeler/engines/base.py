@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +132,10 @@ def check_generate_requests(requests: Sequence[GenerateRequest], max_model_len: 
     for req in requests:
         if req.max_tokens < 1:
             raise InvalidInput("max_tokens must be at least 1", field="max_tokens")
+        if req.n < 1:
+            raise InvalidInput(f"n must be at least 1, got {req.n}", field="n")
+        if not math.isfinite(req.temperature):  # NaN would be neither greedy nor sampled
+            raise InvalidInput(f"temperature must be a finite number, got {req.temperature}", field="temperature")
         if req.temperature <= 0 and req.n != 1:
             raise InvalidInput("greedy generation gives one continuation; use temperature > 0 for n > 1")
         if len(req.prompt_ids) + req.max_tokens > max_model_len:

@@ -297,9 +297,11 @@ class TransformersEngine:
         if threads is not None:
             threads = int_option("transformers", "threads", threads)
         torch_dtype = getattr(torch, str(dtype), None)
-        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+        # The types a model's weights load and compute in (float8 types are storage formats).
+        if torch_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise InvalidInput(
-                f"dtype must be a torch floating-point type such as float32 or bfloat16, got {dtype!r}", field="dtype"
+                f"dtype must be float32, bfloat16, float16 or float64 (or their torch aliases), got {dtype!r}",
+                field="dtype",
             )
         return limits, threads, torch_dtype
 
