@@ -216,6 +216,14 @@ def test_transformers_engine_options_are_checked_before_the_model_loads(engine):
         TransformersEngine.from_objects(engine.model, engine.tokenizer, model_id="x", max_batch_tokens="8 K")
 
 
+def test_a_sampled_request_counts_its_prompt_once_a_draw(engine):
+    """Its n draws are n rows of one `generate`, each running the prompt: n times its tokens computed."""
+    prompt = tuple(engine.tokenizer("Name a fruit.", add_special_tokens=False)["input_ids"])
+    before = engine.stats.computed_tokens
+    (drawn,) = engine.generate_sync([GenerateRequest(prompt, 2, 0.7, 3, 1)])
+    assert len(drawn) == 3 and engine.stats.computed_tokens - before == 3 * len(prompt)
+
+
 def test_generations_that_cannot_be_honoured_are_refused_by_every_engine(engine):
     """No continuation asked for (n 0), or a temperature that is neither greedy nor sampled
     (NaN): refused by name, not answered with no generations."""

@@ -684,7 +684,7 @@ class TransformersEngine:
                 **kwargs,
             )
         eos = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
-        self.stats.computed_tokens += sum(len(p) for p in prompts)
+        self.stats.computed_tokens += n * sum(len(p) for p in prompts)  # each of n rows runs its prompt
         return [
             [finish_generation(seqs[row * n + j, width:].tolist(), eos, self.tokenizer, self.stats) for j in range(n)]
             for row in range(len(prompts))
