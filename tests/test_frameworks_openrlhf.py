@@ -7,7 +7,9 @@ its batch request `_fetch_rewards_via_http`, in the frameworks venv; only vLLM i
 a scripted engine. The server takes API keys, given in the reward URL's credentials. The
 rewards must be the labeler's for the canonical transcript of the dialogue, an empty
 completion included, and equal to what TRL's call gets for it; a completion over the
-server's token limit gets the lowest reward (`?overlong=lowest`) instead of failing the call.
+server's token limit gets the lowest reward (`?overlong=lowest`) instead of failing the call;
+without that option it is refused, and OpenRLHF tries 5 times and leaves the rollout without a
+reward, as docs/client.md says. With `?reward=reference` the dataset's label is the reference.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import httpx
 import pytest
 from labeler_client.trl import reward_function
 
-from labeler import ScoreItem
+from labeler import ReferenceItem, ScoreItem
 from labeler.chat import render
 from tests.fixtures.frameworks import run_driver
+from tests.fixtures.load import metric
 
 pytestmark = pytest.mark.model
 
@@ -35,8 +38,15 @@ def test_openrlhf_remote_reward_requests(frameworks_python, make_server, labeler
     # credentials, which aiohttp sends as HTTP Basic
     srv = make_server(api_keys=[KEY], max_item_tokens=64)
     assert httpx.post(srv.url + "/get_reward", json={"query": ["q"]}).status_code == 401
-    url = srv.url.replace("http://", f"http://labeler:{KEY}@") + "/get_reward?task=tiny&overlong=lowest"
-    out = run_driver(frameworks_python, "openrlhf_remote", tmp_path, "--url", url, "--model-dir", str(model_dir))
+    base = srv.url.replace("http://", f"http://labeler:{KEY}@") + "/get_reward?task=tiny"
+    refused_before = metric(srv.url, 'labeler_request_seconds_count{route="/get_reward",status="422"}')
+    out = run_driver(
+        frameworks_python,
+        "openrlhf_remote",
+        tmp_path,
+        *("--url", base + "&overlong=lowest", "--model-dir", str(model_dir)),
+        *("--reference-url", base + "&reward=reference", "--refusing-url", base),
+    )
     single = out["single"]
     want = labeler.scores([ScoreItem(render(FRANCE), "Paris."), ScoreItem(render(FRANCE), "")], "tiny")
     # OpenRLHF stores the answer's "rewards" list as the sample's reward
@@ -54,6 +64,15 @@ def test_openrlhf_remote_reward_requests(frameworks_python, make_server, labeler
     assert len(batch) == 1 and batch[0]["rewards"] == [
         single[k]["reward"][0] for k in ("answer", "empty", "whitespace", "overlong")
     ]
+    # the label as the reference response: the labeler's reward against it
+    (ref,) = labeler.reference_rewards(
+        [ReferenceItem(render(FRANCE), "Paris.", "Paris is the capital of France.")], "tiny"
+    )
+    assert out["reference"] == pytest.approx([ref.reward], abs=2 * TOL)
+    # over the limit without overlong=lowest: OpenRLHF tries 5 times, then leaves no reward
+    assert out["refused"] is None
+    refused = metric(srv.url, 'labeler_request_seconds_count{route="/get_reward",status="422"}') - refused_before
+    assert refused == 5
     # the same dialogue through TRL's reward-function call: the same reward
     fn = reward_function(srv.url, task="tiny", api_key=KEY)
     assert (

@@ -4,7 +4,9 @@ tests/frameworks/trl_grpo.py runs two training steps on the embedded model in th
 venv, once with plain-text prompts (strings a chat template laid out) and once with
 conversational ones; one prompt's completions are forced empty (a bare end-of-turn token).
 TRL's logged mean reward of each step must equal the mean of the labeler's rewards for the
-(prompt, completion) pairs TRL passed, computed here in process on the canonical transcripts.
+(prompt, completion) pairs TRL passed, computed here in process on the canonical transcripts,
+and so must each per-sample reward TRL computed its advantages from. The conversational run
+rewards with the async reward function, which TRL awaits on a loop of its own.
 A NaN, a crash or a refused empty completion fails it. A third run gives the policy a tool:
 TRL's tool loop runs the call the policy makes and appends the result, and the trajectory is
 rewarded as the text the service reads it as. Tolerance 1e-5: above the ~3e-6 a reward moves
@@ -19,7 +21,7 @@ import statistics
 import pytest
 from labeler_client._text import completion_value, context_value
 
-from labeler import GroupItem, ReferenceItem, ScoreItem
+from labeler import GroupItem, PairItem, ReferenceItem, ScoreItem
 from labeler.chat import normalize_item
 from tests.fixtures.frameworks import run_driver
 
@@ -36,9 +38,9 @@ def test_grpo_trains_on_labeler_rewards_with_empty_and_tool_calling_completions(
     for mode in ("plain", "conversational"):
         run = out[mode]
         assert run["reward_func_names"] == ["labeler_tiny", "recorder"]  # TRL names it by __name__
-        assert len(run["logged"]) == len(run["calls"]) == 2
+        assert len(run["logged"]) == len(run["calls"]) == len(run["rewards"]) == 2
         responses = []
-        for logged, call in zip(run["logged"], run["calls"], strict=True):
+        for logged, trained, call in zip(run["logged"], run["rewards"], run["calls"], strict=True):
             items = [
                 normalize_item({"context": context_value(p), "response": completion_value(c)})
                 for p, c in zip(call["prompts"], call["completions"], strict=True)
@@ -46,12 +48,20 @@ def test_grpo_trains_on_labeler_rewards_with_empty_and_tool_calling_completions(
             want = labeler.scores([ScoreItem(**it) for it in items], "tiny")
             assert math.isfinite(logged)
             assert logged == pytest.approx(sum(r.reward for r in want) / len(want), abs=TOL)
+            # Each completion's reward, as TRL computed its advantage from (not only the mean).
+            assert trained == pytest.approx([r.reward for r in want], abs=TOL)
             responses += [it["response"] for it in items]
             contexts.setdefault(mode, set()).update(it["context"] for it in items)
         assert "" in responses and any(responses), responses  # empty ones, rewarded like the others
-    checks = out["checks"]  # TRL's own helpers on our callables; they survive pickling
+    checks = out["checks"]  # TRL's own helpers on our callables; pickled copies work as the originals
     assert checks["names"] == ["labeler_tiny", "labeler_tiny"] and checks["async"] == [False, True]
     assert checks["pickled"] == ["RewardFunction", "AsyncRewardFunction", "PairwiseJudge"]
+    want = [
+        r.reward for r in labeler.scores([ScoreItem("What is 2+2?", "4"), ScoreItem("Name a colour.", "Blue.")], "tiny")
+    ]
+    assert all(got == pytest.approx(want, abs=TOL) for got in checks["rewards"]), checks["rewards"]
+    (p_pair,) = labeler.preferences([PairItem("What is 2+2?", "4", "5")], "tiny")
+    assert checks["judged"] == [pytest.approx([p_pair.p_a], abs=TOL)] * 2
     # The same dialogues as strings with template markup and as messages: the same token ids
     # for the policy (same seed, same completions), the same contexts, the same rewards.
     texts = {
@@ -80,6 +90,7 @@ def test_grpo_trains_on_labeler_rewards_with_empty_and_tool_calling_completions(
         assert item["response"] == '[call functions.multiply] {"a": 3, "b": 4}\n\nTool: 12\n\nIt is 12.'
     want = labeler.scores([ScoreItem(**it) for it in items], "tiny")
     assert tools["logged"][0] == pytest.approx(sum(r.reward for r in want) / len(want), abs=TOL)
+    assert tools["rewards"] == [pytest.approx([r.reward for r in want], abs=TOL)]
 
 
 def test_grpo_trains_on_group_relative_and_reference_rewards(

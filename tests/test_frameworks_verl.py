@@ -8,13 +8,15 @@ overrides, in both forms (`custom_reward_function.path` as the module's file and
 `BatchRewardManager` with `compute_score_batch`. Rewards must be the labeler's for the
 canonical transcript of `extra_info["prompt"]`, or of the prompt's messages that verl's agent
 loop adds as `raw_prompt` where the data has no prompt; an unknown `reward_kwargs` key must fail.
+`compute_reference_score` (and its async form) must give the labeler's reward against each
+rollout's reference, from verl's ground truth or from `extra_info["reference"]`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from labeler import ScoreItem
+from labeler import ReferenceItem, ScoreItem
 from labeler.chat import render
 from tests.fixtures.frameworks import run_driver
 
@@ -41,5 +43,13 @@ def test_verl_loads_and_calls_compute_score(frameworks_python, live_server, labe
         assert out["pickled"][form] == pytest.approx(want, abs=TOL), form
         # The prompt as verl's agent loop gives it (raw_prompt), where the data has none.
         assert out["agent_loop"][form] == pytest.approx(want, abs=TOL), form
+    refs = [
+        ReferenceItem(it.context, it.response, ref)
+        for it, ref in zip(items, ("Paris is the capital.", "Paris.", "A banana."), strict=True)
+    ]
+    want_refs = [r.reward for r in labeler.reference_rewards(refs, "tiny")]
+    for form in ("file", "pkg"):
+        assert out["reference"][form] == pytest.approx(want_refs, abs=2 * TOL), form
+        assert out["reference_async"][form] == pytest.approx(want_refs, abs=2 * TOL), form
     error = out["errors"]["unknown_key"]
     assert error is not None and "unexpected keyword argument 'tsak'" in error

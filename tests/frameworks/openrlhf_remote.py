@@ -30,6 +30,7 @@ CASES = {
     "whitespace": (FRANCE, " \n"),
     "overlong": (FRANCE, "and " * 80),  # over the server's token limit
 }
+REFERENCE = "Paris is the capital of France."
 
 
 class ScriptedEngine:
@@ -43,18 +44,25 @@ class ScriptedEngine:
         return SimpleNamespace(outputs=[output])
 
 
-async def run(url: str, model_dir: str) -> dict:
+async def rollout(url: str, tokenizer, messages: list, completion: str, label: str | None = None) -> dict:
+    """`execute` of one prompt whose policy answers `completion`, rewarded at `url`."""
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    params = SimpleNamespace(max_tokens=16, logprobs=None)
+    result = await SingleTurnAgentExecutor(url).execute(
+        prompt, label, params, max_length=512, hf_tokenizer=tokenizer, llm_engine=ScriptedEngine(ids)
+    )
+    return {"prompt": prompt, **result}
+
+
+async def run(url: str, model_dir: str, reference_url: str, refusing_url: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     executor = SingleTurnAgentExecutor(url)
     out: dict = {"single": {}, "batch": None}
     queries, prompts = [], []
     for name, (messages, completion) in CASES.items():
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        params = SimpleNamespace(max_tokens=16, logprobs=None)
-        result = await executor.execute(
-            prompt, None, params, max_length=512, hf_tokenizer=tokenizer, llm_engine=ScriptedEngine(ids)
-        )
+        result = await rollout(url, tokenizer, messages, completion)
+        prompt = result["prompt"]
         query = tokenizer.decode(result["observation_tokens"], skip_special_tokens=False)
         out["single"][name] = {
             "reward": result["reward"],
@@ -66,6 +74,10 @@ async def run(url: str, model_dir: str) -> dict:
         prompts.append(prompt)
     batch = await executor._fetch_rewards_via_http(queries, prompts, [None] * len(queries))
     out["batch"] = batch
+    # The dataset's label as the reference response (`?reward=reference`).
+    out["reference"] = (await rollout(reference_url, tokenizer, FRANCE, "Paris.", REFERENCE))["reward"]
+    # Over the token limit at a URL without `overlong=lowest`: refused, retried, given up on.
+    out["refused"] = (await rollout(refusing_url, tokenizer, *CASES["overlong"]))["reward"]
     return out
 
 
@@ -74,9 +86,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--url", required=True, help="the reward URL, as given to --reward.remote_url")
     p.add_argument("--model-dir", required=True)
+    p.add_argument("--reference-url", required=True, help="a reward URL with ?reward=reference")
+    p.add_argument("--refusing-url", required=True, help="a reward URL without overlong=lowest")
     a = p.parse_args()
     with open(a.out, "w") as f:
-        json.dump(asyncio.run(run(a.url, a.model_dir)), f)
+        json.dump(asyncio.run(run(a.url, a.model_dir, a.reference_url, a.refusing_url)), f)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """A real TRL GRPOTrainer run of a few steps on the embedded model, rewarded by the labeler.
 
 Run by tests/test_frameworks_trl.py with the frameworks venv's Python (TRL pinned there);
-prints one JSON object: per mode, what TRL logged and what each reward call received.
+prints one JSON object: per mode, what TRL logged, the per-sample rewards it trained on, and
+what each reward call received. The plain run rewards with `reward_function`, the
+conversational one with `async_reward_function` (TRL awaits it on a loop of its own).
 
 One prompt of each run ends with "###", and the generation config biases the end-of-turn
 token after that ending (`sequence_bias`, TRL's own `generation_kwargs`): its completions
@@ -17,6 +19,7 @@ functions get the whole trajectory as messages.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import pickle
 import tempfile
@@ -24,7 +27,7 @@ import tempfile
 import torch
 from datasets import Dataset
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.chat_template_utils import qwen3_chat_template
 from trl.trainer.utils import get_callable_name, is_async_callable
@@ -82,6 +85,27 @@ class Recorder:
         return [0.0] * len(completions)
 
 
+class Rewards(TrainerCallback):
+    """The per-sample rewards TRL computed advantages from at each step (the trainer's
+    `_logs["rewards"]`, one generation batch long), of the reward function `name`."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.trainer, self.steps = name, None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(list(self.trainer._logs["rewards"][self.name]))
+
+
+def trained(trainer: GRPOTrainer, name: str) -> dict:
+    """Run `trainer`; what it logged of reward function `name`, and its per-sample rewards."""
+    rewards = Rewards(name)
+    rewards.trainer = trainer
+    trainer.add_callback(rewards)
+    trainer.train()
+    key = f"rewards/{name}/mean"
+    return {"logged": [h[key] for h in trainer.state.log_history if key in h], "rewards": rewards.steps}
+
+
 def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -96,7 +120,8 @@ def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
     prompts = DIALOGUES if mode == "conversational" else templated
     dataset = Dataset.from_dict({"prompt": prompts})
     recorder = Recorder()
-    labeler = reward_function(url, task=task)
+    # Conversational: the async reward function, which TRL awaits on a loop of its own.
+    labeler = (async_reward_function if mode == "conversational" else reward_function)(url, task=task)
     with tempfile.TemporaryDirectory() as out:
         args = grpo_config(
             out,
@@ -114,13 +139,8 @@ def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
             train_dataset=dataset,
             processing_class=tokenizer,
         )
-        trainer.train()
-    key = f"rewards/{labeler.__name__}/mean"
-    return {
-        "reward_func_names": trainer.reward_func_names,
-        "logged": [h[key] for h in trainer.state.log_history if key in h],
-        "calls": recorder.calls,
-    }
+        got = trained(trainer, labeler.__name__)
+    return {"reward_func_names": trainer.reward_func_names, **got, "calls": recorder.calls}
 
 
 def run_tools(model_dir: str, url: str, task: str) -> dict:
@@ -175,9 +195,8 @@ def run_tools(model_dir: str, url: str, task: str) -> dict:
             processing_class=tokenizer,
             tools=[multiply],
         )
-        trainer.train()
-    key = f"rewards/{labeler.__name__}/mean"
-    return {"logged": [h[key] for h in trainer.state.log_history if key in h], "calls": recorder.calls}
+        got = trained(trainer, labeler.__name__)
+    return {**got, "calls": recorder.calls}
 
 
 def main() -> None:
@@ -194,14 +213,24 @@ def main() -> None:
     torch.manual_seed(0)
     out = {mode: run(mode, a.model_dir, a.url, a.task, a.steps) for mode in ("plain", "conversational")}
     out["tools"] = run_tools(a.model_dir, a.url, a.task)
-    # How TRL tells reward functions apart, and AsyncGRPOTrainer's pickling into its child.
+    # How TRL tells reward functions apart, and AsyncGRPOTrainer's pickling into its child:
+    # the copies reward a batch as the originals do.
     sync_fn, async_fn = reward_function(a.url, task=a.task), async_reward_function(a.url, task=a.task)
+    judge = PairwiseJudge(a.url, a.task)
+    copies = [pickle.loads(pickle.dumps(f)) for f in (sync_fn, async_fn, judge)]
+    batch = {"prompts": ["What is 2+2?", "Name a colour."], "completions": ["4", "Blue."]}
+    pair = (["What is 2+2?"], [("4", "5")])
     out["checks"] = {
         "names": [get_callable_name(sync_fn), get_callable_name(async_fn)],
         "async": [is_async_callable(sync_fn), is_async_callable(async_fn)],
-        "pickled": [
-            type(pickle.loads(pickle.dumps(f))).__name__ for f in (sync_fn, async_fn, PairwiseJudge(a.url, a.task))
+        "pickled": [type(c).__name__ for c in copies],
+        "rewards": [
+            sync_fn(**batch),
+            copies[0](**batch),
+            asyncio.run(async_fn(**batch)),
+            asyncio.run(copies[1](**batch)),
         ],
+        "judged": [judge.judge(*pair, return_scores=True), copies[2].judge(*pair, return_scores=True)],
     }
     with open(a.out, "w") as f:
         json.dump(out, f)

@@ -12,7 +12,9 @@ manager, and `compute_score_batch` runs the manager on a `DataProto` batch of ro
 `compute_score`, and with `compute_score_async`, which the manager awaits).
 Here it runs in this process, without Ray. The legacy `BatchRewardManager` gets
 `compute_score_batch` through the same loader. verl's remote reward manager hands the loaded
-function to Ray actors: it goes through Ray's pickler here, and the copy is called.
+function to Ray actors: it goes through Ray's pickler here, and the copy is called as that
+manager calls it (by keyword). `compute_reference_score` and its async form run through the
+same worker on rollouts whose reference is verl's ground truth or `extra_info["reference"]`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from verl.trainer.ppo.reward import get_custom_reward_fn
 SYSTEM = {"role": "system", "content": "Answer in one word."}
 FRANCE = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
 ROLLOUTS = [(FRANCE, "Paris."), (FRANCE, ""), ("Name a fruit.", "Apple.")]
+# Reference responses for compute_reference_score: the first two as the data's ground truth,
+# the third as extra_info["reference"] (which the function reads first).
+REFERENCES = ["Paris is the capital.", "Paris.", "A banana."]
 
 
 def config(model_dir: str, path: str, name: str, manager: str, reward_kwargs: dict):
@@ -57,12 +62,13 @@ def messages_of(prompt) -> list[dict]:
     return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
-def batch(tokenizer, agent_loop: bool = False) -> DataProto:
+def batch(tokenizer, agent_loop: bool = False, references: bool = False) -> DataProto:
     """Rollouts as verl's trainer hands them over: left-padded prompts, right-padded
     responses ending with EOS (an empty answer is the EOS alone), one attention mask. With
     `agent_loop`, as verl's agent loop hands them to the reward loop: the data's `extra_info`
     without the prompt, and the prompt's messages as `raw_prompt` in `tool_extra_fields`,
-    which the reward managers merge into `extra_info`."""
+    which the reward managers merge into `extra_info`. With `references`, each rollout's
+    reference response (`REFERENCES`) in its ground truth or its `extra_info`."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     prompts, responses = [], []
     for prompt, answer in ROLLOUTS:
@@ -84,6 +90,10 @@ def batch(tokenizer, agent_loop: bool = False) -> DataProto:
         # The prompt in extra_info, as the data may put it.
         "extra_info": np.array([{"prompt": p} for p, _ in ROLLOUTS], dtype=object),
     }
+    if references:
+        truths = [*REFERENCES[:2], None]
+        non_tensors["reward_model"] = np.array([{"ground_truth": t} for t in truths], dtype=object)
+        non_tensors["extra_info"][2]["reference"] = REFERENCES[2]
     if agent_loop:
         non_tensors["extra_info"] = np.array([{"index": i} for i in range(len(ROLLOUTS))], dtype=object)
         non_tensors["tool_extra_fields"] = np.array([{"raw_prompt": messages_of(p)} for p, _ in ROLLOUTS], dtype=object)
@@ -125,6 +135,8 @@ def main() -> None:
         "legacy_batch": {},
         "pickled": {},
         "agent_loop": {},
+        "reference": {},
+        "reference_async": {},
         "errors": {},
     }
     for form, path in forms.items():
@@ -137,7 +149,17 @@ def main() -> None:
         out["agent_loop"][form] = reward_loop(cfg, batch(tokenizer, agent_loop=True))
         # As verl's remote reward manager ships it to its reward actors (after this process used it).
         copy = cloudpickle.loads(cloudpickle.dumps(get_custom_reward_fn(cfg)))
-        out["pickled"][form] = [copy("x", response, None, {"prompt": prompt}) for prompt, response in ROLLOUTS]
+        out["pickled"][form] = [
+            copy(data_source="x", solution_str=response, ground_truth=None, extra_info={"prompt": prompt})
+            for prompt, response in ROLLOUTS
+        ]
+        # Against references, in the ground truth (verl's reward_model column) or extra_info.
+        with_refs = batch(tokenizer, references=True)
+        for name, fn_name in (
+            ("reference", "compute_reference_score"),
+            ("reference_async", "compute_reference_score_async"),
+        ):
+            out[name][form] = reward_loop(config(a.model_dir, path, fn_name, "naive", kwargs), with_refs)
         # verl's legacy batch manager, through the same loader
         from verl.workers.reward_manager.batch import BatchRewardManager
 
