@@ -73,13 +73,14 @@ def install(app: FastAPI) -> None:
         param = _loc(tuple(p for p in loc if not (kind == "json_invalid" and isinstance(p, int))))
         message = f"{param}: {first.get('msg', 'invalid')}"
         if kind == "extra_forbidden" and loc[:1] == ("query",):
-            message = f"unknown query parameter {loc[-1]!r} (the route's own are in /openapi.json)"
+            param = str(loc[-1])  # as sent, whatever its characters
+            message = f"unknown query parameter {param!r} (the route's own are in /openapi.json)"
         elif kind == "extra_forbidden" and loc and isinstance(loc[-1], str) and not loc[-1].isidentifier():
             # A key no name can be written for ("foo-bar"): the object that holds it, and the key.
             message = f"{param}: unknown field {loc[-1]!r} ({first.get('msg', 'not permitted')})"
         if kind == "json_invalid":
             message = f"body: not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
-        elif param == "body" and not _json_content(request):
+        elif param == "body" and loc[:1] == ("body",) and not _json_content(request):
             message = f"body: content-type must be application/json, not {request.headers.get('content-type')!r}"
         # A count or length over a limit reads the same as the server's other limits.
         over = ("too_long", "string_too_long", "less_than_equal", "less_than")

@@ -410,6 +410,7 @@ def test_the_fake_server_refuses_what_the_real_one_refuses(make_server):
         # a misspelt option, which would otherwise be ignored (the request judged by the defaults)
         ("/get_reward?task=tiny&overlng=lowest", {"query": ["a", "y" * 51]}),
         ("/get_reward?task=tiny&overlng=lowest", {"query": "a"}),
+        ("/get_reward?task=tiny&over-long=lowest", {"query": ["a"]}),  # a name no identifier spells
         ("/get_reward?task=nope", {"query": ["y" * 51]}),
         ("/get_reward?task=nope&overlong=lowest", {"query": ["y" * 51]}),
     ]

@@ -290,12 +290,13 @@ class FakeLabeler:
             return self._label(path, json.loads(request.content))
         if request.method == "POST" and path == "/get_reward":
             params = request.url.params
+            body = json.loads(request.content)  # read first, as the server reads it
             unknown = [k for k in params if k not in ("task", "reward", "overlong")]
-            if unknown:  # checked before the body, as the server's query parameters are
+            if unknown:  # validated before the body's fields, as the server's query parameters are
                 message = f"unknown query parameter {unknown[0]!r} (the route's own are in /openapi.json)"
                 return self._error(422, message, "invalid_request", unknown[0])
             return self._get_reward(
-                json.loads(request.content),
+                body,
                 params.get("task", self.tasks[0]),
                 params.get("reward"),
                 params.get("overlong", "refuse"),
