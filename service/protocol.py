@@ -262,13 +262,16 @@ class GetRewardRequest(_Untrusted):
     )
 
 
+_GET_REWARD_TASK = "task name (default: the server's LABELER_TASK)"
+
+
 class GetRewardParams(BaseModel):
     """/get_reward's options, in its URL (OpenRLHF's request body is its own). Any other
     query parameter is refused: a misspelt option would otherwise be ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str | None = Field(None, description="task name (default: the server's LABELER_TASK)")
+    task: str | None = Field(None, description=_GET_REWARD_TASK)
     reward: Literal["score", "reference"] = Field(
         "score", description="score: the direct-score reward; reference: against `labels` as reference responses"
     )
@@ -432,7 +435,7 @@ def request_models(settings: Settings, tasks: Sequence[str], judged: Sequence[st
                 str | None,
                 Field(
                     None,
-                    description="task name (default: the server's LABELER_TASK)",
+                    description=_GET_REWARD_TASK,
                     json_schema_extra={"enum": sorted(tasks)},
                 ),
             ),

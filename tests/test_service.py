@@ -396,7 +396,9 @@ def test_request_bodies(live_server):
     ref = spec["paths"]["/v1/scores"]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     scores = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert set(scores["required"]) == {"task", "items"} and scores["additionalProperties"] is False
-    assert [p["name"] for p in spec["paths"]["/get_reward"]["post"]["parameters"]] == ["task", "reward", "overlong"]
+    params = {p["name"]: p for p in spec["paths"]["/get_reward"]["post"]["parameters"]}
+    assert list(params) == ["task", "reward", "overlong"] and all(p["description"] for p in params.values())
+    assert "tiny" in params["task"]["schema"]["enum"] and params["overlong"]["schema"]["enum"] == ["refuse", "lowest"]
 
 
 async def test_full_queue_answers_429_with_retry_after(make_server):
