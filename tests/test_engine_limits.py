@@ -202,7 +202,7 @@ def test_transformers_engine_options_are_checked_before_the_model_loads(engine):
         ("pack_tokens", "lots"),
         ("threads", 0),
         ("threads", "two"),
-        ("dtype", "float8_e4m3fn"),  # a storage format: it failed in the load with a TypeError
+        ("dtype", "float8_e4m3fn"),  # a storage format, not a type a model computes in
         ("dtype", "int8"),
     ]:
         with pytest.raises(InvalidInput, match=option) as refused:

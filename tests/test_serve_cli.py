@@ -179,7 +179,7 @@ def test_an_endless_wait_is_refused_as_a_setting(name, monkeypatch):
         # option values of the wrong kind, which the engine's constructor would refuse at start-up
         (["--engine-arg", "max_batch_tokens=abc"], "the transformers engine's max_batch_tokens must be a whole number"),
         (["--engine-arg", "dtype=int8"], "dtype must be float32, bfloat16, float16 or float64"),
-        # a floating-point storage format no model computes in (it failed to load, a traceback)
+        # a floating-point storage format, not a type a model computes in
         (["--engine-arg", "dtype=float8_e4m3fn"], "dtype must be float32, bfloat16, float16 or float64"),
         (["--device", "cuda:99"], "device 'cuda:99' cannot be used by this torch"),
         (

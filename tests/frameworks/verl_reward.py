@@ -40,7 +40,7 @@ SYSTEM = {"role": "system", "content": "Answer in one word."}
 FRANCE = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
 ROLLOUTS = [(FRANCE, "Paris."), (FRANCE, ""), ("Name a fruit.", "Apple.")]
 # Reference responses for compute_reference_score: the first two as the data's ground truth,
-# the third as extra_info["reference"] (which the function reads first).
+# the third as extra_info["reference"], beside a ground truth of its own that it wins over.
 REFERENCES = ["Paris is the capital.", "Paris.", "A banana."]
 
 
@@ -91,7 +91,7 @@ def batch(tokenizer, agent_loop: bool = False, references: bool = False) -> Data
         "extra_info": np.array([{"prompt": p} for p, _ in ROLLOUTS], dtype=object),
     }
     if references:
-        truths = [*REFERENCES[:2], None]
+        truths = [*REFERENCES[:2], "A cherry."]
         non_tensors["reward_model"] = np.array([{"ground_truth": t} for t in truths], dtype=object)
         non_tensors["extra_info"][2]["reference"] = REFERENCES[2]
     if agent_loop:
