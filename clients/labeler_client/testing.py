@@ -141,6 +141,9 @@ _ORDERED = ("/v1/preferences", "/v1/rewards/reference")
 
 
 # Each label route: the text fields of its items, and the fake result of one item.
+# /get_reward's options, its query parameters: any other is refused, and these in the body too.
+_GET_REWARD_PARAMS = ("task", "reward", "overlong")
+
 _ROUTES = {
     "/v1/scores": (("response",), lambda it, body: _score(it)),
     "/v1/preferences": (("response_a", "response_b"), lambda it, body: _preference(it, body.get("order", "both"))),
@@ -291,7 +294,7 @@ class FakeLabeler:
         if request.method == "POST" and path == "/get_reward":
             params = request.url.params
             body = json.loads(request.content)  # read first, as the server reads it
-            unknown = [k for k in params if k not in ("task", "reward", "overlong")]
+            unknown = [k for k in params if k not in _GET_REWARD_PARAMS]
             if unknown:  # validated before the body's fields, as the server's query parameters are
                 message = f"unknown query parameter {unknown[0]!r} (the route's own are in /openapi.json)"
                 return self._error(422, message, "invalid_request", unknown[0])
@@ -353,7 +356,7 @@ class FakeLabeler:
             return self._invalid("reward", "must be 'score' or 'reference'")
         if overlong not in ("refuse", "lowest"):
             return self._invalid("overlong", "must be 'refuse' or 'lowest'")
-        for name in ("task", "reward", "overlong"):
+        for name in _GET_REWARD_PARAMS:
             if name in body:
                 message = f"{name} is a query parameter of /get_reward (/get_reward?{name}=...), not a body field"
                 return self._error(422, message, "invalid_input", name)
