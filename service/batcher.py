@@ -22,7 +22,8 @@ repeat as the whole batch did (same message), and then the first and the last it
 half alone, is no item's doing: every item of the batch gets it, after six extra calls, not
 2n - 1; those not tried alone as a `BatchFailure`, which names no item (an item tried alone
 did fail alone). Bad items whose errors read alike fool that only when they stand at all
-four places tried alone.
+four places tried alone. A fault of the batching itself (no engine call's) fails its batch
+with a `LabelerError`, final, rather than as an outage that clients would retry.
 """
 
 from __future__ import annotations
@@ -235,6 +236,10 @@ class MicroBatcher:
         t0 = time.monotonic()
         try:
             await self._attempt(group, jobs)
+        except Exception as exc:  # noqa: BLE001 - a bug in the batching, not the engine: a final 500, not a 503 to retry
+            log.error("labeling a batch of %d items failed", len(jobs), exc_info=exc)
+            for job in jobs:
+                _fail(job.future, LabelerError(f"labeling the batch failed (internal error: {type(exc).__name__})"))
         except BaseException as exc:  # cancelled (shutdown): no waiter is left hanging
             for job in jobs:
                 _fail(job.future, EngineUnavailable(f"the labeling batch was stopped ({type(exc).__name__})"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from labeler.errors import EngineError, EngineUnavailable, ModelOutputError
+from labeler.errors import EngineError, EngineUnavailable, LabelerError, ModelOutputError
 from service.app import Gate
 from service.batcher import BatchFailure, MicroBatcher, QueueFull
 from service.metrics import Metrics
@@ -462,3 +462,34 @@ def test_the_gate_reads_the_path_under_a_prefix_as_the_router_does(root, path, p
     assert (refusal is not None and refusal.status_code == 401) is protected
     scope["headers"] = [(b"authorization", b"Bearer key")]
     assert gate._refusal(scope) is None
+
+
+def test_a_fault_in_the_batching_itself_is_a_final_error_not_an_outage():
+    """A fault of the batcher's own (here its call counter raising) is no engine outage: the
+    batch's items get a LabelerError (a final 500), not EngineUnavailable (a 503 that clients
+    would retry for ever), and the batcher serves the next batch."""
+    seen: list[int] = []
+
+    def count(group, n, ok):
+        seen.append(n)
+        if len(seen) == 1:
+            raise RuntimeError("counter broke")
+
+    async def labels(group, items, keys):
+        return [f"label of {it}" for it in items]
+
+    async def run() -> tuple[list, list]:
+        batcher = MicroBatcher(labels, max_items=16, wait_s=0.0, max_pending=100, on_call=count)
+        batcher.start()
+        first, _ = batcher.submit("g", [("a", "a"), ("b", "b")])
+        got = await asyncio.gather(*first, return_exceptions=True)
+        second, _ = batcher.submit("g", [("c", "c")])
+        again = await asyncio.gather(*second, return_exceptions=True)
+        assert batcher.pending == 0 and not batcher._inflight
+        await batcher.stop()
+        return got, again
+
+    got, again = asyncio.run(run())
+    assert [type(g) for g in got] == [LabelerError, LabelerError], got
+    assert "internal error: RuntimeError" in str(got[0])
+    assert again == ["label of c"] and seen == [2, 1]
