@@ -1,4 +1,5 @@
-"""TRL 1.16.0's own GRPOTrainer, rewarded by the labeler through the live server.
+"""TRL 1.16.0's own GRPO, RLOO and online DPO trainers, rewarded by the labeler through the
+live server.
 
 tests/frameworks/trl_grpo.py runs two training steps on the embedded model in the frameworks
 venv, once with plain-text prompts (strings a chat template laid out) and once with
@@ -9,8 +10,11 @@ and so must each per-sample reward TRL computed its advantages from. The convers
 rewards with the async reward function, which TRL awaits on a loop of its own.
 A NaN, a crash or a refused empty completion fails it. A third run gives the policy a tool:
 TRL's tool loop runs the call the policy makes and appends the result, and the trajectory is
-rewarded as the text the service reads it as. Tolerance 1e-5: above the ~3e-6 a reward moves
-with its batch-mates.
+rewarded as the text the service reads it as. RLOO runs a conversational step with the async
+reward function, checked the same way; online DPO runs a step with the sync one, and what it
+logged of the rewards (their mean, and the mean margin of chosen over rejected) must be that
+of the labeler's rewards with the higher-rewarded completion of each pair chosen. Tolerance
+1e-5: above the ~3e-6 a reward moves with its batch-mates.
 """
 
 from __future__ import annotations
@@ -30,21 +34,27 @@ pytestmark = pytest.mark.model
 TOL = 1e-5
 
 
-def test_grpo_trains_on_labeler_rewards_with_empty_and_tool_calling_completions(
+def called_items(call: dict) -> list[dict]:
+    """The items a reward call's (prompt, completion) pairs are to the service: canonical
+    transcripts of both."""
+    return [
+        normalize_item({"context": context_value(p), "response": completion_value(c)})
+        for p, c in zip(call["prompts"], call["completions"], strict=True)
+    ]
+
+
+def test_grpo_rloo_and_online_dpo_train_on_labeler_rewards_with_empty_and_tool_calling_completions(
     frameworks_python, live_server, labeler, model_dir, tmp_path
 ):
     out = run_driver(frameworks_python, "trl_grpo", tmp_path, "--url", live_server.url, "--model-dir", str(model_dir))
     contexts: dict[str, set[str]] = {}
-    for mode in ("plain", "conversational"):
+    for mode, steps in (("plain", 2), ("conversational", 2), ("rloo", 1)):
         run = out[mode]
         assert run["reward_func_names"] == ["labeler_tiny", "recorder"]  # TRL names it by __name__
-        assert len(run["logged"]) == len(run["calls"]) == len(run["rewards"]) == 2
+        assert len(run["logged"]) == len(run["calls"]) == len(run["rewards"]) == steps
         responses = []
         for logged, trained, call in zip(run["logged"], run["rewards"], run["calls"], strict=True):
-            items = [
-                normalize_item({"context": context_value(p), "response": completion_value(c)})
-                for p, c in zip(call["prompts"], call["completions"], strict=True)
-            ]
+            items = called_items(call)
             want = labeler.scores([ScoreItem(**it) for it in items], "tiny")
             assert math.isfinite(logged)
             assert logged == pytest.approx(sum(r.reward for r in want) / len(want), abs=TOL)
@@ -53,6 +63,17 @@ def test_grpo_trains_on_labeler_rewards_with_empty_and_tool_calling_completions(
             responses += [it["response"] for it in items]
             contexts.setdefault(mode, set()).update(it["context"] for it in items)
         assert "" in responses and any(responses), responses  # empty ones, rewarded like the others
+    # Online DPO: two completions a prompt (TRL lays them out as two halves of the batch),
+    # the higher-rewarded one chosen.
+    dpo = out["online_dpo"]
+    (call,) = dpo["calls"]
+    rewards = [r.reward for r in labeler.scores([ScoreItem(**it) for it in called_items(call)], "tiny")]
+    half = len(rewards) // 2
+    assert half == 2 and call["prompts"][:half] == call["prompts"][half:]
+    margins = [abs(a - b) for a, b in zip(rewards[:half], rewards[half:], strict=True)]
+    assert dpo["logged"]["objective/scores"] == [pytest.approx(statistics.fmean(rewards), abs=TOL)]
+    assert dpo["logged"]["objective/scores_margin"] == [pytest.approx(statistics.fmean(margins), abs=TOL)]
+    assert statistics.fmean(margins) > 0  # the pairs' completions were told apart, so the margin is the labeler's
     checks = out["checks"]  # TRL's own helpers on our callables; pickled copies work as the originals
     assert checks["names"] == ["labeler_tiny", "labeler_tiny"] and checks["async"] == [False, True]
     assert checks["pickled"] == ["RewardFunction", "AsyncRewardFunction", "PairwiseJudge"]
@@ -80,10 +101,7 @@ def test_grpo_trains_on_labeler_rewards_with_empty_and_tool_calling_completions(
     tools = out["tools"]
     assert len(tools["logged"]) == len(tools["calls"]) == 1
     (call,) = tools["calls"]
-    items = [
-        normalize_item({"context": context_value(p), "response": completion_value(c)})
-        for p, c in zip(call["prompts"], call["completions"], strict=True)
-    ]
+    items = called_items(call)
     for completion, item in zip(call["completions"], items, strict=True):
         assert [m["role"] for m in completion] == ["assistant", "tool", "assistant"], completion
         assert completion[0]["tool_calls"][0]["function"] == {"name": "multiply", "arguments": {"a": 3, "b": 4}}

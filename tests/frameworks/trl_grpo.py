@@ -28,8 +28,9 @@ import torch
 from datasets import Dataset
 from labeler_client.trl import PairwiseJudge, async_reward_function, reward_function
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 from trl.chat_template_utils import qwen3_chat_template
+from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 from trl.trainer.utils import get_callable_name, is_async_callable
 
 SYSTEM = {"role": "system", "content": "Answer in one word."}
@@ -54,10 +55,11 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
-def grpo_config(out: str, **settings) -> GRPOConfig:
+def grpo_config(out: str, config: type = GRPOConfig, **settings) -> GRPOConfig:
     """The settings every run of these drivers shares (CPU, fp32, seeded, every step logged,
-    nothing saved or reported), with the run's own `settings`."""
-    return GRPOConfig(
+    nothing saved or reported), with the run's own `settings`, as `config` (GRPO's by
+    default, or RLOO's, which has the same fields)."""
+    return config(
         output_dir=out,
         learning_rate=1e-6,
         beta=0.0,
@@ -106,7 +108,8 @@ def trained(trainer: GRPOTrainer, name: str) -> dict:
     return {"logged": [h[key] for h in trainer.state.log_history if key in h], "rewards": rewards.steps}
 
 
-def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
+def run(mode: str, model_dir: str, url: str, task: str, steps: int, rloo: bool = False) -> dict:
+    """`steps` GRPO steps (RLOO's with `rloo`) on the dialogues, plain-text or conversational."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     templated = [tokenizer.apply_chat_template(d, tokenize=False, add_generation_prompt=True) for d in DIALOGUES]
@@ -125,6 +128,7 @@ def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = grpo_config(
             out,
+            RLOOConfig if rloo else GRPOConfig,
             per_device_train_batch_size=4,
             num_generations=2,
             max_completion_length=6,
@@ -132,7 +136,7 @@ def run(mode: str, model_dir: str, url: str, task: str, steps: int) -> dict:
             reward_weights=[1.0, 0.0],
             generation_kwargs={"sequence_bias": [[[*tail, eos], 100.0]]},
         )
-        trainer = GRPOTrainer(
+        trainer = (RLOOTrainer if rloo else GRPOTrainer)(
             model=model,
             reward_funcs=[labeler, recorder],
             args=args,
@@ -199,6 +203,45 @@ def run_tools(model_dir: str, url: str, task: str) -> dict:
     return {**got, "calls": recorder.calls}
 
 
+def run_online_dpo(model_dir: str, url: str, task: str) -> dict:
+    """One online DPO step (TRL's `trl.experimental.online_dpo`) on the plain-text prompts,
+    rewarded by the (sync) reward function: TRL samples two completions a prompt and keeps
+    the higher-rewarded one as chosen. What it logged of the rewards, and what each reward
+    call received."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompts = [tokenizer.apply_chat_template(d, tokenize=False, add_generation_prompt=True) for d in DIALOGUES]
+    recorder = Recorder()
+    with tempfile.TemporaryDirectory() as out:
+        args = OnlineDPOConfig(
+            output_dir=out,
+            learning_rate=1e-6,
+            per_device_train_batch_size=2,
+            max_new_tokens=8,
+            max_steps=1,
+            reward_weights=[1.0, 0.0],
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        trainer = OnlineDPOTrainer(
+            model=model,
+            reward_funcs=[reward_function(url, task=task), recorder],
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+    logged = {
+        k: [h[k] for h in trainer.state.log_history if k in h] for k in ("objective/scores", "objective/scores_margin")
+    }
+    return {"logged": logged, "calls": recorder.calls}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True, help="where the JSON goes (the trainer prints to stdout)")
@@ -213,6 +256,9 @@ def main() -> None:
     torch.manual_seed(0)
     out = {mode: run(mode, a.model_dir, a.url, a.task, a.steps) for mode in ("plain", "conversational")}
     out["tools"] = run_tools(a.model_dir, a.url, a.task)
+    # RLOO awaits the async reward function as GRPO does; online DPO calls the sync one.
+    out["rloo"] = run("conversational", a.model_dir, a.url, a.task, 1, rloo=True)
+    out["online_dpo"] = run_online_dpo(a.model_dir, a.url, a.task)
     # How TRL tells reward functions apart, and AsyncGRPOTrainer's pickling into its child:
     # the copies reward a batch as the originals do.
     sync_fn, async_fn = reward_function(a.url, task=a.task), async_reward_function(a.url, task=a.task)
