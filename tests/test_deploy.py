@@ -5,12 +5,14 @@ are built and run by tests/test_docker_*.py."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -95,6 +97,43 @@ def test_compose_files_validate(files, services):
         assert api["environment"]["LABELER_ENGINE_ARGS"] == ""
         assert api["environment"]["LABELER_VLLM_URLS"].split(",") == ["http://vllm-0:8000", "http://vllm-1:8000"]
         assert set(api["depends_on"]) == {"redis", "vllm-0", "vllm-1"}
+
+
+def test_healthchecks_that_fetch_a_url_go_straight_to_the_server_past_a_proxy():
+    """A container's environment may carry an http_proxy (Docker hands the client's proxy
+    settings to every container), and urllib and wget send even loopback through it: the
+    compose healthchecks that fetch a URL themselves (vLLM's, nginx's) must not, or a healthy
+    server reads as unhealthy and what depends on it never starts. Each runs here as written,
+    its port moved to a local server, with a proxy set that answers nothing."""
+    cfg = yaml.safe_load(
+        compose("-f", "docker-compose.scale.yml", "-f", "docker-compose.scale-vllm.yml", "config").stdout
+    )
+    checks = {name: cfg["services"][name]["healthcheck"]["test"] for name in ("vllm-0", "nginx")}
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port, dead = free_port(), free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Ok)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    proxy = f"http://127.0.0.1:{dead}"
+    env = {**os.environ, "http_proxy": proxy, "HTTP_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
+    try:
+        for name, test in checks.items():
+            assert test[0] == "CMD", (name, test)
+            cmd = [a.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for a in test[1:]]
+            assert cmd != test[1:], f"{name}'s check names no 127.0.0.1:8000: {test}"
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
+            assert run.returncode == 0, f"{name}'s healthcheck failed through the proxy: {run.stderr}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_every_compose_variable_is_documented_in_the_example_settings():

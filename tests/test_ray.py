@@ -521,7 +521,7 @@ def test_rayservice_manifest_validates_against_the_kuberay_crd():
     assert app.runtime_env["env_vars"]["LABELER_ENGINE"] == "vllm"
     assert app.deployments[0].ray_actor_options.num_gpus == 1
 
-    # GPU workers, the cluster's Ray version, the proxy callback on every node.
+    # GPU workers, the cluster's Ray version, the proxy callback and spread routing on every node.
     cluster = manifest["spec"]["rayClusterConfig"]
     assert cluster["rayVersion"] == ray.__version__
     containers = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
@@ -530,6 +530,7 @@ def test_rayservice_manifest_validates_against_the_kuberay_crd():
     for c in containers:
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "service.ray_serve:proxy_middlewares"
+        assert env["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] == "0"  # as the test cluster runs
     for group in cluster["workerGroupSpecs"]:
         assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     # Kubernetes gives a pod it stops the time a replica takes to finish its requests.
