@@ -129,6 +129,8 @@ def read_records(
                     bad = MalformedRecord(f"{p}, line {n}", f"not UTF-8 text (byte {exc.object[exc.start]:#04x})")
                 except json.JSONDecodeError as exc:
                     bad = MalformedRecord(f"{p}, line {n}", f"not valid JSON ({exc.msg} at column {exc.colno})")
+                except (ValueError, RecursionError) as exc:  # a number of too many digits, nesting too deep
+                    bad = MalformedRecord(f"{p}, line {n}", f"JSON that cannot be read ({_first_clause(exc)})")
                 else:
                     yield f"{p}, line {n}", rec
                     continue
@@ -163,8 +165,15 @@ def _array_records(p: Path) -> Iterator[tuple[str, Any]]:
         raise MalformedRecord(
             str(p), f"not a valid JSON array ({exc.msg} at line {exc.lineno}, column {exc.colno})"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a number of too many digits, nesting too deep
+        raise MalformedRecord(str(p), f"a JSON array that cannot be read ({_first_clause(exc)})") from None
     for n, rec in enumerate(records, start=1):
         yield f"{p}, record {n}", rec
+
+
+def _first_clause(exc: BaseException) -> str:
+    """An error's message up to its first colon: what went wrong, not Python's advice on it."""
+    return str(exc).partition(":")[0]
 
 
 def split_for(path: str | Path, split: str | None, inputs: Sequence[str | Path]) -> str | None:
@@ -317,6 +326,16 @@ def _context(where: str, rec: dict, own: str) -> tuple[str, Any]:
     return key, ""
 
 
+def _unless_null_beside(rec: dict, *responses: Any) -> dict:
+    """`rec` without a null prompt (under either name) where its responses are conversations,
+    which hold the prompt (TRL's implicit-prompt rows): read as a table row's null is (`_rows`),
+    so a JSON line and the same record from a table read alike. Beside text responses a null
+    prompt stays, to be refused as a missing value."""
+    if all(isinstance(r, list) for r in responses) and any(rec.get(k, "") is None for k in _CONTEXT_KEYS):
+        return {k: v for k, v in rec.items() if not (k in _CONTEXT_KEYS and v is None)}
+    return rec
+
+
 def _text_or_messages(where: str, name: str, v: Any) -> Any:
     if isinstance(v, str) or _is_messages(v):
         return v
@@ -340,6 +359,7 @@ def normalize_pair(where: str, rec: Any) -> Pair:
     if "chosen" in rec and "rejected" in rec:
         chosen = _text_or_messages(where, "chosen", rec["chosen"])
         rejected = _text_or_messages(where, "rejected", rec["rejected"])
+        rec = _unless_null_beside(rec, chosen, rejected)
         if "prompt" in rec:
             prompt = _text_or_messages(where, "prompt", rec["prompt"])
             if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
@@ -457,10 +477,15 @@ def normalize_single(where: str, rec: Any) -> Single:
     if not isinstance(rec, dict):
         raise MalformedRecord(where, f"expected a JSON object, got {type(rec).__name__}")
     if "completion" in rec:
-        name, prompt = _context(where, rec, "prompt")
-        prompt = _text_or_messages(where, name, prompt)
         completion = _text_or_messages(where, "completion", rec["completion"])
-        return Single(prompt_text(prompt), response_text(_after(prompt, completion)), prompt, completion, where)
+        name, given = _context(where, _unless_null_beside(rec, completion), "prompt")
+        prompt = _text_or_messages(where, name, given)
+        response = _after(prompt, completion)
+        if prompt == "" and isinstance(completion, list):
+            # A conversation without a prompt holds it: the turns before its first answer.
+            first = next((k for k, m in enumerate(completion) if m.get("role") == "assistant"), 0)
+            prompt, response = completion[:first], completion[first:]
+        return Single(prompt_text(prompt), response_text(response), given, completion, where)
     if "response" in rec:
         context, ctx = _context(where, rec, "context")
         resp = rec["response"]

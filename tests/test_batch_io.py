@@ -219,6 +219,14 @@ def test_single_formats():
         assert (s.context, s.response, s.prompt, s.completion) == ("Q?", "A.", "Q?", "A.")
     with pytest.raises(io.MalformedRecord, match="expected prompt/completion"):
         io.normalize_single("l", {"text": "x"})
+    # A conversation given without a prompt holds it: the turns before its first answer are
+    # the context, not dropped (its answer would be judged out of context).
+    lock = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Sure."}]
+    for rec in ({"completion": lock}, {"prompt": "", "completion": lock}, {"prompt": None, "completion": lock}):
+        s = io.normalize_single("l", rec)
+        assert (s.context, s.response, s.completion) == ("How do I pick a lock?", "Sure.", lock)
+    with pytest.raises(io.MalformedRecord, match="'prompt' must be text"):  # beside text: a missing value
+        io.normalize_single("l", {"prompt": None, "completion": "Sure."})
 
 
 def test_malformed_lines_are_named_and_stop_before_anything(tmp_path):
@@ -239,6 +247,25 @@ def test_malformed_lines_are_named_and_stop_before_anything(tmp_path):
     assert [p.where.rsplit(", ", 1)[1] for p in pairs] == ["line 1", "line 5"]
     assert len(summary.invalid) == 2 and "line 3" in summary.invalid[0] and "line 4" in summary.invalid[1]
     assert "not a known pair format" in summary.invalid[1]
+
+
+def test_json_that_the_parser_cannot_read_is_a_malformed_record_named_by_its_line(tmp_path):
+    """A number of more digits than Python reads (4,300) or nesting too deep for its parser,
+    valid JSON both, is a malformed record named by its line (skippable), not a traceback;
+    in a JSON array, the file is named."""
+    digits = '{"prompt": "Q?", "chosen": "y", "rejected": "n", "score": ' + "9" * 5000 + "}"
+    deep = '{"prompt": "Q?", "chosen": ' + "[" * 100_000 + "]" * 100_000 + ', "rejected": "n"}'
+    path = write_jsonl(tmp_path / "in.jsonl", [digits, deep, {"prompt": "Q?", "chosen": "y", "rejected": "n"}])
+    with pytest.raises(io.MalformedRecord, match=r"in\.jsonl, line 1: JSON that cannot be read \(Exceeds the limit"):
+        collect(path, io.normalize_pair)
+    summary = Summary()
+    pairs = collect(path, io.normalize_pair, skip_invalid=True, summary=summary)
+    assert [p.where.rsplit(", ", 1)[1] for p in pairs] == ["line 3"]
+    assert len(summary.invalid) == 2 and "line 2: JSON that cannot be read (maximum recursion" in summary.invalid[1]
+    array = tmp_path / "in.json"
+    array.write_text("[" + deep + "]")
+    with pytest.raises(io.MalformedRecord, match=r"in\.json: a JSON array that cannot be read"):
+        collect(array, io.normalize_pair)
 
 
 def test_lines_that_are_not_utf8_are_malformed_records_and_a_bom_is_skipped(tmp_path):
@@ -316,6 +343,17 @@ def test_a_null_prompt_in_a_table_is_a_missing_value_not_an_empty_prompt(tmp_pat
     implicit = tmp_path / "implicit.parquet"
     pq.write_table(pa.Table.from_pylist(rows), implicit)
     assert [(p.context, p.response_a) for p in collect(implicit, io.normalize_pair)] == [("Q?", "y")] * 2
+    # The same records as JSON lines read alike; so does a single conversation with a null
+    # prompt, whose turns before its answer are its prompt, from either file.
+    write_jsonl(tmp_path / "implicit.jsonl", rows)
+    assert [(p.context, p.response_a) for p in collect(tmp_path / "implicit.jsonl", io.normalize_pair)] == [
+        ("Q?", "y")
+    ] * 2
+    singles = [{"prompt": None, "completion": [user, answer]}, {"completion": [user, answer]}]
+    pq.write_table(pa.Table.from_pylist(singles), tmp_path / "singles.parquet")
+    write_jsonl(tmp_path / "singles.jsonl", singles)
+    for name in ("singles.parquet", "singles.jsonl"):
+        assert [(s.context, s.response) for s in collect(tmp_path / name, io.normalize_single)] == [("Q?", "y")] * 2
     alpaca = tmp_path / "alpaca.parquet"
     pq.write_table(pa.Table.from_pylist([{"instruction": "Name a fruit.", "input": None, "output": "Fig."}]), alpaca)
     assert [s.context for s in collect(alpaca, io.normalize_single)] == ["Name a fruit."]
