@@ -200,6 +200,8 @@ def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
     implicit-prompt rows), it is left out like any other null."""
     for n, row in enumerate(rows, start=1):
         record = _without_nulls(row)
+        if isinstance(record, dict):
+            record = {k: _as_messages(v) for k, v in record.items()}
         if (
             isinstance(row, dict)
             and not any(k in record for k in _CONTEXT_KEYS)
@@ -207,6 +209,20 @@ def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
         ):
             record.update({k: None for k in _CONTEXT_KEYS if k in row})
         yield f"{p}, row {n}", record
+
+
+def _as_messages(value: Any) -> Any:
+    """A column of messages as a list of them: `datasets` gives a `Sequence` of {role,
+    content} (the older way to declare one) as a dict of equal-length lists, each message's
+    fields spread over them; any other value as it is."""
+    if not (isinstance(value, dict) and "role" in value and "content" in value):
+        return value
+    fields = list(value.values())
+    if not all(isinstance(f, list) for f in fields) or len({len(f) for f in fields}) != 1:
+        return value
+    return [
+        {k: v for k, v in zip(value, message, strict=True) if v is not None} for message in zip(*fields, strict=True)
+    ]
 
 
 def _without_nulls(value: Any) -> Any:

@@ -390,6 +390,31 @@ def test_saved_dataset_directory_with_splits(tmp_path):
     assert io.split_for(tmp_path / "dd", None, inputs) is None
 
 
+def test_a_saved_dataset_whose_messages_are_a_sequence_feature_reads_as_its_messages(tmp_path):
+    """`datasets`' older way to declare a column of messages, a `Sequence` of {role,
+    content}, gives each row's messages as a dict of lists: read as the messages they are,
+    as the same records from JSONL or a list-of-structs column."""
+    import datasets
+
+    message = datasets.Sequence({"role": datasets.Value("string"), "content": datasets.Value("string")})
+    features = datasets.Features({"chosen": message, "rejected": message})
+    spread = {
+        "chosen": [{"role": ["user", "assistant"], "content": ["Q?", "y"]}],
+        "rejected": [{"role": ["user", "assistant"], "content": ["Q?", "n"]}],
+    }
+    ds = datasets.Dataset.from_dict(spread, features=features)
+    assert ds[0]["chosen"] == spread["chosen"][0]  # as datasets gives it back
+    user = {"role": "user", "content": "Q?"}
+    rows = [
+        {"chosen": [user, {"role": "assistant", "content": a}], "rejected": [user, {"role": "assistant", "content": b}]}
+        for a, b in [("y", "n")]
+    ]
+    ds.save_to_disk(str(tmp_path / "seq"))
+    write_jsonl(tmp_path / "seq.jsonl", rows)
+    for path in (tmp_path / "seq", tmp_path / "seq.jsonl"):
+        assert [(p.context, p.response_a, p.response_b) for p in collect(path, io.normalize_pair)] == [("Q?", "y", "n")]
+
+
 def test_saved_dataset_directory_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # what `import datasets` sees when it is absent
     with pytest.raises(InvalidInput, match="needs `datasets`"):
