@@ -15,6 +15,7 @@ import pytest
 from labeler_client.testing import FakeLabeler, fake_reward
 from labeler_client.trl import (
     PairwiseJudge,
+    async_reward_function,
     find_groups,
     group_reward_function,
     reference_reward_function,
@@ -124,6 +125,35 @@ def test_overlong_lowest_beside_on_error_none():
     long_message = [{"role": "assistant", "content": "z" * 200}]
     got = reward(prompts=["a", "b"], completions=[[{"role": "assistant", "content": "ok"}], long_message])
     assert got[1] == -1.0 and got[0] is not None
+
+
+def test_overlong_lowest_beside_on_error_none_after_a_failure_that_names_no_row():
+    """A failure that names no row (no answer once the retries are spent) leaves the call to
+    on_error="none", which gives an over-long completion None like a failed one: the rows that
+    come back None are sent once more with errors raised, so the over-long one still gets
+    -1.0, in the sync, async and reference reward functions alike. A failure that lasts (no
+    answer meanwhile) leaves every row None without that third round."""
+    fake = FakeLabeler(max_chars=12)
+    long = "x" * 20
+    prompts, completions = ["p"] * 3, ["a", "b", long]
+    want = [fake_reward("p", "a"), fake_reward("p", "b"), -1.0]
+    once = {"retry": 0}
+    fn = reward_function(URL, "tiny", on_error="none", overlong="lowest", transport=fake.transport(), **once)
+    fake.fail_next(503)
+    assert fn(prompts=prompts, completions=completions) == want
+    afn = async_reward_function(
+        URL, "tiny", on_error="none", overlong="lowest", transport=fake.async_transport(), **once
+    )
+    fake.fail_next(503)
+    assert asyncio.run(afn(prompts=prompts, completions=completions)) == want
+    ref = reference_reward_function(URL, "tiny", on_error="none", overlong="lowest", transport=fake.transport(), **once)
+    fake.fail_next(503)
+    got = ref(prompts=prompts, completions=completions, reference=["r"] * 3)
+    assert got[2] == -1.0 and None not in got
+    fake.requests.clear()
+    fake.fail_next(503, times=100)  # down for good
+    assert fn(prompts=prompts, completions=completions) == [None] * 3
+    assert len(fake.requests) == 2  # with errors raised, then as on_error="none"; no answer: nothing rechecked
 
 
 def test_a_single_string_for_the_prompts_is_refused_not_read_per_character():

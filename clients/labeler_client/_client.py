@@ -77,6 +77,8 @@ class _BaseClient:
         self.batch_size = batch_size
         self.max_concurrency = max_concurrency
         self._headers = dict(headers or {})
+        # Answers received but an outage's (`_answered`): whether the server answered since a call met one.
+        self._answers = 0
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.base_url!r})"
@@ -128,6 +130,18 @@ class _BaseClient:
                 message = f"invalid JSON in a {response.status_code} answer"
                 raise exc.ResponseError(message, request=response.request) from e
         raise exc.from_response(response, parse_retry_after(response.headers.get("retry-after")))
+
+    def _answered(self, response: httpx.Response, request: httpx.Request) -> Answer:
+        """`response` as an Answer (or its error), counted in `_answers` unless it is an
+        outage's (a 503 about no item, say)."""
+        try:
+            data = self._answer(response)
+        except exc.LabelerClientError as error:
+            if not self._outage(error):
+                self._answers += 1
+            raise
+        self._answers += 1
+        return Answer(data, request)
 
     @staticmethod
     def _wrap(error: httpx.HTTPError, request: httpx.Request) -> exc.LabelerClientError:
@@ -358,7 +372,7 @@ class Client(_BaseClient):
                     response = http.send(request)
                 except httpx.HTTPError as e:
                     raise self._wrap(e, request) from e
-                return Answer(self._answer(response), request)
+                return self._answered(response, request)
             except exc.LabelerClientError as error:
                 delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started, outage)
                 if delay is None:
@@ -681,7 +695,7 @@ class AsyncClient(_BaseClient):
                     response = await http.send(request)
                 except httpx.HTTPError as e:
                     raise self._wrap(e, request) from e
-                return Answer(self._answer(response), request)
+                return self._answered(response, request)
             except exc.LabelerClientError as error:
                 delay = self._retry_delay(error, attempt, retry, isolate, self._clock() - started, outage)
                 if delay is None:

@@ -74,28 +74,42 @@ LOWEST = -1.0
 class _Overlong:
     """The rows of a batch still to send, and the rewards so far, where a completion the
     server refuses as over its length limits gets LOWEST (overlong="lowest") and the rest are
-    sent again (those answered before are cache hits there). Rows are TRL's batch positions."""
+    sent again (those answered before are cache hits there). Rows are TRL's batch positions.
 
-    def __init__(self, rows: Sequence[int], n: int, on_error: OnError, overlong: Overlong) -> None:
+    With on_error="none" too, the rows are sent with errors raised, to tell an over-long
+    completion from a failure. A failure that names no row (the server unreachable after the
+    retries) fails every row of such a call: the rest of the rows are then sent as
+    on_error="none" sends them, and where the server answered anything meanwhile, the rows
+    that came back None (failed, or refused as over long: "none" does not say which) are sent
+    once more with errors raised, where an over-long one still gets LOWEST; a second failure
+    that names no row leaves them None. (A server that answered nothing is still down: its
+    rows stay None, without waiting out a third round of retries.)"""
+
+    def __init__(self, rows: Sequence[int], n: int, on_error: OnError, overlong: Overlong, client: _BaseClient) -> None:
         self.out: list[float | None] = [None] * n
         self.keep = list(rows)
         self.on_error = on_error
         self.lowest = overlong == "lowest"
         # Errors must be seen to tell an over-long completion from a failure.
         self.mode: OnError = "raise" if self.lowest else on_error
+        self._client = client
+        self._recheck: int | None = None  # the client's answer count when the call turned to "none"
+        self._rechecking = False
 
     def again(self, error: LabelerClientError) -> bool:
-        """Whether to send `self.keep` again after `error` (else raise it: it then names the
-        row's place in TRL's batch)."""
+        """Whether to go on with `self.keep` after `error` (else raise it: it then names the
+        row's place in TRL's batch); nothing is left to send once `self.keep` is empty."""
         item = getattr(error, "item", None)
         if self.lowest and isinstance(error, InvalidRequest) and error._response_too_long:
             self.out[self.keep.pop(item)] = LOWEST
             return True
         if self.mode != self.on_error:  # on_error="none": failed rows get None, as without overlong
-            if item is None:  # no row named: the rest as on_error="none" gives them
-                self.mode = self.on_error
-            else:  # that row alone, so that the others over the limits are still found
+            if item is not None:  # that row alone, so that the others over the limits are still found
                 self.out[self.keep.pop(item)] = None
+            elif self._rechecking:  # failed again: the rows left stay None
+                self.keep = []
+            else:  # no row named: the rest as on_error="none" gives them, then its Nones rechecked
+                self.mode, self._recheck = self.on_error, self._client._answers
             return True
         if isinstance(error, APIStatusError):
             error._renumber(self.keep.__getitem__)
@@ -108,10 +122,15 @@ class _Overlong:
             return column
         return [column[i] for i in self.keep]
 
-    def fill(self, rewards: Sequence[float | None]) -> list[float | None]:
+    def fill(self, rewards: Sequence[float | None]) -> None:
+        """Take the rewards of the rows sent; what is left to send (`self.keep`) after them."""
         for i, reward in zip(self.keep, rewards, strict=True):
             self.out[i] = reward
-        return self.out
+        if self._recheck is not None and self._client._answers > self._recheck:
+            self.keep = [i for i, reward in zip(self.keep, rewards, strict=True) if reward is None]
+            self.mode, self._recheck, self._rechecking = "raise", None, True
+        else:
+            self.keep = []
 
 
 def _prompts_for(prompts: Sequence[Text] | None, completions: Sequence[Text] | None) -> Sequence[Text]:
@@ -226,8 +245,8 @@ class RewardFunction(_Picklable):
         self, prompts: Sequence[Text] | None = None, completions: Sequence[Text] | None = None, **_columns: Any
     ) -> list[float | None]:
         prompts = _prompts_for(prompts, completions)
-        rows = _Overlong(range(len(completions)), len(completions), self.on_error, self.overlong)  # type: ignore[arg-type]
-        while True:
+        rows = _Overlong(range(len(completions)), len(completions), self.on_error, self.overlong, self.client)  # type: ignore[arg-type]
+        while rows.keep:
             try:
                 rewards = self.client.rewards(
                     rows.take(prompts),
@@ -239,7 +258,8 @@ class RewardFunction(_Picklable):
                 if rows.again(error):
                     continue
                 raise
-            return rows.fill(rewards)
+            rows.fill(rewards)
+        return rows.out
 
     def __repr__(self) -> str:
         url = self._client_opts.get("base_url")
@@ -295,7 +315,11 @@ class ReferenceRewardFunction(RewardFunction):
         # TRL reads it as "no reward for this sample" (NaN, masked), where a reference of None
         # would fail the whole step. The verl adapter reads a None reference as absent too.
         rows = _Overlong(
-            [i for i, r in enumerate(references) if r is not None], len(references), self.on_error, self.overlong
+            [i for i, r in enumerate(references) if r is not None],
+            len(references),
+            self.on_error,
+            self.overlong,
+            self.client,
         )
         while rows.keep:
             try:
@@ -311,7 +335,7 @@ class ReferenceRewardFunction(RewardFunction):
                 if rows.again(error):
                     continue
                 raise
-            return rows.fill(rewards)
+            rows.fill(rewards)
         return rows.out
 
 
@@ -542,8 +566,8 @@ class AsyncRewardFunction(_Picklable):
     ) -> list[float | None]:
         client = self._client_for_loop()
         prompts = _prompts_for(prompts, completions)
-        rows = _Overlong(range(len(completions)), len(completions), self.on_error, self.overlong)  # type: ignore[arg-type]
-        while True:
+        rows = _Overlong(range(len(completions)), len(completions), self.on_error, self.overlong, client)  # type: ignore[arg-type]
+        while rows.keep:
             try:
                 rewards = await client.rewards(
                     rows.take(prompts),
@@ -555,7 +579,8 @@ class AsyncRewardFunction(_Picklable):
                 if rows.again(error):
                     continue
                 raise
-            return rows.fill(rewards)
+            rows.fill(rewards)
+        return rows.out
 
     def __repr__(self) -> str:
         return f"AsyncRewardFunction({self._client_opts.get('base_url')!r}, task={self.task!r})"
