@@ -109,6 +109,16 @@ class Settings(BaseSettings):
     def _split_comma(cls, value: Any) -> Any:
         return _split(value)
 
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_a_header_carries(cls, keys: list[str]) -> list[str]:
+        # Else a client could never send it: HTTP clients write headers in ASCII (Basic
+        # credentials in Latin-1), so the server would refuse the key it was given.
+        for k in keys:
+            if not (k.isascii() and k.isprintable()):
+                raise ValueError("an API key must be printable ASCII: HTTP clients put no other characters in headers")
+        return keys
+
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
         # Else a full request is refused with 429 however idle the server, and retried forever.

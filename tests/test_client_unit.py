@@ -366,7 +366,8 @@ def test_url_and_key_from_arguments_or_environment(monkeypatch):
 def test_a_url_or_key_that_cannot_work_is_refused_when_the_client_is_made(monkeypatch):
     """Not retried as a connection error at every call: a blank $LABELER_URL is no URL (the
     default applies), a URL without a host or with a torn scheme is refused, and so is a key
-    with a line break inside (two keys in one secret's file), which no header may hold."""
+    with a line break inside (two keys in one secret's file) or a character other than ASCII,
+    which no header may hold."""
     monkeypatch.delenv(lc.ENV_API_KEY, raising=False)
     monkeypatch.setenv(lc.ENV_URL, "   ")
     assert lc.Client().base_url == "http://127.0.0.1:8000"
@@ -375,6 +376,10 @@ def test_a_url_or_key_that_cannot_work_is_refused_when_the_client_is_made(monkey
             lc.Client(url)
     with pytest.raises(ValueError, match="API key holds a line break"):
         lc.AsyncClient(URL, api_key="sk-abc\nsk-def")
+    # Nor one of characters other than ASCII, which httpx cannot write into a header: refused as
+    # a reward function is built, not at its first call in a training step.
+    with pytest.raises(ValueError, match="other than ASCII"):
+        reward_function(URL, task="tiny", api_key="clé")
     for bad in (math.inf, math.nan):
         with pytest.raises(ValueError, match="positive and finite"):
             lc.Timeout(read=bad)
@@ -1760,3 +1765,24 @@ def test_health_takes_a_number_of_retries_for_the_call():
         client_for(fake).health(retry=0)
     assert len(fake.requests) == 1
     assert client_for(fake).health(retry=2).status == "ready" and len(fake.requests) == 4
+
+
+def test_an_api_key_in_the_url_is_masked_in_reprs_and_error_messages():
+    """The URL's credentials carry the key where a framework sends no headers (OpenRLHF's
+    docs put it there, and LABELER_URL may hold it): a client's repr, a reward function's,
+    and the message of an error without an answer (refused connection, closed client) mask
+    it, so that a traceback in a training log does not carry it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    url = f"http://trainer:s3cret@127.0.0.1:{port}"
+    client = lc.Client(url, retry=0)
+    shown = [repr(client), repr(reward_function(url, task="tiny")), repr(async_reward_function(url, task="tiny"))]
+    with pytest.raises(lc.RequestError) as refused:
+        client.scores([{"context": "q", "response": "a"}], "tiny")
+    client.close()
+    with pytest.raises(lc.RequestError) as closed:
+        client.scores([{"context": "q", "response": "a"}], "tiny")
+    shown += [str(refused.value), str(closed.value)]
+    assert all("s3cret" not in s and f"trainer:***@127.0.0.1:{port}" in s for s in shown), shown
+    assert repr(lc.Client(f"http://127.0.0.1:{port}")) == f"Client('http://127.0.0.1:{port}')"

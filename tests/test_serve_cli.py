@@ -130,6 +130,19 @@ def test_a_server_without_keys_says_who_can_reach_it():
     assert auth_warnings(Settings(host="0.0.0.0", api_keys=["k"]), {"LABELER_API_KEY": "sk-1"}) == []
 
 
+def test_a_key_no_client_could_send_is_refused_at_start():
+    """A key of characters other than printable ASCII: HTTP clients write no others into a
+    header, so no request could ever be let in with it."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for bad in ("clé", "sk\x7f1"):
+        with pytest.raises(ValidationError, match="an API key must be printable ASCII"):
+            Settings(api_keys=bad)
+    assert Settings(api_keys="sk-1,sk-2").api_keys == ["sk-1", "sk-2"]
+
+
 def test_a_misspelled_setting_variable_is_named_with_the_setting_it_nearly_spells():
     from service.settings import misspelled_variables
 

@@ -16,7 +16,16 @@ import httpx
 
 from . import _batching as batching
 from . import _exceptions as exc
-from ._config import CALL_WIDE_STATUSES, RETRY_STATUSES, Retry, Timeout, parse_retry_after, resolve_key, resolve_url
+from ._config import (
+    CALL_WIDE_STATUSES,
+    RETRY_STATUSES,
+    Retry,
+    Timeout,
+    parse_retry_after,
+    resolve_key,
+    resolve_url,
+    shown_url,
+)
 from ._models import GroupRewards, Health, Judgment, Preference, ReferenceReward, Score, TaskInfo
 from ._text import Text, group_items, json_body, reference_items, score_items
 
@@ -81,7 +90,7 @@ class _BaseClient:
         self._answers = 0
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.base_url!r})"
+        return f"{type(self).__name__}({shown_url(self.base_url)!r})"
 
     @staticmethod
     def _as_retry(retry: Retry | int) -> Retry:
@@ -147,9 +156,11 @@ class _BaseClient:
     def _wrap(error: httpx.HTTPError, request: httpx.Request) -> exc.LabelerClientError:
         if isinstance(error, httpx.TimeoutException):
             return exc.TimeoutException(
-                f"{request.method} {request.url}: timed out ({type(error).__name__})", request=request
+                f"{request.method} {shown_url(str(request.url))}: timed out ({type(error).__name__})", request=request
             )
-        wrapped = exc.RequestError(f"{request.method} {request.url}: {type(error).__name__}: {error}", request=request)
+        wrapped = exc.RequestError(
+            f"{request.method} {shown_url(str(request.url))}: {type(error).__name__}: {error}", request=request
+        )
         # Every try and every batch would fail alike: a URL scheme httpx cannot send, TLS the
         # server does not speak or a certificate this machine does not trust (an https URL to
         # a plain-HTTP port, a self-signed certificate).
@@ -165,7 +176,9 @@ class _BaseClient:
     def _closed_error(request: httpx.Request) -> exc.RequestError:
         """The error of a request made on a closed client (httpx's own is a RuntimeError,
         which no handler of this client's errors would catch)."""
-        error = exc.RequestError(f"{request.method} {request.url}: the client is closed", request=request)
+        error = exc.RequestError(
+            f"{request.method} {shown_url(str(request.url))}: the client is closed", request=request
+        )
         error.misconfigured = True  # every try and every batch would fail alike
         return error
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Literal, get_args
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 ENV_URL = "LABELER_URL"
 ENV_API_KEY = "LABELER_API_KEY"
@@ -116,13 +116,26 @@ def resolve_url(base_url: str | None) -> str:
     return url.rstrip("/")
 
 
+def shown_url(url: str | None) -> str | None:
+    """`url` as messages and reprs show it: a password in it (an API key given in the URL's
+    credentials) masked, so that a traceback or a log of the client does not carry the key."""
+    parts = urlsplit(url) if url else None
+    if parts is None or parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def resolve_key(api_key: str | None) -> str | None:
     """The API key: `api_key`, else $LABELER_API_KEY, stripped (a key read from a file or a
     secret keeps its newline); None where neither gives one. ValueError for a key that no
-    header may hold (a line break or another control character inside it)."""
+    header may hold (a line break or another control character inside it, or a character
+    other than ASCII)."""
     key = (api_key or os.environ.get(ENV_API_KEY) or "").strip() or None
     if key is not None and re.search(r"[\x00-\x1f\x7f]", key):
         raise ValueError("the API key holds a line break or another control character (two keys in one file?)")
+    if key is not None and not key.isascii():
+        raise ValueError("the API key holds characters other than ASCII, which no HTTP header carries")
     return key
 
 

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Any, get_args
 
 from ._client import AsyncClient, Client, OnError, Order, _BaseClient
-from ._config import TRAINING_RETRY, Overlong, check_overlong, resolve_key, resolve_url
+from ._config import TRAINING_RETRY, Overlong, check_overlong, resolve_key, resolve_url, shown_url
 from ._exceptions import APIStatusError, InvalidRequest, LabelerClientError
 from ._shared import client_for_loop
 from ._text import Text, pair_items
@@ -262,7 +262,7 @@ class RewardFunction(_Picklable):
         return rows.out
 
     def __repr__(self) -> str:
-        url = self._client_opts.get("base_url")
+        url = shown_url(self._client_opts.get("base_url"))
         return f"{type(self).__name__}({url!r}, task={self.task!r}, name={self.__name__!r})"
 
 
@@ -583,7 +583,7 @@ class AsyncRewardFunction(_Picklable):
         return rows.out
 
     def __repr__(self) -> str:
-        return f"AsyncRewardFunction({self._client_opts.get('base_url')!r}, task={self.task!r})"
+        return f"AsyncRewardFunction({shown_url(self._client_opts.get('base_url'))!r}, task={self.task!r})"
 
 
 def reward_function(
