@@ -1635,6 +1635,33 @@ def test_an_async_client_keeps_no_connection_of_a_loop_closed_by_hand():
         assert len(client._closers) == 1  # the last loop's, open as that loop is
 
 
+def test_an_async_client_awaited_from_two_live_loops_in_turn_keeps_one_pool_each():
+    """Two loops that both still run, taking turns in one thread (`run_until_complete` on
+    each): each keeps its own connections when it comes back, rather than a new pool at
+    every switch (which would stay open until that loop shut down, without bound)."""
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with serve_fake(FakeLabeler()) as server:
+        client = lc.AsyncClient(server.url)
+        loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+        try:
+            for loop in loops:
+                assert [s.reward for s in loop.run_until_complete(client.scores(items(2), "tiny"))] == expected(
+                    items(2)
+                )
+            base = fds()
+            for i in range(40):
+                loops[i % 2].run_until_complete(client.scores(items(2), "tiny"))
+            assert fds() <= base + 2, fds() - base
+            assert len(client._closers) == 2
+        finally:
+            for loop in loops:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+
 def test_the_fake_tells_when_to_retry_as_the_server_does():
     fake = FakeLabeler()
     for status in (429, 503, 500):

@@ -630,7 +630,8 @@ def _close_at_shutdown(http: httpx.AsyncClient) -> Any:
 class AsyncClient(_BaseClient):
     """The same surface as `Client`, awaitable; use `async with` or `await client.aclose()`.
     It may be awaited from one event loop after another (an `asyncio.run` per training step):
-    a new loop gets new connections, since those of an ended loop cannot be used, and a loop's
+    a new loop gets new connections, since those of an ended loop cannot be used (a loop that
+    still runs keeps its own, also when others took turns), and a loop's
     connections are closed when `asyncio.run` shuts it down (with a `transport` of the
     caller's, whose pool is its own, keep to one loop). One thread at a time, as
     `httpx.AsyncClient`: threads that each run a loop take a client each."""
@@ -649,29 +650,34 @@ class AsyncClient(_BaseClient):
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop self._http's connections belong to
         self._pid = os.getpid()  # and the process
         self._closed = False  # by aclose(): a loop's end closes its connections, not the client
-        # The async generators that close each loop's HTTP client as that loop shuts down, with
-        # their loops; kept until then (collected early, one would close its client while the
-        # loop still runs).
-        self._closers: list[tuple[asyncio.AbstractEventLoop, Any]] = []
+        # Per loop (by id) that used this client and still runs: the loop, its HTTP client, and
+        # the async generator that closes that client as the loop shuts down; kept until then
+        # (collected early, one would close its client while the loop still runs). A loop that
+        # comes back gets its own connections again rather than a new pool.
+        self._closers: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, Any]] = {}
         self._sleep: Callable[[float], Any] = asyncio.sleep
 
     def _http_here(self) -> httpx.AsyncClient:
-        """The HTTP client for the running loop: a new one when the loop or the process (a
-        fork) changed, unless the client was closed, or the caller gave a transport, whose own
-        pool stays."""
+        """The HTTP client for the running loop: that loop's own when it used this client
+        before and still runs, else a new one when the loop or the process (a fork) changed,
+        unless the client was closed, or the caller gave a transport, whose own pool stays."""
         loop = asyncio.get_running_loop()
         forked = self._pid != os.getpid()
         if self._loop is not loop or forked:
             if self._transport is None and not self._closed:
-                if self._loop is not None:
-                    self._http = httpx.AsyncClient(**self._http_options())
                 # Let go of the closers with nothing left to close: finished, of a loop closed
                 # without shutting them down (run by hand: the garbage collector then closes
                 # their clients' sockets), or, in a forked child, the parent's.
-                self._closers = [
-                    (old, c) for old, c in self._closers if not (forked or old.is_closed() or c.ag_frame is None)
-                ]
-                self._closers.append((loop, _close_at_shutdown(self._http)))
+                self._closers = {
+                    k: v for k, v in self._closers.items() if not (forked or v[0].is_closed() or v[2].ag_frame is None)
+                }
+                known = self._closers.get(id(loop))
+                if known is not None and known[0] is loop:
+                    self._http = known[1]
+                else:
+                    if self._loop is not None:
+                        self._http = httpx.AsyncClient(**self._http_options())
+                    self._closers[id(loop)] = (loop, self._http, _close_at_shutdown(self._http))
             self._loop, self._pid = loop, os.getpid()
         return self._http
 
