@@ -202,6 +202,18 @@ def _report_sink(out: Path, name: str) -> JsonlSink:
     return JsonlSink(out / name)
 
 
+# What `eval` and `harmless` write beside their rows: the figures of one run.
+REPORT_FILES = ("metrics.json", "report.md", "reliability.png", "length_bias.png", "harmless.png")
+
+
+def _clear_report(out: Path) -> None:
+    """Remove the report an earlier run left in `out`, once this run's labeling is over and
+    before its own is written: a run that ends with nothing to report (or stops while writing
+    it) must not leave the earlier run's figures there as its own. Its rows stay, to resume from."""
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def _loop_opts(args: argparse.Namespace) -> dict[str, Any]:
     return {"chunk_size": args.chunk_size, "skip_invalid": args.skip_invalid, "progress": not args.no_progress}
 
@@ -268,6 +280,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # label in the alignment. Its position consistency is its reading's, so the summary's
         # counts each pair once (run_jobs counted the distinct items), as the metrics do.
         rows = [j.make_row(sink.rows[j.key]) for j in jobs if j.key in sink.rows]
+        _clear_report(args.out)
         info = {
             "task": args.task,
             "task_version": params["task_version"],
@@ -470,6 +483,7 @@ def _cmd_harmless(args: argparse.Namespace) -> int:
             "seed": args.seed,
         }
         done = [[j for j in js if j.key in sink.rows] for js in jobs]
+        _clear_report(args.out)
         for name, d in zip("AB", done, strict=False):
             if not d:  # no rate to report: a clear end, as winrate's
                 why = f"no response of policy {name} was judged: every one was skipped"

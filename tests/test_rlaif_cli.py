@@ -590,13 +590,19 @@ def test_winrate_with_a_file_of_no_valid_record_names_it(tmp_path, monkeypatch):
 def test_an_eval_that_labels_nothing_prints_its_summary_and_ends_with_status_1(tmp_path, in_process, capsys):  # noqa: F811
     """Every pair set aside as invalid under --skip-invalid (longer than the labeler's
     context): the summary counts what was set aside, standard error says why there are no
-    figures, and the status is 1."""
+    figures, and the status is 1. The report an earlier run left in the folder is gone, not
+    left there as this run's."""
     src = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "p", "chosen": "word " * 9000, "rejected": "x"}])
     out = tmp_path / "ev"
+    out.mkdir()
+    earlier = ["metrics.json", "report.md", "reliability.png", "length_bias.png"]
+    for name in earlier:
+        (out / name).write_text("an earlier run's")
     assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--skip-invalid") == 1
     captured = capsys.readouterr()
     assert "1 items, 0 labeled" in captured.out and "1 invalid (skipped)" in captured.out
-    assert "no human-labeled pair was labeled" in captured.err and not (out / "metrics.json").exists()
+    assert "no human-labeled pair was labeled" in captured.err
+    assert not any((out / name).exists() for name in earlier), sorted(p.name for p in out.iterdir())
     assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--skip-invalid", "--json") == 1
     got = json.loads(capsys.readouterr().out)
     assert (got["summary"]["labeled"], got["summary"]["invalid"], got["task"]) == (0, 1, "tiny")
