@@ -230,6 +230,11 @@ class JsonlSink:
     refused."""
 
     def __init__(self, path: str | Path) -> None:
+        if str(path) == "-":  # the usual name of standard output, which a later run cannot resume from
+            raise InvalidInput(
+                "the output is a JSONL file that a re-run resumes from, not standard output: give its path",
+                field="output",
+            )
         self.path = Path(path)
         self.rows: dict[str, dict[str, Any]] = {}
         self.repaired = False

@@ -474,6 +474,15 @@ def test_sink_refuses_a_file_of_other_data_without_touching_it(tmp_path):
         assert path.read_bytes() == data
 
 
+def test_sink_refuses_the_name_of_standard_output(tmp_path, monkeypatch):
+    """ "-" means standard output to most tools; the output is a file a re-run resumes from,
+    so it is refused, not written as a file named "-"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInput, match="not standard output") as err:
+        JsonlSink("-")
+    assert err.value.field == "output" and not (tmp_path / "-").exists()
+
+
 def test_sink_refuses_a_directory_or_a_file_it_cannot_open_by_name(tmp_path):
     with pytest.raises(InvalidInput, match="is a directory") as err:
         JsonlSink(tmp_path)
