@@ -7,7 +7,7 @@ version), the kind of question, every parameter that changes a result, and the i
     spec = labeler.spec("pairwise", "summarize", order="both")
     spec.key(PairItem("post", "A", "B"))       # 64 hex digits
 
-The service's cache key is `labeler:v8:<key>`; `labeler label` / `eval` / `winrate` store the
+The service's cache key is `labeler:v<KEY_VERSION>:<key>`; `labeler label` / `eval` / `winrate` store the
 same key in each output row to resume. Parameters that cannot change a result are
 normalized away, so they do not split the cache: the seed and the sampling temperature count
 only when rationales are sampled (`samples > 1`), the rationale length only with
@@ -45,8 +45,9 @@ MAX_GROUP_SIZE = 32
 # last sample's seed still fits the signed 64-bit generator of torch and vLLM (a larger one
 # would overflow inside the engine process and kill it).
 MAX_SEED = 2**63 // MAX_SAMPLES - 1
-# Bumped whenever the same spec and item would be computed differently (rationales included).
-KEY_VERSION = 9
+# Bumped whenever the same spec and item would be computed differently (rationales included):
+# tests/test_prompts.py holds the prompts and rationale cuts of fixed inputs to this version.
+KEY_VERSION = 10
 
 # One encoder, built once: json.dumps with options builds a new one per call.
 _canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
