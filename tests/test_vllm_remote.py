@@ -16,6 +16,7 @@ import pytest
 
 from labeler import Labeler, PairItem, TaskRegistry
 from labeler.engines.base import GenerateRequest, LabelQuery, ScoreRequest
+from labeler.engines.transformers_engine import default_model_id
 from labeler.engines.vllm_remote import VLLMRemoteEngine
 from labeler.errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput, ModelOutputError
 from tests.fixtures.wait import async_wait_for
@@ -290,6 +291,31 @@ async def test_a_log_prob_at_the_servers_floor_is_a_zero_probability(model_dir):
     lab = Labeler(engine(model_dir, Floor(-9999.0, -9999.0)), TaskRegistry.load([TASKS]))
     with pytest.raises(ModelOutputError, match="zero probability on every label"):
         await lab.apreferences([PairItem("2+2?", "4", "5")], "tiny", order="ab")
+
+
+async def test_a_copy_without_weights_needs_a_model_id_naming_the_served_weights(model_dir, tmp_path):
+    """The local copy is read for its tokenizer: a copy of the tokenizer and config alone
+    would make the id of any weights the servers serve (a fine-tune swapped in behind them),
+    whose labels would then share cache entries. It is refused unless `model_id=` names the
+    served weights; a copy with the weights is named by their content."""
+    import shutil
+
+    from labeler.fingerprint import WEIGHT_SUFFIXES
+
+    bare = tmp_path / "tokenizer-only"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES:
+            shutil.copy2(f, bare / f.name)
+    with pytest.raises(InvalidInput, match="holds no weights") as refused:
+        VLLMRemoteEngine([URL], bare)
+    assert refused.value.field == "model_id"
+    named = VLLMRemoteEngine([URL], bare, model_id="policy-rm-2026-12")
+    assert named.model_id == "policy-rm-2026-12"
+    await named.aclose()
+    full = VLLMRemoteEngine([URL], model_dir)
+    assert full.model_id == default_model_id(model_dir)
+    await full.aclose()
 
 
 async def test_options_are_read_as_vllm_reads_them_or_refused_by_name(model_dir):

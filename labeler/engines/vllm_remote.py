@@ -44,6 +44,7 @@ from typing import Any, NamedTuple
 import httpx
 
 from ..errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput, ModelLoadError
+from ..fingerprint import WEIGHT_SUFFIXES, model_files
 from .base import (
     PLAIN_SAMPLING,
     EngineStats,
@@ -170,6 +171,14 @@ class VLLMRemoteEngine:
         self.servers = [_Server(u) for u in urls]
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(getattr(config, "eos_token_id", None)))
         self.served_model = served_model
+        if not model_id and not any(p.suffix in WEIGHT_SUFFIXES for p in model_files(model_dir)):
+            # Its id would name the tokenizer alone: labels of other served weights (a new
+            # fine-tune behind the same servers) would share its cache entries.
+            raise InvalidInput(
+                f"{model_dir} holds no weights, so its id cannot name what the servers serve: give "
+                "model_id=NAME for the served weights (a new name whenever they change), or a copy with the weights",
+                field="model_id",
+            )
         self.model_id = model_id or default_model_id(model_dir)
         # Until a server says its own: the config's (a multimodal config keeps it in its text config).
         self._given_max_len = opts.max_model_len
