@@ -380,7 +380,7 @@ class Labeler:
             # Over the model's context also without its responses' tokens (a comparison of a
             # group shows two): the data's (its context or reference), not the responses',
             # which a reward adapter may answer with its lowest reward.
-            data, responses = _data_and_responses(self._text_tokens([items[i]])[0])
+            data, responses = _data_and_responses(self.text_tokens([items[i]])[0])
             shown = sorted(n for _, n in responses)
             if exc.tokens - sum(shown[-2:] if spec.kind == "group" else shown) <= exc.limit:
                 raise
@@ -426,9 +426,9 @@ class Labeler:
     def item_tokens(self, items: Sequence[Any]) -> list[int]:
         """The tokens of each item's own texts (context, responses, reference), as the
         per-item token limit counts them: one tokenizer call for all."""
-        return [sum(n for _, n in named) for named in self._text_tokens(items)]
+        return [sum(n for _, n in named) for named in self.text_tokens(items)]
 
-    def _text_tokens(self, items: Sequence[Any]) -> list[list[tuple[str, int]]]:
+    def text_tokens(self, items: Sequence[Any]) -> list[list[tuple[str, int]]]:
         """(field name, tokens) of each item's own texts, from one tokenizer call."""
         per_item = [_texts(it) for it in items]
         texts = [clean_text(text, n, allow_empty=True) for named in per_item for n, text in named]
@@ -439,7 +439,7 @@ class Labeler:
         """The per-item token limit, over the item's own texts. An item over it without its
         responses is refused naming its largest other text (`items[3].context`): the data's,
         not the responses', which a reward adapter may answer with its lowest reward."""
-        for i, named in enumerate(self._text_tokens(items)):
+        for i, named in enumerate(self.text_tokens(items)):
             n_tokens = sum(n for _, n in named)
             if n_tokens <= limit:
                 continue

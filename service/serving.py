@@ -232,8 +232,17 @@ class LabelService:
         failed on one) is added to it and taken out of `misses` instead of failing."""
         limit = self.settings.max_item_tokens
         if set_aside is not None:
-            counts = await self.labeler.in_render_thread(self.labeler.item_tokens, [items[i] for i in misses])
-            set_aside.update(i for i, n in zip(misses, counts, strict=True) if n > limit)
+            named = await self.labeler.in_render_thread(self.labeler.text_tokens, [items[i] for i in misses])
+            for i, counts in zip(misses, named, strict=True):
+                tokens = dict(counts)
+                if tokens.get("reference", 0) > limit:  # the data's, as a reference over max_chars is
+                    raise InputTooLong(
+                        f"{where}[{at[i]}].reference: {tokens['reference']} tokens, over the limit of {limit}",
+                        field=f"{where}[{at[i]}].reference",
+                        limit=limit,
+                    )
+                if sum(tokens.values()) > limit:
+                    set_aside.add(i)
         while True:
             misses[:] = [i for i in misses if set_aside is None or i not in set_aside]
             try:

@@ -287,11 +287,17 @@ def test_openrlhf_get_reward_gives_overlong_queries_the_lowest_reward(make_serve
     every = {"query": [body["query"][k] for k in (1, 2)], "prompts": [prompts[k] for k in (1, 2)]}
     got = post(srv, "/get_reward?task=tiny&overlong=lowest", every).json()
     assert got["rewards"] == [-1.0, -1.0] and got["extra_logs"]["overlong"] == [1.0, 1.0]
-    # what is not the policy's output stays an error: too many queries, a reference over the limit
+    # what is not the policy's output stays an error: too many queries, a reference over a limit
     many = {"query": ["q"] * (srv.settings.max_items + 1)}
     assert_error(post(srv, "/get_reward?task=tiny&overlong=lowest", many), 422, "query")
     long_ref = {**refs, "labels": ["4", "A", "A", "y" * 61]}
     assert_error(post(srv, "/get_reward?task=tiny&reward=reference&overlong=lowest", long_ref), 422, "labels[3]")
+    # over the token limit by itself, under the character limit: the data's too, not the policy's
+    many_tokens = {**refs, "labels": ["4", "A", "A", digits]}
+    err = assert_error(
+        post(srv, "/get_reward?task=tiny&reward=reference&overlong=lowest", many_tokens), 422, "labels[3]"
+    )
+    assert err["message"].startswith("labels[3]: ") and "over the limit of 25" in err["message"]
     assert_error(post(srv, "/get_reward?task=tiny&overlong=maybe", body), 422, "overlong")
     # Misspelt, the option would be ignored and the whole request refused for its long query.
     err = assert_error(post(srv, "/get_reward?task=tiny&overlng=lowest", body), 422, "overlng")
@@ -349,8 +355,8 @@ def test_overlong_lowest_counts_tokens_of_the_queries_to_compute_only(make_serve
     prompts = ["2+2?", "Name a fruit.", "Name a fruit."]
     body = {"query": [p + r for p, r in zip(prompts, ["4", digits, "A chair."], strict=True)], "prompts": prompts}
     counted: list[int] = []
-    item_tokens = labeler.item_tokens
-    monkeypatch.setattr(labeler, "item_tokens", lambda items: counted.append(len(items)) or item_tokens(items))
+    text_tokens = labeler.text_tokens
+    monkeypatch.setattr(labeler, "text_tokens", lambda items: counted.append(len(items)) or text_tokens(items))
     misses = metric(srv.url, "labeler_cache_misses_total")
     first = post(srv, "/get_reward?task=tiny&overlong=lowest", body).json()
     assert first["extra_logs"]["overlong"] == [0.0, 1.0, 0.0] and first["rewards"][1] == -1.0
