@@ -117,6 +117,47 @@ async def test_a_refused_key_or_model_is_the_engine_unavailable_at_once(model_di
     assert len(server.reads) == 1  # not retried on every server, not split item by item
 
 
+def two_servers(model_dir, a: Scripted, b: Scripted, **options) -> VLLMRemoteEngine:
+    """An engine over two servers (nothing answers at start), `a` at 127.0.0.1, `b` at 127.0.0.2."""
+    remote = VLLMRemoteEngine(["http://127.0.0.1:9", "http://127.0.0.2:9"], model_dir, **options)
+    by_host = {"127.0.0.1": a, "127.0.0.2": b}
+    remote._http = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: by_host[r.url.host](r)))
+    return remote
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_one_server_that_refuses_the_key_or_model_is_set_aside_not_every_request(model_dir, status):
+    """Of several servers, one started with another served model name or key (a rolling
+    upgrade half done): its refusal is its own, so the request goes on to the others and it
+    waits out a cooldown, rather than failing every batch that reaches it. Every server
+    refusing is the engine unavailable, saying what to check."""
+    good, bad = Scripted(), Scripted(statuses=(status,) * 100)
+    remote = two_servers(model_dir, good, bad, served_model="served", cooldown=60)
+    for _ in range(4):
+        got = await remote.score(read(10))
+        assert got[0][()] == {16: -1.0, 17: -1.0}
+    assert (len(good.reads), len(bad.reads)) == (4, 1)
+    await remote.aclose()
+    remote = two_servers(model_dir, Scripted(statuses=(status,) * 100), Scripted(statuses=(status,) * 100))
+    with pytest.raises(EngineUnavailable, match="API key"):
+        await remote.score(read(10))
+    await remote.aclose()
+
+
+async def test_a_server_that_comes_up_later_is_learnt_from_before_its_first_request(model_dir):
+    """The context limit is the least of the servers': one that was down at start and has a
+    shorter one lowers it as it gets its first request, so later prompts are checked against
+    it before anything is sent, whichever server they would go to."""
+    long, short = Scripted(max_model_len=4096), Scripted(max_model_len=32)
+    remote = two_servers(model_dir, long, short)  # neither answered at start
+    await remote.score(read(10))  # the limit learnt from the first server picked; sent to the next
+    assert remote.max_model_len == 32 and (len(long.reads), len(short.reads)) == (0, 1)
+    with pytest.raises(InputTooLong, match="context of 32"):
+        await remote.score(read(40))
+    assert (len(long.reads), len(short.reads)) == (0, 1)
+    await remote.aclose()
+
+
 async def test_a_context_length_refusal_is_an_input_too_long(model_dir):
     for body in (
         '{"error": {"message": "This model\'s maximum context length is 64 tokens."}}',

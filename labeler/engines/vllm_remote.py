@@ -115,6 +115,7 @@ class _Server:
         self.down_until = 0.0
         self.needs_probe = False
         self.probe: asyncio.Future[bool] | None = None  # the health probe in flight, which concurrent requests share
+        self.known = False  # its /v1/models read: its served model and context length learnt
 
 
 class RemoteOptions(NamedTuple):
@@ -204,14 +205,15 @@ class VLLMRemoteEngine:
         self._discovered = False
         # The context limit before any prompt is built, from every server that is up: the least
         # of theirs, so that a prompt fits whichever of them it goes to (a server that comes up
-        # later is learnt from only when none answered here).
+        # later is learnt from before its first request, and lowers the limit for later ones).
         for server in self.servers:
             try:
                 resp = httpx.get(server.url + "/v1/models", headers=headers, timeout=opts.connect_timeout)
                 if resp.status_code == 200:
                     self._learn(resp.json())
+                    server.known = True
             except (httpx.HTTPError, *_NOT_A_MODEL_LIST):
-                continue  # not up, or not a vLLM answer: learnt before the first request
+                continue  # not up, or not a vLLM answer: learnt before its first request
 
     @staticmethod
     def checked_options(
@@ -318,13 +320,26 @@ class VLLMRemoteEngine:
                 continue
             tries += 1
             try:
-                if not self._discovered:
+                if not server.known:
                     await self._discover(server)
                 async with self._sem:
                     resp = await self._http.post(server.url + path, json={"model": self.served_model, **body})
             except httpx.TransportError as exc:
                 self._mark_down(server, type(exc).__name__)
                 last = f"{server.url}: {exc!r}"
+                continue
+            except EngineUnavailable as exc:  # its look-up refused the key or lists another model
+                if len(self.servers) == 1:
+                    raise
+                self._mark_down(server, str(exc))
+                last = str(exc)
+                continue
+            if resp.status_code in _CONFIG_STATUS and len(self.servers) > 1:
+                # That server's key or served model, which the others need not share: the
+                # request goes on to them, and that server waits out a cooldown.
+                refusal = self._refusal(server, resp)
+                self._mark_down(server, str(refusal))
+                last = str(refusal)
                 continue
             if resp.status_code == 500 and await self._healthy(server):
                 # The server is up and failed this request alone: sent on, it would fail on
@@ -363,6 +378,7 @@ class VLLMRemoteEngine:
             self._learn(resp.json())
         except _NOT_A_MODEL_LIST as exc:
             raise EngineError(f"{server.url}/v1/models answered no model list: {exc!r}") from None
+        server.known = True
 
     def _learn(self, models: dict[str, Any]) -> None:
         """The served model's name (unless given) and its context length, from `/v1/models`."""
