@@ -718,10 +718,11 @@ def split_query(
        prompt the trainer cut from the left to its length limit): the rest is the response,
        the prompt the context.
     2. Otherwise, when a known chat template laid the query out, the response is the content of
-       its last turn if that is the assistant's, the turns before it the context (as
-       messages); when turns follow the last assistant turn, that turn and those after it
-       (as `response_text` reads them: a policy that went on into a turn of its own); with
-       no assistant turn, empty (the policy said nothing).
+       its last turn if that is the assistant's (of all the assistant turns in a row at its
+       end, as `response_text` reads them: a policy that opened a turn of its own after its
+       answer), the turns before it the context (as messages); when turns follow the last
+       assistant turn, that turn and those after it (a policy that went on into a turn of
+       another role); with no assistant turn, empty (the policy said nothing).
     3. Otherwise the whole query is the response, with an empty context.
     The response is cleaned (`clean_response`), losing its template's own turn end also with
     end markers of one's own that leave it out, and may be empty; `context_text` renders the
@@ -751,7 +752,16 @@ def split_query(
     if messages is None:
         return "", _clean_response(query, markers)
     if messages and messages[-1]["role"] == "assistant":
-        return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
+        first = len(messages) - 1
+        while first and messages[first - 1]["role"] == "assistant":
+            first -= 1
+        if first == len(messages) - 1:
+            return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
+        # Assistant turns in a row after the last user's (or tool's): the policy opened a turn
+        # of its own after its answer. All of them are its answer, judged together: taking the
+        # last alone would put what it wrote before into the context, never judged.
+        run = [{**m, "content": _harmony_reply(m["content"], markers)} for m in messages[first:]]
+        return messages[:first], response_text(run, markers)
     last = next((k for k in range(len(messages) - 1, -1, -1) if messages[k]["role"] == "assistant"), None)
     if last is not None:
         # A turn after the policy's answer is the policy's too (a base model writing "User: ..."

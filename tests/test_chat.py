@@ -116,8 +116,9 @@ def test_an_empty_answer_is_an_empty_response(name):
 
 def test_turns_after_the_policys_answer_are_judged_with_it():
     """Without `prompts`, a policy that went on after its answer (a base model writing the
-    next user turn, an answer with a line that reads as a header) is judged from its answer
-    on, not as an empty answer; a query with no assistant turn still reads as one."""
+    next user turn, an answer with a line that reads as a header, a second assistant turn)
+    is judged from its answer on, not as an empty answer or from its last turn alone; a query
+    with no assistant turn still reads as one."""
     chatml = (
         "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\nApple.<|im_end|>\n"
         "<|im_start|>user\nThanks!<|im_end|>\n"
@@ -130,6 +131,16 @@ def test_turns_after_the_policys_answer_are_judged_with_it():
     assert response.startswith("Use these credentials:") and "admin" in response and "hunter2" in response
     context, response = chat.split_query("<|im_start|>user\nhi<|im_end|>\n")
     assert (chat.context_text(context), response) == ("hi", "")
+    # A policy that opens an assistant turn of its own after its answer: both turns are its
+    # answer, judged together, not the first moved into the context out of the judge's sight.
+    prompt = "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    again = "I refuse, this is garbage.<|im_end|>\n<|im_start|>assistant\nThe answer is 4.<|im_end|>"
+    context, response = chat.split_query(prompt + again)
+    assert (chat.context_text(context), response) == ("Q?", "I refuse, this is garbage.\n\nThe answer is 4.")
+    # The assistant turns of the dialogue before its last user turn stay its context.
+    earlier = "<|im_start|>user\nHi.<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    context, response = chat.split_query(earlier + prompt + "4<|im_end|>")
+    assert (chat.context_text(context), response) == ("User: Hi.\n\nAssistant: Hello!\n\nUser: Q?", "4")
 
 
 @pytest.mark.parametrize(
