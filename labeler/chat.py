@@ -142,6 +142,15 @@ class _Template:
     preamble: re.Pattern[str] | None = None  # what the template itself writes in front of a system turn
 
 
+# The system prompts ChatML templates write where the dialogue has none (SmolLM2's, Qwen 2.5's,
+# Qwen 2's): the template's words, not the dialogue's. A system message of exactly these
+# words, laid out as text or given as a message, is left out of the transcript alike.
+_DEFAULT_SYSTEM = re.compile(
+    r"\A\s*(?:You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    r"|You are Qwen, created by Alibaba Cloud\. You are a helpful assistant\."
+    r"|You are a helpful assistant\.)\s*\Z"
+)
+
 _TEMPLATES = (
     # ChatML; Phi-4 ends the role with "<|im_sep|>" instead of a newline. A header is a role
     # name and its line's end: the marker's text inside a turn ("use <|im_start|> tokens") is
@@ -151,6 +160,7 @@ _TEMPLATES = (
         # What follows the role name on its line ("name=..." in OpenAI's ChatML) is not read.
         re.compile(r"<\|im_start\|>([A-Za-z][\w.-]*)(?:[ \t][^\n<]*)?(?:<\|im_sep\|>|\r?\n|\Z)"),
         ("<|im_end|>",),
+        _DEFAULT_SYSTEM,
     ),
     _Template(
         ("<|start_header_id|>",),
@@ -579,7 +589,7 @@ def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> 
     for m in messages:
         role = _role(m.get("role"))
         content = _with_tool_calls(_turn_content(role, _message_content(m, role), markers), m)
-        if content:
+        if content and not (role == "System" and _DEFAULT_SYSTEM.match(content)):  # as a template's text reads
             kept.append((role, content))
     # A role of another name ("Observation: ...") reads as part of the turn before it.
     quiet = all(role in _CANONICAL_ROLES and _quiet(content) for role, content in kept)

@@ -810,3 +810,30 @@ def test_a_prompt_is_found_in_a_query_that_a_tokenizer_decoded_with_other_spacin
     )
     # Other text than the prompt's is no match: the query is read on its own.
     assert chat.split_query("Solve: b != 0. Answer: 1", "Solve: a != 0. Answer:") == ("", "Solve: b != 0. Answer: 1")
+
+
+@pytest.mark.parametrize(
+    "system",
+    [
+        None,
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face",  # SmolLM2's default
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",  # Qwen 2.5's
+        "Be brief.",  # one of the dialogue's own
+    ],
+)
+def test_a_template_s_default_system_prompt_reads_as_no_system_prompt(model_dir, system):
+    """The embedded model's ChatML template writes a system turn of its own where the dialogue
+    has none (as Qwen's do): laid out as text, the same dialogue as its messages reads the
+    same, so TRL's messages and OpenRLHF's decoded text get one transcript and one cache key.
+    A template's default given as a message is left out alike; a system prompt of the
+    dialogue's own is kept in both forms."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>system" in text  # the template wrote one either way
+    want = "System: Be brief.\n\nUser: What is 2+2?" if system == "Be brief." else "What is 2+2?"
+    assert chat.context_text(text) == chat.context_text(messages) == want
