@@ -398,8 +398,9 @@ def test_the_one_sequence_check_knows_full_attention_and_stretched_contexts(mode
 def test_the_context_the_cache_is_sized_for_is_vllms(model_dir, tmp_path):
     """The context a default cache must hold one sequence of is the max_model_len vLLM's own
     ModelConfig derives for the model: the smallest length its config gives under any of
-    vLLM's keys, 2,048 when it gives none, stretched by a linear RoPE scaling; a smaller
-    `model_max_length` of the tokenizer counts for vLLM's pooling models only."""
+    vLLM's keys, 2,048 when it gives none, stretched by a linear RoPE scaling, a LongRoPE
+    model's original length; a smaller `model_max_length` of the tokenizer counts for vLLM's
+    pooling models only."""
     from vllm.config import ModelConfig
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -411,6 +412,20 @@ def test_the_context_the_cache_is_sized_for_is_vllms(model_dir, tmp_path):
         ({"seq_length": 3000}, {}),
         ({}, {"model_max_length": 2500}),
         ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e5}}, {"model_max_length": 3000}),
+        # LongRoPE (Phi-3.5's long context): vLLM's default is the original length, not the stretched one.
+        (
+            {
+                "max_position_embeddings": 32768,
+                "original_max_position_embeddings": 2048,
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "short_factor": [1.0] * (config["hidden_size"] // config["num_attention_heads"] // 2),
+                    "long_factor": [4.0] * (config["hidden_size"] // config["num_attention_heads"] // 2),
+                    "rope_theta": 1e5,
+                },
+            },
+            {},
+        ),
     ]
     for k, (changes, tokenizer) in enumerate([*cases, (None, {})]):
         folder = tmp_path / f"m{k}"

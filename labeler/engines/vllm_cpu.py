@@ -386,7 +386,9 @@ def context_length(config: dict[str, Any]) -> int:
     """The longest sequence of a model of `config` as vLLM derives it (its default
     max_model_len): the smallest length its config gives (2,048 when it gives none; for a
     generative model vLLM leaves the tokenizer's `model_max_length` aside), times the factor
-    of a RoPE scaling that stretches it (linear, dynamic), as vLLM multiplies it."""
+    of a RoPE scaling that stretches it (linear, dynamic), as vLLM multiplies it. A LongRoPE
+    model (Phi-3 and Phi-3.5 long-context, Phi-4-mini) gets its original length, not its
+    stretched one: vLLM's default for it."""
     given = [v for k in _LENGTH_KEYS if isinstance(v := config.get(k), (int, float)) and not isinstance(v, bool)]
     length = config.get("model_max_length") or min(given, default=math.inf)
     length = int(2048 if length == math.inf else length)
@@ -395,6 +397,12 @@ def context_length(config: dict[str, Any]) -> int:
         return length
     # One set of parameters, or one per layer type ({"full_attention": {...}, ...}).
     sets = [rope] if not all(isinstance(v, dict) for v in rope.values()) else list(rope.values())
+    if any((params.get("rope_type") or params.get("type")) == "longrope" for params in sets):
+        original = config.get("original_max_position_embeddings") or next(
+            (n for params in sets if (n := params.get("original_max_position_embeddings"))), None
+        )
+        if isinstance(original, int) and original > 0:
+            return original
     factor = 1.0
     for params in sets:
         if (params.get("rope_type") or params.get("type")) not in _PRESCALED_ROPE and params.get("factor"):
