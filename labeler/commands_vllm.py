@@ -6,7 +6,8 @@ this process (same PID, so signals reach vLLM directly). ARGS are vLLM's own ser
 and win over the defaults. On a CPU it adds what the in-process engine gets by default
 (`labeler.engines.vllm_cpu`): `--dtype float32`, `--enforce-eager`, a
 `--kv-cache-memory-bytes` that fits, and `VLLM_CPU_OMP_THREADS_BIND` set to this
-process's CPUs. On a GPU it adds nothing.
+process's CPUs, each where neither ARGS nor a `--config` file among them sets it. On a GPU
+it adds nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +51,35 @@ def given_args(argv: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def config_args(path: str) -> dict[str, Any]:
+    """The engine arguments a vLLM `--config` YAML file sets, named as `given_args` names
+    them (its flags' values as text, a `false` flag as False). InvalidInput naming `config`
+    for a file vLLM could not read either."""
+    import json
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidInput(f"cannot read the vLLM config file {path}: {exc}", field="config") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInput(f"the vLLM config file {path} is not a mapping of flags to values", field="config")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _ALIASES.get(str(key), str(key)).replace("-", "_")
+        if isinstance(value, bool):
+            out[name] = value
+        elif isinstance(value, (dict, list)):
+            out[name] = json.dumps(value)
+        else:
+            out[name] = str(value)
+    return out
+
+
 def _number(text: str) -> bool:
     """A flag's value that starts with "-" (`--seed -1`), not the next flag."""
     try:
@@ -69,7 +99,10 @@ def server_command(model: str, argv: Sequence[str]) -> tuple[list[str], dict[str
     cmd = [sys.executable, "-m", SERVER_MODULE, "--model", str(model_dir)]
     env: dict[str, str] = {}
     if on_cpu():
-        given = {k: parse_size(v) for k, v in given_args(argv).items()}
+        given = given_args(argv)
+        if isinstance(given.get("config"), str):  # vLLM reads its flags under the command line's
+            given = {**config_args(given["config"]), **given}
+        given = {k: parse_size(v) for k, v in given.items()}
         defaults = cpu_defaults(model_dir, given)
         for key, value in defaults.args.items():
             flag = "--" + key.replace("_", "-")

@@ -34,7 +34,7 @@ from labeler.engines.vllm_cpu import (
 )
 from labeler.engines.vllm_engine import VLLMEngine, vllm_model_id
 from labeler.engines.vllm_remote import VLLMRemoteEngine
-from labeler.errors import ModelLoadError
+from labeler.errors import InvalidInput, ModelLoadError
 from tests.fixtures.wait import async_wait_for
 
 pytestmark = [pytest.mark.model, pytest.mark.vllm]
@@ -641,6 +641,30 @@ def test_vllm_server_command_adds_the_cpu_defaults_the_user_did_not_give(model_d
     assert env == {THREADS_BIND_ENV: threads_bind()}
     cmd, _ = server_command("embedded", ["--kv-cache-memory-bytes", "512M", "--no-enforce-eager"])
     assert cmd.count("--kv-cache-memory-bytes") == 1 and "--enforce-eager" not in cmd
+
+
+def test_vllm_server_command_reads_the_flags_of_a_config_file_as_given(model_dir, tmp_path):
+    """vLLM reads a `--config` YAML file's flags under the command line's: the defaults a
+    CPU gets must not be added over what the file sets (they would win over it), and what
+    the file sets counts for the rest (the cache sized for its max_model_len)."""
+    config = tmp_path / "server.yaml"
+    config.write_text("dtype: bfloat16\nkv-cache-memory-bytes: 1G\nenforce-eager: false\nmax_model_len: 1024\n")
+    cmd, _ = server_command("embedded", ["--config", str(config), "--port", "8001"])
+    for flag in ("--dtype", "--kv-cache-memory-bytes", "--enforce-eager", "--max-model-len"):
+        assert flag not in cmd, (flag, cmd)
+    assert cmd[-4:] == ["--config", str(config), "--port", "8001"]
+    # The command line still wins over the file, as in vLLM.
+    cmd, _ = server_command("embedded", ["--config", str(config), "--dtype", "float32"])
+    assert cmd.count("--dtype") == 1 and cmd[-2:] == ["--dtype", "float32"]
+    small = tmp_path / "small.yaml"
+    small.write_text("kv-cache-memory-bytes: 1M\n")
+    with pytest.raises(ModelLoadError, match="less than one sequence"):
+        server_command("embedded", ["--config", str(small)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("- just\n- a list\n")
+    with pytest.raises(InvalidInput, match="not a mapping") as refused:
+        server_command("embedded", ["--config", str(broken)])
+    assert refused.value.field == "config"
 
 
 def _environ(proc: psutil.Process) -> dict[str, str]:
