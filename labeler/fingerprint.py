@@ -63,11 +63,25 @@ _lock = threading.Lock()
 
 def model_files(model_dir: Path) -> list[Path]:
     """The files of `model_dir` that decide its answers, in a stable order (what a trainer
-    writes beside them aside: an optimizer's state is twice the weights, read for nothing)."""
-    keep = WEIGHT_SUFFIXES | CONFIG_SUFFIXES
-    return sorted(
-        p for p in model_dir.iterdir() if p.is_file() and p.suffix in keep and not p.name.startswith(TRAINING_STATE)
-    )
+    writes beside them aside: an optimizer's state is twice the weights, read for nothing),
+    with the named chat templates that transformers keeps in `additional_chat_templates/`
+    (one of them is the template where no `chat_template.jinja` stands beside them)."""
+    found = [p for p in model_dir.iterdir() if p.is_file() and (is_weight(p) or is_config(p))]
+    templates = model_dir / "additional_chat_templates"
+    if templates.is_dir():
+        found += [p for p in templates.iterdir() if p.is_file() and p.suffix == ".jinja"]
+    return sorted(p for p in found if not p.name.startswith(TRAINING_STATE))
+
+
+def is_weight(path: Path) -> bool:
+    """Whether `path` is a file of a model's weights."""
+    return path.suffix in WEIGHT_SUFFIXES
+
+
+def is_config(path: Path) -> bool:
+    """Whether `path` is a file of a model's config, tokenizer, chat template or code (Mistral's
+    versioned tokenizer, `tokenizer.model.v3`, too)."""
+    return path.suffix in CONFIG_SUFFIXES or path.name.startswith("tokenizer.model.")
 
 
 def _stamp(path: Path) -> list[int]:
@@ -154,7 +168,7 @@ def tokenizer_fingerprint(directory: str | os.PathLike[str]) -> str:
     files alone (its weights left out: a tokenizer taken from another model's directory)."""
     with _reading(directory):
         root = Path(directory).resolve()
-        return _remembered(f"{root}#tokenizer", [p for p in model_files(root) if p.suffix in CONFIG_SUFFIXES], root)
+        return _remembered(f"{root}#tokenizer", [p for p in model_files(root) if is_config(p)], root)
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -173,7 +187,7 @@ _hashed: dict[str, dict] = {}
 def _remembered(key: str, files: list[Path], root: Path) -> str:
     """`content_digest(files, root)`, from the index (else this process's memory of it) while
     every file's stamp is the one it was hashed with."""
-    stamps = {p.name: _stamp(p) for p in files}
+    stamps = {p.relative_to(root).as_posix(): _stamp(p) for p in files}
     with _lock:
         for known in (_read_index().get(key), _hashed.get(key)):
             if known is not None and known.get("files") == stamps:

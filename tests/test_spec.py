@@ -259,6 +259,30 @@ def test_the_model_s_own_code_is_part_of_its_fingerprint(model_copy: Path):
     assert fp.fingerprint(model_copy) != second
 
 
+def test_named_chat_templates_and_a_versioned_tokenizer_are_part_of_the_fingerprint(model_copy: Path):
+    """transformers reads a model's default chat template from `additional_chat_templates/`
+    where no `chat_template.jinja` stands beside the config, and vLLM's Mistral tokenizer
+    mode reads `tokenizer.model.v3`: an edit to either gives another id."""
+    templates = model_copy / "additional_chat_templates"
+    templates.mkdir()
+    (templates / "default.jinja").write_text("{{ messages[0]['content'] }}")
+    first, tokenizer = fp.fingerprint(model_copy), fp.tokenizer_fingerprint(model_copy)
+    (templates / "default.jinja").write_text("User: {{ messages[0]['content'] }}")
+    second = fp.fingerprint(model_copy)
+    assert second != first and fp.tokenizer_fingerprint(model_copy) != tokenizer
+    (model_copy / "tokenizer.model.v3").write_bytes(b"\x00" * 64)
+    third = fp.fingerprint(model_copy)
+    (model_copy / "tokenizer.model.v3").write_bytes(b"\x01" * 64)
+    assert len({second, third, fp.fingerprint(model_copy)}) == 3
+    assert [p.relative_to(model_copy).as_posix() for p in fp.model_files(model_copy)] == [
+        "additional_chat_templates/default.jinja",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer.model.v3",
+    ]
+
+
 def test_a_trainer_s_metrics_written_beside_the_weights_are_no_part_of_the_model(model_copy: Path):
     """HF Trainer's save_metrics writes all_results.json and <split>_results.json into the
     output directory at every evaluation: the model is the same, its id too, and a start

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import httpx
 
 from ..errors import EngineError, EngineUnavailable, InputTooLong, InvalidInput, ModelLoadError
-from ..fingerprint import WEIGHT_SUFFIXES, model_files
+from ..fingerprint import is_weight, model_files
 from .base import (
     PLAIN_SAMPLING,
     EngineStats,
@@ -172,7 +172,7 @@ class VLLMRemoteEngine:
         self.servers = [_Server(u) for u in urls]
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(getattr(config, "eos_token_id", None)))
         self.served_model = served_model
-        if not model_id and not any(p.suffix in WEIGHT_SUFFIXES for p in model_files(model_dir)):
+        if not model_id and not any(map(is_weight, model_files(model_dir))):
             # Its id would name the tokenizer alone: labels of other served weights (a new
             # fine-tune behind the same servers) would share its cache entries.
             raise InvalidInput(
