@@ -255,8 +255,10 @@ class TransformersEngine:
         model_dir = Path(model_dir)
         if threads is not None:
             torch.set_num_threads(threads)
+        # Before the tokenizer and the weights load, checked after: a file written meanwhile
+        # (a new chat template too) would be named by the id and not read by the engine.
+        before = None if model_id else default_model_id(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
             model = model.to(device)

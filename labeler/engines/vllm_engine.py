@@ -68,9 +68,10 @@ class VLLMEngine:
             raise ModelLoadError(VLLM_MISSING) from exc
         model_dir = Path(model_dir)
         engine_args = {"enable_prefix_caching": True, "seed": 0, **parse_sizes(engine_args)}
+        # Before the tokenizer and the weights load, checked after (as the transformers engine).
+        before = None if model_id else default_model_id(model_dir)
         # Read before vLLM starts: a failure then leaves no engine processes behind.
         self.tokenizer = engine_tokenizer(model_dir, engine_args)
-        before = None if model_id else default_model_id(model_dir)  # before the weights load: checked after
         self.model_id = model_id or vllm_model_id(model_dir, engine_args, before)
         env: dict[str, str] = {}
         if on_cpu():
