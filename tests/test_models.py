@@ -209,3 +209,30 @@ def test_concurrent_conversions_of_one_file_take_turns(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0]
     assert len(set(outs)) == 1 and (Path(outs[0]) / "config.json").is_file()
     assert len(log.read_text().split()) == 1  # one conversion, not one per process
+
+
+def test_a_chat_template_written_while_the_tokenizer_loads_refuses_the_start(model_dir, tmp_path, monkeypatch):
+    """The model id is taken before the tokenizer and the weights load and checked after: a
+    file written meanwhile (here a new chat template, as the tokenizer finishes loading the
+    old one) would make the id name files the engine did not read, so the start is refused."""
+    import labeler.models
+    from labeler.engines.transformers_engine import TransformersEngine
+
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            (copy / f.name).symlink_to(f)
+        else:
+            (copy / f.name).write_bytes(f.read_bytes())
+    loaded = labeler.models.load_tokenizer
+
+    def load_then_edit(directory):
+        tokenizer = loaded(directory)
+        (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+        return tokenizer
+
+    monkeypatch.setattr(labeler.models, "load_tokenizer", load_then_edit)
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match="changed while its weights loaded"):
+        TransformersEngine(copy)
