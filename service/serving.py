@@ -151,6 +151,7 @@ class LabelService:
         prompts = req.prompts or [None] * len(req.query)
         items: list[Any] = []
         too_long: set[int] = set()
+        from_prompt: set[int] = set()  # the queries whose context is the request's prompt
 
         def read_queries() -> None:
             for k, (q, p) in enumerate(zip(req.query, prompts, strict=True)):
@@ -159,6 +160,7 @@ class LabelService:
                 where = f"query[{k}].context"
                 if p is not None and isinstance(context, str) and context:  # the request's prompt
                     where = f"prompts[{k}]"
+                    from_prompt.add(k)
                     # Its messages when a chat template laid it out: held to the limit per message,
                     # and read as the same context given as messages is.
                     context = parse(context, self.end_markers) or context
@@ -184,9 +186,13 @@ class LabelService:
                 values, _ = await self._label(spec, items, True, where="query")
         except InputTooLong as e:
             field, message = e.field or "", str(e)
-            head, _, sub = field.partition(".")
-            if sub == "reference":  # the request's labels[k]
-                field = "labels" + head.removeprefix("query")
+            # Named as the request names it: a query's reference is the labels[k] it gave, its
+            # context the prompts[k] it gave, where it gave one.
+            given = {f"query[{k}].context": f"prompts[{k}]" for k in from_prompt}
+            if references is not None:
+                given |= {f"query[{k}].reference": f"labels[{k}]" for k in range(len(req.query))}
+            if field in given:
+                field = given[field]
                 message = field + message.removeprefix(e.field)
             if not lowest and field.startswith(("query[", "prompts[")):
                 message += " (with ?overlong=lowest such a query gets the lowest reward instead)"

@@ -260,6 +260,11 @@ def test_openrlhf_get_reward_gives_overlong_queries_the_lowest_reward(make_serve
     by_tokens = {"query": [body["query"][k] for k in (0, 2)], "prompts": [prompts[k] for k in (0, 2)]}
     err = assert_error(post(srv, "/get_reward?task=tiny", by_tokens), 422, "query[1]")
     assert "over the limit of 25" in err["message"] and "?overlong=lowest" in err["message"]
+    # A prompt over the token limit by itself is named as the request names it, as one over
+    # the character limit is: prompts[k].
+    by_prompt = {"query": ["2+2?4", digits + "4"], "prompts": ["2+2?", digits]}
+    err = assert_error(post(srv, "/get_reward?task=tiny", by_prompt), 422, "prompts[1]")
+    assert err["message"].startswith("prompts[1]: ")
     # A reference over the token limit by itself is named as the request names it.
     by_ref = {"query": ["2+2?4"], "prompts": ["2+2?"], "labels": [digits]}
     err = assert_error(post(srv, "/get_reward?task=tiny&reward=reference", by_ref), 422, "labels[0]")
