@@ -588,7 +588,7 @@ def _render(messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...]) -> 
     kept = []
     for m in messages:
         role = _role(m.get("role"))
-        content = _with_tool_calls(_turn_content(role, _message_content(m, role), markers), m)
+        content = _with_tool_calls(_turn_content(role, _message_content(m, role), markers), m, markers)
         if content and not (role == "System" and _DEFAULT_SYSTEM.match(content)):  # as a template's text reads
             kept.append((role, content))
     # A role of another name ("Observation: ...") reads as part of the turn before it.
@@ -680,19 +680,29 @@ def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[s
         role = _role(m.get("role") or "assistant")
         text = _message_content(m, role)
         if role == "Assistant":
-            blocks.append(_with_tool_calls(_clean_response(text, markers), m))
+            blocks.append(_with_tool_calls(_clean_response(text, markers), m, markers))
         else:
-            content = _with_tool_calls(_turn_content(role, text, markers), m)
+            content = _with_tool_calls(_turn_content(role, text, markers), m, markers)
             blocks.append(f"{role}: {content}" if content else "")
-    return "\n\n".join(b for b in blocks if b)
+    text = "\n\n".join(b for b in blocks if b)
+    # Read as a response given as text until it reads as itself (a block may end in what a
+    # text's cleaning takes off): the text sent again, as `labeler label --url` sends a
+    # file's completions, is then judged as the messages were, under the same key.
+    for _ in range(_MAX_READS):
+        again = _clean_response(text, markers)
+        if again == text:
+            break
+        text = again
+    return text
 
 
-def _with_tool_calls(content: str, message: Mapping[str, Any]) -> str:
+def _with_tool_calls(content: str, message: Mapping[str, Any], markers: tuple[str, ...] = ()) -> str:
     """`content` followed by `message`'s tool calls, a `[call functions.NAME] ARGUMENTS`
     block each (the form harmony's transcripts give a call: `_harmony`); a call as OpenAI's
     API writes it (`{"function": {"name", "arguments"}}`) or flat (`{"name", "arguments"}`,
     as chat templates such as Qwen's and Hermes' also take it); arguments given as an object
-    are written as JSON; a call that names no function is not shown."""
+    are written as JSON, cleaned as a content is (`markers` at their end dropped); a call that
+    names no function is not shown."""
     calls = message.get("tool_calls")
     if not calls or not isinstance(calls, Sequence) or isinstance(calls, str):  # none, or none to read
         return content
@@ -704,7 +714,7 @@ def _with_tool_calls(content: str, message: Mapping[str, Any]) -> str:
         arguments = function.get("arguments")
         if not isinstance(arguments, str):
             arguments = "" if arguments is None else json.dumps(arguments, ensure_ascii=False)
-        blocks.append(f"[call functions.{function['name']}] {arguments.strip()}".rstrip())
+        blocks.append(f"[call functions.{function['name']}] {_clean(arguments, markers)}".rstrip())
     return "\n\n".join(blocks)
 
 

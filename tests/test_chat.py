@@ -837,3 +837,22 @@ def test_a_template_s_default_system_prompt_reads_as_no_system_prompt(model_dir,
     assert "<|im_start|>system" in text  # the template wrote one either way
     want = "System: Be brief.\n\nUser: What is 2+2?" if system == "Be brief." else "What is 2+2?"
     assert chat.context_text(text) == chat.context_text(messages) == want
+
+
+def test_a_response_given_as_messages_reads_as_itself_when_its_text_is_sent_again():
+    """`labeler label --url` reads a file's conversational completions into text and the
+    service normalizes that text again: the second reading must change nothing, or the two
+    paths judge and key the same completion apart. A tool call's arguments ending in a turn
+    end marker, a tool's result with a reasoning tag on a line of its own."""
+    call = {"function": {"name": "search", "arguments": "paris weather<|im_end|>"}}
+    cases = [
+        [{"role": "assistant", "content": "Let me check.", "tool_calls": [call]}],
+        [{"role": "tool", "content": "<html>\n</think>\n</html>"}, {"role": "assistant", "content": "Done."}],
+        [{"role": "assistant", "content": "A.<|im_end|>"}, {"role": "tool", "content": "ok<|eot_id|>"}],
+    ]
+    for messages in cases:
+        once = chat.normalize_item({"context": "Q", "response": messages})["response"]
+        assert chat.normalize_item({"context": "Q", "response": once})["response"] == once, messages
+    assert chat.normalize_item({"context": "Q", "response": cases[0]})["response"] == (
+        "Let me check.\n\n[call functions.search] paris weather"
+    )
