@@ -131,6 +131,8 @@ _CANONICAL_ROLES = {"System": "system", "User": "user", "Assistant": "assistant"
 # An empty reasoning block that a template puts in front of an answer (Qwen 3 with thinking
 # off, DeepSeek R1's open "<think>" generation prompt): template, not content.
 _CLOSING_RUN = re.compile(r"(?:\s*</think>)+\s*")
+# Opening tags in a row: a policy that writes "<think>" after a generation prompt that ends in one.
+_OPENING_RUN = re.compile(r"\A\s*<think>(?:\s*<think>)+")
 _EMPTY_THINK = re.compile(r"\A\s*<think>\s*(?:</think>\s*)?\Z|\A\s*(?:<think>\s*</think>\s*)+")
 
 
@@ -508,7 +510,9 @@ def _reasoning(content: str) -> str:
     template opened (DeepSeek R1's generation prompt ends in "<think>", so the policy's text
     only closes it) gets its opening tag back, an empty block (Qwen 3 with thinking off) is
     dropped, and the opening tag is followed by one newline. So the policy's text, the turn
-    as its template laid it out, and the text after a prompt read the same."""
+    as its template laid it out, and the text after a prompt read the same (also where the
+    policy wrote the opening tag again after the template's: one opening tag)."""
+    content = _OPENING_RUN.sub("<think>", content, count=1)
     for _ in range(_MAX_UNWRAP):
         if not content.startswith("<think>"):
             if not _holds_a_block(content):

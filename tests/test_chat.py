@@ -856,3 +856,15 @@ def test_a_response_given_as_messages_reads_as_itself_when_its_text_is_sent_agai
     assert chat.normalize_item({"context": "Q", "response": cases[0]})["response"] == (
         "Let me check.\n\n[call functions.search] paris weather"
     )
+
+
+@pytest.mark.parametrize("answer", ["<think>\nEasy.\n</think>\n\n4", "<think>", "<think> <think>\nHm.\n</think>\n\n4"])
+def test_a_policy_that_opens_its_reasoning_again_splits_alike_with_or_without_its_prompt(answer):
+    """A generation prompt that ends in "<think>" (DeepSeek R1's) and a policy that writes the
+    tag again: one opening tag, whether the query is split at the request's prompt or by its
+    template, so both give one response (an empty one for a bare tag) and one key."""
+    prompt = "<｜begin▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜><think>\n"
+    query = prompt + answer + "<｜end▁of▁sentence｜>"
+    with_prompt, by_template = chat.split_query(query, prompt)[1], chat.split_query(query)[1]
+    assert with_prompt == by_template
+    assert "<think>\n<think>" not in by_template and (answer != "<think>" or by_template == "")
