@@ -750,12 +750,12 @@ def split_query(
     3. Otherwise the whole query is the response, with an empty context.
     The response is cleaned (`clean_response`), losing its template's own turn end also with
     end markers of one's own that leave it out, and may be empty; `context_text` renders the
-    context. Padding in front of the query or the prompt (pad or end-of-sequence tokens, as a
-    left-padded batch decodes) is left out first, and the prompt is found at the query's
+    context. Padding around the query or in front of the prompt (pad or end-of-sequence
+    tokens, as a padded batch decodes) is left out first, and the prompt is found at the query's
     start with or without a start-of-sequence token in front of either."""
     markers = _markers(end_markers)
     padding = markers + PAD_TOKENS  # the pad tokens also with end_markers of one's own
-    query = _lstrip_tokens(query, padding)
+    query = _rstrip_tokens(_lstrip_tokens(query, padding), padding)
     if prompt:
         prompt = _lstrip_tokens(prompt, padding)
         # Matched without a start-of-sequence token, which one may have and the other not; and
@@ -824,6 +824,14 @@ def _with_template_ends(prompt: str, markers: tuple[str, ...]) -> tuple[str, ...
         return markers
     found = _template_turns(prompt)
     return markers if found is None else (*found[1], *markers)
+
+
+def _rstrip_tokens(text: str, tokens: tuple[str, ...]) -> str:
+    """`text` without any run of `tokens` at its end."""
+    end = len(text)
+    while tokens and text.endswith(tokens, 0, end):
+        end -= len(next(t for t in tokens if text.endswith(t, 0, end)))
+    return text[:end]
 
 
 def _lstrip_tokens(text: str, tokens: tuple[str, ...]) -> str:

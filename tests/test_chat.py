@@ -88,12 +88,15 @@ def test_a_query_decoded_with_its_batchs_padding_splits_as_without_it(name, pad)
 @pytest.mark.parametrize("name", list(TEMPLATES))
 def test_end_markers_of_ones_own_split_a_query_alike_with_or_without_its_prompt(name):
     """A set of end markers that leaves the template's own out: the response after the prompt
-    loses the template's turn end as the query's last turn does."""
+    loses the template's turn end as the query's last turn does, also before right padding."""
     query = TEMPLATES[name]
     prompt = query[: query.index(R)]
     own = ("<|my_end|>",)
     after_prompt = chat.split_query(query, prompt, own)[1]
     assert after_prompt == chat.split_query(query, None, own)[1] == chat.split_query(query[5:], prompt, own)[1]
+    # Right-padded (a batch decoded with its padding): the pad tokens go with them too.
+    padded = query + "<pad>" * 2
+    assert chat.split_query(padded, prompt, own)[1] == chat.split_query(padded, None, own)[1] == after_prompt
 
 
 def test_a_start_of_sequence_token_on_one_side_only_still_finds_the_prompt():
