@@ -55,23 +55,24 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
+# The settings every run of these drivers shares: CPU, fp32, seeded, every step logged,
+# nothing saved or reported.
+SHARED = {
+    "learning_rate": 1e-6,
+    "logging_steps": 1,
+    "report_to": "none",
+    "save_strategy": "no",
+    "use_cpu": True,
+    "bf16": False,
+    "seed": 0,
+    "dataloader_num_workers": 0,
+}
+
+
 def grpo_config(out: str, config: type = GRPOConfig, **settings) -> GRPOConfig:
-    """The settings every run of these drivers shares (CPU, fp32, seeded, every step logged,
-    nothing saved or reported), with the run's own `settings`, as `config` (GRPO's by
+    """The shared settings, no KL term, and the run's own `settings`, as `config` (GRPO's by
     default, or RLOO's, which has the same fields)."""
-    return config(
-        output_dir=out,
-        learning_rate=1e-6,
-        beta=0.0,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        dataloader_num_workers=0,
-        **settings,
-    )
+    return config(output_dir=out, beta=0.0, **SHARED, **settings)
 
 
 class Recorder:
@@ -215,18 +216,11 @@ def run_online_dpo(model_dir: str, url: str, task: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = OnlineDPOConfig(
             output_dir=out,
-            learning_rate=1e-6,
             per_device_train_batch_size=2,
             max_new_tokens=8,
             max_steps=1,
             reward_weights=[1.0, 0.0],
-            logging_steps=1,
-            report_to="none",
-            save_strategy="no",
-            use_cpu=True,
-            bf16=False,
-            seed=0,
-            dataloader_num_workers=0,
+            **SHARED,
         )
         trainer = OnlineDPOTrainer(
             model=model,
