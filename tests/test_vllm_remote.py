@@ -138,9 +138,11 @@ async def test_one_server_that_refuses_the_key_or_model_is_set_aside_not_every_r
         assert got[0][()] == {16: -1.0, 17: -1.0}
     assert (len(good.reads), len(bad.reads)) == (4, 1)
     await remote.aclose()
-    remote = two_servers(model_dir, Scripted(statuses=(status,) * 100), Scripted(statuses=(status,) * 100))
+    both = [Scripted(statuses=(status,) * 100), Scripted(statuses=(status,) * 100)]
+    remote = two_servers(model_dir, *both)
     with pytest.raises(EngineUnavailable, match="API key"):
         await remote.score(read(10))
+    assert [len(s.reads) for s in both] == [1, 1]  # at once: no retries, no cooldown waited out
     await remote.aclose()
 
 

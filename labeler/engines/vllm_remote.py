@@ -19,7 +19,8 @@ vLLM servers (data parallel), or to one server with tensor parallelism.
   `EngineError`, not retried on the others;
   after the cooldown a `GET /health` must answer before the server gets traffic again.
   Up to `retries` tries per server, then `EngineUnavailable`. A refused key or an unknown
-  model (401, 403, 404) is `EngineUnavailable` at once: every request would get it.
+  model (401, 403, 404) is that server's: it waits out a cooldown and the request goes on
+  to the others; refused by every server, it is `EngineUnavailable` at once.
 - The served model's name and context length come from `GET /v1/models` (at start when a
   server answers, else before the first request): a server started with a shorter
   `--max-model-len` than the model's own limits prompts to it, and a prompt over it is an
@@ -164,6 +165,16 @@ class VLLMRemoteEngine:
             api_key=api_key,
         )
         model_dir = Path(model_dir)
+        if not model_id and model_dir.is_dir() and not any(map(is_weight, model_files(model_dir))):
+            # Its id would name the tokenizer alone: labels of other served weights (a new
+            # fine-tune behind the same servers) would share its cache entries.
+            raise InvalidInput(
+                f"{model_dir} holds no weights, so its id cannot name what the servers serve: give "
+                "model_id=NAME for the served weights (a new name whenever they change), or a copy with the weights",
+                field="model_id",
+            )
+        # Before the tokenizer loads, as the other engines take it.
+        self.model_id = model_id or default_model_id(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         try:
             config = AutoConfig.from_pretrained(model_dir)
@@ -172,15 +183,6 @@ class VLLMRemoteEngine:
         self.servers = [_Server(u) for u in urls]
         self._eos = {self.tokenizer.eos_token_id} | set(_as_list(getattr(config, "eos_token_id", None)))
         self.served_model = served_model
-        if not model_id and not any(map(is_weight, model_files(model_dir))):
-            # Its id would name the tokenizer alone: labels of other served weights (a new
-            # fine-tune behind the same servers) would share its cache entries.
-            raise InvalidInput(
-                f"{model_dir} holds no weights, so its id cannot name what the servers serve: give "
-                "model_id=NAME for the served weights (a new name whenever they change), or a copy with the weights",
-                field="model_id",
-            )
-        self.model_id = model_id or default_model_id(model_dir)
         # Until a server says its own: the config's (a multimodal config keeps it in its text config).
         self._given_max_len = opts.max_model_len
         self._served_max_len: int | None = None  # the least of the servers' that answered
@@ -306,6 +308,7 @@ class VLLMRemoteEngine:
         that server."""
         last = "no attempt"
         tries = waits = 0
+        refused: set[str] = set()  # the servers that refused this request's key or model
         while tries < self.retries * len(self.servers):
             self._check_open()  # closed while a try was in flight
             try:
@@ -328,18 +331,11 @@ class VLLMRemoteEngine:
                 self._mark_down(server, type(exc).__name__)
                 last = f"{server.url}: {exc!r}"
                 continue
-            except EngineUnavailable as exc:  # its look-up refused the key or lists another model
-                if len(self.servers) == 1:
-                    raise
-                self._mark_down(server, str(exc))
-                last = str(exc)
+            except EngineUnavailable as refusal:  # its look-up refused the key
+                self._set_aside(server, refusal, refused)
                 continue
-            if resp.status_code in _CONFIG_STATUS and len(self.servers) > 1:
-                # That server's key or served model, which the others need not share: the
-                # request goes on to them, and that server waits out a cooldown.
-                refusal = self._refusal(server, resp)
-                self._mark_down(server, str(refusal))
-                last = str(refusal)
+            if resp.status_code in _CONFIG_STATUS:
+                self._set_aside(server, self._refusal(server, resp), refused)
                 continue
             if resp.status_code == 500 and await self._healthy(server):
                 # The server is up and failed this request alone: sent on, it would fail on
@@ -356,6 +352,15 @@ class VLLMRemoteEngine:
             except ValueError:  # a proxy's page, not vLLM's answer
                 raise EngineError(f"{server.url}{path} answered HTTP 200 without JSON: {resp.text[:200]!r}") from None
         raise EngineUnavailable(f"every vLLM server failed; last: {last}")
+
+    def _set_aside(self, server: _Server, refusal: Exception, refused: set[str]) -> None:
+        """After `server` refused a request's key or model (`refusal`): that server's
+        configuration, which the others need not share, so it waits out a cooldown and the
+        request goes on to them; raised once every server has refused it."""
+        refused.add(server.url)
+        if len(refused) == len(self.servers):
+            raise refusal
+        self._mark_down(server, str(refusal))
 
     @staticmethod
     def _refusal(server: _Server, resp: httpx.Response) -> Exception:
