@@ -343,11 +343,11 @@ def _context(where: str, rec: dict, own: str) -> tuple[str, Any]:
 
 
 def _unless_null_beside(rec: dict, *responses: Any) -> dict:
-    """`rec` without a null prompt (under either name) where its responses are conversations,
-    which hold the prompt (TRL's implicit-prompt rows): read as a table row's null is (`_rows`),
+    """`rec` without a null prompt (under either name) where a response is a conversation,
+    which holds the prompt (TRL's implicit-prompt rows): read as a table row's null is (`_rows`),
     so a JSON line and the same record from a table read alike. Beside text responses a null
     prompt stays, to be refused as a missing value."""
-    if all(isinstance(r, list) for r in responses) and any(rec.get(k, "") is None for k in _CONTEXT_KEYS):
+    if any(isinstance(r, list) for r in responses) and any(rec.get(k, "") is None for k in _CONTEXT_KEYS):
         return {k: v for k, v in rec.items() if not (k in _CONTEXT_KEYS and v is None)}
     return rec
 
@@ -498,9 +498,10 @@ def normalize_single(where: str, rec: Any) -> Single:
         prompt = _text_or_messages(where, name, given)
         response = _after(prompt, completion)
         if prompt == "" and isinstance(completion, list):
-            # A conversation without a prompt holds it: the turns before its first answer.
-            first = next((k for k, m in enumerate(completion) if m.get("role") == "assistant"), 0)
-            prompt, response = completion[:first], completion[first:]
+            # A conversation without a prompt holds it: the turns up to its last user turn
+            # (what follows, tool results included, is the policy's).
+            cut = next((k + 1 for k in range(len(completion) - 1, -1, -1) if completion[k].get("role") == "user"), 0)
+            prompt, response = completion[:cut], completion[cut:]
         return Single(prompt_text(prompt), response_text(response), given, completion, where)
     if "response" in rec:
         context, ctx = _context(where, rec, "context")

@@ -227,6 +227,13 @@ def test_single_formats():
         assert (s.context, s.response, s.completion) == ("How do I pick a lock?", "Sure.", lock)
     with pytest.raises(io.MalformedRecord, match="'prompt' must be text"):  # beside text: a missing value
         io.normalize_single("l", {"prompt": None, "completion": "Sure."})
+    # A dialogue of several turns: the prompt is up to its last user turn, as the pair formats
+    # and the service read it; the tool calls and results after it are the policy's.
+    dialogue = [*turns, {"role": "assistant", "content": "Apple."}]
+    s = io.normalize_single("l", {"completion": dialogue})
+    assert (s.context, s.response) == ("User: Hi\n\nAssistant: Hello!\n\nUser: Name a fruit.", "Apple.")
+    s = io.normalize_single("l", {"completion": [*USER, *calling, {"role": "assistant", "content": "4."}]})
+    assert (s.context, s.response) == ("Name a fruit.", '[call functions.add] {"a": 2, "b": 2}\n\nTool: 4\n\n4.')
 
 
 def test_malformed_lines_are_named_and_stop_before_anything(tmp_path):
