@@ -1813,3 +1813,8 @@ def test_an_api_key_in_the_url_is_masked_in_reprs_and_error_messages():
     shown += [str(refused.value), str(closed.value)]
     assert all("s3cret" not in s and f"trainer:***@127.0.0.1:{port}" in s for s in shown), shown
     assert repr(lc.Client(f"http://127.0.0.1:{port}")) == f"Client('http://127.0.0.1:{port}')"
+    # A URL refused as malformed is named with its key masked too.
+    for bad in ("http://trainer:s3cret@:8000", "https:/trainer:s3cret@labeler"):
+        with pytest.raises(ValueError, match=r"trainer:\*\*\*@") as refused:
+            lc.Client(bad)
+        assert "s3cret" not in str(refused.value)

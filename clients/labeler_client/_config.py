@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Literal, get_args
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 ENV_URL = "LABELER_URL"
 ENV_API_KEY = "LABELER_API_KEY"
@@ -109,21 +109,21 @@ def resolve_url(base_url: str | None) -> str:
     url = given or DEFAULT_URL
     if "://" not in url:
         if re.match(r"(?i)https?:", url):  # "https:/host": not a host named "https"
-            raise ValueError(f"labeler URL {url!r} is malformed: write it as scheme://host[:port]")
+            raise ValueError(f"labeler URL {shown_url(url)!r} is malformed: write it as scheme://host[:port]")
         url = "http://" + url
     if not urlsplit(url).hostname:
-        raise ValueError(f"labeler URL {url!r} names no host")
+        raise ValueError(f"labeler URL {shown_url(url)!r} names no host")
     return url.rstrip("/")
+
+
+# The credentials in a URL ("user:password@"), also in one malformed otherwise.
+_USERINFO = re.compile(r"([^/:@]*):[^/@]*@")
 
 
 def shown_url(url: str | None) -> str | None:
     """`url` as messages and reprs show it: a password in it (an API key given in the URL's
     credentials) masked, so that a traceback or a log of the client does not carry the key."""
-    parts = urlsplit(url) if url else None
-    if parts is None or parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return _USERINFO.sub(r"\1:***@", url, count=1) if url else url
 
 
 def resolve_key(api_key: str | None) -> str | None:
