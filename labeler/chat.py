@@ -146,7 +146,7 @@ class _Template:
 
 # The system prompts ChatML templates write where the dialogue has none (SmolLM2's, Qwen 2.5's,
 # Qwen 2's): the template's words, not the dialogue's. A system message of exactly these
-# words, laid out as text or given as a message, is left out of the transcript alike.
+# words is left out of the transcript (`_render`), laid out as text or given as a message.
 _DEFAULT_SYSTEM = re.compile(
     r"\A\s*(?:You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     r"|You are Qwen, created by Alibaba Cloud\. You are a helpful assistant\."
@@ -162,7 +162,6 @@ _TEMPLATES = (
         # What follows the role name on its line ("name=..." in OpenAI's ChatML) is not read.
         re.compile(r"<\|im_start\|>([A-Za-z][\w.-]*)(?:[ \t][^\n<]*)?(?:<\|im_sep\|>|\r?\n|\Z)"),
         ("<|im_end|>",),
-        _DEFAULT_SYSTEM,
     ),
     _Template(
         ("<|start_header_id|>",),
@@ -689,6 +688,8 @@ def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[s
             content = _with_tool_calls(_turn_content(role, text, markers), m, markers)
             blocks.append(f"{role}: {content}" if content else "")
     text = "\n\n".join(b for b in blocks if b)
+    if len(messages) == 1 and role == "Assistant" and not messages[0].get("tool_calls"):
+        return text  # a lone answer, cleaned as a text is: it reads as itself
     # Read as a response given as text until it reads as itself (a block may end in what a
     # text's cleaning takes off): the text sent again, as `labeler label --url` sends a
     # file's completions, is then judged as the messages were, under the same key.
