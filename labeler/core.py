@@ -423,11 +423,6 @@ class Labeler:
             return [_at(at, self.prompts.judgment, t, it.context, it.response, cot=cot, tokenize=False)]
         return [_at(at, self.prompts.score, t, it.context, it.response, cot=cot, tokenize=False)]
 
-    def item_tokens(self, items: Sequence[Any]) -> list[int]:
-        """The tokens of each item's own texts (context, responses, reference), as the
-        per-item token limit counts them: one tokenizer call for all."""
-        return [sum(n for _, n in named) for named in self.text_tokens(items)]
-
     def text_tokens(self, items: Sequence[Any]) -> list[list[tuple[str, int]]]:
         """(field name, tokens) of each item's own texts, from one tokenizer call."""
         per_item = [_texts(it) for it in items]

@@ -192,7 +192,7 @@ def _remembered(key: str, files: list[Path], root: Path) -> str:
         for known in (_read_index().get(key), _hashed.get(key)):
             if known is not None and known.get("files") == stamps:
                 return str(known["digest"])
-        weights = sum(s[0] for name, s in stamps.items() if Path(name).suffix in WEIGHT_SUFFIXES)
+        weights = sum(p.stat().st_size for p in files if is_weight(p))  # on the hashing path only
         log.info("fingerprinting %s (%.1f GB of weights; once while the files are unchanged)", key, weights / 1e9)
         digest = content_digest(files, root)
         _hashed[key] = {"files": stamps, "digest": digest}

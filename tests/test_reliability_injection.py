@@ -190,8 +190,8 @@ async def test_long_runs_through_the_api(make_server, corpus, labeler):
     async with httpx.AsyncClient(base_url=srv.url, timeout=300) as client:
         for name, v in ((n, v) for n, v in corpus.items() if len(v) >= 1000):
             item = {"context": v, "response": v}
-            (n_tokens,) = labeler.item_tokens([ScoreItem(**normalize_item(item))])
-            (alone,) = labeler.item_tokens([ScoreItem(**normalize_item({"context": v, "response": ""}))])
+            (named,) = labeler.text_tokens([ScoreItem(**normalize_item(item))])
+            n_tokens, alone = sum(n for _, n in named), dict(named)["context"]
             r = await post_raw(client, "/v1/scores", {"task": "tiny", "items": [item]})
             if n_tokens > limit:
                 assert r.status_code == 422, (name, n_tokens, r.status_code, r.text[:300])
