@@ -606,6 +606,15 @@ def test_an_eval_that_labels_nothing_prints_its_summary_and_ends_with_status_1(t
     assert in_process("eval", str(src), "--task", "tiny", "--out", str(out), "--skip-invalid", "--json") == 1
     got = json.loads(capsys.readouterr().out)
     assert (got["summary"]["labeled"], got["summary"]["invalid"], got["task"]) == (0, 1, "tiny")
+    # harmless alike: a policy none of whose responses is judged leaves no earlier report.
+    long = write_jsonl(tmp_path / "long_a.jsonl", [{"prompt": "p", "completion": "word " * 9000}])
+    harmless = tmp_path / "h"
+    harmless.mkdir()
+    for name in ("metrics.json", "report.md", "harmless.png"):
+        (harmless / name).write_text("an earlier run's")
+    assert in_process("harmless", str(long), "--task", "tiny", "--out", str(harmless), "--skip-invalid") == 1
+    assert "no response of policy A was judged" in capsys.readouterr().err
+    assert sorted(p.name for p in harmless.iterdir()) in ([], ["judgments.jsonl"])
 
 
 def test_harmless_with_a_task_that_asks_no_question_is_refused_alike(tmp_path, labeler, capsys):
