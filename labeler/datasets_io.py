@@ -197,16 +197,13 @@ def _rows(p: Path, rows: Any) -> Iterator[tuple[str, Any]]:
     beside text responses is kept, unless the row has its prompt under the other name: a
     missing value, refused as in a JSON line, not a record without a prompt (whose answers
     would be judged out of context); beside conversations, which hold their prompt (TRL's
-    implicit-prompt rows), it is left out like any other null."""
+    implicit-prompt rows), the normalizers leave it out (`_unless_null_beside`), as for a
+    JSON line."""
     for n, row in enumerate(rows, start=1):
         record = _without_nulls(row)
         if isinstance(record, dict):
             record = {k: _as_messages(v) for k, v in record.items()}
-        if (
-            isinstance(row, dict)
-            and not any(k in record for k in _CONTEXT_KEYS)
-            and not any(isinstance(record.get(k), list) for k in ("completion", "chosen", "rejected"))
-        ):
+        if isinstance(row, dict) and not any(k in record for k in _CONTEXT_KEYS):
             record.update({k: None for k in _CONTEXT_KEYS if k in row})
         yield f"{p}, row {n}", record
 

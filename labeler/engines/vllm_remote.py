@@ -204,7 +204,6 @@ class VLLMRemoteEngine:
                 max_connections=opts.max_concurrency + len(self.servers), max_keepalive_connections=opts.max_concurrency
             ),
         )
-        self._discovered = False
         # The context limit before any prompt is built, from every server that is up: the least
         # of theirs, so that a prompt fits whichever of them it goes to (a server that comes up
         # later is learnt from before its first request, and lowers the limit for later ones).
@@ -399,13 +398,12 @@ class VLLMRemoteEngine:
             self._served_max_len = min(served, self._served_max_len or served)
             limit = self._served_max_len
             self.max_model_len = min(limit, self._given_max_len) if self._given_max_len else limit
-        self._discovered = True
 
     async def _ready(self) -> None:
         """Learn the context limit before a request is checked against it. Without a server
         up, `_post` waits for one and learns it there."""
         self._check_open()
-        if self._discovered:
+        if any(s.known for s in self.servers):
             return
         try:
             server = await self._pick()
