@@ -160,14 +160,19 @@ def auth_warnings(
 def check_start(settings: Settings) -> None:
     """Refuse, as one line (a LabelerError) before the server starts, what the app's start-up
     would refuse with a traceback after minutes of loading: an unknown engine or engine option,
-    vllm-remote without URLs, a model that is no local model (the embedded one is converted
-    here, once), and what vLLM would refuse of its arguments."""
+    vllm-remote without URLs or with a local copy that cannot name the served weights, a model
+    that is no local model (the embedded one is converted here, once), and what vLLM would
+    refuse of its arguments."""
     from labeler.engines import check_engine
     from labeler.models import resolve_model
 
     options = settings.engine_options()
     check_engine(settings.engine, options)
-    resolve_model(settings.model)
+    model_dir = resolve_model(settings.model)
+    if settings.engine == "vllm-remote":
+        from labeler.engines.vllm_remote import check_local_copy
+
+        check_local_copy(model_dir, options.get("model_id"))
     if settings.engine == "vllm":
         from labeler.engines.vllm_cpu import check_start as check_vllm_start
 

@@ -220,6 +220,32 @@ def test_serve_refuses_a_start_that_would_fail_as_one_line(argv, says):
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_vllm_remote_with_a_copy_without_weights_is_refused_before_the_server_starts(model_dir, tmp_path):
+    """A local copy of the tokenizer and config alone cannot name the served weights: the
+    engine refuses it without `model_id=`, and `serve` says so as one line before it starts,
+    not as the lifespan's traceback once uvicorn is up."""
+    import shutil
+
+    from labeler.fingerprint import is_weight
+
+    bare = tmp_path / "tokenizer-only"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file() and not is_weight(f):
+            shutil.copy2(f, bare / f.name)
+    argv = ["--engine", "vllm-remote", "--vllm-urls", "http://127.0.0.1:1", "--model", str(bare)]
+    done = subprocess.run(
+        [sys.executable, "-m", "labeler.cli", "serve", "--port", str(free_port()), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert "holds no weights" in err and "model_id=NAME" in err, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
 def test_a_misspelt_variable_is_named_before_a_refusal_it_explains():
     """`LABELER_VLLM_URL` for `LABELER_VLLM_URLS`: the warning comes before the refusal."""
     env = os.environ | {"LABELER_VLLM_URL": "http://127.0.0.1:1"}

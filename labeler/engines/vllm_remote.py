@@ -131,6 +131,18 @@ class RemoteOptions(NamedTuple):
     api_key: str  # "": none
 
 
+def check_local_copy(model_dir: Path, model_id: str | None) -> None:
+    """Refuse (InvalidInput) a local copy without weights unless `model_id` names the served
+    weights: its id would name the tokenizer alone, and labels of other served weights (a new
+    fine-tune behind the same servers) would share its cache entries."""
+    if not model_id and model_dir.is_dir() and not any(map(is_weight, model_files(model_dir))):
+        raise InvalidInput(
+            f"{model_dir} holds no weights, so its id cannot name what the servers serve: give "
+            "model_id=NAME for the served weights (a new name whenever they change), or a copy with the weights",
+            field="model_id",
+        )
+
+
 class VLLMRemoteEngine:
     """Spreads label reads and generations over `vllm serve` servers."""
 
@@ -165,14 +177,7 @@ class VLLMRemoteEngine:
             api_key=api_key,
         )
         model_dir = Path(model_dir)
-        if not model_id and model_dir.is_dir() and not any(map(is_weight, model_files(model_dir))):
-            # Its id would name the tokenizer alone: labels of other served weights (a new
-            # fine-tune behind the same servers) would share its cache entries.
-            raise InvalidInput(
-                f"{model_dir} holds no weights, so its id cannot name what the servers serve: give "
-                "model_id=NAME for the served weights (a new name whenever they change), or a copy with the weights",
-                field="model_id",
-            )
+        check_local_copy(model_dir, model_id)
         # Before the tokenizer loads, as the other engines take it.
         self.model_id = model_id or default_model_id(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
