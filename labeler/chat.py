@@ -46,14 +46,19 @@ The canonical transcript:
   opening tag back, and an opening tag is followed by one newline; messages left empty are
   dropped (a template's open assistant turn, an empty system turn);
 - a message's tool calls (OpenAI's and TRL's `tool_calls`) follow its content, one
-  `[call functions.NAME] ARGUMENTS` block each, as harmony's transcripts write them.
+  `[call functions.NAME] ARGUMENTS` block each, as harmony's transcripts write them, and as
+  the `<tool_call>` blocks at the end of a ChatML assistant turn read (Qwen's and Hermes'
+  layout); `<tool_response>` blocks in a ChatML turn are tool turns, and the tool list
+  Qwen's templates write into the system turn is the template's, dropped.
 The canonical transcript reads as itself: given again (a batch run through the service), it
 is read the same, and so has the same key and label. Where a first reading still reads as
 other turns (a lone user message whose lines open turns of their own, a header its stripped
 end marker had hidden), it is read again until it does (a few readings at most).
 
 A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
-the set given), and its reasoning block takes the same form as an assistant turn's. What is
+the set given), and its reasoning block takes the same form as an assistant turn's; one that
+goes on past its turn into ChatML turns (an agent's rollout: its calls' results, its next
+turns) is read as those turns, as a response given as messages. What is
 left may be empty: an empty response is judged like any other (the
 labeler is shown its response block with nothing inside). A response given as messages (a
 conversational completion; with tools, the policy's turns and the tools' results in turn) is
@@ -216,6 +221,19 @@ _PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)(" + _PLAIN_ROLE + r")
 _PLAIN_START = re.compile(r"\A\s*(" + _PLAIN_ROLE + "):")
 # A turn opening after one newline, for transcripts that separate turns by one.
 _PLAIN_LINE_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*)(" + _PLAIN_ROLE + r"):[ \t]?")
+# How Qwen's templates open and close the list of tools they write into the system turn.
+_QWEN_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
+    "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call>",
+)
+# Qwen's and Hermes' layout of tool calls (ChatML): an assistant turn's calls after its content,
+# a `<tool_call>` block of JSON (`{"name", "arguments"}`) each; the tools' results in a user
+# turn (Qwen's) or a tool turn (Hermes'), a `<tool_response>` block each.
+_CALL_OPEN, _CALL_CLOSE = "<tool_call>", "</tool_call>"
+_RESULT_OPEN, _RESULT_CLOSE = "<tool_response>", "</tool_response>"
 # What a template writes wherever it puts it, no part of the dialogue, as (a marker it
 # starts with, the whole of it): an image or a video in a Qwen-VL prompt (a placeholder token
 # per patch; the labeler reads text only, as it reads a message's text parts), Mistral's tool
@@ -226,6 +244,21 @@ _TEMPLATE_WRITTEN = (
     (
         "[AVAILABLE_TOOLS]",
         re.compile(r"\[AVAILABLE_TOOLS\](?:(?!\[AVAILABLE_TOOLS\]).)*?\[/AVAILABLE_TOOLS\]", re.DOTALL),
+    ),
+    # Qwen's tool list and call instructions, at the end of its system turn (the whole of it
+    # where the dialogue has no system prompt of its own, Qwen 3's); each search stops at the
+    # next list, as above.
+    (
+        _QWEN_TOOLS[0],
+        re.compile(
+            r"(?:\n\n)?"
+            + re.escape(_QWEN_TOOLS[0])
+            + r"(?:(?!</tools>|"
+            + re.escape(_QWEN_TOOLS[0])
+            + r").)*"
+            + re.escape(_QWEN_TOOLS[1]),
+            re.DOTALL,
+        ),
     ),
 )
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
@@ -286,7 +319,18 @@ def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
 
 
 def _clean_response(text: str, markers: tuple[str, ...]) -> str:
-    return _harmony_reply(_turn_content("Assistant", text, markers), markers)
+    return _chatml_reply(_harmony_reply(_turn_content("Assistant", text, markers), markers), markers)
+
+
+def _chatml_reply(text: str, markers: tuple[str, ...]) -> str:
+    """A cleaned response that goes on past its turn into turns of ChatML markup (its tool
+    calls' results and its next turns, or a policy writing on into a turn of another role)
+    read as those turns, as the same completion given as messages is (`response_text`);
+    any other response as it is."""
+    if "<|im_start|>" not in text:
+        return text
+    turns = parse("<|im_start|>assistant\n" + text, markers)
+    return text if turns is None or len(turns) < 2 else response_text(turns, markers)
 
 
 def _harmony_reply(text: str, markers: tuple[str, ...]) -> str:
@@ -474,7 +518,11 @@ def parse(text: str, end_markers: Iterable[str] = END_MARKERS) -> list[Message] 
     for m in turns:
         role = _role(m["role"])
         content = _turn_content(role, m["content"], markers)
-        out.append({"role": _CANONICAL_ROLES.get(role, m["role"].strip().lower()), "content": content})
+        results = _tool_results(content) if role in ("User", "Tool") else None
+        if results is not None:
+            out.extend({"role": "tool", "content": _clean(r, markers)} for r in results)
+        else:
+            out.append({"role": _CANONICAL_ROLES.get(role, m["role"].strip().lower()), "content": content})
     return out
 
 
@@ -501,7 +549,53 @@ def _turn_content(role: str, content: str, markers: tuple[str, ...]) -> str:
         if reasoned == content:
             break
         content = _clean(reasoned, markers)  # a dropped block may leave a sequence start in front
+    if role == "Assistant" and content.endswith(_CALL_CLOSE):
+        content = _laid_out_calls(content, markers)
     return content
+
+
+def _laid_out_calls(content: str, markers: tuple[str, ...]) -> str:
+    """An assistant turn's text whose `<tool_call>` blocks at its end (Qwen's and Hermes'
+    layout of its calls) are written as `_with_tool_calls` writes a message's calls, so that
+    the turn as text and as a message read the same; text with a block at its end that is
+    not such a call is left as it is."""
+    calls: list[dict[str, Any]] = []
+    end = len(content)
+    while content.endswith(_CALL_CLOSE, 0, end):
+        start = content.rfind(_CALL_OPEN, 0, end)
+        call = _laid_out_call(content[start + len(_CALL_OPEN) : end - len(_CALL_CLOSE)]) if start != -1 else None
+        if call is None:
+            return content
+        calls.append(call)
+        end = start
+        while end and content[end - 1].isspace():
+            end -= 1
+    return _with_tool_calls(_clean(content[:end], markers), {"tool_calls": calls[::-1]}, markers)
+
+
+def _laid_out_call(block: str) -> dict[str, Any] | None:
+    """The call a `<tool_call>` block holds, `{"name", "arguments"}` as JSON, or None."""
+    try:
+        call = json.loads(block)
+    except (ValueError, RecursionError):  # not JSON (over 4,300 digits, nested too deep)
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
+        return None
+    return call if set(call) <= {"name", "arguments"} else None
+
+
+def _tool_results(content: str) -> list[str] | None:
+    """The results of a turn made of `<tool_response>` blocks alone (Qwen's and Hermes' layout
+    of the tools' results), or None."""
+    if not (content.startswith(_RESULT_OPEN) and content.endswith(_RESULT_CLOSE)):
+        return None
+    results = []
+    for part in content.split(_RESULT_CLOSE)[:-1]:
+        part = part.strip()
+        if not part.startswith(_RESULT_OPEN) or _RESULT_OPEN in part[len(_RESULT_OPEN) :]:
+            return None
+        results.append(part[len(_RESULT_OPEN) :])
+    return results
 
 
 def _reasoning(content: str) -> str:

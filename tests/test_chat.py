@@ -699,6 +699,148 @@ def test_tool_calls_read_the_same_as_messages_or_as_harmony_markup():
     assert chat.render([{**turn, "tool_calls": [flat, weather]}]) == chat.render([turn])
 
 
+_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def _call(city: str) -> dict:
+    return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+
+
+@pytest.mark.parametrize("template", ["qwen2_5", "qwen3"])
+def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messages(
+    template, frameworks_python, model_dir
+):
+    """Qwen's chat templates (as TRL ships them) write a tool list into the system turn, an
+    assistant's calls as `<tool_call>` JSON blocks after its content and the tools' results
+    as `<tool_response>` blocks in a user turn. Laid out so, a context reads as its messages
+    do (the tool list is the template's, as Mistral's is), and a completion after its prompt
+    (OpenRLHF's decoded text, verl's response text) reads as TRL's conversational completion
+    of the same turns does: one transcript, one key, whichever framework sent it."""
+    from transformers import AutoTokenizer
+
+    found = sorted(frameworks_python.parents[1].glob(f"lib/python*/site-packages/trl/chat_templates/{template}.jinja"))
+    assert found, "TRL's chat templates are missing from the frameworks venv"
+    jinja = found[0].read_text()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def laid_out(messages: list[dict], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tools=[_WEATHER], chat_template=jinja, tokenize=False, add_generation_prompt=prompt
+        )
+
+    dialogue = [
+        {"role": "user", "content": "Weather in SF and NYC?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [_call("SF"), _call("NYC")]},
+        {"role": "tool", "content": "18C, sunny"},
+        {"role": "tool", "content": "25C"},
+        {"role": "assistant", "content": "SF: 18C, NYC: 25C."},
+        {"role": "user", "content": "Thanks. And Paris?"},
+    ]
+    for system in ([], [{"role": "system", "content": "Be brief."}]):
+        text = laid_out(system + dialogue, prompt=True)
+        assert "<tool_call>" in text and "<tool_response>" in text and "# Tools" in text
+        assert chat.context_text(text) == chat.context_text(system + dialogue)
+    assert chat.context_text(dialogue) == (
+        "User: Weather in SF and NYC?\n\nAssistant: Let me check.\n\n"
+        '[call functions.get_weather] {"city": "SF"}\n\n[call functions.get_weather] {"city": "NYC"}\n\n'
+        "Tool: 18C, sunny\n\nTool: 25C\n\nAssistant: SF: 18C, NYC: 25C.\n\nUser: Thanks. And Paris?"
+    )
+
+    question = dialogue[:1]
+    prompt = laid_out(question, prompt=True)
+    completions = [
+        [{"role": "assistant", "content": "Let me check.", "tool_calls": [_call("SF")]}],
+        [
+            {"role": "assistant", "content": "", "tool_calls": [_call("SF"), _call("NYC")]},
+            {"role": "tool", "content": "18C, sunny"},
+            {"role": "tool", "content": "25C"},
+            {"role": "assistant", "content": "SF: 18C, NYC: 25C."},
+        ],
+    ]
+    for completion in completions:
+        query = laid_out(question + completion)
+        assert query.startswith(prompt)
+        want = chat.response_text(completion)
+        context, response = chat.split_query(query, prompt)
+        assert response == want and chat.context_text(context) == chat.context_text(question)
+        item = chat.normalize_item({"context": prompt, "response": query[len(prompt) :]})
+        assert item == {"context": chat.context_text(question), "response": want}
+    assert chat.response_text(completions[1]) == (
+        '[call functions.get_weather] {"city": "SF"}\n\n[call functions.get_weather] {"city": "NYC"}\n\n'
+        "Tool: 18C, sunny\n\nTool: 25C\n\nSF: 18C, NYC: 25C."
+    )
+
+
+def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
+    """Hermes' layout puts a result in a tool turn; a call's arguments given as JSON text read
+    as the same text given in a message. A block that is no call (not JSON, no name, keys a
+    call has not), calls followed by more text, and a result beside other text are the
+    policy's text as written."""
+    hermes = (
+        "<|im_start|>user\nAdd 2 and 2.<|im_end|>\n<|im_start|>assistant\n"
+        '<tool_call>\n{"arguments": "{\\"a\\": 2, \\"b\\": 2}", "name": "add"}\n</tool_call><|im_end|>\n'
+        "<|im_start|>tool\n<tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    messages = [
+        {"role": "user", "content": "Add 2 and 2."},
+        {"role": "assistant", "content": None, "tool_calls": [{"name": "add", "arguments": '{"a": 2, "b": 2}'}]},
+        {"role": "tool", "content": "4"},
+    ]
+    assert chat.context_text(hermes) == chat.context_text(messages)
+    for written in (
+        "<tool_call>\nnot json\n</tool_call>",
+        '<tool_call>\n{"arguments": {}}\n</tool_call>',
+        '<tool_call>\n{"name": "f", "arguments": {}, "id": 1}\n</tool_call>',
+        '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\nDone.',
+        '</tool_call>{"name": "f"}</tool_call>',
+    ):
+        assert chat.clean_response(written) == written.strip(), written
+    beside = "<|im_start|>user\nSee <tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\nok"
+    assert chat.split_query(beside) == ([{"role": "user", "content": "See <tool_response>\n4\n</tool_response>"}], "ok")
+
+
+_tool_pieces = st.sampled_from(
+    [
+        "<|im_start|>user\n",
+        "<|im_start|>assistant\n",
+        "<|im_start|>tool\n",
+        "<|im_end|>\n",
+        "<tool_call>\n",
+        "\n</tool_call>",
+        '{"name": "f", "arguments": {"a": 1}}',
+        '{"name": "g", "arguments": "x"}',
+        "<tool_response>\n",
+        "\n</tool_response>",
+        "[call functions.f] ",
+        "<think>\n",
+        "</think>\n\n",
+        "Tool: ",
+        "\n",
+        "x",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_tool_pieces, max_size=10).map("".join))
+def test_tool_markup_reads_as_itself_once_normalized(text):
+    """Calls and results read out of markup are written as a message's are: read again, as a
+    batch run sends them to the service, they read the same (same key, same label)."""
+    context = chat.context_text(text)
+    assert chat.context_text(context) == context
+    response = chat.clean_response(text)
+    assert chat.clean_response(response) == response
+    item = chat.normalize_item({"context": [{"role": "assistant", "content": text}], "response": [{"content": text}]})
+    assert chat.normalize_item(item) == item
+
+
 def test_a_chat_marker_inside_a_turn_is_no_header():
     """A response that writes a template's header marker as text ("use <|im_start|> tokens")
     keeps it: a header is the marker, a role name and the line's end."""
