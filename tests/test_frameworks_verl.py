@@ -4,7 +4,8 @@ tests/frameworks/verl_reward.py composes verl's `ppo_trainer` config with the do
 overrides, in both forms (`custom_reward_function.path` as the module's file and as
 `pkg://labeler_client.verl`), runs verl's `RewardLoopWorker` (naive reward manager) on a
 `DataProto` batch of rollouts, one of them an empty answer (a bare EOS), with
-`compute_score` and with `compute_score_async` (which the manager must await), and the legacy
+`compute_score` and with `compute_score_async` (which the manager must await; the `dapo` and
+`rate_limited` managers too, the latter also on the agent loop's rollouts), and the legacy
 `BatchRewardManager` with `compute_score_batch`. Rewards must be the labeler's for the
 canonical transcript of `extra_info["prompt"]`, or of the prompt's messages that verl's agent
 loop adds as `raw_prompt` where the data has no prompt; an unknown `reward_kwargs` key must fail.
@@ -43,6 +44,10 @@ def test_verl_loads_and_calls_compute_score(frameworks_python, live_server, labe
         assert out["pickled"][form] == pytest.approx(want, abs=TOL), form
         # The prompt as verl's agent loop gives it (raw_prompt), where the data has none.
         assert out["agent_loop"][form] == pytest.approx(want, abs=TOL), form
+    # verl's dapo and rate_limited managers await the coroutine form as naive does.
+    for manager in ("dapo", "rate_limited", "rate_limited_agent_loop"):
+        assert out["managers"][manager] == pytest.approx(want, abs=TOL), manager
+    assert out["awaited"]["dapo"] is True and out["awaited"]["rate_limited"] is True
     refs = [
         ReferenceItem(it.context, it.response, ref)
         for it, ref in zip(items, ("Paris is the capital.", "Paris.", "A banana."), strict=True)

@@ -13,7 +13,8 @@ manager, and `compute_score_batch` runs the manager on a `DataProto` batch of ro
 Here it runs in this process, without Ray. The legacy `BatchRewardManager` gets
 `compute_score_batch` through the same loader. verl's remote reward manager hands the loaded
 function to Ray actors: it goes through Ray's pickler here, and the copy is called as that
-manager calls it (by keyword). `compute_reference_score` and its async form run through the
+manager calls it (by keyword). verl's `dapo` and `rate_limited` managers run the awaited form
+through the same worker. `compute_reference_score` and its async form run through the
 same worker on rollouts whose reference is verl's ground truth or `extra_info["reference"]`.
 """
 
@@ -102,19 +103,20 @@ def batch(tokenizer, agent_loop: bool = False, references: bool = False) -> Data
     )
 
 
-def reward_loop(cfg, data: DataProto, awaited: list[bool] | None = None) -> list[float]:
-    """What the trainer's reward-loop actor computes for `data`; `awaited` is told whether
-    its reward manager awaits the function (a coroutine) or runs it in a thread."""
+def reward_loop(cfg, *batches: DataProto, awaited: list[bool] | None = None) -> list[list[float]]:
+    """What the trainer's reward-loop actor computes for each of `batches`, in turn on its one
+    event loop (`rate_limited`'s limiters are bound to the first loop they run on); `awaited`
+    is told whether its reward manager awaits the function (a coroutine) or runs it in a thread."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)  # the worker and its manager take the current loop
     try:
         worker = RewardLoopWorker(cfg)
         if awaited is not None:
             awaited.append(worker.reward_manager.is_async_reward_score)
-        outputs = loop.run_until_complete(worker.compute_score_batch(data))
+        outputs = [loop.run_until_complete(worker.compute_score_batch(data)) for data in batches]
     finally:
         loop.close()
-    return [o["reward_score"] for o in outputs]
+    return [[o["reward_score"] for o in batch_outputs] for batch_outputs in outputs]
 
 
 def main() -> None:
@@ -137,16 +139,17 @@ def main() -> None:
         "agent_loop": {},
         "reference": {},
         "reference_async": {},
+        "managers": {},
         "errors": {},
     }
     for form, path in forms.items():
         cfg = config(a.model_dir, path, "compute_score", "naive", kwargs)
-        out["naive"][form] = reward_loop(cfg, data)
+        (out["naive"][form],) = reward_loop(cfg, data)
         awaited: list[bool] = []
         async_cfg = config(a.model_dir, path, "compute_score_async", "naive", kwargs)
-        out["naive_async"][form] = reward_loop(async_cfg, data, awaited)
+        (out["naive_async"][form],) = reward_loop(async_cfg, data, awaited=awaited)
         out["awaited"][form] = awaited[0]
-        out["agent_loop"][form] = reward_loop(cfg, batch(tokenizer, agent_loop=True))
+        (out["agent_loop"][form],) = reward_loop(cfg, batch(tokenizer, agent_loop=True))
         # As verl's remote reward manager ships it to its reward actors (after this process used it).
         copy = cloudpickle.loads(cloudpickle.dumps(get_custom_reward_fn(cfg)))
         out["pickled"][form] = [
@@ -159,7 +162,7 @@ def main() -> None:
             ("reference", "compute_reference_score"),
             ("reference_async", "compute_reference_score_async"),
         ):
-            out[name][form] = reward_loop(config(a.model_dir, path, fn_name, "naive", kwargs), with_refs)
+            (out[name][form],) = reward_loop(config(a.model_dir, path, fn_name, "naive", kwargs), with_refs)
         # verl's legacy batch manager, through the same loader
         from verl.workers.reward_manager.batch import BatchRewardManager
 
@@ -167,6 +170,16 @@ def main() -> None:
         manager = BatchRewardManager(tokenizer, num_examine=0, compute_score=fn)
         scores = manager(data, return_dict=True)["reward_tensor"]
         out["legacy_batch"][form] = scores.sum(dim=1).tolist()
+    # verl's other managers that take a custom function, with the awaited form the docs give
+    # them; `rate_limited` also on the agent loop's rollouts (it merges their raw_prompt too).
+    awaited = []
+    cfg = config(a.model_dir, forms["pkg"], "compute_score_async", "dapo", kwargs)
+    (out["managers"]["dapo"],) = reward_loop(cfg, data, awaited=awaited)
+    cfg = config(a.model_dir, forms["pkg"], "compute_score_async", "rate_limited", kwargs)
+    out["managers"]["rate_limited"], out["managers"]["rate_limited_agent_loop"] = reward_loop(
+        cfg, data, batch(tokenizer, agent_loop=True), awaited=awaited
+    )
+    out["awaited"]["dapo"], out["awaited"]["rate_limited"] = awaited
     try:  # an unknown reward_kwargs key is an error, not a silent default
         reward_loop(config(a.model_dir, forms["pkg"], "compute_score", "naive", {**kwargs, "tsak": "x"}), data)
         out["errors"]["unknown_key"] = None
