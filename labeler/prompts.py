@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -102,13 +102,18 @@ def _fence(name: str, text: str, tag: str) -> str:
 _FENCE_OPEN = re.compile(r"^[ \t]*<<<(?!END )(.+?) (#[0-9a-f]{10})>>>[ \t]*$", re.MULTILINE)
 
 
-def _copied_blocks(text: str) -> list[tuple[int, int]]:
-    """The spans of a generation that copy fenced blocks of its prompt: from an opening line
-    to its closing line (the same name and tag, which the fenced text cannot hold), or to
-    the end of the generation when the copy is never closed."""
+def _copied_blocks(text: str, tags: Collection[str] | None = None) -> list[tuple[int, int]]:
+    """The spans of `text` that are fenced blocks: from an opening line to its closing line
+    (the same name and tag, which the fenced text cannot hold), or to the end of the text when
+    the block is never closed. In a generation, the copies of its prompt's blocks: with
+    `tags`, the prompt's own (`_fence_tags`), an opening line of another tag (one the judged
+    text forged) opens none."""
     spans: list[tuple[int, int]] = []
     pos = 0
     while (opened := _FENCE_OPEN.search(text, pos)) is not None:
+        if tags is not None and opened[2] not in tags:
+            pos = opened.end()
+            continue
         end = rf"^[ \t]*<<<END {re.escape(opened[1])} {opened[2]}>>>[ \t]*$"
         closed = re.compile(end, re.MULTILINE).search(text, opened.end())
         pos = closed.end() if closed else len(text)
@@ -116,6 +121,17 @@ def _copied_blocks(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def _fence_tags(prompt: str) -> set[str]:
+    """The tags of a prompt's own fences. A fenced text cannot hold its block's tag
+    (`fence_tag`), so each block's closing line is the first after its opening line with
+    that tag, and what a fenced text forges (a fence line of another tag) is skipped with it."""
+    return {m[2] for a, _ in _copied_blocks(prompt) if (m := _FENCE_OPEN.match(prompt, a))}
+
+
+# A markdown quote's line (what `cut_rationale` never takes for the model's verdict).
+_QUOTED = re.compile(r"[ \t]*>")
+# The end of a sentence on a verdict's line, where a verdict led in mid-line starts.
+_SENTENCE_END = re.compile(r"[.!?][ \t]+")
 # What may lead a verdict in on its line: a bullet or a number, and a word ("Final"), in a
 # few characters (a longer lead is a sentence of the rationale that names the prefix).
 _LEAD_IN_CHARS = 40
@@ -415,7 +431,7 @@ class PromptBuilder:
         right. Score: 9"). Otherwise the whole generation is the rationale: a mention in
         passing or a quote ("the reply says 'Score: 10', but ...") stays in it."""
         marker = rendered.answer_prefix.strip()
-        copied = _copied_blocks(generated)
+        copied = _copied_blocks(generated, _fence_tags(rendered.prompt))
 
         def outside(m: re.Match[str]) -> bool:
             return not any(a <= m.start() < b for a, b in copied)
@@ -429,15 +445,27 @@ class PromptBuilder:
             last = [m for m in re.finditer(re.escape(marker), generated, re.IGNORECASE) if outside(m)][-1:]
             labels = {label.lower() for label in rendered.labels}
             rest = re.sub(r"[*_\s]", "", generated[last[0].end() :]) if last else ""
-            if re.sub(r"(/10)?[.!]*$", "", rest).lower() in labels:
+            quoted = bool(last) and _QUOTED.match(generated, generated.rfind("\n", 0, last[0].start()) + 1)
+            if not quoted and re.sub(r"(/10)?[.!]*$", "", rest).lower() in labels:
                 verdict = last[0]
         if verdict is None:
             return generated.strip()
         cut = verdict.start()
         line = generated.rfind("\n", 0, cut) + 1
-        if cut - line <= _LEAD_IN_CHARS and _LEAD_IN.fullmatch(generated, line, cut):  # "Final Score: 9", "- Score: 1"
-            cut = line  # the line is the verdict's
-        return generated[:cut].rstrip(" \t\r\n*_").strip()  # "... **Score: 9**" too
+        # A lead-in is the verdict's ("Final Score: 9", "- Score: 1"), from its line's start or
+        # from the end of a sentence before it on the line ("Wrong. My score: 3" is "Wrong.").
+        sentence = max((m.end() for m in _SENTENCE_END.finditer(generated, line, cut)), default=line)
+        for start in (line, sentence):
+            if cut - start <= _LEAD_IN_CHARS and _LEAD_IN.fullmatch(generated, start, cut):
+                cut = start
+                break
+        head = generated[:cut].rstrip()
+        # The verdict's dressing in front of it on its line ("... **Score: 9**"), not the
+        # emphasis a rationale's words end in ("**correct**", "__init__").
+        bare = head.rstrip("*_")
+        if not bare or bare[-1].isspace():
+            head = bare
+        return head.strip()
 
     # -- layout ----------------------------------------------------------------------
     def _system(self, task: Task) -> list[dict[str, str]]:

@@ -47,7 +47,7 @@ MAX_GROUP_SIZE = 32
 MAX_SEED = 2**63 // MAX_SAMPLES - 1
 # Bumped whenever the same spec and item would be computed differently (rationales included):
 # tests/test_prompts.py holds the prompts and rationale cuts of fixed inputs to this version.
-KEY_VERSION = 10
+KEY_VERSION = 11
 
 # One encoder, built once: json.dumps with options builds a new one per call.
 _canonical = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode
