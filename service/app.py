@@ -27,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
-from labeler import InvalidInput, Labeler, TaskRegistry
+from labeler import EngineUnavailable, InvalidInput, Labeler, TaskRegistry
 
 from . import errors
 from .cache import Cache, MemoryCache, RedisCache
@@ -233,6 +233,18 @@ class Cors(CORSMiddleware):
         return errors.error_response(400, bytes(resp.body).decode(), "cors_refused", None, keep)
 
 
+class _Loading:
+    """The app's label service while its model loads (a host that serves the app before its
+    lifespan has run, or without running it): every label route answers a 503 that clients
+    retry, not the 500 of a service that is not there."""
+
+    def __getattr__(self, route: str) -> Any:
+        async def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise EngineUnavailable("the model is not loaded yet")
+
+        return refuse
+
+
 def engine_failure(state: Any) -> str | None:
     """Why the app's engine can serve nothing any more (`Engine.failure`), or None: also while
     the model loads, and for an engine written before engines reported it."""
@@ -285,6 +297,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.service = _Loading()  # until the lifespan has built the real one
     errors.install(app)
     # `routes`: the router's own list, filled below, before the first request builds the gate.
     app.add_middleware(
@@ -344,7 +357,7 @@ def create_app(settings: Settings | None = None, labeler: Labeler | None = None)
     @labels.get("/v1/tasks", tags=["meta"])
     async def list_tasks() -> TasksResponse:
         """The tasks this server knows, with their content versions."""
-        infos = [TaskInfo(**{k: v for k, v in t.summary().items() if k != "source"}) for t in app.state.labeler.tasks]
+        infos = [TaskInfo(**{k: v for k, v in t.summary().items() if k != "source"}) for t in tasks]
         return TasksResponse(default_task=settings.task, tasks=infos)
 
     app.include_router(labels)

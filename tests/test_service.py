@@ -36,6 +36,52 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = None) ->
 
 
 # -- endpoints ----------------------------------------------------------------------------------------
+def test_an_app_served_before_its_model_is_loaded_answers_503_that_clients_retry():
+    """A host that serves the app before its lifespan has loaded the model (or without running
+    it): the label routes answer 503 with Retry-After, as /readyz does, not a 500 that clients
+    take for a final error; /v1/tasks already knows its tasks."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.fixtures.redis import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(uvicorn.Config(create_app(Settings()), port=port, lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: _answers(url + "/healthz"), timeout=30, what="the server to answer")
+        item = {"context": "2+2?", "response": "4"}
+        bodies = {
+            "/v1/preferences": {"task": "general", "items": [PAIR]},
+            "/v1/scores": {"task": "general", "items": [item]},
+            "/v1/judgments": {"task": "general", "items": [item]},
+            "/v1/rewards/reference": {"task": "general", "items": [{**item, "reference": "4."}]},
+            "/v1/rewards/group": {"task": "general", "items": [{"context": "2+2?", "responses": ["4", "5"]}]},
+            "/get_reward": {"query": ["2+2? 4"]},
+        }
+        for path, body in bodies.items():
+            resp = httpx.post(url + path, json=body, timeout=30)
+            err = assert_error(resp, 503)
+            assert err["type"] == "engine_unavailable" and resp.headers["retry-after"] == "5", (path, resp.text)
+        assert assert_error(httpx.get(url + "/readyz", timeout=30), 503)["type"] == "not_ready"
+        tasks = httpx.get(url + "/v1/tasks", timeout=30)
+        assert tasks.status_code == 200 and "general" in [t["name"] for t in tasks.json()["tasks"]]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_meta_endpoints(live_server, labeler):
     assert httpx.get(live_server.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(live_server.url + "/readyz").json()
