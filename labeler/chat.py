@@ -49,7 +49,7 @@ The canonical transcript:
   `[call functions.NAME] ARGUMENTS` block each, as harmony's transcripts write them, and as
   the `<tool_call>` blocks at the end of a ChatML assistant turn read (Qwen's and Hermes'
   layout); `<tool_response>` blocks in a ChatML turn are tool turns, and the tool list
-  Qwen's templates write into the system turn is the template's, dropped.
+  Qwen 2.5's and Qwen 3's templates write into the system turn is the template's, dropped.
 The canonical transcript reads as itself: given again (a batch run through the service), it
 is read the same, and so has the same key and label. Where a first reading still reads as
 other turns (a lone user message whose lines open turns of their own, a header its stripped
@@ -57,8 +57,8 @@ end marker had hidden), it is read again until it does (a few readings at most).
 
 A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
 the set given), and its reasoning block takes the same form as an assistant turn's; one that
-goes on past its turn into ChatML turns (an agent's rollout: its calls' results, its next
-turns) is read as those turns, as a response given as messages. What is
+ends its turn (`<|im_end|>`) and goes on into ChatML turns (an agent's rollout: its calls'
+results, its next turns) is read as those turns, as a response given as messages. What is
 left may be empty: an empty response is judged like any other (the
 labeler is shown its response block with nothing inside). A response given as messages (a
 conversational completion; with tools, the policy's turns and the tools' results in turn) is
@@ -73,7 +73,7 @@ import functools
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +183,7 @@ _TEMPLATES = (
         ("<|end|>",),
     ),
 )
+_CHATML = _TEMPLATES[0]  # the layout a response that goes on into turns is read in (`_chatml_reply`)
 # DeepSeek puts the system prompt bare in front of the first turn.
 _DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
 _DEEPSEEK = _Template(("<｜User｜>",), re.compile(r"<｜(User|Assistant)｜>"), ("<｜end▁of▁sentence｜>",))
@@ -221,7 +222,7 @@ _PLAIN_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*\r?\n[ \t]*)(" + _PLAIN_ROLE + r")
 _PLAIN_START = re.compile(r"\A\s*(" + _PLAIN_ROLE + "):")
 # A turn opening after one newline, for transcripts that separate turns by one.
 _PLAIN_LINE_HEADER = re.compile(r"(?:\A\s*|\n[ \t]*)(" + _PLAIN_ROLE + r"):[ \t]?")
-# How Qwen's templates open and close the list of tools they write into the system turn.
+# How Qwen 2.5's and Qwen 3's templates open and close the tool list they write into the system turn.
 _QWEN_TOOLS = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>",
@@ -319,18 +320,29 @@ def clean_response(text: str, end_markers: Iterable[str] = END_MARKERS) -> str:
 
 
 def _clean_response(text: str, markers: tuple[str, ...]) -> str:
-    return _chatml_reply(_harmony_reply(_turn_content("Assistant", text, markers), markers), markers)
+    return _chatml_reply(_one_reply(text, markers), markers)
+
+
+def _one_reply(text: str, markers: tuple[str, ...]) -> str:
+    """A response cleaned as one turn (`clean_response` but for the turns it may go on into)."""
+    return _harmony_reply(_turn_content("Assistant", text, markers), markers)
 
 
 def _chatml_reply(text: str, markers: tuple[str, ...]) -> str:
-    """A cleaned response that goes on past its turn into turns of ChatML markup (its tool
-    calls' results and its next turns, or a policy writing on into a turn of another role)
-    read as those turns, as the same completion given as messages is (`response_text`);
-    any other response as it is."""
-    if "<|im_start|>" not in text:
-        return text
-    turns = parse("<|im_start|>assistant\n" + text, markers)
-    return text if turns is None or len(turns) < 2 else response_text(turns, markers)
+    """A cleaned response that ended its turn and went on into turns of ChatML markup (its
+    tool calls' results and its next turns, or a policy writing on into a turn of another
+    role) read as those turns, as the same completion given as messages is (`response_text`);
+    any other response as it is, also one that quotes ChatML. Read again while that finds
+    more turns (a turn end a reading took off can leave a header), a few readings at most."""
+    for _ in range(_MAX_READS):
+        header = _CHATML.header.search(text) if "<|im_start|>" in text else None
+        if header is None or not text[: header.start()].rstrip().endswith(_CHATML.ends):
+            break
+        turns = parse("<|im_start|>assistant\n" + text, markers) or []
+        if len(turns) < 2:
+            break
+        text = _response_text(turns, markers, _one_reply)
+    return text
 
 
 def _harmony_reply(text: str, markers: tuple[str, ...]) -> str:
@@ -480,7 +492,7 @@ def _harmony(body: str) -> list[Message]:
             reasoning.append(text)
             open_think = not ended
         elif recipient and not recipient.startswith("assistant"):
-            answers.append(f"[call {recipient}] {text}")
+            answers.append(f"[call {recipient}] {_arguments(text, ())}")
         else:
             answers.append(text)
     close_turn()
@@ -542,6 +554,8 @@ def _turn_content(role: str, content: str, markers: tuple[str, ...]) -> str:
     in one form (`_reasoning`): the same whether the turn came laid out as text or as a
     message, with or without the part the template wrote."""
     content = _clean(content, markers)
+    if role == "Assistant" and content.endswith(_CALL_CLOSE):  # before the reasoning block's form
+        content = _laid_out_calls(content, markers)
     for _ in range(_MAX_UNWRAP if role == "Assistant" else 0):
         if "think>" not in content:
             break
@@ -549,8 +563,6 @@ def _turn_content(role: str, content: str, markers: tuple[str, ...]) -> str:
         if reasoned == content:
             break
         content = _clean(reasoned, markers)  # a dropped block may leave a sequence start in front
-    if role == "Assistant" and content.endswith(_CALL_CLOSE):
-        content = _laid_out_calls(content, markers)
     return content
 
 
@@ -771,13 +783,20 @@ def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[s
     (`clean_response`) and its tool calls; any other turn (a tool's result) as a `Role:
     content` block; joined by blank lines, empty turns left out. A lone assistant message
     reads as its content alone: the same completion as text or as a message is judged the same."""
-    markers = _markers(end_markers)
+    return _response_text(messages, _markers(end_markers), _clean_response)
+
+
+def _response_text(
+    messages: Sequence[Mapping[str, Any]], markers: tuple[str, ...], clean: Callable[[str, tuple[str, ...]], str]
+) -> str:
+    """`response_text`, each reply read by `clean` (`_one_reply` for the turns `_chatml_reply`
+    read, which it reads again itself)."""
     blocks = []
     for m in messages:
         role = _role(m.get("role") or "assistant")
         text = _message_content(m, role)
         if role == "Assistant":
-            blocks.append(_with_tool_calls(_clean_response(text, markers), m, markers))
+            blocks.append(_with_tool_calls(clean(text, markers), m, markers))
         else:
             content = _with_tool_calls(_turn_content(role, text, markers), m, markers)
             blocks.append(f"{role}: {content}" if content else "")
@@ -788,7 +807,7 @@ def response_text(messages: Sequence[Mapping[str, Any]], end_markers: Iterable[s
     # text's cleaning takes off): the text sent again, as `labeler label --url` sends a
     # file's completions, is then judged as the messages were, under the same key.
     for _ in range(_MAX_READS):
-        again = _clean_response(text, markers)
+        again = clean(text, markers)
         if again == text:
             break
         text = again
@@ -799,9 +818,8 @@ def _with_tool_calls(content: str, message: Mapping[str, Any], markers: tuple[st
     """`content` followed by `message`'s tool calls, a `[call functions.NAME] ARGUMENTS`
     block each (the form harmony's transcripts give a call: `_harmony`); a call as OpenAI's
     API writes it (`{"function": {"name", "arguments"}}`) or flat (`{"name", "arguments"}`,
-    as chat templates such as Qwen's and Hermes' also take it); arguments given as an object
-    are written as JSON, cleaned as a content is (`markers` at their end dropped); a call that
-    names no function is not shown."""
+    as chat templates such as Qwen's and Hermes' also take it); arguments as `_arguments`
+    writes them; a call that names no function is not shown."""
     calls = message.get("tool_calls")
     if not calls or not isinstance(calls, Sequence) or isinstance(calls, str):  # none, or none to read
         return content
@@ -810,11 +828,28 @@ def _with_tool_calls(content: str, message: Mapping[str, Any], markers: tuple[st
         function = (call.get("function") or call) if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping) or not function.get("name"):
             continue
-        arguments = function.get("arguments")
-        if not isinstance(arguments, str):
-            arguments = "" if arguments is None else json.dumps(arguments, ensure_ascii=False)
-        blocks.append(f"[call functions.{function['name']}] {_clean(arguments, markers)}".rstrip())
+        blocks.append(f"[call functions.{function['name']}] {_arguments(function.get('arguments'), markers)}".rstrip())
     return "\n\n".join(blocks)
+
+
+def _arguments(arguments: Any, markers: tuple[str, ...]) -> str:
+    """A call's arguments as one text: JSON (an object, or a text of JSON) written as
+    `json.dumps` writes it, so that the same call reads the same whether its template wrote
+    the arguments as given or as JSON of its own spacing; any other text cleaned as it is."""
+    if arguments is None:
+        return ""
+    if isinstance(arguments, str):
+        arguments = _clean(arguments, markers)
+        try:
+            value = json.loads(arguments)
+        except (ValueError, RecursionError):  # not JSON (over 4,300 digits, nested too deep)
+            return arguments
+    else:
+        value = arguments
+    try:
+        return _clean(json.dumps(value, ensure_ascii=False), markers)
+    except (TypeError, ValueError, RecursionError):  # not JSON's: written as Python writes it
+        return _clean(str(arguments), markers)
 
 
 def context_text(context: str | Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:

@@ -106,16 +106,17 @@ def _copied_blocks(text: str, tags: Collection[str] | None = None) -> list[tuple
     """The spans of `text` that are fenced blocks: from an opening line to its closing line
     (the same name and tag, which the fenced text cannot hold), or to the end of the text when
     the block is never closed. In a generation, the copies of its prompt's blocks: with
-    `tags`, the prompt's own (`_fence_tags`), an opening line of another tag (one the judged
-    text forged) opens none."""
+    `tags`, the prompt's own (`_fence_tags`), an opening line of another tag opens a copy only
+    where its closing line follows (a block copied with its tag miscopied); unclosed, it is a
+    line the judged text forged, and the model's verdict after it is its own."""
     spans: list[tuple[int, int]] = []
     pos = 0
     while (opened := _FENCE_OPEN.search(text, pos)) is not None:
-        if tags is not None and opened[2] not in tags:
-            pos = opened.end()
-            continue
         end = rf"^[ \t]*<<<END {re.escape(opened[1])} {opened[2]}>>>[ \t]*$"
         closed = re.compile(end, re.MULTILINE).search(text, opened.end())
+        if closed is None and tags is not None and opened[2] not in tags:
+            pos = opened.end()
+            continue
         pos = closed.end() if closed else len(text)
         spans.append((opened.start(), pos))
     return spans
@@ -130,6 +131,8 @@ def _fence_tags(prompt: str) -> set[str]:
 
 # A markdown quote's line (what `cut_rationale` never takes for the model's verdict).
 _QUOTED = re.compile(r"[ \t]*>")
+# What a verdict's dressing may follow on its line, where a rationale's emphasis would not end.
+_BEFORE_DRESSING = frozenset(".!?,;:)")
 # The end of a sentence on a verdict's line, where a verdict led in mid-line starts.
 _SENTENCE_END = re.compile(r"[.!?][ \t]+")
 # What may lead a verdict in on its line: a bullet or a number, and a word ("Final"), in a
@@ -460,11 +463,12 @@ class PromptBuilder:
                 cut = start
                 break
         head = generated[:cut].rstrip()
-        # The verdict's dressing in front of it on its line ("... **Score: 9**"), not the
-        # emphasis a rationale's words end in ("**correct**", "__init__").
-        bare = head.rstrip("*_")
-        if not bare or bare[-1].isspace():
-            head = bare
+        if cut > line:
+            # The verdict's dressing in front of it on its line ("... **Score: 9**", "wrong.**Score:
+            # 2**"), not the emphasis a rationale's last word ends in ("**correct**", "__init__").
+            bare = head.rstrip("*_")
+            if not bare or bare[-1].isspace() or bare[-1] in _BEFORE_DRESSING:
+                head = bare
         return head.strip()
 
     # -- layout ----------------------------------------------------------------------

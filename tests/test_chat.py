@@ -651,7 +651,7 @@ def test_gpt_oss_harmony_reads_as_the_same_dialogue_as_its_messages():
         '<|channel|>commentary <|constrain|>json<|message|>{"city":"SF"}<|call|>'
     )
     assert chat.split_query(_HARMONY_PROMPT + call, _HARMONY_PROMPT)[1] == (
-        '<think>\nNeed the weather.\n</think>\n\n[call functions.get_weather] {"city":"SF"}'
+        '<think>\nNeed the weather.\n</think>\n\n[call functions.get_weather] {"city": "SF"}'
     )
     # Earlier turns and a tool's result in the context.
     dialogue = (
@@ -673,7 +673,8 @@ def test_gpt_oss_harmony_reads_as_the_same_dialogue_as_its_messages():
 def test_tool_calls_read_the_same_as_messages_or_as_harmony_markup():
     """A tool-calling dialogue given as OpenAI / TRL messages reads as harmony's markup of it
     does: each call a `[call functions.NAME] ARGUMENTS` block after its turn's content, the
-    tool's result a Tool turn. Arguments given as an object are written as JSON."""
+    tool's result a Tool turn. Arguments, an object or a text of JSON, are written as
+    `json.dumps` writes them."""
     weather = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"SF"}'}}
     messages = [
         {"role": "user", "content": "Weather in SF?"},
@@ -686,12 +687,12 @@ def test_tool_calls_read_the_same_as_messages_or_as_harmony_markup():
         '<|message|>{"city":"SF"}<|call|>'
         "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>18C, sunny<|end|>"
     )
-    want = 'User: Weather in SF?\n\nAssistant: [call functions.get_weather] {"city":"SF"}\n\nTool: 18C, sunny'
+    want = 'User: Weather in SF?\n\nAssistant: [call functions.get_weather] {"city": "SF"}\n\nTool: 18C, sunny'
     assert chat.render(messages) == chat.context_text(harmony) == want
     add = {"function": {"name": "add", "arguments": {"a": 2, "b": 2}}}  # TRL's parsed call: an object
     turn = {"role": "assistant", "content": "Let me add.<|im_end|>", "tool_calls": [add, weather]}
     assert chat.render([turn]) == (
-        'Assistant: Let me add.\n\n[call functions.add] {"a": 2, "b": 2}\n\n[call functions.get_weather] {"city":"SF"}'
+        'Assistant: Let me add.\n\n[call functions.add] {"a": 2, "b": 2}\n\n[call functions.get_weather] {"city": "SF"}'
     )
     assert chat.render([{"role": "assistant", "content": "", "tool_calls": None}]) == ""
     # A call given flat, as Qwen's and Hermes' chat templates also take it, reads the same.
@@ -753,6 +754,16 @@ def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messag
         "Tool: 18C, sunny\n\nTool: 25C\n\nAssistant: SF: 18C, NYC: 25C.\n\nUser: Thanks. And Paris?"
     )
 
+    # Arguments as OpenAI's API gives them, a text of JSON (spaced its own way, with a
+    # character other than ASCII escaped): Qwen 2.5 writes them as a JSON string, Qwen 3 as they are.
+    as_text = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Z\\u00fcrich"}'}}
+    called = [dialogue[0], {"role": "assistant", "content": None, "tool_calls": [as_text]}, dialogue[2]]
+    assert (
+        chat.context_text(laid_out(called))
+        == chat.context_text(called)
+        == chat.context_text([dialogue[0], {**called[1], "tool_calls": [_call("Zürich")]}, dialogue[2]])
+    )
+
     question = dialogue[:1]
     prompt = laid_out(question, prompt=True)
     completions = [
@@ -802,6 +813,17 @@ def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
         '</tool_call>{"name": "f"}</tool_call>',
     ):
         assert chat.clean_response(written) == written.strip(), written
+    # A response that quotes ChatML (a code block, a format it explains) ended no turn of its own.
+    quoted = "Qwen's format:\n```\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n```\nThen it replies."
+    assert chat.clean_response(quoted) == quoted
+    # An open reasoning block, then a call: read once, it reads as itself.
+    once = chat.clean_response('<think>\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
+    assert once == "<think>\n[call functions.f] {}" and chat.clean_response(once) == once
+    # Headers that each reading's stripped turn ends uncover: a few readings, no recursion.
+    uncovering = "A<|im_end|>\n<|im_start|>tool\nB" + "<|im_end|>\n<|im_start|>user" * 400 + "<|im_end|>" * 400
+    assert chat.clean_response(uncovering).startswith("A\n\nTool: B")
+    nested = "A<|im_start|>tool\nB" + "<|im_start|>user" * 400 + "<|im_end|>" * 400
+    assert chat.clean_response(nested) == chat.clean_response(chat.clean_response(nested))
     beside = "<|im_start|>user\nSee <tool_response>\n4\n</tool_response><|im_end|>\n<|im_start|>assistant\nok"
     assert chat.split_query(beside) == ([{"role": "user", "content": "See <tool_response>\n4\n</tool_response>"}], "ok")
 
