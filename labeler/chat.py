@@ -254,9 +254,9 @@ _TEMPLATE_WRITTEN = (
         re.compile(
             r"(?:\n\n)?"
             + re.escape(_QWEN_TOOLS[0])
-            + r"(?:(?!</tools>|"
+            + r"(?:(?!"
             + re.escape(_QWEN_TOOLS[0])
-            + r").)*"
+            + r").)*?"
             + re.escape(_QWEN_TOOLS[1]),
             re.DOTALL,
         ),

@@ -710,6 +710,10 @@ _WEATHER = {
 }
 
 
+# A tool whose description names the tags the tool list is written in.
+_MARKUP = {"type": "function", "function": {"name": "strip_tags", "description": "Drops tags such as </tools>"}}
+
+
 def _call(city: str) -> dict:
     return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
 
@@ -733,7 +737,7 @@ def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messag
 
     def laid_out(messages: list[dict], prompt: bool = False) -> str:
         return tokenizer.apply_chat_template(
-            messages, tools=[_WEATHER], chat_template=jinja, tokenize=False, add_generation_prompt=prompt
+            messages, tools=[_WEATHER, _MARKUP], chat_template=jinja, tokenize=False, add_generation_prompt=prompt
         )
 
     dialogue = [
