@@ -200,6 +200,13 @@ _HARMONY = _Template(
     ),
     ("<|end|>", "<|return|>", "<|call|>"),
 )
+# The tool list gpt-oss's template writes at the end of the developer message (each search
+# stops at the next list, so an unclosed one costs linear time).
+_HARMONY_TOOLS = re.compile(
+    r"(?:\A|\n\n)# Tools\n\n## functions\n\nnamespace functions \{(?:(?!namespace functions \{).)*?"
+    r"\} // namespace functions\Z",
+    re.DOTALL,
+)
 # What a response after a harmony prompt starts with: the channel of the policy's first message
 # (the prompt's generation prompt wrote its "<|start|>assistant"), or a header of its own.
 _HARMONY_REPLY = ("<|channel|>", "<|start|>")
@@ -328,15 +335,22 @@ def _one_reply(text: str, markers: tuple[str, ...]) -> str:
     return _harmony_reply(_turn_content("Assistant", text, markers), markers)
 
 
-def _chatml_reply(text: str, markers: tuple[str, ...]) -> str:
-    """A cleaned response that ended its turn and went on into turns of ChatML markup (its
-    tool calls' results and its next turns, or a policy writing on into a turn of another
-    role) read as those turns, as the same completion given as messages is (`response_text`);
-    any other response as it is, also one that quotes ChatML. Read again while that finds
-    more turns (a turn end a reading took off can leave a header), a few readings at most."""
+def _chatml_reply(text: str, markers: tuple[str, ...], after_chatml: bool = False) -> str:
+    """A cleaned response that went on past its turn into turns of ChatML markup (its tool
+    calls' results and its next turns, or a policy writing on into a turn of another role)
+    read as those turns, as the same completion given as messages is (`response_text`); any
+    other response as it is. After a ChatML prompt (`after_chatml`) every header opens a turn,
+    as in the query read whole (`parse`); otherwise only one after the response ended its turn
+    (`<|im_end|>`), outside a code block: a response that quotes ChatML is read as written.
+    Read again while that finds more turns (a turn end a reading took off can leave a
+    header), a few readings at most."""
     for _ in range(_MAX_READS):
         header = _CHATML.header.search(text) if "<|im_start|>" in text else None
-        if header is None or not text[: header.start()].rstrip().endswith(_CHATML.ends):
+        if header is None:
+            break
+        if not after_chatml and (
+            not text[: header.start()].rstrip().endswith(_CHATML.ends) or text.count("```", 0, header.start()) % 2
+        ):
             break
         turns = parse("<|im_start|>assistant\n" + text, markers) or []
         if len(turns) < 2:
@@ -484,10 +498,13 @@ def _harmony(body: str) -> list[Message]:
         text = _clean(text, _HARMONY.ends)
         if role != "assistant":
             close_turn()
-            if role == "developer":
-                messages.append({"role": "system", "content": text.removeprefix("# Instructions").lstrip()})
-            elif role != "system":
-                messages.append({"role": "user" if role == "user" else "tool", "content": text})
+            if role == "developer":  # the system prompt, and the tool list the template writes after it
+                text = _HARMONY_TOOLS.sub("", text).removeprefix("# Instructions").lstrip()
+                messages.append({"role": "system", "content": text})
+            elif role == "user":
+                messages.append({"role": "user", "content": text})
+            elif role != "system":  # a tool's result, which gpt-oss's template writes as JSON
+                messages.append({"role": "tool", "content": _json_text(text)})
         elif channel == "analysis":
             reasoning.append(text)
             open_think = not ended
@@ -497,6 +514,17 @@ def _harmony(body: str) -> list[Message]:
             answers.append(text)
     close_turn()
     return messages
+
+
+def _json_text(text: str) -> str:
+    """The text a JSON string holds, or `text` as it is when it holds none."""
+    if not text.startswith('"'):
+        return text
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    return value if isinstance(value, str) else text
 
 
 def _deepseek(head: str, bos: bool) -> bool:
@@ -834,22 +862,28 @@ def _with_tool_calls(content: str, message: Mapping[str, Any], markers: tuple[st
 
 def _arguments(arguments: Any, markers: tuple[str, ...]) -> str:
     """A call's arguments as one text: JSON (an object, or a text of JSON) written as
-    `json.dumps` writes it, so that the same call reads the same whether its template wrote
-    the arguments as given or as JSON of its own spacing; any other text cleaned as it is."""
+    `json.dumps` writes it, and a JSON string as the text it holds (a template that writes
+    arguments given as text as JSON, gpt-oss's and Qwen 2.5's), so that the same call reads
+    the same whether its template wrote the arguments as given or as JSON of its own; any
+    other text cleaned as it is."""
     if arguments is None:
         return ""
-    if isinstance(arguments, str):
-        arguments = _clean(arguments, markers)
+    value = arguments
+    for _ in range(_MAX_UNWRAP):
+        if not isinstance(value, str):
+            break
+        text = _clean(value, markers)
         try:
-            value = json.loads(arguments)
+            value = json.loads(text)
         except (ValueError, RecursionError):  # not JSON (over 4,300 digits, nested too deep)
-            return arguments
-    else:
-        value = arguments
+            return text
     try:
-        return _clean(json.dumps(value, ensure_ascii=False), markers)
-    except (TypeError, ValueError, RecursionError):  # not JSON's: written as Python writes it
-        return _clean(str(arguments), markers)
+        return _clean(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), markers)
+    except (TypeError, ValueError, RecursionError):  # not JSON's (a Python object): as Python writes it
+        try:
+            return _clean(str(value), markers)
+        except (ValueError, RecursionError):  # not even that (an int past Python's digit limit)
+            return ""
 
 
 def context_text(context: str | Sequence[Mapping[str, Any]], end_markers: Iterable[str] = END_MARKERS) -> str:
@@ -932,7 +966,9 @@ def _after_prompt(prompt: str, response: str, markers: tuple[str, ...]) -> str:
     opening tag back, as the same turn split by its template reads."""
     if _opens_reasoning(prompt) and not response.lstrip().startswith("<think>"):
         response = "<think>\n" + response
-    return _clean_response(response, _with_template_ends(prompt, markers))
+    markers = _with_template_ends(prompt, markers)
+    after_chatml = _strip_bos(prompt).lstrip().startswith(_CHATML.starts)
+    return _chatml_reply(_one_reply(response, markers), markers, after_chatml)
 
 
 def _opens_reasoning(prompt: str) -> bool:

@@ -463,12 +463,13 @@ class PromptBuilder:
                 cut = start
                 break
         head = generated[:cut].rstrip()
-        if cut > line:
-            # The verdict's dressing in front of it on its line ("... **Score: 9**", "wrong.**Score:
-            # 2**"), not the emphasis a rationale's last word ends in ("**correct**", "__init__").
-            bare = head.rstrip("*_")
-            if not bare or bare[-1].isspace() or bare[-1] in _BEFORE_DRESSING:
-                head = bare
+        # The verdict's dressing in front of it ("... **Score: 9**", a rule line "***" above it,
+        # "wrong.**Score: 2**"), not the emphasis a rationale's last word ends in ("**correct**",
+        # "__init__", "**wrong.** Score: 2").
+        bare = head.rstrip("*_")
+        touching = len(head) == cut  # no space between the run and the verdict
+        if not bare or bare[-1].isspace() or (touching and bare[-1] in _BEFORE_DRESSING):
+            head = bare
         return head.strip()
 
     # -- layout ----------------------------------------------------------------------

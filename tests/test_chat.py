@@ -793,6 +793,36 @@ def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messag
     )
 
 
+@pytest.mark.parametrize("arguments", ['{"city":"SF"}', {"city": "SF"}])
+def test_a_tool_calling_dialogue_laid_out_by_gpt_oss_s_template_reads_as_its_messages(
+    arguments, frameworks_python, model_dir
+):
+    """gpt-oss's chat template (as TRL ships it) writes the tool list at the end of the
+    developer message, a call's arguments as JSON (arguments given as text become a JSON
+    string) and a tool's result as JSON: the same dialogue reads as its messages do."""
+    from transformers import AutoTokenizer
+
+    found = sorted(frameworks_python.parents[1].glob("lib/python*/site-packages/trl/chat_templates/gptoss.jinja"))
+    assert found, "TRL's chat templates are missing from the frameworks venv"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+    for system in ([], [{"role": "system", "content": "Be brief."}]):
+        dialogue = [
+            *system,
+            {"role": "user", "content": "Weather in SF?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": "18C, sunny"},
+            {"role": "assistant", "content": "It is 18C."},
+            {"role": "user", "content": "Thanks."},
+        ]
+        text = tokenizer.apply_chat_template(
+            dialogue, tools=[_WEATHER], chat_template=found[0].read_text(), tokenize=False, add_generation_prompt=True
+        )
+        assert "namespace functions" in text and '"18C, sunny"' in text
+        assert chat.context_text(text) == chat.context_text(dialogue)
+        assert '[call functions.get_weather] {"city": "SF"}\n\nTool: 18C, sunny' in chat.context_text(dialogue)
+
+
 def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
     """Hermes' layout puts a result in a tool turn; a call's arguments given as JSON text read
     as the same text given in a message. A block that is no call (not JSON, no name, keys a
@@ -820,6 +850,19 @@ def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
     # A response that quotes ChatML (a code block, a format it explains) ended no turn of its own.
     quoted = "Qwen's format:\n```\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n```\nThen it replies."
     assert chat.clean_response(quoted) == quoted
+    inside = "Example:\n```\nHi<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n```\nThen"
+    assert chat.clean_response(inside) == inside
+    # After a ChatML prompt, a header opens a turn as in the query read whole: with the prompt
+    # or without, one response (an agent loop that dropped the turn end before its observation).
+    prompt = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    for answer in ("Answer.\n<|im_start|>user\nThanks", "Answer.<|im_end|>\n<|im_start|>user\nThanks"):
+        assert (
+            chat.split_query(prompt + answer, prompt)[1]
+            == chat.split_query(prompt + answer)[1]
+            == ("Answer.\n\nUser: Thanks")
+        )
+    # Arguments Python holds but JSON cannot write (a library caller's): no exception.
+    assert chat.render([{"role": "assistant", "tool_calls": [{"name": "f", "arguments": {"a": 10**5000}}]}])
     # An open reasoning block, then a call: read once, it reads as itself.
     once = chat.clean_response('<think>\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
     assert once == "<think>\n[call functions.f] {}" and chat.clean_response(once) == once
