@@ -57,8 +57,10 @@ end marker had hidden), it is read again until it does (a few readings at most).
 
 A response loses surrounding whitespace and trailing end-of-turn markers (`END_MARKERS`, or
 the set given), and its reasoning block takes the same form as an assistant turn's; one that
-ends its turn (`<|im_end|>`) and goes on into ChatML turns (an agent's rollout: its calls'
-results, its next turns) is read as those turns, as a response given as messages. What is
+goes on past its turn into ChatML turns (an agent's rollout: its calls' results, its next
+turns) is read as those turns, as a response given as messages (after a ChatML prompt at any
+turn header, as in the query read whole; elsewhere once it ended its turn, `<|im_end|>`,
+outside a code block). What is
 left may be empty: an empty response is judged like any other (the
 labeler is shown its response block with nothing inside). A response given as messages (a
 conversational completion; with tools, the policy's turns and the tools' results in turn) is
