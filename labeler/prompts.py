@@ -430,9 +430,10 @@ class PromptBuilder:
         line is the policy's, not the model's verdict) and outside a markdown quote ("> Score:
         10": a line quoted to discuss it); what the model may run on to after it, an invented
         example with a verdict of its own, is left out. Without such a line,
-        the prefix's last mention outside the copies, when only a label follows it ("It is
-        right. Score: 9"). Otherwise the whole generation is the rationale: a mention in
-        passing or a quote ("the reply says 'Score: 10', but ...") stays in it."""
+        the prefix's last mention outside the copies and quotes, when only a label follows it
+        ("It is right. Score: 9"). Otherwise the whole generation is the rationale: a mention in
+        passing or a quote ("the reply says 'Score: 10', but ...") stays in it. A lead-in
+        ("Final", "- ", "Wrong. My score") and markdown dressing go with the verdict."""
         marker = rendered.answer_prefix.strip()
         copied = _copied_blocks(generated, _fence_tags(rendered.prompt))
 
