@@ -341,17 +341,18 @@ def _chatml_reply(text: str, markers: tuple[str, ...], after_chatml: bool = Fals
     """A cleaned response that went on past its turn into turns of ChatML markup (its tool
     calls' results and its next turns, or a policy writing on into a turn of another role)
     read as those turns, as the same completion given as messages is (`response_text`); any
-    other response as it is. After a ChatML prompt (`after_chatml`) every header opens a turn,
-    as in the query read whole (`parse`); otherwise only one after the response ended its turn
-    (`<|im_end|>`), outside a code block: a response that quotes ChatML is read as written.
+    other response as it is. A header inside a code block opens none (a response that quotes
+    ChatML is read as written); after a ChatML prompt (`after_chatml`) any other does, as in
+    the query read whole (`parse`); elsewhere only one after the response ended its turn
+    (`<|im_end|>`)
     Read again while that finds more turns (a turn end a reading took off can leave a
     header), a few readings at most."""
     for _ in range(_MAX_READS):
         header = _CHATML.header.search(text) if "<|im_start|>" in text else None
         if header is None:
             break
-        if not after_chatml and (
-            not text[: header.start()].rstrip().endswith(_CHATML.ends) or text.count("```", 0, header.start()) % 2
+        if text.count("```", 0, header.start()) % 2 or (
+            not after_chatml and not text[: header.start()].rstrip().endswith(_CHATML.ends)
         ):
             break
         turns = parse("<|im_start|>assistant\n" + text, markers) or []
@@ -363,18 +364,26 @@ def _chatml_reply(text: str, markers: tuple[str, ...], after_chatml: bool = Fals
 
 def _harmony_reply(text: str, markers: tuple[str, ...]) -> str:
     """A cleaned response as its one assistant turn when it is the policy's harmony messages
-    (after its prompt's "<|start|>assistant"), else as it is."""
+    (after its prompt's "<|start|>assistant"), as the turns it goes on into when it goes on
+    past that turn (read as a response given as messages), else as it is."""
     for _ in range(_MAX_UNWRAP):
         if not text.startswith(_HARMONY_REPLY):
             break
         turns = _harmony(text if text.startswith("<|start|>") else "<|start|>assistant" + text)
-        if len(turns) != 1 or turns[0]["role"] != "assistant":
+        if not turns or turns[0]["role"] != "assistant":
             break
-        reply = _turn_content("Assistant", turns[0]["content"], markers)
+        if len(turns) > 1:  # it went on past its turn (a tool's result, its next turn): those turns
+            reply = _response_text(turns, markers, _assistant_turn)
+        else:
+            reply = _turn_content("Assistant", turns[0]["content"], markers)
         if reply == text:
             break
         text = reply
     return text
+
+
+def _assistant_turn(text: str, markers: tuple[str, ...]) -> str:
+    return _turn_content("Assistant", text, markers)
 
 
 def _role(role: Any) -> str:
@@ -908,11 +917,11 @@ def split_query(
        prompt the trainer cut from the left to its length limit): the rest is the response,
        the prompt the context.
     2. Otherwise, when a known chat template laid the query out, the response is the content of
-       its last turn if that is the assistant's (of all the assistant turns in a row at its
-       end, as `response_text` reads them: a policy that opened a turn of its own after its
-       answer), the turns before it the context (as messages); when turns follow the last
-       assistant turn, that turn and those after it (a policy that went on into a turn of
-       another role); with no assistant turn, empty (the policy said nothing).
+       its last assistant turn with the assistant and tool turns in a row before it (a policy
+       that opened a turn of its own after its answer, an agent's calls and the tools' results)
+       and any turns after it (a policy that went on into a turn of another role), read as
+       `response_text` reads them; the turns before it the context (as messages); with no
+       assistant turn, empty (the policy said nothing).
     3. Otherwise the whole query is the response, with an empty context.
     The response is cleaned (`clean_response`), losing its template's own turn end also with
     end markers of one's own that leave it out, and may be empty; `context_text` renders the
@@ -941,25 +950,26 @@ def split_query(
     messages = parse(query, markers)
     if messages is None:
         return "", _clean_response(query, markers)
-    if messages and messages[-1]["role"] == "assistant":
-        first = len(messages) - 1
-        while first and messages[first - 1]["role"] == "assistant":
-            first -= 1
-        if first == len(messages) - 1:
-            return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
-        # Assistant turns in a row after the last user's (or tool's): the policy opened a turn
-        # of its own after its answer. All of them are its answer, judged together: taking the
-        # last alone would put what it wrote before into the context, never judged.
-        run = [{**m, "content": _harmony_reply(m["content"], markers)} for m in messages[first:]]
-        return messages[:first], response_text(run, markers)
     last = next((k for k in range(len(messages) - 1, -1, -1) if messages[k]["role"] == "assistant"), None)
-    if last is not None:
-        # A turn after the policy's answer is the policy's too (a base model writing "User: ..."
-        # on, or a line of its answer that reads as a header): judged with the answer, as a
-        # completion given as messages is, not dropped for an empty answer.
-        answer = {**messages[last], "content": _harmony_reply(messages[last]["content"], markers)}
-        return messages[:last], response_text([answer, *messages[last + 1 :]], markers)
-    return messages, ""
+    if last is None:
+        return messages, ""
+    # The policy's turns in a row up to its last answer (several answers, its calls and the
+    # tools' results between them), and any turns after it (a policy that went on into a turn
+    # of another role): its response, judged together, none of it moved into the context.
+    first = last
+    while first and messages[first - 1]["role"] in _POLICY_SIDE:
+        first -= 1
+    if first == last == len(messages) - 1:
+        return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
+    run = [
+        {**m, "content": _harmony_reply(m["content"], markers)} if m["role"] == "assistant" else m
+        for m in messages[first:]
+    ]
+    return messages[:first], response_text(run, markers)
+
+
+# The roles of a rollout's turns: the policy's, and the tools' results it called for.
+_POLICY_SIDE = ("assistant", "tool")
 
 
 def _after_prompt(prompt: str, response: str, markers: tuple[str, ...]) -> str:

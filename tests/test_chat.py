@@ -785,6 +785,8 @@ def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messag
         want = chat.response_text(completion)
         context, response = chat.split_query(query, prompt)
         assert response == want and chat.context_text(context) == chat.context_text(question)
+        context, response = chat.split_query(query)  # without the prompt: the same split
+        assert response == want and chat.context_text(context) == chat.context_text(question)
         item = chat.normalize_item({"context": prompt, "response": query[len(prompt) :]})
         assert item == {"context": chat.context_text(question), "response": want}
     assert chat.response_text(completions[1]) == (
@@ -821,6 +823,41 @@ def test_a_tool_calling_dialogue_laid_out_by_gpt_oss_s_template_reads_as_its_mes
         assert "namespace functions" in text and '"18C, sunny"' in text
         assert chat.context_text(text) == chat.context_text(dialogue)
         assert '[call functions.get_weather] {"city": "SF"}\n\nTool: 18C, sunny' in chat.context_text(dialogue)
+
+
+def test_a_rollout_reads_as_one_response_with_or_without_its_prompt():
+    """An agent's rollout (reasoning, a call, the tool's result, the answer) or a policy that
+    writes on past its answer is one response whether `/get_reward` gets the prompt or splits
+    the query by its template: harmony messages after a harmony prompt read as the turns they
+    are, as the same completion given as messages does; the policy's turns in a row before its
+    last answer are all its response. A ChatML quote inside a code block is the response's
+    text, after a ChatML prompt too."""
+    harmony = "<|start|>user<|message|>Weather?<|end|><|start|>assistant"
+    rollout = (
+        "<|channel|>analysis<|message|>Need tool.<|end|>"
+        '<|start|>assistant to=functions.get_weather<|channel|>commentary json<|message|>{"city":"SF"}<|call|>'
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>"18C"<|end|>'
+        "<|start|>assistant<|channel|>final<|message|>It is 18C.<|return|>"
+    )
+    messages = [
+        {"role": "assistant", "reasoning_content": "Need tool.", "content": "", "tool_calls": [_call("SF")]},
+        {"role": "tool", "content": "18C"},
+        {"role": "assistant", "content": "It is 18C."},
+    ]
+    want = chat.response_text(messages)
+    assert (
+        want
+        == '<think>\nNeed tool.\n</think>\n\n[call functions.get_weather] {"city": "SF"}\n\nTool: 18C\n\nIt is 18C.'
+    )
+    assert chat.split_query(harmony + rollout, harmony)[1] == chat.split_query(harmony + rollout)[1] == want
+    chatml = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    on = "A<|im_end|>\n<|im_start|>assistant\nB<|im_end|>\n<|im_start|>user\nC"
+    assert chat.split_query(chatml + on) == ([{"role": "user", "content": "Q"}], "A\n\nB\n\nUser: C")
+    assert chat.split_query(chatml + on, chatml)[1] == "A\n\nB\n\nUser: C"
+    quoting = (
+        "Like this:\n```\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n```\nThat is all."
+    )
+    assert chat.split_query(chatml + quoting + "<|im_end|>", chatml)[1] == chat.clean_response(quoting) == quoting
 
 
 def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
