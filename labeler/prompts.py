@@ -131,8 +131,6 @@ def _fence_tags(prompt: str) -> set[str]:
 
 # A markdown quote's line (what `cut_rationale` never takes for the model's verdict).
 _QUOTED = re.compile(r"[ \t]*>")
-# What a verdict's dressing may follow on its line, where a rationale's emphasis would not end.
-_BEFORE_DRESSING = frozenset(".!?,;:)")
 # The end of a sentence on a verdict's line, where a verdict led in mid-line starts.
 _SENTENCE_END = re.compile(r"[.!?][ \t]+")
 # What may lead a verdict in on its line: a bullet or a number, and a word ("Final"), in a
@@ -468,9 +466,13 @@ class PromptBuilder:
         # "wrong.**Score: 2**"), not the emphasis a rationale's last word ends in ("**correct**",
         # "__init__", "**wrong.** Score: 2").
         bare = head.rstrip("*_")
-        touching = len(head) == cut  # no space between the run and the verdict
-        if not bare or bare[-1].isspace() or (touching and bare[-1] in _BEFORE_DRESSING):
+        if not bare or bare[-1].isspace():
             head = bare
+        elif len(head) == cut and head != bare:  # a run touching the verdict: "wrong.**Score: 2**"
+            run = head[len(bare) :]
+            # It opens the verdict's emphasis unless it closes one the line opened ("**correct**").
+            if generated.count(run, line, len(bare)) % 2 == 0:
+                head = bare
         return head.strip()
 
     # -- layout ----------------------------------------------------------------------
