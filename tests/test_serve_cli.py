@@ -209,6 +209,12 @@ def test_serve_refuses_a_start_that_would_fail_as_one_line(argv, says):
     """What the app's start-up would refuse after loading the model, with a traceback and
     uvicorn's status 3, is refused before the server starts: one line, status 2. (A process
     of its own: `serve` configures the logging of the process it runs in.)"""
+    err = refused_start(argv)
+    assert says in err, err
+
+
+def refused_start(argv: list[str]) -> str:
+    """The one line `labeler serve ARGV` refuses its start with (status 2, no traceback)."""
     done = subprocess.run(
         [sys.executable, "-m", "labeler.cli", "serve", "--port", str(free_port()), *argv],
         capture_output=True,
@@ -216,8 +222,9 @@ def test_serve_refuses_a_start_that_would_fail_as_one_line(argv, says):
         timeout=300,
     )
     assert done.returncode == 2, done.stderr
-    err = done.stderr
-    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    err = done.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
 
 
 def test_vllm_remote_with_a_copy_without_weights_is_refused_before_the_server_starts(model_dir, tmp_path):
@@ -233,17 +240,8 @@ def test_vllm_remote_with_a_copy_without_weights_is_refused_before_the_server_st
     for f in model_dir.iterdir():
         if f.is_file() and not is_weight(f):
             shutil.copy2(f, bare / f.name)
-    argv = ["--engine", "vllm-remote", "--vllm-urls", "http://127.0.0.1:1", "--model", str(bare)]
-    done = subprocess.run(
-        [sys.executable, "-m", "labeler.cli", "serve", "--port", str(free_port()), *argv],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 2, done.stderr
-    err = done.stderr.strip()
+    err = refused_start(["--engine", "vllm-remote", "--vllm-urls", "http://127.0.0.1:1", "--model", str(bare)])
     assert "holds no weights" in err and "model_id=NAME" in err, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
 def test_a_misspelt_variable_is_named_before_a_refusal_it_explains():
