@@ -351,9 +351,10 @@ def _chatml_reply(text: str, markers: tuple[str, ...], after_chatml: bool = Fals
         header = _CHATML.header.search(text) if "<|im_start|>" in text else None
         if header is None:
             break
-        if text.count("```", 0, header.start()) % 2 or (
-            not after_chatml and not text[: header.start()].rstrip().endswith(_CHATML.ends)
-        ):
+        # Inside a code block, one opened before it and closed after it, the header is quoted
+        # (a fence left open, as a policy cut off in its code leaves one, quotes nothing).
+        quoted = text.count("```", 0, header.start()) % 2 and text.find("```", header.end()) != -1
+        if quoted or (not after_chatml and not text[: header.start()].rstrip().endswith(_CHATML.ends)):
             break
         turns = parse("<|im_start|>assistant\n" + text, markers) or []
         if len(turns) < 2:
@@ -959,6 +960,8 @@ def split_query(
     first = last
     while first and messages[first - 1]["role"] in _POLICY_SIDE:
         first -= 1
+    while messages[first]["role"] == "tool":  # results no call of the policy's asked for: context
+        first += 1
     if first == last == len(messages) - 1:
         return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
     run = [

@@ -469,9 +469,10 @@ class PromptBuilder:
         if not bare or bare[-1].isspace():
             head = bare
         elif len(head) == cut and head != bare:  # a run touching the verdict: "wrong.**Score: 2**"
-            run = head[len(bare) :]
-            # It opens the verdict's emphasis unless it closes one the line opened ("**correct**").
-            if generated.count(run, line, len(bare)) % 2 == 0:
+            # It opens the verdict's emphasis unless it closes one the line opened: its mirror
+            # after a space or the line's start, before a word ("**correct**", "_**wrong**_").
+            opener = re.compile(r"(?:^|(?<=[\s(]))" + re.escape(head[len(bare) :][::-1]) + r"(?=[^\s*_])", re.MULTILINE)
+            if opener.search(generated, line, len(bare)) is None:
                 head = bare
         return head.strip()
 

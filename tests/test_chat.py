@@ -858,6 +858,23 @@ def test_a_rollout_reads_as_one_response_with_or_without_its_prompt():
         "Like this:\n```\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\nHi!<|im_end|>\n```\nThat is all."
     )
     assert chat.split_query(chatml + quoting + "<|im_end|>", chatml)[1] == chat.clean_response(quoting) == quoting
+    # A fence the policy's ended turn left open closes with that turn: its later turns are turns.
+    fenced = "Wrap code in ``` fences.<|im_end|>\n<|im_start|>user\nThanks"
+    assert (
+        chat.split_query(chatml + fenced, chatml)[1]
+        == chat.split_query(chatml + fenced)[1]
+        == ("Wrap code in ``` fences.\n\nUser: Thanks")
+    )
+    # A tool's result no call of the policy's asked for (retrieval put it in the dialogue) is context.
+    retrieved = (
+        "<|im_start|>user\nWho wrote Dune?<|im_end|>\n<|im_start|>tool\nDune (1965) is by Frank Herbert.<|im_end|>\n"
+        "<|im_start|>assistant\nFrank Herbert.<|im_end|>"
+    )
+    context, response = chat.split_query(retrieved)
+    assert response == "Frank Herbert." and context[-1] == {
+        "role": "tool",
+        "content": "Dune (1965) is by Frank Herbert.",
+    }
 
 
 def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():

@@ -213,6 +213,8 @@ def test_a_cut_takes_off_the_verdict_and_its_dressing_not_the_rationale_s_words(
     assert builder.cut_rationale(c, "The reply is wrong**Score: 2**") == "The reply is wrong"
     assert builder.cut_rationale(c, "It is **correct**Score: 9") == "It is **correct**"
     assert builder.cut_rationale(c, "The answer is **wrong.**Score: 2") == "The answer is **wrong.**"
+    for kept in ("It is **_correct_**", "It is _**right**_", "* It is *wrong*", "my_func is _wrong_", "2*3 is *wrong*"):
+        assert builder.cut_rationale(c, f"{kept}Score: 2") == kept, kept
     assert builder.cut_rationale(c, "The answer is **wrong.**\nScore: 2") == "The answer is **wrong.**"
     assert builder.cut_rationale(c, "The answer is **wrong.** Score: 2") == "The answer is **wrong.**"
     assert builder.cut_rationale(c, "Good answer.\n\n***\nScore: 9") == "Good answer."
