@@ -59,8 +59,8 @@ A response loses surrounding whitespace and trailing end-of-turn markers (`END_M
 the set given), and its reasoning block takes the same form as an assistant turn's; one that
 goes on past its turn into ChatML turns (an agent's rollout: its calls' results, its next
 turns) is read as those turns, as a response given as messages (after a ChatML prompt at any
-turn header, as in the query read whole; elsewhere once it ended its turn, `<|im_end|>`,
-outside a code block). What is
+turn header, as in the query read whole; elsewhere once it ended its turn, `<|im_end|>`;
+never inside a code block that closes after the header). What is
 left may be empty: an empty response is judged like any other (the
 labeler is shown its response block with nothing inside). A response given as messages (a
 conversational completion; with tools, the policy's turns and the tools' results in turn) is
@@ -341,7 +341,7 @@ def _chatml_reply(text: str, markers: tuple[str, ...], after_chatml: bool = Fals
     """A cleaned response that went on past its turn into turns of ChatML markup (its tool
     calls' results and its next turns, or a policy writing on into a turn of another role)
     read as those turns, as the same completion given as messages is (`response_text`); any
-    other response as it is. A header inside a code block opens none (a response that quotes
+    other response as it is. A header inside a code block (closed after it) opens none (a response that quotes
     ChatML is read as written); after a ChatML prompt (`after_chatml`) any other does, as in
     the query read whole (`parse`); elsewhere only one after the response ended its turn
     (`<|im_end|>`)
@@ -919,7 +919,8 @@ def split_query(
        the prompt the context.
     2. Otherwise, when a known chat template laid the query out, the response is the content of
        its last assistant turn with the assistant and tool turns in a row before it (a policy
-       that opened a turn of its own after its answer, an agent's calls and the tools' results)
+       that opened a turn of its own after its answer, an agent's calls and the tools' results;
+       not a tool turn that leads them, which no call of the policy's asked for)
        and any turns after it (a policy that went on into a turn of another role), read as
        `response_text` reads them; the turns before it the context (as messages); with no
        assistant turn, empty (the policy said nothing).
