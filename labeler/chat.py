@@ -965,11 +965,7 @@ def split_query(
         first += 1
     if first == last == len(messages) - 1:
         return messages[:-1], _harmony_reply(messages[-1]["content"], markers)  # cleaned by parse
-    run = [
-        {**m, "content": _harmony_reply(m["content"], markers)} if m["role"] == "assistant" else m
-        for m in messages[first:]
-    ]
-    return messages[:first], response_text(run, markers)
+    return messages[:first], response_text(messages[first:], markers)  # its replies read as responses are
 
 
 # The roles of a rollout's turns: the policy's, and the tools' results it called for.
