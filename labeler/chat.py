@@ -48,8 +48,10 @@ The canonical transcript:
 - a message's tool calls (OpenAI's and TRL's `tool_calls`) follow its content, one
   `[call functions.NAME] ARGUMENTS` block each, as harmony's transcripts write them, and as
   the `<tool_call>` blocks at the end of a ChatML assistant turn read (Qwen's and Hermes'
-  layout); `<tool_response>` blocks in a ChatML turn are tool turns, and the tool list
-  Qwen 2.5's and Qwen 3's templates write into the system turn is the template's, dropped.
+  layout: JSON, or Qwen 3.5's and later's `<function=NAME>` and `<parameter=NAME>` blocks);
+  `<tool_response>` blocks in a ChatML turn are tool turns, and the tool list Qwen's
+  templates write into the system turn (and Qwen 3.8's reasoning effort) are the
+  template's, dropped.
 The canonical transcript reads as itself: given again (a batch run through the service), it
 is read the same, and so has the same key and label. Where a first reading still reads as
 other turns (a lone user message whose lines open turns of their own, a header its stripped
@@ -239,37 +241,59 @@ _QWEN_TOOLS = (
     '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
     "</tool_call>",
 )
+# How Qwen 3.5's and later templates open and close theirs (at the start of the system turn,
+# the system prompt after it), and the reasoning effort Qwen 3.8's states there.
+_QWEN_XML_TOOLS = (
+    "# Tools\n\nYou have access to the following functions:\n\n<tools>",
+    "\n</tools>\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n"
+    "<tool_call>\n<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n"
+    "<parameter=example_parameter_2>\nThis is the value for the second parameter\nthat can span\nmultiple lines\n"
+    "</parameter>\n</function>\n</tool_call>\n\n<IMPORTANT>\nReminder:\n- Function calls MUST follow the "
+    "specified format: an inner <function=...></function> block must be nested within <tool_call></tool_call> "
+    "XML tags\n- Required parameters MUST be specified\n- You may provide optional reasoning for your function "
+    "call in natural language BEFORE the function call, but NOT after\n- If there is no function call available, "
+    "answer the question like normal with your current knowledge and do not tell the user about function "
+    "calls\n</IMPORTANT>",
+)
+_REASONING_EFFORT = re.compile(
+    r"Reasoning effort is set to (?:xhigh\. Please think carefully through the task, validate key assumptions, "
+    r"consider plausible alternatives, and prioritize correctness, consistency, and clarity in the final answer\."
+    r"|low\. Keep your thinking brief and focused, moving directly to the conclusion without unnecessary "
+    r"elaboration\.)(?=\n\n|<\|im_end\|>)"
+)
 # Qwen's and Hermes' layout of tool calls (ChatML): an assistant turn's calls after its content,
 # a `<tool_call>` block of JSON (`{"name", "arguments"}`) each; the tools' results in a user
 # turn (Qwen's) or a tool turn (Hermes'), a `<tool_response>` block each.
 _CALL_OPEN, _CALL_CLOSE = "<tool_call>", "</tool_call>"
 _RESULT_OPEN, _RESULT_CLOSE = "<tool_response>", "</tool_response>"
+# Qwen 3.5's and later templates' layout of a call inside its `<tool_call>` block:
+# `<function=NAME>`, then a `<parameter=NAME>` block a line each side of its value.
+_FUNCTION_OPEN = "<function="
+_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>\n(.*)</function>", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>\n", re.DOTALL)
+_PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
+def _written_block(opening: str, closing: str, lead: str = "") -> re.Pattern[str]:
+    """A block a template writes from `opening` to `closing` (both as written), `lead` in
+    front where it stands; each search stops at the next opening, so that text with many
+    unclosed ones is scanned in linear time."""
+    o = re.escape(opening)
+    return re.compile(lead + o + r"(?:(?!" + o + r").)*?" + re.escape(closing), re.DOTALL)
+
+
 # What a template writes wherever it puts it, no part of the dialogue, as (a marker it
 # starts with, the whole of it): an image or a video in a Qwen-VL prompt (a placeholder token
 # per patch; the labeler reads text only, as it reads a message's text parts), Mistral's tool
-# list (in front of the first or the last [INST]; each search stops at the next list, so an
-# unclosed one costs linear time).
+# list (in front of the first or the last [INST]), Qwen's tool list and call instructions (at
+# the end of the system turn, Qwen 2.5's and 3's, the whole of it where the dialogue has no
+# system prompt of its own; at its start, Qwen 3.5's and later's), Qwen 3.8's reasoning effort.
 _TEMPLATE_WRITTEN = (
     ("<|vision_start|>", re.compile(r"<\|vision_start\|>(?:<\|(?:image|video)_pad\|>)*<\|vision_end\|>")),
-    (
-        "[AVAILABLE_TOOLS]",
-        re.compile(r"\[AVAILABLE_TOOLS\](?:(?!\[AVAILABLE_TOOLS\]).)*?\[/AVAILABLE_TOOLS\]", re.DOTALL),
-    ),
-    # Qwen's tool list and call instructions, at the end of its system turn (the whole of it
-    # where the dialogue has no system prompt of its own, Qwen 3's); each search stops at the
-    # next list, as above.
-    (
-        _QWEN_TOOLS[0],
-        re.compile(
-            r"(?:\n\n)?"
-            + re.escape(_QWEN_TOOLS[0])
-            + r"(?:(?!"
-            + re.escape(_QWEN_TOOLS[0])
-            + r").)*?"
-            + re.escape(_QWEN_TOOLS[1]),
-            re.DOTALL,
-        ),
-    ),
+    ("[AVAILABLE_TOOLS]", _written_block("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]")),
+    (_QWEN_TOOLS[0], _written_block(*_QWEN_TOOLS, lead=r"(?:\n\n)?")),
+    (_QWEN_XML_TOOLS[0], _written_block(*_QWEN_XML_TOOLS)),
+    ("Reasoning effort is set to ", _REASONING_EFFORT),
 )
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
@@ -626,7 +650,11 @@ def _laid_out_calls(content: str, markers: tuple[str, ...]) -> str:
 
 
 def _laid_out_call(block: str) -> dict[str, Any] | None:
-    """The call a `<tool_call>` block holds, `{"name", "arguments"}` as JSON, or None."""
+    """The call a `<tool_call>` block holds, `{"name", "arguments"}` as JSON (Qwen 2.5's, Qwen
+    3's, Hermes') or a `<function=NAME>` block of `<parameter=NAME>` blocks (Qwen 3.5's and
+    later, `_xml_call`), or None."""
+    if block.lstrip().startswith(_FUNCTION_OPEN):
+        return _xml_call(block.strip())
     try:
         call = json.loads(block)
     except (ValueError, RecursionError):  # not JSON (over 4,300 digits, nested too deep)
@@ -634,6 +662,30 @@ def _laid_out_call(block: str) -> dict[str, Any] | None:
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
         return None
     return call if set(call) <= {"name", "arguments"} else None
+
+
+def _xml_call(block: str) -> dict[str, Any] | None:
+    """The call of a `<function=NAME>` block, or None. A parameter's value is text the
+    template wrote: JSON for an object or a list, and for the other values Qwen 3.6's and
+    later's; Python's spelling for Qwen 3.5's booleans and None; a string as it is. So a value
+    that reads as JSON (or as Python's True, False, None) is that value: a string argument
+    that looks like a number or a boolean reads as one (the template does not tell them apart)."""
+    function = _XML_FUNCTION.fullmatch(block)
+    if function is None or not function[1].strip():
+        return None
+    arguments: dict[str, Any] = {}
+    body, at = function[2], 0
+    while at < len(body):
+        parameter = _XML_PARAMETER.match(body, at)
+        if parameter is None:
+            return None
+        try:
+            value = json.loads(parameter[2])
+        except (ValueError, RecursionError):  # not JSON (text, Python's literals, too deep)
+            value = _PYTHON_LITERALS.get(parameter[2], parameter[2])
+        arguments[parameter[1]] = value
+        at = parameter.end()
+    return {"name": function[1], "arguments": arguments}
 
 
 def _tool_results(content: str) -> list[str] | None:

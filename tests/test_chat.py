@@ -718,7 +718,7 @@ def _call(city: str) -> dict:
     return {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
 
 
-@pytest.mark.parametrize("template", ["qwen2_5", "qwen3"])
+@pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "qwen3_5_think", "qwen3_5_nothink", "qwen3_6", "qwen3_8"])
 def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messages(
     template, frameworks_python, model_dir
 ):
@@ -758,15 +758,26 @@ def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messag
         "Tool: 18C, sunny\n\nTool: 25C\n\nAssistant: SF: 18C, NYC: 25C.\n\nUser: Thanks. And Paris?"
     )
 
-    # Arguments as OpenAI's API gives them, a text of JSON (spaced its own way, with a
-    # character other than ASCII escaped): Qwen 2.5 writes them as a JSON string, Qwen 3 as they are.
-    as_text = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Z\\u00fcrich"}'}}
-    called = [dialogue[0], {"role": "assistant", "content": None, "tool_calls": [as_text]}, dialogue[2]]
-    assert (
-        chat.context_text(laid_out(called))
-        == chat.context_text(called)
-        == chat.context_text([dialogue[0], {**called[1], "tool_calls": [_call("Zürich")]}, dialogue[2]])
-    )
+    if template in ("qwen2_5", "qwen3"):
+        # Arguments as OpenAI's API gives them, a text of JSON (spaced its own way, with a
+        # character other than ASCII escaped): Qwen 2.5 writes them as a JSON string, Qwen 3 as
+        # they are. (Qwen 3.5's and later templates take an object alone.)
+        as_text = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Z\\u00fcrich"}'}}
+        called = [dialogue[0], {"role": "assistant", "content": None, "tool_calls": [as_text]}, dialogue[2]]
+        assert (
+            chat.context_text(laid_out(called))
+            == chat.context_text(called)
+            == chat.context_text([dialogue[0], {**called[1], "tool_calls": [_call("Zürich")]}, dialogue[2]])
+        )
+    else:
+        # Qwen 3.5 and later write each argument as a `<parameter=NAME>` block: objects and
+        # lists as JSON, strings as they are (over several lines too), numbers, booleans and
+        # None as JSON or as Python spells them.
+        values = {"city": "Zürich\nthe old town", "days": 3, "metric": True, "hours": [9, 17], "units": None}
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": values}}
+        called = [dialogue[0], {"role": "assistant", "content": "", "tool_calls": [call]}, dialogue[2]]
+        assert "<parameter=days>\n3\n</parameter>" in laid_out(called)
+        assert chat.context_text(laid_out(called)) == chat.context_text(called)
 
     question = dialogue[:1]
     prompt = laid_out(question, prompt=True)
@@ -893,12 +904,19 @@ def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
         {"role": "tool", "content": "4"},
     ]
     assert chat.context_text(hermes) == chat.context_text(messages)
+    # Qwen 3.5's layout of the same call: a parameter block each.
+    parameters = "<parameter=a>\n2\n</parameter>\n<parameter=b>\n2\n</parameter>\n"
+    xml = f"<tool_call>\n<function=add>\n{parameters}</function>\n</tool_call>"
+    assert chat.clean_response(xml) == chat.response_text(messages[1:2]) == '[call functions.add] {"a": 2, "b": 2}'
     for written in (
         "<tool_call>\nnot json\n</tool_call>",
         '<tool_call>\n{"arguments": {}}\n</tool_call>',
         '<tool_call>\n{"name": "f", "arguments": {}, "id": 1}\n</tool_call>',
         '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\nDone.',
         '</tool_call>{"name": "f"}</tool_call>',
+        "<tool_call>\n<function=f>\n<parameter=a>\n1\n</function>\n</tool_call>",
+        "<tool_call>\n<function= >\n</function>\n</tool_call>",
+        "<tool_call>\n<function=f>\n</function>\nDone.\n</tool_call>",
     ):
         assert chat.clean_response(written) == written.strip(), written
     # A response that quotes ChatML (a code block, a format it explains) ended no turn of its own.
@@ -939,6 +957,11 @@ _tool_pieces = st.sampled_from(
         "\n</tool_call>",
         '{"name": "f", "arguments": {"a": 1}}',
         '{"name": "g", "arguments": "x"}',
+        "<function=f>\n",
+        "<parameter=a>\n",
+        "\n</parameter>\n",
+        "</function>",
+        "True",
         "<tool_response>\n",
         "\n</tool_response>",
         "[call functions.f] ",
