@@ -55,9 +55,11 @@ log = logging.getLogger("service.ray_serve")
 # answers 429 past LABELER_MAX_QUEUE_ITEMS, so a replica takes many at once; Serve's
 # default of 5 would starve the batcher. max_queued_requests: Serve's default queues
 # without bound in front of busy replicas; past it, Serve refuses (a 503, retried). The
-# config file can set both too.
+# config file can set both too. graceful_shutdown_timeout_s: one budget for the requests in
+# flight and then the app's own shutdown (queued items labeled for 10 s, the engine closed),
+# after which Serve kills the replica: the 90 s a compose stop gives `labeler serve`.
 @serve.deployment(
-    name=DEPLOYMENT_NAME, max_ongoing_requests=64, max_queued_requests=256, graceful_shutdown_timeout_s=60
+    name=DEPLOYMENT_NAME, max_ongoing_requests=64, max_queued_requests=256, graceful_shutdown_timeout_s=90
 )
 @serve.ingress()
 class LabelerDeployment:

@@ -108,6 +108,11 @@ def test_up_reports_both_services_healthy(box):
         assert box.health(cid) == "healthy", service
     ready = httpx.get(box.url + "/readyz", timeout=10).json()
     assert ready["status"] == "ready" and ready["cache"] == "redis" and ready["cache_status"] == "ok"
+    # Redis persists through its append-only file alone: no snapshot forks under load.
+    [redis] = box.containers("redis")
+    config = box.engine.docker("exec", redis, "redis-cli", "CONFIG", "GET", "*").stdout.split("\n")
+    settings = dict(zip(config[::2], config[1::2], strict=False))
+    assert settings["appendonly"] == "yes" and settings["save"] == "", settings
 
 
 def test_labels_equal_the_in_process_labeler_and_repeat_from_cache(box, client, reference):
