@@ -16,6 +16,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,10 @@ def _run(args: argparse.Namespace, body: Any, *, resumable: bool = True) -> int:
         local = None if args.url else cli.build_labeler(args)
         return asyncio.run(main(local))
     except KeyboardInterrupt:
+        # The engine finishes the forward under way before the process can exit; a second
+        # Ctrl-C meanwhile exits at once (the rows written are complete and on disk), not
+        # with the abort of a thread stopped inside torch.
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
         if resumable:
             print(
                 "interrupted: rows written so far are complete; run the same command again to resume", file=sys.stderr
@@ -419,7 +424,7 @@ def _cmd_winrate(args: argparse.Namespace) -> int:
             f"{wr['losses']} losses; "
             f"soft {wr['soft_win_rate']:.3f})\n{same}"
             f"length-controlled:  {lc['win_rate']:.3f} [{pct}% CI {_fmt(lc['ci_low'])}, {_fmt(lc['ci_high'])}]; "
-            f"raw - controlled = {lc['gap']:+.3f} (A longer by {lc['mean_length_diff']:+.0f} characters on average; "
+            f"raw - controlled = {lc['gap']:+.3f} (A longer by {lc['mean_length_diff']:+.1f} characters on average; "
             f"length coefficient {lc['length_coef']:+.3f})\n{s.text()}"
         )
         cli.emit(args, _clean(data), text)

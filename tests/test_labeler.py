@@ -203,6 +203,45 @@ async def test_a_closed_transformers_engine_is_unavailable(model_dir):
     assert closed.model is None
 
 
+async def test_a_call_running_when_the_engine_closes_stops_before_its_next_forward(model_dir, monkeypatch):
+    """Closing the engine (Ctrl-C in `labeler label`, a shutdown) while a call runs its
+    forwards: the call ends with `EngineUnavailable` before the next one, so the process
+    waits for one forward, not for the rest of the call."""
+    from labeler.engines.base import LabelQuery, ScoreRequest
+    from labeler.engines.transformers_engine import TransformersEngine
+    from labeler.errors import EngineUnavailable
+
+    engine = TransformersEngine(model_dir, max_batch_tokens=64)
+    prompts = engine.tokenizer([f"Item {k}: is 2+2 four?" for k in range(24)], add_special_tokens=False)
+    requests = [ScoreRequest(tuple(ids), (LabelQuery((), (16, 17)),)) for ids in prompts["input_ids"]]
+    forward = engine._tree_logprobs
+    forwards = 0
+
+    def counted(*args, **kwargs):
+        nonlocal forwards
+        forwards += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_tree_logprobs", counted)
+    assert len(await engine.score(requests)) == len(requests)
+    whole = forwards
+    assert whole >= 3, whole
+
+    loop = asyncio.get_running_loop()
+
+    def closing(*args, **kwargs):  # the engine closed from the event loop during the first forward
+        nonlocal forwards
+        forwards += 1
+        asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=60)
+        return forward(*args, **kwargs)
+
+    forwards = 0
+    monkeypatch.setattr(engine, "_tree_logprobs", closing)
+    with pytest.raises(EngineUnavailable, match="closed"):
+        await engine.score(requests)
+    assert forwards == 1, (forwards, whole)
+
+
 async def test_forwards_wait_in_the_engines_own_queue(engine, monkeypatch):
     """Batches waiting for the model hold no thread of asyncio's default pool, which a Redis
     host-name lookup or the service's start-up needs: with more batches waiting than that

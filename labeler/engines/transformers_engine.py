@@ -397,7 +397,9 @@ class TransformersEngine:
 
     async def aclose(self) -> None:
         self._closed = True
-        # Calls already queued run and find the engine closed (`EngineUnavailable`).
+        # Calls already queued run and find the engine closed (`EngineUnavailable`), and a
+        # call running stops before its next forward: the process that closed the engine
+        # (Ctrl-C in `labeler label`) waits for one forward at most, not for a whole call.
         self._worker.shutdown(wait=False)
         # The model is dropped unless a forward still runs on it in a worker thread (a batch
         # cancelled at shutdown): waiting for that forward would hold up the shutdown.
@@ -437,6 +439,7 @@ class TransformersEngine:
                     bases = self._shared_bases(in_chunks) if share else [()] * len(chunks)
                     base: tuple[TokenIds, Any] | None = None
                     for chunk, shared in zip(chunks, bases, strict=True):
+                        self._check_open()  # closed meanwhile (Ctrl-C, shutdown): no more forwards
                         wanted = [reads[i][2] for i in chunk]
                         if not shared:
                             base = None
@@ -647,6 +650,7 @@ class TransformersEngine:
             self.stats.generate_calls += 1
             try:
                 for batch in generation_batches(requests, self.max_batch_tokens, self._rope_limit):
+                    self._check_open()  # closed meanwhile: no more generations
                     prompts = [requests[i].prompt_ids for i in batch]
                     gens = self._generate(prompts, requests[batch[0]].max_tokens, None, 1)
                     for i, g in zip(batch, gens, strict=True):
@@ -654,6 +658,7 @@ class TransformersEngine:
                 # One request a call: its n draws come from the generator seeded for it
                 # alone, whatever else the call holds (n rows, however many tokens they take).
                 for i in sampled:
+                    self._check_open()
                     r = requests[i]
                     torch.manual_seed(r.seed)
                     out[i] = self._generate([r.prompt_ids], r.max_tokens, r.temperature, r.n)[0]
