@@ -389,10 +389,11 @@ class JsonlSink:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as exc:  # a full disk, a file-size limit: the rows before are whole
+        except OSError as exc:  # a full disk, a file-size limit, a device: the rows before are whole
+            then = "free space and run" if exc.errno in _NO_ROOM else "run"
             raise LabelerError(
                 f"cannot write {self.path}: {exc.strerror or exc}; the rows written before are kept "
-                "(a row this write cut off is dropped on resuming): free space and run the same command again"
+                f"(a row this write cut off is dropped on resuming): {then} the same command again"
             ) from exc
         for r in rows:
             self.rows[r["key"]] = _held(r)
@@ -402,6 +403,8 @@ class JsonlSink:
 _SHARED = frozenset({"task", "task_version", "model", "chosen_is", "a_is", "shown_first", "human"})
 # The input's texts, which rows repeat for their readers: a command reads back the figures of the
 # rows (a resumed run), never these, and they are most of a row's size.
+# Write errors that more room would mend: a full disk, a quota, a file-size limit.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _ECHOED = frozenset({"prompt", "chosen", "rejected", "completion", "context", "response_a", "response_b", "rationales"})
 
 

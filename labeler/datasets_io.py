@@ -114,21 +114,33 @@ def read_records(
             "(from pandas: df.to_json(path, orient='records', lines=True))",
             field="input",
         )
+    elif p.suffix.lower() in (".arrow", ".feather"):
+        raise InvalidInput(
+            f"{p}: an Arrow file is not read alone; give the folder `save_to_disk` wrote, Parquet, JSONL "
+            "or a JSON array",
+            field="input",
+        )
     elif _is_json_array(p):
         yield from _array_records(p)
     else:
+        seen = False  # a record line before this one
         with p.open("rb") as f:
             for n, raw in enumerate(f, start=1):
                 if n == 1:  # a byte-order mark (some editors' UTF-8) is not part of the first record
                     raw = raw.removeprefix(b"\xef\xbb\xbf")
                 if not raw.strip():
                     continue
+                first, seen = not seen, True
                 try:
                     rec = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError as exc:  # another encoding, or a compressed file
                     bad = MalformedRecord(f"{p}, line {n}", f"not UTF-8 text (byte {exc.object[exc.start]:#04x})")
                 except json.JSONDecodeError as exc:
-                    bad = MalformedRecord(f"{p}, line {n}", f"not valid JSON ({exc.msg} at column {exc.colno})")
+                    why = f"not valid JSON ({exc.msg} at column {exc.colno})"
+                    if first and raw.lstrip().startswith(b"{"):
+                        why += "; a JSON object over several lines is not read: give one record a line (JSONL)"
+                        why += " or a JSON array of records"
+                    bad = MalformedRecord(f"{p}, line {n}", why)
                 except (ValueError, RecursionError) as exc:  # a number of too many digits, nesting too deep
                     bad = MalformedRecord(f"{p}, line {n}", f"JSON that cannot be read ({_first_clause(exc)})")
                 else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -17,7 +18,7 @@ from labeler.batch import Job, JsonlSink, MemorySink, Summary, _jsonl_line, _lab
 from labeler.chat import normalize_item
 from labeler.core import ScoreItem
 from labeler.datasets_io import MalformedRecord
-from labeler.errors import InvalidInput, ModelOutputError
+from labeler.errors import InvalidInput, LabelerError, ModelOutputError
 
 USER = [{"role": "user", "content": "Name a fruit."}]
 HH_CTX = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant:"
@@ -506,6 +507,30 @@ def test_sink_refuses_a_directory_or_a_file_it_cannot_open_by_name(tmp_path):
     assert not (tmp_path / "new.jsonl").exists() and not list(tmp_path.glob(".labeler-probe-*"))
 
 
+def test_a_failed_write_says_what_to_do_about_it(tmp_path, monkeypatch):
+    """A write that fails keeps the rows before it; the message asks for free space only
+    where more room would mend it (a full disk), not for any error (a device that cannot sync)."""
+
+    def row(key: str) -> dict:
+        return {"task": "t", "task_version": "v", "model": "m", "key": key}
+
+    with pytest.raises(LabelerError, match="cannot write /dev/null: Invalid argument") as err:
+        JsonlSink(Path("/dev/null")).append([row("k")])  # fsync of a device: EINVAL
+    assert "free space" not in str(err.value)
+    path = tmp_path / "out.jsonl"
+    sink = JsonlSink(path)
+    sink.append([row("a")])
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(LabelerError, match="No space left on device; the rows written before are kept .*: free space"):
+        sink.append([row("b")])
+    monkeypatch.undo()
+    assert "a" in JsonlSink(path).rows
+
+
 def test_sink_reads_an_output_an_editor_saved_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "out.jsonl"
     JsonlSink(path).append(
@@ -975,6 +1000,15 @@ def test_a_json_array_of_alpacaeval_outputs_is_read(tmp_path):
     csv.write_text("prompt,chosen,rejected\nq,a,b\n")
     with pytest.raises(InvalidInput, match=r"pairs.csv: CSV is not read; give JSONL"):
         collect(csv, io.normalize_pair)
+    # One pretty-printed object, a shard of a saved dataset: said as such, not as a broken line.
+    pretty = tmp_path / "pair.json"
+    pretty.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}, indent=2))
+    with pytest.raises(MalformedRecord, match=r"pair.json, line 1: not valid JSON .*over several lines is not read"):
+        collect(pretty, io.normalize_pair)
+    shard = tmp_path / "data-00000-of-00001.arrow"
+    shard.write_bytes(b"\xff\xff\xff\xff")
+    with pytest.raises(InvalidInput, match=r"an Arrow file is not read alone; give the folder `save_to_disk` wrote"):
+        collect(shard, io.normalize_pair)
 
 
 def test_alpaca_records_fold_their_input_into_the_prompt():
