@@ -255,11 +255,14 @@ _QWEN_XML_TOOLS = (
     "answer the question like normal with your current knowledge and do not tell the user about function "
     "calls\n</IMPORTANT>",
 )
+# Both stand at the start of a ChatML system turn, where alone they are read as the template's.
+_SYSTEM_START = r"(?<=<\|im_start\|>system\n)"
 _REASONING_EFFORT = re.compile(
-    r"Reasoning effort is set to (?:xhigh\. Please think carefully through the task, validate key assumptions, "
+    _SYSTEM_START
+    + r"Reasoning effort is set to (?:xhigh\. Please think carefully through the task, validate key assumptions, "
     r"consider plausible alternatives, and prioritize correctness, consistency, and clarity in the final answer\."
     r"|low\. Keep your thinking brief and focused, moving directly to the conclusion without unnecessary "
-    r"elaboration\.)(?=\n\n|<\|im_end\|>)"
+    r"elaboration\.)(?:\n\n|(?=<\|im_end\|>))"
 )
 # Qwen's and Hermes' layout of tool calls (ChatML): an assistant turn's calls after its content,
 # a `<tool_call>` block of JSON (`{"name", "arguments"}`) each; the tools' results in a user
@@ -270,7 +273,9 @@ _RESULT_OPEN, _RESULT_CLOSE = "<tool_response>", "</tool_response>"
 # `<function=NAME>`, then a `<parameter=NAME>` block a line each side of its value.
 _FUNCTION_OPEN = "<function="
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>\n(.*)</function>", re.DOTALL)
-_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>\n", re.DOTALL)
+# A value ends where a closing line is followed by the next parameter or the function's end
+# (a value may hold a closing line of its own: an agent writing XML).
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>\n(.*?)\n</parameter>\n(?=<parameter=|\Z)", re.DOTALL)
 _PYTHON_LITERALS = {"True": True, "False": False, "None": None}
 
 
@@ -292,8 +297,8 @@ _TEMPLATE_WRITTEN = (
     ("<|vision_start|>", re.compile(r"<\|vision_start\|>(?:<\|(?:image|video)_pad\|>)*<\|vision_end\|>")),
     ("[AVAILABLE_TOOLS]", _written_block("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]")),
     (_QWEN_TOOLS[0], _written_block(*_QWEN_TOOLS, lead=r"(?:\n\n)?")),
-    (_QWEN_XML_TOOLS[0], _written_block(*_QWEN_XML_TOOLS)),
-    ("Reasoning effort is set to ", _REASONING_EFFORT),
+    ("Reasoning effort is set to ", _REASONING_EFFORT),  # before the tool list it stands in front of
+    (_QWEN_XML_TOOLS[0], _written_block(*_QWEN_XML_TOOLS, lead=_SYSTEM_START)),
 )
 # What every string a template laid out starts with (a BOS or a turn header, "[INST]", a
 # plain role name), DeepSeek aside.
@@ -677,7 +682,7 @@ def _xml_call(block: str) -> dict[str, Any] | None:
     body, at = function[2], 0
     while at < len(body):
         parameter = _XML_PARAMETER.match(body, at)
-        if parameter is None:
+        if parameter is None or parameter[1] in arguments:  # a name given twice: no call of a message's
             return None
         try:
             value = json.loads(parameter[2])
@@ -929,7 +934,8 @@ def _arguments(arguments: Any, markers: tuple[str, ...]) -> str:
     `json.dumps` writes it, and a JSON string as the text it holds (a template that writes
     arguments given as text as JSON, gpt-oss's and Qwen 2.5's), so that the same call reads
     the same whether its template wrote the arguments as given or as JSON of its own; any
-    other text cleaned as it is."""
+    other text cleaned as it is. No arguments and an empty object are one (nothing), as
+    templates that write parameter blocks (Qwen 3.5's) lay them out alike."""
     if arguments is None:
         return ""
     value = arguments
@@ -941,6 +947,8 @@ def _arguments(arguments: Any, markers: tuple[str, ...]) -> str:
             value = json.loads(text)
         except (ValueError, RecursionError):  # not JSON (over 4,300 digits, nested too deep)
             return text
+    if isinstance(value, Mapping) and not value:
+        return ""
     try:
         return _clean(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), markers)
     except (TypeError, ValueError, RecursionError):  # not JSON's (a Python object): as Python writes it

@@ -955,7 +955,7 @@ def test_table_rows_read_as_the_records_they_were(tmp_path):
         return [(p.context, p.response_a, p.response_b) for p in collect(path, io.normalize_pair)]
 
     assert read(table) == read(jsonl)
-    assert read(jsonl)[0][2] == "[call functions.search] {}"
+    assert read(jsonl)[0][2] == "[call functions.search]"  # no arguments, as an empty object
 
 
 def test_message_content_given_as_parts_is_read_as_its_text():

@@ -771,11 +771,14 @@ def test_a_tool_calling_dialogue_laid_out_by_qwens_templates_reads_as_its_messag
         )
     else:
         # Qwen 3.5 and later write each argument as a `<parameter=NAME>` block: objects and
-        # lists as JSON, strings as they are (over several lines too), numbers, booleans and
-        # None as JSON or as Python spells them.
+        # lists as JSON, strings as they are (over several lines, holding a closing line of
+        # their own), numbers, booleans and None as JSON or as Python spells them; a call
+        # without arguments as an empty function block.
         values = {"city": "Zürich\nthe old town", "days": 3, "metric": True, "hours": [9, 17], "units": None}
+        values["note"] = "<x>\n</parameter>\n</x>"
         call = {"type": "function", "function": {"name": "get_weather", "arguments": values}}
-        called = [dialogue[0], {"role": "assistant", "content": "", "tool_calls": [call]}, dialogue[2]]
+        clock = {"type": "function", "function": {"name": "get_time"}}
+        called = [dialogue[0], {"role": "assistant", "content": "", "tool_calls": [call, clock]}, dialogue[2]]
         assert "<parameter=days>\n3\n</parameter>" in laid_out(called)
         assert chat.context_text(laid_out(called)) == chat.context_text(called)
 
@@ -908,6 +911,16 @@ def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
     parameters = "<parameter=a>\n2\n</parameter>\n<parameter=b>\n2\n</parameter>\n"
     xml = f"<tool_call>\n<function=add>\n{parameters}</function>\n</tool_call>"
     assert chat.clean_response(xml) == chat.response_text(messages[1:2]) == '[call functions.add] {"a": 2, "b": 2}'
+    # The reasoning effort Qwen 3.8 writes at the start of the system turn is the template's;
+    # the same sentence anywhere else is the dialogue's.
+    effort = "Reasoning effort is set to low. Keep your thinking brief and focused, moving directly to the "
+    effort += "conclusion without unnecessary elaboration."
+    written = f"<|im_start|>system\n{effort}\n\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    assert chat.context_text(written) == "System: Be brief.\n\nUser: hi"
+    quoted = f"<|im_start|>user\nWhat does this mean?\n\n{effort}<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.context_text(quoted) == f"What does this mean?\n\n{effort}"
+    said = chat.context_text([{"role": "system", "content": effort}, {"role": "user", "content": "hi"}])
+    assert said == f"System: {effort}\n\nUser: hi" and chat.context_text(said) == said
     for written in (
         "<tool_call>\nnot json\n</tool_call>",
         '<tool_call>\n{"arguments": {}}\n</tool_call>',
@@ -917,6 +930,7 @@ def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
         "<tool_call>\n<function=f>\n<parameter=a>\n1\n</function>\n</tool_call>",
         "<tool_call>\n<function= >\n</function>\n</tool_call>",
         "<tool_call>\n<function=f>\n</function>\nDone.\n</tool_call>",
+        "<tool_call>\n<function=f>\n<parameter=a>\n5\n</parameter>\n<parameter=a>\n6\n</parameter>\n</function>\n</tool_call>",
     ):
         assert chat.clean_response(written) == written.strip(), written
     # A response that quotes ChatML (a code block, a format it explains) ended no turn of its own.
@@ -937,7 +951,7 @@ def test_tool_blocks_read_as_calls_and_results_only_where_they_are_such():
     assert chat.render([{"role": "assistant", "tool_calls": [{"name": "f", "arguments": {"a": 10**5000}}]}])
     # An open reasoning block, then a call: read once, it reads as itself.
     once = chat.clean_response('<think>\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>')
-    assert once == "<think>\n[call functions.f] {}" and chat.clean_response(once) == once
+    assert once == "<think>\n[call functions.f]" and chat.clean_response(once) == once
     # Headers that each reading's stripped turn ends uncover: a few readings, no recursion.
     uncovering = "A<|im_end|>\n<|im_start|>tool\nB" + "<|im_end|>\n<|im_start|>user" * 400 + "<|im_end|>" * 400
     assert chat.clean_response(uncovering).startswith("A\n\nTool: B")
