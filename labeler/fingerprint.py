@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .models import cache_dir
+from .models import cache_dir, open_lock
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,12 @@ def tokenizer_fingerprint(directory: str | os.PathLike[str]) -> str:
 
 
 def file_fingerprint(path: str | os.PathLike[str]) -> str:
-    """The content fingerprint of one file (its name, size and bytes), remembered the same
-    way: what names a GGUF file's conversion (`models.converted_dir`)."""
+    """The content fingerprint of one file (its name as given, size and bytes), remembered the
+    same way: what names a GGUF file's conversion (`models.converted_dir`). The name is the
+    path's, not a link's target's: a file reached through a link (the Hugging Face cache's
+    snapshot links to content-named blobs) names the conversion a copy of it names."""
     with _reading(path):
-        p = Path(path).resolve()
+        p = Path(path).absolute()
         return _remembered(str(p), [p], p.parent)
 
 
@@ -211,7 +213,7 @@ def _index_held() -> Iterator[None]:
     lock file cannot be opened or locked (a cache that cannot be written keeps no index)."""
     try:
         _index_path().parent.mkdir(parents=True, exist_ok=True)
-        lock = open(_index_path().with_name(".fingerprints.lock"), "a")  # noqa: SIM115 - closed below, which releases it
+        lock = open_lock(_index_path().with_name(".fingerprints.lock"))
     except OSError:
         yield
         return

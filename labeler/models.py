@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import ModelLoadError
 
@@ -66,11 +66,19 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> Path:
     if spec is None or str(spec).strip().lower() in EMBEDDED_NAMES:
         return convert_gguf(embedded_gguf())
     path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+    try:
+        is_dir, has_config = path.is_dir(), (path / "config.json").is_file()
+        is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    except OSError as exc:  # a folder on the way this user may not search
+        raise ModelLoadError(
+            f"cannot read {exc.filename or path}: {exc.strerror or exc} (the model must be readable by the user "
+            "the labeler runs as)"
+        ) from None
+    if is_dir:
+        if not has_config:
             raise ModelLoadError(f"{path} is a directory without config.json: not a transformers model directory")
         return path
-    if path.is_file() and path.suffix == ".gguf":
+    if is_gguf:
         return convert_gguf(path)
     raise ModelLoadError(
         f"model {str(spec)!r} is neither 'embedded', a local model directory nor a .gguf file "
@@ -102,7 +110,7 @@ def convert_gguf(gguf: Path) -> Path:
         return out
     try:  # before the conversion's ~40 s: a directory that cannot be written fails at once
         out.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(out.parent / f".{out.name}.lock", "a")  # noqa: SIM115 - closed below, which releases it
+        lock = open_lock(out.parent / f".{out.name}.lock")
     except OSError as exc:
         raise ModelLoadError(_unwritable(out.parent, exc)) from exc
     with lock:
@@ -115,8 +123,16 @@ def convert_gguf(gguf: Path) -> Path:
             pass
         if (out / "config.json").is_file():  # converted while this one waited
             return out
+        if out.exists():  # no conversion (one is renamed into place whole, config.json in it): a leftover
+            shutil.rmtree(out, ignore_errors=True)
         _convert(gguf, out)
     return out
+
+
+def open_lock(path: Path) -> IO[bytes]:
+    """`path` opened to `flock` it, created if absent: read-only, so that a lock file another
+    user left (a cache shared by a team) locks for everyone who may read it."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -197,11 +213,26 @@ def _publish(tmp: Path, out: Path) -> None:
         else:
             path.chmod(mode | files)
     tmp.chmod(files | (files & 0o444) >> 2)  # searchable by whoever may read its files
+    # On disk before it is named: a crash after the rename must not leave a conversion whose
+    # config.json is found and whose weights are cut short.
+    for path in tmp.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            _fsync(path)
+    _fsync(tmp)
     try:
         tmp.rename(out)
     except OSError:
         if not (out / "config.json").is_file():  # not a concurrent winner: a real failure
             raise
+    _fsync(out.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def hide_load_progress() -> None:
@@ -220,5 +251,7 @@ def load_tokenizer(source: str | os.PathLike[str], **options: Any) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(source, **options)
-    except (OSError, ValueError) as exc:
+    # Exception: files a user gave may fail in any of the libraries' checks (a config whose
+    # sizes do not fit raises huggingface_hub's validation error, no ValueError).
+    except Exception as exc:
         raise ModelLoadError(f"cannot read the tokenizer of {source}: {exc}") from exc

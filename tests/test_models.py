@@ -72,6 +72,90 @@ def test_a_gguf_replaced_in_place_gets_its_own_conversion(tmp_path, monkeypatch)
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(b"\x01" * 4096)
     assert converted_dir(elsewhere) == first
+    # Through a link to a blob named by its hash (the Hugging Face cache's layout): the same.
+    blob = tmp_path / "blobs" / "5f0e3c1a"
+    blob.parent.mkdir()
+    blob.write_bytes(b"\x01" * 4096)
+    linked = tmp_path / "snapshots" / "judge.Q4.gguf"
+    linked.parent.mkdir()
+    linked.symlink_to(blob)
+    assert converted_dir(linked) == first
+
+
+def test_a_model_path_that_cannot_be_read_is_one_line_naming_it(monkeypatch):
+    """A folder on the way the labeler's user may not search: said, not a traceback (as root
+    nothing is refused, so the refusal is the file system's answer, faked)."""
+
+    def refused(self: Path, *args, **kwargs) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_dir", refused)
+    with pytest.raises(ModelLoadError, match=r"cannot read /models/private/judge: Permission denied \(the model"):
+        resolve_model("/models/private/judge")
+
+
+def test_a_gguf_is_known_by_its_suffix_in_any_case(tmp_path, monkeypatch):
+    import labeler.models as models
+
+    gguf = tmp_path / "Judge.Q4.GGUF"
+    gguf.write_bytes(b"\x01" * 64)
+    monkeypatch.setattr(models, "convert_gguf", lambda path: ("converted", path))
+    assert resolve_model(str(gguf)) == ("converted", gguf)
+
+
+def _tiny_model(folder: Path, tokenizer_from: Path, **config: int) -> Path:
+    """A one-layer Llama in `folder`, with the session model's tokenizer."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**(sizes | config), vocab_size=49152))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def test_a_weights_file_cut_short_is_a_load_error_naming_the_model(tmp_path, model_dir):
+    from labeler.engines.transformers_engine import TransformersEngine
+
+    folder = _tiny_model(tmp_path / "cut", model_dir)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy that did not finish
+    with pytest.raises(ModelLoadError, match=f"cannot load a model from {folder}"):
+        TransformersEngine(folder)
+
+
+def test_a_tokenizer_folder_whose_config_does_not_fit_is_a_load_error(tmp_path, model_dir):
+    from labeler.models import load_tokenizer
+
+    folder = _tiny_model(tmp_path / "odd", model_dir)
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace('"num_attention_heads": 2', '"num_attention_heads": 3'))
+    with pytest.raises(ModelLoadError, match=f"cannot read the tokenizer of {folder}"):
+        load_tokenizer(folder)
+
+
+def test_a_conversion_folder_left_without_its_config_is_converted_again(tmp_path, monkeypatch, model_dir):
+    """A published conversion always holds config.json; a folder of its name without one (its
+    files partly removed) is a leftover, replaced by a new conversion, not an error at each start."""
+    from transformers import AutoModelForCausalLM
+
+    import labeler.models as models
+
+    monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "judge.gguf"
+    gguf.write_bytes(b"\x01" * 4096)
+    out = converted_dir(gguf)
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"")  # what a clean-up left
+    tiny = _tiny_model(tmp_path / "tiny", model_dir)
+    monkeypatch.setattr(
+        models, "_dequantized", lambda path: (AutoModelForCausalLM.from_pretrained(tiny), models.load_tokenizer(tiny))
+    )
+    assert models.convert_gguf(gguf) == out and (out / "config.json").is_file()
+    assert (out / "model.safetensors").stat().st_size > 0
 
 
 def test_a_cache_that_cannot_be_written_fails_before_the_conversion(tmp_path, monkeypatch):

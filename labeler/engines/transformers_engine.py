@@ -240,6 +240,7 @@ class TransformersEngine:
         pack_tokens: int = 256,
     ) -> None:
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
         from ..models import load_tokenizer
@@ -262,8 +263,9 @@ class TransformersEngine:
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa")
             model = model.to(device)
-        # AssertionError: torch's "not compiled with CUDA enabled" for a device it was built without.
-        except (OSError, ValueError, RuntimeError, AssertionError) as exc:
+        # AssertionError: torch's "not compiled with CUDA enabled" for a device it was built without;
+        # SafetensorError: a weights file cut short (a copy that did not finish).
+        except (OSError, ValueError, RuntimeError, AssertionError, SafetensorError) as exc:
             raise ModelLoadError(f"cannot load a model from {model_dir} onto {device!r}: {exc}") from exc
         if before is not None:
             from ..fingerprint import check_unchanged
