@@ -8,6 +8,7 @@ directory and loaded from there afterwards (< 1 s). Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import logging
@@ -228,11 +229,15 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """`path` (a file or a directory) synced to disk, where the file system can: some refuse
+    it for directories (EINVAL), and the rename still keeps a conversion whole against a
+    crash of this process."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def hide_load_progress() -> None:
