@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,8 @@ def _run(args: argparse.Namespace, body: Any, *, resumable: bool = True) -> int:
         # The engine finishes the forward under way before the process can exit; a second
         # Ctrl-C meanwhile exits at once (the rows written are complete and on disk), not
         # with the abort of a thread stopped inside torch.
-        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        if threading.current_thread() is threading.main_thread():  # where Python takes signals
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
         if resumable:
             print(
                 "interrupted: rows written so far are complete; run the same command again to resume", file=sys.stderr
