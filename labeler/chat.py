@@ -550,7 +550,7 @@ def _harmony(body: str) -> list[Message]:
             reasoning.append(text)
             open_think = not ended
         elif recipient and not recipient.startswith("assistant"):
-            answers.append(f"[call {recipient}] {_arguments(text, ())}")
+            answers.append(f"[call {recipient}] {_arguments(text, ())}".rstrip())  # as `_with_tool_calls`
         else:
             answers.append(text)
     close_turn()

@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -323,6 +324,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # the status a shell gives a command a pipe's end killed (128 + SIGPIPE)
 
 
+def entry() -> int:
+    """The `labeler` command: `main`, and once Ctrl-C has ended it (130), a second Ctrl-C exits
+    at once. The process still waits for the engine's forward under way (its worker thread)
+    before it can exit; the rows written are complete and on disk, so a second Ctrl-C need not
+    end in the abort of a thread stopped inside torch."""
+    code = main()
+    if code == 130:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    return code
+
+
 def _reader_gone() -> bool:
     """Whether standard output is a pipe whose reading end is closed."""
     import select
@@ -336,4 +348,4 @@ def _reader_gone() -> bool:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

@@ -16,9 +16,7 @@ import asyncio
 import json
 import math
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +183,6 @@ def _run(args: argparse.Namespace, body: Any, *, resumable: bool = True) -> int:
         local = None if args.url else cli.build_labeler(args)
         return asyncio.run(main(local))
     except KeyboardInterrupt:
-        # The engine finishes the forward under way before the process can exit; a second
-        # Ctrl-C meanwhile exits at once (the rows written are complete and on disk), not
-        # with the abort of a thread stopped inside torch.
-        if threading.current_thread() is threading.main_thread():  # where Python takes signals
-            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
         if resumable:
             print(
                 "interrupted: rows written so far are complete; run the same command again to resume", file=sys.stderr

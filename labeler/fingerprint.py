@@ -178,7 +178,8 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     snapshot links to content-named blobs) names the conversion a copy of it names."""
     with _reading(path):
         p = Path(path).absolute()
-        return _remembered(str(p), [p], p.parent)
+        # Remembered under its folder's real path: one entry however the path is spelled.
+        return _remembered(str(p.parent.resolve() / p.name), [p], p.parent)
 
 
 # What this process hashed, as the index holds it: a cache directory that cannot be written

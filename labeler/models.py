@@ -115,25 +115,33 @@ def convert_gguf(gguf: Path) -> Path:
     except OSError as exc:
         raise ModelLoadError(_unwritable(out.parent, exc)) from exc
     with lock:
+        locked = True
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process's conversion of %s", gguf.name)
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the holder closes it, or dies
         except OSError:  # a filesystem without locks: convert unlocked (the rename keeps it whole)
-            pass
+            locked = False
         if (out / "config.json").is_file():  # converted while this one waited
             return out
-        if out.exists():  # no conversion (one is renamed into place whole, config.json in it): a leftover
+        if locked and out.exists():
+            # No conversion (one is renamed into place whole, config.json in it): a leftover,
+            # which no other process publishes into while this one holds the lock.
             shutil.rmtree(out, ignore_errors=True)
         _convert(gguf, out)
     return out
 
 
 def open_lock(path: Path) -> IO[bytes]:
-    """`path` opened to `flock` it, created if absent: read-only, so that a lock file another
-    user left (a cache shared by a team) locks for everyone who may read it."""
-    return os.fdopen(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666), "rb")
+    """`path` opened to `flock` it, created if absent: for writing (NFS locks only files open
+    so), else read-only, so that a lock file another user left (a cache shared by a team)
+    locks for everyone who may read it (a local file system locks it so)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    return os.fdopen(fd, "rb")
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -217,8 +225,8 @@ def _publish(tmp: Path, out: Path) -> None:
     # On disk before it is named: a crash after the rename must not leave a conversion whose
     # config.json is found and whose weights are cut short.
     for path in tmp.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            _fsync(path)
+        if not path.is_symlink():
+            _fsync(path)  # files, and folders for the names in them
     _fsync(tmp)
     try:
         tmp.rename(out)

@@ -698,6 +698,21 @@ def test_tool_calls_read_the_same_as_messages_or_as_harmony_markup():
     # A call given flat, as Qwen's and Hermes' chat templates also take it, reads the same.
     flat = {"name": "add", "arguments": {"a": 2, "b": 2}}
     assert chat.render([{**turn, "tool_calls": [flat, weather]}]) == chat.render([turn])
+    # Calls without arguments, two in a row (gpt-oss calls functions without parameters so).
+    bare = [{"function": {"name": "get_time", "arguments": {}}}, {"function": {"name": "get_date", "arguments": "{}"}}]
+    harmony = (
+        "<|start|>user<|message|>Time?<|end|>"
+        "<|start|>assistant to=functions.get_time<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+        "<|start|>assistant to=functions.get_date<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+        "<|start|>functions.get_time to=assistant<|channel|>commentary<|message|>12:00<|end|>"
+    )
+    called = [
+        {"role": "user", "content": "Time?"},
+        {"role": "assistant", "tool_calls": bare},
+        {"role": "tool", "content": "12:00"},
+    ]
+    want = "User: Time?\n\nAssistant: [call functions.get_time]\n\n[call functions.get_date]\n\nTool: 12:00"
+    assert chat.context_text(harmony) == chat.context_text(called) == want
 
 
 _WEATHER = {

@@ -72,6 +72,11 @@ def test_a_gguf_replaced_in_place_gets_its_own_conversion(tmp_path, monkeypatch)
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(b"\x01" * 4096)
     assert converted_dir(elsewhere) == first
+    # Hashed once however its path is spelled.
+    from labeler.fingerprint import _read_index
+
+    assert converted_dir(tmp_path / "other" / ".." / "other" / "judge.Q4.gguf") == first
+    assert [k for k in _read_index() if k.endswith("judge.Q4.gguf")] == [str(gguf.resolve()), str(elsewhere.resolve())]
     # Through a link to a blob named by its hash (the Hugging Face cache's layout): the same.
     blob = tmp_path / "blobs" / "5f0e3c1a"
     blob.parent.mkdir()
