@@ -9,6 +9,7 @@ directory and loaded from there afterwards (< 1 s). Nothing is ever downloaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.util
 import logging
@@ -115,22 +116,36 @@ def convert_gguf(gguf: Path) -> Path:
     except OSError as exc:
         raise ModelLoadError(_unwritable(out.parent, exc)) from exc
     with lock:
-        locked = True
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process's conversion of %s", gguf.name)
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the holder closes it, or dies
         except OSError:  # a filesystem without locks: convert unlocked (the rename keeps it whole)
-            locked = False
+            pass
+        if out.exists() and not (out / "config.json").is_file():
+            _remove_leftover(out)
         if (out / "config.json").is_file():  # converted while this one waited
             return out
-        if locked and out.exists():
-            # No conversion (one is renamed into place whole, config.json in it): a leftover,
-            # which no other process publishes into while this one holds the lock.
-            shutil.rmtree(out, ignore_errors=True)
         _convert(gguf, out)
     return out
+
+
+def _remove_leftover(out: Path) -> None:
+    """Remove the folder `out`, which holds no config.json: no conversion (one is renamed into
+    place whole, config.json in it) but what a partial clean-up left. Renamed aside first, in
+    one step, so that a conversion another process publishes meanwhile (where the file system
+    has no locks) is not removed with it: one renamed aside is put back."""
+    aside = out.with_name(f".convert-leftover-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        out.rename(aside)
+    except OSError:  # gone meanwhile, or not ours to move: the rename into place says which
+        return
+    if (aside / "config.json").is_file():
+        with contextlib.suppress(OSError):  # else left for `_remove_stale_conversions`
+            aside.rename(out)
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def open_lock(path: Path) -> IO[bytes]:
@@ -139,8 +154,13 @@ def open_lock(path: Path) -> IO[bytes]:
     locks for everyone who may read it (a local file system locks it so)."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
-        fd = os.open(path, os.O_RDONLY)
+    except OSError as denied:
+        if denied.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # none to share, and none this user may make: the first reason
+            raise denied from None
     return os.fdopen(fd, "rb")
 
 
@@ -230,9 +250,9 @@ def _publish(tmp: Path, out: Path) -> None:
     _fsync(tmp)
     try:
         tmp.rename(out)
-    except OSError:
+    except OSError as exc:
         if not (out / "config.json").is_file():  # not a concurrent winner: a real failure
-            raise
+            raise ModelLoadError(f"cannot put the conversion in place as {out}: {exc} (remove {out})") from exc
     _fsync(out.parent)
 
 

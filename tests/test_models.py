@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -142,13 +143,23 @@ def test_a_tokenizer_folder_whose_config_does_not_fit_is_a_load_error(tmp_path, 
         load_tokenizer(folder)
 
 
-def test_a_conversion_folder_left_without_its_config_is_converted_again(tmp_path, monkeypatch, model_dir):
+@pytest.mark.parametrize("locks", [True, False])
+def test_a_conversion_folder_left_without_its_config_is_converted_again(tmp_path, monkeypatch, model_dir, locks):
     """A published conversion always holds config.json; a folder of its name without one (its
-    files partly removed) is a leftover, replaced by a new conversion, not an error at each start."""
+    files partly removed) is a leftover, replaced by a new conversion, not an error at each
+    start: also on a file system without locks (NFS mounted nolock)."""
+    import fcntl
+
     from transformers import AutoModelForCausalLM
 
     import labeler.models as models
 
+    if not locks:
+
+        def no_locks(fd, operation):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
     monkeypatch.setenv("LABELER_CACHE_DIR", str(tmp_path / "cache"))
     gguf = tmp_path / "judge.gguf"
     gguf.write_bytes(b"\x01" * 4096)
@@ -161,6 +172,29 @@ def test_a_conversion_folder_left_without_its_config_is_converted_again(tmp_path
     )
     assert models.convert_gguf(gguf) == out and (out / "config.json").is_file()
     assert (out / "model.safetensors").stat().st_size > 0
+    assert not list(out.parent.glob(".convert-*"))
+
+
+def test_a_lock_file_opens_read_only_where_it_cannot_be_written(tmp_path, monkeypatch):
+    """One another user left, or on a read-only mount: taken read-only (a local file system
+    locks it so); where none exists and none may be made, the reason is the refusal."""
+    from labeler.models import open_lock
+
+    real_open = os.open
+
+    def refused(path, flags, *mode):
+        if flags & os.O_RDWR:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *mode)
+
+    lock = tmp_path / ".model.lock"
+    lock.write_text("")
+    monkeypatch.setattr(os, "open", refused)
+    with open_lock(lock) as f:
+        assert f.fileno() >= 0
+    with pytest.raises(OSError, match="Read-only file system") as err:
+        open_lock(tmp_path / ".none.lock")
+    assert err.value.errno == errno.EROFS
 
 
 def test_a_cache_that_cannot_be_written_fails_before_the_conversion(tmp_path, monkeypatch):
