@@ -399,12 +399,12 @@ class JsonlSink:
             self.rows[r["key"]] = _held(r)
 
 
+# Write errors that more room would mend: a full disk, a quota, a file-size limit.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # Values many rows share, held once.
 _SHARED = frozenset({"task", "task_version", "model", "chosen_is", "a_is", "shown_first", "human"})
 # The input's texts, which rows repeat for their readers: a command reads back the figures of the
 # rows (a resumed run), never these, and they are most of a row's size.
-# Write errors that more room would mend: a full disk, a quota, a file-size limit.
-_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _ECHOED = frozenset({"prompt", "chosen", "rejected", "completion", "context", "response_a", "response_b", "rationales"})
 
 
