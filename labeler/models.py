@@ -231,7 +231,9 @@ def _publish(tmp: Path, out: Path) -> None:
     its `config.json` is. mkdtemp makes `tmp` private (0700), and save_pretrained writes the
     weights 0600 whatever the umask: renamed as they are, a conversion made by one user (an
     image built as root, run as another uid; a cache shared by a team) would be found by any
-    other through its config.json, then fail on its weights."""
+    other through its config.json, then fail on its weights. Every file and folder is synced
+    to disk before the rename: a crash after it must not leave a conversion whose config.json
+    is found and whose weights are cut short."""
     files = (tmp / "config.json").stat().st_mode & 0o777
     for path in tmp.rglob("*"):
         if path.is_symlink():  # chmod would change its target, no file of this conversion
@@ -241,12 +243,8 @@ def _publish(tmp: Path, out: Path) -> None:
             path.chmod(mode | files | (files & 0o444) >> 2)
         else:
             path.chmod(mode | files)
+        _fsync(path)  # a file's bytes, a folder's names
     tmp.chmod(files | (files & 0o444) >> 2)  # searchable by whoever may read its files
-    # On disk before it is named: a crash after the rename must not leave a conversion whose
-    # config.json is found and whose weights are cut short.
-    for path in tmp.rglob("*"):
-        if not path.is_symlink():
-            _fsync(path)  # files, and folders for the names in them
     _fsync(tmp)
     try:
         tmp.rename(out)

@@ -214,12 +214,14 @@ async def test_a_call_running_when_the_engine_closes_stops_before_its_next_forwa
     engine = TransformersEngine(model_dir, max_batch_tokens=64)
     prompts = engine.tokenizer([f"Item {k}: is 2+2 four?" for k in range(24)], add_special_tokens=False)
     requests = [ScoreRequest(tuple(ids), (LabelQuery((), (16, 17)),)) for ids in prompts["input_ids"]]
-    forward = engine._tree_logprobs
-    forwards = 0
+    forward, loop = engine._tree_logprobs, asyncio.get_running_loop()
+    forwards, closing = 0, False
 
     def counted(*args, **kwargs):
         nonlocal forwards
         forwards += 1
+        if closing:  # the engine closed from the event loop during the forward
+            asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=60)
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(engine, "_tree_logprobs", counted)
@@ -227,16 +229,7 @@ async def test_a_call_running_when_the_engine_closes_stops_before_its_next_forwa
     whole = forwards
     assert whole >= 3, whole
 
-    loop = asyncio.get_running_loop()
-
-    def closing(*args, **kwargs):  # the engine closed from the event loop during the first forward
-        nonlocal forwards
-        forwards += 1
-        asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=60)
-        return forward(*args, **kwargs)
-
-    forwards = 0
-    monkeypatch.setattr(engine, "_tree_logprobs", closing)
+    forwards, closing = 0, True
     with pytest.raises(EngineUnavailable, match="closed"):
         await engine.score(requests)
     assert forwards == 1, (forwards, whole)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,15 +110,21 @@ def test_a_gguf_is_known_by_its_suffix_in_any_case(tmp_path, monkeypatch):
     assert resolve_model(str(gguf)) == ("converted", gguf)
 
 
-def _tiny_model(folder: Path, tokenizer_from: Path, **config: int) -> Path:
+def _tiny_llama(vocab_size: int = 64) -> Any:
+    """A one-layer Llama of random weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=vocab_size
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _tiny_model(folder: Path, tokenizer_from: Path) -> Path:
     """A one-layer Llama in `folder`, with the session model's tokenizer."""
     import shutil
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**(sizes | config), vocab_size=49152))
-    model.save_pretrained(folder)
+    _tiny_llama(vocab_size=49152).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / name, folder / name)
     return folder
@@ -236,14 +243,9 @@ def test_a_published_conversion_s_weights_are_readable_as_its_config_is(tmp_path
     user who may read config.json takes the conversion, then cannot read its weights."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from labeler.models import _publish
 
-    config = LlamaConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = _tiny_llama()
     for files in (0o644, 0o640):
         tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=tmp_path))
         model.save_pretrained(tmp)
