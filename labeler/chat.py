@@ -550,7 +550,7 @@ def _harmony(body: str) -> list[Message]:
             reasoning.append(text)
             open_think = not ended
         elif recipient and not recipient.startswith("assistant"):
-            answers.append(f"[call {recipient}] {_arguments(text, ())}".rstrip())  # as `_with_tool_calls`
+            answers.append(_call_block(recipient, text, ()))
         else:
             answers.append(text)
     close_turn()
@@ -925,8 +925,14 @@ def _with_tool_calls(content: str, message: Mapping[str, Any], markers: tuple[st
         function = (call.get("function") or call) if isinstance(call, Mapping) else None
         if not isinstance(function, Mapping) or not function.get("name"):
             continue
-        blocks.append(f"[call functions.{function['name']}] {_arguments(function.get('arguments'), markers)}".rstrip())
+        blocks.append(_call_block(f"functions.{function['name']}", function.get("arguments"), markers))
     return "\n\n".join(blocks)
+
+
+def _call_block(recipient: str, arguments: Any, markers: tuple[str, ...]) -> str:
+    """One call as the transcript writes it, from a message or from harmony's markup alike:
+    `[call RECIPIENT] ARGUMENTS`, nothing after the recipient where there are no arguments."""
+    return f"[call {recipient}] {_arguments(arguments, markers)}".rstrip()
 
 
 def _arguments(arguments: Any, markers: tuple[str, ...]) -> str:
